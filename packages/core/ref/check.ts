@@ -1,0 +1,95 @@
+/**
+ * Comparison and gradient-checking helpers shared by every kernel test.
+ */
+
+export interface Comparison {
+  ok: boolean;
+  maxAbs: number;
+  maxRel: number;
+  /** Index of the worst violation of atol + rtol·|ref| (or of the largest error when all pass). */
+  worst: number;
+  mismatches: number;
+  count: number;
+  summary: string;
+}
+
+/** Elementwise |actual − expected| ≤ atol + rtol·|expected|; NaN anywhere is a mismatch. */
+export function compare(name: string, actual: ArrayLike<number>, expected: ArrayLike<number>, atol: number, rtol: number): Comparison {
+  if (actual.length !== expected.length) {
+    return { ok: false, maxAbs: Infinity, maxRel: Infinity, worst: -1, mismatches: Math.max(actual.length, expected.length), count: expected.length, summary: `${name}: length ${actual.length} != expected ${expected.length}` };
+  }
+  let maxAbs = 0;
+  let maxRel = 0;
+  let worst = -1;
+  let worstExcess = -Infinity;
+  let mismatches = 0;
+  for (let i = 0; i < expected.length; i++) {
+    const e = expected[i] as number;
+    const a = actual[i] as number;
+    const abs = Math.abs(a - e);
+    const rel = abs / Math.max(Math.abs(e), 1e-30);
+    const bound = atol + rtol * Math.abs(e);
+    const bad = !(abs <= bound); // catches NaN
+    if (bad) mismatches++;
+    if (Number.isNaN(abs) || abs > maxAbs) maxAbs = Number.isNaN(abs) ? Number.NaN : abs;
+    if (abs > atol && rel > maxRel) maxRel = rel;
+    const excess = Number.isNaN(abs) ? Infinity : abs - bound;
+    if (excess > worstExcess) {
+      worstExcess = excess;
+      worst = i;
+    }
+  }
+  const ok = mismatches === 0;
+  const w = worst >= 0 ? ` worst [${worst}] got ${actual[worst]} want ${expected[worst]}` : '';
+  return {
+    ok,
+    maxAbs,
+    maxRel,
+    worst,
+    mismatches,
+    count: expected.length,
+    summary: `${name}: ${ok ? 'ok' : `${mismatches}/${expected.length} outside ${atol} + ${rtol}·|ref|`} max abs ${maxAbs.toExponential(2)} max rel ${maxRel.toExponential(2)}${ok ? '' : w}`,
+  };
+}
+
+/** Central finite difference of f at each coordinate of `params` (perturbed in place and restored). */
+export function finiteDifference(f: () => number, params: Float64Array, eps = 1e-6, indices?: readonly number[]): Float64Array {
+  const idx = indices ?? [...params.keys()];
+  const grad = new Float64Array(params.length);
+  for (const i of idx) {
+    const orig = params[i] as number;
+    params[i] = orig + eps;
+    const up = f();
+    params[i] = orig - eps;
+    const down = f();
+    params[i] = orig;
+    grad[i] = (up - down) / (2 * eps);
+  }
+  return grad;
+}
+
+/** A small seeded generator (mulberry32) so every test input is reproducible. */
+export function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** n values uniform in [-scale, scale). */
+export function randomArray(n: number, seed: number, scale = 1): Float64Array {
+  const next = rng(seed);
+  const out = new Float64Array(n);
+  for (let i = 0; i < n; i++) out[i] = (2 * next() - 1) * scale;
+  return out;
+}
+
+export function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += (a[i] as number) * (b[i] as number);
+  return s;
+}

@@ -1,0 +1,3 @@
+export * from './check.js';
+export * from './lora.js';
+export * from './matmul.js';

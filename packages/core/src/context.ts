@@ -1,0 +1,346 @@
+import {
+  DeviceLostError,
+  GpuValidationError,
+  LimitExceededError,
+  OutOfMemoryError,
+  WebGpuUnavailableError,
+} from './errors.js';
+import { isNode, requestNodeAdapter } from './node-gpu.js';
+
+export interface GpuContextOptions {
+  /** Use this GPU object instead of `navigator.gpu` / the `webgpu` package. */
+  gpu?: GPU;
+  /** 'compatibility' accepts OpenGL ES-class adapters (lavapipe through ANGLE, older devices). */
+  featureLevel?: 'core' | 'compatibility';
+  powerPreference?: GPUPowerPreference;
+  /** Use shader-f16 when the adapter has it (default true). */
+  allowShaderF16?: boolean;
+  label?: string;
+  /** Called for WebGPU errors that no error scope caught (always a bug in webtune). */
+  onUncapturedError?: (error: GPUError) => void;
+}
+
+export interface GpuFeatures {
+  readonly shaderF16: boolean;
+  readonly timestampQuery: boolean;
+  readonly subgroups: boolean;
+}
+
+export interface GpuAdapterDescription {
+  readonly vendor: string;
+  readonly architecture: string;
+  readonly device: string;
+  readonly description: string;
+  readonly isFallbackAdapter: boolean;
+  readonly featureLevel: 'core' | 'compatibility';
+  readonly runtime: 'browser' | 'node';
+  /** Set under Node when no hardware adapter was found and a software driver was used. */
+  readonly softwareFallback?: string;
+}
+
+/** Limits we always ask for by name, in case an implementation's limits object is not
+ * enumerable. Any other limit the adapter reports is requested too. */
+const KNOWN_LIMITS = [
+  'maxBufferSize',
+  'maxStorageBufferBindingSize',
+  'maxUniformBufferBindingSize',
+  'maxStorageBuffersPerShaderStage',
+  'maxComputeWorkgroupStorageSize',
+  'maxComputeInvocationsPerWorkgroup',
+  'maxComputeWorkgroupSizeX',
+  'maxComputeWorkgroupSizeY',
+  'maxComputeWorkgroupSizeZ',
+  'maxComputeWorkgroupsPerDimension',
+  'maxBindGroups',
+  'maxBindingsPerBindGroup',
+  'minStorageBufferOffsetAlignment',
+  'minUniformBufferOffsetAlignment',
+] as const;
+
+/** Storage buffer sizes are rounded up to this so vec4 views of any buffer stay in bounds. */
+export const BUFFER_ALIGNMENT = 16;
+
+interface TrackedBuffer {
+  readonly label: string;
+  readonly size: number;
+}
+
+/**
+ * One WebGPU device with what we learned about its adapter, and the bookkeeping every part of
+ * webtune shares: live buffers (for leak checks and memory accounting), device loss, and
+ * uncaptured errors. Passed explicitly as the first argument everywhere; there is no global.
+ */
+export class GpuContext {
+  readonly device: GPUDevice;
+  readonly adapter: GpuAdapterDescription;
+  readonly features: GpuFeatures;
+  readonly limits: GPUSupportedLimits;
+  /** What the adapter reported; the device was asked for all of it. */
+  readonly adapterLimits: Readonly<Record<string, number>>;
+  readonly label: string;
+  /** Resolves if the device is lost; never rejects. */
+  readonly lost: Promise<DeviceLostError>;
+
+  private lostError: DeviceLostError | undefined;
+  private readonly live = new Map<GPUBuffer, TrackedBuffer>();
+  private readonly uncaptured: GPUError[] = [];
+  private placeholderBuffer: GPUBuffer | undefined;
+  // Holds the Dawn instance under Node for as long as the device lives (see node-gpu.ts).
+  private readonly keepAlive: unknown;
+  private destroyed = false;
+
+  constructor(args: {
+    device: GPUDevice;
+    adapter: GpuAdapterDescription;
+    features: GpuFeatures;
+    adapterLimits: Record<string, number>;
+    label: string;
+    keepAlive?: unknown;
+    onUncapturedError?: (error: GPUError) => void;
+  }) {
+    this.device = args.device;
+    this.adapter = args.adapter;
+    this.features = args.features;
+    this.limits = args.device.limits;
+    this.adapterLimits = args.adapterLimits;
+    this.label = args.label;
+    this.keepAlive = args.keepAlive;
+    this.lost = args.device.lost.then((info) => {
+      this.lostError = new DeviceLostError(info.reason, info.message);
+      return this.lostError;
+    });
+    const onError = args.onUncapturedError;
+    args.device.addEventListener('uncapturederror', (event) => {
+      const error = (event as GPUUncapturedErrorEvent).error;
+      this.uncaptured.push(error);
+      onError?.(error);
+    });
+  }
+
+  /** True after the device was lost or destroyed. */
+  get isLost(): boolean {
+    return this.lostError !== undefined || this.destroyed;
+  }
+
+  /** Throws DeviceLostError if the device is gone; called before any work is recorded. */
+  assertAlive(): void {
+    if (this.lostError) throw this.lostError;
+    if (this.destroyed) throw new DeviceLostError('destroyed', `context ${this.label} was destroyed`);
+  }
+
+  /**
+   * Creates a buffer after checking it against the device's limits, and tracks it until
+   * `releaseBuffer`. Sizes are rounded up to 16 bytes. `bindsAsStorage` also checks the
+   * binding-size limit, since a bigger buffer could be created but never bound whole.
+   */
+  createBuffer(desc: {
+    label: string;
+    size: number;
+    usage: GPUBufferUsageFlags;
+    bindsAsStorage?: boolean;
+  }): GPUBuffer {
+    this.assertAlive();
+    const size = Math.max(BUFFER_ALIGNMENT, alignUp(desc.size, BUFFER_ALIGNMENT));
+    if (size > this.limits.maxBufferSize) {
+      throw new LimitExceededError('maxBufferSize', size, this.limits.maxBufferSize, desc.label);
+    }
+    if (desc.bindsAsStorage && size > this.limits.maxStorageBufferBindingSize) {
+      throw new LimitExceededError(
+        'maxStorageBufferBindingSize',
+        size,
+        this.limits.maxStorageBufferBindingSize,
+        desc.label,
+      );
+    }
+    const buffer = this.device.createBuffer({ label: desc.label, size, usage: desc.usage });
+    this.live.set(buffer, { label: desc.label, size });
+    return buffer;
+  }
+
+  releaseBuffer(buffer: GPUBuffer): void {
+    if (this.live.delete(buffer)) buffer.destroy();
+  }
+
+  /** Number of buffers created through this context and not yet released. */
+  get liveBufferCount(): number {
+    return this.live.size;
+  }
+
+  /** Bytes held by live buffers. */
+  get liveBytes(): number {
+    let total = 0;
+    for (const b of this.live.values()) total += b.size;
+    return total;
+  }
+
+  /** Labels of live buffers, for leak reports. */
+  liveBufferLabels(): string[] {
+    return [...this.live.values()].map((b) => b.label);
+  }
+
+  /** WebGPU errors no scope caught since the last call; tests assert this is empty. */
+  takeUncapturedErrors(): GPUError[] {
+    return this.uncaptured.splice(0);
+  }
+
+  /**
+   * Runs `fn` inside validation and out-of-memory error scopes. An out-of-memory error becomes
+   * OutOfMemoryError (naming `what`); a validation error becomes GpuValidationError, since our
+   * own checks should have caught bad input first.
+   */
+  async checked<T>(what: string, fn: () => T | Promise<T>): Promise<T> {
+    this.assertAlive();
+    const before = this.liveBytes;
+    this.device.pushErrorScope('validation');
+    this.device.pushErrorScope('out-of-memory');
+    let result: T;
+    try {
+      result = await fn();
+    } finally {
+      const oom = await this.device.popErrorScope();
+      const validation = await this.device.popErrorScope();
+      if (oom) throw new OutOfMemoryError(what, this.liveBytes - before, oom.message);
+      if (validation) throw new GpuValidationError(`${what}: ${validation.message}`);
+    }
+    return result;
+  }
+
+  /**
+   * A 16-byte zeroed storage buffer to fill bindings a kernel declares but will not read (an
+   * absent bias, say). Owned by the context and not counted as live.
+   */
+  placeholder(): GPUBuffer {
+    this.assertAlive();
+    this.placeholderBuffer ??= this.device.createBuffer({
+      label: `${this.label}.placeholder`,
+      size: BUFFER_ALIGNMENT,
+      usage: 0x80 /* STORAGE */,
+    });
+    return this.placeholderBuffer;
+  }
+
+  /** Releases every tracked buffer and destroys the device. */
+  destroy(): void {
+    if (this.destroyed) return;
+    this.placeholderBuffer?.destroy();
+    for (const buffer of this.live.keys()) buffer.destroy();
+    this.live.clear();
+    this.destroyed = true;
+    this.device.destroy();
+    void this.keepAlive;
+  }
+}
+
+export function alignUp(n: number, alignment: number): number {
+  return Math.ceil(n / alignment) * alignment;
+}
+
+const ENABLE_HINT =
+  'Use a browser with WebGPU (Chrome/Edge 113+, or Firefox/Safari with WebGPU enabled; on Linux ' +
+  'Chromium needs --enable-unsafe-webgpu), or under Node install the `webgpu` package.';
+
+/**
+ * Gets a device with the adapter's real limits (not the spec defaults) and the optional
+ * features webtune uses: shader-f16, timestamp-query, subgroups.
+ */
+export async function createGpuContext(options: GpuContextOptions = {}): Promise<GpuContext> {
+  const featureLevel = options.featureLevel ?? 'core';
+  const request: GPURequestAdapterOptions = { featureLevel };
+  if (options.powerPreference) request.powerPreference = options.powerPreference;
+
+  let adapter: GPUAdapter | null = null;
+  let keepAlive: unknown;
+  let runtime: 'browser' | 'node' = 'browser';
+  let softwareFallback: string | undefined;
+  const navigatorGpu = (globalThis as { navigator?: { gpu?: GPU } }).navigator?.gpu;
+  if (options.gpu ?? navigatorGpu) {
+    adapter = await (options.gpu ?? (navigatorGpu as GPU)).requestAdapter(request);
+    keepAlive = options.gpu;
+  } else if (isNode()) {
+    runtime = 'node';
+    const found = await requestNodeAdapter(request);
+    adapter = found.adapter;
+    keepAlive = found.gpu;
+    softwareFallback = found.softwareFallback;
+  } else {
+    throw new WebGpuUnavailableError(`this environment has no WebGPU (navigator.gpu is missing). ${ENABLE_HINT}`);
+  }
+  if (!adapter) {
+    throw new WebGpuUnavailableError(
+      `WebGPU is present but no adapter was found (featureLevel ${featureLevel}). ${ENABLE_HINT}` +
+        (runtime === 'node'
+          ? ' Under Node on a machine without a GPU, install Chromium (it ships the SwiftShader ' +
+            'Vulkan driver) or set VK_ICD_FILENAMES to a Vulkan driver Dawn accepts.'
+          : ''),
+    );
+  }
+
+  const wanted: GPUFeatureName[] = [];
+  const has = (f: string) => adapter.features.has(f);
+  const shaderF16 = (options.allowShaderF16 ?? true) && has('shader-f16');
+  if (shaderF16) wanted.push('shader-f16');
+  if (has('timestamp-query')) wanted.push('timestamp-query');
+  if (has('subgroups')) wanted.push('subgroups' as GPUFeatureName);
+
+  const requiredLimits: Record<string, number> = {};
+  const limits = adapter.limits as unknown as Record<string, unknown>;
+  const names = new Set<string>(KNOWN_LIMITS);
+  for (const key in limits) names.add(key);
+  for (const key of names) {
+    const value = limits[key];
+    if (typeof value === 'number') requiredLimits[key] = value;
+  }
+
+  const label = options.label ?? 'webtune';
+  let device: GPUDevice;
+  try {
+    device = await adapter.requestDevice({
+      label,
+      requiredFeatures: wanted,
+      requiredLimits,
+    });
+  } catch (cause) {
+    throw new WebGpuUnavailableError(`the adapter refused to create a device: ${String(cause)}`, {
+      cause,
+    });
+  }
+
+  const info = adapter.info;
+  return new GpuContext({
+    device,
+    label,
+    keepAlive,
+    adapterLimits: requiredLimits,
+    onUncapturedError: options.onUncapturedError,
+    adapter: {
+      vendor: info?.vendor ?? '',
+      architecture: info?.architecture ?? '',
+      device: info?.device ?? '',
+      description: info?.description ?? '',
+      isFallbackAdapter: Boolean(info?.isFallbackAdapter),
+      featureLevel,
+      runtime,
+      softwareFallback,
+    },
+    features: {
+      shaderF16,
+      timestampQuery: wanted.includes('timestamp-query'),
+      subgroups: wanted.includes('subgroups' as GPUFeatureName),
+    },
+  });
+}
+
+/** One line naming the adapter, for logs and benchmark records. */
+export function describeAdapter(ctx: GpuContext): string {
+  const a = ctx.adapter;
+  const name =
+    [a.vendor, a.architecture, a.description].filter((s) => s && s.length > 0).join(' ') ||
+    (a.featureLevel === 'compatibility' ? 'compatibility adapter' : 'unknown adapter');
+  const extras = [
+    a.runtime,
+    a.featureLevel === 'compatibility' ? 'compat' : '',
+    a.isFallbackAdapter ? 'fallback' : '',
+    ctx.features.shaderF16 ? 'f16' : '',
+  ].filter(Boolean);
+  return `${name} (${extras.join(', ')})`;
+}

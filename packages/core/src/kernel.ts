@@ -1,0 +1,209 @@
+import type { GpuContext } from './context.js';
+import { LimitExceededError, ShaderCompileError, type ShaderMessage } from './errors.js';
+import { Tensor } from './tensor.js';
+
+/** How a kernel sees each binding of group 0, in binding order. */
+export type BindingKind = 'uniform' | 'read' | 'write';
+
+/** One entry point of one WGSL file, with its bind group layout spelled out. */
+export interface KernelSpec {
+  /** WGSL text, imported from shaders/ as a string. */
+  readonly source: string;
+  /** The file it came from, for error messages: 'shaders/matmul.wgsl'. */
+  readonly file: string;
+  readonly entryPoint: string;
+  readonly bindings: readonly BindingKind[];
+}
+
+/** Values for the shader's `override` declarations (workgroup sizes, layout switches). */
+export type OverrideConstants = Readonly<Record<string, number | boolean>>;
+
+/** A compiled pipeline with its explicit layout. Cached per device: never built twice. */
+export interface Kernel {
+  readonly spec: KernelSpec;
+  readonly constants: OverrideConstants;
+  readonly pipeline: GPUComputePipeline;
+  readonly layout: GPUBindGroupLayout;
+  readonly label: string;
+}
+
+interface DeviceCache {
+  modules: Map<string, Promise<GPUShaderModule>>;
+  kernels: Map<string, Promise<Kernel>>;
+}
+
+// Keyed by device so a lost or destroyed device takes its pipelines with it.
+const caches = new WeakMap<GPUDevice, DeviceCache>();
+
+function cacheFor(device: GPUDevice): DeviceCache {
+  let c = caches.get(device);
+  if (!c) {
+    c = { modules: new Map(), kernels: new Map() };
+    caches.set(device, c);
+  }
+  return c;
+}
+
+async function compileModule(ctx: GpuContext, spec: KernelSpec): Promise<GPUShaderModule> {
+  const module = ctx.device.createShaderModule({ label: spec.file, code: spec.source });
+  const info = await module.getCompilationInfo();
+  const errors: ShaderMessage[] = info.messages
+    .filter((m) => m.type === 'error')
+    .map((m) => ({ type: m.type, line: m.lineNum, column: m.linePos, message: m.message }));
+  if (errors.length > 0) throw new ShaderCompileError(spec.file, errors, spec.source.split('\n'));
+  return module;
+}
+
+function constantsKey(constants: OverrideConstants): string {
+  return Object.keys(constants)
+    .sort()
+    .map((k) => `${k}=${String(constants[k])}`)
+    .join(',');
+}
+
+/** Returns the pipeline for `spec` with these override constants, compiling it once per device. */
+export function getKernel(ctx: GpuContext, spec: KernelSpec, constants: OverrideConstants = {}): Promise<Kernel> {
+  ctx.assertAlive();
+  const cache = cacheFor(ctx.device);
+  const key = `${spec.file}#${spec.entryPoint}{${constantsKey(constants)}}`;
+  let kernel = cache.kernels.get(key);
+  if (!kernel) {
+    let module = cache.modules.get(spec.source);
+    if (!module) {
+      module = compileModule(ctx, spec);
+      cache.modules.set(spec.source, module);
+      module.catch(() => cache.modules.delete(spec.source));
+    }
+    kernel = buildKernel(ctx, spec, constants, module, key);
+    cache.kernels.set(key, kernel);
+    kernel.catch(() => cache.kernels.delete(key));
+  }
+  return kernel;
+}
+
+async function buildKernel(
+  ctx: GpuContext,
+  spec: KernelSpec,
+  constants: OverrideConstants,
+  modulePromise: Promise<GPUShaderModule>,
+  label: string,
+): Promise<Kernel> {
+  const module = await modulePromise;
+  const layout = ctx.device.createBindGroupLayout({
+    label: `${label} layout`,
+    entries: spec.bindings.map((kind, binding) => ({
+      binding,
+      visibility: 0x4 /* GPUShaderStage.COMPUTE */,
+      buffer: { type: kind === 'uniform' ? 'uniform' : kind === 'read' ? 'read-only-storage' : 'storage' },
+    })),
+  });
+  const numeric: Record<string, number> = {};
+  for (const [k, v] of Object.entries(constants)) numeric[k] = typeof v === 'boolean' ? Number(v) : v;
+  let pipeline: GPUComputePipeline;
+  try {
+    pipeline = await ctx.device.createComputePipelineAsync({
+      label,
+      layout: ctx.device.createPipelineLayout({ label: `${label} pipeline layout`, bindGroupLayouts: [layout] }),
+      compute: { module, entryPoint: spec.entryPoint, constants: numeric },
+    });
+  } catch (cause) {
+    const message = cause instanceof Error ? cause.message : String(cause);
+    throw new ShaderCompileError(spec.file, [{ type: 'error', line: 0, column: 0, message: `${spec.entryPoint}: ${message}` }]);
+  }
+  return { spec, constants, pipeline, layout, label };
+}
+
+/** Packs a uniform struct of 4-byte scalars, in declaration order. */
+export function packUniforms(fields: readonly (readonly ['u32' | 'i32' | 'f32', number])[]): ArrayBuffer {
+  const bytes = new ArrayBuffer(Math.max(16, Math.ceil((fields.length * 4) / 16) * 16));
+  const view = new DataView(bytes);
+  fields.forEach(([type, value], i) => {
+    if (type === 'f32') view.setFloat32(i * 4, value, true);
+    else if (type === 'i32') view.setInt32(i * 4, value, true);
+    else view.setUint32(i * 4, value, true);
+  });
+  return bytes;
+}
+
+export type Workgroups = readonly [number, number?, number?];
+
+/**
+ * A kernel bound to its buffers and parameters: made once when a step is planned, then recorded
+ * into every step. Owns its uniform buffer; `dispose()` releases it.
+ */
+export class Dispatch {
+  private released = false;
+
+  constructor(
+    readonly ctx: GpuContext,
+    readonly kernel: Kernel,
+    readonly bindGroup: GPUBindGroup,
+    readonly workgroups: Workgroups,
+    private readonly uniform: GPUBuffer | undefined,
+    readonly label: string,
+  ) {}
+
+  record(pass: GPUComputePassEncoder): void {
+    pass.setPipeline(this.kernel.pipeline);
+    pass.setBindGroup(0, this.bindGroup);
+    pass.dispatchWorkgroups(this.workgroups[0], this.workgroups[1] ?? 1, this.workgroups[2] ?? 1);
+  }
+
+  /** Rewrites the uniform parameters (for example the step number of an optimizer). */
+  setUniforms(data: ArrayBuffer): void {
+    if (!this.uniform) throw new Error(`${this.label} has no uniform buffer`);
+    this.ctx.device.queue.writeBuffer(this.uniform, 0, data);
+  }
+
+  dispose(): void {
+    if (this.released) return;
+    this.released = true;
+    if (this.uniform) this.ctx.releaseBuffer(this.uniform);
+  }
+}
+
+export type Resource = Tensor | GPUBuffer;
+
+/**
+ * Binds `resources` (everything but the uniform, in binding order) to `kernel`. The uniform, when
+ * the kernel has one at binding 0, is made from `uniforms`. Checks workgroup counts against the
+ * device limits here, so an oversized problem is a typed error and not a validation error.
+ */
+export function bindKernel(
+  ctx: GpuContext,
+  kernel: Kernel,
+  args: { label: string; resources: readonly Resource[]; workgroups: Workgroups; uniforms?: ArrayBuffer },
+): Dispatch {
+  ctx.assertAlive();
+  const max = ctx.limits.maxComputeWorkgroupsPerDimension;
+  for (const n of args.workgroups) {
+    if (n !== undefined && n > max) {
+      throw new LimitExceededError('maxComputeWorkgroupsPerDimension', n, max, args.label);
+    }
+  }
+  const hasUniform = kernel.spec.bindings[0] === 'uniform';
+  const expected = kernel.spec.bindings.length - (hasUniform ? 1 : 0);
+  if (args.resources.length !== expected) {
+    throw new Error(`${args.label}: ${args.resources.length} buffers bound, ${kernel.spec.entryPoint} takes ${expected}`);
+  }
+  const bound = args.resources.map((r) => (r instanceof Tensor ? r.buffer : r));
+  kernel.spec.bindings.slice(hasUniform ? 1 : 0).forEach((kind, i) => {
+    // WebGPU forbids a buffer that is written in a dispatch to be bound a second time there.
+    if (kind === 'write' && bound.indexOf(bound[i] as GPUBuffer) !== bound.lastIndexOf(bound[i] as GPUBuffer)) {
+      throw new Error(`${args.label}: ${(bound[i] as GPUBuffer).label} is written and also bound as another operand`);
+    }
+  });
+  let uniform: GPUBuffer | undefined;
+  if (hasUniform) {
+    const data = args.uniforms ?? new ArrayBuffer(16);
+    uniform = ctx.createBuffer({ label: `${args.label}.params`, size: data.byteLength, usage: 0x40 /* UNIFORM */ | 0x8 /* COPY_DST */ });
+    ctx.device.queue.writeBuffer(uniform, 0, data);
+  }
+  const buffers = [...(uniform ? [uniform] : []), ...bound];
+  const bindGroup = ctx.device.createBindGroup({
+    label: args.label,
+    layout: kernel.layout,
+    entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })),
+  });
+  return new Dispatch(ctx, kernel, bindGroup, args.workgroups, uniform, args.label);
+}

@@ -1,0 +1,188 @@
+import type { GpuContext } from '../context.js';
+import { ShapeError } from '../errors.js';
+import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { shaders } from '../shaders.js';
+import { formatShape } from '../shape.js';
+import type { Tensor } from '../tensor.js';
+import { planMatmul } from './matmul.js';
+
+const BINDINGS = ['uniform', 'read', 'read', 'write'] as const;
+const spec = (entryPoint: string): KernelSpec => ({ ...shaders.loraMatmul, entryPoint, bindings: BINDINGS });
+
+/** One LoRA-adapted linear layer: y = x·W0ᵀ + scale·(x·Aᵀ)·Bᵀ (+ bias). */
+export interface LoraLayer {
+  /** Frozen base weight, out×in, f32 or packed f16. */
+  readonly w0: Tensor;
+  /** r×in, f32. */
+  readonly a: Tensor;
+  /** out×r, f32. */
+  readonly b: Tensor;
+  /** out, f32; frozen. */
+  readonly bias?: Tensor;
+  /** lora_alpha / r, or lora_alpha / √r with rsLoRA. */
+  readonly scale: number;
+}
+
+export interface LoraShape {
+  readonly T: number;
+  readonly inF: number;
+  readonly outF: number;
+  readonly r: number;
+}
+
+/** Reads the layer's dimensions and checks every weight against them. */
+export function loraShape(layer: LoraLayer, x: Tensor, op = 'lora'): LoraShape {
+  const { w0, a, b } = layer;
+  if (w0.shape.length !== 2) throw new ShapeError(`${op}: W0 ${w0.label} must be 2-D (out×in), got ${formatShape(w0.shape)}`);
+  const [outF, inF] = w0.shape as [number, number];
+  if (a.shape.length !== 2 || a.shape[1] !== inF) {
+    throw new ShapeError(`${op}: A ${a.label} ${formatShape(a.shape)} must be r×${inF} to match W0 ${formatShape(w0.shape)}`);
+  }
+  const r = a.shape[0] as number;
+  if (b.shape.length !== 2 || b.shape[0] !== outF || b.shape[1] !== r) {
+    throw new ShapeError(`${op}: B ${b.label} ${formatShape(b.shape)} must be ${outF}×${r} to match W0 ${formatShape(w0.shape)} and A ${formatShape(a.shape)}`);
+  }
+  if (a.dtype !== 'f32' || b.dtype !== 'f32') throw new ShapeError(`${op}: A and B must be f32`);
+  if (!Number.isFinite(layer.scale)) throw new ShapeError(`${op}: scale ${layer.scale} is not finite`);
+  const xin = x.shape[x.shape.length - 1] as number;
+  if (xin !== inF) throw new ShapeError(`${op}: x ${x.label} ${formatShape(x.shape)} has ${xin} features, W0 ${formatShape(w0.shape)} takes ${inF}`);
+  return { T: x.size / inF, inF, outF, r };
+}
+
+function expectRows(op: string, t: Tensor, rows: number, cols: number, what: string): void {
+  if (t.size !== rows * cols || t.shape[t.shape.length - 1] !== cols || t.dtype !== 'f32') {
+    throw new ShapeError(`${op}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 ${rows}×${cols}`);
+  }
+}
+
+function rowsWorkgroup(ctx: GpuContext): number {
+  return Math.min(64, ctx.limits.maxComputeInvocationsPerWorkgroup);
+}
+
+/** C[M×R] = X·Lᵀ (L stored R×K, transL) or X·L (L stored K×R). */
+async function planRows(ctx: GpuContext, x: Tensor, l: Tensor, out: Tensor, dims: { M: number; K: number; R: number }, transL: boolean, label: string, beta = 0): Promise<Dispatch> {
+  const wg = rowsWorkgroup(ctx);
+  const kernel = await getKernel(ctx, spec('lora_rows'), { WG: wg, TRANS_L: transL });
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [x, l, out],
+    workgroups: [Math.ceil(dims.R / 4), Math.ceil(dims.M / 4)],
+    uniforms: packUniforms([
+      ['u32', dims.M],
+      ['u32', 0],
+      ['u32', dims.K],
+      ['u32', dims.R],
+      ['f32', 1],
+      ['f32', beta],
+    ]),
+  });
+}
+
+/** C = alpha·Uᵀ·V (+ beta·C) for U (T×N), V (T×R); written N×R (outNR) or R×N. */
+async function planCols(ctx: GpuContext, u: Tensor, v: Tensor, out: Tensor, dims: { T: number; N: number; R: number }, outNR: boolean, alpha: number, beta: number, label: string): Promise<Dispatch> {
+  const wg = rowsWorkgroup(ctx);
+  const entry = dims.N % 4 === 0 ? 'lora_cols_vec4' : 'lora_cols';
+  const kernel = await getKernel(ctx, spec(entry), { WG: wg, OUT_NR: outNR, TT: 16 });
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [u, v, out],
+    workgroups: [Math.ceil(dims.N / (4 * wg)), Math.ceil(dims.R / 4)],
+    uniforms: packUniforms([
+      ['u32', dims.T],
+      ['u32', dims.N],
+      ['u32', 0],
+      ['u32', dims.R],
+      ['f32', alpha],
+      ['f32', beta],
+    ]),
+  });
+}
+
+export interface LoraForwardBuffers {
+  x: Tensor;
+  /** T×out, written. */
+  y: Tensor;
+  /** T×r, written: saved for the backward. */
+  h: Tensor;
+}
+
+/** Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches. */
+export async function planLoraForward(ctx: GpuContext, layer: LoraLayer, io: LoraForwardBuffers, label = 'lora'): Promise<Dispatch[]> {
+  const s = loraShape(layer, io.x, `${label}.forward`);
+  expectRows(`${label}.forward`, io.h, s.T, s.r, 'h');
+  expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');
+  const h = await planRows(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`);
+  const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
+    transW: true,
+    bias: layer.bias,
+    lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
+    label: `${label}.y`,
+  });
+  return [h, y];
+}
+
+export interface LoraBackwardBuffers {
+  x: Tensor;
+  /** From the forward. */
+  h: Tensor;
+  dy: Tensor;
+  /** T×r scratch: g = dy·B. */
+  g: Tensor;
+  /** T×in. Omit when nothing upstream needs it (the first layer's input). */
+  dx?: Tensor;
+  /** r×in and out×r. */
+  da: Tensor;
+  db: Tensor;
+}
+
+export interface LoraBackwardOptions {
+  /** Add into dx instead of overwriting it (q, k and v share one input). */
+  accumulateDx?: boolean;
+  /** Add into dA, dB (gradient accumulation over micro-batches). */
+  accumulateGrads?: boolean;
+}
+
+/**
+ * Backward: g = dy·B; dB = s·dyᵀ·h; dA = s·gᵀ·x; dx = dy·W0 + s·g·A (one tiled kernel).
+ * W0 and the bias are frozen and get no gradient. Four dispatches (three without dx).
+ */
+export async function planLoraBackward(
+  ctx: GpuContext,
+  layer: LoraLayer,
+  io: LoraBackwardBuffers,
+  opts: LoraBackwardOptions = {},
+  label = 'lora',
+): Promise<Dispatch[]> {
+  const op = `${label}.backward`;
+  const s = loraShape(layer, io.x, op);
+  expectRows(op, io.h, s.T, s.r, 'h');
+  expectRows(op, io.dy, s.T, s.outF, 'dy');
+  expectRows(op, io.g, s.T, s.r, 'g');
+  expectRows(op, io.da, s.r, s.inF, 'dA');
+  expectRows(op, io.db, s.outF, s.r, 'dB');
+  if (io.dx) expectRows(op, io.dx, s.T, s.inF, 'dx');
+  const beta = opts.accumulateGrads ? 1 : 0;
+  const plan = [
+    await planRows(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`),
+    await planCols(ctx, io.dy, io.h, io.db, { T: s.T, N: s.outF, R: s.r }, true, layer.scale, beta, `${label}.dB`),
+    await planCols(ctx, io.x, io.g, io.da, { T: s.T, N: s.inF, R: s.r }, false, layer.scale, beta, `${label}.dA`),
+  ];
+  if (io.dx) {
+    plan.push(
+      await planMatmul(ctx, io.dy, layer.w0, io.dx, {
+        transW: false,
+        beta: opts.accumulateDx ? 1 : 0,
+        lowRank: { a2: io.g, b2: layer.a, alpha2: layer.scale },
+        label: `${label}.dx`,
+      }),
+    );
+  }
+  return plan;
+}
+
+/** FLOPs of one forward and one backward (dx included), as KERNELS.md counts them. */
+export function loraFlops(s: LoraShape): { forward: number; backward: number } {
+  const dense = 2 * s.T * s.inF * s.outF;
+  const thin = 2 * s.T * s.r * (s.inF + s.outF);
+  return { forward: dense + thin, backward: dense + 2 * thin };
+}

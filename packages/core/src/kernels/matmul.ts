@@ -1,0 +1,161 @@
+import type { GpuContext } from '../context.js';
+import { ShapeError } from '../errors.js';
+import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { shaders } from '../shaders.js';
+import { formatShape } from '../shape.js';
+import type { Tensor } from '../tensor.js';
+
+const BINDINGS = ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'] as const;
+
+function spec(entryPoint: string): KernelSpec {
+  return { ...shaders.matmul, entryPoint, bindings: BINDINGS };
+}
+
+export interface MatmulOptions {
+  /** A is stored K×M and used transposed. */
+  transA?: boolean;
+  /** W is stored N×K (out×in, as nn.Linear keeps weights) and used transposed. Default true. */
+  transW?: boolean;
+  alpha?: number;
+  /** C = ... + beta·C: 0 overwrites (default), 1 accumulates. */
+  beta?: number;
+  /** Added to every row of C; N values. */
+  bias?: Tensor;
+  /** alpha2·A2·opW(B2) joins the same tile loop: the LoRA term. A2 is M×K2; B2 is N×K2 when
+   * transW, else K2×N. */
+  lowRank?: { a2: Tensor; b2: Tensor; alpha2: number };
+  label?: string;
+}
+
+export interface MatmulDims {
+  readonly M: number;
+  readonly N: number;
+  readonly K: number;
+}
+
+interface TileConfig {
+  wgX: number;
+  wgY: number;
+  tk: number;
+}
+
+/**
+ * Chooses the tile: 64×64 by default; 16×64 when M is small (few tokens) and 64×16 when N is
+ * (a rank-r operand). Three shapes only: every distinct configuration is another pipeline to
+ * compile, which costs about a second on the software drivers.
+ */
+export function matmulTile(ctx: GpuContext, dims: MatmulDims): TileConfig {
+  let wgX = 16;
+  let wgY = 16;
+  if (dims.M <= 16 && dims.N > dims.M) wgY = 4;
+  else if (dims.N <= 16) wgX = 4;
+  while (wgX * wgY > ctx.limits.maxComputeInvocationsPerWorkgroup) {
+    if (wgY >= wgX) wgY /= 2;
+    else wgX /= 2;
+  }
+  let tk = 16;
+  while (tk * (wgX + wgY) * 16 > ctx.limits.maxComputeWorkgroupStorageSize && tk > 4) tk /= 2;
+  return { wgX, wgY, tk };
+}
+
+/** M, N, K of C = opA(A)·opW(W), after checking every operand's shape. */
+export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions = {}): MatmulDims {
+  const op = opts.label ?? 'matmul';
+  const transW = opts.transW ?? true;
+  if (w.shape.length !== 2) throw new ShapeError(`${op}: W ${w.label} must be 2-D, got ${formatShape(w.shape)}`);
+  const [w0, w1] = w.shape as [number, number];
+  const N = transW ? w0 : w1;
+  const K = transW ? w1 : w0;
+  const aInner = a.shape[a.shape.length - 1] as number;
+  let M: number;
+  if (opts.transA) {
+    // A stored K×M (leading dims flattened into K)
+    M = aInner;
+    if (a.size / M !== K) {
+      throw new ShapeError(`${op}: Aᵀ ${a.label} ${formatShape(a.shape)} has ${a.size / M} rows, W ${w.label} ${formatShape(w.shape)} needs K = ${K}`);
+    }
+  } else {
+    if (aInner !== K) {
+      throw new ShapeError(
+        `${op}: A ${a.label} ${formatShape(a.shape)} has inner dimension ${aInner}, but W ${w.label} ${formatShape(w.shape)}${transW ? 'ᵀ' : ''} needs ${K}`,
+      );
+    }
+    M = a.size / K;
+  }
+  const cInner = c.shape[c.shape.length - 1] as number;
+  if (cInner !== N || c.size !== M * N) {
+    throw new ShapeError(`${op}: C ${c.label} ${formatShape(c.shape)} must hold ${M}×${N}`);
+  }
+  if (a.dtype !== 'f32' || c.dtype !== 'f32') throw new ShapeError(`${op}: A and C must be f32`);
+  if (w.dtype !== 'f32' && w.dtype !== 'f16') throw new ShapeError(`${op}: W must be f32 or f16, got ${w.dtype}`);
+  if (opts.bias && (opts.bias.size !== N || opts.bias.dtype !== 'f32')) {
+    throw new ShapeError(`${op}: bias ${opts.bias.label} ${formatShape(opts.bias.shape)} must be ${N} f32 values`);
+  }
+  if (opts.lowRank) {
+    const { a2, b2 } = opts.lowRank;
+    const K2 = a2.shape[a2.shape.length - 1] as number;
+    if (a2.size !== M * K2) throw new ShapeError(`${op}: A2 ${a2.label} ${formatShape(a2.shape)} must be ${M}×r`);
+    const want = transW ? [N, K2] : [K2, N];
+    if (b2.shape.length !== 2 || b2.shape[0] !== want[0] || b2.shape[1] !== want[1]) {
+      throw new ShapeError(`${op}: B2 ${b2.label} ${formatShape(b2.shape)} must be ${formatShape(want)} to match A2 ${formatShape(a2.shape)} and N = ${N}`);
+    }
+    if (a2.dtype !== 'f32' || b2.dtype !== 'f32') throw new ShapeError(`${op}: the low-rank operands must be f32`);
+  }
+  return { M, N, K };
+}
+
+/** Whether the 16-byte loads apply: the contiguous dimension of A and of W is a multiple of 4. */
+export function matmulVec4(dims: MatmulDims, transA: boolean, transW: boolean): boolean {
+  const aContig = transA ? dims.M : dims.K;
+  const wContig = transW ? dims.K : dims.N;
+  return aContig % 4 === 0 && wContig % 4 === 0;
+}
+
+/**
+ * Plans C = alpha·opA(A)·opW(W) + alpha2·A2·opW(B2) + beta·C + bias. The returned dispatch is
+ * recorded into a StepEncoder as often as needed and disposed by the caller.
+ */
+export async function planMatmul(
+  ctx: GpuContext,
+  a: Tensor,
+  w: Tensor,
+  c: Tensor,
+  opts: MatmulOptions = {},
+): Promise<Dispatch> {
+  const dims = matmulDims(a, w, c, opts);
+  const transA = opts.transA ?? false;
+  const transW = opts.transW ?? true;
+  const tile = matmulTile(ctx, dims);
+  const vec4 = matmulVec4(dims, transA, transW);
+  const entry = `matmul${vec4 ? '_vec4' : ''}${w.dtype === 'f16' ? '_w16' : ''}`;
+  const kernel = await getKernel(ctx, spec(entry), {
+    WG_X: tile.wgX,
+    WG_Y: tile.wgY,
+    TK: tile.tk,
+    TRANS_A: transA,
+    TRANS_W: transW,
+  });
+  const lowRank = opts.lowRank;
+  const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
+  const placeholder = ctx.placeholder();
+  return bindKernel(ctx, kernel, {
+    label: opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`,
+    resources: [a, w, opts.bias ?? placeholder, lowRank?.a2 ?? placeholder, lowRank?.b2 ?? placeholder, c],
+    workgroups: [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))],
+    uniforms: packUniforms([
+      ['u32', dims.M],
+      ['u32', dims.N],
+      ['u32', dims.K],
+      ['u32', K2],
+      ['f32', opts.alpha ?? 1],
+      ['f32', lowRank?.alpha2 ?? 0],
+      ['f32', opts.beta ?? 0],
+      ['u32', opts.bias ? 1 : 0],
+    ]),
+  });
+}
+
+/** FLOPs of C = opA(A)·opW(W) (+ the low-rank term), counting a multiply-add as 2. */
+export function matmulFlops(dims: MatmulDims, rank = 0): number {
+  return 2 * dims.M * dims.N * (dims.K + rank);
+}

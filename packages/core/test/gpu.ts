@@ -1,0 +1,52 @@
+/**
+ * Shared rig for GPU tests. The same test files run under Node (Dawn) and in headless Chromium
+ * on two adapters; vitest.config.ts provides which feature level to ask for.
+ */
+import { afterAll, beforeAll, expect, inject } from 'vitest';
+import { compare } from '../ref/check.js';
+import { createGpuContext, describeAdapter, type GpuContext } from '../src/index.js';
+
+declare module 'vitest' {
+  export interface ProvidedContext {
+    featureLevel: 'core' | 'compatibility';
+  }
+}
+
+/** One context per test file, destroyed after it. Fails the file on any uncaptured GPU error. */
+export function useGpu(): () => GpuContext {
+  let ctx: GpuContext | undefined;
+  const reports: string[] = [];
+  beforeAll(async () => {
+    ctx = await createGpuContext({ featureLevel: inject('featureLevel') ?? 'core', label: 'test' });
+    (ctx as GpuContext & { reports?: string[] }).reports = reports;
+  });
+  afterAll(() => {
+    if (reports.length > 0 && ctx) console.log(`${describeAdapter(ctx)}\n${reports.join('\n')}`);
+    const errors = ctx?.takeUncapturedErrors() ?? [];
+    ctx?.destroy();
+    expect(errors.map((e) => e.message)).toEqual([]);
+  });
+  return () => {
+    if (!ctx) throw new Error('GPU context not ready');
+    return ctx;
+  };
+}
+
+/**
+ * Runs one GPU case inside validation and out-of-memory error scopes that must come back empty,
+ * and checks that it released every buffer it made.
+ */
+export async function gpuCase<T>(ctx: GpuContext, name: string, fn: () => Promise<T>): Promise<T> {
+  const live = ctx.liveBufferCount;
+  const result = await ctx.checked(name, fn);
+  expect(ctx.takeUncapturedErrors().map((e) => e.message), `${name}: uncaptured GPU errors`).toEqual([]);
+  expect(ctx.liveBufferLabels().slice(live), `${name}: buffers left alive`).toEqual([]);
+  return result;
+}
+
+/** Asserts |actual − expected| ≤ atol + rtol·|expected| everywhere and records the errors. */
+export function expectClose(ctx: GpuContext, name: string, actual: ArrayLike<number>, expected: ArrayLike<number>, atol: number, rtol: number): void {
+  const c = compare(name, actual, expected, atol, rtol);
+  (ctx as GpuContext & { reports?: string[] }).reports?.push(`  ${c.summary}`);
+  expect(c.ok, c.summary).toBe(true);
+}

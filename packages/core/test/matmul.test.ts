@@ -1,0 +1,98 @@
+// GPU matmul (shaders/matmul.wgsl) against the float64 reference on awkward shapes, every
+// layout, f32 and packed-f16 weights, bias, accumulation and the fused low-rank term.
+import { describe, it } from 'vitest';
+import { addRef, matmulRef } from '../ref/matmul.js';
+import { randomArray } from '../ref/check.js';
+import { createTensor, planMatmul, readFloat32, roundToF16, StepEncoder, tensorFromData, type DType } from '../src/index.js';
+import { expectClose, gpuCase, useGpu } from './gpu.js';
+
+const gpu = useGpu();
+const M_SIZES = [1, 7, 65, 257];
+const KN_SIZES = [1, 63, 64, 65, 257];
+const LAYOUTS = [
+  { transA: false, transW: true },
+  { transA: false, transW: false },
+  { transA: true, transW: false },
+  { transA: true, transW: true },
+];
+
+interface Case {
+  M: number;
+  N: number;
+  K: number;
+  transA: boolean;
+  transW: boolean;
+  wDtype: DType;
+  bias: boolean;
+  beta: number;
+  rank: number;
+}
+
+// A covering design: every M with every K, N and the layout rotating, so each size meets each
+// other size and each layout without running the full product of all of them.
+const cases: Case[] = [];
+M_SIZES.forEach((M, i) => {
+  KN_SIZES.forEach((K, j) => {
+    const layout = LAYOUTS[(i + j) % LAYOUTS.length] as (typeof LAYOUTS)[number];
+    cases.push({ M, K, N: KN_SIZES[(i + 2 * j + 1) % KN_SIZES.length] as number, ...layout, wDtype: (i + j) % 2 ? 'f16' : 'f32', bias: j % 2 === 0, beta: i % 2 ? 1 : 0, rank: 0 });
+  });
+});
+// The vec4 paths with aligned shapes, a thin N, and the low-rank term in both layouts.
+cases.push({ M: 64, N: 128, K: 256, transA: false, transW: true, wDtype: 'f32', bias: false, beta: 0, rank: 0 });
+cases.push({ M: 128, N: 64, K: 192, transA: true, transW: false, wDtype: 'f16', bias: true, beta: 0, rank: 0 });
+cases.push({ M: 65, N: 8, K: 257, transA: false, transW: true, wDtype: 'f32', bias: false, beta: 0, rank: 0 });
+cases.push({ M: 65, N: 63, K: 64, transA: false, transW: true, wDtype: 'f16', bias: true, beta: 1, rank: 7 });
+cases.push({ M: 7, N: 257, K: 65, transA: false, transW: false, wDtype: 'f32', bias: false, beta: 0, rank: 64 });
+cases.push({ M: 64, N: 64, K: 64, transA: false, transW: false, wDtype: 'f16', bias: false, beta: 0, rank: 1 });
+
+function describeCase(c: Case): string {
+  const lay = `${c.transA ? 'Aᵀ' : 'A'}·${c.transW ? 'Wᵀ' : 'W'}`;
+  return `M=${c.M} N=${c.N} K=${c.K} ${lay} W:${c.wDtype}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}${c.rank ? ` +rank ${c.rank}` : ''}`;
+}
+
+describe('matmul', () => {
+  for (const c of cases) {
+    it(describeCase(c), async () => {
+      const ctx = gpu();
+      const seed = c.M * 1000 + c.N * 10 + c.K;
+      const a = randomArray(c.M * c.K, seed);
+      let w = randomArray(c.N * c.K, seed + 1);
+      if (c.wDtype === 'f16') w = Float64Array.from(roundToF16(w));
+      const bias = randomArray(c.N, seed + 2);
+      const c0 = randomArray(c.M * c.N, seed + 3);
+      const a2 = randomArray(c.M * c.rank, seed + 4);
+      const b2 = randomArray(c.N * c.rank, seed + 5);
+      const alpha = 0.75;
+      const alpha2 = 1.5;
+
+      let want = matmulRef(a, w, c.M, c.K, c.N, { transA: c.transA, transB: c.transW });
+      want = want.map((v) => v * alpha);
+      if (c.rank) want = addRef(want, matmulRef(a2, b2, c.M, c.rank, c.N, { transB: c.transW }), alpha2);
+      if (c.bias) want = want.map((v, i) => v + (bias[i % c.N] as number));
+      if (c.beta) want = addRef(want, c0, c.beta);
+
+      const got = await gpuCase(ctx, describeCase(c), async () => {
+        const ta = tensorFromData(ctx, a, c.transA ? [c.K, c.M] : [c.M, c.K], 'f32', 'a');
+        const tw = tensorFromData(ctx, w, c.transW ? [c.N, c.K] : [c.K, c.N], c.wDtype, 'w');
+        const tb = tensorFromData(ctx, bias, [c.N], 'f32', 'bias');
+        const tc = c.beta ? tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c') : createTensor(ctx, [c.M, c.N], 'f32', 'c');
+        const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
+        const tb2 = c.rank ? tensorFromData(ctx, b2, c.transW ? [c.N, c.rank] : [c.rank, c.N], 'f32', 'b2') : undefined;
+        const d = await planMatmul(ctx, ta, tw, tc, {
+          transA: c.transA,
+          transW: c.transW,
+          alpha,
+          beta: c.beta,
+          bias: c.bias ? tb : undefined,
+          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+        });
+        new StepEncoder(ctx, 'matmul test').dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const t of [ta, tw, tb, tc, ta2, tb2]) t?.dispose();
+        return out;
+      });
+      expectClose(ctx, describeCase(c), got, want, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
+    });
+  }
+});

@@ -1,0 +1,162 @@
+// lora_matmul.wgsl: the thin, rank-r products of a LoRA layer.
+//
+// For x (T×in), frozen W0 (out×in), A (r×in), B (out×r), s = alpha/r (or alpha/√r):
+//   forward   h  = x·Aᵀ          (T×r)   lora_rows, L = A stored r×in   (TRANS_L)   saved for the backward
+//             y  = x·W0ᵀ + s·h·Bᵀ         matmul.wgsl (the h·Bᵀ term fused into W0's tile loop)
+//   backward  g  = dy·B          (T×r)   lora_rows, L = B stored out×r
+//             dB = s·dyᵀ·h       (out×r) lora_cols, U = dy, V = h, OUT_NR  (written [n][j])
+//             dA = s·gᵀ·x        (r×in)  lora_cols, U = x,  V = g          (written [j][n])
+//             dx = dy·W0 + s·g·A          matmul.wgsl (the g·A term fused likewise)
+// W0 gets no gradient. Outputs are written, or accumulated when p.beta = 1 (gradient
+// accumulation over micro-batches).
+//
+// These shapes defeat a square-tiled matmul (one side is r = 1..128 wide), so each kernel
+// reduces along the long dimension instead:
+//   lora_rows: C[M×R] = X·opL(L). A workgroup owns 4 rows × 4 ranks; its WG invocations split K,
+//              each keeping a 4×4 block of partial sums, then reduce them in workgroup memory.
+//   lora_cols: C = alpha·Uᵀ·V (+ beta·C), U (T×N), V (T×R), reducing over T. An invocation owns 4
+//              consecutive columns n × 4 ranks; the V rows it needs are the same for the whole
+//              workgroup and are staged in workgroup memory TT rows at a time.
+
+struct Params {
+  M: u32,      // lora_rows: rows of X and C      lora_cols: T (the reduced dimension)
+  N: u32,      // lora_rows: unused                lora_cols: columns of U
+  K: u32,      // lora_rows: the reduced dimension lora_cols: unused
+  R: u32,      // rank
+  alpha: f32,
+  beta: f32,
+  _pad0: u32,
+  _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;        // rows: X (M×K)     cols: U (T×N)
+@group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> l: array<f32>;        // rows: L (R×K or K×R)  cols: V (T×R)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+
+override WG: u32 = 64;          // invocations per workgroup; a power of two
+override TRANS_L: bool = true;  // lora_rows: L stored R×K (A) rather than K×R (B)
+override OUT_NR: bool = false;  // lora_cols: write C[n][j] (N×R) rather than C[j][n] (R×N)
+override TT: u32 = 16;          // lora_cols: rows of V staged per step
+
+var<workgroup> partial: array<array<vec4<f32>, 4>, WG>;
+var<workgroup> v_rows: array<vec4<f32>, TT>;
+
+fn l_at(j: u32, k: u32) -> f32 {
+  if (j >= p.R) { return 0.0; }
+  if (TRANS_L) { return l[j * p.K + k]; }
+  return l[k * p.R + j];
+}
+
+fn x_at(m: u32, k: u32) -> f32 {
+  if (m >= p.M) { return 0.0; }
+  return x[m * p.K + k];
+}
+
+// C[m][j] = Σ_k X[m][k]·L(j, k) for m in m0..m0+3 and j in j0..j0+3.
+@compute @workgroup_size(WG)
+fn lora_rows(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let j0 = wid.x * 4u;
+  let m0 = wid.y * 4u;
+  var acc = array<vec4<f32>, 4>();   // acc[i][jj]: row m0+i, rank j0+jj
+  for (var k = tid; k < p.K; k += WG) {
+    let lv = vec4<f32>(l_at(j0, k), l_at(j0 + 1u, k), l_at(j0 + 2u, k), l_at(j0 + 3u, k));
+    for (var i = 0u; i < 4u; i++) { acc[i] = fma(vec4<f32>(x_at(m0 + i, k)), lv, acc[i]); }
+  }
+  partial[tid] = acc;
+  workgroupBarrier();
+  for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
+    if (tid < stride) {
+      for (var i = 0u; i < 4u; i++) { partial[tid][i] += partial[tid + stride][i]; }
+    }
+    workgroupBarrier();
+  }
+  if (tid < 16u) {
+    let i = tid / 4u;
+    let jj = tid % 4u;
+    let m = m0 + i;
+    let j = j0 + jj;
+    if (m < p.M && j < p.R) {
+      var v = p.alpha * partial[0][i][jj];
+      if (p.beta != 0.0) { v += p.beta * out[m * p.R + j]; }
+      out[m * p.R + j] = v;
+    }
+  }
+}
+
+fn v_row(t: u32, j0: u32) -> vec4<f32> {
+  var v = vec4<f32>(0.0);
+  for (var jj = 0u; jj < 4u; jj++) {
+    if (j0 + jj < p.R) { v[jj] = l[t * p.R + j0 + jj]; }
+  }
+  return v;
+}
+
+fn store_cols(n0: u32, j0: u32, acc: array<vec4<f32>, 4>) {
+  // acc[i][jj]: column n0+i, rank j0+jj
+  for (var i = 0u; i < 4u; i++) {
+    let n = n0 + i;
+    if (n >= p.N) { break; }
+    for (var jj = 0u; jj < 4u; jj++) {
+      let j = j0 + jj;
+      if (j >= p.R) { break; }
+      var idx: u32;
+      if (OUT_NR) { idx = n * p.R + j; } else { idx = j * p.N + n; }
+      var v = p.alpha * acc[i][jj];
+      if (p.beta != 0.0) { v += p.beta * out[idx]; }
+      out[idx] = v;
+    }
+  }
+}
+
+// C(n, j) = alpha · Σ_t U[t][n]·V[t][j] for n in n0..n0+3, j in j0..j0+3.
+@compute @workgroup_size(WG)
+fn lora_cols(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let n0 = (wid.x * WG + tid) * 4u;
+  let j0 = wid.y * 4u;
+  var acc = array<vec4<f32>, 4>();
+  for (var t0 = 0u; t0 < p.M; t0 += TT) {
+    for (var r = tid; r < TT; r += WG) {
+      if (t0 + r < p.M) { v_rows[r] = v_row(t0 + r, j0); } else { v_rows[r] = vec4<f32>(0.0); }
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < TT && t0 + r < p.M; r++) {
+      let t = t0 + r;
+      let vv = v_rows[r];
+      for (var i = 0u; i < 4u; i++) {
+        var u = 0.0;
+        if (n0 + i < p.N) { u = x[t * p.N + n0 + i]; }
+        acc[i] = fma(vec4<f32>(u), vv, acc[i]);
+      }
+    }
+    workgroupBarrier();
+  }
+  store_cols(n0, j0, acc);
+}
+
+// lora_cols with 16-byte loads of U; needs N % 4 == 0.
+@compute @workgroup_size(WG)
+fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let n0 = (wid.x * WG + tid) * 4u;
+  let j0 = wid.y * 4u;
+  var acc = array<vec4<f32>, 4>();
+  for (var t0 = 0u; t0 < p.M; t0 += TT) {
+    for (var r = tid; r < TT; r += WG) {
+      if (t0 + r < p.M) { v_rows[r] = v_row(t0 + r, j0); } else { v_rows[r] = vec4<f32>(0.0); }
+    }
+    workgroupBarrier();
+    if (n0 < p.N) {
+      for (var r = 0u; r < TT && t0 + r < p.M; r++) {
+        let vv = v_rows[r];
+        let u = x4[((t0 + r) * p.N + n0) / 4u];
+        acc[0] = fma(vec4<f32>(u.x), vv, acc[0]);
+        acc[1] = fma(vec4<f32>(u.y), vv, acc[1]);
+        acc[2] = fma(vec4<f32>(u.z), vv, acc[2]);
+        acc[3] = fma(vec4<f32>(u.w), vv, acc[3]);
+      }
+    }
+    workgroupBarrier();
+  }
+  store_cols(n0, j0, acc);
+}

@@ -1,0 +1,50 @@
+import { playwright } from '@vitest/browser-playwright';
+import { defineConfig } from 'vitest/config';
+import { chromiumPath, chromiumWebGpuArgs } from './tools/chromium.js';
+
+// Tests whose name ends in .cpu.test.ts need no GPU (references, parsers) and run under Node only.
+// Every other test runs three times: Node + Dawn (SwiftShader when there is no GPU), and headless
+// Chromium on its SwiftShader adapter and on lavapipe through the compatibility adapter.
+const gpuTests = ['packages/*/test/**/*.test.ts'];
+const cpuTests = ['packages/*/test/**/*.cpu.test.ts'];
+
+function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
+  return {
+    test: {
+      name,
+      include: gpuTests,
+      exclude: cpuTests,
+      testTimeout: 120_000,
+      hookTimeout: 60_000,
+      provide: { featureLevel: adapter === 'lavapipe' ? ('compatibility' as const) : ('core' as const) },
+      browser: {
+        enabled: true,
+        headless: true,
+        screenshotFailures: false,
+        provider: playwright({ launchOptions: { executablePath: chromiumPath(), args: chromiumWebGpuArgs(adapter) } }),
+        instances: [{ browser: 'chromium' as const }],
+      },
+    },
+  };
+}
+
+export default defineConfig({
+  test: {
+    projects: [
+      {
+        test: {
+          name: 'node',
+          include: gpuTests,
+          environment: 'node',
+          pool: 'forks',
+          testTimeout: 120_000,
+          hookTimeout: 60_000,
+          provide: { featureLevel: 'core' as const },
+          env: { XDG_RUNTIME_DIR: '/tmp' },
+        },
+      },
+      chromium('chromium-swiftshader', 'swiftshader'),
+      chromium('chromium-lavapipe', 'lavapipe'),
+    ],
+  },
+});
