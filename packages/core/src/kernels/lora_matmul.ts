@@ -1,13 +1,13 @@
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
-import { shaders } from '../shaders.js';
+import source from '../../../../shaders/lora_matmul.wgsl?raw';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { planMatmul } from './matmul.js';
 
 const BINDINGS = ['uniform', 'read', 'read', 'write'] as const;
-const spec = (entryPoint: string): KernelSpec => ({ ...shaders.loraMatmul, entryPoint, bindings: BINDINGS });
+const spec = (entryPoint: string): KernelSpec => ({ source, file: 'shaders/lora_matmul.wgsl', entryPoint, bindings: BINDINGS });
 
 /** One LoRA-adapted linear layer: y = x·W0ᵀ + scale·(x·Aᵀ)·Bᵀ (+ bias). */
 export interface LoraLayer {

@@ -1,14 +1,14 @@
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
-import { shaders } from '../shaders.js';
+import source from '../../../../shaders/matmul.wgsl?raw';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 
 const BINDINGS = ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'] as const;
 
 function spec(entryPoint: string): KernelSpec {
-  return { ...shaders.matmul, entryPoint, bindings: BINDINGS };
+  return { source, file: 'shaders/matmul.wgsl', entryPoint, bindings: BINDINGS };
 }
 
 export interface MatmulOptions {
