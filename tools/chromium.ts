@@ -7,9 +7,16 @@ import { existsSync } from 'node:fs';
 export type ChromiumAdapter = 'swiftshader' | 'lavapipe' | 'gpu';
 
 export function chromiumPath(): string {
-  const candidates = [process.env.WEBTUNE_CHROMIUM, '/usr/bin/chromium', '/usr/bin/chromium-browser', '/usr/bin/google-chrome'];
+  const candidates = [
+    process.env.WEBTUNE_CHROMIUM,
+    '/usr/bin/chromium',
+    '/usr/bin/chromium-browser',
+    '/usr/bin/google-chrome',
+  ];
   for (const c of candidates) if (c && existsSync(c)) return c;
-  throw new Error('Chromium not found: install it (Debian: apt-get install chromium) or set WEBTUNE_CHROMIUM to its path');
+  throw new Error(
+    'Chromium not found: install it (Debian: apt-get install chromium) or set WEBTUNE_CHROMIUM to its path',
+  );
 }
 
 /** The flags that give headless Chromium a WebGPU adapter. 'swiftshader': its built-in Vulkan on

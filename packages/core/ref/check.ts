@@ -14,9 +14,23 @@ export interface Comparison {
 }
 
 /** Elementwise |actual − expected| ≤ atol + rtol·|expected|; NaN anywhere is a mismatch. */
-export function compare(name: string, actual: ArrayLike<number>, expected: ArrayLike<number>, atol: number, rtol: number): Comparison {
+export function compare(
+  name: string,
+  actual: ArrayLike<number>,
+  expected: ArrayLike<number>,
+  atol: number,
+  rtol: number,
+): Comparison {
   if (actual.length !== expected.length) {
-    return { ok: false, maxAbs: Infinity, maxRel: Infinity, worst: -1, mismatches: Math.max(actual.length, expected.length), count: expected.length, summary: `${name}: length ${actual.length} != expected ${expected.length}` };
+    return {
+      ok: false,
+      maxAbs: Infinity,
+      maxRel: Infinity,
+      worst: -1,
+      mismatches: Math.max(actual.length, expected.length),
+      count: expected.length,
+      summary: `${name}: length ${actual.length} != expected ${expected.length}`,
+    };
   }
   let maxAbs = 0;
   let maxRel = 0;
@@ -53,7 +67,12 @@ export function compare(name: string, actual: ArrayLike<number>, expected: Array
 }
 
 /** Central finite difference of f at each coordinate of `params` (perturbed in place and restored). */
-export function finiteDifference(f: () => number, params: Float64Array, eps = 1e-6, indices?: readonly number[]): Float64Array {
+export function finiteDifference(
+  f: () => number,
+  params: Float64Array,
+  eps = 1e-6,
+  indices?: readonly number[],
+): Float64Array {
   const idx = indices ?? [...params.keys()];
   const grad = new Float64Array(params.length);
   for (const i of idx) {

@@ -42,7 +42,10 @@ export function loraForwardRef(p: LoraRefInput): { y: Float64Array; h: Float64Ar
 }
 
 /** Gradients of a scalar loss L given dy = ∂L/∂y. W0 and bias are frozen: no gradient. */
-export function loraBackwardRef(p: LoraRefInput, dy: ArrayLike<number>): { dx: Float64Array; da: Float64Array; db: Float64Array } {
+export function loraBackwardRef(
+  p: LoraRefInput,
+  dy: ArrayLike<number>,
+): { dx: Float64Array; da: Float64Array; db: Float64Array } {
   const { T, inF, outF, r, scale } = p;
   const { h } = loraForwardRef(p);
   // ∂L/∂h[t][j] = s·Σ_o dy[t][o]·B[o][j]

@@ -133,12 +133,7 @@ export class GpuContext {
    * `releaseBuffer`. Sizes are rounded up to 16 bytes. `bindsAsStorage` also checks the
    * binding-size limit, since a bigger buffer could be created but never bound whole.
    */
-  createBuffer(desc: {
-    label: string;
-    size: number;
-    usage: GPUBufferUsageFlags;
-    bindsAsStorage?: boolean;
-  }): GPUBuffer {
+  createBuffer(desc: { label: string; size: number; usage: GPUBufferUsageFlags; bindsAsStorage?: boolean }): GPUBuffer {
     this.assertAlive();
     const size = Math.max(BUFFER_ALIGNMENT, alignUp(desc.size, BUFFER_ALIGNMENT));
     if (size > this.limits.maxBufferSize) {
@@ -193,16 +188,20 @@ export class GpuContext {
     const before = this.liveBytes;
     this.device.pushErrorScope('validation');
     this.device.pushErrorScope('out-of-memory');
-    let result: T;
+    let result: T | undefined;
+    let failure: { error: unknown } | undefined;
     try {
       result = await fn();
-    } finally {
-      const oom = await this.device.popErrorScope();
-      const validation = await this.device.popErrorScope();
-      if (oom) throw new OutOfMemoryError(what, this.liveBytes - before, oom.message);
-      if (validation) throw new GpuValidationError(`${what}: ${validation.message}`);
+    } catch (error) {
+      failure = { error };
     }
-    return result;
+    const oom = await this.device.popErrorScope();
+    const validation = await this.device.popErrorScope();
+    // A GPU error is the root cause of whatever fn may have thrown after it.
+    if (oom) throw new OutOfMemoryError(what, this.liveBytes - before, oom.message);
+    if (validation) throw new GpuValidationError(`${what}: ${validation.message}`);
+    if (failure) throw failure.error;
+    return result as T;
   }
 
   /**

@@ -28,7 +28,11 @@ export class StepEncoder {
     this.encoder = ctx.device.createCommandEncoder({ label });
     this.maxPasses = options.maxTimedPasses ?? 64;
     if (options.timing && ctx.features.timestampQuery) {
-      this.querySet = ctx.device.createQuerySet({ label: `${label}.timestamps`, type: 'timestamp', count: 2 * this.maxPasses });
+      this.querySet = ctx.device.createQuerySet({
+        label: `${label}.timestamps`,
+        type: 'timestamp',
+        count: 2 * this.maxPasses,
+      });
     }
   }
 

@@ -54,9 +54,7 @@ export class OutOfMemoryError extends WebtuneError {
     readonly bytes: number,
     deviceMessage = '',
   ) {
-    super(
-      `out of GPU memory allocating ${what} (${formatBytes(bytes)})${deviceMessage ? `: ${deviceMessage}` : ''}`,
-    );
+    super(`out of GPU memory allocating ${what} (${formatBytes(bytes)})${deviceMessage ? `: ${deviceMessage}` : ''}`);
   }
 }
 

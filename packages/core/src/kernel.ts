@@ -108,7 +108,9 @@ async function buildKernel(
     });
   } catch (cause) {
     const message = cause instanceof Error ? cause.message : String(cause);
-    throw new ShaderCompileError(spec.file, [{ type: 'error', line: 0, column: 0, message: `${spec.entryPoint}: ${message}` }]);
+    throw new ShaderCompileError(spec.file, [
+      { type: 'error', line: 0, column: 0, message: `${spec.entryPoint}: ${message}` },
+    ]);
   }
   return { spec, constants, pipeline, layout, label };
 }
@@ -184,7 +186,9 @@ export function bindKernel(
   const hasUniform = kernel.spec.bindings[0] === 'uniform';
   const expected = kernel.spec.bindings.length - (hasUniform ? 1 : 0);
   if (args.resources.length !== expected) {
-    throw new Error(`${args.label}: ${args.resources.length} buffers bound, ${kernel.spec.entryPoint} takes ${expected}`);
+    throw new Error(
+      `${args.label}: ${args.resources.length} buffers bound, ${kernel.spec.entryPoint} takes ${expected}`,
+    );
   }
   const bound = args.resources.map((r) => (r instanceof Tensor ? r.buffer : r));
   kernel.spec.bindings.slice(hasUniform ? 1 : 0).forEach((kind, i) => {
@@ -196,7 +200,11 @@ export function bindKernel(
   let uniform: GPUBuffer | undefined;
   if (hasUniform) {
     const data = args.uniforms ?? new ArrayBuffer(16);
-    uniform = ctx.createBuffer({ label: `${args.label}.params`, size: data.byteLength, usage: 0x40 /* UNIFORM */ | 0x8 /* COPY_DST */ });
+    uniform = ctx.createBuffer({
+      label: `${args.label}.params`,
+      size: data.byteLength,
+      usage: 0x40 /* UNIFORM */ | 0x8 /* COPY_DST */,
+    });
     ctx.device.queue.writeBuffer(uniform, 0, data);
   }
   const buffers = [...(uniform ? [uniform] : []), ...bound];

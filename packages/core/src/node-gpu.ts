@@ -42,8 +42,7 @@ export async function requestNodeAdapter(options: GPURequestAdapterOptions): Pro
   const adapter = await gpu.requestAdapter(options);
   if (adapter) return { gpu, adapter };
 
-  const env = (globalThis as unknown as { process: { env: Record<string, string | undefined> } })
-    .process.env;
+  const env = (globalThis as unknown as { process: { env: Record<string, string | undefined> } }).process.env;
   if (env.VK_ICD_FILENAMES || env.VK_DRIVER_FILES) return { gpu, adapter: null };
   const { existsSync } = await import(/* @vite-ignore */ 'node:fs');
   for (const icd of FALLBACK_ICDS) {

@@ -30,8 +30,7 @@ export function expectShape(
   expected: readonly (number | null)[],
   explain: string,
 ): void {
-  const ok =
-    shape.length === expected.length && expected.every((e, i) => e === null || e === shape[i]);
+  const ok = shape.length === expected.length && expected.every((e, i) => e === null || e === shape[i]);
   if (!ok) {
     const want = `[${expected.map((e) => (e === null ? '*' : String(e))).join(', ')}]`;
     throw new ShapeError(`${op}: ${name} has shape ${formatShape(shape)}, expected ${want} (${explain})`);

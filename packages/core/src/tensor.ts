@@ -73,7 +73,9 @@ export function tensorFromData(
 ): Tensor {
   assertShape(label, shape);
   if (data.length !== numel(shape)) {
-    throw new ShapeError(`${label}: ${data.length} values given for shape ${formatShape(shape)} (${numel(shape)} elements)`);
+    throw new ShapeError(
+      `${label}: ${data.length} values given for shape ${formatShape(shape)} (${numel(shape)} elements)`,
+    );
   }
   const t = createTensor(ctx, shape, dtype, label);
   writeTensor(t, data);

@@ -39,13 +39,23 @@ export function useGpu(): () => GpuContext {
 export async function gpuCase<T>(ctx: GpuContext, name: string, fn: () => Promise<T>): Promise<T> {
   const live = ctx.liveBufferCount;
   const result = await ctx.checked(name, fn);
-  expect(ctx.takeUncapturedErrors().map((e) => e.message), `${name}: uncaptured GPU errors`).toEqual([]);
+  expect(
+    ctx.takeUncapturedErrors().map((e) => e.message),
+    `${name}: uncaptured GPU errors`,
+  ).toEqual([]);
   expect(ctx.liveBufferLabels().slice(live), `${name}: buffers left alive`).toEqual([]);
   return result;
 }
 
 /** Asserts |actual − expected| ≤ atol + rtol·|expected| everywhere and records the errors. */
-export function expectClose(ctx: GpuContext, name: string, actual: ArrayLike<number>, expected: ArrayLike<number>, atol: number, rtol: number): void {
+export function expectClose(
+  ctx: GpuContext,
+  name: string,
+  actual: ArrayLike<number>,
+  expected: ArrayLike<number>,
+  atol: number,
+  rtol: number,
+): void {
   const c = compare(name, actual, expected, atol, rtol);
   (ctx as GpuContext & { reports?: string[] }).reports?.push(`  ${c.summary}`);
   expect(c.ok, c.summary).toBe(true);

@@ -2,7 +2,7 @@
 // forward and backward, against the float64 reference; and the unfused baseline likewise.
 import { describe, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
-import { loraBackwardRef, loraForwardRef, type LoraRefInput } from '../ref/lora.js';
+import { type LoraRefInput, loraBackwardRef, loraForwardRef } from '../ref/lora.js';
 import {
   createTensor,
   type DType,
@@ -37,15 +37,28 @@ const RANKS = [1, 8, 64];
 const cases: Case[] = [];
 TS.forEach((T, i) => {
   DIMS.forEach((inF, j) => {
-    cases.push({ T, inF, outF: DIMS[(i + 2 * j + 1) % DIMS.length] as number, r: RANKS[(i + j) % RANKS.length] as number, w0: (i + j) % 2 ? 'f16' : 'f32', bias: j % 2 === 1, accumulate: (i + j) % 3 === 0 });
+    cases.push({
+      T,
+      inF,
+      outF: DIMS[(i + 2 * j + 1) % DIMS.length] as number,
+      r: RANKS[(i + j) % RANKS.length] as number,
+      w0: (i + j) % 2 ? 'f16' : 'f32',
+      bias: j % 2 === 1,
+      accumulate: (i + j) % 3 === 0,
+    });
   });
 });
 cases.push({ T: 33, inF: 96, outF: 80, r: 128, w0: 'f16', bias: false, accumulate: false });
 cases.push({ T: 64, inF: 64, outF: 64, r: 16, w0: 'f32', bias: true, accumulate: true });
 
-const name = (c: Case) => `T=${c.T} in=${c.inF} out=${c.outF} r=${c.r} W0:${c.w0}${c.bias ? ' +bias' : ''}${c.accumulate ? ' accumulate' : ''}`;
+const name = (c: Case) =>
+  `T=${c.T} in=${c.inF} out=${c.outF} r=${c.r} W0:${c.w0}${c.bias ? ' +bias' : ''}${c.accumulate ? ' accumulate' : ''}`;
 
-function inputs(c: Case): { p: LoraRefInput; dy: Float64Array; prev: { dx: Float64Array; da: Float64Array; db: Float64Array } } {
+function inputs(c: Case): {
+  p: LoraRefInput;
+  dy: Float64Array;
+  prev: { dx: Float64Array; da: Float64Array; db: Float64Array };
+} {
   const seed = c.T * 7919 + c.inF * 31 + c.outF * 7 + c.r;
   let w0 = randomArray(c.outF * c.inF, seed + 1, 0.5);
   if (c.w0 === 'f16') w0 = Float64Array.from(roundToF16(w0));
@@ -61,7 +74,11 @@ function inputs(c: Case): { p: LoraRefInput; dy: Float64Array; prev: { dx: Float
     bias: c.bias ? randomArray(c.outF, seed + 4) : undefined,
     scale: 16 / c.r,
   };
-  const prev = { dx: randomArray(c.T * c.inF, seed + 6), da: randomArray(c.r * c.inF, seed + 7), db: randomArray(c.outF * c.r, seed + 8) };
+  const prev = {
+    dx: randomArray(c.T * c.inF, seed + 6),
+    da: randomArray(c.r * c.inF, seed + 7),
+    db: randomArray(c.outF * c.r, seed + 8),
+  };
   return { p, dy: randomArray(c.T * c.outF, seed + 5), prev };
 }
 
@@ -98,7 +115,8 @@ for (const fused of [true, false]) {
           const h = createTensor(ctx, [c.T, c.r], 'f32', 'h');
           const g = createTensor(ctx, [c.T, c.r], 'f32', 'g');
           const tdy = tensorFromData(ctx, dy, [c.T, c.outF], 'f32', 'dy');
-          const init = (data: Float64Array, shape: number[], label: string) => (c.accumulate ? tensorFromData(ctx, data, shape, 'f32', label) : createTensor(ctx, shape, 'f32', label));
+          const init = (data: Float64Array, shape: number[], label: string) =>
+            c.accumulate ? tensorFromData(ctx, data, shape, 'f32', label) : createTensor(ctx, shape, 'f32', label);
           const dx = init(prev.dx, [c.T, c.inF], 'dx');
           const da = init(prev.da, [c.r, c.inF], 'dA');
           const db = init(prev.db, [c.outF, c.r], 'dB');
@@ -107,9 +125,14 @@ for (const fused of [true, false]) {
           const enc = new StepEncoder(ctx, 'lora step');
           if (fused) {
             const fwd = await planLoraForward(ctx, layer, { x, y, h });
-            const bwd = await planLoraBackward(ctx, layer, io, { accumulateDx: c.accumulate, accumulateGrads: c.accumulate });
+            const bwd = await planLoraBackward(ctx, layer, io, {
+              accumulateDx: c.accumulate,
+              accumulateGrads: c.accumulate,
+            });
             enc.dispatch(...fwd, ...bwd);
-            release = () => [...fwd, ...bwd].forEach((d) => d.dispose());
+            release = () => {
+              for (const d of [...fwd, ...bwd]) d.dispose();
+            };
           } else {
             const fwd = await planLoraForwardUnfused(ctx, layer, { x, y, h });
             const bwd = await planLoraBackwardUnfused(ctx, layer, io);
@@ -120,13 +143,20 @@ for (const fused of [true, false]) {
             };
           }
           enc.submit();
-          const out = { y: await readFloat32(y), h: await readFloat32(h), dx: await readFloat32(dx), da: await readFloat32(da), db: await readFloat32(db) };
+          const out = {
+            y: await readFloat32(y),
+            h: await readFloat32(h),
+            dx: await readFloat32(dx),
+            da: await readFloat32(da),
+            db: await readFloat32(db),
+          };
           release();
           for (const t of [y, h, g, tdy, dx, da, db]) t.dispose();
           dispose();
           return out;
         });
-        const acc = (want: Float64Array, before: Float64Array) => (c.accumulate ? want.map((v, i) => v + (before[i] as number)) : want);
+        const acc = (want: Float64Array, before: Float64Array) =>
+          c.accumulate ? want.map((v, i) => v + (before[i] as number)) : want;
         expectClose(ctx, `${name(c)} h`, got.h, ref.h, tol(c, c.inF), 1e-5);
         expectClose(ctx, `${name(c)} y`, got.y, ref.y, tol(c, c.inF), 1e-5);
         expectClose(ctx, `${name(c)} dx`, got.dx, acc(grads.dx, prev.dx), tol(c, c.outF), 1e-5);

@@ -1,9 +1,17 @@
 // GPU matmul (shaders/matmul.wgsl) against the float64 reference on awkward shapes, every
 // layout, f32 and packed-f16 weights, bias, accumulation and the fused low-rank term.
 import { describe, it } from 'vitest';
-import { addRef, matmulRef } from '../ref/matmul.js';
 import { randomArray } from '../ref/check.js';
-import { createTensor, planMatmul, readFloat32, roundToF16, StepEncoder, tensorFromData, type DType } from '../src/index.js';
+import { addRef, matmulRef } from '../ref/matmul.js';
+import {
+  createTensor,
+  type DType,
+  planMatmul,
+  readFloat32,
+  roundToF16,
+  StepEncoder,
+  tensorFromData,
+} from '../src/index.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
 const gpu = useGpu();
@@ -34,7 +42,16 @@ const cases: Case[] = [];
 M_SIZES.forEach((M, i) => {
   KN_SIZES.forEach((K, j) => {
     const layout = LAYOUTS[(i + j) % LAYOUTS.length] as (typeof LAYOUTS)[number];
-    cases.push({ M, K, N: KN_SIZES[(i + 2 * j + 1) % KN_SIZES.length] as number, ...layout, wDtype: (i + j) % 2 ? 'f16' : 'f32', bias: j % 2 === 0, beta: i % 2 ? 1 : 0, rank: 0 });
+    cases.push({
+      M,
+      K,
+      N: KN_SIZES[(i + 2 * j + 1) % KN_SIZES.length] as number,
+      ...layout,
+      wDtype: (i + j) % 2 ? 'f16' : 'f32',
+      bias: j % 2 === 0,
+      beta: i % 2 ? 1 : 0,
+      rank: 0,
+    });
   });
 });
 // The vec4 paths with aligned shapes, a thin N, and the low-rank term in both layouts.

@@ -2,7 +2,7 @@
 // differences of their forward, and the matmul reference against a hand-computed product.
 import { describe, expect, it } from 'vitest';
 import { compare, dot, finiteDifference, randomArray } from '../ref/check.js';
-import { loraBackwardRef, loraForwardRef, type LoraRefInput } from '../ref/lora.js';
+import { type LoraRefInput, loraBackwardRef, loraForwardRef } from '../ref/lora.js';
 import { matmulRef } from '../ref/matmul.js';
 
 describe('matmulRef', () => {
@@ -58,7 +58,14 @@ describe('loraBackwardRef', () => {
 
   it('gives B a gradient and A none when B is zero (PEFT’s initial state)', () => {
     const c = { T: 2, inF: 3, outF: 2, r: 2 };
-    const p: LoraRefInput = { ...c, x: randomArray(6, 1), w0: randomArray(6, 2), a: randomArray(6, 3), b: new Float64Array(4), scale: 2 };
+    const p: LoraRefInput = {
+      ...c,
+      x: randomArray(6, 1),
+      w0: randomArray(6, 2),
+      a: randomArray(6, 3),
+      b: new Float64Array(4),
+      scale: 2,
+    };
     const g = loraBackwardRef(p, randomArray(4, 4));
     expect(g.da.every((v) => v === 0)).toBe(true);
     expect(g.db.some((v) => v !== 0)).toBe(true);

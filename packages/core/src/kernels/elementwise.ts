@@ -1,7 +1,7 @@
+import source from '../../../../shaders/elementwise.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, packUniforms } from '../kernel.js';
-import source from '../../../../shaders/elementwise.wgsl?raw';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 
@@ -14,12 +14,30 @@ export function grid1d(ctx: GpuContext, n: number, wg: number): { workgroups: [n
 }
 
 /** out = a + alpha·b, element by element. */
-export async function planAddScaled(ctx: GpuContext, a: Tensor, b: Tensor, out: Tensor, alpha = 1, label = 'add_scaled'): Promise<Dispatch> {
+export async function planAddScaled(
+  ctx: GpuContext,
+  a: Tensor,
+  b: Tensor,
+  out: Tensor,
+  alpha = 1,
+  label = 'add_scaled',
+): Promise<Dispatch> {
   if (a.size !== b.size || a.size !== out.size) {
-    throw new ShapeError(`${label}: sizes differ: a ${formatShape(a.shape)}, b ${formatShape(b.shape)}, out ${formatShape(out.shape)}`);
+    throw new ShapeError(
+      `${label}: sizes differ: a ${formatShape(a.shape)}, b ${formatShape(b.shape)}, out ${formatShape(out.shape)}`,
+    );
   }
   const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
-  const kernel = await getKernel(ctx, { source, file: 'shaders/elementwise.wgsl', entryPoint: 'add_scaled', bindings: ['uniform', 'read', 'read', 'write'] }, { WG: wg });
+  const kernel = await getKernel(
+    ctx,
+    {
+      source,
+      file: 'shaders/elementwise.wgsl',
+      entryPoint: 'add_scaled',
+      bindings: ['uniform', 'read', 'read', 'write'],
+    },
+    { WG: wg },
+  );
   const g = grid1d(ctx, a.size, wg);
   return bindKernel(ctx, kernel, {
     label,

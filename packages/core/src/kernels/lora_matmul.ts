@@ -1,13 +1,18 @@
+import source from '../../../../shaders/lora_matmul.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
-import source from '../../../../shaders/lora_matmul.wgsl?raw';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { planMatmul } from './matmul.js';
 
 const BINDINGS = ['uniform', 'read', 'read', 'write'] as const;
-const spec = (entryPoint: string): KernelSpec => ({ source, file: 'shaders/lora_matmul.wgsl', entryPoint, bindings: BINDINGS });
+const spec = (entryPoint: string): KernelSpec => ({
+  source,
+  file: 'shaders/lora_matmul.wgsl',
+  entryPoint,
+  bindings: BINDINGS,
+});
 
 /** One LoRA-adapted linear layer: y = x·W0ᵀ + scale·(x·Aᵀ)·Bᵀ (+ bias). */
 export interface LoraLayer {
@@ -33,19 +38,27 @@ export interface LoraShape {
 /** Reads the layer's dimensions and checks every weight against them. */
 export function loraShape(layer: LoraLayer, x: Tensor, op = 'lora'): LoraShape {
   const { w0, a, b } = layer;
-  if (w0.shape.length !== 2) throw new ShapeError(`${op}: W0 ${w0.label} must be 2-D (out×in), got ${formatShape(w0.shape)}`);
+  if (w0.shape.length !== 2)
+    throw new ShapeError(`${op}: W0 ${w0.label} must be 2-D (out×in), got ${formatShape(w0.shape)}`);
   const [outF, inF] = w0.shape as [number, number];
   if (a.shape.length !== 2 || a.shape[1] !== inF) {
-    throw new ShapeError(`${op}: A ${a.label} ${formatShape(a.shape)} must be r×${inF} to match W0 ${formatShape(w0.shape)}`);
+    throw new ShapeError(
+      `${op}: A ${a.label} ${formatShape(a.shape)} must be r×${inF} to match W0 ${formatShape(w0.shape)}`,
+    );
   }
   const r = a.shape[0] as number;
   if (b.shape.length !== 2 || b.shape[0] !== outF || b.shape[1] !== r) {
-    throw new ShapeError(`${op}: B ${b.label} ${formatShape(b.shape)} must be ${outF}×${r} to match W0 ${formatShape(w0.shape)} and A ${formatShape(a.shape)}`);
+    throw new ShapeError(
+      `${op}: B ${b.label} ${formatShape(b.shape)} must be ${outF}×${r} to match W0 ${formatShape(w0.shape)} and A ${formatShape(a.shape)}`,
+    );
   }
   if (a.dtype !== 'f32' || b.dtype !== 'f32') throw new ShapeError(`${op}: A and B must be f32`);
   if (!Number.isFinite(layer.scale)) throw new ShapeError(`${op}: scale ${layer.scale} is not finite`);
   const xin = x.shape[x.shape.length - 1] as number;
-  if (xin !== inF) throw new ShapeError(`${op}: x ${x.label} ${formatShape(x.shape)} has ${xin} features, W0 ${formatShape(w0.shape)} takes ${inF}`);
+  if (xin !== inF)
+    throw new ShapeError(
+      `${op}: x ${x.label} ${formatShape(x.shape)} has ${xin} features, W0 ${formatShape(w0.shape)} takes ${inF}`,
+    );
   return { T: x.size / inF, inF, outF, r };
 }
 
@@ -60,7 +73,16 @@ function rowsWorkgroup(ctx: GpuContext): number {
 }
 
 /** C[M×R] = X·Lᵀ (L stored R×K, transL) or X·L (L stored K×R). */
-async function planRows(ctx: GpuContext, x: Tensor, l: Tensor, out: Tensor, dims: { M: number; K: number; R: number }, transL: boolean, label: string, beta = 0): Promise<Dispatch> {
+async function planRows(
+  ctx: GpuContext,
+  x: Tensor,
+  l: Tensor,
+  out: Tensor,
+  dims: { M: number; K: number; R: number },
+  transL: boolean,
+  label: string,
+  beta = 0,
+): Promise<Dispatch> {
   const wg = rowsWorkgroup(ctx);
   const kernel = await getKernel(ctx, spec('lora_rows'), { WG: wg, TRANS_L: transL });
   return bindKernel(ctx, kernel, {
@@ -79,7 +101,17 @@ async function planRows(ctx: GpuContext, x: Tensor, l: Tensor, out: Tensor, dims
 }
 
 /** C = alpha·Uᵀ·V (+ beta·C) for U (T×N), V (T×R); written N×R (outNR) or R×N. */
-async function planCols(ctx: GpuContext, u: Tensor, v: Tensor, out: Tensor, dims: { T: number; N: number; R: number }, outNR: boolean, alpha: number, beta: number, label: string): Promise<Dispatch> {
+async function planCols(
+  ctx: GpuContext,
+  u: Tensor,
+  v: Tensor,
+  out: Tensor,
+  dims: { T: number; N: number; R: number },
+  outNR: boolean,
+  alpha: number,
+  beta: number,
+  label: string,
+): Promise<Dispatch> {
   const wg = rowsWorkgroup(ctx);
   const entry = dims.N % 4 === 0 ? 'lora_cols_vec4' : 'lora_cols';
   const kernel = await getKernel(ctx, spec(entry), { WG: wg, OUT_NR: outNR, TT: 16 });
@@ -107,7 +139,12 @@ export interface LoraForwardBuffers {
 }
 
 /** Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches. */
-export async function planLoraForward(ctx: GpuContext, layer: LoraLayer, io: LoraForwardBuffers, label = 'lora'): Promise<Dispatch[]> {
+export async function planLoraForward(
+  ctx: GpuContext,
+  layer: LoraLayer,
+  io: LoraForwardBuffers,
+  label = 'lora',
+): Promise<Dispatch[]> {
   const s = loraShape(layer, io.x, `${label}.forward`);
   expectRows(`${label}.forward`, io.h, s.T, s.r, 'h');
   expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');

@@ -29,7 +29,12 @@ function plan(dispatches: Dispatch[], scratch: Tensor[]): UnfusedPlan {
 }
 
 /** y0 = x·W0ᵀ + bias; h = x·Aᵀ; t = h·Bᵀ; y = y0 + s·t. Four dispatches, two T×out temporaries. */
-export async function planLoraForwardUnfused(ctx: GpuContext, layer: LoraLayer, io: LoraForwardBuffers, label = 'lora_unfused'): Promise<UnfusedPlan> {
+export async function planLoraForwardUnfused(
+  ctx: GpuContext,
+  layer: LoraLayer,
+  io: LoraForwardBuffers,
+  label = 'lora_unfused',
+): Promise<UnfusedPlan> {
   const s = loraShape(layer, io.x, label);
   const y0 = createTensor(ctx, [s.T, s.outF], 'f32', `${label}.y0`);
   const t = createTensor(ctx, [s.T, s.outF], 'f32', `${label}.t`);
@@ -43,14 +48,29 @@ export async function planLoraForwardUnfused(ctx: GpuContext, layer: LoraLayer, 
 }
 
 /** g = dy·B; dB = s·dyᵀ·h; dA = s·gᵀ·x; dx0 = dy·W0; dx1 = g·A; dx = dx0 + s·dx1. Six dispatches. */
-export async function planLoraBackwardUnfused(ctx: GpuContext, layer: LoraLayer, io: LoraBackwardBuffers & { dx: Tensor }, label = 'lora_unfused'): Promise<UnfusedPlan> {
+export async function planLoraBackwardUnfused(
+  ctx: GpuContext,
+  layer: LoraLayer,
+  io: LoraBackwardBuffers & { dx: Tensor },
+  label = 'lora_unfused',
+): Promise<UnfusedPlan> {
   const s = loraShape(layer, io.x, label);
   const dx0 = createTensor(ctx, [s.T, s.inF], 'f32', `${label}.dx0`);
   const dx1 = createTensor(ctx, [s.T, s.inF], 'f32', `${label}.dx1`);
   const dispatches = [
     await planMatmul(ctx, io.dy, layer.b, io.g, { transW: false, label: `${label}.dyB` }),
-    await planMatmul(ctx, io.dy, io.h, io.db, { transA: true, transW: false, alpha: layer.scale, label: `${label}.dyT_h` }),
-    await planMatmul(ctx, io.g, io.x, io.da, { transA: true, transW: false, alpha: layer.scale, label: `${label}.gT_x` }),
+    await planMatmul(ctx, io.dy, io.h, io.db, {
+      transA: true,
+      transW: false,
+      alpha: layer.scale,
+      label: `${label}.dyT_h`,
+    }),
+    await planMatmul(ctx, io.g, io.x, io.da, {
+      transA: true,
+      transW: false,
+      alpha: layer.scale,
+      label: `${label}.gT_x`,
+    }),
     await planMatmul(ctx, io.dy, layer.w0, dx0, { transW: false, label: `${label}.dyW0` }),
     await planMatmul(ctx, io.g, layer.a, dx1, { transW: false, label: `${label}.gA` }),
     await planAddScaled(ctx, dx0, dx1, io.dx, layer.scale, `${label}.add`),

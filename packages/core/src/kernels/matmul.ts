@@ -1,7 +1,7 @@
+import source from '../../../../shaders/matmul.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
-import source from '../../../../shaders/matmul.wgsl?raw';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 
@@ -72,7 +72,9 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
     // A stored K×M (leading dims flattened into K)
     M = aInner;
     if (a.size / M !== K) {
-      throw new ShapeError(`${op}: Aᵀ ${a.label} ${formatShape(a.shape)} has ${a.size / M} rows, W ${w.label} ${formatShape(w.shape)} needs K = ${K}`);
+      throw new ShapeError(
+        `${op}: Aᵀ ${a.label} ${formatShape(a.shape)} has ${a.size / M} rows, W ${w.label} ${formatShape(w.shape)} needs K = ${K}`,
+      );
     }
   } else {
     if (aInner !== K) {
@@ -97,7 +99,9 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
     if (a2.size !== M * K2) throw new ShapeError(`${op}: A2 ${a2.label} ${formatShape(a2.shape)} must be ${M}×r`);
     const want = transW ? [N, K2] : [K2, N];
     if (b2.shape.length !== 2 || b2.shape[0] !== want[0] || b2.shape[1] !== want[1]) {
-      throw new ShapeError(`${op}: B2 ${b2.label} ${formatShape(b2.shape)} must be ${formatShape(want)} to match A2 ${formatShape(a2.shape)} and N = ${N}`);
+      throw new ShapeError(
+        `${op}: B2 ${b2.label} ${formatShape(b2.shape)} must be ${formatShape(want)} to match A2 ${formatShape(a2.shape)} and N = ${N}`,
+      );
     }
     if (a2.dtype !== 'f32' || b2.dtype !== 'f32') throw new ShapeError(`${op}: the low-rank operands must be f32`);
   }
