@@ -1,0 +1,190 @@
+import source from '../../../../shaders/rmsnorm.wgsl?raw';
+import type { GpuContext } from '../context.js';
+import { ShapeError } from '../errors.js';
+import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { formatShape } from '../shape.js';
+import type { Tensor } from '../tensor.js';
+
+const spec = (entryPoint: 'rmsnorm_fwd' | 'rmsnorm_bwd'): KernelSpec => ({
+  source,
+  file: 'shaders/rmsnorm.wgsl',
+  entryPoint,
+  bindings:
+    entryPoint === 'rmsnorm_fwd'
+      ? ['uniform', 'read', 'read', 'write', 'write']
+      : ['uniform', 'read', 'read', 'read', 'read', 'write'],
+});
+
+/**
+ * How a normalised row sits in its buffer. Row r = o·groups + g starts at
+ * o·stride + offset + g·d (o: the token, g: the head when groups > 1).
+ */
+export interface RowLayout {
+  /** Elements from one outer row to the next. Default groups·d (rows packed back to back). */
+  readonly stride?: number;
+  /** Element offset of group 0 within an outer row. Default 0. */
+  readonly offset?: number;
+}
+
+/**
+ * Workgroup shape shared by the row-reduction kernels (rmsnorm, layernorm): TPR invocations per
+ * row, WG/TPR rows per workgroup, the workgroups spread over a 2-D grid. Two shapes only (short
+ * rows such as one head, long rows such as a hidden state): each is another pipeline to compile.
+ */
+export function rowReduceShape(
+  ctx: GpuContext,
+  rows: number,
+  d: number,
+): { wg: number; tpr: number; workgroups: [number, number]; gridX: number } {
+  let wg = 1;
+  while (wg * 2 <= Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup)) wg *= 2;
+  const tpr = d <= 256 ? Math.min(32, wg) : wg;
+  const groups = Math.ceil(rows / (wg / tpr));
+  const gridX = Math.min(groups, ctx.limits.maxComputeWorkgroupsPerDimension);
+  return { wg, tpr, workgroups: [gridX, Math.ceil(groups / gridX)], gridX };
+}
+
+/** Checks that `t` (f32) holds `rows` rows of `d` in `layout`; returns the resolved stride and offset. */
+export function checkRows(
+  op: string,
+  name: string,
+  t: Tensor,
+  rows: number,
+  d: number,
+  groups: number,
+  layout: RowLayout | undefined,
+): { stride: number; offset: number } {
+  if (t.dtype !== 'f32') throw new ShapeError(`${op}: ${name} ${t.label} is ${t.dtype}, must be f32`);
+  const stride = layout?.stride ?? groups * d;
+  const offset = layout?.offset ?? 0;
+  if (!Number.isSafeInteger(stride) || !Number.isSafeInteger(offset) || offset < 0 || offset + groups * d > stride) {
+    throw new ShapeError(
+      `${op}: ${name} layout (stride ${stride}, offset ${offset}) cannot hold ${groups} group(s) of ${d} per outer row`,
+    );
+  }
+  const extent = (rows / groups - 1) * stride + offset + groups * d;
+  if (layout === undefined ? t.size !== rows * d : t.size < extent) {
+    throw new ShapeError(
+      `${op}: ${name} ${t.label} ${formatShape(t.shape)} has ${t.size} elements, ` +
+        (layout === undefined
+          ? `expected ${rows} rows × ${d} = ${rows * d}`
+          : `the layout (stride ${stride}, offset ${offset}) needs ${extent}`),
+    );
+  }
+  return { stride, offset };
+}
+
+export interface RmsNormOptions {
+  /** Added to the mean square: config.rms_norm_eps (1e-5 Llama, 1e-6 Qwen). */
+  readonly eps: number;
+  /** Rows per outer row, d apart (heads per token for Qwen3's q_norm/k_norm). Default 1. */
+  readonly groups?: number;
+  /** Layout of x (and dx in the backward). Default: [rows, d] packed. */
+  readonly xLayout?: RowLayout;
+  /** Layout of y (and dy in the backward). Default: [rows, d] packed. */
+  readonly yLayout?: RowLayout;
+  readonly label?: string;
+}
+
+export interface RmsNormForwardBuffers {
+  readonly x: Tensor;
+  /** [d] f32, frozen. d is read from its size. */
+  readonly w: Tensor;
+  /** [rows, d] f32 (or per yLayout), written. */
+  readonly y: Tensor;
+  /** [rows] f32, written: saved for the backward. The number of rows is read from its size. */
+  readonly rstd: Tensor;
+}
+
+export interface RmsNormBackwardBuffers {
+  readonly x: Tensor;
+  readonly w: Tensor;
+  /** [rows] from the forward. */
+  readonly rstd: Tensor;
+  readonly dy: Tensor;
+  /** Same layout as x; written, or accumulated with `accumulate`. */
+  readonly dx: Tensor;
+}
+
+interface Resolved {
+  rows: number;
+  d: number;
+  groups: number;
+  x: { stride: number; offset: number };
+  y: { stride: number; offset: number };
+}
+
+function resolve(op: string, w: Tensor, rstd: Tensor, opts: RmsNormOptions, x: Tensor, y: Tensor, yName: string) {
+  if (w.dtype !== 'f32' || rstd.dtype !== 'f32') throw new ShapeError(`${op}: w and rstd must be f32`);
+  if (!Number.isFinite(opts.eps) || opts.eps < 0) throw new ShapeError(`${op}: eps ${opts.eps} must be ≥ 0`);
+  const d = w.size;
+  const rows = rstd.size;
+  const groups = opts.groups ?? 1;
+  if (!Number.isSafeInteger(groups) || groups < 1 || rows % groups !== 0) {
+    throw new ShapeError(`${op}: groups ${groups} must divide the ${rows} rows of rstd ${formatShape(rstd.shape)}`);
+  }
+  const r: Resolved = {
+    rows,
+    d,
+    groups,
+    x: checkRows(op, 'x', x, rows, d, groups, opts.xLayout),
+    y: checkRows(op, yName, y, rows, d, groups, opts.yLayout),
+  };
+  return r;
+}
+
+function uniforms(r: Resolved, eps: number, accumulate: boolean, gridX: number): ArrayBuffer {
+  return packUniforms([
+    ['u32', r.rows],
+    ['u32', r.d],
+    ['u32', r.groups],
+    ['u32', r.x.stride],
+    ['u32', r.x.offset],
+    ['u32', r.y.stride],
+    ['u32', r.y.offset],
+    ['f32', eps],
+    ['u32', accumulate ? 1 : 0],
+    ['u32', gridX],
+  ]);
+}
+
+/** y = w · x · rstd per row, saving rstd. One dispatch. */
+export async function planRmsNormForward(
+  ctx: GpuContext,
+  io: RmsNormForwardBuffers,
+  opts: RmsNormOptions,
+): Promise<Dispatch> {
+  const label = opts.label ?? 'rmsnorm';
+  const r = resolve(`${label}.forward`, io.w, io.rstd, opts, io.x, io.y, 'y');
+  const shape = rowReduceShape(ctx, r.rows, r.d);
+  const kernel = await getKernel(ctx, spec('rmsnorm_fwd'), { WG: shape.wg, TPR: shape.tpr });
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [io.x, io.w, io.rstd, io.y],
+    workgroups: shape.workgroups,
+    uniforms: uniforms(r, opts.eps, false, shape.gridX),
+  });
+}
+
+/**
+ * dx from dy, x, w and the saved rstd. The weight is frozen: no dw. With `accumulate`, dx += the
+ * gradient (the residual stream's gradient adds up). One dispatch.
+ */
+export async function planRmsNormBackward(
+  ctx: GpuContext,
+  io: RmsNormBackwardBuffers,
+  opts: RmsNormOptions & { readonly accumulate?: boolean },
+): Promise<Dispatch> {
+  const label = opts.label ?? 'rmsnorm';
+  const op = `${label}.backward`;
+  const r = resolve(op, io.w, io.rstd, opts, io.x, io.dy, 'dy');
+  checkRows(op, 'dx', io.dx, r.rows, r.d, r.groups, opts.xLayout);
+  const shape = rowReduceShape(ctx, r.rows, r.d);
+  const kernel = await getKernel(ctx, spec('rmsnorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
+  return bindKernel(ctx, kernel, {
+    label: `${label}.dx`,
+    resources: [io.x, io.w, io.rstd, io.dy, io.dx],
+    workgroups: shape.workgroups,
+    uniforms: uniforms(r, opts.eps, opts.accumulate ?? false, shape.gridX),
+  });
+}

@@ -1,0 +1,152 @@
+// RMSNorm (shaders/rmsnorm.wgsl), forward and backward, against the float64 reference: packed
+// rows of awkward lengths (both workgroup shapes: short rows several to a workgroup, long rows
+// one per workgroup), and Qwen3's per-head q_norm/k_norm reading from and writing into a fused
+// qkv buffer through a row stride and offset.
+import { describe, it } from 'vitest';
+import { randomArray } from '../ref/check.js';
+import { rmsnormBackwardRef, rmsnormForwardRef } from '../ref/rmsnorm.js';
+import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { planRmsNormBackward, planRmsNormForward } from '../src/kernels/rmsnorm.js';
+import { expectClose, gpuCase, useGpu } from './gpu.js';
+
+const gpu = useGpu();
+
+interface Case {
+  rows: number;
+  d: number;
+  eps: number;
+  accumulate: boolean;
+}
+
+const cases: Case[] = [
+  { rows: 1, d: 1, eps: 1e-5, accumulate: false },
+  { rows: 7, d: 12, eps: 1e-6, accumulate: true },
+  { rows: 65, d: 63, eps: 1e-5, accumulate: false },
+  { rows: 257, d: 64, eps: 1e-6, accumulate: true },
+  { rows: 7, d: 65, eps: 1e-5, accumulate: false },
+  { rows: 65, d: 257, eps: 1e-6, accumulate: true },
+  { rows: 1, d: 257, eps: 1e-5, accumulate: false },
+  { rows: 3, d: 8192, eps: 1e-5, accumulate: true },
+];
+
+const name = (c: Case) => `rows=${c.rows} d=${c.d} eps=${c.eps}${c.accumulate ? ' dx+=' : ''}`;
+
+// f32 sums of d terms of O(1) values.
+const tol = (d: number) => 2e-6 * Math.max(1, Math.sqrt(d));
+
+describe('rmsnorm', () => {
+  for (const c of cases) {
+    it(name(c), async () => {
+      const ctx = gpu();
+      const seed = c.rows * 131 + c.d;
+      const p = {
+        rows: c.rows,
+        d: c.d,
+        eps: c.eps,
+        x: randomArray(c.rows * c.d, seed, 2),
+        w: randomArray(c.d, seed + 1),
+      };
+      const dy = randomArray(c.rows * c.d, seed + 2);
+      const prev = randomArray(c.rows * c.d, seed + 3);
+      const ref = rmsnormForwardRef(p);
+      const grad = rmsnormBackwardRef(p, dy);
+      const got = await gpuCase(ctx, name(c), async () => {
+        const x = tensorFromData(ctx, p.x, [c.rows, c.d], 'f32', 'x');
+        const w = tensorFromData(ctx, p.w, [c.d], 'f32', 'w');
+        const y = createTensor(ctx, [c.rows, c.d], 'f32', 'y');
+        const rstd = createTensor(ctx, [c.rows], 'f32', 'rstd');
+        const tdy = tensorFromData(ctx, dy, [c.rows, c.d], 'f32', 'dy');
+        const dx = c.accumulate
+          ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
+          : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
+        const fwd = await planRmsNormForward(ctx, { x, w, y, rstd }, { eps: c.eps });
+        const bwd = await planRmsNormBackward(
+          ctx,
+          { x, w, rstd, dy: tdy, dx },
+          { eps: c.eps, accumulate: c.accumulate },
+        );
+        const enc = new StepEncoder(ctx, 'rmsnorm step');
+        enc.dispatch(fwd, bwd);
+        enc.submit();
+        const out = { y: await readFloat32(y), rstd: await readFloat32(rstd), dx: await readFloat32(dx) };
+        fwd.dispose();
+        bwd.dispose();
+        for (const t of [x, w, y, rstd, tdy, dx]) t.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name(c)} y`, got.y, ref.y, 2e-6, 1e-5);
+      expectClose(ctx, `${name(c)} rstd`, got.rstd, ref.rstd, 0, 1e-5);
+      const want = c.accumulate ? grad.dx.map((v, i) => v + (prev[i] as number)) : grad.dx;
+      expectClose(ctx, `${name(c)} dx`, got.dx, want, tol(c.d), 1e-5);
+    });
+  }
+
+  // Qwen3: qkv [T, (nH + 2·nKV)·hd]; q_norm normalises each of the nH q heads, k_norm each of the
+  // nKV k heads, reading them in place in the fused buffer. The normalised q is written packed
+  // [T·nH, hd]; the normalised k back into a second fused buffer at the same offset; the
+  // gradients go into the fused dqkv, whose v columns must stay untouched.
+  it('per-head q_norm and k_norm inside a fused qkv buffer (T=7, nH=3, nKV=2, hd=12)', async () => {
+    const ctx = gpu();
+    const [T, nH, nKV, hd, eps] = [7, 3, 2, 12, 1e-6];
+    const width = (nH + 2 * nKV) * hd;
+    const qkv = randomArray(T * width, 11, 3);
+    const wq = randomArray(hd, 12);
+    const wk = randomArray(hd, 13);
+    const dq = randomArray(T * nH * hd, 14);
+    const dk = randomArray(T * width, 15); // gradient of the second fused buffer; only k is read
+    const prior = randomArray(T * width, 16); // what dqkv held before
+    const heads = (from: ArrayLike<number>, n: number, offset: number) => {
+      const out = new Float64Array(T * n * hd);
+      for (let t = 0; t < T; t++)
+        for (let j = 0; j < n * hd; j++) out[t * n * hd + j] = from[t * width + offset + j] as number;
+      return out;
+    };
+    const kOff = nH * hd;
+    const refQ = { rows: T * nH, d: hd, eps, x: heads(qkv, nH, 0), w: wq };
+    const refK = { rows: T * nKV, d: hd, eps, x: heads(qkv, nKV, kOff), w: wk };
+    const yq = rmsnormForwardRef(refQ).y;
+    const yk = rmsnormForwardRef(refK).y;
+    const dxq = rmsnormBackwardRef(refQ, dq).dx;
+    const dxk = rmsnormBackwardRef(refK, heads(dk, nKV, kOff)).dx;
+    const wantDqkv = Float64Array.from(prior);
+    for (let t = 0; t < T; t++) {
+      for (let j = 0; j < nH * hd; j++) wantDqkv[t * width + j] = dxq[t * nH * hd + j] as number;
+      for (let j = 0; j < nKV * hd; j++) wantDqkv[t * width + kOff + j] = dxk[t * nKV * hd + j] as number;
+    }
+    const got = await gpuCase(ctx, 'qk norm', async () => {
+      const x = tensorFromData(ctx, qkv, [T, width], 'f32', 'qkv');
+      const tq = tensorFromData(ctx, wq, [hd], 'f32', 'q_norm.weight');
+      const tk = tensorFromData(ctx, wk, [hd], 'f32', 'k_norm.weight');
+      const q = createTensor(ctx, [T * nH, hd], 'f32', 'q');
+      const kBuf = createTensor(ctx, [T, width], 'f32', 'qkv_normed');
+      const rq = createTensor(ctx, [T * nH], 'f32', 'rstd_q');
+      const rk = createTensor(ctx, [T * nKV], 'f32', 'rstd_k');
+      const tdq = tensorFromData(ctx, dq, [T * nH, hd], 'f32', 'dq');
+      const tdk = tensorFromData(ctx, dk, [T, width], 'f32', 'dqkv_normed');
+      const dqkv = tensorFromData(ctx, prior, [T, width], 'f32', 'dqkv');
+      const qOpts = { eps, groups: nH, xLayout: { stride: width } };
+      const kOpts = {
+        eps,
+        groups: nKV,
+        xLayout: { stride: width, offset: kOff },
+        yLayout: { stride: width, offset: kOff },
+      };
+      const plans = [
+        await planRmsNormForward(ctx, { x, w: tq, y: q, rstd: rq }, qOpts),
+        await planRmsNormForward(ctx, { x, w: tk, y: kBuf, rstd: rk }, kOpts),
+        await planRmsNormBackward(ctx, { x, w: tq, rstd: rq, dy: tdq, dx: dqkv }, qOpts),
+        await planRmsNormBackward(ctx, { x, w: tk, rstd: rk, dy: tdk, dx: dqkv }, kOpts),
+      ];
+      const enc = new StepEncoder(ctx, 'qk norm step');
+      enc.dispatch(...plans);
+      enc.submit();
+      const out = { q: await readFloat32(q), k: await readFloat32(kBuf), dqkv: await readFloat32(dqkv) };
+      for (const d of plans) d.dispose();
+      for (const t of [x, tq, tk, q, kBuf, rq, rk, tdq, tdk, dqkv]) t.dispose();
+      return out;
+    });
+    expectClose(ctx, 'q_norm y', got.q, yq, 2e-6, 1e-5);
+    expectClose(ctx, 'k_norm y', heads(got.k, nKV, kOff), yk, 2e-6, 1e-5);
+    expectClose(ctx, 'dqkv (q and k written, v untouched)', got.dqkv, wantDqkv, tol(hd), 1e-5);
+  });
+});
