@@ -1,0 +1,124 @@
+import source from '../../../../shaders/layernorm.wgsl?raw';
+import type { GpuContext } from '../context.js';
+import { ShapeError } from '../errors.js';
+import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { formatShape } from '../shape.js';
+import type { Tensor } from '../tensor.js';
+import { checkRows, rowReduceShape } from './rmsnorm.js';
+
+const spec = (entryPoint: 'layernorm_fwd' | 'layernorm_bwd'): KernelSpec => ({
+  source,
+  file: 'shaders/layernorm.wgsl',
+  entryPoint,
+  bindings:
+    entryPoint === 'layernorm_fwd'
+      ? ['uniform', 'read', 'read', 'read', 'write', 'write', 'write']
+      : ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'],
+});
+
+export interface LayerNormOptions {
+  /** config.layer_norm_epsilon; GPT-2 uses 1e-5. */
+  readonly eps: number;
+  readonly label?: string;
+}
+
+export interface LayerNormForwardBuffers {
+  /** [rows, d] f32. */
+  readonly x: Tensor;
+  /** [d] f32, frozen. d is read from its size. */
+  readonly w: Tensor;
+  /** [d] f32, frozen; omit for a LayerNorm without bias. */
+  readonly b?: Tensor;
+  /** [rows, d] f32, written. */
+  readonly y: Tensor;
+  /** [rows] f32 each, written: saved for the backward. The number of rows is read from rstd. */
+  readonly mean: Tensor;
+  readonly rstd: Tensor;
+}
+
+export interface LayerNormBackwardBuffers {
+  readonly x: Tensor;
+  readonly w: Tensor;
+  /** [rows] each, from the forward. */
+  readonly mean: Tensor;
+  readonly rstd: Tensor;
+  readonly dy: Tensor;
+  /** [rows, d]; written, or accumulated with `accumulate`. */
+  readonly dx: Tensor;
+}
+
+function resolve(op: string, w: Tensor, mean: Tensor, rstd: Tensor, eps: number): { rows: number; d: number } {
+  if (w.dtype !== 'f32') throw new ShapeError(`${op}: w ${w.label} must be f32, got ${w.dtype}`);
+  if (!Number.isFinite(eps) || eps < 0) throw new ShapeError(`${op}: eps ${eps} must be ≥ 0`);
+  for (const [name, t] of [
+    ['mean', mean],
+    ['rstd', rstd],
+  ] as const) {
+    if (t.dtype !== 'f32' || t.size !== rstd.size) {
+      throw new ShapeError(
+        `${op}: ${name} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 with one value per row (${rstd.size})`,
+      );
+    }
+  }
+  return { rows: rstd.size, d: w.size };
+}
+
+function uniforms(rows: number, d: number, eps: number, hasBias: boolean, accumulate: boolean, gridX: number) {
+  return packUniforms([
+    ['u32', rows],
+    ['u32', d],
+    ['f32', eps],
+    ['u32', hasBias ? 1 : 0],
+    ['u32', accumulate ? 1 : 0],
+    ['u32', gridX],
+  ]);
+}
+
+/** y = (x − mean)·rstd·w + b per row, saving mean and rstd. One dispatch. */
+export async function planLayerNormForward(
+  ctx: GpuContext,
+  io: LayerNormForwardBuffers,
+  opts: LayerNormOptions,
+): Promise<Dispatch> {
+  const label = opts.label ?? 'layernorm';
+  const op = `${label}.forward`;
+  const { rows, d } = resolve(op, io.w, io.mean, io.rstd, opts.eps);
+  checkRows(op, 'x', io.x, rows, d, 1, undefined);
+  checkRows(op, 'y', io.y, rows, d, 1, undefined);
+  if (io.b && (io.b.size !== d || io.b.dtype !== 'f32')) {
+    throw new ShapeError(`${op}: b ${io.b.label} ${io.b.dtype}${formatShape(io.b.shape)} must be ${d} f32 values`);
+  }
+  const shape = rowReduceShape(ctx, rows, d);
+  const kernel = await getKernel(ctx, spec('layernorm_fwd'), { WG: shape.wg, TPR: shape.tpr });
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [io.x, io.w, io.b ?? ctx.placeholder(), io.mean, io.rstd, io.y],
+    workgroups: shape.workgroups,
+    uniforms: uniforms(rows, d, opts.eps, io.b !== undefined, false, shape.gridX),
+  });
+}
+
+/**
+ * dx from dy, x, w and the saved mean and rstd. w and b are frozen: no dw, no db. With
+ * `accumulate`, dx += the gradient. One dispatch.
+ */
+export async function planLayerNormBackward(
+  ctx: GpuContext,
+  io: LayerNormBackwardBuffers,
+  opts: LayerNormOptions & { readonly accumulate?: boolean },
+): Promise<Dispatch> {
+  const label = opts.label ?? 'layernorm';
+  const op = `${label}.backward`;
+  const { rows, d } = resolve(op, io.w, io.mean, io.rstd, opts.eps);
+  checkRows(op, 'x', io.x, rows, d, 1, undefined);
+  checkRows(op, 'dy', io.dy, rows, d, 1, undefined);
+  checkRows(op, 'dx', io.dx, rows, d, 1, undefined);
+  const shape = rowReduceShape(ctx, rows, d);
+  const kernel = await getKernel(ctx, spec('layernorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
+  return bindKernel(ctx, kernel, {
+    label: `${label}.dx`,
+    resources: [io.x, io.w, io.mean, io.rstd, io.dy, io.dx],
+    workgroups: shape.workgroups,
+    uniforms: uniforms(rows, d, opts.eps, false, opts.accumulate ?? false, shape.gridX),
+  });
+}

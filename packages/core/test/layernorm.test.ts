@@ -1,0 +1,89 @@
+// LayerNorm (shaders/layernorm.wgsl), forward and backward, against the float64 reference on
+// rows of awkward lengths, with and without bias, dx written and accumulated.
+import { describe, it } from 'vitest';
+import { randomArray } from '../ref/check.js';
+import { layernormBackwardRef, layernormForwardRef } from '../ref/layernorm.js';
+import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { planLayerNormBackward, planLayerNormForward } from '../src/kernels/layernorm.js';
+import { expectClose, gpuCase, useGpu } from './gpu.js';
+
+const gpu = useGpu();
+
+interface Case {
+  rows: number;
+  d: number;
+  bias: boolean;
+  accumulate: boolean;
+}
+
+const cases: Case[] = [
+  { rows: 1, d: 1, bias: true, accumulate: false },
+  { rows: 7, d: 12, bias: false, accumulate: true },
+  { rows: 257, d: 63, bias: true, accumulate: false },
+  { rows: 65, d: 64, bias: true, accumulate: true },
+  { rows: 1, d: 65, bias: false, accumulate: false },
+  { rows: 7, d: 257, bias: true, accumulate: true },
+  { rows: 65, d: 768, bias: true, accumulate: false },
+];
+
+const name = (c: Case) => `rows=${c.rows} d=${c.d}${c.bias ? ' +b' : ''}${c.accumulate ? ' dx+=' : ''}`;
+const tol = (d: number) => 2e-6 * Math.max(1, Math.sqrt(d));
+const eps = 1e-5;
+
+describe('layernorm', () => {
+  for (const c of cases) {
+    it(name(c), async () => {
+      const ctx = gpu();
+      const seed = c.rows * 137 + c.d;
+      // an offset mean, as residual streams have
+      const p = {
+        rows: c.rows,
+        d: c.d,
+        eps,
+        x: randomArray(c.rows * c.d, seed, 2).map((v) => v + 0.5),
+        w: randomArray(c.d, seed + 1),
+        b: c.bias ? randomArray(c.d, seed + 4) : undefined,
+      };
+      const dy = randomArray(c.rows * c.d, seed + 2);
+      const prev = randomArray(c.rows * c.d, seed + 3);
+      const ref = layernormForwardRef(p);
+      const grad = layernormBackwardRef(p, dy);
+      const got = await gpuCase(ctx, name(c), async () => {
+        const x = tensorFromData(ctx, p.x, [c.rows, c.d], 'f32', 'x');
+        const w = tensorFromData(ctx, p.w, [c.d], 'f32', 'w');
+        const b = p.b ? tensorFromData(ctx, p.b, [c.d], 'f32', 'b') : undefined;
+        const y = createTensor(ctx, [c.rows, c.d], 'f32', 'y');
+        const mean = createTensor(ctx, [c.rows], 'f32', 'mean');
+        const rstd = createTensor(ctx, [c.rows], 'f32', 'rstd');
+        const tdy = tensorFromData(ctx, dy, [c.rows, c.d], 'f32', 'dy');
+        const dx = c.accumulate
+          ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
+          : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
+        const fwd = await planLayerNormForward(ctx, { x, w, b, y, mean, rstd }, { eps });
+        const bwd = await planLayerNormBackward(
+          ctx,
+          { x, w, mean, rstd, dy: tdy, dx },
+          { eps, accumulate: c.accumulate },
+        );
+        const enc = new StepEncoder(ctx, 'layernorm step');
+        enc.dispatch(fwd, bwd);
+        enc.submit();
+        const out = {
+          y: await readFloat32(y),
+          mean: await readFloat32(mean),
+          rstd: await readFloat32(rstd),
+          dx: await readFloat32(dx),
+        };
+        fwd.dispose();
+        bwd.dispose();
+        for (const t of [x, w, b, y, mean, rstd, tdy, dx]) t?.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name(c)} y`, got.y, ref.y, 2e-6, 1e-5);
+      expectClose(ctx, `${name(c)} mean`, got.mean, ref.mean, 1e-6, 1e-5);
+      expectClose(ctx, `${name(c)} rstd`, got.rstd, ref.rstd, 0, 1e-5);
+      const want = c.accumulate ? grad.dx.map((v, i) => v + (prev[i] as number)) : grad.dx;
+      expectClose(ctx, `${name(c)} dx`, got.dx, want, tol(c.d), 1e-5);
+    });
+  }
+});
