@@ -1,0 +1,106 @@
+// rope.wgsl: rotary position embedding, Hugging Face's rotate_half convention, in place.
+//
+// x holds rows = B·T rows of row_stride elements; from column col_offset on, n_heads heads of
+// head_dim = 2·half each. Within a head, element i pairs with i + half (i < half):
+//   θ      = f32(pos) · inv_freq[i]         (rounded to f32 once, as HF's f32 matmul does)
+//   c, s   = scaling · cos θ, scaling · sin θ  (scaling: HF's attention_scaling, 1 for default/llama3)
+//   rope_fwd:  x[i] ← x[i]·c − x[i+half]·s,   x[i+half] ← x[i+half]·c + x[i]·s
+//   rope_bwd:  the transpose, applied to the gradient:
+//              dx[i] ← dx[i]·c + dx[i+half]·s, dx[i+half] ← dx[i+half]·c − dx[i]·s
+// pos = pos0 + (row % T), or positions[row] when p.has_positions != 0 (packed sequences, decoding).
+// q and k adjacent in a fused buffer are one call: n_heads = heads of q + heads of k.
+// Nothing is saved for the backward (it recomputes θ); there are no parameters to train.
+//
+// cos and sin are not WGSL's builtins, whose accuracy WGSL leaves loose (2^-11 absolute inside
+// [-π, π], unspecified outside), while θ reaches 10^5 at long positions. θ is reduced by π/2 in
+// f32 with a four-part Cody–Waite constant (the first three parts have 7 significant bits, so
+// k·part is exact for |k| < 2^17, i.e. |θ| < 2·10^5), then sin/cos of the remainder in
+// [-π/4, π/4] come from Taylor polynomials (error below 1e-9). This follows the f32 cos/sin of
+// PyTorch to a few ulp for any position a model uses.
+//
+// Bindings, group 0:
+//   0 p          uniform Params
+//   1 inv_freq   [half] f32 (read)
+//   2 positions  [rows] i32 (read; only when p.has_positions != 0)
+//   3 x          [rows, row_stride] f32 (read and written in place)
+// One invocation per (row, head, i) pair, on a 2-D grid (index gid.y·grid_stride + gid.x).
+
+struct Params {
+  pairs: u32,        // rows · n_heads · half
+  half: u32,
+  n_heads: u32,
+  T: u32,
+  pos0: u32,
+  row_stride: u32,
+  col_offset: u32,
+  scaling: f32,
+  has_positions: u32,
+  grid_stride: u32,  // invocations per row of the dispatch grid
+  _pad0: u32,
+  _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(2) var<storage, read> positions: array<i32>;
+@group(0) @binding(3) var<storage, read_write> x: array<f32>;
+
+override WG: u32 = 256;
+
+const TWO_OVER_PI: f32 = 0.6366197466850281;
+// π/2 = C1 + C2 + C3 + C4 (C1..C3 with 7 significant bits)
+const PIO2_C1: f32 = 1.578125;
+const PIO2_C2: f32 = -0.00732421875;
+const PIO2_C3: f32 = -4.470348358154297e-06;
+const PIO2_C4: f32 = 1.5893254712295857e-08;
+
+// (cos θ, sin θ)
+fn cos_sin(theta: f32) -> vec2<f32> {
+  let k = round(theta * TWO_OVER_PI);
+  var r = theta - k * PIO2_C1;
+  r = r - k * PIO2_C2;
+  r = r - k * PIO2_C3;
+  r = r - k * PIO2_C4;
+  let r2 = r * r;
+  let sin_r = r + r * r2 * (-1.0 / 6.0 + r2 * (1.0 / 120.0 + r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362880.0))));
+  let cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24.0 + r2 * (-1.0 / 720.0 + r2 * (1.0 / 40320.0 + r2 * (-1.0 / 3628800.0)))));
+  switch (i32(k) & 3) {
+    case 0: { return vec2<f32>(cos_r, sin_r); }
+    case 1: { return vec2<f32>(-sin_r, cos_r); }
+    case 2: { return vec2<f32>(-cos_r, -sin_r); }
+    default: { return vec2<f32>(sin_r, -cos_r); }
+  }
+}
+
+fn rotate(gid: vec3<u32>, direction: f32) {
+  let idx = gid.y * p.grid_stride + gid.x;
+  if (idx >= p.pairs) { return; }
+  let i = idx % p.half;
+  let head_row = idx / p.half;
+  let head = head_row % p.n_heads;
+  let row = head_row / p.n_heads;
+  var pos: f32;
+  if (p.has_positions != 0u) {
+    pos = f32(positions[row]);
+  } else {
+    pos = f32(p.pos0 + row % p.T);
+  }
+  let cs = cos_sin(pos * inv_freq[i]) * p.scaling;
+  let s = direction * cs.y;
+  let i1 = row * p.row_stride + p.col_offset + head * 2u * p.half + i;
+  let i2 = i1 + p.half;
+  let a = x[i1];
+  let b = x[i2];
+  x[i1] = a * cs.x - b * s;
+  x[i2] = b * cs.x + a * s;
+}
+
+@compute @workgroup_size(WG)
+fn rope_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
+  rotate(gid, 1.0);
+}
+
+@compute @workgroup_size(WG)
+fn rope_bwd(@builtin(global_invocation_id) gid: vec3<u32>) {
+  rotate(gid, -1.0);
+}
