@@ -5,7 +5,7 @@
 import { describe, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { type RopeRefInput, ropeBackwardRef, ropeForwardRef } from '../ref/rope.js';
-import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
 import { planRopeBackward, planRopeForward, type RopeConfig, ropeInvFreq } from '../src/kernels/rope.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
