@@ -40,6 +40,16 @@ SHAKESPEARE_SRC = Path("/work/shared/fixtures/text/tinyshakespeare.txt")
 SHAKESPEARE_SRC_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 GPT2_VOCAB = 384
 LOGIT_STD_TARGET = 2.0
+# Gains that keep greedy generation from collapsing into one repeated token (a generation test
+# would then check little). Projections that write into the residual stream get RESIDUAL_GAIN, so
+# the stream is not dominated by the token's own embedding (with tied embeddings that makes the
+# model predict its input token); queries and keys get QK_GAIN (q/k_norm weights for Qwen3, the
+# q and k columns of GPT-2's c_attn), so attention is selective and the context matters. With
+# 3 and 2 the golden generations use 12-20 distinct tokens out of 20.
+RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "attn.c_proj.weight", "mlp.c_proj.weight")
+RESIDUAL_GAIN = 3.0
+QK = ("q_proj.weight", "k_proj.weight")
+QK_GAIN = 2.0
 
 # The configs, written as the Hugging Face hub writes them (torch_dtype, rope_theta and
 # rope_scaling at the top level), each with the seed of its weights and the dtype they are stored in.
@@ -296,9 +306,10 @@ def write_gpt2_tokenizer(out: Path, text: str, max_len: int) -> None:
 
 def init_weights(model, cfg: dict, seed: int) -> dict:
     """Seeded random values for every tensor of the model's state dict (sorted by name), by role:
-    matrices N(0, 1/fan_in) (GPT-2's Conv1D stores (in, out)); norm weights U(0.6, 1.4); biases
-    N(0, 0.2^2); untied input embeddings N(0, 1); the output projection (lm_head, or the tied
-    embedding) N(0, (2/sqrt(hidden))^2) so that logits have std about 2; positions N(0, 0.1^2)."""
+    matrices N(0, 1/fan_in) (GPT-2's Conv1D stores (in, out)), times RESIDUAL_GAIN or QK_GAIN
+    where they apply; norm weights U(0.6, 1.4) (q/k_norm times QK_GAIN); biases N(0, 0.2^2);
+    untied input embeddings N(0, 1); the output projection (lm_head, or the tied embedding)
+    N(0, (2/sqrt(hidden))^2) so that logits have std about 2; positions N(0, 0.1^2)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -321,11 +332,19 @@ def init_weights(model, cfg: dict, seed: int) -> dict:
             value = randn * 0.1
         elif len(shape) == 1 and name.endswith(".weight") and ("norm" in leaf or leaf.startswith("ln_")):
             value = 0.6 + 0.8 * torch.rand(shape, generator=gen, dtype=torch.float32)
+            if leaf in ("q_norm", "k_norm"):
+                value = value * QK_GAIN
         elif len(shape) == 1 and name.endswith(".bias"):
             value = randn * 0.2
         elif len(shape) == 2:
             fan_in = shape[0] if is_gpt2 else shape[1]
             value = randn / math.sqrt(fan_in)
+            if name.endswith(RESIDUAL_OUTPUTS):
+                value = value * RESIDUAL_GAIN
+            if name.endswith(QK):
+                value = value * QK_GAIN
+            if name.endswith("attn.c_attn.weight"):  # GPT-2's fused (in, 3 * n_embd): q, k, v columns
+                value[:, : 2 * hidden] *= QK_GAIN
         else:
             raise SystemExit(f"no init rule for {name} {shape}")
         sd[name] = value
