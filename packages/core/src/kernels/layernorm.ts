@@ -4,7 +4,7 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
-import { checkRows, rowReduceShape } from './rmsnorm.js';
+import { checkNormRows, rowReduceShape } from './rmsnorm.js';
 
 const spec = (entryPoint: 'layernorm_fwd' | 'layernorm_bwd'): KernelSpec => ({
   source,
@@ -83,8 +83,8 @@ export async function planLayerNormForward(
   const label = opts.label ?? 'layernorm';
   const op = `${label}.forward`;
   const { rows, d } = resolve(op, io.w, io.mean, io.rstd, opts.eps);
-  checkRows(op, 'x', io.x, rows, d, 1, undefined);
-  checkRows(op, 'y', io.y, rows, d, 1, undefined);
+  checkNormRows(op, 'x', io.x, rows, d, 1, undefined);
+  checkNormRows(op, 'y', io.y, rows, d, 1, undefined);
   if (io.b && (io.b.size !== d || io.b.dtype !== 'f32')) {
     throw new ShapeError(`${op}: b ${io.b.label} ${io.b.dtype}${formatShape(io.b.shape)} must be ${d} f32 values`);
   }
@@ -110,9 +110,9 @@ export async function planLayerNormBackward(
   const label = opts.label ?? 'layernorm';
   const op = `${label}.backward`;
   const { rows, d } = resolve(op, io.w, io.mean, io.rstd, opts.eps);
-  checkRows(op, 'x', io.x, rows, d, 1, undefined);
-  checkRows(op, 'dy', io.dy, rows, d, 1, undefined);
-  checkRows(op, 'dx', io.dx, rows, d, 1, undefined);
+  checkNormRows(op, 'x', io.x, rows, d, 1, undefined);
+  checkNormRows(op, 'dy', io.dy, rows, d, 1, undefined);
+  checkNormRows(op, 'dx', io.dx, rows, d, 1, undefined);
   const shape = rowReduceShape(ctx, rows, d);
   const kernel = await getKernel(ctx, spec('layernorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {

@@ -19,7 +19,7 @@ const spec = (entryPoint: 'rmsnorm_fwd' | 'rmsnorm_bwd'): KernelSpec => ({
  * How a normalised row sits in its buffer. Row r = o·groups + g starts at
  * o·stride + offset + g·d (o: the token, g: the head when groups > 1).
  */
-export interface RowLayout {
+export interface NormRowLayout {
   /** Elements from one outer row to the next. Default groups·d (rows packed back to back). */
   readonly stride?: number;
   /** Element offset of group 0 within an outer row. Default 0. */
@@ -45,14 +45,14 @@ export function rowReduceShape(
 }
 
 /** Checks that `t` (f32) holds `rows` rows of `d` in `layout`; returns the resolved stride and offset. */
-export function checkRows(
+export function checkNormRows(
   op: string,
   name: string,
   t: Tensor,
   rows: number,
   d: number,
   groups: number,
-  layout: RowLayout | undefined,
+  layout: NormRowLayout | undefined,
 ): { stride: number; offset: number } {
   if (t.dtype !== 'f32') throw new ShapeError(`${op}: ${name} ${t.label} is ${t.dtype}, must be f32`);
   const stride = layout?.stride ?? groups * d;
@@ -80,9 +80,9 @@ export interface RmsNormOptions {
   /** Rows per outer row, d apart (heads per token for Qwen3's q_norm/k_norm). Default 1. */
   readonly groups?: number;
   /** Layout of x (and dx in the backward). Default: [rows, d] packed. */
-  readonly xLayout?: RowLayout;
+  readonly xLayout?: NormRowLayout;
   /** Layout of y (and dy in the backward). Default: [rows, d] packed. */
-  readonly yLayout?: RowLayout;
+  readonly yLayout?: NormRowLayout;
   readonly label?: string;
 }
 
@@ -127,8 +127,8 @@ function resolve(op: string, w: Tensor, rstd: Tensor, opts: RmsNormOptions, x: T
     rows,
     d,
     groups,
-    x: checkRows(op, 'x', x, rows, d, groups, opts.xLayout),
-    y: checkRows(op, yName, y, rows, d, groups, opts.yLayout),
+    x: checkNormRows(op, 'x', x, rows, d, groups, opts.xLayout),
+    y: checkNormRows(op, yName, y, rows, d, groups, opts.yLayout),
   };
   return r;
 }
@@ -178,7 +178,7 @@ export async function planRmsNormBackward(
   const label = opts.label ?? 'rmsnorm';
   const op = `${label}.backward`;
   const r = resolve(op, io.w, io.rstd, opts, io.x, io.dy, 'dy');
-  checkRows(op, 'dx', io.dx, r.rows, r.d, r.groups, opts.xLayout);
+  checkNormRows(op, 'dx', io.dx, r.rows, r.d, r.groups, opts.xLayout);
   const shape = rowReduceShape(ctx, r.rows, r.d);
   const kernel = await getKernel(ctx, spec('rmsnorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
