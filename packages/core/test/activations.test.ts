@@ -1,10 +1,10 @@
 // silu_mul and gelu_new (shaders/activations.wgsl), forward and backward, against the float64
 // references, on sizes that are and are not multiples of 4 (the kernels read vec4s), with
 // saturated inputs (±30, ±100) that must give no NaN or overflow.
-import { describe, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { geluNewBackwardRef, geluNewForwardRef, siluMulBackwardRef, siluMulForwardRef } from '../ref/activations.js';
 import { randomArray } from '../ref/check.js';
-import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
 import {
   planGeluNewBackward,
   planGeluNewForward,
@@ -94,4 +94,16 @@ describe('activations', () => {
       expectClose(ctx, `gelu_new ${rows}x${I} dx`, got.dx, grads.dx, 1e-6, 1e-5);
     });
   }
+
+  it('rejects operands of different sizes, naming them', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'activation shapes', async () => {
+      const gate = createTensor(ctx, [7, 12], 'f32', 'gate');
+      const up = createTensor(ctx, [7, 11], 'f32', 'up');
+      await expect(planSiluMulForward(ctx, { gate, up, out: gate })).rejects.toThrow(ShapeError);
+      await expect(planGeluNewForward(ctx, { x: gate, y: up })).rejects.toThrow(/y up f32\[7, 11\]/);
+      gate.dispose();
+      up.dispose();
+    });
+  });
 });

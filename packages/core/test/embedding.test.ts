@@ -11,6 +11,7 @@ import {
   readFloat32,
   readTensor,
   roundToF16,
+  ShapeError,
   StepEncoder,
   tensorFromData,
 } from '../src/index.js';
@@ -123,4 +124,21 @@ describe('embedding', () => {
       if (c.ids) expect(ref.zeroRows).toBe(6); // the case really exercises the guard
     });
   }
+
+  it('rejects a table whose width does not match out, and a wrong wpe dtype, naming them', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'embedding shapes', async () => {
+      const ids = createTensor(ctx, [7], 'i32', 'ids');
+      const table = createTensor(ctx, [65, 12], 'f16', 'wte');
+      const wpe = createTensor(ctx, [10, 12], 'f32', 'wpe');
+      const out = createTensor(ctx, [7, 13], 'f32', 'out');
+      const good = createTensor(ctx, [7, 12], 'f32', 'out');
+      const errors = createTensor(ctx, [2], 'u32', 'errors');
+      await expect(planEmbeddingForward(ctx, { ids, table, out, errors })).rejects.toThrow(ShapeError);
+      await expect(planEmbeddingForward(ctx, { ids, table, wpe, out: good, errors })).rejects.toThrow(
+        /wpe wpe f32\[10, 12\] must be f16/,
+      );
+      for (const t of [ids, table, wpe, out, good, errors]) t.dispose();
+    });
+  });
 });

@@ -1,9 +1,9 @@
 // LayerNorm (shaders/layernorm.wgsl), forward and backward, against the float64 reference on
 // rows of awkward lengths, with and without bias, dx written and accumulated.
-import { describe, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { layernormBackwardRef, layernormForwardRef } from '../ref/layernorm.js';
-import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
 import { planLayerNormBackward, planLayerNormForward } from '../src/kernels/layernorm.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
@@ -86,4 +86,19 @@ describe('layernorm', () => {
       expectClose(ctx, `${name(c)} dx`, got.dx, want, tol(c.d), 1e-5);
     });
   }
+
+  it('rejects mean and rstd of different lengths, naming them', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'layernorm shapes', async () => {
+      const x = createTensor(ctx, [7, 12], 'f32', 'x');
+      const w = createTensor(ctx, [12], 'f32', 'w');
+      const mean = createTensor(ctx, [6], 'f32', 'mean');
+      const rstd = createTensor(ctx, [7], 'f32', 'rstd');
+      await expect(planLayerNormForward(ctx, { x, w, y: x, mean, rstd }, { eps })).rejects.toThrow(ShapeError);
+      await expect(planLayerNormForward(ctx, { x, w, y: x, mean, rstd }, { eps })).rejects.toThrow(
+        /mean mean f32\[6\]/,
+      );
+      for (const t of [x, w, mean, rstd]) t.dispose();
+    });
+  });
 });

@@ -2,10 +2,10 @@
 // rows of awkward lengths (both workgroup shapes: short rows several to a workgroup, long rows
 // one per workgroup), and Qwen3's per-head q_norm/k_norm reading from and writing into a fused
 // qkv buffer through a row stride and offset.
-import { describe, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { rmsnormBackwardRef, rmsnormForwardRef } from '../ref/rmsnorm.js';
-import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
 import { planRmsNormBackward, planRmsNormForward } from '../src/kernels/rmsnorm.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
@@ -148,5 +148,21 @@ describe('rmsnorm', () => {
     expectClose(ctx, 'q_norm y', got.q, yq, 2e-6, 1e-5);
     expectClose(ctx, 'k_norm y', heads(got.k, nKV, kOff), yk, 2e-6, 1e-5);
     expectClose(ctx, 'dqkv (q and k written, v untouched)', got.dqkv, wantDqkv, tol(hd), 1e-5);
+  });
+
+  it('rejects operands whose shapes do not fit, naming them', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'rmsnorm shapes', async () => {
+      const x = createTensor(ctx, [7, 12], 'f32', 'x');
+      const w = createTensor(ctx, [12], 'f32', 'w');
+      const y = createTensor(ctx, [7, 13], 'f32', 'y');
+      const rstd = createTensor(ctx, [7], 'f32', 'rstd');
+      await expect(planRmsNormForward(ctx, { x, w, y, rstd }, { eps: 1e-5 })).rejects.toThrow(ShapeError);
+      await expect(planRmsNormForward(ctx, { x, w, y, rstd }, { eps: 1e-5 })).rejects.toThrow(/y y \[7, 13\]/);
+      await expect(
+        planRmsNormForward(ctx, { x, w, y: x, rstd }, { eps: 1e-5, groups: 2, xLayout: { stride: 12 } }),
+      ).rejects.toThrow(/groups 2 must divide the 7 rows/);
+      for (const t of [x, w, y, rstd]) t.dispose();
+    });
   });
 });

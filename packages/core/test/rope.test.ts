@@ -2,10 +2,10 @@
 // head sizes 12 and 64, default and llama3 inverse frequencies, pos0 > 0 up to 10^5 (large
 // angles), q and k adjacent in a fused qkv buffer (v must stay untouched), a row offset, an
 // attention scaling other than 1, and explicit per-row positions.
-import { describe, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { type RopeRefInput, ropeBackwardRef, ropeForwardRef } from '../ref/rope.js';
-import { readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
 import { planRopeBackward, planRopeForward, type RopeConfig, ropeInvFreq } from '../src/kernels/rope.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
@@ -159,4 +159,17 @@ describe('rope', () => {
       expectClose(ctx, `${c.name} dx`, got.dx, wantDx, 1e-6, 1e-5);
     });
   }
+
+  it('rejects heads that do not fit the row and a wrong inv_freq, naming them', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'rope shapes', async () => {
+      const x = createTensor(ctx, [4, 24], 'f32', 'q');
+      const f = createTensor(ctx, [6], 'f32', 'inv_freq');
+      await expect(planRopeForward(ctx, x, f, { nHeads: 2, headDim: 12, colOffset: 12 })).rejects.toThrow(ShapeError);
+      await expect(planRopeForward(ctx, x, f, { nHeads: 1, headDim: 24 })).rejects.toThrow(/inv_freq .* must be 12/);
+      await expect(planRopeForward(ctx, x, f, { nHeads: 2, headDim: 12, T: 3 })).rejects.toThrow(/T = 3 must divide/);
+      x.dispose();
+      f.dispose();
+    });
+  });
 });
