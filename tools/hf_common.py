@@ -114,7 +114,7 @@ def load_checked(folder: Path, dtype: Any = None) -> tuple[Any, Any]:
     """Loads a model folder with AutoModelForCausalLM.from_pretrained and its tokenizer.json with
     PreTrainedTokenizerFast(tokenizer_file=...); raises if either emits any warning."""
     import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM
 
     with collect_warnings() as found:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)

@@ -213,9 +213,6 @@ MODELS: dict[str, dict] = {
     },
 }
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 # ---------------------------------------------------------------------------------------------
 # Text fixture
 
@@ -360,7 +357,7 @@ def make_model(name: str, spec: dict, text: str) -> dict:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     cfg = spec["config"]
-    store = getattr(torch, DTYPES[cfg["torch_dtype"]])
+    store = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["torch_dtype"]]
     max_len = cfg.get("max_position_embeddings", cfg.get("n_positions"))
     write_json(out / "config.json", cfg)
     write_json(out / "generation_config.json", {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]})
