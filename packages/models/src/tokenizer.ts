@@ -17,6 +17,11 @@
  * - clean_up_tokenization_spaces defaults to false and is ignored for BPE models (transformers 5
  *   does the same: the clean-up was written for WordPiece and corrupts BPE text).
  * - A separate chat_template.jinja takes priority over tokenizer_config.json's chat_template.
+ *
+ * Loaders: loadTokenizer(source) for any ModelSource; loadTokenizerFromDirectory(path) (Node),
+ * loadTokenizerFromUrl(baseUrl) and loadTokenizerFromHub(repoId) build the matching source. The
+ * Hub loader reads `<endpoint>/<repo>/resolve/<revision>/` through urlSource, not through
+ * transformers.js's from_pretrained (which is configured by, and caches through, its global env).
  */
 import { WebtuneError } from '@webtune/core';
 import { directorySource, type FetchLike, type ModelSource, urlSource } from './source.js';
