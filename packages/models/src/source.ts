@@ -358,7 +358,9 @@ export function filesSource(files: Iterable<NamedBlob>, description?: string): M
     if (byName.has(file.name)) throw new ModelFileError(desc, file.name, 'given twice');
     byName.set(file.name, file);
   }
-  const desc = description ?? `dropped files (${[...byName.keys()].join(', ')})`;
+  const names = [...byName.keys()];
+  const listed = names.length > 6 ? `${names.slice(0, 5).join(', ')} and ${names.length - 5} more` : names.join(', ');
+  const desc = description ?? `dropped files (${listed})`;
   const get = (name: string) => {
     checkFileName(desc, name);
     return byName.get(name);

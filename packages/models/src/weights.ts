@@ -9,21 +9,17 @@
  *   F32 -> f16 round     F16 -> f16 copy bits  BF16 -> f16 round (bf16 -> f32 is exact)
  * f16 tensors are packed two halves per u32, element 2i in the low 16 bits (core's layout).
  */
-import {
-  createTensor,
-  f32ToF16Bits,
-  formatShape,
-  type GpuContext,
-  numel,
-  type Shape,
-  ShapeError,
-  type Tensor,
-} from '@webtune/core';
+import { createTensor, formatShape, type GpuContext, numel, type Shape, ShapeError, type Tensor } from '@webtune/core';
+import { SafetensorsError } from './errors.js';
 import {
   asU16,
+  asU32,
+  bf16ToF16BitsTable,
   DTYPE_BYTES,
   decodeToF32Bits,
+  decodeToFloat32,
   type FloatDType,
+  f32BitsToF16Bits,
   isFloatDType,
   type SafetensorsHeader,
   type StreamSafetensorsOptions,
@@ -49,6 +45,11 @@ export interface UploadOptions {
    * holds the tensor in JS memory, twice at most.
    */
   transform?: (data: Float32Array, info: TensorInfo) => Float32Array;
+  /**
+   * Finite values beyond f16's range (|x| > 65504) become ±inf in an f16 tensor. By default that
+   * is a SafetensorsError naming the tensor (upload it as f32 instead); true lets them through.
+   */
+  allowOverflow?: boolean;
   /** Bytes of the file read per step (default 8 MiB). */
   chunkBytes?: number;
   /** Bytes of this tensor read so far, and its size in the file. */
@@ -65,7 +66,8 @@ function checkedTarget(info: TensorInfo, options: UploadOptions): { dtype: Float
     throw new ShapeError(`${info.name}: cannot upload as ${String(options.dtype)} (f16 or f32)`);
   }
   const label = options.label ?? info.name;
-  const shape = options.shape ?? info.shape;
+  // A scalar (shape []) becomes a one-element tensor.
+  const shape = options.shape ?? (info.shape.length === 0 ? [1] : info.shape);
   if (options.shape && numel(options.shape) !== numel(info.shape)) {
     throw new ShapeError(
       `${label}: shape ${formatShape(options.shape)} has ${numel(options.shape)} elements, ` +
@@ -87,6 +89,8 @@ class ChunkWriter {
   constructor(
     private readonly t: Tensor,
     private readonly src: FloatDType,
+    private readonly info: TensorInfo,
+    private readonly allowOverflow: boolean,
   ) {}
 
   write(at: number, bytes: Uint8Array): void {
@@ -112,9 +116,45 @@ class ChunkWriter {
     if (this.src === 'F16') {
       out.set(asU16(bytes));
     } else {
-      const values = new Float32Array(this.scratch32(count).buffer, 0, count);
-      decodeToF32Bits(this.src, bytes, new Uint32Array(values.buffer, 0, count));
-      for (let i = 0; i < count; i++) out[i] = f32ToF16Bits(values[i] as number);
+      // Finite inputs that round to ±inf are counted; `expMask` finds the finite ones.
+      let overflow = 0;
+      let worst = 0;
+      if (this.src === 'F32') {
+        const src = asU32(bytes);
+        for (let i = 0; i < count; i++) {
+          const x = src[i] as number;
+          const h = f32BitsToF16Bits(x);
+          out[i] = h;
+          if ((h & 0x7fff) === 0x7c00 && (x & 0x7f800000) !== 0x7f800000) {
+            overflow++;
+            worst = i;
+          }
+        }
+      } else {
+        const table = bf16ToF16BitsTable();
+        const src = asU16(bytes);
+        for (let i = 0; i < count; i++) {
+          const b = src[i] as number;
+          const h = table[b] as number;
+          out[i] = h;
+          if ((h & 0x7fff) === 0x7c00 && (b & 0x7f80) !== 0x7f80) {
+            overflow++;
+            worst = i;
+          }
+        }
+      }
+      if (overflow > 0 && !this.allowOverflow) {
+        const value = decodeToFloat32(
+          this.src,
+          bytes.subarray(worst * DTYPE_BYTES[this.src], (worst + 1) * DTYPE_BYTES[this.src]),
+        )[0];
+        throw new SafetensorsError(
+          this.info.file,
+          this.info.name,
+          `${overflow} values (e.g. ${value}) are beyond f16's range of ±65504 and would become infinite; ` +
+            'upload this tensor as f32 (or pass allowOverflow)',
+        );
+      }
     }
     if (padded !== count) out[count] = 0;
     queue.writeBuffer(this.t.buffer, at * 2, out.buffer, 0, padded * 2);
@@ -168,13 +208,13 @@ async function fillTensor(
           `${target.label}: the transform of ${info.name} returned ${result instanceof Float32Array ? `${result.length} values` : String(result)}, expected ${values.length} values`,
         );
       }
-      const writer = new ChunkWriter(t, 'F32');
+      const writer = new ChunkWriter(t, 'F32', info, options.allowOverflow ?? false);
       const step = chunkElements('F32', options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
       ctx.assertAlive();
       for (let at = 0; at < result.length; at += step) writer.writeValues(at, result.subarray(at, at + step));
       return t;
     }
-    const writer = new ChunkWriter(t, target.dtype);
+    const writer = new ChunkWriter(t, target.dtype, info, options.allowOverflow ?? false);
     const step = chunkElements(target.dtype, options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
     for (let at = 0; at * size < total; at += step) {
       options.signal?.throwIfAborted();

@@ -1,14 +1,18 @@
 // safetensors reading, validation, sharded models, streaming, and the writer's byte equality with
 // Python's safetensors (fixtures from tools/golden_safetensors.py).
-import { readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { f16BitsToF32, f32ToF16Bits } from '@webtune/core';
+import { rng } from '@webtune/core/ref';
 import { describe, expect, it } from 'vitest';
 import { ModelFileError, SafetensorsError } from '../src/errors.js';
 import {
+  bf16ToF16BitsTable,
   decodeToFloat32,
   f16ToF32BitsTable,
+  f32BitsToF16Bits,
   f32ToBf16Bits,
+  isFloatDType,
   MAX_HEADER_BYTES,
   openModelWeights,
   openSafetensors,
@@ -127,6 +131,27 @@ describe('serializeSafetensors writes what Python writes', () => {
     );
   });
 
+  it('checkpoints saved by transformers (the tiny test models) are rewritten byte for byte', async () => {
+    const root = fileURLToPath(new URL('./fixtures/', import.meta.url));
+    const dirs = readdirSync(root).filter((d) => existsSync(`${root}${d}/model.safetensors`));
+    for (const dir of dirs) {
+      const file = await openSafetensors(directorySource(`${root}${dir}`), 'model.safetensors');
+      const tensors: SerializableTensor[] = [];
+      for (const info of file.tensors.values()) {
+        if (!isFloatDType(info.dtype)) throw new Error(`${dir}: ${info.name} is ${info.dtype}`);
+        tensors.push({
+          name: info.name,
+          dtype: info.dtype,
+          shape: [...info.shape],
+          bytes: await file.readBytes(info.name),
+        });
+      }
+      const written = serializeSafetensors(tensors, file.metadata);
+      expect(written.length, dir).toBe(file.header.fileSize);
+      expect(Buffer.from(written).equals(readFileSync(`${root}${dir}/model.safetensors`)), dir).toBe(true);
+    }
+  });
+
   it('accepts raw bytes and refuses bad input', () => {
     const bytes = u16Bytes([0x3c00, 0xc000]);
     const a = serializeSafetensors([{ name: 'h', dtype: 'F16', shape: [2], bytes }]);
@@ -224,6 +249,44 @@ describe('reading', () => {
       } else if (f[h] !== want || Object.is(f[h], -0) !== Object.is(want, -0)) {
         expect.fail(`half 0x${h.toString(16)}: table ${f[h]}, f16BitsToF32 ${want}`);
       }
+    }
+  });
+
+  it("f32BitsToF16Bits agrees with core's f32ToF16Bits; the BF16 -> F16 table too", () => {
+    const f = new Float32Array(1);
+    const u = new Uint32Array(f.buffer);
+    const next = rng(7);
+    let checked = 0;
+    // Every sign and exponent, with mantissas at and around every rounding boundary plus random.
+    const lows = [0, 1, 0xfff, 0x1000, 0x1001, 0x1fff, 0x2000, 0x3000, 0x7fffff, 0x7fe000, 0x7ff000];
+    for (let top = 0; top < 512; top++) {
+      for (let k = 0; k < 64; k++) {
+        const mant = k < lows.length ? (lows[k] as number) : Math.floor(next() * 0x800000);
+        for (const extra of [0, 1 << 13, 3 << 13]) {
+          const x = ((top << 23) | ((mant + extra) & 0x7fffff)) >>> 0;
+          u[0] = x;
+          const want = f32ToF16Bits(f[0] as number);
+          if (Number.isNaN(f[0])) {
+            expect(f32BitsToF16Bits(x) & 0x7e00).toBe(0x7e00);
+          } else if (f32BitsToF16Bits(x) !== want) {
+            expect.fail(`0x${x.toString(16)}: ${f32BitsToF16Bits(x).toString(16)} != ${want.toString(16)}`);
+          }
+          checked++;
+        }
+      }
+    }
+    expect(checked).toBe(512 * 64 * 3);
+    // Subnormal halves: every f32 exponent that lands there, every mantissa step of 2^11.
+    for (let exp = 100; exp <= 113; exp++) {
+      for (let mant = 0; mant < 0x800000; mant += 0x7ff) {
+        const x = (exp << 23) | mant;
+        u[0] = x;
+        expect(f32BitsToF16Bits(x)).toBe(f32ToF16Bits(f[0] as number));
+      }
+    }
+    const table = bf16ToF16BitsTable();
+    for (const [i, b] of conversions.f32_to_bf16_bits.entries()) {
+      expect(table[b], `bf16 0x${b.toString(16)}`).toBe(conversions.bf16_to_f16_bits[i]);
     }
   });
 

@@ -4,7 +4,7 @@
 import { LimitExceededError, readBytes, type Tensor } from '@webtune/core';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
-import { ModelFileError } from '../src/errors.js';
+import { ModelFileError, SafetensorsError } from '../src/errors.js';
 import {
   openModelWeights,
   openSafetensors,
@@ -40,6 +40,7 @@ const FILE = serializeSafetensors(
     // A Conv1D-like weight stored [in, out] = [3, 5].
     { name: 'conv.weight', dtype: 'F32', shape: [3, 5], data: Array.from({ length: 15 }, (_, i) => i + 1 / 3) },
     { name: 'ids', dtype: 'F32', shape: [0], data: [] },
+    { name: 'scale', dtype: 'BF16', shape: [], data: [-3] },
   ] satisfies SerializableTensor[],
   { format: 'pt' },
 );
@@ -69,15 +70,17 @@ interface Case {
   dtype: 'f16' | 'f32';
   expected: readonly number[];
   chunkBytes?: number;
+  /** The inputs hold values beyond f16's range on purpose (65520, 3e38...). */
+  allowOverflow?: boolean;
 }
 
 // Every source dtype to both targets; small chunks (odd byte counts included) cross many chunk
 // boundaries, the default size takes the whole tensor in one read.
 const CASES: Case[] = [
   { tensor: 'x.f32', dtype: 'f32', expected: X, chunkBytes: 4 * 64 },
-  { tensor: 'x.f32', dtype: 'f16', expected: X_F16, chunkBytes: 4 * 63 + 2 },
+  { tensor: 'x.f32', dtype: 'f16', expected: X_F16, chunkBytes: 4 * 63 + 2, allowOverflow: true },
   { tensor: 'x.bf16', dtype: 'f32', expected: BF16_F32 },
-  { tensor: 'x.bf16', dtype: 'f16', expected: BF16_F16, chunkBytes: 30 },
+  { tensor: 'x.bf16', dtype: 'f16', expected: BF16_F16, chunkBytes: 30, allowOverflow: true },
   { tensor: 'h.f16', dtype: 'f16', expected: H, chunkBytes: 2 * 65 },
   { tensor: 'h.f16', dtype: 'f32', expected: H_F32, chunkBytes: 22 },
   { tensor: 'one.f16', dtype: 'f16', expected: [0x3800] },
@@ -93,6 +96,7 @@ describe('uploadTensor', () => {
       const t = await uploadTensor(ctx, file, c.tensor, {
         dtype: c.dtype,
         chunkBytes: c.chunkBytes,
+        allowOverflow: c.allowOverflow,
         onProgress: (loaded, total) => progress.push([loaded, total]),
       });
       try {
@@ -109,6 +113,29 @@ describe('uploadTensor', () => {
           expect(progress[i]?.[0]).toBeGreaterThan(progress[i - 1]?.[0] as number);
       } finally {
         t.dispose();
+      }
+    });
+  });
+
+  it('refuses values beyond the f16 range unless allowed, and uploads scalars as [1]', async () => {
+    const ctx = gpu();
+    const file = await openSafetensors(source(), 'model.safetensors');
+    await gpuCase(ctx, 'overflow', async () => {
+      for (const name of ['x.f32', 'x.bf16']) {
+        const error = await uploadTensor(ctx, file, name, { dtype: 'f16', chunkBytes: 64 }).catch((e: unknown) => e);
+        expect(error).toBeInstanceOf(SafetensorsError);
+        expect((error as SafetensorsError).message).toMatch(
+          new RegExp(
+            `^model\\.safetensors, tensor "${name.replace('.', '\\.')}": \\d+ values \\(e\\.g\\. -?[\\d.e+]+\\) are beyond f16's range`,
+          ),
+        );
+      }
+      const scale = await uploadTensor(ctx, file, 'scale', { dtype: 'f32' });
+      try {
+        expect(scale.shape).toEqual([1]);
+        expectBits('scalar', await bits(scale), [0xc0400000]);
+      } finally {
+        scale.dispose();
       }
     });
   });
@@ -197,12 +224,14 @@ describe('uploadTensor', () => {
     };
     const file: SafetensorsFile = await openSafetensors(flaky, 'model.safetensors');
     await gpuCase(ctx, 'failure', async () => {
-      await expect(uploadTensor(ctx, file, 'x.f32', { dtype: 'f16', chunkBytes: 64 })).rejects.toThrow(
-        /connection reset/,
-      );
+      await expect(
+        uploadTensor(ctx, file, 'x.f32', { dtype: 'f16', chunkBytes: 64, allowOverflow: true }),
+      ).rejects.toThrow(/connection reset/);
       const aborted = new AbortController();
       aborted.abort();
-      await expect(uploadTensor(ctx, file, 'x.f32', { dtype: 'f32', signal: aborted.signal })).rejects.toThrow();
+      await expect(uploadTensor(ctx, file, 'x.f32', { dtype: 'f32', signal: aborted.signal })).rejects.toThrow(
+        /abort/i,
+      );
       await expect(uploadTensor(ctx, file, 'nope', { dtype: 'f32' })).rejects.toThrow(
         /model\.safetensors, tensor "nope"/,
       );
@@ -223,7 +252,7 @@ describe('uploadSafetensorsStream', () => {
     await gpuCase(ctx, 'stream', async () => {
       const progress: number[] = [];
       const choose: Record<string, UploadOptions> = {
-        'x.f32': { dtype: 'f16', chunkBytes: 100 },
+        'x.f32': { dtype: 'f16', chunkBytes: 100, allowOverflow: true },
         'x.bf16': { dtype: 'f32' },
         'h.f16': { dtype: 'f16' },
       };
@@ -235,7 +264,7 @@ describe('uploadSafetensorsStream', () => {
       );
       try {
         expect([...tensors.keys()].sort()).toEqual(['h.f16', 'x.bf16', 'x.f32']);
-        expect(header.tensors.size).toBe(6);
+        expect(header.tensors.size).toBe(7);
         expectBits('stream x.f32 -> f16', await bits(tensors.get('x.f32') as Tensor), X_F16);
         expectBits('stream x.bf16 -> f32', await bits(tensors.get('x.bf16') as Tensor), BF16_F32);
         expectBits('stream h.f16 -> f16', await bits(tensors.get('h.f16') as Tensor), H);
