@@ -1,30 +1,33 @@
 // matmul.wgsl: tiled matrix product for frozen weights, with an optional low-rank term.
 //
-//   C[M×N] = alpha · opA(A) · opW(W)  +  alpha2 · A2 · opW(B2)  +  beta · C  (+ bias[N])
+//   C[M×N] = alpha · A · opW(W)  +  alpha2 · A2 · opW(B2)  +  beta · C  (+ bias[N])
 //
-//   opA(A) = A   when A is stored M×K, or Aᵀ when A is stored K×M (TRANS_A)
-//   opW(W) = Wᵀ  when W is stored N×K (TRANS_W: a weight as nn.Linear stores it, out×in),
-//            or W when W is stored K×N (the backward's dx = dy·W0)
+//   A is stored M×K (activations: x, or dy in the backward).
+//   opW(W) = Wᵀ when W is stored N×K (TRANS_W: a weight as nn.Linear keeps it, out×in), or
+//            W  when W is stored K×N (the backward's dx = dy·W0 uses W0 untransposed).
 //
 // The second term is where LoRA fuses: the forward y = x·W0ᵀ + s·h·Bᵀ passes A2 = h (T×r) and
-// B2 = B (out×r); the backward dx = dy·W0 + s·g·A passes A2 = g (T×r) and B2 = A (r×in). In
-// both cases B2 has the same layout as W, so the r-long loop continues the same tile
-// accumulators and the low-rank product never makes its own pass over C. K2 = 0 turns it off.
+// B2 = B (out×r); the backward dx = dy·W0 + s·g·A passes A2 = g (T×r) and B2 = A (r×in). In both
+// cases B2 has W's layout, so the r-long loop continues the same tile accumulators and the
+// low-rank product never makes its own pass over C. K2 = 0 turns it off.
 //
 // Bindings, group 0:
 //   0 p     uniform Params
-//   1 a     A,  M×K or K×M       f32 (a4: the same memory as vec4, when the contiguous dim % 4 == 0)
-//   2 w     W,  N×K or K×N       f32 (w4: as vec4), or f16 packed two per u32 (wh, wh4: 4 halves)
-//   3 bias  N                    f32, read only when p.has_bias != 0
-//   4 a2    A2, M×K2             f32
-//   5 b2    B2, N×K2 or K2×N     f32
-//   6 c     C,  M×N              f32, written; read first when p.beta != 0 (accumulate)
+//   1 a     A,  M×K            f32, read as vec4 (buffers are padded to 16 bytes)
+//   2 w     W,  N×K or K×N     f32 or packed f16 (W_F16: two halves per u32), read as vec4<u32>
+//   3 bias  N                  f32, read only when p.has_bias != 0
+//   4 a2    A2, M×K2           f32
+//   5 b2    B2, N×K2 or K2×N   f32
+//   6 c     C,  M×N            f32, written; read first when p.beta != 0 (accumulate)
 //
 // Tiling: a workgroup of WG_X×WG_Y invocations owns a (4·WG_Y)×(4·WG_X) tile of C; each
-// invocation keeps a 4×4 block in registers. K advances TK at a time through workgroup memory;
-// both staged tiles are k-major, so the inner loop is an outer product of two vec4s. The vec4
-// entry points load 16 bytes per access; they need the contiguous dimension of A and W to be a
-// multiple of 4 (the host checks), so a vec4 is either wholly inside a row or wholly outside.
+// invocation keeps a 4×4 block in registers. K advances TK at a time through workgroup memory,
+// staged as vec4s along the contiguous dimension of each operand, so staging is a straight copy:
+//   a_tile[m][k/4]                     (rows padded by one vec4 against bank conflicts)
+//   w_tile[n][k/4] when TRANS_W        (dot products of a row of A with a row of W)
+//   w_tile[k][n/4] otherwise           (outer products of A's scalars with W's vec4 rows)
+// ALIGNED (the contiguous dimensions of A and W are multiples of 4) loads whole vec4s; otherwise
+// each of the four elements is fetched and bounds-checked on its own.
 
 struct Params {
   M: u32,
@@ -38,12 +41,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
-@group(0) @binding(2) var<storage, read> w4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> wh: array<u32>;
-@group(0) @binding(2) var<storage, read> wh4: array<vec2<u32>>;
+@group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read> a2: array<f32>;
 @group(0) @binding(5) var<storage, read> b2: array<f32>;
@@ -51,192 +50,174 @@ struct Params {
 
 override WG_X: u32 = 16;     // invocations along N; the tile is 4·WG_X columns
 override WG_Y: u32 = 16;     // invocations along M; the tile is 4·WG_Y rows
-override TK: u32 = 16;       // K step staged in workgroup memory (multiple of 4)
-override TRANS_A: bool = false;
+override TK: u32 = 16;       // K step staged in workgroup memory (a multiple of 4)
 override TRANS_W: bool = true;
+override W_F16: bool = false;
+override ALIGNED: bool = false;
 
-// Staged tiles, k-major: as_[k·WG_Y + i] holds rows 4i..4i+3 of column k.
-var<workgroup> as_: array<vec4<f32>, TK * WG_Y>;
-var<workgroup> ws_: array<vec4<f32>, TK * WG_X>;
+var<workgroup> a_tile: array<vec4<f32>, 4u * WG_Y * (TK / 4u + 1u)>;
+// [n][k/4] needs 4·WG_X·(TK/4 + 1) vec4s, [k][n/4] needs TK·WG_X: the first is always larger.
+var<workgroup> w_tile: array<vec4<f32>, 4u * WG_X * (TK / 4u + 1u)>;
 
-var<private> acc: array<vec4<f32>, 4>;
-var<private> tx: u32;
-var<private> ty: u32;
-var<private> tid: u32;
-var<private> m0: u32;
-var<private> n0: u32;
+// ---- loading four consecutive elements ------------------------------------------------------
 
-fn setup(lid: vec3<u32>, wid: vec3<u32>) {
-  tx = lid.x;
-  ty = lid.y;
-  tid = lid.y * WG_X + lid.x;
-  m0 = wid.y * WG_Y * 4u;
-  n0 = wid.x * WG_X * 4u;
-  acc = array<vec4<f32>, 4>();
+fn a_elem(e: u32) -> f32 {
+  return a[e / 4u][e % 4u];
 }
 
-// ---- staging one TK-slice of A -------------------------------------------------------------
-
-fn stage_a(row: u32, kk: u32, v: f32) {
-  as_[kk * WG_Y + row / 4u][row % 4u] = v;
-}
-
-fn load_a_scalar(k0: u32) {
-  let rows = WG_Y * 4u;
-  for (var e = tid; e < rows * TK; e += WG_X * WG_Y) {
-    var row: u32;
-    var kk: u32;
-    var idx: u32;
-    if (TRANS_A) { kk = e / rows; row = e % rows; idx = (k0 + kk) * p.M + m0 + row; }
-    else { row = e / TK; kk = e % TK; idx = (m0 + row) * p.K + k0 + kk; }
-    var v = 0.0;
-    if (m0 + row < p.M && k0 + kk < p.K) { v = a[idx]; }
-    stage_a(row, kk, v);
+// A[r][col..col+3], zero outside M×K.
+fn a_chunk(r: u32, col: u32) -> vec4<f32> {
+  if (r >= p.M || col >= p.K) { return vec4<f32>(0.0); }
+  let e = r * p.K + col;
+  if (ALIGNED) { return a[e / 4u]; }
+  var v = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < p.K) { v[i] = a_elem(e + i); }
   }
+  return v;
 }
 
-fn load_a_vec4(k0: u32) {
-  let rows = WG_Y * 4u;
-  for (var e = tid; e < rows * TK / 4u; e += WG_X * WG_Y) {
-    if (TRANS_A) {
-      let kk = e / WG_Y;
-      let q = e % WG_Y;
-      var v = vec4<f32>(0.0);
-      if (k0 + kk < p.K && m0 + q * 4u < p.M) { v = a4[((k0 + kk) * p.M + m0 + q * 4u) / 4u]; }
-      as_[kk * WG_Y + q] = v;
-    } else {
-      let row = e / (TK / 4u);
-      let kq = (e % (TK / 4u)) * 4u;
-      var v = vec4<f32>(0.0);
-      if (m0 + row < p.M && k0 + kq < p.K) { v = a4[((m0 + row) * p.K + k0 + kq) / 4u]; }
-      for (var i = 0u; i < 4u; i++) { stage_a(row, kq + i, v[i]); }
+fn w_elem(e: u32) -> f32 {
+  if (W_F16) {
+    let word = w[e / 8u][(e / 2u) % 4u];
+    return unpack2x16float(word)[e % 2u];
+  }
+  return bitcast<f32>(w[e / 4u][e % 4u]);
+}
+
+// W stored rows×cols: W[r][col..col+3], zero outside.
+fn w_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+  if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
+  let e = r * cols + col;
+  if (ALIGNED) {
+    if (W_F16) {
+      let q = w[e / 8u];
+      if ((e / 4u) % 2u == 0u) { return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)); }
+      return vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
     }
+    return bitcast<vec4<f32>>(w[e / 4u]);
+  }
+  var v = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < cols) { v[i] = w_elem(e + i); }
+  }
+  return v;
+}
+
+fn a2_chunk(r: u32, col: u32) -> vec4<f32> {
+  var v = vec4<f32>(0.0);
+  if (r >= p.M) { return v; }
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < p.K2) { v[i] = p.alpha2 * a2[r * p.K2 + col + i]; }
+  }
+  return v;
+}
+
+fn b2_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+  var v = vec4<f32>(0.0);
+  if (r >= rows) { return v; }
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < cols) { v[i] = b2[r * cols + col + i]; }
+  }
+  return v;
+}
+
+// ---- staging ----------------------------------------------------------------------------------
+
+fn a_stride() -> u32 { return TK / 4u + 1u; }
+
+// Stages columns k0..k0+TK of A (or of alpha2·A2 when low_rank).
+fn stage_a(tid: u32, m0: u32, k0: u32, low_rank: bool) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
+    let row = i / chunks;
+    let q = i % chunks;
+    var v: vec4<f32>;
+    if (low_rank) { v = a2_chunk(m0 + row, k0 + q * 4u); } else { v = a_chunk(m0 + row, k0 + q * 4u); }
+    a_tile[row * a_stride() + q] = v;
   }
 }
 
-// ---- staging one TK-slice of W (f32 or packed f16) ------------------------------------------
-
-fn stage_w(col: u32, kk: u32, v: f32) {
-  ws_[kk * WG_X + col / 4u][col % 4u] = v;
-}
-
-// Element index of W(k, n) as stored, or 0xffffffff when outside.
-fn w_index(k: u32, n: u32) -> u32 {
-  if (k >= p.K || n >= p.N) { return 0xffffffffu; }
-  if (TRANS_W) { return n * p.K + k; }
-  return k * p.N + n;
-}
-
-fn w_tile_coords(e: u32) -> vec2<u32> {
-  // (column in tile, k in tile); consecutive e walk the stored contiguous dimension.
-  let cols = WG_X * 4u;
-  if (TRANS_W) { return vec2<u32>(e / TK, e % TK); }
-  return vec2<u32>(e % cols, e / cols);
-}
-
-fn half_at(idx: u32) -> f32 {
-  return unpack2x16float(wh[idx / 2u])[idx % 2u];
-}
-
-fn load_w_scalar(k0: u32) {
-  for (var e = tid; e < WG_X * 4u * TK; e += WG_X * WG_Y) {
-    let t = w_tile_coords(e);
-    let idx = w_index(k0 + t.y, n0 + t.x);
-    var v = 0.0;
-    if (idx != 0xffffffffu) { v = w[idx]; }
-    stage_w(t.x, t.y, v);
-  }
-}
-
-fn load_w16_scalar(k0: u32) {
-  for (var e = tid; e < WG_X * 4u * TK; e += WG_X * WG_Y) {
-    let t = w_tile_coords(e);
-    let idx = w_index(k0 + t.y, n0 + t.x);
-    var v = 0.0;
-    if (idx != 0xffffffffu) { v = half_at(idx); }
-    stage_w(t.x, t.y, v);
-  }
-}
-
-// Stages one vec4 of W that starts at tile coords (col, kk) along the contiguous dimension.
-fn stage_w_vec4(col: u32, kk: u32, v: vec4<f32>) {
+// Stages W (or B2) for columns n0.. of C and k0..k0+TK, in the layout of TRANS_W.
+fn stage_w(tid: u32, n0: u32, k0: u32, low_rank: bool) {
+  let kdim = select(p.K, p.K2, low_rank);
   if (TRANS_W) {
-    for (var i = 0u; i < 4u; i++) { stage_w(col, kk + i, v[i]); }
+    let chunks = TK / 4u;
+    for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
+      let row = i / chunks;
+      let q = i % chunks;
+      var v: vec4<f32>;
+      if (low_rank) { v = b2_chunk(n0 + row, k0 + q * 4u, p.N, kdim); }
+      else { v = w_chunk(n0 + row, k0 + q * 4u, p.N, kdim); }
+      w_tile[row * a_stride() + q] = v;
+    }
   } else {
-    ws_[kk * WG_X + col / 4u] = v;
-  }
-}
-
-fn w_vec4_coords(e: u32) -> vec2<u32> {
-  if (TRANS_W) { return vec2<u32>(e / (TK / 4u), (e % (TK / 4u)) * 4u); }
-  return vec2<u32>((e % WG_X) * 4u, e / WG_X);
-}
-
-fn load_w_vec4(k0: u32) {
-  for (var e = tid; e < WG_X * TK; e += WG_X * WG_Y) {
-    let t = w_vec4_coords(e);
-    let idx = w_index(k0 + t.y, n0 + t.x);
-    var v = vec4<f32>(0.0);
-    if (idx != 0xffffffffu) { v = w4[idx / 4u]; }
-    stage_w_vec4(t.x, t.y, v);
-  }
-}
-
-fn load_w16_vec4(k0: u32) {
-  for (var e = tid; e < WG_X * TK; e += WG_X * WG_Y) {
-    let t = w_vec4_coords(e);
-    let idx = w_index(k0 + t.y, n0 + t.x);
-    var v = vec4<f32>(0.0);
-    if (idx != 0xffffffffu) {
-      let q = wh4[idx / 4u];
-      v = vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y));
+    for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
+      let kk = i / WG_X;
+      let q = i % WG_X;
+      var v: vec4<f32>;
+      if (low_rank) { v = b2_chunk(k0 + kk, n0 + q * 4u, kdim, p.N); }
+      else { v = w_chunk(k0 + kk, n0 + q * 4u, kdim, p.N); }
+      w_tile[kk * WG_X + q] = v;
     }
-    stage_w_vec4(t.x, t.y, v);
   }
 }
 
-// ---- the product ----------------------------------------------------------------------------
-
-fn multiply_staged() {
-  for (var k = 0u; k < TK; k++) {
-    let av = as_[k * WG_Y + ty];
-    let wv = ws_[k * WG_X + tx];
-    acc[0] = fma(vec4<f32>(av.x), wv, acc[0]);
-    acc[1] = fma(vec4<f32>(av.y), wv, acc[1]);
-    acc[2] = fma(vec4<f32>(av.z), wv, acc[2]);
-    acc[3] = fma(vec4<f32>(av.w), wv, acc[3]);
-  }
-}
-
-// The low-rank term: scales what was accumulated by alpha, then continues with alpha2·A2·opW(B2).
-fn low_rank_term() {
-  for (var i = 0u; i < 4u; i++) { acc[i] *= p.alpha; }
-  let rows = WG_Y * 4u;
-  for (var k0 = 0u; k0 < p.K2; k0 += TK) {
-    for (var e = tid; e < rows * TK; e += WG_X * WG_Y) {
-      let row = e / TK;
-      let kk = e % TK;
-      var v = 0.0;
-      if (m0 + row < p.M && k0 + kk < p.K2) { v = p.alpha2 * a2[(m0 + row) * p.K2 + k0 + kk]; }
-      stage_a(row, kk, v);
-    }
-    for (var e = tid; e < WG_X * 4u * TK; e += WG_X * WG_Y) {
-      let t = w_tile_coords(e);
-      let k = k0 + t.y;
-      let n = n0 + t.x;
-      var v = 0.0;
-      if (k < p.K2 && n < p.N) {
-        if (TRANS_W) { v = b2[n * p.K2 + k]; } else { v = b2[k * p.N + n]; }
+// acc[i][j] += Σ_k A[4ty+i][k] · opW(W)[k][4tx+j] over the staged TK.
+fn multiply_tile(acc: ptr<function, array<vec4<f32>, 4>>, tx: u32, ty: u32) {
+  let s = a_stride();
+  for (var q = 0u; q < TK / 4u; q++) {
+    let a0 = a_tile[(ty * 4u + 0u) * s + q];
+    let a1 = a_tile[(ty * 4u + 1u) * s + q];
+    let a2v = a_tile[(ty * 4u + 2u) * s + q];
+    let a3 = a_tile[(ty * 4u + 3u) * s + q];
+    if (TRANS_W) {
+      let w0 = w_tile[(tx * 4u + 0u) * s + q];
+      let w1 = w_tile[(tx * 4u + 1u) * s + q];
+      let w2 = w_tile[(tx * 4u + 2u) * s + q];
+      let w3 = w_tile[(tx * 4u + 3u) * s + q];
+      (*acc)[0] += vec4<f32>(dot(a0, w0), dot(a0, w1), dot(a0, w2), dot(a0, w3));
+      (*acc)[1] += vec4<f32>(dot(a1, w0), dot(a1, w1), dot(a1, w2), dot(a1, w3));
+      (*acc)[2] += vec4<f32>(dot(a2v, w0), dot(a2v, w1), dot(a2v, w2), dot(a2v, w3));
+      (*acc)[3] += vec4<f32>(dot(a3, w0), dot(a3, w1), dot(a3, w2), dot(a3, w3));
+    } else {
+      for (var kk = 0u; kk < 4u; kk++) {
+        let wv = w_tile[(q * 4u + kk) * WG_X + tx];
+        (*acc)[0] = fma(vec4<f32>(a0[kk]), wv, (*acc)[0]);
+        (*acc)[1] = fma(vec4<f32>(a1[kk]), wv, (*acc)[1]);
+        (*acc)[2] = fma(vec4<f32>(a2v[kk]), wv, (*acc)[2]);
+        (*acc)[3] = fma(vec4<f32>(a3[kk]), wv, (*acc)[3]);
       }
-      stage_w(t.x, t.y, v);
     }
-    workgroupBarrier();
-    multiply_staged();
-    workgroupBarrier();
   }
 }
 
-fn store() {
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tx = lid.x;
+  let ty = lid.y;
+  let tid = ty * WG_X + tx;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  var acc = array<vec4<f32>, 4>();
+
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a(tid, m0, k0, false);
+    stage_w(tid, n0, k0, false);
+    workgroupBarrier();
+    multiply_tile(&acc, tx, ty);
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 4u; i++) { acc[i] *= p.alpha; }
+  // The low-rank term continues the same accumulators (alpha2 is applied as A2 is staged).
+  for (var k0 = 0u; k0 < p.K2; k0 += TK) {
+    stage_a(tid, m0, k0, true);
+    stage_w(tid, n0, k0, true);
+    workgroupBarrier();
+    multiply_tile(&acc, tx, ty);
+    workgroupBarrier();
+  }
+
   for (var i = 0u; i < 4u; i++) {
     let m = m0 + ty * 4u + i;
     if (m >= p.M) { break; }
@@ -249,62 +230,4 @@ fn store() {
       c[m * p.N + n] = v;
     }
   }
-}
-
-// ---- entry points: {scalar, vec4} loads × {f32, f16} W ------------------------------------
-
-@compute @workgroup_size(WG_X, WG_Y)
-fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-  setup(lid, wid);
-  for (var k0 = 0u; k0 < p.K; k0 += TK) {
-    load_a_scalar(k0);
-    load_w_scalar(k0);
-    workgroupBarrier();
-    multiply_staged();
-    workgroupBarrier();
-  }
-  low_rank_term();
-  store();
-}
-
-@compute @workgroup_size(WG_X, WG_Y)
-fn matmul_vec4(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-  setup(lid, wid);
-  for (var k0 = 0u; k0 < p.K; k0 += TK) {
-    load_a_vec4(k0);
-    load_w_vec4(k0);
-    workgroupBarrier();
-    multiply_staged();
-    workgroupBarrier();
-  }
-  low_rank_term();
-  store();
-}
-
-@compute @workgroup_size(WG_X, WG_Y)
-fn matmul_w16(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-  setup(lid, wid);
-  for (var k0 = 0u; k0 < p.K; k0 += TK) {
-    load_a_scalar(k0);
-    load_w16_scalar(k0);
-    workgroupBarrier();
-    multiply_staged();
-    workgroupBarrier();
-  }
-  low_rank_term();
-  store();
-}
-
-@compute @workgroup_size(WG_X, WG_Y)
-fn matmul_vec4_w16(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-  setup(lid, wid);
-  for (var k0 = 0u; k0 < p.K; k0 += TK) {
-    load_a_vec4(k0);
-    load_w16_vec4(k0);
-    workgroupBarrier();
-    multiply_staged();
-    workgroupBarrier();
-  }
-  low_rank_term();
-  store();
 }

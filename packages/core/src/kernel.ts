@@ -45,12 +45,17 @@ function cacheFor(device: GPUDevice): DeviceCache {
 }
 
 async function compileModule(ctx: GpuContext, spec: KernelSpec): Promise<GPUShaderModule> {
+  // The scope keeps a compile failure from also surfacing as an uncaptured validation error:
+  // it is reported once, below, as a ShaderCompileError with its line.
+  ctx.device.pushErrorScope('validation');
   const module = ctx.device.createShaderModule({ label: spec.file, code: spec.source });
   const info = await module.getCompilationInfo();
+  const scoped = await ctx.device.popErrorScope();
   const errors: ShaderMessage[] = info.messages
     .filter((m) => m.type === 'error')
     .map((m) => ({ type: m.type, line: m.lineNum, column: m.linePos, message: m.message }));
   if (errors.length > 0) throw new ShaderCompileError(spec.file, errors, spec.source.split('\n'));
+  if (scoped) throw new ShaderCompileError(spec.file, [{ type: 'error', line: 0, column: 0, message: scoped.message }]);
   return module;
 }
 

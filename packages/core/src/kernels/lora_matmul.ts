@@ -100,8 +100,11 @@ async function planRows(
   });
 }
 
-/** C = alpha·Uᵀ·V (+ beta·C) for U (T×N), V (T×R); written N×R (outNR) or R×N. */
-async function planCols(
+/**
+ * C = alpha·Uᵀ·V (+ beta·C) for U (T×N), V (T×R), written N×R (outNR) or R×N: the LoRA weight
+ * gradients dB = s·dyᵀ·h (outNR) and dA = s·gᵀ·x, reduced over the T tokens.
+ */
+export async function planLoraWeightGrad(
   ctx: GpuContext,
   u: Tensor,
   v: Tensor,
@@ -201,8 +204,28 @@ export async function planLoraBackward(
   const beta = opts.accumulateGrads ? 1 : 0;
   const plan = [
     await planRows(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`),
-    await planCols(ctx, io.dy, io.h, io.db, { T: s.T, N: s.outF, R: s.r }, true, layer.scale, beta, `${label}.dB`),
-    await planCols(ctx, io.x, io.g, io.da, { T: s.T, N: s.inF, R: s.r }, false, layer.scale, beta, `${label}.dA`),
+    await planLoraWeightGrad(
+      ctx,
+      io.dy,
+      io.h,
+      io.db,
+      { T: s.T, N: s.outF, R: s.r },
+      true,
+      layer.scale,
+      beta,
+      `${label}.dB`,
+    ),
+    await planLoraWeightGrad(
+      ctx,
+      io.x,
+      io.g,
+      io.da,
+      { T: s.T, N: s.inF, R: s.r },
+      false,
+      layer.scale,
+      beta,
+      `${label}.dA`,
+    ),
   ];
   if (io.dx) {
     plan.push(

@@ -7,7 +7,13 @@ import type { GpuContext } from '../context.js';
 import type { Dispatch } from '../kernel.js';
 import { createTensor, type Tensor } from '../tensor.js';
 import { planAddScaled } from './elementwise.js';
-import { type LoraBackwardBuffers, type LoraForwardBuffers, type LoraLayer, loraShape } from './lora_matmul.js';
+import {
+  type LoraBackwardBuffers,
+  type LoraForwardBuffers,
+  type LoraLayer,
+  loraShape,
+  planLoraWeightGrad,
+} from './lora_matmul.js';
 import { planMatmul } from './matmul.js';
 
 export interface UnfusedPlan {
@@ -47,7 +53,7 @@ export async function planLoraForwardUnfused(
   return plan(dispatches, [y0, t]);
 }
 
-/** g = dy·B; dB = s·dyᵀ·h; dA = s·gᵀ·x; dx0 = dy·W0; dx1 = g·A; dx = dx0 + s·dx1. Six dispatches. */
+/** g = dy·B; dB = s·dyᵀ·h; dA = s·gᵀ·x (as fused); dx0 = dy·W0; dx1 = g·A; dx = dx0 + s·dx1. Six dispatches. */
 export async function planLoraBackwardUnfused(
   ctx: GpuContext,
   layer: LoraLayer,
@@ -59,18 +65,30 @@ export async function planLoraBackwardUnfused(
   const dx1 = createTensor(ctx, [s.T, s.inF], 'f32', `${label}.dx1`);
   const dispatches = [
     await planMatmul(ctx, io.dy, layer.b, io.g, { transW: false, label: `${label}.dyB` }),
-    await planMatmul(ctx, io.dy, io.h, io.db, {
-      transA: true,
-      transW: false,
-      alpha: layer.scale,
-      label: `${label}.dyT_h`,
-    }),
-    await planMatmul(ctx, io.g, io.x, io.da, {
-      transA: true,
-      transW: false,
-      alpha: layer.scale,
-      label: `${label}.gT_x`,
-    }),
+    // The weight gradients reduce over tokens, which a square-tiled matmul cannot do well: both
+    // variants use the same reduction kernel, so the ratio measures the fusion alone.
+    await planLoraWeightGrad(
+      ctx,
+      io.dy,
+      io.h,
+      io.db,
+      { T: s.T, N: s.outF, R: s.r },
+      true,
+      layer.scale,
+      0,
+      `${label}.dB`,
+    ),
+    await planLoraWeightGrad(
+      ctx,
+      io.x,
+      io.g,
+      io.da,
+      { T: s.T, N: s.inF, R: s.r },
+      false,
+      layer.scale,
+      0,
+      `${label}.dA`,
+    ),
     await planMatmul(ctx, io.dy, layer.w0, dx0, { transW: false, label: `${label}.dyW0` }),
     await planMatmul(ctx, io.g, layer.a, dx1, { transW: false, label: `${label}.gA` }),
     await planAddScaled(ctx, dx0, dx1, io.dx, layer.scale, `${label}.add`),

@@ -7,13 +7,9 @@ import type { Tensor } from '../tensor.js';
 
 const BINDINGS = ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'] as const;
 
-function spec(entryPoint: string): KernelSpec {
-  return { source, file: 'shaders/matmul.wgsl', entryPoint, bindings: BINDINGS };
-}
+const MATMUL: KernelSpec = { source, file: 'shaders/matmul.wgsl', entryPoint: 'matmul', bindings: BINDINGS };
 
 export interface MatmulOptions {
-  /** A is stored K×M and used transposed. */
-  transA?: boolean;
   /** W is stored N×K (out×in, as nn.Linear keeps weights) and used transposed. Default true. */
   transW?: boolean;
   alpha?: number;
@@ -40,25 +36,40 @@ interface TileConfig {
 }
 
 /**
- * Chooses the tile: 64×64 by default; 16×64 when M is small (few tokens) and 64×16 when N is
- * (a rank-r operand). Three shapes only: every distinct configuration is another pipeline to
- * compile, which costs about a second on the software drivers.
+ * Chooses the tile. On GPUs: 64×64 with 256 invocations (16×16 when M or N is thin: a few
+ * tokens, or a rank-r operand). On CPU-backed adapters (SwiftShader, lavapipe), where every
+ * invocation of a workgroup is a coroutine switched at each barrier, 32×32 with 64 invocations
+ * and a deeper K step. Few distinct shapes: each is another pipeline to compile.
  */
 export function matmulTile(ctx: GpuContext, dims: MatmulDims): TileConfig {
-  let wgX = 16;
-  let wgY = 16;
+  const cpu = isCpuAdapter(ctx);
+  let wgX = cpu ? 8 : 16;
+  let wgY = cpu ? 8 : 16;
   if (dims.M <= 16 && dims.N > dims.M) wgY = 4;
   else if (dims.N <= 16) wgX = 4;
   while (wgX * wgY > ctx.limits.maxComputeInvocationsPerWorkgroup) {
     if (wgY >= wgX) wgY /= 2;
     else wgX /= 2;
   }
-  let tk = 16;
-  while (tk * (wgX + wgY) * 16 > ctx.limits.maxComputeWorkgroupStorageSize && tk > 4) tk /= 2;
+  let tk = cpu ? 32 : 16;
+  // a_tile and w_tile: 4·WG·(TK/4 + 1) vec4s each.
+  const bytes = (t: number) => 16 * 4 * (wgX + wgY) * (t / 4 + 1);
+  while (bytes(tk) > ctx.limits.maxComputeWorkgroupStorageSize && tk > 4) tk /= 2;
   return { wgX, wgY, tk };
 }
 
-/** M, N, K of C = opA(A)·opW(W), after checking every operand's shape. */
+/** Software adapters on the CPU: SwiftShader reports itself as a fallback adapter; the
+ * compatibility path on these machines is lavapipe. */
+export function isCpuAdapter(ctx: GpuContext): boolean {
+  const a = ctx.adapter;
+  return (
+    a.isFallbackAdapter ||
+    /swiftshader|llvmpipe|lavapipe/i.test(`${a.vendor} ${a.architecture} ${a.description}`) ||
+    a.featureLevel === 'compatibility'
+  );
+}
+
+/** M, N, K of C = A·opW(W), after checking every operand's shape. */
 export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions = {}): MatmulDims {
   const op = opts.label ?? 'matmul';
   const transW = opts.transW ?? true;
@@ -67,23 +78,12 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
   const N = transW ? w0 : w1;
   const K = transW ? w1 : w0;
   const aInner = a.shape[a.shape.length - 1] as number;
-  let M: number;
-  if (opts.transA) {
-    // A stored K×M (leading dims flattened into K)
-    M = aInner;
-    if (a.size / M !== K) {
-      throw new ShapeError(
-        `${op}: Aᵀ ${a.label} ${formatShape(a.shape)} has ${a.size / M} rows, W ${w.label} ${formatShape(w.shape)} needs K = ${K}`,
-      );
-    }
-  } else {
-    if (aInner !== K) {
-      throw new ShapeError(
-        `${op}: A ${a.label} ${formatShape(a.shape)} has inner dimension ${aInner}, but W ${w.label} ${formatShape(w.shape)}${transW ? 'ᵀ' : ''} needs ${K}`,
-      );
-    }
-    M = a.size / K;
+  if (aInner !== K) {
+    throw new ShapeError(
+      `${op}: A ${a.label} ${formatShape(a.shape)} has inner dimension ${aInner}, but W ${w.label} ${formatShape(w.shape)}${transW ? 'ᵀ' : ''} needs ${K}`,
+    );
   }
+  const M = a.size / K;
   const cInner = c.shape[c.shape.length - 1] as number;
   if (cInner !== N || c.size !== M * N) {
     throw new ShapeError(`${op}: C ${c.label} ${formatShape(c.shape)} must hold ${M}×${N}`);
@@ -108,15 +108,13 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
   return { M, N, K };
 }
 
-/** Whether the 16-byte loads apply: the contiguous dimension of A and of W is a multiple of 4. */
-export function matmulVec4(dims: MatmulDims, transA: boolean, transW: boolean): boolean {
-  const aContig = transA ? dims.M : dims.K;
-  const wContig = transW ? dims.K : dims.N;
-  return aContig % 4 === 0 && wContig % 4 === 0;
+/** Whether whole vec4 loads apply: the contiguous dimension of A (K) and of W is a multiple of 4. */
+export function matmulAligned(dims: MatmulDims, transW: boolean): boolean {
+  return dims.K % 4 === 0 && (transW || dims.N % 4 === 0);
 }
 
 /**
- * Plans C = alpha·opA(A)·opW(W) + alpha2·A2·opW(B2) + beta·C + bias. The returned dispatch is
+ * Plans C = alpha·A·opW(W) + alpha2·A2·opW(B2) + beta·C + bias. The returned dispatch is
  * recorded into a StepEncoder as often as needed and disposed by the caller.
  */
 export async function planMatmul(
@@ -127,17 +125,15 @@ export async function planMatmul(
   opts: MatmulOptions = {},
 ): Promise<Dispatch> {
   const dims = matmulDims(a, w, c, opts);
-  const transA = opts.transA ?? false;
   const transW = opts.transW ?? true;
   const tile = matmulTile(ctx, dims);
-  const vec4 = matmulVec4(dims, transA, transW);
-  const entry = `matmul${vec4 ? '_vec4' : ''}${w.dtype === 'f16' ? '_w16' : ''}`;
-  const kernel = await getKernel(ctx, spec(entry), {
+  const kernel = await getKernel(ctx, MATMUL, {
     WG_X: tile.wgX,
     WG_Y: tile.wgY,
     TK: tile.tk,
-    TRANS_A: transA,
     TRANS_W: transW,
+    W_F16: w.dtype === 'f16',
+    ALIGNED: matmulAligned(dims, transW),
   });
   const lowRank = opts.lowRank;
   const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
@@ -159,7 +155,7 @@ export async function planMatmul(
   });
 }
 
-/** FLOPs of C = opA(A)·opW(W) (+ the low-rank term), counting a multiply-add as 2. */
+/** FLOPs of C = A·opW(W) (+ the low-rank term), counting a multiply-add as 2. */
 export function matmulFlops(dims: MatmulDims, rank = 0): number {
   return 2 * dims.M * dims.N * (dims.K + rank);
 }

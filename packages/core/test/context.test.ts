@@ -1,0 +1,185 @@
+// The GPU runtime: real adapter limits, typed errors raised before the GPU sees bad input,
+// buffer lifetimes, one-submit step encoding and timing.
+import { describe, expect, it } from 'vitest';
+import {
+  createGpuContext,
+  createTensor,
+  DeviceLostError,
+  getKernel,
+  LimitExceededError,
+  planAddScaled,
+  planMatmul,
+  readFloat32,
+  readTensor,
+  ShaderCompileError,
+  ShapeError,
+  StepEncoder,
+  tensorFromData,
+  WebGpuUnavailableError,
+} from '../src/index.js';
+import { gpuCase, useGpu } from './gpu.js';
+
+const gpu = useGpu();
+
+describe('GPU context', () => {
+  it('asks the device for every limit the adapter reports', () => {
+    const ctx = gpu();
+    const device = ctx.limits as unknown as Record<string, number>;
+    for (const [name, value] of Object.entries(ctx.adapterLimits)) {
+      expect(device[name], name).toBe(value);
+    }
+    // The spec defaults are 128 MiB / 256 MiB; every adapter we run on reports at least that.
+    expect(ctx.limits.maxStorageBufferBindingSize).toBeGreaterThanOrEqual(128 * 2 ** 20);
+  });
+
+  it('reports the optional features as booleans', () => {
+    const ctx = gpu();
+    expect(typeof ctx.features.shaderF16).toBe('boolean');
+    expect(typeof ctx.features.timestampQuery).toBe('boolean');
+    expect(typeof ctx.features.subgroups).toBe('boolean');
+    expect(ctx.features.shaderF16).toBe(ctx.device.features.has('shader-f16'));
+  });
+
+  it('says what to enable when there is no adapter', async () => {
+    const noAdapter = { requestAdapter: async () => null } as unknown as GPU;
+    const err = await createGpuContext({ gpu: noAdapter }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(WebGpuUnavailableError);
+    expect(String((err as Error).message)).toMatch(/no adapter/);
+    expect(String((err as Error).message)).toMatch(/enable-unsafe-webgpu/);
+  });
+});
+
+describe('buffers', () => {
+  it('counts live buffers and releases them on dispose', async () => {
+    const ctx = gpu();
+    const before = ctx.liveBufferCount;
+    const t = createTensor(ctx, [3, 5], 'f32', 'counted');
+    expect(ctx.liveBufferCount).toBe(before + 1);
+    expect(ctx.liveBufferLabels()).toContain('counted');
+    t.dispose();
+    t.dispose(); // idempotent
+    expect(ctx.liveBufferCount).toBe(before);
+  });
+
+  it('rejects a buffer above maxBufferSize before WebGPU sees it', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'too big', async () => {
+      const rows = Math.ceil(ctx.limits.maxBufferSize / 4 / 1024) + 1;
+      const err = (() => {
+        try {
+          createTensor(ctx, [rows, 1024], 'f32', 'huge');
+        } catch (e) {
+          return e;
+        }
+      })();
+      expect(err).toBeInstanceOf(LimitExceededError);
+      expect((err as LimitExceededError).limit).toMatch(/maxBufferSize|maxStorageBufferBindingSize/);
+      expect((err as Error).message).toMatch(/huge/);
+    });
+  });
+
+  it('rejects dimensions that are not positive integers', () => {
+    const ctx = gpu();
+    expect(() => createTensor(ctx, [2, 1.5], 'f32', 'frac')).toThrow(ShapeError);
+    expect(() => createTensor(ctx, [0, 4], 'f32', 'empty')).toThrow(/not a positive integer/);
+    expect(() => tensorFromData(ctx, [1, 2, 3], [2, 2], 'f32', 'short')).toThrow(/3 values given/);
+  });
+
+  it('round-trips f32, i32 and f16 data', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'round trip', async () => {
+      const f = tensorFromData(ctx, [1.5, -2, 3.25], [3], 'f32', 'f');
+      const i = tensorFromData(ctx, [7, -1, 2 ** 30], [3], 'i32', 'i');
+      const h = tensorFromData(ctx, [0.1, 65504, -3], [3], 'f16', 'h');
+      expect([...(await readFloat32(f))]).toEqual([1.5, -2, 3.25]);
+      await expect(readFloat32(i)).rejects.toThrow(/not a float tensor/);
+      expect([...(await readTensor(i))]).toEqual([7, -1, 2 ** 30]);
+      expect([...(await readTensor(h))]).toEqual([0.0999755859375, 65504, -3]);
+      for (const t of [f, i, h]) t.dispose();
+    });
+  });
+});
+
+describe('shape checks at the API boundary', () => {
+  it('names both operands when a matmul does not fit', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'mismatch', async () => {
+      const a = createTensor(ctx, [4, 6], 'f32', 'x');
+      const w = createTensor(ctx, [5, 7], 'f32', 'W0');
+      const c = createTensor(ctx, [4, 5], 'f32', 'y');
+      await expect(planMatmul(ctx, a, w, c)).rejects.toThrow(/x \[4, 6\].*W0 \[5, 7\]/);
+      await expect(planMatmul(ctx, a, w, c)).rejects.toBeInstanceOf(ShapeError);
+      for (const t of [a, w, c]) t.dispose();
+    });
+  });
+});
+
+describe('kernel registry', () => {
+  it('reports WGSL errors with the file and line', async () => {
+    const ctx = gpu();
+    const source = 'fn ok() {}\n@compute @workgroup_size(1)\nfn main() {\n  let x: u32 = nope;\n}\n';
+    const err = await getKernel(ctx, { source, file: 'shaders/broken.wgsl', entryPoint: 'main', bindings: [] }).catch(
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(ShaderCompileError);
+    expect((err as ShaderCompileError).messages[0]?.line).toBe(4);
+    expect((err as Error).message).toMatch(/shaders\/broken\.wgsl:4/);
+    expect((err as Error).message).toMatch(/nope/);
+  });
+
+  it('builds each pipeline once per device', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'cache', async () => {
+      const a = createTensor(ctx, [8], 'f32', 'a');
+      const o1 = createTensor(ctx, [8], 'f32', 'o1');
+      const o2 = createTensor(ctx, [8], 'f32', 'o2');
+      const d1 = await planAddScaled(ctx, a, a, o1);
+      const d2 = await planAddScaled(ctx, a, a, o2);
+      expect(d1.kernel).toBe(d2.kernel);
+      expect(d1.bindGroup).not.toBe(d2.bindGroup);
+      for (const d of [d1, d2]) d.dispose();
+      for (const t of [a, o1, o2]) t.dispose();
+    });
+  });
+
+  it('refuses to bind a written buffer twice', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'aliasing', async () => {
+      const a = createTensor(ctx, [8], 'f32', 'a');
+      await expect(planAddScaled(ctx, a, a, a)).rejects.toThrow(/written and also bound/);
+      a.dispose();
+    });
+  });
+});
+
+describe('step encoder', () => {
+  it('records several dispatches and submits once, in order', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'chain', async () => {
+      const a = tensorFromData(ctx, [1, 2, 3, 4], [4], 'f32', 'a');
+      const b = createTensor(ctx, [4], 'f32', 'b');
+      const c = createTensor(ctx, [4], 'f32', 'c');
+      const first = await planAddScaled(ctx, a, a, b, 2); // b = 3a
+      const second = await planAddScaled(ctx, b, a, c, -1); // c = 2a
+      const enc = new StepEncoder(ctx, 'two dispatches', { timing: true });
+      enc.dispatch(first, second).submit();
+      expect(() => enc.submit()).toThrow(/already submitted/);
+      expect([...(await readFloat32(c))]).toEqual([2, 4, 6, 8]);
+      const ms = await enc.gpuMilliseconds();
+      if (ctx.features.timestampQuery) expect(ms).toBeGreaterThanOrEqual(0);
+      else expect(ms).toBeUndefined();
+      for (const d of [first, second]) d.dispose();
+      for (const t of [a, b, c]) t.dispose();
+    });
+  });
+});
+
+describe('device loss', () => {
+  it('turns a lost device into DeviceLostError', async () => {
+    const ctx = await createGpuContext({ featureLevel: gpu().adapter.featureLevel, label: 'doomed' });
+    ctx.destroy();
+    const lost = await ctx.lost;
+    expect(lost).toBeInstanceOf(DeviceLostError);
+    expect(() => createTensor(ctx, [4], 'f32', 'after')).toThrow(DeviceLostError);
+  });
+});
