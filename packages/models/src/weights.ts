@@ -116,7 +116,7 @@ class ChunkWriter {
     if (this.src === 'F16') {
       out.set(asU16(bytes));
     } else {
-      // Finite inputs that round to ±inf are counted; `expMask` finds the finite ones.
+      // Count finite inputs that round to ±inf (an exponent of all ones marks inf/NaN inputs).
       let overflow = 0;
       let worst = 0;
       if (this.src === 'F32') {
