@@ -1,0 +1,455 @@
+import source from '../../../../shaders/attention.wgsl?raw';
+import type { GpuContext } from '../context.js';
+import { LimitExceededError, ShapeError } from '../errors.js';
+import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { formatShape, type Shape } from '../shape.js';
+import type { Tensor } from '../tensor.js';
+
+/**
+ * Where the rows of q, k or v live in their buffer (all in f32 elements): element d of head h of
+ * row t of batch b is at `offset + b·batchStride + t·rowStride + h·hd + d`.
+ */
+export interface AttentionLayout {
+  readonly rowStride: number;
+  readonly offset: number;
+  readonly batchStride: number;
+}
+
+/**
+ * Shapes of one attention call. Query row t of batch b is at absolute position pos0 + t; keys
+ * 0..Tk-1 at positions 0..Tk-1; key j is visible to query i iff j ≤ pos0 + i.
+ * Prefill: Tq = Tk = T, pos0 = 0. Decode with a KV cache: pos0 = past length, Tk = pos0 + Tq.
+ */
+export interface AttentionDims {
+  readonly B: number;
+  readonly Tq: number;
+  readonly Tk: number;
+  readonly pos0: number;
+  /** Query heads. */
+  readonly nH: number;
+  /** Key/value heads; nH % nKV == 0 and query head h reads kv head h / (nH / nKV). */
+  readonly nKV: number;
+  /** Head size, 1..256. */
+  readonly hd: number;
+  /** Multiplies q·k; default 1/√hd. */
+  readonly scale?: number;
+  /** Default contiguous: rowStride nH·hd, offset 0, batchStride Tq·rowStride. */
+  readonly q?: Partial<AttentionLayout>;
+  /** Default contiguous: rowStride nKV·hd, offset 0, batchStride Tk·rowStride. */
+  readonly k?: Partial<AttentionLayout>;
+  readonly v?: Partial<AttentionLayout>;
+}
+
+/** The dims with every default filled in. */
+export interface ResolvedAttentionDims {
+  readonly B: number;
+  readonly Tq: number;
+  readonly Tk: number;
+  readonly pos0: number;
+  readonly nH: number;
+  readonly nKV: number;
+  readonly hd: number;
+  readonly scale: number;
+  readonly q: AttentionLayout;
+  readonly k: AttentionLayout;
+  readonly v: AttentionLayout;
+}
+
+/** Largest head size the kernels take. */
+export const ATTENTION_MAX_HEAD_DIM = 256;
+
+/** Output columns (vec4) each invocation keeps in registers; must equal VPT in the WGSL. */
+const VPT = 4;
+/** Most streamed rows one invocation takes per pass of its dot products; KPT_MAX in the WGSL. */
+const KPT_MAX = 4;
+/** Workgroup size of attention_bwd_delta; DELTA_WG in the WGSL. */
+const DELTA_WG = 64;
+
+/** Layout of q, k and v inside one fused projection output [B·T, (nH + 2·nKV)·hd] (GPT-2's
+ * c_attn writes [T, 3·d]): q at column 0, k at nH·hd, v at (nH + nKV)·hd. */
+export function fusedQkvLayout(d: { T: number; nH: number; nKV: number; hd: number }): {
+  q: AttentionLayout;
+  k: AttentionLayout;
+  v: AttentionLayout;
+} {
+  const rowStride = (d.nH + 2 * d.nKV) * d.hd;
+  const batchStride = d.T * rowStride;
+  return {
+    q: { rowStride, offset: 0, batchStride },
+    k: { rowStride, offset: d.nH * d.hd, batchStride },
+    v: { rowStride, offset: (d.nH + d.nKV) * d.hd, batchStride },
+  };
+}
+
+/** Layout of a KV cache [B, maxT, nKV·hd] (one buffer for k, another for v). */
+export function kvCacheLayout(d: { maxT: number; nKV: number; hd: number }): AttentionLayout {
+  const rowStride = d.nKV * d.hd;
+  return { rowStride, offset: 0, batchStride: d.maxT * rowStride };
+}
+
+function positiveInt(op: string, name: string, value: number, min = 1): void {
+  if (!Number.isSafeInteger(value) || value < min) {
+    throw new ShapeError(`${op}: ${name} = ${String(value)} must be an integer ≥ ${min}`);
+  }
+}
+
+/** Checks the dims on their own and fills in the defaults. */
+export function resolveAttentionDims(dims: AttentionDims, op = 'attention'): ResolvedAttentionDims {
+  for (const name of ['B', 'Tq', 'Tk', 'nH', 'nKV', 'hd'] as const) positiveInt(op, name, dims[name]);
+  positiveInt(op, 'pos0', dims.pos0, 0);
+  const { B, Tq, Tk, pos0, nH, nKV, hd } = dims;
+  if (hd > ATTENTION_MAX_HEAD_DIM) {
+    throw new ShapeError(`${op}: head size hd = ${hd} is larger than ${ATTENTION_MAX_HEAD_DIM}`);
+  }
+  if (nH % nKV !== 0) {
+    throw new ShapeError(`${op}: nH = ${nH} query heads is not a multiple of nKV = ${nKV} key/value heads`);
+  }
+  const scale = dims.scale ?? 1 / Math.sqrt(hd);
+  if (!Number.isFinite(scale)) throw new ShapeError(`${op}: scale ${scale} is not finite`);
+  const layout = (name: 'q' | 'k' | 'v', heads: number, rows: number): AttentionLayout => {
+    const given = dims[name] ?? {};
+    const rowStride = given.rowStride ?? heads * hd;
+    const l = { rowStride, offset: given.offset ?? 0, batchStride: given.batchStride ?? rows * rowStride };
+    positiveInt(op, `${name}.rowStride`, l.rowStride);
+    positiveInt(op, `${name}.offset`, l.offset, 0);
+    positiveInt(op, `${name}.batchStride`, l.batchStride, 0);
+    if (l.offset % l.rowStride > l.rowStride - heads * hd) {
+      throw new ShapeError(
+        `${op}: ${name} rows of ${heads} heads × ${hd} = ${heads * hd} columns starting at offset ${l.offset} ` +
+          `do not fit in a row stride of ${l.rowStride}`,
+      );
+    }
+    return l;
+  };
+  return {
+    B,
+    Tq,
+    Tk,
+    pos0,
+    nH,
+    nKV,
+    hd,
+    scale,
+    q: layout('q', nH, Tq),
+    k: layout('k', nKV, Tk),
+    v: layout('v', nKV, Tk),
+  };
+}
+
+/** Shapes of the outputs and of the saved/scratch buffers for these dims. */
+export function attentionShapes(dims: AttentionDims): {
+  /** Also the shape of dout and dq. */
+  o: Shape;
+  /** Saved by the forward for the backward. */
+  lse: Shape;
+  /** Backward scratch: rowsum(dout ∘ o). */
+  delta: Shape;
+  /** Also the shape of dv. */
+  dk: Shape;
+} {
+  const d = resolveAttentionDims(dims);
+  return {
+    o: [d.B * d.Tq, d.nH * d.hd],
+    lse: [d.B, d.nH, d.Tq],
+    delta: [d.B, d.nH, d.Tq],
+    dk: [d.B * d.Tk, d.nKV * d.hd],
+  };
+}
+
+/** Bytes of the scratch the backward needs beyond its inputs and outputs (delta). */
+export function attentionScratchBytes(dims: AttentionDims): { lse: number; delta: number } {
+  const d = resolveAttentionDims(dims);
+  const rows = d.B * d.nH * d.Tq;
+  return { lse: rows * 4, delta: rows * 4 };
+}
+
+/** Tile sizes for one device and head size. Each kernel gets its own (BQ, BK). */
+export interface AttentionTiles {
+  /** vec4 capacity of a staged row: 16 (hd ≤ 64), 32 (hd ≤ 128) or 64 (hd ≤ 256). */
+  readonly hd4: number;
+  /** Invocations per tile row. */
+  readonly td: number;
+  readonly fwd: AttentionTile;
+  readonly dq: AttentionTile;
+  readonly dkv: AttentionTile;
+}
+
+export interface AttentionTile {
+  /** Query rows per block. */
+  readonly bq: number;
+  /** Keys per block. */
+  readonly bk: number;
+  /** Streamed rows (keys; queries in dkv) an invocation takes per pass of its dot products. */
+  readonly kpt: number;
+}
+
+/** Workgroup storage in bytes the WGSL declares for each entry point. */
+function workgroupBytes(kernel: 'fwd' | 'dq' | 'dkv', hd4: number, bq: number, bk: number): number {
+  const row = 16 * hd4;
+  if (kernel === 'fwd') return row * (bq + 2 * bk) + 4 * bq * bk;
+  if (kernel === 'dq') return row * (2 * bq + 2 * bk) + 4 * bq * bk;
+  return row * (2 * bq + 2 * bk) + 8 * bq * bk + 8 * bq;
+}
+
+// Preferred (rows owned by the workgroup, rows streamed) pairs, largest first.
+const TILE_CANDIDATES: readonly (readonly [number, number])[] = [
+  [32, 32],
+  [32, 16],
+  [16, 16],
+  [16, 8],
+  [8, 8],
+  [8, 4],
+  [4, 4],
+  [4, 2],
+  [2, 2],
+  [2, 1],
+  [1, 1],
+];
+
+/**
+ * Workgroup storage the tiles aim for even when the device offers more: 16 KiB per 64 columns of
+ * head size (so every head-size class gets tiles of the same number of rows where the device
+ * allows). 16 KiB is the WebGPU default every adapter has and leaves room for several resident
+ * workgroups per compute unit on real GPUs; and pipeline compilation on SwiftShader grows with
+ * the declared workgroup arrays (32 KiB tiles for hd ≤ 64 took about 2.5x as long to compile as
+ * 16 KiB ones).
+ */
+export function attentionTileBudget(ctx: GpuContext, hd4: number): number {
+  return Math.min(ctx.limits.maxComputeWorkgroupStorageSize, 1024 * hd4);
+}
+
+/**
+ * Chooses the tiles from the device's limits: the staged rows of a block must fit in
+ * attentionTileBudget, and (rows owned)·td invocations in one workgroup. Three head-size classes,
+ * so all head sizes up to 64 share one set of pipelines.
+ */
+export function attentionTiles(ctx: GpuContext, hd: number): AttentionTiles {
+  const hd4 = hd <= 64 ? 16 : hd <= 128 ? 32 : 64;
+  const td = hd4 / VPT;
+  const storage = attentionTileBudget(ctx, hd4);
+  const threads = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup, ctx.limits.maxComputeWorkgroupSizeX);
+  const pick = (kernel: 'fwd' | 'dq' | 'dkv') => {
+    for (const [own, stream] of TILE_CANDIDATES) {
+      const bq = kernel === 'dkv' ? stream : own;
+      const bk = kernel === 'dkv' ? own : stream;
+      const kpt = Math.max(1, Math.min(KPT_MAX, Math.floor(stream / td)));
+      if (own * td <= threads && workgroupBytes(kernel, hd4, bq, bk) <= storage) return { bq, bk, kpt };
+    }
+    throw new LimitExceededError(
+      'maxComputeWorkgroupStorageSize',
+      workgroupBytes(kernel, hd4, 1, 1),
+      storage,
+      `attention_${kernel} with head size ${hd}`,
+    );
+  };
+  return { hd4, td, fwd: pick('fwd'), dq: pick('dq'), dkv: pick('dkv') };
+}
+
+type AttentionBinding = 'uniform' | 'read' | 'write';
+
+function spec(entryPoint: string, bindings: readonly AttentionBinding[]): KernelSpec {
+  return { source, file: 'shaders/attention.wgsl', entryPoint, bindings };
+}
+
+function uniforms(d: ResolvedAttentionDims): ArrayBuffer {
+  return packUniforms([
+    ['u32', d.B],
+    ['u32', d.Tq],
+    ['u32', d.Tk],
+    ['u32', d.pos0],
+    ['u32', d.nH],
+    ['u32', d.nKV],
+    ['u32', d.hd],
+    ['u32', Math.ceil(d.hd / 4)],
+    ['u32', d.nH / d.nKV],
+    ['u32', d.q.rowStride],
+    ['u32', d.q.offset],
+    ['u32', d.q.batchStride],
+    ['u32', d.k.rowStride],
+    ['u32', d.k.offset],
+    ['u32', d.k.batchStride],
+    ['u32', d.v.rowStride],
+    ['u32', d.v.offset],
+    ['u32', d.v.batchStride],
+    ['f32', d.scale],
+    ['u32', 0],
+  ]);
+}
+
+function expectF32(op: string, name: string, t: Tensor): void {
+  if (t.dtype !== 'f32') throw new ShapeError(`${op}: ${name} ${t.label} is ${t.dtype}, must be f32`);
+}
+
+/** Checks that a strided operand's buffer holds every element the kernels address. */
+function expectCovers(
+  op: string,
+  name: string,
+  t: Tensor,
+  l: AttentionLayout,
+  d: ResolvedAttentionDims,
+  rows: number,
+  heads: number,
+): void {
+  expectF32(op, name, t);
+  const last = l.offset + (d.B - 1) * l.batchStride + (rows - 1) * l.rowStride + heads * d.hd - 1;
+  if (last >= t.size) {
+    throw new ShapeError(
+      `${op}: ${name} ${t.label} ${formatShape(t.shape)} holds ${t.size} elements, but B = ${d.B}, ` +
+        `${rows} rows of ${heads} heads × hd ${d.hd} at offset ${l.offset}, row stride ${l.rowStride}, ` +
+        `batch stride ${l.batchStride} reach element ${last}`,
+    );
+  }
+  if (last >= 2 ** 32) throw new ShapeError(`${op}: ${name} addresses element ${last}, beyond u32 indexing`);
+}
+
+/** Checks a contiguous operand's element count (its shape may be 2-D or more). */
+function expectSize(op: string, name: string, t: Tensor, shape: Shape, what: string): void {
+  expectF32(op, name, t);
+  const want = shape.reduce((a, b) => a * b, 1);
+  if (t.size !== want) {
+    throw new ShapeError(
+      `${op}: ${name} ${t.label} has shape ${formatShape(t.shape)}, expected ${formatShape(shape)} (${what})`,
+    );
+  }
+}
+
+export interface AttentionForwardArgs {
+  /** Query rows B·Tq (strided as dims.q says). */
+  q: Tensor;
+  /** Key rows (strided as dims.k says); may be the same tensor as q and v. */
+  k: Tensor;
+  v: Tensor;
+  /** [B·Tq, nH·hd], written. */
+  o: Tensor;
+  /** [B, nH, Tq], written: log Σ exp of the scaled scores, saved for the backward. */
+  lse: Tensor;
+  dims: AttentionDims;
+}
+
+function checkCommon(op: string, io: { q: Tensor; k: Tensor; v: Tensor; o: Tensor; lse: Tensor }, dims: AttentionDims) {
+  const d = resolveAttentionDims(dims, op);
+  expectCovers(op, 'q', io.q, d.q, d, d.Tq, d.nH);
+  expectCovers(op, 'k', io.k, d.k, d, d.Tk, d.nKV);
+  expectCovers(op, 'v', io.v, d.v, d, d.Tk, d.nKV);
+  const s = attentionShapes(d);
+  expectSize(op, 'o', io.o, s.o, 'B·Tq × nH·hd');
+  expectSize(op, 'lse', io.lse, s.lse, 'B × nH × Tq');
+  return d;
+}
+
+/**
+ * Causal attention forward: o and lse from q, k, v. One dispatch, a workgroup per
+ * (query block, head, batch).
+ */
+export async function planAttentionForward(
+  ctx: GpuContext,
+  io: AttentionForwardArgs,
+  label = 'attention',
+): Promise<Dispatch[]> {
+  const op = `${label}.forward`;
+  const d = checkCommon(op, io, io.dims);
+  const tiles = attentionTiles(ctx, d.hd);
+  const kernel = await getKernel(ctx, spec('attention_fwd', ['uniform', 'read', 'read', 'read', 'write', 'write']), {
+    HD4: tiles.hd4,
+    TD: tiles.td,
+    BQ: tiles.fwd.bq,
+    BK: tiles.fwd.bk,
+    KPT: tiles.fwd.kpt,
+  });
+  return [
+    bindKernel(ctx, kernel, {
+      label: `${op} B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`,
+      resources: [io.q, io.k, io.v, io.o, io.lse],
+      workgroups: [Math.ceil(d.Tq / tiles.fwd.bq), d.nH, d.B],
+      uniforms: uniforms(d),
+    }),
+  ];
+}
+
+export interface AttentionBackwardArgs extends AttentionForwardArgs {
+  /** ∂L/∂o, [B·Tq, nH·hd]. */
+  do: Tensor;
+  /** [B·Tq, nH·hd], written. */
+  dq: Tensor;
+  /** [B·Tk, nKV·hd] (contiguous whatever k's layout), written. */
+  dk: Tensor;
+  /** [B·Tk, nKV·hd], written. */
+  dv: Tensor;
+  /** [B, nH, Tq] scratch: D = rowsum(do ∘ o), written then read. */
+  delta: Tensor;
+}
+
+/**
+ * Causal attention backward: dq, dk, dv (all written, none accumulated) from q, k, v, the
+ * forward's o and lse, and do. Three dispatches: delta = rowsum(do ∘ o); dq per (query block,
+ * head, batch); dk and dv per (key block, kv head, batch), summed over the kv head's query heads.
+ */
+export async function planAttentionBackward(
+  ctx: GpuContext,
+  io: AttentionBackwardArgs,
+  label = 'attention',
+): Promise<Dispatch[]> {
+  const op = `${label}.backward`;
+  const d = checkCommon(op, io, io.dims);
+  const s = attentionShapes(d);
+  expectSize(op, 'do', io.do, s.o, 'B·Tq × nH·hd');
+  expectSize(op, 'dq', io.dq, s.o, 'B·Tq × nH·hd');
+  expectSize(op, 'dk', io.dk, s.dk, 'B·Tk × nKV·hd, contiguous');
+  expectSize(op, 'dv', io.dv, s.dk, 'B·Tk × nKV·hd, contiguous');
+  expectSize(op, 'delta', io.delta, s.delta, 'B × nH × Tq scratch');
+  const tiles = attentionTiles(ctx, d.hd);
+  const u = uniforms(d);
+  const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
+  const read7 = ['uniform', 'read', 'read', 'read', 'read', 'read', 'read'] as const;
+  const [deltaK, dqK, dkvK] = await Promise.all([
+    getKernel(ctx, spec('attention_bwd_delta', ['uniform', 'read', 'read', 'write'])),
+    getKernel(ctx, spec('attention_bwd_dq', [...read7, 'write']), {
+      HD4: tiles.hd4,
+      TD: tiles.td,
+      BQ: tiles.dq.bq,
+      BK: tiles.dq.bk,
+      KPT: tiles.dq.kpt,
+    }),
+    getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write']), {
+      HD4: tiles.hd4,
+      TD: tiles.td,
+      BQ: tiles.dkv.bq,
+      BK: tiles.dkv.bk,
+      KPT: tiles.dkv.kpt,
+    }),
+  ]);
+  const common = [io.q, io.k, io.v, io.do, io.lse, io.delta];
+  return [
+    bindKernel(ctx, deltaK, {
+      label: `${op}.delta ${name}`,
+      resources: [io.o, io.do, io.delta],
+      workgroups: [Math.ceil(d.Tq / DELTA_WG), d.nH, d.B],
+      uniforms: u,
+    }),
+    bindKernel(ctx, dqK, {
+      label: `${op}.dq ${name}`,
+      resources: [...common, io.dq],
+      workgroups: [Math.ceil(d.Tq / tiles.dq.bq), d.nH, d.B],
+      uniforms: u,
+    }),
+    bindKernel(ctx, dkvK, {
+      label: `${op}.dkv ${name}`,
+      resources: [...common, io.dk, io.dv],
+      workgroups: [Math.ceil(d.Tk / tiles.dkv.bk), d.nKV, d.B],
+      uniforms: u,
+    }),
+  ];
+}
+
+/**
+ * FLOPs (a multiply-add counts 2) for the visible (query, key) pairs: the forward does q·k and
+ * p·v (4·hd per pair); the backward recomputes q·k and dout·v in both kernels and does dq, dk and
+ * dv (14·hd per pair).
+ */
+export function attentionFlops(dims: AttentionDims): { forward: number; backward: number } {
+  const d = resolveAttentionDims(dims);
+  let pairs = 0;
+  for (let i = 0; i < d.Tq; i++) pairs += Math.min(d.Tk, d.pos0 + i + 1);
+  const n = pairs * d.B * d.nH * d.hd;
+  return { forward: 4 * n, backward: 14 * n };
+}

@@ -1,0 +1,296 @@
+// Causal attention (shaders/attention.wgsl), forward and backward, against the float64
+// reference: prefill and decode (pos0 > 0), grouped kv heads, head sizes 12 and 64, and q/k/v read
+// from a contiguous buffer, a fused [q|k|v] projection output, a padded strided buffer and a KV
+// cache whose unused rows hold NaN.
+import { describe, expect, it } from 'vitest';
+import { type AttentionRefInput, attentionBackwardRef, attentionForwardRef } from '../ref/attention.js';
+import { randomArray } from '../ref/check.js';
+import {
+  createTensor,
+  type GpuContext,
+  readFloat32,
+  ShapeError,
+  StepEncoder,
+  type Tensor,
+  tensorFromData,
+} from '../src/index.js';
+import {
+  type AttentionDims,
+  type AttentionLayout,
+  attentionShapes,
+  attentionTiles,
+  fusedQkvLayout,
+  kvCacheLayout,
+  planAttentionBackward,
+  planAttentionForward,
+} from '../src/kernels/attention.js';
+import { expectClose, gpuCase, useGpu } from './gpu.js';
+
+const gpu = useGpu();
+
+/**
+ * contiguous: q [B·Tq, nH·hd], k and v [B·Tk, nKV·hd], separate buffers.
+ * fused: one [B·T, (nH + 2·nKV)·hd] buffer (prefill only).
+ * padded: q, k, v each at an odd offset in rows with an odd stride.
+ * cache: q padded; k and v in [B, Tk + 3, nKV·hd] caches whose rows past Tk are NaN.
+ */
+type Layout = 'contiguous' | 'fused' | 'padded' | 'cache';
+
+interface Case {
+  B: number;
+  Tq: number;
+  Tk: number;
+  pos0: number;
+  nH: number;
+  nKV: number;
+  hd: number;
+  layout: Layout;
+  scale?: number;
+}
+
+const cases: Case[] = [
+  { B: 1, Tq: 1, Tk: 1, pos0: 0, nH: 1, nKV: 1, hd: 12, layout: 'contiguous' },
+  { B: 2, Tq: 7, Tk: 7, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused' },
+  { B: 1, Tq: 63, Tk: 63, pos0: 0, nH: 3, nKV: 1, hd: 12, layout: 'fused' },
+  { B: 2, Tq: 65, Tk: 65, pos0: 0, nH: 1, nKV: 1, hd: 64, layout: 'padded' },
+  { B: 1, Tq: 257, Tk: 257, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused' },
+  { B: 2, Tq: 257, Tk: 257, pos0: 0, nH: 3, nKV: 1, hd: 12, layout: 'contiguous', scale: 0.6 },
+  // decode one token, and a few, with a KV cache
+  { B: 2, Tq: 1, Tk: 65, pos0: 64, nH: 4, nKV: 2, hd: 64, layout: 'cache' },
+  { B: 1, Tq: 7, Tk: 257, pos0: 250, nH: 3, nKV: 1, hd: 12, layout: 'cache' },
+  // a chunk of a longer prompt (chunked prefill)
+  { B: 2, Tq: 63, Tk: 65, pos0: 2, nH: 3, nKV: 1, hd: 64, layout: 'cache', scale: 0.5 },
+  { B: 1, Tq: 65, Tk: 257, pos0: 192, nH: 1, nKV: 1, hd: 12, layout: 'padded' },
+];
+
+const caseName = (c: Case) =>
+  `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd} ${c.layout}` +
+  (c.scale === undefined ? '' : ` scale=${c.scale}`);
+
+interface Packed {
+  data: Float32Array;
+  layout: AttentionLayout;
+}
+
+/** Places rows [B, rows, heads·hd] of `x` into a strided buffer of `size` elements (rest NaN
+ * when `fill` is NaN, so a read of an element the kernels must not touch poisons the result). */
+function place(
+  x: ArrayLike<number>,
+  B: number,
+  rows: number,
+  width: number,
+  layout: AttentionLayout,
+  into: Float32Array,
+): void {
+  for (let b = 0; b < B; b++) {
+    for (let t = 0; t < rows; t++) {
+      for (let c = 0; c < width; c++) {
+        into[layout.offset + b * layout.batchStride + t * layout.rowStride + c] = x[
+          (b * rows + t) * width + c
+        ] as number;
+      }
+    }
+  }
+}
+
+function sizeOf(B: number, rows: number, width: number, l: AttentionLayout): number {
+  return l.offset + (B - 1) * l.batchStride + (rows - 1) * l.rowStride + width;
+}
+
+function pack(c: Case, p: AttentionRefInput): { q: Packed; k: Packed; v: Packed; fused?: Float32Array } {
+  const qw = c.nH * c.hd;
+  const kw = c.nKV * c.hd;
+  if (c.layout === 'fused') {
+    const l = fusedQkvLayout({ T: c.Tq, nH: c.nH, nKV: c.nKV, hd: c.hd });
+    const data = new Float32Array(c.B * c.Tq * l.q.rowStride).fill(Number.NaN);
+    place(p.q, c.B, c.Tq, qw, l.q, data);
+    place(p.k, c.B, c.Tk, kw, l.k, data);
+    place(p.v, c.B, c.Tk, kw, l.v, data);
+    return { q: { data, layout: l.q }, k: { data, layout: l.k }, v: { data, layout: l.v }, fused: data };
+  }
+  const build = (x: ArrayLike<number>, rows: number, width: number, l: AttentionLayout): Packed => {
+    const data = new Float32Array(sizeOf(c.B, rows, width, l)).fill(Number.NaN);
+    place(x, c.B, rows, width, l, data);
+    return { data, layout: l };
+  };
+  const padded = (rows: number, width: number, offset: number): AttentionLayout => {
+    const rowStride = width + 7;
+    return { rowStride, offset, batchStride: rows * rowStride + 3 };
+  };
+  const contiguous = (rows: number, width: number): AttentionLayout => ({
+    rowStride: width,
+    offset: 0,
+    batchStride: rows * width,
+  });
+  if (c.layout === 'contiguous') {
+    return {
+      q: build(p.q, c.Tq, qw, contiguous(c.Tq, qw)),
+      k: build(p.k, c.Tk, kw, contiguous(c.Tk, kw)),
+      v: build(p.v, c.Tk, kw, contiguous(c.Tk, kw)),
+    };
+  }
+  if (c.layout === 'padded') {
+    return {
+      q: build(p.q, c.Tq, qw, padded(c.Tq, qw, 5)),
+      k: build(p.k, c.Tk, kw, padded(c.Tk, kw, 3)),
+      v: build(p.v, c.Tk, kw, padded(c.Tk, kw, 1)),
+    };
+  }
+  const cache = kvCacheLayout({ maxT: c.Tk + 3, nKV: c.nKV, hd: c.hd });
+  const full = (x: ArrayLike<number>): Packed => {
+    const data = new Float32Array(c.B * cache.batchStride).fill(Number.NaN);
+    place(x, c.B, c.Tk, kw, cache, data);
+    return { data, layout: cache };
+  };
+  return { q: build(p.q, c.Tq, qw, padded(c.Tq, qw, 2)), k: full(p.k), v: full(p.v) };
+}
+
+function refInput(c: Case): { p: AttentionRefInput; dout: Float64Array } {
+  const seed = c.B * 1009 + c.Tq * 101 + c.Tk * 13 + c.nH * 7 + c.hd;
+  // q and k in [-1.7, 1.7): scores of standard deviation about 1 at scale 1/√hd.
+  const p: AttentionRefInput = {
+    B: c.B,
+    Tq: c.Tq,
+    Tk: c.Tk,
+    pos0: c.pos0,
+    nH: c.nH,
+    nKV: c.nKV,
+    hd: c.hd,
+    scale: c.scale ?? 1 / Math.sqrt(c.hd),
+    q: randomArray(c.B * c.Tq * c.nH * c.hd, seed, 1.7),
+    k: randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 1, 1.7),
+    v: randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 2),
+  };
+  return { p, dout: randomArray(c.B * c.Tq * c.nH * c.hd, seed + 3) };
+}
+
+async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64Array) {
+  const packed = pack(c, p);
+  const owned: Tensor[] = [];
+  const upload = (data: ArrayLike<number>, label: string) => {
+    const t = tensorFromData(ctx, data, [data.length], 'f32', label);
+    owned.push(t);
+    return t;
+  };
+  let q: Tensor;
+  let k: Tensor;
+  let v: Tensor;
+  if (packed.fused) {
+    q = k = v = upload(packed.fused, 'qkv');
+  } else {
+    q = upload(packed.q.data, 'q');
+    k = upload(packed.k.data, 'k');
+    v = upload(packed.v.data, 'v');
+  }
+  const dims: AttentionDims = {
+    B: c.B,
+    Tq: c.Tq,
+    Tk: c.Tk,
+    pos0: c.pos0,
+    nH: c.nH,
+    nKV: c.nKV,
+    hd: c.hd,
+    scale: c.scale,
+    q: packed.q.layout,
+    k: packed.k.layout,
+    v: packed.v.layout,
+  };
+  const s = attentionShapes(dims);
+  const make = (shape: readonly number[], label: string) => {
+    const t = createTensor(ctx, shape, 'f32', label);
+    owned.push(t);
+    return t;
+  };
+  const o = make(s.o, 'o');
+  const lse = make(s.lse, 'lse');
+  const delta = make(s.delta, 'delta');
+  const dq = make(s.o, 'dq');
+  const dk = make(s.dk, 'dk');
+  const dv = make(s.dk, 'dv');
+  const tdo = upload(dout, 'do');
+  const fwd = await planAttentionForward(ctx, { q, k, v, o, lse, dims });
+  const bwd = await planAttentionBackward(ctx, { q, k, v, o, lse, do: tdo, dq, dk, dv, delta, dims });
+  const enc = new StepEncoder(ctx, 'attention step');
+  enc.dispatch(...fwd, ...bwd);
+  enc.submit();
+  const out = {
+    o: await readFloat32(o),
+    lse: await readFloat32(lse),
+    delta: await readFloat32(delta),
+    dq: await readFloat32(dq),
+    dk: await readFloat32(dk),
+    dv: await readFloat32(dv),
+  };
+  for (const d of [...fwd, ...bwd]) d.dispose();
+  for (const t of owned) t.dispose();
+  return out;
+}
+
+describe('attention', () => {
+  it('sizes its tiles from the device limits', () => {
+    const ctx = gpu();
+    for (const hd of [12, 64, 128, 256]) {
+      const t = attentionTiles(ctx, hd);
+      expect(4 * 4 * t.td).toBeGreaterThanOrEqual(hd);
+      for (const [name, tile, own] of [
+        ['fwd', t.fwd, t.fwd.bq],
+        ['dq', t.dq, t.dq.bq],
+        ['dkv', t.dkv, t.dkv.bk],
+      ] as const) {
+        expect(own * t.td, `${name} hd=${hd} invocations`).toBeLessThanOrEqual(
+          ctx.limits.maxComputeInvocationsPerWorkgroup,
+        );
+        expect(tile.bq * tile.bk, `${name} hd=${hd}`).toBeGreaterThanOrEqual(1);
+      }
+    }
+  });
+
+  for (const c of cases) {
+    it(caseName(c), async () => {
+      const ctx = gpu();
+      const { p, dout } = refInput(c);
+      const ref = attentionForwardRef(p);
+      const grads = attentionBackwardRef(p, dout);
+      const got = await gpuCase(ctx, caseName(c), () => run(ctx, c, p, dout));
+      const n = caseName(c);
+      // o is a convex combination of v rows; lse is O(log Tk). Gradients sum up to Tk (dq) or
+      // group·Tq (dk, dv) terms of O(1).
+      expectClose(ctx, `${n} o`, got.o, ref.o, 2e-6, 1e-5);
+      expectClose(ctx, `${n} lse`, got.lse, ref.lse, 2e-6, 1e-5);
+      expectClose(ctx, `${n} delta`, got.delta, grads.delta, 1e-5, 1e-5);
+      expectClose(ctx, `${n} dq`, got.dq, grads.dq, 1e-5, 1e-4);
+      expectClose(ctx, `${n} dk`, got.dk, grads.dk, 1e-5, 1e-4);
+      expectClose(ctx, `${n} dv`, got.dv, grads.dv, 1e-5, 1e-4);
+    });
+  }
+
+  it('rejects bad shapes with ShapeError naming the operand', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'shape errors', async () => {
+      const dims = { B: 1, Tq: 4, Tk: 4, pos0: 0, nH: 4, nKV: 2, hd: 8 };
+      const t = (n: number, label: string) => createTensor(ctx, [n], 'f32', label);
+      const q = t(4 * 32, 'q');
+      const k = t(4 * 16, 'k');
+      const v = t(4 * 16, 'v');
+      const o = t(4 * 32, 'o');
+      const lse = t(16, 'lse');
+      const small = t(20, 'small');
+      const all = [q, k, v, o, lse, small];
+      try {
+        const fwd = (over: object) => planAttentionForward(ctx, { q, k, v, o, lse, dims, ...over });
+        await expect(fwd({ dims: { ...dims, nKV: 3 } })).rejects.toThrow(/nH = 4 .*nKV = 3/);
+        await expect(fwd({ dims: { ...dims, hd: 300 } })).rejects.toThrow(ShapeError);
+        await expect(fwd({ dims: { ...dims, pos0: -1 } })).rejects.toThrow(/pos0/);
+        await expect(fwd({ q: small })).rejects.toThrow(/q small .*element/);
+        await expect(fwd({ v: small, dims: { ...dims, v: { offset: 8, rowStride: 24 } } })).rejects.toThrow(/v small/);
+        await expect(fwd({ dims: { ...dims, k: { rowStride: 8 } } })).rejects.toThrow(/k rows .*row stride of 8/);
+        await expect(fwd({ lse: small })).rejects.toThrow(/lse small .*expected \[1, 4, 4\]/);
+        await expect(
+          planAttentionBackward(ctx, { q, k, v, o, lse, do: o, dq: q, dk: small, dv: k, delta: lse, dims }),
+        ).rejects.toThrow(/dk small .*expected \[4, 16\]/);
+      } finally {
+        for (const x of all) x.dispose();
+      }
+    });
+  });
+});
