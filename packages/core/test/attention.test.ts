@@ -61,6 +61,8 @@ const cases: Case[] = [
   // a chunk of a longer prompt (chunked prefill)
   { B: 2, Tq: 63, Tk: 65, pos0: 2, nH: 3, nKV: 1, hd: 64, layout: 'cache', scale: 0.5 },
   { B: 1, Tq: 65, Tk: 257, pos0: 192, nH: 1, nKV: 1, hd: 12, layout: 'padded' },
+  // the head size of most Llama and Qwen models: the next size class of pipelines
+  { B: 1, Tq: 65, Tk: 65, pos0: 0, nH: 2, nKV: 1, hd: 128, layout: 'fused' },
 ];
 
 const caseName = (c: Case) =>

@@ -208,14 +208,16 @@ const TILE_CANDIDATES: readonly (readonly [number, number])[] = [
 
 /**
  * Workgroup storage the tiles aim for even when the device offers more: 16 KiB per 64 columns of
- * head size (so every head-size class gets tiles of the same number of rows where the device
- * allows). 16 KiB is the WebGPU default every adapter has and leaves room for several resident
- * workgroups per compute unit on real GPUs; and pipeline compilation on SwiftShader grows with
- * the declared workgroup arrays (32 KiB tiles for hd ≤ 64 took about 2.5x as long to compile as
- * 16 KiB ones).
+ * head size, so every head-size class gets tiles of the same number of rows where the device
+ * allows. 16 KiB is the WebGPU default every adapter has and leaves room for several resident
+ * workgroups per compute unit on real GPUs. Software (fallback) adapters get 16 KiB whatever the
+ * head size: SwiftShader's pipeline compilation time grows about linearly with the declared
+ * workgroup memory (a trivial shader: ~1 s at 4 KiB, ~5 s at 16 KiB of CPU time), and these
+ * kernels are compiled in every test run.
  */
 export function attentionTileBudget(ctx: GpuContext, hd4: number): number {
-  return Math.min(ctx.limits.maxComputeWorkgroupStorageSize, 1024 * hd4);
+  const want = ctx.adapter.isFallbackAdapter ? 16 * 1024 : 1024 * hd4;
+  return Math.min(ctx.limits.maxComputeWorkgroupStorageSize, want);
 }
 
 /**
@@ -397,6 +399,10 @@ export async function planAttentionBackward(
   expectSize(op, 'dk', io.dk, s.dk, 'B·Tk × nKV·hd, contiguous');
   expectSize(op, 'dv', io.dv, s.dk, 'B·Tk × nKV·hd, contiguous');
   expectSize(op, 'delta', io.delta, s.delta, 'B × nH × Tq scratch');
+  // attention_bwd_dkv binds 8 storage buffers, the WebGPU default; some compatibility adapters
+  // could offer fewer.
+  const storageBuffers = ctx.limits.maxStorageBuffersPerShaderStage;
+  if (storageBuffers < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storageBuffers, op);
   const tiles = attentionTiles(ctx, d.hd);
   const u = uniforms(d);
   const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
