@@ -1,4 +1,5 @@
 export * from './activations.js';
+export * from './attention.js';
 export * from './check.js';
 export * from './embedding.js';
 export * from './layernorm.js';

@@ -4,6 +4,7 @@ export * from './errors.js';
 export * from './f16.js';
 export * from './kernel.js';
 export * from './kernels/activations.js';
+export * from './kernels/attention.js';
 export * from './kernels/elementwise.js';
 export * from './kernels/embedding.js';
 export * from './kernels/layernorm.js';
