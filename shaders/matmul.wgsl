@@ -26,8 +26,11 @@
 //   a_tile[m][k/4]                     (rows padded by one vec4 against bank conflicts)
 //   w_tile[n][k/4] when TRANS_W        (dot products of a row of A with a row of W)
 //   w_tile[k][n/4] otherwise           (outer products of A's scalars with W's vec4 rows)
-// ALIGNED (the contiguous dimensions of A and W are multiples of 4) loads whole vec4s; otherwise
-// each of the four elements is fetched and bounds-checked on its own.
+// ALIGNED (the contiguous dimensions of A and W, and w_off, are multiples of 4) loads whole vec4s;
+// otherwise each of the four elements is fetched and bounds-checked on its own.
+//
+// W may be a slice of a larger tensor: p.w_off elements are skipped first (a chunk of the rows of
+// the LM head's vocabulary, say), and p.N (or p.K) rows of it are used.
 
 struct Params {
   M: u32,
@@ -38,6 +41,10 @@ struct Params {
   alpha2: f32,
   beta: f32,
   has_bias: u32,
+  w_off: u32,   // elements of W before its first row used here (a vocabulary chunk of the LM head)
+  _pad0: u32,
+  _pad1: u32,
+  _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -88,7 +95,7 @@ fn w_elem(e: u32) -> f32 {
 // W stored rows×cols: W[r][col..col+3], zero outside.
 fn w_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
   if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
-  let e = r * cols + col;
+  let e = p.w_off + r * cols + col;
   if (ALIGNED) {
     if (W_F16) {
       let q = w[e / 8u];

@@ -61,6 +61,35 @@ function describeCase(c: Case): string {
   return `M=${c.M} N=${c.N} K=${c.K} ${lay} W:${c.wDtype}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}${c.rank ? ` +rank ${c.rank}` : ''}`;
 }
 
+describe('matmul on a slice of W', () => {
+  for (const [N, K, start, count, dtype] of [
+    [257, 65, 128, 129, 'f32'],
+    [300, 64, 128, 100, 'f16'],
+    [9, 7, 3, 5, 'f16'],
+  ] as const) {
+    it(`rows [${start}, ${start + count}) of a ${N}×${K} ${dtype} W`, async () => {
+      const ctx = gpu();
+      const M = 7;
+      const a = randomArray(M * K, N + K);
+      let w = randomArray(N * K, N + K + 1);
+      if (dtype === 'f16') w = Float64Array.from(roundToF16(w));
+      const want = matmulRef(a, w.subarray(start * K, (start + count) * K), M, K, count, { transB: true });
+      const got = await gpuCase(ctx, 'wRows', async () => {
+        const ta = tensorFromData(ctx, a, [M, K], 'f32', 'a');
+        const tw = tensorFromData(ctx, w, [N, K], dtype, 'w');
+        const tc = createTensor(ctx, [M, count], 'f32', 'c');
+        const d = await planMatmul(ctx, ta, tw, tc, { wRows: { start, count } });
+        new StepEncoder(ctx, 'slice').dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const t of [ta, tw, tc]) t.dispose();
+        return out;
+      });
+      expectClose(ctx, `wRows ${start}+${count}`, got, want, 2e-5 * Math.sqrt(K), 1e-5);
+    });
+  }
+});
+
 describe('matmul', () => {
   for (const c of cases) {
     it(describeCase(c), async () => {

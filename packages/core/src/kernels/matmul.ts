@@ -20,6 +20,9 @@ export interface MatmulOptions {
   /** alpha2·A2·opW(B2) joins the same tile loop: the LoRA term. A2 is M×K2; B2 is N×K2 when
    * transW, else K2×N. */
   lowRank?: { a2: Tensor; b2: Tensor; alpha2: number };
+  /** Use only rows [start, start + count) of a W stored N×K (transW): a vocabulary chunk of the
+   * LM head, without a copy or a separately bound buffer. */
+  wRows?: { start: number; count: number };
   label?: string;
 }
 
@@ -75,7 +78,14 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
   const transW = opts.transW ?? true;
   if (w.shape.length !== 2) throw new ShapeError(`${op}: W ${w.label} must be 2-D, got ${formatShape(w.shape)}`);
   const [w0, w1] = w.shape as [number, number];
-  const N = transW ? w0 : w1;
+  if (opts.wRows) {
+    const { start, count } = opts.wRows;
+    if (!transW) throw new ShapeError(`${op}: wRows selects rows of an N×K weight; it needs transW`);
+    if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 1 || start + count > w0) {
+      throw new ShapeError(`${op}: rows [${start}, ${start + count}) are outside W ${w.label} ${formatShape(w.shape)}`);
+    }
+  }
+  const N = transW ? (opts.wRows?.count ?? w0) : w1;
   const K = transW ? w1 : w0;
   const aInner = a.shape[a.shape.length - 1] as number;
   if (aInner !== K) {
@@ -109,8 +119,8 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
 }
 
 /** Whether whole vec4 loads apply: the contiguous dimension of A (K) and of W is a multiple of 4. */
-export function matmulAligned(dims: MatmulDims, transW: boolean): boolean {
-  return dims.K % 4 === 0 && (transW || dims.N % 4 === 0);
+export function matmulAligned(dims: MatmulDims, transW: boolean, wOffset = 0): boolean {
+  return dims.K % 4 === 0 && (transW || dims.N % 4 === 0) && wOffset % 4 === 0;
 }
 
 /**
@@ -126,6 +136,7 @@ export async function planMatmul(
 ): Promise<Dispatch> {
   const dims = matmulDims(a, w, c, opts);
   const transW = opts.transW ?? true;
+  const wOffset = (opts.wRows?.start ?? 0) * dims.K;
   const tile = matmulTile(ctx, dims);
   const kernel = await getKernel(ctx, MATMUL, {
     WG_X: tile.wgX,
@@ -133,7 +144,7 @@ export async function planMatmul(
     TK: tile.tk,
     TRANS_W: transW,
     W_F16: w.dtype === 'f16',
-    ALIGNED: matmulAligned(dims, transW),
+    ALIGNED: matmulAligned(dims, transW, wOffset),
   });
   const lowRank = opts.lowRank;
   const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
@@ -151,6 +162,7 @@ export async function planMatmul(
       ['f32', lowRank?.alpha2 ?? 0],
       ['f32', opts.beta ?? 0],
       ['u32', opts.bias ? 1 : 0],
+      ['u32', wOffset],
     ]),
   });
 }

@@ -1,0 +1,69 @@
+/**
+ * The benchmark page. Opened by bench/run.mjs in headless Chromium (or by hand in any browser:
+ * /bench/index.html?quick=1). Records go to the table and, when run by the driver, to Node.
+ */
+import { createGpuContext, describeAdapter } from '@webtune/core';
+import { runKernelBenchmarks } from './kernels.js';
+import type { BenchRecord } from './record.js';
+
+declare global {
+  interface Window {
+    webtuneReport?: (r: BenchRecord) => void;
+    webtuneDone?: (error?: string) => void;
+  }
+}
+
+const params = new URLSearchParams(location.search);
+const statusEl = document.getElementById('status') as HTMLElement;
+const tbody = document.querySelector('#results tbody') as HTMLElement;
+
+function status(s: string): void {
+  statusEl.textContent = s;
+  console.log(`[bench] ${s}`);
+}
+
+function show(r: BenchRecord): void {
+  const row = document.createElement('tr');
+  const cells = [
+    r.name,
+    r.shape,
+    r.ms.toFixed(2),
+    r.gflops?.toFixed(2) ?? '',
+    r.baseline ?? '',
+    r.ratio?.toFixed(2) ?? '',
+  ];
+  for (const c of cells) {
+    const td = document.createElement('td');
+    td.textContent = c;
+    row.append(td);
+  }
+  tbody.append(row);
+  window.webtuneReport?.(r);
+}
+
+async function main(): Promise<void> {
+  const featureLevel = params.get('featureLevel') === 'compatibility' ? 'compatibility' : 'core';
+  const ctx = await createGpuContext({ featureLevel, label: 'bench' });
+  const adapter = `${params.get('adapterName') ?? 'browser'}: ${describeAdapter(ctx)}`;
+  status(`adapter ${adapter}`);
+  const suites = (params.get('suite') ?? 'kernels').split(',');
+  if (suites.includes('kernels')) {
+    await runKernelBenchmarks(ctx, {
+      adapter,
+      quick: params.has('quick'),
+      only: params.get('only') ?? undefined,
+      report: show,
+      status,
+    });
+  }
+  ctx.destroy();
+  status('done');
+}
+
+main().then(
+  () => window.webtuneDone?.(),
+  (e: unknown) => {
+    status(`failed: ${String(e)}`);
+    window.webtuneDone?.(e instanceof Error ? `${e.message}\n${e.stack}` : String(e));
+  },
+);

@@ -1,0 +1,13 @@
+/** One benchmark result: `ratio = baseline ms / ms`, so above 1 means faster than the baseline. */
+export interface BenchRecord {
+  name: string;
+  shape: string;
+  ms: number;
+  gflops: number | null;
+  baseline: string | null;
+  baselineMs: number | null;
+  ratio: number | null;
+  adapter: string;
+  /** Extra figures where they mean something (tokens/s, bytes). */
+  extra?: Record<string, number | string>;
+}
