@@ -69,15 +69,18 @@ export class StepEncoder {
     this.endPass();
     const s = 'buffer' in src ? src.buffer : src;
     const d = 'buffer' in dst ? dst.buffer : dst;
-    const size = bytes ?? Math.min(s.size, d.size);
-    this.encoder.copyBufferToBuffer(s, 0, d, 0, size);
+    const so = 'buffer' in src ? src.byteOffset : 0;
+    const dOff = 'buffer' in dst ? dst.byteOffset : 0;
+    const size = bytes ?? Math.min(s.size - so, d.size - dOff);
+    this.encoder.copyBufferToBuffer(s, so, d, dOff, size);
     return this;
   }
 
   clear(target: Tensor | GPUBuffer): this {
     this.assertOpen();
     this.endPass();
-    this.encoder.clearBuffer('buffer' in target ? target.buffer : target);
+    if ('buffer' in target) this.encoder.clearBuffer(target.buffer, target.byteOffset, target.bindingSize);
+    else this.encoder.clearBuffer(target);
     return this;
   }
 

@@ -196,6 +196,9 @@ export function bindKernel(
     );
   }
   const bound = args.resources.map((r) => (r instanceof Tensor ? r.buffer : r));
+  const entries: GPUBufferBinding[] = args.resources.map((r) =>
+    r instanceof Tensor ? { buffer: r.buffer, offset: r.byteOffset, size: r.bindingSize } : { buffer: r },
+  );
   kernel.spec.bindings.slice(hasUniform ? 1 : 0).forEach((kind, i) => {
     // WebGPU forbids a buffer that is written in a dispatch to be bound a second time there.
     if (kind === 'write' && bound.indexOf(bound[i] as GPUBuffer) !== bound.lastIndexOf(bound[i] as GPUBuffer)) {
@@ -212,11 +215,11 @@ export function bindKernel(
     });
     ctx.device.queue.writeBuffer(uniform, 0, data);
   }
-  const buffers = [...(uniform ? [uniform] : []), ...bound];
+  const bindings: GPUBufferBinding[] = [...(uniform ? [{ buffer: uniform }] : []), ...entries];
   const bindGroup = ctx.device.createBindGroup({
     label: args.label,
     layout: kernel.layout,
-    entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })),
+    entries: bindings.map((resource, binding) => ({ binding, resource })),
   });
   return new Dispatch(ctx, kernel, bindGroup, args.workgroups, uniform, args.label);
 }

@@ -17,13 +17,30 @@ export function bytesPerElement(dtype: DType): number {
 export class Tensor {
   private released = false;
 
+  /**
+   * @param byteOffset where this tensor starts in `buffer`; non-zero only for views, whose buffer
+   *   belongs to another tensor (an arena) and is not released by the view's dispose().
+   */
   constructor(
     readonly ctx: GpuContext,
     readonly buffer: GPUBuffer,
     readonly shape: Shape,
     readonly dtype: DType,
     readonly label: string,
+    readonly byteOffset = 0,
+    private readonly owner?: Tensor,
   ) {}
+
+  /** True for a view into another tensor's buffer. */
+  get isView(): boolean {
+    return this.owner !== undefined;
+  }
+
+  /** The byte range a kernel binds: the elements rounded up to 16 bytes (vec4 reads) where the
+   * buffer has room, which it always has since buffers and view offsets are 16-aligned. */
+  get bindingSize(): number {
+    return Math.min(Math.ceil(this.byteLength / 16) * 16, this.buffer.size - this.byteOffset);
+  }
 
   get size(): number {
     return numel(this.shape);
@@ -45,7 +62,62 @@ export class Tensor {
   dispose(): void {
     if (this.released) return;
     this.released = true;
-    this.ctx.releaseBuffer(this.buffer);
+    if (!this.owner) this.ctx.releaseBuffer(this.buffer);
+  }
+}
+
+/**
+ * A tensor over bytes [byteOffset, byteOffset + size) of `parent`'s buffer. The offset must be a
+ * multiple of the device's minStorageBufferOffsetAlignment (256 on most), since kernels bind
+ * views at their offset. Disposing a view releases nothing; disposing the parent releases all.
+ */
+export function tensorView(parent: Tensor, byteOffset: number, shape: Shape, dtype: DType, label: string): Tensor {
+  assertShape(label, shape);
+  const align = parent.ctx.limits.minStorageBufferOffsetAlignment;
+  if (byteOffset % align !== 0) {
+    throw new ShapeError(`${label}: view offset ${byteOffset} is not a multiple of ${align} bytes`);
+  }
+  const bytes = numel(shape) * bytesPerElement(dtype);
+  if (byteOffset < 0 || byteOffset + bytes > parent.buffer.size) {
+    throw new ShapeError(
+      `${label}: bytes [${byteOffset}, ${byteOffset + bytes}) are outside ${parent.label} (${parent.buffer.size} bytes)`,
+    );
+  }
+  return new Tensor(parent.ctx, parent.buffer, [...shape], dtype, label, parent.byteOffset + byteOffset, parent);
+}
+
+/**
+ * Many small tensors in one buffer, each at an aligned offset: LoRA's A and B matrices, their
+ * gradients and the optimizer's moments live in arenas of identical layout, so the optimizer and
+ * the gradient norm run as one dispatch over all of them.
+ */
+export class TensorArena {
+  readonly tensor: Tensor;
+  readonly views: readonly Tensor[];
+  readonly offsets: readonly number[];
+
+  constructor(ctx: GpuContext, entries: readonly { shape: Shape; label: string }[], label: string) {
+    const align = Math.max(16, ctx.limits.minStorageBufferOffsetAlignment);
+    const offsets: number[] = [];
+    let end = 0;
+    for (const e of entries) {
+      assertShape(e.label, e.shape);
+      offsets.push(end);
+      end += Math.ceil((numel(e.shape) * 4) / align) * align;
+    }
+    this.tensor = createTensor(ctx, [Math.max(1, end / 4)], 'f32', label);
+    this.offsets = offsets;
+    this.views = entries.map((e, i) => tensorView(this.tensor, offsets[i] as number, e.shape, 'f32', e.label));
+  }
+
+  /** Elements in the whole arena, padding included (padding stays zero). */
+  get size(): number {
+    return this.tensor.size;
+  }
+
+  dispose(): void {
+    for (const v of this.views) v.dispose();
+    this.tensor.dispose();
   }
 }
 
@@ -87,7 +159,7 @@ export function writeTensor(t: Tensor, data: ArrayLike<number>): void {
     throw new ShapeError(`${t.label}: ${data.length} values given for ${formatShape(t.shape)}`);
   }
   const bytes = encode(data, t.dtype);
-  t.ctx.device.queue.writeBuffer(t.buffer, 0, bytes.buffer, bytes.byteOffset, alignBytes(bytes.byteLength));
+  t.ctx.device.queue.writeBuffer(t.buffer, t.byteOffset, bytes.buffer, bytes.byteOffset, alignBytes(bytes.byteLength));
 }
 
 function encode(data: ArrayLike<number>, dtype: DType): Float32Array | Int32Array | Uint32Array | Uint16Array {
@@ -109,7 +181,7 @@ function alignBytes(n: number): number {
 
 /** Reads a tensor back to the host. f16 tensors come back as f32 values. */
 export async function readTensor(t: Tensor): Promise<Float32Array | Int32Array | Uint32Array> {
-  const bytes = await readBytes(t.ctx, t.buffer, alignBytes(t.byteLength), `${t.label}.readback`);
+  const bytes = await readBytes(t.ctx, t.buffer, alignBytes(t.byteLength), `${t.label}.readback`, t.byteOffset);
   switch (t.dtype) {
     case 'f32':
       return new Float32Array(bytes, 0, t.size);
@@ -131,12 +203,18 @@ export async function readFloat32(t: Tensor): Promise<Float32Array> {
 
 /** Copies `size` bytes of `buffer` into a staging buffer and maps it. Asynchronous: it waits for
  * the queue, never for a busy loop. */
-export async function readBytes(ctx: GpuContext, buffer: GPUBuffer, size: number, label: string): Promise<ArrayBuffer> {
+export async function readBytes(
+  ctx: GpuContext,
+  buffer: GPUBuffer,
+  size: number,
+  label: string,
+  offset = 0,
+): Promise<ArrayBuffer> {
   ctx.assertAlive();
   const staging = ctx.createBuffer({ label, size, usage: 0x1 /* MAP_READ */ | 0x8 /* COPY_DST */ });
   try {
     const encoder = ctx.device.createCommandEncoder({ label });
-    encoder.copyBufferToBuffer(buffer, 0, staging, 0, size);
+    encoder.copyBufferToBuffer(buffer, offset, staging, 0, size);
     ctx.device.queue.submit([encoder.finish()]);
     await Promise.race([staging.mapAsync(0x1 /* READ */, 0, size), ctx.lost.then((e) => Promise.reject(e))]);
     return staging.getMappedRange(0, size).slice(0);

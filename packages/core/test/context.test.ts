@@ -14,8 +14,12 @@ import {
   ShaderCompileError,
   ShapeError,
   StepEncoder,
+  type Tensor,
+  TensorArena,
   tensorFromData,
+  tensorView,
   WebGpuUnavailableError,
+  writeTensor,
 } from '../src/index.js';
 import { gpuCase, useGpu } from './gpu.js';
 
@@ -97,6 +101,58 @@ describe('buffers', () => {
       expect([...(await readTensor(h))]).toEqual([0.0999755859375, 65504, -3]);
       for (const t of [f, i, h]) t.dispose();
     });
+  });
+});
+
+describe('views and arenas', () => {
+  it('keeps small tensors at aligned offsets of one buffer, bound and cleared by range', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'arena', async () => {
+      const before = ctx.liveBufferCount;
+      const arena = new TensorArena(
+        ctx,
+        [
+          { shape: [3], label: 'p0' },
+          { shape: [5, 2], label: 'p1' },
+          { shape: [1], label: 'p2' },
+        ],
+        'params',
+      );
+      expect(ctx.liveBufferCount).toBe(before + 1);
+      const [p0, p1, p2] = arena.views as [Tensor, Tensor, Tensor];
+      for (const v of arena.views) expect(v.byteOffset % ctx.limits.minStorageBufferOffsetAlignment).toBe(0);
+      writeTensor(p0, [1, 2, 3]);
+      writeTensor(p1, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+      writeTensor(p2, [42]);
+      // A kernel reads one view and writes another arena's view at its offset.
+      const out = new TensorArena(
+        ctx,
+        [
+          { shape: [4], label: 'o0' },
+          { shape: [10], label: 'o1' },
+        ],
+        'outs',
+      );
+      const add = await planAddScaled(ctx, p1, p1, out.views[1] as Tensor, 0.5);
+      new StepEncoder(ctx, 'views').dispatch(add).clear(p0).submit();
+      expect([...(await readFloat32(out.views[1] as Tensor))]).toEqual([1.5, 3, 4.5, 6, 7.5, 9, 10.5, 12, 13.5, 15]);
+      expect([...(await readFloat32(out.views[0] as Tensor))]).toEqual([0, 0, 0, 0]);
+      expect([...(await readFloat32(p0))]).toEqual([0, 0, 0]);
+      expect([...(await readFloat32(p2))]).toEqual([42]);
+      add.dispose();
+      p1.dispose(); // a view: releases nothing
+      expect(ctx.liveBufferCount).toBe(before + 2);
+      arena.dispose();
+      out.dispose();
+    });
+  });
+
+  it('refuses misaligned or out-of-range views', () => {
+    const ctx = gpu();
+    const t = createTensor(ctx, [1024], 'f32', 'base');
+    expect(() => tensorView(t, 4, [2], 'f32', 'odd')).toThrow(/not a multiple/);
+    expect(() => tensorView(t, 0, [2000], 'f32', 'long')).toThrow(/outside base/);
+    t.dispose();
   });
 });
 

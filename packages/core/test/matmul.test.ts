@@ -62,23 +62,28 @@ function describeCase(c: Case): string {
 }
 
 describe('matmul on a slice of W', () => {
-  for (const [N, K, start, count, dtype] of [
-    [257, 65, 128, 129, 'f32'],
-    [300, 64, 128, 100, 'f16'],
-    [9, 7, 3, 5, 'f16'],
+  // [rows stored, cols stored, start, count, dtype, transW]
+  for (const [R, C, start, count, dtype, transW] of [
+    [257, 65, 128, 129, 'f32', true],
+    [300, 64, 128, 100, 'f16', true],
+    [9, 7, 3, 5, 'f16', true],
+    [300, 64, 128, 100, 'f16', false],
+    [257, 63, 1, 200, 'f32', false],
   ] as const) {
-    it(`rows [${start}, ${start + count}) of a ${N}×${K} ${dtype} W`, async () => {
+    it(`rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}`, async () => {
       const ctx = gpu();
       const M = 7;
-      const a = randomArray(M * K, N + K);
-      let w = randomArray(N * K, N + K + 1);
+      const K = transW ? C : count;
+      const N = transW ? count : C;
+      const a = randomArray(M * K, R + C);
+      let w = randomArray(R * C, R + C + 1);
       if (dtype === 'f16') w = Float64Array.from(roundToF16(w));
-      const want = matmulRef(a, w.subarray(start * K, (start + count) * K), M, K, count, { transB: true });
+      const want = matmulRef(a, w.subarray(start * C, (start + count) * C), M, K, N, { transB: transW });
       const got = await gpuCase(ctx, 'wRows', async () => {
         const ta = tensorFromData(ctx, a, [M, K], 'f32', 'a');
-        const tw = tensorFromData(ctx, w, [N, K], dtype, 'w');
-        const tc = createTensor(ctx, [M, count], 'f32', 'c');
-        const d = await planMatmul(ctx, ta, tw, tc, { wRows: { start, count } });
+        const tw = tensorFromData(ctx, w, [R, C], dtype, 'w');
+        const tc = createTensor(ctx, [M, N], 'f32', 'c');
+        const d = await planMatmul(ctx, ta, tw, tc, { transW, wRows: { start, count } });
         new StepEncoder(ctx, 'slice').dispatch(d).submit();
         const out = await readFloat32(tc);
         d.dispose();

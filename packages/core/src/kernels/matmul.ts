@@ -20,8 +20,9 @@ export interface MatmulOptions {
   /** alpha2·A2·opW(B2) joins the same tile loop: the LoRA term. A2 is M×K2; B2 is N×K2 when
    * transW, else K2×N. */
   lowRank?: { a2: Tensor; b2: Tensor; alpha2: number };
-  /** Use only rows [start, start + count) of a W stored N×K (transW): a vocabulary chunk of the
-   * LM head, without a copy or a separately bound buffer. */
+  /** Use only rows [start, start + count) of W as stored: with transW a chunk of its N output rows
+   * (the LM head's vocabulary), otherwise a chunk of its K rows (dh += dlogits·E over the same
+   * chunk). No copy and no separately bound buffer. */
   wRows?: { start: number; count: number };
   label?: string;
 }
@@ -80,13 +81,14 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
   const [w0, w1] = w.shape as [number, number];
   if (opts.wRows) {
     const { start, count } = opts.wRows;
-    if (!transW) throw new ShapeError(`${op}: wRows selects rows of an N×K weight; it needs transW`);
     if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 1 || start + count > w0) {
       throw new ShapeError(`${op}: rows [${start}, ${start + count}) are outside W ${w.label} ${formatShape(w.shape)}`);
     }
   }
-  const N = transW ? (opts.wRows?.count ?? w0) : w1;
-  const K = transW ? w1 : w0;
+  // wRows selects rows of W as stored: output columns (N) when transposed, K otherwise.
+  const rows = opts.wRows?.count ?? w0;
+  const N = transW ? rows : w1;
+  const K = transW ? w1 : rows;
   const aInner = a.shape[a.shape.length - 1] as number;
   if (aInner !== K) {
     throw new ShapeError(
@@ -136,7 +138,7 @@ export async function planMatmul(
 ): Promise<Dispatch> {
   const dims = matmulDims(a, w, c, opts);
   const transW = opts.transW ?? true;
-  const wOffset = (opts.wRows?.start ?? 0) * dims.K;
+  const wOffset = (opts.wRows?.start ?? 0) * (w.shape[1] as number);
   const tile = matmulTile(ctx, dims);
   const kernel = await getKernel(ctx, MATMUL, {
     WG_X: tile.wgX,
