@@ -6,7 +6,8 @@ tools/make_tiny_models.py):
 
     tools/.venv/bin/python tools/golden_forward.py
 
-Each file holds: the model folder, a batch of 2 x 11 input ids, their logits, the loss with
+Each file holds: the model folder, a batch of 2 x 11 input ids, their logits (also with the
+matrices rounded to f16: logits_f16_weights, loss_f16_weights), the loss with
 labels = input_ids, the hidden states of sequence 0, a 20-token greedy generation from sequence
 0's first 5 tokens, and the `eval` record of packages/models/test/fixtures/text/shakespeare-4k.txt
 (windows of 64 tokens, the CLI's `eval` semantics); stories260K also gets `generate_bos`. Floats are
@@ -178,6 +179,16 @@ def golden(name: str, folder: Path, sentence: str, seed: int) -> dict:
     record["logits"] = flat(out.logits)
     record["hidden_states"] = flat(hs)
     record["last_layer_output"] = flat(captured["last"][0])
+    # The same forward with every matrix (embeddings, projections, LM head) rounded to f16, as the
+    # engine stores them by default; norms and biases stay f32 and all arithmetic is f32. This is
+    # what the engine's f16-weight path is compared with.
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.dim() == 2:
+                param.copy_(param.half().float())
+        out16 = model(x, labels=x)
+    record["loss_f16_weights"] = round_sig(float(out16.loss))
+    record["logits_f16_weights"] = flat(out16.logits)
     return record
 
 

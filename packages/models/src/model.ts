@@ -1,0 +1,257 @@
+/**
+ * A causal language model's frozen weights on the GPU, loaded from a Hugging Face folder with
+ * every key and shape asserted against the architecture's parameter table.
+ */
+import { type GpuContext, ropeInvFreq, type Tensor, tensorFromData, WebtuneError } from '@webtune/core';
+import {
+  isIgnorableKey,
+  type LinearModule,
+  type LinearRole,
+  type ModelLayout,
+  modelLayout,
+  type ParamSpec,
+  parameterTable,
+} from './architecture.js';
+import { ConfigError, type ModelConfig, parseModelConfig } from './config.js';
+import { ModelFileError } from './errors.js';
+import { type ModelWeights, openModelWeights } from './safetensors.js';
+import type { ModelSource } from './source.js';
+import { transpose2d, uploadTensor } from './weights.js';
+
+/** A checkpoint that does not match its architecture: missing, unexpected or misshapen tensors. */
+export class ModelLoadError extends WebtuneError {
+  constructor(
+    readonly source: string,
+    readonly reason: string,
+  ) {
+    super(`model in ${source}: ${reason}`);
+  }
+}
+
+export interface Linear {
+  readonly module: LinearModule;
+  /** [out, in], f16 or f32. */
+  readonly w: Tensor;
+  /** [out], f32. */
+  readonly bias?: Tensor;
+}
+
+export interface Norm {
+  /** [d] f32. */
+  readonly w: Tensor;
+  /** [d] f32 (LayerNorm). */
+  readonly b?: Tensor;
+}
+
+export interface Layer {
+  readonly index: number;
+  readonly norm1: Norm;
+  readonly norm2: Norm;
+  /** Qwen3's per-head norms of q and k, [head_dim] f32. */
+  readonly qNorm?: Tensor;
+  readonly kNorm?: Tensor;
+  readonly linears: Partial<Record<LinearRole, Linear>>;
+}
+
+export type WeightPrecision = 'f16' | 'f32';
+
+export interface LoadProgress {
+  readonly status: 'config' | 'weights' | 'ready';
+  /** Bytes of the checkpoint read so far, of `total`. */
+  readonly loaded: number;
+  readonly total: number;
+  readonly tensor?: string;
+}
+
+export interface LoadModelOptions {
+  /** Precision of the frozen matrices on the GPU (norms and biases are always f32). Default f16. */
+  precision?: WeightPrecision;
+  onProgress?: (p: LoadProgress) => void;
+  signal?: AbortSignal;
+}
+
+export class CausalLM {
+  private released = false;
+
+  constructor(
+    readonly ctx: GpuContext,
+    readonly config: ModelConfig,
+    readonly layout: ModelLayout,
+    readonly precision: WeightPrecision,
+    readonly embed: Tensor,
+    readonly positions: Tensor | undefined,
+    readonly layers: readonly Layer[],
+    readonly finalNorm: Norm,
+    /** The LM head [vocab, d]: the embedding itself when tied. */
+    readonly lmHead: Tensor,
+    /** RoPE inverse frequencies [head_dim/2], f32 (Llama family). */
+    readonly ropeInvFreq: Tensor | undefined,
+    readonly ropeAttentionScaling: number,
+    private readonly owned: readonly Tensor[],
+    /** Where it came from, for messages. */
+    readonly description: string,
+  ) {}
+
+  /** Bytes of the GPU buffers the weights occupy. */
+  get bytes(): number {
+    return this.owned.reduce((n, t) => n + t.byteLength, 0);
+  }
+
+  get disposed(): boolean {
+    return this.released;
+  }
+
+  dispose(): void {
+    if (this.released) return;
+    this.released = true;
+    for (const t of this.owned) t.dispose();
+  }
+}
+
+/** Reads and validates config.json from a source. */
+export async function loadModelConfig(source: ModelSource): Promise<ModelConfig> {
+  const text = await source.readText('config.json');
+  if (text === undefined)
+    throw new ModelFileError(source.description, 'config.json', 'not found (is this a Hugging Face model folder?)');
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new ConfigError(`${source.description}/config.json`, undefined, `is not valid JSON: ${(e as Error).message}`);
+  }
+  return parseModelConfig(json, `${source.description}/config.json`);
+}
+
+/** Maps each canonical key to the name the checkpoint uses (GPT-2 files often drop 'transformer.'). */
+function resolveKeys(
+  config: ModelConfig,
+  weights: ModelWeights,
+  specs: readonly ParamSpec[],
+  where: string,
+): Map<string, string> {
+  const found = new Map<string, string>();
+  const missing: string[] = [];
+  for (const spec of specs) {
+    const alt = config.family === 'gpt2' ? spec.key.replace(/^transformer\./, '') : undefined;
+    if (weights.has(spec.key)) found.set(spec.key, spec.key);
+    else if (alt && weights.has(alt)) found.set(spec.key, alt);
+    else missing.push(spec.key);
+  }
+  const used = new Set(found.values());
+  const unexpected = weights
+    .names()
+    .filter((n) => !used.has(n) && !isIgnorableKey(config, n) && !(config.tieWordEmbeddings && n === 'lm_head.weight'));
+  const problems: string[] = [];
+  if (missing.length > 0)
+    problems.push(
+      `missing tensors: ${missing.slice(0, 10).join(', ')}${missing.length > 10 ? ` and ${missing.length - 10} more` : ''}`,
+    );
+  if (unexpected.length > 0) {
+    problems.push(
+      `unexpected tensors for ${config.architecture}: ${unexpected.slice(0, 10).join(', ')}${unexpected.length > 10 ? ` and ${unexpected.length - 10} more` : ''}`,
+    );
+  }
+  if (problems.length > 0) throw new ModelLoadError(where, problems.join('; '));
+  return found;
+}
+
+/**
+ * Loads config.json and the safetensors weights (single file or sharded) from `source` onto the
+ * GPU. Tensors are streamed one at a time; nothing but the current chunk is held in memory.
+ */
+export async function loadModel(
+  ctx: GpuContext,
+  source: ModelSource,
+  options: LoadModelOptions = {},
+): Promise<CausalLM> {
+  const precision = options.precision ?? 'f16';
+  const where = source.description;
+  options.onProgress?.({ status: 'config', loaded: 0, total: 0 });
+  const config = await loadModelConfig(source);
+  const layout = modelLayout(config);
+  const specs = parameterTable(config);
+  const weights = await openModelWeights(source);
+  const names = resolveKeys(config, weights, specs, where);
+  const infos = await weights.infos();
+
+  let total = 0;
+  for (const spec of specs) {
+    const info = infos.get(names.get(spec.key) as string);
+    if (!info) throw new ModelLoadError(where, `no header entry for ${spec.key}`);
+    if (info.shape.length !== spec.shape.length || info.shape.some((d, i) => d !== spec.shape[i])) {
+      throw new ModelLoadError(
+        where,
+        `${spec.key} has shape [${info.shape.join(', ')}], ${config.architecture} with this config.json needs [${spec.shape.join(', ')}]`,
+      );
+    }
+    total += info.end - info.begin;
+  }
+
+  const tensors = new Map<string, Tensor>();
+  const owned: Tensor[] = [];
+  let loaded = 0;
+  try {
+    for (const spec of specs) {
+      const name = names.get(spec.key) as string;
+      const info = infos.get(name);
+      const size = info ? info.end - info.begin : 0;
+      const [rows, cols] = spec.shape as [number, number];
+      const t = await uploadTensor(ctx, weights, name, {
+        dtype: spec.precision === 'f32' ? 'f32' : precision,
+        label: spec.key,
+        signal: options.signal,
+        ...(spec.transpose ? { shape: [cols, rows], transform: (d: Float32Array) => transpose2d(d, rows, cols) } : {}),
+        onProgress: (l) => options.onProgress?.({ status: 'weights', loaded: loaded + l, total, tensor: spec.key }),
+      });
+      owned.push(t);
+      tensors.set(spec.key, t);
+      loaded += size;
+    }
+    const get = (key: string) => tensors.get(key) as Tensor;
+    const layers: Layer[] = layout.layers.map((l, index) => {
+      const linears: Partial<Record<LinearRole, Linear>> = {};
+      for (const m of l.linears) {
+        linears[m.role] = { module: m, w: get(`${m.name}.weight`), bias: m.bias ? get(`${m.name}.bias`) : undefined };
+      }
+      return {
+        index,
+        norm1: { w: get(l.norm1.w), b: l.norm1.b ? get(l.norm1.b) : undefined },
+        norm2: { w: get(l.norm2.w), b: l.norm2.b ? get(l.norm2.b) : undefined },
+        qNorm: l.qNorm ? get(l.qNorm) : undefined,
+        kNorm: l.kNorm ? get(l.kNorm) : undefined,
+        linears,
+      };
+    });
+    let invFreq: Tensor | undefined;
+    let scaling = 1;
+    if (config.rope) {
+      const r = ropeInvFreq({
+        headDim: config.headDim,
+        ropeTheta: config.rope.theta,
+        ropeScaling: config.rope.scaling,
+      });
+      invFreq = tensorFromData(ctx, r.invFreq, [config.headDim / 2], 'f32', 'rope.inv_freq');
+      owned.push(invFreq);
+      scaling = r.attentionScaling;
+    }
+    options.onProgress?.({ status: 'ready', loaded: total, total });
+    return new CausalLM(
+      ctx,
+      config,
+      layout,
+      precision,
+      get(layout.embed),
+      layout.positions ? get(layout.positions) : undefined,
+      layers,
+      { w: get(layout.finalNorm.w), b: layout.finalNorm.b ? get(layout.finalNorm.b) : undefined },
+      layout.lmHead ? get(layout.lmHead) : get(layout.embed),
+      invFreq,
+      scaling,
+      owned,
+      where,
+    );
+  } catch (e) {
+    for (const t of owned) t.dispose();
+    throw e;
+  }
+}
