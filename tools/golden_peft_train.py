@@ -15,7 +15,7 @@ algorithms and PYTHONHASHSEED=0 (set by re-executing itself):
 3. one step: the loss (transformers' semantics: shift inside the model, mean over the labels that
    are not -100) and every lora_A / lora_B gradient, checked here against float64 autograd (every
    entry) and float64 central finite differences (a few entries), errors printed;
-4. ten steps of torch.optim.AdamW (lr LR, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01) with
+4. ten steps of torch.optim.AdamW (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01) with
    get_linear_schedule_with_warmup(3, 10) and clip_grad_norm_(1.0), same batch every step: the
    loss before each update, the learning rate each update used, the gradient norm before clipping,
    and the final weights;
