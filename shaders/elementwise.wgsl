@@ -1,8 +1,11 @@
-// elementwise.wgsl: element-by-element arithmetic on flat f32 arrays.
+// elementwise.wgsl: element-by-element arithmetic and copies on flat f32 arrays.
 //
 //   add_scaled: out[i] = a[i] + alpha · b[i]     (out may not alias a or b)
-//
-// Bindings, group 0: 0 p (uniform), 1 a (n, read), 2 b (n, read), 3 out (n, written).
+//     bindings: 0 p (Params), 1 a (n, read), 2 b (n, read), 3 out (n, written)
+//   copy_rows: dst[(base + r)·dst_stride + dst_off + c] = src[r·src_stride + src_off + c]
+//              for r < rows, c < cols, with base = positions[0] read on the GPU, so a planned
+//              copy into a KV cache follows the generation position without re-planning.
+//     bindings: 0 q (CopyParams), 1 src (read), 2 positions (i32, read), 3 dst (written)
 // Threads are laid out 2-D (x fastest) so n can exceed 65535 workgroups' worth of one dimension.
 
 struct Params {
@@ -23,4 +26,30 @@ override WG: u32 = 256;
 fn add_scaled(@builtin(global_invocation_id) gid: vec3<u32>) {
   let i = gid.y * p.row_stride + gid.x;
   if (i < p.n) { out[i] = a[i] + p.alpha * b[i]; }
+}
+
+struct CopyParams {
+  rows: u32,
+  cols: u32,
+  src_stride: u32,
+  src_off: u32,
+  dst_stride: u32,
+  dst_off: u32,
+  row_stride: u32,   // invocations per row of the 2-D dispatch grid
+  _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> q: CopyParams;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> positions: array<i32>;
+@group(0) @binding(3) var<storage, read_write> dst: array<f32>;
+
+@compute @workgroup_size(WG)
+fn copy_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.y * q.row_stride + gid.x;
+  if (i >= q.rows * q.cols) { return; }
+  let r = i / q.cols;
+  let c = i % q.cols;
+  let base = u32(max(positions[0], 0));
+  dst[(base + r) * q.dst_stride + q.dst_off + c] = src[r * q.src_stride + q.src_off + c];
 }

@@ -253,6 +253,15 @@ function spec(entryPoint: string, bindings: readonly AttentionBinding[]): Kernel
   return { source, file: 'shaders/attention.wgsl', entryPoint, bindings };
 }
 
+/**
+ * The uniform block of every attention kernel for these dims. A planned dispatch's shapes can be
+ * moved along with Dispatch.setUniforms(attentionUniforms(...)) (generation advances pos0 and Tk
+ * each token), as long as the buffers bound at planning time still cover them.
+ */
+export function attentionUniforms(dims: AttentionDims): ArrayBuffer {
+  return uniforms(resolveAttentionDims(dims));
+}
+
 function uniforms(d: ResolvedAttentionDims): ArrayBuffer {
   return packUniforms([
     ['u32', d.B],

@@ -50,3 +50,69 @@ export async function planAddScaled(
     ]),
   });
 }
+
+export interface RowCopy {
+  rows: number;
+  cols: number;
+  srcStride?: number;
+  srcOffset?: number;
+  dstStride?: number;
+  dstOffset?: number;
+}
+
+/**
+ * Copies `rows` rows of `cols` values from src into dst starting at row positions[0] (an i32 the
+ * host rewrites between steps): the new token's keys and values into a KV cache. Bounds are
+ * checked here for the largest position the caller allows (`maxBase`).
+ */
+export async function planCopyRows(
+  ctx: GpuContext,
+  src: Tensor,
+  positions: Tensor,
+  dst: Tensor,
+  copy: RowCopy,
+  maxBase: number,
+  label = 'copy_rows',
+): Promise<Dispatch> {
+  const srcStride = copy.srcStride ?? copy.cols;
+  const dstStride = copy.dstStride ?? copy.cols;
+  const srcOffset = copy.srcOffset ?? 0;
+  const dstOffset = copy.dstOffset ?? 0;
+  if (positions.dtype !== 'i32' || positions.size < 1) throw new ShapeError(`${label}: positions must hold an i32`);
+  if ((copy.rows - 1) * srcStride + srcOffset + copy.cols > src.size) {
+    throw new ShapeError(
+      `${label}: src ${src.label} ${formatShape(src.shape)} is too small for ${copy.rows} rows of ${copy.cols}`,
+    );
+  }
+  if ((maxBase + copy.rows - 1) * dstStride + dstOffset + copy.cols > dst.size) {
+    throw new ShapeError(
+      `${label}: dst ${dst.label} ${formatShape(dst.shape)} cannot take rows up to ${maxBase + copy.rows - 1}`,
+    );
+  }
+  const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
+  const kernel = await getKernel(
+    ctx,
+    {
+      source,
+      file: 'shaders/elementwise.wgsl',
+      entryPoint: 'copy_rows',
+      bindings: ['uniform', 'read', 'read', 'write'],
+    },
+    { WG: wg },
+  );
+  const g = grid1d(ctx, copy.rows * copy.cols, wg);
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [src, positions, dst],
+    workgroups: g.workgroups,
+    uniforms: packUniforms([
+      ['u32', copy.rows],
+      ['u32', copy.cols],
+      ['u32', srcStride],
+      ['u32', srcOffset],
+      ['u32', dstStride],
+      ['u32', dstOffset],
+      ['u32', g.rowStride],
+    ]),
+  });
+}
