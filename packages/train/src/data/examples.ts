@@ -161,19 +161,16 @@ export function tokenizeRecords(
 ): TokenizedRecords {
   checkSeq(options.seq);
   const examples: Example[] = [];
-  const droppedLines: number[] = [];
+  const droppedLines = new Set<number>();
   const eos = tokenizer.eosTokenIds[0];
   for (const record of records) {
     for (const full of tokenizeRecord(tokenizer, record, eos, options)) {
       const example = truncate(full, options.seq);
-      if (predictedPositions(example.labels) === 0) {
-        if (!droppedLines.includes(record.line)) droppedLines.push(record.line);
-      } else {
-        examples.push(example);
-      }
+      if (predictedPositions(example.labels) === 0) droppedLines.add(record.line);
+      else examples.push(example);
     }
   }
-  return { examples, droppedLines };
+  return { examples, droppedLines: [...droppedLines] };
 }
 
 function truncate(example: Example, seq: number): Example {
