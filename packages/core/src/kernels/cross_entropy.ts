@@ -1,0 +1,670 @@
+/**
+ * The causal language-model loss (Hugging Face's ForCausalLMLoss after the label shift), forward
+ * and backward, straight from the final hidden states: the vocabulary is cut into chunks of C
+ * rows of the LM head, and only one [rows, C] block of logits exists at a time. See
+ * shaders/cross_entropy.wgsl for the math.
+ *
+ * Three plans, all recorded into one StepEncoder with no host round trip:
+ *   planCrossEntropyForward   per chunk: logits = H·E[chunk]ᵀ (planMatmul with wRows), then an
+ *                             online max/Σexp update; then one finish dispatch writing lse, the
+ *                             per-row loss, the loss and the count.
+ *   planCrossEntropyBackward  coef = g / divisor; per chunk (last first): logits again,
+ *                             dz = softmax − onehot in place, dH (+)= dz·E[chunk].
+ *   planCrossEntropyTraining  both, sharing one logits scratch; the backward starts with the
+ *                             chunk the forward left in the scratch, so that chunk is not recomputed.
+ * and planLogitsRows for the logits of a few selected rows (generation).
+ *
+ * The divisor (default: the number of counted labels, computed on the GPU) and the upstream
+ * gradient g are uniforms the plans can rewrite between steps (setDivisor, setGradScale), so a
+ * trainer plans once and changes them per step, as gradient accumulation needs.
+ */
+import source from '../../../../shaders/cross_entropy.wgsl?raw';
+import type { GpuContext } from '../context.js';
+import type { StepEncoder } from '../encoder.js';
+import { LimitExceededError, ShapeError } from '../errors.js';
+import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { formatShape } from '../shape.js';
+import { createTensor, type Tensor, tensorView } from '../tensor.js';
+import { grid1d } from './elementwise.js';
+import { isCpuAdapter, planMatmul } from './matmul.js';
+
+/** The label that marks a row as not counted (PyTorch's default ignore_index). */
+export const CROSS_ENTROPY_IGNORE_INDEX = -100;
+/** Bits of errors[0] (errors[1] counts the rows concerned). */
+export const CROSS_ENTROPY_LABEL_OUT_OF_RANGE = 1;
+export const CROSS_ENTROPY_ROW_OUT_OF_RANGE = 2;
+/** Vocabulary rows per chunk when the memory budget allows. */
+export const CROSS_ENTROPY_DEFAULT_CHUNK = 4096;
+/** Default budget for the logits scratch [rows, C]. */
+export const CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES = 64 * 1024 * 1024;
+
+type Entry =
+  | 'cross_entropy_fwd_chunk'
+  | 'cross_entropy_fwd_finish'
+  | 'cross_entropy_bwd_scale'
+  | 'cross_entropy_bwd_dlogits'
+  | 'cross_entropy_gather_rows';
+
+const BINDINGS: Record<Entry, KernelSpec['bindings']> = {
+  cross_entropy_fwd_chunk: ['uniform', 'read', 'read', 'write'],
+  cross_entropy_fwd_finish: ['uniform', 'read', 'read', 'write', 'write', 'write', 'write'],
+  cross_entropy_bwd_scale: ['uniform', 'read', 'write'],
+  cross_entropy_bwd_dlogits: ['uniform', 'read', 'read', 'read', 'write'],
+  cross_entropy_gather_rows: ['uniform', 'read', 'read', 'write', 'write'],
+};
+
+const spec = (entryPoint: Entry): KernelSpec => ({
+  source,
+  file: 'shaders/cross_entropy.wgsl',
+  entryPoint,
+  bindings: BINDINGS[entryPoint],
+});
+
+/** Sizing of the chunked loss. */
+export interface CrossEntropyChunkOptions {
+  /**
+   * Vocabulary rows per chunk: a multiple of 4 (so every chunk starts at an aligned row of E), or
+   * anything ≥ V for one chunk. Default CROSS_ENTROPY_DEFAULT_CHUNK, lowered to fit
+   * `maxScratchBytes` and the device's buffer limits.
+   */
+  readonly chunk?: number;
+  /** Budget for the [rows, C] f32 logits scratch. Default CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES. */
+  readonly maxScratchBytes?: number;
+}
+
+export interface CrossEntropyOptions extends CrossEntropyChunkOptions {
+  /**
+   * Divides the summed loss (and scales the gradient). Default: the number of counted labels in
+   * this batch, computed on the GPU. Give the total over all micro-batches when accumulating
+   * gradients. Plans can change it later with setDivisor.
+   */
+  readonly divisor?: number;
+  /**
+   * A caller-owned f32 scratch of at least rows·C elements to hold the logits, instead of one the
+   * plan allocates (two plans can share one). Not released by dispose().
+   */
+  readonly logits?: Tensor;
+  readonly label?: string;
+}
+
+export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
+  /** g = ∂L/∂loss, the upstream gradient. Default 1. Plans can change it with setGradScale. */
+  readonly g?: number;
+  /** Add into dH instead of overwriting it (default false: the first chunk overwrites dH). */
+  readonly accumulate?: boolean;
+}
+
+/** The forward's operands. rows = B·T. */
+export interface CrossEntropyForwardBuffers {
+  /** H [rows, d] (any leading shape) f32: the final norm's output. */
+  readonly h: Tensor;
+  /** E [V, d], f32 or packed f16: the LM head weight (tied to the embedding or not), frozen. */
+  readonly e: Tensor;
+  /** [rows] i32: the target of each row, already shifted (input_ids[b, t+1]); -100 = ignored. */
+  readonly labels: Tensor;
+  /** [rows] f32, written: log Σ_v exp z[i, v]; saved for the backward. */
+  readonly lse: Tensor;
+  /** ≥ 2 f32, written: loss[0] = Σ row losses / divisor, loss[1] = the number of counted rows. */
+  readonly loss: Tensor;
+  /**
+   * ≥ 2 u32, accumulated: errors[0] |= CROSS_ENTROPY_LABEL_OUT_OF_RANGE and errors[1] += 1 for
+   * each label outside [0, V) other than -100 (such a row is treated as ignored). Clear it before
+   * the first step (StepEncoder.clear) and read it when convenient.
+   */
+  readonly errors: Tensor;
+  /** [rows] f32, written when given: lse − z[label] per row, 0 where ignored. */
+  readonly rowLoss?: Tensor;
+}
+
+/** The backward's operands. */
+export interface CrossEntropyBackwardBuffers {
+  readonly h: Tensor;
+  readonly e: Tensor;
+  readonly labels: Tensor;
+  /** [rows] f32 from the forward. */
+  readonly lse: Tensor;
+  /** [rows, d] f32 like h: written (or accumulated with `accumulate`). Must not overlap h. */
+  readonly dh: Tensor;
+}
+
+export type CrossEntropyTrainingBuffers = CrossEntropyForwardBuffers & { readonly dh: Tensor };
+
+/** Dispatches to record (in order) and the scratch tensors they own. */
+export interface KernelPlan {
+  readonly dispatches: readonly Dispatch[];
+  /** Tensors the plan allocated; released by dispose(). */
+  readonly scratch: readonly Tensor[];
+  /** Bytes of the buffers in `scratch`. */
+  readonly scratchBytes: number;
+  /** Records every dispatch into `enc`. */
+  record(enc: StepEncoder): void;
+  dispose(): void;
+}
+
+export interface CrossEntropyPlan extends KernelPlan {
+  /** Vocabulary rows per chunk. */
+  readonly chunk: number;
+  readonly chunks: number;
+  /** Sets the divisor for the next steps; undefined = the count of labels on the GPU. */
+  setDivisor(divisor: number | undefined): void;
+}
+
+export interface CrossEntropyGradPlan extends CrossEntropyPlan {
+  /** Sets g = ∂L/∂loss for the next steps. */
+  setGradScale(g: number): void;
+}
+
+interface Dims {
+  rows: number;
+  d: number;
+  vocab: number;
+}
+
+function checkOperands(op: string, h: Tensor, e: Tensor, labels: Tensor): Dims {
+  if (e.shape.length !== 2) throw new ShapeError(`${op}: E ${e.label} must be 2-D [V, d], got ${formatShape(e.shape)}`);
+  if (e.dtype !== 'f32' && e.dtype !== 'f16') {
+    throw new ShapeError(`${op}: E ${e.label} must be f32 or f16, got ${e.dtype}`);
+  }
+  const [vocab, d] = e.shape as [number, number];
+  if (h.dtype !== 'f32' || h.shape[h.shape.length - 1] !== d) {
+    throw new ShapeError(
+      `${op}: H ${h.label} ${h.dtype}${formatShape(h.shape)} must be f32 rows of d = ${d} (E ${e.label} ${formatShape(e.shape)})`,
+    );
+  }
+  const rows = h.size / d;
+  if (labels.dtype !== 'i32' || labels.size !== rows) {
+    throw new ShapeError(
+      `${op}: labels ${labels.label} ${labels.dtype}${formatShape(labels.shape)} must be ${rows} i32 values, one per row of H ${formatShape(h.shape)}`,
+    );
+  }
+  return { rows, d, vocab };
+}
+
+function expectF32(op: string, name: string, t: Tensor, size: number, what: string, atLeast = false): void {
+  if (t.dtype !== 'f32' || (atLeast ? t.size < size : t.size !== size)) {
+    throw new ShapeError(
+      `${op}: ${name} ${t.label} ${t.dtype}${formatShape(t.shape)} must be ${atLeast ? '≥ ' : ''}${size} f32 values (${what})`,
+    );
+  }
+}
+
+function expectErrors(op: string, t: Tensor): void {
+  if (t.dtype !== 'u32' || t.size < 2) {
+    throw new ShapeError(`${op}: errors ${t.label} ${t.dtype}${formatShape(t.shape)} must be ≥ 2 u32`);
+  }
+}
+
+function overlaps(a: Tensor, b: Tensor): boolean {
+  return (
+    a.buffer === b.buffer && a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength
+  );
+}
+
+function checkDivisor(op: string, divisor: number | undefined): void {
+  if (divisor !== undefined && !(Number.isFinite(divisor) && divisor > 0)) {
+    throw new ShapeError(`${op}: divisor ${divisor} must be a positive finite number`);
+  }
+}
+
+/**
+ * Vocabulary rows per chunk for `rows` rows and a vocabulary of `vocab`: the requested chunk (or
+ * the default), lowered to a multiple of 4 whose [rows, C] f32 scratch fits the budget and the
+ * device's binding limits; V itself when that fits.
+ */
+export function crossEntropyChunk(
+  ctx: GpuContext,
+  rows: number,
+  vocab: number,
+  opts: CrossEntropyChunkOptions = {},
+): number {
+  const op = 'cross_entropy';
+  if (opts.chunk !== undefined) {
+    if (!Number.isSafeInteger(opts.chunk) || opts.chunk < 1 || (opts.chunk < vocab && opts.chunk % 4 !== 0)) {
+      throw new ShapeError(`${op}: chunk ${opts.chunk} must be a positive multiple of 4 (or ≥ V = ${vocab})`);
+    }
+  }
+  const budget = Math.min(
+    opts.maxScratchBytes ?? CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES,
+    ctx.limits.maxStorageBufferBindingSize,
+    ctx.limits.maxBufferSize,
+  );
+  const fits = Math.floor(budget / (4 * rows));
+  const want = Math.min(opts.chunk ?? CROSS_ENTROPY_DEFAULT_CHUNK, vocab);
+  if (want === vocab && vocab <= fits) return vocab;
+  const chunk = Math.floor(Math.min(want, fits) / 4) * 4;
+  if (chunk < 4) {
+    throw new LimitExceededError('maxScratchBytes', 16 * rows, budget, `${op} logits scratch [${rows}, 4]`);
+  }
+  return chunk;
+}
+
+/** Scratch bytes the plans allocate for these sizes (for the memory estimate). */
+export function crossEntropyScratchBytes(
+  ctx: GpuContext,
+  rows: number,
+  vocab: number,
+  opts: CrossEntropyChunkOptions = {},
+): { chunk: number; logits: number; stats: number; coef: number; forward: number; backward: number; training: number } {
+  const chunk = crossEntropyChunk(ctx, rows, vocab, opts);
+  const logits = align16(rows * chunk * 4);
+  const stats = align16(rows * 16);
+  const coef = 16;
+  return {
+    chunk,
+    logits,
+    stats,
+    coef,
+    forward: logits + stats,
+    backward: logits + coef,
+    training: logits + stats + coef,
+  };
+}
+
+function align16(n: number): number {
+  return Math.max(16, Math.ceil(n / 16) * 16);
+}
+
+/** Invocations per workgroup: 64 on CPU adapters (every barrier switches each invocation), else
+ * 256, within the device's limits; a power of two. */
+function workgroupSize(ctx: GpuContext): number {
+  const cap = Math.min(
+    isCpuAdapter(ctx) ? 64 : 256,
+    ctx.limits.maxComputeInvocationsPerWorkgroup,
+    ctx.limits.maxComputeWorkgroupSizeX,
+  );
+  let wg = 1;
+  while (wg * 2 <= cap) wg *= 2;
+  return wg;
+}
+
+interface Params {
+  rows: number;
+  vocab: number;
+  start?: number;
+  count?: number;
+  first?: boolean;
+  divisor?: number;
+  g?: number;
+  rowLoss?: boolean;
+  gridX?: number;
+  d?: number;
+  n?: number;
+}
+
+function uniforms(q: Params): ArrayBuffer {
+  return packUniforms([
+    ['u32', q.rows],
+    ['u32', q.vocab],
+    ['u32', q.start ?? 0],
+    ['u32', q.count ?? 0],
+    ['u32', q.first ? 1 : 0],
+    ['u32', q.divisor !== undefined ? 1 : 0],
+    ['f32', q.divisor ?? 0],
+    ['f32', q.g ?? 1],
+    ['u32', q.rowLoss ? 1 : 0],
+    ['u32', q.gridX ?? 0],
+    ['u32', q.d ?? 0],
+    ['u32', q.n ?? 0],
+  ]);
+}
+
+interface Chunk {
+  start: number;
+  count: number;
+  /** The logits scratch seen as [rows, count]. */
+  logits: Tensor;
+}
+
+/** Checks a caller's logits scratch: f32 with room for [rows, chunk]. */
+function checkScratch(op: string, dims: Dims, chunk: number, given: Tensor | undefined): void {
+  if (given) expectF32(op, 'logits scratch', given, dims.rows * chunk, `rows × chunk = ${dims.rows} × ${chunk}`, true);
+}
+
+/** The chunk list over the logits scratch (`given`, or one allocated and pushed to `owned`). */
+function chunking(
+  ctx: GpuContext,
+  op: string,
+  dims: Dims,
+  chunk: number,
+  given: Tensor | undefined,
+  owned: Tensor[],
+): Chunk[] {
+  let scratch = given;
+  if (!scratch) {
+    scratch = createTensor(ctx, [dims.rows, chunk], 'f32', `${op}.logits`);
+    owned.push(scratch);
+  }
+  const chunks: Chunk[] = [];
+  const views = new Map<number, Tensor>();
+  for (let start = 0; start < dims.vocab; start += chunk) {
+    const count = Math.min(chunk, dims.vocab - start);
+    let view = views.get(count);
+    if (!view) {
+      view = tensorView(scratch, 0, [dims.rows, count], 'f32', `${op}.logits[${dims.rows}, ${count}]`);
+      views.set(count, view);
+    }
+    chunks.push({ start, count, logits: view });
+  }
+  return chunks;
+}
+
+function checkGradScale(op: string, g: number): void {
+  if (!Number.isFinite(g)) throw new ShapeError(`${op}: g ${g} must be finite`);
+}
+
+function checkStorageBuffers(ctx: GpuContext, op: string, needed: number): void {
+  const have = ctx.limits.maxStorageBuffersPerShaderStage;
+  if (have < needed) throw new LimitExceededError('maxStorageBuffersPerShaderStage', needed, have, op);
+}
+
+function kernelPlan(dispatches: Dispatch[], scratch: Tensor[]): KernelPlan {
+  let released = false;
+  return {
+    dispatches,
+    scratch,
+    scratchBytes: scratch.reduce((s, t) => s + t.buffer.size, 0),
+    record(enc: StepEncoder) {
+      enc.dispatch(...dispatches);
+    },
+    dispose() {
+      if (released) return;
+      released = true;
+      for (const d of dispatches) d.dispose();
+      for (const t of scratch) t.dispose();
+    },
+  };
+}
+
+function release(dispatches: readonly Dispatch[], scratch: readonly Tensor[]): void {
+  for (const d of dispatches) d.dispose();
+  for (const t of scratch) t.dispose();
+}
+
+/**
+ * Loss forward: per chunk, logits = H·E[chunk]ᵀ and an online max/Σexp update per row; then lse,
+ * the per-row loss (when `rowLoss` is given), loss[0] and loss[1] = count. 2·chunks + 1
+ * dispatches. Allocates the logits scratch (unless given) and a [rows] vec4 running-state scratch.
+ */
+export async function planCrossEntropyForward(
+  ctx: GpuContext,
+  io: CrossEntropyForwardBuffers,
+  opts: CrossEntropyOptions = {},
+): Promise<CrossEntropyPlan> {
+  const op = `${opts.label ?? 'cross_entropy'}.forward`;
+  const dims = checkOperands(op, io.h, io.e, io.labels);
+  expectF32(op, 'lse', io.lse, dims.rows, 'one per row');
+  expectF32(op, 'loss', io.loss, 2, 'loss and count', true);
+  expectErrors(op, io.errors);
+  if (io.rowLoss) expectF32(op, 'rowLoss', io.rowLoss, dims.rows, 'one per row');
+  checkDivisor(op, opts.divisor);
+  checkStorageBuffers(ctx, op, 6);
+  const chunk = crossEntropyChunk(ctx, dims.rows, dims.vocab, opts);
+  checkScratch(op, dims, chunk, opts.logits);
+  const wg = workgroupSize(ctx);
+  const [chunkK, finishK] = await Promise.all([
+    getKernel(ctx, spec('cross_entropy_fwd_chunk'), { WG: wg }),
+    getKernel(ctx, spec('cross_entropy_fwd_finish'), { WG: wg }),
+  ]);
+  const owned: Tensor[] = [];
+  const dispatches: Dispatch[] = [];
+  try {
+    const chunks = chunking(ctx, op, dims, chunk, opts.logits, owned);
+    const stats = createTensor(ctx, [dims.rows, 4], 'f32', `${op}.stats`);
+    owned.push(stats);
+    const grid = grid1d(ctx, dims.rows, 1);
+    for (const [i, c] of chunks.entries()) {
+      const range = `[${c.start}:${c.start + c.count}]`;
+      dispatches.push(
+        await planMatmul(ctx, io.h, io.e, c.logits, {
+          wRows: { start: c.start, count: c.count },
+          label: `${op}.logits${range}`,
+        }),
+      );
+      dispatches.push(
+        bindKernel(ctx, chunkK, {
+          label: `${op}.chunk${range}`,
+          resources: [io.labels, c.logits, stats],
+          workgroups: grid.workgroups,
+          uniforms: uniforms({ ...dims, start: c.start, count: c.count, first: i === 0, gridX: grid.rowStride }),
+        }),
+      );
+    }
+    const finishParams = (divisor: number | undefined) =>
+      uniforms({ ...dims, divisor, rowLoss: io.rowLoss !== undefined });
+    const finish = bindKernel(ctx, finishK, {
+      label: `${op}.finish`,
+      resources: [io.labels, stats, io.lse, io.rowLoss ?? ctx.placeholder(), io.loss, io.errors],
+      workgroups: [1],
+      uniforms: finishParams(opts.divisor),
+    });
+    dispatches.push(finish);
+    return {
+      ...kernelPlan(dispatches, owned),
+      chunk,
+      chunks: chunks.length,
+      setDivisor(divisor) {
+        checkDivisor(op, divisor);
+        finish.setUniforms(finishParams(divisor));
+      },
+    };
+  } catch (error) {
+    release(dispatches, owned);
+    throw error;
+  }
+}
+
+/**
+ * Loss backward: coef = g / divisor, then per chunk (the last chunk first) logits again,
+ * dz = (softmax − onehot)·coef in place, dH (+)= dz·E[chunk]. The first chunk processed overwrites
+ * dH unless `accumulate`; ignored rows get zero gradient. 1 + 3·chunks dispatches.
+ */
+export async function planCrossEntropyBackward(
+  ctx: GpuContext,
+  io: CrossEntropyBackwardBuffers,
+  opts: CrossEntropyBackwardOptions = {},
+): Promise<CrossEntropyGradPlan> {
+  return backward(ctx, io, opts, false);
+}
+
+async function backward(
+  ctx: GpuContext,
+  io: CrossEntropyBackwardBuffers,
+  opts: CrossEntropyBackwardOptions,
+  /** The logits scratch already holds the last chunk's logits (the forward just ran). */
+  lastChunkReady: boolean,
+): Promise<CrossEntropyGradPlan> {
+  const op = `${opts.label ?? 'cross_entropy'}.backward`;
+  const dims = checkOperands(op, io.h, io.e, io.labels);
+  expectF32(op, 'lse', io.lse, dims.rows, 'one per row');
+  if (io.dh.dtype !== 'f32' || io.dh.size !== io.h.size || io.dh.shape[io.dh.shape.length - 1] !== dims.d) {
+    throw new ShapeError(
+      `${op}: dH ${io.dh.label} ${io.dh.dtype}${formatShape(io.dh.shape)} must be f32 shaped like H ${formatShape(io.h.shape)}`,
+    );
+  }
+  if (overlaps(io.dh, io.h)) throw new ShapeError(`${op}: dH ${io.dh.label} overlaps H ${io.h.label}`);
+  checkDivisor(op, opts.divisor);
+  checkGradScale(op, opts.g ?? 1);
+  const chunk = crossEntropyChunk(ctx, dims.rows, dims.vocab, opts);
+  checkScratch(op, dims, chunk, opts.logits);
+  const wg = workgroupSize(ctx);
+  const [scaleK, dlogitsK] = await Promise.all([
+    getKernel(ctx, spec('cross_entropy_bwd_scale'), { WG: wg }),
+    getKernel(ctx, spec('cross_entropy_bwd_dlogits'), { WG: wg }),
+  ]);
+  const owned: Tensor[] = [];
+  const dispatches: Dispatch[] = [];
+  try {
+    const chunks = chunking(ctx, op, dims, chunk, opts.logits, owned);
+    const coef = createTensor(ctx, [4], 'f32', `${op}.coef`);
+    owned.push(coef);
+    let divisor = opts.divisor;
+    let g = opts.g ?? 1;
+    const scaleParams = () => uniforms({ ...dims, divisor, g });
+    const scale = bindKernel(ctx, scaleK, {
+      label: `${op}.scale`,
+      resources: [io.labels, coef],
+      workgroups: [1],
+      uniforms: scaleParams(),
+    });
+    dispatches.push(scale);
+    // Last chunk first: after a forward the scratch still holds it.
+    for (const [i, c] of [...chunks].reverse().entries()) {
+      const range = `[${c.start}:${c.start + c.count}]`;
+      if (!(i === 0 && lastChunkReady)) {
+        dispatches.push(
+          await planMatmul(ctx, io.h, io.e, c.logits, {
+            wRows: { start: c.start, count: c.count },
+            label: `${op}.logits${range}`,
+          }),
+        );
+      }
+      const grid = grid1d(ctx, dims.rows * c.count, wg);
+      dispatches.push(
+        bindKernel(ctx, dlogitsK, {
+          label: `${op}.dlogits${range}`,
+          resources: [io.labels, io.lse, coef, c.logits],
+          workgroups: grid.workgroups,
+          uniforms: uniforms({ ...dims, start: c.start, count: c.count, gridX: grid.rowStride }),
+        }),
+      );
+      dispatches.push(
+        await planMatmul(ctx, c.logits, io.e, io.dh, {
+          transW: false,
+          wRows: { start: c.start, count: c.count },
+          beta: i === 0 && !opts.accumulate ? 0 : 1,
+          label: `${op}.dh${range}`,
+        }),
+      );
+    }
+    return {
+      ...kernelPlan(dispatches, owned),
+      chunk,
+      chunks: chunks.length,
+      setDivisor(next) {
+        checkDivisor(op, next);
+        divisor = next;
+        scale.setUniforms(scaleParams());
+      },
+      setGradScale(next) {
+        checkGradScale(op, next);
+        g = next;
+        scale.setUniforms(scaleParams());
+      },
+    };
+  } catch (error) {
+    release(dispatches, owned);
+    throw error;
+  }
+}
+
+/**
+ * Forward then backward in one sequence for training, with one logits scratch shared by every
+ * chunk of both: the forward's outputs (lse, loss, count, errors, rowLoss) as in
+ * planCrossEntropyForward, and dH written (or accumulated) as in planCrossEntropyBackward. The
+ * backward starts from the chunk the forward left in the scratch, so it runs one LM-head matmul
+ * fewer: 3·chunks − 1 matmuls (2 for a vocabulary that fits one chunk).
+ */
+export async function planCrossEntropyTraining(
+  ctx: GpuContext,
+  io: CrossEntropyTrainingBuffers,
+  opts: CrossEntropyBackwardOptions = {},
+): Promise<CrossEntropyGradPlan> {
+  const label = opts.label ?? 'cross_entropy';
+  const dims = checkOperands(`${label}.training`, io.h, io.e, io.labels);
+  const chunk = crossEntropyChunk(ctx, dims.rows, dims.vocab, opts);
+  const owned: Tensor[] = [];
+  const logits = opts.logits ?? createTensor(ctx, [dims.rows, chunk], 'f32', `${label}.logits`);
+  if (!opts.logits) owned.push(logits);
+  let fwd: CrossEntropyPlan | undefined;
+  try {
+    fwd = await planCrossEntropyForward(ctx, io, { ...opts, chunk, logits });
+    const bwd = await backward(ctx, io, { ...opts, chunk, logits }, true);
+    const f = fwd;
+    return {
+      ...kernelPlan([...fwd.dispatches, ...bwd.dispatches], [...owned, ...fwd.scratch, ...bwd.scratch]),
+      chunk,
+      chunks: fwd.chunks,
+      setDivisor(divisor) {
+        f.setDivisor(divisor);
+        bwd.setDivisor(divisor);
+      },
+      setGradScale(g) {
+        bwd.setGradScale(g);
+      },
+    };
+  } catch (error) {
+    fwd?.dispose();
+    release([], owned);
+    throw error;
+  }
+}
+
+export interface LogitsRowsBuffers {
+  /** H [rows, d] f32. */
+  readonly h: Tensor;
+  /** E [V, d], f32 or packed f16. */
+  readonly e: Tensor;
+  /** [n] i32: the rows of H to take (say the last position of each sequence). Default: all rows. */
+  readonly index?: Tensor;
+  /** [n, V] f32, written. */
+  readonly logits: Tensor;
+  /**
+   * ≥ 2 u32, accumulated; required with `index`: errors[0] |= CROSS_ENTROPY_ROW_OUT_OF_RANGE and
+   * errors[1] += 1 per index outside [0, rows), whose logits row comes out as zeros.
+   */
+  readonly errors?: Tensor;
+}
+
+/**
+ * logits[j] = H[index[j]]·Eᵀ for a few rows (generation's sampling): a gather into an [n, d]
+ * scratch, then one matmul. Without `index`, the logits of every row of H.
+ */
+export async function planLogitsRows(
+  ctx: GpuContext,
+  io: LogitsRowsBuffers,
+  opts: { label?: string } = {},
+): Promise<KernelPlan> {
+  const op = opts.label ?? 'logits_rows';
+  const { h, e, index, logits } = io;
+  if (e.shape.length !== 2) throw new ShapeError(`${op}: E ${e.label} must be 2-D [V, d], got ${formatShape(e.shape)}`);
+  const [vocab, d] = e.shape as [number, number];
+  if (h.dtype !== 'f32' || h.shape[h.shape.length - 1] !== d) {
+    throw new ShapeError(`${op}: H ${h.label} ${h.dtype}${formatShape(h.shape)} must be f32 rows of d = ${d}`);
+  }
+  const rows = h.size / d;
+  let n = rows;
+  if (index) {
+    if (index.dtype !== 'i32') throw new ShapeError(`${op}: index ${index.label} must be i32, got ${index.dtype}`);
+    n = index.size;
+    if (!io.errors) throw new ShapeError(`${op}: an errors buffer is required with an index`);
+    expectErrors(op, io.errors);
+  }
+  if (logits.dtype !== 'f32' || logits.size !== n * vocab || logits.shape[logits.shape.length - 1] !== vocab) {
+    throw new ShapeError(
+      `${op}: logits ${logits.label} ${logits.dtype}${formatShape(logits.shape)} must be f32 [${n}, ${vocab}]`,
+    );
+  }
+  if (!index || !io.errors) {
+    return kernelPlan([await planMatmul(ctx, h, e, logits, { label: `${op}.matmul` })], []);
+  }
+  const wg = workgroupSize(ctx);
+  const gatherK = await getKernel(ctx, spec('cross_entropy_gather_rows'), { WG: wg });
+  const picked = createTensor(ctx, [n, d], 'f32', `${op}.rows`);
+  const dispatches: Dispatch[] = [];
+  try {
+    const grid = grid1d(ctx, n * d, wg);
+    dispatches.push(
+      bindKernel(ctx, gatherK, {
+        label: `${op}.gather`,
+        resources: [index, h, picked, io.errors],
+        workgroups: grid.workgroups,
+        uniforms: uniforms({ rows, vocab, d, n, gridX: grid.rowStride }),
+      }),
+    );
+    dispatches.push(await planMatmul(ctx, picked, e, logits, { label: `${op}.matmul` }));
+    return kernelPlan(dispatches, [picked]);
+  } catch (error) {
+    release(dispatches, [picked]);
+    throw error;
+  }
+}

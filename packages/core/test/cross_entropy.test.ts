@@ -1,0 +1,364 @@
+// Chunked cross-entropy (shaders/cross_entropy.wgsl + the LM-head matmul) against the float64
+// reference: loss, count, lse, per-row loss and dH, for a covering design of rows, vocabulary
+// sizes, chunk sizes that do and do not divide V (forced small so several chunks run), d, f16 and
+// f32 E, ignored rows, an explicit divisor and g ≠ 1, through the fused training plan and through
+// separate forward and backward plans. Then labels out of range, plan-time changes of divisor and
+// g, the logits of selected rows, and shape errors.
+import { describe, expect, it } from 'vitest';
+import { randomArray } from '../ref/check.js';
+import { crossEntropyBackwardRef, crossEntropyForwardRef, logitsRef } from '../ref/cross_entropy.js';
+import {
+  createTensor,
+  type DType,
+  type GpuContext,
+  readFloat32,
+  readTensor,
+  roundToF16,
+  ShapeError,
+  StepEncoder,
+  type Tensor,
+  tensorFromData,
+  tensorView,
+} from '../src/index.js';
+import {
+  CROSS_ENTROPY_LABEL_OUT_OF_RANGE,
+  CROSS_ENTROPY_ROW_OUT_OF_RANGE,
+  type CrossEntropyGradPlan,
+  type CrossEntropyPlan,
+  crossEntropyChunk,
+  crossEntropyScratchBytes,
+  planCrossEntropyBackward,
+  planCrossEntropyForward,
+  planCrossEntropyTraining,
+  planLogitsRows,
+} from '../src/kernels/cross_entropy.js';
+import { expectClose, gpuCase, useGpu } from './gpu.js';
+
+const gpu = useGpu();
+
+type LabelPattern = 'all' | 'mixed' | 'ignored' | 'bad';
+
+interface Case {
+  rows: number;
+  vocab: number;
+  d: number;
+  dtype: DType;
+  /** undefined: the default (one chunk for these vocabularies). */
+  chunk?: number;
+  labels: LabelPattern;
+  divisor?: number;
+  g?: number;
+  /** Fused training plan, or separate forward and backward plans. */
+  fused: boolean;
+  rowLoss: boolean;
+  /** dH starts with values and the backward adds to them. */
+  accumulate?: boolean;
+}
+
+// Each rows value meets each vocabulary size at least once across the design; chunk sizes that
+// divide V (200 | 1000), that leave a short last chunk (63 = 3·16 + 15, 257 = 4·64 + 1, 1000 =
+// 3·256 + 232, 63 = 15·4 + 3) and single chunks; both dtypes with both d.
+const cases: Case[] = [
+  { rows: 1, vocab: 1, d: 12, dtype: 'f32', labels: 'all', fused: true, rowLoss: true },
+  { rows: 7, vocab: 63, d: 64, dtype: 'f16', chunk: 16, labels: 'mixed', fused: false, rowLoss: true },
+  {
+    rows: 65,
+    vocab: 257,
+    d: 12,
+    dtype: 'f32',
+    chunk: 64,
+    labels: 'mixed',
+    divisor: 100,
+    g: 0.5,
+    fused: true,
+    rowLoss: false,
+  },
+  { rows: 7, vocab: 1000, d: 12, dtype: 'f16', chunk: 200, labels: 'all', g: 2, fused: true, rowLoss: true },
+  {
+    rows: 65,
+    vocab: 1000,
+    d: 64,
+    dtype: 'f32',
+    chunk: 256,
+    labels: 'mixed',
+    divisor: 37,
+    fused: false,
+    rowLoss: false,
+  },
+  { rows: 1, vocab: 257, d: 64, dtype: 'f16', labels: 'ignored', fused: true, rowLoss: true },
+  {
+    rows: 65,
+    vocab: 63,
+    d: 12,
+    dtype: 'f16',
+    chunk: 4,
+    labels: 'mixed',
+    g: -1.5,
+    fused: true,
+    rowLoss: true,
+    accumulate: true,
+  },
+  { rows: 7, vocab: 257, d: 64, dtype: 'f32', chunk: 128, labels: 'bad', fused: false, rowLoss: true },
+  { rows: 7, vocab: 63, d: 12, dtype: 'f32', chunk: 32, labels: 'ignored', divisor: 5, fused: false, rowLoss: false },
+];
+
+function describeCase(c: Case): string {
+  return (
+    `rows=${c.rows} V=${c.vocab} d=${c.d} E:${c.dtype} chunk=${c.chunk ?? 'default'} labels:${c.labels}` +
+    `${c.divisor ? ` divisor=${c.divisor}` : ''}${c.g !== undefined ? ` g=${c.g}` : ''}` +
+    `${c.fused ? ' fused' : ' fwd+bwd'}${c.accumulate ? ' +=dH' : ''}`
+  );
+}
+
+function makeLabels(pattern: LabelPattern, rows: number, vocab: number, seed: number): number[] {
+  const r = randomArray(rows, seed);
+  return Array.from(r, (x, i) => {
+    const label = Math.min(vocab - 1, Math.floor(((x + 1) / 2) * vocab));
+    if (pattern === 'ignored') return -100;
+    if (pattern === 'mixed' && i % 3 === 1) return -100;
+    if (pattern === 'bad') return [vocab, -1, -100, 2 ** 31 - 1, label, -(2 ** 31), vocab - 1][i % 7] as number;
+    return label;
+  });
+}
+
+/** What the GPU holds: H rounded to f32, E to f32 or f16. */
+function asHeld(v: Float64Array, dtype: DType): Float64Array {
+  return Float64Array.from(dtype === 'f16' ? roundToF16(v) : Float32Array.from(v));
+}
+
+interface Outputs {
+  loss: Float32Array;
+  lse: Float32Array;
+  rowLoss?: Float32Array;
+  dh: Float32Array;
+  errors: number[];
+}
+
+async function readOutputs(t: {
+  loss: Tensor;
+  lse: Tensor;
+  rowLoss?: Tensor;
+  dh: Tensor;
+  errors: Tensor;
+}): Promise<Outputs> {
+  return {
+    loss: await readFloat32(t.loss),
+    lse: await readFloat32(t.lse),
+    rowLoss: t.rowLoss ? await readFloat32(t.rowLoss) : undefined,
+    dh: await readFloat32(t.dh),
+    errors: [...(await readTensor(t.errors))],
+  };
+}
+
+function checkAgainstRef(
+  ctx: GpuContext,
+  name: string,
+  got: Outputs,
+  input: {
+    rows: number;
+    d: number;
+    vocab: number;
+    h: Float64Array;
+    e: Float64Array;
+    labels: number[];
+    divisor?: number;
+  },
+  g: number,
+  dh0?: Float64Array,
+): void {
+  const f = crossEntropyForwardRef(input);
+  const b = crossEntropyBackwardRef(input, g);
+  const want = dh0 ? b.dh.map((v, i) => v + (dh0[i] as number)) : b.dh;
+  expectClose(ctx, `${name} loss`, [got.loss[0] as number], [f.loss], 2e-6, 2e-6);
+  expect(got.loss[1], `${name} count`).toBe(f.count);
+  expectClose(ctx, `${name} lse`, got.lse, f.lse, 2e-6, 2e-6);
+  if (got.rowLoss) expectClose(ctx, `${name} rowLoss`, got.rowLoss, f.rowLoss, 4e-6, 2e-6);
+  // dH is a sum over V of coef·(p − onehot)·E: errors scale with the largest coefficient.
+  const scale = f.divisor > 0 ? Math.abs(g) / f.divisor : 0;
+  expectClose(ctx, `${name} dh`, got.dh, want, 1e-6 + 2e-6 * scale, 1e-5);
+  const bad = f.badLabels;
+  expect(got.errors, `${name} errors`).toEqual(bad ? [CROSS_ENTROPY_LABEL_OUT_OF_RANGE, bad] : [0, 0]);
+}
+
+describe('cross-entropy', () => {
+  for (const c of cases) {
+    it(describeCase(c), async () => {
+      const ctx = gpu();
+      const seed = c.rows * 1009 + c.vocab * 7 + c.d;
+      const h = asHeld(randomArray(c.rows * c.d, seed, 2), 'f32');
+      const e = asHeld(randomArray(c.vocab * c.d, seed + 1), c.dtype);
+      const labels = makeLabels(c.labels, c.rows, c.vocab, seed + 2);
+      const dh0 = c.accumulate ? asHeld(randomArray(c.rows * c.d, seed + 3, 0.1), 'f32') : undefined;
+      const g = c.g ?? 1;
+      const name = describeCase(c);
+      const got = await gpuCase(ctx, name, async () => {
+        const t = {
+          h: tensorFromData(ctx, h, [c.rows, c.d], 'f32', 'h'),
+          e: tensorFromData(ctx, e, [c.vocab, c.d], c.dtype, 'e'),
+          labels: tensorFromData(ctx, labels, [c.rows], 'i32', 'labels'),
+          lse: createTensor(ctx, [c.rows], 'f32', 'lse'),
+          loss: createTensor(ctx, [2], 'f32', 'loss'),
+          errors: createTensor(ctx, [2], 'u32', 'errors'),
+          rowLoss: c.rowLoss ? createTensor(ctx, [c.rows], 'f32', 'row_loss') : undefined,
+          dh: dh0
+            ? tensorFromData(ctx, dh0, [c.rows, c.d], 'f32', 'dh')
+            : createTensor(ctx, [c.rows, c.d], 'f32', 'dh'),
+        };
+        const opts = { chunk: c.chunk, divisor: c.divisor, g: c.g, accumulate: c.accumulate };
+        const plans: (CrossEntropyPlan | CrossEntropyGradPlan)[] = c.fused
+          ? [await planCrossEntropyTraining(ctx, t, opts)]
+          : [await planCrossEntropyForward(ctx, t, opts), await planCrossEntropyBackward(ctx, t, opts)];
+        const chunk = crossEntropyChunk(ctx, c.rows, c.vocab, opts);
+        expect(plans[0]?.chunk).toBe(chunk);
+        expect(plans[0]?.chunks).toBe(Math.ceil(c.vocab / chunk));
+        const bytes = crossEntropyScratchBytes(ctx, c.rows, c.vocab, opts);
+        const scratch = plans.reduce((s, p) => s + p.scratchBytes, 0);
+        expect(scratch).toBe(c.fused ? bytes.training : bytes.forward + bytes.backward);
+        const enc = new StepEncoder(ctx, 'cross-entropy step');
+        enc.clear(t.errors);
+        for (const p of plans) p.record(enc);
+        enc.submit();
+        const out = await readOutputs(t);
+        for (const p of plans) p.dispose();
+        for (const v of Object.values(t)) v?.dispose();
+        return out;
+      });
+      checkAgainstRef(
+        ctx,
+        name,
+        got,
+        { rows: c.rows, d: c.d, vocab: c.vocab, h, e, labels, divisor: c.divisor },
+        g,
+        dh0,
+      );
+    });
+  }
+
+  it('setDivisor and setGradScale change the next steps without planning again', async () => {
+    const ctx = gpu();
+    const rows = 7;
+    const vocab = 63;
+    const d = 12;
+    const h = asHeld(randomArray(rows * d, 11, 2), 'f32');
+    const e = asHeld(randomArray(vocab * d, 12), 'f32');
+    const labels = makeLabels('mixed', rows, vocab, 13);
+    const steps = await gpuCase(ctx, 'set uniforms', async () => {
+      const t = {
+        h: tensorFromData(ctx, h, [rows, d], 'f32', 'h'),
+        e: tensorFromData(ctx, e, [vocab, d], 'f32', 'e'),
+        labels: tensorFromData(ctx, labels, [rows], 'i32', 'labels'),
+        lse: createTensor(ctx, [rows], 'f32', 'lse'),
+        loss: createTensor(ctx, [2], 'f32', 'loss'),
+        errors: createTensor(ctx, [2], 'u32', 'errors'),
+        dh: createTensor(ctx, [rows, d], 'f32', 'dh'),
+      };
+      const plan = await planCrossEntropyTraining(ctx, t, { chunk: 32 });
+      const results: Outputs[] = [];
+      for (const [divisor, g] of [
+        [undefined, 1],
+        [50, 3],
+        [undefined, 0.25],
+      ] as const) {
+        plan.setDivisor(divisor);
+        plan.setGradScale(g);
+        const enc = new StepEncoder(ctx, 'step');
+        enc.clear(t.errors);
+        plan.record(enc);
+        enc.submit();
+        results.push(await readOutputs(t));
+      }
+      expect(() => plan.setDivisor(0)).toThrow(ShapeError);
+      plan.dispose();
+      for (const v of Object.values(t)) v.dispose();
+      return results;
+    });
+    const input = { rows, d, vocab, h, e, labels };
+    checkAgainstRef(ctx, 'step 1', steps[0] as Outputs, input, 1);
+    checkAgainstRef(ctx, 'step 2 divisor=50 g=3', steps[1] as Outputs, { ...input, divisor: 50 }, 3);
+    checkAgainstRef(ctx, 'step 3 g=0.25', steps[2] as Outputs, input, 0.25);
+  });
+});
+
+describe('logits of selected rows', () => {
+  for (const [rows, vocab, d, dtype, index] of [
+    [65, 257, 64, 'f16', [64, 0, 65, 31, -1]],
+    [7, 63, 12, 'f32', undefined],
+  ] as const) {
+    const name = `rows=${rows} V=${vocab} d=${d} E:${dtype} ${index ? `index [${index.join(', ')}]` : 'all rows'}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const h = asHeld(randomArray(rows * d, rows + vocab), 'f32');
+      const e = asHeld(randomArray(vocab * d, rows + vocab + 1), dtype);
+      const picked = index ?? Array.from({ length: rows }, (_, i) => i);
+      const n = picked.length;
+      const all = logitsRef(h, e, rows, d, vocab);
+      const want = new Float64Array(n * vocab);
+      picked.forEach((r, j) => {
+        if (r >= 0 && r < rows) want.set(all.subarray(r * vocab, (r + 1) * vocab), j * vocab);
+      });
+      const bad = picked.filter((r) => r < 0 || r >= rows).length;
+      const got = await gpuCase(ctx, name, async () => {
+        const t = {
+          h: tensorFromData(ctx, h, [rows, d], 'f32', 'h'),
+          e: tensorFromData(ctx, e, [vocab, d], dtype, 'e'),
+          index: index ? tensorFromData(ctx, index, [n], 'i32', 'index') : undefined,
+          logits: createTensor(ctx, [n, vocab], 'f32', 'logits'),
+          errors: createTensor(ctx, [2], 'u32', 'errors'),
+        };
+        const plan = await planLogitsRows(ctx, t);
+        expect(plan.scratchBytes).toBe(index ? n * d * 4 : 0);
+        const enc = new StepEncoder(ctx, 'logits rows');
+        enc.clear(t.errors);
+        plan.record(enc);
+        enc.submit();
+        const out = { logits: await readFloat32(t.logits), errors: [...(await readTensor(t.errors))] };
+        plan.dispose();
+        for (const v of Object.values(t)) v?.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name} logits`, got.logits, want, 2e-5 * Math.sqrt(d), 1e-5);
+      expect(got.errors).toEqual(bad ? [CROSS_ENTROPY_ROW_OUT_OF_RANGE, bad] : [0, 0]);
+    });
+  }
+});
+
+describe('cross-entropy shapes', () => {
+  it('names the operands when shapes do not fit', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'shape errors', async () => {
+      const h = createTensor(ctx, [7, 12], 'f32', 'h');
+      const e = createTensor(ctx, [63, 12], 'f16', 'e');
+      const labels = createTensor(ctx, [7], 'i32', 'labels');
+      const labelsF = createTensor(ctx, [7], 'f32', 'labels_f32');
+      const lse = createTensor(ctx, [7], 'f32', 'lse');
+      const loss = createTensor(ctx, [2], 'f32', 'loss');
+      const errors = createTensor(ctx, [2], 'u32', 'errors');
+      const dh = createTensor(ctx, [7, 12], 'f32', 'dh');
+      const io = { h, e, labels, lse, loss, errors, dh };
+      await expect(planCrossEntropyForward(ctx, { ...io, labels: labelsF })).rejects.toThrow(/labels labels_f32/);
+      await expect(planCrossEntropyForward(ctx, { ...io, lse: loss })).rejects.toThrow(/lse loss/);
+      await expect(planCrossEntropyForward(ctx, { ...io, e: createView(dh, [12, 7]) })).rejects.toThrow(/H h/);
+      await expect(planCrossEntropyForward(ctx, io, { chunk: 10 })).rejects.toThrow(/multiple of 4/);
+      await expect(planCrossEntropyForward(ctx, io, { divisor: -1 })).rejects.toThrow(/divisor/);
+      await expect(planCrossEntropyBackward(ctx, { ...io, dh: h })).rejects.toThrow(/overlaps H/);
+      await expect(planCrossEntropyTraining(ctx, { ...io, dh: lse })).rejects.toThrow(ShapeError);
+      await expect(planLogitsRows(ctx, { h, e, logits: dh })).rejects.toThrow(/logits dh/);
+      for (const t of [h, e, labels, labelsF, lse, loss, errors, dh]) t.dispose();
+    });
+  });
+
+  it('chooses chunks within the scratch budget', () => {
+    const ctx = gpu();
+    expect(crossEntropyChunk(ctx, 7, 63)).toBe(63);
+    expect(crossEntropyChunk(ctx, 7, 5000)).toBe(4096);
+    expect(crossEntropyChunk(ctx, 7, 63, { chunk: 100 })).toBe(63);
+    expect(crossEntropyChunk(ctx, 4096, 151936)).toBe(4096);
+    expect(crossEntropyChunk(ctx, 16384, 151936)).toBe(1024);
+    expect(crossEntropyChunk(ctx, 100, 151936, { maxScratchBytes: 100 * 4 * 1001 })).toBe(1000);
+    expect(crossEntropyScratchBytes(ctx, 4096, 151936).training).toBe(4096 * 4096 * 4 + 4096 * 16 + 16);
+  });
+});
+
+function createView(t: Tensor, shape: number[]): Tensor {
+  return tensorView(t, 0, shape, 'f32', 'e_view');
+}

@@ -1,0 +1,251 @@
+// cross_entropy.wgsl: the causal language-model loss, computed over vocabulary chunks so that the
+// rows × V logits never exist at once (Hugging Face's ForCausalLMLoss after the label shift).
+//
+// For hidden states H [rows, d] (the final norm's output), the LM head E [V, d] (frozen) and
+// labels [rows] (already shifted; -100 = ignored):
+//
+//   z[i, v]    = H[i]·E[v]                          (the logits; never all held at once)
+//   lse[i]     = log Σ_v exp z[i, v]
+//   loss_i     = lse[i] − z[i, label_i]             (0 where label_i = -100 or out of range)
+//   count      = #{i : 0 ≤ label_i < V}
+//   loss       = Σ_i loss_i / divisor,   divisor = count, or a host value (gradient accumulation:
+//                the total count of every micro-batch); a divisor of 0 gives loss 0, not NaN
+//   backward, given g = ∂L/∂loss:
+//   dz[i, v]   = (exp(z[i, v] − lse[i]) − [v = label_i]) · g / divisor   (0 for ignored rows)
+//   dH[i]      = Σ_v dz[i, v] · E[v]                (E gets no gradient)
+//
+// The host cuts the vocabulary into chunks [start, start + count) and, per chunk, has the LM head
+// matmul (shaders/matmul.wgsl, W = rows [start, start + count) of E) write logits [rows, count] into
+// one scratch buffer reused by every chunk. The entry points here work on that scratch:
+//
+//   cross_entropy_fwd_chunk    one workgroup per row: the chunk's max and Σ exp (each invocation
+//                              keeps an online max/sum over a strided slice; a tree in workgroup
+//                              memory merges them), merged into the row's running (max, sum)
+//                              (written on the first chunk, p.first != 0); picks z[i, label_i]
+//                              when the label falls in the chunk.
+//   cross_entropy_fwd_finish   one workgroup for all rows: lse, per-row loss, the total and the
+//                              count (a tree sum), the loss; flags bad labels.
+//   cross_entropy_bwd_scale    one workgroup: coef = g / divisor (counting the labels when the
+//                              divisor is not given).
+//   cross_entropy_bwd_dlogits  one invocation per element of the chunk: logits → dz in place.
+//                              The host then runs dH (+)= dz · E[start : start + count].
+//   cross_entropy_gather_rows  one invocation per element: out[j] = H[index[j]] (the rows whose
+//                              logits generation wants).
+//
+// Labels other than -100 outside [0, V) are never used as an index: such a row counts as ignored
+// (no loss, no gradient) and the forward records it in the error buffer:
+//   errors[0] |= 1 (a label was out of range), errors[1] += 1 per such row.
+// cross_entropy_gather_rows zeroes a row whose index is outside [0, rows) and records
+//   errors[0] |= 2, errors[1] += 1 per such row.
+// No kernel clears errors: the host clears it and reads it back when it likes.
+//
+// Bindings, group 0 (binding 0 is always p):
+//   fwd_chunk    1 labels [rows] i32 (read), 2 logits [rows, count] (read),
+//                3 stats [rows] vec4 (.x running max, .y running Σ exp, .z z[i, label_i]; scratch,
+//                  written on the first chunk, then read and written)
+//   fwd_finish   1 labels, 2 stats (read), 3 lse [rows] (written; saved for the backward),
+//                4 row_loss [rows] (written when p.has_row_loss != 0), 5 loss [2] (written:
+//                loss[0] = the loss, loss[1] = count), 6 errors [2] u32 atomic (accumulated)
+//   bwd_scale    1 labels, 2 coef [2] (written: coef[0] = g / divisor, coef[1] = count)
+//   bwd_dlogits  1 labels, 2 lse [rows] (read), 3 coef (read), 4 logits [rows, count] (read, then
+//                written with dz)
+//   gather_rows  1 index [n] i32 (read), 2 h [rows, d] (read), 3 out [n, d] (written),
+//                4 errors [2] u32 atomic (accumulated)
+// Every buffer is f32 unless said otherwise. All arithmetic is f32.
+
+struct Params {
+  rows: u32,
+  vocab: u32,
+  start: u32,         // first vocabulary entry of this chunk
+  count: u32,         // entries in this chunk: the row length of the logits scratch
+  first: u32,         // fwd_chunk: 1 on the first chunk (stats are written, not merged)
+  has_divisor: u32,
+  divisor: f32,
+  g: f32,
+  has_row_loss: u32,
+  grid_x: u32,        // workgroups (fwd_chunk) or invocations (elementwise kernels) per grid row
+  d: u32,             // gather_rows: row length of h
+  n: u32,             // gather_rows: rows gathered
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+
+@group(0) @binding(1) var<storage, read> labels: array<i32>;
+@group(0) @binding(1) var<storage, read> index: array<i32>;
+
+@group(0) @binding(2) var<storage, read> chunk_logits: array<f32>;
+@group(0) @binding(2) var<storage, read> stats_in: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> coef_out: array<f32>;
+@group(0) @binding(2) var<storage, read> lse_in: array<f32>;
+@group(0) @binding(2) var<storage, read> h: array<f32>;
+
+@group(0) @binding(3) var<storage, read_write> stats: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(3) var<storage, read> coef: array<f32>;
+@group(0) @binding(3) var<storage, read_write> rows_out: array<f32>;
+
+@group(0) @binding(4) var<storage, read_write> row_loss: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(4) var<storage, read_write> gather_errors: array<atomic<u32>>;
+
+@group(0) @binding(5) var<storage, read_write> loss: array<f32>;
+
+@group(0) @binding(6) var<storage, read_write> errors: array<atomic<u32>>;
+
+override WG: u32 = 256;   // invocations per workgroup; a power of two
+
+const IGNORE_INDEX: i32 = -100;
+const LABEL_OUT_OF_RANGE: u32 = 1u;
+const ROW_OUT_OF_RANGE: u32 = 2u;
+// Start of a running max: the lowest finite f32 (WGSL has no -inf literal). exp(LOWEST − x) is 0
+// for any logit x, and a slot that saw no logit keeps a sum of 0, so merging it changes nothing.
+const LOWEST: f32 = -0x1.fffffep+127f;
+
+var<workgroup> red_a: array<f32, WG>;
+var<workgroup> red_b: array<f32, WG>;
+var<workgroup> red_n: array<u32, WG>;
+
+fn counted(label: i32) -> bool {
+  return label >= 0 && u32(label) < p.vocab;
+}
+
+// (max, Σ exp(· − max)) of the union of two sets given as (ma, sa) and (mb, sb).
+fn merge(ma: f32, sa: f32, mb: f32, sb: f32) -> vec2<f32> {
+  let m = max(ma, mb);
+  return vec2<f32>(m, sa * exp(ma - m) + sb * exp(mb - m));
+}
+
+@compute @workgroup_size(WG)
+fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let row = wid.y * p.grid_x + wid.x;
+  if (row >= p.rows) { return; }
+  let base = row * p.count;
+  var m = LOWEST;
+  var s = 0.0;
+  for (var j = tid; j < p.count; j += WG) {
+    let x = chunk_logits[base + j];
+    // One exp per logit; a NaN logit goes to the second branch and makes the sum NaN.
+    if (x > m) {
+      s = s * exp(m - x) + 1.0;
+      m = x;
+    } else {
+      s += exp(x - m);
+    }
+  }
+  red_a[tid] = m;
+  red_b[tid] = s;
+  workgroupBarrier();
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    if (tid < k) {
+      let r = merge(red_a[tid], red_b[tid], red_a[tid + k], red_b[tid + k]);
+      red_a[tid] = r.x;
+      red_b[tid] = r.y;
+    }
+    workgroupBarrier();
+  }
+  if (tid == 0u) {
+    var st = stats[row];
+    if (p.first != 0u) {
+      st = vec4<f32>(red_a[0], red_b[0], 0.0, 0.0);
+    } else {
+      let r = merge(st.x, st.y, red_a[0], red_b[0]);
+      st.x = r.x;
+      st.y = r.y;
+    }
+    let label = labels[row];
+    if (label >= i32(p.start) && label < i32(p.start + p.count)) {
+      st.z = chunk_logits[base + u32(label) - p.start];
+    }
+    stats[row] = st;
+  }
+}
+
+@compute @workgroup_size(WG)
+fn cross_entropy_fwd_finish(@builtin(local_invocation_index) tid: u32) {
+  var sum = 0.0;
+  var n = 0u;
+  for (var i = tid; i < p.rows; i += WG) {
+    let st = stats_in[i];
+    let l = st.x + log(st.y);
+    lse[i] = l;
+    let label = labels[i];
+    var rl = 0.0;
+    if (counted(label)) {
+      rl = l - st.z;
+      sum += rl;
+      n += 1u;
+    } else if (label != IGNORE_INDEX) {
+      atomicOr(&errors[0], LABEL_OUT_OF_RANGE);
+      atomicAdd(&errors[1], 1u);
+    }
+    if (p.has_row_loss != 0u) { row_loss[i] = rl; }
+  }
+  red_a[tid] = sum;
+  red_n[tid] = n;
+  workgroupBarrier();
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    if (tid < k) {
+      red_a[tid] += red_a[tid + k];
+      red_n[tid] += red_n[tid + k];
+    }
+    workgroupBarrier();
+  }
+  if (tid == 0u) {
+    let total = f32(red_n[0]);
+    let divisor = select(total, p.divisor, p.has_divisor != 0u);
+    loss[0] = select(0.0, red_a[0] / divisor, divisor > 0.0);
+    loss[1] = total;
+  }
+}
+
+@compute @workgroup_size(WG)
+fn cross_entropy_bwd_scale(@builtin(local_invocation_index) tid: u32) {
+  var n = 0u;
+  for (var i = tid; i < p.rows; i += WG) {
+    if (counted(labels[i])) { n += 1u; }
+  }
+  red_n[tid] = n;
+  workgroupBarrier();
+  for (var k = WG / 2u; k > 0u; k >>= 1u) {
+    if (tid < k) { red_n[tid] += red_n[tid + k]; }
+    workgroupBarrier();
+  }
+  if (tid == 0u) {
+    let total = f32(red_n[0]);
+    let divisor = select(total, p.divisor, p.has_divisor != 0u);
+    coef_out[0] = select(0.0, p.g / divisor, divisor > 0.0);
+    coef_out[1] = total;
+  }
+}
+
+@compute @workgroup_size(WG)
+fn cross_entropy_bwd_dlogits(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.y * p.grid_x + gid.x;
+  if (i >= p.rows * p.count) { return; }
+  let row = i / p.count;
+  let label = labels[row];
+  if (!counted(label)) {
+    dlogits[i] = 0.0;
+    return;
+  }
+  var dz = exp(dlogits[i] - lse_in[row]);
+  if (u32(label) == p.start + i % p.count) { dz -= 1.0; }
+  dlogits[i] = dz * coef[0];
+}
+
+@compute @workgroup_size(WG)
+fn cross_entropy_gather_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.y * p.grid_x + gid.x;
+  if (i >= p.n * p.d) { return; }
+  let col = i % p.d;
+  let r = index[i / p.d];
+  if (r < 0 || u32(r) >= p.rows) {
+    rows_out[i] = 0.0;
+    if (col == 0u) {
+      atomicOr(&gather_errors[0], ROW_OUT_OF_RANGE);
+      atomicAdd(&gather_errors[1], 1u);
+    }
+    return;
+  }
+  rows_out[i] = h[u32(r) * p.d + col];
+}
