@@ -30,6 +30,14 @@ adapter_config.json follows string hashes and changes from one interpreter to th
 hold the text PEFT wrote with that one list sorted (the script checks that the text is otherwise
 unchanged by json.loads + sort + json.dumps); webtune writes the sorted order. The script re-runs
 itself with PYTHONHASHSEED=0 so that the saved fixture adapters do not change between runs.
+
+Checking an adapter folder written by webtune (or anyone) with PEFT:
+
+    /work/venv/py/bin/python tools/golden_peft_config.py --check-adapter DIR --model tiny-llama
+
+loads the fixture model, then PeftModel.from_pretrained(model, DIR), and prints as JSON every
+warning PEFT raised, each LoRA layer's r, lora_alpha and scaling, and the largest difference between
+the loaded A/B values and the file's; exits 1 when PEFT warned or a value differs.
 """
 
 from __future__ import annotations
@@ -367,7 +375,43 @@ def python_json_golden() -> None:
     })
 
 
+def check_adapter(folder: str, name: str) -> None:
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(rel(FIXTURES_DIR / name), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, folder)
+    found = [f"{w.category.__name__}: {w.message}" for w in caught]
+    tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    layers = []
+    worst = 0.0
+    for mname, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            path = mname.removeprefix("base_model.model.")
+            for which in ("lora_A", "lora_B"):
+                loaded = getattr(module, which)["default"].weight
+                saved = tensors.pop(f"base_model.model.{path}.{which}.weight")
+                worst = max(worst, (loaded - saved).abs().max().item())
+            layers.append({"name": path, "r": module.r["default"], "alpha": module.lora_alpha["default"],
+                           "scaling": module.scaling["default"]})
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))
+    print(json.dumps({"warnings": found, "layers": layers, "max_abs_diff": worst, "unused_tensors": sorted(tensors)},
+                     indent=1))
+    if found or worst != 0.0 or tensors:
+        raise SystemExit(1)
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--check-adapter" and sys.argv[3] == "--model":
+        torch_threads()
+        check_adapter(sys.argv[2], sys.argv[4])
+        return
     os.chdir(REPO_ROOT)
     torch_threads()
     OUT.mkdir(parents=True, exist_ok=True)
