@@ -10,6 +10,7 @@
  * lora_matmul) and keep h = x·Aᵀ for the backward.
  */
 import {
+  type AttentionForwardArgs,
   createTensor,
   type Dispatch,
   fusedQkvLayout,
@@ -133,7 +134,7 @@ export class ForwardPlan {
   }
 }
 
-class Allocator {
+export class Allocator {
   readonly owned: Tensor[] = [];
   constructor(
     readonly ctx: GpuContext,
@@ -151,7 +152,7 @@ class Allocator {
   }
 }
 
-function normStats(alloc: Allocator, rows: number, layer: boolean, label: string): NormStats {
+export function normStats(alloc: Allocator, rows: number, layer: boolean, label: string): NormStats {
   return { rstd: alloc.f32([rows], `${label}.rstd`), mean: layer ? alloc.f32([rows], `${label}.mean`) : undefined };
 }
 
@@ -162,7 +163,7 @@ function linear(layer: Layer, role: LinearRole): Linear {
 }
 
 /** Allocates one layer's activations; `shared` supplies the ones inference reuses across layers. */
-function allocateLayer(
+export function allocateLayer(
   alloc: Allocator,
   model: CausalLM,
   rows: number,
@@ -261,72 +262,127 @@ export async function planLinear(
   return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, label })];
 }
 
-async function planLayer(
+/** Where a layer's q, k and v projections write (RoPE and the per-head norms act there in place). */
+export type QkvDestination = { readonly q: Tensor; readonly k: Tensor; readonly v: Tensor } | { readonly qkv: Tensor };
+
+/** Positions for RoPE: pos0 + row % T, or a per-row i32 buffer (generation). */
+export interface Positions {
+  readonly T: number;
+  readonly pos0?: number;
+  readonly positions?: Tensor;
+}
+
+/**
+ * The attention block of one layer: the q, k, v projections (with Qwen3's per-head norms and
+ * RoPE), then attention into a.attn. `attend` chooses what the attention kernel reads: the fresh
+ * projections (training, evaluation, prefill) or a KV cache (decoding).
+ */
+export interface AttentionBlock {
+  readonly dest: (a: LayerActivations, layer: number) => QkvDestination;
+  readonly positions: Positions;
+  /** Dispatches between the projections and attention (decode: copy k, v into the cache). */
+  readonly afterProjections?: (a: LayerActivations, layer: number) => Promise<Dispatch[]>;
+  readonly attend: (
+    a: LayerActivations,
+    layer: number,
+    dest: QkvDestination,
+  ) => Omit<AttentionForwardArgs, 'o' | 'lse'>;
+  /** Receives each layer's planned attention dispatches (generation moves them along per token). */
+  readonly onPlanned?: (layer: number, attention: readonly Dispatch[]) => void;
+}
+
+type Lin = (role: LinearRole, x: Tensor, y: Tensor) => Promise<void>;
+
+async function planProjections(
   ctx: GpuContext,
   model: CausalLM,
   layer: Layer,
   a: LayerActivations,
-  B: number,
-  T: number,
+  dest: QkvDestination,
+  pos: Positions,
+  lin: Lin,
+  out: Dispatch[],
+): Promise<void> {
+  const c = model.config;
+  const p = `layer${layer.index}`;
+  if ('qkv' in dest) {
+    await lin('qkv', a.n1, dest.qkv);
+    return;
+  }
+  await lin('q', a.n1, a.qRaw ?? dest.q);
+  await lin('k', a.n1, a.kRaw ?? dest.k);
+  await lin('v', a.n1, dest.v);
+  if (c.qkNorm) {
+    const eps = c.norm.eps;
+    out.push(
+      await planRmsNormForward(
+        ctx,
+        { x: a.qRaw as Tensor, w: layer.qNorm as Tensor, y: dest.q, rstd: (a.qNormStats as NormStats).rstd },
+        { eps, groups: c.numHeads, label: `${p}.q_norm` },
+      ),
+      await planRmsNormForward(
+        ctx,
+        { x: a.kRaw as Tensor, w: layer.kNorm as Tensor, y: dest.k, rstd: (a.kNormStats as NormStats).rstd },
+        { eps, groups: c.numKvHeads, label: `${p}.k_norm` },
+      ),
+    );
+  }
+  const rope = { headDim: c.headDim, ...pos, attentionScaling: model.ropeAttentionScaling };
+  const invFreq = model.ropeInvFreq as Tensor;
+  out.push(
+    await planRopeForward(ctx, dest.q, invFreq, { ...rope, nHeads: c.numHeads, label: `${p}.rope_q` }),
+    await planRopeForward(ctx, dest.k, invFreq, { ...rope, nHeads: c.numKvHeads, label: `${p}.rope_k` }),
+  );
+}
+
+/** Attention over the sequences' own fresh projections (B sequences of T tokens, from position 0). */
+export function batchedAttention(model: CausalLM, B: number, T: number): AttentionBlock {
+  const c = model.config;
+  const dims = { B, Tq: T, Tk: T, pos0: 0, nH: c.numHeads, nKV: c.numKvHeads, hd: c.headDim };
+  return {
+    positions: { T, pos0: 0 },
+    dest: (a) =>
+      c.family === 'gpt2' ? { qkv: a.qkv as Tensor } : { q: a.q as Tensor, k: a.k as Tensor, v: a.v as Tensor },
+    attend: (_a, _l, dest) =>
+      'qkv' in dest
+        ? {
+            q: dest.qkv,
+            k: dest.qkv,
+            v: dest.qkv,
+            dims: { ...dims, ...fusedQkvLayout({ T, nH: c.numHeads, nKV: c.numKvHeads, hd: c.headDim }) },
+          }
+        : { q: dest.q, k: dest.k, v: dest.v, dims },
+  };
+}
+
+/** Plans one transformer layer: attention block, residual, norm, MLP, residual. */
+export async function planLayer(
+  ctx: GpuContext,
+  model: CausalLM,
+  layer: Layer,
+  a: LayerActivations,
+  attention: AttentionBlock,
   lora: LoraWeightsByModule | undefined,
 ): Promise<Dispatch[]> {
   const c = model.config;
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
-  const lin = async (role: LinearRole, x: Tensor, y: Tensor) => {
+  const lin: Lin = async (role, x, y) => {
     const l = linear(layer, role);
     out.push(...(await planLinear(ctx, l, x, y, lora?.get(l.module.name), a.loraH.get(role))));
   };
-  const dims = { B, Tq: T, Tk: T, pos0: 0, nH: c.numHeads, nKV: c.numKvHeads, hd: c.headDim };
 
   out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`));
-  if (c.family === 'gpt2') {
-    const qkv = a.qkv as Tensor;
-    await lin('qkv', a.n1, qkv);
-    out.push(
-      ...(await planAttentionForward(
-        ctx,
-        {
-          q: qkv,
-          k: qkv,
-          v: qkv,
-          o: a.attn,
-          lse: a.lse,
-          dims: { ...dims, ...fusedQkvLayout({ T, nH: c.numHeads, nKV: c.numKvHeads, hd: c.headDim }) },
-        },
-        `${p}.attention`,
-      )),
-    );
-  } else {
-    const q = a.q as Tensor;
-    const k = a.k as Tensor;
-    const v = a.v as Tensor;
-    await lin('q', a.n1, a.qRaw ?? q);
-    await lin('k', a.n1, a.kRaw ?? k);
-    await lin('v', a.n1, v);
-    if (c.qkNorm) {
-      const eps = c.norm.eps;
-      out.push(
-        await planRmsNormForward(
-          ctx,
-          { x: a.qRaw as Tensor, w: layer.qNorm as Tensor, y: q, rstd: (a.qNormStats as NormStats).rstd },
-          { eps, groups: c.numHeads, label: `${p}.q_norm` },
-        ),
-        await planRmsNormForward(
-          ctx,
-          { x: a.kRaw as Tensor, w: layer.kNorm as Tensor, y: k, rstd: (a.kNormStats as NormStats).rstd },
-          { eps, groups: c.numKvHeads, label: `${p}.k_norm` },
-        ),
-      );
-    }
-    const rope = { headDim: c.headDim, T, pos0: 0, attentionScaling: model.ropeAttentionScaling };
-    const invFreq = model.ropeInvFreq as Tensor;
-    out.push(
-      await planRopeForward(ctx, q, invFreq, { ...rope, nHeads: c.numHeads, label: `${p}.rope_q` }),
-      await planRopeForward(ctx, k, invFreq, { ...rope, nHeads: c.numKvHeads, label: `${p}.rope_k` }),
-    );
-    out.push(...(await planAttentionForward(ctx, { q, k, v, o: a.attn, lse: a.lse, dims }, `${p}.attention`)));
-  }
+  const dest = attention.dest(a, layer.index);
+  await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out);
+  if (attention.afterProjections) out.push(...(await attention.afterProjections(a, layer.index)));
+  const attend = await planAttentionForward(
+    ctx,
+    { ...attention.attend(a, layer.index, dest), o: a.attn, lse: a.lse },
+    `${p}.attention`,
+  );
+  attention.onPlanned?.(layer.index, attend);
+  out.push(...attend);
   await lin('o', a.attn, a.attnOut);
   out.push(await planAddScaled(ctx, a.x, a.attnOut, a.mid, 1, `${p}.residual1`));
   out.push(await planNorm(ctx, model, layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`));
@@ -373,13 +429,14 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     // Inference ping-pongs the residual stream between two buffers and shares everything else.
     const pingPong = mode === 'inference' ? [embedded, alloc.f32([rows, d], 'residual')] : undefined;
     let shared: LayerActivations | undefined;
+    const attention = batchedAttention(model, B, T);
     let x = embedded;
     for (let i = 0; i < c.numLayers; i++) {
       const out = pingPong ? (pingPong[(i + 1) % 2] as Tensor) : alloc.f32([rows, d], `layer${i}.out`);
       const acts = allocateLayer(alloc, model, rows, B, T, i, x, out, opts.lora, shared);
       if (mode === 'inference') shared ??= acts;
       layers.push(acts);
-      dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, B, T, opts.lora)));
+      dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, opts.lora)));
       x = out;
     }
     const hidden = alloc.f32([rows, d], 'hidden');
