@@ -1,0 +1,168 @@
+import source from '../../../../shaders/adamw.wgsl?raw';
+import type { GpuContext } from '../context.js';
+import { ShapeError, WebtuneError } from '../errors.js';
+import { bindKernel, type Dispatch, getKernel, type KernelSpec } from '../kernel.js';
+import { formatShape } from '../shape.js';
+import type { Tensor } from '../tensor.js';
+import { grid1d } from './elementwise.js';
+import { REDUCE_OUT_SIZE } from './reduce.js';
+
+/** Hyperparameters that cannot work (negative lr, β outside [0, 1), eps ≤ 0, ...). */
+export class AdamWConfigError extends WebtuneError {}
+
+/**
+ * torch.optim.AdamW's hyperparameters (same defaults), plus clip_grad_norm_'s max_norm. The
+ * learning rate usually changes every step (schedule.ts); everything here may.
+ */
+export interface AdamWHyperparameters {
+  readonly lr: number;
+  /** Default 0.9. */
+  readonly beta1?: number;
+  /** Default 0.999. */
+  readonly beta2?: number;
+  /** Added to sqrt(v̂); must be > 0 (the arena's zero padding would otherwise divide 0 by 0). Default 1e-8. */
+  readonly eps?: number;
+  /** Decoupled weight decay λ: p ← p − lr·λ·p. Default 0.01 (torch's AdamW default). */
+  readonly weightDecay?: number;
+  /** Clip the global gradient norm to this (clip_grad_norm_); undefined or Infinity: no clipping. */
+  readonly maxNorm?: number;
+}
+
+/**
+ * Bytes of the per-step part of adamw.wgsl's uniform: the 8 fields the host rewrites every step
+ * (`dispatch.setUniforms(adamwStepUniforms(h, t))`). The layout, f32 each, in order:
+ *
+ *   0 decay            1 − lr·weightDecay
+ *   1 beta2            β2
+ *   2 one_minus_beta1  1 − β1
+ *   3 one_minus_beta2  1 − β2
+ *   4 step_size        lr / (1 − β1^t)
+ *   5 bc2_sqrt         sqrt(1 − β2^t)
+ *   6 eps
+ *   7 max_norm         0 when not clipping
+ *
+ * each computed in float64 and rounded to f32 once, as torch does with its Python scalars. The
+ * rest of the uniform (n and the grid's row stride, u32, bytes 32..47) is written by planAdamW
+ * and never changes.
+ */
+export const ADAMW_STEP_UNIFORM_BYTES = 32;
+
+/** Checks `h` and fills in torch's defaults. */
+export function resolveAdamW(h: AdamWHyperparameters): Required<Omit<AdamWHyperparameters, 'maxNorm'>> & {
+  maxNorm: number | undefined;
+} {
+  const r = {
+    lr: h.lr,
+    beta1: h.beta1 ?? 0.9,
+    beta2: h.beta2 ?? 0.999,
+    eps: h.eps ?? 1e-8,
+    weightDecay: h.weightDecay ?? 0.01,
+    maxNorm: h.maxNorm === Number.POSITIVE_INFINITY ? undefined : h.maxNorm,
+  };
+  const bad = (what: string) => new AdamWConfigError(`AdamW: ${what}`);
+  if (!Number.isFinite(r.lr) || r.lr < 0) throw bad(`lr ${r.lr} must be a finite number ≥ 0`);
+  for (const [name, b] of [
+    ['beta1', r.beta1],
+    ['beta2', r.beta2],
+  ] as const) {
+    if (!(b >= 0 && b < 1)) throw bad(`${name} ${b} must be in [0, 1)`);
+  }
+  if (!(Number.isFinite(r.eps) && r.eps > 0)) throw bad(`eps ${r.eps} must be a finite number > 0`);
+  if (!Number.isFinite(r.weightDecay) || r.weightDecay < 0) throw bad(`weightDecay ${r.weightDecay} must be ≥ 0`);
+  if (r.maxNorm !== undefined && !(Number.isFinite(r.maxNorm) && r.maxNorm > 0)) {
+    throw bad(`maxNorm ${r.maxNorm} must be > 0 (or undefined for no clipping)`);
+  }
+  return r;
+}
+
+/** The per-step uniform fields (see ADAMW_STEP_UNIFORM_BYTES) for step t = 1, 2, ... */
+export function adamwStepUniforms(h: AdamWHyperparameters, t: number): ArrayBuffer {
+  const r = resolveAdamW(h);
+  if (!Number.isSafeInteger(t) || t < 1) throw new AdamWConfigError(`AdamW: step ${t} must be an integer ≥ 1`);
+  const bytes = new ArrayBuffer(ADAMW_STEP_UNIFORM_BYTES);
+  new Float32Array(bytes).set([
+    1 - r.lr * r.weightDecay,
+    r.beta2,
+    1 - r.beta1,
+    1 - r.beta2,
+    r.lr / (1 - r.beta1 ** t),
+    Math.sqrt(1 - r.beta2 ** t),
+    r.eps,
+    r.maxNorm ?? 0,
+  ]);
+  return bytes;
+}
+
+export interface AdamWBuffers {
+  /** [3] f32 from planNorm over `grad`, read: [global norm, finite flag, non-finite count]. */
+  readonly norm: Tensor;
+  /** [n] f32 gradients (the gradient arena), read only: clipping happens in registers. */
+  readonly grad: Tensor;
+  /** [n] f32 parameters (the parameter arena), updated in place. */
+  readonly param: Tensor;
+  /** [n] f32 first moment (exp_avg), zero before step 1, updated in place. */
+  readonly m: Tensor;
+  /** [n] f32 second moment (exp_avg_sq), zero before step 1, updated in place. */
+  readonly v: Tensor;
+}
+
+const spec: KernelSpec = {
+  source,
+  file: 'shaders/adamw.wgsl',
+  entryPoint: 'adamw_step',
+  bindings: ['uniform', 'read', 'read', 'write', 'write', 'write'],
+};
+
+/**
+ * One AdamW step over whole arenas (every LoRA matrix at once), with gradient clipping fused in.
+ * Record it after planNorm's dispatches over the same `grad` in the same step; it reads the norm
+ * and the finite flag on the GPU and skips the whole update (param, m, v untouched) when the
+ * gradients hold a NaN or ±Inf. The uniform starts as step `step` (default 1) of `h`; before
+ * each later step call `dispatch.setUniforms(adamwStepUniforms(h, t))` with the new t (and lr).
+ */
+export async function planAdamW(
+  ctx: GpuContext,
+  b: AdamWBuffers,
+  h: AdamWHyperparameters,
+  options: { step?: number; label?: string } = {},
+): Promise<Dispatch> {
+  const label = options.label ?? 'adamw';
+  const n = b.param.size;
+  for (const [name, t] of Object.entries(b) as [keyof AdamWBuffers, Tensor][]) {
+    if (t.dtype !== 'f32') throw new ShapeError(`${label}: ${name} ${t.label} is ${t.dtype}, must be f32`);
+    if (name !== 'norm' && t.size !== n) {
+      throw new ShapeError(
+        `${label}: ${name} ${t.label} ${formatShape(t.shape)} has ${t.size} elements, param ${b.param.label} ${formatShape(b.param.shape)} has ${n}`,
+      );
+    }
+  }
+  if (b.norm.size !== REDUCE_OUT_SIZE) {
+    throw new ShapeError(
+      `${label}: norm ${b.norm.label} ${formatShape(b.norm.shape)} must have ${REDUCE_OUT_SIZE} elements (planNorm's out)`,
+    );
+  }
+  const roles = Object.entries(b) as [keyof AdamWBuffers, Tensor][];
+  for (const [name, w] of roles) {
+    if (name !== 'param' && name !== 'm' && name !== 'v') continue;
+    for (const [otherName, other] of roles) {
+      if (otherName !== name && other.buffer === w.buffer) {
+        throw new ShapeError(
+          `${label}: ${name} ${w.label} and ${otherName} ${other.label} share a buffer; param, m and v are written and must be separate arenas`,
+        );
+      }
+    }
+  }
+  const step = adamwStepUniforms(h, options.step ?? 1);
+  const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup, ctx.limits.maxComputeWorkgroupSizeX);
+  const kernel = await getKernel(ctx, spec, { WG: wg });
+  const g = grid1d(ctx, n, wg);
+  const uniforms = new ArrayBuffer(ADAMW_STEP_UNIFORM_BYTES + 16);
+  new Uint8Array(uniforms).set(new Uint8Array(step));
+  new Uint32Array(uniforms, ADAMW_STEP_UNIFORM_BYTES, 4).set([n, g.rowStride, 0, 0]);
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [b.norm, b.grad, b.param, b.m, b.v],
+    workgroups: g.workgroups,
+    uniforms,
+  });
+}

@@ -1,0 +1,74 @@
+// adamw.wgsl: one AdamW step (torch.optim.AdamW: decoupled weight decay, amsgrad and maximize
+// off) over a whole flat f32 arena of parameters, with torch.nn.utils.clip_grad_norm_ fused in.
+//
+// Per element i, step t ≥ 1, with N = norm[0] the global gradient norm from reduce.wgsl:
+//   g  = grad[i] · c,  c = min(max_norm / (N + 1e-6), 1)      (c = 1 when max_norm ≤ 0)
+//   param ← param · (1 − lr·wd)
+//   m  ← lerp(m, g, 1 − β1)                     = β1·m + (1 − β1)·g
+//   v  ← v·β2 + (1 − β2)·g·g
+//   param ← param − (lr / (1 − β1^t)) · m / (sqrt(v) / sqrt(1 − β2^t) + eps)
+// which is m̂ = m/(1 − β1^t), v̂ = v/(1 − β2^t), param ← param − lr·m̂/(sqrt(v̂) + eps), written in
+// the order of operations of torch's _single_tensor_adam (and _multi_tensor_adam) so that f32
+// results agree to an ulp or two:
+//   - the scalars (1 − lr·wd, 1 − β1, 1 − β2, lr/(1 − β1^t), sqrt(1 − β2^t)) are computed by the
+//     host in float64 and rounded to f32 once, as torch rounds Python scalars;
+//   - torch.lerp(m, g, w) is m + w·(g − m) for w < 0.5, else g − (g − m)·(1 − w);
+//   - eps is added after dividing sqrt(v) by sqrt(1 − β2^t) (it is not scaled by the correction);
+//   - clip_grad_norm_ computes (1 / (N + 1e-6)) · max_norm (Tensor.__rtruediv__), clamps it to 1
+//     and multiplies the gradient by it.
+//
+// Non-finite gradients: unless norm[1] == 1.0 (reduce.wgsl's flag: every gradient finite and N
+// finite), the kernel writes nothing, so param, m and v keep their previous values. A norm buffer
+// that was never computed (zeros) therefore also leaves everything untouched.
+//
+// Bindings, group 0: 0 u uniform (layout below; the first 8 fields are rewritten every step),
+//   1 norm [3] (read: N, finite flag, non-finite count), 2 grad [n] (read; never modified: the
+//   clipped gradient exists only in registers), 3 param [n], 4 m [n], 5 v [n] (read and written
+//   in place). The arenas hold their tensors at aligned offsets with zero padding in between;
+//   padding stays zero (zero gradient, parameter and moments give a zero update).
+// Threads are laid out 2-D (x fastest), one element each, so n may exceed 65535 workgroups' worth.
+
+struct Params {
+  decay: f32,           // 1 − lr·weight_decay
+  beta2: f32,           // β2
+  one_minus_beta1: f32, // 1 − β1: the lerp weight
+  one_minus_beta2: f32, // 1 − β2
+  step_size: f32,       // lr / (1 − β1^t)
+  bc2_sqrt: f32,        // sqrt(1 − β2^t)
+  eps: f32,
+  max_norm: f32,        // ≤ 0: no clipping
+  n: u32,               // elements of the arena
+  row_stride: u32,      // invocations per row of the 2-D grid
+  _pad0: u32,
+  _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> u: Params;
+@group(0) @binding(1) var<storage, read> norm: array<f32>;
+@group(0) @binding(2) var<storage, read> grad: array<f32>;
+@group(0) @binding(3) var<storage, read_write> param: array<f32>;
+@group(0) @binding(4) var<storage, read_write> m: array<f32>;
+@group(0) @binding(5) var<storage, read_write> v: array<f32>;
+
+override WG: u32 = 256;
+
+@compute @workgroup_size(WG)
+fn adamw_step(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.y * u.row_stride + gid.x;
+  if (i >= u.n || norm[1] != 1.0) {
+    return;
+  }
+  var g = grad[i];
+  if (u.max_norm > 0.0) {
+    let coef = min((1.0 / (norm[0] + 1e-6)) * u.max_norm, 1.0);
+    g = g * coef;
+  }
+  let w = u.one_minus_beta1;
+  let m0 = m[i];
+  let m1 = select(g - (g - m0) * (1.0 - w), m0 + w * (g - m0), w < 0.5);
+  let v1 = v[i] * u.beta2 + (u.one_minus_beta2 * g) * g;
+  let denom = sqrt(v1) / u.bc2_sqrt + u.eps;
+  param[i] = param[i] * u.decay + (-u.step_size * m1) / denom;
+  m[i] = m1;
+  v[i] = v1;
+}
