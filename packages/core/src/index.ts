@@ -5,6 +5,7 @@ export * from './f16.js';
 export * from './kernel.js';
 export * from './kernels/activations.js';
 export * from './kernels/attention.js';
+export * from './kernels/cross_entropy.js';
 export * from './kernels/elementwise.js';
 export * from './kernels/embedding.js';
 export * from './kernels/layernorm.js';
