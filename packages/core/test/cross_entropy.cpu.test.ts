@@ -54,7 +54,7 @@ const golden = {
 };
 
 describe('crossEntropyForwardRef / crossEntropyBackwardRef against transformers', () => {
-  it('shifted labels: 5 counted rows', () => {
+  it('the shift gives these labels', () => {
     expect(labels).toEqual([3, 1, 4, -100, 0, -100, 1, -100]);
   });
 

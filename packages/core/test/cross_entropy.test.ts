@@ -252,7 +252,12 @@ describe('cross-entropy', () => {
         errors: createTensor(ctx, [2], 'u32', 'errors'),
         dh: createTensor(ctx, [rows, d], 'f32', 'dh'),
       };
-      const plan = await planCrossEntropyTraining(ctx, t, { chunk: 32 });
+      // A caller-owned logits scratch (bigger than needed) is used and not counted or released.
+      const logits = createTensor(ctx, [rows * 40], 'f32', 'shared logits');
+      const plan = await planCrossEntropyTraining(ctx, t, { chunk: 32, logits });
+      expect(plan.scratchBytes).toBe(
+        crossEntropyScratchBytes(ctx, rows, vocab, { chunk: 32 }).training - rows * 32 * 4,
+      );
       const results: Outputs[] = [];
       for (const [divisor, g] of [
         [undefined, 1],
@@ -269,6 +274,8 @@ describe('cross-entropy', () => {
       }
       expect(() => plan.setDivisor(0)).toThrow(ShapeError);
       plan.dispose();
+      expect(logits.disposed).toBe(false);
+      logits.dispose();
       for (const v of Object.values(t)) v.dispose();
       return results;
     });

@@ -76,7 +76,8 @@ export interface CrossEntropyOptions extends CrossEntropyChunkOptions {
   /**
    * Divides the summed loss (and scales the gradient). Default: the number of counted labels in
    * this batch, computed on the GPU. Give the total over all micro-batches when accumulating
-   * gradients. Plans can change it later with setDivisor.
+   * gradients. Plans can change it later with setDivisor. With no counted label and no divisor the
+   * loss and the gradient are 0 (PyTorch's mean reduction would give NaN there).
    */
   readonly divisor?: number;
   /**
