@@ -16,7 +16,7 @@ import {
   writeTensor,
 } from '../src/index.js';
 import { type AdamWHyperparameters, adamwStepUniforms, planAdamW } from '../src/kernels/adamw.js';
-import { planNorm, REDUCE_OUT_SIZE, reducePartialsSize } from '../src/kernels/reduce.js';
+import { planL2Norm, REDUCE_OUT_SIZE, reducePartialsSize } from '../src/kernels/reduce.js';
 import type { GoldenAdamWCase } from './adamw.cpu.test.js';
 import golden from './golden/optim.json';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
@@ -33,7 +33,7 @@ async function makeOptimizer(ctx: GpuContext, sizes: readonly number[], h: AdamW
   const v = new TensorArena(ctx, entries('v'), 'exp_avg_sq');
   const partials = createTensor(ctx, [reducePartialsSize(ctx, grad.size)], 'f32', 'norm.partials');
   const norm = createTensor(ctx, [REDUCE_OUT_SIZE], 'f32', 'grad_norm');
-  const normPlan = await planNorm(ctx, { x: grad.tensor, partials, out: norm });
+  const normPlan = await planL2Norm(ctx, { x: grad.tensor, partials, out: norm });
   const adamw = await planAdamW(ctx, { norm, grad: grad.tensor, param: param.tensor, m: m.tensor, v: v.tensor }, h);
   /** Writes a flat host array (tensors concatenated) into an arena's views. */
   const upload = (arena: TensorArena, flat: ArrayLike<number>) => {

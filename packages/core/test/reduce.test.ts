@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { gradNormRef } from '../ref/adamw.js';
 import { rng } from '../ref/check.js';
 import { createTensor, type GpuContext, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
-import { planNorm, planSum, REDUCE_OUT_SIZE, reducePartialsSize, reducePlan } from '../src/kernels/reduce.js';
+import { planL2Norm, planSum, REDUCE_OUT_SIZE, reducePartialsSize, reducePlan } from '../src/kernels/reduce.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
 const gpu = useGpu();
@@ -25,7 +25,7 @@ async function reduce(ctx: GpuContext, data: Float32Array, mode: 'norm' | 'sum')
   const x = tensorFromData(ctx, data, [data.length], 'f32', 'x');
   const partials = createTensor(ctx, [reducePartialsSize(ctx, data.length)], 'f32', 'partials');
   const out = createTensor(ctx, [REDUCE_OUT_SIZE], 'f32', 'out');
-  const dispatches = await (mode === 'norm' ? planNorm : planSum)(ctx, { x, partials, out });
+  const dispatches = await (mode === 'norm' ? planL2Norm : planSum)(ctx, { x, partials, out });
   const enc = new StepEncoder(ctx, `${mode} step`);
   enc.dispatch(...dispatches);
   enc.submit();
@@ -110,14 +110,14 @@ describe('reduce shapes', () => {
       const wrong = createTensor(ctx, [2], 'f32', 'stats2');
       const ids = createTensor(ctx, [5000], 'i32', 'ids');
       const need = reducePartialsSize(ctx, 5000);
-      await expect(planNorm(ctx, { x, partials: small, out })).rejects.toThrow(ShapeError);
-      await expect(planNorm(ctx, { x, partials: small, out })).rejects.toThrow(
+      await expect(planL2Norm(ctx, { x, partials: small, out })).rejects.toThrow(ShapeError);
+      await expect(planL2Norm(ctx, { x, partials: small, out })).rejects.toThrow(
         new RegExp(`partials scratch \\[2\\] has 2 elements, x grads \\[5000\\] needs ${need}`),
       );
       const partials = createTensor(ctx, [need], 'f32', 'partials');
       await expect(planSum(ctx, { x, partials, out: wrong })).rejects.toThrow(/out stats2 \[2\] must have 3 elements/);
-      await expect(planNorm(ctx, { x: ids, partials, out })).rejects.toThrow(/x ids is i32, must be f32/);
-      await expect(planNorm(ctx, { x, partials: x, out })).rejects.toThrow(/must not share a buffer/);
+      await expect(planL2Norm(ctx, { x: ids, partials, out })).rejects.toThrow(/x ids is i32, must be f32/);
+      await expect(planL2Norm(ctx, { x, partials: x, out })).rejects.toThrow(/must not share a buffer/);
       for (const t of [x, small, out, wrong, ids, partials]) t.dispose();
     });
   });

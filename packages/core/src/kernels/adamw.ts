@@ -94,7 +94,7 @@ export function adamwStepUniforms(h: AdamWHyperparameters, t: number): ArrayBuff
 }
 
 export interface AdamWBuffers {
-  /** [3] f32 from planNorm over `grad`, read: [global norm, finite flag, non-finite count]. */
+  /** [3] f32 from planL2Norm over `grad`, read: [global norm, finite flag, non-finite count]. */
   readonly norm: Tensor;
   /** [n] f32 gradients (the gradient arena), read only: clipping happens in registers. */
   readonly grad: Tensor;
@@ -115,7 +115,7 @@ const spec: KernelSpec = {
 
 /**
  * One AdamW step over whole arenas (every LoRA matrix at once), with gradient clipping fused in.
- * Record it after planNorm's dispatches over the same `grad` in the same step; it reads the norm
+ * Record it after planL2Norm's dispatches over the same `grad` in the same step; it reads the norm
  * and the finite flag on the GPU and skips the whole update (param, m, v untouched) when the
  * gradients hold a NaN or ±Inf. The uniform starts as step `step` (default 1) of `h`; before
  * each later step call `dispatch.setUniforms(adamwStepUniforms(h, t))` with the new t (and lr).
@@ -138,7 +138,7 @@ export async function planAdamW(
   }
   if (b.norm.size !== REDUCE_OUT_SIZE) {
     throw new ShapeError(
-      `${label}: norm ${b.norm.label} ${formatShape(b.norm.shape)} must have ${REDUCE_OUT_SIZE} elements (planNorm's out)`,
+      `${label}: norm ${b.norm.label} ${formatShape(b.norm.shape)} must have ${REDUCE_OUT_SIZE} elements (planL2Norm's out)`,
     );
   }
   const roles = Object.entries(b) as [keyof AdamWBuffers, Tensor][];

@@ -112,7 +112,7 @@ async function planReduce(ctx: GpuContext, b: ReduceBuffers, square: boolean, la
  * between the arena's tensors adds nothing). Two dispatches, to record in this order in one step;
  * `out` = [norm, finite flag, non-finite count] stays on the GPU for adamw.wgsl to read.
  */
-export function planNorm(ctx: GpuContext, b: ReduceBuffers, label = 'norm'): Promise<Dispatch[]> {
+export function planL2Norm(ctx: GpuContext, b: ReduceBuffers, label = 'norm'): Promise<Dispatch[]> {
   return planReduce(ctx, b, true, label);
 }
 
