@@ -2,11 +2,12 @@ import { playwright } from '@vitest/browser-playwright';
 import { defineConfig } from 'vitest/config';
 import { chromiumPath, chromiumWebGpuArgs } from './tools/chromium.js';
 
-// Tests whose name ends in .cpu.test.ts need no GPU (references, parsers) and run under Node only.
+// Tests whose name ends in .cpu.test.ts need no GPU (references, parsers) and .node.test.ts need
+// Node itself (the CLI in a child process); both run under Node only.
 // Every other test runs three times: Node + Dawn (SwiftShader when there is no GPU), and headless
 // Chromium on its SwiftShader adapter and on lavapipe through the compatibility adapter.
 const gpuTests = ['packages/*/test/**/*.test.ts'];
-const cpuTests = ['packages/*/test/**/*.cpu.test.ts'];
+const cpuTests = ['packages/*/test/**/*.cpu.test.ts', 'packages/*/test/**/*.node.test.ts'];
 
 function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
   return {

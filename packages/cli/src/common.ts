@@ -1,0 +1,61 @@
+/** What every command shares: paths, the GPU context, loading a model folder, messages. */
+import { isAbsolute, resolve } from 'node:path';
+import { createGpuContext, describeAdapter, type GpuContext } from '@webtune/core';
+import {
+  type CausalLM,
+  directorySource,
+  loadModel,
+  loadTokenizer,
+  type ModelSource,
+  type Tokenizer,
+} from '@webtune/models';
+
+/** Paths on the command line are relative to where the user ran the command (pnpm runs scripts
+ * from the repository root and passes the original directory in INIT_CWD). */
+export function userPath(p: string): string {
+  return isAbsolute(p) ? p : resolve(process.env.INIT_CWD ?? process.cwd(), p);
+}
+
+export function info(message: string): void {
+  process.stderr.write(`${message}\n`);
+}
+
+export async function gpu(): Promise<GpuContext> {
+  const ctx = await createGpuContext({ label: 'webtune-cli' });
+  info(
+    `GPU: ${describeAdapter(ctx)}${ctx.adapter.softwareFallback ? ' — no GPU found, using the software driver' : ''}`,
+  );
+  return ctx;
+}
+
+export interface OpenedModel {
+  source: ModelSource;
+  model: CausalLM;
+  tokenizer: Tokenizer;
+}
+
+export async function openModel(ctx: GpuContext, dir: string, precision: 'f16' | 'f32'): Promise<OpenedModel> {
+  const source = directorySource(userPath(dir));
+  const tokenizer = await loadTokenizer(source);
+  const t0 = performance.now();
+  let lastReport = 0;
+  const model = await loadModel(ctx, source, {
+    precision,
+    onProgress: (p) => {
+      const now = performance.now();
+      if (p.status === 'weights' && now - lastReport > 1000 && p.total > 0) {
+        lastReport = now;
+        info(`loading weights ${((100 * p.loaded) / p.total).toFixed(0)}%`);
+      }
+    },
+  });
+  info(
+    `model: ${model.config.architecture}, ${model.config.numLayers} layers, ${(model.bytes / 2 ** 20).toFixed(1)} MiB of ${precision} weights on the GPU, loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+  );
+  return { source, model, tokenizer };
+}
+
+export function precisionFlag(v: unknown): 'f16' | 'f32' {
+  if (v !== 'f16' && v !== 'f32') throw new Error(`--precision must be f16 or f32, got ${String(v)}`);
+  return v;
+}

@@ -1,0 +1,91 @@
+// The CLI end to end, as a user runs it: a child process over the committed model folders.
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+
+const root = fileURLToPath(new URL('../../../', import.meta.url));
+const stories = 'apps/studio/public/models/stories260K';
+
+function webtune(...args: string[]): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [join(root, 'packages/cli/bin/webtune.mjs'), ...args], {
+    cwd: root,
+    encoding: 'utf8',
+    env: { ...process.env, INIT_CWD: root, XDG_RUNTIME_DIR: '/tmp' },
+    timeout: 240_000,
+  });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('webtune CLI', () => {
+  it('generate prints the reference story from stories260K', () => {
+    const r = webtune('generate', '--model', stories, '--prompt', '', '--max-new-tokens', '60', '--temperature', '0');
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toBe(
+      'Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball. She wanted to play with it, but it was too high\n',
+    );
+  });
+
+  it('generate continues a prompt without repeating it', () => {
+    const r = webtune(
+      'generate',
+      '--model',
+      stories,
+      '--prompt',
+      'Once upon a time',
+      '--max-new-tokens',
+      '8',
+      '--temperature',
+      '0',
+    );
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout.startsWith(', there was')).toBe(true);
+  });
+
+  it('eval --json agrees with transformers on the fixture text', () => {
+    const r = webtune(
+      'eval',
+      '--model',
+      stories,
+      '--data',
+      'packages/models/test/fixtures/text/shakespeare-4k.txt',
+      '--seq',
+      '64',
+      '--json',
+      '--precision',
+      'f32',
+    );
+    expect(r.code, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout.trim()) as { loss: number; tokens: number; perplexity: number };
+    // tools/golden_forward.py: stories260K eval record (seq 64).
+    expect(out.tokens).toBe(2434);
+    expect(Math.abs(out.loss - 4.35196) / 4.35196).toBeLessThan(1e-5);
+  });
+
+  it('inspect reports the architecture and sizes', () => {
+    const r = webtune('inspect', '--model', stories, '--json');
+    expect(r.code, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout.trim()) as Record<string, unknown>;
+    expect(out.architecture).toBe('LlamaForCausalLM');
+    expect(out.parameters).toBe(260_032);
+  });
+
+  it('explains bad input without a stack trace', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'webtune-cli-'));
+    writeFileSync(join(dir, 'config.json'), JSON.stringify({ architectures: ['MambaForCausalLM'] }));
+    const r = webtune('inspect', '--model', dir);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(
+      /MambaForCausalLM.*not supported; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel/,
+    );
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+    const missing = webtune('eval', '--model', stories);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toMatch(/--data is required/);
+    const nope = webtune('generate', '--model', join(dir, 'nothing-here'), '--prompt', 'x');
+    expect(nope.code).toBe(1);
+    expect(nope.stderr).toMatch(/tokenizer\.json|config\.json/);
+  });
+});
