@@ -176,3 +176,76 @@ export function parameterTable(c: ModelConfig): ParamSpec[] {
 export function parameterCount(c: ModelConfig): number {
   return parameterTable(c).reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0);
 }
+
+/** A module as PyTorch's named_modules() lists it for the HF class (PEFT matches names in it). */
+export interface NamedModule {
+  readonly name: string;
+  /** 'lm_head' is the output layer (get_output_embeddings()); 'other' is everything that holds no
+   * adaptable weight (blocks, norms, lists, dropout, activations). */
+  readonly kind: 'linear' | 'conv1d' | 'embedding' | 'lm_head' | 'other';
+  readonly inFeatures?: number;
+  readonly outFeatures?: number;
+  readonly layer?: number;
+}
+
+/**
+ * Every module of the model in named_modules() order (the root excluded), as transformers builds
+ * LlamaForCausalLM / Qwen2 / Qwen3 / GPT2LMHeadModel. PEFT resolves target_modules against this
+ * list, and 'all-linear' shortens its saved target list with it.
+ */
+export function namedModules(c: ModelConfig): NamedModule[] {
+  const out: NamedModule[] = [];
+  const other = (name: string, layer?: number) => out.push({ name, kind: 'other', layer });
+  const lin = (m: LinearModule) =>
+    out.push({ name: m.name, kind: m.kind, inFeatures: m.inFeatures, outFeatures: m.outFeatures, layer: m.layer });
+  const layout = modelLayout(c);
+  if (c.family === 'gpt2') {
+    other('transformer');
+    out.push({ name: 'transformer.wte', kind: 'embedding', inFeatures: c.vocabSize, outFeatures: c.hiddenSize });
+    out.push({ name: 'transformer.wpe', kind: 'embedding', inFeatures: c.maxPositions, outFeatures: c.hiddenSize });
+    other('transformer.drop');
+    other('transformer.h');
+    layout.layers.forEach((l, i) => {
+      const p = `transformer.h.${i}`;
+      const [cAttn, cProj, cFc, mlpProj] = l.linears as [LinearModule, LinearModule, LinearModule, LinearModule];
+      other(p, i);
+      other(`${p}.ln_1`, i);
+      other(`${p}.attn`, i);
+      lin(cAttn);
+      lin(cProj);
+      other(`${p}.attn.attn_dropout`, i);
+      other(`${p}.attn.resid_dropout`, i);
+      other(`${p}.ln_2`, i);
+      other(`${p}.mlp`, i);
+      lin(cFc);
+      lin(mlpProj);
+      other(`${p}.mlp.act`, i);
+      other(`${p}.mlp.dropout`, i);
+    });
+    other('transformer.ln_f');
+  } else {
+    other('model');
+    out.push({ name: 'model.embed_tokens', kind: 'embedding', inFeatures: c.vocabSize, outFeatures: c.hiddenSize });
+    other('model.layers');
+    layout.layers.forEach((l, i) => {
+      const p = `model.layers.${i}`;
+      const [q, k, v, o, gate, up, down] = l.linears as LinearModule[];
+      other(p, i);
+      other(`${p}.self_attn`, i);
+      for (const m of [q, k, v, o]) lin(m as LinearModule);
+      if (c.qkNorm) {
+        other(`${p}.self_attn.q_norm`, i);
+        other(`${p}.self_attn.k_norm`, i);
+      }
+      other(`${p}.mlp`, i);
+      for (const m of [gate, up, down]) lin(m as LinearModule);
+      other(`${p}.mlp.act_fn`, i);
+      other(`${p}.input_layernorm`, i);
+      other(`${p}.post_attention_layernorm`, i);
+    });
+    other('model.norm');
+    other('model.rotary_emb');
+  }
+  out.push({ name: 'lm_head', kind: 'lm_head', inFeatures: c.hiddenSize, outFeatures: c.vocabSize });
+  return out;
+}
