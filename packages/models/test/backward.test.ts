@@ -1,0 +1,129 @@
+// One LoRA training step's loss and every LoRA gradient against Hugging Face PEFT
+// (tools/golden_peft_train.py): five architectures × two configurations plus stories260K, with
+// f32 base weights. Gradient error is per tensor: max |g − g_peft| / max |g_peft| ≤ 1e-3.
+import { createTensor, readFloat32, StepEncoder, type Tensor, tensorFromData, writeTensor } from '@webtune/core';
+import { describe, expect, it } from 'vitest';
+import { gpuCase, useGpu } from '../../core/test/gpu.js';
+import { type LoraTrainable, planBackward, shiftLabels } from '../src/backward.js';
+import { planForward } from '../src/forward.js';
+import { loadModel } from '../src/model.js';
+import { openSafetensors } from '../src/safetensors.js';
+import { repoSource } from './fixtures.js';
+
+const gpu = useGpu();
+
+interface PeftGolden {
+  model: string;
+  config: string;
+  path: string;
+  batch: { input_ids: number[][]; labels: number[][]; counted_tokens: number };
+  loss: number;
+  modules: {
+    module: string;
+    key_prefix: string;
+    in_features: number;
+    out_features: number;
+    r: number;
+    scaling: number;
+  }[];
+}
+
+const RUNS = [
+  'tiny-llama-A',
+  'tiny-llama-B',
+  'tiny-llama3-A',
+  'tiny-llama3-B',
+  'tiny-qwen2-A',
+  'tiny-qwen2-B',
+  'tiny-qwen3-A',
+  'tiny-qwen3-B',
+  'tiny-gpt2-A',
+  'tiny-gpt2-B',
+  'stories260K-A',
+];
+const goldens = import.meta.glob<PeftGolden>('../../train/test/golden/peft-train/*/golden.json', { import: 'default' });
+
+function relError(got: Float32Array, want: Float32Array): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < want.length; i++) {
+    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
+    den = Math.max(den, Math.abs(want[i] as number));
+  }
+  return den === 0 ? num : num / den;
+}
+
+describe('LoRA gradients against PEFT', () => {
+  for (const run of RUNS) {
+    it(run, async () => {
+      const ctx = gpu();
+      const golden = await (
+        goldens[`../../train/test/golden/peft-train/${run}/golden.json`] as () => Promise<PeftGolden>
+      )();
+      const runSource = await repoSource(`packages/train/test/golden/peft-train/${run}`);
+      const tensors = await openSafetensors(runSource, 'tensors.safetensors');
+      const model0 = await repoSource(golden.path);
+      const result = await gpuCase(ctx, run, async () => {
+        const model = await loadModel(ctx, model0, { precision: 'f32' });
+        const lora = new Map<string, LoraTrainable>();
+        const owned: Tensor[] = [];
+        for (const m of golden.modules) {
+          const a = tensorFromData(
+            ctx,
+            await tensors.readTensor(`${m.key_prefix}.lora_A.weight`),
+            [m.r, m.in_features],
+            'f32',
+            `${m.module}.lora_A`,
+          );
+          const b = tensorFromData(
+            ctx,
+            await tensors.readTensor(`${m.key_prefix}.lora_B.weight`),
+            [m.out_features, m.r],
+            'f32',
+            `${m.module}.lora_B`,
+          );
+          const da = createTensor(ctx, [m.r, m.in_features], 'f32', `${m.module}.lora_A.grad`);
+          const db = createTensor(ctx, [m.out_features, m.r], 'f32', `${m.module}.lora_B.grad`);
+          owned.push(a, b, da, db);
+          lora.set(m.module, { a, b, da, db, scale: m.scaling });
+        }
+        const B = golden.batch.input_ids.length;
+        const T = (golden.batch.input_ids[0] as number[]).length;
+        const fwd = await planForward(ctx, model, { B, T, mode: 'train', lora });
+        const bwd = await planBackward(ctx, fwd, lora);
+        writeTensor(fwd.ids, golden.batch.input_ids.flat());
+        writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));
+        const enc = new StepEncoder(ctx, 'train step').clear(fwd.embeddingErrors).clear(bwd.errors);
+        enc.dispatch(...fwd.dispatches, ...bwd.dispatches).submit();
+        const [loss, count] = await readFloat32(bwd.loss);
+        const grads = new Map<string, { da: Float32Array; db: Float32Array }>();
+        for (const [name, t] of lora) grads.set(name, { da: await readFloat32(t.da), db: await readFloat32(t.db) });
+        bwd.dispose();
+        fwd.dispose();
+        for (const t of owned) t.dispose();
+        model.dispose();
+        return { loss: loss as number, count: count as number, grads };
+      });
+      expect(result.count).toBe(golden.batch.counted_tokens);
+      expect(Math.abs(result.loss - golden.loss) / golden.loss, `loss ${result.loss} vs ${golden.loss}`).toBeLessThan(
+        1e-4,
+      );
+      let worst = 0;
+      for (const m of golden.modules) {
+        const got = result.grads.get(m.module)!;
+        for (const [which, g] of [
+          ['A', got.da],
+          ['B', got.db],
+        ] as const) {
+          const want = await tensors.readTensor(`grad.${m.key_prefix}.lora_${which}.weight`);
+          const err = relError(g, want);
+          worst = Math.max(worst, err);
+          expect(err, `${m.module} d${which}`).toBeLessThan(1e-3);
+        }
+      }
+      console.log(
+        `${run}: loss ${result.loss} (PEFT ${golden.loss}), worst gradient error ${worst.toExponential(2)} over ${golden.modules.length} modules`,
+      );
+    });
+  }
+});
