@@ -1,4 +1,5 @@
 export * from './architecture.js';
+export * from './backward.js';
 export * from './config.js';
 export * from './errors.js';
 export * from './evaluate.js';
