@@ -1,2 +1,3 @@
 export * from './data/index.js';
 export * from './lora/index.js';
+export * from './trainer.js';

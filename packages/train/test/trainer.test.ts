@@ -1,0 +1,207 @@
+// Ten AdamW steps with a warmup schedule and gradient clipping reproduce PEFT +
+// torch.optim.AdamW (tools/golden_peft_train.py) step by step: the loss before each update, the
+// learning rate, the gradient norm, and the final adapter weights; then the adapter exported by
+// webtune holds exactly those weights under PEFT's names, and PEFT's own saved adapter imports
+// and gives PEFT's loss.
+import {
+  directorySource,
+  loadModel,
+  type ModelSource,
+  namedModules,
+  openSafetensors,
+  urlSource,
+} from '@webtune/models';
+import { describe, expect, it } from 'vitest';
+import { gpuCase, useGpu } from '../../core/test/gpu.js';
+import { readPeftAdapter } from '../src/lora/index.js';
+import { LoraTrainer, TrainingDivergedError } from '../src/trainer.js';
+
+const gpu = useGpu();
+
+interface Golden {
+  path: string;
+  lora: Record<string, unknown> & { r: number; lora_alpha: number; target_modules: unknown; use_rslora: boolean };
+  batch: { input_ids: number[][]; labels: number[][] };
+  modules: { module: string; key_prefix: string }[];
+  train: {
+    optimizer: { lr: number; weight_decay: number; eps: number; betas: [number, number] };
+    schedule: { num_warmup_steps: number; num_training_steps: number };
+    max_grad_norm: number;
+    losses: number[];
+    lrs: number[];
+    grad_norms: number[];
+    final_loss: number;
+  };
+  adapter: { loss: number };
+}
+
+const goldens = import.meta.glob<Golden>('./golden/peft-train/*/golden.json', { import: 'default' });
+
+async function repoSource(relative: string): Promise<ModelSource> {
+  if (typeof window !== 'undefined') return urlSource(new URL(`/${relative}/`, window.location.origin).href);
+  const { fileURLToPath } = await import('node:url');
+  return directorySource(fileURLToPath(new URL(`../../../${relative}`, import.meta.url)));
+}
+
+const RUNS = ['tiny-llama-A', 'tiny-qwen2-B', 'tiny-qwen3-A', 'tiny-gpt2-B', 'tiny-llama3-B', 'stories260K-A'];
+
+describe('ten AdamW steps against PEFT + torch', () => {
+  for (const run of RUNS) {
+    it(run, async () => {
+      const ctx = gpu();
+      const g = await (goldens[`./golden/peft-train/${run}/golden.json`] as () => Promise<Golden>)();
+      const runSource = await repoSource(`packages/train/test/golden/peft-train/${run}`);
+      const tensors = await openSafetensors(runSource, 'tensors.safetensors');
+      const modelSource = await repoSource(g.path);
+      const out = await gpuCase(ctx, run, async () => {
+        const model = await loadModel(ctx, modelSource, { precision: 'f32' });
+        const initial = new Map<string, { a: Float32Array; b: Float32Array }>();
+        for (const m of g.modules) {
+          initial.set(m.module, {
+            a: await tensors.readTensor(`${m.key_prefix}.lora_A.weight`),
+            b: await tensors.readTensor(`${m.key_prefix}.lora_B.weight`),
+          });
+        }
+        const B = g.batch.input_ids.length;
+        const T = (g.batch.input_ids[0] as number[]).length;
+        const o = g.train.optimizer;
+        const trainer = await LoraTrainer.create(ctx, model, {
+          lora: {
+            r: g.lora.r,
+            lora_alpha: g.lora.lora_alpha,
+            target_modules: g.lora.target_modules,
+            use_rslora: g.lora.use_rslora,
+            lora_dropout: 0,
+          },
+          batch: B,
+          seq: T,
+          optimizer: {
+            lr: o.lr,
+            weightDecay: o.weight_decay,
+            eps: o.eps,
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            maxGradNorm: g.train.max_grad_norm,
+          },
+          schedule: {
+            kind: 'linear',
+            warmupSteps: g.train.schedule.num_warmup_steps,
+            totalSteps: g.train.schedule.num_training_steps,
+          },
+          initialWeights: initial,
+        });
+        const steps = [];
+        for (let s = 0; s < g.train.losses.length; s++) {
+          steps.push(await trainer.trainStep([{ inputIds: g.batch.input_ids.flat(), labels: g.batch.labels.flat() }]));
+        }
+        const final = await trainer.readWeights();
+        const finalLoss = (
+          await trainer.evaluate(
+            [0, 1].map((b) => ({ inputIds: g.batch.input_ids[b] as number[], labels: g.batch.labels[b] as number[] })),
+            2,
+          )
+        ).loss;
+        const exported = await trainer.exportPeft({ baseModelNameOrPath: g.path });
+        trainer.dispose();
+        model.dispose();
+        return { steps, final, finalLoss, exported };
+      });
+      out.steps.forEach((s, i) => {
+        expect(
+          Math.abs(s.loss - (g.train.losses[i] as number)) / (g.train.losses[i] as number),
+          `loss at step ${i + 1}`,
+        ).toBeLessThan(1e-3);
+        expect(s.lr).toBeCloseTo(g.train.lrs[i] as number, 12);
+        expect(
+          Math.abs(s.gradNorm - (g.train.grad_norms[i] as number)) / (g.train.grad_norms[i] as number),
+          `grad norm at step ${i + 1}`,
+        ).toBeLessThan(1e-3);
+      });
+      // evaluate() counts per example and averages over all counted tokens, as transformers does.
+      expect(Math.abs(out.finalLoss - g.train.final_loss) / g.train.final_loss).toBeLessThan(1e-3);
+      let worst = 0;
+      for (const m of g.modules) {
+        const w = out.final.get(m.module)!;
+        for (const [which, got] of [
+          ['A', w.a],
+          ['B', w.b],
+        ] as const) {
+          const want = await tensors.readTensor(`final.${m.key_prefix}.lora_${which}.weight`);
+          let num = 0;
+          let den = 0;
+          for (let i = 0; i < want.length; i++) {
+            num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
+            den = Math.max(den, Math.abs(want[i] as number));
+          }
+          worst = Math.max(worst, num / den);
+        }
+      }
+      expect(worst, 'final weights').toBeLessThan(1e-3);
+      expect(out.exported['adapter_config.json']).toContain('"peft_type": "LORA"');
+      console.log(
+        `${run}: losses ${out.steps[0]?.loss.toFixed(5)} -> ${out.steps.at(-1)?.loss.toFixed(5)} (PEFT ${g.train.losses.at(-1)?.toFixed(5)}), final weights max rel error ${worst.toExponential(2)}`,
+      );
+    });
+  }
+
+  it('imports the adapter PEFT saved and gets PEFT’s loss with it', async () => {
+    const ctx = gpu();
+    const run = 'tiny-qwen3-B';
+    const g = await (goldens[`./golden/peft-train/${run}/golden.json`] as () => Promise<Golden>)();
+    const modelSource = await repoSource(g.path);
+    const adapterSource = await repoSource(`packages/train/test/golden/peft-train/${run}/adapter`);
+    const loss = await gpuCase(ctx, 'import', async () => {
+      const model = await loadModel(ctx, modelSource, { precision: 'f32' });
+      const imported = await readPeftAdapter(adapterSource, namedModules(model.config), model.config.modelType);
+      expect(imported.warnings).toEqual([]);
+      const trainer = await LoraTrainer.create(ctx, model, {
+        lora: imported.resolved,
+        initialWeights: imported.weights,
+        batch: 2,
+        seq: 12,
+        optimizer: { lr: 1e-3 },
+      });
+      const r = await trainer.evaluate(
+        [0, 1].map((b) => ({ inputIds: g.batch.input_ids[b] as number[], labels: g.batch.labels[b] as number[] })),
+        2,
+      );
+      trainer.dispose();
+      model.dispose();
+      return r.loss;
+    });
+    expect(Math.abs(loss - g.adapter.loss) / g.adapter.loss).toBeLessThan(1e-4);
+  });
+
+  it('stops on a non-finite loss and keeps the last good adapter', async () => {
+    const ctx = gpu();
+    const modelSource = await repoSource('apps/studio/public/models/stories260K');
+    await gpuCase(ctx, 'diverge', async () => {
+      const model = await loadModel(ctx, modelSource, { precision: 'f32' });
+      const trainer = await LoraTrainer.create(ctx, model, {
+        lora: { r: 4, lora_alpha: 8 },
+        batch: 1,
+        seq: 8,
+        optimizer: { lr: 1e30, maxGradNorm: Infinity },
+        seed: 3,
+      });
+      const batch = { inputIds: [1, 20, 30, 40, 50, 60, 70, 80], labels: [1, 20, 30, 40, 50, 60, 70, 80] };
+      await trainer.trainStep([batch]);
+      const good = await trainer.readWeights();
+      let error: unknown;
+      for (let i = 0; i < 5 && !error; i++) {
+        try {
+          await trainer.trainStep([batch]);
+        } catch (e) {
+          error = e;
+        }
+      }
+      expect(error).toBeInstanceOf(TrainingDivergedError);
+      const after = await trainer.readWeights();
+      // The failing step changed nothing; what is on the GPU is a finite adapter.
+      for (const w of after.values()) for (const x of [...w.a, ...w.b]) expect(Number.isFinite(x)).toBe(true);
+      expect(good.size).toBe(after.size);
+      trainer.dispose();
+      model.dispose();
+    });
+  });
+});
