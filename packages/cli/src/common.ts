@@ -9,6 +9,7 @@ import {
   type ModelSource,
   type Tokenizer,
 } from '@webtune/models';
+import { type LoadedAdapter, loadAdapter } from '@webtune/train';
 
 /** Paths on the command line are relative to where the user ran the command (pnpm runs scripts
  * from the repository root and passes the original directory in INIT_CWD). */
@@ -58,4 +59,20 @@ export async function openModel(ctx: GpuContext, dir: string, precision: 'f16' |
 export function precisionFlag(v: unknown): 'f16' | 'f32' {
   if (v !== 'f16' && v !== 'f32') throw new Error(`--precision must be f16 or f32, got ${String(v)}`);
   return v;
+}
+
+/** Loads a PEFT adapter folder (ours or PEFT's) for the model, printing its warnings. */
+export async function openAdapter(
+  ctx: GpuContext,
+  model: CausalLM,
+  dir: string | undefined,
+): Promise<LoadedAdapter | undefined> {
+  if (dir === undefined) return undefined;
+  const adapter = await loadAdapter(ctx, model, directorySource(userPath(dir)));
+  for (const w of adapter.warnings) info(`adapter warning: ${w}`);
+  const r = adapter.imported.resolved;
+  info(
+    `adapter: ${r.modules.length} modules, r ${r.config.r}, alpha ${r.config.lora_alpha}${r.config.use_rslora ? ', rsLoRA' : ''}`,
+  );
+  return adapter;
 }

@@ -7,11 +7,13 @@ import { UsageError, usage } from './args.js';
 import { evalFlags, evaluate } from './commands/eval.js';
 import { generate, generateFlags } from './commands/generate.js';
 import { inspect, inspectFlags } from './commands/inspect.js';
+import { train, trainFlags } from './commands/train.js';
 
 const commands = {
   inspect: { run: inspect, flags: inspectFlags, summary: 'architecture, parameters, memory, and the GPU found' },
   generate: { run: generate, flags: generateFlags, summary: 'continue a prompt (the prompt is not repeated)' },
   eval: { run: evaluate, flags: evalFlags, summary: 'mean cross-entropy of the model over a text file' },
+  train: { run: train, flags: trainFlags, summary: 'train a LoRA adapter and write it in the PEFT format' },
 } as const;
 
 function help(): string {

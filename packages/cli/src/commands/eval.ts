@@ -2,7 +2,7 @@ import { readFile } from 'node:fs/promises';
 import { evaluateLoss } from '@webtune/models';
 import { textWindows } from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { gpu, info, openModel, precisionFlag, userPath } from '../common.js';
+import { gpu, info, openAdapter, openModel, precisionFlag, userPath } from '../common.js';
 
 export const evalFlags: Record<string, FlagSpec> = {
   model: { type: 'string', description: 'Hugging Face model folder', required: true },
@@ -10,6 +10,7 @@ export const evalFlags: Record<string, FlagSpec> = {
   seq: { type: 'int', description: 'tokens per window', default: 256 },
   batch: { type: 'int', description: 'windows per forward pass', default: 8 },
   precision: { type: 'string', description: 'weights on the GPU: f16 or f32', default: 'f16' },
+  adapter: { type: 'string', description: 'a PEFT LoRA adapter folder to apply' },
   json: { type: 'boolean', description: 'print one line {"loss", "tokens", "perplexity"}', default: false },
 };
 
@@ -23,11 +24,13 @@ export async function evaluate(argv: string[]): Promise<void> {
   const { model, tokenizer } = await openModel(ctx, f.model as string, precisionFlag(f.precision));
   if (seq > model.config.maxPositions)
     throw new UsageError(`eval: --seq ${seq} exceeds the model's context of ${model.config.maxPositions}`);
+  const adapter = await openAdapter(ctx, model, f.adapter as string | undefined);
   const w = textWindows(tokenizer, text, seq);
   info(`${path}: ${w.textTokens} tokens, ${w.windows} windows of ${seq}`);
   const t0 = performance.now();
   const r = await evaluateLoss(ctx, model, w.examples, {
     batch: f.batch as number,
+    lora: adapter?.weights,
     onProgress: (done, total) => info(`  ${done}/${total} positions`),
   });
   const seconds = (performance.now() - t0) / 1000;
@@ -36,6 +39,7 @@ export async function evaluate(argv: string[]): Promise<void> {
     console.log(
       `loss ${r.loss.toFixed(6)}  perplexity ${r.perplexity.toFixed(3)}  over ${r.tokens} predicted tokens (${(r.tokens / seconds).toFixed(0)} tokens/s)`,
     );
+  adapter?.dispose();
   model.dispose();
   ctx.destroy();
 }

@@ -1,6 +1,6 @@
 import { type GenerateOptions, Generator } from '@webtune/models';
 import { type FlagSpec, parseFlags } from '../args.js';
-import { gpu, info, openModel, precisionFlag } from '../common.js';
+import { gpu, info, openAdapter, openModel, precisionFlag } from '../common.js';
 
 export const generateFlags: Record<string, FlagSpec> = {
   model: { type: 'string', description: 'Hugging Face model folder', required: true },
@@ -11,6 +11,7 @@ export const generateFlags: Record<string, FlagSpec> = {
   'top-k': { type: 'int', description: 'sample among the k most likely tokens' },
   seed: { type: 'int', description: 'sampling seed', default: 0 },
   precision: { type: 'string', description: 'weights on the GPU: f16 or f32', default: 'f16' },
+  adapter: { type: 'string', description: 'a PEFT LoRA adapter folder to apply' },
 };
 
 interface GenerationConfig {
@@ -29,8 +30,10 @@ export async function generate(argv: string[]): Promise<void> {
   const sample = gc.do_sample === true;
   const prompt = tokenizer.encode(f.prompt as string);
   const maxNew = f['max-new-tokens'] as number;
+  const adapter = await openAdapter(ctx, model, f.adapter as string | undefined);
   const gen = await Generator.create(ctx, model, {
     maxSequence: Math.min(model.config.maxPositions, prompt.length + maxNew + 1),
+    lora: adapter?.weights,
   });
   const decoder = tokenizer.streamDecoder({ context: prompt, skipSpecialTokens: true });
   const opts: GenerateOptions = {
@@ -49,6 +52,7 @@ export async function generate(argv: string[]): Promise<void> {
     `${r.ids.length} tokens (${r.stopReason}); prefill ${prompt.length} tokens in ${r.prefillSeconds.toFixed(2)} s, decode ${tokS.toFixed(1)} tokens/s`,
   );
   gen.dispose();
+  adapter?.dispose();
   model.dispose();
   ctx.destroy();
 }
