@@ -180,10 +180,19 @@ export async function planBackward(
     const last = fwd.layers[fwd.layers.length - 1] as LayerActivations;
     out.push(await normBackward(model.finalNorm, last.out, fwd.finalStats, dHidden, dResid, false, 'final_norm'));
 
+    const replayed = new Set<Dispatch>();
     for (let i = c.numLayers - 1; i >= 0; i--) {
       const layer = model.layers[i] as Layer;
       const a = fwd.layers[i] as LayerActivations;
       const p = `layer${i}`;
+      if (fwd.recompute && i < c.numLayers - 1) {
+        // The shared activations hold the last layer's forward: rerun this layer's (from its
+        // saved input) before differentiating it. The forward plan owns these dispatches.
+        for (const dsp of fwd.layerDispatches[i] ?? []) {
+          out.push(dsp);
+          replayed.add(dsp);
+        }
+      }
       // MLP: out = mid + down(act(...)); dResid holds ∂L/∂out.
       await linearBackward(layer, a, 'down', a.act, dResid, dAct, false);
       if (c.family === 'gpt2') {
@@ -307,13 +316,13 @@ export async function planBackward(
       dispatches: out,
       scratchBytes,
       dispose() {
-        for (const x of out) if (!plan.dispatches.includes(x)) x.dispose();
+        for (const x of new Set(out)) if (!plan.dispatches.includes(x) && !replayed.has(x)) x.dispose();
         plan.dispose();
         for (const t of s.owned) t.dispose();
       },
     };
   } catch (e) {
-    for (const x of out) if (!ce?.dispatches.includes(x)) x.dispose();
+    for (const x of new Set(out)) if (!ce?.dispatches.includes(x) && !fwd.dispatches.includes(x)) x.dispose();
     ce?.dispose();
     for (const t of s.owned) t.dispose();
     throw e;

@@ -48,6 +48,12 @@ export interface ForwardOptions {
   readonly T: number;
   /** 'train' keeps every layer's activations for the backward. Default 'inference'. */
   readonly mode?: 'inference' | 'train';
+  /**
+   * Train mode only: keep just each layer's input and share one set of layer activations; the
+   * backward replays each layer's forward before differentiating it. Trades one extra forward
+   * pass for roughly L-fold less activation memory.
+   */
+  readonly recompute?: boolean;
   /** Also compute logits [B·T, vocab] (tests and tiny models only: the loss path never does). */
   readonly logits?: boolean;
   readonly lora?: LoraWeightsByModule;
@@ -117,6 +123,10 @@ export class ForwardPlan {
     readonly embeddingErrors: Tensor,
     readonly dispatches: readonly Dispatch[],
     private readonly owned: readonly Tensor[],
+    /** Each layer's forward dispatches (a subset of `dispatches`), replayed by a recomputing backward. */
+    readonly layerDispatches: readonly (readonly Dispatch[])[],
+    /** Activations are shared between layers and must be recomputed for the backward. */
+    readonly recompute: boolean,
   ) {}
 
   get rows(): number {
@@ -426,17 +436,23 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
       ),
     );
     const layers: LayerActivations[] = [];
-    // Inference ping-pongs the residual stream between two buffers and shares everything else.
+    const layerDispatches: Dispatch[][] = [];
+    const recompute = mode === 'train' && (opts.recompute ?? false);
+    // Inference ping-pongs the residual stream between two buffers and shares everything else;
+    // recomputing training keeps every layer's input but shares the rest.
     const pingPong = mode === 'inference' ? [embedded, alloc.f32([rows, d], 'residual')] : undefined;
+    const share = mode === 'inference' || recompute;
     let shared: LayerActivations | undefined;
     const attention = batchedAttention(model, B, T);
     let x = embedded;
     for (let i = 0; i < c.numLayers; i++) {
       const out = pingPong ? (pingPong[(i + 1) % 2] as Tensor) : alloc.f32([rows, d], `layer${i}.out`);
       const acts = allocateLayer(alloc, model, rows, B, T, i, x, out, opts.lora, shared);
-      if (mode === 'inference') shared ??= acts;
+      if (share) shared ??= acts;
       layers.push(acts);
-      dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, opts.lora)));
+      const planned = await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, opts.lora);
+      layerDispatches.push(planned);
+      dispatches.push(...planned);
       x = out;
     }
     const hidden = alloc.f32([rows, d], 'hidden');
@@ -461,6 +477,8 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
       errors,
       dispatches,
       alloc.owned,
+      layerDispatches,
+      recompute,
     );
   } catch (e) {
     for (const dsp of dispatches) dsp.dispose();

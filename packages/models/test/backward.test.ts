@@ -54,8 +54,13 @@ function relError(got: Float32Array, want: Float32Array): number {
 }
 
 describe('LoRA gradients against PEFT', () => {
-  for (const run of RUNS) {
-    it(run, async () => {
+  const cases = [
+    ...RUNS.map((run) => ({ run, recompute: false })),
+    { run: 'tiny-qwen3-B', recompute: true },
+    { run: 'tiny-gpt2-A', recompute: true },
+  ];
+  for (const { run, recompute } of cases) {
+    it(`${run}${recompute ? ' with recomputed activations' : ''}`, async () => {
       const ctx = gpu();
       const golden = await (
         goldens[`../../train/test/golden/peft-train/${run}/golden.json`] as () => Promise<PeftGolden>
@@ -89,7 +94,7 @@ describe('LoRA gradients against PEFT', () => {
         }
         const B = golden.batch.input_ids.length;
         const T = (golden.batch.input_ids[0] as number[]).length;
-        const fwd = await planForward(ctx, model, { B, T, mode: 'train', lora });
+        const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora });
         const bwd = await planBackward(ctx, fwd, lora);
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
         writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));

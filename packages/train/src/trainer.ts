@@ -92,6 +92,9 @@ export interface TrainerOptions {
   readonly seed?: number;
   /** Start from these weights (an imported adapter) instead of the initialisation. */
   readonly initialWeights?: ReadonlyMap<string, LoraWeights>;
+  /** Recompute each layer's activations in the backward instead of keeping them (less memory,
+   * about one more forward pass of time). */
+  readonly recompute?: boolean;
 }
 
 export interface MicroBatch {
@@ -206,7 +209,14 @@ export class LoraTrainer {
       const trainableBytes = ctx.liveBytes - before;
 
       const afterArenas = ctx.liveBytes;
-      const fwd = await planForward(ctx, model, { B, T, mode: 'train', lora: trainables, label: 'train' });
+      const fwd = await planForward(ctx, model, {
+        B,
+        T,
+        mode: 'train',
+        recompute: options.recompute,
+        lora: trainables,
+        label: 'train',
+      });
       cleanup.push(fwd);
       const activations = ctx.liveBytes - afterArenas;
       const bwd = await planBackward(ctx, fwd, trainables);

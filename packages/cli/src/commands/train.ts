@@ -38,6 +38,11 @@ export const trainFlags: Record<string, FlagSpec> = {
     default: 0,
   },
   precision: { type: 'string', description: 'frozen weights on the GPU: f16 or f32', default: 'f16' },
+  recompute: {
+    type: 'boolean',
+    description: 'recompute activations in the backward (less memory, ~1/3 more time)',
+    default: false,
+  },
 };
 
 function schedule(kind: string): LrScheduleKind {
@@ -116,6 +121,7 @@ export async function train(argv: string[]): Promise<void> {
     seq,
     gradAccum,
     seed: f.seed as number,
+    recompute: f.recompute as boolean,
     optimizer: {
       lr: f.lr as number,
       weightDecay: f['weight-decay'] as number,
