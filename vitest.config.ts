@@ -8,6 +8,8 @@ import { chromiumPath, chromiumWebGpuArgs } from './tools/chromium.js';
 // Chromium on its SwiftShader adapter and on lavapipe through the compatibility adapter.
 const gpuTests = ['packages/*/test/**/*.test.ts'];
 const cpuTests = ['packages/*/test/**/*.cpu.test.ts', 'packages/*/test/**/*.node.test.ts'];
+// End-to-end specs drive the studio in Debian's Chromium from Node (Playwright).
+const e2eTests = ['e2e/**/*.node.test.ts'];
 
 function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
   return {
@@ -35,7 +37,7 @@ export default defineConfig({
       {
         test: {
           name: 'node',
-          include: gpuTests,
+          include: [...gpuTests, ...e2eTests],
           environment: 'node',
           pool: 'forks',
           testTimeout: 120_000,
