@@ -5,6 +5,7 @@
 import { WebtuneError } from '@webtune/core';
 import { UsageError, usage } from './args.js';
 import { evalFlags, evaluate } from './commands/eval.js';
+import { exportCommand, exportFlags } from './commands/export.js';
 import { generate, generateFlags } from './commands/generate.js';
 import { inspect, inspectFlags } from './commands/inspect.js';
 import { train, trainFlags } from './commands/train.js';
@@ -14,6 +15,11 @@ const commands = {
   generate: { run: generate, flags: generateFlags, summary: 'continue a prompt (the prompt is not repeated)' },
   eval: { run: evaluate, flags: evalFlags, summary: 'mean cross-entropy of the model over a text file' },
   train: { run: train, flags: trainFlags, summary: 'train a LoRA adapter and write it in the PEFT format' },
+  export: {
+    run: exportCommand,
+    flags: exportFlags,
+    summary: 'merge an adapter into its model (--merge), or rewrite it for llama.cpp (--llama-cpp)',
+  },
 } as const;
 
 function help(): string {
