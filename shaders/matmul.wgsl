@@ -170,8 +170,10 @@ fn stage_w(tid: u32, n0: u32, k0: u32, low_rank: bool) {
   }
 }
 
-// acc[i][j] += Σ_k A[4ty+i][k] · opW(W)[k][4tx+j] over the staged TK.
-fn multiply_tile(acc: ptr<function, array<vec4<f32>, 4>>, tx: u32, ty: u32) {
+// acc[i][j] += Σ_k A[4ty+i][k] · opW(W)[k][4tx+j] over the staged TK. The accumulators go in and
+// out by value (no pointer), which keeps them in registers on every backend we measured.
+fn multiply_tile(acc_in: mat4x4<f32>, tx: u32, ty: u32) -> mat4x4<f32> {
+  var acc = acc_in;
   let s = a_stride();
   for (var q = 0u; q < TK / 4u; q++) {
     let a0 = a_tile[(ty * 4u + 0u) * s + q];
@@ -183,19 +185,35 @@ fn multiply_tile(acc: ptr<function, array<vec4<f32>, 4>>, tx: u32, ty: u32) {
       let w1 = w_tile[(tx * 4u + 1u) * s + q];
       let w2 = w_tile[(tx * 4u + 2u) * s + q];
       let w3 = w_tile[(tx * 4u + 3u) * s + q];
-      (*acc)[0] += vec4<f32>(dot(a0, w0), dot(a0, w1), dot(a0, w2), dot(a0, w3));
-      (*acc)[1] += vec4<f32>(dot(a1, w0), dot(a1, w1), dot(a1, w2), dot(a1, w3));
-      (*acc)[2] += vec4<f32>(dot(a2v, w0), dot(a2v, w1), dot(a2v, w2), dot(a2v, w3));
-      (*acc)[3] += vec4<f32>(dot(a3, w0), dot(a3, w1), dot(a3, w2), dot(a3, w3));
+      acc[0] += vec4<f32>(dot(a0, w0), dot(a0, w1), dot(a0, w2), dot(a0, w3));
+      acc[1] += vec4<f32>(dot(a1, w0), dot(a1, w1), dot(a1, w2), dot(a1, w3));
+      acc[2] += vec4<f32>(dot(a2v, w0), dot(a2v, w1), dot(a2v, w2), dot(a2v, w3));
+      acc[3] += vec4<f32>(dot(a3, w0), dot(a3, w1), dot(a3, w2), dot(a3, w3));
     } else {
-      for (var kk = 0u; kk < 4u; kk++) {
-        let wv = w_tile[(q * 4u + kk) * WG_X + tx];
-        (*acc)[0] = fma(vec4<f32>(a0[kk]), wv, (*acc)[0]);
-        (*acc)[1] = fma(vec4<f32>(a1[kk]), wv, (*acc)[1]);
-        (*acc)[2] = fma(vec4<f32>(a2v[kk]), wv, (*acc)[2]);
-        (*acc)[3] = fma(vec4<f32>(a3[kk]), wv, (*acc)[3]);
-      }
+      // Written out rather than looped over kk: a vector indexed by a loop variable is not
+      // always unrolled, and a dynamic component index is slow on several backends.
+      let w0 = w_tile[(q * 4u + 0u) * WG_X + tx];
+      let w1 = w_tile[(q * 4u + 1u) * WG_X + tx];
+      let w2 = w_tile[(q * 4u + 2u) * WG_X + tx];
+      let w3 = w_tile[(q * 4u + 3u) * WG_X + tx];
+      acc[0] = fma(vec4<f32>(a0.x), w0, fma(vec4<f32>(a0.y), w1, fma(vec4<f32>(a0.z), w2, fma(vec4<f32>(a0.w), w3, acc[0]))));
+      acc[1] = fma(vec4<f32>(a1.x), w0, fma(vec4<f32>(a1.y), w1, fma(vec4<f32>(a1.z), w2, fma(vec4<f32>(a1.w), w3, acc[1]))));
+      acc[2] = fma(vec4<f32>(a2v.x), w0, fma(vec4<f32>(a2v.y), w1, fma(vec4<f32>(a2v.z), w2, fma(vec4<f32>(a2v.w), w3, acc[2]))));
+      acc[3] = fma(vec4<f32>(a3.x), w0, fma(vec4<f32>(a3.y), w1, fma(vec4<f32>(a3.z), w2, fma(vec4<f32>(a3.w), w3, acc[3]))));
     }
+  }
+  return acc;
+}
+
+// C[m][n..n+3] = v (+ bias) (+ beta·C), the columns inside N only.
+fn store_row(m: u32, n: u32, v: vec4<f32>) {
+  if (m >= p.M) { return; }
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j >= p.N) { return; }
+    var x = v[j];
+    if (p.has_bias != 0u) { x += bias[n + j]; }
+    if (p.beta != 0.0) { x += p.beta * c[m * p.N + n + j]; }
+    c[m * p.N + n + j] = x;
   }
 }
 
@@ -206,35 +224,28 @@ fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
   let tid = ty * WG_X + tx;
   let m0 = wid.y * WG_Y * 4u;
   let n0 = wid.x * WG_X * 4u;
-  var acc = array<vec4<f32>, 4>();
+  var acc = mat4x4<f32>();
 
   for (var k0 = 0u; k0 < p.K; k0 += TK) {
     stage_a(tid, m0, k0, false);
     stage_w(tid, n0, k0, false);
     workgroupBarrier();
-    multiply_tile(&acc, tx, ty);
+    acc = multiply_tile(acc, tx, ty);
     workgroupBarrier();
   }
-  for (var i = 0u; i < 4u; i++) { acc[i] *= p.alpha; }
+  acc = acc * p.alpha;
   // The low-rank term continues the same accumulators (alpha2 is applied as A2 is staged).
   for (var k0 = 0u; k0 < p.K2; k0 += TK) {
     stage_a(tid, m0, k0, true);
     stage_w(tid, n0, k0, true);
     workgroupBarrier();
-    multiply_tile(&acc, tx, ty);
+    acc = multiply_tile(acc, tx, ty);
     workgroupBarrier();
   }
 
-  for (var i = 0u; i < 4u; i++) {
-    let m = m0 + ty * 4u + i;
-    if (m >= p.M) { break; }
-    for (var j = 0u; j < 4u; j++) {
-      let n = n0 + tx * 4u + j;
-      if (n >= p.N) { break; }
-      var v = acc[i][j];
-      if (p.has_bias != 0u) { v += bias[n]; }
-      if (p.beta != 0.0) { v += p.beta * c[m * p.N + n]; }
-      c[m * p.N + n] = v;
-    }
-  }
+  // One call per row with a constant index, so the accumulators are never indexed dynamically.
+  store_row(m0 + ty * 4u + 0u, n0 + tx * 4u, acc[0]);
+  store_row(m0 + ty * 4u + 1u, n0 + tx * 4u, acc[1]);
+  store_row(m0 + ty * 4u + 2u, n0 + tx * 4u, acc[2]);
+  store_row(m0 + ty * 4u + 3u, n0 + tx * 4u, acc[3]);
 }
