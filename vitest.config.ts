@@ -11,12 +11,23 @@ const cpuTests = ['packages/*/test/**/*.cpu.test.ts', 'packages/*/test/**/*.node
 // End-to-end specs drive the studio in Debian's Chromium from Node (Playwright).
 const e2eTests = ['e2e/**/*.node.test.ts'];
 
+// Whole-model golden tests (hundreds of dispatches each, dozens of pipelines) run under Node and
+// in Chromium on lavapipe; Chromium's SwiftShader compiles pipelines ten times slower and already
+// runs every kernel test, so repeating the model tests there would only add minutes to CI.
+const modelTests = [
+  'packages/models/test/forward.test.ts',
+  'packages/models/test/generate.test.ts',
+  'packages/models/test/evaluate.test.ts',
+  'packages/models/test/backward.test.ts',
+  'packages/train/test/trainer.test.ts',
+];
+
 function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
   return {
     test: {
       name,
       include: gpuTests,
-      exclude: cpuTests,
+      exclude: adapter === 'swiftshader' ? [...cpuTests, ...modelTests] : cpuTests,
       testTimeout: 120_000,
       hookTimeout: 60_000,
       provide: { featureLevel: adapter === 'lavapipe' ? ('compatibility' as const) : ('core' as const) },
