@@ -137,6 +137,42 @@ describe('mergeAdapter into folders', () => {
     console.log(`tiny-llama-A merged: ${JSON.stringify(losses)}, PEFT ${g.adapter.loss}`);
   });
 
+  it("GPT-2 checkpoints without the 'transformer.' prefix", async () => {
+    const gpt2 = join(root, 'packages/models/test/fixtures/tiny-gpt2');
+    const bare = join(work, 'gpt2-bare');
+    await mkdir(bare, { recursive: true });
+    const bytes = new Uint8Array(await readFile(join(gpt2, 'model.safetensors')));
+    const header = parseSafetensorsHeader(bytes, 'model.safetensors');
+    const renamed = [...header.tensors.values()].map((t) => ({
+      name: t.name.replace(/^transformer\./, ''),
+      dtype: t.dtype as 'F32',
+      shape: t.shape,
+      bytes: bytes.subarray(t.begin, t.end),
+    }));
+    expect(renamed.some((t) => t.name === 'h.0.attn.c_attn.weight')).toBe(true);
+    await writeFile(join(bare, 'model.safetensors'), serializeSafetensors(renamed, header.metadata));
+    await writeFile(join(bare, 'config.json'), await readFile(join(gpt2, 'config.json')));
+    const config = await loadModelConfig(directorySource(gpt2));
+    const imported = await readPeftAdapter(
+      directorySource(join(root, 'packages/train/test/golden/peft-train/tiny-gpt2-B/adapter')),
+      namedModules(config),
+      config.modelType,
+    );
+    const a = join(work, 'gpt2-merged');
+    const b = join(work, 'gpt2-bare-merged');
+    await mergeAdapter(directorySource(gpt2), imported, directorySink(a));
+    const r = await mergeAdapter(directorySource(bare), imported, directorySink(b));
+    expect(r.merged).toContain('h.0.attn.c_attn.weight');
+    expect(r.merged.length).toBe(8);
+    const one = new Uint8Array(await readFile(join(a, 'model.safetensors')));
+    const two = new Uint8Array(await readFile(join(b, 'model.safetensors')));
+    const h1 = parseSafetensorsHeader(one, 'a');
+    for (const t of parseSafetensorsHeader(two, 'b').tensors.values()) {
+      const u = h1.tensors.get(`transformer.${t.name}`);
+      expect(two.subarray(t.begin, t.end), t.name).toEqual(one.subarray(u?.begin, u?.end));
+    }
+  });
+
   it('refuses an adapter made for another model, naming the module and both shapes', async () => {
     const llama = await loadModelConfig(directorySource(baseDir));
     const other = join(root, 'packages/train/test/golden/peft-train/tiny-llama3-A/adapter');
