@@ -17,24 +17,43 @@
 //   dk[j]    = scale · Σ_{h in group} Σ_i dS[i,j] · q[i]
 //   dv[j]    = Σ_{h in group} Σ_i P[i,j] · dout[i]
 //
-// Entry points (one workgroup per tile; none ever holds a Tq×Tk score matrix):
+// Two sets of entry points compute the same results; the host picks one per adapter (none ever
+// holds a Tq×Tk score matrix):
+//
+// Tiled (GPUs): one workgroup per tile, blocks of rows staged in workgroup memory.
 //   attention_fwd        per (query block of BQ rows, head h, batch b): stages the Q block once,
 //                        then walks the visible key blocks of BK keys (K and V staged), keeping a
 //                        running max m and sum l per row (online softmax) and the output in
 //                        registers. Writes o and lse.
-//   attention_bwd_delta  per (64 rows, head, batch): delta = rowsum(dout ∘ o).
 //   attention_bwd_dq     per (query block, head, batch): recomputes P = exp(S − lse) block by block
 //                        over the visible keys; dq accumulates in registers. Writes dq.
 //   attention_bwd_dkv    per (key block of BK keys, kv head g, batch): K and V staged once; loops
 //                        over the group's query heads and over the query blocks that can see the
 //                        block, accumulating dk and dv in registers (WebGPU has no float atomics,
 //                        so one workgroup owns each dk/dv row). Writes dk and dv.
+// Rows (CPU-backed adapters): one invocation per query row (per key row in dkv), BQ (BK)
+// invocations per workgroup, no workgroup memory and no barrier. The invocation keeps its own
+// row(s) and accumulators in private arrays and reads the rows it streams straight from the
+// storage buffers, four at a time: the same online softmax (fwd), the same recomputation of P and
+// dS (dq, dkv), the same outputs.
+//   attention_fwd_rows, attention_bwd_dq_rows, attention_bwd_dkv_rows
+// Shared:
+//   attention_bwd_delta  per (64 rows, head, batch): delta = rowsum(dout ∘ o).
+//
+// Why a second set: on a CPU driver (SwiftShader; llvmpipe works alike) the invocations of a
+// workgroup are SIMD lanes, four at a time, and a workgroup that touches workgroup memory or a
+// barrier runs each group of four as a coroutine switched at every barrier (the
+// zero-initialisation of workgroup memory that WebGPU requires adds one barrier by itself).
+// Measured on SwiftShader under Node: about 10 µs per four invocations to start such a workgroup
+// plus about 1 µs per barrier, and workgroup memory is ordinary RAM, so staging saves nothing; a
+// kernel with neither costs next to nothing per invocation. The tiled kernels keep what real GPUs
+// need (tiles staged in workgroup memory, reused by every row of the block).
 //
 // Bindings, group 0 (element indices; every buffer f32):
-//   attention_fwd        0 p uniform, 1 q, 2 k, 3 v (read), 4 o (written), 5 lse (written)
-//   attention_bwd_delta  0 p, 1 o (read: o_saved), 2 dout (read: dout_rows), 3 delta (written)
-//   attention_bwd_dq     0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dq (written)
-//   attention_bwd_dkv    0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dk, 8 dv (written)
+//   attention_fwd(_rows)      0 p uniform, 1 q, 2 k, 3 v (read), 4 o (written), 5 lse (written)
+//   attention_bwd_delta       0 p, 1 o (read: o_saved), 2 dout (read: dout_rows), 3 delta (written)
+//   attention_bwd_dq(_rows)   0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dq (written)
+//   attention_bwd_dkv(_rows)  0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dk, 8 dv (written)
 // Layouts:
 //   q[b,i,h,d]  at q_offset + b·q_batch + i·q_stride + h·hd + d        (rows may be strided, e.g.
 //   k[b,j,g,d]  at k_offset + b·k_batch + j·k_stride + g·hd + d         a fused [q|k|v] buffer or a
@@ -43,15 +62,16 @@
 //   lse, delta  [B, nH, Tq]; lse is what the forward saves for the backward (with o).
 // All outputs are written, never accumulated; dk/dv rows of keys nobody sees are written as 0.
 //
-// Work split: a tile row (a query row, or a key row in attention_bwd_dkv) belongs to TD
-// invocations. For the scores they split the streamed rows (keys, or queries in dkv): each takes
-// KPT of them at a time and computes whole hd-long dot products from workgroup memory as vec4
-// (rows are staged zero-padded to a multiple of 4, so any hd works), reading its own row once per
-// KPT streamed rows. For the products P·V, dS·K, Pᵀ·dO and dSᵀ·Q each owns the vec4 columns
-// td, td + TD, ..., at most VPT of them, and accumulates them in registers.
-// The host picks HD4 (16, 32 or 64: head sizes up to 64, 128, 256), TD = HD4 / VPT, and the tile
-// sizes BQ, BK from the device's workgroup storage and invocation limits; hd itself is a uniform,
-// so every head size up to 64 shares one set of pipelines.
+// Work split of the tiled kernels: a tile row (a query row, or a key row in attention_bwd_dkv)
+// belongs to TD invocations. For the scores they split the streamed rows (keys, or queries in
+// dkv): each takes KPT of them at a time and computes whole hd-long dot products from workgroup
+// memory as vec4, reading its own row once per KPT streamed rows. For the products P·V, dS·K,
+// Pᵀ·dO and dSᵀ·Q each owns the vec4 columns td, td + TD, ..., at most VPT of them, and
+// accumulates them in registers.
+// The head size HD is a pipeline constant, so every loop over a row has a constant trip count
+// (HD4 = ⌈HD/4⌉ vec4s, the last zero-padded when HD % 4 ≠ 0) and the edge tests fold away. The
+// host picks TD = ⌈HD4 / VPT⌉ and the tile sizes BQ, BK from the device's workgroup storage and
+// invocation limits. The uniforms hd and hd4 must equal HD and HD4.
 
 struct Params {
   B: u32,
@@ -96,16 +116,18 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> dk: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dv: array<f32>;
 
-override HD4: u32 = 16u;  // vec4s per staged row: hd ≤ 4·HD4 (the host picks 16, 32 or 64)
-override TD: u32 = 4u;    // invocations per tile row; TD·VPT ≥ HD4
-override BQ: u32 = 16u;   // query rows per block
-override BK: u32 = 16u;   // keys per block
-override KPT: u32 = 4u;   // streamed rows per dots_* call (1..4): min(4, tile / TD)
+override HD: u32 = 64u;              // head size (1..256)
+override HD4: u32 = (HD + 3u) / 4u;  // vec4s per row; follows HD, never set by the host
+override TD: u32 = 4u;    // tiled: invocations per tile row; TD·VPT ≥ HD4
+override BQ: u32 = 16u;   // tiled: query rows per block; rows kernels: invocations per workgroup
+override BK: u32 = 16u;   // tiled: keys per block; attention_bwd_dkv_rows: invocations per workgroup
+override KPT: u32 = 4u;   // tiled: streamed rows per dots_* call (1..4): min(4, tile / TD)
 
 const VPT: u32 = 4u;          // vec4 output columns per invocation (registers: VPT vec4s per output)
 const MASKED: f32 = -3.0e38;  // score of an invisible key; finite so no inf arithmetic is needed
 const VISIBLE: f32 = -1.0e38; // scores above this are real
 const DELTA_WG: u32 = 64u;
+const RMAX: u32 = 64u;        // rows kernels: vec4s in a private row array (HD ≤ 256)
 
 var<workgroup> qs: array<vec4<f32>, BQ * HD4>;   // query rows (fwd, dq, dkv)
 var<workgroup> dos: array<vec4<f32>, BQ * HD4>;  // dout rows (dq, dkv)
@@ -116,8 +138,7 @@ var<workgroup> ps: array<f32, BQ * BK>;          // dkv: dSᵀ (BK×BQ)
 var<workgroup> row_lse: array<f32, BQ>;          // dkv: lse of the staged query rows
 var<workgroup> row_delta: array<f32, BQ>;        // dkv: delta of the staged query rows
 
-// ---- staging: rows of one head into workgroup memory, as vec4 zero-padded past hd -------------
-// Each invocation writes whole vec4s, so no two invocations write parts of one vector.
+// ---- rows of one head: indices, vec4 loads and stores ----------------------------------------
 
 fn q_index(b: u32, i: u32, h: u32) -> u32 {
   return p.q_offset + b * p.q_batch + i * p.q_stride + h * p.hd;
@@ -145,51 +166,101 @@ fn row_index(b: u32, h: u32, i: u32) -> u32 {
   return (b * p.nH + h) * p.Tq + i;
 }
 
+// Whether vec4 c of a row lies wholly inside the head: a constant unless HD % 4 ≠ 0, and then
+// false only for the last one, whose missing lanes load as 0 and are not stored.
+fn full4(c: u32) -> bool {
+  return HD % 4u == 0u || c * 4u + 4u <= HD;
+}
+
+// vec4 c of the row starting at element base (rows need not be 16-byte aligned: scalar loads).
+fn q4(base: u32, c: u32) -> vec4<f32> {
+  let e = base + c * 4u;
+  if (full4(c)) { return vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]); }
+  var x = vec4<f32>(0.0);
+  for (var t = 0u; t < HD % 4u; t++) { x[t] = q[e + t]; }
+  return x;
+}
+
+fn k4(base: u32, c: u32) -> vec4<f32> {
+  let e = base + c * 4u;
+  if (full4(c)) { return vec4<f32>(k[e], k[e + 1u], k[e + 2u], k[e + 3u]); }
+  var x = vec4<f32>(0.0);
+  for (var t = 0u; t < HD % 4u; t++) { x[t] = k[e + t]; }
+  return x;
+}
+
+fn v4(base: u32, c: u32) -> vec4<f32> {
+  let e = base + c * 4u;
+  if (full4(c)) { return vec4<f32>(v[e], v[e + 1u], v[e + 2u], v[e + 3u]); }
+  var x = vec4<f32>(0.0);
+  for (var t = 0u; t < HD % 4u; t++) { x[t] = v[e + t]; }
+  return x;
+}
+
+fn do4(base: u32, c: u32) -> vec4<f32> {
+  let e = base + c * 4u;
+  if (full4(c)) { return vec4<f32>(dout[e], dout[e + 1u], dout[e + 2u], dout[e + 3u]); }
+  var x = vec4<f32>(0.0);
+  for (var t = 0u; t < HD % 4u; t++) { x[t] = dout[e + t]; }
+  return x;
+}
+
+fn put_o(base: u32, c: u32, x: vec4<f32>) {
+  for (var t = 0u; t < 4u; t++) {
+    if (full4(c) || c * 4u + t < HD) { o[base + c * 4u + t] = x[t]; }
+  }
+}
+
+fn put_dq(base: u32, c: u32, x: vec4<f32>) {
+  for (var t = 0u; t < 4u; t++) {
+    if (full4(c) || c * 4u + t < HD) { dq[base + c * 4u + t] = x[t]; }
+  }
+}
+
+fn put_dk(base: u32, c: u32, x: vec4<f32>) {
+  for (var t = 0u; t < 4u; t++) {
+    if (full4(c) || c * 4u + t < HD) { dk[base + c * 4u + t] = x[t]; }
+  }
+}
+
+fn put_dv(base: u32, c: u32, x: vec4<f32>) {
+  for (var t = 0u; t < 4u; t++) {
+    if (full4(c) || c * 4u + t < HD) { dv[base + c * 4u + t] = x[t]; }
+  }
+}
+
+// ---- tiled kernels: staging into workgroup memory -------------------------------------------
+// Each invocation writes whole vec4s, so no two invocations write parts of one vector.
+
 fn stage_q(tid: u32, nthreads: u32, b: u32, h: u32, i0: u32) {
-  for (var e = tid; e < BQ * p.hd4; e += nthreads) {
-    let r = e / p.hd4;
-    let c = e % p.hd4;
+  for (var e = tid; e < BQ * HD4; e += nthreads) {
+    let r = e / HD4;
+    let c = e % HD4;
     var x = vec4<f32>(0.0);
-    if (i0 + r < p.Tq) {
-      let base = q_index(b, i0 + r, h) + c * 4u;
-      for (var t = 0u; t < 4u; t++) {
-        if (c * 4u + t < p.hd) { x[t] = q[base + t]; }
-      }
-    }
+    if (i0 + r < p.Tq) { x = q4(q_index(b, i0 + r, h), c); }
     qs[r * HD4 + c] = x;
   }
 }
 
 fn stage_dout(tid: u32, nthreads: u32, b: u32, h: u32, i0: u32) {
-  for (var e = tid; e < BQ * p.hd4; e += nthreads) {
-    let r = e / p.hd4;
-    let c = e % p.hd4;
+  for (var e = tid; e < BQ * HD4; e += nthreads) {
+    let r = e / HD4;
+    let c = e % HD4;
     var x = vec4<f32>(0.0);
-    if (i0 + r < p.Tq) {
-      let base = out_index(b, i0 + r, h) + c * 4u;
-      for (var t = 0u; t < 4u; t++) {
-        if (c * 4u + t < p.hd) { x[t] = dout[base + t]; }
-      }
-    }
+    if (i0 + r < p.Tq) { x = do4(out_index(b, i0 + r, h), c); }
     dos[r * HD4 + c] = x;
   }
 }
 
 fn stage_kv(tid: u32, nthreads: u32, b: u32, g: u32, j0: u32) {
-  for (var e = tid; e < BK * p.hd4; e += nthreads) {
-    let r = e / p.hd4;
-    let c = e % p.hd4;
+  for (var e = tid; e < BK * HD4; e += nthreads) {
+    let r = e / HD4;
+    let c = e % HD4;
     var xk = vec4<f32>(0.0);
     var xv = vec4<f32>(0.0);
     if (j0 + r < p.Tk) {
-      let kb = k_index(b, j0 + r, g) + c * 4u;
-      let vb = v_index(b, j0 + r, g) + c * 4u;
-      for (var t = 0u; t < 4u; t++) {
-        if (c * 4u + t < p.hd) {
-          xk[t] = k[kb + t];
-          xv[t] = v[vb + t];
-        }
-      }
+      xk = k4(k_index(b, j0 + r, g), c);
+      xv = v4(v_index(b, j0 + r, g), c);
     }
     ks[r * HD4 + c] = xk;
     vs[r * HD4 + c] = xv;
@@ -223,7 +294,7 @@ fn dots_q_k(r: u32, kc: u32) -> vec4<f32> {
   var a1 = vec4<f32>(0.0);
   var a2 = vec4<f32>(0.0);
   var a3 = vec4<f32>(0.0);
-  for (var c = 0u; c < p.hd4; c++) {
+  for (var c = 0u; c < HD4; c++) {
     let x = qs[r * HD4 + c];
     a0 = fma(x, ks[kb.x + c], a0);
     if (KPT > 1u) { a1 = fma(x, ks[kb.y + c], a1); }
@@ -249,7 +320,7 @@ fn dots_row_keys(r: u32, kc: u32) -> Dots {
   var b1 = vec4<f32>(0.0);
   var b2 = vec4<f32>(0.0);
   var b3 = vec4<f32>(0.0);
-  for (var c = 0u; c < p.hd4; c++) {
+  for (var c = 0u; c < HD4; c++) {
     let x = qs[r * HD4 + c];
     let y = dos[r * HD4 + c];
     a0 = fma(x, ks[kb.x + c], a0);
@@ -281,7 +352,7 @@ fn dots_key_rows(kr: u32, ic: u32) -> Dots {
   var b1 = vec4<f32>(0.0);
   var b2 = vec4<f32>(0.0);
   var b3 = vec4<f32>(0.0);
-  for (var c = 0u; c < p.hd4; c++) {
+  for (var c = 0u; c < HD4; c++) {
     let x = ks[kr * HD4 + c];
     let y = vs[kr * HD4 + c];
     a0 = fma(x, qs[qb.x + c], a0);
@@ -302,51 +373,32 @@ fn dots_key_rows(kr: u32, ic: u32) -> Dots {
   return Dots(hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3));
 }
 
-// Writes the invocation's columns (td + t·TD, as vec4) of one row scaled by s, stopping at hd.
+// Writes the invocation's columns (td + t·TD, as vec4) of one row, scaled by s.
 fn write_row_o(base: u32, td: u32, acc: array<vec4<f32>, VPT>, s: f32) {
   for (var t = 0u; t < VPT; t++) {
     let c = td + t * TD;
-    if (c < p.hd4) {
-      let x = acc[t] * s;
-      for (var u = 0u; u < 4u; u++) {
-        if (c * 4u + u < p.hd) { o[base + c * 4u + u] = x[u]; }
-      }
-    }
+    if (c < HD4) { put_o(base, c, acc[t] * s); }
   }
 }
 
 fn write_row_dq(base: u32, td: u32, acc: array<vec4<f32>, VPT>, s: f32) {
   for (var t = 0u; t < VPT; t++) {
     let c = td + t * TD;
-    if (c < p.hd4) {
-      let x = acc[t] * s;
-      for (var u = 0u; u < 4u; u++) {
-        if (c * 4u + u < p.hd) { dq[base + c * 4u + u] = x[u]; }
-      }
-    }
+    if (c < HD4) { put_dq(base, c, acc[t] * s); }
   }
 }
 
 fn write_row_dk(base: u32, td: u32, acc: array<vec4<f32>, VPT>, s: f32) {
   for (var t = 0u; t < VPT; t++) {
     let c = td + t * TD;
-    if (c < p.hd4) {
-      let x = acc[t] * s;
-      for (var u = 0u; u < 4u; u++) {
-        if (c * 4u + u < p.hd) { dk[base + c * 4u + u] = x[u]; }
-      }
-    }
+    if (c < HD4) { put_dk(base, c, acc[t] * s); }
   }
 }
 
 fn write_row_dv(base: u32, td: u32, acc: array<vec4<f32>, VPT>) {
   for (var t = 0u; t < VPT; t++) {
     let c = td + t * TD;
-    if (c < p.hd4) {
-      for (var u = 0u; u < 4u; u++) {
-        if (c * 4u + u < p.hd) { dv[base + c * 4u + u] = acc[t][u]; }
-      }
-    }
+    if (c < HD4) { put_dv(base, c, acc[t]); }
   }
 }
 
@@ -356,7 +408,7 @@ fn key_end(i0: u32) -> u32 {
   return min(p.Tk, p.pos0 + last + 1u);
 }
 
-// ---- forward -------------------------------------------------------------------------------
+// ---- tiled forward -------------------------------------------------------------------------------
 
 @compute @workgroup_size(BQ * TD)
 fn attention_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -404,7 +456,7 @@ fn attention_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_i
         l += pr;
         for (var t = 0u; t < VPT; t++) {
           let c = td + t * TD;
-          if (c < p.hd4) { acc[t] = fma(vec4<f32>(pr), vs[kk * HD4 + c], acc[t]); }
+          if (c < HD4) { acc[t] = fma(vec4<f32>(pr), vs[kk * HD4 + c], acc[t]); }
         }
       }
     }
@@ -418,7 +470,7 @@ fn attention_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_i
   }
 }
 
-// ---- backward ------------------------------------------------------------------------------
+// ---- backward: delta (shared) and the tiled dq, dk/dv ------------------------------------------------------------------------------
 
 @compute @workgroup_size(DELTA_WG)
 fn attention_bwd_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -476,7 +528,7 @@ fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgrou
       let ds = vec4<f32>(ss[r * BK + kk]);
       for (var t = 0u; t < VPT; t++) {
         let c = td + t * TD;
-        if (c < p.hd4) { acc[t] = fma(ds, ks[kk * HD4 + c], acc[t]); }
+        if (c < HD4) { acc[t] = fma(ds, ks[kk * HD4 + c], acc[t]); }
       }
     }
     workgroupBarrier();
@@ -540,7 +592,7 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
         let ds = vec4<f32>(ps[kr * BQ + ii]);
         for (var t = 0u; t < VPT; t++) {
           let c = td + t * TD;
-          if (c < p.hd4) {
+          if (c < HD4) {
             acc_v[t] = fma(pr, dos[ii * HD4 + c], acc_v[t]);
             acc_k[t] = fma(ds, qs[ii * HD4 + c], acc_k[t]);
           }
@@ -552,5 +604,159 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
     let base = kv_out_index(b, j, g);
     write_row_dk(base, td, acc_k, p.scale);
     write_row_dv(base, td, acc_v);
+  }
+}
+
+// ---- rows kernels (CPU-backed adapters): one invocation per row, no workgroup memory ---------
+// Streamed rows come four at a time (rows past the end clamped to the last valid one and their
+// scores masked), so each of the invocation's own vec4s is read once per four dot products.
+
+const LANES4 = vec4<u32>(0u, 1u, 2u, 3u);
+
+@compute @workgroup_size(BQ)
+fn attention_fwd_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let i = gid.x;
+  let h = wid.y;
+  let b = wid.z;
+  if (i >= p.Tq) { return; }
+  let g = h / p.group;
+  var qr: array<vec4<f32>, RMAX>;
+  let qb = q_index(b, i, h);
+  for (var c = 0u; c < HD4; c++) { qr[c] = q4(qb, c); }
+  var acc: array<vec4<f32>, RMAX>;
+  var m = MASKED;
+  var l = 0.0;
+  let end = min(p.Tk, p.pos0 + i + 1u);
+  for (var j = 0u; j < end; j += 4u) {
+    let rows = min(vec4<u32>(j) + LANES4, vec4<u32>(end - 1u));
+    let k0 = k_index(b, rows.x, g);
+    let k1 = k_index(b, rows.y, g);
+    let k2 = k_index(b, rows.z, g);
+    let k3 = k_index(b, rows.w, g);
+    var d = vec4<f32>(0.0);
+    for (var c = 0u; c < HD4; c++) {
+      let x = qr[c];
+      d += vec4<f32>(dot(x, k4(k0, c)), dot(x, k4(k1, c)), dot(x, k4(k2, c)), dot(x, k4(k3, c)));
+    }
+    let s = select(vec4<f32>(MASKED), p.scale * d, vec4<u32>(j) + LANES4 < vec4<u32>(end));
+    let m_new = max(m, max(max(s.x, s.y), max(s.z, s.w)));
+    let alpha = exp(m - m_new);
+    let pr = exp(s - vec4<f32>(m_new));
+    l = l * alpha + (pr.x + pr.y + pr.z + pr.w);
+    let v0 = v_index(b, rows.x, g);
+    let v1 = v_index(b, rows.y, g);
+    let v2 = v_index(b, rows.z, g);
+    let v3 = v_index(b, rows.w, g);
+    for (var c = 0u; c < HD4; c++) {
+      acc[c] = acc[c] * alpha + pr.x * v4(v0, c) + pr.y * v4(v1, c) + pr.z * v4(v2, c) + pr.w * v4(v3, c);
+    }
+    m = m_new;
+  }
+  let ob = out_index(b, i, h);
+  let inv = 1.0 / l;
+  for (var c = 0u; c < HD4; c++) { put_o(ob, c, acc[c] * inv); }
+  lse_out[row_index(b, h, i)] = m + log(l);
+}
+
+@compute @workgroup_size(BQ)
+fn attention_bwd_dq_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let i = gid.x;
+  let h = wid.y;
+  let b = wid.z;
+  if (i >= p.Tq) { return; }
+  let g = h / p.group;
+  var qr: array<vec4<f32>, RMAX>;
+  var dr: array<vec4<f32>, RMAX>;
+  let qb = q_index(b, i, h);
+  let ob = out_index(b, i, h);
+  for (var c = 0u; c < HD4; c++) {
+    qr[c] = q4(qb, c);
+    dr[c] = do4(ob, c);
+  }
+  let lse_i = lse[row_index(b, h, i)];
+  let delta_i = delta[row_index(b, h, i)];
+  var acc: array<vec4<f32>, RMAX>;
+  let end = min(p.Tk, p.pos0 + i + 1u);
+  for (var j = 0u; j < end; j += 4u) {
+    let rows = min(vec4<u32>(j) + LANES4, vec4<u32>(end - 1u));
+    let k0 = k_index(b, rows.x, g);
+    let k1 = k_index(b, rows.y, g);
+    let k2 = k_index(b, rows.z, g);
+    let k3 = k_index(b, rows.w, g);
+    let v0 = v_index(b, rows.x, g);
+    let v1 = v_index(b, rows.y, g);
+    let v2 = v_index(b, rows.z, g);
+    let v3 = v_index(b, rows.w, g);
+    var s = vec4<f32>(0.0);
+    var dp = vec4<f32>(0.0);
+    for (var c = 0u; c < HD4; c++) {
+      let x = qr[c];
+      let y = dr[c];
+      s += vec4<f32>(dot(x, k4(k0, c)), dot(x, k4(k1, c)), dot(x, k4(k2, c)), dot(x, k4(k3, c)));
+      dp += vec4<f32>(dot(y, v4(v0, c)), dot(y, v4(v1, c)), dot(y, v4(v2, c)), dot(y, v4(v3, c)));
+    }
+    let pr = select(vec4<f32>(0.0), exp(p.scale * s - vec4<f32>(lse_i)), vec4<u32>(j) + LANES4 < vec4<u32>(end));
+    let ds = pr * (dp - vec4<f32>(delta_i));
+    for (var c = 0u; c < HD4; c++) {
+      acc[c] += ds.x * k4(k0, c) + ds.y * k4(k1, c) + ds.z * k4(k2, c) + ds.w * k4(k3, c);
+    }
+  }
+  for (var c = 0u; c < HD4; c++) { put_dq(ob, c, acc[c] * p.scale); }
+}
+
+@compute @workgroup_size(BK)
+fn attention_bwd_dkv_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let j = gid.x;
+  let g = wid.y;
+  let b = wid.z;
+  if (j >= p.Tk) { return; }
+  var kr: array<vec4<f32>, RMAX>;
+  var vr: array<vec4<f32>, RMAX>;
+  let kb = k_index(b, j, g);
+  let vb = v_index(b, j, g);
+  for (var c = 0u; c < HD4; c++) {
+    kr[c] = k4(kb, c);
+    vr[c] = v4(vb, c);
+  }
+  var acc_k: array<vec4<f32>, RMAX>;
+  var acc_v: array<vec4<f32>, RMAX>;
+  // Query i sees key j iff i ≥ j − pos0.
+  var i_start = 0u;
+  if (j > p.pos0) { i_start = j - p.pos0; }
+  for (var hh = 0u; hh < p.group; hh++) {
+    let h = g * p.group + hh;
+    for (var i = i_start; i < p.Tq; i += 4u) {
+      let rows = min(vec4<u32>(i) + LANES4, vec4<u32>(p.Tq - 1u));
+      let q0 = q_index(b, rows.x, h);
+      let q1 = q_index(b, rows.y, h);
+      let q2 = q_index(b, rows.z, h);
+      let q3 = q_index(b, rows.w, h);
+      let o0 = out_index(b, rows.x, h);
+      let o1 = out_index(b, rows.y, h);
+      let o2 = out_index(b, rows.z, h);
+      let o3 = out_index(b, rows.w, h);
+      var s = vec4<f32>(0.0);
+      var dp = vec4<f32>(0.0);
+      for (var c = 0u; c < HD4; c++) {
+        let x = kr[c];
+        let y = vr[c];
+        s += vec4<f32>(dot(x, q4(q0, c)), dot(x, q4(q1, c)), dot(x, q4(q2, c)), dot(x, q4(q3, c)));
+        dp += vec4<f32>(dot(y, do4(o0, c)), dot(y, do4(o1, c)), dot(y, do4(o2, c)), dot(y, do4(o3, c)));
+      }
+      let r = vec4<u32>(row_index(b, h, rows.x), row_index(b, h, rows.y), row_index(b, h, rows.z), row_index(b, h, rows.w));
+      let lse4 = vec4<f32>(lse[r.x], lse[r.y], lse[r.z], lse[r.w]);
+      let delta4 = vec4<f32>(delta[r.x], delta[r.y], delta[r.z], delta[r.w]);
+      let pr = select(vec4<f32>(0.0), exp(p.scale * s - lse4), vec4<u32>(i) + LANES4 < vec4<u32>(p.Tq));
+      let ds = pr * (dp - delta4);
+      for (var c = 0u; c < HD4; c++) {
+        acc_v[c] += pr.x * do4(o0, c) + pr.y * do4(o1, c) + pr.z * do4(o2, c) + pr.w * do4(o3, c);
+        acc_k[c] += ds.x * q4(q0, c) + ds.y * q4(q1, c) + ds.z * q4(q2, c) + ds.w * q4(q3, c);
+      }
+    }
+  }
+  let base = kv_out_index(b, j, g);
+  for (var c = 0u; c < HD4; c++) {
+    put_dk(base, c, acc_k[c] * p.scale);
+    put_dv(base, c, acc_v[c]);
   }
 }

@@ -1,7 +1,9 @@
 // Causal attention (shaders/attention.wgsl), forward and backward, against the float64
-// reference: prefill and decode (pos0 > 0), grouped kv heads, head sizes 12 and 64, and q/k/v read
-// from a contiguous buffer, a fused [q|k|v] projection output, a padded strided buffer and a KV
-// cache whose unused rows hold NaN.
+// reference: prefill and decode (pos0 > 0), grouped kv heads, head sizes 7, 8, 12, 64 and 128, and
+// q/k/v read from a contiguous buffer, a fused [q|k|v] projection output, a padded strided buffer
+// and a KV cache whose unused rows hold NaN. Cases without a variant run the adapter's own choice
+// (the rows kernels on CPU adapters, the tiled ones on GPUs); the others force one, so both sets
+// run on every adapter.
 import { describe, expect, it } from 'vitest';
 import { type AttentionRefInput, attentionBackwardRef, attentionForwardRef } from '../ref/attention.js';
 import { randomArray } from '../ref/check.js';
@@ -17,6 +19,7 @@ import {
 import {
   type AttentionDims,
   type AttentionLayout,
+  type AttentionVariant,
   attentionShapes,
   attentionTiles,
   fusedQkvLayout,
@@ -46,28 +49,34 @@ interface Case {
   hd: number;
   layout: Layout;
   scale?: number;
+  variant?: AttentionVariant;
 }
 
 const cases: Case[] = [
   { B: 1, Tq: 1, Tk: 1, pos0: 0, nH: 1, nKV: 1, hd: 12, layout: 'contiguous' },
   { B: 2, Tq: 7, Tk: 7, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused' },
-  { B: 1, Tq: 63, Tk: 63, pos0: 0, nH: 3, nKV: 1, hd: 12, layout: 'fused' },
-  { B: 2, Tq: 65, Tk: 65, pos0: 0, nH: 1, nKV: 1, hd: 64, layout: 'padded' },
-  { B: 1, Tq: 257, Tk: 257, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused' },
+  { B: 1, Tq: 63, Tk: 63, pos0: 0, nH: 3, nKV: 1, hd: 12, layout: 'fused', variant: 'tiled' },
+  { B: 2, Tq: 65, Tk: 65, pos0: 0, nH: 1, nKV: 1, hd: 64, layout: 'padded', variant: 'tiled' },
+  { B: 1, Tq: 257, Tk: 257, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused', variant: 'rows' },
   { B: 2, Tq: 257, Tk: 257, pos0: 0, nH: 3, nKV: 1, hd: 12, layout: 'contiguous', scale: 0.6 },
   // decode one token, and a few, with a KV cache
-  { B: 2, Tq: 1, Tk: 65, pos0: 64, nH: 4, nKV: 2, hd: 64, layout: 'cache' },
+  { B: 2, Tq: 1, Tk: 65, pos0: 64, nH: 4, nKV: 2, hd: 64, layout: 'cache', variant: 'tiled' },
   { B: 1, Tq: 7, Tk: 257, pos0: 250, nH: 3, nKV: 1, hd: 12, layout: 'cache' },
   // a chunk of a longer prompt (chunked prefill)
   { B: 2, Tq: 63, Tk: 65, pos0: 2, nH: 3, nKV: 1, hd: 64, layout: 'cache', scale: 0.5 },
-  { B: 1, Tq: 65, Tk: 257, pos0: 192, nH: 1, nKV: 1, hd: 12, layout: 'padded' },
-  // the head size of most Llama and Qwen models: the next size class of pipelines
-  { B: 1, Tq: 65, Tk: 65, pos0: 0, nH: 2, nKV: 1, hd: 128, layout: 'fused' },
+  { B: 1, Tq: 65, Tk: 257, pos0: 192, nH: 1, nKV: 1, hd: 12, layout: 'padded', variant: 'tiled' },
+  // the head size of most Llama and Qwen models
+  { B: 1, Tq: 65, Tk: 65, pos0: 0, nH: 2, nKV: 1, hd: 128, layout: 'fused', variant: 'tiled' },
+  // stories260K's heads (8 wide, 8 query heads on 4 kv heads), and a head size that is not a
+  // multiple of 4 (the last vec4 of every row is partial)
+  { B: 2, Tq: 33, Tk: 33, pos0: 0, nH: 8, nKV: 4, hd: 8, layout: 'contiguous', variant: 'rows' },
+  { B: 1, Tq: 9, Tk: 11, pos0: 2, nH: 2, nKV: 1, hd: 7, layout: 'padded' },
 ];
 
 const caseName = (c: Case) =>
   `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd} ${c.layout}` +
-  (c.scale === undefined ? '' : ` scale=${c.scale}`);
+  (c.scale === undefined ? '' : ` scale=${c.scale}`) +
+  (c.variant === undefined ? '' : ` ${c.variant}`);
 
 interface Packed {
   data: Float32Array;
@@ -210,8 +219,9 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
   const dk = make(s.dk, 'dk');
   const dv = make(s.dk, 'dv');
   const tdo = upload(dout, 'do');
-  const fwd = await planAttentionForward(ctx, { q, k, v, o, lse, dims });
-  const bwd = await planAttentionBackward(ctx, { q, k, v, o, lse, do: tdo, dq, dk, dv, delta, dims });
+  const variant = c.variant;
+  const fwd = await planAttentionForward(ctx, { q, k, v, o, lse, dims, variant });
+  const bwd = await planAttentionBackward(ctx, { q, k, v, o, lse, do: tdo, dq, dk, dv, delta, dims, variant });
   const enc = new StepEncoder(ctx, 'attention step');
   enc.dispatch(...fwd, ...bwd);
   enc.submit();

@@ -1,9 +1,10 @@
 import source from '../../../../shaders/attention.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { LimitExceededError, ShapeError } from '../errors.js';
-import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape, type Shape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
+import { isCpuAdapter } from './matmul.js';
 
 /**
  * Where the rows of q, k or v live in their buffer (all in f32 elements): element d of head h of
@@ -64,6 +65,8 @@ const VPT = 4;
 const KPT_MAX = 4;
 /** Workgroup size of attention_bwd_delta; DELTA_WG in the WGSL. */
 const DELTA_WG = 64;
+/** Invocations per workgroup of the rows kernels (one per row). */
+const ROWS_WG = 64;
 
 /** Layout of q, k and v inside one fused projection output [B·T, (nH + 2·nKV)·hd] (GPT-2's
  * c_attn writes [T, 3·d]): q at column 0, k at nH·hd, v at (nH + nKV)·hd. */
@@ -163,11 +166,25 @@ export function attentionScratchBytes(dims: AttentionDims): { lse: number; delta
   return { lse: rows * 4, delta: rows * 4 };
 }
 
-/** Tile sizes for one device and head size. Each kernel gets its own (BQ, BK). */
+/**
+ * Which set of kernels runs (see shaders/attention.wgsl): 'tiled' stages blocks of rows in
+ * workgroup memory (real GPUs); 'rows' gives each invocation one row and reads the others straight
+ * from the buffers, with no workgroup memory and no barrier (CPU-backed adapters, where starting a
+ * workgroup that has either costs about 10 µs per four invocations on SwiftShader, and workgroup
+ * memory is plain RAM). Both give the same results up to f32 rounding.
+ */
+export type AttentionVariant = 'tiled' | 'rows';
+
+/** The variant the planners use on this device unless told otherwise. */
+export function attentionVariant(ctx: GpuContext): AttentionVariant {
+  return isCpuAdapter(ctx) ? 'rows' : 'tiled';
+}
+
+/** Tile sizes of the tiled kernels for one device and head size. Each kernel gets its own (BQ, BK). */
 export interface AttentionTiles {
-  /** vec4 capacity of a staged row: 16 (hd ≤ 64), 32 (hd ≤ 128) or 64 (hd ≤ 256). */
+  /** vec4s per staged row: ⌈hd / 4⌉. */
   readonly hd4: number;
-  /** Invocations per tile row. */
+  /** Invocations per tile row: ⌈hd4 / 4⌉. */
   readonly td: number;
   readonly fwd: AttentionTile;
   readonly dq: AttentionTile;
@@ -191,8 +208,11 @@ function workgroupBytes(kernel: 'fwd' | 'dq' | 'dkv', hd4: number, bq: number, b
   return row * (2 * bq + 2 * bk) + 8 * bq * bk + 8 * bq;
 }
 
-// Preferred (rows owned by the workgroup, rows streamed) pairs, largest first.
+// Preferred (rows owned by the workgroup, rows streamed) pairs, largest first. The 64-row tiles
+// only fit small heads, where one invocation owns a whole row.
 const TILE_CANDIDATES: readonly (readonly [number, number])[] = [
+  [64, 64],
+  [64, 32],
   [32, 32],
   [32, 16],
   [16, 16],
@@ -207,27 +227,27 @@ const TILE_CANDIDATES: readonly (readonly [number, number])[] = [
 ];
 
 /**
- * Workgroup storage the tiles aim for even when the device offers more: 16 KiB per 64 columns of
- * head size, so every head-size class gets tiles of the same number of rows where the device
- * allows. 16 KiB is the WebGPU default every adapter has and leaves room for several resident
- * workgroups per compute unit on real GPUs. Software (fallback) adapters get 16 KiB whatever the
- * head size: SwiftShader's pipeline compilation time grows about linearly with the declared
- * workgroup memory (a trivial shader: ~1 s at 4 KiB, ~5 s at 16 KiB of CPU time), and these
- * kernels are compiled in every test run.
+ * Workgroup storage the tiles aim for even when the device offers more: 16 KiB for heads up to
+ * 64 and 16 KiB per 64 columns above, so every head size gets tiles of about the same number of
+ * rows where the device allows. 16 KiB is the WebGPU default every adapter has and leaves room
+ * for several resident workgroups per compute unit on real GPUs. CPU adapters run the rows kernels
+ * and build the tiled ones only when a test asks for them; they get 8 KiB, because SwiftShader's
+ * pipeline compilation time grows about linearly with the declared workgroup memory (a trivial
+ * shader: ~1 s at 4 KiB, ~5 s at 16 KiB of CPU time).
  */
 export function attentionTileBudget(ctx: GpuContext, hd4: number): number {
-  const want = ctx.adapter.isFallbackAdapter ? 16 * 1024 : 1024 * hd4;
+  const want = isCpuAdapter(ctx) ? 8 * 1024 : Math.max(16 * 1024, 1024 * hd4);
   return Math.min(ctx.limits.maxComputeWorkgroupStorageSize, want);
 }
 
 /**
- * Chooses the tiles from the device's limits: the staged rows of a block must fit in
- * attentionTileBudget, and (rows owned)·td invocations in one workgroup. Three head-size classes,
- * so all head sizes up to 64 share one set of pipelines.
+ * Chooses the tiles of the tiled kernels from the device's limits: the staged rows of a block
+ * must fit in attentionTileBudget, and (rows owned)·td invocations in one workgroup. The head
+ * size is a pipeline constant, so each head size has its own pipelines (a model has one).
  */
 export function attentionTiles(ctx: GpuContext, hd: number): AttentionTiles {
-  const hd4 = hd <= 64 ? 16 : hd <= 128 ? 32 : 64;
-  const td = hd4 / VPT;
+  const hd4 = Math.ceil(hd / 4);
+  const td = Math.ceil(hd4 / VPT);
   const storage = attentionTileBudget(ctx, hd4);
   const threads = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup, ctx.limits.maxComputeWorkgroupSizeX);
   const pick = (kernel: 'fwd' | 'dq' | 'dkv') => {
@@ -245,6 +265,11 @@ export function attentionTiles(ctx: GpuContext, hd: number): AttentionTiles {
     );
   };
   return { hd4, td, fwd: pick('fwd'), dq: pick('dq'), dkv: pick('dkv') };
+}
+
+/** Invocations per workgroup of the rows kernels on this device. */
+function rowsWorkgroup(ctx: GpuContext): number {
+  return Math.min(ROWS_WG, ctx.limits.maxComputeInvocationsPerWorkgroup, ctx.limits.maxComputeWorkgroupSizeX);
 }
 
 type AttentionBinding = 'uniform' | 'read' | 'write';
@@ -335,6 +360,8 @@ export interface AttentionForwardArgs {
   /** [B, nH, Tq], written: log Σ exp of the scaled scores, saved for the backward. */
   lse: Tensor;
   dims: AttentionDims;
+  /** Which kernels to run; default attentionVariant(ctx). Tests and benchmarks set it. */
+  variant?: AttentionVariant;
 }
 
 function checkCommon(op: string, io: { q: Tensor; k: Tensor; v: Tensor; o: Tensor; lse: Tensor }, dims: AttentionDims) {
@@ -359,9 +386,25 @@ export async function planAttentionForward(
 ): Promise<Dispatch[]> {
   const op = `${label}.forward`;
   const d = checkCommon(op, io, io.dims);
+  const bindings = ['uniform', 'read', 'read', 'read', 'write', 'write'] as const;
+  const name = `${op} B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
+  const resources = [io.q, io.k, io.v, io.o, io.lse];
+  // The workgroup count depends on Tq, nH and B only, so attentionUniforms can move Tk and pos0.
+  if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
+    const wg = rowsWorkgroup(ctx);
+    const kernel = await getKernel(ctx, spec('attention_fwd_rows', bindings), { HD: d.hd, BQ: wg });
+    return [
+      bindKernel(ctx, kernel, {
+        label: name,
+        resources,
+        workgroups: [Math.ceil(d.Tq / wg), d.nH, d.B],
+        uniforms: uniforms(d),
+      }),
+    ];
+  }
   const tiles = attentionTiles(ctx, d.hd);
-  const kernel = await getKernel(ctx, spec('attention_fwd', ['uniform', 'read', 'read', 'read', 'write', 'write']), {
-    HD4: tiles.hd4,
+  const kernel = await getKernel(ctx, spec('attention_fwd', bindings), {
+    HD: d.hd,
     TD: tiles.td,
     BQ: tiles.fwd.bq,
     BK: tiles.fwd.bk,
@@ -369,8 +412,8 @@ export async function planAttentionForward(
   });
   return [
     bindKernel(ctx, kernel, {
-      label: `${op} B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`,
-      resources: [io.q, io.k, io.v, io.o, io.lse],
+      label: name,
+      resources,
       workgroups: [Math.ceil(d.Tq / tiles.fwd.bq), d.nH, d.B],
       uniforms: uniforms(d),
     }),
@@ -412,45 +455,58 @@ export async function planAttentionBackward(
   // could offer fewer.
   const storageBuffers = ctx.limits.maxStorageBuffersPerShaderStage;
   if (storageBuffers < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storageBuffers, op);
-  const tiles = attentionTiles(ctx, d.hd);
   const u = uniforms(d);
   const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
   const read7 = ['uniform', 'read', 'read', 'read', 'read', 'read', 'read'] as const;
-  const [deltaK, dqK, dkvK] = await Promise.all([
-    getKernel(ctx, spec('attention_bwd_delta', ['uniform', 'read', 'read', 'write'])),
-    getKernel(ctx, spec('attention_bwd_dq', [...read7, 'write']), {
-      HD4: tiles.hd4,
+  const common = [io.q, io.k, io.v, io.do, io.lse, io.delta];
+  const deltaK = getKernel(ctx, spec('attention_bwd_delta', ['uniform', 'read', 'read', 'write']));
+  let dqK: Promise<Kernel>;
+  let dkvK: Promise<Kernel>;
+  let dqGroups: number;
+  let dkvGroups: number;
+  if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
+    const wg = rowsWorkgroup(ctx);
+    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', [...read7, 'write']), { HD: d.hd, BQ: wg });
+    dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), { HD: d.hd, BK: wg });
+    dqGroups = Math.ceil(d.Tq / wg);
+    dkvGroups = Math.ceil(d.Tk / wg);
+  } else {
+    const tiles = attentionTiles(ctx, d.hd);
+    dqK = getKernel(ctx, spec('attention_bwd_dq', [...read7, 'write']), {
+      HD: d.hd,
       TD: tiles.td,
       BQ: tiles.dq.bq,
       BK: tiles.dq.bk,
       KPT: tiles.dq.kpt,
-    }),
-    getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write']), {
-      HD4: tiles.hd4,
+    });
+    dkvK = getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write']), {
+      HD: d.hd,
       TD: tiles.td,
       BQ: tiles.dkv.bq,
       BK: tiles.dkv.bk,
       KPT: tiles.dkv.kpt,
-    }),
-  ]);
-  const common = [io.q, io.k, io.v, io.do, io.lse, io.delta];
+    });
+    dqGroups = Math.ceil(d.Tq / tiles.dq.bq);
+    dkvGroups = Math.ceil(d.Tk / tiles.dkv.bk);
+  }
+  const [delta, dq, dkv] = await Promise.all([deltaK, dqK, dkvK]);
   return [
-    bindKernel(ctx, deltaK, {
+    bindKernel(ctx, delta, {
       label: `${op}.delta ${name}`,
       resources: [io.o, io.do, io.delta],
       workgroups: [Math.ceil(d.Tq / DELTA_WG), d.nH, d.B],
       uniforms: u,
     }),
-    bindKernel(ctx, dqK, {
+    bindKernel(ctx, dq, {
       label: `${op}.dq ${name}`,
       resources: [...common, io.dq],
-      workgroups: [Math.ceil(d.Tq / tiles.dq.bq), d.nH, d.B],
+      workgroups: [dqGroups, d.nH, d.B],
       uniforms: u,
     }),
-    bindKernel(ctx, dkvK, {
+    bindKernel(ctx, dkv, {
       label: `${op}.dkv ${name}`,
       resources: [...common, io.dk, io.dv],
-      workgroups: [Math.ceil(d.Tk / tiles.dkv.bk), d.nKV, d.B],
+      workgroups: [dkvGroups, d.nKV, d.B],
       uniforms: u,
     }),
   ];
