@@ -17,7 +17,8 @@
 //                  4 rstd [rows] (read), 5 dy [rows,d] (read), 6 dx [rows,d] (written or accumulated)
 //
 // Work split as in rmsnorm.wgsl: TPR invocations per row, WG / TPR rows per workgroup, partial
-// sums added as a tree in workgroup memory, workgroups on a 2-D grid (wid.y·grid_x + wid.x).
+// sums added as a tree in workgroup memory, workgroups on a 2-D grid (wid.y·grid_x + wid.x);
+// TPR = 1 on CPU adapters, where the tree, its workgroup memory and its barriers drop out.
 
 struct Params {
   rows: u32,
@@ -59,15 +60,19 @@ fn slot(tid: u32, wid: vec3<u32>) -> Slot {
 }
 
 // Sums of v over the TPR invocations of this row. Called by every invocation of the workgroup.
+// With TPR = 1 (CPU adapters) it is v itself and the kernel has no workgroup memory and no barrier.
 fn row_sum(tid: u32, lane: u32, v: vec2<f32>) -> vec2<f32> {
-  red[tid] = v;
-  workgroupBarrier();
-  for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-    if (lane < s) { red[tid] += red[tid + s]; }
+  var total = v;
+  if (TPR > 1u) {
+    red[tid] = v;
+    workgroupBarrier();
+    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
+      if (lane < s) { red[tid] += red[tid + s]; }
+      workgroupBarrier();
+    }
+    total = red[tid - lane];
     workgroupBarrier();
   }
-  let total = red[tid - lane];
-  workgroupBarrier();
   return total;
 }
 

@@ -24,6 +24,9 @@
 // Work split: TPR invocations per row (a power of two), WG / TPR rows per workgroup. Each
 // invocation strides over the row, then the row's TPR partial sums are added up as a tree in
 // workgroup memory. The workgroups form a 2-D grid, linear index wid.y·grid_x + wid.x.
+// On GPUs TPR is 32 or WG (see rowReduceShape). CPU adapters get TPR = 1, one invocation per row:
+// there the tree is dead code, so the kernel uses no workgroup memory and no barrier, which on
+// SwiftShader would cost about 10 µs per four invocations (see attention.wgsl).
 
 struct Params {
   rows: u32,
@@ -74,15 +77,19 @@ fn y_base(row: u32) -> u32 {
 }
 
 // Sum of v over the TPR invocations of this row. Called by every invocation of the workgroup.
+// With TPR = 1 (CPU adapters) it is v itself and the kernel has no workgroup memory and no barrier.
 fn row_sum(tid: u32, lane: u32, v: f32) -> f32 {
-  red[tid] = v;
-  workgroupBarrier();
-  for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-    if (lane < s) { red[tid] += red[tid + s]; }
+  var total = v;
+  if (TPR > 1u) {
+    red[tid] = v;
+    workgroupBarrier();
+    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
+      if (lane < s) { red[tid] += red[tid + s]; }
+      workgroupBarrier();
+    }
+    total = red[tid - lane];
     workgroupBarrier();
   }
-  let total = red[tid - lane];
-  workgroupBarrier();
   return total;
 }
 

@@ -1,10 +1,12 @@
 // LayerNorm (shaders/layernorm.wgsl), forward and backward, against the float64 reference on
-// rows of awkward lengths, with and without bias, dx written and accumulated.
+// rows of awkward lengths, with and without bias, dx written and accumulated, in each work split
+// (the adapter's own, and forced one-invocation-per-row and tree splits).
 import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { layernormBackwardRef, layernormForwardRef } from '../ref/layernorm.js';
 import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
 import { planLayerNormBackward, planLayerNormForward } from '../src/kernels/layernorm.js';
+import type { NormSplit } from '../src/kernels/rmsnorm.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
 const gpu = useGpu();
@@ -14,19 +16,22 @@ interface Case {
   d: number;
   bias: boolean;
   accumulate: boolean;
+  /** Forced work split; default the adapter's. */
+  split?: NormSplit;
 }
 
 const cases: Case[] = [
   { rows: 1, d: 1, bias: true, accumulate: false },
-  { rows: 7, d: 12, bias: false, accumulate: true },
-  { rows: 257, d: 63, bias: true, accumulate: false },
+  { rows: 7, d: 12, bias: false, accumulate: true, split: 'tree' },
+  { rows: 257, d: 63, bias: true, accumulate: false, split: 'rows' },
   { rows: 65, d: 64, bias: true, accumulate: true },
-  { rows: 1, d: 65, bias: false, accumulate: false },
-  { rows: 7, d: 257, bias: true, accumulate: true },
+  { rows: 1, d: 65, bias: false, accumulate: false, split: 'tree' },
+  { rows: 7, d: 257, bias: true, accumulate: true, split: 'tree' },
   { rows: 65, d: 768, bias: true, accumulate: false },
 ];
 
-const name = (c: Case) => `rows=${c.rows} d=${c.d}${c.bias ? ' +b' : ''}${c.accumulate ? ' dx+=' : ''}`;
+const name = (c: Case) =>
+  `rows=${c.rows} d=${c.d}${c.bias ? ' +b' : ''}${c.accumulate ? ' dx+=' : ''}${c.split ? ` ${c.split}` : ''}`;
 const tol = (d: number) => 2e-6 * Math.max(1, Math.sqrt(d));
 const eps = 1e-5;
 
@@ -59,11 +64,11 @@ describe('layernorm', () => {
         const dx = c.accumulate
           ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
           : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
-        const fwd = await planLayerNormForward(ctx, { x, w, b, y, mean, rstd }, { eps });
+        const fwd = await planLayerNormForward(ctx, { x, w, b, y, mean, rstd }, { eps, split: c.split });
         const bwd = await planLayerNormBackward(
           ctx,
           { x, w, mean, rstd, dy: tdy, dx },
-          { eps, accumulate: c.accumulate },
+          { eps, accumulate: c.accumulate, split: c.split },
         );
         const enc = new StepEncoder(ctx, 'layernorm step');
         enc.dispatch(fwd, bwd);

@@ -1,12 +1,13 @@
 // RMSNorm (shaders/rmsnorm.wgsl), forward and backward, against the float64 reference: packed
-// rows of awkward lengths (both workgroup shapes: short rows several to a workgroup, long rows
-// one per workgroup), and Qwen3's per-head q_norm/k_norm reading from and writing into a fused
-// qkv buffer through a row stride and offset.
+// rows of awkward lengths (every work split: one invocation per row, the adapter's choice on CPU
+// adapters; and forced trees, short rows several to a workgroup and long rows one per workgroup),
+// and Qwen3's per-head q_norm/k_norm reading from and writing into a fused qkv buffer through a
+// row stride and offset.
 import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { rmsnormBackwardRef, rmsnormForwardRef } from '../ref/rmsnorm.js';
 import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
-import { planRmsNormBackward, planRmsNormForward } from '../src/kernels/rmsnorm.js';
+import { type NormSplit, planRmsNormBackward, planRmsNormForward } from '../src/kernels/rmsnorm.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
 const gpu = useGpu();
@@ -16,20 +17,24 @@ interface Case {
   d: number;
   eps: number;
   accumulate: boolean;
+  /** Forced work split; default the adapter's. */
+  split?: NormSplit;
 }
 
 const cases: Case[] = [
   { rows: 1, d: 1, eps: 1e-5, accumulate: false },
-  { rows: 7, d: 12, eps: 1e-6, accumulate: true },
+  { rows: 7, d: 12, eps: 1e-6, accumulate: true, split: 'tree' },
   { rows: 65, d: 63, eps: 1e-5, accumulate: false },
-  { rows: 257, d: 64, eps: 1e-6, accumulate: true },
-  { rows: 7, d: 65, eps: 1e-5, accumulate: false },
-  { rows: 65, d: 257, eps: 1e-6, accumulate: true },
+  { rows: 257, d: 64, eps: 1e-6, accumulate: true, split: 'tree' },
+  { rows: 7, d: 65, eps: 1e-5, accumulate: false, split: 'rows' },
+  { rows: 65, d: 257, eps: 1e-6, accumulate: true, split: 'tree' },
   { rows: 1, d: 257, eps: 1e-5, accumulate: false },
-  { rows: 3, d: 8192, eps: 1e-5, accumulate: true },
+  { rows: 3, d: 8192, eps: 1e-5, accumulate: true, split: 'tree' },
+  { rows: 257, d: 576, eps: 1e-5, accumulate: true, split: 'rows' },
 ];
 
-const name = (c: Case) => `rows=${c.rows} d=${c.d} eps=${c.eps}${c.accumulate ? ' dx+=' : ''}`;
+const name = (c: Case) =>
+  `rows=${c.rows} d=${c.d} eps=${c.eps}${c.accumulate ? ' dx+=' : ''}${c.split ? ` ${c.split}` : ''}`;
 
 // f32 sums of d terms of O(1) values.
 const tol = (d: number) => 2e-6 * Math.max(1, Math.sqrt(d));
@@ -59,11 +64,11 @@ describe('rmsnorm', () => {
         const dx = c.accumulate
           ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
           : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
-        const fwd = await planRmsNormForward(ctx, { x, w, y, rstd }, { eps: c.eps });
+        const fwd = await planRmsNormForward(ctx, { x, w, y, rstd }, { eps: c.eps, split: c.split });
         const bwd = await planRmsNormBackward(
           ctx,
           { x, w, rstd, dy: tdy, dx },
-          { eps: c.eps, accumulate: c.accumulate },
+          { eps: c.eps, accumulate: c.accumulate, split: c.split },
         );
         const enc = new StepEncoder(ctx, 'rmsnorm step');
         enc.dispatch(fwd, bwd);

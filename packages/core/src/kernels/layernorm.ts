@@ -4,7 +4,7 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
-import { checkNormRows, rowReduceShape } from './rmsnorm.js';
+import { checkNormRows, type NormSplit, rowReduceShape } from './rmsnorm.js';
 
 const spec = (entryPoint: 'layernorm_fwd' | 'layernorm_bwd'): KernelSpec => ({
   source,
@@ -20,6 +20,8 @@ export interface LayerNormOptions {
   /** config.layer_norm_epsilon; GPT-2 uses 1e-5. */
   readonly eps: number;
   readonly label?: string;
+  /** Work split; default normSplit(ctx) (see rmsnorm.ts). Tests set it to run both on any adapter. */
+  readonly split?: NormSplit;
 }
 
 export interface LayerNormForwardBuffers {
@@ -88,7 +90,7 @@ export async function planLayerNormForward(
   if (io.b && (io.b.size !== d || io.b.dtype !== 'f32')) {
     throw new ShapeError(`${op}: b ${io.b.label} ${io.b.dtype}${formatShape(io.b.shape)} must be ${d} f32 values`);
   }
-  const shape = rowReduceShape(ctx, rows, d);
+  const shape = rowReduceShape(ctx, rows, d, opts.split);
   const kernel = await getKernel(ctx, spec('layernorm_fwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label,
@@ -113,7 +115,7 @@ export async function planLayerNormBackward(
   checkNormRows(op, 'x', io.x, rows, d, 1, undefined);
   checkNormRows(op, 'dy', io.dy, rows, d, 1, undefined);
   checkNormRows(op, 'dx', io.dx, rows, d, 1, undefined);
-  const shape = rowReduceShape(ctx, rows, d);
+  const shape = rowReduceShape(ctx, rows, d, opts.split);
   const kernel = await getKernel(ctx, spec('layernorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label: `${label}.dx`,

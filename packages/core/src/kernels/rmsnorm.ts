@@ -4,6 +4,7 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
+import { isCpuAdapter } from './matmul.js';
 
 const spec = (entryPoint: 'rmsnorm_fwd' | 'rmsnorm_bwd'): KernelSpec => ({
   source,
@@ -27,18 +28,34 @@ export interface NormRowLayout {
 }
 
 /**
+ * How the row-reduction kernels (rmsnorm, layernorm) split a row: 'tree' gives a row TPR
+ * invocations whose partial sums meet in workgroup memory (GPUs); 'rows' gives each row one
+ * invocation and uses no workgroup memory or barrier (CPU adapters, where every workgroup that
+ * has them costs about 10 µs per four invocations on SwiftShader and a lane is just a SIMD lane).
+ */
+export type NormSplit = 'tree' | 'rows';
+
+/** The split the planners use on this device unless told otherwise. */
+export function normSplit(ctx: GpuContext): NormSplit {
+  return isCpuAdapter(ctx) ? 'rows' : 'tree';
+}
+
+/**
  * Workgroup shape shared by the row-reduction kernels (rmsnorm, layernorm): TPR invocations per
- * row, WG/TPR rows per workgroup, the workgroups spread over a 2-D grid. Two shapes only (short
- * rows such as one head, long rows such as a hidden state): each is another pipeline to compile.
+ * row, WG/TPR rows per workgroup, the workgroups spread over a 2-D grid. Few shapes (one
+ * invocation per row; short rows such as one head; long rows such as a hidden state): each is
+ * another pipeline to compile.
  */
 export function rowReduceShape(
   ctx: GpuContext,
   rows: number,
   d: number,
+  split: NormSplit = normSplit(ctx),
 ): { wg: number; tpr: number; workgroups: [number, number]; gridX: number } {
   let wg = 1;
-  while (wg * 2 <= Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup)) wg *= 2;
-  const tpr = d <= 256 ? Math.min(32, wg) : wg;
+  const most = split === 'rows' ? 64 : 256;
+  while (wg * 2 <= Math.min(most, ctx.limits.maxComputeInvocationsPerWorkgroup)) wg *= 2;
+  const tpr = split === 'rows' ? 1 : d <= 256 ? Math.min(32, wg) : wg;
   const groups = Math.ceil(rows / (wg / tpr));
   const gridX = Math.min(groups, ctx.limits.maxComputeWorkgroupsPerDimension);
   return { wg, tpr, workgroups: [gridX, Math.ceil(groups / gridX)], gridX };
@@ -84,6 +101,8 @@ export interface RmsNormOptions {
   /** Layout of y (and dy in the backward). Default: [rows, d] packed. */
   readonly yLayout?: NormRowLayout;
   readonly label?: string;
+  /** Work split; default normSplit(ctx). Tests set it to run both on any adapter. */
+  readonly split?: NormSplit;
 }
 
 export interface RmsNormForwardBuffers {
@@ -156,7 +175,7 @@ export async function planRmsNormForward(
 ): Promise<Dispatch> {
   const label = opts.label ?? 'rmsnorm';
   const r = resolve(`${label}.forward`, io.w, io.rstd, opts, io.x, io.y, 'y');
-  const shape = rowReduceShape(ctx, r.rows, r.d);
+  const shape = rowReduceShape(ctx, r.rows, r.d, opts.split);
   const kernel = await getKernel(ctx, spec('rmsnorm_fwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label,
@@ -179,7 +198,7 @@ export async function planRmsNormBackward(
   const op = `${label}.backward`;
   const r = resolve(op, io.w, io.rstd, opts, io.x, io.dy, 'dy');
   checkNormRows(op, 'dx', io.dx, r.rows, r.d, r.groups, opts.xLayout);
-  const shape = rowReduceShape(ctx, r.rows, r.d);
+  const shape = rowReduceShape(ctx, r.rows, r.d, opts.split);
   const kernel = await getKernel(ctx, spec('rmsnorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label: `${label}.dx`,
