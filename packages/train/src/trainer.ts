@@ -52,6 +52,7 @@ import {
   resolveLoraTargets,
   validateLoraConfig,
 } from './lora/index.js';
+import { checkFits, estimateMemory, type MemoryEstimate } from './memory.js';
 
 /** Training stopped because the loss or a gradient was NaN or infinite. The adapter on the GPU
  * is the last good one (the optimizer skipped the bad update). */
@@ -95,6 +96,9 @@ export interface TrainerOptions {
   /** Recompute each layer's activations in the backward instead of keeping them (less memory,
    * about one more forward pass of time). */
   readonly recompute?: boolean;
+  /** Refuse to start when the estimated total exceeds this many bytes (WebGPU cannot report free
+   * memory, so a budget can only come from the user). */
+  readonly memoryBudget?: number;
 }
 
 export interface MicroBatch {
@@ -158,7 +162,10 @@ export class LoraTrainer {
     private readonly optimizerDispatches: readonly Dispatch[],
     private readonly adamw: Dispatch,
     private readonly owned: readonly Tensor[],
+    /** What was allocated, by category. */
     readonly memory: TrainerMemory,
+    /** The estimate checked before allocating (every buffer, by category). */
+    readonly estimate: MemoryEstimate,
   ) {}
 
   static async create(ctx: GpuContext, model: CausalLM, options: TrainerOptions): Promise<LoraTrainer> {
@@ -175,6 +182,16 @@ export class LoraTrainer {
     if (T > model.config.maxPositions)
       throw new WebtuneError(`trainer: seq ${T} exceeds the model's context of ${model.config.maxPositions}`);
     const resolved = resolve(model, options.lora);
+    // Everything the trainer will allocate, checked against the device before any allocation.
+    const estimate = estimateMemory(model.config, resolved, {
+      batch: B,
+      seq: T,
+      gradAccum: K,
+      recompute: options.recompute,
+      precision: model.precision,
+      device: ctx,
+    });
+    checkFits(ctx, estimate, { budget: options.memoryBudget });
     const weights = options.initialWeights ?? initLoraWeights(resolved, options.seed ?? 0);
     const before = ctx.liveBytes;
     const entries = resolved.modules.flatMap((m) => [
@@ -271,6 +288,7 @@ export class LoraTrainer {
         adamw,
         owned,
         memory,
+        estimate,
       );
     } catch (e) {
       for (const c of cleanup) c.dispose();

@@ -14,15 +14,15 @@ import { join, resolve } from 'node:path';
 import { formatBytes } from '@webtune/core';
 import { directorySource, loadModelConfig, namedModules } from '@webtune/models';
 import {
+  directorySink,
   exportPeftAdapter,
   type ImportedAdapter,
   LoraConfigError,
   llamaCppCompatible,
+  mergeAdapter,
   type ResolvedLora,
   readPeftAdapter,
 } from '@webtune/train';
-// TODO(index): import these from '@webtune/train' once packages/train/src/index.ts exports merge.js.
-import { directorySink, mergeAdapter } from '../../../train/src/merge.js';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
 import { info, userPath } from '../common.js';
 
