@@ -1,7 +1,15 @@
 import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { formatBytes, type LrScheduleKind } from '@webtune/core';
-import { DataLoader, estimateTraining, LoraTrainer, padIdOf, prepareDataset, splitHeldOut } from '@webtune/train';
+import {
+  DataLoader,
+  estimateMemory,
+  estimateTraining,
+  LoraTrainer,
+  padIdOf,
+  prepareDataset,
+  splitHeldOut,
+} from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
 import { gpu, info, openModel, precisionFlag, userPath } from '../common.js';
 
@@ -115,6 +123,18 @@ export async function train(argv: string[]): Promise<void> {
     lora_dropout: 0,
   };
   const maxGradNorm = f['max-grad-norm'] as number;
+  // The plan's memory, shown before anything is allocated (the trainer checks it against the device).
+  const est = estimateMemory(model.config, lora, {
+    batch,
+    seq,
+    gradAccum,
+    recompute: f.recompute as boolean,
+    precision: model.precision,
+    device: ctx,
+  });
+  info(
+    `GPU memory planned: weights ${formatBytes(est.frozenWeights)}, adapter + optimizer ${formatBytes(est.trainable)}, activations ${formatBytes(est.activations)}, scratch ${formatBytes(est.scratch)}; total ${formatBytes(est.total)} (largest buffer ${formatBytes(est.largestBuffer.bytes)})`,
+  );
   const trainer = await LoraTrainer.create(ctx, model, {
     lora,
     batch,
@@ -134,9 +154,7 @@ export async function train(argv: string[]): Promise<void> {
   info(
     `LoRA: ${trainer.resolved.modules.length} modules, ${trainable.toLocaleString('en-US')} trainable parameters (r ${rank}, alpha ${lora.lora_alpha}${lora.use_rslora ? ', rsLoRA' : ''})`,
   );
-  info(
-    `GPU memory: weights ${formatBytes(mem.frozenWeights)}, adapter + optimizer ${formatBytes(mem.trainable)}, activations ${formatBytes(mem.activations)}, scratch ${formatBytes(mem.scratch)}; total ${formatBytes(mem.total)}`,
-  );
+  info(`GPU memory allocated: ${formatBytes(mem.total)}`);
   info(`training ${steps} steps of ${gradAccum}×${batch}×${seq} tokens, lr ${f.lr} (${kind}, warmup ${f.warmup})`);
 
   if (split.heldOut.length) info(`held-out loss before: ${(await trainer.evaluate(split.heldOut)).loss.toFixed(4)}`);
