@@ -14,11 +14,20 @@ let page: Page;
 const errors: string[] = [];
 
 beforeAll(async () => {
-  server = await createServer({ configFile: `${root}vite.config.ts`, root: `${root}apps/studio`, logLevel: 'warn', server: { host: '127.0.0.1', port: 0 } });
+  server = await createServer({
+    configFile: `${root}vite.config.ts`,
+    root: `${root}apps/studio`,
+    logLevel: 'warn',
+    server: { host: '127.0.0.1', port: 0 },
+  });
   await server.listen();
   const address = server.httpServer?.address();
   if (!address || typeof address === 'string') throw new Error('vite did not start');
-  browser = await chromium.launch({ executablePath: chromiumPath(), args: chromiumWebGpuArgs('swiftshader'), headless: true });
+  browser = await chromium.launch({
+    executablePath: chromiumPath(),
+    args: chromiumWebGpuArgs('swiftshader'),
+    headless: true,
+  });
   page = await browser.newPage();
   page.on('pageerror', (e) => errors.push(e.message));
   await page.goto(`http://127.0.0.1:${address.port}/`);
@@ -37,7 +46,9 @@ describe('start page', () => {
     await page.fill('#max-tokens', '20');
     await page.click('#generate');
     await page.waitForSelector('#output[data-done="true"]', { timeout: 120_000 });
-    expect(await page.textContent('#output')).toBe('Once upon a time, there was a little girl named Lily. She loved to play');
+    expect(await page.textContent('#output')).toBe(
+      'Once upon a time, there was a little girl named Lily. She loved to play',
+    );
   }, 180_000);
 
   it('trains an adapter in the tab and generates with it', async () => {

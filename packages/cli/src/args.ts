@@ -59,7 +59,7 @@ export function usage(command: string, summary: string, specs: Readonly<Record<s
   const lines = Object.entries(specs).map(([name, s]) => {
     const value = s.type === 'boolean' ? '' : ` <${s.type === 'string' ? 'value' : s.type}>`;
     const def = s.default !== undefined ? ` (default ${String(s.default)})` : s.required ? ' (required)' : '';
-    return `  --${name}${value}`.padEnd(30) + `${s.description}${def}`;
+    return `${`  --${name}${value}`.padEnd(30)}${s.description}${def}`;
   });
   return `webtune ${command}: ${summary}\n${lines.join('\n')}`;
 }

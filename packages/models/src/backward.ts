@@ -27,7 +27,7 @@ import {
 } from '@webtune/core';
 import type { LinearRole } from './architecture.js';
 import type { ForwardPlan, LayerActivations, NormStats } from './forward.js';
-import type { CausalLM, Layer, Linear, Norm } from './model.js';
+import type { Layer, Linear, Norm } from './model.js';
 
 /** One adapted module's trainable tensors and their gradients (views into arenas, usually). */
 export interface LoraTrainable {
