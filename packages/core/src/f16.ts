@@ -8,20 +8,24 @@ const u32 = new Uint32Array(f32.buffer);
 
 export function f32ToF16Bits(value: number): number {
   f32[0] = value;
-  const x = u32[0] as number;
+  return f32BitsToF16Bits(u32[0] as number);
+}
+
+/** The same on the bits of an f32 (no float store per element: the bulk conversions use it). */
+export function f32BitsToF16Bits(x: number): number {
   const sign = (x >>> 16) & 0x8000;
   const exp = (x >>> 23) & 0xff;
-  let mant = x & 0x7fffff;
+  const mant = x & 0x7fffff;
   if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0); // inf / nan
-  const e = exp - 127 + 15;
+  const e = exp - 112; // rebias 127 -> 15
   if (e >= 0x1f) return sign | 0x7c00; // overflow -> inf
   if (e <= 0) {
     // subnormal half (or zero)
     if (e < -10) return sign;
-    mant |= 0x800000;
+    const m = mant | 0x800000;
     const shift = 14 - e;
-    let half = mant >>> shift;
-    const rem = mant & ((1 << shift) - 1);
+    let half = m >>> shift;
+    const rem = m & ((1 << shift) - 1);
     const halfway = 1 << (shift - 1);
     if (rem > halfway || (rem === halfway && half & 1)) half++;
     return sign | half;

@@ -9,7 +9,11 @@
  * data section exactly, with no gaps, overlaps or trailing bytes. Files are read through a
  * ModelSource by byte range, so opening a file reads only its header.
  */
-import { f32ToF16Bits, WebtuneError } from '@webtune/core';
+import { f32BitsToF16Bits, f32ToF16Bits, WebtuneError } from '@webtune/core';
+
+// Bulk f32 -> f16 conversion lives in core; re-exported for this module's users.
+export { f32BitsToF16Bits };
+
 import { ModelFileError, SafetensorsError } from './errors.js';
 import { checkFileName, type ModelSource } from './source.js';
 
@@ -352,34 +356,6 @@ export function bf16ToF16BitsTable(): Uint16Array {
   }
   bf16ToF16Table = table;
   return table;
-}
-
-/**
- * f32 bits -> f16 bits, round to nearest even: core's f32ToF16Bits working on the bits directly
- * (no float store per element), about twice as fast; the tests check the two agree.
- */
-export function f32BitsToF16Bits(x: number): number {
-  const sign = (x >>> 16) & 0x8000;
-  const exp = (x >>> 23) & 0xff;
-  const mant = x & 0x7fffff;
-  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0); // inf / nan
-  const e = exp - 112; // rebias 127 -> 15
-  if (e >= 0x1f) return sign | 0x7c00; // overflow -> inf
-  if (e <= 0) {
-    // subnormal half (or zero)
-    if (e < -10) return sign;
-    const m = mant | 0x800000;
-    const shift = 14 - e;
-    let half = m >>> shift;
-    const rem = m & ((1 << shift) - 1);
-    const halfway = 1 << (shift - 1);
-    if (rem > halfway || (rem === halfway && half & 1)) half++;
-    return sign | half;
-  }
-  let half = (e << 10) | (mant >>> 13);
-  const rem = mant & 0x1fff;
-  if (rem > 0x1000 || (rem === 0x1000 && half & 1)) half++; // may carry into the exponent: correct
-  return sign | half;
 }
 
 /** f32 -> bfloat16 bits, round to nearest even; NaN becomes the quiet NaN 0x7fc0. */
