@@ -1,6 +1,7 @@
 /**
  * Comparison and gradient-checking helpers shared by every kernel test.
  */
+import { seededRandom } from '../src/random.js';
 
 export interface Comparison {
   ok: boolean;
@@ -87,17 +88,8 @@ export function finiteDifference(
   return grad;
 }
 
-/** A small seeded generator (mulberry32) so every test input is reproducible. */
-export function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** The seeded generator every test input comes from (mulberry32, see src/random.ts). */
+export const rng = seededRandom;
 
 /** n values uniform in [-scale, scale). */
 export function randomArray(n: number, seed: number, scale = 1): Float64Array {

@@ -3,6 +3,10 @@
  * top-k and top-p applied in that order (as transformers' logits processors do).
  */
 
+import { seededRandom } from '@webtune/core';
+
+export { seededRandom };
+
 export interface SamplingOptions {
   /** 0 (or below) picks the most likely token. Default 1. */
   readonly temperature?: number;
@@ -10,18 +14,6 @@ export interface SamplingOptions {
   readonly topK?: number;
   /** Keep the smallest set of most likely tokens whose probability reaches p (1 = all). */
   readonly topP?: number;
-}
-
-/** mulberry32: small, fast, and the same sequence everywhere for a seed. */
-export function seededRandom(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Index of the largest value; the first one on ties (as torch.argmax). */

@@ -1,0 +1,15 @@
+/**
+ * A small seeded generator (mulberry32) for the engine's own needs: sampling tokens, test inputs.
+ * The same sequence for a seed on every machine and engine. (The trainer's initialisation and data
+ * order use a longer-period xoshiro128** in packages/train.)
+ */
+export function seededRandom(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
