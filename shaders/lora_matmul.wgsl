@@ -12,11 +12,15 @@
 //
 // These shapes defeat a square-tiled matmul (one side is r = 1..128 wide), so each kernel
 // reduces along the long dimension instead:
-//   lora_rows: C[M×R] = X·opL(L). A workgroup owns 4 rows × 4 ranks; its WG invocations split K,
-//              each keeping a 4×4 block of partial sums, then reduce them in workgroup memory.
+//   lora_rows: C[M×R] = X·opL(L). An invocation group of KS owns 4 rows × 4 ranks and splits K,
+//              each keeping a 4×4 block of partial sums, then reduces them in workgroup memory
+//              (KS = WG on GPUs; KS = 1 on CPU adapters: one invocation per block, whole K, no
+//              workgroup memory or barrier, which SwiftShader charges ~10 µs per 4 invocations).
 //   lora_cols: C = alpha·Uᵀ·V (+ beta·C), U (T×N), V (T×R), reducing over T. An invocation owns 4
 //              consecutive columns n × 4 ranks; the V rows it needs are the same for the whole
-//              workgroup and are staged in workgroup memory TT rows at a time.
+//              workgroup and are staged in workgroup memory TT rows at a time (STAGE; on CPU
+//              adapters each invocation reads them itself, which drops the workgroup memory and
+//              the barriers).
 
 struct Params {
   M: u32,      // lora_rows: rows of X and C      lora_cols: T (the reduced dimension)
@@ -36,51 +40,65 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
 override WG: u32 = 64;          // invocations per workgroup; a power of two
+override KS: u32 = 64;          // lora_rows: invocations splitting k per 4×4 block; a power of two dividing WG
 override TRANS_L: bool = true;  // lora_rows: L stored R×K (A) rather than K×R (B)
 override OUT_NR: bool = false;  // lora_cols: write C[n][j] (N×R) rather than C[j][n] (R×N)
 override TT: u32 = 16;          // lora_cols: rows of V staged per step
+override STAGE: bool = true;    // lora_cols: stage V rows in workgroup memory (false on CPU adapters)
 
 var<workgroup> partial: array<array<vec4<f32>, 4>, WG>;
 var<workgroup> v_rows: array<vec4<f32>, TT>;
 
+// Loads for lora_rows. Row m and rank j are clamped into range by the caller, so no load is
+// conditional; results of clamped rows and ranks are never stored.
 fn l_at(j: u32, k: u32) -> f32 {
-  if (j >= p.R) { return 0.0; }
   if (TRANS_L) { return l[j * p.K + k]; }
   return l[k * p.R + j];
 }
 
-fn x_at(m: u32, k: u32) -> f32 {
-  if (m >= p.M) { return 0.0; }
-  return x[m * p.K + k];
-}
-
-// C[m][j] = Σ_k X[m][k]·L(j, k) for m in m0..m0+3 and j in j0..j0+3.
+// C[m][j] = Σ_k X[m][k]·L(j, k) for m in m0..m0+3 and j in j0..j0+3. The workgroup holds WG / KS
+// such 4×4 blocks (consecutive row blocks, the same ranks); the KS invocations of a block split k
+// and add their partial sums as a tree in workgroup memory. With KS = 1 (CPU adapters) there is
+// no tree, hence no workgroup memory and no barrier.
 @compute @workgroup_size(WG)
 fn lora_rows(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let j0 = wid.x * 4u;
-  let m0 = wid.y * 4u;
+  let m0 = (wid.y * (WG / KS) + tid / KS) * 4u;
+  let lane = tid % KS;
+  let last_m = p.M - 1u;
+  let last_j = p.R - 1u;
+  let m = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_m)) * p.K;
+  let j = min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_j));
   var acc = array<vec4<f32>, 4>();   // acc[i][jj]: row m0+i, rank j0+jj
-  for (var k = tid; k < p.K; k += WG) {
-    let lv = vec4<f32>(l_at(j0, k), l_at(j0 + 1u, k), l_at(j0 + 2u, k), l_at(j0 + 3u, k));
-    for (var i = 0u; i < 4u; i++) { acc[i] = fma(vec4<f32>(x_at(m0 + i, k)), lv, acc[i]); }
+  for (var k = lane; k < p.K; k += KS) {
+    let lv = vec4<f32>(l_at(j.x, k), l_at(j.y, k), l_at(j.z, k), l_at(j.w, k));
+    acc[0] = fma(vec4<f32>(x[m.x + k]), lv, acc[0]);
+    acc[1] = fma(vec4<f32>(x[m.y + k]), lv, acc[1]);
+    acc[2] = fma(vec4<f32>(x[m.z + k]), lv, acc[2]);
+    acc[3] = fma(vec4<f32>(x[m.w + k]), lv, acc[3]);
   }
-  partial[tid] = acc;
-  workgroupBarrier();
-  for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-    if (tid < stride) {
-      for (var i = 0u; i < 4u; i++) { partial[tid][i] += partial[tid + stride][i]; }
-    }
+  if (KS > 1u) {
+    partial[tid] = acc;
     workgroupBarrier();
+    for (var stride = KS / 2u; stride > 0u; stride /= 2u) {
+      if (lane < stride) {
+        for (var i = 0u; i < 4u; i++) { partial[tid][i] += partial[tid + stride][i]; }
+      }
+      workgroupBarrier();
+    }
+    acc = partial[tid - lane];
   }
-  if (tid < 16u) {
-    let i = tid / 4u;
-    let jj = tid % 4u;
-    let m = m0 + i;
-    let j = j0 + jj;
-    if (m < p.M && j < p.R) {
-      var v = p.alpha * partial[0][i][jj];
-      if (p.beta != 0.0) { v += p.beta * out[m * p.R + j]; }
-      out[m * p.R + j] = v;
+  if (lane == 0u) {
+    for (var i = 0u; i < 4u; i++) {
+      for (var jj = 0u; jj < 4u; jj++) {
+        let mm = m0 + i;
+        let jr = j0 + jj;
+        if (mm < p.M && jr < p.R) {
+          var v = p.alpha * acc[i][jj];
+          if (p.beta != 0.0) { v += p.beta * out[mm * p.R + jr]; }
+          out[mm * p.R + jr] = v;
+        }
+      }
     }
   }
 }
@@ -110,12 +128,36 @@ fn store_cols(n0: u32, j0: u32, acc: array<vec4<f32>, 4>) {
   }
 }
 
+// V row t at ranks j (clamped into range: the clamped ranks are never stored).
+fn v_direct(t: u32, j: vec4<u32>) -> vec4<f32> {
+  let b = t * p.R;
+  return vec4<f32>(l[b + j.x], l[b + j.y], l[b + j.z], l[b + j.w]);
+}
+
+fn clamped_ranks(j0: u32) -> vec4<u32> {
+  return min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.R - 1u));
+}
+
 // C(n, j) = alpha · Σ_t U[t][n]·V[t][j] for n in n0..n0+3, j in j0..j0+3.
 @compute @workgroup_size(WG)
 fn lora_cols(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let n0 = (wid.x * WG + tid) * 4u;
   let j0 = wid.y * 4u;
   var acc = array<vec4<f32>, 4>();
+  if (!STAGE) {
+    let j = clamped_ranks(j0);
+    let n = min(vec4<u32>(n0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.N - 1u));
+    for (var t = 0u; t < p.M; t++) {
+      let vv = v_direct(t, j);
+      let b = t * p.N;
+      acc[0] = fma(vec4<f32>(x[b + n.x]), vv, acc[0]);
+      acc[1] = fma(vec4<f32>(x[b + n.y]), vv, acc[1]);
+      acc[2] = fma(vec4<f32>(x[b + n.z]), vv, acc[2]);
+      acc[3] = fma(vec4<f32>(x[b + n.w]), vv, acc[3]);
+    }
+    store_cols(n0, j0, acc);
+    return;
+  }
   for (var t0 = 0u; t0 < p.M; t0 += TT) {
     for (var r = tid; r < TT; r += WG) {
       if (t0 + r < p.M) { v_rows[r] = v_row(t0 + r, j0); } else { v_rows[r] = vec4<f32>(0.0); }
@@ -141,6 +183,21 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
   let n0 = (wid.x * WG + tid) * 4u;
   let j0 = wid.y * 4u;
   var acc = array<vec4<f32>, 4>();
+  if (!STAGE) {
+    if (n0 < p.N) {
+      let j = clamped_ranks(j0);
+      for (var t = 0u; t < p.M; t++) {
+        let vv = v_direct(t, j);
+        let u = x4[(t * p.N + n0) / 4u];
+        acc[0] = fma(vec4<f32>(u.x), vv, acc[0]);
+        acc[1] = fma(vec4<f32>(u.y), vv, acc[1]);
+        acc[2] = fma(vec4<f32>(u.z), vv, acc[2]);
+        acc[3] = fma(vec4<f32>(u.w), vv, acc[3]);
+      }
+    }
+    store_cols(n0, j0, acc);
+    return;
+  }
   for (var t0 = 0u; t0 < p.M; t0 += TT) {
     for (var r = tid; r < TT; r += WG) {
       if (t0 + r < p.M) { v_rows[r] = v_row(t0 + r, j0); } else { v_rows[r] = vec4<f32>(0.0); }

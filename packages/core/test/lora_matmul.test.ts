@@ -1,8 +1,11 @@
 // The fused LoRA layer (shaders/lora_matmul.wgsl + the low-rank term of shaders/matmul.wgsl),
-// forward and backward, against the float64 reference; and the unfused baseline likewise.
+// forward and backward, against the float64 reference; and the unfused baseline likewise. The
+// layer tests run the thin kernels in the adapter's own work split; a last block runs each thin
+// kernel in the other split too (tree vs serial lora_rows, staged vs direct lora_cols).
 import { describe, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { type LoraRefInput, loraBackwardRef, loraForwardRef } from '../ref/lora.js';
+import { matmulRef } from '../ref/matmul.js';
 import {
   createTensor,
   type DType,
@@ -17,6 +20,7 @@ import {
   StepEncoder,
   tensorFromData,
 } from '../src/index.js';
+import { type LoraRowsSplit, planLoraRows, planLoraWeightGrad } from '../src/kernels/lora_matmul.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
 const gpu = useGpu();
@@ -166,3 +170,68 @@ for (const fused of [true, false]) {
     }
   });
 }
+
+// Each thin kernel in both work splits, whatever the adapter picks: C = X·Aᵀ and X·B (lora_rows),
+// and alpha·Uᵀ·V written R×N or N×R, with beta (lora_cols, its scalar and vec4 entry points).
+describe('lora thin kernels, each work split', () => {
+  const rowsCases: { M: number; K: number; R: number; transL: boolean; split: LoraRowsSplit }[] = [
+    { M: 65, K: 63, R: 8, transL: true, split: 'tree' },
+    { M: 7, K: 257, R: 1, transL: false, split: 'tree' },
+    { M: 65, K: 63, R: 8, transL: false, split: 'serial' },
+    { M: 7, K: 257, R: 7, transL: true, split: 'serial' },
+  ];
+  for (const c of rowsCases) {
+    const n = `lora_rows M=${c.M} K=${c.K} R=${c.R} ${c.transL ? 'X·Lᵀ' : 'X·L'} ${c.split}`;
+    it(n, async () => {
+      const ctx = gpu();
+      const x = randomArray(c.M * c.K, c.M + c.K, 1);
+      const l = randomArray(c.R * c.K, c.R + 3, 1);
+      const want = matmulRef(x, l, c.M, c.K, c.R, { transB: c.transL });
+      const got = await gpuCase(ctx, n, async () => {
+        const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
+        const tl = tensorFromData(ctx, l, c.transL ? [c.R, c.K] : [c.K, c.R], 'f32', 'l');
+        const out = createTensor(ctx, [c.M, c.R], 'f32', 'out');
+        const d = await planLoraRows(ctx, tx, tl, out, c, c.transL, n, { split: c.split });
+        new StepEncoder(ctx, n).dispatch(d).submit();
+        const result = await readFloat32(out);
+        d.dispose();
+        for (const t of [tx, tl, out]) t.dispose();
+        return result;
+      });
+      expectClose(ctx, n, got, want, 3e-5 * Math.sqrt(c.K), 1e-5);
+    });
+  }
+
+  const colsCases: { T: number; N: number; R: number; outNR: boolean; stage: boolean }[] = [
+    { T: 65, N: 63, R: 8, outNR: true, stage: true },
+    { T: 65, N: 64, R: 7, outNR: false, stage: true },
+    { T: 65, N: 63, R: 7, outNR: false, stage: false },
+    { T: 65, N: 64, R: 8, outNR: true, stage: false },
+  ];
+  for (const c of colsCases) {
+    const n = `lora_cols T=${c.T} N=${c.N} R=${c.R} ${c.outNR ? 'N×R' : 'R×N'} ${c.stage ? 'staged' : 'direct'}`;
+    it(n, async () => {
+      const ctx = gpu();
+      const u = randomArray(c.T * c.N, c.T + c.N, 1);
+      const v = randomArray(c.T * c.R, c.R + 5, 1);
+      const before = randomArray(c.N * c.R, 9, 1);
+      const [alpha, beta] = [0.5, 1];
+      const prod = c.outNR
+        ? matmulRef(u, v, c.N, c.T, c.R, { transA: true })
+        : matmulRef(v, u, c.R, c.T, c.N, { transA: true });
+      const want = prod.map((x, i) => alpha * x + beta * (before[i] as number));
+      const got = await gpuCase(ctx, n, async () => {
+        const tu = tensorFromData(ctx, u, [c.T, c.N], 'f32', 'u');
+        const tv = tensorFromData(ctx, v, [c.T, c.R], 'f32', 'v');
+        const out = tensorFromData(ctx, before, c.outNR ? [c.N, c.R] : [c.R, c.N], 'f32', 'out');
+        const d = await planLoraWeightGrad(ctx, tu, tv, out, c, c.outNR, alpha, beta, n, { stage: c.stage });
+        new StepEncoder(ctx, n).dispatch(d).submit();
+        const result = await readFloat32(out);
+        d.dispose();
+        for (const t of [tu, tv, out]) t.dispose();
+        return result;
+      });
+      expectClose(ctx, n, got, want, 3e-5 * Math.sqrt(c.T), 1e-5);
+    });
+  }
+});

@@ -4,7 +4,7 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
-import { planMatmul } from './matmul.js';
+import { isCpuAdapter, planMatmul } from './matmul.js';
 
 const BINDINGS = ['uniform', 'read', 'read', 'write'] as const;
 const spec = (entryPoint: string): KernelSpec => ({
@@ -72,8 +72,24 @@ function rowsWorkgroup(ctx: GpuContext): number {
   return Math.min(64, ctx.limits.maxComputeInvocationsPerWorkgroup);
 }
 
-/** C[M×R] = X·Lᵀ (L stored R×K, transL) or X·L (L stored K×R). */
-async function planRows(
+/**
+ * How lora_rows reduces its long dimension: 'tree' splits it over a workgroup whose partial sums
+ * meet in workgroup memory (GPUs); 'serial' gives each 4×4 block of C one invocation that walks
+ * the whole of it, with no workgroup memory or barrier (CPU adapters, where a workgroup that has
+ * either costs about 10 µs per four invocations on SwiftShader).
+ */
+export type LoraRowsSplit = 'tree' | 'serial';
+
+/** The split lora_rows uses on this device unless told otherwise. */
+export function loraRowsSplit(ctx: GpuContext): LoraRowsSplit {
+  return isCpuAdapter(ctx) ? 'serial' : 'tree';
+}
+
+/**
+ * C[M×R] = alpha·X·Lᵀ (L stored R×K, transL) or alpha·X·L (L stored K×R), plus beta·C: the thin
+ * products h = x·Aᵀ and g = dy·B. One dispatch.
+ */
+export async function planLoraRows(
   ctx: GpuContext,
   x: Tensor,
   l: Tensor,
@@ -81,28 +97,32 @@ async function planRows(
   dims: { M: number; K: number; R: number },
   transL: boolean,
   label: string,
-  beta = 0,
+  opts: { alpha?: number; beta?: number; split?: LoraRowsSplit } = {},
 ): Promise<Dispatch> {
-  const wg = rowsWorkgroup(ctx);
-  const kernel = await getKernel(ctx, spec('lora_rows'), { WG: wg, TRANS_L: transL });
+  const split = opts.split ?? loraRowsSplit(ctx);
+  // serial: 16 invocations, each a 4×4 block; tree: one block per workgroup of WG invocations.
+  const wg = split === 'serial' ? Math.min(16, ctx.limits.maxComputeInvocationsPerWorkgroup) : rowsWorkgroup(ctx);
+  const ks = split === 'serial' ? 1 : wg;
+  const kernel = await getKernel(ctx, spec('lora_rows'), { WG: wg, KS: ks, TRANS_L: transL });
   return bindKernel(ctx, kernel, {
     label,
     resources: [x, l, out],
-    workgroups: [Math.ceil(dims.R / 4), Math.ceil(dims.M / 4)],
+    workgroups: [Math.ceil(dims.R / 4), Math.ceil(dims.M / (4 * (wg / ks)))],
     uniforms: packUniforms([
       ['u32', dims.M],
       ['u32', 0],
       ['u32', dims.K],
       ['u32', dims.R],
-      ['f32', 1],
-      ['f32', beta],
+      ['f32', opts.alpha ?? 1],
+      ['f32', opts.beta ?? 0],
     ]),
   });
 }
 
 /**
  * C = alpha·Uᵀ·V (+ beta·C) for U (T×N), V (T×R), written N×R (outNR) or R×N: the LoRA weight
- * gradients dB = s·dyᵀ·h (outNR) and dA = s·gᵀ·x, reduced over the T tokens.
+ * gradients dB = s·dyᵀ·h (outNR) and dA = s·gᵀ·x, reduced over the T tokens. `opts.stage`
+ * forces the V staging on or off (default: on except on CPU adapters); tests run both.
  */
 export async function planLoraWeightGrad(
   ctx: GpuContext,
@@ -114,10 +134,14 @@ export async function planLoraWeightGrad(
   alpha: number,
   beta: number,
   label: string,
+  opts: { stage?: boolean } = {},
 ): Promise<Dispatch> {
-  const wg = rowsWorkgroup(ctx);
+  // Stage V rows in workgroup memory on GPUs; on CPU adapters every invocation reads its own
+  // (no workgroup memory, no barrier) and smaller workgroups spread the columns over the cores.
+  const stage = opts.stage ?? !isCpuAdapter(ctx);
+  const wg = stage ? rowsWorkgroup(ctx) : Math.min(16, ctx.limits.maxComputeInvocationsPerWorkgroup);
   const entry = dims.N % 4 === 0 ? 'lora_cols_vec4' : 'lora_cols';
-  const kernel = await getKernel(ctx, spec(entry), { WG: wg, OUT_NR: outNR, TT: 16 });
+  const kernel = await getKernel(ctx, spec(entry), { WG: wg, OUT_NR: outNR, TT: 16, STAGE: stage });
   return bindKernel(ctx, kernel, {
     label,
     resources: [u, v, out],
@@ -151,7 +175,7 @@ export async function planLoraForward(
   const s = loraShape(layer, io.x, `${label}.forward`);
   expectRows(`${label}.forward`, io.h, s.T, s.r, 'h');
   expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');
-  const h = await planRows(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`);
+  const h = await planLoraRows(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`);
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
     bias: layer.bias,
@@ -203,7 +227,7 @@ export async function planLoraBackward(
   if (io.dx) expectRows(op, io.dx, s.T, s.inF, 'dx');
   const beta = opts.accumulateGrads ? 1 : 0;
   const plan = [
-    await planRows(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`),
+    await planLoraRows(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`),
     await planLoraWeightGrad(
       ctx,
       io.dy,
