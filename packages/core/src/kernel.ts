@@ -1,4 +1,5 @@
 import type { GpuContext } from './context.js';
+import type { StepEncoder } from './encoder.js';
 import { LimitExceededError, ShaderCompileError, type ShaderMessage } from './errors.js';
 import { Tensor } from './tensor.js';
 
@@ -222,4 +223,35 @@ export function bindKernel(
     entries: bindings.map((resource, binding) => ({ binding, resource })),
   });
   return new Dispatch(ctx, kernel, bindGroup, args.workgroups, uniform, args.label);
+}
+
+/** Dispatches to record in order, with the scratch tensors they own: what a multi-dispatch plan
+ * (the chunked loss, the unfused LoRA baseline) returns. */
+export interface KernelPlan {
+  readonly dispatches: readonly Dispatch[];
+  /** Tensors the plan allocated; released by dispose(). */
+  readonly scratch: readonly Tensor[];
+  /** Bytes of the buffers in `scratch`. */
+  readonly scratchBytes: number;
+  /** Records every dispatch into `enc`. */
+  record(enc: StepEncoder): void;
+  dispose(): void;
+}
+
+export function kernelPlan(dispatches: readonly Dispatch[], scratch: readonly Tensor[]): KernelPlan {
+  let released = false;
+  return {
+    dispatches,
+    scratch,
+    scratchBytes: scratch.reduce((s, t) => s + t.buffer.size, 0),
+    record(enc: StepEncoder) {
+      enc.dispatch(...dispatches);
+    },
+    dispose() {
+      if (released) return;
+      released = true;
+      for (const d of dispatches) d.dispose();
+      for (const t of scratch) t.dispose();
+    },
+  };
 }

@@ -20,9 +20,16 @@
  */
 import source from '../../../../shaders/cross_entropy.wgsl?raw';
 import type { GpuContext } from '../context.js';
-import type { StepEncoder } from '../encoder.js';
 import { LimitExceededError, ShapeError } from '../errors.js';
-import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import {
+  bindKernel,
+  type Dispatch,
+  getKernel,
+  type KernelPlan,
+  type KernelSpec,
+  kernelPlan,
+  packUniforms,
+} from '../kernel.js';
 import { formatShape } from '../shape.js';
 import { createTensor, type Tensor, tensorView } from '../tensor.js';
 import { grid1d } from './elementwise.js';
@@ -129,18 +136,6 @@ export interface CrossEntropyBackwardBuffers {
 }
 
 export type CrossEntropyTrainingBuffers = CrossEntropyForwardBuffers & { readonly dh: Tensor };
-
-/** Dispatches to record (in order) and the scratch tensors they own. */
-export interface KernelPlan {
-  readonly dispatches: readonly Dispatch[];
-  /** Tensors the plan allocated; released by dispose(). */
-  readonly scratch: readonly Tensor[];
-  /** Bytes of the buffers in `scratch`. */
-  readonly scratchBytes: number;
-  /** Records every dispatch into `enc`. */
-  record(enc: StepEncoder): void;
-  dispose(): void;
-}
 
 export interface CrossEntropyPlan extends KernelPlan {
   /** Vocabulary rows per chunk. */
@@ -356,24 +351,6 @@ function checkGradScale(op: string, g: number): void {
 function checkStorageBuffers(ctx: GpuContext, op: string, needed: number): void {
   const have = ctx.limits.maxStorageBuffersPerShaderStage;
   if (have < needed) throw new LimitExceededError('maxStorageBuffersPerShaderStage', needed, have, op);
-}
-
-function kernelPlan(dispatches: Dispatch[], scratch: Tensor[]): KernelPlan {
-  let released = false;
-  return {
-    dispatches,
-    scratch,
-    scratchBytes: scratch.reduce((s, t) => s + t.buffer.size, 0),
-    record(enc: StepEncoder) {
-      enc.dispatch(...dispatches);
-    },
-    dispose() {
-      if (released) return;
-      released = true;
-      for (const d of dispatches) d.dispose();
-      for (const t of scratch) t.dispose();
-    },
-  };
 }
 
 function release(dispatches: readonly Dispatch[], scratch: readonly Tensor[]): void {

@@ -4,7 +4,7 @@
  * like every other kernel, so the comparison is between two correct things).
  */
 import type { GpuContext } from '../context.js';
-import type { Dispatch } from '../kernel.js';
+import { type KernelPlan, kernelPlan } from '../kernel.js';
 import { createTensor, type Tensor } from '../tensor.js';
 import { planAddScaled } from './elementwise.js';
 import {
@@ -16,23 +16,8 @@ import {
 } from './lora_matmul.js';
 import { planMatmul } from './matmul.js';
 
-export interface UnfusedPlan {
-  dispatches: Dispatch[];
-  /** Scratch tensors the plan allocated (released by dispose). */
-  scratch: Tensor[];
-  dispose(): void;
-}
-
-function plan(dispatches: Dispatch[], scratch: Tensor[]): UnfusedPlan {
-  return {
-    dispatches,
-    scratch,
-    dispose() {
-      for (const d of dispatches) d.dispose();
-      for (const t of scratch) t.dispose();
-    },
-  };
-}
+/** The unfused plans own their temporaries, like every multi-dispatch plan. */
+export type UnfusedPlan = KernelPlan;
 
 /** y0 = x·W0ᵀ + bias; h = x·Aᵀ; t = h·Bᵀ; y = y0 + s·t. Four dispatches, two T×out temporaries. */
 export async function planLoraForwardUnfused(
@@ -50,7 +35,7 @@ export async function planLoraForwardUnfused(
     await planMatmul(ctx, io.h, layer.b, t, { label: `${label}.hB` }),
     await planAddScaled(ctx, y0, t, io.y, layer.scale, `${label}.add`),
   ];
-  return plan(dispatches, [y0, t]);
+  return kernelPlan(dispatches, [y0, t]);
 }
 
 /** g = dy·B; dB = s·dyᵀ·h; dA = s·gᵀ·x (as fused); dx0 = dy·W0; dx1 = g·A; dx = dx0 + s·dx1. Six dispatches. */
@@ -93,5 +78,5 @@ export async function planLoraBackwardUnfused(
     await planMatmul(ctx, io.g, layer.a, dx1, { transW: false, label: `${label}.gA` }),
     await planAddScaled(ctx, dx0, dx1, io.dx, layer.scale, `${label}.add`),
   ];
-  return plan(dispatches, [dx0, dx1]);
+  return kernelPlan(dispatches, [dx0, dx1]);
 }
