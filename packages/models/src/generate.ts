@@ -364,39 +364,16 @@ async function planDecode(
       positions: { T: 1, positions },
       dest: (a): QkvDestination =>
         c.family === 'gpt2' ? { qkv: a.qkv as Tensor } : { q: a.q as Tensor, k: a.k as Tensor, v: a.v as Tensor },
-      afterProjections: async (a, l) =>
-        c.family === 'gpt2'
-          ? [
-              await planCopyRows(
-                ctx,
-                a.qkv as Tensor,
-                positions,
-                cache.qkv[l] as Tensor,
-                { rows: 1, cols: 3 * d },
-                maxT - 1,
-                `layer${l}.cache_qkv`,
-              ),
-            ]
+      afterProjections: async (a, l) => {
+        const write = (src: Tensor, dst: Tensor, cols: number, name: string) =>
+          planCopyRows(ctx, src, positions, dst, { rows: 1, cols }, maxT - 1, `layer${l}.cache_${name}`);
+        return c.family === 'gpt2'
+          ? [await write(a.qkv as Tensor, cache.qkv[l] as Tensor, 3 * d, 'qkv')]
           : [
-              await planCopyRows(
-                ctx,
-                a.k as Tensor,
-                positions,
-                cache.k[l] as Tensor,
-                { rows: 1, cols: kvDim },
-                maxT - 1,
-                `layer${l}.cache_k`,
-              ),
-              await planCopyRows(
-                ctx,
-                a.v as Tensor,
-                positions,
-                cache.v[l] as Tensor,
-                { rows: 1, cols: kvDim },
-                maxT - 1,
-                `layer${l}.cache_v`,
-              ),
-            ],
+              await write(a.k as Tensor, cache.k[l] as Tensor, kvDim, 'k'),
+              await write(a.v as Tensor, cache.v[l] as Tensor, kvDim, 'v'),
+            ];
+      },
       attend: (a, l) =>
         c.family === 'gpt2'
           ? { q: a.qkv as Tensor, k: cache.qkv[l] as Tensor, v: cache.qkv[l] as Tensor, dims }
