@@ -1,23 +1,11 @@
 // The CLI end to end, as a user runs it: a child process over the committed model folders.
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
+import { webtune } from './run.js';
 
-const root = fileURLToPath(new URL('../../../', import.meta.url));
 const stories = 'apps/studio/public/models/stories260K';
-
-function webtune(...args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [join(root, 'packages/cli/bin/webtune.mjs'), ...args], {
-    cwd: root,
-    encoding: 'utf8',
-    env: { ...process.env, INIT_CWD: root, XDG_RUNTIME_DIR: '/tmp' },
-    timeout: 240_000,
-  });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 describe('webtune CLI', () => {
   it('generate prints the reference story from stories260K', () => {

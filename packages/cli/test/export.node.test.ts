@@ -2,30 +2,18 @@
 // --merge writes a model folder whose `webtune eval` loss equals the base model's with
 // `--adapter`; --llama-cpp rewrites an rsLoRA adapter's alpha to alpha·√r and refuses one that no
 // single alpha can express; the output replaces --out atomically and never an input folder.
-import { spawnSync } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { directorySource, loadModelConfig, namedModules } from '@webtune/models';
 import { afterAll, describe, expect, it } from 'vitest';
 import { readPeftAdapter } from '../../train/src/lora/index.js';
+import { root, webtune } from './run.js';
 
-const root = fileURLToPath(new URL('../../../', import.meta.url));
 const work = mkdtempSync(join(tmpdir(), 'webtune-export-'));
 afterAll(() => rmSync(work, { recursive: true, force: true }));
 const golden = (run: string) => `packages/train/test/golden/peft-train/${run}/adapter`;
 const text = 'packages/models/test/fixtures/text/shakespeare-4k.txt';
-
-function webtune(...args: string[]): { code: number | null; stdout: string; stderr: string } {
-  const r = spawnSync(process.execPath, [join(root, 'packages/cli/bin/webtune.mjs'), ...args], {
-    cwd: root,
-    encoding: 'utf8',
-    env: { ...process.env, INIT_CWD: root, XDG_RUNTIME_DIR: '/tmp' },
-    timeout: 240_000,
-  });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-}
 
 function evalLoss(...args: string[]): number {
   const r = webtune('eval', '--data', text, '--seq', '32', '--json', '--precision', 'f32', ...args);

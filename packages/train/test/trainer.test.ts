@@ -37,12 +37,6 @@ interface Golden {
 
 const goldens = import.meta.glob<Golden>('./golden/peft-train/*/golden.json', { import: 'default' });
 
-async function repoSource(relative: string): Promise<ModelSource> {
-  if (typeof window !== 'undefined') return urlSource(new URL(`/${relative}/`, window.location.origin).href);
-  const { fileURLToPath } = await import('node:url');
-  return directorySource(fileURLToPath(new URL(`../../../${relative}`, import.meta.url)));
-}
-
 const RUNS = ['tiny-llama-A', 'tiny-qwen2-B', 'tiny-qwen3-A', 'tiny-gpt2-B', 'tiny-llama3-B', 'stories260K-A'];
 
 describe('ten AdamW steps against PEFT + torch', () => {
