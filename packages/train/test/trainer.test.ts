@@ -3,16 +3,10 @@
 // learning rate, the gradient norm, and the final adapter weights; then the adapter exported by
 // webtune holds exactly those weights under PEFT's names, and PEFT's own saved adapter imports
 // and gives PEFT's loss.
-import {
-  directorySource,
-  loadModel,
-  type ModelSource,
-  namedModules,
-  openSafetensors,
-  urlSource,
-} from '@webtune/models';
+import { loadModel, namedModules, openSafetensors } from '@webtune/models';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
+import { repoSource } from '../../models/test/fixtures.js';
 import { readPeftAdapter } from '../src/lora/index.js';
 import { LoraTrainer, TrainingDivergedError } from '../src/trainer.js';
 
