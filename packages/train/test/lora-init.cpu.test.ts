@@ -6,8 +6,8 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { type LoraInit, validateLoraConfig } from '../src/lora/config.js';
 import { initLoraModule, initLoraWeights, loraInitDistributions, sampleLoraInit } from '../src/lora/init.js';
-import { Rng } from '../src/lora/rng.js';
 import { resolveLoraTargets } from '../src/lora/targets.js';
+import { Rng } from '../src/random.js';
 
 const GOLDEN = fileURLToPath(new URL('./golden/peft-config/', import.meta.url));
 

@@ -16,8 +16,9 @@
  * Each module draws from its own stream (seed, "<module>/A") and (seed, "<module>/B"), so a
  * module's initial values depend only on the seed, its name, its shape and the init mode.
  */
+
+import { Rng } from '../random.js';
 import type { LoraInit } from './config.js';
-import { Rng } from './rng.js';
 import type { AdaptedModule, ResolvedLora } from './targets.js';
 
 export type LoraInitDistribution =

@@ -1,5 +1,5 @@
 /**
- * webtune's seeded random numbers: xoshiro128** (Blackman & Vigna) on 32-bit integer operations,
+ * webtune's seeded random numbers for training (the adapter's initialisation, the data order): xoshiro128** (Blackman & Vigna) on 32-bit integer operations,
  * seeded through splitmix32 from a 53-bit seed and a stream name. The same seed and stream give
  * the same numbers on every machine and in every JavaScript engine; different stream names
  * ("model.layers.0.self_attn.q_proj/A") give independent streams, so what one module draws does
@@ -82,6 +82,17 @@ export class Rng {
     this.s2 ^= t;
     this.s3 = rotl(this.s3, 11);
     return result;
+  }
+
+  /** A uniform integer in [0, n), 1 <= n <= 2^32, without modulo bias (rejection). */
+  below(n: number): number {
+    if (!Number.isSafeInteger(n) || n < 1 || n > 2 ** 32)
+      throw new RangeError(`below(n) needs 1 <= n <= 2^32, got ${n}`);
+    const limit = 2 ** 32 - (2 ** 32 % n); // the largest multiple of n that fits
+    for (;;) {
+      const x = this.nextU32();
+      if (x < limit) return x % n;
+    }
   }
 
   /** Uniform in [0, 1) with 53 random bits. */
