@@ -26,16 +26,7 @@ import {
   tensorFromData,
 } from '@webtune/core';
 import { timeIt } from './measure.js';
-import type { BenchRecord } from './record.js';
-
-export interface KernelBenchOptions {
-  adapter: string;
-  quick: boolean;
-  /** Run only the benchmarks whose name contains this. */
-  only?: string;
-  report: (r: BenchRecord) => void;
-  status: (s: string) => void;
-}
+import type { BenchOptions } from './record.js';
 
 function random(n: number, seed: number, scale: number): Float32Array {
   const out = new Float32Array(n);
@@ -63,7 +54,7 @@ function loraShapes(quick: boolean): { T: number; d: number; r: number }[] {
   return out;
 }
 
-async function benchLora(ctx: GpuContext, o: KernelBenchOptions): Promise<void> {
+async function benchLora(ctx: GpuContext, o: BenchOptions): Promise<void> {
   for (const { T, d, r } of loraShapes(o.quick)) {
     for (const w0Dtype of ['f32', 'f16'] as const) {
       const shape = `T=${T} in=${d} out=${d} r=${r} W0:${w0Dtype}`;
@@ -135,7 +126,7 @@ function matmulShapes(quick: boolean): { M: number; N: number; K: number; transW
   return out;
 }
 
-async function benchMatmul(ctx: GpuContext, o: KernelBenchOptions): Promise<void> {
+async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
   // TF.js on the very same device, so both run on the same adapter and queue. Its kernels are
   // registered under the name 'webgpu', so our instance replaces the factory of that name.
   if (tf.findBackendFactory('webgpu')) tf.removeBackend('webgpu');
@@ -200,7 +191,7 @@ async function benchMatmul(ctx: GpuContext, o: KernelBenchOptions): Promise<void
   tf.removeBackend('webgpu');
 }
 
-export async function runKernelBenchmarks(ctx: GpuContext, o: KernelBenchOptions): Promise<void> {
+export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Promise<void> {
   if (!o.only || 'matmul'.includes(o.only)) await benchMatmul(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
 }

@@ -1,10 +1,14 @@
 /**
- * The benchmark page. Opened by bench/run.mjs in headless Chromium (or by hand in any browser:
- * /bench/index.html?quick=1). Records go to the table and, when run by the driver, to Node.
+ * The benchmark page. Opened by bench/run.ts in headless Chromium (or by hand in any browser:
+ * /bench/index.html?quick=1&suite=kernels,models,train). Records go to the table and, when run by
+ * the driver, to Node. A case of the models/train suites that cannot run is logged and the others
+ * go on; the page then ends with an error naming the failed cases.
  */
 import { createGpuContext, describeAdapter } from '@webtune/core';
 import { runKernelBenchmarks } from './kernels.js';
+import { runModelBenchmarks } from './models.js';
 import type { BenchRecord } from './record.js';
+import { runTrainBenchmarks } from './train.js';
 
 declare global {
   interface Window {
@@ -47,16 +51,24 @@ async function main(): Promise<void> {
   const adapter = `${params.get('adapterName') ?? 'browser'}: ${describeAdapter(ctx)}`;
   status(`adapter ${adapter}`);
   const suites = (params.get('suite') ?? 'kernels').split(',');
-  if (suites.includes('kernels')) {
-    await runKernelBenchmarks(ctx, {
-      adapter,
-      quick: params.has('quick'),
-      only: params.get('only') ?? undefined,
-      report: show,
-      status,
-    });
-  }
+  const failed: string[] = [];
+  const options = {
+    adapter,
+    quick: params.has('quick'),
+    only: params.get('only') ?? undefined,
+    report: show,
+    status,
+    fail: (key: string, e: unknown) => {
+      const message = e instanceof Error ? e.message : String(e);
+      failed.push(`${key}: ${message}`);
+      console.error(`[bench] ${key} failed: ${message}`);
+    },
+  };
+  if (suites.includes('kernels')) await runKernelBenchmarks(ctx, options);
+  if (suites.includes('models')) await runModelBenchmarks(ctx, options);
+  if (suites.includes('train')) await runTrainBenchmarks(ctx, options);
   ctx.destroy();
+  if (failed.length > 0) throw new Error(`${failed.length} case(s) could not run:\n${failed.join('\n')}`);
   status('done');
 }
 

@@ -11,3 +11,13 @@ export interface BenchRecord {
   /** Extra figures where they mean something (tokens/s, bytes). */
   extra?: Record<string, number | string>;
 }
+
+/** What every suite of the page gets. */
+export interface BenchOptions {
+  adapter: string;
+  quick: boolean;
+  /** Run only the benchmarks whose name (kernels) or case key (models, train) contains this. */
+  only?: string;
+  report: (r: BenchRecord) => void;
+  status: (s: string) => void;
+}

@@ -1,35 +1,56 @@
 /**
- * `pnpm bench [--json out.json] [--adapter swiftshader,lavapipe|gpu] [--quick] [--suite kernels]
- *  [--chromium-flag=--some-flag ...]`
+ * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe|gpu]
+ *  [--quick] [--only <substring>] [--no-baseline] [--timeout-min N] [--chromium-flag=--some-flag ...]`
  *
- * Serves bench/ with Vite, opens it in headless Chromium once per adapter configuration, collects
- * the records, prints a table and writes them as a JSON array. Benchmarks never pass or fail on
- * their figures; the command fails only when a benchmark cannot run.
+ * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
+ * configuration, collects the records, prints a table and writes them as a JSON array. Suites:
+ * - kernels (the default): matmul and the fused LoRA layer against TF.js / unfused dispatches on
+ *   the same device (bench/kernels.ts);
+ * - models: prefill and decode tokens/s on stories260K and a random SmolLM2-135M-shaped model
+ *   (bench/models.ts);
+ * - train: LoRA training tokens/s and GPU bytes on the same two models (bench/train.ts).
+ * For models and train the driver first writes the random model (bench/bench_model.ts, into
+ * bench/.models/, reused while its stamp matches), then runs tools/bench_torch.py with
+ * $WEBTUNE_PYTHON, tools/.venv/bin/python or /work/venv/py/bin/python on the same cases and token
+ * ids (bench/cases.ts), and merges its figures into the records: baseline torch_cpu (inference)
+ * or torch_peft_cpu (training), ratio = baseline ms / ms (above 1: webtune is faster). Without a
+ * Python that has torch, transformers and peft (or with --no-baseline) the baseline is null and a
+ * note says why. --quick runs small variants of every case (a few minutes per adapter).
+ * Benchmarks never pass or fail on their figures; the command fails only when a benchmark cannot
+ * run (the table and JSON of what did run are still written).
  */
-import { writeFileSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { register } from 'node:module';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
 import { chromium } from 'playwright';
 import { createServer } from 'vite';
 import { type ChromiumAdapter, chromiumPath, chromiumWebGpuArgs } from '../tools/chromium.js';
+import { BENCH_MODELS, inferenceCases, promptIds, TRAIN_HYPER, trainCases, trainIds } from './cases.js';
 import type { BenchRecord } from './record.js';
+
+const SUITES = ['kernels', 'models', 'train'];
 
 interface Args {
   json?: string;
   adapters: ChromiumAdapter[];
   quick: boolean;
-  suite: string;
+  suites: string[];
   extraFlags: string[];
-  timeoutMs: number;
+  /** Per adapter; default from the suites (see defaultTimeoutMin). */
+  timeoutMs?: number;
   only?: string;
+  baseline: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
   const args: Args = {
     adapters: ['swiftshader', 'lavapipe'],
     quick: false,
-    suite: 'kernels',
+    suites: ['kernels'],
     extraFlags: [],
-    timeoutMs: 45 * 60_000,
+    baseline: true,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
@@ -41,7 +62,10 @@ function parseArgs(argv: string[]): Args {
     if (a.startsWith('--json')) args.json = value();
     else if (a.startsWith('--adapter')) args.adapters = value().split(',') as ChromiumAdapter[];
     else if (a === '--quick') args.quick = true;
-    else if (a.startsWith('--suite')) args.suite = value();
+    else if (a.startsWith('--suite')) {
+      const v = value();
+      args.suites = v === 'all' ? [...SUITES] : v.split(',');
+    } else if (a === '--no-baseline') args.baseline = false;
     else if (a.startsWith('--only')) args.only = value();
     else if (a.startsWith('--chromium-flag')) args.extraFlags.push(value());
     else if (a.startsWith('--timeout-min')) args.timeoutMs = Number(value()) * 60_000;
@@ -52,34 +76,247 @@ function parseArgs(argv: string[]): Args {
     if (!['swiftshader', 'lavapipe', 'gpu'].includes(ad))
       throw new Error(`unknown adapter ${ad}: use swiftshader, lavapipe or gpu`);
   }
+  for (const suite of args.suites) {
+    if (!SUITES.includes(suite)) throw new Error(`unknown suite ${suite}: use ${SUITES.join(', ')} or all`);
+  }
   return args;
 }
 
-function table(records: BenchRecord[]): string {
-  const rows = [['name', 'shape', 'ms', 'GFLOP/s', 'baseline', 'baseline ms', 'ratio', 'adapter']];
-  for (const r of records) {
-    rows.push([
-      r.name,
-      r.shape,
-      r.ms.toFixed(2),
-      r.gflops === null ? '' : r.gflops.toFixed(2),
-      r.baseline ?? '',
-      r.baselineMs === null ? '' : r.baselineMs.toFixed(2),
-      r.ratio === null ? '' : r.ratio.toFixed(2),
-      r.adapter,
-    ]);
-  }
+/** Default time limit per adapter: long enough for the full suites on SwiftShader. */
+function defaultTimeoutMin(args: Args): number {
+  const per: Record<string, number> = args.quick
+    ? { kernels: 15, models: 15, train: 15 }
+    : { kernels: 45, models: 45, train: 120 };
+  return args.suites.reduce((n, s) => n + (per[s] ?? 0), 0);
+}
+
+const fmt = (x: number | null | undefined, digits = 2) =>
+  x === null || x === undefined || !Number.isFinite(x) ? '' : x.toFixed(digits);
+const num = (r: BenchRecord, key: string): number | undefined => {
+  const v = r.extra?.[key];
+  return typeof v === 'number' ? v : undefined;
+};
+const mib = (bytes: number | undefined) => (bytes === undefined ? '' : (bytes / 2 ** 20).toFixed(1));
+
+function render(rows: string[][]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ')).join('\n');
 }
 
-async function runAdapter(url: string, adapter: ChromiumAdapter, args: Args): Promise<BenchRecord[]> {
+function table(records: BenchRecord[]): string {
+  const rows = [
+    ['name', 'shape', 'ms', 'GFLOP/s', 'tok/s', 'baseline', 'baseline ms', 'base tok/s', 'ratio', 'adapter'],
+  ];
+  for (const r of records) {
+    const tps = num(r, 'tokens_per_s');
+    rows.push([
+      r.name,
+      r.shape,
+      fmt(r.ms),
+      fmt(r.gflops),
+      fmt(tps, 1),
+      r.baseline ?? (typeof r.extra?.baseline_note === 'string' ? '(none)' : ''),
+      fmt(r.baselineMs),
+      fmt(num(r, 'baseline_tokens_per_s'), 1),
+      fmt(r.ratio),
+      r.adapter,
+    ]);
+  }
+  return render(rows);
+}
+
+/** Training memory: webtune's GPU bytes against PyTorch's CPU accounting (tools/bench_torch.py). */
+function memoryTable(records: BenchRecord[]): string | undefined {
+  const train = records.filter((r) => num(r, 'peak_gpu_bytes') !== undefined);
+  if (train.length === 0) return undefined;
+  const rows = [
+    [
+      'shape',
+      'webtune GPU MiB',
+      '(frozen/train/act/scratch)',
+      'torch peak MiB',
+      '(persistent+transient)',
+      'torch RSS Δ MiB',
+      'torch/webtune',
+      'adapter',
+    ],
+  ];
+  for (const r of train) {
+    const peak = num(r, 'peak_gpu_bytes');
+    const base = num(r, 'baseline_peak_bytes');
+    rows.push([
+      r.shape,
+      mib(peak),
+      ['frozen_bytes', 'trainable_bytes', 'activation_bytes', 'scratch_bytes'].map((k) => mib(num(r, k))).join('/'),
+      mib(base),
+      base === undefined
+        ? ''
+        : `${mib(num(r, 'baseline_persistent_bytes'))}+${mib(num(r, 'baseline_transient_peak_bytes'))}`,
+      mib(num(r, 'baseline_rss_peak_delta')),
+      base !== undefined && peak ? fmt(base / peak) : '',
+      r.adapter,
+    ]);
+  }
+  return render(rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PyTorch baseline (tools/bench_torch.py)
+
+interface TorchResult {
+  ms: number;
+  ids?: number[];
+  first_loss?: number;
+  peak_bytes?: number;
+  persistent_bytes?: number;
+  transient_peak_bytes?: number;
+  rss_peak_delta?: number | null;
+}
+
+interface TorchRun {
+  env?: Record<string, string | number>;
+  results: Record<string, TorchResult>;
+  errors: Record<string, string>;
+  /** Set when there is no baseline at all. */
+  unavailable?: string;
+}
+
+function findPython(root: string): string | undefined {
+  const candidates = [process.env.WEBTUNE_PYTHON, join(root, 'tools/.venv/bin/python'), '/work/venv/py/bin/python'];
+  return candidates.find((c): c is string => !!c && existsSync(c));
+}
+
+function runChild(cmd: string, argv: string[], cwd: string): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((res, rej) => {
+    const child = spawn(cmd, argv, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      for (const line of d.split('\n')) if (line.trim()) console.log(`  ${line}`);
+    });
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+    });
+    child.on('error', rej);
+    child.on('close', (code) => res({ code, stderr }));
+  });
+}
+
+async function runTorchBaseline(root: string, args: Args): Promise<TorchRun> {
+  const models = args.suites.includes('models');
+  const train = args.suites.includes('train');
+  const keep = (key: string) => !args.only || key.includes(args.only);
+  if (!args.baseline) return { results: {}, errors: {}, unavailable: '--no-baseline' };
+  const python = findPython(root);
+  if (!python) {
+    const why = 'no Python found (set WEBTUNE_PYTHON or run `bash tools/setup-python.sh`)';
+    console.log(`note: PyTorch baseline skipped: ${why}; baselines are null`);
+    return { results: {}, errors: {}, unavailable: why };
+  }
+  const spec = {
+    models: Object.fromEntries(Object.values(BENCH_MODELS).map((m) => [m.id, join(root, m.dir)])),
+    inference: models
+      ? inferenceCases(args.quick)
+          .filter((c) => keep(c.key))
+          .map((c) => ({
+            key: c.key,
+            kind: c.kind,
+            model: c.model,
+            prompt_ids: promptIds(c),
+            new_tokens: c.newTokens,
+            min_samples: c.minSamples,
+            max_samples: c.maxSamples,
+            budget_ms: c.budgetMs,
+          }))
+      : [],
+    train: train
+      ? trainCases(args.quick)
+          .filter((c) => keep(c.key))
+          .map((c) => ({
+            key: c.key,
+            model: c.model,
+            r: c.r,
+            alpha: c.alpha,
+            targets: c.targets,
+            batch: c.batch,
+            seq: c.seq,
+            ids: trainIds(c),
+            warmup_steps: c.warmupSteps,
+            min_steps: c.minSteps,
+            max_steps: c.maxSteps,
+            budget_ms: c.budgetMs,
+            hyper: TRAIN_HYPER,
+          }))
+      : [],
+  };
+  const dir = mkdtempSync(join(tmpdir(), 'webtune-bench-'));
+  try {
+    writeFileSync(join(dir, 'spec.json'), JSON.stringify(spec));
+    console.log(`PyTorch CPU baseline (${python})`);
+    const { code, stderr } = await runChild(
+      python,
+      ['tools/bench_torch.py', '--spec', join(dir, 'spec.json'), '--out', join(dir, 'torch.json')],
+      root,
+    );
+    if (code !== 0 || !existsSync(join(dir, 'torch.json'))) {
+      const tail = stderr.trim().split('\n').slice(-3).join(' | ');
+      const why = `tools/bench_torch.py exited with ${code}: ${tail}`;
+      console.log(`note: PyTorch baseline unavailable: ${why}; baselines are null`);
+      return { results: {}, errors: {}, unavailable: why };
+    }
+    return JSON.parse(readFileSync(join(dir, 'torch.json'), 'utf8')) as TorchRun;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Fills a models/train record's baseline from the PyTorch run of the same case. */
+function mergeBaseline(r: BenchRecord, torch: TorchRun | undefined): BenchRecord {
+  const key = r.extra?.case;
+  if (typeof key !== 'string' || !r.extra) return r;
+  const extra = r.extra;
+  const ids = typeof extra.ids === 'string' ? extra.ids.split(',').map(Number) : undefined;
+  delete extra.ids;
+  const b = torch?.results[key];
+  if (!torch || !b) {
+    extra.baseline_note = torch?.unavailable ?? torch?.errors[key] ?? 'no PyTorch result for this case';
+    return r;
+  }
+  const train = r.name === 'lora_train_step';
+  r.baseline = train ? 'torch_peft_cpu' : 'torch_cpu';
+  r.baselineMs = b.ms;
+  r.ratio = b.ms / r.ms;
+  const tps = typeof extra.tokens_per_s === 'number' ? extra.tokens_per_s : undefined;
+  if (tps !== undefined) extra.baseline_tokens_per_s = (tps * r.ms) / b.ms;
+  if (ids && b.ids) {
+    let same = 0;
+    while (same < ids.length && ids[same] === b.ids[same]) same++;
+    extra.same_greedy_ids = `${same}/${ids.length}`;
+  }
+  if (train) {
+    if (b.first_loss !== undefined) extra.baseline_first_loss = b.first_loss;
+    if (b.peak_bytes !== undefined) extra.baseline_peak_bytes = b.peak_bytes;
+    if (b.persistent_bytes !== undefined) extra.baseline_persistent_bytes = b.persistent_bytes;
+    if (b.transient_peak_bytes !== undefined) extra.baseline_transient_peak_bytes = b.transient_peak_bytes;
+    if (typeof b.rss_peak_delta === 'number') extra.baseline_rss_peak_delta = b.rss_peak_delta;
+  }
+  if (torch.env) extra.baseline_env = `torch ${torch.env.torch}, ${torch.env.threads} threads`;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+async function runAdapter(
+  url: string,
+  adapter: ChromiumAdapter,
+  args: Args,
+  torch: TorchRun | undefined,
+  records: BenchRecord[],
+): Promise<void> {
   const browser = await chromium.launch({
     executablePath: chromiumPath(),
     args: [...chromiumWebGpuArgs(adapter), ...args.extraFlags],
     headless: true,
   });
-  const records: BenchRecord[] = [];
   try {
     const page = await browser.newPage();
     page.on('console', (m) => {
@@ -95,36 +332,60 @@ async function runAdapter(url: string, adapter: ChromiumAdapter, args: Args): Pr
     page.on('crash', () => finish('the page crashed'));
     browser.on('disconnected', () => finish('the browser went away'));
     await page.exposeFunction('webtuneReport', (r: BenchRecord) => {
-      records.push(r);
+      records.push(mergeBaseline(r, torch));
+      const tps = num(r, 'tokens_per_s');
+      const btps = num(r, 'baseline_tokens_per_s');
       console.log(
-        `  ${r.name} ${r.shape}: ${r.ms.toFixed(2)} ms${r.ratio === null ? '' : `, ratio ${r.ratio.toFixed(2)} vs ${r.baseline}`}`,
+        `  ${r.name} ${r.shape}: ${r.ms.toFixed(2)} ms` +
+          (tps === undefined ? '' : ` (${tps.toFixed(1)} tok/s)`) +
+          (r.ratio === null
+            ? ''
+            : `, ratio ${r.ratio.toFixed(2)} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`),
       );
     });
     await page.exposeFunction('webtuneDone', (error?: string) => finish(error));
-    const params = new URLSearchParams({ suite: args.suite, adapterName: `chromium ${adapter}` });
+    const params = new URLSearchParams({ suite: args.suites.join(','), adapterName: `chromium ${adapter}` });
     if (adapter === 'lavapipe') params.set('featureLevel', 'compatibility');
     if (args.quick) params.set('quick', '1');
     if (args.only) params.set('only', args.only);
     await page.goto(`${url}bench/index.html?${params}`);
-    const timeout = new Promise<string>((res) =>
-      setTimeout(() => res(`timed out after ${args.timeoutMs / 60000} min`), args.timeoutMs),
-    );
+    const limitMs = args.timeoutMs ?? defaultTimeoutMin(args) * 60_000;
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<string>((res) => {
+      timer = setTimeout(() => res(`timed out after ${limitMs / 60000} min`), limitMs);
+    });
     const error = await Promise.race([done, timeout]);
+    clearTimeout(timer);
     if (error) throw new Error(`benchmark on ${adapter} failed: ${error}`);
   } finally {
     await browser.close();
   }
-  return records;
 }
 
-async function main(): Promise<void> {
+async function main(): Promise<number> {
   const args = parseArgs(process.argv.slice(2));
   const root = resolve(import.meta.dirname, '..');
+  const needsModels = args.suites.includes('models') || args.suites.includes('train');
+  let torch: TorchRun | undefined;
+  if (needsModels) {
+    // @webtune/models pulls in the WGSL shaders through Vite's `?raw` imports.
+    register('../tools/raw-import-hooks.mjs', import.meta.url);
+    const { ensureBenchModel } = await import('./bench_model.js');
+    const m = ensureBenchModel(root);
+    console.log(
+      `${m.created ? 'wrote' : 'reusing'} the random SmolLM2-135M-shaped model in ${m.dir} (${(m.bytes / 1e6).toFixed(0)} MB` +
+        `${m.created ? `, ${m.seconds.toFixed(1)} s` : ''})`,
+    );
+    // Measured before the browser runs, so the two never compete for the CPU.
+    torch = await runTorchBaseline(root, args);
+  }
   const server = await createServer({
     configFile: false,
     root,
     logLevel: 'warn',
-    server: { host: '127.0.0.1', port: 0, strictPort: false },
+    // No file watching and no HMR: a file saved elsewhere in the tree mid-run must not reload
+    // the page and restart the benchmarks.
+    server: { host: '127.0.0.1', port: 0, strictPort: false, hmr: false, watch: null },
     optimizeDeps: { include: ['@tensorflow/tfjs-core', '@tensorflow/tfjs-backend-webgpu'] },
   });
   await server.listen();
@@ -132,22 +393,40 @@ async function main(): Promise<void> {
   if (!address || typeof address === 'string') throw new Error('vite did not start');
   const url = `http://127.0.0.1:${address.port}/`;
   const all: BenchRecord[] = [];
+  const failures: string[] = [];
   try {
     for (const adapter of args.adapters) {
-      console.log(`benchmarks on chromium ${adapter}${args.quick ? ' (quick)' : ''}`);
-      all.push(...(await runAdapter(url, adapter, args)));
+      console.log(`benchmarks (${args.suites.join(', ')}) on chromium ${adapter}${args.quick ? ' (quick)' : ''}`);
+      try {
+        await runAdapter(url, adapter, args, torch, all);
+      } catch (e) {
+        failures.push(e instanceof Error ? e.message : String(e));
+        console.error(failures.at(-1));
+      }
     }
   } finally {
     await server.close();
   }
   console.log(`\n${table(all)}`);
+  const memory = memoryTable(all);
+  if (memory)
+    console.log(`\ntraining memory (webtune: every GPU buffer the trainer holds; torch: its CPU allocator)\n${memory}`);
   if (args.json) {
     writeFileSync(args.json, `${JSON.stringify(all, null, 2)}\n`);
     console.log(`\nwrote ${all.length} records to ${args.json}`);
   }
+  if (failures.length > 0) {
+    console.error(`\n${failures.length} adapter run(s) failed:\n${failures.join('\n')}`);
+    return 1;
+  }
+  return 0;
 }
 
-main().catch((e: unknown) => {
-  console.error(e instanceof Error ? e.message : e);
-  process.exit(1);
-});
+// Exit explicitly: handles left open by Vite or Playwright must not keep the process alive.
+main().then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    console.error(e instanceof Error ? e.message : e);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,123 @@
+/**
+ * The `train` suite: LoRA training tokens/s and GPU memory in the browser (issue 4, item 8), on
+ * stories260K and the random SmolLM2-135M-shaped model, through LoraTrainer (frozen weights f16).
+ *
+ * One step = LoraTrainer.trainStep on one B × T batch (fixed pseudo-random ids, labels = ids):
+ * upload, forward, chunked loss, backward, gradient norm, clipped AdamW, loss read-back; timed
+ * wall-clock around the call after `warmupSteps` untimed steps. tokens/s = B·T / step time.
+ *
+ * Memory: peak_gpu_bytes = LoraTrainer.memory.total (frozen weights + LoRA parameters, gradients
+ * and AdamW moments + saved activations + backward/loss/optimizer scratch: every buffer the
+ * trainer allocates up front; nothing is allocated per step). live_bytes_peak = the largest
+ * GpuContext.liveBytes seen after creating the trainer and after each step (everything this
+ * context holds, read-back staging included), as a check on the former.
+ */
+import type { GpuContext } from '@webtune/core';
+import type { CausalLM } from '@webtune/models';
+import { LoraTrainer } from '@webtune/train';
+import { casesByModel, TRAIN_HYPER, type TrainCase, trainCases, trainIds } from './cases.js';
+import { loadBenchModel, medianLow, type SuiteOptions } from './models.js';
+
+async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs: number, o: SuiteOptions) {
+  const trainer = await LoraTrainer.create(ctx, model, {
+    lora: { r: c.r, lora_alpha: c.alpha, target_modules: c.targets, lora_dropout: 0 },
+    batch: c.batch,
+    seq: c.seq,
+    optimizer: {
+      lr: TRAIN_HYPER.lr,
+      weightDecay: TRAIN_HYPER.weightDecay,
+      maxGradNorm: TRAIN_HYPER.maxGradNorm,
+      beta1: TRAIN_HYPER.beta1,
+      beta2: TRAIN_HYPER.beta2,
+      eps: TRAIN_HYPER.eps,
+    },
+    seed: 0,
+  });
+  try {
+    let livePeak = ctx.liveBytes;
+    const ids = trainIds(c);
+    const batch = [{ inputIds: ids, labels: ids }];
+    const losses: number[] = [];
+    const step = async () => {
+      const t0 = performance.now();
+      const r = await trainer.trainStep(batch);
+      const ms = performance.now() - t0;
+      losses.push(r.loss);
+      livePeak = Math.max(livePeak, ctx.liveBytes);
+      return ms;
+    };
+    const warmup: number[] = [];
+    for (let i = 0; i < c.warmupSteps; i++) {
+      o.status(`${c.key}: warm-up step ${i + 1}`);
+      warmup.push(await step());
+    }
+    const samples: number[] = [];
+    const start = performance.now();
+    while (samples.length < c.maxSteps && (samples.length < c.minSteps || performance.now() - start < c.budgetMs)) {
+      o.status(`${c.key}: step ${samples.length + 1}`);
+      samples.push(await step());
+    }
+    const ms = medianLow(samples);
+    const tokens = c.batch * c.seq;
+    const m = trainer.memory;
+    const trainableParams = trainer.resolved.modules.reduce(
+      (n, mod) => n + mod.aShape[0] * mod.aShape[1] + mod.bShape[0] * mod.bShape[1],
+      0,
+    );
+    const targets = c.targets === 'all-linear' ? 'all-linear' : c.targets.join(',');
+    o.report({
+      name: 'lora_train_step',
+      shape: `${c.model} r=${c.r} ${targets} B=${c.batch} T=${c.seq}`,
+      ms,
+      gflops: null,
+      baseline: null,
+      baselineMs: null,
+      ratio: null,
+      adapter: o.adapter,
+      extra: {
+        case: c.key,
+        tokens_per_s: (tokens * 1000) / ms,
+        steps: samples.length,
+        min_ms: Math.min(...samples),
+        first_step_ms: warmup[0] ?? samples[0] ?? 0,
+        first_loss: losses[0] ?? Number.NaN,
+        trainable_params: trainableParams,
+        peak_gpu_bytes: m.total,
+        live_bytes_peak: livePeak,
+        frozen_bytes: m.frozenWeights,
+        trainable_bytes: m.trainable,
+        activation_bytes: m.activations,
+        scratch_bytes: m.scratch,
+        model_load_ms: loadMs,
+      },
+    });
+  } finally {
+    trainer.dispose();
+  }
+}
+
+export async function runTrainBenchmarks(ctx: GpuContext, o: SuiteOptions): Promise<void> {
+  const cases = trainCases(o.quick).filter((c) => !o.only || c.key.includes(o.only));
+  for (const [id, mine] of casesByModel(cases)) {
+    let loaded: { model: CausalLM; loadMs: number };
+    try {
+      o.status(`loading ${id}`);
+      loaded = await loadBenchModel(ctx, id, o.status);
+    } catch (e) {
+      for (const c of mine) o.fail(c.key, e);
+      continue;
+    }
+    try {
+      for (const c of mine) {
+        o.status(c.key);
+        try {
+          await benchCase(ctx, loaded.model, c, loaded.loadMs, o);
+        } catch (e) {
+          o.fail(c.key, e);
+        }
+      }
+    } finally {
+      loaded.model.dispose();
+    }
+  }
+}
