@@ -20,6 +20,9 @@
 //   5 b2    B2, N×K2 or K2×N   f32
 //   6 c     C,  M×N            f32, written; read first when p.beta != 0 (accumulate)
 //
+// Two entry points over the same bindings: `matmul` (tiled, below) and `matvec` (at the end: up
+// to four rows of A against Wᵀ, the decode step's shape).
+//
 // Tiling: a workgroup of WG_X×WG_Y invocations owns a (4·WG_Y)×(4·WG_X) tile of C; each
 // invocation keeps a 4×4 block in registers. K advances TK at a time through workgroup memory,
 // staged as vec4s along the contiguous dimension of each operand, so staging is a straight copy:
@@ -248,4 +251,72 @@ fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
   store_row(m0 + ty * 4u + 1u, n0 + tx * 4u, acc[1]);
   store_row(m0 + ty * 4u + 2u, n0 + tx * 4u, acc[2]);
   store_row(m0 + ty * 4u + 3u, n0 + tx * 4u, acc[3]);
+}
+
+// ---- matrix-vector: a few rows of A against Wᵀ (one decode step) ----------------------------
+//
+// The tiled kernel above computes whole 4·WG_Y-row tiles, so with M = 1 (every decoding step)
+// all but one of its rows are wasted work. Here an invocation computes 4 output columns for up to
+// MV_M rows of A, and MV_K invocations share those columns by striding along K: consecutive
+// invocations read consecutive vec4s of the same W rows (coalesced on a GPU; W is read once in
+// all), then a tree reduction in workgroup memory adds their partial sums. A workgroup holds MV_N
+// such groups side by side. On CPU-backed adapters, where every workgroup and barrier has a cost
+// and lanes do not coalesce anyway, MV_K = 1 gives each invocation whole rows of W and no
+// reduction at all. TRANS_W only: the layout of every forward weight.
+
+const MV_M: u32 = 4u;         // rows of A (planMatmul picks this kernel for M ≤ MV_M)
+override MV_K: u32 = 64;      // invocations along K per group of 4 columns; a power of two
+override MV_N: u32 = 1;       // groups of 4 columns per workgroup
+
+var<workgroup> mv_sum: array<vec4<f32>, MV_M * MV_K * MV_N>;
+
+@compute @workgroup_size(MV_K, MV_N)
+fn matvec(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let t = lid.x;
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  // acc[m][j]: this invocation's part of C[m][n0 + j].
+  var acc: array<vec4<f32>, MV_M>;
+  for (var k = t * 4u; k < p.K; k += MV_K * 4u) {
+    let w0 = w_chunk(n0 + 0u, k, p.N, p.K);
+    let w1 = w_chunk(n0 + 1u, k, p.N, p.K);
+    let w2 = w_chunk(n0 + 2u, k, p.N, p.K);
+    let w3 = w_chunk(n0 + 3u, k, p.N, p.K);
+    for (var m = 0u; m < MV_M; m++) {
+      if (m < p.M) {
+        let x = a_chunk(m, k);
+        acc[m] += vec4<f32>(dot(x, w0), dot(x, w1), dot(x, w2), dot(x, w3));
+      }
+    }
+  }
+  for (var m = 0u; m < MV_M; m++) { acc[m] *= p.alpha; }
+  // The low-rank term (alpha2 is applied as A2 is read), in the same partial sums.
+  for (var k = t * 4u; k < p.K2; k += MV_K * 4u) {
+    let b0 = b2_chunk(n0 + 0u, k, p.N, p.K2);
+    let b1 = b2_chunk(n0 + 1u, k, p.N, p.K2);
+    let b2v = b2_chunk(n0 + 2u, k, p.N, p.K2);
+    let b3 = b2_chunk(n0 + 3u, k, p.N, p.K2);
+    for (var m = 0u; m < MV_M; m++) {
+      if (m < p.M) {
+        let x = a2_chunk(m, k);
+        acc[m] += vec4<f32>(dot(x, b0), dot(x, b1), dot(x, b2v), dot(x, b3));
+      }
+    }
+  }
+  if (MV_K == 1u) {
+    for (var m = 0u; m < MV_M; m++) { store_row(m, n0, acc[m]); }
+    return;
+  }
+  let slot = lid.y * MV_K;
+  for (var m = 0u; m < MV_M; m++) { mv_sum[m * MV_K * MV_N + slot + t] = acc[m]; }
+  workgroupBarrier();
+  for (var s = MV_K / 2u; s > 0u; s >>= 1u) {
+    if (t < s) {
+      for (var m = 0u; m < MV_M; m++) {
+        let i = m * MV_K * MV_N + slot + t;
+        mv_sum[i] += mv_sum[i + s];
+      }
+    }
+    workgroupBarrier();
+  }
+  if (t < MV_M) { store_row(t, n0, mv_sum[t * MV_K * MV_N + slot]); }
 }

@@ -6,6 +6,7 @@ import { addRef, matmulRef } from '../ref/matmul.js';
 import {
   createTensor,
   type DType,
+  type MatvecVariant,
   planMatmul,
   readFloat32,
   roundToF16,
@@ -28,6 +29,8 @@ interface Case {
   bias: boolean;
   beta: number;
   rank: number;
+  /** For M ≤ MATVEC_MAX_ROWS with Wᵀ: which matvec kernel (both run everywhere in the tests). */
+  matvec?: MatvecVariant;
 }
 
 // A covering design: every M with every K, N and the layout rotating, so each size meets each
@@ -55,24 +58,38 @@ cases.push({ M: 65, N: 8, K: 257, transW: true, wDtype: 'f32', bias: false, beta
 cases.push({ M: 65, N: 63, K: 64, transW: true, wDtype: 'f16', bias: true, beta: 1, rank: 7 });
 cases.push({ M: 7, N: 257, K: 65, transW: false, wDtype: 'f32', bias: false, beta: 0, rank: 64 });
 cases.push({ M: 64, N: 64, K: 64, transW: false, wDtype: 'f16', bias: false, beta: 0, rank: 1 });
+// The matrix-vector kernel (M ≤ MATVEC_MAX_ROWS with Wᵀ): every row count, N not a multiple of
+// 4, K shorter and longer than one pass of its invocations (64 vec4s), both dtypes, and every
+// option, the low-rank term at r = 1 and 64 included.
+for (const matvec of ['split-k', 'rows'] as const) {
+  cases.push({ M: 1, N: 257, K: 65, transW: true, wDtype: 'f16', bias: true, beta: 0, rank: 0, matvec });
+  cases.push({ M: 2, N: 63, K: 257, transW: true, wDtype: 'f16', bias: true, beta: 1, rank: 0, matvec });
+  cases.push({ M: 3, N: 257, K: 1024, transW: true, wDtype: 'f32', bias: false, beta: 0, rank: 64, matvec });
+  cases.push({ M: 4, N: 65, K: 64, transW: true, wDtype: 'f16', bias: false, beta: 1, rank: 1, matvec });
+  cases.push({ M: 1, N: 7, K: 1031, transW: true, wDtype: 'f32', bias: true, beta: 0, rank: 7, matvec });
+}
+// One row past the matvec kernel: the tiled one again.
+cases.push({ M: 5, N: 65, K: 63, transW: true, wDtype: 'f32', bias: true, beta: 1, rank: 8 });
 
 function describeCase(c: Case): string {
   const lay = `A·${c.transW ? 'Wᵀ' : 'W'}`;
-  return `M=${c.M} N=${c.N} K=${c.K} ${lay} W:${c.wDtype}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}${c.rank ? ` +rank ${c.rank}` : ''}`;
+  return `M=${c.M} N=${c.N} K=${c.K} ${lay} W:${c.wDtype}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}${c.rank ? ` +rank ${c.rank}` : ''}${c.matvec ? ` matvec ${c.matvec}` : ''}`;
 }
 
 describe('matmul on a slice of W', () => {
-  // [rows stored, cols stored, start, count, dtype, transW]
-  for (const [R, C, start, count, dtype, transW] of [
+  // [rows stored, cols stored, start, count, dtype, transW, M (default 7; 1 takes matvec)]
+  for (const [R, C, start, count, dtype, transW, rowsOfA] of [
     [257, 65, 128, 129, 'f32', true],
     [300, 64, 128, 100, 'f16', true],
     [9, 7, 3, 5, 'f16', true],
+    [9, 7, 3, 5, 'f16', true, 1],
+    [300, 64, 128, 100, 'f32', true, 1],
     [300, 64, 128, 100, 'f16', false],
     [257, 63, 1, 200, 'f32', false],
-  ] as const) {
-    it(`rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}`, async () => {
+  ] as [number, number, number, number, DType, boolean, number?][]) {
+    const M = rowsOfA ?? 7;
+    it(`M=${M}, rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}`, async () => {
       const ctx = gpu();
-      const M = 7;
       const K = transW ? C : count;
       const N = transW ? count : C;
       const a = randomArray(M * K, R + C);
@@ -129,6 +146,7 @@ describe('matmul', () => {
           beta: c.beta,
           bias: c.bias ? tb : undefined,
           lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+          matvecVariant: c.matvec,
         });
         new StepEncoder(ctx, 'matmul test').dispatch(d).submit();
         const out = await readFloat32(tc);

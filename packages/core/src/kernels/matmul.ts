@@ -1,13 +1,49 @@
 import source from '../../../../shaders/matmul.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
-import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 
 const BINDINGS = ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'] as const;
 
 const MATMUL: KernelSpec = { source, file: 'shaders/matmul.wgsl', entryPoint: 'matmul', bindings: BINDINGS };
+const MATVEC: KernelSpec = { source, file: 'shaders/matmul.wgsl', entryPoint: 'matvec', bindings: BINDINGS };
+
+/** Rows of A up to which the matrix-vector kernel replaces the tiled one (MV_M in the shader). */
+export const MATVEC_MAX_ROWS = 4;
+/**
+ * How the matvec kernel splits the work (see shaders/matmul.wgsl): 'split-k' has 64 invocations
+ * share each group of 4 columns along K (coalesced reads, a reduction in workgroup memory: real
+ * GPUs); 'rows' gives each invocation whole rows of W, 256 columns per workgroup, with no
+ * reduction and no barrier (CPU-backed adapters, where those cost more than they save).
+ */
+export type MatvecVariant = 'split-k' | 'rows';
+
+/** The matvec variant planMatmul uses on this device unless told otherwise. */
+export function matvecVariant(ctx: GpuContext): MatvecVariant {
+  return isCpuAdapter(ctx) ? 'rows' : 'split-k';
+}
+
+function matvecShape(variant: MatvecVariant): { MV_K: number; MV_N: number } {
+  return variant === 'rows' ? { MV_K: 1, MV_N: 64 } : { MV_K: 64, MV_N: 1 };
+}
+
+/** Whether C = A·Wᵀ takes the matrix-vector kernel: a few rows of A (decoding), W transposed,
+ * and its workgroups along N within the device's limit. */
+export function usesMatvec(
+  ctx: GpuContext,
+  dims: MatmulDims,
+  transW: boolean,
+  variant: MatvecVariant = matvecVariant(ctx),
+): boolean {
+  const columnsPerWorkgroup = 4 * matvecShape(variant).MV_N;
+  return (
+    transW &&
+    dims.M <= MATVEC_MAX_ROWS &&
+    Math.ceil(dims.N / columnsPerWorkgroup) <= ctx.limits.maxComputeWorkgroupsPerDimension
+  );
+}
 
 export interface MatmulOptions {
   /** W is stored N×K (out×in, as nn.Linear keeps weights) and used transposed. Default true. */
@@ -24,6 +60,8 @@ export interface MatmulOptions {
    * (the LM head's vocabulary), otherwise a chunk of its K rows (dh += dlogits·E over the same
    * chunk). No copy and no separately bound buffer. */
   wRows?: { start: number; count: number };
+  /** The matvec kernel's split when M ≤ MATVEC_MAX_ROWS; default matvecVariant(ctx). Tests set it. */
+  matvecVariant?: MatvecVariant;
   label?: string;
 }
 
@@ -139,22 +177,26 @@ export async function planMatmul(
   const dims = matmulDims(a, w, c, opts);
   const transW = opts.transW ?? true;
   const wOffset = (opts.wRows?.start ?? 0) * (w.shape[1] as number);
-  const tile = matmulTile(ctx, dims);
-  const kernel = await getKernel(ctx, MATMUL, {
-    WG_X: tile.wgX,
-    WG_Y: tile.wgY,
-    TK: tile.tk,
-    TRANS_W: transW,
-    W_F16: w.dtype === 'f16',
-    ALIGNED: matmulAligned(dims, transW, wOffset),
-  });
+  const common = { W_F16: w.dtype === 'f16', ALIGNED: matmulAligned(dims, transW, wOffset) };
+  let kernel: Kernel;
+  let workgroups: [number, number];
+  const variant = opts.matvecVariant ?? matvecVariant(ctx);
+  if (usesMatvec(ctx, dims, transW, variant)) {
+    const shape = matvecShape(variant);
+    kernel = await getKernel(ctx, MATVEC, { ...shape, ...common });
+    workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
+  } else {
+    const tile = matmulTile(ctx, dims);
+    kernel = await getKernel(ctx, MATMUL, { WG_X: tile.wgX, WG_Y: tile.wgY, TK: tile.tk, TRANS_W: transW, ...common });
+    workgroups = [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))];
+  }
   const lowRank = opts.lowRank;
   const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
   const placeholder = ctx.placeholder();
   return bindKernel(ctx, kernel, {
     label: opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`,
     resources: [a, w, opts.bias ?? placeholder, lowRank?.a2 ?? placeholder, lowRank?.b2 ?? placeholder, c],
-    workgroups: [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))],
+    workgroups,
     uniforms: packUniforms([
       ['u32', dims.M],
       ['u32', dims.N],
