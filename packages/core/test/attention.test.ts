@@ -220,8 +220,11 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
   const dv = make(s.dk, 'dv');
   const tdo = upload(dout, 'do');
   const variant = c.variant;
+  const before = ctx.liveBytes;
   const fwd = await planAttentionForward(ctx, { q, k, v, o, lse, dims, variant });
   const bwd = await planAttentionBackward(ctx, { q, k, v, o, lse, do: tdo, dq, dk, dv, delta, dims, variant });
+  // Whatever the plans allocate for themselves (uniforms, scratch) beyond the tensors above.
+  const planBytes = ctx.liveBytes - before;
   const enc = new StepEncoder(ctx, 'attention step');
   enc.dispatch(...fwd, ...bwd);
   enc.submit();
@@ -232,6 +235,7 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
     dq: await readFloat32(dq),
     dk: await readFloat32(dk),
     dv: await readFloat32(dv),
+    planBytes,
   };
   for (const d of [...fwd, ...bwd]) d.dispose();
   for (const t of owned) t.dispose();
@@ -275,6 +279,23 @@ describe('attention', () => {
       expectClose(ctx, `${n} dv`, got.dv, grads.dv, 1e-5, 1e-4);
     });
   }
+
+  it('T = 2048 with GQA: forward and backward match the reference, and no T×T buffer exists', async () => {
+    const ctx = gpu();
+    const c: Case = { B: 1, Tq: 2048, Tk: 2048, pos0: 0, nH: 2, nKV: 1, hd: 8, layout: 'contiguous' };
+    const { p, dout } = refInput(c);
+    const ref = attentionForwardRef(p);
+    const grads = attentionBackwardRef(p, dout);
+    const got = await gpuCase(ctx, caseName(c), () => run(ctx, c, p, dout));
+    const n = caseName(c);
+    expectClose(ctx, `${n} o`, got.o, ref.o, 2e-6, 1e-5);
+    expectClose(ctx, `${n} lse`, got.lse, ref.lse, 2e-6, 1e-5);
+    expectClose(ctx, `${n} dq`, got.dq, grads.dq, 1e-5, 1e-4);
+    expectClose(ctx, `${n} dk`, got.dk, grads.dk, 1e-5, 1e-4);
+    expectClose(ctx, `${n} dv`, got.dv, grads.dv, 1e-5, 1e-4);
+    // One head's scores alone would be Tq·Tk·4 = 16 MiB; the plans hold a few uniforms.
+    expect(got.planBytes).toBeLessThan(64 * 1024);
+  });
 
   it('rejects bad shapes with ShapeError naming the operand', async () => {
     const ctx = gpu();

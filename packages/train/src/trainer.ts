@@ -47,6 +47,7 @@ import {
   type AdapterConfigOptions,
   exportPeftAdapter,
   initLoraWeights,
+  LoraConfigError,
   type LoraWeights,
   type ResolvedLora,
   resolveLoraTargets,
@@ -182,6 +183,14 @@ export class LoraTrainer {
     if (T > model.config.maxPositions)
       throw new WebtuneError(`trainer: seq ${T} exceeds the model's context of ${model.config.maxPositions}`);
     const resolved = resolve(model, options.lora);
+    if (resolved.config.lora_dropout > 0) {
+      // Refused rather than ignored: training without the dropout asked for is a different run.
+      throw new LoraConfigError(
+        'lora_dropout',
+        `${resolved.config.lora_dropout} is not supported by the trainer yet (it applies no dropout); set it to 0. ` +
+          'Adapters trained with dropout still load, evaluate and generate: dropout only acts in training.',
+      );
+    }
     // Everything the trainer will allocate, checked against the device before any allocation.
     const estimate = estimateMemory(model.config, resolved, {
       batch: B,

@@ -7,7 +7,7 @@ import { loadModel, namedModules, openSafetensors } from '@webtune/models';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { repoSource } from '../../models/test/fixtures.js';
-import { readPeftAdapter } from '../src/lora/index.js';
+import { LoraConfigError, readPeftAdapter } from '../src/lora/index.js';
 import { LoraTrainer, TrainingDivergedError } from '../src/trainer.js';
 
 const gpu = useGpu();
@@ -158,6 +158,25 @@ describe('ten AdamW steps against PEFT + torch', () => {
       return r.loss;
     });
     expect(Math.abs(loss - g.adapter.loss) / g.adapter.loss).toBeLessThan(1e-4);
+  });
+
+  it('refuses lora_dropout > 0 (not implemented) before allocating anything', async () => {
+    const ctx = gpu();
+    const modelSource = await repoSource('apps/studio/public/models/stories260K');
+    await gpuCase(ctx, 'dropout', async () => {
+      const model = await loadModel(ctx, modelSource, { precision: 'f32' });
+      const before = ctx.liveBytes;
+      const create = LoraTrainer.create(ctx, model, {
+        lora: { r: 4, lora_alpha: 8, lora_dropout: 0.05 },
+        batch: 1,
+        seq: 8,
+        optimizer: { lr: 1e-3 },
+      });
+      await expect(create).rejects.toThrow(LoraConfigError);
+      await expect(create).rejects.toThrow(/lora_dropout: 0.05 is not supported/);
+      expect(ctx.liveBytes).toBe(before);
+      model.dispose();
+    });
   });
 
   it('stops on a non-finite loss and keeps the last good adapter', async () => {
