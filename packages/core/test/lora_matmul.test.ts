@@ -20,7 +20,12 @@ import {
   StepEncoder,
   tensorFromData,
 } from '../src/index.js';
-import { type LoraRowsSplit, planLoraRows, planLoraWeightGrad } from '../src/kernels/lora_matmul.js';
+import {
+  type LoraRowsSplit,
+  type LoraThinKernel,
+  planLoraRows,
+  planLoraWeightGrad,
+} from '../src/kernels/lora_matmul.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
 const gpu = useGpu();
@@ -33,6 +38,8 @@ interface Case {
   w0: DType;
   bias: boolean;
   accumulate: boolean;
+  /** The fused layer's thin-product kernel; both run on every adapter. */
+  thin: LoraThinKernel;
 }
 
 const TS = [1, 7, 65, 257];
@@ -49,14 +56,15 @@ TS.forEach((T, i) => {
       w0: (i + j) % 2 ? 'f16' : 'f32',
       bias: j % 2 === 1,
       accumulate: (i + j) % 3 === 0,
+      thin: cases.length % 2 ? 'rows' : 'matmul',
     });
   });
 });
-cases.push({ T: 33, inF: 96, outF: 80, r: 128, w0: 'f16', bias: false, accumulate: false });
-cases.push({ T: 64, inF: 64, outF: 64, r: 16, w0: 'f32', bias: true, accumulate: true });
+cases.push({ T: 33, inF: 96, outF: 80, r: 128, w0: 'f16', bias: false, accumulate: false, thin: 'rows' });
+cases.push({ T: 64, inF: 64, outF: 64, r: 16, w0: 'f32', bias: true, accumulate: true, thin: 'matmul' });
 
-const name = (c: Case) =>
-  `T=${c.T} in=${c.inF} out=${c.outF} r=${c.r} W0:${c.w0}${c.bias ? ' +bias' : ''}${c.accumulate ? ' accumulate' : ''}`;
+const name = (c: Case, fused = true) =>
+  `T=${c.T} in=${c.inF} out=${c.outF} r=${c.r} W0:${c.w0}${c.bias ? ' +bias' : ''}${c.accumulate ? ' accumulate' : ''}${fused ? ` thin:${c.thin}` : ''}`;
 
 function inputs(c: Case): {
   p: LoraRefInput;
@@ -108,12 +116,12 @@ for (const fused of [true, false]) {
   describe(fused ? 'lora fused' : 'lora unfused baseline', () => {
     for (const c of cases) {
       if (!fused && c.accumulate) continue; // the baseline has no accumulate mode
-      it(name(c), async () => {
+      it(name(c, fused), async () => {
         const ctx = gpu();
         const { p, dy, prev } = inputs(c);
         const ref = loraForwardRef(p);
         const grads = loraBackwardRef(p, dy);
-        const got = await gpuCase(ctx, name(c), async () => {
+        const got = await gpuCase(ctx, name(c, fused), async () => {
           const { layer, x, dispose } = upload(ctx, c, p);
           const y = createTensor(ctx, [c.T, c.outF], 'f32', 'y');
           const h = createTensor(ctx, [c.T, c.r], 'f32', 'h');
@@ -128,10 +136,11 @@ for (const fused of [true, false]) {
           let release: () => void;
           const enc = new StepEncoder(ctx, 'lora step');
           if (fused) {
-            const fwd = await planLoraForward(ctx, layer, { x, y, h });
+            const fwd = await planLoraForward(ctx, layer, { x, y, h, thin: c.thin });
             const bwd = await planLoraBackward(ctx, layer, io, {
               accumulateDx: c.accumulate,
               accumulateGrads: c.accumulate,
+              thin: c.thin,
             });
             enc.dispatch(...fwd, ...bwd);
             release = () => {
@@ -161,11 +170,11 @@ for (const fused of [true, false]) {
         });
         const acc = (want: Float64Array, before: Float64Array) =>
           c.accumulate ? want.map((v, i) => v + (before[i] as number)) : want;
-        expectClose(ctx, `${name(c)} h`, got.h, ref.h, tol(c, c.inF), 1e-5);
-        expectClose(ctx, `${name(c)} y`, got.y, ref.y, tol(c, c.inF), 1e-5);
-        expectClose(ctx, `${name(c)} dx`, got.dx, acc(grads.dx, prev.dx), tol(c, c.outF), 1e-5);
-        expectClose(ctx, `${name(c)} dA`, got.da, acc(grads.da, prev.da), tol(c, c.T * c.outF), 1e-5);
-        expectClose(ctx, `${name(c)} dB`, got.db, acc(grads.db, prev.db), tol(c, c.T * c.inF), 1e-5);
+        expectClose(ctx, `${name(c, fused)} h`, got.h, ref.h, tol(c, c.inF), 1e-5);
+        expectClose(ctx, `${name(c, fused)} y`, got.y, ref.y, tol(c, c.inF), 1e-5);
+        expectClose(ctx, `${name(c, fused)} dx`, got.dx, acc(grads.dx, prev.dx), tol(c, c.outF), 1e-5);
+        expectClose(ctx, `${name(c, fused)} dA`, got.da, acc(grads.da, prev.da), tol(c, c.T * c.outF), 1e-5);
+        expectClose(ctx, `${name(c, fused)} dB`, got.db, acc(grads.db, prev.db), tol(c, c.T * c.inF), 1e-5);
       });
     }
   });

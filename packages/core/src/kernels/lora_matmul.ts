@@ -157,12 +157,44 @@ export async function planLoraWeightGrad(
   });
 }
 
+/**
+ * Which kernel computes the thin products h = x·Aᵀ and g = dy·B (T×r): 'rows' is lora_rows above,
+ * whose T×r result spreads over ⌈r/4⌉·⌈T/4⌉ workgroups (on a GPU a tiled matmul would get only
+ * ⌈T/64⌉ tiles for it); 'matmul' is the tiled matmul, whose staged rows are reused across the
+ * tile, which is what counts on CPU adapters, where two cores are busy either way. Measured with
+ * `pnpm bench --only lora_fwd_bwd` on SwiftShader and lavapipe: with lora_rows the fused layer fell
+ * below the unfused one (0.64× at T=512, d=2048, r=64), with the tiled matmul it does not.
+ */
+export type LoraThinKernel = 'rows' | 'matmul';
+
+/** The thin-product kernel used on this device unless told otherwise. */
+export function loraThinKernel(ctx: GpuContext): LoraThinKernel {
+  return isCpuAdapter(ctx) ? 'matmul' : 'rows';
+}
+
+/** out (T×r) = x·Lᵀ (transL: L stored r×K, i.e. A) or x·L (L stored K×r, i.e. B). */
+async function planLoraThin(
+  ctx: GpuContext,
+  x: Tensor,
+  l: Tensor,
+  out: Tensor,
+  dims: { M: number; K: number; R: number },
+  transL: boolean,
+  label: string,
+  kernel: LoraThinKernel,
+): Promise<Dispatch> {
+  if (kernel === 'matmul') return planMatmul(ctx, x, l, out, { transW: transL, label });
+  return planLoraRows(ctx, x, l, out, dims, transL, label);
+}
+
 export interface LoraForwardBuffers {
   x: Tensor;
   /** T×out, written. */
   y: Tensor;
   /** T×r, written: saved for the backward. */
   h: Tensor;
+  /** Default loraThinKernel(ctx); tests run both. */
+  thin?: LoraThinKernel;
 }
 
 /** Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches. */
@@ -175,7 +207,8 @@ export async function planLoraForward(
   const s = loraShape(layer, io.x, `${label}.forward`);
   expectRows(`${label}.forward`, io.h, s.T, s.r, 'h');
   expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');
-  const h = await planLoraRows(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`);
+  const thin = io.thin ?? loraThinKernel(ctx);
+  const h = await planLoraThin(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, thin);
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
     bias: layer.bias,
@@ -204,6 +237,8 @@ export interface LoraBackwardOptions {
   accumulateDx?: boolean;
   /** Add into dA, dB (gradient accumulation over micro-batches). */
   accumulateGrads?: boolean;
+  /** Default loraThinKernel(ctx); tests run both. */
+  thin?: LoraThinKernel;
 }
 
 /**
@@ -227,7 +262,16 @@ export async function planLoraBackward(
   if (io.dx) expectRows(op, io.dx, s.T, s.inF, 'dx');
   const beta = opts.accumulateGrads ? 1 : 0;
   const plan = [
-    await planLoraRows(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`),
+    await planLoraThin(
+      ctx,
+      io.dy,
+      layer.b,
+      io.g,
+      { M: s.T, K: s.outF, R: s.r },
+      false,
+      `${label}.g`,
+      opts.thin ?? loraThinKernel(ctx),
+    ),
     await planLoraWeightGrad(
       ctx,
       io.dy,
