@@ -16,8 +16,8 @@
 //   1 a     A,  M×K            f32, read as vec4 (buffers are padded to 16 bytes)
 //   2 w     W,  N×K or K×N     f32 or packed f16 (W_F16: two halves per u32), read as vec4<u32>
 //   3 bias  N                  f32, read only when p.has_bias != 0
-//   4 a2    A2, M×K2           f32
-//   5 b2    B2, N×K2 or K2×N   f32
+//   4 a2    A2, M×K2           f32, read as vec4
+//   5 b2    B2, N×K2 or K2×N   f32, read as vec4
 //   6 c     C,  M×N            f32, written; read first when p.beta != 0 (accumulate)
 //
 // Two entry points over the same bindings: `matmul` (tiled, below) and `matvec` (at the end: up
@@ -54,8 +54,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
-@group(0) @binding(4) var<storage, read> a2: array<f32>;
-@group(0) @binding(5) var<storage, read> b2: array<f32>;
+@group(0) @binding(4) var<storage, read> a2: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> b2: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> c: array<f32>;
 
 override WG_X: u32 = 16;     // invocations along N; the tile is 4·WG_X columns
@@ -64,6 +64,7 @@ override TK: u32 = 16;       // K step staged in workgroup memory (a multiple of
 override TRANS_W: bool = true;
 override W_F16: bool = false;
 override ALIGNED: bool = false;
+override ALIGNED_LR: bool = false;  // the same for A2 and B2: K2 (and N when !TRANS_W) multiples of 4
 
 var<workgroup> a_tile: array<vec4<f32>, 4u * WG_Y * (TK / 4u + 1u)>;
 // [n][k/4] needs 4·WG_X·(TK/4 + 1) vec4s, [k][n/4] needs TK·WG_X: the first is always larger.
@@ -115,19 +116,23 @@ fn w_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
 }
 
 fn a2_chunk(r: u32, col: u32) -> vec4<f32> {
+  if (r >= p.M || col >= p.K2) { return vec4<f32>(0.0); }
+  let e = r * p.K2 + col;
+  if (ALIGNED_LR) { return p.alpha2 * a2[e / 4u]; }
   var v = vec4<f32>(0.0);
-  if (r >= p.M) { return v; }
   for (var i = 0u; i < 4u; i++) {
-    if (col + i < p.K2) { v[i] = p.alpha2 * a2[r * p.K2 + col + i]; }
+    if (col + i < p.K2) { v[i] = p.alpha2 * a2[(e + i) / 4u][(e + i) % 4u]; }
   }
   return v;
 }
 
 fn b2_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+  if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
+  let e = r * cols + col;
+  if (ALIGNED_LR) { return b2[e / 4u]; }
   var v = vec4<f32>(0.0);
-  if (r >= rows) { return v; }
   for (var i = 0u; i < 4u; i++) {
-    if (col + i < cols) { v[i] = b2[r * cols + col + i]; }
+    if (col + i < cols) { v[i] = b2[(e + i) / 4u][(e + i) % 4u]; }
   }
   return v;
 }

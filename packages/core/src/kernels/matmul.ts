@@ -177,7 +177,14 @@ export async function planMatmul(
   const dims = matmulDims(a, w, c, opts);
   const transW = opts.transW ?? true;
   const wOffset = (opts.wRows?.start ?? 0) * (w.shape[1] as number);
-  const common = { W_F16: w.dtype === 'f16', ALIGNED: matmulAligned(dims, transW, wOffset) };
+  const lowRank = opts.lowRank;
+  const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
+  const common = {
+    W_F16: w.dtype === 'f16',
+    ALIGNED: matmulAligned(dims, transW, wOffset),
+    // A2 and B2 as whole vec4s: K2 (and N, where B2's rows are N long) multiples of 4.
+    ALIGNED_LR: K2 > 0 && K2 % 4 === 0 && (transW || dims.N % 4 === 0),
+  };
   let kernel: Kernel;
   let workgroups: [number, number];
   const variant = opts.matvecVariant ?? matvecVariant(ctx);
@@ -190,8 +197,6 @@ export async function planMatmul(
     kernel = await getKernel(ctx, MATMUL, { WG_X: tile.wgX, WG_Y: tile.wgY, TK: tile.tk, TRANS_W: transW, ...common });
     workgroups = [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))];
   }
-  const lowRank = opts.lowRank;
-  const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
   const placeholder = ctx.placeholder();
   return bindKernel(ctx, kernel, {
     label: opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`,
