@@ -25,7 +25,7 @@ import {
   type Tensor,
   tensorFromData,
 } from '@webtune/core';
-import { timeIt } from './measure.js';
+import { timePair } from './measure.js';
 import type { BenchOptions } from './record.js';
 
 function random(n: number, seed: number, scale: number): Float32Array {
@@ -84,12 +84,14 @@ async function benchLora(ctx: GpuContext, o: BenchOptions): Promise<void> {
       const unfused = [...uf.dispatches, ...ub.dispatches];
       const flops = loraFlops({ T, inF: d, outF: d, r });
       const total = flops.forward + flops.backward;
-      // Alternate the two so drift in the machine's load affects both alike.
-      const budgetMs = o.quick ? 2000 : 15_000;
-      const base = await timeIt(() => runOnce(ctx, unfused, 'unfused'), { budgetMs });
-      const mine = await timeIt(() => runOnce(ctx, fused, 'fused'), { budgetMs });
-      const base2 = await timeIt(() => runOnce(ctx, unfused, 'unfused'), { budgetMs, warmup: 0 });
-      const baseMs = Math.min(base.medianMs, base2.medianMs);
+      const budgetMs = o.quick ? 2000 : 20_000;
+      const timing = await timePair(
+        () => runOnce(ctx, fused, 'fused'),
+        () => runOnce(ctx, unfused, 'unfused'),
+        { budgetMs },
+      );
+      const mine = timing.mine;
+      const baseMs = timing.baseline.medianMs;
       o.report({
         name: w0Dtype === 'f32' ? 'lora_fwd_bwd_fused' : 'lora_fwd_bwd_fused_w16',
         shape,
@@ -103,6 +105,7 @@ async function benchLora(ctx: GpuContext, o: BenchOptions): Promise<void> {
           dispatches_fused: fused.length,
           dispatches_unfused: unfused.length,
           baseline_gflops: gflops(total, baseMs),
+          samples: mine.samples,
         },
       });
       for (const dsp of fused) dsp.dispose();
@@ -168,9 +171,8 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
     for (let i = 0; i < ours.length; i++)
       maxDiff = Math.max(maxDiff, Math.abs((ours[i] as number) - (tfOut[i] as number)));
     if (!(maxDiff < 1e-2)) throw new Error(`TF.js and webtune disagree on ${shape}: max |diff| ${maxDiff}`);
-    const budgetMs = o.quick ? 2000 : 10_000;
-    const base = await timeIt(runTf, { budgetMs });
-    const mine = await timeIt(() => runOnce(ctx, [mm], 'matmul'), { budgetMs });
+    const budgetMs = o.quick ? 2000 : 20_000;
+    const { mine, baseline: base } = await timePair(() => runOnce(ctx, [mm], 'matmul'), runTf, { budgetMs });
     const flops = 2 * M * N * K;
     o.report({
       name: 'matmul',
@@ -181,7 +183,7 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
       baselineMs: base.medianMs,
       ratio: base.medianMs / mine.medianMs,
       adapter: o.adapter,
-      extra: { baseline_gflops: gflops(flops, base.medianMs) },
+      extra: { baseline_gflops: gflops(flops, base.medianMs), samples: mine.samples },
     });
     mm.dispose();
     for (const tensor of [a, w, c]) tensor.dispose();

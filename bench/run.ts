@@ -333,14 +333,20 @@ async function runAdapter(
     browser.on('disconnected', () => finish('the browser went away'));
     await page.exposeFunction('webtuneReport', (r: BenchRecord) => {
       records.push(mergeBaseline(r, torch));
+      // Written as they come, so a long run that is stopped keeps what it measured.
+      if (args.json) writeFileSync(args.json, `${JSON.stringify(records, null, 2)}\n`);
       const tps = num(r, 'tokens_per_s');
       const btps = num(r, 'baseline_tokens_per_s');
+      const peak = num(r, 'peak_gpu_bytes');
+      const basePeak = num(r, 'baseline_peak_bytes');
       console.log(
         `  ${r.name} ${r.shape}: ${r.ms.toFixed(2)} ms` +
           (tps === undefined ? '' : ` (${tps.toFixed(1)} tok/s)`) +
           (r.ratio === null
             ? ''
-            : `, ratio ${r.ratio.toFixed(2)} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`),
+            : `, ratio ${r.ratio.toFixed(2)} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`) +
+          (peak === undefined ? '' : `; GPU ${mib(peak)} MiB`) +
+          (basePeak === undefined ? '' : `, torch ${mib(basePeak)} MiB`),
       );
     });
     await page.exposeFunction('webtuneDone', (error?: string) => finish(error));
