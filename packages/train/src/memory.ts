@@ -186,20 +186,33 @@ const U_REDUCE = 16;
  * buffer. `lora` is a PEFT LoraConfig (or any input validateLoraConfig accepts) or targets already
  * resolved on this model.
  */
-export function estimateMemory(config: ModelConfig, lora: unknown, options: MemoryEstimateOptions): MemoryEstimate {
-  const B = options.batch;
-  const T = options.seq;
-  const K = options.gradAccum ?? 1;
+/**
+ * Checks batch, seq and gradAccum of a training run on this model (positive integers, seq within
+ * the context) and returns them with gradAccum defaulted; `op` names the caller in the error.
+ */
+export function checkTrainingShape(
+  op: string,
+  config: ModelConfig,
+  shape: { batch: number; seq: number; gradAccum?: number },
+): { B: number; T: number; K: number } {
+  const B = shape.batch;
+  const T = shape.seq;
+  const K = shape.gradAccum ?? 1;
   for (const [name, v] of [
     ['batch', B],
     ['seq', T],
     ['gradAccum', K],
   ] as const) {
     if (!Number.isSafeInteger(v) || v < 1)
-      throw new WebtuneError(`estimateMemory: ${name} must be a positive integer, got ${v}`);
+      throw new WebtuneError(`${op}: ${name} must be a positive integer, got ${v}`);
   }
   if (T > config.maxPositions)
-    throw new ShapeError(`estimateMemory: seq ${T} exceeds the model's context of ${config.maxPositions}`);
+    throw new ShapeError(`${op}: seq ${T} exceeds the model's context of ${config.maxPositions}`);
+  return { B, T, K };
+}
+
+export function estimateMemory(config: ModelConfig, lora: unknown, options: MemoryEstimateOptions): MemoryEstimate {
+  const { B, T, K } = checkTrainingShape('estimateMemory', config, options);
   const recompute = options.recompute ?? false;
   const precision = options.precision ?? 'f16';
   const ctx = options.device;

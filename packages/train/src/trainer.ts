@@ -53,7 +53,7 @@ import {
   resolveLoraTargets,
   validateLoraConfig,
 } from './lora/index.js';
-import { checkFits, estimateMemory, type MemoryEstimate } from './memory.js';
+import { checkFits, checkTrainingShape, estimateMemory, type MemoryEstimate } from './memory.js';
 
 /** Training stopped because the loss or a gradient was NaN or infinite. The adapter on the GPU
  * is the last good one (the optimizer skipped the bad update). */
@@ -170,18 +170,7 @@ export class LoraTrainer {
   ) {}
 
   static async create(ctx: GpuContext, model: CausalLM, options: TrainerOptions): Promise<LoraTrainer> {
-    const { batch: B, seq: T } = options;
-    const K = options.gradAccum ?? 1;
-    for (const [name, v] of [
-      ['batch', B],
-      ['seq', T],
-      ['gradAccum', K],
-    ] as const) {
-      if (!Number.isSafeInteger(v) || v < 1)
-        throw new WebtuneError(`trainer: ${name} must be a positive integer, got ${v}`);
-    }
-    if (T > model.config.maxPositions)
-      throw new WebtuneError(`trainer: seq ${T} exceeds the model's context of ${model.config.maxPositions}`);
+    const { B, T, K } = checkTrainingShape('trainer', model.config, options);
     const resolved = resolve(model, options.lora);
     if (resolved.config.lora_dropout > 0) {
       // Refused rather than ignored: training without the dropout asked for is a different run.

@@ -181,7 +181,7 @@ async function planLoraThin(
   dims: { M: number; K: number; R: number },
   transL: boolean,
   label: string,
-  kernel: LoraThinKernel,
+  kernel: LoraThinKernel = loraThinKernel(ctx),
 ): Promise<Dispatch> {
   if (kernel === 'matmul') return planMatmul(ctx, x, l, out, { transW: transL, label });
   return planLoraRows(ctx, x, l, out, dims, transL, label);
@@ -207,8 +207,7 @@ export async function planLoraForward(
   const s = loraShape(layer, io.x, `${label}.forward`);
   expectRows(`${label}.forward`, io.h, s.T, s.r, 'h');
   expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');
-  const thin = io.thin ?? loraThinKernel(ctx);
-  const h = await planLoraThin(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, thin);
+  const h = await planLoraThin(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, io.thin);
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
     bias: layer.bias,
@@ -262,16 +261,7 @@ export async function planLoraBackward(
   if (io.dx) expectRows(op, io.dx, s.T, s.inF, 'dx');
   const beta = opts.accumulateGrads ? 1 : 0;
   const plan = [
-    await planLoraThin(
-      ctx,
-      io.dy,
-      layer.b,
-      io.g,
-      { M: s.T, K: s.outF, R: s.r },
-      false,
-      `${label}.g`,
-      opts.thin ?? loraThinKernel(ctx),
-    ),
+    await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
     await planLoraWeightGrad(
       ctx,
       io.dy,
