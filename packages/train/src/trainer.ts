@@ -48,6 +48,7 @@ import {
   exportPeftAdapter,
   initLoraWeights,
   LoraConfigError,
+  type LoraConfigInput,
   type LoraWeights,
   type ResolvedLora,
   resolveLoraTargets,
@@ -81,8 +82,9 @@ export interface OptimizerOptions {
 }
 
 export interface TrainerOptions {
-  /** A PEFT LoraConfig (validated), or an adapter already resolved on this model (import). */
-  readonly lora: unknown;
+  /** A PEFT LoraConfig (checked by validateLoraConfig), or an adapter already resolved on this
+   * model (an imported one). */
+  readonly lora: LoraConfigInput | ResolvedLora;
   readonly batch: number;
   readonly seq: number;
   /** Micro-batches per optimizer step. Default 1. */
@@ -137,7 +139,30 @@ export interface TrainerMemory {
   readonly total: number;
 }
 
-function resolve(model: CausalLM, lora: unknown): ResolvedLora {
+/**
+ * What a checkpoint needs from the trainer to continue exactly: the optimizer steps taken and,
+ * per adapted module in `resolved.modules` order, A, B and both AdamW moments. Plain arrays in a
+ * device-independent layout (no arena padding), so a checkpoint restores on another device.
+ */
+export interface TrainerState {
+  /** Optimizer steps taken (the schedule's position and AdamW's bias-correction count). */
+  readonly step: number;
+  readonly modules: readonly TrainerModuleState[];
+}
+
+export interface TrainerModuleState {
+  readonly name: string;
+  /** [r, in] and [out, r], row-major. */
+  readonly a: Float32Array;
+  readonly b: Float32Array;
+  /** AdamW's exp_avg and exp_avg_sq of A and B. */
+  readonly expAvgA: Float32Array;
+  readonly expAvgB: Float32Array;
+  readonly expAvgSqA: Float32Array;
+  readonly expAvgSqB: Float32Array;
+}
+
+function resolve(model: CausalLM, lora: LoraConfigInput | ResolvedLora): ResolvedLora {
   if (typeof lora === 'object' && lora !== null && 'modules' in lora && 'config' in lora) return lora as ResolvedLora;
   return resolveLoraTargets(validateLoraConfig(lora), namedModules(model.config), model.config.modelType);
 }
@@ -343,10 +368,12 @@ export class LoraTrainer {
     if (counted === 0) throw new WebtuneError('trainStep: no token to train on in this step (every label is -100)');
     const t0 = performance.now();
     const lr = learningRate(this.schedule(), this.stepCount);
-    this.stepCount++;
+    // The step counts only once it succeeded: a diverged step leaves the adapter, the moments and
+    // the schedule where they were.
+    const step = this.stepCount + 1;
     this.bwd.crossEntropy.setDivisor(counted);
-    this.adamw.setUniforms(adamwStepUniforms(hyper({ ...this.options.optimizer, lr }), this.stepCount));
-    const enc = new StepEncoder(this.ctx, `train step ${this.stepCount}`);
+    this.adamw.setUniforms(adamwStepUniforms(hyper({ ...this.options.optimizer, lr }), step));
+    const enc = new StepEncoder(this.ctx, `train step ${step}`);
     enc.clear(this.fwd.embeddingErrors).clear(this.bwd.errors);
     micro.forEach((mb, k) => {
       const input = this.inputs[k] as { ids: Tensor; labels: Tensor };
@@ -364,12 +391,12 @@ export class LoraTrainer {
     const [gradNorm, finite] = await readFloat32(this.norm);
     let loss = 0;
     for (let k = 0; k < micro.length; k++) loss += losses[(this.lossLog.offsets[k] as number) / 4] as number;
-    if (!Number.isFinite(loss) || finite !== 1)
-      throw new TrainingDivergedError(this.stepCount, loss, gradNorm as number);
+    if (!Number.isFinite(loss) || finite !== 1) throw new TrainingDivergedError(step, loss, gradNorm as number);
     const errors = await readTensor(this.bwd.errors);
     if (errors[0] !== 0) throw new WebtuneError(`trainStep: ${errors[1]} labels outside the vocabulary (${V})`);
+    this.stepCount = step;
     return {
-      step: this.stepCount,
+      step,
       loss,
       gradNorm: gradNorm as number,
       lr,
@@ -386,9 +413,78 @@ export class LoraTrainer {
 
   /** Reads the adapter's A and B back from the GPU. */
   async readWeights(): Promise<Map<string, LoraWeights>> {
-    const out = new Map<string, LoraWeights>();
-    for (const [name, t] of this.trainables) out.set(name, { a: await readFloat32(t.a), b: await readFloat32(t.b) });
-    return out;
+    // One readback of the whole parameter arena, then per-module slices.
+    const state = await this.readParams();
+    return new Map(state.map((s) => [s.name, { a: s.a, b: s.b }]));
+  }
+
+  private async readParams(): Promise<{ name: string; a: Float32Array; b: Float32Array }[]> {
+    const params = await readFloat32(this.params.tensor);
+    return this.resolved.modules.map((m, i) => ({
+      name: m.name,
+      a: this.slice(params, 2 * i),
+      b: this.slice(params, 2 * i + 1),
+    }));
+  }
+
+  /** View `view`'s values out of a whole-arena readback (all arenas share one layout). */
+  private slice(all: Float32Array, view: number): Float32Array {
+    const offset = (this.params.offsets[view] as number) / 4;
+    return all.slice(offset, offset + (this.params.views[view] as Tensor).size);
+  }
+
+  /** Everything a checkpoint needs to continue this run exactly (see TrainerState). */
+  async readState(): Promise<TrainerState> {
+    if (this.released) throw new WebtuneError('trainer was disposed');
+    const step = this.stepCount;
+    const [params, m1, m2] = await Promise.all([
+      readFloat32(this.params.tensor),
+      readFloat32(this.moments[0].tensor),
+      readFloat32(this.moments[1].tensor),
+    ]);
+    const slice = (all: Float32Array, view: number) => this.slice(all, view);
+    return {
+      step,
+      modules: this.resolved.modules.map((m, i) => ({
+        name: m.name,
+        a: slice(params, 2 * i),
+        b: slice(params, 2 * i + 1),
+        expAvgA: slice(m1, 2 * i),
+        expAvgB: slice(m1, 2 * i + 1),
+        expAvgSqA: slice(m2, 2 * i),
+        expAvgSqB: slice(m2, 2 * i + 1),
+      })),
+    };
+  }
+
+  /** Puts a state from readState() back (same adapter layout), so the next step continues that run. */
+  restoreState(state: TrainerState): void {
+    if (this.released) throw new WebtuneError('trainer was disposed');
+    if (!Number.isSafeInteger(state.step) || state.step < 0)
+      throw new WebtuneError(`restoreState: step ${state.step} is not a step count`);
+    const modules = this.resolved.modules;
+    if (state.modules.length !== modules.length)
+      throw new WebtuneError(
+        `restoreState: the state has ${state.modules.length} modules, this trainer adapts ${modules.length}`,
+      );
+    modules.forEach((m, i) => {
+      const s = state.modules[i] as TrainerModuleState;
+      if (s.name !== m.name)
+        throw new WebtuneError(`restoreState: module ${i} is ${s.name} in the state, ${m.name} in this trainer`);
+      const put = (arena: TensorArena, view: number, data: Float32Array, what: string) => {
+        const t = arena.views[view] as Tensor;
+        if (data.length !== t.size)
+          throw new WebtuneError(`restoreState: ${m.name}.${what} has ${data.length} values, expected ${t.size}`);
+        writeTensor(t, data);
+      };
+      put(this.params, 2 * i, s.a, 'lora_A');
+      put(this.params, 2 * i + 1, s.b, 'lora_B');
+      put(this.moments[0], 2 * i, s.expAvgA, 'exp_avg(A)');
+      put(this.moments[0], 2 * i + 1, s.expAvgB, 'exp_avg(B)');
+      put(this.moments[1], 2 * i, s.expAvgSqA, 'exp_avg_sq(A)');
+      put(this.moments[1], 2 * i + 1, s.expAvgSqB, 'exp_avg_sq(B)');
+    });
+    this.stepCount = state.step;
   }
 
   /** The PEFT adapter folder's two files for the current weights. */

@@ -203,11 +203,57 @@ describe('ten AdamW steps against PEFT + torch', () => {
         }
       }
       expect(error).toBeInstanceOf(TrainingDivergedError);
+      // The diverged step is not counted: the schedule and AdamW's bias correction stay put.
+      expect(trainer.step).toBe((error as TrainingDivergedError).step - 1);
       const after = await trainer.readWeights();
       // The failing step changed nothing; what is on the GPU is a finite adapter.
       for (const w of after.values()) for (const x of [...w.a, ...w.b]) expect(Number.isFinite(x)).toBe(true);
       expect(good.size).toBe(after.size);
       trainer.dispose();
+      model.dispose();
+    });
+  });
+
+  it('continues a run exactly from readState() in a new trainer (checkpoint and resume)', async () => {
+    const ctx = gpu();
+    const modelSource = await repoSource('apps/studio/public/models/stories260K');
+    await gpuCase(ctx, 'state', async () => {
+      const model = await loadModel(ctx, modelSource, { precision: 'f32' });
+      const options = {
+        lora: { r: 4, lora_alpha: 8, target_modules: 'all-linear' },
+        batch: 2,
+        seq: 8,
+        optimizer: { lr: 5e-3 },
+        schedule: { kind: 'cosine' as const, warmupSteps: 2, totalSteps: 8 },
+        seed: 5,
+      };
+      const batches = Array.from({ length: 8 }, (_, s) => {
+        const ids = Array.from({ length: 16 }, (_, i) => 1 + ((s * 37 + i * 11) % 500));
+        return { inputIds: ids, labels: ids };
+      });
+      const whole = await LoraTrainer.create(ctx, model, options);
+      const losses: number[] = [];
+      let state: Awaited<ReturnType<LoraTrainer['readState']>> | undefined;
+      for (const [s, b] of batches.entries()) {
+        losses.push((await whole.trainStep([b])).loss);
+        if (s === 3) state = await whole.readState();
+      }
+      const final = await whole.readWeights();
+      whole.dispose();
+      expect(state?.step).toBe(4);
+      const resumed = await LoraTrainer.create(ctx, model, { ...options, seed: 99 });
+      resumed.restoreState(state!);
+      expect(resumed.step).toBe(4);
+      for (const [s, b] of batches.entries()) {
+        if (s < 4) continue;
+        const r = await resumed.trainStep([b]);
+        expect(r.step).toBe(s + 1);
+        expect(r.loss, `loss at step ${s + 1}`).toBe(losses[s]);
+      }
+      const again = await resumed.readWeights();
+      for (const [name, w] of final) expect(again.get(name)?.a, name).toEqual(w.a);
+      expect(() => resumed.restoreState({ ...state!, modules: state!.modules.slice(1) })).toThrow(/modules/);
+      resumed.dispose();
       model.dispose();
     });
   });
