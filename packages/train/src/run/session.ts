@@ -1,0 +1,363 @@
+/**
+ * One training run: the loop that feeds a LoraTrainer batches, reports progress, evaluates,
+ * checkpoints, pauses and resumes, survives a lost GPU device, and saves the finished adapter to
+ * the library. The library's engine (api/engine.ts) and the CLI both drive runs through it, so the
+ * loop lives in one place.
+ *
+ *   for step = resumed step + 1 .. totalSteps:
+ *     pause requested -> checkpoint, 'paused', wait;   cancel requested -> stop
+ *     gradAccum batches (fewer at the very end of an epoch-counted run) -> trainStep -> 'step'
+ *     every evalEvery steps and at the end: validation loss -> 'eval'
+ *     every checkpointEvery steps: checkpoint -> 'checkpoint'
+ *   completed: adapter -> library, checkpoint deleted, 'done'
+ *
+ * Failures: a diverged step stops the run (TrainingDivergedError) and keeps the last checkpoint;
+ * a lost device is replaced (env.recover), the last checkpoint restored and the run goes on
+ * ('recovered'); anything else stops it. The trainer's GPU memory is freed on every way out.
+ */
+import { DeviceLostError, type GpuContext } from '@webtune/core';
+import { type CausalLM, namedModules, type TokenizedExample } from '@webtune/models';
+import type { TrainerProgress, TrainResult } from '../api/types.js';
+import { type DataCursor, DataLoader, type Example } from '../data/index.js';
+import { type LoraWeights, type ResolvedLora, resolveLoraTargets } from '../lora/index.js';
+
+import type { AdapterEntry, CheckpointRecord, TrainerStorage } from '../store/types.js';
+import { LoraTrainer, type MicroBatch } from '../trainer.js';
+import { type CheckpointIdentity, checkpointState, makeCheckpoint } from './checkpoint.js';
+import { type RunConfig, trainerOptions } from './config.js';
+
+export interface SessionEnvironment {
+  /** The device and model, replaced by `recover` after a device loss. */
+  ctx: GpuContext;
+  model: CausalLM;
+  /** Gets a new device and reloads the model on it; without it a lost device ends the run. */
+  recover?: (reason: string) => Promise<{ ctx: GpuContext; model: CausalLM }>;
+  readonly storage: TrainerStorage;
+  readonly identity: CheckpointIdentity;
+  readonly train: readonly Example[];
+  readonly validation: readonly Example[];
+  readonly padId: number;
+  /** What the finished adapter's entry and adapter_config.json record about the base model. */
+  readonly base: { readonly id: string | null; readonly architecture: string; readonly modelType: string };
+  /** A saved adapter to continue (config.from): its resolved targets and weights. */
+  readonly start?: { readonly lora: ResolvedLora; readonly weights: ReadonlyMap<string, LoraWeights> };
+  readonly emit: (progress: TrainerProgress) => void;
+  /** Refuse to start above this many GPU bytes. */
+  readonly memoryBudget?: number;
+}
+
+/** Device losses in a row the run recovers from before it gives up. */
+const MAX_RECOVERIES = 3;
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** True when `error` came from the device going away (checked on the context, which knows). */
+async function deviceWasLost(ctx: GpuContext, error: unknown): Promise<boolean> {
+  if (error instanceof DeviceLostError) return true;
+  // device.lost resolves a moment after the failed call that revealed it.
+  await Promise.race([ctx.lost, sleep(200)]);
+  return ctx.isLost;
+}
+
+export class TrainingSession {
+  private trainer: LoraTrainer | undefined;
+  private loader: DataLoader | undefined;
+  private losses: [number, number][] = [];
+  private validationLosses: [number, number][] = [];
+  /** Tokens and seconds before this session (from the checkpoint it resumed). */
+  private priorTokens = 0;
+  private priorSeconds = 0;
+  private sessionTokens = 0;
+  private sessionStart = 0;
+  private created = Date.now();
+  private lastCheckpoint: CheckpointRecord | undefined;
+  private recoveries = 0;
+  /** The step this session (re)started from, for the ETA. */
+  private sessionStartStep = 0;
+
+  private pauseWanted = false;
+  private cancelWanted = false;
+  private paused: { wake: () => void } | undefined;
+  private pauseWaiters: (() => void)[] = [];
+  private finished = false;
+
+  constructor(
+    private readonly env: SessionEnvironment,
+    readonly config: RunConfig,
+    resumeFrom?: CheckpointRecord,
+  ) {
+    this.lastCheckpoint = resumeFrom;
+  }
+
+  get name(): string {
+    return this.config.name;
+  }
+
+  /** Resolves once the run is paused (after the current step and its checkpoint), or has ended. */
+  pause(): Promise<void> {
+    if (this.finished) return Promise.resolve();
+    this.pauseWanted = true;
+    if (this.paused) return Promise.resolve();
+    return new Promise((resolve) => this.pauseWaiters.push(resolve));
+  }
+
+  resume(): void {
+    this.pauseWanted = false;
+    this.paused?.wake();
+  }
+
+  cancel(): void {
+    this.cancelWanted = true;
+    this.paused?.wake();
+  }
+
+  private notePaused(): void {
+    for (const w of this.pauseWaiters.splice(0)) w();
+  }
+
+  private get step(): number {
+    return this.trainer?.step ?? 0;
+  }
+
+  private elapsed(): number {
+    return this.priorSeconds + (performance.now() - this.sessionStart) / 1000;
+  }
+
+  /** A new trainer on the current device, at the last checkpoint (or at the start). */
+  private async setUp(): Promise<void> {
+    const { env, config } = this;
+    const lora: ResolvedLora =
+      env.start?.lora ?? resolveLoraTargets(config.lora, namedModules(env.model.config), env.model.config.modelType);
+    this.trainer = await LoraTrainer.create(
+      env.ctx,
+      env.model,
+      trainerOptions(config, lora, {
+        ...(env.start ? { initialWeights: new Map(env.start.weights) } : {}),
+        ...(env.memoryBudget === undefined ? {} : { memoryBudget: env.memoryBudget }),
+      }),
+    );
+    const checkpoint = this.lastCheckpoint;
+    let cursor: DataCursor | undefined;
+    if (checkpoint) {
+      this.trainer.restoreState(checkpointState(checkpoint));
+      cursor = checkpoint.meta.cursor;
+      this.losses = checkpoint.meta.losses.map(([s, l]) => [s, l]);
+      this.validationLosses = checkpoint.meta.validationLosses.map(([s, l]) => [s, l]);
+      this.priorTokens = checkpoint.meta.tokens;
+      this.priorSeconds = checkpoint.meta.seconds;
+      this.created = checkpoint.meta.created;
+    } else {
+      this.losses = [];
+      this.validationLosses = [];
+      this.priorTokens = 0;
+      this.priorSeconds = 0;
+    }
+    this.loader = new DataLoader(env.train, {
+      batch: config.batch,
+      seq: config.seq,
+      padId: env.padId,
+      seed: config.seed,
+      ...(cursor ? { cursor } : {}),
+    });
+    this.sessionTokens = 0;
+    this.sessionStart = performance.now();
+  }
+
+  private tearDown(): void {
+    this.trainer?.dispose();
+    this.trainer = undefined;
+  }
+
+  /** Batches served so far over the whole run (the cursor counts them per epoch). */
+  private batchesServed(): number {
+    const loader = this.loader as DataLoader;
+    const c = loader.cursor;
+    return c.epoch * loader.batchesPerEpoch + Math.ceil(c.position / this.config.batch);
+  }
+
+  private async saveCheckpoint(): Promise<void> {
+    const trainer = this.trainer as LoraTrainer;
+    const record = makeCheckpoint(
+      this.config,
+      await trainer.readState(),
+      {
+        cursor: (this.loader as DataLoader).cursor,
+        losses: this.losses,
+        validationLosses: this.validationLosses,
+        tokens: this.priorTokens + this.sessionTokens,
+        seconds: this.elapsed(),
+        created: this.created,
+      },
+      this.env.identity,
+    );
+    await this.env.storage.putCheckpoint(record);
+    this.lastCheckpoint = record;
+    this.env.emit({ type: 'checkpoint', step: record.meta.step });
+  }
+
+  private async evaluate(): Promise<void> {
+    const trainer = this.trainer as LoraTrainer;
+    const examples: TokenizedExample[] = this.env.validation.map((e) => ({ inputIds: e.inputIds, labels: e.labels }));
+    const { loss } = await trainer.evaluate(examples, this.config.batch);
+    this.validationLosses.push([trainer.step, loss]);
+    this.env.emit({ type: 'eval', step: trainer.step, validationLoss: loss });
+  }
+
+  /** Waits while paused (after saving a checkpoint); returns false when cancelled. */
+  private async gate(): Promise<boolean> {
+    if (this.cancelWanted) return false;
+    if (!this.pauseWanted) return true;
+    if (this.lastCheckpoint?.meta.step !== this.step) await this.saveCheckpoint();
+    this.env.emit({ type: 'paused', step: this.step });
+    const pausedAt = performance.now();
+    await new Promise<void>((wake) => {
+      this.paused = { wake };
+      this.notePaused();
+      if (!this.pauseWanted || this.cancelWanted) wake();
+    });
+    this.paused = undefined;
+    // Time spent paused is not training time.
+    this.sessionStart += performance.now() - pausedAt;
+    if (this.cancelWanted) return false;
+    this.env.emit({ type: 'resumed', step: this.step });
+    return true;
+  }
+
+  private async oneStep(): Promise<void> {
+    const { config } = this;
+    const trainer = this.trainer as LoraTrainer;
+    const loader = this.loader as DataLoader;
+    const micro: MicroBatch[] = [];
+    let tokens = 0;
+    for (let k = 0; k < config.gradAccum && this.batchesServed() < config.batches; k++) {
+      const batch = loader.next();
+      if (!batch) break;
+      micro.push({ inputIds: batch.inputIds, labels: batch.labels });
+      tokens += batch.tokens;
+    }
+    const r = await trainer.trainStep(micro);
+    this.sessionTokens += tokens;
+    this.losses.push([r.step, r.loss]);
+    const seconds = (performance.now() - this.sessionStart) / 1000;
+    const stepsThisSession = r.step - this.sessionStartStep;
+    this.env.emit({
+      type: 'step',
+      step: r.step,
+      totalSteps: config.totalSteps,
+      loss: r.loss,
+      lr: r.lr,
+      gradNorm: r.gradNorm,
+      tokensPerSecond: seconds > 0 ? this.sessionTokens / seconds : 0,
+      etaSeconds: stepsThisSession > 0 ? (seconds / stepsThisSession) * (config.totalSteps - r.step) : 0,
+      epoch: this.batchesServed() / loader.batchesPerEpoch,
+    });
+    if (this.env.validation.length > 0 && (r.step % config.evalEvery === 0 || r.step === config.totalSteps))
+      await this.evaluate();
+    if (config.checkpointEvery > 0 && r.step % config.checkpointEvery === 0 && r.step < config.totalSteps)
+      await this.saveCheckpoint();
+  }
+
+  /** Runs to the end (or until cancelled); see the module header. */
+  async run(): Promise<TrainResult> {
+    try {
+      await this.setUp();
+      this.sessionStartStep = this.step;
+      for (;;) {
+        try {
+          while (this.step < this.config.totalSteps) {
+            if (!(await this.gate())) return await this.cancelled();
+            await this.oneStep();
+          }
+          break;
+        } catch (error) {
+          if (!(await deviceWasLost(this.env.ctx, error)) || !this.env.recover || this.recoveries >= MAX_RECOVERIES)
+            throw error;
+          this.recoveries++;
+          const reason = error instanceof Error ? error.message : String(error);
+          this.tearDown();
+          const fresh = await this.env.recover(reason);
+          this.env.ctx = fresh.ctx;
+          this.env.model = fresh.model;
+          await this.setUp();
+          this.sessionStartStep = this.step;
+          this.env.emit({ type: 'recovered', step: this.step, reason });
+        }
+      }
+      return await this.complete();
+    } catch (error) {
+      this.env.emit({
+        type: 'error',
+        message: error instanceof Error ? error.message : String(error),
+        name: error instanceof Error ? error.name : 'Error',
+      });
+      throw error;
+    } finally {
+      this.finished = true;
+      this.notePaused();
+      this.tearDown();
+    }
+  }
+
+  private lastLoss(): number | undefined {
+    return this.losses.at(-1)?.[1];
+  }
+
+  private async cancelled(): Promise<TrainResult> {
+    await this.env.storage.deleteCheckpoint(this.config.name);
+    const result: TrainResult = {
+      name: this.config.name,
+      status: 'cancelled',
+      steps: this.step,
+      totalSteps: this.config.totalSteps,
+      trainLoss: this.lastLoss(),
+      validationLoss: this.validationLosses.at(-1)?.[1],
+      adapter: undefined,
+      tokens: this.priorTokens + this.sessionTokens,
+      seconds: this.elapsed(),
+    };
+    this.env.emit({ type: 'done', result });
+    return result;
+  }
+
+  private async complete(): Promise<TrainResult> {
+    const trainer = this.trainer as LoraTrainer;
+    const { env, config } = this;
+    const files = await trainer.exportPeft({
+      baseModelNameOrPath: env.base.id,
+      architecture: env.base.architecture,
+      modelType: env.base.modelType,
+    });
+    const config_ = files['adapter_config.json'];
+    const weights = files['adapter_model.safetensors'];
+    const entry: AdapterEntry = {
+      name: config.name,
+      baseModel: env.base.id,
+      baseFingerprint: env.identity.baseModel.fingerprint,
+      config: trainer.resolved.config,
+      steps: trainer.step,
+      ...(this.lastLoss() === undefined ? {} : { trainLoss: this.lastLoss() }),
+      ...(this.validationLosses.length ? { validationLoss: this.validationLosses.at(-1)?.[1] } : {}),
+      created: Date.now(),
+      bytes: config_.length + weights.byteLength,
+      origin: 'trained',
+      datasetFingerprint: env.identity.dataset.fingerprint,
+    };
+    await env.storage.putAdapter(entry, { config: config_, weights }, { overwrite: true });
+    await env.storage.deleteCheckpoint(config.name);
+    const result: TrainResult = {
+      name: config.name,
+      status: 'completed',
+      steps: trainer.step,
+      totalSteps: config.totalSteps,
+      trainLoss: this.lastLoss(),
+      validationLoss: this.validationLosses.at(-1)?.[1],
+      adapter: entry,
+      tokens: this.priorTokens + this.sessionTokens,
+      seconds: this.elapsed(),
+    };
+    env.emit({ type: 'done', result });
+    return result;
+  }
+}
