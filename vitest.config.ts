@@ -20,6 +20,7 @@ const modelTests = [
   'packages/models/test/evaluate.test.ts',
   'packages/models/test/backward.test.ts',
   'packages/train/test/trainer.test.ts',
+  'packages/train/test/api.test.ts',
 ];
 
 function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {

@@ -34,6 +34,7 @@ import type {
   ModelInput,
   Prompt,
   TrainConfig,
+  TrainerProgress,
   TrainingPlan,
   TrainingRun,
   TrainOptions,
@@ -168,6 +169,11 @@ export class Trainer {
     return this.engine.modelInfo();
   }
 
+  /** Frees the model's GPU memory (and the dataset tokenized for it). */
+  releaseModel(): Promise<void> {
+    return this.engine.releaseModel();
+  }
+
   loadDataset(input: DatasetInput, options: LoadDatasetOptions = {}): Promise<DatasetStats> {
     this.check();
     const { onProgress, signal, ...rest } = options;
@@ -185,14 +191,59 @@ export class Trainer {
     return this.engine.plan(config);
   }
 
-  private handle(name: string, done: Promise<TrainResult>): TrainingRun {
+  /**
+   * A run's handle. Progress comes through its own callback, which across a worker is a separate
+   * message channel from the calls' answers, so the handle waits for the events a call implies:
+   * pause() resolves once 'paused' was delivered, done once 'done' or 'error' was.
+   */
+  private handle(
+    name: string,
+    start: (onProgress: (p: TrainerProgress) => void) => Promise<TrainResult>,
+    user?: (p: TrainerProgress) => void,
+  ): TrainingRun {
+    let paused = false;
+    let ended = false;
+    let wake: (() => boolean)[] = [];
+    const until = (ready: () => boolean) =>
+      ready()
+        ? Promise.resolve()
+        : new Promise<void>((resolve) =>
+            wake.push(() => {
+              if (!ready()) return false;
+              resolve();
+              return true;
+            }),
+          );
+    const onProgress = (p: TrainerProgress) => {
+      if (p.type === 'paused') paused = true;
+      if (p.type === 'resumed') paused = false;
+      if (p.type === 'done' || p.type === 'error') ended = true;
+      try {
+        user?.(p);
+      } finally {
+        wake = wake.filter((w) => !w());
+      }
+    };
+    const settled = (async () => {
+      try {
+        return await start(onProgress);
+      } finally {
+        // A call that failed before the run began sends no event.
+        await Promise.race([until(() => ended), new Promise((r) => setTimeout(r, 1000))]);
+      }
+    })();
     // The result is also reported through onProgress; an unobserved failure is not an unhandled rejection.
-    done.catch(() => undefined);
+    settled.catch(() => undefined);
     return {
       name,
-      done,
-      pause: () => this.engine.pauseRun(name),
-      resume: () => this.engine.resumeRun(name),
+      done: settled,
+      pause: async () => {
+        await this.engine.pauseRun(name);
+        await until(() => paused || ended);
+      },
+      resume: async () => {
+        await this.engine.resumeRun(name);
+      },
       cancel: () => this.engine.cancelRun(name),
     };
   }
@@ -201,14 +252,12 @@ export class Trainer {
   train(config: TrainConfig = {}, options: TrainOptions = {}): TrainingRun {
     this.check();
     const name = config.name ?? defaultRunName();
-    const done = this.engine.startRun(
+    return this.handle(
       name,
-      { ...config, name },
-      false,
-      this.callback(options.onProgress),
-      options.whenBusy ?? 'error',
+      (onProgress) =>
+        this.engine.startRun(name, { ...config, name }, false, this.callback(onProgress), options.whenBusy ?? 'error'),
+      options.onProgress,
     );
-    return this.handle(name, done);
   }
 
   /** Continues a run from its last checkpoint (after a reload or a crash), with the same model and data loaded. */
@@ -216,8 +265,11 @@ export class Trainer {
     this.check();
     const saved = await this.engine.listCheckpoints();
     if (!saved.some((c) => c.name === name)) throw new CheckpointNotFoundError(name);
-    const done = this.engine.startRun(name, {}, true, this.callback(options.onProgress), options.whenBusy ?? 'error');
-    return this.handle(name, done);
+    return this.handle(
+      name,
+      (onProgress) => this.engine.startRun(name, {}, true, this.callback(onProgress), options.whenBusy ?? 'error'),
+      options.onProgress,
+    );
   }
 
   /** Runs that were checkpointed and not finished: what resumeTraining() can continue. */
@@ -235,9 +287,10 @@ export class Trainer {
     return this.cancellable(signal, (op) => this.engine.generate(prompt, rest, this.callback(onToken), op));
   }
 
-  /** GPU buffers alive in the engine (0 once everything is released). */
-  liveBuffers(): Promise<number> {
-    return this.engine.liveBuffers();
+  /** GPU buffers and bytes alive in the engine (0 once everything is released), and uncaught
+   * WebGPU errors since the last call. */
+  diagnostics(): Promise<{ liveBuffers: number; liveBytes: number; gpuErrors: string[] }> {
+    return this.engine.diagnostics();
   }
 
   /** Destroys the GPU device as a driver reset would: a running run recovers from its checkpoint. */
@@ -245,7 +298,8 @@ export class Trainer {
     return this.engine.loseDevice();
   }
 
-  /** Cancels runs, frees every GPU buffer and the device, and stops the worker. */
+  /** Stops runs (keeping their checkpoints for resumeTraining()), frees every GPU buffer and the
+   * device, and ends the worker. */
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;

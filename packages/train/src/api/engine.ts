@@ -116,11 +116,13 @@ class RunControl {
   private session: TrainingSession | undefined;
   private pauseWanted = false;
   private cancelWanted = false;
+  private stopWanted = false;
   private waiters: (() => void)[] = [];
 
   attach(session: TrainingSession): void {
     this.session = session;
     if (this.cancelWanted) session.cancel();
+    else if (this.stopWanted) session.stop();
     else if (this.pauseWanted) void session.pause().then(() => this.settle());
   }
 
@@ -139,6 +141,11 @@ class RunControl {
   cancel(): void {
     this.cancelWanted = true;
     this.session?.cancel();
+  }
+
+  stop(): void {
+    this.stopWanted = true;
+    this.session?.stop();
   }
 
   settle(): void {
@@ -323,6 +330,12 @@ export class TrainerEngine {
 
   async modelInfo(): Promise<ModelInfo | undefined> {
     return this.loaded?.info;
+  }
+
+  /** Frees the model, its dataset and resident adapters (GPU memory back to zero). */
+  async releaseModel(): Promise<void> {
+    if (this.trainingActive()) throw new WebtuneError('releaseModel: a training run is using the model');
+    this.unloadModel();
   }
 
   private unloadModel(): void {
@@ -766,14 +779,21 @@ export class TrainerEngine {
 
   // ---- teardown -----------------------------------------------------------------------------
 
-  /** GPU buffers alive on this engine's device (0 after dispose; for leak checks). */
-  async liveBuffers(): Promise<number> {
-    return this.ctx?.liveBufferCount ?? 0;
+  /** GPU buffers alive on this engine's device (0 after dispose) and WebGPU errors no scope
+   * caught since the last call: for leak checks and tests. */
+  async diagnostics(): Promise<{ liveBuffers: number; liveBytes: number; gpuErrors: string[] }> {
+    return {
+      liveBuffers: this.ctx?.liveBufferCount ?? 0,
+      liveBytes: this.ctx?.liveBytes ?? 0,
+      gpuErrors: this.ctx?.takeUncapturedErrors().map((e) => e.message) ?? [],
+    };
   }
 
+  /** Stops runs (their checkpoints stay, for resumeTraining() in a later session), aborts
+   * downloads and generations, and frees every GPU buffer and the device. */
   async dispose(): Promise<void> {
     if (this.disposed) return;
-    for (const control of this.runs.values()) control.cancel();
+    for (const control of this.runs.values()) control.stop();
     for (const op of this.operations.values()) op.abort();
     // Runs end after their current step; give them that long to free their memory.
     for (let i = 0; i < 600 && this.runs.size > 0; i++) await new Promise((r) => setTimeout(r, 50));

@@ -206,7 +206,8 @@ export interface TrainOptions {
 
 export interface TrainResult {
   readonly name: string;
-  readonly status: 'completed' | 'cancelled';
+  /** 'stopped': the trainer was disposed mid-run; its checkpoint is kept for resumeTraining(). */
+  readonly status: 'completed' | 'cancelled' | 'stopped';
   /** Optimizer steps taken. */
   readonly steps: number;
   readonly totalSteps: number;
@@ -223,7 +224,8 @@ export interface TrainResult {
 /** The handle of a training run: the same from train() and resumeTraining(). */
 export interface TrainingRun {
   readonly name: string;
-  /** Resolves when the run completes or is cancelled; rejects when it fails (divergence, no memory ...). */
+  /** Resolves when the run completes, is cancelled or is stopped by dispose(); rejects when it
+   * fails (divergence, no memory ...). */
   readonly done: Promise<TrainResult>;
   /** Stops after the current step and saves a checkpoint; resolves once paused. */
   pause(): Promise<void>;

@@ -79,6 +79,7 @@ export class TrainingSession {
 
   private pauseWanted = false;
   private cancelWanted = false;
+  private stopWanted = false;
   private paused: { wake: () => void } | undefined;
   private pauseWaiters: (() => void)[] = [];
   private finished = false;
@@ -110,6 +111,13 @@ export class TrainingSession {
 
   cancel(): void {
     this.cancelWanted = true;
+    this.paused?.wake();
+  }
+
+  /** Ends the run after the current step with its checkpoint saved, to be resumed later (what
+   * closing the trainer does to its runs). */
+  stop(): void {
+    this.stopWanted = true;
     this.paused?.wake();
   }
 
@@ -205,24 +213,26 @@ export class TrainingSession {
     this.env.emit({ type: 'eval', step: trainer.step, validationLoss: loss });
   }
 
-  /** Waits while paused (after saving a checkpoint); returns false when cancelled. */
-  private async gate(): Promise<boolean> {
-    if (this.cancelWanted) return false;
-    if (!this.pauseWanted) return true;
+  /** Waits while paused (after saving a checkpoint); says whether to go on, or how the run ends. */
+  private async gate(): Promise<'go' | 'cancel' | 'stop'> {
+    if (this.cancelWanted) return 'cancel';
+    if (!this.pauseWanted && !this.stopWanted) return 'go';
     if (this.lastCheckpoint?.meta.step !== this.step) await this.saveCheckpoint();
+    if (this.stopWanted) return 'stop';
     this.env.emit({ type: 'paused', step: this.step });
     const pausedAt = performance.now();
     await new Promise<void>((wake) => {
       this.paused = { wake };
       this.notePaused();
-      if (!this.pauseWanted || this.cancelWanted) wake();
+      if (!this.pauseWanted || this.cancelWanted || this.stopWanted) wake();
     });
     this.paused = undefined;
     // Time spent paused is not training time.
     this.sessionStart += performance.now() - pausedAt;
-    if (this.cancelWanted) return false;
+    if (this.cancelWanted) return 'cancel';
+    if (this.stopWanted) return 'stop';
     this.env.emit({ type: 'resumed', step: this.step });
-    return true;
+    return 'go';
   }
 
   private async oneStep(): Promise<void> {
@@ -267,7 +277,8 @@ export class TrainingSession {
       for (;;) {
         try {
           while (this.step < this.config.totalSteps) {
-            if (!(await this.gate())) return await this.cancelled();
+            const next = await this.gate();
+            if (next !== 'go') return await this.ended(next);
             await this.oneStep();
           }
           break;
@@ -304,11 +315,12 @@ export class TrainingSession {
     return this.losses.at(-1)?.[1];
   }
 
-  private async cancelled(): Promise<TrainResult> {
-    await this.env.storage.deleteCheckpoint(this.config.name);
+  /** Cancelled: the checkpoint is discarded. Stopped: it is kept for resumeTraining(). */
+  private async ended(how: 'cancel' | 'stop'): Promise<TrainResult> {
+    if (how === 'cancel') await this.env.storage.deleteCheckpoint(this.config.name);
     const result: TrainResult = {
       name: this.config.name,
-      status: 'cancelled',
+      status: how === 'cancel' ? 'cancelled' : 'stopped',
       steps: this.step,
       totalSteps: this.config.totalSteps,
       trainLoss: this.lastLoss(),
