@@ -45,8 +45,9 @@ async function main(argv: string[]): Promise<number> {
     console.log(usage(name, command.summary, command.flags));
     return 0;
   }
-  await command.run(rest);
-  return 0;
+  // A command may return its exit status (train: 130 when Ctrl-C stopped it with a checkpoint).
+  const code: unknown = await command.run(rest);
+  return typeof code === 'number' ? code : 0;
 }
 
 main(process.argv.slice(2)).then(

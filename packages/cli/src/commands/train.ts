@@ -1,17 +1,14 @@
-import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+/**
+ * webtune train: the library's trainer (createTrainer, in this process) with its checkpoints in a
+ * folder beside the output, so an interrupted run (Ctrl-C, a crash, a lost GPU) continues with
+ * --resume. The finished adapter is written to --out atomically, in the PEFT layout.
+ */
+import { mkdir, rename, rm, rmdir, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
-import { formatBytes, type LrScheduleKind } from '@webtune/core';
-import {
-  DataLoader,
-  estimateMemory,
-  estimateTraining,
-  LoraTrainer,
-  padIdOf,
-  prepareDataset,
-  splitHeldOut,
-} from '@webtune/train';
+import { formatBytes } from '@webtune/core';
+import { createTrainer, type TrainConfig, type Trainer, type TrainerProgress } from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { gpu, info, openModel, precisionFlag, userPath } from '../common.js';
+import { info, precisionFlag, userPath } from '../common.js';
 
 export const trainFlags: Record<string, FlagSpec> = {
   model: { type: 'string', description: 'Hugging Face model folder', required: true },
@@ -39,10 +36,10 @@ export const trainFlags: Record<string, FlagSpec> = {
   schedule: { type: 'string', description: 'constant, linear or cosine', default: 'linear' },
   'weight-decay': { type: 'number', description: 'AdamW weight decay', default: 0.01 },
   'max-grad-norm': { type: 'number', description: 'gradient clipping (0 = off)', default: 1 },
-  seed: { type: 'int', description: 'seed for the adapter init and the data order', default: 0 },
+  seed: { type: 'int', description: 'seed for the adapter init, the data order and the split', default: 0 },
   'held-out': {
     type: 'number',
-    description: 'fraction of the data kept out for evaluation before and after',
+    description: 'fraction of the data kept out for validation (its loss is reported as training goes)',
     default: 0,
   },
   precision: { type: 'string', description: 'frozen weights on the GPU: f16 or f32', default: 'f16' },
@@ -51,13 +48,14 @@ export const trainFlags: Record<string, FlagSpec> = {
     description: 'recompute activations in the backward (less memory, ~1/3 more time)',
     default: false,
   },
+  'checkpoint-every': { type: 'int', description: 'save a checkpoint every N steps (0: only on Ctrl-C)', default: 50 },
+  'checkpoint-dir': { type: 'string', description: 'where checkpoints go (default: <out>.checkpoint)' },
+  resume: { type: 'boolean', description: 'continue the interrupted run from its last checkpoint', default: false },
+  'base-model': {
+    type: 'string',
+    description: 'base_model_name_or_path to record in adapter_config.json (default: the --model path)',
+  },
 };
-
-function schedule(kind: string): LrScheduleKind {
-  if (kind !== 'constant' && kind !== 'linear' && kind !== 'cosine')
-    throw new UsageError(`train: --schedule must be constant, linear or cosine, got ${kind}`);
-  return kind;
-}
 
 function eta(seconds: number): string {
   if (!Number.isFinite(seconds)) return '?';
@@ -65,127 +63,167 @@ function eta(seconds: number): string {
   return m > 0 ? `${m}m${Math.round(seconds % 60)}s` : `${seconds.toFixed(0)}s`;
 }
 
-export async function train(argv: string[]): Promise<void> {
+function report(p: TrainerProgress): void {
+  switch (p.type) {
+    case 'step':
+      info(
+        `step ${p.step}/${p.totalSteps}  loss ${p.loss.toFixed(4)}  lr ${p.lr.toExponential(2)}  grad norm ${p.gradNorm.toFixed(3)}  ${p.tokensPerSecond.toFixed(0)} tokens/s  ETA ${eta(p.etaSeconds)}`,
+      );
+      break;
+    case 'eval':
+      info(`step ${p.step}: validation loss ${p.validationLoss.toFixed(4)}`);
+      break;
+    case 'checkpoint':
+      info(`checkpoint saved at step ${p.step}`);
+      break;
+    case 'recovered':
+      info(`the GPU device was lost (${p.reason}); continuing from the checkpoint of step ${p.step}`);
+      break;
+    case 'tokenize':
+      break;
+    default:
+      break;
+  }
+}
+
+function config(f: Record<string, unknown>, name: string): TrainConfig {
+  const kind = f.schedule as string;
+  if (kind !== 'constant' && kind !== 'linear' && kind !== 'cosine')
+    throw new UsageError(`train: --schedule must be constant, linear or cosine, got ${kind}`);
+  const targets = f.targets as string | undefined;
+  const rank = f.rank as number;
+  const maxGradNorm = f['max-grad-norm'] as number;
+  return {
+    name,
+    overwrite: true,
+    lora: {
+      rank,
+      alpha: (f.alpha as number | undefined) ?? 2 * rank,
+      ...(targets === undefined
+        ? {}
+        : {
+            targets:
+              targets === 'all-linear'
+                ? 'all-linear'
+                : targets
+                    .split(',')
+                    .map((t) => t.trim())
+                    .filter(Boolean),
+          }),
+      rsLoRA: f.rslora as boolean,
+    },
+    optimizer: {
+      lr: f.lr as number,
+      weightDecay: f['weight-decay'] as number,
+      maxGradNorm: maxGradNorm > 0 ? maxGradNorm : null,
+    },
+    schedule: { kind, warmupSteps: f.warmup as number },
+    ...(f.steps !== undefined ? { steps: f.steps as number } : { epochs: (f.epochs as number | undefined) ?? 1 }),
+    batch: f.batch as number,
+    seq: f.seq as number,
+    gradAccum: f['grad-accum'] as number,
+    seed: f.seed as number,
+    checkpointEvery: f['checkpoint-every'] as number,
+    recompute: f.recompute as boolean,
+  };
+}
+
+/** Writes the adapter's files beside the target and renames, so no half-written folder remains. */
+async function writeAdapter(trainer: Trainer, name: string, outDir: string): Promise<void> {
+  const files = await trainer.adapters.export(name);
+  const tmp = `${outDir}.partial-${process.pid}`;
+  await rm(tmp, { recursive: true, force: true });
+  await mkdir(tmp, { recursive: true });
+  for (const [file, blob] of Object.entries(files))
+    await writeFile(join(tmp, file), new Uint8Array(await blob.arrayBuffer()));
+  await rm(outDir, { recursive: true, force: true });
+  await rename(tmp, outDir);
+}
+
+export async function train(argv: string[]): Promise<number> {
   const f = parseFlags(argv, trainFlags, 'train');
   if (f.steps !== undefined && f.epochs !== undefined)
     throw new UsageError('train: give --steps or --epochs, not both');
   const format = f.format as string | undefined;
   if (format !== undefined && format !== 'text' && format !== 'jsonl')
     throw new UsageError(`train: --format must be text or jsonl, got ${format}`);
-  const kind = schedule(f.schedule as string);
-  const dataPath = userPath(f.data as string);
   const outDir = userPath(f.out as string);
-  const content = await readFile(dataPath, 'utf8');
-  const ctx = await gpu();
-  const { model, tokenizer } = await openModel(ctx, f.model as string, precisionFlag(f.precision));
-  const seq = f.seq as number;
-  const batch = f.batch as number;
-  const gradAccum = f['grad-accum'] as number;
-  const dataset = prepareDataset(tokenizer, content, {
-    file: basename(dataPath),
-    seq,
-    format: format as 'text' | 'jsonl' | undefined,
-  });
-  const split =
-    (f['held-out'] as number) > 0
-      ? splitHeldOut(dataset.examples, { lastFraction: f['held-out'] as number })
-      : { train: dataset.examples, heldOut: [] };
-  if (split.train.length === 0) throw new UsageError('train: no training examples left after the held-out split');
-  const s = dataset.stats;
-  info(
-    `data: ${s.examples} examples (${dataset.format}), ${s.tokens} tokens, ${s.trainedTokens} trained${s.truncated ? `, ${s.truncated} truncated to ${seq}` : ''}${split.heldOut.length ? `; ${split.heldOut.length} held out` : ''}`,
-  );
-  const plan = estimateTraining(
-    { ...s, examples: split.train.length },
-    {
-      batch,
-      seq,
-      gradAccum,
-      ...(f.steps !== undefined ? { steps: f.steps as number } : { epochs: (f.epochs as number | undefined) ?? 1 }),
-    },
-  );
-  const steps = plan.steps;
-  const rank = f.rank as number;
-  const targets = f.targets as string | undefined;
-  const lora = {
-    r: rank,
-    lora_alpha: (f.alpha as number | undefined) ?? 2 * rank,
-    target_modules:
-      targets === undefined
-        ? null
-        : targets === 'all-linear'
-          ? 'all-linear'
-          : targets
-              .split(',')
-              .map((t) => t.trim())
-              .filter(Boolean),
-    use_rslora: f.rslora as boolean,
-    lora_dropout: 0,
+  const checkpointDir = userPath((f['checkpoint-dir'] as string | undefined) ?? `${outDir}.checkpoint`);
+  const name = basename(outDir);
+  const trainer = await createTrainer({ worker: false, storage: { directory: checkpointDir } });
+  // Ctrl-C: stop after the current step with a checkpoint, then exit.
+  let interrupted = false;
+  const onInterrupt = () => {
+    if (interrupted) process.exit(130);
+    interrupted = true;
+    info('interrupted: saving a checkpoint after the current step (Ctrl-C again to quit at once)');
+    void trainer.dispose();
   };
-  const maxGradNorm = f['max-grad-norm'] as number;
-  // The plan's memory, shown before anything is allocated (the trainer checks it against the device).
-  const est = estimateMemory(model.config, lora, {
-    batch,
-    seq,
-    gradAccum,
-    recompute: f.recompute as boolean,
-    precision: model.precision,
-    device: ctx,
-  });
-  info(
-    `GPU memory planned: weights ${formatBytes(est.frozenWeights)}, adapter + optimizer ${formatBytes(est.trainable)}, activations ${formatBytes(est.activations)}, scratch ${formatBytes(est.scratch)}; total ${formatBytes(est.total)} (largest buffer ${formatBytes(est.largestBuffer.bytes)})`,
-  );
-  const trainer = await LoraTrainer.create(ctx, model, {
-    lora,
-    batch,
-    seq,
-    gradAccum,
-    seed: f.seed as number,
-    recompute: f.recompute as boolean,
-    optimizer: {
-      lr: f.lr as number,
-      weightDecay: f['weight-decay'] as number,
-      maxGradNorm: maxGradNorm > 0 ? maxGradNorm : Infinity,
-    },
-    schedule: { kind, warmupSteps: f.warmup as number, totalSteps: steps },
-  });
-  const mem = trainer.memory;
-  const trainable = trainer.resolved.modules.reduce((n, m) => n + m.r * (m.inFeatures + m.outFeatures), 0);
-  info(
-    `LoRA: ${trainer.resolved.modules.length} modules, ${trainable.toLocaleString('en-US')} trainable parameters (r ${rank}, alpha ${lora.lora_alpha}${lora.use_rslora ? ', rsLoRA' : ''})`,
-  );
-  info(`GPU memory allocated: ${formatBytes(mem.total)}`);
-  info(`training ${steps} steps of ${gradAccum}×${batch}×${seq} tokens, lr ${f.lr} (${kind}, warmup ${f.warmup})`);
-
-  if (split.heldOut.length) info(`held-out loss before: ${(await trainer.evaluate(split.heldOut)).loss.toFixed(4)}`);
-  const loader = new DataLoader(split.train, { batch, seq, padId: padIdOf(tokenizer), seed: f.seed as number });
-  const t0 = performance.now();
-  let tokens = 0;
-  for (let step = 1; step <= steps; step++) {
-    const micro = [];
-    for (let k = 0; k < gradAccum; k++) {
-      const b = loader.next();
-      if (!b) break;
-      micro.push({ inputIds: b.inputIds, labels: b.labels });
-    }
-    const r = await trainer.trainStep(micro);
-    tokens += r.positions;
-    const elapsed = (performance.now() - t0) / 1000;
+  process.on('SIGINT', onInterrupt);
+  try {
+    const device = await trainer.device();
+    info(`GPU: ${device.description}${device.software ? ' (a software driver: slow)' : ''}`);
+    const modelPath = userPath(f.model as string);
+    const model = await trainer.loadModel(modelPath, {
+      precision: precisionFlag(f.precision),
+      id: (f['base-model'] as string | undefined) ?? (f.model as string),
+    });
     info(
-      `step ${r.step}/${steps}  loss ${r.loss.toFixed(4)}  lr ${r.lr.toExponential(2)}  grad norm ${r.gradNorm.toFixed(3)}  ${(tokens / elapsed).toFixed(0)} tokens/s  ETA ${eta((elapsed / step) * (steps - step))}`,
+      `model: ${model.architecture}, ${model.layers} layers, ${model.parameters.toLocaleString('en-US')} parameters, ${formatBytes(model.bytes)} of ${model.precision} weights on the GPU`,
     );
+    const heldOut = f['held-out'] as number;
+    const stats = await trainer.loadDataset(
+      { path: userPath(f.data as string) },
+      {
+        seq: f.seq as number,
+        ...(format ? { format: format as 'text' | 'jsonl' } : {}),
+        ...(heldOut > 0 ? { validation: heldOut, seed: f.seed as number } : {}),
+      },
+    );
+    info(
+      `data: ${stats.examples} examples (${stats.format}), ${stats.tokens} tokens, ${stats.trainedTokens} trained${stats.truncated ? `, ${stats.truncated} truncated to ${stats.seq}` : ''}${stats.validation ? `; ${stats.validation} held out for validation` : ''}`,
+    );
+    const saved = (await trainer.listCheckpoints()).find((c) => c.name === name);
+    let run: Awaited<ReturnType<Trainer['resumeTraining']>>;
+    if (f.resume) {
+      if (!saved) throw new UsageError(`train: --resume: no checkpoint of ${name} in ${checkpointDir}`);
+      info(`resuming at step ${saved.step} of ${saved.totalSteps} from ${checkpointDir}`);
+      run = await trainer.resumeTraining(name, { onProgress: report });
+    } else {
+      if (saved)
+        throw new UsageError(
+          `train: ${checkpointDir} holds the checkpoint of an interrupted run (step ${saved.step} of ${saved.totalSteps}): continue it with --resume, or delete that folder to start over`,
+        );
+      const cfg = config(f, name);
+      const plan = await trainer.plan(cfg);
+      const m = plan.memory;
+      info(
+        `GPU memory planned: weights ${formatBytes(m.frozenWeights)}, adapter + optimizer ${formatBytes(m.trainable)}, activations ${formatBytes(m.activations)}, scratch ${formatBytes(m.scratch)}; total ${formatBytes(m.total)} (largest buffer ${formatBytes(m.largestBuffer.bytes)})`,
+      );
+      if (!plan.fits) throw new UsageError(`train: this configuration does not fit the GPU: ${plan.problem}`);
+      info(
+        `LoRA: ${plan.adaptedModules} modules, ${plan.trainableParameters.toLocaleString('en-US')} trainable parameters; ${plan.totalSteps} steps of ${plan.tokensPerStep} tokens`,
+      );
+      run = trainer.train(cfg, { onProgress: report });
+    }
+    const result = await run.done;
+    if (result.status !== 'completed') {
+      info(`stopped at step ${result.steps} of ${result.totalSteps}; continue with the same command and --resume`);
+      return 130;
+    }
+    await writeAdapter(trainer, name, outDir);
+    // The adapter is in --out now; the checkpoint folder held only this run.
+    await trainer.adapters.delete(name);
+    await rmdir(join(checkpointDir, 'adapters')).catch(() => undefined);
+    await rmdir(join(checkpointDir, 'checkpoints')).catch(() => undefined);
+    await rmdir(checkpointDir).catch(() => undefined);
+    info(
+      `trained ${result.steps} steps in ${result.seconds.toFixed(1)} s, final loss ${result.trainLoss?.toFixed(4)}${result.validationLoss === undefined ? '' : `, validation loss ${result.validationLoss.toFixed(4)}`}`,
+    );
+    info(`adapter written to ${outDir} (adapter_config.json, adapter_model.safetensors)`);
+    return 0;
+  } finally {
+    process.off('SIGINT', onInterrupt);
+    await trainer.dispose();
   }
-  if (split.heldOut.length) info(`held-out loss after: ${(await trainer.evaluate(split.heldOut)).loss.toFixed(4)}`);
-  const files = await trainer.exportPeft({ baseModelNameOrPath: f.model as string });
-  // Write beside the target and rename, so an interruption never leaves a half-written adapter.
-  const tmp = `${outDir}.partial-${process.pid}`;
-  await rm(tmp, { recursive: true, force: true });
-  await mkdir(tmp, { recursive: true });
-  for (const [name, data] of Object.entries(files)) await writeFile(join(tmp, name), data);
-  await rm(outDir, { recursive: true, force: true });
-  await rename(tmp, outDir);
-  info(`adapter written to ${outDir} (adapter_config.json, adapter_model.safetensors)`);
-  trainer.dispose();
-  model.dispose();
-  ctx.destroy();
 }

@@ -304,7 +304,7 @@ export class TrainerEngine {
       const linear = namedModules(c).filter((m) => m.kind === 'linear' || m.kind === 'conv1d');
       const defaults = PEFT_DEFAULT_TARGET_MODULES[c.modelType];
       const info: ModelInfo = {
-        id: opened.id,
+        id: options.id ?? opened.id,
         architecture: c.architecture,
         modelType: c.modelType,
         parameters: parameterCount(c),

@@ -48,6 +48,8 @@ export type ModelInput =
   | { readonly directory: string };
 
 export interface LoadModelOptions {
+  /** What adapters record as base_model_name_or_path (default: the Hub id, URL or folder). */
+  id?: string;
   /** Frozen weights on the GPU. Default 'f16'. */
   precision?: 'f16' | 'f32';
   /** Hub revision (branch, tag or commit). Default "main". */
