@@ -298,7 +298,11 @@ export async function planLoraBackward(
   return plan;
 }
 
-/** FLOPs of one forward and one backward (dx included), as KERNELS.md counts them. */
+/**
+ * FLOPs of one forward and one backward (dx included), two per multiply-add: the forward's dense
+ * x·W0ᵀ (2·T·in·out) plus the thin h = x·Aᵀ and h·Bᵀ (2·T·r·(in + out)); the backward's dense
+ * dy·W0 plus the thin g = dy·B, g·A, dB = dyᵀ·h and dA = gᵀ·x (4·T·r·(in + out)).
+ */
 export function loraFlops(s: LoraShape): { forward: number; backward: number } {
   const dense = 2 * s.T * s.inF * s.outF;
   const thin = 2 * s.T * s.r * (s.inF + s.outF);
