@@ -10,7 +10,7 @@ export default defineConfig({
   root: 'apps/studio',
   publicDir: 'public',
   server: { fs: { allow: [root] } },
-  optimizeDeps: { include: ['@huggingface/transformers', '@tensorflow/tfjs-core', '@tensorflow/tfjs-backend-webgpu'] },
+  optimizeDeps: { include: ['@tensorflow/tfjs-core', '@tensorflow/tfjs-backend-webgpu'] },
   build: { outDir: '../../dist/studio', emptyOutDir: true, target: 'es2022' },
   worker: { format: 'es' },
 });

@@ -1,12 +1,10 @@
 /**
  * Tokenizers: Hugging Face tokenizer.json (+ tokenizer_config.json, generation_config.json,
- * chat_template.jinja) read through a ModelSource, run by @huggingface/transformers.
- *
- * This is the only module of the project that imports @huggingface/transformers. It builds the
- * tokenizer from the JSON objects with `new PreTrainedTokenizer(tokenizerJSON, tokenizerConfig)`
- * and never uses transformers.js's hub loader, so its global `env` (remote host, caches) is never
- * read or written and nothing is fetched except through the caller's source. It is imported
- * lazily, on the first load, so a page that never tokenizes does not pay for it.
+ * chat_template.jinja) read through a ModelSource, run by @huggingface/tokenizers (the tokenizer
+ * pipeline) and rendered by @huggingface/jinja (chat templates): the two small, dependency-free
+ * pieces transformers.js itself is built from, without its ONNX runtime. Nothing is fetched except
+ * through the caller's source, and both are imported lazily, on the first load, so a page that
+ * never tokenizes does not pay for them.
  *
  * Rules follow Python transformers 5 loading a tokenizer.json with PreTrainedTokenizerFast (the
  * oracle of test/golden/tokenizers, written by tools/golden_tokenizers.py):
@@ -26,8 +24,10 @@
 import { WebtuneError } from '@webtune/core';
 import { directorySource, type FetchLike, type ModelSource, urlSource } from './source.js';
 
-type HfModule = typeof import('@huggingface/transformers');
-type HfTokenizer = InstanceType<HfModule['PreTrainedTokenizer']>;
+type TokenizersModule = typeof import('@huggingface/tokenizers');
+type JinjaModule = typeof import('@huggingface/jinja');
+type HfTokenizer = InstanceType<TokenizersModule['Tokenizer']>;
+type Template = InstanceType<JinjaModule['Template']>;
 
 // ---------------------------------------------------------------------------------------------
 // Public types
@@ -139,10 +139,10 @@ const CHAT_TEMPLATE = 'chat_template.jinja';
 /** Token models transformers.js implements (Rust's WordLevel is not among them). */
 const MODEL_TYPES = ['BPE', 'WordPiece', 'Unigram'] as const;
 
-let hfModule: Promise<HfModule> | undefined;
-function transformers(): Promise<HfModule> {
-  hfModule ??= import('@huggingface/transformers');
-  return hfModule;
+let libraries: Promise<[TokenizersModule, JinjaModule]> | undefined;
+function hfLibraries(): Promise<[TokenizersModule, JinjaModule]> {
+  libraries ??= Promise.all([import('@huggingface/tokenizers'), import('@huggingface/jinja')]);
+  return libraries;
 }
 
 type Json = Record<string, unknown>;
@@ -307,15 +307,15 @@ export async function loadTokenizer(source: ModelSource): Promise<Tokenizer> {
   for (const key of ['normalizer', 'pre_tokenizer', 'post_processor', 'decoder']) forHf[key] ??= null;
   forHf.added_tokens ??= [];
 
-  const { PreTrainedTokenizer } = await transformers();
+  const [{ Tokenizer: HfTokenizerClass }, { Template: JinjaTemplate }] = await hfLibraries();
   const hfConfig = configForTransformers(tokenizerConfig);
   let hf: HfTokenizer;
   try {
-    hf = new PreTrainedTokenizer(forHf, hfConfig);
+    hf = new HfTokenizerClass(forHf, hfConfig);
   } catch (error) {
     throw new TokenizerError(where, TOKENIZER_JSON, `cannot be built: ${messageOf(error)}`, { cause: error });
   }
-  keepByteOrderMarks((hf as unknown as { _tokenizer?: { decoder?: unknown } })._tokenizer?.decoder);
+  keepByteOrderMarks(hf.decoder);
 
   const cleanUp =
     tokenizerConfig.clean_up_tokenization_spaces === true &&
@@ -323,6 +323,10 @@ export async function loadTokenizer(source: ModelSource): Promise<Tokenizer> {
       tokenizerConfig.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output === true);
 
   return new HfBackedTokenizer(where, hf, {
+    compile: (template) => new JinjaTemplate(template),
+    specialTokens: Object.fromEntries(
+      TEMPLATE_SPECIAL_TOKENS.filter((key) => typeof hfConfig[key] === 'string').map((key) => [key, hfConfig[key]]),
+    ),
     config: tokenizerConfig,
     additionalSpecial: (hfConfig.additional_special_tokens as string[] | undefined) ?? [],
     generation,
@@ -401,7 +405,14 @@ function keepByteOrderMarks(decoder: unknown): void {
   if (Array.isArray(d.decoders)) for (const inner of d.decoders) keepByteOrderMarks(inner);
 }
 
+/** The special tokens a chat template sees as variables (bos_token, eos_token ...), as transformers passes them. */
+const TEMPLATE_SPECIAL_TOKENS = ['bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token'];
+
 interface TokenizerParts {
+  /** Parses a Jinja template (compiled once per template and kept). */
+  compile: (template: string) => Template;
+  /** Template variables for the special tokens. */
+  specialTokens: Record<string, unknown>;
   config: Json;
   /** tokenizer_config's additional (extra) special tokens: decode skips them too. */
   additionalSpecial: string[];
@@ -421,6 +432,9 @@ class HfBackedTokenizer implements Tokenizer {
   private readonly tokens: (string | undefined)[];
   private readonly ids: Map<string, number>;
   private readonly templates: Map<string, string>;
+  private readonly compiled = new Map<string, Template>();
+  private readonly compile: (template: string) => Template;
+  private readonly specialTokens: Record<string, unknown>;
   private readonly cleanUp: boolean;
 
   constructor(
@@ -469,20 +483,23 @@ class HfBackedTokenizer implements Tokenizer {
     ];
     this.padTokenId = named('pad_token') ?? fromGeneration('pad_token_id')[0];
     this.unkTokenId = named('unk_token');
-    const special = new Set(hf.all_special_ids);
+    const special = new Set<number>();
+    for (const [id, token] of hf.get_added_tokens_decoder()) if (token.special) special.add(id);
     for (const token of parts.additionalSpecial) {
       const id = this.ids.get(token);
       if (id !== undefined) special.add(id);
     }
     this.specialTokenIds = special;
     this.templates = parts.templates;
+    this.compile = parts.compile;
+    this.specialTokens = parts.specialTokens;
     this.hasChatTemplate = parts.templates.size > 0;
     this.cleanUp = parts.cleanUp;
   }
 
   encode(text: string, options: EncodeOptions = {}): number[] {
     if (typeof text !== 'string') throw new TypeError(`encode: expected a string, got ${typeof text}`);
-    return this.hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true });
+    return this.hf.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
   }
 
   decode(ids: readonly number[], options: DecodeOptions = {}): string {
@@ -531,15 +548,21 @@ class HfBackedTokenizer implements Tokenizer {
     const template = this.resolveTemplate(options.template);
     let text: string;
     try {
-      text = this.hf.apply_chat_template(
-        messages as ChatMessage[] as Parameters<HfTokenizer['apply_chat_template']>[0],
-        {
-          ...options.templateArgs,
-          chat_template: template,
-          add_generation_prompt: options.addGenerationPrompt ?? false,
-          tokenize: false,
-        },
-      ) as string;
+      let compiled = this.compiled.get(template);
+      if (compiled === undefined) {
+        compiled = this.compile(template);
+        this.compiled.set(template, compiled);
+      }
+      // The variables transformers gives a template: messages, the generation flag, no tools or
+      // documents, the special tokens by name, then the caller's own.
+      text = compiled.render({
+        messages: messages as ChatMessage[],
+        add_generation_prompt: options.addGenerationPrompt ?? false,
+        tools: null,
+        documents: null,
+        ...this.specialTokens,
+        ...options.templateArgs,
+      });
     } catch (error) {
       throw new TokenizerError(this.description, undefined, `the chat template failed: ${messageOf(error)}`, {
         cause: error,
