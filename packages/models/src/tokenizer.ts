@@ -406,7 +406,15 @@ function keepByteOrderMarks(decoder: unknown): void {
 }
 
 /** The special tokens a chat template sees as variables (bos_token, eos_token ...), as transformers passes them. */
-const TEMPLATE_SPECIAL_TOKENS = ['bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token'];
+const TEMPLATE_SPECIAL_TOKENS = [
+  'bos_token',
+  'eos_token',
+  'unk_token',
+  'sep_token',
+  'pad_token',
+  'cls_token',
+  'mask_token',
+];
 
 interface TokenizerParts {
   /** Parses a Jinja template (compiled once per template and kept). */
