@@ -67,6 +67,9 @@ async function buildPackage(pkg) {
     splitting: pkg.entries.length > 1,
     external,
     plugins: [rawText],
+    // Error classes are told apart by name (error.name, and across the worker boundary); keep the
+    // names through any minifier downstream.
+    keepNames: true,
     sourcemap: true,
     logLevel: 'warning',
   });

@@ -11,7 +11,7 @@ const STORY = [
   'Lily had a red ball. She threw the ball to her dog, and the dog ran fast.',
 ].join('\n');
 const TEXT = Array.from({ length: 12 }, () => STORY).join('\n');
-const CONFIG = { batch: 2, seed: 3, lora: { rank: 4 }, optimizer: { lr: 1e-2 }, checkpointEvery: 2 };
+const CONFIG = { batch: 2, seed: 3, lora: { rank: 4 }, optimizer: { lr: 5e-2 }, checkpointEvery: 2 };
 
 let trainer;
 let run;

@@ -220,6 +220,17 @@ async function readExactly(res: Response, expected: number, source: string, name
   return out;
 }
 
+/**
+ * Single-page-app hosting (vite preview, Netlify, many static hosts) answers a missing file with
+ * its index.html and status 200. A model folder holds no HTML, so an HTML answer for any other
+ * name means the file does not exist (optional files such as chat_template.jinja or the sharded
+ * index are probed this way).
+ */
+function isFallbackPage(name: string, res: Response): boolean {
+  const type = res.headers.get('content-type') ?? '';
+  return /^text\/html\b/i.test(type) && !/\.html?$/i.test(name);
+}
+
 const RANGE_IGNORED =
   'the server ignored the HTTP Range request and started sending the whole file; serve the model ' +
   'from a server that supports byte ranges (HTTP 206), or download the files and open them locally';
@@ -258,11 +269,16 @@ export function urlSource(baseUrl: string, fetchImpl?: FetchLike): ModelSource {
       await discard(res);
       throw httpError(name, res);
     }
+    if (isFallbackPage(name, res)) {
+      await discard(res);
+      return undefined;
+    }
     return await res.text();
   };
   const size = async (name: string): Promise<number | undefined> => {
     const head = await request(name, { method: 'HEAD' });
     if (head.status === 404 || head.status === 410) return undefined;
+    if (head.ok && isFallbackPage(name, head)) return undefined;
     if (head.ok) {
       const length = contentLength(head);
       if (length !== undefined) return length;
@@ -307,6 +323,10 @@ export function urlSource(baseUrl: string, fetchImpl?: FetchLike): ModelSource {
         name,
         `bytes [${start}, ${end}) lie past the end of the file${total === undefined ? '' : ` (${total} bytes)`}`,
       );
+    }
+    if ((res.status === 206 || res.status === 200) && isFallbackPage(name, res)) {
+      await discard(res);
+      throw new ModelFileError(description, name, 'no such file');
     }
     if (res.status === 206) {
       const range = parseContentRange(res.headers.get('content-range'));

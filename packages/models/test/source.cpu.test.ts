@@ -113,7 +113,9 @@ describe('urlSource', () => {
     log.push(`${req.method} ${mode}/${name} ${req.headers.range ?? ''}`.trim());
     const body = files[name];
     if (!body) {
-      res.writeHead(404).end('not found');
+      // Single-page-app hosting answers every unknown path with its index page.
+      if (mode === 'spa') res.writeHead(200, { 'Content-Type': 'text/html; charset=utf-8' }).end('<!doctype html>');
+      else res.writeHead(404).end('not found');
       return;
     }
     if (req.method === 'HEAD') {
@@ -183,6 +185,12 @@ describe('urlSource', () => {
     log.length = 0;
     await source.readRange('data.bin', 10, 20);
     expect(log).toEqual(['GET ok/data.bin bytes=10-19']);
+  });
+
+  it('takes a single-page app’s index.html for a missing file as missing', async () => {
+    const source = urlSource(`${base}/spa`);
+    await commonBehaviour(source);
+    expect(await source.readText('model.safetensors.index.json')).toBeUndefined();
   });
 
   it('finds sizes without HEAD or Content-Length through Content-Range', async () => {
