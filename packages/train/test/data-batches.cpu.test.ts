@@ -117,14 +117,6 @@ describe('makeBatch', () => {
     expect(b.predicted).toBe(2 + 1);
   });
 
-  it('padToLongest pads to the longest row, rounded to padMultiple and capped at seq', () => {
-    expect(makeBatch(EXAMPLES, [0, 1], { batch: 2, seq: 16, padId: 0, padToLongest: true, padMultiple: 4 }).seq).toBe(
-      8,
-    );
-    expect(makeBatch(EXAMPLES, [0], { batch: 2, seq: 16, padId: 0, padToLongest: true }).seq).toBe(8);
-    expect(makeBatch(EXAMPLES, [1], { batch: 2, seq: 7, padId: 0, padToLongest: true }).seq).toBe(7);
-  });
-
   it('refuses an example longer than seq and too many indices', () => {
     expect(() => makeBatch(EXAMPLES, [1], { batch: 1, seq: 4, padId: 0 })).toThrow(/more than the sequence length 4/);
     expect(() => makeBatch(EXAMPLES, [0, 1], { batch: 1, seq: 16, padId: 0 })).toThrow(RangeError);

@@ -1,9 +1,10 @@
 /**
- * loadDataset() for the engine: the input read and tokenized (in whichever thread the engine
- * runs: the worker, when there is one), split into training and validation examples.
+ * loadDataset() for the engine: the input streamed, parsed and tokenized (in whichever thread the
+ * engine runs: the worker, when there is one) by data/load.ts, split into training and validation
+ * examples.
  */
 import type { Tokenizer } from '@webtune/models';
-import { DataError, type Example, fingerprintExamples, prepareDataset, splitHeldOut } from '../data/index.js';
+import { type ByteSource, DataError, type Example, readDataset } from '../data/index.js';
 import type { DatasetInput, DatasetStats, LoadDatasetOptions } from './types.js';
 
 export interface EngineDataset {
@@ -16,22 +17,25 @@ export interface EngineDataset {
 
 export const DEFAULT_SEQ = 256;
 
-async function readInput(input: DatasetInput): Promise<string> {
-  if (typeof input === 'string') return input;
-  if (typeof Blob !== 'undefined' && input instanceof Blob) return input.text();
+/** What the reader takes: the input itself, or under Node a file opened as a stream. */
+async function open(input: DatasetInput): Promise<{ source: ByteSource; name?: string }> {
+  if (typeof input === 'string') return { source: input };
+  if (typeof Blob !== 'undefined' && input instanceof Blob) {
+    const name = (input as { name?: unknown }).name;
+    return { source: input, ...(typeof name === 'string' && name ? { name } : {}) };
+  }
   if (typeof input === 'object' && input !== null && 'path' in input) {
-    const fs = (await import(/* @vite-ignore */ 'node:fs/promises')) as typeof import('node:fs/promises');
-    return fs.readFile(input.path, 'utf8');
+    // A Blob backed by the file on disk: read as a stream, its size known for progress.
+    const fs = (await import(/* @vite-ignore */ 'node:fs')) as {
+      openAsBlob(path: string): Promise<Blob>;
+    };
+    try {
+      return { source: await fs.openAsBlob(input.path), name: input.path.split(/[\\/]/).pop() ?? 'data' };
+    } catch (error) {
+      throw new DataError(input.path, undefined, `cannot be read (${String(error)})`, { cause: error });
+    }
   }
   throw new DataError('data', undefined, 'expected a File or Blob, a string, or under Node { path }');
-}
-
-function nameOf(input: DatasetInput, options: LoadDatasetOptions): string {
-  if (options.file) return options.file;
-  if (typeof input === 'object' && input !== null && 'name' in input && typeof input.name === 'string' && input.name)
-    return input.name;
-  if (typeof input === 'object' && input !== null && 'path' in input) return input.path.split(/[\\/]/).pop() ?? 'data';
-  return 'data';
 }
 
 export async function loadEngineDataset(
@@ -39,43 +43,40 @@ export async function loadEngineDataset(
   input: DatasetInput,
   options: LoadDatasetOptions & { seq: number },
 ): Promise<EngineDataset> {
-  const file = nameOf(input, options);
-  const content = await readInput(input);
-  options.onProgress?.({ type: 'tokenize', done: 0, total: content.length });
-  const format = options.format === undefined || options.format === 'auto' ? undefined : options.format;
-  if (format === 'csv' || format === 'tsv') throw new DataError(file, undefined, `${format} is not supported yet`);
-  const dataset = prepareDataset(tokenizer, content, {
+  const { source, name } = await open(input);
+  const file = options.file ?? name ?? 'data';
+  const data = await readDataset(tokenizer, source, {
     file,
     seq: options.seq,
-    ...(format ? { format } : {}),
+    ...(options.format ? { format: options.format } : {}),
+    ...(options.columns ? { columns: options.columns } : {}),
     ...(options.chat ? { chat: options.chat } : {}),
+    ...(options.skipBadLines ? { skipBadLines: true } : {}),
+    ...(options.validation ? { validation: options.validation } : {}),
+    ...(options.seed !== undefined ? { seed: options.seed } : {}),
+    ...(options.signal ? { signal: options.signal } : {}),
+    onProgress: (p) => options.onProgress?.({ type: 'tokenize', done: p.done, total: p.total }),
   });
-  options.onProgress?.({ type: 'tokenize', done: content.length, total: content.length });
-  const fraction = options.validation ?? 0;
-  const { train, heldOut } =
-    fraction > 0
-      ? splitHeldOut(dataset.examples, { lastFraction: fraction })
-      : { train: dataset.examples, heldOut: [] };
-  const all = [...train, ...heldOut];
-  const tokens = train.reduce((n, e) => n + e.inputIds.length, 0);
-  let trained = 0;
-  for (const e of train) for (let t = 1; t < e.labels.length; t++) if (e.labels[t] !== -100) trained++;
+  const s = data.stats;
   return {
-    train,
-    validation: heldOut,
-    longest: all.reduce((n, e) => Math.max(n, e.inputIds.length), 0),
+    train: data.train,
+    validation: data.validation,
+    longest: [...data.train, ...data.validation].reduce((n, e) => Math.max(n, e.inputIds.length), 0),
     stats: {
       file,
-      format: dataset.format,
-      seq: options.seq,
-      examples: train.length,
-      tokens,
-      trainedTokens: trained,
-      truncated: dataset.stats.truncated,
-      dropped: dataset.stats.dropped,
-      badLines: 0,
-      validation: heldOut.length,
-      fingerprint: fingerprintExamples(all),
+      format: data.format,
+      seq: data.seq,
+      records: s.records,
+      examples: s.examples,
+      tokens: s.tokens,
+      trainedTokens: s.trainedTokens,
+      truncated: s.truncated,
+      dropped: s.dropped,
+      badLines: s.badLines,
+      skippedLines: data.badLines,
+      validation: s.validation,
+      validationTokens: s.validationTokens,
+      fingerprint: data.fingerprint,
     },
   };
 }

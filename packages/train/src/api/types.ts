@@ -4,7 +4,7 @@
  * worker boundary unchanged; callbacks are the only functions.
  */
 import type { ChatMessage, LoadProgress } from '@webtune/models';
-import type { ChatOptions } from '../data/index.js';
+import type { ChatOptions, DatasetColumns } from '../data/index.js';
 import type { MemoryEstimate } from '../memory.js';
 import type { AdapterEntry, CheckpointMeta } from '../store/types.js';
 
@@ -108,8 +108,9 @@ export interface LoadDatasetOptions {
   /** Tokens per example (the training sequence length). Default 256, at most the model's context. */
   seq?: number;
   format?: 'auto' | 'text' | 'jsonl' | 'csv' | 'tsv';
-  /** CSV/TSV: which columns hold the text, or the prompt and completion. */
-  columns?: Readonly<Record<string, string>>;
+  /** CSV/TSV: the text column, the prompt and completion columns, or Alpaca's instruction, input
+   * and output (default: found by those names in the header). */
+  columns?: DatasetColumns;
   chat?: ChatOptions;
   /** Skip (and count) malformed lines instead of stopping at the first. Default false. */
   skipBadLines?: boolean;
@@ -136,6 +137,11 @@ export interface DatasetStats {
   /** Examples held out for validation. */
   readonly validation: number;
   readonly fingerprint: string;
+  /** Records read (lines, rows, or windows of plain text). */
+  readonly records: number;
+  readonly validationTokens: number;
+  /** The first malformed lines skipped (skipBadLines), with what was wrong. */
+  readonly skippedLines: readonly { readonly line: number; readonly reason: string }[];
 }
 
 /** One tokenized example for a preview: each token's text and whether it takes loss. */

@@ -51,12 +51,6 @@ export interface BatchOptions {
    * completed with empty rows (all padding, no loss), so every example is seen once per epoch.
    */
   dropLast?: boolean;
-  /**
-   * Pad each batch only to its longest row, rounded up to a multiple of padMultiple (default 8),
-   * instead of to seq. Default false (every batch B x seq: fixed GPU shapes).
-   */
-  padToLongest?: boolean;
-  padMultiple?: number;
   /** Resume from a saved cursor (seed and shuffle then come from the cursor). */
   cursor?: DataCursor;
 }
@@ -115,18 +109,18 @@ export function fingerprintExamples(examples: readonly Example[]): string {
 
 /**
  * One batch from the examples at `indices` (at most `batch` of them; missing rows are empty).
- * Rows are `seq` long, or with padToLongest the longest row rounded up to padMultiple.
+ * Rows are `seq` long: the trainer's GPU plan has fixed B x T shapes, so every batch is padded to
+ * seq (a batch padded only to its longest row would need a plan per length).
  */
 export function makeBatch(
   examples: readonly Example[],
   indices: readonly number[],
-  options: Pick<BatchOptions, 'batch' | 'seq' | 'padId' | 'padToLongest' | 'padMultiple'>,
+  options: Pick<BatchOptions, 'batch' | 'seq' | 'padId'>,
 ): Omit<Batch, 'epoch' | 'lastOfEpoch' | 'cursor'> {
   const { batch, padId } = options;
   checkCount('batch', batch, 1);
   checkCount('seq', options.seq, 2);
   if (indices.length > batch) throw new RangeError(`${indices.length} examples do not fit a batch of ${batch}`);
-  let longest = 0;
   for (const i of indices) {
     const example = examples[i];
     if (example === undefined) throw new RangeError(`example index ${i} is out of range (${examples.length} examples)`);
@@ -136,14 +130,8 @@ export function makeBatch(
         `example ${i} has ${n} tokens, more than the sequence length ${options.seq} (tokenize with the same seq to truncate)`,
       );
     }
-    longest = Math.max(longest, n);
   }
-  let seq = options.seq;
-  if (options.padToLongest) {
-    const multiple = options.padMultiple ?? 8;
-    checkCount('padMultiple', multiple, 1);
-    seq = Math.min(options.seq, Math.max(multiple, Math.ceil(longest / multiple) * multiple));
-  }
+  const seq = options.seq;
   const inputIds = new Int32Array(batch * seq).fill(padId); // (batch, seq)
   const labels = new Int32Array(batch * seq).fill(IGNORE_INDEX); // (batch, seq)
   const lengths = new Int32Array(batch); // (batch)

@@ -14,6 +14,8 @@
  *   ids. This is exactly `webtune eval`'s windowing (tools/golden_forward.py's eval record).
  * - {"text"}: tokenized with the default special tokens, then EOS appended when the tokenizer has
  *   one and did not already end the ids with it. Labels = ids.
+ * - {"instruction","input","output"} (Alpaca): as {"prompt","completion"} with the prompt written by
+ *   Alpaca's template (jsonl.ts alpacaPrompt) and the output as the completion.
  * - {"prompt","completion"}: the prompt with the default special tokens, then the completion
  *   tokenized on its own without special tokens, then EOS. Labels -100 on the prompt's tokens.
  *   (The two are tokenized separately, so a SentencePiece tokenizer spells the completion's first
@@ -35,7 +37,7 @@
  */
 import type { ChatMessage, Tokenizer } from '@webtune/models';
 import { DataError } from './errors.js';
-import type { DataFormat, DataRecord, MessagesRecord } from './jsonl.js';
+import { alpacaPrompt, type DataFormat, type DataRecord, type MessagesRecord } from './jsonl.js';
 
 /** The label of a position that takes no loss (PyTorch's cross_entropy ignore_index). */
 export const IGNORE_INDEX = -100;
@@ -184,6 +186,23 @@ function withEos(ids: number[], eos: number | undefined): number[] {
   return ids;
 }
 
+/** The prompt with the default special tokens, then the completion without them and EOS; loss on the completion. */
+function promptCompletion(
+  tokenizer: Tokenizer,
+  promptText: string,
+  completionText: string,
+  eos: number | undefined,
+  format: 'prompt-completion' | 'alpaca',
+  line: number,
+): Example {
+  const prompt = tokenizer.encode(promptText);
+  const completion = withEos(tokenizer.encode(completionText, { addSpecialTokens: false }), eos);
+  const inputIds = Int32Array.from([...prompt, ...completion]);
+  const labels = inputIds.slice();
+  labels.fill(IGNORE_INDEX, 0, prompt.length);
+  return { inputIds, labels, format, line };
+}
+
 function tokenizeRecord(
   tokenizer: Tokenizer,
   record: DataRecord,
@@ -196,13 +215,11 @@ function tokenizeRecord(
       const inputIds = Int32Array.from(withEos(tokenizer.encode(record.text), eos));
       return [{ inputIds, labels: inputIds.slice(), format: 'text', line }];
     }
-    case 'prompt-completion': {
-      const prompt = tokenizer.encode(record.prompt);
-      const completion = withEos(tokenizer.encode(record.completion, { addSpecialTokens: false }), eos);
-      const inputIds = Int32Array.from([...prompt, ...completion]);
-      const labels = inputIds.slice();
-      labels.fill(IGNORE_INDEX, 0, prompt.length);
-      return [{ inputIds, labels, format: 'prompt-completion', line }];
+    case 'prompt-completion':
+      return [promptCompletion(tokenizer, record.prompt, record.completion, eos, 'prompt-completion', line)];
+    case 'alpaca': {
+      const { prompt, completion } = alpacaPrompt(record);
+      return [promptCompletion(tokenizer, prompt, completion, eos, 'alpaca', line)];
     }
     case 'messages':
       return chatExamples(tokenizer, record, options.file, options.chat ?? {});

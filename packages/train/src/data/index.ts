@@ -3,5 +3,7 @@ export * from './dataset.js';
 export * from './errors.js';
 export * from './examples.js';
 export * from './jsonl.js';
+export * from './load.js';
 export * from './random.js';
 export * from './stats.js';
+export * from './stream.js';

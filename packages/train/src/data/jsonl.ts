@@ -4,6 +4,9 @@
  *   {"text": "..."}                                    plain text, trained on every token
  *   {"prompt": "...", "completion": "..."}             trained on the completion only
  *   {"messages": [{"role": "...", "content": "..."}]}  a conversation, trained on the assistant turns
+ *   {"instruction": "...", "input": "...", "output": "..."}
+ *                                                      Alpaca: the instruction (and optional input)
+ *                                                      in Alpaca's prompt template, trained on the output
  *
  * Blank (empty or whitespace-only) lines are skipped; every other line must be one valid record.
  * A line that is not JSON, is not an object, has none of the formats' keys, mixes formats, or
@@ -17,7 +20,7 @@
 import type { ChatMessage } from '@webtune/models';
 import { DataError } from './errors.js';
 
-export type DataFormat = 'text' | 'prompt-completion' | 'messages';
+export type DataFormat = 'text' | 'prompt-completion' | 'messages' | 'alpaca';
 
 export interface TextRecord {
   format: 'text';
@@ -41,16 +44,51 @@ export interface MessagesRecord {
   messages: ChatMessage[];
 }
 
-export type DataRecord = TextRecord | PromptCompletionRecord | MessagesRecord;
+export interface AlpacaRecord {
+  format: 'alpaca';
+  line: number;
+  instruction: string;
+  /** Optional context ("" when absent). */
+  input: string;
+  output: string;
+}
+
+export type DataRecord = TextRecord | PromptCompletionRecord | MessagesRecord | AlpacaRecord;
+
+/**
+ * Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, PROMPT_DICT): how an
+ * Alpaca record becomes a prompt; the output is the completion. The cluster job script applies the
+ * same two strings.
+ */
+export const ALPACA_PROMPT_WITH_INPUT =
+  'Below is an instruction that describes a task, paired with an input that provides further context. ' +
+  'Write a response that appropriately completes the request.\n\n' +
+  '### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n';
+export const ALPACA_PROMPT_NO_INPUT =
+  'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' +
+  '### Instruction:\n{instruction}\n\n### Response:\n';
+
+/** An Alpaca record as the prompt and completion it is trained as. */
+export function alpacaPrompt(record: { instruction: string; input?: string; output: string }): {
+  prompt: string;
+  completion: string;
+} {
+  const input = record.input ?? '';
+  const template = input.trim() === '' ? ALPACA_PROMPT_NO_INPUT : ALPACA_PROMPT_WITH_INPUT;
+  // Replaced by function so that "$&" and friends in the user's text stay literal.
+  const prompt = template.replace('{instruction}', () => record.instruction).replace('{input}', () => input);
+  return { prompt, completion: record.output };
+}
 
 /** The keys that select each format; a line's format is the one whose keys it has. */
 const FORMAT_KEYS: Record<DataFormat, readonly string[]> = {
   text: ['text'],
   'prompt-completion': ['prompt', 'completion'],
   messages: ['messages'],
+  alpaca: ['instruction', 'output'],
 };
 
-const FORMATS_HINT = 'expected {"text"}, {"prompt", "completion"} or {"messages"}';
+const FORMATS_HINT = 'expected {"text"}, {"prompt", "completion"}, {"messages"} or {"instruction", "input", "output"}';
 
 export interface JsonlReading {
   /** The valid records, in file order. */
@@ -138,6 +176,17 @@ export function parseLine(raw: string, file: string, line: number): DataRecord |
     if (typeof completion !== 'string') return fail(`"completion" must be a string, got ${describe(completion)}`);
     if (completion.trim() === '') return fail(`"completion" is empty${completion === '' ? '' : ' (only whitespace)'}`);
     return { format, line, prompt, completion };
+  }
+  if (format === 'alpaca') {
+    if (!Object.hasOwn(obj, 'instruction')) return fail('has "output" but no "instruction"');
+    if (!Object.hasOwn(obj, 'output')) return fail('has "instruction" but no "output"');
+    const { instruction, output } = obj;
+    const input = obj.input ?? '';
+    if (typeof instruction !== 'string') return fail(`"instruction" must be a string, got ${describe(instruction)}`);
+    if (typeof input !== 'string') return fail(`"input" must be a string, got ${describe(input)}`);
+    if (typeof output !== 'string') return fail(`"output" must be a string, got ${describe(output)}`);
+    if (output.trim() === '') return fail(`"output" is empty${output === '' ? '' : ' (only whitespace)'}`);
+    return { format, line, instruction, input, output };
   }
   const messages = obj.messages;
   if (!Array.isArray(messages)) return fail(`"messages" must be a list of {role, content}, got ${describe(messages)}`);
