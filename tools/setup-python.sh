@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates tools/.venv, the Python oracle for the golden-data generators in tools/*.py
-# (torch, transformers, peft, safetensors, numpy), offline from this machine's local wheel mirror.
+# (torch, transformers, peft, safetensors, numpy; trl, accelerate and datasets for the cluster job
+# script that adapters.exportJob() writes), offline from this machine's local wheel mirror.
 #
 # Run from anywhere:   bash tools/setup-python.sh
 # Then, e.g.:          tools/.venv/bin/python tools/convert_stories260k.py
@@ -14,8 +15,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.venv"
 python="${PYTHON:-python3}"
-packages=(torch transformers peft safetensors numpy)
-check='import torch, transformers, peft, safetensors, numpy, tokenizers'
+packages=(torch transformers peft safetensors numpy trl accelerate datasets)
+check='import torch, transformers, peft, safetensors, numpy, tokenizers, trl, accelerate, datasets'
 
 if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c "$check" 2>/dev/null; then
   echo "tools/.venv is ready: $("$venv/bin/python" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"
