@@ -117,7 +117,8 @@ class CacheApiStore implements Store {
   }
 
   async put(base: string, name: string, body: ReadableStream<Uint8Array>, size: number): Promise<void> {
-    const headers = { 'Content-Length': String(size), 'Content-Type': 'application/octet-stream' };
+    const headers: Record<string, string> = { 'Content-Type': 'application/octet-stream' };
+    if (size > 0) headers['Content-Length'] = String(size);
     await (await this.open()).put(base + name, new Response(body, { headers }));
   }
 
@@ -318,30 +319,47 @@ function checkConfig(text: string, where: string): void {
   parseModelConfig(json, `${where}/config.json`);
 }
 
-/** Streams `res`'s body, counting bytes for progress. */
-function counted(res: Response, file: string, total: number, options: DownloadOptions): ReadableStream<Uint8Array> {
-  let loaded = 0;
+/**
+ * Streams `res`'s body, counting bytes for progress; `counter.loaded` is the file's size once the
+ * stream ends. `total` is the expected size (0 when unknown: then it is not checked).
+ */
+function counted(
+  res: Response,
+  file: string,
+  total: number,
+  options: DownloadOptions,
+  counter: { loaded: number },
+  where: string,
+): ReadableStream<Uint8Array> {
   let last = 0;
   const body = res.body as ReadableStream<Uint8Array>;
   return body.pipeThrough(
     new TransformStream<Uint8Array, Uint8Array>({
       transform(chunk, controller) {
-        loaded += chunk.length;
+        counter.loaded += chunk.length;
         const now = Date.now();
-        if (now - last > 100 || loaded === total) {
+        if (now - last > 100) {
           last = now;
-          options.onProgress?.({ file, loaded, total });
+          options.onProgress?.({ file, loaded: counter.loaded, total: Math.max(total, counter.loaded) });
         }
         controller.enqueue(chunk);
       },
       flush() {
-        if (loaded !== total && total > 0)
-          throw new ModelFileError(file, file, `the download ended after ${loaded} of ${total} bytes`);
-        options.onProgress?.({ file, loaded, total });
+        if (total > 0 && counter.loaded !== total)
+          throw new ModelFileError(where, file, `the download ended after ${counter.loaded} of ${total} bytes`);
+        options.onProgress?.({ file, loaded: counter.loaded, total: counter.loaded });
       },
     }),
     options.signal ? { signal: options.signal } : {},
   );
+}
+
+/** The body's length in bytes, when the server states it (a compressed body's length is not the file's). */
+function bodyLength(res: Response): number {
+  const encoding = res.headers.get('content-encoding');
+  if (encoding && encoding.toLowerCase() !== 'identity') return 0;
+  const length = Number(res.headers.get('content-length') ?? Number.NaN);
+  return Number.isSafeInteger(length) && length >= 0 ? length : 0;
 }
 
 async function get(url: string, options: DownloadOptions, where: string, name: string): Promise<Response | undefined> {
@@ -449,8 +467,7 @@ async function download(
       if (required) throw new ModelFileError(where, name, 'not found');
       return false;
     }
-    const length = Number(res.headers.get('content-length') ?? Number.NaN);
-    const size = sizes?.get(name) ?? (Number.isFinite(length) ? length : 0);
+    const size = sizes?.get(name) ?? bodyLength(res);
     if (name === 'config.json' || name === INDEX) {
       const text = await res.text();
       if (name === 'config.json') checkConfig(text, where);
@@ -460,8 +477,9 @@ async function download(
       options.onProgress?.({ file: name, loaded: bytes.length, total: bytes.length });
       return true;
     }
-    await store.put(base, name, counted(res, name, size, options), size);
-    files.push({ name, size });
+    const counter = { loaded: 0 };
+    await store.put(base, name, counted(res, name, size, options, counter, where), size);
+    files.push({ name, size: counter.loaded });
     return true;
   };
   await fetchInto('config.json', true);

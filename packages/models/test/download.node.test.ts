@@ -7,6 +7,7 @@ import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   cachedUrlSource,
@@ -39,6 +40,20 @@ let throttle = 0;
 function serve(req: IncomingMessage, res: ServerResponse): void {
   const url = new URL(req.url ?? '/', 'http://x');
   log.push(url.pathname);
+  const gz = /^\/gzip\/(.+)$/.exec(url.pathname);
+  if (gz) {
+    // A host that compresses every answer and states the compressed length (as vite preview and
+    // many static hosts do).
+    let body: Buffer;
+    try {
+      body = gzipSync(readFileSync(join(repos['test/stories'] as string, decodeURIComponent(gz[1] as string))));
+    } catch {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { 'Content-Encoding': 'gzip', 'Content-Length': body.length }).end(body);
+    return;
+  }
   const tree = /^\/api\/models\/([^/]+\/[^/]+)\/tree\/([^/?]+)$/.exec(url.pathname);
   const resolve = /^\/([^/]+\/[^/]+)\/resolve\/([^/]+)\/(.+)$/.exec(url.pathname);
   const repo = tree?.[1] ?? resolve?.[1];
@@ -188,6 +203,17 @@ describe('hubModelSource', () => {
     const again = await cachedUrlSource(url, { cacheDir, fetch: async () => Promise.reject(new TypeError('offline')) });
     expect(again.fromCache).toBe(true);
     expect((await loadModelConfig(again.source)).architecture).toBe('Qwen3ForCausalLM');
+  });
+});
+
+describe('cachedUrlSource over a compressing host', () => {
+  it('stores the files’ real sizes, not the compressed lengths', async () => {
+    const opened = await cachedUrlSource(`${endpoint}/gzip/`, { cacheDir: join(work, 'cache-gz') });
+    const weights = await openModelWeights(opened.source);
+    const direct = await openModelWeights(directorySource(repos['test/stories'] as string));
+    const name = weights.names()[1] as string;
+    expect(await weights.readTensor(name)).toEqual(await direct.readTensor(name));
+    expect(await opened.source.size('model.safetensors')).toBe(1_044_992);
   });
 });
 

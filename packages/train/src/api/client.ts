@@ -17,7 +17,7 @@ import type { CachedModel } from '@webtune/models';
 import { proxy, type Remote, releaseProxy, transfer, wrap } from 'comlink';
 import { defaultRunName } from '../run/config.js';
 import { CheckpointNotFoundError } from '../store/errors.js';
-import { TrainerEngine } from './engine.js';
+import type { TrainerEngine } from './engine.js';
 import { installErrorTransfer } from './transfer.js';
 import type {
   AdapterEntry,
@@ -82,6 +82,8 @@ export async function createTrainer(options: CreateTrainerOptions = {}): Promise
     ...(options.gpu ? { gpu: options.gpu } : {}),
   };
   if (want === false) {
+    // Loaded only here, so a page whose trainer runs in the worker does not download the engine.
+    const { TrainerEngine } = await import('./engine.js');
     const engine = new TrainerEngine();
     await engine.init(init);
     return new Trainer(engine, undefined);
