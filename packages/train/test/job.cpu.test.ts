@@ -8,6 +8,7 @@ import { describe, expect, it } from 'vitest';
 import type { Example } from '../src/data/index.js';
 import {
   buildTrainingJob,
+  jobReadme,
   jsonlChunks,
   TrainingJobError,
   type TrainingJobInput,
@@ -80,7 +81,7 @@ describe('buildTrainingJob: the zip', () => {
     expect(readme).toContain('accelerate launch train.py');
     expect(readme).toContain(`\`${TINY_LLAMA_ID}\``);
     expect(readme).toContain('r 4, alpha 8');
-    expect(readme).toContain('40 steps of 2 x 3 sequences');
+    expect(readme).toContain('40 steps of 2 x 3 sequences, AdamW lr 0.0003, cosine schedule, 3 warmup steps, seed 7');
   });
 
   it('writes data files that reproduce the examples exactly: ids and loss masks', () => {
@@ -254,7 +255,8 @@ describe('job.json', () => {
         training: {
           ...TRAINING,
           optimizer: { ...TRAINING.optimizer, maxGradNorm: null },
-          schedule: { kind: 'constant', warmupSteps: 0 },
+          // webtune's and transformers' 'constant' both ignore warmup: passed through as it is.
+          schedule: { kind: 'constant', warmupSteps: 5 },
           epochs: undefined,
           checkpointEvery: undefined,
           evalEvery: undefined,
@@ -262,10 +264,11 @@ describe('job.json', () => {
         },
       }),
     );
+    expect(jobReadme(job)).toContain('constant schedule, no warmup');
     expect(job.training).toMatchObject({
       max_grad_norm: 0,
       lr_scheduler_type: 'constant',
-      warmup_steps: 0,
+      warmup_steps: 5,
       num_train_epochs: 1,
       save_steps: 0,
       eval_steps: 40,

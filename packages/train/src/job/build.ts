@@ -75,6 +75,8 @@ export function jobReadme(job: TrainingJobJson): string {
   const { lora: l, training: t, data: d } = job;
   const scale = l.use_rslora ? 'alpha / sqrt(r) (rsLoRA)' : 'alpha / r';
   const validation = d.validation === null ? 'no validation split' : `${d.validation_examples} validation examples`;
+  // transformers' (and webtune's) 'constant' schedule has no warmup, whatever warmup_steps says.
+  const warmup = t.lr_scheduler_type === 'constant' ? 'no warmup' : `${t.warmup_steps} warmup steps`;
   const lines = [
     `# ${job.name}: a webtune training job`,
     '',
@@ -83,7 +85,7 @@ export function jobReadme(job: TrainingJobJson): string {
     `- Base model: \`${job.base_model.name_or_path}\` (${job.base_model.architecture ?? job.base_model.model_type})`,
     `- LoRA: r ${l.r}, alpha ${l.lora_alpha}, scale ${scale}, on ${job.adapter.modules.length} modules (${describeTargets(l.target_modules)}); trained ${job.adapter.steps_trained} steps in webtune`,
     `- Data: ${d.train_examples} training examples (${d.train_tokens} tokens, ${d.train_trained_tokens} with loss), ${validation}, at most ${t.max_length} tokens each`,
-    `- Training: ${t.max_steps} steps of ${t.per_device_train_batch_size} x ${t.gradient_accumulation_steps} sequences, AdamW lr ${t.learning_rate}, ${t.lr_scheduler_type} schedule, ${t.warmup_steps} warmup steps, seed ${t.seed}`,
+    `- Training: ${t.max_steps} steps of ${t.per_device_train_batch_size} x ${t.gradient_accumulation_steps} sequences, AdamW lr ${t.learning_rate}, ${t.lr_scheduler_type} schedule, ${warmup}, seed ${t.seed}`,
     '',
   ];
   return `${lines.join('\n')}${readmeBody}`;
