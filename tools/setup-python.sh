@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates tools/.venv, the Python oracle for the golden-data generators in tools/*.py
-# (torch, transformers, peft, safetensors, numpy) and for the training-job script's tests (trl,
-# accelerate, datasets), offline from this machine's local wheel mirror. The tests and the
-# benchmark find it through tools/python.ts ($WEBTUNE_PYTHON, .venv, tools/.venv, python3).
+# (torch, transformers, peft, safetensors, numpy; trl, accelerate and datasets for the cluster job
+# script that adapters.exportJob() writes), offline from this machine's local wheel mirror. The
+# tests and the benchmark find it through tools/python.ts ($WEBTUNE_PYTHON, .venv, tools/.venv,
+# python3 on PATH).
 #
 # Run from anywhere:   bash tools/setup-python.sh
 # Then, e.g.:          tools/.venv/bin/python tools/convert_stories260k.py

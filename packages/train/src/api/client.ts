@@ -13,6 +13,7 @@
  *   const { text } = await trainer.generate('Hello', { adapter: adapter?.name });
  */
 import { WebtuneError } from '@webtune/core';
+import type { CachedModel } from '@webtune/models';
 import { proxy, type Remote, releaseProxy, transfer, wrap } from 'comlink';
 import { defaultRunName } from '../run/config.js';
 import { CheckpointNotFoundError } from '../store/errors.js';
@@ -162,6 +163,16 @@ export class Trainer {
     const { onProgress, signal, ...rest } = options;
     const input = source instanceof URL ? source.href : source;
     return this.cancellable(signal, (op) => this.engine.loadModel(input, rest, this.callback(onProgress), op));
+  }
+
+  /** Models downloaded and kept for offline use. */
+  cachedModels(): Promise<CachedModel[]> {
+    return this.engine.cachedModels();
+  }
+
+  /** Frees a cached model's disk space (it downloads again next time). */
+  deleteCachedModel(id: string): Promise<boolean> {
+    return this.engine.deleteCachedModel(id);
   }
 
   /** The loaded model's description, if any. */

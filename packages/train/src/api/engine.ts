@@ -10,13 +10,17 @@
  */
 import { createGpuContext, type GpuContext, WebtuneError } from '@webtune/core';
 import {
+  type CachedModel,
   type CausalLM,
   type ChatMessage,
+  deleteCachedModel,
   filesSource,
   GenerationCancelled,
   Generator,
+  listCachedModels,
   loadModel,
   loadTokenizer,
+  modelFingerprint,
   namedModules,
   parameterCount,
   type Tokenizer,
@@ -44,7 +48,7 @@ import type { AdapterEntry, CheckpointMeta, TrainerStorage } from '../store/type
 import { DEFAULT_SEQ, type EngineDataset, loadEngineDataset } from './dataset.js';
 import { BaseModelMismatchError, NoSuchRunError, NotLoadedError, RunMismatchError } from './errors.js';
 import { withTrainingLock } from './locks.js';
-import { fingerprintModel, openModelInput } from './sources.js';
+import { openModelInput } from './sources.js';
 import {
   type CreateTrainerOptions,
   type DatasetInput,
@@ -287,7 +291,7 @@ export class TrainerEngine {
       const ctx = await this.device();
       const [tokenizer, fingerprint] = await Promise.all([
         loadTokenizer(opened.source),
-        fingerprintModel(opened.source),
+        modelFingerprint(opened.source),
       ]);
       signal?.throwIfAborted();
       // The previous model, its dataset and adapters go first: their GPU memory is needed.
@@ -326,6 +330,15 @@ export class TrainerEngine {
       this.end(operation);
       release(onProgress);
     }
+  }
+
+  /** Models downloaded and kept for offline use (Cache API in browsers, a folder under Node). */
+  cachedModels(): Promise<CachedModel[]> {
+    return listCachedModels();
+  }
+
+  deleteCachedModel(id: string): Promise<boolean> {
+    return deleteCachedModel(id);
   }
 
   async modelInfo(): Promise<ModelInfo | undefined> {
