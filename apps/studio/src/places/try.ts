@@ -151,9 +151,6 @@ export class TryPlace {
         },
         label,
       );
-    const library = studio.trainer.adapters as typeof studio.trainer.adapters & {
-      exportJob?: (name: string) => Promise<Blob>;
-    };
     return el(
       'tr',
       { 'data-adapter': a.name },
@@ -172,11 +169,7 @@ export class TryPlace {
           for (const [name, blob] of Object.entries(files)) download(blob, name);
         }),
         act('Zip', async () => download(await studio.trainer.adapters.exportZip(a.name), `${a.name}.zip`)),
-        library.exportJob
-          ? act('Cluster job', async () =>
-              download(await (library.exportJob as (n: string) => Promise<Blob>)(a.name), `${a.name}-job.zip`),
-            )
-          : null,
+        act('Cluster job', async () => download(await studio.trainer.adapters.exportJob(a.name), `${a.name}-job.zip`)),
         act('Continue training', async () => {
           studio.continueFrom = a.name;
           studio.go('configure');

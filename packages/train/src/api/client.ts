@@ -362,6 +362,16 @@ export class AdapterLibrary {
     return new Blob([zip as Uint8Array<ArrayBuffer>], { type: 'application/zip' });
   }
 
+  /**
+   * A zip to continue training on a cluster with Hugging Face TRL + PEFT (`accelerate launch
+   * train.py`): the adapter, the loaded dataset as tokenized JSONL, job.json with the run's
+   * settings, and the script. The base model and the adapter's data must be loaded.
+   */
+  async exportJob(name: string): Promise<Blob> {
+    const zip = await this.engine.exportJob(name);
+    return new Blob([zip as Uint8Array<ArrayBuffer>], { type: 'application/zip' });
+  }
+
   /** Adds a PEFT adapter: its two files (a picked folder, a drop), a zip of them, or a map of name -> Blob. */
   async import(files: AdapterImport, options: { name?: string } = {}): Promise<AdapterEntry> {
     const list: { name: string; data: Blob | Uint8Array }[] = [];

@@ -25,10 +25,11 @@ import {
   parameterCount,
   type Tokenizer,
 } from '@webtune/models';
-import { releaseProxy } from 'comlink';
+import { releaseProxy, transfer } from 'comlink';
 import { strToU8, unzipSync, zipSync } from 'fflate';
 import { type LoadedAdapter, loadAdapter } from '../adapter.js';
 import { padIdOf } from '../data/index.js';
+import { buildTrainingJob } from '../job/index.js';
 import {
   ADAPTER_CONFIG_FILE,
   ADAPTER_WEIGHTS_FILE,
@@ -736,6 +737,50 @@ export class TrainerEngine {
       },
       { level: 6 },
     );
+  }
+
+  /**
+   * A zip that continues this adapter's training on a cluster with TRL + PEFT (job/): the adapter,
+   * the examples of the loaded dataset (the one it was trained on, when it was trained here), the
+   * run's settings as job.json, and train.py. Needs the base model loaded.
+   */
+  async exportJob(name: string): Promise<Uint8Array> {
+    const { model, info } = await this.requireModel('exportJob');
+    const dataset = this.requireDataset('exportJob');
+    const entry = await this.store().getAdapter(name);
+    const files = await this.store().readAdapterFiles(name);
+    if (!entry || !files) throw new AdapterNotFoundError(name);
+    this.checkAdapterBase(entry, info);
+    if (entry.datasetFingerprint !== undefined && entry.datasetFingerprint !== dataset.stats.fingerprint)
+      throw new RunMismatchError(
+        name,
+        'dataset',
+        `the job carries the data the adapter was trained on; load that file again (with the same sequence length, split and seed) before exporting the job`,
+      );
+    const resolved = resolveLoraTargets(entry.config, namedModules(model.config), model.config.modelType);
+    // An imported adapter has no run of its own: the job gets the defaults on the loaded data.
+    const training =
+      (entry.training as unknown as RunConfig | undefined) ??
+      resolveRunConfig(
+        { name, from: name },
+        {
+          stats: dataset.stats,
+          datasetSeq: dataset.stats.seq,
+          longestExample: dataset.longest,
+          maxPositions: info.maxPositions,
+          fromConfig: entry.config,
+        },
+      );
+    const zip = buildTrainingJob({
+      name,
+      adapter: files,
+      resolved,
+      baseModel: { id: entry.baseModel ?? info.id, modelType: info.modelType, architecture: info.architecture },
+      training,
+      data: { train: dataset.train, validation: dataset.validation },
+      stepsTrained: entry.steps,
+    });
+    return transfer(zip, [zip.buffer]);
   }
 
   /**
