@@ -217,7 +217,8 @@ class FolderStore implements Store {
     const fs = await nodeFs();
     const path = `${this.dir(base)}/${name}`;
     await fs.mkdir(path.slice(0, path.lastIndexOf('/')), { recursive: true });
-    const partial = `${path}.partial`;
+    // Unique per writer: two processes downloading the same model do not write one file.
+    const partial = `${path}.partial-${(globalThis as { process?: { pid?: number } }).process?.pid ?? 0}-${Math.random().toString(36).slice(2)}`;
     const handle = await fs.open(partial, 'w');
     try {
       const reader = body.getReader();
@@ -363,6 +364,7 @@ function bodyLength(res: Response): number {
 }
 
 async function get(url: string, options: DownloadOptions, where: string, name: string): Promise<Response | undefined> {
+  // (The Hub lists a gated repository's files to anyone and refuses the downloads: X-Error-Code says so.)
   const doFetch = options.fetch ?? ((u: string, i?: RequestInit) => globalThis.fetch(u, i));
   let res: Response;
   try {
@@ -379,6 +381,14 @@ async function get(url: string, options: DownloadOptions, where: string, name: s
   }
   if (!res.ok) {
     await res.body?.cancel();
+    const code = res.headers.get('x-error-code');
+    if (code === 'GatedRepo' || ((res.status === 401 || res.status === 403) && code !== 'RepoNotFound'))
+      throw new HubRepoError(
+        where,
+        res.status,
+        'is gated or private: accept its terms on huggingface.co and download it yourself, then open the folder',
+      );
+    if (code === 'RepoNotFound') throw new HubRepoError(where, res.status, 'does not exist');
     throw new ModelFileError(where, name, `HTTP ${res.status}${res.statusText ? ` ${res.statusText}` : ''}`);
   }
   const type = res.headers.get('content-type') ?? '';
@@ -428,14 +438,23 @@ async function listHub(repo: string, options: DownloadOptions): Promise<Map<stri
     }
   } catch (error) {
     const status = (error as { statusCode?: number }).statusCode;
+    const said = `${(error as { data?: { error?: string } }).data?.error ?? ''} ${(error as Error).message ?? ''}`;
+    // Without a token the Hub answers 401 both for a private repository and for one that does not
+    // exist; its message tells them apart.
+    if (status === 404 || /repository not found/i.test(said))
+      throw new HubRepoError(
+        repo,
+        status ?? 404,
+        'does not exist (check the spelling: "owner/name", as on huggingface.co)',
+      );
+    if (/revision not found|invalid rev/i.test(said))
+      throw new HubRepoError(repo, status ?? 404, `has no revision ${JSON.stringify(options.revision ?? 'main')}`);
     if (status === 401 || status === 403)
       throw new HubRepoError(
         repo,
         status,
         'is gated or private: webtune downloads public models only; download it yourself and open the folder',
       );
-    if (status === 404)
-      throw new HubRepoError(repo, 404, 'does not exist (check the spelling: "owner/name", as on huggingface.co)');
     if (status !== undefined) throw new HubRepoError(repo, status, `the Hub answered HTTP ${status}`);
     throw new ModelFileError(repo, 'file list', `the Hub could not be reached (${String(error)}); are you offline?`, {
       cause: error,
@@ -499,6 +518,22 @@ async function download(
   return manifest;
 }
 
+/** download(), removing what it stored when it fails (an incomplete model only takes space). */
+async function downloadOrClean(
+  store: Store,
+  id: string,
+  base: string,
+  sizes: Map<string, number> | undefined,
+  options: DownloadOptions,
+): Promise<Manifest> {
+  try {
+    return await download(store, id, base, sizes, options);
+  } catch (error) {
+    await store.remove(base).catch(() => undefined);
+    throw error;
+  }
+}
+
 export interface OpenedModelSource {
   readonly source: ModelSource;
   /** The Hub id or URL, for base_model_name_or_path. */
@@ -521,7 +556,7 @@ export async function hubModelSource(repo: string, options: DownloadOptions = {}
   const cached = await store.manifest(base);
   if (cached) return { source: store.source(cached), id: repo, fromCache: true };
   const sizes = await listHub(repo, options);
-  const manifest = await download(store, repo, base, sizes, options);
+  const manifest = await downloadOrClean(store, repo, base, sizes, options);
   return { source: store.source(manifest), id: repo, fromCache: false };
 }
 
@@ -533,7 +568,7 @@ export async function cachedUrlSource(url: string, options: DownloadOptions = {}
   if (!store) return { source: urlSource(base, options.fetch), id: url, fromCache: false };
   const cached = await store.manifest(base);
   if (cached) return { source: store.source(cached), id: url, fromCache: true };
-  const manifest = await download(store, url, base, undefined, options);
+  const manifest = await downloadOrClean(store, url, base, undefined, options);
   return { source: store.source(manifest), id: url, fromCache: false };
 }
 

@@ -190,6 +190,8 @@ describe('hubModelSource', () => {
       throttle = 0;
     }
     expect(await listCachedModels({ cacheDir })).toEqual([]);
+    // What was stored before the abort is gone too.
+    expect(readdirSync(cacheDir)).toEqual([]);
     const again = await hubModelSource('test/stories', { endpoint, cacheDir });
     expect(again.fromCache).toBe(false);
     expect((await listCachedModels({ cacheDir })).map((m) => m.id)).toEqual(['test/stories']);
