@@ -49,7 +49,7 @@ export default defineConfig({
       {
         test: {
           name: 'node',
-          include: [...gpuTests, ...e2eTests],
+          include: gpuTests,
           environment: 'node',
           pool: 'forks',
           testTimeout: 120_000,
@@ -60,6 +60,20 @@ export default defineConfig({
       },
       chromium('chromium-swiftshader', 'swiftshader'),
       chromium('chromium-lavapipe', 'lavapipe'),
+      {
+        // The end-to-end specs run after the rest (`npm test` starts them on their own), one file
+        // at a time: they time the studio's main thread, which other tests would slow down.
+        test: {
+          name: 'e2e',
+          include: e2eTests,
+          environment: 'node',
+          pool: 'forks',
+          fileParallelism: false,
+          testTimeout: 600_000,
+          hookTimeout: 600_000,
+          env: { XDG_RUNTIME_DIR: '/tmp' },
+        },
+      },
     ],
   },
 });

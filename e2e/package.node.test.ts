@@ -187,6 +187,35 @@ describe('a fresh Vite app with the packed @webtune/train', () => {
     await page.close();
   }, 600_000);
 
+  it('reports a full storage quota clearly and keeps what was saved before', async () => {
+    const page = await newPage();
+    const origin = new URL(url).origin;
+    const cdp = await context.newCDPSession(page);
+    const usage = await page.evaluate(async () => (await navigator.storage.estimate()).usage ?? 0);
+    // Room for a few kilobytes more: the run's first checkpoint does not fit.
+    await cdp.send('Storage.overrideQuotaForOrigin', { origin, quotaSize: usage + 4096 });
+    try {
+      const result = await page.evaluate(() =>
+        (window as never as { app: { train(n: string, s: number): Promise<unknown> } }).app.train('too-big', 4).then(
+          () => 'trained',
+          (e: Error) => `${e.name}: ${e.message}`,
+        ),
+      );
+      expect(result).toMatch(/^StorageQuotaError: not enough storage to save the checkpoint of run "too-big"/);
+    } finally {
+      await cdp.send('Storage.overrideQuotaForOrigin', { origin });
+    }
+    const adapters = await page.evaluate(() =>
+      (window as never as { app: { adapters(): Promise<{ name: string }[]> } }).app.adapters(),
+    );
+    expect(adapters.map((a) => a.name)).toEqual(['whole']);
+    const exported = await page.evaluate(() =>
+      (window as never as { app: { exported(n: string): Promise<{ config: { r: number } }> } }).app.exported('whole'),
+    );
+    expect(exported.config.r).toBe(4);
+    await page.close();
+  }, 600_000);
+
   it('survives a reload mid-run and resumes to the same final loss', async () => {
     const page = await newPage();
     await page.evaluate(() =>

@@ -249,6 +249,9 @@ describe('webtune studio (production build)', () => {
     await page.setInputFiles('#data-file', bad);
     await page.waitForSelector('#error strong');
     expect(await page.textContent('#error')).toMatch(/notes\.jsonl, line 3: not valid JSON/);
+    // Both records for training (none held out), so the preview shows the HTML one.
+    await page.click('#place-data summary');
+    await page.fill('#data-validation', '0');
     const html = join(scratch, 'html.jsonl');
     writeFileSync(
       html,

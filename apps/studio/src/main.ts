@@ -61,9 +61,11 @@ async function main(): Promise<void> {
         ),
       ),
     );
+    // Only the place on screen is redrawn (a training step would otherwise rebuild every place).
     for (const [id, place] of Object.entries(places)) {
-      place.root.hidden = id !== studio.place;
-      place.refresh();
+      const shown = id === studio.place;
+      place.root.hidden = !shown;
+      if (shown) place.refresh();
     }
   };
   studio.onChange(render);

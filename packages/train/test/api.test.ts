@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import {
   AdapterExistsError,
   AdapterNotFoundError,
+  BaseModelMismatchError,
   CheckpointNotFoundError,
   type CreateTrainerOptions,
   createTrainer,
@@ -331,6 +332,23 @@ for (const mode of modes) {
       const saved = (await trainer.listCheckpoints()).find((c) => c.name === 'diverge');
       expect(saved?.step).toBe((error as TrainingDivergedError).step - 1);
       await trainer.discardCheckpoint('diverge');
+      // A run that throws frees its GPU memory too.
+      expect((await trainer.diagnostics()).liveBuffers).toBe(baseline);
+    }, 300_000);
+
+    it('refuses an adapter trained on another base model', async () => {
+      const other = inBrowser
+        ? new URL('/packages/models/test/fixtures/tiny-llama/', window.location.origin).href
+        : (await modelPath()).replace(
+            'apps/studio/public/models/stories260K',
+            'packages/models/test/fixtures/tiny-llama',
+          );
+      await trainer.loadModel(other, { precision: 'f32' });
+      const error = await trainer.generate('hi', { adapter: 'straight', maxTokens: 2 }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(BaseModelMismatchError);
+      expect((error as Error).message).toMatch(/adapter "straight" was trained on .*stories260K/);
+      await trainer.loadModel(await modelPath(), { precision: 'f32' });
+      await trainer.loadDataset(TEXT, { file: 'stories.txt', seq: 32, validation: 0.25, seed: 1 });
     }, 300_000);
 
     it('cancel frees the GPU memory and discards the checkpoint; releasing the model leaves no buffer', async () => {

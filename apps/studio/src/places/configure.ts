@@ -26,6 +26,13 @@ export class ConfigurePlace {
   );
   private readonly warmup = number('cfg-warmup', 2, { min: 0 });
   private readonly steps = number('cfg-steps', 20, { min: 1 });
+  private readonly unit = el(
+    'select',
+    { id: 'cfg-unit' },
+    el('option', { value: 'steps' }, 'steps'),
+    el('option', { value: 'epochs' }, 'passes over the data (epochs)'),
+  );
+  private readonly seq = number('cfg-seq', 128, { min: 8, max: 32768, step: 8 });
   private readonly batch = number('cfg-batch', 4, { min: 1, max: 256 });
   private readonly accum = number('cfg-accum', 1, { min: 1, max: 256 });
   private readonly recompute = el('input', { id: 'cfg-recompute', type: 'checkbox' });
@@ -36,6 +43,7 @@ export class ConfigurePlace {
   private plan: TrainingPlan | undefined;
   private planTimer: ReturnType<typeof setTimeout> | undefined;
   private targetsFor: string | undefined;
+  private seqFor: string | undefined;
   onStart: (config: TrainConfig) => void = () => undefined;
 
   constructor(private readonly studio: Studio) {
@@ -59,7 +67,9 @@ export class ConfigurePlace {
         field('Learning rate', this.lr),
         field('Schedule', this.schedule),
         field('Warmup steps', this.warmup),
-        field('Steps', this.steps),
+        field('Train for', this.steps),
+        field('Counted in', this.unit),
+        field('Sequence length (tokens)', this.seq, 'at least the data’s longest example'),
         field('Batch size', this.batch),
         field('Gradient accumulation', this.accum),
         field('Checkpoint every (steps)', this.checkpointEvery),
@@ -104,12 +114,13 @@ export class ConfigurePlace {
         kind: this.schedule.value as 'cosine' | 'linear' | 'constant',
         warmupSteps: Number(this.warmup.value),
       },
-      steps: Number(this.steps.value),
+      ...(this.unit.value === 'epochs' ? { epochs: Number(this.steps.value) } : { steps: Number(this.steps.value) }),
+      seq: Number(this.seq.value),
       batch: Number(this.batch.value),
       gradAccum: Number(this.accum.value),
       recompute: this.recompute.checked,
       checkpointEvery: Number(this.checkpointEvery.value),
-      evalEvery: Math.max(1, Math.min(5, Number(this.steps.value))),
+      evalEvery: 5,
     };
   }
 
@@ -194,6 +205,11 @@ export class ConfigurePlace {
           ),
         ),
       );
+    }
+    const data = this.studio.dataset;
+    if (data && this.seqFor !== data.fingerprint) {
+      this.seqFor = data.fingerprint;
+      this.seq.value = String(data.seq);
     }
     const from = this.studio.continueFrom;
     fill(
