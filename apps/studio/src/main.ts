@@ -79,7 +79,7 @@ async function main(): Promise<void> {
     return;
   }
   await studio.refreshLibrary();
-  await loadModel(studio, BUNDLED_MODEL.url, 'Loading stories260K');
+  await loadModel(studio, BUNDLED_MODEL.url, 'Loading stories260K', BUNDLED_MODEL.id);
   document.body.dataset.ready = 'true';
   if (studio.checkpoints.length > 0) studio.go('train');
 }

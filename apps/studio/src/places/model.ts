@@ -15,7 +15,7 @@ export const CURATED = [
   { id: 'openai-community/gpt2', note: '124 M parameters, plain text' },
 ];
 
-export async function loadModel(studio: Studio, input: ModelInput, label: string): Promise<void> {
+export async function loadModel(studio: Studio, input: ModelInput, label: string, id?: string): Promise<void> {
   studio.clearError();
   studio.loading = { label, loaded: 0, total: 0 };
   studio.changed();
@@ -23,6 +23,7 @@ export async function loadModel(studio: Studio, input: ModelInput, label: string
   let finished = false;
   try {
     studio.model = await studio.trainer.loadModel(input, {
+      ...(id ? { id } : {}),
       onProgress: (p) => {
         if (finished) return;
         if (p.type === 'download')
@@ -84,7 +85,7 @@ export class ModelPlace {
             type: 'button',
             id: 'use-bundled',
             class: 'primary',
-            onclick: () => void loadModel(studio, BUNDLED_MODEL.url, 'Loading stories260K'),
+            onclick: () => void loadModel(studio, BUNDLED_MODEL.url, 'Loading stories260K', BUNDLED_MODEL.id),
           },
           'Use stories260K',
         ),
