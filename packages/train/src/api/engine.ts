@@ -729,7 +729,8 @@ export class TrainerEngine {
   async exportAdapter(name: string): Promise<{ config: string; weights: Uint8Array }> {
     const files = await this.store().readAdapterFiles(name);
     if (!files) throw new AdapterNotFoundError(name);
-    return { config: files.config, weights: files.weights };
+    // Moved to the calling thread, not copied (a fresh buffer from storage).
+    return transfer({ config: files.config, weights: files.weights }, [files.weights.buffer as ArrayBuffer]);
   }
 
   /** The PEFT folder as a zip (adapter_config.json, adapter_model.safetensors, README.md). */
@@ -737,7 +738,7 @@ export class TrainerEngine {
     const entry = await this.store().getAdapter(name);
     const files = await this.store().readAdapterFiles(name);
     if (!entry || !files) throw new AdapterNotFoundError(name);
-    return zipSync(
+    const zip = zipSync(
       {
         [ADAPTER_CONFIG_FILE]: strToU8(files.config),
         [ADAPTER_WEIGHTS_FILE]: [files.weights, { level: 0 }],
@@ -745,6 +746,7 @@ export class TrainerEngine {
       },
       { level: 6 },
     );
+    return transfer(zip, [zip.buffer as ArrayBuffer]);
   }
 
   /**
