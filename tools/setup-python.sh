@@ -14,8 +14,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.venv"
 python="${PYTHON:-python3}"
-packages=(torch transformers peft safetensors numpy)
-check='import torch, transformers, peft, safetensors, numpy, tokenizers'
+packages=(torch transformers peft safetensors numpy gguf)
+check='import torch, transformers, peft, safetensors, numpy, tokenizers, gguf'
 
 if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c "$check" 2>/dev/null; then
   echo "tools/.venv is ready: $("$venv/bin/python" -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"
