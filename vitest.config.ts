@@ -19,6 +19,7 @@ const modelTests = [
   'packages/models/test/generate.test.ts',
   'packages/models/test/evaluate.test.ts',
   'packages/models/test/backward.test.ts',
+  'packages/models/test/quantized.test.ts',
   'packages/train/test/trainer.test.ts',
   'packages/train/test/api.test.ts',
 ];

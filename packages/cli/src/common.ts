@@ -4,12 +4,16 @@ import { createGpuContext, describeAdapter, type GpuContext } from '@webtune/cor
 import {
   type CausalLM,
   directorySource,
+  isWeightPrecision,
   loadModel,
   loadTokenizer,
   type ModelSource,
   type Tokenizer,
+  WEIGHT_PRECISIONS,
+  type WeightPrecision,
 } from '@webtune/models';
 import { type LoadedAdapter, loadAdapter } from '@webtune/train';
+import { UsageError } from './args.js';
 
 /** Paths on the command line are relative to where the user ran the command (pnpm runs scripts
  * from the repository root and passes the original directory in INIT_CWD). */
@@ -35,7 +39,7 @@ export interface OpenedModel {
   tokenizer: Tokenizer;
 }
 
-export async function openModel(ctx: GpuContext, dir: string, precision: 'f16' | 'f32'): Promise<OpenedModel> {
+export async function openModel(ctx: GpuContext, dir: string, precision: WeightPrecision): Promise<OpenedModel> {
   const source = directorySource(userPath(dir));
   const tokenizer = await loadTokenizer(source);
   const t0 = performance.now();
@@ -56,10 +60,15 @@ export async function openModel(ctx: GpuContext, dir: string, precision: 'f16' |
   return { source, model, tokenizer };
 }
 
-export function precisionFlag(v: unknown): 'f16' | 'f32' {
-  if (v !== 'f16' && v !== 'f32') throw new Error(`--precision must be f16 or f32, got ${String(v)}`);
+export function precisionFlag(v: unknown): WeightPrecision {
+  if (!isWeightPrecision(v))
+    throw new UsageError(`--precision must be ${WEIGHT_PRECISIONS.join(', ')}; got ${JSON.stringify(v)}`);
   return v;
 }
+
+/** The --precision flag's help text, the same for every command. */
+export const PRECISION_HELP =
+  'frozen weights on the GPU: f16, f32, or q8_0 / q4_0 (llama.cpp blocks for the linear layers; embedding and LM head stay f16)';
 
 /** Loads a PEFT adapter folder (ours or PEFT's) for the model, printing its warnings. */
 export async function openAdapter(

@@ -34,9 +34,9 @@ const QS_BYTES: Record<QuantFormat, number> = { q8_0: 32, q4_0: 16 };
 export interface QuantizedBlocks {
   readonly format: QuantFormat;
   /** qs of every block in order: 32 (Q8_0, int8 as bytes) or 16 (Q4_0) bytes per block. */
-  readonly qs: Uint8Array;
+  readonly qs: Uint8Array<ArrayBuffer>;
   /** f16 bits of each block's scale. */
-  readonly d: Uint16Array;
+  readonly d: Uint16Array<ArrayBuffer>;
 }
 
 export function isQuantFormat(v: unknown): v is QuantFormat {
@@ -168,7 +168,7 @@ export function fromGgmlBlocks(format: QuantFormat, bytes: Uint8Array, label = '
 }
 
 /** The inverse of fromGgmlBlocks: ggml's file layout. */
-export function toGgmlBlocks(q: QuantizedBlocks): Uint8Array {
+export function toGgmlBlocks(q: QuantizedBlocks): Uint8Array<ArrayBuffer> {
   const per = ggmlBlockBytes(q.format);
   const qsBytes = QS_BYTES[q.format];
   const out = new Uint8Array(q.d.length * per);
@@ -193,7 +193,7 @@ export function gpuQuantLayout(format: QuantFormat, count: number): { qsBytes: n
 }
 
 /** The GPU buffer's bytes for these blocks (qs, then scales; see gpuQuantLayout). */
-export function packQuantized(q: QuantizedBlocks): Uint8Array {
+export function packQuantized(q: QuantizedBlocks): Uint8Array<ArrayBuffer> {
   const out = new Uint8Array(q.qs.byteLength + q.d.byteLength + (q.d.length & 1) * 2);
   out.set(q.qs, 0);
   out.set(new Uint8Array(q.d.buffer, q.d.byteOffset, q.d.byteLength), q.qs.byteLength);

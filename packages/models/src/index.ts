@@ -6,6 +6,7 @@ export * from './evaluate.js';
 export * from './forward.js';
 export * from './generate.js';
 export * from './model.js';
+export * from './precision.js';
 export * from './safetensors.js';
 export * from './sampling.js';
 export * from './source.js';

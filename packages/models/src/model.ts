@@ -14,9 +14,10 @@ import {
 } from './architecture.js';
 import { ConfigError, type ModelConfig, parseModelConfig } from './config.js';
 import { ModelFileError } from './errors.js';
+import { storedDType, type WeightPrecision } from './precision.js';
 import { type ModelWeights, openModelWeights } from './safetensors.js';
 import type { ModelSource } from './source.js';
-import { transpose2d, uploadTensor } from './weights.js';
+import { transpose2d, uploadTensor, type WeightDType } from './weights.js';
 
 /** A checkpoint that does not match its architecture: missing, unexpected or misshapen tensors. */
 export class ModelLoadError extends WebtuneError {
@@ -53,8 +54,6 @@ export interface Layer {
   readonly linears: Partial<Record<LinearRole, Linear>>;
 }
 
-export type WeightPrecision = 'f16' | 'f32';
-
 export interface LoadProgress {
   readonly status: 'config' | 'weights' | 'ready';
   /** Bytes of the checkpoint read so far, of `total`. */
@@ -64,7 +63,8 @@ export interface LoadProgress {
 }
 
 export interface LoadModelOptions {
-  /** Precision of the frozen matrices on the GPU (norms and biases are always f32). Default f16. */
+  /** Precision of the frozen matrices on the GPU (norms and biases are always f32; see
+   * precision.ts for what q8_0 and q4_0 quantize). Default f16. */
   precision?: WeightPrecision;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
@@ -197,7 +197,7 @@ export async function loadModel(
       const size = info ? info.end - info.begin : 0;
       const [rows, cols] = spec.shape as [number, number];
       const t = await uploadTensor(ctx, weights, name, {
-        dtype: spec.precision === 'f32' ? 'f32' : precision,
+        dtype: storedDType(spec, precision) as WeightDType,
         label: spec.key,
         signal: options.signal,
         ...(spec.transpose ? { shape: [cols, rows], transform: (d: Float32Array) => transpose2d(d, rows, cols) } : {}),

@@ -8,8 +8,25 @@
  *   F32 -> f32 copy      F16 -> f32 widen      BF16 -> f32 widen (bits << 16)
  *   F32 -> f16 round     F16 -> f16 copy bits  BF16 -> f16 round (bf16 -> f32 is exact)
  * f16 tensors are packed two halves per u32, element 2i in the low 16 bits (core's layout).
+ * q8_0 and q4_0 targets: each chunk (whole blocks of 32) is decoded to exact f32 values and
+ * quantized with core's quantizer (ggml's reference rounding), its quants and scales written to
+ * their places in core's GPU layout (quant.ts).
  */
-import { createTensor, formatShape, type GpuContext, numel, type Shape, ShapeError, type Tensor } from '@webtune/core';
+import {
+  createTensor,
+  formatShape,
+  type GpuContext,
+  gpuQuantLayout,
+  isQuantFormat,
+  numel,
+  packQuantized,
+  QUANT_BLOCK,
+  type QuantFormat,
+  quantize,
+  type Shape,
+  ShapeError,
+  type Tensor,
+} from '@webtune/core';
 import { SafetensorsError } from './errors.js';
 import {
   asU16,
@@ -29,7 +46,7 @@ import {
   unsupportedDType,
 } from './safetensors.js';
 
-export type WeightDType = 'f16' | 'f32';
+export type WeightDType = 'f16' | 'f32' | QuantFormat;
 
 export interface UploadOptions {
   /** dtype of the GPU tensor. */
@@ -62,8 +79,8 @@ export const DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024;
 
 function checkedTarget(info: TensorInfo, options: UploadOptions): { dtype: FloatDType; shape: Shape; label: string } {
   if (!isFloatDType(info.dtype)) throw unsupportedDType(info);
-  if (options.dtype !== 'f16' && options.dtype !== 'f32') {
-    throw new ShapeError(`${info.name}: cannot upload as ${String(options.dtype)} (f16 or f32)`);
+  if (options.dtype !== 'f16' && options.dtype !== 'f32' && !isQuantFormat(options.dtype)) {
+    throw new ShapeError(`${info.name}: cannot upload as ${String(options.dtype)} (f16, f32, q8_0 or q4_0)`);
   }
   const label = options.label ?? info.name;
   // A scalar (shape []) becomes a one-element tensor.
@@ -96,6 +113,10 @@ class ChunkWriter {
   write(at: number, bytes: Uint8Array): void {
     const count = bytes.byteLength / DTYPE_BYTES[this.src];
     const queue = this.t.ctx.device.queue;
+    if (isQuantFormat(this.t.dtype)) {
+      this.writeQuantized(this.t.dtype, at, bytes, count);
+      return;
+    }
     if (this.t.dtype === 'f32') {
       if (this.src === 'F32' && bytes.byteOffset % 4 === 0) {
         queue.writeBuffer(this.t.buffer, at * 4, bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -160,6 +181,26 @@ class ChunkWriter {
     queue.writeBuffer(this.t.buffer, at * 2, out.buffer, 0, padded * 2);
   }
 
+  /**
+   * Quantizes `count` values starting at element `at` (both whole, even numbers of blocks but for
+   * the tensor's last chunk) and writes their quants and scales where core's layout puts them.
+   */
+  private writeQuantized(format: QuantFormat, at: number, bytes: Uint8Array, count: number): void {
+    if (at % (2 * QUANT_BLOCK) !== 0) throw new Error(`quantized chunk at element ${at}`); // an internal invariant
+    const values = new Float32Array(count);
+    decodeToF32Bits(this.src, bytes, new Uint32Array(values.buffer));
+    const q = quantize(format, values, this.t.label);
+    const layout = gpuQuantLayout(format, this.t.size);
+    const block = at / QUANT_BLOCK;
+    const queue = this.t.ctx.device.queue;
+    const base = this.t.byteOffset;
+    queue.writeBuffer(this.t.buffer, base + block * (q.qs.byteLength / q.d.length), q.qs);
+    // packQuantized pads an odd count of scales to a whole word; the buffer is rounded up to 16
+    // bytes, so the pad stays inside it.
+    const scales = packQuantized({ format, qs: new Uint8Array(0), d: q.d });
+    queue.writeBuffer(this.t.buffer, base + layout.qsBytes + block * 2, scales);
+  }
+
   /** Writes f32 values (a transform's output) converted to the tensor's dtype. */
   writeValues(at: number, values: Float32Array): void {
     this.write(at, new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
@@ -176,10 +217,12 @@ class ChunkWriter {
   }
 }
 
-/** Elements per chunk: a whole, even number (f16 halves pair up into u32 words). */
-function chunkElements(src: FloatDType, chunkBytes: number): number {
+/** Elements per chunk: a whole, even number (f16 halves pair up into u32 words); for a quantized
+ * target an even number of blocks (two f16 scales per u32 word). */
+function chunkElements(src: FloatDType, chunkBytes: number, dtype: WeightDType): number {
   const n = Math.floor(chunkBytes / DTYPE_BYTES[src]);
-  return Math.max(2, n - (n % 2));
+  const unit = isQuantFormat(dtype) ? 2 * QUANT_BLOCK : 2;
+  return Math.max(unit, n - (n % unit));
 }
 
 /**
@@ -209,13 +252,13 @@ async function fillTensor(
         );
       }
       const writer = new ChunkWriter(t, 'F32', info, options.allowOverflow ?? false);
-      const step = chunkElements('F32', options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+      const step = chunkElements('F32', options.chunkBytes ?? DEFAULT_CHUNK_BYTES, options.dtype);
       ctx.assertAlive();
       for (let at = 0; at < result.length; at += step) writer.writeValues(at, result.subarray(at, at + step));
       return t;
     }
     const writer = new ChunkWriter(t, target.dtype, info, options.allowOverflow ?? false);
-    const step = chunkElements(target.dtype, options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+    const step = chunkElements(target.dtype, options.chunkBytes ?? DEFAULT_CHUNK_BYTES, options.dtype);
     for (let at = 0; at * size < total; at += step) {
       options.signal?.throwIfAborted();
       const end = Math.min(total, (at + step) * size);

@@ -39,9 +39,11 @@
  */
 import {
   alignUp,
+  bytesPerElement,
   CROSS_ENTROPY_DEFAULT_CHUNK,
   CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES,
   crossEntropyChunk,
+  type DType,
   formatBytes,
   type GpuContext,
   LimitExceededError,
@@ -49,7 +51,14 @@ import {
   ShapeError,
   WebtuneError,
 } from '@webtune/core';
-import { type ModelConfig, namedModules, parameterTable } from '@webtune/models';
+import {
+  type ModelConfig,
+  namedModules,
+  parameterTable,
+  type StoredAsReason,
+  storedAs,
+  type WeightPrecision,
+} from '@webtune/models';
 import { type ResolvedLora, resolveLoraTargets, validateLoraConfig } from './lora/index.js';
 
 export type MemoryCategory = 'frozenWeights' | 'trainable' | 'activations' | 'scratch';
@@ -63,7 +72,10 @@ export interface EstimatedBuffer {
    * against the storage limits). */
   readonly kind: 'storage' | 'uniform';
   readonly shape: readonly number[];
-  readonly dtype: 'f32' | 'f16' | 'i32' | 'u32';
+  readonly dtype: DType;
+  /** Frozen weights not at the run's precision: why (an embedding or the LM head stays f16 at
+   * q8_0 and q4_0, and so does a linear weight whose input size is not a multiple of 32). */
+  readonly note?: StoredAsReason;
   /** Bytes of one buffer as allocated (elements rounded up to 16 bytes). */
   readonly bytes: number;
   /** How many such buffers (one per layer, one per micro-batch ...). */
@@ -85,7 +97,7 @@ export interface MemoryEstimate {
     readonly seq: number;
     readonly gradAccum: number;
     readonly recompute: boolean;
-    readonly precision: 'f16' | 'f32';
+    readonly precision: WeightPrecision;
     /** batch·seq. */
     readonly rows: number;
     /** Vocabulary rows per chunk of the loss. */
@@ -121,7 +133,7 @@ export interface MemoryEstimateOptions {
   /** Per-layer activation recomputation. Default false. */
   readonly recompute?: boolean;
   /** Frozen matrices on the GPU (loadModel's `precision`). Default 'f16'. */
-  readonly precision?: 'f16' | 'f32';
+  readonly precision?: WeightPrecision;
   /** The device the run is planned for: its limits size the loss chunk, the arena alignment and
    * the gradient-norm scratch exactly as the trainer will. */
   readonly device?: GpuContext;
@@ -230,10 +242,11 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     shape: readonly number[],
     dtype: EstimatedBuffer['dtype'] = 'f32',
     count = 1,
+    note?: StoredAsReason,
   ) => {
     if (count <= 0) return;
-    const per = dtype === 'f16' ? 2 : 4;
-    buffers.push({ label, category, kind: 'storage', shape, dtype, bytes: allocated(numel(shape), per), count });
+    const bytes = allocated(numel(shape), bytesPerElement(dtype));
+    buffers.push({ label, category, kind: 'storage', shape, dtype, bytes, count, ...(note ? { note } : {}) });
   };
   const uniforms = (category: MemoryCategory, label: string, dispatches: number, bytes: number) => {
     if (dispatches > 0)
@@ -242,9 +255,9 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
 
   // Frozen weights: loadModel's table.
   for (const p of parameterTable(config)) {
-    const dtype = p.precision === 'f32' ? 'f32' : precision;
+    const stored = storedAs(p, precision);
     const shape = p.transpose ? [p.shape[1] as number, p.shape[0] as number] : p.shape;
-    add('frozenWeights', p.key, shape, dtype);
+    add('frozenWeights', p.key, shape, stored.dtype, 1, stored.reason === 'always f32' ? undefined : stored.reason);
   }
   if (config.rope) add('frozenWeights', 'rope.inv_freq', [config.headDim / 2]);
 
@@ -396,7 +409,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   // model.bytes counts elements, not the 16-byte rounding of each buffer.
   const frozenWeights = buffers
     .filter((b) => b.category === 'frozenWeights')
-    .reduce((n, b) => n + numel(b.shape) * (b.dtype === 'f16' ? 2 : 4), 0);
+    .reduce((n, b) => n + numel(b.shape) * bytesPerElement(b.dtype), 0);
   const trainable = sum('trainable');
   const activations = sum('activations');
   const scratch = sum('scratch');

@@ -3,7 +3,14 @@
 // targets settings, with and without recomputation; the estimate without a device; and
 // checkFits' preflight errors.
 import { formatBytes, type GpuContext, isCpuAdapter, LimitExceededError } from '@webtune/core';
-import { directorySource, loadModel, type ModelSource, parseModelConfig, urlSource } from '@webtune/models';
+import {
+  directorySource,
+  loadModel,
+  type ModelSource,
+  parseModelConfig,
+  urlSource,
+  type WeightPrecision,
+} from '@webtune/models';
 import { afterAll, describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { checkFits, estimateMemory, MemoryBudgetError, type MemoryEstimate } from '../src/memory.js';
@@ -25,7 +32,7 @@ interface Setting {
   seq: number;
   gradAccum?: number;
   recompute?: boolean;
-  precision: 'f16' | 'f32';
+  precision: WeightPrecision;
   lora: Record<string, unknown>;
 }
 
@@ -52,6 +59,9 @@ const CASES: [string, Setting][] = [
   ],
   // Recomputation: each layer keeps its input and LoRA h; one shared set of layer activations.
   ...['tiny-qwen3', 'tiny-gpt2', 'stories260K'].map((f) => [f, { ...WIDE, recompute: true }] as [string, Setting]),
+  // A block-quantized base: quantized linears, f16 embedding and the rest f16 or f32 as stored.
+  ['tiny-qwen2-q', { ...WIDE, precision: 'q4_0' }],
+  ['tiny-gpt2-q', { ...SMALL, precision: 'q8_0', recompute: true }],
   [
     'stories260K',
     {

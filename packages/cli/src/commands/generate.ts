@@ -1,6 +1,6 @@
 import { type GenerateOptions, Generator } from '@webtune/models';
 import { type FlagSpec, parseFlags } from '../args.js';
-import { gpu, info, openAdapter, openModel, precisionFlag } from '../common.js';
+import { gpu, info, openAdapter, openModel, PRECISION_HELP, precisionFlag } from '../common.js';
 
 export const generateFlags: Record<string, FlagSpec> = {
   model: { type: 'string', description: 'Hugging Face model folder', required: true },
@@ -10,7 +10,7 @@ export const generateFlags: Record<string, FlagSpec> = {
   'top-p': { type: 'number', description: 'nucleus sampling threshold' },
   'top-k': { type: 'int', description: 'sample among the k most likely tokens' },
   seed: { type: 'int', description: 'sampling seed', default: 0 },
-  precision: { type: 'string', description: 'weights on the GPU: f16 or f32', default: 'f16' },
+  precision: { type: 'string', description: PRECISION_HELP, default: 'f16' },
   adapter: { type: 'string', description: 'a PEFT LoRA adapter folder to apply' },
 };
 

@@ -8,7 +8,7 @@ import { basename, join } from 'node:path';
 import { formatBytes } from '@webtune/core';
 import { createTrainer, type TrainConfig, type Trainer, type TrainerProgress } from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { info, precisionFlag, userPath } from '../common.js';
+import { info, PRECISION_HELP, precisionFlag, userPath } from '../common.js';
 
 export const trainFlags: Record<string, FlagSpec> = {
   model: { type: 'string', description: 'Hugging Face model folder', required: true },
@@ -42,7 +42,7 @@ export const trainFlags: Record<string, FlagSpec> = {
     description: 'fraction of the data kept out for validation (its loss is reported as training goes)',
     default: 0,
   },
-  precision: { type: 'string', description: 'frozen weights on the GPU: f16 or f32', default: 'f16' },
+  precision: { type: 'string', description: PRECISION_HELP, default: 'f16' },
   recompute: {
     type: 'boolean',
     description: 'recompute activations in the backward (less memory, ~1/3 more time)',
