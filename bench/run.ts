@@ -10,14 +10,15 @@
  *   (bench/models.ts);
  * - train: LoRA training tokens/s and GPU bytes on the same two models (bench/train.ts).
  * For models and train the driver first writes the random model (bench/bench_model.ts, into
- * bench/.models/, reused while its stamp matches), then runs tools/bench_torch.py with
- * $WEBTUNE_PYTHON, tools/.venv/bin/python or /work/venv/py/bin/python on the same cases and token
- * ids (bench/cases.ts), and merges its figures into the records: baseline torch_cpu (inference)
- * or torch_peft_cpu (training), ratio = baseline ms / ms (above 1: webtune is faster). Without a
- * Python that has torch, transformers and peft (or with --no-baseline) the baseline is null and a
- * note says why. --quick runs small variants of every case (a few minutes per adapter).
- * Benchmarks never pass or fail on their figures; the command fails only when a benchmark cannot
- * run (the table and JSON of what did run are still written).
+ * bench/.models/, reused while its stamp matches), then runs tools/bench_torch.py with the Python
+ * that tools/python.ts finds ($WEBTUNE_PYTHON, else the repository's .venv or tools/.venv, else
+ * python3 on PATH) on the same cases and token ids (bench/cases.ts), and merges its figures into
+ * the records: baseline torch_cpu (inference) or torch_peft_cpu (training), ratio = baseline
+ * ms / ms (above 1: webtune is faster). Without a Python that has torch, transformers and peft (or
+ * with --no-baseline) the baseline is null and a note says why. --quick runs small variants of
+ * every case (a few minutes per adapter). Benchmarks never pass or fail on their figures; the
+ * command fails only when a benchmark cannot run (the table and JSON of what did run are still
+ * written).
  */
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -27,6 +28,7 @@ import { join, resolve } from 'node:path';
 import { chromium } from 'playwright';
 import { createServer } from 'vite';
 import { type ChromiumAdapter, chromiumPath, chromiumWebGpuArgs } from '../tools/chromium.js';
+import { findPython } from '../tools/python.js';
 import { BENCH_MODELS, inferenceCases, promptIds, TRAIN_HYPER, trainCases, trainIds } from './cases.js';
 import type { BenchRecord } from './record.js';
 
@@ -179,11 +181,6 @@ interface TorchRun {
   errors: Record<string, string>;
   /** Set when there is no baseline at all. */
   unavailable?: string;
-}
-
-function findPython(root: string): string | undefined {
-  const candidates = [process.env.WEBTUNE_PYTHON, join(root, 'tools/.venv/bin/python'), '/work/venv/py/bin/python'];
-  return candidates.find((c): c is string => !!c && existsSync(c));
 }
 
 function runChild(cmd: string, argv: string[], cwd: string): Promise<{ code: number | null; stderr: string }> {

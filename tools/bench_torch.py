@@ -1,8 +1,8 @@
 """The PyTorch CPU baseline of `pnpm bench --suite models,train`.
 
 bench/run.ts writes the case list (bench/cases.ts, with the very token ids the browser uses) to a
-JSON spec, runs this script with tools/.venv/bin/python (or /work/venv/py/bin/python), and merges
-the figures into its records by case key. Run by hand:
+JSON spec, runs this script with the Python that tools/python.ts finds ($WEBTUNE_PYTHON, .venv,
+tools/.venv or python3 on PATH), and merges the figures into its records by case key. Run by hand:
 
     tools/.venv/bin/python tools/bench_torch.py --spec spec.json --out torch.json
 

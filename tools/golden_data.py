@@ -28,7 +28,7 @@ Writes packages/train/test/golden/data/<tokenizer>.json: per case the options, t
 reading), the dropped lines, or the expected error; for stories260K and tiny-gpt2 also the ids of
 packages/models/test/fixtures/text/shakespeare-4k.txt and its windows of 64.
 
-Run:  /work/venv/py/bin/python tools/golden_data.py          (or tools/.venv/bin/python)
+Run:  tools/.venv/bin/python tools/golden_data.py          (or any Python with transformers)
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ the file carries checksums the tests compare first.)
   gradient of tensor i at step s (1..):  randomArray(size_i, gradSeed + 1000*s + i, gradScales[s-1])
 Tensors are concatenated in order in every recorded array ("sizes" gives the split).
 
-Run from the repository root: /work/venv/py/bin/python tools/golden_optim.py
-(or tools/.venv/bin/python after bash tools/setup-python.sh).
+Run from the repository root: tools/.venv/bin/python tools/golden_optim.py (after
+bash tools/setup-python.sh; any Python with torch works).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    /work/venv/py/bin/python tools/golden_peft_config.py
+    tools/.venv/bin/python tools/golden_peft_config.py
 
 For each tiny fixture model (packages/models/test/fixtures/tiny-*), loaded with transformers in float32,
 writes packages/train/test/golden/peft-config/<model>.json holding:
@@ -33,7 +33,7 @@ itself with PYTHONHASHSEED=0 so that the saved fixture adapters do not change be
 
 Checking an adapter folder written by webtune (or anyone) with PEFT:
 
-    /work/venv/py/bin/python tools/golden_peft_config.py --check-adapter DIR --model tiny-llama
+    tools/.venv/bin/python tools/golden_peft_config.py --check-adapter DIR --model tiny-llama
 
 loads the fixture model, then PeftModel.from_pretrained(model, DIR), and prints as JSON every
 warning PEFT raised, each LoRA layer's r, lora_alpha and scaling, and the largest difference between

@@ -5,7 +5,7 @@ all-linear, rsLoRA). The folder's README.md documents every file and key.
 
 Generate (from the repository root; any Python with torch, transformers, peft, safetensors):
 
-    /work/venv/py/bin/python tools/golden_peft_train.py          # or tools/.venv/bin/python
+    tools/.venv/bin/python tools/golden_peft_train.py          # or any Python with torch, transformers, peft
 
 Per model and configuration, with the base model in float32, one torch thread, deterministic
 algorithms and PYTHONHASHSEED=0 (set by re-executing itself):
@@ -25,7 +25,7 @@ Running it twice writes identical files.
 
 Check an adapter folder (e.g. one exported by webtune) with PEFT on the same fixed batch:
 
-    /work/venv/py/bin/python tools/golden_peft_train.py --check-adapter <dir> --fixture <name> [--out <file.json>]
+    tools/.venv/bin/python tools/golden_peft_train.py --check-adapter <dir> --fixture <name> [--out <file.json>]
 
 <name> is stories260K or tiny-llama, tiny-llama3, tiny-qwen2, tiny-qwen3, tiny-gpt2. It loads the
 base model (float32) and PeftModel.from_pretrained(<dir>); any warning (Python, transformers, PEFT,

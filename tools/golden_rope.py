@@ -5,7 +5,7 @@ computes (transformers' default and llama3 rope parameters), and one application
 apply_rotary_pos_emb to a small q and k at positions pos0 .. pos0+T-1, laid out as webtune keeps
 them: [rows = B*T, nHeads*headDim] row-major.
 
-Run: /work/venv/py/bin/python tools/golden_rope.py
+Run: tools/.venv/bin/python tools/golden_rope.py (after bash tools/setup-python.sh)
 """
 
 import json

@@ -1,7 +1,7 @@
 """Reference safetensors files written by Python's safetensors (and PEFT / transformers), for
 packages/models/test/safetensors*.test.ts and weights*.test.ts.
 
-    /work/venv/py/bin/python tools/golden_safetensors.py
+    tools/.venv/bin/python tools/golden_safetensors.py
 
 Writes into packages/models/test/fixtures/safetensors/:
   mixed.safetensors     F32, BF16 and F16 tensors whose values follow `formula` below (the

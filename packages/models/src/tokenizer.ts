@@ -18,8 +18,8 @@
  *
  * Loaders: loadTokenizer(source) for any ModelSource; loadTokenizerFromDirectory(path) (Node),
  * loadTokenizerFromUrl(baseUrl) and loadTokenizerFromHub(repoId) build the matching source. The
- * Hub loader reads `<endpoint>/<repo>/resolve/<revision>/` through urlSource, not through
- * transformers.js's from_pretrained (which is configured by, and caches through, its global env).
+ * Hub loader reads `<endpoint>/<repo>/resolve/<revision>/` through urlSource, so there is no global
+ * configuration and no cache of its own (the caller's source decides both).
  */
 import { WebtuneError } from '@webtune/core';
 import { directorySource, type FetchLike, type ModelSource, urlSource } from './source.js';
@@ -136,7 +136,7 @@ const TOKENIZER_CONFIG = 'tokenizer_config.json';
 const GENERATION_CONFIG = 'generation_config.json';
 const CHAT_TEMPLATE = 'chat_template.jinja';
 
-/** Token models transformers.js implements (Rust's WordLevel is not among them). */
+/** Token models @huggingface/tokenizers implements (Rust's WordLevel is not among them). */
 const MODEL_TYPES = ['BPE', 'WordPiece', 'Unigram'] as const;
 
 let libraries: Promise<[TokenizersModule, JinjaModule]> | undefined;
@@ -189,12 +189,13 @@ function tokenContent(value: unknown): string | undefined {
 const SPECIAL_KEYS = ['bos_token', 'eos_token', 'unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token'];
 
 /**
- * The subset of tokenizer_config.json handed to transformers.js, in the shape it expects. Keys that
- * transformers.js would act on but Python's fast tokenizer ignores (remove_space,
- * do_lowercase_and_remove_accent: slow-tokenizer options) are left out, and clean-up is decided
- * here per call instead of by its default (true).
+ * The subset of tokenizer_config.json handed to @huggingface/tokenizers, in the shape it expects:
+ * the special tokens as plain strings (a Unigram model reads eos_token) and the additional special
+ * tokens (decode's skip list). Keys it would act on but Python's fast tokenizer ignores
+ * (remove_space, do_lowercase_and_remove_accent: slow-tokenizer options) are left out, and
+ * clean-up is decided here per call instead of by its default (true).
  */
-function configForTransformers(config: Json): Json {
+function configForTokenizers(config: Json): Json {
   const out: Json = { clean_up_tokenization_spaces: false };
   for (const key of SPECIAL_KEYS) {
     const content = tokenContent(config[key]);
@@ -205,8 +206,6 @@ function configForTransformers(config: Json): Json {
   const list = Array.isArray(extra) ? extra : isObject(extra) ? Object.values(extra) : [];
   const additional = list.map(tokenContent).filter((t): t is string => t !== undefined);
   if (additional.length > 0) out.additional_special_tokens = additional;
-  if (typeof config.model_max_length === 'number') out.model_max_length = config.model_max_length;
-  if (config.padding_side === 'left' || config.padding_side === 'right') out.padding_side = config.padding_side;
   return out;
 }
 
@@ -302,13 +301,13 @@ export async function loadTokenizer(source: ModelSource): Promise<Tokenizer> {
     );
   }
 
-  // transformers.js expects every pipeline key to be present (null when unused) and the added tokens as a list.
+  // @huggingface/tokenizers expects every pipeline key to be present (null when unused) and the added tokens as a list.
   const forHf: Json = { ...tokenizerJson };
   for (const key of ['normalizer', 'pre_tokenizer', 'post_processor', 'decoder']) forHf[key] ??= null;
   forHf.added_tokens ??= [];
 
   const [{ Tokenizer: HfTokenizerClass }, { Template: JinjaTemplate }] = await hfLibraries();
-  const hfConfig = configForTransformers(tokenizerConfig);
+  const hfConfig = configForTokenizers(tokenizerConfig);
   let hf: HfTokenizer;
   try {
     hf = new HfTokenizerClass(forHf, hfConfig);
@@ -324,9 +323,8 @@ export async function loadTokenizer(source: ModelSource): Promise<Tokenizer> {
 
   return new HfBackedTokenizer(where, hf, {
     compile: (template) => new JinjaTemplate(template),
-    specialTokens: Object.fromEntries(
-      TEMPLATE_SPECIAL_TOKENS.filter((key) => typeof hfConfig[key] === 'string').map((key) => [key, hfConfig[key]]),
-    ),
+    // The special tokens by name, as transformers gives them to a chat template (an empty one left out).
+    specialTokens: Object.fromEntries(SPECIAL_KEYS.filter((key) => hfConfig[key]).map((key) => [key, hfConfig[key]])),
     config: tokenizerConfig,
     additionalSpecial: (hfConfig.additional_special_tokens as string[] | undefined) ?? [],
     generation,
@@ -355,8 +353,7 @@ export interface HubOptions {
 
 /**
  * The tokenizer of a public Hugging Face Hub repository ("Qwen/Qwen3-0.6B"), read from
- * `<endpoint>/<repo>/resolve/<revision>/`. transformers.js's own hub loader is not used: it is
- * configured through its global `env` and caches on its own. No access token is sent, so gated and
+ * `<endpoint>/<repo>/resolve/<revision>/` through urlSource. No access token is sent, so gated and
  * private repositories fail (HTTP 401) with a TokenizerError; download those and use a folder.
  */
 export function loadTokenizerFromHub(repoId: string, options: HubOptions = {}): Promise<Tokenizer> {
@@ -404,17 +401,6 @@ function keepByteOrderMarks(decoder: unknown): void {
   }
   if (Array.isArray(d.decoders)) for (const inner of d.decoders) keepByteOrderMarks(inner);
 }
-
-/** The special tokens a chat template sees as variables (bos_token, eos_token ...), as transformers passes them. */
-const TEMPLATE_SPECIAL_TOKENS = [
-  'bos_token',
-  'eos_token',
-  'unk_token',
-  'sep_token',
-  'pad_token',
-  'cls_token',
-  'mask_token',
-];
 
 interface TokenizerParts {
   /** Parses a Jinja template (compiled once per template and kept). */
@@ -518,7 +504,7 @@ class HfBackedTokenizer implements Tokenizer {
   /** Decode without the clean-up (the stream decoder applies it itself). */
   decodeRaw(ids: readonly number[], skipSpecialTokens: boolean): string {
     this.checkIds(ids);
-    if (ids.length === 0) return ''; // transformers.js rejects an empty list
+    if (ids.length === 0) return ''; // @huggingface/tokenizers rejects an empty list
     return this.hf.decode([...ids], { skip_special_tokens: skipSpecialTokens, clean_up_tokenization_spaces: false });
   }
 

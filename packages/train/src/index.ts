@@ -5,6 +5,7 @@ export * from './api/errors.js';
 export { TRAINING_LOCK } from './api/locks.js';
 export * from './api/types.js';
 export * from './data/index.js';
+export * from './job/index.js';
 export * from './lora/index.js';
 export * from './memory.js';
 export * from './merge.js';

@@ -2,6 +2,7 @@
 // implementation — in this thread under Node (adapters in a folder), and in Chromium both in this
 // thread and in the module Worker (adapters in IndexedDB). Reloading the page and tabs contending
 // for the GPU are in e2e/trainer.node.test.ts.
+import { unzipSync } from 'fflate';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import {
   AdapterExistsError,
@@ -243,6 +244,15 @@ for (const mode of modes) {
       const c = await trainer.generate('Lily', { maxTokens: 8, temperature: 0, adapter: 'from-zip' });
       expect(b.text).toBe(a.text);
       expect(c.text).toBe(a.text);
+      // The cluster job: the adapter, the loaded data as tokenized JSONL, the settings, the script.
+      const job = unzipSync(new Uint8Array(await (await trainer.adapters.exportJob('renamed')).arrayBuffer()));
+      const names = Object.keys(job);
+      expect(names).toEqual(expect.arrayContaining(['job.json', 'train.py', 'adapter/adapter_config.json']));
+      const settings = JSON.parse(new TextDecoder().decode(job['job.json']));
+      expect(settings.lora.r).toBe(4);
+      expect(settings.training.max_steps).toBe(12);
+      const lines = new TextDecoder().decode(job['data/train.jsonl']).trim().split('\n');
+      expect(lines.length).toBeGreaterThan(0);
       await trainer.adapters.delete('imported');
       await trainer.adapters.delete('from-zip');
       expect((await trainer.adapters.list()).map((e) => e.name).sort()).toEqual([

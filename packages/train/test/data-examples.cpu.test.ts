@@ -87,7 +87,7 @@ function trainedText(tokenizer: Tokenizer, labels: Int32Array): string[] {
 
 /**
  * Cases where JavaScript's rendering is known to differ from Python's, and why. @huggingface/jinja
- * 0.5.11 (under transformers.js) ignores the argument of str.strip/lstrip/rstrip and strips all
+ * 0.5.11 (our chat-template runtime) ignores the argument of str.strip/lstrip/rstrip and strips all
  * whitespace: Qwen3's template writes an assistant message as content.lstrip('\n'), so Python keeps
  * the leading spaces of "  Indented answer." and JavaScript drops them. The test below checks that
  * exact difference, so it fails (and this entry must go) once the runtime is fixed.
@@ -144,7 +144,7 @@ describe.each(NAMES)('%s: JSONL examples equal transformers', (name) => {
         expect(e.inputIds.length, where).toBeLessThanOrEqual(c.seq);
         expect(predictedPositions(e.labels), where).toBeGreaterThan(0);
         // Decoding a run cut inside a UTF-8 character: Rust writes one U+FFFD per stray byte,
-        // transformers.js one per sequence, so the readable text is compared only when whole.
+        // @huggingface/tokenizers one per sequence, so the readable text is compared only when whole.
         if (!want.trained_text.some((t) => t.includes('\uFFFD'))) {
           expect(trainedText(tok, e.labels), where).toEqual(want.trained_text);
         }
@@ -154,7 +154,7 @@ describe.each(NAMES)('%s: JSONL examples equal transformers', (name) => {
 });
 
 describe('known differences from Python', () => {
-  it("qwen3: transformers.js's Jinja strips all leading whitespace where Qwen3's template strips '\\n'", async () => {
+  it("qwen3: @huggingface/jinja strips all leading whitespace where Qwen3's template strips '\\n'", async () => {
     const tok = tokenizers.get('qwen3')!;
     const c = goldens.get('qwen3')!.cases.find((x) => x.fixture === 'chat_whitespace.jsonl')!;
     const want = c.examples![0]!;

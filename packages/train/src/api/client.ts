@@ -13,10 +13,11 @@
  *   const { text } = await trainer.generate('Hello', { adapter: adapter?.name });
  */
 import { WebtuneError } from '@webtune/core';
+import type { CachedModel } from '@webtune/models';
 import { proxy, type Remote, releaseProxy, transfer, wrap } from 'comlink';
 import { defaultRunName } from '../run/config.js';
 import { CheckpointNotFoundError } from '../store/errors.js';
-import { TrainerEngine } from './engine.js';
+import type { TrainerEngine } from './engine.js';
 import { installErrorTransfer } from './transfer.js';
 import type {
   AdapterEntry,
@@ -81,6 +82,8 @@ export async function createTrainer(options: CreateTrainerOptions = {}): Promise
     ...(options.gpu ? { gpu: options.gpu } : {}),
   };
   if (want === false) {
+    // Loaded only here, so a page whose trainer runs in the worker does not download the engine.
+    const { TrainerEngine } = await import('./engine.js');
     const engine = new TrainerEngine();
     await engine.init(init);
     return new Trainer(engine, undefined);
@@ -162,6 +165,16 @@ export class Trainer {
     const { onProgress, signal, ...rest } = options;
     const input = source instanceof URL ? source.href : source;
     return this.cancellable(signal, (op) => this.engine.loadModel(input, rest, this.callback(onProgress), op));
+  }
+
+  /** Models downloaded and kept for offline use. */
+  cachedModels(): Promise<CachedModel[]> {
+    return this.engine.cachedModels();
+  }
+
+  /** Frees a cached model's disk space (it downloads again next time). */
+  deleteCachedModel(id: string): Promise<boolean> {
+    return this.engine.deleteCachedModel(id);
   }
 
   /** The loaded model's description, if any. */
@@ -346,6 +359,16 @@ export class AdapterLibrary {
   /** The PEFT folder as one zip. */
   async exportZip(name: string): Promise<Blob> {
     const zip = await this.engine.exportZip(name);
+    return new Blob([zip as Uint8Array<ArrayBuffer>], { type: 'application/zip' });
+  }
+
+  /**
+   * A zip to continue training on a cluster with Hugging Face TRL + PEFT (`accelerate launch
+   * train.py`): the adapter, the loaded dataset as tokenized JSONL, job.json with the run's
+   * settings, and the script. The base model and the adapter's data must be loaded.
+   */
+  async exportJob(name: string): Promise<Blob> {
+    const zip = await this.engine.exportJob(name);
     return new Blob([zip as Uint8Array<ArrayBuffer>], { type: 'application/zip' });
   }
 

@@ -10,21 +10,26 @@
  */
 import { createGpuContext, type GpuContext, WebtuneError } from '@webtune/core';
 import {
+  type CachedModel,
   type CausalLM,
   type ChatMessage,
+  deleteCachedModel,
   filesSource,
   GenerationCancelled,
   Generator,
+  listCachedModels,
   loadModel,
   loadTokenizer,
+  modelFingerprint,
   namedModules,
   parameterCount,
   type Tokenizer,
 } from '@webtune/models';
-import { releaseProxy } from 'comlink';
+import { releaseProxy, transfer } from 'comlink';
 import { strToU8, unzipSync, zipSync } from 'fflate';
 import { type LoadedAdapter, loadAdapter } from '../adapter.js';
 import { padIdOf } from '../data/index.js';
+import { buildTrainingJob } from '../job/index.js';
 import {
   ADAPTER_CONFIG_FILE,
   ADAPTER_WEIGHTS_FILE,
@@ -44,7 +49,7 @@ import type { AdapterEntry, CheckpointMeta, TrainerStorage } from '../store/type
 import { DEFAULT_SEQ, type EngineDataset, loadEngineDataset } from './dataset.js';
 import { BaseModelMismatchError, NoSuchRunError, NotLoadedError, RunMismatchError } from './errors.js';
 import { withTrainingLock } from './locks.js';
-import { fingerprintModel, openModelInput } from './sources.js';
+import { openModelInput } from './sources.js';
 import {
   type CreateTrainerOptions,
   type DatasetInput,
@@ -287,7 +292,7 @@ export class TrainerEngine {
       const ctx = await this.device();
       const [tokenizer, fingerprint] = await Promise.all([
         loadTokenizer(opened.source),
-        fingerprintModel(opened.source),
+        modelFingerprint(opened.source),
       ]);
       signal?.throwIfAborted();
       // The previous model, its dataset and adapters go first: their GPU memory is needed.
@@ -326,6 +331,15 @@ export class TrainerEngine {
       this.end(operation);
       release(onProgress);
     }
+  }
+
+  /** Models downloaded and kept for offline use (Cache API in browsers, a folder under Node). */
+  cachedModels(): Promise<CachedModel[]> {
+    return listCachedModels();
+  }
+
+  deleteCachedModel(id: string): Promise<boolean> {
+    return deleteCachedModel(id);
   }
 
   async modelInfo(): Promise<ModelInfo | undefined> {
@@ -723,6 +737,50 @@ export class TrainerEngine {
       },
       { level: 6 },
     );
+  }
+
+  /**
+   * A zip that continues this adapter's training on a cluster with TRL + PEFT (job/): the adapter,
+   * the examples of the loaded dataset (the one it was trained on, when it was trained here), the
+   * run's settings as job.json, and train.py. Needs the base model loaded.
+   */
+  async exportJob(name: string): Promise<Uint8Array> {
+    const { model, info } = await this.requireModel('exportJob');
+    const dataset = this.requireDataset('exportJob');
+    const entry = await this.store().getAdapter(name);
+    const files = await this.store().readAdapterFiles(name);
+    if (!entry || !files) throw new AdapterNotFoundError(name);
+    this.checkAdapterBase(entry, info);
+    if (entry.datasetFingerprint !== undefined && entry.datasetFingerprint !== dataset.stats.fingerprint)
+      throw new RunMismatchError(
+        name,
+        'dataset',
+        `the job carries the data the adapter was trained on; load that file again (with the same sequence length, split and seed) before exporting the job`,
+      );
+    const resolved = resolveLoraTargets(entry.config, namedModules(model.config), model.config.modelType);
+    // An imported adapter has no run of its own: the job gets the defaults on the loaded data.
+    const training =
+      (entry.training as unknown as RunConfig | undefined) ??
+      resolveRunConfig(
+        { name, from: name },
+        {
+          stats: dataset.stats,
+          datasetSeq: dataset.stats.seq,
+          longestExample: dataset.longest,
+          maxPositions: info.maxPositions,
+          fromConfig: entry.config,
+        },
+      );
+    const zip = buildTrainingJob({
+      name,
+      adapter: files,
+      resolved,
+      baseModel: { id: entry.baseModel ?? info.id, modelType: info.modelType, architecture: info.architecture },
+      training,
+      data: { train: dataset.train, validation: dataset.validation },
+      stepsTrained: entry.steps,
+    });
+    return transfer(zip, [zip.buffer]);
   }
 
   /**

@@ -355,6 +355,7 @@ export class TrainingSession {
       bytes: config_.length + weights.byteLength,
       origin: 'trained',
       datasetFingerprint: env.identity.dataset.fingerprint,
+      training: config as unknown as Record<string, unknown>,
     };
     await env.storage.putAdapter(entry, { config: config_, weights }, { overwrite: true });
     await env.storage.deleteCheckpoint(config.name);

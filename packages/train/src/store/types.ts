@@ -30,6 +30,9 @@ export interface AdapterEntry {
   readonly origin: 'trained' | 'imported';
   /** fingerprintExamples() of the data it was trained on, when trained here. */
   readonly datasetFingerprint?: string;
+  /** The run's settings (run/config.ts RunConfig: optimizer, schedule, steps, batch, seq ...),
+   * when trained here: what a cluster job continues with. */
+  readonly training?: Readonly<Record<string, unknown>>;
 }
 
 /** The two files of a PEFT adapter folder, as PEFT writes them. */
