@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates tools/.venv, the Python oracle for the golden-data generators in tools/*.py
-# (torch, transformers, peft, safetensors, numpy; trl, accelerate and datasets for the cluster job
+# (torch, transformers, peft, safetensors, numpy, gguf; trl, accelerate and datasets for the cluster job
 # script that adapters.exportJob() writes), offline from this machine's local wheel mirror. The
 # tests and the benchmark find it through tools/python.ts ($WEBTUNE_PYTHON, .venv, tools/.venv,
 # python3 on PATH).
