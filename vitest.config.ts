@@ -20,6 +20,7 @@ const modelTests = [
   'packages/models/test/evaluate.test.ts',
   'packages/models/test/backward.test.ts',
   'packages/models/test/quantized.test.ts',
+  'packages/models/test/split_table.test.ts',
   'packages/train/test/trainer.test.ts',
   'packages/train/test/api.test.ts',
 ];

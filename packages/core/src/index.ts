@@ -20,4 +20,5 @@ export * from './quant.js';
 export * from './random.js';
 export * from './schedule.js';
 export * from './shape.js';
+export * from './table.js';
 export * from './tensor.js';

@@ -17,7 +17,7 @@ import {
   type GpuContext,
   planAddScaled,
   planAttentionForward,
-  planEmbeddingForward,
+  planEmbeddingTable,
   planGeluNewForward,
   planLayerNormForward,
   planLoraForward,
@@ -25,6 +25,7 @@ import {
   planRmsNormForward,
   planRopeForward,
   planSiluMulForward,
+  planTableProduct,
   ShapeError,
   type Tensor,
 } from '@webtune/core';
@@ -429,11 +430,11 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     const errors = alloc.of([2], 'u32', 'embedding_errors');
     const embedded = alloc.f32([rows, d], 'embedded');
     dispatches.push(
-      await planEmbeddingForward(
+      ...(await planEmbeddingTable(
         ctx,
         { ids, table: model.embed, wpe: model.positions, out: embedded, errors },
         { T, label: 'embedding' },
-      ),
+      )),
     );
     const layers: LayerActivations[] = [];
     const layerDispatches: Dispatch[][] = [];
@@ -461,7 +462,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     let logits: Tensor | undefined;
     if (opts.logits) {
       logits = alloc.f32([rows, c.vocabSize], 'logits');
-      dispatches.push(await planMatmul(ctx, hidden, model.lmHead, logits, { label: 'lm_head' }));
+      dispatches.push(...(await planTableProduct(ctx, hidden, model.lmHead, logits, 'lm_head', alloc.owned)));
     }
     return new ForwardPlan(
       model,

@@ -2,7 +2,17 @@
  * A causal language model's frozen weights on the GPU, loaded from a Hugging Face folder with
  * every key and shape asserted against the architecture's parameter table.
  */
-import { type GpuContext, ropeInvFreq, type Tensor, tensorFromData, WebtuneError } from '@webtune/core';
+import {
+  type GpuContext,
+  type RowTable,
+  ropeInvFreq,
+  SplitRows,
+  splitRowCounts,
+  type Tensor,
+  tablePartLimit,
+  tensorFromData,
+  WebtuneError,
+} from '@webtune/core';
 import {
   isIgnorableKey,
   type LinearModule,
@@ -68,6 +78,12 @@ export interface LoadModelOptions {
   precision?: WeightPrecision;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
+  /**
+   * The most bytes one part of the embedding or the LM head may take; a larger table is split by
+   * rows into parts (core's table.ts). Default: the device's maxStorageBufferBindingSize and
+   * maxBufferSize, whichever is smaller (tests lower it to split small tables).
+   */
+  tablePartBytes?: number;
 }
 
 export class CausalLM {
@@ -78,18 +94,23 @@ export class CausalLM {
     readonly config: ModelConfig,
     readonly layout: ModelLayout,
     readonly precision: WeightPrecision,
-    readonly embed: Tensor,
+    /** The token embedding [vocab, d], split by rows when it is larger than one binding may be on
+     * this device (core's table.ts). */
+    readonly embed: RowTable,
     readonly positions: Tensor | undefined,
     readonly layers: readonly Layer[],
     readonly finalNorm: Norm,
-    /** The LM head [vocab, d]: the embedding itself when tied. */
-    readonly lmHead: Tensor,
+    /** The LM head [vocab, d]: the embedding itself when tied; split like it. */
+    readonly lmHead: RowTable,
     /** RoPE inverse frequencies [head_dim/2], f32 (Llama family). */
     readonly ropeInvFreq: Tensor | undefined,
     readonly ropeAttentionScaling: number,
     private readonly owned: readonly Tensor[],
     /** Where it came from, for messages. */
     readonly description: string,
+    /** The most bytes one part of a split embedding or LM head takes (loadModel's tablePartBytes,
+     * or the device's limit): what a memory estimate for this model must assume. */
+    readonly tablePartBytes = Number.POSITIVE_INFINITY,
   ) {}
 
   /** Bytes of the GPU buffers the weights occupy. */
@@ -188,6 +209,7 @@ export async function loadModel(
   }
 
   const tensors = new Map<string, Tensor>();
+  const tables = new Map<string, SplitRows>();
   const owned: Tensor[] = [];
   let loaded = 0;
   try {
@@ -196,18 +218,44 @@ export async function loadModel(
       const info = infos.get(name);
       const size = info ? info.end - info.begin : 0;
       const [rows, cols] = spec.shape as [number, number];
-      const t = await uploadTensor(ctx, weights, name, {
-        dtype: storedDType(spec, precision) as WeightDType,
-        label: spec.key,
-        signal: options.signal,
-        ...(spec.transpose ? { shape: [cols, rows], transform: (d: Float32Array) => transpose2d(d, rows, cols) } : {}),
-        onProgress: (l) => options.onProgress?.({ status: 'weights', loaded: loaded + l, total, tensor: spec.key }),
-      });
-      owned.push(t);
-      tensors.set(spec.key, t);
+      const dtype = storedDType(spec, precision) as WeightDType;
+      const upload = (extra: { label: string; rows?: { start: number; count: number } }, done: number) =>
+        uploadTensor(ctx, weights, name, {
+          dtype,
+          signal: options.signal,
+          ...extra,
+          ...(spec.transpose
+            ? { shape: [cols, rows], transform: (d: Float32Array) => transpose2d(d, rows, cols) }
+            : {}),
+          onProgress: (l) =>
+            options.onProgress?.({ status: 'weights', loaded: loaded + done + l, total, tensor: spec.key }),
+        });
+      // The embedding and LM head (vocabulary × d) may exceed one binding: split them by rows.
+      const table = spec.key === layout.embed || spec.key === layout.lmHead;
+      const limit = options.tablePartBytes ?? tablePartLimit(ctx.limits);
+      const counts = table ? splitRowCounts(rows, cols, dtype, limit) : [rows];
+      if (counts.length === 1) {
+        const t = await upload({ label: spec.key }, 0);
+        owned.push(t);
+        tensors.set(spec.key, t);
+      } else {
+        const parts: Tensor[] = [];
+        let start = 0;
+        for (const count of counts) {
+          const t = await upload(
+            { label: `${spec.key}[${start}:${start + count}]`, rows: { start, count } },
+            (size * start) / rows,
+          );
+          owned.push(t);
+          parts.push(t);
+          start += count;
+        }
+        tables.set(spec.key, new SplitRows(parts, spec.key));
+      }
       loaded += size;
     }
     const get = (key: string) => tensors.get(key) as Tensor;
+    const table = (key: string): RowTable => tables.get(key) ?? get(key);
     const layers: Layer[] = layout.layers.map((l, index) => {
       const linears: Partial<Record<LinearRole, Linear>> = {};
       for (const m of l.linears) {
@@ -240,15 +288,16 @@ export async function loadModel(
       config,
       layout,
       precision,
-      get(layout.embed),
+      table(layout.embed),
       layout.positions ? get(layout.positions) : undefined,
       layers,
       { w: get(layout.finalNorm.w), b: layout.finalNorm.b ? get(layout.finalNorm.b) : undefined },
-      layout.lmHead ? get(layout.lmHead) : get(layout.embed),
+      layout.lmHead ? table(layout.lmHead) : table(layout.embed),
       invFreq,
       scaling,
       owned,
       where,
+      options.tablePartBytes ?? tablePartLimit(ctx.limits),
     );
   } catch (e) {
     for (const t of owned) t.dispose();

@@ -69,6 +69,11 @@ export interface UploadOptions {
   allowOverflow?: boolean;
   /** Bytes of the file read per step (default 8 MiB). */
   chunkBytes?: number;
+  /**
+   * Upload only rows [start, start + count) of a 2-D tensor, as a [count, cols] GPU tensor: one part
+   * of a table too large for one binding (core's table.ts). Not with `transform` or `shape`.
+   */
+  rows?: { readonly start: number; readonly count: number };
   /** Bytes of this tensor read so far, and its size in the file. */
   onProgress?: (loaded: number, total: number) => void;
   /** Stops the upload between chunks (the partly written tensor is released). */
@@ -83,6 +88,27 @@ function checkedTarget(info: TensorInfo, options: UploadOptions): { dtype: Float
     throw new ShapeError(`${info.name}: cannot upload as ${String(options.dtype)} (f16, f32, q8_0 or q4_0)`);
   }
   const label = options.label ?? info.name;
+  if (options.rows) {
+    const { start, count } = options.rows;
+    const rows = info.shape[0] as number;
+    if (info.shape.length !== 2 || options.transform || options.shape) {
+      throw new ShapeError(
+        `${label}: rows of ${info.name} can be uploaded from a 2-D tensor only, without a transform`,
+      );
+    }
+    if (
+      !Number.isSafeInteger(start) ||
+      !Number.isSafeInteger(count) ||
+      start < 0 ||
+      count < 1 ||
+      start + count > rows
+    ) {
+      throw new ShapeError(
+        `${label}: rows [${start}, ${start + count}) are outside ${info.name} ${formatShape(info.shape)}`,
+      );
+    }
+    return { dtype: info.dtype, shape: [count, info.shape[1] as number], label };
+  }
   // A scalar (shape []) becomes a one-element tensor.
   const shape = options.shape ?? (info.shape.length === 0 ? [1] : info.shape);
   if (options.shape && numel(options.shape) !== numel(info.shape)) {
@@ -237,7 +263,9 @@ async function fillTensor(
   read: (start: number, end: number) => Uint8Array | Promise<Uint8Array>,
 ): Promise<Tensor> {
   const target = checkedTarget(info, options);
-  const total = info.end - info.begin;
+  // Bytes of the file to read (a range of rows, or the whole tensor) and where they start.
+  const total = options.rows ? numel(target.shape) * DTYPE_BYTES[target.dtype] : info.end - info.begin;
+  const first = options.rows ? options.rows.start * (info.shape[1] as number) * DTYPE_BYTES[target.dtype] : 0;
   const size = DTYPE_BYTES[target.dtype];
   const t = createTensor(ctx, target.shape, options.dtype, target.label);
   try {
@@ -262,7 +290,7 @@ async function fillTensor(
     for (let at = 0; at * size < total; at += step) {
       options.signal?.throwIfAborted();
       const end = Math.min(total, (at + step) * size);
-      const bytes = await read(at * size, end);
+      const bytes = await read(first + at * size, first + end);
       ctx.assertAlive();
       writer.write(at, bytes);
       options.onProgress?.(end, total);

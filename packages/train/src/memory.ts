@@ -49,10 +49,13 @@ import {
   LimitExceededError,
   reducePartialsSize,
   ShapeError,
+  splitRowCounts,
+  tablePartLimit,
   WebtuneError,
 } from '@webtune/core';
 import {
   type ModelConfig,
+  modelLayout,
   namedModules,
   parameterTable,
   type StoredAsReason,
@@ -141,6 +144,9 @@ export interface MemoryEstimateOptions {
   readonly limits?: Partial<MemoryLimits>;
   /** ... and whether it is a software adapter (smaller reductions). Default false. */
   readonly cpuAdapter?: boolean;
+  /** The most bytes one part of a split embedding or LM head takes (a loaded model's
+   * tablePartBytes). Default: the smaller of the binding and buffer limits. */
+  readonly tablePartBytes?: number;
 }
 
 function isResolved(lora: unknown): lora is ResolvedLora {
@@ -253,11 +259,26 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
       buffers.push({ label, category, kind: 'uniform', shape: [], dtype: 'u32', bytes, count: dispatches });
   };
 
-  // Frozen weights: loadModel's table.
+  // Frozen weights: loadModel's table; the embedding and the LM head in parts of whole rows when
+  // they are larger than one binding (or buffer) may be.
+  const layout = modelLayout(config);
+  let headParts = [config.vocabSize];
   for (const p of parameterTable(config)) {
     const stored = storedAs(p, precision);
+    const note = stored.reason === 'always f32' ? undefined : stored.reason;
     const shape = p.transpose ? [p.shape[1] as number, p.shape[0] as number] : p.shape;
-    add('frozenWeights', p.key, shape, stored.dtype, 1, stored.reason === 'always f32' ? undefined : stored.reason);
+    if (p.key === layout.embed || p.key === layout.lmHead) {
+      const [rows, cols] = shape as [number, number];
+      const counts = splitRowCounts(rows, cols, stored.dtype, options.tablePartBytes ?? tablePartLimit(limits));
+      if (p.key === (layout.lmHead ?? layout.embed)) headParts = counts;
+      for (const n of new Set(counts)) {
+        const same = counts.filter((c) => c === n).length;
+        const label = counts.length === 1 ? p.key : `${p.key} (part of ${counts.length})`;
+        add('frozenWeights', label, [n, cols], stored.dtype, same, note);
+      }
+      continue;
+    }
+    add('frozenWeights', p.key, shape, stored.dtype, 1, note);
   }
   if (config.rope) add('frozenWeights', 'rope.inv_freq', [config.headDim / 2]);
 
@@ -366,7 +387,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   add(S, 'backward.lse', [rows]);
   add(S, 'backward.d_hidden', [rows, d]);
   const chunk = ctx ? crossEntropyChunk(ctx, rows, c.vocabSize) : lossChunk(rows, c.vocabSize, limits);
-  const chunks = Math.ceil(c.vocabSize / chunk);
+  // The loss's chunks never straddle two parts of a split LM head.
+  const chunks = headParts.reduce((n, rows) => n + Math.ceil(rows / chunk), 0);
   add(S, 'loss.logits', [rows, chunk]);
   add(S, 'loss.training.forward.stats', [rows, 4]);
   add(S, 'loss.training.backward.coef', [4]);
@@ -409,7 +431,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   // model.bytes counts elements, not the 16-byte rounding of each buffer.
   const frozenWeights = buffers
     .filter((b) => b.category === 'frozenWeights')
-    .reduce((n, b) => n + numel(b.shape) * bytesPerElement(b.dtype), 0);
+    .reduce((n, b) => n + numel(b.shape) * bytesPerElement(b.dtype) * b.count, 0);
   const trainable = sum('trainable');
   const activations = sum('activations');
   const scratch = sum('scratch');

@@ -213,6 +213,7 @@ export class LoraTrainer {
       recompute: options.recompute,
       precision: model.precision,
       device: ctx,
+      tablePartBytes: model.tablePartBytes,
     });
     checkFits(ctx, estimate, { budget: options.memoryBudget });
     const weights = options.initialWeights ?? initLoraWeights(resolved, options.seed ?? 0);

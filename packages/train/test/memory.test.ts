@@ -34,6 +34,8 @@ interface Setting {
   recompute?: boolean;
   precision: WeightPrecision;
   lora: Record<string, unknown>;
+  /** Split the vocabulary tables into parts of at most this many bytes. */
+  tablePartBytes?: number;
 }
 
 // Per fixture: PEFT's default targets at r 4, and all-linear rsLoRA at r 8 with accumulation.
@@ -62,6 +64,9 @@ const CASES: [string, Setting][] = [
   // A block-quantized base: quantized linears, f16 embedding and the rest f16 or f32 as stored.
   ['tiny-qwen2-q', { ...WIDE, precision: 'q4_0' }],
   ['tiny-gpt2-q', { ...SMALL, precision: 'q8_0', recompute: true }],
+  // Tied embedding in 4 parts of 128 rows; untied embedding and LM head in 3 parts each.
+  ['tiny-qwen2-q', { ...SMALL, precision: 'q8_0', tablePartBytes: 20_000 }],
+  ['tiny-llama', { ...WIDE, tablePartBytes: 20_000 }],
   [
     'stories260K',
     {
@@ -92,13 +97,14 @@ afterAll(() => console.log(`estimate / allocated bytes\n${table.join('\n')}`));
 
 describe('estimateMemory against LoraTrainer', () => {
   for (const [fixture, s] of CASES) {
-    const name = `${fixture} B${s.batch} T${s.seq}${s.gradAccum ? ` K${s.gradAccum}` : ''}${s.recompute ? ' recompute' : ''} ${s.precision} ${JSON.stringify(s.lora)}`;
+    const name = `${fixture} B${s.batch} T${s.seq}${s.gradAccum ? ` K${s.gradAccum}` : ''}${s.recompute ? ' recompute' : ''} ${s.precision}${s.tablePartBytes ? ` tables in parts of ≤ ${s.tablePartBytes} B` : ''} ${JSON.stringify(s.lora)}`;
     it(name, async () => {
       const ctx = gpu();
       const source = await repoSource(fixturePath(fixture));
       const { memory, live, est } = await gpuCase(ctx, name, async () => {
-        const model = await loadModel(ctx, source, { precision: s.precision });
+        const model = await loadModel(ctx, source, { precision: s.precision, tablePartBytes: s.tablePartBytes });
         const est = estimateMemory(model.config, s.lora, {
+          tablePartBytes: s.tablePartBytes,
           batch: s.batch,
           seq: s.seq,
           gradAccum: s.gradAccum,

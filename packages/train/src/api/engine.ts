@@ -447,6 +447,7 @@ export class TrainerEngine {
       recompute: run.recompute,
       precision: model.precision,
       device: ctx,
+      tablePartBytes: model.tablePartBytes,
     });
     let problem: string | undefined;
     try {
