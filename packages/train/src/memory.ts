@@ -149,6 +149,17 @@ export interface MemoryEstimateOptions {
   readonly tablePartBytes?: number;
 }
 
+/** The limits given, by name (a GPUSupportedLimits object keeps them as getters, which a spread
+ * would not copy), over WebGPU's defaults. */
+function pickLimits(given: Partial<MemoryLimits> | undefined): MemoryLimits {
+  const out: Record<string, number> = { ...WEBGPU_DEFAULT_LIMITS };
+  for (const key of Object.keys(WEBGPU_DEFAULT_LIMITS) as (keyof MemoryLimits)[]) {
+    const v = given?.[key];
+    if (typeof v === 'number') out[key] = v;
+  }
+  return out as unknown as MemoryLimits;
+}
+
 function isResolved(lora: unknown): lora is ResolvedLora {
   return typeof lora === 'object' && lora !== null && 'modules' in lora && 'config' in lora;
 }
@@ -234,9 +245,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const recompute = options.recompute ?? false;
   const precision = options.precision ?? 'f16';
   const ctx = options.device;
-  const limits: MemoryLimits = ctx
-    ? (ctx.limits as unknown as MemoryLimits)
-    : { ...WEBGPU_DEFAULT_LIMITS, ...options.limits };
+  const limits: MemoryLimits = ctx ? (ctx.limits as unknown as MemoryLimits) : pickLimits(options.limits);
   const resolved = isResolved(lora)
     ? lora
     : resolveLoraTargets(validateLoraConfig(lora), namedModules(config), config.modelType);
@@ -459,17 +468,80 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   };
 }
 
+/** A setting of the run that makes it smaller when lowered (or, for recompute, turned on). */
+export type PlanSetting = 'precision' | 'seq' | 'batch' | 'rank' | 'recompute';
+
+/**
+ * What to lower when `buffer` (or, without one, the total) is too big, most effective first:
+ * weights shrink with a block precision (q8_0, then q4_0), activations and scratch with seq and
+ * batch (and the total with recompute), the adapter and its optimizer state with the rank (or
+ * fewer target modules).
+ */
+export function settingsToLower(estimate: MemoryEstimate, buffer?: EstimatedBuffer): PlanSetting[] {
+  const s = estimate.settings;
+  const smallerPrecision = s.precision !== 'q4_0';
+  switch (buffer?.category) {
+    case 'frozenWeights':
+      return smallerPrecision ? ['precision'] : [];
+    case 'trainable':
+      return ['rank'];
+    case 'activations':
+    case 'scratch':
+      return s.batch > 1 ? ['batch', 'seq'] : ['seq'];
+    default: {
+      const out: PlanSetting[] = [];
+      if (!s.recompute) out.push('recompute');
+      out.push(...(s.batch > 1 ? (['batch', 'seq'] as const) : (['seq'] as const)));
+      if (smallerPrecision) out.push('precision');
+      out.push('rank');
+      return out;
+    }
+  }
+}
+
+const ADVICE: Record<PlanSetting, string> = {
+  precision: 'a smaller --precision (q8_0, q4_0)',
+  seq: 'a shorter sequence',
+  batch: 'a smaller batch (gradient accumulation keeps the effective batch)',
+  rank: 'a lower rank r or fewer target modules',
+  recompute: 'recompute (activations of one layer at a time)',
+};
+
+/** "lower: a smaller batch ..., a shorter sequence" for an error message. */
+export function describeSettings(settings: readonly PlanSetting[]): string {
+  return settings.length === 0
+    ? 'nothing to lower: this device cannot run it'
+    : `try ${settings.map((k) => ADVICE[k]).join('; or ')}`;
+}
+
+/** A buffer of the plan is larger than the device allows, with the settings that shrink it. */
+export class PlanTooLargeError extends LimitExceededError {
+  constructor(
+    limit: string,
+    requested: number,
+    allowed: number,
+    what: string,
+    readonly lower: readonly PlanSetting[],
+  ) {
+    super(limit, requested, allowed, what);
+    this.message = `${this.message}: ${describeSettings(lower)}`;
+  }
+}
+
 /** The total of a run went over the budget the caller gave. */
 export class MemoryBudgetError extends LimitExceededError {
+  /** What would shrink the run, most effective first. */
+  readonly lower: readonly PlanSetting[];
+
   constructor(
     readonly estimate: MemoryEstimate,
     budget: number,
   ) {
     super('memoryBudget', estimate.total, budget, 'training');
+    this.lower = settingsToLower(estimate);
     this.message =
       `training needs about ${formatBytes(estimate.total)} of GPU memory (${describeEstimate(estimate)}), ` +
-      `over the budget of ${formatBytes(budget)}: lower batch·seq or use recompute (activations), ` +
-      'f16 weights, or fewer target modules / a lower r';
+      `over the budget of ${formatBytes(budget)}: ${describeSettings(this.lower)}`;
   }
 }
 
@@ -487,9 +559,10 @@ export interface CheckFitsOptions {
 }
 
 /**
- * Throws before anything is allocated when the estimate cannot run on `ctx`: a LimitExceededError
- * naming the biggest buffer over maxBufferSize or maxStorageBufferBindingSize (every buffer of a
- * training run is bound as storage), or a MemoryBudgetError when the total exceeds `budget`.
+ * Throws before anything is allocated when the estimate cannot run on `ctx`: a PlanTooLargeError
+ * (a LimitExceededError) naming the biggest buffer over maxBufferSize or
+ * maxStorageBufferBindingSize (every buffer of a training run is bound as storage) and the
+ * settings that shrink it, or a MemoryBudgetError when the total exceeds `budget`.
  */
 export function checkFits(ctx: GpuContext, estimate: MemoryEstimate, options: CheckFitsOptions = {}): void {
   const l = ctx.limits;
@@ -507,7 +580,7 @@ export function checkFits(ctx: GpuContext, estimate: MemoryEstimate, options: Ch
       const what =
         `${worst.label} ${worst.dtype}[${worst.shape.join(', ')}]` +
         (others > 0 ? ` (and ${others} more buffer${others === 1 ? '' : 's'} over the limit)` : '');
-      throw new LimitExceededError(limit, worst.bytes, allowed, what);
+      throw new PlanTooLargeError(limit, worst.bytes, allowed, what, settingsToLower(estimate, worst));
     }
   }
   if (options.budget !== undefined && estimate.total > options.budget)
