@@ -21,6 +21,7 @@ const modelTests = [
   'packages/models/test/backward.test.ts',
   'packages/models/test/quantized.test.ts',
   'packages/models/test/split_table.test.ts',
+  'packages/models/test/gguf.test.ts',
   'packages/train/test/trainer.test.ts',
   'packages/train/test/api.test.ts',
 ];

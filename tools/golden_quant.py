@@ -8,6 +8,9 @@ ordinary weights at several scales, exact rounding ties (roundf's halves away fr
 +8.5 truncation), Q4_0's clip of +8 to 15, a value of largest magnitude that is negative or
 positive or tied with its opposite, all-zero blocks and scales that are f16 subnormals.
 
+`k_quants`: random Q4_K and Q6_K super-blocks (random bytes with finite f16 scales) and the
+package's dequantization of them, for the GGUF loader's k-quant decoders.
+
 Run from the repository root (after `bash tools/setup-python.sh`):
 
     tools/.venv/bin/python tools/golden_quant.py
@@ -76,8 +79,17 @@ def main() -> None:
             back = dequantize(blocks, qt).astype(np.float32).reshape(-1)
             rec[fmt] = {"blocks": b64(blocks), "dequantized": b64(back)}
         records.append(rec)
+    rng = np.random.default_rng(99)
+    k_quants = []
+    for qt, name, size, scale_at in ((T.Q4_K, "Q4_K", 144, (0, 2)), (T.Q6_K, "Q6_K", 210, (208,))):
+        blocks = rng.integers(0, 256, size=(6, size), dtype=np.uint8)
+        for at in scale_at:
+            d = (rng.standard_normal(6) * 0.01).astype(np.float16)
+            blocks[:, at : at + 2] = d.view(np.uint8).reshape(6, 2)
+        back = dequantize(blocks, qt).astype(np.float32).reshape(-1)
+        k_quants.append({"type": name, "blocks": b64(blocks), "dequantized": b64(back)})
     meta = {"script": "tools/golden_quant.py", "gguf": version("gguf"), "numpy": np.__version__}
-    write_json(OUT, {"generated_by": meta, "cases": records}, pretty_lists=False)
+    write_json(OUT, {"generated_by": meta, "cases": records, "k_quants": k_quants}, pretty_lists=False)
     print(f"{len(records)} cases -> {OUT.relative_to(REPO_ROOT)} ({OUT.stat().st_size:,} bytes)")
 
 

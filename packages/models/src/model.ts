@@ -3,6 +3,7 @@
  * every key and shape asserted against the architecture's parameter table.
  */
 import {
+  type DType,
   type GpuContext,
   type RowTable,
   ropeInvFreq,
@@ -24,6 +25,7 @@ import {
 } from './architecture.js';
 import { ConfigError, type ModelConfig, parseModelConfig } from './config.js';
 import { ModelFileError } from './errors.js';
+import { loadGgufModel } from './gguf-model.js';
 import { storedDType, type WeightPrecision } from './precision.js';
 import { type ModelWeights, openModelWeights } from './safetensors.js';
 import type { ModelSource } from './source.js';
@@ -84,6 +86,11 @@ export interface LoadModelOptions {
    * maxBufferSize, whichever is smaller (tests lower it to split small tables).
    */
   tablePartBytes?: number;
+  /**
+   * Load this GGUF file of the source (llama.cpp's format; gguf-model.ts) instead of config.json
+   * and safetensors. Without `precision`, each tensor keeps its file format where the GPU reads it.
+   */
+  gguf?: string;
 }
 
 export class CausalLM {
@@ -111,6 +118,12 @@ export class CausalLM {
     /** The most bytes one part of a split embedding or LM head takes (loadModel's tablePartBytes,
      * or the device's limit): what a memory estimate for this model must assume. */
     readonly tablePartBytes = Number.POSITIVE_INFINITY,
+    /** The Hugging Face model these weights are, when the file names it (GGUF metadata): what an
+     * adapter trained on them records as base_model_name_or_path. */
+    readonly baseModelId?: string,
+    /** The dtype of each tensor stored otherwise than `precision` implies (a GGUF base keeps each
+     * tensor's format), by Hugging Face key; a memory estimate for this model takes them. */
+    readonly storedDTypes?: ReadonlyMap<string, DType>,
   ) {}
 
   /** Bytes of the GPU buffers the weights occupy. */
@@ -185,6 +198,7 @@ export async function loadModel(
   source: ModelSource,
   options: LoadModelOptions = {},
 ): Promise<CausalLM> {
+  if (options.gguf !== undefined) return loadGgufModel(ctx, source, options.gguf, options);
   const precision = options.precision ?? 'f16';
   const where = source.description;
   options.onProgress?.({ status: 'config', loaded: 0, total: 0 });
@@ -254,53 +268,91 @@ export async function loadModel(
       }
       loaded += size;
     }
-    const get = (key: string) => tensors.get(key) as Tensor;
-    const table = (key: string): RowTable => tables.get(key) ?? get(key);
-    const layers: Layer[] = layout.layers.map((l, index) => {
-      const linears: Partial<Record<LinearRole, Linear>> = {};
-      for (const m of l.linears) {
-        linears[m.role] = { module: m, w: get(`${m.name}.weight`), bias: m.bias ? get(`${m.name}.bias`) : undefined };
-      }
-      return {
-        index,
-        norm1: { w: get(l.norm1.w), b: l.norm1.b ? get(l.norm1.b) : undefined },
-        norm2: { w: get(l.norm2.w), b: l.norm2.b ? get(l.norm2.b) : undefined },
-        qNorm: l.qNorm ? get(l.qNorm) : undefined,
-        kNorm: l.kNorm ? get(l.kNorm) : undefined,
-        linears,
-      };
-    });
-    let invFreq: Tensor | undefined;
-    let scaling = 1;
-    if (config.rope) {
-      const r = ropeInvFreq({
-        headDim: config.headDim,
-        ropeTheta: config.rope.theta,
-        ropeScaling: config.rope.scaling,
-      });
-      invFreq = tensorFromData(ctx, r.invFreq, [config.headDim / 2], 'f32', 'rope.inv_freq');
-      owned.push(invFreq);
-      scaling = r.attentionScaling;
-    }
     options.onProgress?.({ status: 'ready', loaded: total, total });
-    return new CausalLM(
-      ctx,
+    return assembleModel(ctx, {
       config,
       layout,
       precision,
-      table(layout.embed),
-      layout.positions ? get(layout.positions) : undefined,
-      layers,
-      { w: get(layout.finalNorm.w), b: layout.finalNorm.b ? get(layout.finalNorm.b) : undefined },
-      layout.lmHead ? table(layout.lmHead) : table(layout.embed),
-      invFreq,
-      scaling,
+      tensors,
+      tables,
       owned,
-      where,
-      options.tablePartBytes ?? tablePartLimit(ctx.limits),
-    );
+      description: where,
+      tablePartBytes: options.tablePartBytes ?? tablePartLimit(ctx.limits),
+    });
   } catch (e) {
     for (const t of owned) t.dispose();
     throw e;
   }
+}
+
+/** What a loader has uploaded, for assembleModel. */
+export interface UploadedWeights {
+  readonly config: ModelConfig;
+  readonly layout: ModelLayout;
+  readonly precision: WeightPrecision;
+  /** Every parameter by its Hugging Face key, but the split tables. */
+  readonly tensors: ReadonlyMap<string, Tensor>;
+  /** The embedding or LM head split by rows, by key. */
+  readonly tables: ReadonlyMap<string, SplitRows>;
+  /** Every GPU tensor made so far (released on failure, owned by the model otherwise). */
+  readonly owned: Tensor[];
+  readonly description: string;
+  readonly tablePartBytes: number;
+  /** RoPE's inverse frequencies when the file gives them (GGUF's rope_freqs factors). */
+  readonly ropeInvFreq?: Float32Array;
+  /** The Hub model these weights are, when the file says (GGUF metadata). */
+  readonly baseModelId?: string;
+  /** Any tensor stored other than `precision` says (a GGUF file keeps each as it is). */
+  readonly storedDTypes?: ReadonlyMap<string, DType>;
+}
+
+/** Builds the CausalLM over uploaded weights (the layers, RoPE's frequencies). */
+export function assembleModel(ctx: GpuContext, w: UploadedWeights): CausalLM {
+  const { config, layout, tensors, tables, owned } = w;
+  const get = (key: string) => {
+    const t = tensors.get(key);
+    if (!t) throw new ModelLoadError(w.description, `no tensor for ${key}`);
+    return t;
+  };
+  const table = (key: string): RowTable => tables.get(key) ?? get(key);
+  const layers: Layer[] = layout.layers.map((l, index) => {
+    const linears: Partial<Record<LinearRole, Linear>> = {};
+    for (const m of l.linears) {
+      linears[m.role] = { module: m, w: get(`${m.name}.weight`), bias: m.bias ? get(`${m.name}.bias`) : undefined };
+    }
+    return {
+      index,
+      norm1: { w: get(l.norm1.w), b: l.norm1.b ? get(l.norm1.b) : undefined },
+      norm2: { w: get(l.norm2.w), b: l.norm2.b ? get(l.norm2.b) : undefined },
+      qNorm: l.qNorm ? get(l.qNorm) : undefined,
+      kNorm: l.kNorm ? get(l.kNorm) : undefined,
+      linears,
+    };
+  });
+  let invFreq: Tensor | undefined;
+  let scaling = 1;
+  if (config.rope) {
+    const r = ropeInvFreq({ headDim: config.headDim, ropeTheta: config.rope.theta, ropeScaling: config.rope.scaling });
+    invFreq = tensorFromData(ctx, w.ropeInvFreq ?? r.invFreq, [config.headDim / 2], 'f32', 'rope.inv_freq');
+    owned.push(invFreq);
+    scaling = w.ropeInvFreq ? 1 : r.attentionScaling;
+  }
+  return new CausalLM(
+    ctx,
+    config,
+    layout,
+    w.precision,
+    table(layout.embed),
+    layout.positions ? get(layout.positions) : undefined,
+    layers,
+    { w: get(layout.finalNorm.w), b: layout.finalNorm.b ? get(layout.finalNorm.b) : undefined },
+    layout.lmHead ? table(layout.lmHead) : table(layout.embed),
+    invFreq,
+    scaling,
+    owned,
+    w.description,
+    w.tablePartBytes,
+    w.baseModelId,
+    w.storedDTypes,
+  );
 }

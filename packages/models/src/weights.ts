@@ -22,6 +22,7 @@ import {
   packQuantized,
   QUANT_BLOCK,
   type QuantFormat,
+  type QuantizedBlocks,
   quantize,
   type Shape,
   ShapeError,
@@ -215,16 +216,7 @@ class ChunkWriter {
     if (at % (2 * QUANT_BLOCK) !== 0) throw new Error(`quantized chunk at element ${at}`); // an internal invariant
     const values = new Float32Array(count);
     decodeToF32Bits(this.src, bytes, new Uint32Array(values.buffer));
-    const q = quantize(format, values, this.t.label);
-    const layout = gpuQuantLayout(format, this.t.size);
-    const block = at / QUANT_BLOCK;
-    const queue = this.t.ctx.device.queue;
-    const base = this.t.byteOffset;
-    queue.writeBuffer(this.t.buffer, base + block * (q.qs.byteLength / q.d.length), q.qs);
-    // packQuantized pads an odd count of scales to a whole word; the buffer is rounded up to 16
-    // bytes, so the pad stays inside it.
-    const scales = packQuantized({ format, qs: new Uint8Array(0), d: q.d });
-    queue.writeBuffer(this.t.buffer, base + layout.qsBytes + block * 2, scales);
+    writeQuantizedBlocks(this.t, at / QUANT_BLOCK, quantize(format, values, this.t.label));
   }
 
   /** Writes f32 values (a transform's output) converted to the tensor's dtype. */
@@ -241,6 +233,38 @@ class ChunkWriter {
     if (!this.f16 || this.f16.length < count) this.f16 = new Uint16Array(count);
     return this.f16;
   }
+}
+
+/**
+ * Writes blocks of a q8_0 / q4_0 tensor from block `block` on (an even block, but for the
+ * tensor's last ones): their quants and their scales, each where core's layout (quant.ts) puts it.
+ */
+export function writeQuantizedBlocks(t: Tensor, block: number, q: QuantizedBlocks): void {
+  if (t.dtype !== q.format) throw new ShapeError(`${t.label}: ${q.format} blocks cannot go into a ${t.dtype} tensor`);
+  if (block % 2 !== 0) throw new Error(`quantized write at odd block ${block}`); // an internal invariant
+  const layout = gpuQuantLayout(q.format, t.size);
+  const queue = t.ctx.device.queue;
+  const perBlock = q.format === 'q8_0' ? 32 : 16;
+  queue.writeBuffer(t.buffer, t.byteOffset + block * perBlock, q.qs);
+  // packQuantized pads an odd count of scales to a whole word; the buffer is rounded up to 16
+  // bytes, so the pad stays inside it.
+  const scales = packQuantized({ format: q.format, qs: new Uint8Array(0), d: q.d });
+  queue.writeBuffer(t.buffer, t.byteOffset + layout.qsBytes + block * 2, scales);
+}
+
+/**
+ * Writes f32 values at element `at` of a tensor of any weight dtype, converted as an upload
+ * converts them (f16 rounding with its overflow check, quantization): for loaders of other
+ * formats (GGUF) that decode to f32 themselves. `at` must be even (f16) or a multiple of 64
+ * (q8_0, q4_0).
+ */
+export function valueWriter(
+  t: Tensor,
+  where: { file: string; name: string },
+): { write(at: number, values: Float32Array): void } {
+  const info: TensorInfo = { name: where.name, file: where.file, dtype: 'F32', shape: t.shape, begin: 0, end: 0 };
+  const writer = new ChunkWriter(t, 'F32', info, false);
+  return { write: (at, values) => writer.writeValues(at, values) };
 }
 
 /** Elements per chunk: a whole, even number (f16 halves pair up into u32 words); for a quantized

@@ -147,6 +147,8 @@ export interface MemoryEstimateOptions {
   /** The most bytes one part of a split embedding or LM head takes (a loaded model's
    * tablePartBytes). Default: the smaller of the binding and buffer limits. */
   readonly tablePartBytes?: number;
+  /** Tensors stored otherwise than `precision` says (a loaded GGUF model's storedDTypes). */
+  readonly storedDTypes?: ReadonlyMap<string, DType>;
 }
 
 /** The limits given, by name (a GPUSupportedLimits object keeps them as getters, which a spread
@@ -273,7 +275,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const layout = modelLayout(config);
   let headParts = [config.vocabSize];
   for (const p of parameterTable(config)) {
-    const stored = storedAs(p, precision);
+    const given = options.storedDTypes?.get(p.key);
+    const stored = given ? { dtype: given, reason: undefined } : storedAs(p, precision);
     const note = stored.reason === 'always f32' ? undefined : stored.reason;
     const shape = p.transpose ? [p.shape[1] as number, p.shape[0] as number] : p.shape;
     if (p.key === layout.embed || p.key === layout.lmHead) {

@@ -214,6 +214,7 @@ export class LoraTrainer {
       precision: model.precision,
       device: ctx,
       tablePartBytes: model.tablePartBytes,
+      storedDTypes: model.storedDTypes,
     });
     checkFits(ctx, estimate, { budget: options.memoryBudget });
     const weights = options.initialWeights ?? initLoraWeights(resolved, options.seed ?? 0);

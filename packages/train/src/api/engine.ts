@@ -448,6 +448,7 @@ export class TrainerEngine {
       precision: model.precision,
       device: ctx,
       tablePartBytes: model.tablePartBytes,
+      storedDTypes: model.storedDTypes,
     });
     let problem: string | undefined;
     try {
