@@ -143,9 +143,8 @@ export function ggufBaseModelId(h: GgufHeader): string | undefined {
 /** The config.json that describes the file's model, from its metadata and tensor shapes. */
 function configJson(h: GgufHeader, arch: GgufArch): Record<string, unknown> {
   const num = (key: string, fallback?: number) => ggufValue(h, `${arch}.${key}`, 'number', fallback);
-  const tensor = (name: string) => h.tensors.get(name);
-  const embd = tensor('token_embd.weight');
-  if (!embd || embd.shape.length !== 2)
+  const embd = h.tensors.get('token_embd.weight');
+  if (embd?.shape.length !== 2)
     throw new GgufError(h.file, 'token_embd.weight', 'the token embedding is missing or not 2-D');
   const [vocab, d] = embd.shape as [number, number];
   const hidden = num('embedding_length');

@@ -226,7 +226,7 @@ export async function readGgufHeader(source: ModelSource, file: string): Promise
   const kvCount = await c.size64('the metadata count');
   // Every entry takes at least a few bytes: a count beyond the file is corrupt, not big.
   if (tensorCount * 24 > size || kvCount * 12 > size)
-    c.fail(`counts ${tensorCount} tensors and ${kvCount} keys exceed the file`);
+    c.fail(`truncated or corrupt: ${tensorCount} tensors and ${kvCount} metadata keys cannot fit in ${size} bytes`);
 
   const metadata = new Map<string, GgufValue>();
   for (let i = 0; i < kvCount; i++) {

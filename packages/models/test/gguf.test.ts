@@ -9,9 +9,11 @@ import { describe, expect, it } from 'vitest';
 import { expectClose, gpuCase, useGpu } from '../../core/test/gpu.js';
 import { type LoraTrainable, planBackward, shiftLabels } from '../src/backward.js';
 import { planForward } from '../src/forward.js';
+import { GgufError } from '../src/gguf.js';
 import { type CausalLM, loadModel } from '../src/model.js';
 import type { WeightPrecision } from '../src/precision.js';
 import { openSafetensors } from '../src/safetensors.js';
+import { filesSource } from '../src/source.js';
 import { repoSource } from './fixtures.js';
 
 const gpu = useGpu();
@@ -123,4 +125,18 @@ describe('GGUF base models against transformers + PEFT', () => {
       );
     });
   }
+
+  it('refuses a bad file before allocating any GPU memory', async () => {
+    const ctx = gpu();
+    const source = await repoSource('packages/models/test/fixtures/gguf/stories');
+    const size = (await source.size('tiny-llama-q.gguf')) as number;
+    const cut = await source.readRange('tiny-llama-q.gguf', 0, size - 1000);
+    const live = ctx.liveBufferCount;
+    const error = await loadModel(ctx, filesSource([new File([cut as BlobPart], 'cut.gguf')]), {
+      gguf: 'cut.gguf',
+    }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(GgufError);
+    expect((error as Error).message).toMatch(/cut\.gguf, "[^"]+": truncated/);
+    expect(ctx.liveBufferCount).toBe(live);
+  });
 });
