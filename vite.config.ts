@@ -22,7 +22,9 @@ export default defineConfig({
     // Offline after the first visit: Workbox precaches the built app (worker included), the
     // bundled model and the example data; models downloaded later are cached by the trainer.
     VitePWA({
-      registerType: 'autoUpdate',
+      // A new version waits for every studio tab to close: reloading a page by itself would
+      // interrupt a training run.
+      registerType: 'prompt',
       injectRegister: false,
       includeAssets: ['icon.svg', 'icon-192.png', 'icon-512.png'],
       workbox: {

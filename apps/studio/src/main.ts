@@ -16,7 +16,13 @@ import { byId, el, fill } from './ui.js';
 import './style.css';
 
 // Offline after the first visit: the service worker precaches the app, the bundled model and data.
-registerSW({ immediate: true });
+// A new version is used from the next visit on; the page says so rather than reloading itself.
+registerSW({
+  immediate: true,
+  onNeedRefresh() {
+    document.getElementById('update')?.removeAttribute('hidden');
+  },
+});
 
 async function main(): Promise<void> {
   let trainer: Awaited<ReturnType<typeof createTrainer>>;

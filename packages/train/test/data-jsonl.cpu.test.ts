@@ -1,14 +1,14 @@
 /**
- * JSONL parsing: the three formats, blank lines, line endings, and one DataError per bad line
+ * JSONL parsing: the four formats, blank lines, line endings, and one DataError per bad line
  * (test/fixtures/data/broken.jsonl) naming the file, the 1-based line and what is wrong.
  */
 import { readFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { formatOf } from '../src/data/dataset.js';
 import { DataError } from '../src/data/errors.js';
 import { parseJsonl, readJsonl } from '../src/data/jsonl.js';
+import { detectFormat } from '../src/data/load.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const fixture = (name: string) => readFile(resolve(here, 'fixtures/data', name), 'utf8');
@@ -113,10 +113,13 @@ describe('valid files', () => {
     }
   });
 
-  it('formatOf picks JSONL by file name', () => {
-    expect(formatOf('train.jsonl')).toBe('jsonl');
-    expect(formatOf('x/y/TRAIN.NDJSON')).toBe('jsonl');
-    expect(formatOf('book.txt')).toBe('text');
-    expect(formatOf('data.json')).toBe('text');
+  it('detectFormat picks the format by file name', () => {
+    expect(detectFormat('train.jsonl')).toBe('jsonl');
+    expect(detectFormat('x/y/TRAIN.NDJSON')).toBe('jsonl');
+    expect(detectFormat('book.txt')).toBe('text');
+    expect(detectFormat('notes')).toBe('text');
+    expect(detectFormat('alpaca_data.json')).toBe('json');
+    expect(detectFormat('pairs.CSV')).toBe('csv');
+    expect(detectFormat('pairs.tsv')).toBe('tsv');
   });
 });

@@ -19,9 +19,12 @@ export async function loadModel(studio: Studio, input: ModelInput, label: string
   studio.clearError();
   studio.loading = { label, loaded: 0, total: 0 };
   studio.changed();
+  // Progress comes through its own channel from the worker and may trail the result.
+  let finished = false;
   try {
     studio.model = await studio.trainer.loadModel(input, {
       onProgress: (p) => {
+        if (finished) return;
         if (p.type === 'download')
           studio.loading = { label: `Downloading ${p.file}`, loaded: p.loaded, total: p.total };
         else if (p.type === 'weights')
@@ -35,6 +38,7 @@ export async function loadModel(studio: Studio, input: ModelInput, label: string
   } catch (error) {
     studio.fail(error);
   } finally {
+    finished = true;
     studio.loading = undefined;
     studio.changed();
   }

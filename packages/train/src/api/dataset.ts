@@ -52,6 +52,7 @@ export async function loadEngineDataset(
     ...(options.columns ? { columns: options.columns } : {}),
     ...(options.chat ? { chat: options.chat } : {}),
     ...(options.skipBadLines ? { skipBadLines: true } : {}),
+    ...(options.pack ? { pack: true } : {}),
     ...(options.validation ? { validation: options.validation } : {}),
     ...(options.seed !== undefined ? { seed: options.seed } : {}),
     ...(options.signal ? { signal: options.signal } : {}),

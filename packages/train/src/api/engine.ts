@@ -394,16 +394,24 @@ export class TrainerEngine {
   async previewExamples(start = 0, count = 3, split: 'train' | 'validation' = 'train'): Promise<ExamplePreview[]> {
     const { tokenizer } = await this.requireModel('previewExamples');
     const examples = this.requireDataset('previewExamples')[split];
-    return examples.slice(start, start + count).map((e, i) => ({
-      index: start + i,
-      ...(e.line === undefined ? {} : { line: e.line }),
-      truncated: e.fullLength !== undefined,
-      tokens: Array.from(e.inputIds, (id, t) => ({
+    return examples.slice(start, start + count).map((e, i) => {
+      // Each token's text as it reads in context (its leading space kept; the bytes of a character
+      // split over several tokens shown with the token that completes it).
+      const decoder = tokenizer.streamDecoder();
+      const tokens = Array.from(e.inputIds, (id, t) => ({
         id,
-        text: tokenizer.decode([id]),
+        text: decoder.push(id),
         trained: t > 0 && e.labels[t] !== -100,
-      })),
-    }));
+      }));
+      const rest = decoder.flush();
+      if (rest && tokens.length > 0) (tokens[tokens.length - 1] as { text: string }).text += rest;
+      return {
+        index: start + i,
+        ...(e.line === undefined ? {} : { line: e.line }),
+        truncated: e.fullLength !== undefined,
+        tokens,
+      };
+    });
   }
 
   // ---- training -----------------------------------------------------------------------------

@@ -108,7 +108,9 @@ export interface LoadDatasetOptions {
   file?: string;
   /** Tokens per example (the training sequence length). Default 256, at most the model's context. */
   seq?: number;
-  format?: 'auto' | 'text' | 'jsonl' | 'csv' | 'tsv';
+  format?: 'auto' | 'text' | 'jsonl' | 'json' | 'csv' | 'tsv';
+  /** Join examples trained on every token end to end into full windows (plain text, {"text"}). */
+  pack?: boolean;
   /** CSV/TSV: the text column, the prompt and completion columns, or Alpaca's instruction, input
    * and output (default: found by those names in the header). */
   columns?: DatasetColumns;

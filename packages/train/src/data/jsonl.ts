@@ -1,5 +1,5 @@
 /**
- * JSON Lines training data: one JSON object per line, in one of three formats.
+ * JSON Lines training data: one JSON object per line, in one of four formats.
  *
  *   {"text": "..."}                                    plain text, trained on every token
  *   {"prompt": "...", "completion": "..."}             trained on the completion only
@@ -56,9 +56,17 @@ export interface AlpacaRecord {
 export type DataRecord = TextRecord | PromptCompletionRecord | MessagesRecord | AlpacaRecord;
 
 /**
- * Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, PROMPT_DICT): how an
- * Alpaca record becomes a prompt; the output is the completion. The cluster job script applies the
- * same two strings.
+ * How an Alpaca record becomes a prompt; the output is the completion (loss on it only, as for
+ * {"prompt","completion"}). The text is Stanford Alpaca's (github.com/tatsu-lab/stanford_alpaca,
+ * train.py PROMPT_DICT) with a line break after "### Response:" (as alpaca-lora's template has
+ * it), so that the output starts on a line of its own whatever the tokenizer. The first template
+ * is used when "input" is a non-empty string, the second when it is "" or absent, as Stanford's
+ * `example.get("input", "") != ""` decides. Anything else that trains on the same data (the
+ * cluster job's TRL script) must apply the same mapping; in Python:
+ *
+ *   template = ALPACA_PROMPT_WITH_INPUT if record.get("input", "") != "" else ALPACA_PROMPT_NO_INPUT
+ *   prompt = template.format_map({"instruction": record["instruction"], "input": record.get("input", "")})
+ *   completion = record["output"]
  */
 export const ALPACA_PROMPT_WITH_INPUT =
   'Below is an instruction that describes a task, paired with an input that provides further context. ' +
@@ -74,9 +82,11 @@ export function alpacaPrompt(record: { instruction: string; input?: string; outp
   completion: string;
 } {
   const input = record.input ?? '';
-  const template = input.trim() === '' ? ALPACA_PROMPT_NO_INPUT : ALPACA_PROMPT_WITH_INPUT;
-  // Replaced by function so that "$&" and friends in the user's text stay literal.
-  const prompt = template.replace('{instruction}', () => record.instruction).replace('{input}', () => input);
+  const template = input === '' ? ALPACA_PROMPT_NO_INPUT : ALPACA_PROMPT_WITH_INPUT;
+  // One pass over the template, as Python's format_map: a "{input}" or "$&" in the user's text stays literal.
+  const prompt = template.replace(/\{(instruction|input)\}/g, (_, key: string) =>
+    key === 'input' ? input : record.instruction,
+  );
   return { prompt, completion: record.output };
 }
 
@@ -136,14 +146,22 @@ export function parseJsonl(text: string, file: string): DataRecord[] {
 
 /** One line as a record, or the DataError that says why it is not one. */
 export function parseLine(raw: string, file: string, line: number): DataRecord | DataError {
-  const fail = (reason: string, cause?: unknown) =>
-    new DataError(file, line, reason, cause === undefined ? undefined : { cause });
   let value: unknown;
   try {
     value = JSON.parse(raw);
   } catch (error) {
-    return fail(`not valid JSON (${error instanceof Error ? error.message : String(error)})`, error);
+    const reason = `not valid JSON (${error instanceof Error ? error.message : String(error)})`;
+    return new DataError(file, line, reason, { cause: error });
   }
+  return parseRecord(value, file, line);
+}
+
+/**
+ * A parsed JSON value as a record (a JSONL line, an element of a JSON array), or the DataError
+ * that says why it is not one; `line` is where it starts.
+ */
+export function parseRecord(value: unknown, file: string, line: number): DataRecord | DataError {
+  const fail = (reason: string) => new DataError(file, line, reason);
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     return fail(`expected a JSON object, got ${describe(value)}`);
   }

@@ -1,208 +1,208 @@
 /**
- * Reading a data file as a stream of lines, so that a file of any size is decoded and parsed piece
- * by piece and never held whole (a 500 MB file is not in memory twice, or even once).
+ * A data file as a stream of lines, so that a file of any size is decoded and parsed piece by
+ * piece: a 500 MB file is never in memory twice (it is never even held once).
  *
- * Bytes are split at '\n' before decoding (0x0A never occurs inside a multi-byte UTF-8 sequence),
- * so every line is decoded on its own with a fatal decoder: bytes that are not UTF-8 are a
- * DataError naming the line and its byte offset. A UTF-8 byte-order mark at the very start is
- * dropped; lines may end in "\n" or "\r\n" (the "\r" is removed).
+ * - Sources: a string (the content itself, encoded a slice at a time), a Blob or File (through
+ *   blob.stream()), or any ReadableStream of bytes.
+ * - Bytes are split at '\n' before decoding (0x0A never occurs inside a multi-byte UTF-8
+ *   sequence) and each line is decoded on its own with a fatal decoder, so bytes that are not
+ *   UTF-8 are a DataError naming the line and the byte offset in the file.
+ * - A line longer than `partBytes` comes in parts (each ending on a whole character), so a file
+ *   that is one giant line is held a part at a time too; readers that need whole lines join them.
+ * - A UTF-8 byte-order mark at the very start is dropped (a U+FEFF anywhere else is text); lines
+ *   end in "\n" or "\r\n" (the "\r" is removed unless `raw`).
+ * - The reader gives the event loop a turn every YIELD_MS (a worker's abort message, a progress
+ *   post) and rejects with the signal's reason as soon as it is aborted, even while waiting for a
+ *   slow stream.
  */
 import { DataError } from './errors.js';
+import { completePrefix, firstInvalidByte, utf8Length } from './utf8.js';
 
 export type ByteSource = string | Blob | ReadableStream<Uint8Array>;
 
 export interface Line {
-  /** 1-based. */
+  /** 1-based, counted in the file (a line that comes in parts gives every part its number). */
   readonly number: number;
-  /** The line without its "\n" (and without a "\r" before it, unless `raw`). */
+  /** The line, or a part of it, without its "\n" (and without a "\r" before it, unless `raw`). */
   readonly text: string;
-  /** False only for a last line with no "\n" after it. */
+  /** A "\n" follows `text` in the file (false for a last line without one, and for a part with more to come). */
   readonly ended: boolean;
+  /** This is a part of a long line, and the line goes on in the next Line. */
+  readonly more: boolean;
 }
 
 export interface StreamOptions {
   /** Names the data in errors. */
   readonly file: string;
-  /** Called with the bytes consumed so far (of `total`, when known). */
-  readonly onBytes?: (done: number) => void;
+  /** Called after each chunk with the bytes read so far. */
+  readonly onBytes?: ((done: number) => void) | undefined;
   readonly signal?: AbortSignal | undefined;
   /** Keep a "\r" before the "\n" (to rebuild the text exactly). Default false. */
-  readonly raw?: boolean;
+  readonly raw?: boolean | undefined;
+  /** A line longer than this many bytes comes in parts. Default PART_BYTES. */
+  readonly partBytes?: number | undefined;
 }
 
-/** The byte length of a source when it is known up front (0 for a stream). */
+/** Default size of the parts of a long line. */
+export const PART_BYTES = 1 << 20;
+/** A string source is encoded this many UTF-16 units at a time. */
+const STRING_SLICE = 1 << 20;
+/** Longest stretch of work between two turns of the event loop. */
+const YIELD_MS = 50;
+
+/** The byte length of a source when it is known up front (0 for a stream), without copying it. */
 export function byteLength(source: ByteSource): number {
-  if (typeof source === 'string') return new TextEncoder().encode(source).length;
-  if (typeof Blob !== 'undefined' && source instanceof Blob) return source.size;
+  if (typeof source === 'string') return utf8Length(source);
+  if (isBlob(source)) return source.size;
   return 0;
 }
 
-/** Chunks of bytes from any source: a string in slices, a Blob or a stream through its reader. */
+function isBlob(source: ByteSource): source is Blob {
+  return typeof source === 'object' && typeof (source as Blob).stream === 'function';
+}
+
+/** A promise that rejects with the signal's reason when it aborts (never unhandled), and its undoing. */
+function whenAborted(signal: AbortSignal): { promise: Promise<never>; dispose(): void } {
+  let listener = () => {};
+  const promise = new Promise<never>((_, reject) => {
+    listener = () => reject(signal.reason);
+    signal.addEventListener('abort', listener, { once: true });
+  });
+  promise.catch(() => undefined);
+  return { promise, dispose: () => signal.removeEventListener('abort', listener) };
+}
+
+/** Chunks of bytes from any source: a string in encoded slices, a Blob or a stream through its reader. */
 async function* chunks(source: ByteSource, signal: AbortSignal | undefined): AsyncGenerator<Uint8Array> {
+  signal?.throwIfAborted();
   if (typeof source === 'string') {
-    // Encoded a slice at a time (a surrogate pair is never split: slices end before a high surrogate).
     const encoder = new TextEncoder();
-    const step = 1 << 20;
     for (let i = 0; i < source.length; ) {
-      let end = Math.min(source.length, i + step);
+      let end = Math.min(source.length, i + STRING_SLICE);
       const last = source.charCodeAt(end - 1);
-      if (end < source.length && last >= 0xd800 && last <= 0xdbff) end--;
-      signal?.throwIfAborted();
+      if (end < source.length && last >= 0xd800 && last <= 0xdbff) end--; // keep a surrogate pair whole
       yield encoder.encode(source.slice(i, end));
       i = end;
     }
     return;
   }
-  const stream = typeof Blob !== 'undefined' && source instanceof Blob ? source.stream() : source;
-  const reader = (stream as ReadableStream<Uint8Array>).getReader();
+  const reader = (isBlob(source) ? source.stream() : source).getReader();
+  const aborted = signal ? whenAborted(signal) : undefined;
   try {
     for (;;) {
       signal?.throwIfAborted();
-      const { done, value } = await reader.read();
+      const { done, value } = await (aborted ? Promise.race([reader.read(), aborted.promise]) : reader.read());
       if (done) return;
       if (value.length > 0) yield value;
     }
   } finally {
+    aborted?.dispose();
     await reader.cancel().catch(() => undefined);
   }
 }
 
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array {
-  if (a.length === 0) return b;
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
+function join(parts: readonly Uint8Array[], length: number): Uint8Array {
+  if (parts.length === 1) return parts[0] as Uint8Array;
+  const out = new Uint8Array(length);
+  let at = 0;
+  for (const part of parts) {
+    out.set(part, at);
+    at += part.length;
+  }
   return out;
 }
 
+const nextTask = () => new Promise<void>((resolve) => setTimeout(resolve, 0));
+
 /** The lines of a source, decoded one at a time (see the module header). */
 export async function* readLines(source: ByteSource, options: StreamOptions): AsyncGenerator<Line> {
-  const decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: false });
-  let pending: Uint8Array = new Uint8Array(0);
-  let number = 0;
-  let offset = 0; // byte offset of `pending`'s first byte in the file
-  let consumed = 0;
-  const decode = (bytes: Uint8Array, at: number, line: number): string => {
-    try {
-      return decoder.decode(bytes);
-    } catch (error) {
-      // Find the first byte where decoding fails, for the message.
-      let good = 0;
-      for (let n = bytes.length; n > 0; n--) {
-        try {
-          new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(0, n), { stream: true });
-          good = n;
-          break;
-        } catch {
-          // keep shrinking
-        }
+  const { file, signal } = options;
+  const partBytes = Math.max(4, options.partBytes ?? PART_BYTES);
+  const decoder = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+  let parts: Uint8Array[] = []; // bytes of the current line not emitted yet
+  let partsLength = 0;
+  let lineOffset = 0; // file offset of parts[0]'s first byte
+  let number = 1; // the current line's number
+  let atStart = true; // nothing emitted yet: a byte-order mark is dropped
+  let read = 0;
+  let lastTurn = Date.now();
+
+  const decode = (bytes: Uint8Array, ended: boolean, more: boolean): Line => {
+    let at = lineOffset;
+    if (atStart) {
+      atStart = false;
+      if (bytes[0] === 0xef && bytes[1] === 0xbb && bytes[2] === 0xbf) {
+        bytes = bytes.subarray(3);
+        at += 3;
       }
+    }
+    let text: string;
+    try {
+      text = decoder.decode(bytes);
+    } catch (error) {
+      const bad = at + Math.max(0, firstInvalidByte(bytes));
       throw new DataError(
-        options.file,
-        line,
-        `is not UTF-8 text (invalid bytes at byte offset ${at + good} of the file); save the file as UTF-8`,
+        file,
+        number,
+        `is not UTF-8 text (invalid bytes at byte offset ${bad} of the file); save the file as UTF-8`,
         { cause: error },
       );
     }
+    if (!more && !options.raw && text.endsWith('\r')) text = text.slice(0, -1);
+    return { number, text, ended, more };
   };
-  const emit = (bytes: Uint8Array, at: number, ended: boolean): Line => {
-    number++;
-    let text = decode(bytes, at, number);
-    if (!options.raw && text.endsWith('\r')) text = text.slice(0, -1);
-    return { number, text, ended };
-  };
-  for await (const chunk of chunks(source, options.signal)) {
-    let data = concat(pending, chunk);
+
+  for await (const chunk of chunks(source, signal)) {
     let start = 0;
-    for (let i = data.indexOf(0x0a); i !== -1; i = data.indexOf(0x0a, start)) {
-      yield emit(data.subarray(start, i), offset + start, true);
-      start = i + 1;
+    for (let nl = chunk.indexOf(0x0a); nl !== -1; nl = chunk.indexOf(0x0a, start)) {
+      const tail = chunk.subarray(start, nl);
+      const bytes = partsLength === 0 ? tail : join([...parts, tail], partsLength + tail.length);
+      yield decode(bytes, true, false);
+      parts = [];
+      partsLength = 0;
+      start = nl + 1;
+      lineOffset = read + start;
+      number++;
     }
-    offset += start;
-    data = data.subarray(start);
-    pending = data.length > 0 ? data.slice() : new Uint8Array(0);
-    consumed += chunk.length;
-    options.onBytes?.(consumed);
+    if (start < chunk.length) {
+      parts.push(chunk.subarray(start));
+      partsLength += chunk.length - start;
+    }
+    read += chunk.length;
+    if (partsLength >= partBytes) {
+      // A long line: emit what is complete of it, holding back a cut character and a "\r" that may end the line.
+      const bytes = join(parts, partsLength);
+      let cut = completePrefix(bytes);
+      if (cut > 0 && bytes[cut - 1] === 0x0d) cut--;
+      if (cut > 0) {
+        yield decode(bytes.subarray(0, cut), false, true);
+        parts = [bytes.subarray(cut)];
+        partsLength = bytes.length - cut;
+        lineOffset += cut;
+      }
+    }
+    options.onBytes?.(read);
+    if (Date.now() - lastTurn >= YIELD_MS) {
+      await nextTask();
+      lastTurn = Date.now();
+    }
+    signal?.throwIfAborted();
   }
-  if (pending.length > 0) yield emit(pending, offset, false);
+  if (partsLength > 0) yield decode(join(parts, partsLength), false, false); // a last line without "\n"
 }
 
-// ---------------------------------------------------------------------------------------------
-// CSV / TSV
-
 /**
- * Rows of RFC 4180 CSV (or TSV: the same rules with a tab), parsed from lines as they stream: a
- * quoted field may hold separators, doubled quotes and line breaks. Each row carries the line it
- * starts on. Written here rather than taken from papaparse because papaparse streams only through
- * FileReader (absent under Node) and has no public incremental parser for decoded chunks.
+ * The lines of a string already in memory, by the same rules as readLines (byte-order mark, "\r"),
+ * for the synchronous readers; whole lines only.
  */
-export async function* readDelimited(
-  lines: AsyncIterable<Line>,
-  separator: ',' | '\t',
-  file: string,
-): AsyncGenerator<{ line: number; fields: string[] }> {
-  let fields: string[] = [];
-  let field = '';
-  let quoted = false; // inside a quoted field, across lines
-  let startLine = 0;
-  let last = 0;
-  for await (const { number, text } of lines) {
-    last = number;
-    if (!quoted) {
-      if (text.trim() === '' && fields.length === 0) continue; // blank line between rows
-      startLine = number;
-    } else field += '\n';
-    let i = 0;
-    while (i <= text.length) {
-      if (quoted) {
-        const q = text.indexOf('"', i);
-        if (q === -1) {
-          field += text.slice(i);
-          break;
-        }
-        field += text.slice(i, q);
-        if (text[q + 1] === '"') {
-          field += '"';
-          i = q + 2;
-        } else {
-          quoted = false;
-          i = q + 1;
-          const next = text[i];
-          if (next !== undefined && next !== separator)
-            throw new DataError(file, number, `a quoted field is followed by ${JSON.stringify(next)}, not a separator`);
-        }
-        continue;
-      }
-      if (i === text.length) {
-        fields.push(field);
-        field = '';
-        yield { line: startLine, fields };
-        fields = [];
-        break;
-      }
-      if (text[i] === '"' && field === '') {
-        quoted = true;
-        i++;
-        continue;
-      }
-      const sep = text.indexOf(separator, i);
-      const end = sep === -1 ? text.length : sep;
-      field += text.slice(i, end);
-      if (sep === -1) {
-        i = text.length;
-      } else {
-        fields.push(field);
-        field = '';
-        i = sep + 1;
-        if (i === text.length) {
-          fields.push('');
-          yield { line: startLine, fields };
-          fields = [];
-          break;
-        }
-      }
-    }
+export function* linesOf(text: string, raw = false): Generator<Line> {
+  let start = text.startsWith('\uFEFF') ? 1 : 0;
+  for (let number = 1; start < text.length; number++) {
+    const nl = text.indexOf('\n', start);
+    const end = nl === -1 ? text.length : nl;
+    let line = text.slice(start, end);
+    if (!raw && line.endsWith('\r')) line = line.slice(0, -1);
+    yield { number, text: line, ended: nl !== -1, more: false };
+    start = end + 1;
   }
-  if (quoted)
-    throw new DataError(file, startLine, `a quoted field opened here is never closed (the file ends at line ${last})`);
 }
