@@ -89,6 +89,8 @@ export function writeGguf(
   const head = Uint8Array.from(parts);
   const out = new Uint8Array(head.byteLength + offset);
   out.set(head);
-  tensors.forEach((t, i) => out.set(t.data, head.byteLength + (offsets[i] as number)));
+  tensors.forEach((t, i) => {
+    out.set(t.data, head.byteLength + (offsets[i] as number));
+  });
   return out;
 }
