@@ -10,6 +10,7 @@ export * from './generate.js';
 export * from './ggml.js';
 export * from './gguf.js';
 export * from './gguf-model.js';
+export * from './gguf-tokenizer.js';
 export * from './model.js';
 export * from './precision.js';
 export * from './safetensors.js';
