@@ -366,6 +366,53 @@ async function uploadRows(
   }
 }
 
+/**
+ * The dtype each parameter gets on the GPU: at `precision`, or (undefined) each tensor as its
+ * file format allows (see the module comment). loadGgufModel and memory plans both use it.
+ */
+export function ggufStoredDTypes(g: GgufModel, precision?: WeightPrecision): Map<string, DType> {
+  const out = new Map<string, DType>();
+  for (const spec of parameterTable(g.config)) {
+    const info = g.header.tensors.get(g.names.get(spec.key) as string) as GgufTensorInfo;
+    out.set(spec.key, storedDType(spec, precision ?? asStored(info.type as GgufSupportedType)));
+  }
+  return out;
+}
+
+/** The nominal precision of a model stored as `dtypes`: the block format most of its linear
+ * weights keep, else f16. */
+export function ggufPrecision(dtypes: ReadonlyMap<string, DType>): WeightPrecision {
+  let q8 = 0;
+  let q4 = 0;
+  for (const d of dtypes.values()) {
+    if (d === 'q8_0') q8++;
+    if (d === 'q4_0') q4++;
+  }
+  return q4 > 0 && q4 >= q8 ? 'q4_0' : q8 > 0 ? 'q8_0' : 'f16';
+}
+
+/**
+ * Identifies a GGUF file's weights (what a checkpoint or an adapter records to be used with the
+ * same base again): a SHA-256 over the header's first 64 KiB and 256 bytes from the middle of every
+ * tensor, as modelFingerprint does for safetensors.
+ */
+export async function ggufFingerprint(source: ModelSource, file: string): Promise<string> {
+  const h = await readGgufHeader(source, file);
+  const parts: Uint8Array[] = [await source.readRange(file, 0, Math.min(h.dataStart, 65536))];
+  for (const t of [...h.tensors.values()].sort((a, b) => a.begin - b.begin)) {
+    const start = t.begin + Math.max(0, Math.floor((t.end - t.begin - 256) / 2));
+    parts.push(await source.readRange(file, start, Math.min(t.end, start + 256)));
+  }
+  const all = new Uint8Array(parts.reduce((n, p) => n + p.byteLength, 0));
+  let at = 0;
+  for (const p of parts) {
+    all.set(p, at);
+    at += p.byteLength;
+  }
+  const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', all));
+  return [...digest.slice(0, 16)].map((b) => b.toString(16).padStart(2, '0')).join('');
+}
+
 /** Loads a GGUF file of `source` onto the GPU (see the module comment). */
 export async function loadGgufModel(
   ctx: GpuContext,
@@ -386,23 +433,18 @@ export async function loadGgufModel(
   const tensors = new Map<string, Tensor>();
   const tables = new Map<string, SplitRows>();
   const owned: Tensor[] = [];
-  const storedDTypes = new Map<string, DType>();
+  const storedDTypes = ggufStoredDTypes(g, options.precision);
   const partBytes = options.tablePartBytes ?? tablePartLimit(ctx.limits);
   let loaded = 0;
   const progress = (spec: ParamSpec) => (n: number) => {
     loaded += n;
     options.onProgress?.({ status: 'weights', loaded, total, tensor: spec.key });
   };
-  // The model's nominal precision: the one asked for, or the most common block format kept.
-  let counts = { q8_0: 0, q4_0: 0 };
   try {
     for (const spec of specs) {
       const name = g.names.get(spec.key) as string;
       const info = h.tensors.get(name) as GgufTensorInfo;
-      const type = info.type as GgufSupportedType;
-      const dtype = storedDType(spec, options.precision ?? asStored(type)) as WeightDType;
-      if (isQuantFormat(dtype)) counts = { ...counts, [dtype]: counts[dtype] + 1 };
-      storedDTypes.set(spec.key, dtype);
+      const dtype = storedDTypes.get(spec.key) as WeightDType;
       const shape = gpuShape(spec);
       const isTable = spec.key === layout.embed || spec.key === layout.lmHead;
       const parts = isTable
@@ -423,8 +465,8 @@ export async function loadGgufModel(
       if (made.length > 1) tables.set(spec.key, new SplitRows(made, spec.key));
       else tensors.set(spec.key, made[0] as Tensor);
     }
-    const precision: WeightPrecision =
-      options.precision ?? (counts.q4_0 > 0 && counts.q4_0 >= counts.q8_0 ? 'q4_0' : counts.q8_0 > 0 ? 'q8_0' : 'f16');
+    // The model's nominal precision: the one asked for, or the block format most weights keep.
+    const precision = options.precision ?? ggufPrecision(storedDTypes);
     options.onProgress?.({ status: 'ready', loaded: total, total });
     return assembleModel(ctx, {
       config,

@@ -276,7 +276,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   let headParts = [config.vocabSize];
   for (const p of parameterTable(config)) {
     const given = options.storedDTypes?.get(p.key);
-    const stored = given ? { dtype: given, reason: undefined } : storedAs(p, precision);
+    const rule = storedAs(p, precision);
+    const stored = given ? { dtype: given, reason: given === rule.dtype ? rule.reason : undefined } : rule;
     const note = stored.reason === 'always f32' ? undefined : stored.reason;
     const shape = p.transpose ? [p.shape[1] as number, p.shape[0] as number] : p.shape;
     if (p.key === layout.embed || p.key === layout.lmHead) {

@@ -2,9 +2,13 @@ import { basename, dirname } from 'node:path';
 import { bytesPerElement, describeAdapter, formatBytes, type GpuContext, WebtuneError } from '@webtune/core';
 import {
   directorySource,
+  type GgufModel,
+  ggufPrecision,
+  ggufStoredDTypes,
   linearModules,
   loadModelConfig,
   type ModelConfig,
+  openGgufModel,
   parameterCount,
   parameterTable,
 } from '@webtune/models';
@@ -18,17 +22,21 @@ import {
   WEBGPU_DEFAULT_LIMITS,
 } from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { gpu, info, PRECISION_HELP, precisionFlag, userPath } from '../common.js';
+import { gpu, info, modelPath, PRECISION_HELP, precisionFlag, userPath } from '../common.js';
 
 export const inspectFlags: Record<string, FlagSpec> = {
-  model: { type: 'string', description: 'Hugging Face model folder (or its config.json alone)', required: true },
+  model: {
+    type: 'string',
+    description: 'Hugging Face model folder (or its config.json alone), or a .gguf file',
+    required: true,
+  },
   json: { type: 'boolean', description: 'print one JSON object', default: false },
   memory: {
     type: 'boolean',
     description: 'plan the GPU memory of LoRA training from config.json alone (no weights read)',
     default: false,
   },
-  precision: { type: 'string', description: `with --memory: ${PRECISION_HELP}`, default: 'f16' },
+  precision: { type: 'string', description: `with --memory: ${PRECISION_HELP}` },
   rank: { type: 'int', description: 'with --memory: LoRA rank r', default: 8 },
   alpha: { type: 'number', description: 'with --memory: lora_alpha (default 2·rank)' },
   targets: {
@@ -54,10 +62,12 @@ function modelFolder(path: string): string {
 
 export async function inspect(argv: string[]): Promise<void> {
   const f = parseFlags(argv, inspectFlags, 'inspect');
-  const source = directorySource(modelFolder(f.model as string));
-  const config = await loadModelConfig(source);
+  const path = modelPath(f.model as string);
+  // A GGUF file: its metadata is the config; its tensors' formats are the default plan.
+  const gguf = path.gguf ? await openGgufModel(directorySource(path.folder), path.gguf) : undefined;
+  const config = gguf?.config ?? (await loadModelConfig(directorySource(modelFolder(f.model as string))));
   if (f.memory) {
-    await memoryPlan(config, f);
+    await memoryPlan(config, f, gguf);
     return;
   }
   const params = parameterCount(config);
@@ -130,8 +140,10 @@ function weightsByDType(e: MemoryEstimate): { dtype: string; bytes: number; tens
   return [...groups.values()].sort((a, b) => b.bytes - a.bytes);
 }
 
-async function memoryPlan(config: ModelConfig, f: Record<string, unknown>): Promise<void> {
-  const precision = precisionFlag(f.precision);
+async function memoryPlan(config: ModelConfig, f: Record<string, unknown>, gguf?: GgufModel): Promise<void> {
+  const asked = precisionFlag(f.precision);
+  const storedDTypes = gguf ? ggufStoredDTypes(gguf, asked) : undefined;
+  const precision = asked ?? (storedDTypes ? ggufPrecision(storedDTypes) : 'f16');
   const rank = f.rank as number;
   const targets = f.targets as string | undefined;
   const lora = {
@@ -166,6 +178,7 @@ async function memoryPlan(config: ModelConfig, f: Record<string, unknown>): Prom
       gradAccum: f['grad-accum'] as number,
       recompute: f.recompute as boolean,
       precision,
+      ...(storedDTypes ? { storedDTypes } : {}),
     };
     let estimate: MemoryEstimate;
     try {
@@ -216,7 +229,9 @@ async function memoryPlan(config: ModelConfig, f: Record<string, unknown>): Prom
     const line = (label: string, text: string) => console.log(`  ${label.padEnd(19)}${text}`);
     const tensors = (n: number) => `${n} tensor${n === 1 ? '' : 's'}`;
     const targetText = targets ?? 'PEFT’s default targets';
-    console.log(`${config.architecture} (${config.modelType}): GPU memory of LoRA training, planned from config.json`);
+    console.log(
+      `${config.architecture} (${config.modelType}): GPU memory of LoRA training, planned from ${gguf ? `${gguf.header.file}'s metadata` : 'config.json'}`,
+    );
     line(
       'settings',
       `${precision} weights, r ${rank} (alpha ${lora.lora_alpha}) on ${s.adaptedModules} modules (${targetText}), batch ${s.batch} × seq ${s.seq}${s.gradAccum > 1 ? ` × ${s.gradAccum} accumulated` : ''}${s.recompute ? ', recompute' : ''}`,
