@@ -28,7 +28,6 @@ import {
   type DType,
   fromGgmlBlocks,
   type GpuContext,
-  isQuantFormat,
   ropeInvFreq,
   SplitRows,
   splitRowCounts,
