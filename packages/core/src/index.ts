@@ -7,6 +7,7 @@ export * from './kernels/activations.js';
 export * from './kernels/adamw.js';
 export * from './kernels/attention.js';
 export * from './kernels/cross_entropy.js';
+export * from './kernels/dropout.js';
 export * from './kernels/elementwise.js';
 export * from './kernels/embedding.js';
 export * from './kernels/layernorm.js';
