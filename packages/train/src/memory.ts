@@ -356,6 +356,10 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   if (!gpt2) layer('up', [rows, I]);
   layer('act', [rows, I]);
   layer('mlp_out', [rows, d]);
+  // LoRA dropout: one scratch as wide as the widest adapted input (the masked branch input).
+  if (resolved.config.lora_dropout > 0 && resolved.modules.length > 0) {
+    add(A, 'train.lora_dropout', [rows, Math.max(...resolved.modules.map((m) => m.aShape[1] as number))]);
+  }
   add(A, 'train.hidden', [rows, d]);
   add(A, 'train.final_norm.rstd', [rows]);
   if (ln) add(A, 'train.final_norm.mean', [rows]);
@@ -424,6 +428,10 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     add(S, 'backward.zero', [1], 'i32');
   }
   for (const r of new Set(resolved.modules.map((m) => m.r))) add(S, `backward.lora_g_r${r}`, [rows, r]);
+  if (resolved.config.lora_dropout > 0) {
+    add(S, 'train.dropout_counter', [4], 'u32');
+    add(S, 'train.dropout.{k}', [4], 'u32', K);
+  }
   add(S, 'train.ids.{k}', [rows], 'i32', K);
   add(S, 'train.targets.{k}', [rows], 'i32', K);
   add(S, 'train.loss_log', [Math.max(1, (K * alignUp(8, align)) / 4)]);

@@ -67,6 +67,8 @@ const CASES: [string, Setting][] = [
   // Tied embedding in 4 parts of 128 rows; untied embedding and LM head in 3 parts each.
   ['tiny-qwen2-q', { ...SMALL, precision: 'q8_0', tablePartBytes: 20_000 }],
   ['tiny-llama', { ...WIDE, tablePartBytes: 20_000 }],
+  // LoRA dropout: the masked-input scratch and the counters.
+  ['tiny-qwen3', { ...WIDE, lora: { ...WIDE.lora, lora_dropout: 0.1 } }],
   [
     'stories260K',
     {

@@ -27,6 +27,7 @@ export const trainFlags: Record<string, FlagSpec> = {
     description: 'comma-separated module names, or all-linear (default: PEFT’s for the model)',
   },
   rslora: { type: 'boolean', description: 'scale by alpha/√r (rsLoRA)', default: false },
+  dropout: { type: 'number', description: 'lora_dropout: probability of dropping each LoRA input', default: 0 },
   lr: { type: 'number', description: 'peak learning rate', default: 1e-3 },
   steps: { type: 'int', description: 'optimizer steps (default: one epoch)' },
   epochs: { type: 'number', description: 'passes over the data (instead of --steps)' },
@@ -113,6 +114,7 @@ function config(f: Record<string, unknown>, name: string): TrainConfig {
                     .filter(Boolean),
           }),
       rsLoRA: f.rslora as boolean,
+      dropout: f.dropout as number,
     },
     optimizer: {
       lr: f.lr as number,
