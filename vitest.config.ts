@@ -19,6 +19,10 @@ const modelTests = [
   'packages/models/test/generate.test.ts',
   'packages/models/test/evaluate.test.ts',
   'packages/models/test/backward.test.ts',
+  'packages/models/test/quantized.test.ts',
+  'packages/models/test/split_table.test.ts',
+  'packages/models/test/gguf.test.ts',
+  'packages/models/test/lora_dropout.test.ts',
   'packages/train/test/trainer.test.ts',
   'packages/train/test/api.test.ts',
 ];

@@ -13,10 +13,16 @@
 // The kernel never clears errors: the host clears it (to zeros) and reads it back when it likes.
 // The host validates ids before upload, so a nonzero errors[0] means a bug upstream.
 //
+// A table too large for one binding comes in parts of whole rows (core's table.ts), one dispatch
+// per part: `table` then holds rows [p.row0, p.row0 + p.part_rows) of E, a dispatch writes only the
+// rows of out whose id falls in its part, and only the part with row0 = 0 zeroes and records the
+// invalid ones. A whole table is the part with row0 = 0 and part_rows = vocab.
+//
 // Bindings, group 0:
 //   0 p          uniform Params
 //   1 ids        [rows] i32 (read), rows = B·T
-//   2 table      E [vocab, d]: f32 (embedding_fwd) or f16 packed two per u32 (embedding_fwd_f16)
+//   2 table      E [part_rows, d] (rows row0.. of E [vocab, d]): f32 (embedding_fwd) or f16 packed two
+//                per u32 (embedding_fwd_f16)
 //   3 wpe        [max_pos, d], same dtype as E (read only when p.has_wpe != 0)
 //   4 positions  [rows] i32 (read only when p.has_positions != 0)
 //   5 out        [rows, d] f32 (written)
@@ -33,8 +39,8 @@ struct Params {
   has_wpe: u32,
   has_positions: u32,
   grid_stride: u32,  // invocations per row of the dispatch grid
-  _pad0: u32,
-  _pad1: u32,
+  row0: u32,         // the first row of E in `table`
+  part_rows: u32,    // rows of E in `table`
   _pad2: u32,
 }
 
@@ -51,7 +57,7 @@ struct Params {
 override WG: u32 = 256;
 
 struct Lookup {
-  row: u32,       // index into the table
+  row: u32,       // index into the table (this part's rows)
   pos: u32,       // index into wpe
   col: u32,
   valid: bool,
@@ -69,14 +75,18 @@ fn lookup(gid: vec3<u32>) -> Lookup {
   if (id < 0 || u32(id) >= p.vocab) { flags |= 1u; }
   if (p.has_wpe != 0u && (pos < 0 || u32(pos) >= p.max_pos)) { flags |= 2u; }
   if (flags != 0u) {
-    out[i] = 0.0;
-    if (col == 0u) {
-      atomicOr(&errors[0], flags);
-      atomicAdd(&errors[1], 1u);
+    if (p.row0 == 0u) {
+      out[i] = 0.0;
+      if (col == 0u) {
+        atomicOr(&errors[0], flags);
+        atomicAdd(&errors[1], 1u);
+      }
     }
     return Lookup(0u, 0u, col, false);
   }
-  return Lookup(u32(id), u32(max(pos, 0)), col, true);
+  // Another part's row: that part's dispatch writes it.
+  if (u32(id) < p.row0 || u32(id) - p.row0 >= p.part_rows) { return Lookup(0u, 0u, col, false); }
+  return Lookup(u32(id) - p.row0, u32(max(pos, 0)), col, true);
 }
 
 @compute @workgroup_size(WG)

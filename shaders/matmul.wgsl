@@ -14,7 +14,8 @@
 // Bindings, group 0:
 //   0 p     uniform Params
 //   1 a     A,  M×K            f32, read as vec4 (buffers are padded to 16 bytes)
-//   2 w     W,  N×K or K×N     f32 or packed f16 (W_F16: two halves per u32), read as vec4<u32>
+//   2 w     W,  N×K or K×N     f32 or packed f16 (W_F16: two halves per u32), read as vec4<u32>,
+//                              or llama.cpp's Q8_0 / Q4_0 blocks (W_Q8_0, W_Q4_0; below)
 //   3 bias  N                  f32, read only when p.has_bias != 0
 //   4 a2    A2, M×K2           f32, read as vec4
 //   5 b2    B2, N×K2 or K2×N   f32, read as vec4
@@ -34,6 +35,17 @@
 //
 // W may be a slice of a larger tensor: p.w_off elements are skipped first (a chunk of the rows of
 // the LM head's vocabulary, say), and p.N (or p.K) rows of it are used.
+//
+// Quantized W (frozen weights only): blocks of 32 consecutive elements along W's stored rows, each
+// with one f16 scale d, as packages/core/src/quant.ts lays them out: first every block's quants
+// in ggml's byte order, then the scales, two per u32, from word p.w_scales on.
+//   Q8_0: 32 bytes per block, element j is the int8 in byte j; value q·d.
+//   Q4_0: 16 bytes per block, byte j holds element j (low nibble) and element j + 16 (high nibble);
+//         value (q - 8)·d.
+// Each element is dequantized as it is staged, so no full-precision copy of W exists anywhere; the
+// staged values are exactly q·d (an int times an f16 is exact in f32). Rows are whole blocks, so
+// an aligned vec4 never crosses a block: its four quants are one u32 word (Q8_0: its four bytes;
+// Q4_0: the low or the high nibbles of one word).
 
 struct Params {
   M: u32,
@@ -45,7 +57,7 @@ struct Params {
   beta: f32,
   has_bias: u32,
   w_off: u32,   // elements of W before its first row used here (a vocabulary chunk of the LM head)
-  _pad0: u32,
+  w_scales: u32,  // quantized W: the u32 word where its block scales start (0 otherwise)
   _pad1: u32,
   _pad2: u32,
 }
@@ -63,6 +75,8 @@ override WG_Y: u32 = 16;     // invocations along M; the tile is 4·WG_Y rows
 override TK: u32 = 16;       // K step staged in workgroup memory (a multiple of 4)
 override TRANS_W: bool = true;
 override W_F16: bool = false;
+override W_Q8_0: bool = false;  // W holds Q8_0 blocks (see the header)
+override W_Q4_0: bool = false;  // W holds Q4_0 blocks
 override ALIGNED: bool = false;
 override ALIGNED_LR: bool = false;  // the same for A2 and B2: K2 (and N when !TRANS_W) multiples of 4
 
@@ -88,7 +102,48 @@ fn a_chunk(r: u32, col: u32) -> vec4<f32> {
   return v;
 }
 
+// ---- quantized W --------------------------------------------------------------------------------
+
+fn w_word(i: u32) -> u32 {
+  return w[i / 4u][i % 4u];
+}
+
+// The f16 scale of block b.
+fn w_scale(b: u32) -> f32 {
+  return unpack2x16float(w_word(p.w_scales + b / 2u))[b % 2u];
+}
+
+fn q8_0_elem(e: u32) -> f32 {
+  let q = extractBits(bitcast<i32>(w_word(e / 4u)), 8u * (e % 4u), 8u);
+  return f32(q) * w_scale(e / 32u);
+}
+
+// Elements e..e+3, e a multiple of 4.
+fn q8_0_chunk(e: u32) -> vec4<f32> {
+  let word = bitcast<i32>(w_word(e / 4u));
+  let q = vec4<i32>(extractBits(word, 0u, 8u), extractBits(word, 8u, 8u), extractBits(word, 16u, 8u), extractBits(word, 24u, 8u));
+  return vec4<f32>(q) * w_scale(e / 32u);
+}
+
+fn q4_0_elem(e: u32) -> f32 {
+  let j = e % 32u;
+  let byte = (e / 32u) * 16u + j % 16u;
+  let q = extractBits(w_word(byte / 4u), 8u * (byte % 4u) + 4u * (j / 16u), 4u);
+  return (f32(q) - 8.0) * w_scale(e / 32u);
+}
+
+// Elements e..e+3, e a multiple of 4: the low (first half of the block) or high nibbles of the
+// four bytes of one word.
+fn q4_0_chunk(e: u32) -> vec4<f32> {
+  let j = e % 32u;
+  let word = w_word(((e / 32u) * 16u + j % 16u) / 4u) >> (4u * (j / 16u));
+  let q = vec4<u32>(word & 0xfu, (word >> 8u) & 0xfu, (word >> 16u) & 0xfu, (word >> 24u) & 0xfu);
+  return (vec4<f32>(q) - 8.0) * w_scale(e / 32u);
+}
+
 fn w_elem(e: u32) -> f32 {
+  if (W_Q8_0) { return q8_0_elem(e); }
+  if (W_Q4_0) { return q4_0_elem(e); }
   if (W_F16) {
     let word = w[e / 8u][(e / 2u) % 4u];
     return unpack2x16float(word)[e % 2u];
@@ -101,6 +156,8 @@ fn w_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
   if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
   let e = p.w_off + r * cols + col;
   if (ALIGNED) {
+    if (W_Q8_0) { return q8_0_chunk(e); }
+    if (W_Q4_0) { return q4_0_chunk(e); }
     if (W_F16) {
       let q = w[e / 8u];
       if ((e / 4u) % 2u == 0u) { return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)); }

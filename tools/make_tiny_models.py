@@ -8,7 +8,7 @@ tools/convert_stories260k.py, whose tokenizer the Llama/Qwen fixtures reuse):
     tools/.venv/bin/python tools/make_tiny_models.py
 
 The sizes are awkward on purpose (head_dim 12/14/16, GQA and MQA, odd intermediate sizes, n_embd
-not a multiple of 8) and the weights are seeded random values scaled so that logits have a
+not a multiple of 8), except in the tiny-*-q fixtures for the quantized base (see QUANT_MODELS) and the weights are seeded random values scaled so that logits have a
 standard deviation of about 2 (not flat). Every folder is checked to load in transformers without
 warnings and to hold exactly the weights written. Deterministic: a second run writes identical
 files.
@@ -212,6 +212,52 @@ MODELS: dict[str, dict] = {
         },
     },
 }
+
+# Fixtures for the quantized base (q8_0 / q4_0: blocks of 32 along each linear weight's input), one
+# per architecture, with the input sizes multiples of 32 so that the block formats apply (the
+# fixtures above have almost none), except tiny-qwen2-q's down_proj (intermediate 80), which stays
+# f16 as llama.cpp keeps such rows out of its blocks. Stored in 16-bit floats to stay small.
+QUANT_MODELS: dict[str, dict] = {
+    "tiny-llama-q": {
+        "seed": 1011,
+        "config": {
+            **MODELS["tiny-llama"]["config"],
+            "torch_dtype": "float16",
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        },
+    },
+    "tiny-qwen2-q": {
+        "seed": 1012,
+        "config": {
+            **MODELS["tiny-qwen2"]["config"],
+            "hidden_size": 64,
+            "intermediate_size": 80,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+    },
+    "tiny-qwen3-q": {
+        "seed": 1013,
+        "config": {
+            **MODELS["tiny-qwen3"]["config"],
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 24,
+        },
+    },
+    "tiny-gpt2-q": {
+        "seed": 1014,
+        "config": {**MODELS["tiny-gpt2"]["config"], "torch_dtype": "float16", "n_embd": 64, "n_head": 4, "n_inner": 96},
+    },
+}
+MODELS.update(QUANT_MODELS)
 
 # ---------------------------------------------------------------------------------------------
 # Text fixture
@@ -426,6 +472,8 @@ def main() -> None:
     print("every folder loads without warnings (AutoModelForCausalLM.from_pretrained, PreTrainedTokenizerFast(tokenizer_file=...))")
     # The GPT-2 tokenizer round-trips the text; the stories one is checked by convert_stories260k.py.
     gpt2_tok = tokenizer_from_file(FIXTURES_DIR / "tiny-gpt2")
+    if (FIXTURES_DIR / "tiny-gpt2-q" / "tokenizer.json").read_bytes() != (FIXTURES_DIR / "tiny-gpt2" / "tokenizer.json").read_bytes():
+        raise SystemExit("tiny-gpt2-q's tokenizer differs from tiny-gpt2's")
     ids = gpt2_tok(text)["input_ids"]
     if gpt2_tok.decode(ids) != text:
         raise SystemExit("tiny-gpt2 tokenizer does not round-trip shakespeare-4k.txt")

@@ -1,15 +1,21 @@
 /** What every command shares: paths, the GPU context, loading a model folder, messages. */
-import { isAbsolute, resolve } from 'node:path';
+import { basename, dirname, isAbsolute, resolve } from 'node:path';
 import { createGpuContext, describeAdapter, type GpuContext } from '@webtune/core';
 import {
   type CausalLM,
   directorySource,
+  isGgufFileName,
+  isWeightPrecision,
+  loadGgufTokenizer,
   loadModel,
   loadTokenizer,
   type ModelSource,
   type Tokenizer,
+  WEIGHT_PRECISIONS,
+  type WeightPrecision,
 } from '@webtune/models';
 import { type LoadedAdapter, loadAdapter } from '@webtune/train';
+import { UsageError } from './args.js';
 
 /** Paths on the command line are relative to where the user ran the command (pnpm runs scripts
  * from the repository root and passes the original directory in INIT_CWD). */
@@ -35,13 +41,26 @@ export interface OpenedModel {
   tokenizer: Tokenizer;
 }
 
-export async function openModel(ctx: GpuContext, dir: string, precision: 'f16' | 'f32'): Promise<OpenedModel> {
-  const source = directorySource(userPath(dir));
-  const tokenizer = await loadTokenizer(source);
+/** --model: a Hugging Face folder, or a .gguf file (with its folder as the source). */
+export function modelPath(path: string): { folder: string; gguf?: string } {
+  const p = userPath(path);
+  return isGgufFileName(p) ? { folder: dirname(p), gguf: basename(p) } : { folder: p };
+}
+
+export async function openModel(
+  ctx: GpuContext,
+  dir: string,
+  precision: WeightPrecision | undefined,
+): Promise<OpenedModel> {
+  const path = modelPath(dir);
+  const source = directorySource(path.folder);
+  const tokenizer = path.gguf ? await loadGgufTokenizer(source, path.gguf) : await loadTokenizer(source);
   const t0 = performance.now();
   let lastReport = 0;
   const model = await loadModel(ctx, source, {
-    precision,
+    // A GGUF file keeps each tensor's format unless a precision is asked for.
+    ...(precision !== undefined || !path.gguf ? { precision: precision ?? 'f16' } : {}),
+    ...(path.gguf ? { gguf: path.gguf } : {}),
     onProgress: (p) => {
       const now = performance.now();
       if (p.status === 'weights' && now - lastReport > 1000 && p.total > 0) {
@@ -51,15 +70,21 @@ export async function openModel(ctx: GpuContext, dir: string, precision: 'f16' |
     },
   });
   info(
-    `model: ${model.config.architecture}, ${model.config.numLayers} layers, ${(model.bytes / 2 ** 20).toFixed(1)} MiB of ${precision} weights on the GPU, loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+    `model: ${model.config.architecture}, ${model.config.numLayers} layers, ${(model.bytes / 2 ** 20).toFixed(1)} MiB of ${model.precision} weights on the GPU, loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
   );
   return { source, model, tokenizer };
 }
 
-export function precisionFlag(v: unknown): 'f16' | 'f32' {
-  if (v !== 'f16' && v !== 'f32') throw new Error(`--precision must be f16 or f32, got ${String(v)}`);
+export function precisionFlag(v: unknown): WeightPrecision | undefined {
+  if (v === undefined) return undefined;
+  if (!isWeightPrecision(v))
+    throw new UsageError(`--precision must be ${WEIGHT_PRECISIONS.join(', ')}; got ${JSON.stringify(v)}`);
   return v;
 }
+
+/** The --precision flag's help text, the same for every command. */
+export const PRECISION_HELP =
+  'frozen weights on the GPU: f16 (default; a .gguf keeps its own formats), f32, or q8_0 / q4_0 (llama.cpp blocks for the linear layers; embedding and LM head stay f16)';
 
 /** Loads a PEFT adapter folder (ours or PEFT's) for the model, printing its warnings. */
 export async function openAdapter(

@@ -60,6 +60,63 @@ describe('webtune CLI', () => {
     expect(out.parameters).toBe(260_032);
   });
 
+  it('inspect --memory plans Qwen2.5-1.5B at q4_0, r 16, seq 1024 within 2.5 GB from config.json alone', () => {
+    const r = webtune(
+      'inspect',
+      '--memory',
+      '--model',
+      'packages/train/test/fixtures/configs/Qwen2.5-1.5B/config.json',
+      '--precision',
+      'q4_0',
+      '--rank',
+      '16',
+      '--targets',
+      'all-linear',
+      '--batch',
+      '1',
+      '--seq',
+      '1024',
+      '--recompute',
+      '--default-limits',
+      '--json',
+    );
+    expect(r.code, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout.trim()) as {
+      total: number;
+      weights: { dtype: string; tensors: number; notes: string[] }[];
+      largestBuffer: { bytes: number };
+      device: { maxStorageBufferBindingSize: number };
+    };
+    expect(out.total).toBeLessThanOrEqual(2.5e9);
+    expect(out.weights.find((w) => w.dtype === 'q4_0')?.tensors).toBe(196);
+    expect(out.weights.find((w) => w.dtype === 'f16')?.notes).toEqual(['embedding or LM head']);
+    // The embedding is planned in parts within WebGPU's default 128 MiB binding.
+    expect(out.largestBuffer.bytes).toBeLessThanOrEqual(out.device.maxStorageBufferBindingSize);
+    const text = webtune(
+      'inspect',
+      '--memory',
+      '--model',
+      'packages/train/test/fixtures/configs/Qwen2.5-0.5B',
+      '--precision',
+      'q4_0',
+      '--rank',
+      '16',
+      '--targets',
+      'all-linear',
+      '--batch',
+      '1',
+      '--seq',
+      '1024',
+      '--recompute',
+    );
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/q4_0 192\.0 MiB in 168 tensors/);
+    expect(text.stdout).toMatch(/total +\d+\.\d MiB +\(0\.9\d GB\)/);
+    expect(webtune('inspect', '--memory', '--model', stories, '--precision', 'q3_k').stderr).toMatch(
+      /--precision must be f16, f32, q8_0, q4_0; got "q3_k"/,
+    );
+  });
+
   it('explains bad input without a stack trace', () => {
     const dir = mkdtempSync(join(tmpdir(), 'webtune-cli-'));
     writeFileSync(join(dir, 'config.json'), JSON.stringify({ architectures: ['MambaForCausalLM'] }));

@@ -3,6 +3,7 @@ export * from './adamw.js';
 export * from './attention.js';
 export * from './check.js';
 export * from './cross_entropy.js';
+export * from './dropout.js';
 export * from './embedding.js';
 export * from './layernorm.js';
 export * from './lora.js';

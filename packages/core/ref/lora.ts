@@ -1,7 +1,8 @@
 /**
  * Float64 reference of one LoRA linear layer, forward and backward, from the definition
- *   y = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ + bias
- * with x (T×in), W0 (out×in), A (r×in), B (out×r). Loops, no tiling, no fusion.
+ *   y = x·W0ᵀ + s·(xd·Aᵀ)·Bᵀ + bias,   xd = x, or with dropout xd = keep·x/(1 − p)
+ * with x (T×in), W0 (out×in), A (r×in), B (out×r), keep a fixed 0/1 mask. Loops, no tiling, no
+ * fusion.
  */
 import { matmulRef } from './matmul.js';
 
@@ -16,15 +17,25 @@ export interface LoraRefInput {
   b: ArrayLike<number>;
   bias?: ArrayLike<number>;
   scale: number;
+  /** LoRA dropout on the branch's input: keep[i] ∈ {0, 1} per element of x, probability p. */
+  dropout?: { keep: ArrayLike<number>; p: number };
+}
+
+/** The LoRA branch's input: x, or keep·x/(1 − p). */
+function branchInput(p: LoraRefInput): ArrayLike<number> {
+  const d = p.dropout;
+  if (!d) return p.x;
+  return Float64Array.from(p.x, (v, i) => ((d.keep[i] as number) ? v / (1 - d.p) : 0));
 }
 
 export function loraForwardRef(p: LoraRefInput): { y: Float64Array; h: Float64Array } {
   const { T, inF, outF, r } = p;
+  const xd = branchInput(p);
   const h = new Float64Array(T * r);
   for (let t = 0; t < T; t++) {
     for (let j = 0; j < r; j++) {
       let sum = 0;
-      for (let i = 0; i < inF; i++) sum += (p.x[t * inF + i] as number) * (p.a[j * inF + i] as number);
+      for (let i = 0; i < inF; i++) sum += (xd[t * inF + i] as number) * (p.a[j * inF + i] as number);
       h[t * r + j] = sum;
     }
   }
@@ -58,11 +69,12 @@ export function loraBackwardRef(
       db[o * r + j] = scale * sum;
     }
   }
+  const xd = branchInput(p);
   const da = new Float64Array(r * inF);
   for (let j = 0; j < r; j++) {
     for (let i = 0; i < inF; i++) {
       let sum = 0;
-      for (let t = 0; t < T; t++) sum += g[t * r + j] * (p.x[t * inF + i] as number);
+      for (let t = 0; t < T; t++) sum += g[t * r + j] * (xd[t * inF + i] as number);
       da[j * inF + i] = scale * sum;
     }
   }
@@ -73,6 +85,9 @@ export function loraBackwardRef(
       for (let o = 0; o < outF; o++) sum += (dy[t * outF + o] as number) * (p.w0[o * inF + i] as number);
       let low = 0;
       for (let j = 0; j < r; j++) low += g[t * r + j] * (p.a[j * inF + i] as number);
+      // ∂xd/∂x = keep/(1 − p) elementwise.
+      const d = p.dropout;
+      if (d) low = (d.keep[t * inF + i] as number) ? low / (1 - d.p) : 0;
       dx[t * inF + i] = sum + scale * low;
     }
   }

@@ -1,13 +1,38 @@
 import type { GpuContext } from './context.js';
 import { ShapeError } from './errors.js';
 import { packF16, unpackF16 } from './f16.js';
+import {
+  dequantize,
+  isQuantFormat,
+  packQuantized,
+  QUANT_BLOCK,
+  quantize,
+  quantizedBytes,
+  unpackQuantized,
+} from './quant.js';
 import { assertShape, formatShape, numel, type Shape } from './shape.js';
 
-/** f16 tensors are stored packed, two halves per u32, so they work without shader-f16. */
-export type DType = 'f32' | 'f16' | 'i32' | 'u32';
+/**
+ * f16 tensors are stored packed, two halves per u32, so they work without shader-f16. q8_0 and
+ * q4_0 are llama.cpp's block formats (32 values per block along the last dimension, one f16 scale;
+ * laid out as quant.ts's gpuQuantLayout says): frozen weights only.
+ */
+export type DType = 'f32' | 'f16' | 'i32' | 'u32' | 'q8_0' | 'q4_0';
 
+/** Bytes per element; fractional for the block formats (34/32 and 18/32). */
 export function bytesPerElement(dtype: DType): number {
+  if (isQuantFormat(dtype)) return quantizedBytes(dtype, QUANT_BLOCK) / QUANT_BLOCK;
   return dtype === 'f16' ? 2 : 4;
+}
+
+/** A block format needs whole blocks along the last dimension (each row quantized on its own). */
+function assertBlocks(label: string, shape: Shape, dtype: DType): void {
+  const last = shape[shape.length - 1] as number;
+  if (isQuantFormat(dtype) && last % QUANT_BLOCK !== 0) {
+    throw new ShapeError(
+      `${label}: ${dtype} needs the last dimension to be a multiple of ${QUANT_BLOCK}, got ${formatShape(shape)}`,
+    );
+  }
 }
 
 /**
@@ -73,6 +98,7 @@ export class Tensor {
  */
 export function tensorView(parent: Tensor, byteOffset: number, shape: Shape, dtype: DType, label: string): Tensor {
   assertShape(label, shape);
+  assertBlocks(label, shape, dtype);
   const align = parent.ctx.limits.minStorageBufferOffsetAlignment;
   if (byteOffset % align !== 0) {
     throw new ShapeError(`${label}: view offset ${byteOffset} is not a multiple of ${align} bytes`);
@@ -126,6 +152,7 @@ const TENSOR_USAGE = 0x80 /* STORAGE */ | 0x4 /* COPY_SRC */ | 0x8; /* COPY_DST 
 /** Allocates an uninitialised (zero-filled by WebGPU) tensor. */
 export function createTensor(ctx: GpuContext, shape: Shape, dtype: DType, label: string): Tensor {
   assertShape(label, shape);
+  assertBlocks(label, shape, dtype);
   const buffer = ctx.createBuffer({
     label,
     size: numel(shape) * bytesPerElement(dtype),
@@ -135,7 +162,8 @@ export function createTensor(ctx: GpuContext, shape: Shape, dtype: DType, label:
   return new Tensor(ctx, buffer, [...shape], dtype, label);
 }
 
-/** Uploads host data. f16 tensors take f32 values and round them to nearest-even halves. */
+/** Uploads host data. f16 tensors take f32 values and round them to nearest-even halves; q8_0 and
+ * q4_0 tensors take f32 values and quantize them (quant.ts). */
 export function tensorFromData(
   ctx: GpuContext,
   data: ArrayLike<number>,
@@ -158,12 +186,19 @@ export function writeTensor(t: Tensor, data: ArrayLike<number>): void {
   if (data.length !== t.size) {
     throw new ShapeError(`${t.label}: ${data.length} values given for ${formatShape(t.shape)}`);
   }
-  const bytes = encode(data, t.dtype);
+  const bytes = encode(data, t.dtype, t.label);
   t.ctx.device.queue.writeBuffer(t.buffer, t.byteOffset, bytes.buffer, bytes.byteOffset, alignBytes(bytes.byteLength));
 }
 
-function encode(data: ArrayLike<number>, dtype: DType): Float32Array | Int32Array | Uint32Array | Uint16Array {
+function encode(
+  data: ArrayLike<number>,
+  dtype: DType,
+  label: string,
+): Float32Array | Int32Array | Uint32Array | Uint16Array | Uint8Array {
   switch (dtype) {
+    case 'q8_0':
+    case 'q4_0':
+      return packQuantized(quantize(dtype, data, label));
     case 'f32':
       return data instanceof Float32Array ? data : Float32Array.from(data);
     case 'i32':
@@ -179,7 +214,7 @@ function alignBytes(n: number): number {
   return Math.ceil(n / 4) * 4;
 }
 
-/** Reads a tensor back to the host. f16 tensors come back as f32 values. */
+/** Reads a tensor back to the host. f16, q8_0 and q4_0 tensors come back as f32 values. */
 export async function readTensor(t: Tensor): Promise<Float32Array | Int32Array | Uint32Array> {
   const bytes = await readBytes(t.ctx, t.buffer, alignBytes(t.byteLength), `${t.label}.readback`, t.byteOffset);
   switch (t.dtype) {
@@ -191,6 +226,9 @@ export async function readTensor(t: Tensor): Promise<Float32Array | Int32Array |
       return new Uint32Array(bytes, 0, t.size);
     case 'f16':
       return unpackF16(new Uint16Array(bytes), t.size);
+    case 'q8_0':
+    case 'q4_0':
+      return dequantize(unpackQuantized(t.dtype, new Uint8Array(bytes), t.size));
   }
 }
 

@@ -11,10 +11,12 @@ import {
   createTensor,
   type DType,
   type GpuContext,
+  type RowTable,
   readFloat32,
   readTensor,
   roundToF16,
   ShapeError,
+  SplitRows,
   StepEncoder,
   type Tensor,
   tensorFromData,
@@ -53,6 +55,8 @@ interface Case {
   rowLoss: boolean;
   /** dH starts with values and the backward adds to them. */
   accumulate?: boolean;
+  /** E split by rows into parts of these sizes (core's table.ts): chunks then stay within parts. */
+  split?: number[];
 }
 
 // Each rows value meets each vocabulary size at least once across the design; chunk sizes that
@@ -100,13 +104,60 @@ const cases: Case[] = [
   },
   { rows: 7, vocab: 257, d: 64, dtype: 'f32', chunk: 128, labels: 'bad', fused: false, rowLoss: true },
   { rows: 7, vocab: 63, d: 12, dtype: 'f32', chunk: 32, labels: 'ignored', divisor: 5, fused: false, rowLoss: false },
+  // E in parts: 64-row chunks of parts of 100, 100 and 57 rows (short chunks inside the table).
+  {
+    rows: 65,
+    vocab: 257,
+    d: 12,
+    dtype: 'f16',
+    chunk: 64,
+    labels: 'mixed',
+    fused: true,
+    rowLoss: true,
+    split: [100, 100, 57],
+  },
+  {
+    rows: 7,
+    vocab: 1000,
+    d: 64,
+    dtype: 'f32',
+    chunk: 256,
+    labels: 'bad',
+    fused: false,
+    rowLoss: true,
+    split: [400, 600],
+  },
 ];
+
+/** E on the GPU: one tensor, or parts of `split` rows. */
+function uploadTable(
+  ctx: GpuContext,
+  e: Float64Array,
+  vocab: number,
+  d: number,
+  dtype: DType,
+  split?: number[],
+): RowTable {
+  if (!split) return tensorFromData(ctx, e, [vocab, d], dtype, 'e');
+  const parts: Tensor[] = [];
+  let start = 0;
+  for (const n of split) {
+    parts.push(tensorFromData(ctx, e.subarray(start * d, (start + n) * d), [n, d], dtype, `e[${start}:${start + n}]`));
+    start += n;
+  }
+  return new SplitRows(parts, 'e');
+}
+
+/** Chunks of the loss: per part of E. */
+function chunkCount(vocab: number, chunk: number, split?: number[]): number {
+  return (split ?? [vocab]).reduce((n, rows) => n + Math.ceil(rows / chunk), 0);
+}
 
 function describeCase(c: Case): string {
   return (
     `rows=${c.rows} V=${c.vocab} d=${c.d} E:${c.dtype} chunk=${c.chunk ?? 'default'} labels:${c.labels}` +
     `${c.divisor ? ` divisor=${c.divisor}` : ''}${c.g !== undefined ? ` g=${c.g}` : ''}` +
-    `${c.fused ? ' fused' : ' fwd+bwd'}${c.accumulate ? ' +=dH' : ''}`
+    `${c.fused ? ' fused' : ' fwd+bwd'}${c.accumulate ? ' +=dH' : ''}${c.split ? ` E in parts [${c.split.join(', ')}]` : ''}`
   );
 }
 
@@ -194,7 +245,7 @@ describe('cross-entropy', () => {
       const got = await gpuCase(ctx, name, async () => {
         const t = {
           h: tensorFromData(ctx, h, [c.rows, c.d], 'f32', 'h'),
-          e: tensorFromData(ctx, e, [c.vocab, c.d], c.dtype, 'e'),
+          e: uploadTable(ctx, e, c.vocab, c.d, c.dtype, c.split),
           labels: tensorFromData(ctx, labels, [c.rows], 'i32', 'labels'),
           lse: createTensor(ctx, [c.rows], 'f32', 'lse'),
           loss: createTensor(ctx, [2], 'f32', 'loss'),
@@ -210,7 +261,7 @@ describe('cross-entropy', () => {
           : [await planCrossEntropyForward(ctx, t, opts), await planCrossEntropyBackward(ctx, t, opts)];
         const chunk = crossEntropyChunk(ctx, c.rows, c.vocab, opts);
         expect(plans[0]?.chunk).toBe(chunk);
-        expect(plans[0]?.chunks).toBe(Math.ceil(c.vocab / chunk));
+        expect(plans[0]?.chunks).toBe(chunkCount(c.vocab, chunk, c.split));
         const bytes = crossEntropyScratchBytes(ctx, c.rows, c.vocab, opts);
         const scratch = plans.reduce((s, p) => s + p.scratchBytes, 0);
         expect(scratch).toBe(c.fused ? bytes.training : bytes.forward + bytes.backward);
@@ -287,11 +338,13 @@ describe('cross-entropy', () => {
 });
 
 describe('logits of selected rows', () => {
-  for (const [rows, vocab, d, dtype, index] of [
-    [65, 257, 64, 'f16', [64, 0, 65, 31, -1]],
-    [7, 63, 12, 'f32', undefined],
+  for (const [rows, vocab, d, dtype, index, split] of [
+    [65, 257, 64, 'f16', [64, 0, 65, 31, -1], undefined],
+    [7, 63, 12, 'f32', undefined, undefined],
+    [65, 257, 64, 'f16', [64, 0, 65, 31, -1], [128, 129]],
+    [7, 63, 12, 'f32', undefined, [20, 20, 23]],
   ] as const) {
-    const name = `rows=${rows} V=${vocab} d=${d} E:${dtype} ${index ? `index [${index.join(', ')}]` : 'all rows'}`;
+    const name = `rows=${rows} V=${vocab} d=${d} E:${dtype} ${index ? `index [${index.join(', ')}]` : 'all rows'}${split ? ` E in parts [${split.join(', ')}]` : ''}`;
     it(name, async () => {
       const ctx = gpu();
       const h = asHeld(randomArray(rows * d, rows + vocab), 'f32');
@@ -307,13 +360,15 @@ describe('logits of selected rows', () => {
       const got = await gpuCase(ctx, name, async () => {
         const t = {
           h: tensorFromData(ctx, h, [rows, d], 'f32', 'h'),
-          e: tensorFromData(ctx, e, [vocab, d], dtype, 'e'),
+          e: uploadTable(ctx, e, vocab, d, dtype, split ? [...split] : undefined),
           index: index ? tensorFromData(ctx, index, [n], 'i32', 'index') : undefined,
           logits: createTensor(ctx, [n, vocab], 'f32', 'logits'),
           errors: createTensor(ctx, [2], 'u32', 'errors'),
         };
         const plan = await planLogitsRows(ctx, t);
-        expect(plan.scratchBytes).toBe(index ? n * d * 4 : 0);
+        // The gathered rows, and with a split E a block of logits per part and a zero index.
+        const blocks = split ? split.reduce((s, r) => s + Math.ceil((n * r * 4) / 16) * 16, 16) : 0;
+        expect(plan.scratchBytes).toBe((index ? n * d * 4 : 0) + blocks);
         const enc = new StepEncoder(ctx, 'logits rows');
         enc.clear(t.errors);
         plan.record(enc);

@@ -10,12 +10,14 @@ import {
   createTensor,
   type DType,
   type GpuContext,
+  isQuantFormat,
   type LoraLayer,
   planLoraBackward,
   planLoraBackwardUnfused,
   planLoraForward,
   planLoraForwardUnfused,
   readFloat32,
+  roundThrough,
   roundToF16,
   StepEncoder,
   tensorFromData,
@@ -62,6 +64,11 @@ TS.forEach((T, i) => {
 });
 cases.push({ T: 33, inF: 96, outF: 80, r: 128, w0: 'f16', bias: false, accumulate: false, thin: 'rows' });
 cases.push({ T: 64, inF: 64, outF: 64, r: 16, w0: 'f32', bias: true, accumulate: true, thin: 'matmul' });
+// A quantized W0 (in a multiple of 32, the block size) in the forward x·W0ᵀ and the backward dy·W0.
+cases.push({ T: 65, inF: 96, outF: 63, r: 8, w0: 'q4_0', bias: true, accumulate: false, thin: 'matmul' });
+cases.push({ T: 7, inF: 64, outF: 257, r: 1, w0: 'q8_0', bias: false, accumulate: true, thin: 'rows' });
+cases.push({ T: 1, inF: 32, outF: 65, r: 64, w0: 'q4_0', bias: false, accumulate: true, thin: 'rows' });
+cases.push({ T: 257, inF: 128, outF: 64, r: 16, w0: 'q8_0', bias: true, accumulate: false, thin: 'matmul' });
 
 const name = (c: Case, fused = true) =>
   `T=${c.T} in=${c.inF} out=${c.outF} r=${c.r} W0:${c.w0}${c.bias ? ' +bias' : ''}${c.accumulate ? ' accumulate' : ''}${fused ? ` thin:${c.thin}` : ''}`;
@@ -74,6 +81,7 @@ function inputs(c: Case): {
   const seed = c.T * 7919 + c.inF * 31 + c.outF * 7 + c.r;
   let w0 = randomArray(c.outF * c.inF, seed + 1, 0.5);
   if (c.w0 === 'f16') w0 = Float64Array.from(roundToF16(w0));
+  if (isQuantFormat(c.w0)) w0 = Float64Array.from(roundThrough(c.w0, w0));
   const p: LoraRefInput = {
     T: c.T,
     inF: c.inF,

@@ -1,14 +1,17 @@
 // GPU matmul (shaders/matmul.wgsl) against the float64 reference on awkward shapes, both
-// layouts of W, f32 and packed-f16 weights, bias, accumulation and the fused low-rank term.
+// layouts of W, f32, packed-f16, Q8_0 and Q4_0 weights, bias, accumulation and the fused
+// low-rank term.
 import { describe, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
 import {
   createTensor,
   type DType,
+  isQuantFormat,
   type MatvecVariant,
   planMatmul,
   readFloat32,
+  roundThrough,
   roundToF16,
   StepEncoder,
   tensorFromData,
@@ -70,6 +73,31 @@ for (const matvec of ['split-k', 'rows'] as const) {
 }
 // One row past the matvec kernel: the tiled one again.
 cases.push({ M: 5, N: 65, K: 63, transW: true, wDtype: 'f32', bias: true, beta: 1, rank: 8 });
+// Quantized W: blocks of 32 along its stored rows, so K (x·Wᵀ) or N (dy·W) is a multiple of 32;
+// the other dimension odd, so both the whole-word loads (K % 4 = 0 with Wᵀ, or N and K multiples
+// of 4 with W) and the element-by-element ones run; the tiled kernel, both matvec splits, the
+// low-rank term at r = 1 and 64, bias and accumulation.
+for (const wDtype of ['q8_0', 'q4_0'] as const) {
+  cases.push({ M: 1, N: 257, K: 32, transW: true, wDtype, bias: true, beta: 0, rank: 0 });
+  cases.push({ M: 7, N: 63, K: 96, transW: true, wDtype, bias: false, beta: 1, rank: 1 });
+  cases.push({ M: 65, N: 65, K: 256, transW: true, wDtype, bias: true, beta: 0, rank: 64 });
+  cases.push({ M: 257, N: 64, K: 64, transW: true, wDtype, bias: false, beta: 0, rank: 0 });
+  cases.push({ M: 7, N: 96, K: 65, transW: false, wDtype, bias: true, beta: 1, rank: 7 });
+  cases.push({ M: 65, N: 32, K: 257, transW: false, wDtype, bias: false, beta: 0, rank: 0 });
+  cases.push({ M: 64, N: 128, K: 64, transW: false, wDtype, bias: false, beta: 0, rank: 1 });
+  cases.push({ M: 1, N: 64, K: 1, transW: false, wDtype, bias: false, beta: 1, rank: 0 });
+  for (const matvec of ['split-k', 'rows'] as const) {
+    cases.push({ M: 1, N: 65, K: 1024, transW: true, wDtype, bias: true, beta: 0, rank: 8, matvec });
+    cases.push({ M: 4, N: 7, K: 96, transW: true, wDtype, bias: false, beta: 1, rank: 0, matvec });
+  }
+}
+
+/** W as the GPU will hold it: rounded to f16, or quantized and dequantized. */
+function asStored(w: Float64Array, dtype: DType): Float64Array {
+  if (dtype === 'f16') return Float64Array.from(roundToF16(w));
+  if (isQuantFormat(dtype)) return Float64Array.from(roundThrough(dtype, w));
+  return w;
+}
 
 function describeCase(c: Case): string {
   const lay = `A·${c.transW ? 'Wᵀ' : 'W'}`;
@@ -86,6 +114,10 @@ describe('matmul on a slice of W', () => {
     [300, 64, 128, 100, 'f32', true, 1],
     [300, 64, 128, 100, 'f16', false],
     [257, 63, 1, 200, 'f32', false],
+    [130, 64, 65, 64, 'q8_0', true],
+    [130, 96, 3, 100, 'q4_0', true, 1],
+    [65, 32, 1, 63, 'q4_0', false],
+    [65, 64, 32, 33, 'q8_0', false],
   ] as [number, number, number, number, DType, boolean, number?][]) {
     const M = rowsOfA ?? 7;
     it(`M=${M}, rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}`, async () => {
@@ -93,8 +125,7 @@ describe('matmul on a slice of W', () => {
       const K = transW ? C : count;
       const N = transW ? count : C;
       const a = randomArray(M * K, R + C);
-      let w = randomArray(R * C, R + C + 1);
-      if (dtype === 'f16') w = Float64Array.from(roundToF16(w));
+      const w = asStored(randomArray(R * C, R + C + 1), dtype);
       const want = matmulRef(a, w.subarray(start * C, (start + count) * C), M, K, N, { transB: transW });
       const got = await gpuCase(ctx, 'wRows', async () => {
         const ta = tensorFromData(ctx, a, [M, K], 'f32', 'a');
@@ -118,8 +149,7 @@ describe('matmul', () => {
       const ctx = gpu();
       const seed = c.M * 1000 + c.N * 10 + c.K;
       const a = randomArray(c.M * c.K, seed);
-      let w = randomArray(c.N * c.K, seed + 1);
-      if (c.wDtype === 'f16') w = Float64Array.from(roundToF16(w));
+      const w = asStored(randomArray(c.N * c.K, seed + 1), c.wDtype);
       const bias = randomArray(c.N, seed + 2);
       const c0 = randomArray(c.M * c.N, seed + 3);
       const a2 = randomArray(c.M * c.rank, seed + 4);

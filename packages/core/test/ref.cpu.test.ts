@@ -25,9 +25,11 @@ describe('loraBackwardRef', () => {
     { T: 3, inF: 5, outF: 4, r: 2, bias: true },
     { T: 1, inF: 7, outF: 1, r: 1, bias: false },
     { T: 4, inF: 3, outF: 6, r: 3, bias: true },
+    // LoRA dropout: a fixed mask on the branch's input.
+    { T: 3, inF: 5, outF: 4, r: 2, bias: true, dropout: 0.4 },
   ];
   for (const c of cases) {
-    it(`matches finite differences of the forward (T=${c.T} in=${c.inF} out=${c.outF} r=${c.r})`, () => {
+    it(`matches finite differences of the forward (T=${c.T} in=${c.inF} out=${c.outF} r=${c.r}${c.dropout ? ` dropout ${c.dropout}` : ''})`, () => {
       const p: LoraRefInput = {
         ...c,
         x: randomArray(c.T * c.inF, 1),
@@ -36,6 +38,9 @@ describe('loraBackwardRef', () => {
         b: randomArray(c.outF * c.r, 4),
         bias: c.bias ? randomArray(c.outF, 5) : undefined,
         scale: 1.75,
+        dropout: c.dropout
+          ? { p: c.dropout, keep: Array.from(randomArray(c.T * c.inF, 7), (v) => (v > -0.2 ? 1 : 0)) }
+          : undefined,
       };
       // L = Σ y ∘ R for a fixed random R, so dL/dy = R.
       const R = randomArray(c.T * c.outF, 6);

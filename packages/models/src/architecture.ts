@@ -16,6 +16,9 @@ export interface ParamSpec {
   /** 'weight': the model's weight precision (f16 by default); 'f32': always f32 (norms, biases:
    * small, and read at full precision by their kernels). */
   readonly precision: 'weight' | 'f32';
+  /** A linear module's weight (not an embedding, the positions or the LM head): the matrices a
+   * block-quantized precision (q8_0, q4_0) applies to. */
+  readonly linear?: boolean;
 }
 
 /** A linear layer by its HF module path, e.g. model.layers.0.self_attn.q_proj. */
@@ -147,8 +150,8 @@ export function parameterTable(c: ModelConfig): ParamSpec[] {
   const layout = modelLayout(c);
   const d = c.hiddenSize;
   const specs: ParamSpec[] = [];
-  const weight = (key: string, shape: number[], transpose = false) =>
-    specs.push({ key, shape, transpose, precision: 'weight' });
+  const weight = (key: string, shape: number[], transpose = false, linear = false) =>
+    specs.push({ key, shape, transpose, precision: 'weight', ...(linear ? { linear } : {}) });
   const small = (key: string, shape: number[]) => specs.push({ key, shape, transpose: false, precision: 'f32' });
   weight(layout.embed, [c.vocabSize, d]);
   if (layout.positions) weight(layout.positions, [c.maxPositions, d]);
@@ -161,8 +164,8 @@ export function parameterTable(c: ModelConfig): ParamSpec[] {
     if (l.kNorm) small(l.kNorm, [c.headDim]);
     for (const m of l.linears) {
       // Conv1D stores [in, out]; transposed on upload so every weight is [out, in].
-      if (m.kind === 'conv1d') weight(`${m.name}.weight`, [m.inFeatures, m.outFeatures], true);
-      else weight(`${m.name}.weight`, [m.outFeatures, m.inFeatures]);
+      if (m.kind === 'conv1d') weight(`${m.name}.weight`, [m.inFeatures, m.outFeatures], true, true);
+      else weight(`${m.name}.weight`, [m.outFeatures, m.inFeatures], false, true);
       if (m.bias) small(`${m.name}.bias`, [m.outFeatures]);
     }
   }

@@ -26,7 +26,7 @@ import {
   type Tensor,
 } from '@webtune/core';
 import type { LinearRole } from './architecture.js';
-import type { ForwardPlan, LayerActivations, NormStats } from './forward.js';
+import { type ForwardPlan, type LayerActivations, loraDropout, type NormStats } from './forward.js';
 import type { Layer, Linear, Norm } from './model.js';
 
 /** One adapted module's trainable tensors and their gradients (views into arenas, usually). */
@@ -38,6 +38,8 @@ export interface LoraTrainable {
   readonly da: Tensor;
   readonly db: Tensor;
   readonly scale: number;
+  /** LoRA dropout (see LoraModuleWeights). */
+  readonly dropout?: { readonly p: number; readonly module: number };
 }
 
 export interface BackwardPlan {
@@ -157,11 +159,12 @@ export async function planBackward(
       const t = lora.get(lin.module.name);
       if (t) {
         const h = a.loraH.get(role) as Tensor;
+        const d = loraDropout(t, fwd.dropout, x);
         out.push(
           ...(await planLoraBackward(
             ctx,
             { w0: lin.w, a: t.a, b: t.b, bias: lin.bias, scale: t.scale },
-            { x, h, dy, g: g(t.a.shape[0] as number), dx, da: t.da, db: t.db },
+            { x, h, dy, g: g(t.a.shape[0] as number), dx, da: t.da, db: t.db, ...(d ? { dropout: d } : {}) },
             { accumulateDx: accumulate, accumulateGrads: true },
             lin.module.name,
           )),

@@ -15,9 +15,10 @@ import {
   type Dispatch,
   fusedQkvLayout,
   type GpuContext,
+  type LoraDropout,
   planAddScaled,
   planAttentionForward,
-  planEmbeddingForward,
+  planEmbeddingTable,
   planGeluNewForward,
   planLayerNormForward,
   planLoraForward,
@@ -25,8 +26,10 @@ import {
   planRmsNormForward,
   planRopeForward,
   planSiluMulForward,
+  planTableProduct,
   ShapeError,
   type Tensor,
+  tensorView,
 } from '@webtune/core';
 import type { LinearRole } from './architecture.js';
 import type { CausalLM, Layer, Linear, Norm } from './model.js';
@@ -38,6 +41,8 @@ export interface LoraModuleWeights {
   /** [out, r] f32. */
   readonly b: Tensor;
   readonly scale: number;
+  /** LoRA dropout in training (PEFT's lora_dropout): probability p > 0, and which module's mask. */
+  readonly dropout?: { readonly p: number; readonly module: number };
 }
 
 /** Adapter weights by HF module name (model.layers.0.self_attn.q_proj). */
@@ -58,6 +63,18 @@ export interface ForwardOptions {
   readonly logits?: boolean;
   readonly lora?: LoraWeightsByModule;
   readonly label?: string;
+  /**
+   * Train mode with LoRA dropout: the u32 [4] counter (seed, step, micro-batch, 0) its masks hash,
+   * which the trainer rewrites per micro-batch. Required when an adapted module has dropout.
+   */
+  readonly dropoutCounter?: Tensor;
+}
+
+/** LoRA dropout's state in a train-mode plan: the counter and a [rows, max in] scratch shared by
+ * the layers (each module's masked input, used at once by its h and again in the backward). */
+export interface DropoutState {
+  readonly counter: Tensor;
+  readonly scratch: Tensor;
 }
 
 /** Statistics a norm saves for its backward. */
@@ -127,6 +144,8 @@ export class ForwardPlan {
     readonly layerDispatches: readonly (readonly Dispatch[])[],
     /** Activations are shared between layers and must be recomputed for the backward. */
     readonly recompute: boolean,
+    /** LoRA dropout's counter and scratch, when an adapted module has dropout. */
+    readonly dropout?: DropoutState,
   ) {}
 
   get rows(): number {
@@ -250,6 +269,21 @@ export async function planNorm(
   return planRmsNormForward(ctx, { x, w: norm.w, y, rstd: stats.rstd }, { eps, label });
 }
 
+/** The LoRA dropout of one module in a plan (undefined without dropout). */
+export function loraDropout(
+  lora: LoraModuleWeights | undefined,
+  state: DropoutState | undefined,
+  x: Tensor,
+): LoraDropout | undefined {
+  if (!lora?.dropout || lora.dropout.p <= 0 || !state) return undefined;
+  const inF = lora.a.shape[1] as number;
+  const rows = x.size / inF;
+  return {
+    mask: { p: lora.dropout.p, module: lora.dropout.module, counter: state.counter },
+    scratch: tensorView(state.scratch, 0, [rows, inF], 'f32', `${state.scratch.label}[${rows}, ${inF}]`),
+  };
+}
+
 /** y = x·Wᵀ + bias, or the fused LoRA form when the module has an adapter. */
 export async function planLinear(
   ctx: GpuContext,
@@ -258,14 +292,16 @@ export async function planLinear(
   y: Tensor,
   lora: LoraModuleWeights | undefined,
   h: Tensor | undefined,
+  dropout?: DropoutState,
 ): Promise<Dispatch[]> {
   const label = lin.module.name;
   if (lora) {
     if (!h) throw new Error(`${label}: LoRA forward needs its h buffer`);
+    const d = loraDropout(lora, dropout, x);
     return planLoraForward(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
-      { x, y, h },
+      { x, y, h, ...(d ? { dropout: d } : {}) },
       label,
     );
   }
@@ -373,13 +409,14 @@ export async function planLayer(
   a: LayerActivations,
   attention: AttentionBlock,
   lora: LoraWeightsByModule | undefined,
+  dropout?: DropoutState,
 ): Promise<Dispatch[]> {
   const c = model.config;
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
   const lin: Lin = async (role, x, y) => {
     const l = linear(layer, role);
-    out.push(...(await planLinear(ctx, l, x, y, lora?.get(l.module.name), a.loraH.get(role))));
+    out.push(...(await planLinear(ctx, l, x, y, lora?.get(l.module.name), a.loraH.get(role), dropout)));
   };
 
   out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`));
@@ -429,11 +466,11 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     const errors = alloc.of([2], 'u32', 'embedding_errors');
     const embedded = alloc.f32([rows, d], 'embedded');
     dispatches.push(
-      await planEmbeddingForward(
+      ...(await planEmbeddingTable(
         ctx,
         { ids, table: model.embed, wpe: model.positions, out: embedded, errors },
         { T, label: 'embedding' },
-      ),
+      )),
     );
     const layers: LayerActivations[] = [];
     const layerDispatches: Dispatch[][] = [];
@@ -444,13 +481,25 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     const share = mode === 'inference' || recompute;
     let shared: LayerActivations | undefined;
     const attention = batchedAttention(model, B, T);
+    // LoRA dropout (training only): one scratch as wide as the widest adapted input.
+    let dropout: DropoutState | undefined;
+    const dropIn = [...(opts.lora?.values() ?? [])]
+      .filter((w) => (w.dropout?.p ?? 0) > 0)
+      .map((w) => w.a.shape[1] as number);
+    if (mode === 'train' && dropIn.length > 0) {
+      if (!opts.dropoutCounter) throw new ShapeError('forward: LoRA dropout needs a dropoutCounter');
+      dropout = {
+        counter: opts.dropoutCounter,
+        scratch: alloc.f32([rows, Math.max(...dropIn)], 'lora_dropout'),
+      };
+    }
     let x = embedded;
     for (let i = 0; i < c.numLayers; i++) {
       const out = pingPong ? (pingPong[(i + 1) % 2] as Tensor) : alloc.f32([rows, d], `layer${i}.out`);
       const acts = allocateLayer(alloc, model, rows, B, T, i, x, out, opts.lora, shared);
       if (share) shared ??= acts;
       layers.push(acts);
-      const planned = await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, opts.lora);
+      const planned = await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, opts.lora, dropout);
       layerDispatches.push(planned);
       dispatches.push(...planned);
       x = out;
@@ -461,7 +510,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     let logits: Tensor | undefined;
     if (opts.logits) {
       logits = alloc.f32([rows, c.vocabSize], 'logits');
-      dispatches.push(await planMatmul(ctx, hidden, model.lmHead, logits, { label: 'lm_head' }));
+      dispatches.push(...(await planTableProduct(ctx, hidden, model.lmHead, logits, 'lm_head', alloc.owned)));
     }
     return new ForwardPlan(
       model,
@@ -479,6 +528,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
       alloc.owned,
       layerDispatches,
       recompute,
+      dropout,
     );
   } catch (e) {
     for (const dsp of dispatches) dsp.dispose();

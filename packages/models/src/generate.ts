@@ -15,8 +15,8 @@ import {
   type GpuContext,
   kvCacheLayout,
   planCopyRows,
-  planEmbeddingForward,
-  planMatmul,
+  planEmbeddingTable,
+  planTableProduct,
   readFloat32,
   ShapeError,
   StepEncoder,
@@ -258,11 +258,11 @@ async function planPrefill(
     const x0 = alloc.f32([T, d], 'embedded');
     const x1 = alloc.f32([T, d], 'residual');
     dispatches.push(
-      await planEmbeddingForward(
+      ...(await planEmbeddingTable(
         ctx,
         { ids, table: model.embed, wpe: model.positions, out: x0, errors },
         { T, label: 'embedding' },
-      ),
+      )),
     );
     const kvDim = c.numKvHeads * c.headDim;
     // The projections write the cache's first T rows directly (views at offset 0).
@@ -314,7 +314,7 @@ async function planPrefill(
       await planCopyRows(ctx, hidden, zero, last, { rows: 1, cols: d, srcOffset: (T - 1) * d }, 0, 'last_row'),
     );
     const logits = alloc.f32([1, c.vocabSize], 'logits');
-    dispatches.push(await planMatmul(ctx, last, model.lmHead, logits, { label: 'lm_head' }));
+    dispatches.push(...(await planTableProduct(ctx, last, model.lmHead, logits, 'lm_head', alloc.owned)));
     return { ids, zero, errors, logits, dispatches, dispose };
   } catch (e) {
     dispose();
@@ -341,11 +341,11 @@ async function planDecode(
     const x0 = alloc.f32([1, d], 'embedded');
     const x1 = alloc.f32([1, d], 'residual');
     dispatches.push(
-      await planEmbeddingForward(
+      ...(await planEmbeddingTable(
         ctx,
         { ids, table: model.embed, wpe: model.positions, positions, out: x0, errors },
         { T: 1, label: 'embedding' },
-      ),
+      )),
     );
     const kvDim = c.numKvHeads * c.headDim;
     const layouts = decodeLayouts(model, maxT);
@@ -404,7 +404,7 @@ async function planDecode(
       ),
     );
     const logits = alloc.f32([1, c.vocabSize], 'logits');
-    dispatches.push(await planMatmul(ctx, hidden, model.lmHead, logits, { label: 'lm_head' }));
+    dispatches.push(...(await planTableProduct(ctx, hidden, model.lmHead, logits, 'lm_head', alloc.owned)));
     return { ids, positions, logits, errors, dispatches, attention: attentionDispatches, owned: alloc.owned };
   } catch (e) {
     for (const x of dispatches) x.dispose();

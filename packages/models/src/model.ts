@@ -2,7 +2,18 @@
  * A causal language model's frozen weights on the GPU, loaded from a Hugging Face folder with
  * every key and shape asserted against the architecture's parameter table.
  */
-import { type GpuContext, ropeInvFreq, type Tensor, tensorFromData, WebtuneError } from '@webtune/core';
+import {
+  type DType,
+  type GpuContext,
+  type RowTable,
+  ropeInvFreq,
+  SplitRows,
+  splitRowCounts,
+  type Tensor,
+  tablePartLimit,
+  tensorFromData,
+  WebtuneError,
+} from '@webtune/core';
 import {
   isIgnorableKey,
   type LinearModule,
@@ -14,9 +25,11 @@ import {
 } from './architecture.js';
 import { ConfigError, type ModelConfig, parseModelConfig } from './config.js';
 import { ModelFileError } from './errors.js';
+import { loadGgufModel } from './gguf-model.js';
+import { storedDType, type WeightPrecision } from './precision.js';
 import { type ModelWeights, openModelWeights } from './safetensors.js';
 import type { ModelSource } from './source.js';
-import { transpose2d, uploadTensor } from './weights.js';
+import { transpose2d, uploadTensor, type WeightDType } from './weights.js';
 
 /** A checkpoint that does not match its architecture: missing, unexpected or misshapen tensors. */
 export class ModelLoadError extends WebtuneError {
@@ -53,8 +66,6 @@ export interface Layer {
   readonly linears: Partial<Record<LinearRole, Linear>>;
 }
 
-export type WeightPrecision = 'f16' | 'f32';
-
 export interface LoadProgress {
   readonly status: 'config' | 'weights' | 'ready';
   /** Bytes of the checkpoint read so far, of `total`. */
@@ -64,10 +75,22 @@ export interface LoadProgress {
 }
 
 export interface LoadModelOptions {
-  /** Precision of the frozen matrices on the GPU (norms and biases are always f32). Default f16. */
+  /** Precision of the frozen matrices on the GPU (norms and biases are always f32; see
+   * precision.ts for what q8_0 and q4_0 quantize). Default f16. */
   precision?: WeightPrecision;
   onProgress?: (p: LoadProgress) => void;
   signal?: AbortSignal;
+  /**
+   * The most bytes one part of the embedding or the LM head may take; a larger table is split by
+   * rows into parts (core's table.ts). Default: the device's maxStorageBufferBindingSize and
+   * maxBufferSize, whichever is smaller (tests lower it to split small tables).
+   */
+  tablePartBytes?: number;
+  /**
+   * Load this GGUF file of the source (llama.cpp's format; gguf-model.ts) instead of config.json
+   * and safetensors. Without `precision`, each tensor keeps its file format where the GPU reads it.
+   */
+  gguf?: string;
 }
 
 export class CausalLM {
@@ -78,18 +101,29 @@ export class CausalLM {
     readonly config: ModelConfig,
     readonly layout: ModelLayout,
     readonly precision: WeightPrecision,
-    readonly embed: Tensor,
+    /** The token embedding [vocab, d], split by rows when it is larger than one binding may be on
+     * this device (core's table.ts). */
+    readonly embed: RowTable,
     readonly positions: Tensor | undefined,
     readonly layers: readonly Layer[],
     readonly finalNorm: Norm,
-    /** The LM head [vocab, d]: the embedding itself when tied. */
-    readonly lmHead: Tensor,
+    /** The LM head [vocab, d]: the embedding itself when tied; split like it. */
+    readonly lmHead: RowTable,
     /** RoPE inverse frequencies [head_dim/2], f32 (Llama family). */
     readonly ropeInvFreq: Tensor | undefined,
     readonly ropeAttentionScaling: number,
     private readonly owned: readonly Tensor[],
     /** Where it came from, for messages. */
     readonly description: string,
+    /** The most bytes one part of a split embedding or LM head takes (loadModel's tablePartBytes,
+     * or the device's limit): what a memory estimate for this model must assume. */
+    readonly tablePartBytes = Number.POSITIVE_INFINITY,
+    /** The Hugging Face model these weights are, when the file names it (GGUF metadata): what an
+     * adapter trained on them records as base_model_name_or_path. */
+    readonly baseModelId?: string,
+    /** The dtype of each tensor stored otherwise than `precision` implies (a GGUF base keeps each
+     * tensor's format), by Hugging Face key; a memory estimate for this model takes them. */
+    readonly storedDTypes?: ReadonlyMap<string, DType>,
   ) {}
 
   /** Bytes of the GPU buffers the weights occupy. */
@@ -164,6 +198,7 @@ export async function loadModel(
   source: ModelSource,
   options: LoadModelOptions = {},
 ): Promise<CausalLM> {
+  if (options.gguf !== undefined) return loadGgufModel(ctx, source, options.gguf, options);
   const precision = options.precision ?? 'f16';
   const where = source.description;
   options.onProgress?.({ status: 'config', loaded: 0, total: 0 });
@@ -188,6 +223,7 @@ export async function loadModel(
   }
 
   const tensors = new Map<string, Tensor>();
+  const tables = new Map<string, SplitRows>();
   const owned: Tensor[] = [];
   let loaded = 0;
   try {
@@ -196,62 +232,127 @@ export async function loadModel(
       const info = infos.get(name);
       const size = info ? info.end - info.begin : 0;
       const [rows, cols] = spec.shape as [number, number];
-      const t = await uploadTensor(ctx, weights, name, {
-        dtype: spec.precision === 'f32' ? 'f32' : precision,
-        label: spec.key,
-        signal: options.signal,
-        ...(spec.transpose ? { shape: [cols, rows], transform: (d: Float32Array) => transpose2d(d, rows, cols) } : {}),
-        onProgress: (l) => options.onProgress?.({ status: 'weights', loaded: loaded + l, total, tensor: spec.key }),
-      });
-      owned.push(t);
-      tensors.set(spec.key, t);
+      const dtype = storedDType(spec, precision) as WeightDType;
+      const upload = (extra: { label: string; rows?: { start: number; count: number } }, done: number) =>
+        uploadTensor(ctx, weights, name, {
+          dtype,
+          signal: options.signal,
+          ...extra,
+          ...(spec.transpose
+            ? { shape: [cols, rows], transform: (d: Float32Array) => transpose2d(d, rows, cols) }
+            : {}),
+          onProgress: (l) =>
+            options.onProgress?.({ status: 'weights', loaded: loaded + done + l, total, tensor: spec.key }),
+        });
+      // The embedding and LM head (vocabulary × d) may exceed one binding: split them by rows.
+      const table = spec.key === layout.embed || spec.key === layout.lmHead;
+      const limit = options.tablePartBytes ?? tablePartLimit(ctx.limits);
+      const counts = table ? splitRowCounts(rows, cols, dtype, limit) : [rows];
+      if (counts.length === 1) {
+        const t = await upload({ label: spec.key }, 0);
+        owned.push(t);
+        tensors.set(spec.key, t);
+      } else {
+        const parts: Tensor[] = [];
+        let start = 0;
+        for (const count of counts) {
+          const t = await upload(
+            { label: `${spec.key}[${start}:${start + count}]`, rows: { start, count } },
+            (size * start) / rows,
+          );
+          owned.push(t);
+          parts.push(t);
+          start += count;
+        }
+        tables.set(spec.key, new SplitRows(parts, spec.key));
+      }
       loaded += size;
     }
-    const get = (key: string) => tensors.get(key) as Tensor;
-    const layers: Layer[] = layout.layers.map((l, index) => {
-      const linears: Partial<Record<LinearRole, Linear>> = {};
-      for (const m of l.linears) {
-        linears[m.role] = { module: m, w: get(`${m.name}.weight`), bias: m.bias ? get(`${m.name}.bias`) : undefined };
-      }
-      return {
-        index,
-        norm1: { w: get(l.norm1.w), b: l.norm1.b ? get(l.norm1.b) : undefined },
-        norm2: { w: get(l.norm2.w), b: l.norm2.b ? get(l.norm2.b) : undefined },
-        qNorm: l.qNorm ? get(l.qNorm) : undefined,
-        kNorm: l.kNorm ? get(l.kNorm) : undefined,
-        linears,
-      };
-    });
-    let invFreq: Tensor | undefined;
-    let scaling = 1;
-    if (config.rope) {
-      const r = ropeInvFreq({
-        headDim: config.headDim,
-        ropeTheta: config.rope.theta,
-        ropeScaling: config.rope.scaling,
-      });
-      invFreq = tensorFromData(ctx, r.invFreq, [config.headDim / 2], 'f32', 'rope.inv_freq');
-      owned.push(invFreq);
-      scaling = r.attentionScaling;
-    }
     options.onProgress?.({ status: 'ready', loaded: total, total });
-    return new CausalLM(
-      ctx,
+    return assembleModel(ctx, {
       config,
       layout,
       precision,
-      get(layout.embed),
-      layout.positions ? get(layout.positions) : undefined,
-      layers,
-      { w: get(layout.finalNorm.w), b: layout.finalNorm.b ? get(layout.finalNorm.b) : undefined },
-      layout.lmHead ? get(layout.lmHead) : get(layout.embed),
-      invFreq,
-      scaling,
+      tensors,
+      tables,
       owned,
-      where,
-    );
+      description: where,
+      tablePartBytes: options.tablePartBytes ?? tablePartLimit(ctx.limits),
+    });
   } catch (e) {
     for (const t of owned) t.dispose();
     throw e;
   }
+}
+
+/** What a loader has uploaded, for assembleModel. */
+export interface UploadedWeights {
+  readonly config: ModelConfig;
+  readonly layout: ModelLayout;
+  readonly precision: WeightPrecision;
+  /** Every parameter by its Hugging Face key, but the split tables. */
+  readonly tensors: ReadonlyMap<string, Tensor>;
+  /** The embedding or LM head split by rows, by key. */
+  readonly tables: ReadonlyMap<string, SplitRows>;
+  /** Every GPU tensor made so far (released on failure, owned by the model otherwise). */
+  readonly owned: Tensor[];
+  readonly description: string;
+  readonly tablePartBytes: number;
+  /** RoPE's inverse frequencies when the file gives them (GGUF's rope_freqs factors). */
+  readonly ropeInvFreq?: Float32Array;
+  /** The Hub model these weights are, when the file says (GGUF metadata). */
+  readonly baseModelId?: string;
+  /** Any tensor stored other than `precision` says (a GGUF file keeps each as it is). */
+  readonly storedDTypes?: ReadonlyMap<string, DType>;
+}
+
+/** Builds the CausalLM over uploaded weights (the layers, RoPE's frequencies). */
+export function assembleModel(ctx: GpuContext, w: UploadedWeights): CausalLM {
+  const { config, layout, tensors, tables, owned } = w;
+  const get = (key: string) => {
+    const t = tensors.get(key);
+    if (!t) throw new ModelLoadError(w.description, `no tensor for ${key}`);
+    return t;
+  };
+  const table = (key: string): RowTable => tables.get(key) ?? get(key);
+  const layers: Layer[] = layout.layers.map((l, index) => {
+    const linears: Partial<Record<LinearRole, Linear>> = {};
+    for (const m of l.linears) {
+      linears[m.role] = { module: m, w: get(`${m.name}.weight`), bias: m.bias ? get(`${m.name}.bias`) : undefined };
+    }
+    return {
+      index,
+      norm1: { w: get(l.norm1.w), b: l.norm1.b ? get(l.norm1.b) : undefined },
+      norm2: { w: get(l.norm2.w), b: l.norm2.b ? get(l.norm2.b) : undefined },
+      qNorm: l.qNorm ? get(l.qNorm) : undefined,
+      kNorm: l.kNorm ? get(l.kNorm) : undefined,
+      linears,
+    };
+  });
+  let invFreq: Tensor | undefined;
+  let scaling = 1;
+  if (config.rope) {
+    const r = ropeInvFreq({ headDim: config.headDim, ropeTheta: config.rope.theta, ropeScaling: config.rope.scaling });
+    invFreq = tensorFromData(ctx, w.ropeInvFreq ?? r.invFreq, [config.headDim / 2], 'f32', 'rope.inv_freq');
+    owned.push(invFreq);
+    scaling = w.ropeInvFreq ? 1 : r.attentionScaling;
+  }
+  return new CausalLM(
+    ctx,
+    config,
+    layout,
+    w.precision,
+    table(layout.embed),
+    layout.positions ? get(layout.positions) : undefined,
+    layers,
+    { w: get(layout.finalNorm.w), b: layout.finalNorm.b ? get(layout.finalNorm.b) : undefined },
+    layout.lmHead ? table(layout.lmHead) : table(layout.embed),
+    invFreq,
+    scaling,
+    owned,
+    w.description,
+    w.tablePartBytes,
+    w.baseModelId,
+    w.storedDTypes,
+  );
 }

@@ -8,8 +8,26 @@
  *   F32 -> f32 copy      F16 -> f32 widen      BF16 -> f32 widen (bits << 16)
  *   F32 -> f16 round     F16 -> f16 copy bits  BF16 -> f16 round (bf16 -> f32 is exact)
  * f16 tensors are packed two halves per u32, element 2i in the low 16 bits (core's layout).
+ * q8_0 and q4_0 targets: each chunk (whole blocks of 32) is decoded to exact f32 values and
+ * quantized with core's quantizer (ggml's reference rounding), its quants and scales written to
+ * their places in core's GPU layout (quant.ts).
  */
-import { createTensor, formatShape, type GpuContext, numel, type Shape, ShapeError, type Tensor } from '@webtune/core';
+import {
+  createTensor,
+  formatShape,
+  type GpuContext,
+  gpuQuantLayout,
+  isQuantFormat,
+  numel,
+  packQuantized,
+  QUANT_BLOCK,
+  type QuantFormat,
+  type QuantizedBlocks,
+  quantize,
+  type Shape,
+  ShapeError,
+  type Tensor,
+} from '@webtune/core';
 import { SafetensorsError } from './errors.js';
 import {
   asU16,
@@ -29,7 +47,7 @@ import {
   unsupportedDType,
 } from './safetensors.js';
 
-export type WeightDType = 'f16' | 'f32';
+export type WeightDType = 'f16' | 'f32' | QuantFormat;
 
 export interface UploadOptions {
   /** dtype of the GPU tensor. */
@@ -52,6 +70,11 @@ export interface UploadOptions {
   allowOverflow?: boolean;
   /** Bytes of the file read per step (default 8 MiB). */
   chunkBytes?: number;
+  /**
+   * Upload only rows [start, start + count) of a 2-D tensor, as a [count, cols] GPU tensor: one part
+   * of a table too large for one binding (core's table.ts). Not with `transform` or `shape`.
+   */
+  rows?: { readonly start: number; readonly count: number };
   /** Bytes of this tensor read so far, and its size in the file. */
   onProgress?: (loaded: number, total: number) => void;
   /** Stops the upload between chunks (the partly written tensor is released). */
@@ -62,10 +85,31 @@ export const DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024;
 
 function checkedTarget(info: TensorInfo, options: UploadOptions): { dtype: FloatDType; shape: Shape; label: string } {
   if (!isFloatDType(info.dtype)) throw unsupportedDType(info);
-  if (options.dtype !== 'f16' && options.dtype !== 'f32') {
-    throw new ShapeError(`${info.name}: cannot upload as ${String(options.dtype)} (f16 or f32)`);
+  if (options.dtype !== 'f16' && options.dtype !== 'f32' && !isQuantFormat(options.dtype)) {
+    throw new ShapeError(`${info.name}: cannot upload as ${String(options.dtype)} (f16, f32, q8_0 or q4_0)`);
   }
   const label = options.label ?? info.name;
+  if (options.rows) {
+    const { start, count } = options.rows;
+    const rows = info.shape[0] as number;
+    if (info.shape.length !== 2 || options.transform || options.shape) {
+      throw new ShapeError(
+        `${label}: rows of ${info.name} can be uploaded from a 2-D tensor only, without a transform`,
+      );
+    }
+    if (
+      !Number.isSafeInteger(start) ||
+      !Number.isSafeInteger(count) ||
+      start < 0 ||
+      count < 1 ||
+      start + count > rows
+    ) {
+      throw new ShapeError(
+        `${label}: rows [${start}, ${start + count}) are outside ${info.name} ${formatShape(info.shape)}`,
+      );
+    }
+    return { dtype: info.dtype, shape: [count, info.shape[1] as number], label };
+  }
   // A scalar (shape []) becomes a one-element tensor.
   const shape = options.shape ?? (info.shape.length === 0 ? [1] : info.shape);
   if (options.shape && numel(options.shape) !== numel(info.shape)) {
@@ -96,6 +140,10 @@ class ChunkWriter {
   write(at: number, bytes: Uint8Array): void {
     const count = bytes.byteLength / DTYPE_BYTES[this.src];
     const queue = this.t.ctx.device.queue;
+    if (isQuantFormat(this.t.dtype)) {
+      this.writeQuantized(this.t.dtype, at, bytes, count);
+      return;
+    }
     if (this.t.dtype === 'f32') {
       if (this.src === 'F32' && bytes.byteOffset % 4 === 0) {
         queue.writeBuffer(this.t.buffer, at * 4, bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -160,6 +208,17 @@ class ChunkWriter {
     queue.writeBuffer(this.t.buffer, at * 2, out.buffer, 0, padded * 2);
   }
 
+  /**
+   * Quantizes `count` values starting at element `at` (both whole, even numbers of blocks but for
+   * the tensor's last chunk) and writes their quants and scales where core's layout puts them.
+   */
+  private writeQuantized(format: QuantFormat, at: number, bytes: Uint8Array, count: number): void {
+    if (at % (2 * QUANT_BLOCK) !== 0) throw new Error(`quantized chunk at element ${at}`); // an internal invariant
+    const values = new Float32Array(count);
+    decodeToF32Bits(this.src, bytes, new Uint32Array(values.buffer));
+    writeQuantizedBlocks(this.t, at / QUANT_BLOCK, quantize(format, values, this.t.label));
+  }
+
   /** Writes f32 values (a transform's output) converted to the tensor's dtype. */
   writeValues(at: number, values: Float32Array): void {
     this.write(at, new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
@@ -176,10 +235,44 @@ class ChunkWriter {
   }
 }
 
-/** Elements per chunk: a whole, even number (f16 halves pair up into u32 words). */
-function chunkElements(src: FloatDType, chunkBytes: number): number {
+/**
+ * Writes blocks of a q8_0 / q4_0 tensor from block `block` on (an even block, but for the
+ * tensor's last ones): their quants and their scales, each where core's layout (quant.ts) puts it.
+ */
+export function writeQuantizedBlocks(t: Tensor, block: number, q: QuantizedBlocks): void {
+  if (t.dtype !== q.format) throw new ShapeError(`${t.label}: ${q.format} blocks cannot go into a ${t.dtype} tensor`);
+  if (block % 2 !== 0) throw new Error(`quantized write at odd block ${block}`); // an internal invariant
+  const layout = gpuQuantLayout(q.format, t.size);
+  const queue = t.ctx.device.queue;
+  const perBlock = q.format === 'q8_0' ? 32 : 16;
+  queue.writeBuffer(t.buffer, t.byteOffset + block * perBlock, q.qs);
+  // packQuantized pads an odd count of scales to a whole word; the buffer is rounded up to 16
+  // bytes, so the pad stays inside it.
+  const scales = packQuantized({ format: q.format, qs: new Uint8Array(0), d: q.d });
+  queue.writeBuffer(t.buffer, t.byteOffset + layout.qsBytes + block * 2, scales);
+}
+
+/**
+ * Writes f32 values at element `at` of a tensor of any weight dtype, converted as an upload
+ * converts them (f16 rounding with its overflow check, quantization): for loaders of other
+ * formats (GGUF) that decode to f32 themselves. `at` must be even (f16) or a multiple of 64
+ * (q8_0, q4_0).
+ */
+export function valueWriter(
+  t: Tensor,
+  where: { file: string; name: string },
+): { write(at: number, values: Float32Array): void } {
+  const info: TensorInfo = { name: where.name, file: where.file, dtype: 'F32', shape: t.shape, begin: 0, end: 0 };
+  const writer = new ChunkWriter(t, 'F32', info, false);
+  return { write: (at, values) => writer.writeValues(at, values) };
+}
+
+/** Elements per chunk: a whole, even number (f16 halves pair up into u32 words); for a quantized
+ * target an even number of blocks (two f16 scales per u32 word). */
+function chunkElements(src: FloatDType, chunkBytes: number, dtype: WeightDType): number {
   const n = Math.floor(chunkBytes / DTYPE_BYTES[src]);
-  return Math.max(2, n - (n % 2));
+  const unit = isQuantFormat(dtype) ? 2 * QUANT_BLOCK : 2;
+  return Math.max(unit, n - (n % unit));
 }
 
 /**
@@ -194,7 +287,9 @@ async function fillTensor(
   read: (start: number, end: number) => Uint8Array | Promise<Uint8Array>,
 ): Promise<Tensor> {
   const target = checkedTarget(info, options);
-  const total = info.end - info.begin;
+  // Bytes of the file to read (a range of rows, or the whole tensor) and where they start.
+  const total = options.rows ? numel(target.shape) * DTYPE_BYTES[target.dtype] : info.end - info.begin;
+  const first = options.rows ? options.rows.start * (info.shape[1] as number) * DTYPE_BYTES[target.dtype] : 0;
   const size = DTYPE_BYTES[target.dtype];
   const t = createTensor(ctx, target.shape, options.dtype, target.label);
   try {
@@ -209,17 +304,17 @@ async function fillTensor(
         );
       }
       const writer = new ChunkWriter(t, 'F32', info, options.allowOverflow ?? false);
-      const step = chunkElements('F32', options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+      const step = chunkElements('F32', options.chunkBytes ?? DEFAULT_CHUNK_BYTES, options.dtype);
       ctx.assertAlive();
       for (let at = 0; at < result.length; at += step) writer.writeValues(at, result.subarray(at, at + step));
       return t;
     }
     const writer = new ChunkWriter(t, target.dtype, info, options.allowOverflow ?? false);
-    const step = chunkElements(target.dtype, options.chunkBytes ?? DEFAULT_CHUNK_BYTES);
+    const step = chunkElements(target.dtype, options.chunkBytes ?? DEFAULT_CHUNK_BYTES, options.dtype);
     for (let at = 0; at * size < total; at += step) {
       options.signal?.throwIfAborted();
       const end = Math.min(total, (at + step) * size);
-      const bytes = await read(at * size, end);
+      const bytes = await read(first + at * size, first + end);
       ctx.assertAlive();
       writer.write(at, bytes);
       options.onProgress?.(end, total);

@@ -1,11 +1,21 @@
 // Weight upload to the GPU: F32, F16 and BF16 tensors to f16 and f32 GPU tensors, read back and
 // compared bit for bit with PyTorch's conversions (fixtures/safetensors/conversions.json from
 // tools/golden_safetensors.py). Runs in Node and Chromium, so everything is built in memory.
-import { LimitExceededError, readBytes, type Tensor } from '@webtune/core';
+import {
+  bf16BitsToF32,
+  LimitExceededError,
+  packQuantized,
+  quantize,
+  readBytes,
+  readFloat32,
+  roundThrough,
+  type Tensor,
+} from '@webtune/core';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { ModelFileError, SafetensorsError } from '../src/errors.js';
 import {
+  f32ToBf16Bits,
   openModelWeights,
   openSafetensors,
   type SafetensorsFile,
@@ -27,6 +37,9 @@ const BF16_F16 = odd(conversions.bf16_to_f16_bits);
 const BF16_F32 = odd(conversions.bf16_to_f32_bits);
 const H = odd(conversions.f16_bits);
 const H_F32 = odd(conversions.f16_to_f32_bits);
+
+/** Values as serializeSafetensors stores them in BF16. */
+const roundToBf16 = (values: readonly number[]) => Float32Array.from(values, (v) => bf16BitsToF32(f32ToBf16Bits(v)));
 
 const u32Bytes = (bits: readonly number[]) => new Uint8Array(Uint32Array.from(bits).buffer);
 const u16Bytes = (bits: readonly number[]) => new Uint8Array(Uint16Array.from(bits).buffer);
@@ -160,6 +173,43 @@ describe('uploadTensor', () => {
         t.dispose();
       }
     });
+  });
+
+  it('quantizes to q8_0 and q4_0 chunk by chunk, as core quantizes the whole tensor', async () => {
+    const ctx = gpu();
+    // 5 rows of 96: 15 blocks, so chunks of 64 values (2 blocks, the smallest) end mid-row and the
+    // last chunk holds one block (an odd count of scales).
+    const values = Array.from({ length: 5 * 96 }, (_, i) => Math.sin(i * 0.37) * (1 + (i % 13)));
+    const file = serializeSafetensors(
+      [
+        { name: 'w.f32', dtype: 'F32', shape: [5, 96], data: values },
+        { name: 'w.bf16', dtype: 'BF16', shape: [5, 96], data: values },
+      ],
+      { format: 'pt' },
+    );
+    const weights = await openModelWeights(source(file));
+    for (const dtype of ['q8_0', 'q4_0'] as const) {
+      for (const [name, chunkBytes] of [
+        ['w.f32', 256],
+        ['w.f32', 1000],
+        ['w.bf16', 128],
+        ['w.bf16', 1 << 20],
+      ] as const) {
+        await gpuCase(ctx, `${name} ${dtype} ${chunkBytes}`, async () => {
+          const t = await uploadTensor(ctx, weights, name, { dtype, chunkBytes });
+          try {
+            const exact = name === 'w.f32' ? values : Array.from(roundToBf16(values));
+            const gpuBytes = new Uint8Array(await readBytes(ctx, t.buffer, t.buffer.size, 'q'));
+            expect(gpuBytes.subarray(0, t.byteLength)).toEqual(
+              packQuantized(quantize(dtype, Float32Array.from(exact))).subarray(0, t.byteLength),
+            );
+            expect(await readFloat32(t)).toEqual(roundThrough(dtype, exact));
+          } finally {
+            t.dispose();
+          }
+        });
+      }
+    }
   });
 
   it('refuses a tensor larger than maxBufferSize with LimitExceededError before reading it', async () => {

@@ -39,17 +39,29 @@
  */
 import {
   alignUp,
+  bytesPerElement,
   CROSS_ENTROPY_DEFAULT_CHUNK,
   CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES,
   crossEntropyChunk,
+  type DType,
   formatBytes,
   type GpuContext,
   LimitExceededError,
   reducePartialsSize,
   ShapeError,
+  splitRowCounts,
+  tablePartLimit,
   WebtuneError,
 } from '@webtune/core';
-import { type ModelConfig, namedModules, parameterTable } from '@webtune/models';
+import {
+  type ModelConfig,
+  modelLayout,
+  namedModules,
+  parameterTable,
+  type StoredAsReason,
+  storedAs,
+  type WeightPrecision,
+} from '@webtune/models';
 import { type ResolvedLora, resolveLoraTargets, validateLoraConfig } from './lora/index.js';
 
 export type MemoryCategory = 'frozenWeights' | 'trainable' | 'activations' | 'scratch';
@@ -63,7 +75,10 @@ export interface EstimatedBuffer {
    * against the storage limits). */
   readonly kind: 'storage' | 'uniform';
   readonly shape: readonly number[];
-  readonly dtype: 'f32' | 'f16' | 'i32' | 'u32';
+  readonly dtype: DType;
+  /** Frozen weights not at the run's precision: why (an embedding or the LM head stays f16 at
+   * q8_0 and q4_0, and so does a linear weight whose input size is not a multiple of 32). */
+  readonly note?: StoredAsReason;
   /** Bytes of one buffer as allocated (elements rounded up to 16 bytes). */
   readonly bytes: number;
   /** How many such buffers (one per layer, one per micro-batch ...). */
@@ -85,7 +100,7 @@ export interface MemoryEstimate {
     readonly seq: number;
     readonly gradAccum: number;
     readonly recompute: boolean;
-    readonly precision: 'f16' | 'f32';
+    readonly precision: WeightPrecision;
     /** batch·seq. */
     readonly rows: number;
     /** Vocabulary rows per chunk of the loss. */
@@ -121,7 +136,7 @@ export interface MemoryEstimateOptions {
   /** Per-layer activation recomputation. Default false. */
   readonly recompute?: boolean;
   /** Frozen matrices on the GPU (loadModel's `precision`). Default 'f16'. */
-  readonly precision?: 'f16' | 'f32';
+  readonly precision?: WeightPrecision;
   /** The device the run is planned for: its limits size the loss chunk, the arena alignment and
    * the gradient-norm scratch exactly as the trainer will. */
   readonly device?: GpuContext;
@@ -129,6 +144,22 @@ export interface MemoryEstimateOptions {
   readonly limits?: Partial<MemoryLimits>;
   /** ... and whether it is a software adapter (smaller reductions). Default false. */
   readonly cpuAdapter?: boolean;
+  /** The most bytes one part of a split embedding or LM head takes (a loaded model's
+   * tablePartBytes). Default: the smaller of the binding and buffer limits. */
+  readonly tablePartBytes?: number;
+  /** Tensors stored otherwise than `precision` says (a loaded GGUF model's storedDTypes). */
+  readonly storedDTypes?: ReadonlyMap<string, DType>;
+}
+
+/** The limits given, by name (a GPUSupportedLimits object keeps them as getters, which a spread
+ * would not copy), over WebGPU's defaults. */
+function pickLimits(given: Partial<MemoryLimits> | undefined): MemoryLimits {
+  const out: Record<string, number> = { ...WEBGPU_DEFAULT_LIMITS };
+  for (const key of Object.keys(WEBGPU_DEFAULT_LIMITS) as (keyof MemoryLimits)[]) {
+    const v = given?.[key];
+    if (typeof v === 'number') out[key] = v;
+  }
+  return out as unknown as MemoryLimits;
 }
 
 function isResolved(lora: unknown): lora is ResolvedLora {
@@ -216,9 +247,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const recompute = options.recompute ?? false;
   const precision = options.precision ?? 'f16';
   const ctx = options.device;
-  const limits: MemoryLimits = ctx
-    ? (ctx.limits as unknown as MemoryLimits)
-    : { ...WEBGPU_DEFAULT_LIMITS, ...options.limits };
+  const limits: MemoryLimits = ctx ? (ctx.limits as unknown as MemoryLimits) : pickLimits(options.limits);
   const resolved = isResolved(lora)
     ? lora
     : resolveLoraTargets(validateLoraConfig(lora), namedModules(config), config.modelType);
@@ -230,21 +259,39 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     shape: readonly number[],
     dtype: EstimatedBuffer['dtype'] = 'f32',
     count = 1,
+    note?: StoredAsReason,
   ) => {
     if (count <= 0) return;
-    const per = dtype === 'f16' ? 2 : 4;
-    buffers.push({ label, category, kind: 'storage', shape, dtype, bytes: allocated(numel(shape), per), count });
+    const bytes = allocated(numel(shape), bytesPerElement(dtype));
+    buffers.push({ label, category, kind: 'storage', shape, dtype, bytes, count, ...(note ? { note } : {}) });
   };
   const uniforms = (category: MemoryCategory, label: string, dispatches: number, bytes: number) => {
     if (dispatches > 0)
       buffers.push({ label, category, kind: 'uniform', shape: [], dtype: 'u32', bytes, count: dispatches });
   };
 
-  // Frozen weights: loadModel's table.
+  // Frozen weights: loadModel's table; the embedding and the LM head in parts of whole rows when
+  // they are larger than one binding (or buffer) may be.
+  const layout = modelLayout(config);
+  let headParts = [config.vocabSize];
   for (const p of parameterTable(config)) {
-    const dtype = p.precision === 'f32' ? 'f32' : precision;
+    const given = options.storedDTypes?.get(p.key);
+    const rule = storedAs(p, precision);
+    const stored = given ? { dtype: given, reason: given === rule.dtype ? rule.reason : undefined } : rule;
+    const note = stored.reason === 'always f32' ? undefined : stored.reason;
     const shape = p.transpose ? [p.shape[1] as number, p.shape[0] as number] : p.shape;
-    add('frozenWeights', p.key, shape, dtype);
+    if (p.key === layout.embed || p.key === layout.lmHead) {
+      const [rows, cols] = shape as [number, number];
+      const counts = splitRowCounts(rows, cols, stored.dtype, options.tablePartBytes ?? tablePartLimit(limits));
+      if (p.key === (layout.lmHead ?? layout.embed)) headParts = counts;
+      for (const n of new Set(counts)) {
+        const same = counts.filter((c) => c === n).length;
+        const label = counts.length === 1 ? p.key : `${p.key} (part of ${counts.length})`;
+        add('frozenWeights', label, [n, cols], stored.dtype, same, note);
+      }
+      continue;
+    }
+    add('frozenWeights', p.key, shape, stored.dtype, 1, note);
   }
   if (config.rope) add('frozenWeights', 'rope.inv_freq', [config.headDim / 2]);
 
@@ -309,6 +356,10 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   if (!gpt2) layer('up', [rows, I]);
   layer('act', [rows, I]);
   layer('mlp_out', [rows, d]);
+  // LoRA dropout: one scratch as wide as the widest adapted input (the masked branch input).
+  if (resolved.config.lora_dropout > 0 && resolved.modules.length > 0) {
+    add(A, 'train.lora_dropout', [rows, Math.max(...resolved.modules.map((m) => m.aShape[1] as number))]);
+  }
   add(A, 'train.hidden', [rows, d]);
   add(A, 'train.final_norm.rstd', [rows]);
   if (ln) add(A, 'train.final_norm.mean', [rows]);
@@ -353,7 +404,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   add(S, 'backward.lse', [rows]);
   add(S, 'backward.d_hidden', [rows, d]);
   const chunk = ctx ? crossEntropyChunk(ctx, rows, c.vocabSize) : lossChunk(rows, c.vocabSize, limits);
-  const chunks = Math.ceil(c.vocabSize / chunk);
+  // The loss's chunks never straddle two parts of a split LM head.
+  const chunks = headParts.reduce((n, rows) => n + Math.ceil(rows / chunk), 0);
   add(S, 'loss.logits', [rows, chunk]);
   add(S, 'loss.training.forward.stats', [rows, 4]);
   add(S, 'loss.training.backward.coef', [4]);
@@ -376,6 +428,10 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     add(S, 'backward.zero', [1], 'i32');
   }
   for (const r of new Set(resolved.modules.map((m) => m.r))) add(S, `backward.lora_g_r${r}`, [rows, r]);
+  if (resolved.config.lora_dropout > 0) {
+    add(S, 'train.dropout_counter', [4], 'u32');
+    add(S, 'train.dropout.{k}', [4], 'u32', K);
+  }
   add(S, 'train.ids.{k}', [rows], 'i32', K);
   add(S, 'train.targets.{k}', [rows], 'i32', K);
   add(S, 'train.loss_log', [Math.max(1, (K * alignUp(8, align)) / 4)]);
@@ -396,7 +452,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   // model.bytes counts elements, not the 16-byte rounding of each buffer.
   const frozenWeights = buffers
     .filter((b) => b.category === 'frozenWeights')
-    .reduce((n, b) => n + numel(b.shape) * (b.dtype === 'f16' ? 2 : 4), 0);
+    .reduce((n, b) => n + numel(b.shape) * bytesPerElement(b.dtype) * b.count, 0);
   const trainable = sum('trainable');
   const activations = sum('activations');
   const scratch = sum('scratch');
@@ -424,17 +480,80 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   };
 }
 
+/** A setting of the run that makes it smaller when lowered (or, for recompute, turned on). */
+export type PlanSetting = 'precision' | 'seq' | 'batch' | 'rank' | 'recompute';
+
+/**
+ * What to lower when `buffer` (or, without one, the total) is too big, most effective first:
+ * weights shrink with a block precision (q8_0, then q4_0), activations and scratch with seq and
+ * batch (and the total with recompute), the adapter and its optimizer state with the rank (or
+ * fewer target modules).
+ */
+export function settingsToLower(estimate: MemoryEstimate, buffer?: EstimatedBuffer): PlanSetting[] {
+  const s = estimate.settings;
+  const smallerPrecision = s.precision !== 'q4_0';
+  switch (buffer?.category) {
+    case 'frozenWeights':
+      return smallerPrecision ? ['precision'] : [];
+    case 'trainable':
+      return ['rank'];
+    case 'activations':
+    case 'scratch':
+      return s.batch > 1 ? ['batch', 'seq'] : ['seq'];
+    default: {
+      const out: PlanSetting[] = [];
+      if (!s.recompute) out.push('recompute');
+      out.push(...(s.batch > 1 ? (['batch', 'seq'] as const) : (['seq'] as const)));
+      if (smallerPrecision) out.push('precision');
+      out.push('rank');
+      return out;
+    }
+  }
+}
+
+const ADVICE: Record<PlanSetting, string> = {
+  precision: 'a smaller --precision (q8_0, q4_0)',
+  seq: 'a shorter sequence',
+  batch: 'a smaller batch (gradient accumulation keeps the effective batch)',
+  rank: 'a lower rank r or fewer target modules',
+  recompute: 'recompute (activations of one layer at a time)',
+};
+
+/** "lower: a smaller batch ..., a shorter sequence" for an error message. */
+export function describeSettings(settings: readonly PlanSetting[]): string {
+  return settings.length === 0
+    ? 'nothing to lower: this device cannot run it'
+    : `try ${settings.map((k) => ADVICE[k]).join('; or ')}`;
+}
+
+/** A buffer of the plan is larger than the device allows, with the settings that shrink it. */
+export class PlanTooLargeError extends LimitExceededError {
+  constructor(
+    limit: string,
+    requested: number,
+    allowed: number,
+    what: string,
+    readonly lower: readonly PlanSetting[],
+  ) {
+    super(limit, requested, allowed, what);
+    this.message = `${this.message}: ${describeSettings(lower)}`;
+  }
+}
+
 /** The total of a run went over the budget the caller gave. */
 export class MemoryBudgetError extends LimitExceededError {
+  /** What would shrink the run, most effective first. */
+  readonly lower: readonly PlanSetting[];
+
   constructor(
     readonly estimate: MemoryEstimate,
     budget: number,
   ) {
     super('memoryBudget', estimate.total, budget, 'training');
+    this.lower = settingsToLower(estimate);
     this.message =
       `training needs about ${formatBytes(estimate.total)} of GPU memory (${describeEstimate(estimate)}), ` +
-      `over the budget of ${formatBytes(budget)}: lower batch·seq or use recompute (activations), ` +
-      'f16 weights, or fewer target modules / a lower r';
+      `over the budget of ${formatBytes(budget)}: ${describeSettings(this.lower)}`;
   }
 }
 
@@ -452,9 +571,10 @@ export interface CheckFitsOptions {
 }
 
 /**
- * Throws before anything is allocated when the estimate cannot run on `ctx`: a LimitExceededError
- * naming the biggest buffer over maxBufferSize or maxStorageBufferBindingSize (every buffer of a
- * training run is bound as storage), or a MemoryBudgetError when the total exceeds `budget`.
+ * Throws before anything is allocated when the estimate cannot run on `ctx`: a PlanTooLargeError
+ * (a LimitExceededError) naming the biggest buffer over maxBufferSize or
+ * maxStorageBufferBindingSize (every buffer of a training run is bound as storage) and the
+ * settings that shrink it, or a MemoryBudgetError when the total exceeds `budget`.
  */
 export function checkFits(ctx: GpuContext, estimate: MemoryEstimate, options: CheckFitsOptions = {}): void {
   const l = ctx.limits;
@@ -472,7 +592,7 @@ export function checkFits(ctx: GpuContext, estimate: MemoryEstimate, options: Ch
       const what =
         `${worst.label} ${worst.dtype}[${worst.shape.join(', ')}]` +
         (others > 0 ? ` (and ${others} more buffer${others === 1 ? '' : 's'} over the limit)` : '');
-      throw new LimitExceededError(limit, worst.bytes, allowed, what);
+      throw new PlanTooLargeError(limit, worst.bytes, allowed, what, settingsToLower(estimate, worst));
     }
   }
   if (options.budget !== undefined && estimate.total > options.budget)

@@ -15,6 +15,7 @@ import {
   adamwStepUniforms,
   createTensor,
   type Dispatch,
+  dropoutCounter,
   type GpuContext,
   type LrSchedule,
   learningRate,
@@ -182,7 +183,7 @@ export class LoraTrainer {
     private readonly trainables: ReadonlyMap<string, LoraTrainable>,
     private readonly fwd: ForwardPlan,
     private readonly bwd: BackwardPlan,
-    private readonly inputs: readonly { ids: Tensor; labels: Tensor }[],
+    private readonly inputs: readonly { ids: Tensor; labels: Tensor; dropout?: Tensor }[],
     private readonly lossLog: TensorArena,
     private readonly norm: Tensor,
     private readonly optimizerDispatches: readonly Dispatch[],
@@ -197,14 +198,11 @@ export class LoraTrainer {
   static async create(ctx: GpuContext, model: CausalLM, options: TrainerOptions): Promise<LoraTrainer> {
     const { B, T, K } = checkTrainingShape('trainer', model.config, options);
     const resolved = resolve(model, options.lora);
-    if (resolved.config.lora_dropout > 0) {
-      // Refused rather than ignored: training without the dropout asked for is a different run.
-      throw new LoraConfigError(
-        'lora_dropout',
-        `${resolved.config.lora_dropout} is not supported by the trainer yet (it applies no dropout); set it to 0. ` +
-          'Adapters trained with dropout still load, evaluate and generate: dropout only acts in training.',
-      );
-    }
+    // LoRA dropout: every adapted module masks its branch's input, each with its own mask (its index
+    // in resolved.modules) from the seed, the step and the micro-batch (see core's dropout.ts).
+    const dropoutP = resolved.config.lora_dropout;
+    if (!(dropoutP >= 0 && dropoutP < 1))
+      throw new LoraConfigError('lora_dropout', `${dropoutP} is not a probability in [0, 1)`);
     // Everything the trainer will allocate, checked against the device before any allocation.
     const estimate = estimateMemory(model.config, resolved, {
       batch: B,
@@ -213,6 +211,8 @@ export class LoraTrainer {
       recompute: options.recompute,
       precision: model.precision,
       device: ctx,
+      tablePartBytes: model.tablePartBytes,
+      storedDTypes: model.storedDTypes,
     });
     checkFits(ctx, estimate, { budget: options.memoryBudget });
     const weights = options.initialWeights ?? initLoraWeights(resolved, options.seed ?? 0);
@@ -244,12 +244,17 @@ export class LoraTrainer {
           da: grads.views[2 * i] as Tensor,
           db: grads.views[2 * i + 1] as Tensor,
           scale: m.scale,
+          ...(dropoutP > 0 ? { dropout: { p: dropoutP, module: i } } : {}),
         });
       });
       const trainableBytes = ctx.liveBytes - before;
 
+      // The dropout counter the masks hash, and each micro-batch's values copied into it per step.
+      const counter = dropoutP > 0 ? createTensor(ctx, [4], 'u32', 'train.dropout_counter') : undefined;
+      if (counter) owned.push(counter);
       const afterArenas = ctx.liveBytes;
       const fwd = await planForward(ctx, model, {
+        ...(counter ? { dropoutCounter: counter } : {}),
         B,
         T,
         mode: 'train',
@@ -266,7 +271,9 @@ export class LoraTrainer {
         const ids = createTensor(ctx, [B * T], 'i32', `train.ids.${k}`);
         const labels = createTensor(ctx, [B * T], 'i32', `train.targets.${k}`);
         owned.push(ids, labels);
-        return { ids, labels };
+        const dropout = counter ? createTensor(ctx, [4], 'u32', `train.dropout.${k}`) : undefined;
+        if (dropout) owned.push(dropout);
+        return { ids, labels, dropout };
       });
       const lossLog = new TensorArena(
         ctx,
@@ -376,10 +383,16 @@ export class LoraTrainer {
     const enc = new StepEncoder(this.ctx, `train step ${step}`);
     enc.clear(this.fwd.embeddingErrors).clear(this.bwd.errors);
     micro.forEach((mb, k) => {
-      const input = this.inputs[k] as { ids: Tensor; labels: Tensor };
+      const input = this.inputs[k] as { ids: Tensor; labels: Tensor; dropout?: Tensor };
       writeTensor(input.ids, Int32Array.from(mb.inputIds as ArrayLike<number>));
       writeTensor(input.labels, targets[k] as Int32Array);
       enc.copy(input.ids, this.fwd.ids).copy(input.labels, this.bwd.labels);
+      if (input.dropout && this.fwd.dropout) {
+        // This step's masks: from the seed, the step about to be taken and the micro-batch, so a
+        // run restored at this step (restoreState) draws the same ones.
+        writeTensor(input.dropout, dropoutCounter(this.options.seed ?? 0, step, k));
+        enc.copy(input.dropout, this.fwd.dropout.counter);
+      }
       enc.dispatch(...this.fwd.dispatches, ...this.bwd.dispatches);
       enc.copy(this.bwd.loss, this.lossLog.views[k] as Tensor, 8);
     });

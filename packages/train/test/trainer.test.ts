@@ -7,7 +7,7 @@ import { loadModel, namedModules, openSafetensors } from '@webtune/models';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { repoSource } from '../../models/test/fixtures.js';
-import { LoraConfigError, readPeftAdapter } from '../src/lora/index.js';
+import { readPeftAdapter } from '../src/lora/index.js';
 import { LoraTrainer, TrainingDivergedError } from '../src/trainer.js';
 
 const gpu = useGpu();
@@ -160,21 +160,56 @@ describe('ten AdamW steps against PEFT + torch', () => {
     expect(Math.abs(loss - g.adapter.loss) / g.adapter.loss).toBeLessThan(1e-4);
   });
 
-  it('refuses lora_dropout > 0 (not implemented) before allocating anything', async () => {
+  it('lora_dropout: a run restored from readState() at a step draws the same masks', async () => {
     const ctx = gpu();
     const modelSource = await repoSource('apps/studio/public/models/stories260K');
     await gpuCase(ctx, 'dropout', async () => {
       const model = await loadModel(ctx, modelSource, { precision: 'f32' });
-      const before = ctx.liveBytes;
-      const create = LoraTrainer.create(ctx, model, {
-        lora: { r: 4, lora_alpha: 8, lora_dropout: 0.05 },
-        batch: 1,
+      const options = (p: number) => ({
+        lora: { r: 4, lora_alpha: 8, lora_dropout: p, target_modules: 'all-linear' },
+        batch: 2,
         seq: 8,
-        optimizer: { lr: 1e-3 },
+        gradAccum: 2,
+        optimizer: { lr: 1e-2 },
+        seed: 7,
       });
-      await expect(create).rejects.toThrow(LoraConfigError);
-      await expect(create).rejects.toThrow(/lora_dropout: 0.05 is not supported/);
-      expect(ctx.liveBytes).toBe(before);
+      const batches = Array.from({ length: 5 }, (_, s) =>
+        [0, 1].map((k) => {
+          const ids = Array.from({ length: 16 }, (_, i) => 1 + ((s * 37 + k * 101 + i * 11) % 500));
+          return { inputIds: ids, labels: ids };
+        }),
+      );
+      const whole = await LoraTrainer.create(ctx, model, options(0.3));
+      // The plan holds the masked-input scratch and the counters: and the estimate says so.
+      expect(whole.estimate.buffers.some((b) => b.label === 'train.lora_dropout')).toBe(true);
+      const losses: number[] = [];
+      let state: Awaited<ReturnType<LoraTrainer['readState']>> | undefined;
+      for (const [s, b] of batches.entries()) {
+        losses.push((await whole.trainStep(b)).loss);
+        if (s === 2) state = await whole.readState();
+      }
+      const final = await whole.readWeights();
+      whole.dispose();
+      const resumed = await LoraTrainer.create(ctx, model, options(0.3));
+      resumed.restoreState(state!);
+      for (const [s, b] of batches.entries()) {
+        if (s < 3) continue;
+        expect((await resumed.trainStep(b)).loss, `loss at step ${s + 1}`).toBe(losses[s]);
+      }
+      const again = await resumed.readWeights();
+      resumed.dispose();
+      for (const [name, w] of final) {
+        expect(again.get(name)?.a, name).toEqual(w.a);
+        expect(again.get(name)?.b, name).toEqual(w.b);
+      }
+      // Without dropout the same run ends elsewhere (the masks act), and plans no dropout buffers.
+      const plain = await LoraTrainer.create(ctx, model, options(0));
+      expect(plain.estimate.buffers.some((b) => b.label.includes('dropout'))).toBe(false);
+      for (const b of batches) await plain.trainStep(b);
+      const other = await plain.readWeights();
+      plain.dispose();
+      const name = [...final.keys()][0] as string;
+      expect(other.get(name)?.a).not.toEqual(final.get(name)?.a);
       model.dispose();
     });
   });

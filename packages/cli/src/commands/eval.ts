@@ -2,14 +2,14 @@ import { readFile } from 'node:fs/promises';
 import { evaluateLoss } from '@webtune/models';
 import { textWindows } from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { gpu, info, openAdapter, openModel, precisionFlag, userPath } from '../common.js';
+import { gpu, info, openAdapter, openModel, PRECISION_HELP, precisionFlag, userPath } from '../common.js';
 
 export const evalFlags: Record<string, FlagSpec> = {
-  model: { type: 'string', description: 'Hugging Face model folder', required: true },
+  model: { type: 'string', description: 'Hugging Face model folder, or a .gguf file', required: true },
   data: { type: 'string', description: 'plain text file', required: true },
   seq: { type: 'int', description: 'tokens per window', default: 256 },
   batch: { type: 'int', description: 'windows per forward pass', default: 8 },
-  precision: { type: 'string', description: 'weights on the GPU: f16 or f32', default: 'f16' },
+  precision: { type: 'string', description: PRECISION_HELP },
   adapter: { type: 'string', description: 'a PEFT LoRA adapter folder to apply' },
   json: { type: 'boolean', description: 'print one line {"loss", "tokens", "perplexity"}', default: false },
 };

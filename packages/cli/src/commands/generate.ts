@@ -1,16 +1,16 @@
 import { type GenerateOptions, Generator } from '@webtune/models';
 import { type FlagSpec, parseFlags } from '../args.js';
-import { gpu, info, openAdapter, openModel, precisionFlag } from '../common.js';
+import { gpu, info, openAdapter, openModel, PRECISION_HELP, precisionFlag } from '../common.js';
 
 export const generateFlags: Record<string, FlagSpec> = {
-  model: { type: 'string', description: 'Hugging Face model folder', required: true },
+  model: { type: 'string', description: 'Hugging Face model folder, or a .gguf file', required: true },
   prompt: { type: 'string', description: 'text to continue (the tokenizer adds its BOS)', required: true },
   'max-new-tokens': { type: 'int', description: 'tokens to generate', default: 128 },
   temperature: { type: 'number', description: '0 = greedy (default: generation_config.json, else greedy)' },
   'top-p': { type: 'number', description: 'nucleus sampling threshold' },
   'top-k': { type: 'int', description: 'sample among the k most likely tokens' },
   seed: { type: 'int', description: 'sampling seed', default: 0 },
-  precision: { type: 'string', description: 'weights on the GPU: f16 or f32', default: 'f16' },
+  precision: { type: 'string', description: PRECISION_HELP },
   adapter: { type: 'string', description: 'a PEFT LoRA adapter folder to apply' },
 };
 

@@ -6,12 +6,13 @@
 import { mkdir, rename, rm, rmdir, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { formatBytes } from '@webtune/core';
+import { isGgufFileName } from '@webtune/models';
 import { createTrainer, type TrainConfig, type Trainer, type TrainerProgress } from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { info, precisionFlag, userPath } from '../common.js';
+import { info, PRECISION_HELP, precisionFlag, userPath } from '../common.js';
 
 export const trainFlags: Record<string, FlagSpec> = {
-  model: { type: 'string', description: 'Hugging Face model folder', required: true },
+  model: { type: 'string', description: 'Hugging Face model folder, or a .gguf file', required: true },
   data: {
     type: 'string',
     description: 'training data: plain text, or .jsonl with {"text"}, {"prompt","completion"} or {"messages"}',
@@ -26,6 +27,7 @@ export const trainFlags: Record<string, FlagSpec> = {
     description: 'comma-separated module names, or all-linear (default: PEFT’s for the model)',
   },
   rslora: { type: 'boolean', description: 'scale by alpha/√r (rsLoRA)', default: false },
+  dropout: { type: 'number', description: 'lora_dropout: probability of dropping each LoRA input', default: 0 },
   lr: { type: 'number', description: 'peak learning rate', default: 1e-3 },
   steps: { type: 'int', description: 'optimizer steps (default: one epoch)' },
   epochs: { type: 'number', description: 'passes over the data (instead of --steps)' },
@@ -42,7 +44,7 @@ export const trainFlags: Record<string, FlagSpec> = {
     description: 'fraction of the data kept out for validation (its loss is reported as training goes)',
     default: 0,
   },
-  precision: { type: 'string', description: 'frozen weights on the GPU: f16 or f32', default: 'f16' },
+  precision: { type: 'string', description: PRECISION_HELP },
   recompute: {
     type: 'boolean',
     description: 'recompute activations in the backward (less memory, ~1/3 more time)',
@@ -53,7 +55,8 @@ export const trainFlags: Record<string, FlagSpec> = {
   resume: { type: 'boolean', description: 'continue the interrupted run from its last checkpoint', default: false },
   'base-model': {
     type: 'string',
-    description: 'base_model_name_or_path to record in adapter_config.json (default: the --model path)',
+    description:
+      'base_model_name_or_path to record in adapter_config.json (default: the Hub model a .gguf names, else the --model path)',
   },
 };
 
@@ -111,6 +114,7 @@ function config(f: Record<string, unknown>, name: string): TrainConfig {
                     .filter(Boolean),
           }),
       rsLoRA: f.rslora as boolean,
+      dropout: f.dropout as number,
     },
     optimizer: {
       lr: f.lr as number,
@@ -164,9 +168,12 @@ export async function train(argv: string[]): Promise<number> {
     const device = await trainer.device();
     info(`GPU: ${device.description}${device.software ? ' (a software driver: slow)' : ''}`);
     const modelPath = userPath(f.model as string);
+    const precision = precisionFlag(f.precision);
+    // base_model_name_or_path: --base-model, else what a GGUF file names, else the folder as given.
+    const id = (f['base-model'] as string | undefined) ?? (isGgufFileName(modelPath) ? undefined : (f.model as string));
     const model = await trainer.loadModel(modelPath, {
-      precision: precisionFlag(f.precision),
-      id: (f['base-model'] as string | undefined) ?? (f.model as string),
+      ...(precision ? { precision } : {}),
+      ...(id !== undefined ? { id } : {}),
     });
     info(
       `model: ${model.architecture}, ${model.layers} layers, ${model.parameters.toLocaleString('en-US')} parameters, ${formatBytes(model.bytes)} of ${model.precision} weights on the GPU`,

@@ -31,8 +31,9 @@ import {
   packUniforms,
 } from '../kernel.js';
 import { formatShape } from '../shape.js';
+import { type RowTable, tableParts } from '../table.js';
 import { createTensor, type Tensor, tensorView } from '../tensor.js';
-import { grid1d } from './elementwise.js';
+import { grid1d, planCopyRows } from './elementwise.js';
 import { isCpuAdapter, planMatmul } from './matmul.js';
 
 /** The label that marks a row as not counted (PyTorch's default ignore_index). */
@@ -106,8 +107,9 @@ export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
 export interface CrossEntropyForwardBuffers {
   /** H [rows, d] (any leading shape) f32: the final norm's output. */
   readonly h: Tensor;
-  /** E [V, d], f32 or packed f16: the LM head weight (tied to the embedding or not), frozen. */
-  readonly e: Tensor;
+  /** E [V, d], f32 or packed f16: the LM head weight (tied to the embedding or not), frozen; split
+   * by rows (core's table.ts) when it is larger than a binding, chunks then never straddle parts. */
+  readonly e: RowTable;
   /** [rows] i32: the target of each row, already shifted (input_ids[b, t+1]); -100 = ignored. */
   readonly labels: Tensor;
   /** [rows] f32, written: log Σ_v exp z[i, v]; saved for the backward. */
@@ -127,7 +129,7 @@ export interface CrossEntropyForwardBuffers {
 /** The backward's operands. */
 export interface CrossEntropyBackwardBuffers {
   readonly h: Tensor;
-  readonly e: Tensor;
+  readonly e: RowTable;
   readonly labels: Tensor;
   /** [rows] f32 from the forward. */
   readonly lse: Tensor;
@@ -156,7 +158,7 @@ interface Dims {
   vocab: number;
 }
 
-function checkOperands(op: string, h: Tensor, e: Tensor, labels: Tensor): Dims {
+function checkOperands(op: string, h: Tensor, e: RowTable, labels: Tensor): Dims {
   if (e.shape.length !== 2) throw new ShapeError(`${op}: E ${e.label} must be 2-D [V, d], got ${formatShape(e.shape)}`);
   if (e.dtype !== 'f32' && e.dtype !== 'f16') {
     throw new ShapeError(`${op}: E ${e.label} must be f32 or f16, got ${e.dtype}`);
@@ -305,10 +307,14 @@ function uniforms(q: Params): ArrayBuffer {
 }
 
 interface Chunk {
+  /** The chunk's first vocabulary row. */
   start: number;
   count: number;
   /** The logits scratch seen as [rows, count]. */
   logits: Tensor;
+  /** The part of E that holds the chunk, and the chunk's first row in it. */
+  e: Tensor;
+  local: number;
 }
 
 /** Checks a caller's logits scratch: f32 with room for [rows, chunk]. */
@@ -316,12 +322,14 @@ function checkScratch(op: string, dims: Dims, chunk: number, given: Tensor | und
   if (given) expectF32(op, 'logits scratch', given, dims.rows * chunk, `rows × chunk = ${dims.rows} × ${chunk}`, true);
 }
 
-/** The chunk list over the logits scratch (`given`, or one allocated and pushed to `owned`). */
+/** The chunk list over the logits scratch (`given`, or one allocated and pushed to `owned`); a
+ * split E is chunked part by part. */
 function chunking(
   ctx: GpuContext,
   op: string,
   dims: Dims,
   chunk: number,
+  e: RowTable,
   given: Tensor | undefined,
   owned: Tensor[],
 ): Chunk[] {
@@ -332,14 +340,16 @@ function chunking(
   }
   const chunks: Chunk[] = [];
   const views = new Map<number, Tensor>();
-  for (let start = 0; start < dims.vocab; start += chunk) {
-    const count = Math.min(chunk, dims.vocab - start);
-    let view = views.get(count);
-    if (!view) {
-      view = tensorView(scratch, 0, [dims.rows, count], 'f32', `${op}.logits[${dims.rows}, ${count}]`);
-      views.set(count, view);
+  for (const part of tableParts(e)) {
+    for (let local = 0; local < part.rows; local += chunk) {
+      const count = Math.min(chunk, part.rows - local);
+      let view = views.get(count);
+      if (!view) {
+        view = tensorView(scratch, 0, [dims.rows, count], 'f32', `${op}.logits[${dims.rows}, ${count}]`);
+        views.set(count, view);
+      }
+      chunks.push({ start: part.start + local, count, logits: view, e: part.tensor, local });
     }
-    chunks.push({ start, count, logits: view });
   }
   return chunks;
 }
@@ -386,15 +396,15 @@ export async function planCrossEntropyForward(
   const owned: Tensor[] = [];
   const dispatches: Dispatch[] = [];
   try {
-    const chunks = chunking(ctx, op, dims, chunk, opts.logits, owned);
+    const chunks = chunking(ctx, op, dims, chunk, io.e, opts.logits, owned);
     const stats = createTensor(ctx, [dims.rows, 4], 'f32', `${op}.stats`);
     owned.push(stats);
     const grid = grid1d(ctx, dims.rows, 1);
     for (const [i, c] of chunks.entries()) {
       const range = `[${c.start}:${c.start + c.count}]`;
       dispatches.push(
-        await planMatmul(ctx, io.h, io.e, c.logits, {
-          wRows: { start: c.start, count: c.count },
+        await planMatmul(ctx, io.h, c.e, c.logits, {
+          wRows: { start: c.local, count: c.count },
           label: `${op}.logits${range}`,
         }),
       );
@@ -472,7 +482,7 @@ async function backward(
   const owned: Tensor[] = [];
   const dispatches: Dispatch[] = [];
   try {
-    const chunks = chunking(ctx, op, dims, chunk, opts.logits, owned);
+    const chunks = chunking(ctx, op, dims, chunk, io.e, opts.logits, owned);
     const coef = createTensor(ctx, [4], 'f32', `${op}.coef`);
     owned.push(coef);
     let divisor = opts.divisor;
@@ -490,8 +500,8 @@ async function backward(
       const range = `[${c.start}:${c.start + c.count}]`;
       if (!(i === 0 && lastChunkReady)) {
         dispatches.push(
-          await planMatmul(ctx, io.h, io.e, c.logits, {
-            wRows: { start: c.start, count: c.count },
+          await planMatmul(ctx, io.h, c.e, c.logits, {
+            wRows: { start: c.local, count: c.count },
             label: `${op}.logits${range}`,
           }),
         );
@@ -506,9 +516,9 @@ async function backward(
         }),
       );
       dispatches.push(
-        await planMatmul(ctx, c.logits, io.e, io.dh, {
+        await planMatmul(ctx, c.logits, c.e, io.dh, {
           transW: false,
-          wRows: { start: c.start, count: c.count },
+          wRows: { start: c.local, count: c.count },
           beta: i === 0 && !opts.accumulate ? 0 : 1,
           label: `${op}.dh${range}`,
         }),
@@ -580,8 +590,8 @@ export async function planCrossEntropyTraining(
 export interface LogitsRowsBuffers {
   /** H [rows, d] f32. */
   readonly h: Tensor;
-  /** E [V, d], f32 or packed f16. */
-  readonly e: Tensor;
+  /** E [V, d], f32 or packed f16, possibly split by rows. */
+  readonly e: RowTable;
   /** [n] i32: the rows of H to take (say the last position of each sequence). Default: all rows. */
   readonly index?: Tensor;
   /** [n, V] f32, written. */
@@ -622,27 +632,74 @@ export async function planLogitsRows(
       `${op}: logits ${logits.label} ${logits.dtype}${formatShape(logits.shape)} must be f32 [${n}, ${vocab}]`,
     );
   }
-  if (!index || !io.errors) {
-    return kernelPlan([await planMatmul(ctx, h, e, logits, { label: `${op}.matmul` })], []);
-  }
-  const wg = workgroupSize(ctx);
-  const gatherK = await getKernel(ctx, spec('cross_entropy_gather_rows'), { WG: wg });
-  const picked = createTensor(ctx, [n, d], 'f32', `${op}.rows`);
   const dispatches: Dispatch[] = [];
+  const scratch: Tensor[] = [];
   try {
-    const grid = grid1d(ctx, n * d, wg);
-    dispatches.push(
-      bindKernel(ctx, gatherK, {
-        label: `${op}.gather`,
-        resources: [index, h, picked, io.errors],
-        workgroups: grid.workgroups,
-        uniforms: uniforms({ rows, vocab, d, n, gridX: grid.rowStride }),
-      }),
-    );
-    dispatches.push(await planMatmul(ctx, picked, e, logits, { label: `${op}.matmul` }));
-    return kernelPlan(dispatches, [picked]);
+    let x = h;
+    if (index && io.errors) {
+      const wg = workgroupSize(ctx);
+      const gatherK = await getKernel(ctx, spec('cross_entropy_gather_rows'), { WG: wg });
+      x = createTensor(ctx, [n, d], 'f32', `${op}.rows`);
+      scratch.push(x);
+      const grid = grid1d(ctx, n * d, wg);
+      dispatches.push(
+        bindKernel(ctx, gatherK, {
+          label: `${op}.gather`,
+          resources: [index, h, x, io.errors],
+          workgroups: grid.workgroups,
+          uniforms: uniforms({ rows, vocab, d, n, gridX: grid.rowStride }),
+        }),
+      );
+    }
+    dispatches.push(...(await planTableProduct(ctx, x, e, logits, `${op}.matmul`, scratch)));
+    return kernelPlan(dispatches, scratch);
   } catch (error) {
-    release(dispatches, [picked]);
+    release(dispatches, scratch);
+    throw error;
+  }
+}
+
+/**
+ * C [n, V] = X·Eᵀ for a table E that may be split by rows: one matmul for a whole table; per part,
+ * a matmul into an [n, rowsᵢ] scratch and a copy into C's columns [startᵢ, startᵢ + rowsᵢ)
+ * otherwise. Scratch tensors are pushed to `scratch` (the caller owns them).
+ */
+export async function planTableProduct(
+  ctx: GpuContext,
+  x: Tensor,
+  e: RowTable,
+  c: Tensor,
+  label: string,
+  scratch: Tensor[],
+): Promise<Dispatch[]> {
+  const parts = tableParts(e);
+  if (parts.length === 1) return [await planMatmul(ctx, x, (parts[0] as { tensor: Tensor }).tensor, c, { label })];
+  const vocab = e.shape[0] as number;
+  const n = c.size / vocab;
+  const zero = createTensor(ctx, [1], 'i32', `${label}.zero`);
+  scratch.push(zero);
+  const out: Dispatch[] = [];
+  try {
+    for (const part of parts) {
+      const range = `[${part.start}:${part.start + part.rows}]`;
+      const block = createTensor(ctx, [n, part.rows], 'f32', `${label}${range}.block`);
+      scratch.push(block);
+      out.push(await planMatmul(ctx, x, part.tensor, block, { label: `${label}${range}` }));
+      out.push(
+        await planCopyRows(
+          ctx,
+          block,
+          zero,
+          c,
+          { rows: n, cols: part.rows, dstStride: vocab, dstOffset: part.start },
+          0,
+          `${label}${range}.copy`,
+        ),
+      );
+    }
+    return out;
+  } catch (error) {
+    for (const d of out) d.dispose();
     throw error;
   }
 }

@@ -3,6 +3,7 @@ import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
+import { type RowTable, type TablePart, tableParts } from '../table.js';
 import type { Tensor } from '../tensor.js';
 import { grid1d } from './elementwise.js';
 
@@ -55,12 +56,54 @@ export async function planEmbeddingForward(
   io: EmbeddingBuffers,
   opts: EmbeddingOptions = {},
 ): Promise<Dispatch> {
+  if (io.table.shape.length !== 2) {
+    throw new ShapeError(
+      `${opts.label ?? 'embedding'}: table ${io.table.label} must be 2-D [vocab, d], got ${formatShape(io.table.shape)}`,
+    );
+  }
+  return planPart(ctx, io, { tensor: io.table, start: 0, rows: io.table.shape[0] as number }, opts);
+}
+
+/**
+ * planEmbeddingForward over a table that may be split by rows (core's table.ts): one dispatch
+ * per part, each writing the rows whose ids fall in it.
+ */
+export async function planEmbeddingTable(
+  ctx: GpuContext,
+  io: Omit<EmbeddingBuffers, 'table'> & { readonly table: RowTable },
+  opts: EmbeddingOptions = {},
+): Promise<Dispatch[]> {
+  const parts = tableParts(io.table);
+  const out: Dispatch[] = [];
+  try {
+    for (const part of parts) {
+      const label =
+        parts.length > 1 ? `${opts.label ?? 'embedding'}[${part.start}:${part.start + part.rows}]` : opts.label;
+      out.push(
+        await planPart(ctx, { ...io, table: part.tensor }, part, { ...opts, label }, io.table.shape[0] as number),
+      );
+    }
+    return out;
+  } catch (e) {
+    for (const d of out) d.dispose();
+    throw e;
+  }
+}
+
+async function planPart(
+  ctx: GpuContext,
+  io: EmbeddingBuffers,
+  part: TablePart,
+  opts: EmbeddingOptions,
+  vocabRows?: number,
+): Promise<Dispatch> {
   const label = opts.label ?? 'embedding';
   const { ids, table, wpe, positions, out, errors } = io;
   if (table.shape.length !== 2) {
     throw new ShapeError(`${label}: table ${table.label} must be 2-D [vocab, d], got ${formatShape(table.shape)}`);
   }
-  const [vocab, d] = table.shape as [number, number];
+  const d = table.shape[1] as number;
+  const vocab = vocabRows ?? (table.shape[0] as number);
   if (table.dtype !== 'f32' && table.dtype !== 'f16') {
     throw new ShapeError(`${label}: table ${table.label} must be f32 or f16, got ${table.dtype}`);
   }
@@ -118,6 +161,8 @@ export async function planEmbeddingForward(
       ['u32', wpe ? 1 : 0],
       ['u32', positions ? 1 : 0],
       ['u32', grid.rowStride],
+      ['u32', part.start],
+      ['u32', part.rows],
     ]),
   });
 }

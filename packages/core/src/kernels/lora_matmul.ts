@@ -4,6 +4,7 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
+import { type DropoutMask, planDropout } from './dropout.js';
 import { isCpuAdapter, planMatmul } from './matmul.js';
 
 const BINDINGS = ['uniform', 'read', 'read', 'write'] as const;
@@ -195,9 +196,26 @@ export interface LoraForwardBuffers {
   h: Tensor;
   /** Default loraThinKernel(ctx); tests run both. */
   thin?: LoraThinKernel;
+  /** LoRA dropout on the branch's input (training): h = dropout(x)·Aᵀ. */
+  dropout?: LoraDropout;
 }
 
-/** Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches. */
+/**
+ * LoRA dropout as PEFT applies it: y = x·W0ᵀ + s·(dropout(x)·Aᵀ)·Bᵀ, dropout(x) = keep·x/(1 − p)
+ * with keep from a counter-based hash (kernels/dropout.ts), so the backward recomputes the same
+ * mask instead of keeping it.
+ */
+export interface LoraDropout {
+  readonly mask: DropoutMask;
+  /** T×in f32 scratch (a view into a buffer shared by the layers is fine): dropout(x), and in the
+   * backward g·A before it is masked into dx. */
+  readonly scratch: Tensor;
+}
+
+/**
+ * Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches; with
+ * dropout, three: xd = dropout(x) first, and h = xd·Aᵀ.
+ */
 export async function planLoraForward(
   ctx: GpuContext,
   layer: LoraLayer,
@@ -207,14 +225,30 @@ export async function planLoraForward(
   const s = loraShape(layer, io.x, `${label}.forward`);
   expectRows(`${label}.forward`, io.h, s.T, s.r, 'h');
   expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');
-  const h = await planLoraThin(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, io.thin);
+  const pre: Dispatch[] = [];
+  let branchInput = io.x;
+  if (io.dropout) {
+    expectRows(`${label}.forward`, io.dropout.scratch, s.T, s.inF, 'dropout scratch');
+    branchInput = io.dropout.scratch;
+    pre.push(await planDropout(ctx, io.dropout.mask, io.x, branchInput, { label: `${label}.dropout` }));
+  }
+  const h = await planLoraThin(
+    ctx,
+    branchInput,
+    layer.a,
+    io.h,
+    { M: s.T, K: s.inF, R: s.r },
+    true,
+    `${label}.h`,
+    io.thin,
+  );
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
     bias: layer.bias,
     lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
     label: `${label}.y`,
   });
-  return [h, y];
+  return [...pre, h, y];
 }
 
 export interface LoraBackwardBuffers {
@@ -229,6 +263,8 @@ export interface LoraBackwardBuffers {
   /** r×in and out×r. */
   da: Tensor;
   db: Tensor;
+  /** The forward's dropout (same mask and scratch). */
+  dropout?: LoraDropout;
 }
 
 export interface LoraBackwardOptions {
@@ -242,7 +278,9 @@ export interface LoraBackwardOptions {
 
 /**
  * Backward: g = dy·B; dB = s·dyᵀ·h; dA = s·gᵀ·x; dx = dy·W0 + s·g·A (one tiled kernel).
- * W0 and the bias are frozen and get no gradient. Four dispatches (three without dx).
+ * W0 and the bias are frozen and get no gradient. Four dispatches (three without dx). With dropout,
+ * xd = dropout(x) again (the same mask), dA = s·gᵀ·xd, and dx = dy·W0 + s·keep·(g·A)/(1 − p) as
+ * separate dispatches (the mask acts on g·A alone, so the fused r-wide term cannot carry it).
  */
 export async function planLoraBackward(
   ctx: GpuContext,
@@ -260,6 +298,7 @@ export async function planLoraBackward(
   expectRows(op, io.db, s.outF, s.r, 'dB');
   if (io.dx) expectRows(op, io.dx, s.T, s.inF, 'dx');
   const beta = opts.accumulateGrads ? 1 : 0;
+  if (io.dropout) return planDropoutBackward(ctx, layer, io, io.dropout, s, opts, label);
   const plan = [
     await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
     await planLoraWeightGrad(
@@ -293,6 +332,59 @@ export async function planLoraBackward(
         lowRank: { a2: io.g, b2: layer.a, alpha2: layer.scale },
         label: `${label}.dx`,
       }),
+    );
+  }
+  return plan;
+}
+
+async function planDropoutBackward(
+  ctx: GpuContext,
+  layer: LoraLayer,
+  io: LoraBackwardBuffers,
+  dropout: LoraDropout,
+  s: LoraShape,
+  opts: LoraBackwardOptions,
+  label: string,
+): Promise<Dispatch[]> {
+  expectRows(`${label}.backward`, dropout.scratch, s.T, s.inF, 'dropout scratch');
+  const beta = opts.accumulateGrads ? 1 : 0;
+  const xd = dropout.scratch;
+  const plan = [
+    await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
+    await planLoraWeightGrad(
+      ctx,
+      io.dy,
+      io.h,
+      io.db,
+      { T: s.T, N: s.outF, R: s.r },
+      true,
+      layer.scale,
+      beta,
+      `${label}.dB`,
+    ),
+    await planDropout(ctx, dropout.mask, io.x, xd, { label: `${label}.dropout` }),
+    await planLoraWeightGrad(
+      ctx,
+      xd,
+      io.g,
+      io.da,
+      { T: s.T, N: s.inF, R: s.r },
+      false,
+      layer.scale,
+      beta,
+      `${label}.dA`,
+    ),
+  ];
+  if (io.dx) {
+    plan.push(
+      await planMatmul(ctx, io.dy, layer.w0, io.dx, {
+        transW: false,
+        beta: opts.accumulateDx ? 1 : 0,
+        label: `${label}.dx`,
+      }),
+      // The scratch is free again once dA has read xd: it takes g·A, then its masked s-multiple joins dx.
+      await planMatmul(ctx, io.g, layer.a, xd, { transW: false, label: `${label}.gA` }),
+      await planDropout(ctx, dropout.mask, xd, io.dx, { alpha: layer.scale, beta: 1, label: `${label}.dx_dropout` }),
     );
   }
   return plan;

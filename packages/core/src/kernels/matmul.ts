@@ -2,6 +2,7 @@ import source from '../../../../shaders/matmul.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 
@@ -139,7 +140,8 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
     throw new ShapeError(`${op}: C ${c.label} ${formatShape(c.shape)} must hold ${M}×${N}`);
   }
   if (a.dtype !== 'f32' || c.dtype !== 'f32') throw new ShapeError(`${op}: A and C must be f32`);
-  if (w.dtype !== 'f32' && w.dtype !== 'f16') throw new ShapeError(`${op}: W must be f32 or f16, got ${w.dtype}`);
+  if (w.dtype !== 'f32' && w.dtype !== 'f16' && !isQuantFormat(w.dtype))
+    throw new ShapeError(`${op}: W must be f32, f16, q8_0 or q4_0, got ${w.dtype}`);
   if (opts.bias && (opts.bias.size !== N || opts.bias.dtype !== 'f32')) {
     throw new ShapeError(`${op}: bias ${opts.bias.label} ${formatShape(opts.bias.shape)} must be ${N} f32 values`);
   }
@@ -181,6 +183,8 @@ export async function planMatmul(
   const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
   const common = {
     W_F16: w.dtype === 'f16',
+    W_Q8_0: w.dtype === 'q8_0',
+    W_Q4_0: w.dtype === 'q4_0',
     ALIGNED: matmulAligned(dims, transW, wOffset),
     // A2 and B2 as whole vec4s: K2 (and N, where B2's rows are N long) multiples of 4.
     ALIGNED_LR: K2 > 0 && K2 % 4 === 0 && (transW || dims.N % 4 === 0),
@@ -212,6 +216,7 @@ export async function planMatmul(
       ['f32', opts.beta ?? 0],
       ['u32', opts.bias ? 1 : 0],
       ['u32', wOffset],
+      ['u32', isQuantFormat(w.dtype) ? gpuQuantLayout(w.dtype, w.size).scaleWordOffset : 0],
     ]),
   });
 }

@@ -17,7 +17,9 @@ import {
   filesSource,
   GenerationCancelled,
   Generator,
+  ggufFingerprint,
   listCachedModels,
+  loadGgufTokenizer,
   loadModel,
   loadTokenizer,
   modelFingerprint,
@@ -260,7 +262,10 @@ export class TrainerEngine {
     this.ctx = undefined;
     const ctx = await this.device();
     const opened = await openModelInput(old.input, old.options);
-    const model = await loadModel(ctx, opened.source, { precision: old.options.precision ?? 'f16' });
+    const model = await loadModel(ctx, opened.source, {
+      ...(old.options.precision ? { precision: old.options.precision } : {}),
+      ...(opened.gguf ? { gguf: opened.gguf } : {}),
+    });
     this.loaded = { ...old, model };
     return { ctx, model };
   }
@@ -290,16 +295,19 @@ export class TrainerEngine {
         onDownload: (p) => onProgress?.({ type: 'download', ...p }),
       });
       const ctx = await this.device();
+      const gguf = opened.gguf;
       const [tokenizer, fingerprint] = await Promise.all([
-        loadTokenizer(opened.source),
-        modelFingerprint(opened.source),
+        gguf ? loadGgufTokenizer(opened.source, gguf) : loadTokenizer(opened.source),
+        gguf ? ggufFingerprint(opened.source, gguf) : modelFingerprint(opened.source),
       ]);
       signal?.throwIfAborted();
       // The previous model, its dataset and adapters go first: their GPU memory is needed.
       this.unloadModel();
-      const precision = options.precision ?? 'f16';
+      // A GGUF file keeps each tensor's format unless a precision is asked for.
+      const precision = options.precision ?? (gguf ? undefined : 'f16');
       const model = await loadModel(ctx, opened.source, {
-        precision,
+        ...(precision ? { precision } : {}),
+        ...(gguf ? { gguf } : {}),
         ...(signal ? { signal } : {}),
         onProgress: (p) => {
           if (p.status === 'weights') onProgress?.(weightsProgress(p));
@@ -309,7 +317,8 @@ export class TrainerEngine {
       const linear = namedModules(c).filter((m) => m.kind === 'linear' || m.kind === 'conv1d');
       const defaults = PEFT_DEFAULT_TARGET_MODULES[c.modelType];
       const info: ModelInfo = {
-        id: options.id ?? opened.id,
+        // A GGUF file may name the Hub model it was converted from: adapters record that.
+        id: options.id ?? model.baseModelId ?? opened.id,
         architecture: c.architecture,
         modelType: c.modelType,
         parameters: parameterCount(c),
@@ -320,7 +329,7 @@ export class TrainerEngine {
         modules: [...new Set(linear.map((m) => m.name.split('.').pop() as string))],
         defaultTargets: defaults === undefined ? [] : typeof defaults === 'string' ? [defaults] : [...defaults],
         bytes: model.bytes,
-        precision,
+        precision: model.precision,
         fingerprint,
         hasChatTemplate: tokenizer.hasChatTemplate,
         device: await this.deviceInfo(),
@@ -455,6 +464,8 @@ export class TrainerEngine {
       recompute: run.recompute,
       precision: model.precision,
       device: ctx,
+      tablePartBytes: model.tablePartBytes,
+      storedDTypes: model.storedDTypes,
     });
     let problem: string | undefined;
     try {

@@ -19,6 +19,15 @@ import type { LoadModelOptions, ModelInput } from './types.js';
 export interface OpenedModel {
   readonly source: ModelSource;
   readonly id: string;
+  /** A GGUF file of the source to load (llama.cpp's format) instead of config.json + safetensors. */
+  readonly gguf?: string;
+}
+
+/** A path or URL to a .gguf file: its folder and its name. */
+function splitGguf(text: string): { folder: string; file: string } | undefined {
+  const m = /^(.*?)([^/\\]+\.gguf)$/i.exec(text);
+  if (!m) return undefined;
+  return { folder: m[1] === '' ? '.' : (m[1] as string).replace(/[/\\]$/, '') || '/', file: m[2] as string };
 }
 
 const HUB_ID = /^[\w.-]+\/[\w.-]+$/;
@@ -55,12 +64,18 @@ export async function openModelInput(input: ModelInput, options: OpenOptions): P
   if (typeof input === 'string' || input instanceof URL) {
     const text = String(input);
     const isUrl = /^https?:\/\//i.test(text);
-    if (isNode() && !isUrl && (text.startsWith('/') || text.startsWith('.') || (await exists(text))))
+    const gguf = splitGguf(text);
+    if (isNode() && !isUrl && (text.startsWith('/') || text.startsWith('.') || (await exists(text)))) {
+      if (gguf) return { source: directorySource(gguf.folder), id: text, gguf: gguf.file };
       return { source: directorySource(text), id: text };
+    }
     if (isUrl || text.startsWith('/') || text.startsWith('.')) {
-      const base = new URL(text, (globalThis as { location?: { href: string } }).location?.href);
+      const base = new URL(
+        gguf ? `${gguf.folder}/` : text,
+        (globalThis as { location?: { href: string } }).location?.href,
+      );
       const opened = await cachedUrlSource(base.href, download(options));
-      return { source: opened.source, id: text };
+      return { source: opened.source, id: text, ...(gguf ? { gguf: gguf.file } : {}) };
     }
     if (HUB_ID.test(text)) return openModelInput({ hub: text }, options);
     throw new WebtuneError(
@@ -71,7 +86,9 @@ export async function openModelInput(input: ModelInput, options: OpenOptions): P
   if (Array.isArray(input) || (typeof FileList !== 'undefined' && input instanceof FileList)) {
     const files = Array.from(input as ArrayLike<File>) as NamedBlob[];
     const folder = (files[0] as File | undefined)?.webkitRelativePath?.split('/')[0];
-    return { source: filesSource(files), id: folder || 'local model' };
+    // A dropped .gguf file (with its tokenizer.json, or alone) is a GGUF base.
+    const gguf = files.find((f) => /\.gguf$/i.test(f.name))?.name;
+    return { source: filesSource(files), id: folder || gguf || 'local model', ...(gguf ? { gguf } : {}) };
   }
   if ('hub' in input) {
     const opened = await hubModelSource(input.hub, {

@@ -3,7 +3,7 @@
  * the calling thread. Everything here is plain data (structured-cloneable), so it crosses the
  * worker boundary unchanged; callbacks are the only functions.
  */
-import type { ChatMessage, LoadProgress } from '@webtune/models';
+import type { ChatMessage, LoadProgress, WeightPrecision } from '@webtune/models';
 import type { ChatOptions, DatasetColumns } from '../data/index.js';
 import type { MemoryEstimate } from '../memory.js';
 import type { AdapterEntry, CheckpointMeta } from '../store/types.js';
@@ -50,8 +50,9 @@ export type ModelInput =
 export interface LoadModelOptions {
   /** What adapters record as base_model_name_or_path (default: the Hub id, URL or folder). */
   id?: string;
-  /** Frozen weights on the GPU. Default 'f16'. */
-  precision?: 'f16' | 'f32';
+  /** Frozen weights on the GPU: 'f16' (default), 'f32', or llama.cpp's block formats 'q8_0' and
+   * 'q4_0' for the linear layers (QLoRA; the embedding and LM head stay f16). */
+  precision?: WeightPrecision;
   /** Hub revision (branch, tag or commit). Default "main". */
   revision?: string;
   /** Hub endpoint (a mirror). Default https://huggingface.co. */
@@ -79,7 +80,7 @@ export interface ModelInfo {
   readonly defaultTargets: readonly string[];
   /** GPU bytes of the frozen weights. */
   readonly bytes: number;
-  readonly precision: 'f16' | 'f32';
+  readonly precision: WeightPrecision;
   /** Identifies the weights (checked when resuming a run or using an adapter). */
   readonly fingerprint: string;
   readonly hasChatTemplate: boolean;
