@@ -10,15 +10,21 @@
  * and AdamW moments + saved activations + backward/loss/optimizer scratch: every buffer the
  * trainer allocates up front; nothing is allocated per step). live_bytes_peak = the largest
  * GpuContext.liveBytes seen after creating the trainer and after each step (everything this
- * context holds, read-back staging included), as a check on the former.
+ * context holds, read-back staging included), as a check on the former. gpuBytes = the exact peak
+ * of live GPU bytes from creating the trainer to the last step (GpuContext.counters.peakLiveBytes,
+ * kept by the context at every allocation), the model's weights included.
+ *
+ * Counts: dispatchesPerStep, submitsPerStep and blockingReadbacksPerStep are the exact differences
+ * of GpuContext.counters around each step (the same for every step, or the case fails).
  */
-import type { GpuContext } from '@webtune/core';
+import { diffCounters, type GpuContext, type GpuCounters, WebtuneError } from '@webtune/core';
 import type { CausalLM } from '@webtune/models';
 import { LoraTrainer } from '@webtune/train';
 import { casesByModel, TRAIN_HYPER, type TrainCase, trainCases, trainIds } from './cases.js';
 import { loadBenchModel, medianLow, type SuiteOptions } from './models.js';
 
 async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs: number, o: SuiteOptions) {
+  ctx.resetPeakLiveBytes();
   const trainer = await LoraTrainer.create(ctx, model, {
     lora: { r: c.r, lora_alpha: c.alpha, target_modules: c.targets, lora_dropout: 0 },
     batch: c.batch,
@@ -38,10 +44,14 @@ async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs:
     const ids = trainIds(c);
     const batch = [{ inputIds: ids, labels: ids }];
     const losses: number[] = [];
+    // Exact counts of each step's work (GpuContext.counters before and after it).
+    const counts: GpuCounters[] = [];
     const step = async () => {
+      const before = ctx.counters;
       const t0 = performance.now();
       const r = await trainer.trainStep(batch);
       const ms = performance.now() - t0;
+      counts.push(diffCounters(before, ctx.counters));
       losses.push(r.loss);
       livePeak = Math.max(livePeak, ctx.liveBytes);
       return ms;
@@ -59,6 +69,12 @@ async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs:
     }
     const ms = medianLow(samples);
     const tokens = c.batch * c.seq;
+    // Every step submits the same planned work; a step that differs would be a bug worth seeing.
+    const perStep = (key: 'dispatches' | 'submits' | 'blockingReadbacks') => {
+      const values = new Set(counts.map((x) => x[key]));
+      if (values.size !== 1) throw new WebtuneError(`${key} per step varied between steps: ${[...values]}`);
+      return [...values][0] as number;
+    };
     const m = trainer.memory;
     const trainableParams = trainer.resolved.modules.reduce(
       (n, mod) => n + mod.aShape[0] * mod.aShape[1] + mod.bShape[0] * mod.bShape[1],
@@ -74,6 +90,10 @@ async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs:
       baselineMs: null,
       ratio: null,
       adapter: o.adapter,
+      dispatchesPerStep: perStep('dispatches'),
+      submitsPerStep: perStep('submits'),
+      blockingReadbacksPerStep: perStep('blockingReadbacks'),
+      gpuBytes: ctx.counters.peakLiveBytes,
       extra: {
         case: c.key,
         tokens_per_s: (tokens * 1000) / ms,

@@ -17,6 +17,7 @@ export class StepEncoder {
   private readonly querySet: GPUQuerySet | undefined;
   private readonly maxPasses: number;
   private passes = 0;
+  private dispatchCount = 0;
   private resolveBuffer: GPUBuffer | undefined;
 
   constructor(
@@ -61,6 +62,7 @@ export class StepEncoder {
     this.assertOpen();
     const pass = this.computePass();
     for (const d of dispatches) d.record(pass);
+    this.dispatchCount += dispatches.length;
     return this;
   }
 
@@ -84,6 +86,11 @@ export class StepEncoder {
     return this;
   }
 
+  /** Dispatches recorded so far. */
+  get dispatches(): number {
+    return this.dispatchCount;
+  }
+
   /** Finishes and submits everything recorded, once. */
   submit(): void {
     this.assertOpen();
@@ -97,7 +104,7 @@ export class StepEncoder {
       });
       this.encoder.resolveQuerySet(this.querySet, 0, count, this.resolveBuffer, 0);
     }
-    this.ctx.device.queue.submit([this.encoder.finish()]);
+    this.ctx.submit([this.encoder.finish()], this.dispatchCount);
     this.submitted = true;
   }
 

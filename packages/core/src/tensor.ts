@@ -215,8 +215,8 @@ export async function readBytes(
   try {
     const encoder = ctx.device.createCommandEncoder({ label });
     encoder.copyBufferToBuffer(buffer, offset, staging, 0, size);
-    ctx.device.queue.submit([encoder.finish()]);
-    await Promise.race([staging.mapAsync(0x1 /* READ */, 0, size), ctx.lost.then((e) => Promise.reject(e))]);
+    ctx.submit([encoder.finish()]);
+    await ctx.mapRead(staging, 0, size);
     return staging.getMappedRange(0, size).slice(0);
   } finally {
     ctx.releaseBuffer(staging);

@@ -11,8 +11,10 @@ import {
   attentionUniforms,
   createTensor,
   type Dispatch,
+  diffCounters,
   fusedQkvLayout,
   type GpuContext,
+  type GpuCounters,
   kvCacheLayout,
   planCopyRows,
   planEmbeddingForward,
@@ -62,6 +64,11 @@ export interface GenerateResult {
   /** Seconds spent in the prompt's prefill and in the decode steps. */
   readonly prefillSeconds: number;
   readonly decodeSeconds: number;
+  /** Decode steps run (one per token after the first; the prefill gives the first logits). */
+  readonly decodeSteps: number;
+  /** What the prefill and the decode steps asked of the GPU (exact runtime counts). */
+  readonly prefillCounters: GpuCounters;
+  readonly decodeCounters: GpuCounters;
 }
 
 interface Cache {
@@ -142,10 +149,13 @@ export class Generator {
     const stop = new Set(opts.stopTokens ?? c.eosTokenIds);
     const random = seededRandom(opts.seed ?? 0);
     const out: number[] = [];
+    const c0 = this.ctx.counters;
     const t0 = performance.now();
     let logits = await this.prefill(prompt);
     const t1 = performance.now();
+    const c1 = this.ctx.counters;
     let pos = prompt.length;
+    let decodeSteps = 0;
     let stopReason: GenerateResult['stopReason'] = 'max-new-tokens';
     while (out.length < opts.maxNewTokens) {
       if (opts.signal?.aborted) throw new GenerationCancelled();
@@ -163,8 +173,17 @@ export class Generator {
       }
       logits = await this.step(next, pos);
       pos++;
+      decodeSteps++;
     }
-    return { ids: out, stopReason, prefillSeconds: (t1 - t0) / 1000, decodeSeconds: (performance.now() - t1) / 1000 };
+    return {
+      ids: out,
+      stopReason,
+      prefillSeconds: (t1 - t0) / 1000,
+      decodeSeconds: (performance.now() - t1) / 1000,
+      decodeSteps,
+      prefillCounters: diffCounters(c0, c1),
+      decodeCounters: diffCounters(c1, this.ctx.counters),
+    };
   }
 
   /** Runs the prompt, filling the cache rows [0, T); returns the last position's logits. */
