@@ -2,9 +2,10 @@
  * The `train` suite: LoRA training tokens/s and GPU memory in the browser (issue 4, item 8), on
  * stories260K and the random SmolLM2-135M-shaped model, through LoraTrainer (frozen weights f16).
  *
- * One step = LoraTrainer.trainStep on one B × T batch (fixed pseudo-random ids, labels = ids):
- * upload, forward, chunked loss, backward, gradient norm, clipped AdamW, loss read-back; timed
- * wall-clock around the call after `warmupSteps` untimed steps. tokens/s = B·T / step time.
+ * One step = LoraTrainer.submitStep on one B × T batch (fixed pseudo-random ids, labels = ids):
+ * upload, forward, chunked loss, backward, gradient norm, clipped AdamW, and the step's report read
+ * back while the next step is already queued; timed as the interval between consecutive results
+ * after `warmupSteps` untimed steps. tokens/s = B·T / step time.
  *
  * Memory: peak_gpu_bytes = LoraTrainer.memory.total (frozen weights + LoRA parameters, gradients
  * and AdamW moments + saved activations + backward/loss/optimizer scratch: every buffer the
@@ -15,9 +16,10 @@
  * kept by the context at every allocation), the model's weights included.
  *
  * Counts: dispatchesPerStep, submitsPerStep and blockingReadbacksPerStep are the exact differences
- * of GpuContext.counters around each step (the same for every step, or the case fails).
+ * of GpuContext.counters over the timed loop divided by its steps (they must divide exactly: every
+ * step submits the same planned work).
  */
-import { diffCounters, type GpuContext, type GpuCounters, WebtuneError } from '@webtune/core';
+import { diffCounters, type GpuContext, WebtuneError } from '@webtune/core';
 import type { CausalLM } from '@webtune/models';
 import { LoraTrainer } from '@webtune/train';
 import { casesByModel, TRAIN_HYPER, type TrainCase, trainCases, trainIds } from './cases.js';
@@ -44,37 +46,47 @@ async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs:
     const ids = trainIds(c);
     const batch = [{ inputIds: ids, labels: ids }];
     const losses: number[] = [];
-    // Exact counts of each step's work (GpuContext.counters before and after it).
-    const counts: GpuCounters[] = [];
-    const step = async () => {
-      const before = ctx.counters;
-      const t0 = performance.now();
-      const r = await trainer.trainStep(batch);
-      const ms = performance.now() - t0;
-      counts.push(diffCounters(before, ctx.counters));
-      losses.push(r.loss);
-      livePeak = Math.max(livePeak, ctx.liveBytes);
-      return ms;
-    };
     const warmup: number[] = [];
     for (let i = 0; i < c.warmupSteps; i++) {
       o.status(`${c.key}: warm-up step ${i + 1}`);
-      warmup.push(await step());
+      const t0 = performance.now();
+      losses.push((await trainer.trainStep(batch)).loss);
+      warmup.push(performance.now() - t0);
     }
+    // The timed loop is the pipelined one a training run uses: step n + 1 is queued before step
+    // n's result is awaited. A step's time is the interval between consecutive results (the
+    // first from the loop's start). One more step is queued behind the last timed one so that
+    // it, too, is read back with work queued after it; it is drained outside the count.
     const samples: number[] = [];
+    const before = ctx.counters;
     const start = performance.now();
-    while (samples.length < c.maxSteps && (samples.length < c.minSteps || performance.now() - start < c.budgetMs)) {
+    let last = start;
+    let pending = trainer.submitStep(batch);
+    let submitted = 1;
+    for (;;) {
+      const more =
+        samples.length + 1 < c.maxSteps && (samples.length + 1 < c.minSteps || performance.now() - start < c.budgetMs);
       o.status(`${c.key}: step ${samples.length + 1}`);
-      samples.push(await step());
+      const next = trainer.submitStep(batch);
+      submitted++;
+      const r = await pending.result;
+      const now = performance.now();
+      samples.push(now - last);
+      last = now;
+      losses.push(r.loss);
+      livePeak = Math.max(livePeak, ctx.liveBytes);
+      pending = next;
+      if (!more) break;
     }
+    // Exact counts over the loop: `submitted` steps queued, samples.length reports read.
+    const spent = diffCounters(before, ctx.counters);
+    await pending.result;
+    const perStep = (total: number, steps: number, what: string) => {
+      if (total % steps !== 0) throw new WebtuneError(`${what}: ${total} over ${steps} steps is not the same per step`);
+      return total / steps;
+    };
     const ms = medianLow(samples);
     const tokens = c.batch * c.seq;
-    // Every step submits the same planned work; a step that differs would be a bug worth seeing.
-    const perStep = (key: 'dispatches' | 'submits' | 'blockingReadbacks') => {
-      const values = new Set(counts.map((x) => x[key]));
-      if (values.size !== 1) throw new WebtuneError(`${key} per step varied between steps: ${[...values]}`);
-      return [...values][0] as number;
-    };
     const m = trainer.memory;
     const trainableParams = trainer.resolved.modules.reduce(
       (n, mod) => n + mod.aShape[0] * mod.aShape[1] + mod.bShape[0] * mod.bShape[1],
@@ -90,9 +102,9 @@ async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs:
       baselineMs: null,
       ratio: null,
       adapter: o.adapter,
-      dispatchesPerStep: perStep('dispatches'),
-      submitsPerStep: perStep('submits'),
-      blockingReadbacksPerStep: perStep('blockingReadbacks'),
+      dispatchesPerStep: perStep(spent.dispatches, submitted, 'dispatches'),
+      submitsPerStep: perStep(spent.submits, submitted, 'submits'),
+      blockingReadbacksPerStep: perStep(spent.blockingReadbacks, samples.length, 'blocking readbacks'),
       gpuBytes: ctx.counters.peakLiveBytes,
       extra: {
         case: c.key,

@@ -66,13 +66,14 @@ export class StepEncoder {
     return this;
   }
 
-  copy(src: Tensor | GPUBuffer, dst: Tensor | GPUBuffer, bytes?: number): this {
+  /** Copies `bytes` (default: as much as both hold) from src to dst, `dstOffset` bytes into dst. */
+  copy(src: Tensor | GPUBuffer, dst: Tensor | GPUBuffer, bytes?: number, dstOffset = 0): this {
     this.assertOpen();
     this.endPass();
     const s = 'buffer' in src ? src.buffer : src;
     const d = 'buffer' in dst ? dst.buffer : dst;
     const so = 'buffer' in src ? src.byteOffset : 0;
-    const dOff = 'buffer' in dst ? dst.byteOffset : 0;
+    const dOff = ('buffer' in dst ? dst.byteOffset : 0) + dstOffset;
     const size = bytes ?? Math.min(s.size - so, d.size - dOff);
     this.encoder.copyBufferToBuffer(s, so, d, dOff, size);
     return this;

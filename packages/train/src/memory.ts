@@ -378,8 +378,11 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   for (const r of new Set(resolved.modules.map((m) => m.r))) add(S, `backward.lora_g_r${r}`, [rows, r]);
   add(S, 'train.ids.{k}', [rows], 'i32', K);
   add(S, 'train.targets.{k}', [rows], 'i32', K);
-  add(S, 'train.loss_log', [Math.max(1, (K * alignUp(8, align)) / 4)]);
+  add(S, 'train.loss_log', [K, 2]);
   add(S, 'train.grad_norm', [3]);
+  add(S, 'train.adamw_latch', [1], 'u32');
+  // The step reports the host maps (two made up front: one being read, one queued behind it).
+  add(S, 'train.report.{i}', [Math.ceil((8 * K + 24) / 16) * 4], 'u32', 2);
   const partials = ctx
     ? reducePartialsSize(ctx, arenaElements)
     : partialsSize(arenaElements, limits, options.cpuAdapter ?? false);
