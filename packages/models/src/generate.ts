@@ -31,7 +31,6 @@ import {
   Allocator,
   type AttentionBlock,
   allocateLayer,
-  type LayerActivations,
   type LoraWeightsByModule,
   normStats,
   planLayer,
@@ -274,8 +273,8 @@ async function planPrefill(
     const ids = alloc.of([T], 'i32', 'ids');
     const zero = alloc.of([1], 'i32', 'zero');
     const errors = alloc.of([2], 'u32', 'embedding_errors');
+    // The residual stream, updated in place by every layer.
     const x0 = alloc.f32([T, d], 'embedded');
-    const x1 = alloc.f32([T, d], 'residual');
     dispatches.push(
       await planEmbeddingForward(
         ctx,
@@ -306,15 +305,12 @@ async function planPrefill(
             }
           : { q: dest.q, k: dest.k, v: dest.v, dims: base },
     };
-    let shared: LayerActivations | undefined;
-    let x = x0;
+    const pool = new Map<string, Tensor>();
     for (let i = 0; i < c.numLayers; i++) {
-      const out = i % 2 === 0 ? x1 : x0;
-      const acts = allocateLayer(alloc, model, T, 1, T, i, x, out, lora, shared);
-      shared ??= acts;
+      const acts = allocateLayer(alloc, model, T, 1, T, i, x0, lora, pool);
       dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, lora)));
-      x = out;
     }
+    const x = x0;
     const hidden = alloc.f32([T, d], 'hidden');
     dispatches.push(
       await planNorm(
@@ -357,8 +353,8 @@ async function planDecode(
     const ids = alloc.of([1], 'i32', 'ids');
     const positions = alloc.of([1], 'i32', 'position');
     const errors = alloc.of([2], 'u32', 'embedding_errors');
+    // The residual stream, updated in place by every layer.
     const x0 = alloc.f32([1, d], 'embedded');
-    const x1 = alloc.f32([1, d], 'residual');
     dispatches.push(
       await planEmbeddingForward(
         ctx,
@@ -401,15 +397,12 @@ async function planDecode(
         attentionDispatches[l] = [...planned];
       },
     };
-    let shared: LayerActivations | undefined;
-    let x = x0;
+    const pool = new Map<string, Tensor>();
     for (let i = 0; i < c.numLayers; i++) {
-      const out = i % 2 === 0 ? x1 : x0;
-      const acts = allocateLayer(alloc, model, 1, 1, 1, i, x, out, lora, shared);
-      shared ??= acts;
+      const acts = allocateLayer(alloc, model, 1, 1, 1, i, x0, lora, pool);
       dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, lora)));
-      x = out;
     }
+    const x = x0;
     const hidden = alloc.f32([1, d], 'hidden');
     dispatches.push(
       await planNorm(

@@ -20,12 +20,12 @@ import {
   createTensor,
   type Dispatch,
   type GpuContext,
+  isCpuAdapter,
   type LrSchedule,
   learningRate,
   planAdamW,
   planL2Norm,
   readFloat32,
-  reducePartialsSize,
   StepEncoder,
   type Tensor,
   TensorArena,
@@ -46,6 +46,7 @@ import {
   shiftLabels,
   type TokenizedExample,
 } from '@webtune/models';
+import { reportBytes, trainerBuffers } from './layout.js';
 import {
   type AdapterConfigOptions,
   exportPeftAdapter,
@@ -210,12 +211,6 @@ interface InFlight {
   readonly epoch: number;
 }
 
-// Bytes of a step's report: per micro-batch [loss, count] f32, then the gradient norm's
-// [norm, finite, non-finite count] f32, the AdamW latch u32 and the loss's label errors u32 [2].
-const reportBytes = (K: number) => Math.ceil((8 * K + 24) / 16) * 16;
-/** Report buffers made up front: one for the step being read and one for the step queued behind it. */
-const REPORT_BUFFERS = 2;
-
 export class LoraTrainer {
   /** Steps completed (their reports read, not discarded). */
   private stepCount = 0;
@@ -329,18 +324,28 @@ export class LoraTrainer {
       const bwd = await planBackward(ctx, fwd, trainables);
       cleanup.push(bwd);
 
-      const inputs = Array.from({ length: K }, (_, k) => {
-        const ids = createTensor(ctx, [B * T], 'i32', `train.ids.${k}`);
-        const labels = createTensor(ctx, [B * T], 'i32', `train.targets.${k}`);
-        owned.push(ids, labels);
-        return { ids, labels };
-      });
-      const lossLog = createTensor(ctx, [K, 2], 'f32', 'train.loss_log');
-      const norm = createTensor(ctx, [3], 'f32', 'train.grad_norm');
-      const latch = createTensor(ctx, [1], 'u32', 'train.adamw_latch');
-      const partials = createTensor(ctx, [reducePartialsSize(ctx, grads.size)], 'f32', 'train.grad_norm_partials');
-      owned.push(lossLog, norm, latch, partials);
-      for (let i = 0; i < REPORT_BUFFERS; i++) reports.push(createReport(ctx, K, i));
+      // The trainer's own buffers, as trainerBuffers (and so estimateMemory) lists them.
+      const made = new Map<string, Tensor[]>();
+      for (const b of trainerBuffers(K, B * T, grads.size, ctx.limits, isCpuAdapter(ctx))) {
+        if (b.label === 'train.report.{i}') {
+          for (let i = 0; i < b.count; i++) reports.push(createReport(ctx, K, i));
+          continue;
+        }
+        const list = Array.from({ length: b.count }, (_, k) =>
+          createTensor(ctx, [...b.shape], b.dtype, b.label.replace('{k}', String(k))),
+        );
+        owned.push(...list);
+        made.set(b.label, list);
+      }
+      const one = (label: string) => (made.get(label) as Tensor[])[0] as Tensor;
+      const inputs = (made.get('train.ids.{k}') as Tensor[]).map((ids, k) => ({
+        ids,
+        labels: (made.get('train.targets.{k}') as Tensor[])[k] as Tensor,
+      }));
+      const lossLog = one('train.loss_log');
+      const norm = one('train.grad_norm');
+      const latch = one('train.adamw_latch');
+      const partials = one('train.grad_norm_partials');
       const normDispatches = await planL2Norm(ctx, { x: grads.tensor, partials, out: norm }, 'grad_norm');
       const adamw = await planAdamW(
         ctx,

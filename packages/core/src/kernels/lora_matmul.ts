@@ -195,6 +195,8 @@ export interface LoraForwardBuffers {
   h: Tensor;
   /** Default loraThinKernel(ctx); tests run both. */
   thin?: LoraThinKernel;
+  /** y += instead of y = (a residual stream the projection adds into). */
+  accumulate?: boolean;
 }
 
 /** Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches. */
@@ -210,6 +212,7 @@ export async function planLoraForward(
   const h = await planLoraThin(ctx, io.x, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, io.thin);
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
+    beta: io.accumulate ? 1 : 0,
     bias: layer.bias,
     lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
     label: `${label}.y`,
