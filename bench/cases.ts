@@ -67,9 +67,14 @@ export interface InferenceCase {
   readonly budgetMs: number;
 }
 
+/** How the frozen weights are held on the GPU (loadModel's precision). */
+export type BenchPrecision = 'f16' | 'q8_0' | 'q4_0';
+
 export interface TrainCase {
   readonly key: string;
   readonly model: BenchModelId;
+  /** The frozen base's precision: f16, or QLoRA's block formats side by side with it. */
+  readonly precision: BenchPrecision;
   readonly r: number;
   readonly alpha: number;
   /** PEFT target_modules. */
@@ -130,11 +135,13 @@ function trainCase(
   batch: number,
   seq: number,
   timing: Pick<TrainCase, 'warmupSteps' | 'minSteps' | 'maxSteps' | 'budgetMs'>,
+  precision: BenchPrecision = 'f16',
 ): TrainCase {
   const t = targets === 'all-linear' ? 'all-linear' : targets.join(',');
   return {
-    key: `train ${model} r=${r} ${t} B=${batch} T=${seq}`,
+    key: `train ${model}${precision === 'f16' ? '' : ` ${precision}`} r=${r} ${t} B=${batch} T=${seq}`,
     model,
+    precision,
     r,
     alpha: 2 * r,
     targets,
@@ -148,15 +155,18 @@ function trainCase(
  * Full: r = 8 and 16 on q_proj,v_proj and r = 8 all-linear, 4 × 128, on stories260K; on the 135M
  * shape r = 8 and 16 (q_proj,v_proj) at 4 × 128 and r = 8 at 1 × 512, one timed step each and no
  * warm-up step (a step takes many minutes on SwiftShader; its pipelines are compiled when the
- * trainer is created, and a first step measured as long as the second). Quick: one small case per
- * model.
+ * trainer is created, and a first step measured as long as the second); r = 8 q_proj,v_proj at
+ * 4 × 128 again over q8_0 and q4_0 bases on both models. Quick: one small case per model, and
+ * stories260K's over a q4_0 base.
  */
 export function trainCases(quick: boolean): TrainCase[] {
   const qv = ['q_proj', 'v_proj'];
   const big = { warmupSteps: 0, minSteps: 1, maxSteps: 1, budgetMs: 0 };
   if (quick) {
+    const quickSmall = { warmupSteps: 1, minSteps: 2, maxSteps: 5, budgetMs: 3_000 };
     return [
-      trainCase('stories260K', 8, qv, 2, 32, { warmupSteps: 1, minSteps: 2, maxSteps: 5, budgetMs: 3_000 }),
+      trainCase('stories260K', 8, qv, 2, 32, quickSmall),
+      trainCase('stories260K', 8, qv, 2, 32, quickSmall, 'q4_0'),
       trainCase('smollm2-135m-random', 8, qv, 1, 16, big),
     ];
   }
@@ -165,7 +175,12 @@ export function trainCases(quick: boolean): TrainCase[] {
     trainCase('stories260K', 8, qv, 4, 128, small),
     trainCase('stories260K', 16, qv, 4, 128, small),
     trainCase('stories260K', 8, 'all-linear', 4, 128, small),
+    // The same step over a quantized frozen base (QLoRA): tokens/s and GPU bytes beside f16.
+    trainCase('stories260K', 8, qv, 4, 128, small, 'q8_0'),
+    trainCase('stories260K', 8, qv, 4, 128, small, 'q4_0'),
     trainCase('smollm2-135m-random', 8, qv, 4, 128, big),
+    trainCase('smollm2-135m-random', 8, qv, 4, 128, big, 'q8_0'),
+    trainCase('smollm2-135m-random', 8, qv, 4, 128, big, 'q4_0'),
     trainCase('smollm2-135m-random', 16, qv, 4, 128, big),
     trainCase('smollm2-135m-random', 8, qv, 1, 512, big),
   ];

@@ -7,6 +7,9 @@
  *   prompt's pass, the forward pass writing the KV cache, and reading the last position's logits.
  * - decode: Generator.generate(prompt, N new tokens, greedy, no stop token): decodeSeconds per
  *   step (N - 1 one-token steps, each a submit and a read-back of one row of logits).
+ *   dispatchesPerToken is the exact number of compute dispatches one decode step submitted
+ *   (GpuContext.counters around the steps, GenerateResult.decodeCounters); gpuBytes the peak of
+ *   live GPU bytes while the case ran (weights, KV cache and plans).
  *
  * Records carry extra.case (bench/cases.ts's key); bench/run.ts fills in the PyTorch baseline
  * measured on the same machine for the same case (tools/bench_torch.py).
@@ -16,6 +19,7 @@ import { type CausalLM, Generator, loadModel, urlSource } from '@webtune/models'
 import {
   BENCH_MODELS,
   type BenchModelId,
+  type BenchPrecision,
   benchTokenIds,
   casesByModel,
   decodeStepFlops,
@@ -56,12 +60,13 @@ export async function loadBenchModel(
   ctx: GpuContext,
   id: BenchModelId,
   status: (s: string) => void,
+  precision: BenchPrecision = 'f16',
 ): Promise<{ model: CausalLM; loadMs: number }> {
   const spec = BENCH_MODELS[id];
   const t0 = performance.now();
   let last = 0;
   const model = await loadModel(ctx, urlSource(new URL(`/${spec.dir}/`, location.origin).href), {
-    precision: 'f16',
+    precision,
     onProgress: (p) => {
       if (p.total > 0 && p.loaded - last > p.total / 4) {
         last = p.loaded;
@@ -120,13 +125,18 @@ async function benchModel(
           });
         } else {
           let ids: number[] = [];
+          const perToken = new Set<number>();
+          ctx.resetPeakLiveBytes();
           const samples = await sample(async () => {
             const r = await gen.generate(prompt, { maxNewTokens: c.newTokens, temperature: 0, stopTokens: [] });
             if (r.ids.length !== c.newTokens)
               throw new WebtuneError(`decode made ${r.ids.length} tokens, ${c.newTokens} asked (${r.stopReason})`);
             ids = r.ids;
+            perToken.add(r.decodeCounters.dispatches / r.decodeSteps);
             return (r.decodeSeconds * 1000) / (c.newTokens - 1);
           }, c);
+          // Every decode step records the same planned dispatches; more than one value is a bug.
+          if (perToken.size !== 1) throw new WebtuneError(`decode dispatches per token varied: ${[...perToken]}`);
           const ms = medianLow(samples);
           let flops = 0;
           for (let pos = c.prompt; pos < c.prompt + c.newTokens - 1; pos++) flops += decodeStepFlops(spec, pos);
@@ -140,6 +150,8 @@ async function benchModel(
             baselineMs: null,
             ratio: null,
             adapter: o.adapter,
+            dispatchesPerToken: [...perToken][0] as number,
+            gpuBytes: ctx.counters.peakLiveBytes,
             extra: {
               case: c.key,
               tokens_per_s: 1000 / ms,

@@ -8,6 +8,18 @@ export interface BenchRecord {
   baselineMs: number | null;
   ratio: number | null;
   adapter: string;
+  /**
+   * Exact runtime counts (GpuContext.counters, subtracted around the timed work) of one training
+   * step: compute dispatches, queue submits, and readbacks whose data the host waited for with
+   * nothing queued after them (train records only).
+   */
+  dispatchesPerStep?: number;
+  submitsPerStep?: number;
+  blockingReadbacksPerStep?: number;
+  /** The peak of live GPU buffer bytes while the case ran (weights included). */
+  gpuBytes?: number;
+  /** Compute dispatches of one decode step (decode records only). */
+  dispatchesPerToken?: number;
   /** Extra figures where they mean something (tokens/s, bytes). */
   extra?: Record<string, number | string>;
 }

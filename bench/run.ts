@@ -162,6 +162,27 @@ function memoryTable(records: BenchRecord[]): string | undefined {
   return render(rows);
 }
 
+/** What a training step or a decoded token costs in GPU work: exact runtime counts. */
+function countsTable(records: BenchRecord[]): string | undefined {
+  const counted = records.filter((r) => r.dispatchesPerStep !== undefined || r.dispatchesPerToken !== undefined);
+  if (counted.length === 0) return undefined;
+  const rows = [['name', 'shape', 'dispatches', 'submits', 'blocking readbacks', 'GPU MiB (peak live)', 'adapter']];
+  const n = (x: number | undefined) => (x === undefined ? '' : String(x));
+  for (const r of counted) {
+    const perToken = r.dispatchesPerToken !== undefined;
+    rows.push([
+      r.name,
+      r.shape,
+      perToken ? `${r.dispatchesPerToken}/token` : `${r.dispatchesPerStep}/step`,
+      n(r.submitsPerStep),
+      n(r.blockingReadbacksPerStep),
+      mib(r.gpuBytes),
+      r.adapter,
+    ]);
+  }
+  return render(rows);
+}
+
 // ---------------------------------------------------------------------------------------------
 // PyTorch baseline (tools/bench_torch.py)
 
@@ -227,7 +248,8 @@ async function runTorchBaseline(root: string, args: Args): Promise<TorchRun> {
       : [],
     train: train
       ? trainCases(args.quick)
-          .filter((c) => keep(c.key))
+          // PyTorch trains on the f32 base: the baseline of the f16 cases only.
+          .filter((c) => keep(c.key) && c.precision === 'f16')
           .map((c) => ({
             key: c.key,
             model: c.model,
@@ -343,6 +365,10 @@ async function runAdapter(
             ? ''
             : `, ratio ${r.ratio.toFixed(2)} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`) +
           (peak === undefined ? '' : `; GPU ${mib(peak)} MiB`) +
+          (r.dispatchesPerStep === undefined
+            ? ''
+            : `; ${r.dispatchesPerStep} dispatches, ${r.submitsPerStep} submits, ${r.blockingReadbacksPerStep} blocking readbacks per step`) +
+          (r.dispatchesPerToken === undefined ? '' : `; ${r.dispatchesPerToken} dispatches per token`) +
           (basePeak === undefined ? '' : `, torch ${mib(basePeak)} MiB`),
       );
     });
@@ -411,6 +437,8 @@ async function main(): Promise<number> {
     await server.close();
   }
   console.log(`\n${table(all)}`);
+  const counts = countsTable(all);
+  if (counts) console.log(`\nGPU work per training step / decoded token (exact runtime counts)\n${counts}`);
   const memory = memoryTable(all);
   if (memory)
     console.log(`\ntraining memory (webtune: every GPU buffer the trainer holds; torch: its CPU allocator)\n${memory}`);

@@ -27,6 +27,15 @@
 //   in place). The arenas hold their tensors at aligned offsets with zero padding in between;
 //   padding stays zero (zero gradient, parameter and moments give a zero update).
 // Threads are laid out 2-D (x fastest), one element each, so n may exceed 65535 workgroups' worth.
+//
+// adamw_step_guarded: the same update, for a trainer that queues the next step before it has read
+// this one's loss (no stall on the host). It also skips when one of the step's losses is not
+// finite, and it latches: the first step that skips sets guard[0] = 1, and every later step skips
+// while guard[0] != 0, so steps already queued behind a diverged one change nothing either, and
+// the adapter stays as it was before the divergence until the host (having read it) clears the
+// latch. Extra bindings: 6 losses [2·loss_count] (read: per micro-batch [loss, count], loss at
+// even indices), 7 guard [1] (atomic u32, read and written). Finiteness is tested on the bits,
+// as in reduce.wgsl (WGSL may fold away x != x).
 
 struct Params {
   decay: f32,           // 1 − lr·weight_decay
@@ -39,7 +48,7 @@ struct Params {
   max_norm: f32,        // ≤ 0: no clipping
   n: u32,               // elements of the arena
   row_stride: u32,      // invocations per row of the 2-D grid
-  _pad0: u32,
+  loss_count: u32,      // adamw_step_guarded: micro-batch losses to check
   _pad1: u32,
 }
 
@@ -49,6 +58,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> param: array<f32>;
 @group(0) @binding(4) var<storage, read_write> m: array<f32>;
 @group(0) @binding(5) var<storage, read_write> v: array<f32>;
+@group(0) @binding(6) var<storage, read> losses: array<f32>;
+@group(0) @binding(7) var<storage, read_write> guard: array<atomic<u32>>;
 
 override WG: u32 = 256;
 
@@ -58,6 +69,33 @@ fn adamw_step(@builtin(global_invocation_id) gid: vec3<u32>) {
   if (i >= u.n || norm[1] != 1.0) {
     return;
   }
+  update(i);
+}
+
+fn is_finite(x: f32) -> bool {
+  return (bitcast<u32>(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+@compute @workgroup_size(WG)
+fn adamw_step_guarded(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.y * u.row_stride + gid.x;
+  var ok = norm[1] == 1.0;
+  for (var k = 0u; k < u.loss_count; k++) {
+    ok = ok && is_finite(losses[2u * k]);
+  }
+  // Every invocation computes the same ok; one of them latches it. An invocation that reads the
+  // latch while it is being set has ok == false anyway, so the race cannot change the outcome.
+  if (!ok) {
+    if (i == 0u) { atomicStore(&guard[0], 1u); }
+    return;
+  }
+  if (i >= u.n || atomicLoad(&guard[0]) != 0u) {
+    return;
+  }
+  update(i);
+}
+
+fn update(i: u32) {
   var g = grad[i];
   if (u.max_norm > 0.0) {
     let coef = min((1.0 / (norm[0] + 1e-6)) * u.max_norm, 1.0);

@@ -15,6 +15,9 @@
 //                  4 mean [rows] (written), 5 rstd [rows] (written), 6 y [rows,d] (written)
 //   layernorm_bwd: 0 p uniform, 1 x [rows,d] (read), 2 w [d] (read), 3 mean [rows] (read),
 //                  4 rstd [rows] (read), 5 dy [rows,d] (read), 6 dx [rows,d] (written or accumulated)
+//   layernorm_fwd_copy: as layernorm_fwd, and 7 x_copy [rows,d] (written): a copy of x, where the
+//                  projection after the block accumulates (the residual add without a dispatch; see
+//                  rmsnorm.wgsl)
 //
 // Work split as in rmsnorm.wgsl: TPR invocations per row, WG / TPR rows per workgroup, partial
 // sums added as a tree in workgroup memory, workgroups on a 2-D grid (wid.y·grid_x + wid.x);
@@ -42,6 +45,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> dy: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(7) var<storage, read_write> x_copy: array<f32>;
 
 override WG: u32 = 256;   // invocations per workgroup
 override TPR: u32 = 256;  // invocations per row; a power of two dividing WG
@@ -78,6 +82,19 @@ fn row_sum(tid: u32, lane: u32, v: vec2<f32>) -> vec2<f32> {
 
 @compute @workgroup_size(WG)
 fn layernorm_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  forward_row(tid, wid);
+}
+
+@compute @workgroup_size(WG)
+fn layernorm_fwd_copy(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  forward_row(tid, wid);
+  let s = slot(tid, wid);
+  if (!s.valid) { return; }
+  let base = s.row * p.d;
+  for (var i = s.lane; i < p.d; i += TPR) { x_copy[base + i] = x[base + i]; }
+}
+
+fn forward_row(tid: u32, wid: vec3<u32>) {
   let s = slot(tid, wid);
   let base = s.row * p.d;
   let inv_d = 1.0 / f32(p.d);

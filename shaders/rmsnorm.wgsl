@@ -16,8 +16,13 @@
 // so one dispatch can normalise the q heads inside a fused qkv buffer (G = heads, stride = the
 // fused width, offset = where q starts). Plain [rows, d] is G = 1, stride = d, offset 0.
 //
+// rmsnorm_fwd_copy also copies x into x_copy (same layout as x). A transformer layer's norms use it:
+// the copy is where the projection after the block accumulates its output (C += ..., beta = 1), so
+// the residual add costs no dispatch of its own and the norm's input stays intact for the backward.
+//
 // Bindings, group 0:
 //   rmsnorm_fwd: 0 p uniform, 1 x (read), 2 w [d] (read), 3 rstd [rows] (written), 4 y (written)
+//   rmsnorm_fwd_copy: the same and 5 x_copy (written)
 //   rmsnorm_bwd: 0 p uniform, 1 x (read), 2 w [d] (read), 3 rstd [rows] (read), 4 dy (read),
 //                5 dx (written or accumulated)
 //
@@ -51,6 +56,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> dy: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(5) var<storage, read_write> x_copy: array<f32>;
 
 override WG: u32 = 256;   // invocations per workgroup
 override TPR: u32 = 256;  // invocations per row; a power of two dividing WG
@@ -95,6 +101,19 @@ fn row_sum(tid: u32, lane: u32, v: f32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn rmsnorm_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  forward_row(tid, wid);
+}
+
+@compute @workgroup_size(WG)
+fn rmsnorm_fwd_copy(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  forward_row(tid, wid);
+  let s = slot(tid, wid);
+  if (!s.valid) { return; }
+  let xb = x_base(s.row);
+  for (var i = s.lane; i < p.d; i += TPR) { x_copy[xb + i] = x[xb + i]; }
+}
+
+fn forward_row(tid: u32, wid: vec3<u32>) {
   let s = slot(tid, wid);
   let xb = x_base(s.row);
   var ss = 0.0;

@@ -66,6 +66,39 @@ interface TrackedBuffer {
 }
 
 /**
+ * What this context has asked of the GPU since it was made: exact counts kept by the calls that do
+ * the work (StepEncoder.submit, readBytes), not estimates. Take two snapshots (`ctx.counters`) and
+ * subtract (`diffCounters`) to get the cost of one training step or one decoded token.
+ */
+export interface GpuCounters {
+  /** Compute dispatches in submitted command buffers. */
+  readonly dispatches: number;
+  /** queue.submit calls. */
+  readonly submits: number;
+  /** Buffers mapped to read GPU results on the host. */
+  readonly readbacks: number;
+  /**
+   * Readbacks whose data came back while nothing had been submitted after them: the queue ran dry
+   * while the host waited for the result, so the next step's work could not yet be queued. A
+   * pipelined loop (submit step n + 1, then read step n) has none.
+   */
+  readonly blockingReadbacks: number;
+  /** The most bytes of live buffers at any moment since the last resetPeakLiveBytes(). */
+  readonly peakLiveBytes: number;
+}
+
+/** b − a for every count (the peak is b's). */
+export function diffCounters(a: GpuCounters, b: GpuCounters): GpuCounters {
+  return {
+    dispatches: b.dispatches - a.dispatches,
+    submits: b.submits - a.submits,
+    readbacks: b.readbacks - a.readbacks,
+    blockingReadbacks: b.blockingReadbacks - a.blockingReadbacks,
+    peakLiveBytes: b.peakLiveBytes,
+  };
+}
+
+/**
  * One WebGPU device with what we learned about its adapter, and the bookkeeping every part of
  * webtune shares: live buffers (for leak checks and memory accounting), device loss, and
  * uncaptured errors. Passed explicitly as the first argument everywhere; there is no global.
@@ -83,6 +116,12 @@ export class GpuContext {
 
   private lostError: DeviceLostError | undefined;
   private readonly live = new Map<GPUBuffer, TrackedBuffer>();
+  private liveTotal = 0;
+  private peakLive = 0;
+  private dispatchCount = 0;
+  private submitCount = 0;
+  private readbackCount = 0;
+  private blockingCount = 0;
   private readonly uncaptured: GPUError[] = [];
   private placeholderBuffer: GPUBuffer | undefined;
   // Holds the Dawn instance under Node for as long as the device lives (see node-gpu.ts).
@@ -149,11 +188,54 @@ export class GpuContext {
     }
     const buffer = this.device.createBuffer({ label: desc.label, size, usage: desc.usage });
     this.live.set(buffer, { label: desc.label, size });
+    this.liveTotal += size;
+    this.peakLive = Math.max(this.peakLive, this.liveTotal);
     return buffer;
   }
 
   releaseBuffer(buffer: GPUBuffer): void {
-    if (this.live.delete(buffer)) buffer.destroy();
+    const tracked = this.live.get(buffer);
+    if (!tracked) return;
+    this.live.delete(buffer);
+    this.liveTotal -= tracked.size;
+    buffer.destroy();
+  }
+
+  /** Submits command buffers holding `dispatches` compute dispatches (counted in `counters`). */
+  submit(commandBuffers: readonly GPUCommandBuffer[], dispatches = 0): void {
+    this.assertAlive();
+    this.device.queue.submit(commandBuffers);
+    this.submitCount++;
+    this.dispatchCount += dispatches;
+  }
+
+  /**
+   * Maps `buffer` (MAP_READ) for reading once the work already submitted has filled it; resolves
+   * when its bytes can be read, rejects if the device is lost first. Counts the readback, and
+   * counts it as blocking when nothing was submitted between the call and the data's arrival.
+   */
+  async mapRead(buffer: GPUBuffer, offset: number, size: number): Promise<void> {
+    this.assertAlive();
+    const submitsBefore = this.submitCount;
+    await Promise.race([buffer.mapAsync(0x1 /* READ */, offset, size), this.lost.then((e) => Promise.reject(e))]);
+    this.readbackCount++;
+    if (this.submitCount === submitsBefore) this.blockingCount++;
+  }
+
+  /** A snapshot of the work counts (see GpuCounters). */
+  get counters(): GpuCounters {
+    return {
+      dispatches: this.dispatchCount,
+      submits: this.submitCount,
+      readbacks: this.readbackCount,
+      blockingReadbacks: this.blockingCount,
+      peakLiveBytes: this.peakLive,
+    };
+  }
+
+  /** Starts a new peak of live bytes from what is live now. */
+  resetPeakLiveBytes(): void {
+    this.peakLive = this.liveTotal;
   }
 
   /** Number of buffers created through this context and not yet released. */
@@ -163,9 +245,7 @@ export class GpuContext {
 
   /** Bytes held by live buffers. */
   get liveBytes(): number {
-    let total = 0;
-    for (const b of this.live.values()) total += b.size;
-    return total;
+    return this.liveTotal;
   }
 
   /** Labels of live buffers, for leak reports. */
@@ -224,6 +304,7 @@ export class GpuContext {
     this.placeholderBuffer?.destroy();
     for (const buffer of this.live.keys()) buffer.destroy();
     this.live.clear();
+    this.liveTotal = 0;
     this.destroyed = true;
     this.device.destroy();
     void this.keepAlive;

@@ -17,6 +17,7 @@ export class StepEncoder {
   private readonly querySet: GPUQuerySet | undefined;
   private readonly maxPasses: number;
   private passes = 0;
+  private dispatchCount = 0;
   private resolveBuffer: GPUBuffer | undefined;
 
   constructor(
@@ -61,16 +62,18 @@ export class StepEncoder {
     this.assertOpen();
     const pass = this.computePass();
     for (const d of dispatches) d.record(pass);
+    this.dispatchCount += dispatches.length;
     return this;
   }
 
-  copy(src: Tensor | GPUBuffer, dst: Tensor | GPUBuffer, bytes?: number): this {
+  /** Copies `bytes` (default: as much as both hold) from src to dst, `dstOffset` bytes into dst. */
+  copy(src: Tensor | GPUBuffer, dst: Tensor | GPUBuffer, bytes?: number, dstOffset = 0): this {
     this.assertOpen();
     this.endPass();
     const s = 'buffer' in src ? src.buffer : src;
     const d = 'buffer' in dst ? dst.buffer : dst;
     const so = 'buffer' in src ? src.byteOffset : 0;
-    const dOff = 'buffer' in dst ? dst.byteOffset : 0;
+    const dOff = ('buffer' in dst ? dst.byteOffset : 0) + dstOffset;
     const size = bytes ?? Math.min(s.size - so, d.size - dOff);
     this.encoder.copyBufferToBuffer(s, so, d, dOff, size);
     return this;
@@ -82,6 +85,11 @@ export class StepEncoder {
     if ('buffer' in target) this.encoder.clearBuffer(target.buffer, target.byteOffset, target.bindingSize);
     else this.encoder.clearBuffer(target);
     return this;
+  }
+
+  /** Dispatches recorded so far. */
+  get dispatches(): number {
+    return this.dispatchCount;
   }
 
   /** Finishes and submits everything recorded, once. */
@@ -97,7 +105,7 @@ export class StepEncoder {
       });
       this.encoder.resolveQuerySet(this.querySet, 0, count, this.resolveBuffer, 0);
     }
-    this.ctx.device.queue.submit([this.encoder.finish()]);
+    this.ctx.submit([this.encoder.finish()], this.dispatchCount);
     this.submitted = true;
   }
 

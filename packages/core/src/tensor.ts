@@ -113,6 +113,24 @@ export function tensorView(parent: Tensor, byteOffset: number, shape: Shape, dty
 }
 
 /**
+ * Where TensorArena puts f32 tensors of these shapes: byte offsets, each a multiple of
+ * max(16, minStorageBufferOffsetAlignment), and the arena's size in elements (at least 1).
+ */
+export function arenaLayout(
+  shapes: readonly Shape[],
+  minStorageBufferOffsetAlignment: number,
+): { offsets: number[]; elements: number } {
+  const align = Math.max(16, minStorageBufferOffsetAlignment);
+  const offsets: number[] = [];
+  let end = 0;
+  for (const shape of shapes) {
+    offsets.push(end);
+    end += Math.ceil((numel(shape) * 4) / align) * align;
+  }
+  return { offsets, elements: Math.max(1, end / 4) };
+}
+
+/**
  * Many small tensors in one buffer, each at an aligned offset: LoRA's A and B matrices, their
  * gradients and the optimizer's moments live in arenas of identical layout, so the optimizer and
  * the gradient norm run as one dispatch over all of them.
@@ -123,15 +141,13 @@ export class TensorArena {
   readonly offsets: readonly number[];
 
   constructor(ctx: GpuContext, entries: readonly { shape: Shape; label: string }[], label: string) {
-    const align = Math.max(16, ctx.limits.minStorageBufferOffsetAlignment);
-    const offsets: number[] = [];
-    let end = 0;
-    for (const e of entries) {
-      assertShape(e.label, e.shape);
-      offsets.push(end);
-      end += Math.ceil((numel(e.shape) * 4) / align) * align;
-    }
-    this.tensor = createTensor(ctx, [Math.max(1, end / 4)], 'f32', label);
+    for (const e of entries) assertShape(e.label, e.shape);
+    const layout = arenaLayout(
+      entries.map((e) => e.shape),
+      ctx.limits.minStorageBufferOffsetAlignment,
+    );
+    this.tensor = createTensor(ctx, [layout.elements], 'f32', label);
+    const offsets = layout.offsets;
     this.offsets = offsets;
     this.views = entries.map((e, i) => tensorView(this.tensor, offsets[i] as number, e.shape, 'f32', e.label));
   }
@@ -253,8 +269,8 @@ export async function readBytes(
   try {
     const encoder = ctx.device.createCommandEncoder({ label });
     encoder.copyBufferToBuffer(buffer, offset, staging, 0, size);
-    ctx.device.queue.submit([encoder.finish()]);
-    await Promise.race([staging.mapAsync(0x1 /* READ */, 0, size), ctx.lost.then((e) => Promise.reject(e))]);
+    ctx.submit([encoder.finish()]);
+    await ctx.mapRead(staging, 0, size);
     return staging.getMappedRange(0, size).slice(0);
   } finally {
     ctx.releaseBuffer(staging);

@@ -9,6 +9,7 @@ import {
   createTensor,
   type GpuContext,
   readFloat32,
+  readTensor,
   ShapeError,
   StepEncoder,
   type Tensor,
@@ -25,7 +26,12 @@ const gpu = useGpu();
 const cases = golden.adamw as unknown as GoldenAdamWCase[];
 
 /** The four arenas of one optimizer (identical layout), the norm scratch and result, the plan. */
-async function makeOptimizer(ctx: GpuContext, sizes: readonly number[], h: AdamWHyperparameters) {
+async function makeOptimizer(
+  ctx: GpuContext,
+  sizes: readonly number[],
+  h: AdamWHyperparameters,
+  guard?: { losses: Tensor; latch: Tensor; count: number },
+) {
   const entries = (what: string) => sizes.map((n, i) => ({ shape: [n], label: `${what}${i}` }));
   const param = new TensorArena(ctx, entries('p'), 'params');
   const grad = new TensorArena(ctx, entries('g'), 'grads');
@@ -34,7 +40,9 @@ async function makeOptimizer(ctx: GpuContext, sizes: readonly number[], h: AdamW
   const partials = createTensor(ctx, [reducePartialsSize(ctx, grad.size)], 'f32', 'norm.partials');
   const norm = createTensor(ctx, [REDUCE_OUT_SIZE], 'f32', 'grad_norm');
   const normPlan = await planL2Norm(ctx, { x: grad.tensor, partials, out: norm });
-  const adamw = await planAdamW(ctx, { norm, grad: grad.tensor, param: param.tensor, m: m.tensor, v: v.tensor }, h);
+  const adamw = await planAdamW(ctx, { norm, grad: grad.tensor, param: param.tensor, m: m.tensor, v: v.tensor }, h, {
+    guard,
+  });
   /** Writes a flat host array (tensors concatenated) into an arena's views. */
   const upload = (arena: TensorArena, flat: ArrayLike<number>) => {
     let o = 0;
@@ -210,6 +218,69 @@ describe('adamw with non-finite gradients', () => {
       adamwStepRef(ref, grads[1] as Float64Array, h, 2);
       expectClose(ctx, 'step after the skipped ones', (await opt.download(opt.param)).flat, ref.param, 1e-6, 1e-5);
       opt.dispose();
+    });
+  });
+});
+
+describe('adamw_step_guarded (a pipelined trainer)', () => {
+  const h: AdamWRefHyper = { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0.1, maxNorm: 1 };
+  const sizes = [7, 65];
+  it('skips on a non-finite loss, latches so later steps skip too, and resumes once the latch is cleared', async () => {
+    const ctx = gpu();
+    const { param, grads } = adamwGoldenInputs({ sizes, initSeed: 5, initScale: 1, gradSeed: 6, gradScales: [1, 1] });
+    await gpuCase(ctx, 'guarded', async () => {
+      const losses = createTensor(ctx, [2, 2], 'f32', 'losses');
+      const latch = createTensor(ctx, [1], 'u32', 'latch');
+      const opt = await makeOptimizer(ctx, sizes, h, { losses, latch, count: 2 });
+      const read = async () => ({
+        param: (await opt.download(opt.param)).flat,
+        m: (await opt.download(opt.m)).flat,
+        v: (await opt.download(opt.v)).flat,
+      });
+      const bits = (x: Float32Array) => new Uint32Array(x.buffer);
+      opt.upload(opt.param, param);
+      writeTensor(losses, [2.5, 10, 3.5, 12]);
+      opt.upload(opt.grad, grads[0] as Float64Array);
+      opt.step(h, 1);
+      const ref = { param: param.slice(), m: new Float64Array(param.length), v: new Float64Array(param.length) };
+      adamwStepRef(ref, grads[0] as Float64Array, h, 1);
+      expectClose(
+        ctx,
+        'a guarded step with finite losses',
+        (await opt.download(opt.param)).flat,
+        ref.param,
+        1e-6,
+        1e-5,
+      );
+      expect([...(await readTensor(latch))]).toEqual([0]);
+      const before = await read();
+      // The second micro-batch's loss is infinite (its gradients are finite): nothing changes.
+      writeTensor(losses, [2.5, 10, Number.POSITIVE_INFINITY, 12]);
+      opt.upload(opt.grad, grads[1] as Float64Array);
+      opt.step(h, 2);
+      expect([...(await readTensor(latch))]).toEqual([1]);
+      // A step queued behind it with good losses and gradients skips as well.
+      writeTensor(losses, [2.5, 10, 3.5, 12]);
+      opt.upload(opt.grad, grads[1] as Float64Array);
+      opt.step(h, 2);
+      const after = await read();
+      for (const k of ['param', 'm', 'v'] as const) expect(bits(after[k]), `${k} unchanged`).toEqual(bits(before[k]));
+      // The host clears the latch: the next step applies (the reference's step 2).
+      writeTensor(latch, [0]);
+      opt.upload(opt.grad, grads[1] as Float64Array);
+      opt.step(h, 2);
+      adamwStepRef(ref, grads[1] as Float64Array, h, 2);
+      expectClose(
+        ctx,
+        'the step after the latch is cleared',
+        (await opt.download(opt.param)).flat,
+        ref.param,
+        1e-6,
+        1e-5,
+      );
+      opt.dispose();
+      losses.dispose();
+      latch.dispose();
     });
   });
 });

@@ -5,6 +5,7 @@ import {
   createGpuContext,
   createTensor,
   DeviceLostError,
+  diffCounters,
   getKernel,
   LimitExceededError,
   planAddScaled,
@@ -226,6 +227,37 @@ describe('step encoder', () => {
       else expect(ms).toBeUndefined();
       for (const d of [first, second]) d.dispose();
       for (const t of [a, b, c]) t.dispose();
+    });
+  });
+});
+
+describe('work counters', () => {
+  it('counts dispatches, submits, readbacks and blocking readbacks exactly, and the peak of live bytes', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'counters', async () => {
+      const a = tensorFromData(ctx, [1, 2, 3, 4], [4], 'f32', 'a');
+      const b = createTensor(ctx, [4], 'f32', 'b');
+      const add = await planAddScaled(ctx, a, a, b, 1);
+      ctx.resetPeakLiveBytes();
+      const start = ctx.counters;
+      expect(start.peakLiveBytes).toBe(ctx.liveBytes);
+      new StepEncoder(ctx, 'three').dispatch(add, add).dispatch(add).submit();
+      let now = diffCounters(start, ctx.counters);
+      expect([now.dispatches, now.submits, now.readbacks, now.blockingReadbacks]).toEqual([3, 1, 0, 0]);
+      // Awaited with nothing queued after it: the host waits on an idle queue.
+      expect([...(await readFloat32(b))]).toEqual([2, 4, 6, 8]);
+      now = diffCounters(start, ctx.counters);
+      expect([now.dispatches, now.submits, now.readbacks, now.blockingReadbacks]).toEqual([3, 2, 1, 1]);
+      // The next step is queued before the readback's data arrives: not blocking.
+      const pending = readFloat32(b);
+      new StepEncoder(ctx, 'next').dispatch(add).submit();
+      await pending;
+      now = diffCounters(start, ctx.counters);
+      expect([now.dispatches, now.submits, now.readbacks, now.blockingReadbacks]).toEqual([4, 4, 2, 1]);
+      // The staging buffers of the readbacks were live for a moment: the peak saw them.
+      expect(ctx.counters.peakLiveBytes).toBeGreaterThan(ctx.liveBytes);
+      add.dispose();
+      for (const t of [a, b]) t.dispose();
     });
   });
 });

@@ -18,12 +18,14 @@ interface Case {
   accumulate: boolean;
   /** Forced work split; default the adapter's. */
   split?: NormSplit;
+  /** Also copy x into xCopy (layernorm_fwd_copy: the start of a residual add). */
+  copy?: boolean;
 }
 
 const cases: Case[] = [
   { rows: 1, d: 1, bias: true, accumulate: false },
-  { rows: 7, d: 12, bias: false, accumulate: true, split: 'tree' },
-  { rows: 257, d: 63, bias: true, accumulate: false, split: 'rows' },
+  { rows: 7, d: 12, bias: false, accumulate: true, split: 'tree', copy: true },
+  { rows: 257, d: 63, bias: true, accumulate: false, split: 'rows', copy: true },
   { rows: 65, d: 64, bias: true, accumulate: true },
   { rows: 1, d: 65, bias: false, accumulate: false, split: 'tree' },
   { rows: 7, d: 257, bias: true, accumulate: true, split: 'tree' },
@@ -31,7 +33,7 @@ const cases: Case[] = [
 ];
 
 const name = (c: Case) =>
-  `rows=${c.rows} d=${c.d}${c.bias ? ' +b' : ''}${c.accumulate ? ' dx+=' : ''}${c.split ? ` ${c.split}` : ''}`;
+  `rows=${c.rows} d=${c.d}${c.bias ? ' +b' : ''}${c.accumulate ? ' dx+=' : ''}${c.split ? ` ${c.split}` : ''}${c.copy ? ' +copy' : ''}`;
 const tol = (d: number) => 2e-6 * Math.max(1, Math.sqrt(d));
 const eps = 1e-5;
 
@@ -64,7 +66,8 @@ describe('layernorm', () => {
         const dx = c.accumulate
           ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
           : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
-        const fwd = await planLayerNormForward(ctx, { x, w, b, y, mean, rstd }, { eps, split: c.split });
+        const xCopy = c.copy ? createTensor(ctx, [c.rows, c.d], 'f32', 'x_copy') : undefined;
+        const fwd = await planLayerNormForward(ctx, { x, w, b, y, mean, rstd, xCopy }, { eps, split: c.split });
         const bwd = await planLayerNormBackward(
           ctx,
           { x, w, mean, rstd, dy: tdy, dx },
@@ -78,15 +81,17 @@ describe('layernorm', () => {
           mean: await readFloat32(mean),
           rstd: await readFloat32(rstd),
           dx: await readFloat32(dx),
+          xCopy: xCopy ? await readFloat32(xCopy) : undefined,
         };
         fwd.dispose();
         bwd.dispose();
-        for (const t of [x, w, b, y, mean, rstd, tdy, dx]) t?.dispose();
+        for (const t of [x, w, b, y, mean, rstd, tdy, dx, xCopy]) t?.dispose();
         return out;
       });
       expectClose(ctx, `${name(c)} y`, got.y, ref.y, 2e-6, 1e-5);
       expectClose(ctx, `${name(c)} mean`, got.mean, ref.mean, 1e-6, 1e-5);
       expectClose(ctx, `${name(c)} rstd`, got.rstd, ref.rstd, 0, 1e-5);
+      if (c.copy) expect(got.xCopy, 'x copied exactly').toEqual(Float32Array.from(p.x));
       const want = c.accumulate ? grad.dx.map((v, i) => v + (prev[i] as number)) : grad.dx;
       expectClose(ctx, `${name(c)} dx`, got.dx, want, tol(c.d), 1e-5);
     });

@@ -19,22 +19,24 @@ interface Case {
   accumulate: boolean;
   /** Forced work split; default the adapter's. */
   split?: NormSplit;
+  /** Also copy x into xCopy (rmsnorm_fwd_copy: the start of a residual add). */
+  copy?: boolean;
 }
 
 const cases: Case[] = [
   { rows: 1, d: 1, eps: 1e-5, accumulate: false },
-  { rows: 7, d: 12, eps: 1e-6, accumulate: true, split: 'tree' },
-  { rows: 65, d: 63, eps: 1e-5, accumulate: false },
+  { rows: 7, d: 12, eps: 1e-6, accumulate: true, split: 'tree', copy: true },
+  { rows: 65, d: 63, eps: 1e-5, accumulate: false, copy: true },
   { rows: 257, d: 64, eps: 1e-6, accumulate: true, split: 'tree' },
   { rows: 7, d: 65, eps: 1e-5, accumulate: false, split: 'rows' },
   { rows: 65, d: 257, eps: 1e-6, accumulate: true, split: 'tree' },
   { rows: 1, d: 257, eps: 1e-5, accumulate: false },
   { rows: 3, d: 8192, eps: 1e-5, accumulate: true, split: 'tree' },
-  { rows: 257, d: 576, eps: 1e-5, accumulate: true, split: 'rows' },
+  { rows: 257, d: 576, eps: 1e-5, accumulate: true, split: 'rows', copy: true },
 ];
 
 const name = (c: Case) =>
-  `rows=${c.rows} d=${c.d} eps=${c.eps}${c.accumulate ? ' dx+=' : ''}${c.split ? ` ${c.split}` : ''}`;
+  `rows=${c.rows} d=${c.d} eps=${c.eps}${c.accumulate ? ' dx+=' : ''}${c.split ? ` ${c.split}` : ''}${c.copy ? ' +copy' : ''}`;
 
 // f32 sums of d terms of O(1) values.
 const tol = (d: number) => 2e-6 * Math.max(1, Math.sqrt(d));
@@ -64,7 +66,8 @@ describe('rmsnorm', () => {
         const dx = c.accumulate
           ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
           : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
-        const fwd = await planRmsNormForward(ctx, { x, w, y, rstd }, { eps: c.eps, split: c.split });
+        const xCopy = c.copy ? createTensor(ctx, [c.rows, c.d], 'f32', 'x_copy') : undefined;
+        const fwd = await planRmsNormForward(ctx, { x, w, y, rstd, xCopy }, { eps: c.eps, split: c.split });
         const bwd = await planRmsNormBackward(
           ctx,
           { x, w, rstd, dy: tdy, dx },
@@ -73,14 +76,20 @@ describe('rmsnorm', () => {
         const enc = new StepEncoder(ctx, 'rmsnorm step');
         enc.dispatch(fwd, bwd);
         enc.submit();
-        const out = { y: await readFloat32(y), rstd: await readFloat32(rstd), dx: await readFloat32(dx) };
+        const out = {
+          y: await readFloat32(y),
+          rstd: await readFloat32(rstd),
+          dx: await readFloat32(dx),
+          xCopy: xCopy ? await readFloat32(xCopy) : undefined,
+        };
         fwd.dispose();
         bwd.dispose();
-        for (const t of [x, w, y, rstd, tdy, dx]) t.dispose();
+        for (const t of [x, w, y, rstd, tdy, dx, xCopy]) t?.dispose();
         return out;
       });
       expectClose(ctx, `${name(c)} y`, got.y, ref.y, 2e-6, 1e-5);
       expectClose(ctx, `${name(c)} rstd`, got.rstd, ref.rstd, 0, 1e-5);
+      if (c.copy) expect(got.xCopy, 'x copied exactly').toEqual(Float32Array.from(p.x));
       const want = c.accumulate ? grad.dx.map((v, i) => v + (prev[i] as number)) : grad.dx;
       expectClose(ctx, `${name(c)} dx`, got.dx, want, tol(c.d), 1e-5);
     });

@@ -25,8 +25,17 @@ import {
   planSiluMulBackward,
   type Tensor,
 } from '@webtune/core';
-import type { LinearRole } from './architecture.js';
-import { type ForwardPlan, type LayerActivations, loraDropout, type NormStats } from './forward.js';
+import { type LinearRole, modelLayout } from './architecture.js';
+import type { ModelConfig } from './config.js';
+import {
+  type AdapterRanks,
+  type ForwardPlan,
+  type LayerActivations,
+  layerDispatchCount,
+  loraDropout,
+  type NormStats,
+  type PlannedBuffer,
+} from './forward.js';
 import type { Layer, Linear, Norm } from './model.js';
 
 /** One adapted module's trainable tensors and their gradients (views into arenas, usually). */
@@ -57,13 +66,95 @@ export interface BackwardPlan {
   dispose(): void;
 }
 
+/**
+ * The buffers planBackward allocates (labels without the 'backward.' prefix), apart from the loss's
+ * logits chunk: the single description of the backward's scratch, which estimateMemory sums too.
+ * Everything but the LoRA gradient g (one per rank in use) is one layer's worth, shared by all.
+ */
+export function backwardLayout(
+  config: ModelConfig,
+  ranks: AdapterRanks,
+  opts: { B: number; T: number },
+): PlannedBuffer[] {
+  const c = config;
+  const { B, T } = opts;
+  const rows = B * T;
+  const d = c.hiddenSize;
+  const qDim = c.numHeads * c.headDim;
+  const kvDim = c.numKvHeads * c.headDim;
+  const I = c.intermediateSize;
+  const gpt2 = c.family === 'gpt2';
+  const out: PlannedBuffer[] = [];
+  const add = (label: string, shape: number[], dtype: PlannedBuffer['dtype'] = 'f32', when = true) => {
+    if (when) out.push({ label, shape, dtype });
+  };
+  add('labels', [rows], 'i32');
+  add('loss', [2]);
+  add('loss_errors', [2], 'u32');
+  add('lse', [rows]);
+  add('d_hidden', [rows, d]);
+  add('d_resid', [rows, d]);
+  add('d_norm_out', [rows, d]);
+  add('d_act', [rows, I]);
+  add('d_gate', [rows, I]);
+  add('d_up', [rows, I], 'f32', !gpt2);
+  add('d_attn', [rows, qDim]);
+  add('dq', [rows, qDim]);
+  add('dk', [rows, kvDim]);
+  add('dv', [rows, kvDim]);
+  add('attention_delta', [B, c.numHeads, T]);
+  add('dq_raw', [rows, qDim], 'f32', c.qkNorm);
+  add('dk_raw', [rows, kvDim], 'f32', c.qkNorm);
+  add('dqkv', [rows, 3 * d], 'f32', gpt2);
+  add('zero', [1], 'i32', gpt2);
+  for (const r of [...new Set(ranks.values())].sort((a, b) => a - b)) add(`lora_g_r${r}`, [rows, r]);
+  return out;
+}
+
+/**
+ * Dispatches of planBackward's plan, given the loss's dispatches: the final norm, then per layer
+ * (last first) the replayed forward when recomputing, and the backward of every block.
+ */
+export function backwardDispatchCount(
+  config: ModelConfig,
+  ranks: AdapterRanks,
+  opts: { recompute?: boolean; lossDispatches: number; dropout?: boolean },
+): number {
+  const c = config;
+  const layers = modelLayout(c).layers;
+  let n = opts.lossDispatches + 1;
+  layers.forEach((l, i) => {
+    const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
+    if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.dropout);
+    // LoRA: g, dB, dA, dx; with dropout also the mask again, g·A and its masked add into dx.
+    const lin = (role: LinearRole) => (adapted.has(role) ? (opts.dropout ? 7 : 4) : 1);
+    n += 2 + 3; // the two norms, attention (delta, dq, dk/dv)
+    if (c.family === 'gpt2')
+      n += lin('fc') + 1 + 3 + lin('qkv'); // gelu; dq, dk, dv into dqkv
+    else n += lin('gate') + lin('up') + 1 + 2 + (c.qkNorm ? 2 : 0) + lin('q') + lin('k') + lin('v');
+    n += lin('o') + lin('down');
+  });
+  return n;
+}
+
 class Scratch {
   readonly owned: Tensor[] = [];
-  constructor(private readonly ctx: GpuContext) {}
-  f32(shape: number[], label: string): Tensor {
-    const t = createTensor(this.ctx, shape, 'f32', `backward.${label}`);
-    this.owned.push(t);
+  private readonly byLabel = new Map<string, Tensor>();
+  /** Allocates every buffer of `layout` (what was made is in `owned` if it throws). */
+  allocate(ctx: GpuContext, layout: readonly PlannedBuffer[]): void {
+    for (const b of layout) {
+      const t = createTensor(ctx, [...b.shape], b.dtype, `backward.${b.label}`);
+      this.owned.push(t);
+      this.byLabel.set(b.label, t);
+    }
+  }
+  get(label: string): Tensor {
+    const t = this.byLabel.get(label);
+    if (!t) throw new Error(`backward layout has no ${label}`);
     return t;
+  }
+  maybe(label: string): Tensor | undefined {
+    return this.byLabel.get(label);
   }
 }
 
@@ -78,20 +169,17 @@ export async function planBackward(
   const rows = fwd.rows;
   const { B, T } = fwd;
   const d = c.hiddenSize;
-  const qDim = c.numHeads * c.headDim;
-  const kvDim = c.numKvHeads * c.headDim;
-  const I = c.intermediateSize;
-  const s = new Scratch(ctx);
+  const ranks = new Map([...lora].map(([name, t]) => [name, t.a.shape[0] as number]));
   const out: Dispatch[] = [];
   let ce: CrossEntropyGradPlan | undefined;
+  const s = new Scratch();
   try {
-    const labels = createTensor(ctx, [rows], 'i32', 'backward.labels');
-    s.owned.push(labels);
-    const loss = s.f32([2], 'loss');
-    const errors = createTensor(ctx, [2], 'u32', 'backward.loss_errors');
-    s.owned.push(errors);
-    const lse = s.f32([rows], 'lse');
-    const dHidden = s.f32([rows, d], 'd_hidden');
+    s.allocate(ctx, backwardLayout(c, ranks, { B, T }));
+    const labels = s.get('labels');
+    const loss = s.get('loss');
+    const errors = s.get('loss_errors');
+    const lse = s.get('lse');
+    const dHidden = s.get('d_hidden');
     ce = await planCrossEntropyTraining(
       ctx,
       { h: fwd.hidden, e: model.lmHead, labels, lse, loss, errors, dh: dHidden },
@@ -100,30 +188,21 @@ export async function planBackward(
     out.push(...ce.dispatches);
 
     // Shared across layers: the backward handles one layer at a time.
-    const dResid = s.f32([rows, d], 'd_resid');
-    const dNorm = s.f32([rows, d], 'd_norm_out');
-    const dAct = s.f32([rows, I], 'd_act');
-    const dGate = s.f32([rows, I], 'd_gate');
-    const dUp = c.family === 'gpt2' ? undefined : s.f32([rows, I], 'd_up');
-    const dAttn = s.f32([rows, qDim], 'd_attn');
-    const dq = s.f32([rows, qDim], 'dq');
-    const dk = s.f32([rows, kvDim], 'dk');
-    const dv = s.f32([rows, kvDim], 'dv');
-    const delta = s.f32([B, c.numHeads, T], 'attention_delta');
-    const dqRaw = c.qkNorm ? s.f32([rows, qDim], 'dq_raw') : undefined;
-    const dkRaw = c.qkNorm ? s.f32([rows, kvDim], 'dk_raw') : undefined;
-    const dqkv = c.family === 'gpt2' ? s.f32([rows, 3 * d], 'dqkv') : undefined;
-    const zero = c.family === 'gpt2' ? createTensor(ctx, [1], 'i32', 'backward.zero') : undefined;
-    if (zero) s.owned.push(zero);
-    const gByRank = new Map<number, Tensor>();
-    const g = (r: number) => {
-      let t = gByRank.get(r);
-      if (!t) {
-        t = s.f32([rows, r], `lora_g_r${r}`);
-        gByRank.set(r, t);
-      }
-      return t;
-    };
+    const dResid = s.get('d_resid');
+    const dNorm = s.get('d_norm_out');
+    const dAct = s.get('d_act');
+    const dGate = s.get('d_gate');
+    const dUp = s.maybe('d_up');
+    const dAttn = s.get('d_attn');
+    const dq = s.get('dq');
+    const dk = s.get('dk');
+    const dv = s.get('dv');
+    const delta = s.get('attention_delta');
+    const dqRaw = s.maybe('dq_raw');
+    const dkRaw = s.maybe('dk_raw');
+    const dqkv = s.maybe('dqkv');
+    const zero = s.maybe('zero');
+    const g = (r: number) => s.get(`lora_g_r${r}`);
 
     const normBackward = async (
       norm: Norm,

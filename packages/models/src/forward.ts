@@ -16,7 +16,6 @@ import {
   fusedQkvLayout,
   type GpuContext,
   type LoraDropout,
-  planAddScaled,
   planAttentionForward,
   planEmbeddingTable,
   planGeluNewForward,
@@ -31,7 +30,8 @@ import {
   type Tensor,
   tensorView,
 } from '@webtune/core';
-import type { LinearRole } from './architecture.js';
+import { type LinearModule, type LinearRole, modelLayout } from './architecture.js';
+import type { ModelConfig } from './config.js';
 import type { CausalLM, Layer, Linear, Norm } from './model.js';
 
 /** A LoRA adapter's tensors for one linear module. */
@@ -104,8 +104,7 @@ export interface LayerActivations {
   /** Attention output before o_proj, [rows, nH·hd], and its log-sum-exp [B, nH, T]. */
   readonly attn: Tensor;
   readonly lse: Tensor;
-  readonly attnOut: Tensor;
-  /** x + attnOut. */
+  /** x + o_proj(attn): norm1 copies x here and o_proj adds its output in (inference: x itself). */
   readonly mid: Tensor;
   readonly n2: Tensor;
   readonly n2Stats: NormStats;
@@ -114,8 +113,8 @@ export interface LayerActivations {
   readonly up?: Tensor;
   /** silu(gate)·up, or gelu_new(fc). */
   readonly act: Tensor;
-  readonly mlpOut: Tensor;
-  /** mid + mlpOut: the next layer's x. */
+  /** mid + down(act), the next layer's x: norm2 copies mid here and down_proj adds its output in
+   * (inference: x itself, the residual stream updated in place). */
   readonly out: Tensor;
   /** LoRA's h = x·Aᵀ for each adapted projection of this layer. */
   readonly loraH: ReadonlyMap<LinearRole, Tensor>;
@@ -191,7 +190,235 @@ function linear(layer: Layer, role: LinearRole): Linear {
   return l;
 }
 
-/** Allocates one layer's activations; `shared` supplies the ones inference reuses across layers. */
+/** One f32 activation buffer of a layer's forward pass. */
+export interface LayerBufferSpec {
+  /** Its name in the layer ('n1', 'n1.rstd', 'q', 'gate', 'mid', ...). */
+  readonly key: string;
+  readonly shape: readonly number[];
+  /**
+   * Whether the backward reads it. A training plan keeps such a buffer per layer; all others
+   * (used only inside the layer's own forward) are one buffer that every layer reuses.
+   */
+  readonly read: boolean;
+}
+
+/** Which of a layer's projections carry an adapter (their inputs are read by the backward). */
+export type AdaptedRoles = ReadonlySet<LinearRole>;
+
+/**
+ * The activation buffers of one layer's forward pass, apart from the residual stream (x, out)
+ * and LoRA's h: the single list planForward allocates from and estimateMemory counts.
+ * `inPlace`: the residual stream is updated in place (inference), so there is no `mid`.
+ */
+export function layerBuffers(
+  config: ModelConfig,
+  rows: number,
+  B: number,
+  T: number,
+  adapted: AdaptedRoles,
+  inPlace: boolean,
+): LayerBufferSpec[] {
+  const c = config;
+  const d = c.hiddenSize;
+  const qDim = c.numHeads * c.headDim;
+  const kvDim = c.numKvHeads * c.headDim;
+  const I = c.intermediateSize;
+  const ln = c.norm.kind === 'layer';
+  const gpt2 = c.family === 'gpt2';
+  const has = (...roles: LinearRole[]) => roles.some((r) => adapted.has(r));
+  const out: LayerBufferSpec[] = [];
+  const add = (key: string, shape: number[], read: boolean, when = true) => {
+    if (when) out.push({ key, shape, read });
+  };
+  // A norm's output is read back only by its projections' LoRA gradients (dA = gᵀ·x).
+  add('n1', [rows, d], has('q', 'k', 'v', 'qkv'));
+  add('n1.rstd', [rows], true);
+  add('n1.mean', [rows], true, ln);
+  add('q', [rows, qDim], true, !gpt2);
+  add('k', [rows, kvDim], true, !gpt2);
+  add('v', [rows, kvDim], true, !gpt2);
+  add('q_raw', [rows, qDim], true, c.qkNorm);
+  add('k_raw', [rows, kvDim], true, c.qkNorm);
+  add('q_norm.rstd', [rows * c.numHeads], true, c.qkNorm);
+  add('k_norm.rstd', [rows * c.numKvHeads], true, c.qkNorm);
+  add('qkv', [rows, 3 * d], true, gpt2);
+  add('attn', [rows, qDim], true);
+  add('lse', [B, c.numHeads, T], true);
+  add('mid', [rows, d], true, !inPlace);
+  add('n2', [rows, d], has('gate', 'up', 'fc'));
+  add('n2.rstd', [rows], true);
+  add('n2.mean', [rows], true, ln);
+  add(gpt2 ? 'fc' : 'gate', [rows, I], true);
+  add('up', [rows, I], true, !gpt2);
+  add('act', [rows, I], has('down'));
+  return out;
+}
+
+/** LoRA's rank per adapted module of a model (module name -> r). */
+export type AdapterRanks = ReadonlyMap<string, number>;
+
+export function adapterRanks(lora: LoraWeightsByModule | undefined): AdapterRanks {
+  return new Map([...(lora ?? [])].map(([name, w]) => [name, w.a.shape[0] as number]));
+}
+
+function adaptedRoles(layer: { linears: readonly LinearModule[] }, ranks: AdapterRanks): Map<LinearRole, number> {
+  const roles = new Map<LinearRole, number>();
+  for (const m of layer.linears) {
+    const r = ranks.get(m.name);
+    if (r !== undefined) roles.set(m.role, r);
+  }
+  return roles;
+}
+
+/** A buffer a plan allocates (its label without the plan's prefix). */
+export interface PlannedBuffer {
+  readonly label: string;
+  readonly shape: readonly number[];
+  readonly dtype: 'f32' | 'i32' | 'u32';
+}
+
+/** Every buffer of a forward plan, and per layer which buffer plays each part. */
+export interface ForwardLayout {
+  readonly buffers: readonly PlannedBuffer[];
+  /** Per layer: key ('x', 'mid', 'out', 'n1', ..., 'lora_h.q') -> label in `buffers`. */
+  readonly layers: readonly ReadonlyMap<string, string>[];
+}
+
+/**
+ * The buffers planForward allocates for (B, T, mode): the single description of the forward's
+ * memory, which estimateMemory sums as well. Training keeps, per layer, its input and what the
+ * backward reads (layerBuffers' `read`); with `recompute` only the input and LoRA's h, the rest
+ * being one shared set recomputed in the backward. Inference shares everything and updates one
+ * residual stream in place.
+ */
+export function forwardLayout(
+  config: ModelConfig,
+  ranks: AdapterRanks,
+  opts: {
+    B: number;
+    T: number;
+    mode?: 'inference' | 'train';
+    recompute?: boolean;
+    logits?: boolean;
+    /** Training with LoRA dropout: the widest adapted input (the masked input's scratch). */
+    dropoutWidth?: number;
+  },
+): ForwardLayout {
+  const { B, T } = opts;
+  const c = config;
+  const rows = B * T;
+  const d = c.hiddenSize;
+  const train = (opts.mode ?? 'inference') === 'train';
+  const keepAll = train && !(opts.recompute ?? false);
+  const buffers: PlannedBuffer[] = [];
+  const seen = new Set<string>();
+  const buffer = (label: string, shape: readonly number[], dtype: PlannedBuffer['dtype'] = 'f32') => {
+    if (!seen.has(label)) {
+      seen.add(label);
+      buffers.push({ label, shape, dtype });
+    }
+    return label;
+  };
+  buffer('ids', [rows], 'i32');
+  buffer('embedding_errors', [2], 'u32');
+  let x = buffer('embedded', [rows, d]);
+  const layers = modelLayout(c).layers.map((l, i) => {
+    const roles = adaptedRoles(l, ranks);
+    const parts = new Map<string, string>();
+    parts.set('x', x);
+    for (const spec of layerBuffers(c, rows, B, T, new Set(roles.keys()), !train)) {
+      const own = keepAll && spec.read;
+      parts.set(spec.key, buffer(own ? `layer${i}.${spec.key}` : `layer.${spec.key}`, spec.shape));
+    }
+    for (const [role, r] of roles) parts.set(`lora_h.${role}`, buffer(`layer${i}.${role}.lora_h`, [rows, r]));
+    if (!train) parts.set('mid', x);
+    const out = train ? buffer(`layer${i}.out`, [rows, d]) : x;
+    parts.set('out', out);
+    x = out;
+    return parts;
+  });
+  // LoRA dropout: one scratch shared by every adapted module (each uses it at once, and again in
+  // its backward).
+  if (train && (opts.dropoutWidth ?? 0) > 0) buffer('lora_dropout', [rows, opts.dropoutWidth as number]);
+  buffer('hidden', [rows, d]);
+  buffer('final_norm.rstd', [rows]);
+  if (c.norm.kind === 'layer') buffer('final_norm.mean', [rows]);
+  if (opts.logits) buffer('logits', [rows, c.vocabSize]);
+  return { buffers, layers };
+}
+
+/** Dispatches planLayer records for one layer whose adapted projections are `adapted` (with LoRA
+ * dropout when `dropout`). */
+export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, dropout = false): number {
+  const c = config;
+  const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
+  let n = 2 + 1; // the two norms, attention
+  if (c.family === 'gpt2')
+    n += lin('qkv') + lin('fc') + 1; // + gelu
+  else n += lin('q') + lin('k') + lin('v') + 2 + (c.qkNorm ? 2 : 0) + lin('gate') + lin('up') + 1; // RoPE; silu·mul
+  return n + lin('o') + lin('down');
+}
+
+/** Dispatches of planForward's plan: the embedding (one per part of a split table), every layer,
+ * the final norm (and the logits, one per part of a split LM head). */
+export function forwardDispatchCount(
+  config: ModelConfig,
+  ranks: AdapterRanks,
+  opts: { logits?: boolean; dropout?: boolean; embedParts?: number; headParts?: number } = {},
+): number {
+  let n = (opts.embedParts ?? 1) + 1 + (opts.logits ? (opts.headParts ?? 1) : 0);
+  for (const l of modelLayout(config).layers)
+    n += layerDispatchCount(config, new Set(adaptedRoles(l, ranks).keys()), opts.dropout);
+  return n;
+}
+
+/** Builds a layer's activations from its parts (see forwardLayout). */
+function layerActivations(parts: ReadonlyMap<string, string>, get: (label: string) => Tensor): LayerActivations {
+  const t = (key: string) => {
+    const label = parts.get(key);
+    return label === undefined ? undefined : get(label);
+  };
+  const must = (key: string) => {
+    const v = t(key);
+    if (!v) throw new Error(`forward layout has no ${key}`);
+    return v;
+  };
+  const stats = (key: string): NormStats => ({ rstd: must(`${key}.rstd`), mean: t(`${key}.mean`) });
+  const loraH = new Map<LinearRole, Tensor>();
+  for (const key of parts.keys()) {
+    if (key.startsWith('lora_h.')) loraH.set(key.slice('lora_h.'.length) as LinearRole, must(key));
+  }
+  const qRaw = t('q_raw');
+  return {
+    x: must('x'),
+    n1: must('n1'),
+    n1Stats: stats('n1'),
+    q: t('q'),
+    k: t('k'),
+    v: t('v'),
+    qRaw,
+    kRaw: t('k_raw'),
+    qNormStats: qRaw ? stats('q_norm') : undefined,
+    kNormStats: qRaw ? stats('k_norm') : undefined,
+    qkv: t('qkv'),
+    attn: must('attn'),
+    lse: must('lse'),
+    mid: must('mid'),
+    n2: must('n2'),
+    n2Stats: stats('n2'),
+    gate: t('gate') ?? must('fc'),
+    up: t('up'),
+    act: must('act'),
+    out: must('out'),
+    loraH,
+  };
+}
+
+/**
+ * Allocates the layer activations of a one-off inference plan (generation's prefill and decode
+ * step): the residual stream `x` is updated in place; everything but LoRA's h comes from `pool`,
+ * shared by all layers.
+ */
 export function allocateLayer(
   alloc: Allocator,
   model: CausalLM,
@@ -200,55 +427,38 @@ export function allocateLayer(
   T: number,
   layerIndex: number,
   x: Tensor,
-  out: Tensor,
   lora: LoraWeightsByModule | undefined,
-  shared?: LayerActivations,
+  pool: Map<string, Tensor>,
 ): LayerActivations {
   const c = model.config;
-  const d = c.hiddenSize;
-  const qDim = c.numHeads * c.headDim;
-  const kvDim = c.numKvHeads * c.headDim;
-  const I = c.intermediateSize;
-  const p = `layer${shared ? '' : layerIndex}`;
-  const ln = c.norm.kind === 'layer';
-  const gpt2 = c.family === 'gpt2';
-  const layer = model.layers[layerIndex] as Layer;
-  const loraH = new Map<LinearRole, Tensor>();
-  for (const [role, lin] of Object.entries(layer.linears) as [LinearRole, Linear][]) {
-    const w = lora?.get(lin.module.name);
-    if (w) loraH.set(role, alloc.f32([rows, w.a.shape[0] as number], `${p}.${role}.lora_h`));
+  const layout = modelLayout(c).layers[layerIndex];
+  if (!layout) throw new Error(`no layer ${layerIndex}`);
+  const roles = adaptedRoles(layout, adapterRanks(lora));
+  const labels = new Map<string, Tensor>();
+  const parts = new Map<string, string>([
+    ['x', 'x'],
+    ['mid', 'x'],
+    ['out', 'x'],
+  ]);
+  labels.set('x', x);
+  for (const spec of layerBuffers(c, rows, B, T, new Set(roles.keys()), true)) {
+    let t = pool.get(spec.key);
+    if (!t) {
+      t = alloc.f32([...spec.shape], `layer.${spec.key}`);
+      pool.set(spec.key, t);
+    }
+    parts.set(spec.key, spec.key);
+    labels.set(spec.key, t);
   }
-  if (shared) {
-    // Shared between layers, except the residual stream and LoRA's h (ranks can differ).
-    return { ...shared, x, out, loraH };
+  for (const [role, r] of roles) {
+    const key = `lora_h.${role}`;
+    parts.set(key, key);
+    labels.set(key, alloc.f32([rows, r], `layer${layerIndex}.${role}.lora_h`));
   }
-  return {
-    x,
-    n1: alloc.f32([rows, d], `${p}.n1`),
-    n1Stats: normStats(alloc, rows, ln, `${p}.n1`),
-    q: gpt2 ? undefined : alloc.f32([rows, qDim], `${p}.q`),
-    k: gpt2 ? undefined : alloc.f32([rows, kvDim], `${p}.k`),
-    v: gpt2 ? undefined : alloc.f32([rows, kvDim], `${p}.v`),
-    qRaw: c.qkNorm ? alloc.f32([rows, qDim], `${p}.q_raw`) : undefined,
-    kRaw: c.qkNorm ? alloc.f32([rows, kvDim], `${p}.k_raw`) : undefined,
-    qNormStats: c.qkNorm ? normStats(alloc, rows * c.numHeads, false, `${p}.q_norm`) : undefined,
-    kNormStats: c.qkNorm ? normStats(alloc, rows * c.numKvHeads, false, `${p}.k_norm`) : undefined,
-    qkv: gpt2 ? alloc.f32([rows, 3 * d], `${p}.qkv`) : undefined,
-    attn: alloc.f32([rows, qDim], `${p}.attn`),
-    lse: alloc.f32([B, c.numHeads, T], `${p}.lse`),
-    attnOut: alloc.f32([rows, d], `${p}.attn_out`),
-    mid: alloc.f32([rows, d], `${p}.mid`),
-    n2: alloc.f32([rows, d], `${p}.n2`),
-    n2Stats: normStats(alloc, rows, ln, `${p}.n2`),
-    gate: alloc.f32([rows, I], `${p}.${gpt2 ? 'fc' : 'gate'}`),
-    up: gpt2 ? undefined : alloc.f32([rows, I], `${p}.up`),
-    act: alloc.f32([rows, I], `${p}.act`),
-    mlpOut: alloc.f32([rows, d], `${p}.mlp_out`),
-    out,
-    loraH,
-  };
+  return layerActivations(parts, (label) => labels.get(label) as Tensor);
 }
 
+/** The norm of a block's input; with `xCopy`, also copies x there (the block's residual add). */
 export async function planNorm(
   ctx: GpuContext,
   model: CausalLM,
@@ -257,16 +467,17 @@ export async function planNorm(
   y: Tensor,
   stats: NormStats,
   label: string,
+  xCopy?: Tensor,
 ): Promise<Dispatch> {
   const eps = model.config.norm.eps;
   if (model.config.norm.kind === 'layer') {
     return planLayerNormForward(
       ctx,
-      { x, w: norm.w, b: norm.b, y, mean: stats.mean as Tensor, rstd: stats.rstd },
+      { x, w: norm.w, b: norm.b, y, mean: stats.mean as Tensor, rstd: stats.rstd, xCopy },
       { eps, label },
     );
   }
-  return planRmsNormForward(ctx, { x, w: norm.w, y, rstd: stats.rstd }, { eps, label });
+  return planRmsNormForward(ctx, { x, w: norm.w, y, rstd: stats.rstd, xCopy }, { eps, label });
 }
 
 /** The LoRA dropout of one module in a plan (undefined without dropout). */
@@ -284,7 +495,8 @@ export function loraDropout(
   };
 }
 
-/** y = x·Wᵀ + bias, or the fused LoRA form when the module has an adapter. */
+/** y (+)= x·Wᵀ + bias, or the fused LoRA form when the module has an adapter; `accumulate` adds
+ * into y (the residual stream). */
 export async function planLinear(
   ctx: GpuContext,
   lin: Linear,
@@ -292,6 +504,7 @@ export async function planLinear(
   y: Tensor,
   lora: LoraModuleWeights | undefined,
   h: Tensor | undefined,
+  accumulate = false,
   dropout?: DropoutState,
 ): Promise<Dispatch[]> {
   const label = lin.module.name;
@@ -301,11 +514,11 @@ export async function planLinear(
     return planLoraForward(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
-      { x, y, h, ...(d ? { dropout: d } : {}) },
+      { x, y, h, accumulate, ...(d ? { dropout: d } : {}) },
       label,
     );
   }
-  return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, label })];
+  return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, beta: accumulate ? 1 : 0, label })];
 }
 
 /** Where a layer's q, k and v projections write (RoPE and the per-head norms act there in place). */
@@ -337,7 +550,7 @@ export interface AttentionBlock {
   readonly onPlanned?: (layer: number, attention: readonly Dispatch[]) => void;
 }
 
-type Lin = (role: LinearRole, x: Tensor, y: Tensor) => Promise<void>;
+type Lin = (role: LinearRole, x: Tensor, y: Tensor, accumulate?: boolean) => Promise<void>;
 
 async function planProjections(
   ctx: GpuContext,
@@ -414,12 +627,16 @@ export async function planLayer(
   const c = model.config;
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
-  const lin: Lin = async (role, x, y) => {
+  const lin: Lin = async (role, x, y, accumulate) => {
     const l = linear(layer, role);
-    out.push(...(await planLinear(ctx, l, x, y, lora?.get(l.module.name), a.loraH.get(role), dropout)));
+    out.push(...(await planLinear(ctx, l, x, y, lora?.get(l.module.name), a.loraH.get(role), accumulate, dropout)));
   };
 
-  out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`));
+  // The residual adds cost no dispatch: each norm copies its input to where the block's last
+  // projection then adds its output (o_proj into mid, down_proj into out). In place (inference:
+  // mid and out are x) there is nothing to copy.
+  const copy = (from: Tensor, to: Tensor) => (to === from ? undefined : to);
+  out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid)));
   const dest = attention.dest(a, layer.index);
   await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out);
   if (attention.afterProjections) out.push(...(await attention.afterProjections(a, layer.index)));
@@ -430,9 +647,8 @@ export async function planLayer(
   );
   attention.onPlanned?.(layer.index, attend);
   out.push(...attend);
-  await lin('o', a.attn, a.attnOut);
-  out.push(await planAddScaled(ctx, a.x, a.attnOut, a.mid, 1, `${p}.residual1`));
-  out.push(await planNorm(ctx, model, layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`));
+  await lin('o', a.attn, a.mid, true);
+  out.push(await planNorm(ctx, model, layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out)));
   if (c.family === 'gpt2') {
     await lin('fc', a.n2, a.gate);
     out.push(await planGeluNewForward(ctx, { x: a.gate, y: a.act }, `${p}.gelu`));
@@ -441,8 +657,7 @@ export async function planLayer(
     await lin('up', a.n2, a.up as Tensor);
     out.push(await planSiluMulForward(ctx, { gate: a.gate, up: a.up as Tensor, out: a.act }, `${p}.silu_mul`));
   }
-  await lin('down', a.act, a.mlpOut);
-  out.push(await planAddScaled(ctx, a.mid, a.mlpOut, a.out, 1, `${p}.residual2`));
+  await lin('down', a.act, a.out, true);
   return out;
 }
 
@@ -457,14 +672,33 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     throw new ShapeError(`forward: sequence length ${T} exceeds the model's max_position_embeddings ${c.maxPositions}`);
   }
   const mode = opts.mode ?? 'inference';
-  const rows = B * T;
-  const d = c.hiddenSize;
   const alloc = new Allocator(ctx, opts.label ?? 'forward');
   const dispatches: Dispatch[] = [];
   try {
-    const ids = alloc.of([rows], 'i32', 'ids');
-    const errors = alloc.of([2], 'u32', 'embedding_errors');
-    const embedded = alloc.f32([rows, d], 'embedded');
+    const recompute = mode === 'train' && (opts.recompute ?? false);
+    // LoRA dropout (training only): one scratch as wide as the widest adapted input.
+    const dropIn = [...(opts.lora?.values() ?? [])]
+      .filter((w) => (w.dropout?.p ?? 0) > 0)
+      .map((w) => w.a.shape[1] as number);
+    const dropoutWidth = mode === 'train' && dropIn.length > 0 ? Math.max(...dropIn) : 0;
+    if (dropoutWidth > 0 && !opts.dropoutCounter) throw new ShapeError('forward: LoRA dropout needs a dropoutCounter');
+    const layout = forwardLayout(c, adapterRanks(opts.lora), {
+      B,
+      T,
+      mode,
+      recompute,
+      logits: opts.logits,
+      dropoutWidth,
+    });
+    const tensors = new Map<string, Tensor>();
+    for (const b of layout.buffers) {
+      const t = b.dtype === 'f32' ? alloc.f32([...b.shape], b.label) : alloc.of([...b.shape], b.dtype, b.label);
+      tensors.set(b.label, t);
+    }
+    const get = (label: string) => tensors.get(label) as Tensor;
+    const ids = get('ids');
+    const errors = get('embedding_errors');
+    const embedded = get('embedded');
     dispatches.push(
       ...(await planEmbeddingTable(
         ctx,
@@ -474,44 +708,23 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     );
     const layers: LayerActivations[] = [];
     const layerDispatches: Dispatch[][] = [];
-    const recompute = mode === 'train' && (opts.recompute ?? false);
-    // Inference ping-pongs the residual stream between two buffers and shares everything else;
-    // recomputing training keeps every layer's input but shares the rest.
-    const pingPong = mode === 'inference' ? [embedded, alloc.f32([rows, d], 'residual')] : undefined;
-    const share = mode === 'inference' || recompute;
-    let shared: LayerActivations | undefined;
     const attention = batchedAttention(model, B, T);
-    // LoRA dropout (training only): one scratch as wide as the widest adapted input.
-    let dropout: DropoutState | undefined;
-    const dropIn = [...(opts.lora?.values() ?? [])]
-      .filter((w) => (w.dropout?.p ?? 0) > 0)
-      .map((w) => w.a.shape[1] as number);
-    if (mode === 'train' && dropIn.length > 0) {
-      if (!opts.dropoutCounter) throw new ShapeError('forward: LoRA dropout needs a dropoutCounter');
-      dropout = {
-        counter: opts.dropoutCounter,
-        scratch: alloc.f32([rows, Math.max(...dropIn)], 'lora_dropout'),
-      };
-    }
+    const dropout: DropoutState | undefined =
+      dropoutWidth > 0 ? { counter: opts.dropoutCounter as Tensor, scratch: get('lora_dropout') } : undefined;
     let x = embedded;
     for (let i = 0; i < c.numLayers; i++) {
-      const out = pingPong ? (pingPong[(i + 1) % 2] as Tensor) : alloc.f32([rows, d], `layer${i}.out`);
-      const acts = allocateLayer(alloc, model, rows, B, T, i, x, out, opts.lora, shared);
-      if (share) shared ??= acts;
+      const acts = layerActivations(layout.layers[i] as ReadonlyMap<string, string>, get);
       layers.push(acts);
       const planned = await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, opts.lora, dropout);
       layerDispatches.push(planned);
       dispatches.push(...planned);
-      x = out;
+      x = acts.out;
     }
-    const hidden = alloc.f32([rows, d], 'hidden');
-    const finalStats = normStats(alloc, rows, c.norm.kind === 'layer', 'final_norm');
+    const hidden = get('hidden');
+    const finalStats: NormStats = { rstd: get('final_norm.rstd'), mean: tensors.get('final_norm.mean') };
     dispatches.push(await planNorm(ctx, model, model.finalNorm, x, hidden, finalStats, 'final_norm'));
-    let logits: Tensor | undefined;
-    if (opts.logits) {
-      logits = alloc.f32([rows, c.vocabSize], 'logits');
-      dispatches.push(...(await planTableProduct(ctx, hidden, model.lmHead, logits, 'lm_head', alloc.owned)));
-    }
+    const logits = tensors.get('logits');
+    if (logits) dispatches.push(...(await planTableProduct(ctx, hidden, model.lmHead, logits, 'lm_head', alloc.owned)));
     return new ForwardPlan(
       model,
       B,

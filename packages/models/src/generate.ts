@@ -11,8 +11,10 @@ import {
   attentionUniforms,
   createTensor,
   type Dispatch,
+  diffCounters,
   fusedQkvLayout,
   type GpuContext,
+  type GpuCounters,
   kvCacheLayout,
   planCopyRows,
   planEmbeddingTable,
@@ -29,7 +31,6 @@ import {
   Allocator,
   type AttentionBlock,
   allocateLayer,
-  type LayerActivations,
   type LoraWeightsByModule,
   normStats,
   planLayer,
@@ -62,6 +63,11 @@ export interface GenerateResult {
   /** Seconds spent in the prompt's prefill and in the decode steps. */
   readonly prefillSeconds: number;
   readonly decodeSeconds: number;
+  /** Decode steps run (one per token after the first; the prefill gives the first logits). */
+  readonly decodeSteps: number;
+  /** What the prefill and the decode steps asked of the GPU (exact runtime counts). */
+  readonly prefillCounters: GpuCounters;
+  readonly decodeCounters: GpuCounters;
 }
 
 interface Cache {
@@ -142,10 +148,13 @@ export class Generator {
     const stop = new Set(opts.stopTokens ?? c.eosTokenIds);
     const random = seededRandom(opts.seed ?? 0);
     const out: number[] = [];
+    const c0 = this.ctx.counters;
     const t0 = performance.now();
     let logits = await this.prefill(prompt);
     const t1 = performance.now();
+    const c1 = this.ctx.counters;
     let pos = prompt.length;
+    let decodeSteps = 0;
     let stopReason: GenerateResult['stopReason'] = 'max-new-tokens';
     while (out.length < opts.maxNewTokens) {
       if (opts.signal?.aborted) throw new GenerationCancelled();
@@ -163,8 +172,17 @@ export class Generator {
       }
       logits = await this.step(next, pos);
       pos++;
+      decodeSteps++;
     }
-    return { ids: out, stopReason, prefillSeconds: (t1 - t0) / 1000, decodeSeconds: (performance.now() - t1) / 1000 };
+    return {
+      ids: out,
+      stopReason,
+      prefillSeconds: (t1 - t0) / 1000,
+      decodeSeconds: (performance.now() - t1) / 1000,
+      decodeSteps,
+      prefillCounters: diffCounters(c0, c1),
+      decodeCounters: diffCounters(c1, this.ctx.counters),
+    };
   }
 
   /** Runs the prompt, filling the cache rows [0, T); returns the last position's logits. */
@@ -255,8 +273,8 @@ async function planPrefill(
     const ids = alloc.of([T], 'i32', 'ids');
     const zero = alloc.of([1], 'i32', 'zero');
     const errors = alloc.of([2], 'u32', 'embedding_errors');
+    // The residual stream, updated in place by every layer.
     const x0 = alloc.f32([T, d], 'embedded');
-    const x1 = alloc.f32([T, d], 'residual');
     dispatches.push(
       ...(await planEmbeddingTable(
         ctx,
@@ -287,15 +305,12 @@ async function planPrefill(
             }
           : { q: dest.q, k: dest.k, v: dest.v, dims: base },
     };
-    let shared: LayerActivations | undefined;
-    let x = x0;
+    const pool = new Map<string, Tensor>();
     for (let i = 0; i < c.numLayers; i++) {
-      const out = i % 2 === 0 ? x1 : x0;
-      const acts = allocateLayer(alloc, model, T, 1, T, i, x, out, lora, shared);
-      shared ??= acts;
+      const acts = allocateLayer(alloc, model, T, 1, T, i, x0, lora, pool);
       dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, lora)));
-      x = out;
     }
+    const x = x0;
     const hidden = alloc.f32([T, d], 'hidden');
     dispatches.push(
       await planNorm(
@@ -338,8 +353,8 @@ async function planDecode(
     const ids = alloc.of([1], 'i32', 'ids');
     const positions = alloc.of([1], 'i32', 'position');
     const errors = alloc.of([2], 'u32', 'embedding_errors');
+    // The residual stream, updated in place by every layer.
     const x0 = alloc.f32([1, d], 'embedded');
-    const x1 = alloc.f32([1, d], 'residual');
     dispatches.push(
       ...(await planEmbeddingTable(
         ctx,
@@ -382,15 +397,12 @@ async function planDecode(
         attentionDispatches[l] = [...planned];
       },
     };
-    let shared: LayerActivations | undefined;
-    let x = x0;
+    const pool = new Map<string, Tensor>();
     for (let i = 0; i < c.numLayers; i++) {
-      const out = i % 2 === 0 ? x1 : x0;
-      const acts = allocateLayer(alloc, model, 1, 1, 1, i, x, out, lora, shared);
-      shared ??= acts;
+      const acts = allocateLayer(alloc, model, 1, 1, 1, i, x0, lora, pool);
       dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, lora)));
-      x = out;
     }
+    const x = x0;
     const hidden = alloc.f32([1, d], 'hidden');
     dispatches.push(
       await planNorm(

@@ -2,29 +2,27 @@
  * GPU memory of a LoRA training run, computed from the shapes before anything is allocated, and
  * the preflight check that refuses a run the device cannot hold.
  *
- * The estimate lists every buffer LoraTrainer allocates, with the same rules: a buffer is its
- * elements rounded up to 16 bytes (at least 16); the four LoRA arenas (A/B, their gradients, AdamW's
- * two moments) place each matrix at a multiple of max(16, minStorageBufferOffsetAlignment) bytes;
- * the loss runs over vocabulary chunks whose [rows, chunk] logits scratch fits the cross-entropy
- * budget (crossEntropyChunk). Categories are those of `trainer.memory`:
+ * The estimate lists every buffer LoraTrainer allocates, from the same descriptions the planners
+ * allocate from (no second copy of their formulas): a buffer is its elements rounded up to 16 bytes
+ * (at least 16). Categories are those of `trainer.memory`:
  *
  *   frozenWeights  the checkpoint's tensors on the GPU (matrices at `precision`, norms and biases
  *                  f32, RoPE's inverse frequencies): what loadModel allocated (model.bytes)
- *   trainable      4 arenas × Σ r·(in + out) f32: parameters, gradients, AdamW m and v
- *   activations    what the forward plan keeps for the backward. Per layer, rows = batch·seq:
- *                  the residual stream and norm outputs [rows, d], q/k/v and the attention output
- *                  [rows, nH·hd | nKV·hd], the MLP's gate/up/act [rows, I], the log-sum-exp
- *                  [batch, nH, seq], the norms' statistics [rows], LoRA's h [rows, r] per adapted
- *                  module. With `recompute`, every layer keeps only its input [rows, d] and its
- *                  LoRA h; one shared set of layer activations is recomputed in the backward, so
- *                  activations ≈ L·rows·d + one layer's activations.
- *   scratch        the backward's buffers shared across layers (one layer's worth of gradients),
- *                  the loss's logits chunk [rows, chunk], the inputs of each micro-batch, the loss
- *                  log, the gradient-norm partials, and the uniform buffers of every dispatch
+ *   trainable      4 arenas (parameters, gradients, AdamW m and v) in loraArenaLayout: each matrix
+ *                  at a multiple of max(16, minStorageBufferOffsetAlignment) bytes
+ *   activations    @webtune/models' forwardLayout in 'train' mode: per layer its input and what the
+ *                  backward reads (norm statistics, q/k/v, the attention output and log-sum-exp,
+ *                  the MLP's gate/up, the residual stream after attention, LoRA's h, and a norm's
+ *                  output or the MLP activation only when an adapted projection reads it); what
+ *                  the backward never reads is one buffer shared by all layers. With `recompute`,
+ *                  every layer keeps only its input and LoRA's h.
+ *   scratch        backwardLayout (one layer's worth of gradients), the loss's logits chunk
+ *                  [rows, chunk] (core's crossEntropyScratchBytes), and trainerBuffers (inputs,
+ *                  loss log, gradient norm and its partials, AdamW's latch, the step reports)
  *
- * Uniform buffers (16-80 bytes per dispatch; ~60 dispatches per layer) are estimated from a
- * count of dispatches at nominal sizes; they are a few KiB per layer, well under 1 % of any real
- * run. Everything else is exact for the planner as written.
+ * Uniform buffers (the parameters of every dispatch) are counted from forwardDispatchCount and
+ * backwardDispatchCount, the planners' own counts (checked against a real step's runtime count in
+ * the trainer tests), at a nominal 48 bytes each: a few KiB per layer.
  *
  * What to show before training (the studio's preflight panel):
  *  - the total next to the four categories, e.g. "weights 258 MiB · adapter + optimizer 7 MiB ·
@@ -40,20 +38,23 @@
 import {
   alignUp,
   bytesPerElement,
-  CROSS_ENTROPY_DEFAULT_CHUNK,
-  CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES,
-  crossEntropyChunk,
+  crossEntropyScratchBytes,
+  crossEntropyTrainingDispatchCount,
   type DType,
   formatBytes,
   type GpuContext,
+  isCpuAdapter,
   LimitExceededError,
-  reducePartialsSize,
   ShapeError,
   splitRowCounts,
   tablePartLimit,
   WebtuneError,
 } from '@webtune/core';
 import {
+  backwardDispatchCount,
+  backwardLayout,
+  forwardDispatchCount,
+  forwardLayout,
   type ModelConfig,
   modelLayout,
   namedModules,
@@ -62,6 +63,7 @@ import {
   storedAs,
   type WeightPrecision,
 } from '@webtune/models';
+import { loraArenaLayout, trainerBuffers } from './layout.js';
 import { type ResolvedLora, resolveLoraTargets, validateLoraConfig } from './lora/index.js';
 
 export type MemoryCategory = 'frozenWeights' | 'trainable' | 'activations' | 'scratch';
@@ -105,6 +107,9 @@ export interface MemoryEstimate {
     readonly rows: number;
     /** Vocabulary rows per chunk of the loss. */
     readonly lossChunk: number;
+    /** Compute dispatches of one optimizer step (all micro-batches), as the planners will record
+     * them (a trainer's runtime count is checked against it in the tests). */
+    readonly dispatchesPerStep: number;
     readonly adaptedModules: number;
     readonly trainableParameters: number;
   };
@@ -166,8 +171,6 @@ function isResolved(lora: unknown): lora is ResolvedLora {
   return typeof lora === 'object' && lora !== null && 'modules' in lora && 'config' in lora;
 }
 
-const f32Bytes = (n: number) => n * 4;
-
 /** Bytes of a buffer of `n` elements of `bytesPer` bytes, as the context allocates it. */
 function allocated(n: number, bytesPer: number): number {
   return Math.max(16, alignUp(n * bytesPer, 16));
@@ -177,40 +180,9 @@ function numel(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
 }
 
-/** The loss chunk without a device: core's crossEntropyChunk rule with default options. */
-function lossChunk(rows: number, vocab: number, limits: MemoryLimits): number {
-  const budget = Math.min(
-    CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES,
-    limits.maxStorageBufferBindingSize,
-    limits.maxBufferSize,
-  );
-  const fits = Math.floor(budget / (4 * rows));
-  const want = Math.min(CROSS_ENTROPY_DEFAULT_CHUNK, vocab);
-  if (want === vocab && vocab <= fits) return vocab;
-  const chunk = Math.floor(Math.min(want, fits) / 4) * 4;
-  if (chunk < 4) {
-    throw new LimitExceededError('maxScratchBytes', 16 * rows, budget, `cross_entropy logits scratch [${rows}, 4]`);
-  }
-  return chunk;
-}
-
-/** Elements of the gradient-norm partials without a device: core's reducePlan rule. */
-function partialsSize(n: number, limits: MemoryLimits, cpu: boolean): number {
-  const cap = Math.min(cpu ? 64 : 256, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
-  let wg = 1;
-  while (wg * 2 <= cap) wg *= 2;
-  const maxGroups = (cpu ? 4 : 16) * wg;
-  const perThread = Math.max(cpu ? 64 : 8, Math.ceil(n / (wg * maxGroups)));
-  const groups = Math.max(1, Math.ceil(n / (wg * perThread)));
-  return 2 * groups;
-}
-
-// Nominal uniform-buffer sizes (bytes) of the kernels' parameter structs.
-const U_MATMUL = 48;
-const U_THIN = 32; // LoRA's h, g, dA, dB and row copies
-const U_ATTENTION = 80;
-const U_ELEMENTWISE = 16;
-const U_REDUCE = 16;
+// Nominal size of a dispatch's uniform parameters: most kernels' structs are 48 bytes (a few 16
+// to 80). Uniform buffers are a few KiB per layer, well under 1 % of any run.
+const U_NOMINAL = 48;
 
 /**
  * The GPU memory a LoraTrainer for this model and configuration will allocate, by category and
@@ -274,6 +246,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   // they are larger than one binding (or buffer) may be.
   const layout = modelLayout(config);
   let headParts = [config.vocabSize];
+  let embedParts = 1;
   for (const p of parameterTable(config)) {
     const given = options.storedDTypes?.get(p.key);
     const rule = storedAs(p, precision);
@@ -284,6 +257,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
       const [rows, cols] = shape as [number, number];
       const counts = splitRowCounts(rows, cols, stored.dtype, options.tablePartBytes ?? tablePartLimit(limits));
       if (p.key === (layout.lmHead ?? layout.embed)) headParts = counts;
+      if (p.key === layout.embed) embedParts = counts.length;
       for (const n of new Set(counts)) {
         const same = counts.filter((c) => c === n).length;
         const label = counts.length === 1 ? p.key : `${p.key} (part of ${counts.length})`;
@@ -296,156 +270,55 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   if (config.rope) add('frozenWeights', 'rope.inv_freq', [config.headDim / 2]);
 
   // Trainable: four arenas of identical layout.
-  const align = Math.max(16, limits.minStorageBufferOffsetAlignment);
-  let arena = 0;
+  const arena = loraArenaLayout(resolved.modules, limits.minStorageBufferOffsetAlignment);
   let trainableParameters = 0;
-  for (const m of resolved.modules) {
-    for (const shape of [m.aShape, m.bShape]) {
-      arena += alignUp(f32Bytes(numel(shape)), align);
-      trainableParameters += numel(shape);
-    }
-  }
-  const arenaElements = Math.max(1, arena / 4);
+  for (const m of resolved.modules) trainableParameters += numel(m.aShape) + numel(m.bShape);
   for (const label of ['lora.params', 'lora.grads', 'adamw.exp_avg', 'adamw.exp_avg_sq']) {
-    add('trainable', label, [arenaElements]);
+    add('trainable', label, [arena.elements]);
   }
 
-  // Activations: the train-mode forward plan.
+  // Activations: the train-mode forward plan's own layout (forwardLayout is what planForward
+  // allocates from).
   const c = config;
-  const L = c.numLayers;
   const rows = B * T;
-  const d = c.hiddenSize;
-  const qDim = c.numHeads * c.headDim;
-  const kvDim = c.numKvHeads * c.headDim;
-  const I = c.intermediateSize;
-  const gpt2 = c.family === 'gpt2';
-  const ln = c.norm.kind === 'layer';
+  const ranks = new Map(resolved.modules.map((m) => [m.name, m.r]));
   const A = 'activations';
-  add(A, 'train.ids', [rows], 'i32');
-  add(A, 'train.embedding_errors', [2], 'u32');
-  add(A, 'train.embedded', [rows, d]);
-  add(A, 'train.layer{i}.out', [rows, d], 'f32', L);
-  for (const m of resolved.modules) add(A, `train.layer${m.layer ?? '?'}.${m.name}.lora_h`, [rows, m.r]);
-  // One full set per layer, or one shared set when recomputing.
-  const sets = recompute ? 1 : L;
-  const layer = (name: string, shape: number[], dtype: EstimatedBuffer['dtype'] = 'f32') =>
-    add(A, `train.layer${recompute ? '' : '{i}'}.${name}`, shape, dtype, sets);
-  layer('n1', [rows, d]);
-  layer('n1.rstd', [rows]);
-  if (ln) layer('n1.mean', [rows]);
-  if (!gpt2) {
-    layer('q', [rows, qDim]);
-    layer('k', [rows, kvDim]);
-    layer('v', [rows, kvDim]);
+  // One entry per kind: the per-layer buffers of the same shape under 'layer{i}.' with a count.
+  const kinds = new Map<string, { shape: readonly number[]; dtype: EstimatedBuffer['dtype']; count: number }>();
+  // LoRA dropout: a scratch as wide as the widest adapted input, and the trainer's mask counters.
+  const dropout = resolved.config.lora_dropout > 0 && resolved.modules.length > 0;
+  const dropoutWidth = dropout ? Math.max(...resolved.modules.map((m) => m.aShape[1] as number)) : 0;
+  for (const b of forwardLayout(c, ranks, { B, T, mode: 'train', recompute, dropoutWidth }).buffers) {
+    const label = `train.${b.label.replace(/^layer\d+\./, 'layer{i}.')}`;
+    const key = `${label} ${b.dtype}[${b.shape.join(',')}]`;
+    const kind = kinds.get(key);
+    if (kind) kind.count++;
+    else kinds.set(key, { shape: b.shape, dtype: b.dtype, count: 1 });
   }
-  if (c.qkNorm) {
-    layer('q_raw', [rows, qDim]);
-    layer('k_raw', [rows, kvDim]);
-    layer('q_norm.rstd', [rows * c.numHeads]);
-    layer('k_norm.rstd', [rows * c.numKvHeads]);
-  }
-  if (gpt2) layer('qkv', [rows, 3 * d]);
-  layer('attn', [rows, qDim]);
-  layer('lse', [B, c.numHeads, T]);
-  layer('attn_out', [rows, d]);
-  layer('mid', [rows, d]);
-  layer('n2', [rows, d]);
-  layer('n2.rstd', [rows]);
-  if (ln) layer('n2.mean', [rows]);
-  layer(gpt2 ? 'fc' : 'gate', [rows, I]);
-  if (!gpt2) layer('up', [rows, I]);
-  layer('act', [rows, I]);
-  layer('mlp_out', [rows, d]);
-  // LoRA dropout: one scratch as wide as the widest adapted input (the masked branch input).
-  if (resolved.config.lora_dropout > 0 && resolved.modules.length > 0) {
-    add(A, 'train.lora_dropout', [rows, Math.max(...resolved.modules.map((m) => m.aShape[1] as number))]);
-  }
-  add(A, 'train.hidden', [rows, d]);
-  add(A, 'train.final_norm.rstd', [rows]);
-  if (ln) add(A, 'train.final_norm.mean', [rows]);
+  for (const [key, k] of kinds) add(A, key.slice(0, key.indexOf(' ')), k.shape, k.dtype, k.count);
+  const forwardDispatches = forwardDispatchCount(c, ranks, { dropout, embedParts });
+  uniforms(A, 'forward dispatch parameters', forwardDispatches, U_NOMINAL);
 
-  // Dispatches, for the uniform buffers: per layer, forward and backward.
-  const linearCount = gpt2 ? 4 : 7;
-  const loraCount = resolved.modules.length;
-  const plainCount = L * linearCount - loraCount;
-  const uNorm = ln ? 32 : 48;
-  let fwdBytes = 48 /* embedding */ + uNorm /* final norm */;
-  let fwdCount = 2;
-  let bwdBytes = uNorm; // final norm backward
-  let bwdCount = 1;
-  // Linears: forward h + y (LoRA) or y; backward g, dB, dA, dx (LoRA) or dx.
-  fwdBytes += loraCount * (U_THIN + U_MATMUL) + plainCount * U_MATMUL;
-  fwdCount += 2 * loraCount + plainCount;
-  bwdBytes += loraCount * (3 * U_THIN + U_MATMUL) + plainCount * U_MATMUL;
-  bwdCount += 4 * loraCount + plainCount;
-  // Per layer: 2 norms, attention, 2 residuals, the activation; RoPE and q/k norms (Llama family);
-  // the fused-qkv copies (GPT-2).
-  fwdBytes += L * (2 * uNorm + U_ATTENTION + 3 * U_ELEMENTWISE);
-  fwdCount += L * 6;
-  bwdBytes += L * (2 * uNorm + 3 * U_ATTENTION + U_ELEMENTWISE);
-  bwdCount += L * 6;
-  if (gpt2) {
-    bwdBytes += L * 3 * U_THIN;
-    bwdCount += L * 3;
-  } else {
-    const extra = 2 + (c.qkNorm ? 2 : 0);
-    fwdBytes += L * extra * 48;
-    fwdCount += L * extra;
-    bwdBytes += L * extra * 48;
-    bwdCount += L * extra;
-  }
-  uniforms(A, 'forward dispatch parameters', fwdCount, Math.round(fwdBytes / fwdCount));
-
-  // Scratch: the backward plan, the loss, the trainer's inputs and optimizer buffers.
+  // Scratch: the backward plan's layout, the loss's logits chunk, the trainer's own buffers.
   const S = 'scratch';
-  add(S, 'backward.labels', [rows], 'i32');
-  add(S, 'backward.loss', [2]);
-  add(S, 'backward.loss_errors', [2], 'u32');
-  add(S, 'backward.lse', [rows]);
-  add(S, 'backward.d_hidden', [rows, d]);
-  const chunk = ctx ? crossEntropyChunk(ctx, rows, c.vocabSize) : lossChunk(rows, c.vocabSize, limits);
+  for (const b of backwardLayout(c, ranks, { B, T })) add(S, `backward.${b.label}`, b.shape, b.dtype);
+  const loss = crossEntropyScratchBytes({ limits }, rows, c.vocabSize);
   // The loss's chunks never straddle two parts of a split LM head.
-  const chunks = headParts.reduce((n, rows) => n + Math.ceil(rows / chunk), 0);
-  add(S, 'loss.logits', [rows, chunk]);
+  const chunks = headParts.reduce((n, part) => n + Math.ceil(part / loss.chunk), 0);
+  add(S, 'loss.logits', [rows, loss.chunk]);
   add(S, 'loss.training.forward.stats', [rows, 4]);
   add(S, 'loss.training.backward.coef', [4]);
-  add(S, 'backward.d_resid', [rows, d]);
-  add(S, 'backward.d_norm_out', [rows, d]);
-  add(S, 'backward.d_act', [rows, I]);
-  add(S, 'backward.d_gate', [rows, I]);
-  if (!gpt2) add(S, 'backward.d_up', [rows, I]);
-  add(S, 'backward.d_attn', [rows, qDim]);
-  add(S, 'backward.dq', [rows, qDim]);
-  add(S, 'backward.dk', [rows, kvDim]);
-  add(S, 'backward.dv', [rows, kvDim]);
-  add(S, 'backward.attention_delta', [B, c.numHeads, T]);
-  if (c.qkNorm) {
-    add(S, 'backward.dq_raw', [rows, qDim]);
-    add(S, 'backward.dk_raw', [rows, kvDim]);
-  }
-  if (gpt2) {
-    add(S, 'backward.dqkv', [rows, 3 * d]);
-    add(S, 'backward.zero', [1], 'i32');
-  }
-  for (const r of new Set(resolved.modules.map((m) => m.r))) add(S, `backward.lora_g_r${r}`, [rows, r]);
-  if (resolved.config.lora_dropout > 0) {
-    add(S, 'train.dropout_counter', [4], 'u32');
-    add(S, 'train.dropout.{k}', [4], 'u32', K);
-  }
-  add(S, 'train.ids.{k}', [rows], 'i32', K);
-  add(S, 'train.targets.{k}', [rows], 'i32', K);
-  add(S, 'train.loss_log', [Math.max(1, (K * alignUp(8, align)) / 4)]);
-  add(S, 'train.grad_norm', [3]);
-  const partials = ctx
-    ? reducePartialsSize(ctx, arenaElements)
-    : partialsSize(arenaElements, limits, options.cpuAdapter ?? false);
-  add(S, 'train.grad_norm_partials', [partials]);
-  // Loss: forward 2 per chunk + finish; backward scale + dlogits and dH per chunk + the LM-head
-  // matmul per chunk but the one the forward left in the scratch; optimizer: norm (2) + AdamW.
-  const lossCount = 2 * chunks + 1 + 1 + 3 * chunks - 1;
-  bwdBytes += lossCount * U_MATMUL + 2 * U_REDUCE + U_MATMUL;
-  bwdCount += lossCount + 3;
-  uniforms(S, 'backward, loss and optimizer dispatch parameters', bwdCount, Math.round(bwdBytes / bwdCount));
+  const cpu = ctx ? isCpuAdapter(ctx) : (options.cpuAdapter ?? false);
+  for (const b of trainerBuffers(K, rows, arena.elements, limits, cpu, dropout))
+    add(S, b.label, b.shape, b.dtype, b.count);
+  const backwardDispatches = backwardDispatchCount(c, ranks, {
+    recompute,
+    dropout,
+    lossDispatches: crossEntropyTrainingDispatchCount(chunks),
+  });
+  // The gradient norm (two dispatches) and AdamW.
+  const optimizerDispatches = 3;
+  uniforms(S, 'backward, loss and optimizer dispatch parameters', backwardDispatches + optimizerDispatches, U_NOMINAL);
 
   const sum = (cat: MemoryCategory) =>
     buffers.filter((b) => b.category === cat).reduce((n, b) => n + b.bytes * b.count, 0);
@@ -473,7 +346,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
       recompute,
       precision,
       rows,
-      lossChunk: chunk,
+      lossChunk: loss.chunk,
+      dispatchesPerStep: K * (forwardDispatches + backwardDispatches) + optimizerDispatches,
       adaptedModules: resolved.modules.length,
       trainableParameters,
     },

@@ -5,8 +5,12 @@
  *
  *   for each micro-batch k: copy its ids and targets in -> forward -> loss + backward
  *     (gradients accumulate into the gradient arena) -> copy its loss out
- *   global gradient norm -> AdamW with clipping (skipped on the GPU if the norm is not finite)
- *   -> clear the gradient arena
+ *   global gradient norm -> AdamW with clipping (skipped on the GPU if a loss or the norm is not
+ *   finite, and latched: see submitStep) -> clear the gradient arena -> copy the step's report
+ *   (losses, norm, latch, label errors) into a mappable buffer
+ *
+ * The host reads that report asynchronously, one readback per step, while later steps are already
+ * queued: nothing in a step waits for the host (submitStep).
  *
  * The loss divisor is the number of counted tokens over all micro-batches of the step
  * (transformers' num_items_in_batch), so accumulation gives the same gradient as one big batch.
@@ -17,13 +21,12 @@ import {
   type Dispatch,
   dropoutCounter,
   type GpuContext,
+  isCpuAdapter,
   type LrSchedule,
   learningRate,
   planAdamW,
   planL2Norm,
   readFloat32,
-  readTensor,
-  reducePartialsSize,
   StepEncoder,
   type Tensor,
   TensorArena,
@@ -44,6 +47,7 @@ import {
   shiftLabels,
   type TokenizedExample,
 } from '@webtune/models';
+import { reportBytes, trainerBuffers } from './layout.js';
 import {
   type AdapterConfigOptions,
   exportPeftAdapter,
@@ -69,6 +73,33 @@ export class TrainingDivergedError extends WebtuneError {
       `training diverged at step ${step}: loss ${loss}, gradient norm ${gradNorm}; the adapter is kept as it was after step ${step - 1} (lower the learning rate or check the data)`,
     );
   }
+}
+
+/**
+ * A step submitted behind one that diverged while both were in flight: the GPU skipped its update
+ * (the adapter stayed as it was before the divergence), and it does not count as a step.
+ */
+export class StepDiscardedError extends WebtuneError {
+  constructor(
+    readonly step: number,
+    readonly divergedStep: number,
+  ) {
+    super(
+      `step ${step} was discarded: step ${divergedStep}, queued before it, diverged; the adapter is kept as it was after step ${divergedStep - 1}`,
+    );
+  }
+}
+
+/** A step submitted with LoraTrainer.submitStep. */
+export interface StepHandle {
+  /** The step number it will have if it succeeds (1-based). */
+  readonly step: number;
+  /**
+   * Resolves with the step's result once its report has been read back, or rejects with
+   * TrainingDivergedError (this step's loss or gradient was not finite) or StepDiscardedError (an
+   * earlier step still in flight diverged). Unobserved rejections are not reported as unhandled.
+   */
+  readonly result: Promise<StepResult>;
 }
 
 export interface OptimizerOptions {
@@ -168,8 +199,31 @@ function resolve(model: CausalLM, lora: LoraConfigInput | ResolvedLora): Resolve
   return resolveLoraTargets(validateLoraConfig(lora), namedModules(model.config), model.config.modelType);
 }
 
+/** One submitted step, until its report is read. */
+interface InFlight {
+  readonly step: number;
+  readonly lr: number;
+  readonly tokens: number;
+  readonly positions: number;
+  readonly micro: number;
+  readonly t0: number;
+  readonly staging: GPUBuffer;
+  /** The divergence epoch it was queued in (see LoraTrainer.epoch). */
+  readonly epoch: number;
+}
+
 export class LoraTrainer {
+  /** Steps completed (their reports read, not discarded). */
   private stepCount = 0;
+  /** Steps completed or in flight and not known to be discarded: the next step is queued + 1. */
+  private queued = 0;
+  /** Bumped when a divergence is seen: steps queued in an older epoch were skipped on the GPU. */
+  private epoch = 0;
+  private divergedStep = 0;
+  private inFlight = 0;
+  /** The last submitted step's processing; reports are read strictly in order. */
+  private tail: Promise<unknown> = Promise.resolve();
+  private readonly freeReports: GPUBuffer[] = [];
   private released = false;
 
   private constructor(
@@ -184,8 +238,13 @@ export class LoraTrainer {
     private readonly fwd: ForwardPlan,
     private readonly bwd: BackwardPlan,
     private readonly inputs: readonly { ids: Tensor; labels: Tensor; dropout?: Tensor }[],
-    private readonly lossLog: TensorArena,
+    /** [K, 2] f32: each micro-batch's [loss, count]. */
+    private readonly lossLog: Tensor,
     private readonly norm: Tensor,
+    /** u32 [1]: AdamW's divergence latch (adamw_step_guarded). */
+    private readonly latch: Tensor,
+    /** Every report buffer made (MAP_READ); the free ones are in freeReports. */
+    private readonly reports: GPUBuffer[],
     private readonly optimizerDispatches: readonly Dispatch[],
     private readonly adamw: Dispatch,
     private readonly owned: readonly Tensor[],
@@ -193,7 +252,9 @@ export class LoraTrainer {
     readonly memory: TrainerMemory,
     /** The estimate checked before allocating (every buffer, by category). */
     readonly estimate: MemoryEstimate,
-  ) {}
+  ) {
+    this.freeReports.push(...reports);
+  }
 
   static async create(ctx: GpuContext, model: CausalLM, options: TrainerOptions): Promise<LoraTrainer> {
     const { B, T, K } = checkTrainingShape('trainer', model.config, options);
@@ -223,6 +284,7 @@ export class LoraTrainer {
     ]);
     const arenas: TensorArena[] = [];
     const owned: Tensor[] = [];
+    const reports: GPUBuffer[] = [];
     const cleanup: { dispose(): void }[] = [];
     try {
       const params = new TensorArena(ctx, entries, 'lora.params');
@@ -249,9 +311,33 @@ export class LoraTrainer {
       });
       const trainableBytes = ctx.liveBytes - before;
 
-      // The dropout counter the masks hash, and each micro-batch's values copied into it per step.
-      const counter = dropoutP > 0 ? createTensor(ctx, [4], 'u32', 'train.dropout_counter') : undefined;
-      if (counter) owned.push(counter);
+      // The trainer's own buffers, as trainerBuffers (and so estimateMemory) lists them: made before
+      // the plans, which read the dropout counter among them.
+      const made = new Map<string, Tensor[]>();
+      for (const b of trainerBuffers(K, B * T, grads.size, ctx.limits, isCpuAdapter(ctx), dropoutP > 0)) {
+        if (b.label === 'train.report.{i}') {
+          for (let i = 0; i < b.count; i++) reports.push(createReport(ctx, K, i));
+          continue;
+        }
+        const list = Array.from({ length: b.count }, (_, k) =>
+          createTensor(ctx, [...b.shape], b.dtype, b.label.replace('{k}', String(k))),
+        );
+        owned.push(...list);
+        made.set(b.label, list);
+      }
+      const one = (label: string) => (made.get(label) as Tensor[])[0] as Tensor;
+      // LoRA dropout: the counter the masks hash, and each micro-batch's values copied into it.
+      const counter = made.get('train.dropout_counter')?.[0];
+      const inputs = (made.get('train.ids.{k}') as Tensor[]).map((ids, k) => ({
+        ids,
+        labels: (made.get('train.targets.{k}') as Tensor[])[k] as Tensor,
+        dropout: made.get('train.dropout.{k}')?.[k],
+      }));
+      const lossLog = one('train.loss_log');
+      const norm = one('train.grad_norm');
+      const latch = one('train.adamw_latch');
+      const partials = one('train.grad_norm_partials');
+
       const afterArenas = ctx.liveBytes;
       const fwd = await planForward(ctx, model, {
         ...(counter ? { dropoutCounter: counter } : {}),
@@ -267,29 +353,12 @@ export class LoraTrainer {
       const bwd = await planBackward(ctx, fwd, trainables);
       cleanup.push(bwd);
 
-      const inputs = Array.from({ length: K }, (_, k) => {
-        const ids = createTensor(ctx, [B * T], 'i32', `train.ids.${k}`);
-        const labels = createTensor(ctx, [B * T], 'i32', `train.targets.${k}`);
-        owned.push(ids, labels);
-        const dropout = counter ? createTensor(ctx, [4], 'u32', `train.dropout.${k}`) : undefined;
-        if (dropout) owned.push(dropout);
-        return { ids, labels, dropout };
-      });
-      const lossLog = new TensorArena(
-        ctx,
-        Array.from({ length: K }, (_, k) => ({ shape: [2], label: `train.loss.${k}` })),
-        'train.loss_log',
-      );
-      arenas.push(lossLog);
-      const norm = createTensor(ctx, [3], 'f32', 'train.grad_norm');
-      const partials = createTensor(ctx, [reducePartialsSize(ctx, grads.size)], 'f32', 'train.grad_norm_partials');
-      owned.push(norm, partials);
       const normDispatches = await planL2Norm(ctx, { x: grads.tensor, partials, out: norm }, 'grad_norm');
       const adamw = await planAdamW(
         ctx,
         { norm, grad: grads.tensor, param: params.tensor, m: m1.tensor, v: m2.tensor },
         hyper(options.optimizer),
-        { label: 'adamw' },
+        { label: 'adamw', guard: { losses: lossLog, count: K, latch } },
       );
       const optimizerDispatches = [...normDispatches, adamw];
       const total = ctx.liveBytes - before;
@@ -314,6 +383,8 @@ export class LoraTrainer {
         inputs,
         lossLog,
         norm,
+        latch,
+        reports,
         optimizerDispatches,
         adamw,
         owned,
@@ -324,17 +395,25 @@ export class LoraTrainer {
       for (const c of cleanup) c.dispose();
       for (const a of arenas) a.dispose();
       for (const t of owned) t.dispose();
+      for (const r of reports) ctx.releaseBuffer(r);
       throw e;
     }
   }
 
+  /** Optimizer steps completed: their results were delivered and they were not discarded. Steps
+   * still in flight are not counted yet. */
   get step(): number {
     return this.stepCount;
   }
 
-  /** The learning rate the next step will use. */
+  /** Steps submitted whose results have not been delivered yet. */
+  get pendingSteps(): number {
+    return this.inFlight;
+  }
+
+  /** The learning rate the next submitted step will use. */
   get nextLearningRate(): number {
-    return learningRate(this.schedule(), this.stepCount);
+    return learningRate(this.schedule(), this.queued);
   }
 
   private schedule(): LrSchedule {
@@ -346,8 +425,35 @@ export class LoraTrainer {
     return new Map([...this.trainables].map(([name, t]) => [name, { a: t.a, b: t.b, scale: t.scale }]));
   }
 
-  /** One optimizer step over `micro` (1..gradAccum micro-batches of B × T). */
+  /** One optimizer step over `micro` (1..gradAccum micro-batches of B × T): submitStep, then
+   * wait for its result (one readback the host waits on). */
   async trainStep(micro: readonly MicroBatch[]): Promise<StepResult> {
+    return this.submitStep(micro).result;
+  }
+
+  /**
+   * Queues one optimizer step over `micro` (1..gradAccum micro-batches of B × T) and returns at
+   * once: the step's work is submitted to the GPU before this returns, and nothing in it waits for
+   * the host. Call it again before the previous handle resolves to keep the GPU busy (the usual
+   * loop: submit step n + 1, then await step n's result); results resolve in submission order.
+   *
+   * The contract:
+   * - Inputs are checked here (ids and labels against the vocabulary, sizes): a bad batch throws
+   *   synchronously and queues nothing.
+   * - Step numbers, the learning rate and AdamW's bias correction count every step submitted and
+   *   not discarded, so a pipelined run is the same run as a sequential one, value for value.
+   * - Each step's report (losses, gradient norm, finite flags) comes back in one asynchronous
+   *   readback; `result` resolves with it.
+   * - Divergence: a step whose loss or gradient is not finite changes nothing on the GPU (AdamW
+   *   skips it) and latches, so every step queued behind it skips too. Its handle rejects with
+   *   TrainingDivergedError, the handles of the steps queued behind it with StepDiscardedError;
+   *   the caller learns of it at most one step late. The adapter and AdamW's moments are then
+   *   exactly as they were after the last good step, `step` counts up to it, and the next
+   *   submitStep continues from there (with the same step number as the diverged one).
+   * - readWeights, evaluate and exportPeft see every step submitted before them; readState waits
+   *   for the steps in flight, and restoreState refuses to run while any is.
+   */
+  submitStep(micro: readonly MicroBatch[]): StepHandle {
     if (this.released) throw new WebtuneError('trainer was disposed');
     const { batch: B, seq: T } = this.options;
     if (micro.length < 1 || micro.length > this.inputs.length) {
@@ -369,19 +475,27 @@ export class LoraTrainer {
           throw new WebtuneError(`trainStep: token id ${id} in micro-batch ${k} is outside the vocabulary (${V})`);
       }
       const shifted = shiftLabels(mb.labels, B, T);
-      for (const l of shifted) if (l !== -100) counted++;
+      for (const l of shifted) {
+        if (l === -100) continue;
+        // Checked here rather than after the step: the step must not need a read to be trusted.
+        if (!Number.isSafeInteger(l) || l < 0 || l >= V)
+          throw new WebtuneError(`trainStep: label ${l} in micro-batch ${k} is outside the vocabulary (${V})`);
+        counted++;
+      }
       return shifted;
     });
     if (counted === 0) throw new WebtuneError('trainStep: no token to train on in this step (every label is -100)');
     const t0 = performance.now();
-    const lr = learningRate(this.schedule(), this.stepCount);
-    // The step counts only once it succeeded: a diverged step leaves the adapter, the moments and
-    // the schedule where they were.
-    const step = this.stepCount + 1;
+    const lr = learningRate(this.schedule(), this.queued);
+    const step = this.queued + 1;
     this.bwd.crossEntropy.setDivisor(counted);
     this.adamw.setUniforms(adamwStepUniforms(hyper({ ...this.options.optimizer, lr }), step));
+    const report = this.freeReports.pop() ?? createReport(this.ctx, this.inputs.length, this.reports.length);
+    if (!this.reports.includes(report)) this.reports.push(report);
+    const K = this.inputs.length;
     const enc = new StepEncoder(this.ctx, `train step ${step}`);
-    enc.clear(this.fwd.embeddingErrors).clear(this.bwd.errors);
+    // Unused micro-batch slots hold [0, 0]: finite, so they never trip AdamW's check.
+    enc.clear(this.fwd.embeddingErrors).clear(this.bwd.errors).clear(this.lossLog);
     micro.forEach((mb, k) => {
       const input = this.inputs[k] as { ids: Tensor; labels: Tensor; dropout?: Tensor };
       writeTensor(input.ids, Int32Array.from(mb.inputIds as ArrayLike<number>));
@@ -394,29 +508,91 @@ export class LoraTrainer {
         enc.copy(input.dropout, this.fwd.dropout.counter);
       }
       enc.dispatch(...this.fwd.dispatches, ...this.bwd.dispatches);
-      enc.copy(this.bwd.loss, this.lossLog.views[k] as Tensor, 8);
+      enc.copy(this.bwd.loss, this.lossLog, 8, 8 * k);
     });
     enc
       .dispatch(...this.optimizerDispatches)
       .clear(this.grads.tensor)
+      .copy(this.lossLog, report, 8 * K, 0)
+      .copy(this.norm, report, 12, 8 * K)
+      .copy(this.latch, report, 4, 8 * K + 12)
+      .copy(this.bwd.errors, report, 8, 8 * K + 16)
       .submit();
-    const losses = await readFloat32(this.lossLog.tensor);
-    const [gradNorm, finite] = await readFloat32(this.norm);
-    let loss = 0;
-    for (let k = 0; k < micro.length; k++) loss += losses[(this.lossLog.offsets[k] as number) / 4] as number;
-    if (!Number.isFinite(loss) || finite !== 1) throw new TrainingDivergedError(step, loss, gradNorm as number);
-    const errors = await readTensor(this.bwd.errors);
-    if (errors[0] !== 0) throw new WebtuneError(`trainStep: ${errors[1]} labels outside the vocabulary (${V})`);
-    this.stepCount = step;
-    return {
+    const entry: InFlight = {
       step,
-      loss,
-      gradNorm: gradNorm as number,
       lr,
       tokens: counted,
       positions: micro.length * B * T,
-      seconds: (performance.now() - t0) / 1000,
+      micro: micro.length,
+      t0,
+      staging: report,
+      epoch: this.epoch,
     };
+    // Asked for now, so the readback is under way while the host prepares the next step.
+    const mapped = this.ctx.mapRead(report, 0, reportBytes(K));
+    mapped.catch(() => {});
+    this.queued = step;
+    this.inFlight++;
+    const previous = this.tail;
+    const result = (async () => {
+      try {
+        await previous.catch(() => {});
+        return await this.finish(entry, mapped);
+      } finally {
+        this.inFlight--;
+      }
+    })();
+    result.catch(() => {});
+    this.tail = result;
+    return { step, result };
+  }
+
+  /** Reads a step's report (in submission order) and turns it into its result or error. */
+  private async finish(e: InFlight, mapped: Promise<void>): Promise<StepResult> {
+    await mapped;
+    if (this.released) throw new WebtuneError('trainer was disposed');
+    const bytes = e.staging.getMappedRange(0, reportBytes(this.inputs.length)).slice(0);
+    e.staging.unmap();
+    this.freeReports.push(e.staging);
+    const K = this.inputs.length;
+    const f = new Float32Array(bytes);
+    const u = new Uint32Array(bytes);
+    if (e.epoch !== this.epoch) throw new StepDiscardedError(e.step, this.divergedStep);
+    let loss = 0;
+    for (let k = 0; k < e.micro; k++) loss += f[2 * k] as number;
+    const gradNorm = f[2 * K] as number;
+    const finite = f[2 * K + 1];
+    const latched = u[2 * K + 3];
+    if (!Number.isFinite(loss) || finite !== 1) {
+      // AdamW skipped this step and latched: the steps queued behind it skip too. Clear the latch
+      // (queued after them) and continue from the last good step.
+      this.epoch++;
+      this.divergedStep = e.step;
+      this.queued = this.stepCount;
+      this.ctx.device.queue.writeBuffer(this.latch.buffer, this.latch.byteOffset, new Uint32Array([0]));
+      throw new TrainingDivergedError(e.step, loss, gradNorm);
+    }
+    if (latched !== 0) throw new WebtuneError(`step ${e.step}: AdamW's latch was set with no divergence seen`);
+    if (u[2 * K + 4] !== 0) {
+      throw new WebtuneError(
+        `trainStep: ${u[2 * K + 5]} labels outside the vocabulary (${this.model.config.vocabSize})`,
+      );
+    }
+    this.stepCount = e.step;
+    return {
+      step: e.step,
+      loss,
+      gradNorm,
+      lr: e.lr,
+      tokens: e.tokens,
+      positions: e.positions,
+      seconds: (performance.now() - e.t0) / 1000,
+    };
+  }
+
+  /** Resolves once every submitted step's result has been delivered (whatever it was). */
+  async settle(): Promise<void> {
+    await this.tail.catch(() => {});
   }
 
   /** Mean loss of the model with the current adapter over examples (no gradient). */
@@ -449,6 +625,9 @@ export class LoraTrainer {
   /** Everything a checkpoint needs to continue this run exactly (see TrainerState). */
   async readState(): Promise<TrainerState> {
     if (this.released) throw new WebtuneError('trainer was disposed');
+    // The state of a settled run: steps in flight would make `step` and the arenas disagree.
+    await this.settle();
+    if (this.released) throw new WebtuneError('trainer was disposed');
     const step = this.stepCount;
     const [params, m1, m2] = await Promise.all([
       readFloat32(this.params.tensor),
@@ -475,6 +654,8 @@ export class LoraTrainer {
     if (this.released) throw new WebtuneError('trainer was disposed');
     if (!Number.isSafeInteger(state.step) || state.step < 0)
       throw new WebtuneError(`restoreState: step ${state.step} is not a step count`);
+    if (this.inFlight > 0)
+      throw new WebtuneError(`restoreState: ${this.inFlight} steps are still in flight; await them (settle()) first`);
     const modules = this.resolved.modules;
     if (state.modules.length !== modules.length)
       throw new WebtuneError(
@@ -497,7 +678,9 @@ export class LoraTrainer {
       put(this.moments[1], 2 * i, s.expAvgSqA, 'exp_avg_sq(A)');
       put(this.moments[1], 2 * i + 1, s.expAvgSqB, 'exp_avg_sq(B)');
     });
+    this.ctx.device.queue.writeBuffer(this.latch.buffer, this.latch.byteOffset, new Uint32Array([0]));
     this.stepCount = state.step;
+    this.queued = state.step;
   }
 
   /** The PEFT adapter folder's two files for the current weights. */
@@ -511,9 +694,20 @@ export class LoraTrainer {
     for (const d of this.optimizerDispatches) d.dispose();
     this.bwd.dispose();
     this.fwd.dispose();
-    for (const a of [this.params, this.grads, ...this.moments, this.lossLog]) a.dispose();
+    for (const a of [this.params, this.grads, ...this.moments]) a.dispose();
     for (const t of this.owned) t.dispose();
+    // A report still being mapped rejects its step with the mapping's error.
+    for (const r of this.reports) this.ctx.releaseBuffer(r);
   }
+}
+
+/** A mappable buffer for one step's report. */
+function createReport(ctx: GpuContext, K: number, i: number): GPUBuffer {
+  return ctx.createBuffer({
+    label: `train.report.${i}`,
+    size: reportBytes(K),
+    usage: 0x1 /* MAP_READ */ | 0x8 /* COPY_DST */,
+  });
 }
 
 function hyper(o: OptimizerOptions) {

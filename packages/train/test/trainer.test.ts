@@ -3,12 +3,13 @@
 // learning rate, the gradient norm, and the final adapter weights; then the adapter exported by
 // webtune holds exactly those weights under PEFT's names, and PEFT's own saved adapter imports
 // and gives PEFT's loss.
+import { diffCounters } from '@webtune/core';
 import { loadModel, namedModules, openSafetensors } from '@webtune/models';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { repoSource } from '../../models/test/fixtures.js';
 import { readPeftAdapter } from '../src/lora/index.js';
-import { LoraTrainer, TrainingDivergedError } from '../src/trainer.js';
+import { LoraTrainer, StepDiscardedError, type StepResult, TrainingDivergedError } from '../src/trainer.js';
 
 const gpu = useGpu();
 
@@ -245,6 +246,109 @@ describe('ten AdamW steps against PEFT + torch', () => {
       for (const w of after.values()) for (const x of [...w.a, ...w.b]) expect(Number.isFinite(x)).toBe(true);
       expect(good.size).toBe(after.size);
       trainer.dispose();
+      model.dispose();
+    });
+  });
+
+  it('catches a divergence at most one step late in a pipelined run, with the adapter and moments from before it', async () => {
+    const ctx = gpu();
+    const modelSource = await repoSource('apps/studio/public/models/stories260K');
+    await gpuCase(ctx, 'pipelined divergence', async () => {
+      const model = await loadModel(ctx, modelSource, { precision: 'f32' });
+      const options = {
+        lora: { r: 4, lora_alpha: 8 },
+        batch: 1,
+        seq: 8,
+        optimizer: { lr: 1e30, maxGradNorm: Infinity },
+        seed: 3,
+      };
+      const batch = { inputIds: [1, 20, 30, 40, 50, 60, 70, 80], labels: [1, 20, 30, 40, 50, 60, 70, 80] };
+      // A sequential run finds the step that diverges.
+      const probe = await LoraTrainer.create(ctx, model, options);
+      let diverged = 0;
+      for (let i = 0; i < 5 && !diverged; i++) {
+        await probe.trainStep([batch]).catch((e) => {
+          if (e instanceof TrainingDivergedError) diverged = e.step;
+          else throw e;
+        });
+      }
+      probe.dispose();
+      expect(diverged).toBeGreaterThan(1);
+      // The same run pipelined: the diverged step and two more are queued before any result is read.
+      const trainer = await LoraTrainer.create(ctx, model, options);
+      for (let i = 1; i < diverged; i++) await trainer.trainStep([batch]);
+      const good = await trainer.readState();
+      const before = ctx.counters;
+      const handles = [0, 1, 2].map(() => trainer.submitStep([batch]));
+      expect(handles.map((h) => h.step)).toEqual([diverged, diverged + 1, diverged + 2]);
+      expect(trainer.pendingSteps).toBe(3);
+      await expect(handles[0]?.result).rejects.toBeInstanceOf(TrainingDivergedError);
+      await expect(handles[1]?.result).rejects.toBeInstanceOf(StepDiscardedError);
+      await expect(handles[2]?.result).rejects.toThrow(`step ${diverged + 2} was discarded: step ${diverged}`);
+      // Three submits, each with its report read back; only the last waited on an idle queue.
+      const spent = diffCounters(before, ctx.counters);
+      expect([spent.submits, spent.readbacks, spent.blockingReadbacks]).toEqual([3, 3, 1]);
+      expect(trainer.step).toBe(diverged - 1);
+      expect(trainer.pendingSteps).toBe(0);
+      // Bit for bit the state after the last good step: A, B, both moments, the step count.
+      expect(await trainer.readState()).toEqual(good);
+      // The next step takes the diverged one's number again (and, with this learning rate, diverges).
+      const again = trainer.submitStep([batch]);
+      expect(again.step).toBe(diverged);
+      await expect(again.result).rejects.toBeInstanceOf(TrainingDivergedError);
+      trainer.dispose();
+      model.dispose();
+    });
+  });
+
+  it('gives the same run pipelined as step by step, with no blocking readback inside the loop', async () => {
+    const ctx = gpu();
+    const modelSource = await repoSource('apps/studio/public/models/stories260K');
+    await gpuCase(ctx, 'pipelined', async () => {
+      const model = await loadModel(ctx, modelSource, { precision: 'f32' });
+      const options = {
+        lora: { r: 4, lora_alpha: 8, target_modules: ['q_proj', 'v_proj', 'down_proj'] },
+        batch: 2,
+        seq: 8,
+        gradAccum: 2,
+        optimizer: { lr: 5e-3 },
+        schedule: { kind: 'linear' as const, warmupSteps: 2, totalSteps: 6 },
+        seed: 7,
+      };
+      const micro = (s: number) =>
+        [0, 1].map((k) => {
+          const ids = Array.from({ length: 16 }, (_, i) => 1 + ((s * 53 + k * 29 + i * 13) % 500));
+          return { inputIds: ids, labels: ids };
+        });
+      const sequential = await LoraTrainer.create(ctx, model, options);
+      const want: StepResult[] = [];
+      for (let s = 0; s < 6; s++) want.push(await sequential.trainStep(micro(s)));
+      const wantWeights = await sequential.readWeights();
+      sequential.dispose();
+
+      const pipelined = await LoraTrainer.create(ctx, model, options);
+      const before = ctx.counters;
+      const got: StepResult[] = [];
+      let pending = pipelined.submitStep(micro(0));
+      for (let s = 1; s < 6; s++) {
+        const next = pipelined.submitStep(micro(s));
+        got.push(await pending.result);
+        pending = next;
+      }
+      got.push(await pending.result);
+      const spent = diffCounters(before, ctx.counters);
+      // Six steps, six reports; only the last one, with nothing queued behind it, was waited for.
+      expect([spent.submits, spent.readbacks, spent.blockingReadbacks]).toEqual([6, 6, 1]);
+      for (const [i, r] of got.entries()) {
+        const w = want[i] as StepResult;
+        expect([r.step, r.loss, r.gradNorm, r.lr, r.tokens]).toEqual([w.step, w.loss, w.gradNorm, w.lr, w.tokens]);
+      }
+      const weights = await pipelined.readWeights();
+      for (const [name, w] of wantWeights) {
+        expect(weights.get(name)?.a, name).toEqual(w.a);
+        expect(weights.get(name)?.b, name).toEqual(w.b);
+      }
+      pipelined.dispose();
       model.dispose();
     });
   });

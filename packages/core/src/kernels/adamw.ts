@@ -113,18 +113,39 @@ const spec: KernelSpec = {
   bindings: ['uniform', 'read', 'read', 'write', 'write', 'write'],
 };
 
+const guardedSpec: KernelSpec = {
+  source,
+  file: 'shaders/adamw.wgsl',
+  entryPoint: 'adamw_step_guarded',
+  bindings: ['uniform', 'read', 'read', 'write', 'write', 'write', 'read', 'write'],
+};
+
+/**
+ * The latch of a pipelined trainer (adamw_step_guarded): the update is also skipped when one of
+ * `count` losses is not finite, and the first skipped step sets `latch` (u32 [1]) so that every
+ * later step skips until the host writes 0 there again.
+ */
+export interface AdamWGuard {
+  /** f32, [loss, count] per micro-batch: the loss at even indices 0, 2, ..., 2·(count − 1). */
+  readonly losses: Tensor;
+  readonly count: number;
+  /** u32 [1]: 0 = train, anything else = skip (set by the kernel, cleared by the host). */
+  readonly latch: Tensor;
+}
+
 /**
  * One AdamW step over whole arenas (every LoRA matrix at once), with gradient clipping fused in.
  * Record it after planL2Norm's dispatches over the same `grad` in the same step; it reads the norm
  * and the finite flag on the GPU and skips the whole update (param, m, v untouched) when the
  * gradients hold a NaN or ±Inf. The uniform starts as step `step` (default 1) of `h`; before
  * each later step call `dispatch.setUniforms(adamwStepUniforms(h, t))` with the new t (and lr).
+ * With `guard`, the update also skips on a non-finite loss and latches (see AdamWGuard).
  */
 export async function planAdamW(
   ctx: GpuContext,
   b: AdamWBuffers,
   h: AdamWHyperparameters,
-  options: { step?: number; label?: string } = {},
+  options: { step?: number; label?: string; guard?: AdamWGuard } = {},
 ): Promise<Dispatch> {
   const label = options.label ?? 'adamw';
   const n = b.param.size;
@@ -152,16 +173,30 @@ export async function planAdamW(
       }
     }
   }
+  const guard = options.guard;
+  if (guard) {
+    if (!Number.isSafeInteger(guard.count) || guard.count < 1 || guard.losses.dtype !== 'f32') {
+      throw new ShapeError(`${label}: the guard needs f32 losses and a count ≥ 1, got ${guard.count}`);
+    }
+    if (guard.losses.size < 2 * guard.count) {
+      throw new ShapeError(
+        `${label}: losses ${guard.losses.label} ${formatShape(guard.losses.shape)} holds fewer than ${guard.count} [loss, count] pairs`,
+      );
+    }
+    if (guard.latch.dtype !== 'u32' || guard.latch.size !== 1) {
+      throw new ShapeError(`${label}: latch ${guard.latch.label} must be one u32`);
+    }
+  }
   const step = adamwStepUniforms(h, options.step ?? 1);
   const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup, ctx.limits.maxComputeWorkgroupSizeX);
-  const kernel = await getKernel(ctx, spec, { WG: wg });
+  const kernel = await getKernel(ctx, guard ? guardedSpec : spec, { WG: wg });
   const g = grid1d(ctx, n, wg);
   const uniforms = new ArrayBuffer(ADAMW_STEP_UNIFORM_BYTES + 16);
   new Uint8Array(uniforms).set(new Uint8Array(step));
-  new Uint32Array(uniforms, ADAMW_STEP_UNIFORM_BYTES, 4).set([n, g.rowStride, 0, 0]);
+  new Uint32Array(uniforms, ADAMW_STEP_UNIFORM_BYTES, 4).set([n, g.rowStride, guard?.count ?? 0, 0]);
   return bindKernel(ctx, kernel, {
     label,
-    resources: [b.norm, b.grad, b.param, b.m, b.v],
+    resources: [b.norm, b.grad, b.param, b.m, b.v, ...(guard ? [guard.losses, guard.latch] : [])],
     workgroups: g.workgroups,
     uniforms,
   });

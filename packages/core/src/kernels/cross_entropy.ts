@@ -215,6 +215,16 @@ export function crossEntropyChunk(
   vocab: number,
   opts: CrossEntropyChunkOptions = {},
 ): number {
+  return crossEntropyChunkFor(ctx.limits, rows, vocab, opts);
+}
+
+/** crossEntropyChunk for a device known only by its limits (a memory estimate without a GPU). */
+export function crossEntropyChunkFor(
+  limits: Pick<GPUSupportedLimits, 'maxStorageBufferBindingSize' | 'maxBufferSize'>,
+  rows: number,
+  vocab: number,
+  opts: CrossEntropyChunkOptions = {},
+): number {
   const op = 'cross_entropy';
   if (opts.chunk !== undefined) {
     if (!Number.isSafeInteger(opts.chunk) || opts.chunk < 1 || (opts.chunk < vocab && opts.chunk % 4 !== 0)) {
@@ -223,8 +233,8 @@ export function crossEntropyChunk(
   }
   const budget = Math.min(
     opts.maxScratchBytes ?? CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES,
-    ctx.limits.maxStorageBufferBindingSize,
-    ctx.limits.maxBufferSize,
+    limits.maxStorageBufferBindingSize,
+    limits.maxBufferSize,
   );
   const fits = Math.floor(budget / (4 * rows));
   const want = Math.min(opts.chunk ?? CROSS_ENTROPY_DEFAULT_CHUNK, vocab);
@@ -238,12 +248,12 @@ export function crossEntropyChunk(
 
 /** Scratch bytes the plans allocate for these sizes (for the memory estimate). */
 export function crossEntropyScratchBytes(
-  ctx: GpuContext,
+  ctx: { readonly limits: Pick<GPUSupportedLimits, 'maxStorageBufferBindingSize' | 'maxBufferSize'> },
   rows: number,
   vocab: number,
   opts: CrossEntropyChunkOptions = {},
 ): { chunk: number; logits: number; stats: number; coef: number; forward: number; backward: number; training: number } {
-  const chunk = crossEntropyChunk(ctx, rows, vocab, opts);
+  const chunk = crossEntropyChunkFor(ctx.limits, rows, vocab, opts);
   const logits = align16(rows * chunk * 4);
   const stats = align16(rows * 16);
   const coef = 16;
@@ -543,6 +553,13 @@ async function backward(
     release(dispatches, owned);
     throw error;
   }
+}
+
+/** Dispatches of planCrossEntropyTraining over `chunks` vocabulary chunks: per chunk the forward's
+ * matmul and online update, the finish, the backward's scale, per chunk dlogits and dH, and the
+ * LM-head matmul of every chunk but the one the forward left in the scratch. */
+export function crossEntropyTrainingDispatchCount(chunks: number): number {
+  return 2 * chunks + 1 + 1 + 2 * chunks + (chunks - 1);
 }
 
 /**

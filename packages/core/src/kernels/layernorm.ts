@@ -6,14 +6,17 @@ import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { checkNormRows, type NormSplit, rowReduceShape } from './rmsnorm.js';
 
-const spec = (entryPoint: 'layernorm_fwd' | 'layernorm_bwd'): KernelSpec => ({
+const BINDINGS = {
+  layernorm_fwd: ['uniform', 'read', 'read', 'read', 'write', 'write', 'write'],
+  layernorm_fwd_copy: ['uniform', 'read', 'read', 'read', 'write', 'write', 'write', 'write'],
+  layernorm_bwd: ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'],
+} as const;
+
+const spec = (entryPoint: keyof typeof BINDINGS): KernelSpec => ({
   source,
   file: 'shaders/layernorm.wgsl',
   entryPoint,
-  bindings:
-    entryPoint === 'layernorm_fwd'
-      ? ['uniform', 'read', 'read', 'read', 'write', 'write', 'write']
-      : ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'],
+  bindings: BINDINGS[entryPoint],
 });
 
 export interface LayerNormOptions {
@@ -36,6 +39,9 @@ export interface LayerNormForwardBuffers {
   /** [rows] f32 each, written: saved for the backward. The number of rows is read from rstd. */
   readonly mean: Tensor;
   readonly rstd: Tensor;
+  /** [rows, d] f32, written when given: a copy of x (where a transformer layer's next projection
+   * accumulates its output: the residual add). */
+  readonly xCopy?: Tensor;
 }
 
 export interface LayerNormBackwardBuffers {
@@ -90,11 +96,13 @@ export async function planLayerNormForward(
   if (io.b && (io.b.size !== d || io.b.dtype !== 'f32')) {
     throw new ShapeError(`${op}: b ${io.b.label} ${io.b.dtype}${formatShape(io.b.shape)} must be ${d} f32 values`);
   }
+  if (io.xCopy) checkNormRows(op, 'xCopy', io.xCopy, rows, d, 1, undefined);
   const shape = rowReduceShape(ctx, rows, d, opts.split);
-  const kernel = await getKernel(ctx, spec('layernorm_fwd'), { WG: shape.wg, TPR: shape.tpr });
+  const entry = io.xCopy ? 'layernorm_fwd_copy' : 'layernorm_fwd';
+  const kernel = await getKernel(ctx, spec(entry), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [io.x, io.w, io.b ?? ctx.placeholder(), io.mean, io.rstd, io.y],
+    resources: [io.x, io.w, io.b ?? ctx.placeholder(), io.mean, io.rstd, io.y, ...(io.xCopy ? [io.xCopy] : [])],
     workgroups: shape.workgroups,
     uniforms: uniforms(rows, d, opts.eps, io.b !== undefined, false, shape.gridX),
   });

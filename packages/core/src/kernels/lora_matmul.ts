@@ -198,6 +198,8 @@ export interface LoraForwardBuffers {
   thin?: LoraThinKernel;
   /** LoRA dropout on the branch's input (training): h = dropout(x)·Aᵀ. */
   dropout?: LoraDropout;
+  /** y += instead of y = (a residual stream the projection adds into). */
+  accumulate?: boolean;
 }
 
 /**
@@ -244,6 +246,7 @@ export async function planLoraForward(
   );
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
+    beta: io.accumulate ? 1 : 0,
     bias: layer.bias,
     lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
     label: `${label}.y`,

@@ -29,12 +29,16 @@ export function reducePlan(
   ctx: GpuContext,
   n: number,
 ): { wg: number; perThread: number; groups: number; partialsSize: number } {
-  const cpu = isCpuAdapter(ctx);
-  const cap = Math.min(
-    cpu ? 64 : 256,
-    ctx.limits.maxComputeInvocationsPerWorkgroup,
-    ctx.limits.maxComputeWorkgroupSizeX,
-  );
+  return reducePlanFor(ctx.limits, isCpuAdapter(ctx), n);
+}
+
+/** reducePlan for a device known only by its limits and kind (a memory estimate without a GPU). */
+export function reducePlanFor(
+  limits: Pick<GPUSupportedLimits, 'maxComputeInvocationsPerWorkgroup' | 'maxComputeWorkgroupSizeX'>,
+  cpu: boolean,
+  n: number,
+): { wg: number; perThread: number; groups: number; partialsSize: number } {
+  const cap = Math.min(cpu ? 64 : 256, limits.maxComputeInvocationsPerWorkgroup, limits.maxComputeWorkgroupSizeX);
   let wg = 1;
   while (wg * 2 <= cap) wg *= 2;
   const maxGroups = (cpu ? 4 : 16) * wg;

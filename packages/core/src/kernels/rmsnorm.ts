@@ -6,14 +6,17 @@ import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { isCpuAdapter } from './matmul.js';
 
-const spec = (entryPoint: 'rmsnorm_fwd' | 'rmsnorm_bwd'): KernelSpec => ({
+const BINDINGS = {
+  rmsnorm_fwd: ['uniform', 'read', 'read', 'write', 'write'],
+  rmsnorm_fwd_copy: ['uniform', 'read', 'read', 'write', 'write', 'write'],
+  rmsnorm_bwd: ['uniform', 'read', 'read', 'read', 'read', 'write'],
+} as const;
+
+const spec = (entryPoint: keyof typeof BINDINGS): KernelSpec => ({
   source,
   file: 'shaders/rmsnorm.wgsl',
   entryPoint,
-  bindings:
-    entryPoint === 'rmsnorm_fwd'
-      ? ['uniform', 'read', 'read', 'write', 'write']
-      : ['uniform', 'read', 'read', 'read', 'read', 'write'],
+  bindings: BINDINGS[entryPoint],
 });
 
 /**
@@ -113,6 +116,9 @@ export interface RmsNormForwardBuffers {
   readonly y: Tensor;
   /** [rows] f32, written: saved for the backward. The number of rows is read from its size. */
   readonly rstd: Tensor;
+  /** Written when given: a copy of x in x's layout (where a transformer layer's next projection
+   * accumulates its output: the residual add). Must not be x. */
+  readonly xCopy?: Tensor;
 }
 
 export interface RmsNormBackwardBuffers {
@@ -167,7 +173,7 @@ function uniforms(r: Resolved, eps: number, accumulate: boolean, gridX: number):
   ]);
 }
 
-/** y = w · x · rstd per row, saving rstd. One dispatch. */
+/** y = w · x · rstd per row, saving rstd (and copying x to xCopy when given). One dispatch. */
 export async function planRmsNormForward(
   ctx: GpuContext,
   io: RmsNormForwardBuffers,
@@ -175,11 +181,13 @@ export async function planRmsNormForward(
 ): Promise<Dispatch> {
   const label = opts.label ?? 'rmsnorm';
   const r = resolve(`${label}.forward`, io.w, io.rstd, opts, io.x, io.y, 'y');
+  if (io.xCopy) checkNormRows(`${label}.forward`, 'xCopy', io.xCopy, r.rows, r.d, r.groups, opts.xLayout);
   const shape = rowReduceShape(ctx, r.rows, r.d, opts.split);
-  const kernel = await getKernel(ctx, spec('rmsnorm_fwd'), { WG: shape.wg, TPR: shape.tpr });
+  const entry = io.xCopy ? 'rmsnorm_fwd_copy' : 'rmsnorm_fwd';
+  const kernel = await getKernel(ctx, spec(entry), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [io.x, io.w, io.rstd, io.y],
+    resources: [io.x, io.w, io.rstd, io.y, ...(io.xCopy ? [io.xCopy] : [])],
     workgroups: shape.workgroups,
     uniforms: uniforms(r, opts.eps, false, shape.gridX),
   });
