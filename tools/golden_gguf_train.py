@@ -12,7 +12,7 @@ webtune's. llama.cpp's Llama 3 RoPE divisors (rope_freqs), which transformers ig
 to the rotary embedding's inverse frequencies as llama.cpp applies them. Then each matrix is
 replaced by what webtune stores (gguf-model.ts): without a precision, linear weights keep Q8_0 and
 Q4_0 as they are, k-quants (Q4_K, Q6_K) go through Q8_0 and F32/F16/BF16 through f16, and
-embeddings and the LM head are rounded to f16; with an explicit precision (run "@q4_0") every
+embeddings and the LM head are rounded to f16; with an explicit precision (run ".as-q4_0") every
 linear weight is quantized to it from its exact values. For the tiny-*-q files the loaded weights
 are first checked against the safetensors fixtures they were made from (within the quantization
 error), which catches a wrong name or permutation on either side.
@@ -54,7 +54,7 @@ RUNS: dict[str, tuple[str, str, str | None, str | None]] = {
     "tiny-llama-q": ("stories", "tiny-llama-q.gguf", "tiny-llama-q", None),
     "tiny-qwen2-q": ("stories", "tiny-qwen2-q.gguf", "tiny-qwen2-q", None),
     "tiny-qwen3-q": ("stories", "tiny-qwen3-q.gguf", "tiny-qwen3-q", None),
-    "tiny-qwen3-q@q4_0": ("stories", "tiny-qwen3-q.gguf", "tiny-qwen3-q", "q4_0"),
+    "tiny-qwen3-q.as-q4_0": ("stories", "tiny-qwen3-q.gguf", "tiny-qwen3-q", "q4_0"),
     "tiny-llama-k": ("stories", "tiny-llama-k.gguf", None, None),
     "tiny-gpt2-q": ("gpt2", "tiny-gpt2-q.gguf", "tiny-gpt2-q", None),
 }

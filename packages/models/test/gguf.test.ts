@@ -37,7 +37,7 @@ interface GgufGolden {
   }[];
 }
 
-const RUNS = ['tiny-llama-q', 'tiny-qwen2-q', 'tiny-qwen3-q', 'tiny-qwen3-q@q4_0', 'tiny-llama-k', 'tiny-gpt2-q'];
+const RUNS = ['tiny-llama-q', 'tiny-qwen2-q', 'tiny-qwen3-q', 'tiny-qwen3-q.as-q4_0', 'tiny-llama-k', 'tiny-gpt2-q'];
 const goldens = import.meta.glob<GgufGolden>('../../train/test/golden/gguf-train/*.json', { import: 'default' });
 
 /** The dtype of every matrix of the loaded model, by its Hugging Face name. */
