@@ -351,6 +351,37 @@ for (const mode of modes) {
       await trainer.loadDataset(TEXT, { file: 'stories.txt', seq: 32, validation: 0.25, seed: 1 });
     }, 300_000);
 
+    it('trains on a q4_0 base and on a GGUF file; the GGUF adapter names the Hub model it came from', async () => {
+      const q4 = await trainer.loadModel(await modelPath(), { precision: 'q4_0' });
+      expect(q4.precision).toBe('q4_0');
+      await trainer.loadDataset(TEXT, { file: 'stories.txt', seq: 32 });
+      const small = { steps: 4, batch: 2, seed: 3, lora: { rank: 4 }, optimizer: { lr: 1e-2 }, checkpointEvery: 0 };
+      const onQ4 = await trainer.train({ ...small, name: 'on-q4' }).done;
+      expect(onQ4.steps).toBe(4);
+      expect(Number.isFinite(onQ4.trainLoss)).toBe(true);
+
+      // A .gguf file as a user drops it in the page (a File), or its path under Node; its tokenizer
+      // comes from the GGUF metadata.
+      const ggufPath = 'packages/models/test/fixtures/gguf/gpt2/tiny-gpt2-q.gguf';
+      const gguf = inBrowser
+        ? [new File([await (await fetch(`/${ggufPath}`)).arrayBuffer()], 'tiny-gpt2-q.gguf')]
+        : (await modelPath()).replace('apps/studio/public/models/stories260K', ggufPath);
+      const info = await trainer.loadModel(gguf);
+      expect(info.architecture).toBe('GPT2LMHeadModel');
+      await trainer.loadDataset(TEXT, { file: 'stories.txt', seq: 32 });
+      const onGguf = await trainer.train({ ...small, name: 'on-gguf' }).done;
+      expect(Number.isFinite(onGguf.trainLoss)).toBe(true);
+      const files = await trainer.adapters.export('on-gguf');
+      const config = JSON.parse(await files['adapter_config.json'].text()) as Record<string, unknown>;
+      expect(config.base_model_name_or_path).toBe('webtune-test/tiny-gpt2-q');
+      expect(config.fan_in_fan_out).toBe(true);
+      const { text } = await trainer.generate('Once', { adapter: 'on-gguf', maxTokens: 4, temperature: 0 });
+      expect(typeof text).toBe('string');
+
+      await trainer.loadModel(await modelPath(), { precision: 'f32' });
+      await trainer.loadDataset(TEXT, { file: 'stories.txt', seq: 32, validation: 0.25, seed: 1 });
+    }, 300_000);
+
     it('cancel frees the GPU memory and discards the checkpoint; releasing the model leaves no buffer', async () => {
       const before = (await trainer.diagnostics()).liveBuffers;
       const run = trainer.train({ ...RUN, name: 'cancelled', checkpointEvery: 1 });
