@@ -6,10 +6,16 @@
  *
  *   for step = resumed step + 1 .. totalSteps:
  *     pause requested -> checkpoint, 'paused', wait;   cancel requested -> stop
- *     gradAccum batches (fewer at the very end of an epoch-counted run) -> trainStep -> 'step'
+ *     gradAccum batches (fewer at the very end of an epoch-counted run) -> submitStep -> 'step'
  *     every evalEvery steps and at the end: validation loss -> 'eval'
  *     every checkpointEvery steps: checkpoint -> 'checkpoint'
  *   completed: adapter -> library, checkpoint deleted, 'done'
+ *
+ * Steps are pipelined: step n + 1 is queued on the GPU before step n's result is awaited, so the
+ * GPU never waits for the host between steps. A step after which the run reads the adapter (an
+ * evaluation, a checkpoint, the last step) is awaited with nothing queued behind it, so what is
+ * read is the state after exactly that step; a pause, stop or cancel takes effect after the step
+ * already queued (at most one step later than asked).
  *
  * Failures: a diverged step stops the run (TrainingDivergedError) and keeps the last checkpoint;
  * a lost device is replaced (env.recover), the last checkpoint restored and the run goes on
@@ -22,7 +28,7 @@ import { type DataCursor, DataLoader, type Example } from '../data/index.js';
 import { type LoraWeights, type ResolvedLora, resolveLoraTargets } from '../lora/index.js';
 
 import type { AdapterEntry, CheckpointRecord, TrainerStorage } from '../store/types.js';
-import { LoraTrainer, type MicroBatch } from '../trainer.js';
+import { LoraTrainer, type MicroBatch, type StepHandle } from '../trainer.js';
 import { type CheckpointIdentity, checkpointState, makeCheckpoint } from './checkpoint.js';
 import { type RunConfig, trainerOptions } from './config.js';
 
@@ -44,6 +50,14 @@ export interface SessionEnvironment {
   readonly emit: (progress: TrainerProgress) => void;
   /** Refuse to start above this many GPU bytes. */
   readonly memoryBudget?: number;
+}
+
+/** A step queued on the GPU, with what the step event reports about its batches. */
+interface QueuedStep {
+  readonly handle: StepHandle;
+  readonly tokens: number;
+  /** Epochs served once its batches were taken. */
+  readonly epoch: number;
 }
 
 /** Device losses in a row the run recovers from before it gives up. */
@@ -235,7 +249,8 @@ export class TrainingSession {
     return 'go';
   }
 
-  private async oneStep(): Promise<void> {
+  /** Takes the next step's batches and queues it on the GPU without waiting. */
+  private submitStep(): QueuedStep {
     const { config } = this;
     const trainer = this.trainer as LoraTrainer;
     const loader = this.loader as DataLoader;
@@ -247,7 +262,56 @@ export class TrainingSession {
       micro.push({ inputIds: batch.inputIds, labels: batch.labels });
       tokens += batch.tokens;
     }
-    const r = await trainer.trainStep(micro);
+    const handle = trainer.submitStep(micro);
+    return { handle, tokens, epoch: this.batchesServed() / loader.batchesPerEpoch };
+  }
+
+  /** Whether the run reads the adapter after `step` (so nothing may be queued behind it). */
+  private readsAfter(step: number): boolean {
+    const { config } = this;
+    return (
+      step >= config.totalSteps ||
+      (this.env.validation.length > 0 && step % config.evalEvery === 0) ||
+      (config.checkpointEvery > 0 && step % config.checkpointEvery === 0)
+    );
+  }
+
+  /** Runs steps until the end, or until the gate says to stop; see the module header. */
+  private async steps(): Promise<'done' | 'cancel' | 'stop'> {
+    let queued: QueuedStep | undefined;
+    try {
+      while (this.step < this.config.totalSteps) {
+        if (!queued) {
+          const next = await this.gate();
+          if (next !== 'go') return next;
+          queued = this.submitStep();
+        }
+        const current: QueuedStep = queued;
+        queued = undefined;
+        const wanted = this.pauseWanted || this.stopWanted || this.cancelWanted;
+        if (!wanted && !this.readsAfter(current.handle.step)) {
+          try {
+            queued = this.submitStep();
+          } catch (error) {
+            // Bad input in the next batches: let the step in flight finish before reporting it.
+            await current.handle.result.catch(() => undefined);
+            throw error;
+          }
+        }
+        await this.finishStep(current);
+      }
+      return 'done';
+    } finally {
+      // A step queued behind one that failed (diverged, device lost) is discarded by the trainer:
+      // wait for it to settle before the trainer is disposed.
+      if (queued) await queued.handle.result.catch(() => undefined);
+    }
+  }
+
+  private async finishStep(queued: QueuedStep): Promise<void> {
+    const { config } = this;
+    const r = await queued.handle.result;
+    const tokens = queued.tokens;
     this.sessionTokens += tokens;
     this.losses.push([r.step, r.loss]);
     const seconds = (performance.now() - this.sessionStart) / 1000;
@@ -261,7 +325,7 @@ export class TrainingSession {
       gradNorm: r.gradNorm,
       tokensPerSecond: seconds > 0 ? this.sessionTokens / seconds : 0,
       etaSeconds: stepsThisSession > 0 ? (seconds / stepsThisSession) * (config.totalSteps - r.step) : 0,
-      epoch: this.batchesServed() / loader.batchesPerEpoch,
+      epoch: queued.epoch,
     });
     if (this.env.validation.length > 0 && (r.step % config.evalEvery === 0 || r.step === config.totalSteps))
       await this.evaluate();
@@ -276,11 +340,8 @@ export class TrainingSession {
       this.sessionStartStep = this.step;
       for (;;) {
         try {
-          while (this.step < this.config.totalSteps) {
-            const next = await this.gate();
-            if (next !== 'go') return await this.ended(next);
-            await this.oneStep();
-          }
+          const how = await this.steps();
+          if (how !== 'done') return await this.ended(how);
           break;
         } catch (error) {
           if (!(await deviceWasLost(this.env.ctx, error)) || !this.env.recover || this.recoveries >= MAX_RECOVERIES)
