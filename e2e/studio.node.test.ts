@@ -2,8 +2,9 @@
 // Chromium with WebGPU on SwiftShader. The whole flow on the bundled model and example data
 // (train 20 steps, the loss falls, generate beside the base model, download the PEFT files);
 // reload mid-run and resume; reload with the network cut and train again; a malformed file and
-// a line of HTML shown as text; no main-thread task over 100 ms while training; no serious or
-// critical axe-core violation in any place; a screenshot of each place in e2e/screenshots/.
+// a line of HTML shown as text; a .gguf file loaded with 4-bit weights and trained on; no
+// main-thread task over 100 ms while training; no serious or critical axe-core violation in any
+// place; a screenshot of each place in e2e/screenshots/.
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
@@ -264,4 +265,23 @@ describe('webtune studio (production build)', () => {
     expect(dialogs).toEqual([]);
     expect(pageErrors).toEqual([]);
   }, 300_000);
+
+  it('loads a .gguf file from this computer with 4-bit weights and trains on it', async () => {
+    await go(page, 'model');
+    await page.selectOption('#model-precision', 'q4_0');
+    await page.setInputFiles('#model-gguf', join(root, 'packages/models/test/fixtures/gguf/gpt2/tiny-gpt2-q.gguf'));
+    await page.waitForFunction(
+      () => /tiny-gpt2-q/.test(document.querySelector('#model-loaded')?.textContent ?? ''),
+      undefined,
+      { timeout: 120_000, polling: 250 },
+    );
+    expect(await page.textContent('#model-status')).toMatch(/GPT2LMHeadModel.*\(q4_0\)/s);
+    await go(page, 'data');
+    await page.click('#use-example');
+    await page.waitForSelector('#data-summary', { timeout: 120_000 });
+    await startRun(page, 3, 0);
+    await waitStatus(page, 'completed');
+    expect(await page.textContent('#train-status')).toMatch(/step 3 of 3/);
+    expect(pageErrors).toEqual([]);
+  }, 600_000);
 });

@@ -16,6 +16,7 @@ export class ConfigurePlace {
   private readonly name = el('input', { id: 'cfg-name', type: 'text', autocomplete: 'off' });
   private readonly rank = number('cfg-rank', 8, { min: 1, max: 256 });
   private readonly alpha = number('cfg-alpha', 16, { min: 1, max: 1024 });
+  private readonly dropout = el('input', { id: 'cfg-dropout', type: 'number', value: 0, step: 0.05, min: 0, max: 0.9 });
   private readonly lr = el('input', { id: 'cfg-lr', type: 'number', value: 0.005, step: 'any', min: 0 });
   private readonly schedule = el(
     'select',
@@ -64,6 +65,7 @@ export class ConfigurePlace {
         field('Adapter name', this.name, 'its name in your library'),
         field('Rank r', this.rank, 'LoRA rank: capacity of the adapter'),
         field('Alpha', this.alpha, 'scale = alpha / r'),
+        field('LoRA dropout', this.dropout, 'share of the adapter’s inputs dropped while training (0 = none)'),
         field('Learning rate', this.lr),
         field('Schedule', this.schedule),
         field('Warmup steps', this.warmup),
@@ -106,6 +108,7 @@ export class ConfigurePlace {
             lora: {
               rank: Number(this.rank.value),
               alpha: Number(this.alpha.value),
+              ...(Number(this.dropout.value) > 0 ? { dropout: Number(this.dropout.value) } : {}),
               ...(checked.length ? { targets: checked } : {}),
             },
           }),
@@ -184,7 +187,8 @@ export class ConfigurePlace {
         : el(
             'p',
             { class: 'warn', role: 'alert' },
-            `Will not fit: ${p.problem}. Lower the batch, the sequence length or the rank, or turn on recomputation.`,
+            `Will not fit: ${p.problem}. Lower the batch, the sequence length or the rank, turn on recomputation, ` +
+              'or load the model with 8- or 4-bit weights (Model).',
           ),
     );
   }
@@ -236,6 +240,7 @@ export class ConfigurePlace {
     );
     this.rank.disabled = from !== undefined;
     this.alpha.disabled = from !== undefined;
+    this.dropout.disabled = from !== undefined;
     this.replan();
   }
 }

@@ -1,8 +1,10 @@
 /**
  * Model: the bundled stories260K (no download), a curated list from the Hub (downloaded with a
- * byte progress bar, then kept offline), any Hub repo id, or a folder from this computer.
+ * byte progress bar, then kept offline), any Hub repo id, a folder or a .gguf file from this
+ * computer; and how the frozen weights are held on the GPU (16-bit, or QLoRA's 8- and 4-bit
+ * blocks, which let a bigger model fit).
  */
-import type { ModelInput } from '@webtune/train';
+import type { LoadModelOptions, ModelInput } from '@webtune/train';
 import { BUNDLED_MODEL, type Studio } from '../studio.js';
 import { bytes, count, el, field, fill } from '../ui.js';
 
@@ -15,15 +17,23 @@ export const CURATED = [
   { id: 'openai-community/gpt2', note: '124 M parameters, plain text' },
 ];
 
+/** The weight precision chosen on the Model place ('' = automatic: f16, or as a GGUF file stores it). */
+export function chosenPrecision(): LoadModelOptions['precision'] | undefined {
+  const select = document.getElementById('model-precision') as HTMLSelectElement | null;
+  return (select?.value || undefined) as LoadModelOptions['precision'] | undefined;
+}
+
 export async function loadModel(studio: Studio, input: ModelInput, label: string, id?: string): Promise<void> {
   studio.clearError();
   studio.loading = { label, loaded: 0, total: 0 };
   studio.changed();
   // Progress comes through its own channel from the worker and may trail the result.
   let finished = false;
+  const precision = chosenPrecision();
   try {
     studio.model = await studio.trainer.loadModel(input, {
       ...(id ? { id } : {}),
+      ...(precision ? { precision } : {}),
       onProgress: (p) => {
         if (finished) return;
         if (p.type === 'download')
@@ -58,10 +68,22 @@ export class ModelPlace {
     folder.addEventListener('change', () => {
       if (folder.files?.length) void loadModel(studio, folder.files, 'Reading the folder');
     });
+    const gguf = el('input', { id: 'model-gguf', type: 'file', accept: '.gguf' });
+    gguf.addEventListener('change', () => {
+      if (gguf.files?.length) void loadModel(studio, gguf.files, 'Reading the GGUF file');
+    });
+    const precision = el(
+      'select',
+      { id: 'model-precision' },
+      el('option', { value: '' }, 'Automatic: 16-bit (a GGUF file: as it is stored)'),
+      el('option', { value: 'f16' }, '16-bit (f16)'),
+      el('option', { value: 'q8_0' }, '8-bit (q8_0): about half the memory'),
+      el('option', { value: 'q4_0' }, '4-bit (q4_0, QLoRA): about a quarter, for bigger models'),
+    );
     const drop = el(
       'div',
-      { class: 'drop', tabindex: 0, role: 'group', 'aria-label': 'Drop a model folder here' },
-      'Drop a model folder (config.json, tokenizer.json, model.safetensors) here',
+      { class: 'drop', tabindex: 0, role: 'group', 'aria-label': 'Drop a model folder or a GGUF file here' },
+      'Drop a model folder (config.json, tokenizer.json, model.safetensors) or a .gguf file here',
     );
     drop.addEventListener('dragover', (e) => e.preventDefault());
     drop.addEventListener('drop', (e) => {
@@ -75,6 +97,16 @@ export class ModelPlace {
       el('h2', { id: 'model-title', tabindex: -1 }, 'Choose a model'),
       el('p', { class: 'lead' }, 'The model runs on your own GPU. Nothing you train or type leaves this computer.'),
       this.status,
+      el(
+        'div',
+        { class: 'card' },
+        el('h3', {}, 'Weights on the GPU'),
+        field(
+          'Precision of the frozen model',
+          precision,
+          'used for the next model you load; the adapter itself always trains in 32-bit',
+        ),
+      ),
       el(
         'div',
         { class: 'card' },
@@ -114,7 +146,14 @@ export class ModelPlace {
         field('Any Hub repository', repo),
         el('button', { type: 'submit' }, 'Load'),
       ),
-      el('div', { class: 'card' }, el('h3', {}, 'From this computer'), field('Model folder', folder), drop),
+      el(
+        'div',
+        { class: 'card' },
+        el('h3', {}, 'From this computer'),
+        field('Model folder', folder),
+        field('GGUF file (llama.cpp, Ollama, LM Studio)', gguf),
+        drop,
+      ),
     );
     this.refresh();
     void this.refreshCached();
