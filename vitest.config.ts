@@ -62,6 +62,22 @@ export default defineConfig({
           env: { XDG_RUNTIME_DIR: '/tmp' },
         },
       },
+      {
+        // The GPU kernel configurations (wide workgroups, tiles staged in workgroup memory, tree
+        // reductions) checked on the software adapter: the kernel tests again under Node with the
+        // kernel profile forced to 'gpu', as a real GPU in any feature level gets it.
+        test: {
+          name: 'node-gpu-kernels',
+          include: ['packages/core/test/**/*.test.ts'],
+          exclude: cpuTests,
+          environment: 'node',
+          pool: 'forks',
+          testTimeout: 120_000,
+          hookTimeout: 60_000,
+          provide: { featureLevel: 'core' as const, kernelProfile: 'gpu' as const },
+          env: { XDG_RUNTIME_DIR: '/tmp' },
+        },
+      },
       chromium('chromium-swiftshader', 'swiftshader'),
       chromium('chromium-lavapipe', 'lavapipe'),
       {

@@ -6,6 +6,7 @@ import {
   WebGpuUnavailableError,
 } from './errors.js';
 import { isNode, requestNodeAdapter } from './node-gpu.js';
+import { type KernelProfile, type KernelProfileSource, measureKernelProfile, profileFromInfo } from './profile.js';
 
 export interface GpuContextOptions {
   /** Use this GPU object instead of `navigator.gpu` / the `webgpu` package. */
@@ -15,6 +16,12 @@ export interface GpuContextOptions {
   powerPreference?: GPUPowerPreference;
   /** Use shader-f16 when the adapter has it (default true). */
   allowShaderF16?: boolean;
+  /**
+   * Which kernel configurations to use (see profile.ts). 'auto' (the default) reads the adapter's
+   * info and measures when it names nothing; 'gpu' or 'cpu' forces one (tests run the GPU
+   * configurations on software adapters this way).
+   */
+  kernelProfile?: 'auto' | KernelProfile;
   label?: string;
   /** Called for WebGPU errors that no error scope caught (always a bug in webtune). */
   onUncapturedError?: (error: GPUError) => void;
@@ -113,6 +120,9 @@ export class GpuContext {
   readonly label: string;
   /** Resolves if the device is lost; never rejects. */
   readonly lost: Promise<DeviceLostError>;
+  /** The kernel configurations this device gets, and how that was decided (see profile.ts). */
+  readonly kernelProfile: KernelProfile;
+  readonly kernelProfileSource: KernelProfileSource;
 
   private lostError: DeviceLostError | undefined;
   private readonly live = new Map<GPUBuffer, TrackedBuffer>();
@@ -136,8 +146,12 @@ export class GpuContext {
     label: string;
     keepAlive?: unknown;
     onUncapturedError?: (error: GPUError) => void;
+    kernelProfile: KernelProfile;
+    kernelProfileSource: KernelProfileSource;
   }) {
     this.device = args.device;
+    this.kernelProfile = args.kernelProfile;
+    this.kernelProfileSource = args.kernelProfileSource;
     this.adapter = args.adapter;
     this.features = args.features;
     this.limits = args.device.limits;
@@ -386,18 +400,37 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
   }
 
   const info = adapter.info;
+  const identity = {
+    vendor: info?.vendor ?? '',
+    architecture: info?.architecture ?? '',
+    device: info?.device ?? '',
+    description: info?.description ?? '',
+    isFallbackAdapter: Boolean(info?.isFallbackAdapter),
+  };
+  let kernelProfile: KernelProfile;
+  let kernelProfileSource: KernelProfileSource;
+  const forced = options.kernelProfile ?? 'auto';
+  const fromInfo = profileFromInfo(identity);
+  if (forced !== 'auto') {
+    kernelProfile = forced;
+    kernelProfileSource = 'forced';
+  } else if (fromInfo) {
+    kernelProfile = fromInfo;
+    kernelProfileSource = 'adapter info';
+  } else {
+    kernelProfile = (await measureKernelProfile(device)).profile;
+    kernelProfileSource = 'measured';
+  }
   return new GpuContext({
     device,
     label,
     keepAlive,
     adapterLimits: requiredLimits,
     onUncapturedError: options.onUncapturedError,
+    kernelProfile,
+    kernelProfileSource,
     adapter: {
-      vendor: info?.vendor ?? '',
-      architecture: info?.architecture ?? '',
-      device: info?.device ?? '',
-      description: info?.description ?? '',
-      isFallbackAdapter: Boolean(info?.isFallbackAdapter),
+      ...identity,
       featureLevel,
       runtime,
       softwareFallback,
@@ -421,6 +454,7 @@ export function describeAdapter(ctx: GpuContext): string {
     a.featureLevel === 'compatibility' ? 'compat' : '',
     a.isFallbackAdapter ? 'fallback' : '',
     ctx.features.shaderF16 ? 'f16' : '',
+    `${ctx.kernelProfile} kernels${ctx.kernelProfileSource === 'adapter info' ? '' : ` (${ctx.kernelProfileSource})`}`,
   ].filter(Boolean);
   return `${name} (${extras.join(', ')})`;
 }

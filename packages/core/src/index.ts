@@ -17,6 +17,7 @@ export * from './kernels/matmul.js';
 export * from './kernels/reduce.js';
 export * from './kernels/rmsnorm.js';
 export * from './kernels/rope.js';
+export * from './profile.js';
 export * from './quant.js';
 export * from './random.js';
 export * from './schedule.js';

@@ -1,15 +1,18 @@
 // The GPU runtime: real adapter limits, typed errors raised before the GPU sees bad input,
 // buffer lifetimes, one-submit step encoding and timing.
-import { describe, expect, it } from 'vitest';
+import { describe, expect, inject, it } from 'vitest';
 import {
   createGpuContext,
   createTensor,
   DeviceLostError,
+  describeAdapter,
   diffCounters,
   getKernel,
   LimitExceededError,
+  measureKernelProfile,
   planAddScaled,
   planMatmul,
+  profileFromInfo,
   readFloat32,
   readTensor,
   ShaderCompileError,
@@ -43,6 +46,27 @@ describe('GPU context', () => {
     expect(typeof ctx.features.timestampQuery).toBe('boolean');
     expect(typeof ctx.features.subgroups).toBe('boolean');
     expect(ctx.features.shaderF16).toBe(ctx.device.features.has('shader-f16'));
+  });
+
+  it('chooses kernel configurations from what the adapter is, measuring when its info names nothing', async () => {
+    const ctx = gpu();
+    const forced = inject('kernelProfile') ?? 'auto';
+    if (forced !== 'auto') {
+      expect([ctx.kernelProfile, ctx.kernelProfileSource]).toEqual([forced, 'forced']);
+      return;
+    }
+    // Every adapter of this test matrix is a CPU driver: SwiftShader says so (a fallback adapter),
+    // lavapipe in compatibility mode says nothing and is measured.
+    const named = profileFromInfo(ctx.adapter);
+    expect(ctx.kernelProfile).toBe('cpu');
+    expect(ctx.kernelProfileSource).toBe(named ? 'adapter info' : 'measured');
+    const m = await measureKernelProfile(ctx.device);
+    console.log(
+      `kernel profile probe on ${describeAdapter(ctx)}: ${m.workMs.toFixed(1)} ms of work, ${m.plainMs.toFixed(1)} ms without`,
+    );
+    expect(m.profile).toBe('cpu');
+    expect(m.workMs).toBeGreaterThan(m.plainMs);
+    expect(ctx.takeUncapturedErrors()).toEqual([]);
   });
 
   it('says what to enable when there is no adapter', async () => {

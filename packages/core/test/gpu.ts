@@ -9,6 +9,8 @@ import { createGpuContext, describeAdapter, type GpuContext } from '../src/index
 declare module 'vitest' {
   export interface ProvidedContext {
     featureLevel: 'core' | 'compatibility';
+    /** 'gpu' runs the GPU kernel configurations on the software adapters (vitest.config.ts). */
+    kernelProfile?: 'auto' | 'gpu' | 'cpu';
   }
 }
 
@@ -17,7 +19,11 @@ export function useGpu(): () => GpuContext {
   let ctx: GpuContext | undefined;
   const reports: string[] = [];
   beforeAll(async () => {
-    ctx = await createGpuContext({ featureLevel: inject('featureLevel') ?? 'core', label: 'test' });
+    ctx = await createGpuContext({
+      featureLevel: inject('featureLevel') ?? 'core',
+      kernelProfile: inject('kernelProfile') ?? 'auto',
+      label: 'test',
+    });
     (ctx as GpuContext & { reports?: string[] }).reports = reports;
   });
   afterAll(() => {

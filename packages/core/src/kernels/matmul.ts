@@ -101,15 +101,10 @@ export function matmulTile(ctx: GpuContext, dims: MatmulDims): TileConfig {
   return { wgX, wgY, tk };
 }
 
-/** Software adapters on the CPU: SwiftShader reports itself as a fallback adapter; the
- * compatibility path on these machines is lavapipe. */
+/** Whether the device gets the kernel configurations for CPU-backed drivers (SwiftShader,
+ * lavapipe): the context's kernel profile, from the adapter's info or measured (profile.ts). */
 export function isCpuAdapter(ctx: GpuContext): boolean {
-  const a = ctx.adapter;
-  return (
-    a.isFallbackAdapter ||
-    /swiftshader|llvmpipe|lavapipe/i.test(`${a.vendor} ${a.architecture} ${a.description}`) ||
-    a.featureLevel === 'compatibility'
-  );
+  return ctx.kernelProfile === 'cpu';
 }
 
 /** M, N, K of C = A·opW(W), after checking every operand's shape. */
