@@ -83,6 +83,7 @@ function train(model: string, out: string, ...extra: string[]) {
   return r;
 }
 
+// Each case runs the CLI several times and, with Python, PEFT on CPU: minutes on a busy 2-core machine.
 describe('quantized and GGUF bases from the CLI', () => {
   it('train on a q4_0 base; PEFT loads the adapter on the full-precision model', () => {
     const out = join(dir, 'q4');
@@ -90,7 +91,7 @@ describe('quantized and GGUF bases from the CLI', () => {
     expect(r.stderr).toMatch(/of q4_0 weights on the GPU/);
     const e = bothEvals('packages/models/test/fixtures/tiny-qwen2-q', out);
     if (e.peft !== undefined) expect(Math.abs(e.ours - e.peft) / e.peft).toBeLessThan(1e-5);
-  });
+  }, 600_000);
 
   it('train on a GGUF file; the adapter names its Hub model, and PEFT loads it on the original', () => {
     const out = join(dir, 'gguf');
@@ -102,7 +103,7 @@ describe('quantized and GGUF bases from the CLI', () => {
     // webtune-test/tiny-gpt2-q is the fixture tiny-gpt2-q, the model the file was made from.
     const e = bothEvals('packages/models/test/fixtures/tiny-gpt2-q', out);
     if (e.peft !== undefined) expect(Math.abs(e.ours - e.peft) / e.peft).toBeLessThan(1e-5);
-  });
+  }, 600_000);
 
   it('eval and generate take --precision and GGUF files', () => {
     const losses = ['q8_0', 'q4_0'].map((precision) => {
@@ -146,5 +147,5 @@ describe('quantized and GGUF bases from the CLI', () => {
     );
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/--precision must be f16, f32, q8_0, q4_0; got "q5_1"/);
-  });
+  }, 600_000);
 });
