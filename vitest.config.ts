@@ -35,7 +35,14 @@ function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
       exclude: adapter === 'swiftshader' ? [...cpuTests, ...modelTests] : cpuTests,
       testTimeout: 120_000,
       hookTimeout: 60_000,
-      provide: { featureLevel: adapter === 'lavapipe' ? ('compatibility' as const) : ('core' as const) },
+      // lavapipe in compatibility mode names nothing, so a context would time a probe kernel to
+      // choose its kernels (profile.ts); behind other files' GPU work in Chromium's one GPU process
+      // that can take a minute. Tests give it the profile it measures ('cpu'); context.test.ts runs
+      // the measurement itself.
+      provide: {
+        featureLevel: adapter === 'lavapipe' ? ('compatibility' as const) : ('core' as const),
+        kernelProfile: adapter === 'lavapipe' ? ('cpu' as const) : ('auto' as const),
+      },
       browser: {
         enabled: true,
         headless: true,

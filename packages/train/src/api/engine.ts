@@ -196,6 +196,7 @@ export class TrainerEngine {
         label: 'webtune',
         ...(this.gpuOptions?.powerPreference ? { powerPreference: this.gpuOptions.powerPreference } : {}),
         ...(this.gpuOptions?.featureLevel ? { featureLevel: this.gpuOptions.featureLevel } : {}),
+        ...(this.gpuOptions?.kernelProfile ? { kernelProfile: this.gpuOptions.kernelProfile } : {}),
       });
     }
     return this.ctx;

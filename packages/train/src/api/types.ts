@@ -24,7 +24,13 @@ export interface CreateTrainerOptions {
    * under Node a folder ($WEBTUNE_HOME, else ~/.cache/webtune/library). */
   storage?: StorageOptions;
   /** Asked of navigator.gpu (or Dawn under Node). */
-  gpu?: { powerPreference?: GPUPowerPreference; featureLevel?: 'core' | 'compatibility' };
+  gpu?: {
+    powerPreference?: GPUPowerPreference;
+    featureLevel?: 'core' | 'compatibility';
+    /** Kernel configurations: 'auto' (default: from the adapter's info, or measured once when it
+     * names nothing), or 'gpu' / 'cpu' to skip the measurement. */
+    kernelProfile?: 'auto' | 'gpu' | 'cpu';
+  };
 }
 
 export type StorageOptions = { readonly indexedDb: string } | { readonly directory: string };
