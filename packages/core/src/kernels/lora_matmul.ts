@@ -301,7 +301,10 @@ export async function planLoraBackward(
   expectRows(op, io.db, s.outF, s.r, 'dB');
   if (io.dx) expectRows(op, io.dx, s.T, s.inF, 'dx');
   const beta = opts.accumulateGrads ? 1 : 0;
-  if (io.dropout) return planDropoutBackward(ctx, layer, io, io.dropout, s, opts, label);
+  const dropout = io.dropout;
+  if (dropout) expectRows(op, dropout.scratch, s.T, s.inF, 'dropout scratch');
+  // dA reads the branch's input: x, or with dropout xd = dropout(x) recomputed into the scratch.
+  const xd = dropout?.scratch;
   const plan = [
     await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
     await planLoraWeightGrad(
@@ -315,9 +318,12 @@ export async function planLoraBackward(
       beta,
       `${label}.dB`,
     ),
+  ];
+  if (dropout && xd) plan.push(await planDropout(ctx, dropout.mask, io.x, xd, { label: `${label}.dropout` }));
+  plan.push(
     await planLoraWeightGrad(
       ctx,
-      io.x,
+      xd ?? io.x,
       io.g,
       io.da,
       { T: s.T, N: s.inF, R: s.r },
@@ -326,59 +332,8 @@ export async function planLoraBackward(
       beta,
       `${label}.dA`,
     ),
-  ];
-  if (io.dx) {
-    plan.push(
-      await planMatmul(ctx, io.dy, layer.w0, io.dx, {
-        transW: false,
-        beta: opts.accumulateDx ? 1 : 0,
-        lowRank: { a2: io.g, b2: layer.a, alpha2: layer.scale },
-        label: `${label}.dx`,
-      }),
-    );
-  }
-  return plan;
-}
-
-async function planDropoutBackward(
-  ctx: GpuContext,
-  layer: LoraLayer,
-  io: LoraBackwardBuffers,
-  dropout: LoraDropout,
-  s: LoraShape,
-  opts: LoraBackwardOptions,
-  label: string,
-): Promise<Dispatch[]> {
-  expectRows(`${label}.backward`, dropout.scratch, s.T, s.inF, 'dropout scratch');
-  const beta = opts.accumulateGrads ? 1 : 0;
-  const xd = dropout.scratch;
-  const plan = [
-    await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
-    await planLoraWeightGrad(
-      ctx,
-      io.dy,
-      io.h,
-      io.db,
-      { T: s.T, N: s.outF, R: s.r },
-      true,
-      layer.scale,
-      beta,
-      `${label}.dB`,
-    ),
-    await planDropout(ctx, dropout.mask, io.x, xd, { label: `${label}.dropout` }),
-    await planLoraWeightGrad(
-      ctx,
-      xd,
-      io.g,
-      io.da,
-      { T: s.T, N: s.inF, R: s.r },
-      false,
-      layer.scale,
-      beta,
-      `${label}.dA`,
-    ),
-  ];
-  if (io.dx) {
+  );
+  if (io.dx && dropout && xd) {
     plan.push(
       await planMatmul(ctx, io.dy, layer.w0, io.dx, {
         transW: false,
@@ -388,6 +343,15 @@ async function planDropoutBackward(
       // The scratch is free again once dA has read xd: it takes g·A, then its masked s-multiple joins dx.
       await planMatmul(ctx, io.g, layer.a, xd, { transW: false, label: `${label}.gA` }),
       await planDropout(ctx, dropout.mask, xd, io.dx, { alpha: layer.scale, beta: 1, label: `${label}.dx_dropout` }),
+    );
+  } else if (io.dx) {
+    plan.push(
+      await planMatmul(ctx, io.dy, layer.w0, io.dx, {
+        transW: false,
+        beta: opts.accumulateDx ? 1 : 0,
+        lowRank: { a2: io.g, b2: layer.a, alpha2: layer.scale },
+        label: `${label}.dx`,
+      }),
     );
   }
   return plan;
