@@ -8,7 +8,9 @@
 //   rope_bwd:  the transpose, applied to the gradient:
 //              dx[i] ← dx[i]·c + dx[i+half]·s, dx[i+half] ← dx[i+half]·c − dx[i]·s
 // pos = pos0 + (row % T), or positions[row] when p.has_positions != 0 (packed sequences, decoding).
-// q and k adjacent in a fused buffer are one call: n_heads = heads of q + heads of k.
+// q and k adjacent in a fused buffer are one call: n_heads = heads of q + heads of k. q and k in
+// separate buffers are one call too: x2 holds n_heads2 more heads per row, packed (row stride
+// n_heads2·head_dim), taking head indices n_heads.. of the same grid.
 // Nothing is saved for the backward (it recomputes θ); there are no parameters to train.
 //
 // cos and sin are not WGSL's builtins, whose accuracy WGSL leaves loose (2^-11 absolute inside
@@ -23,10 +25,11 @@
 //   1 inv_freq   [half] f32 (read)
 //   2 positions  [rows] i32 (read; only when p.has_positions != 0)
 //   3 x          [rows, row_stride] f32 (read and written in place)
+//   4 x2         [rows, n_heads2·head_dim] f32 (read and written in place; only when n_heads2 > 0)
 // One invocation per (row, head, i) pair, on a 2-D grid (index gid.y·grid_stride + gid.x).
 
 struct Params {
-  pairs: u32,        // rows · n_heads · half
+  pairs: u32,        // rows · (n_heads + n_heads2) · half
   half: u32,
   n_heads: u32,
   T: u32,
@@ -36,14 +39,15 @@ struct Params {
   scaling: f32,
   has_positions: u32,
   grid_stride: u32,  // invocations per row of the dispatch grid
+  n_heads2: u32,     // heads of x2 (0: x alone)
   _pad0: u32,
-  _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> inv_freq: array<f32>;
 @group(0) @binding(2) var<storage, read> positions: array<i32>;
 @group(0) @binding(3) var<storage, read_write> x: array<f32>;
+@group(0) @binding(4) var<storage, read_write> x2: array<f32>;
 
 override WG: u32 = 256;
 
@@ -77,8 +81,9 @@ fn rotate(gid: vec3<u32>, direction: f32) {
   if (idx >= p.pairs) { return; }
   let i = idx % p.half;
   let head_row = idx / p.half;
-  let head = head_row % p.n_heads;
-  let row = head_row / p.n_heads;
+  let heads = p.n_heads + p.n_heads2;
+  let head = head_row % heads;
+  let row = head_row / heads;
   var pos: f32;
   if (p.has_positions != 0u) {
     pos = f32(positions[row]);
@@ -87,12 +92,21 @@ fn rotate(gid: vec3<u32>, direction: f32) {
   }
   let cs = cos_sin(pos * inv_freq[i]) * p.scaling;
   let s = direction * cs.y;
-  let i1 = row * p.row_stride + p.col_offset + head * 2u * p.half + i;
-  let i2 = i1 + p.half;
-  let a = x[i1];
-  let b = x[i2];
-  x[i1] = a * cs.x - b * s;
-  x[i2] = b * cs.x + a * s;
+  if (head < p.n_heads) {
+    let i1 = row * p.row_stride + p.col_offset + head * 2u * p.half + i;
+    let i2 = i1 + p.half;
+    let a = x[i1];
+    let b = x[i2];
+    x[i1] = a * cs.x - b * s;
+    x[i2] = b * cs.x + a * s;
+  } else {
+    let i1 = (row * p.n_heads2 + head - p.n_heads) * 2u * p.half + i;
+    let i2 = i1 + p.half;
+    let a = x2[i1];
+    let b = x2[i2];
+    x2[i1] = a * cs.x - b * s;
+    x2[i2] = b * cs.x + a * s;
+  }
 }
 
 @compute @workgroup_size(WG)

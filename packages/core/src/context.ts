@@ -134,6 +134,7 @@ export class GpuContext {
   private blockingCount = 0;
   private readonly uncaptured: GPUError[] = [];
   private placeholderBuffer: GPUBuffer | undefined;
+  private writablePlaceholderBuffer: GPUBuffer | undefined;
   // Holds the Dawn instance under Node for as long as the device lives (see node-gpu.ts).
   private readonly keepAlive: unknown;
   private destroyed = false;
@@ -300,15 +301,19 @@ export class GpuContext {
 
   /**
    * A 16-byte zeroed storage buffer to fill bindings a kernel declares but will not read (an
-   * absent bias, say). Owned by the context and not counted as live.
+   * absent bias, say). Owned by the context and not counted as live. A read-write binding takes
+   * the 'write' one: one buffer bound writable and read-only in the same dispatch is a validation
+   * error.
    */
-  placeholder(): GPUBuffer {
+  placeholder(use: 'read' | 'write' = 'read'): GPUBuffer {
     this.assertAlive();
-    this.placeholderBuffer ??= this.device.createBuffer({
-      label: `${this.label}.placeholder`,
-      size: BUFFER_ALIGNMENT,
-      usage: 0x80 /* STORAGE */,
-    });
+    const make = (name: string) =>
+      this.device.createBuffer({ label: `${this.label}.${name}`, size: BUFFER_ALIGNMENT, usage: 0x80 /* STORAGE */ });
+    if (use === 'write') {
+      this.writablePlaceholderBuffer ??= make('placeholder_rw');
+      return this.writablePlaceholderBuffer;
+    }
+    this.placeholderBuffer ??= make('placeholder');
     return this.placeholderBuffer;
   }
 
@@ -316,6 +321,7 @@ export class GpuContext {
   destroy(): void {
     if (this.destroyed) return;
     this.placeholderBuffer?.destroy();
+    this.writablePlaceholderBuffer?.destroy();
     for (const buffer of this.live.keys()) buffer.destroy();
     this.live.clear();
     this.liveTotal = 0;

@@ -1,7 +1,8 @@
 // RoPE (shaders/rope.wgsl), forward and backward in place, against the float64 reference:
 // head sizes 12 and 64, default and llama3 inverse frequencies, pos0 > 0 up to 10^5 (large
 // angles), q and k adjacent in a fused qkv buffer (v must stay untouched), a row offset, an
-// attention scaling other than 1, and explicit per-row positions.
+// attention scaling other than 1, and explicit per-row positions; q and k in separate buffers
+// rotated by one dispatch (`with`), against rotating each alone.
 import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { type RopeRefInput, ropeBackwardRef, ropeForwardRef } from '../ref/rope.js';
@@ -157,6 +158,60 @@ describe('rope', () => {
       });
       expectClose(ctx, `${c.name} y`, got.y, wantY, 1e-6, 1e-5);
       expectClose(ctx, `${c.name} dx`, got.dx, wantDx, 1e-6, 1e-5);
+    });
+  }
+
+  for (const positions of [undefined, [7, 0, 3, 100000, 2, 1, 5]]) {
+    it(`q and k in separate buffers, one dispatch (\${positions ? 'explicit positions' : 'pos0 = 2, T = 7'})`, async () => {
+      const ctx = gpu();
+      const config: RopeConfig = { headDim: 12, ropeTheta: 10000 };
+      const hd = config.headDim;
+      const rows = 7;
+      const [nQ, nK] = [3, 1];
+      const { invFreq } = ropeInvFreq(config);
+      const q = randomArray(rows * nQ * hd, 91);
+      const k = randomArray(rows * nK * hd, 92);
+      const ref = (x: Float64Array, nHeads: number) =>
+        ropeForwardRef({ rows, T: rows, nHeads, headDim: hd, pos0: 2, positions, invFreq, attentionScaling: 0.9, x });
+      const refBack = (x: Float64Array, nHeads: number) =>
+        ropeBackwardRef(
+          { rows, T: rows, nHeads, headDim: hd, pos0: 2, positions, invFreq, attentionScaling: 0.9, x },
+          x,
+        ).dx;
+      const got = await gpuCase(ctx, 'rope q+k', async () => {
+        const tq = tensorFromData(ctx, q, [rows, nQ * hd], 'f32', 'q');
+        const tk = tensorFromData(ctx, k, [rows, nK * hd], 'f32', 'k');
+        const tf = tensorFromData(ctx, invFreq, [hd / 2], 'f32', 'inv_freq');
+        const pos = positions ? tensorFromData(ctx, positions, [rows], 'i32', 'positions') : undefined;
+        const opts = { nHeads: nQ, headDim: hd, T: rows, pos0: 2, positions: pos, attentionScaling: 0.9 };
+        const fwd = await planRopeForward(ctx, tq, tf, { ...opts, with: { x: tk, nHeads: nK } });
+        const enc = new StepEncoder(ctx, 'rope q+k');
+        enc.dispatch(fwd);
+        enc.submit();
+        const y = { q: await readFloat32(tq), k: await readFloat32(tk) };
+        const bwd = await planRopeBackward(ctx, tq, tf, { ...opts, with: { x: tk, nHeads: nK } });
+        const enc2 = new StepEncoder(ctx, 'rope q+k backward');
+        enc2.dispatch(bwd);
+        enc2.submit();
+        const dx = { q: await readFloat32(tq), k: await readFloat32(tk) };
+        await expect(planRopeForward(ctx, tq, tf, { ...opts, with: { x: tq, nHeads: nQ } })).rejects.toThrow(
+          /must be another buffer/,
+        );
+        await expect(planRopeForward(ctx, tq, tf, { ...opts, with: { x: tk, nHeads: 2 } })).rejects.toThrow(
+          /must be f32 \[7, 24\]/,
+        );
+        fwd.dispose();
+        bwd.dispose();
+        for (const t of [tq, tk, tf, pos]) t?.dispose();
+        return { y, dx };
+      });
+      const yq = ref(q, nQ).y;
+      const yk = ref(k, nK).y;
+      expectClose(ctx, 'q', got.y.q, yq, 1e-6, 1e-5);
+      expectClose(ctx, 'k', got.y.k, yk, 1e-6, 1e-5);
+      // The backward of the rotation undoes it: applied to y it gives back the input.
+      expectClose(ctx, 'dq', got.dx.q, refBack(Float64Array.from(got.y.q), nQ), 1e-6, 1e-5);
+      expectClose(ctx, 'dk', got.dx.k, refBack(Float64Array.from(got.y.k), nK), 1e-6, 1e-5);
     });
   }
 

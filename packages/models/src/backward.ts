@@ -118,20 +118,21 @@ export function backwardLayout(
 export function backwardDispatchCount(
   config: ModelConfig,
   ranks: AdapterRanks,
-  opts: { recompute?: boolean; lossDispatches: number; dropout?: boolean },
+  opts: { recompute?: boolean; lossDispatches: number; dropout?: boolean; fuse?: boolean },
 ): number {
+  const fuse = opts.fuse ?? true;
   const c = config;
   const layers = modelLayout(c).layers;
   let n = opts.lossDispatches + 1;
   layers.forEach((l, i) => {
     const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
-    if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.dropout);
+    if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.dropout, fuse);
     // LoRA: g, dB, dA, dx; with dropout also the mask again, g·A and its masked add into dx.
     const lin = (role: LinearRole) => (adapted.has(role) ? (opts.dropout ? 7 : 4) : 1);
     n += 2 + 3; // the two norms, attention (delta, dq, dk/dv)
     if (c.family === 'gpt2')
       n += lin('fc') + 1 + 3 + lin('qkv'); // gelu; dq, dk, dv into dqkv
-    else n += lin('gate') + lin('up') + 1 + 2 + (c.qkNorm ? 2 : 0) + lin('q') + lin('k') + lin('v');
+    else n += lin('gate') + lin('up') + 1 + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + lin('q') + lin('k') + lin('v'); // silu·mul, RoPE
     n += lin('o') + lin('down');
   });
   return n;
@@ -356,10 +357,17 @@ export async function planBackward(
         );
         const rope = { headDim: c.headDim, T, pos0: 0, attentionScaling: model.ropeAttentionScaling };
         const invFreq = model.ropeInvFreq as Tensor;
-        out.push(
-          await planRopeBackward(ctx, dq, invFreq, { ...rope, nHeads: c.numHeads, label: `${p}.rope_q` }),
-          await planRopeBackward(ctx, dk, invFreq, { ...rope, nHeads: c.numKvHeads, label: `${p}.rope_k` }),
-        );
+        if (fwd.fuse) {
+          const k = { x: dk, nHeads: c.numKvHeads };
+          out.push(
+            await planRopeBackward(ctx, dq, invFreq, { ...rope, nHeads: c.numHeads, with: k, label: `${p}.rope` }),
+          );
+        } else {
+          out.push(
+            await planRopeBackward(ctx, dq, invFreq, { ...rope, nHeads: c.numHeads, label: `${p}.rope_q` }),
+            await planRopeBackward(ctx, dk, invFreq, { ...rope, nHeads: c.numKvHeads, label: `${p}.rope_k` }),
+          );
+        }
         let dqIn = dq;
         let dkIn = dk;
         if (c.qkNorm) {

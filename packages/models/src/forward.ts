@@ -68,6 +68,11 @@ export interface ForwardOptions {
    * which the trainer rewrites per micro-batch. Required when an adapted module has dropout.
    */
   readonly dropoutCounter?: Tensor;
+  /**
+   * Fused kernels where two steps can share a dispatch (RoPE of q and k together, ...). Default
+   * true; false plans every step on its own, the plain path the fused one is checked against.
+   */
+  readonly fuse?: boolean;
 }
 
 /** LoRA dropout's state in a train-mode plan: the counter and a [rows, max in] scratch shared by
@@ -144,7 +149,9 @@ export class ForwardPlan {
     /** Activations are shared between layers and must be recomputed for the backward. */
     readonly recompute: boolean,
     /** LoRA dropout's counter and scratch, when an adapted module has dropout. */
-    readonly dropout?: DropoutState,
+    readonly dropout: DropoutState | undefined,
+    /** Planned with fused kernels (ForwardOptions.fuse); the backward plans alike. */
+    readonly fuse: boolean,
   ) {}
 
   get rows(): number {
@@ -349,13 +356,14 @@ export function forwardLayout(
 
 /** Dispatches planLayer records for one layer whose adapted projections are `adapted` (with LoRA
  * dropout when `dropout`). */
-export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, dropout = false): number {
+export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, dropout = false, fuse = true): number {
   const c = config;
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
   let n = 2 + 1; // the two norms, attention
+  const rope = fuse ? 1 : 2; // q and k in one dispatch, or one each
   if (c.family === 'gpt2')
     n += lin('qkv') + lin('fc') + 1; // + gelu
-  else n += lin('q') + lin('k') + lin('v') + 2 + (c.qkNorm ? 2 : 0) + lin('gate') + lin('up') + 1; // RoPE; silu·mul
+  else n += lin('q') + lin('k') + lin('v') + rope + (c.qkNorm ? 2 : 0) + lin('gate') + lin('up') + 1; // silu·mul
   return n + lin('o') + lin('down');
 }
 
@@ -364,11 +372,11 @@ export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, d
 export function forwardDispatchCount(
   config: ModelConfig,
   ranks: AdapterRanks,
-  opts: { logits?: boolean; dropout?: boolean; embedParts?: number; headParts?: number } = {},
+  opts: { logits?: boolean; dropout?: boolean; embedParts?: number; headParts?: number; fuse?: boolean } = {},
 ): number {
   let n = (opts.embedParts ?? 1) + 1 + (opts.logits ? (opts.headParts ?? 1) : 0);
   for (const l of modelLayout(config).layers)
-    n += layerDispatchCount(config, new Set(adaptedRoles(l, ranks).keys()), opts.dropout);
+    n += layerDispatchCount(config, new Set(adaptedRoles(l, ranks).keys()), opts.dropout, opts.fuse);
   return n;
 }
 
@@ -561,6 +569,7 @@ async function planProjections(
   pos: Positions,
   lin: Lin,
   out: Dispatch[],
+  fuse: boolean,
 ): Promise<void> {
   const c = model.config;
   const p = `layer${layer.index}`;
@@ -588,6 +597,11 @@ async function planProjections(
   }
   const rope = { headDim: c.headDim, ...pos, attentionScaling: model.ropeAttentionScaling };
   const invFreq = model.ropeInvFreq as Tensor;
+  if (fuse) {
+    const k = { x: dest.k, nHeads: c.numKvHeads };
+    out.push(await planRopeForward(ctx, dest.q, invFreq, { ...rope, nHeads: c.numHeads, with: k, label: `${p}.rope` }));
+    return;
+  }
   out.push(
     await planRopeForward(ctx, dest.q, invFreq, { ...rope, nHeads: c.numHeads, label: `${p}.rope_q` }),
     await planRopeForward(ctx, dest.k, invFreq, { ...rope, nHeads: c.numKvHeads, label: `${p}.rope_k` }),
@@ -614,7 +628,8 @@ export function batchedAttention(model: CausalLM, B: number, T: number): Attenti
   };
 }
 
-/** Plans one transformer layer: attention block, residual, norm, MLP, residual. */
+/** Plans one transformer layer: attention block, residual, norm, MLP, residual (`fuse`: see
+ * ForwardOptions). */
 export async function planLayer(
   ctx: GpuContext,
   model: CausalLM,
@@ -623,6 +638,7 @@ export async function planLayer(
   attention: AttentionBlock,
   lora: LoraWeightsByModule | undefined,
   dropout?: DropoutState,
+  fuse = true,
 ): Promise<Dispatch[]> {
   const c = model.config;
   const out: Dispatch[] = [];
@@ -638,7 +654,7 @@ export async function planLayer(
   const copy = (from: Tensor, to: Tensor) => (to === from ? undefined : to);
   out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid)));
   const dest = attention.dest(a, layer.index);
-  await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out);
+  await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out, fuse);
   if (attention.afterProjections) out.push(...(await attention.afterProjections(a, layer.index)));
   const attend = await planAttentionForward(
     ctx,
@@ -715,7 +731,16 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     for (let i = 0; i < c.numLayers; i++) {
       const acts = layerActivations(layout.layers[i] as ReadonlyMap<string, string>, get);
       layers.push(acts);
-      const planned = await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, opts.lora, dropout);
+      const planned = await planLayer(
+        ctx,
+        model,
+        model.layers[i] as Layer,
+        acts,
+        attention,
+        opts.lora,
+        dropout,
+        opts.fuse ?? true,
+      );
       layerDispatches.push(planned);
       dispatches.push(...planned);
       x = acts.out;
@@ -742,6 +767,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
       layerDispatches,
       recompute,
       dropout,
+      opts.fuse ?? true,
     );
   } catch (e) {
     for (const dsp of dispatches) dsp.dispose();

@@ -154,6 +154,8 @@ export interface MemoryEstimateOptions {
   readonly tablePartBytes?: number;
   /** Tensors stored otherwise than `precision` says (a loaded GGUF model's storedDTypes). */
   readonly storedDTypes?: ReadonlyMap<string, DType>;
+  /** Fused kernels (TrainerOptions.fuse). Default true. */
+  readonly fuse?: boolean;
 }
 
 /** The limits given, by name (a GPUSupportedLimits object keeps them as getters, which a spread
@@ -296,7 +298,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     else kinds.set(key, { shape: b.shape, dtype: b.dtype, count: 1 });
   }
   for (const [key, k] of kinds) add(A, key.slice(0, key.indexOf(' ')), k.shape, k.dtype, k.count);
-  const forwardDispatches = forwardDispatchCount(c, ranks, { dropout, embedParts });
+  const fuse = options.fuse ?? true;
+  const forwardDispatches = forwardDispatchCount(c, ranks, { dropout, embedParts, fuse });
   uniforms(A, 'forward dispatch parameters', forwardDispatches, U_NOMINAL);
 
   // Scratch: the backward plan's layout, the loss's logits chunk, the trainer's own buffers.
@@ -314,6 +317,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const backwardDispatches = backwardDispatchCount(c, ranks, {
     recompute,
     dropout,
+    fuse,
     lossDispatches: crossEntropyTrainingDispatchCount(chunks),
   });
   // The gradient norm (two dispatches) and AdamW.

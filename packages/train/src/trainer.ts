@@ -134,6 +134,11 @@ export interface TrainerOptions {
   /** Refuse to start when the estimated total exceeds this many bytes (WebGPU cannot report free
    * memory, so a budget can only come from the user). */
   readonly memoryBudget?: number;
+  /**
+   * Fused kernels where two steps of the plan can share a dispatch. Default true; false plans the
+   * plain path, which tests run beside the fused one over many steps.
+   */
+  readonly fuse?: boolean;
 }
 
 export interface MicroBatch {
@@ -274,6 +279,7 @@ export class LoraTrainer {
       device: ctx,
       tablePartBytes: model.tablePartBytes,
       storedDTypes: model.storedDTypes,
+      fuse: options.fuse,
     });
     checkFits(ctx, estimate, { budget: options.memoryBudget });
     const weights = options.initialWeights ?? initLoraWeights(resolved, options.seed ?? 0);
@@ -347,6 +353,7 @@ export class LoraTrainer {
         recompute: options.recompute,
         lora: trainables,
         label: 'train',
+        fuse: options.fuse,
       });
       cleanup.push(fwd);
       const activations = ctx.liveBytes - afterArenas;

@@ -10,7 +10,7 @@ const spec = (entryPoint: 'rope_fwd' | 'rope_bwd'): KernelSpec => ({
   source,
   file: 'shaders/rope.wgsl',
   entryPoint,
-  bindings: ['uniform', 'read', 'read', 'write'],
+  bindings: ['uniform', 'read', 'read', 'write', 'write'],
 });
 
 /** A config.json rope_scaling (transformers 4) / rope_parameters (transformers 5) we implement. */
@@ -113,6 +113,11 @@ export interface RopeOptions {
   readonly colOffset?: number;
   /** HF's attention_scaling, multiplying cos and sin. Default 1 (default and llama3 RoPE). */
   readonly attentionScaling?: number;
+  /**
+   * A second tensor rotated by the same dispatch (k beside q): `nHeads` packed heads per row, at
+   * the same positions. A separate buffer from x.
+   */
+  readonly with?: { readonly x: Tensor; readonly nHeads: number };
   readonly label?: string;
 }
 
@@ -164,7 +169,19 @@ function uniforms(ctx: GpuContext, op: string, x: Tensor, invFreq: Tensor, o: Ro
   }
   const scaling = o.attentionScaling ?? 1;
   if (!Number.isFinite(scaling)) throw new ShapeError(`${op}: attentionScaling ${scaling} is not finite`);
-  const pairs = rows * nHeads * half;
+  const nHeads2 = o.with?.nHeads ?? 0;
+  if (o.with) {
+    const x2 = o.with.x;
+    if (!Number.isSafeInteger(nHeads2) || nHeads2 < 1)
+      throw new ShapeError(`${op}: with.nHeads ${nHeads2} must be ≥ 1`);
+    if (x2.dtype !== 'f32' || x2.size !== rows * nHeads2 * headDim) {
+      throw new ShapeError(
+        `${op}: ${x2.label} ${x2.dtype}${formatShape(x2.shape)} must be f32 [${rows}, ${nHeads2 * headDim}] (${nHeads2} heads of ${headDim} per row of ${x.label})`,
+      );
+    }
+    if (x2.buffer === x.buffer) throw new ShapeError(`${op}: ${x2.label} must be another buffer than ${x.label}`);
+  }
+  const pairs = rows * (nHeads + nHeads2) * half;
   const grid = grid1d(ctx, pairs, wg);
   return {
     workgroups: grid.workgroups,
@@ -179,6 +196,7 @@ function uniforms(ctx: GpuContext, op: string, x: Tensor, invFreq: Tensor, o: Ro
       ['f32', scaling],
       ['u32', o.positions ? 1 : 0],
       ['u32', grid.rowStride],
+      ['u32', nHeads2],
     ]),
   };
 }
@@ -196,13 +214,14 @@ async function planRope(
   const kernel = await getKernel(ctx, spec(entry), { WG: wg });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [invFreq, opts.positions ?? ctx.placeholder(), x],
+    resources: [invFreq, opts.positions ?? ctx.placeholder(), x, opts.with?.x ?? ctx.placeholder('write')],
     workgroups: u.workgroups,
     uniforms: u.data,
   });
 }
 
-/** Rotates the heads of x in place (q, k, or both when adjacent in a fused buffer). One dispatch. */
+/** Rotates the heads of x in place (q, k, or both: adjacent in a fused buffer, or k as `with`).
+ * One dispatch. */
 export function planRopeForward(ctx: GpuContext, x: Tensor, invFreq: Tensor, opts: RopeOptions): Promise<Dispatch> {
   return planRope(ctx, 'rope_fwd', x, invFreq, opts, opts.label ?? 'rope');
 }
