@@ -41,8 +41,14 @@ export const CROSS_ENTROPY_IGNORE_INDEX = -100;
 /** Bits of errors[0] (errors[1] counts the rows concerned). */
 export const CROSS_ENTROPY_LABEL_OUT_OF_RANGE = 1;
 export const CROSS_ENTROPY_ROW_OUT_OF_RANGE = 2;
-/** Vocabulary rows per chunk when the memory budget allows. */
+/** Vocabulary rows per chunk at least, when the memory budget allows. */
 export const CROSS_ENTROPY_DEFAULT_CHUNK = 4096;
+/**
+ * The default chunk grows past CROSS_ENTROPY_DEFAULT_CHUNK while its [rows, C] f32 scratch stays
+ * within this many bytes: every chunk costs five dispatches, so at 4×128 rows SmolLM2's 49,152-row
+ * vocabulary is 3 chunks (16 dispatches, 32 MiB) rather than 12 (61 dispatches, 8 MiB).
+ */
+export const CROSS_ENTROPY_DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024;
 /** Default budget for the logits scratch [rows, C]. */
 export const CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES = 64 * 1024 * 1024;
 
@@ -72,8 +78,9 @@ const spec = (entryPoint: Entry): KernelSpec => ({
 export interface CrossEntropyChunkOptions {
   /**
    * Vocabulary rows per chunk: a multiple of 4 (so every chunk starts at an aligned row of E), or
-   * anything ≥ V for one chunk. Default CROSS_ENTROPY_DEFAULT_CHUNK, lowered to fit
-   * `maxScratchBytes` and the device's buffer limits.
+   * anything ≥ V for one chunk. Default the larger of CROSS_ENTROPY_DEFAULT_CHUNK and what fits
+   * CROSS_ENTROPY_DEFAULT_CHUNK_BYTES, lowered to fit `maxScratchBytes` and the device's buffer
+   * limits.
    */
   readonly chunk?: number;
   /** Budget for the [rows, C] f32 logits scratch. Default CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES. */
@@ -237,7 +244,8 @@ export function crossEntropyChunkFor(
     limits.maxBufferSize,
   );
   const fits = Math.floor(budget / (4 * rows));
-  const want = Math.min(opts.chunk ?? CROSS_ENTROPY_DEFAULT_CHUNK, vocab);
+  const byBytes = Math.floor(CROSS_ENTROPY_DEFAULT_CHUNK_BYTES / (4 * rows));
+  const want = Math.min(opts.chunk ?? Math.max(CROSS_ENTROPY_DEFAULT_CHUNK, byBytes), vocab);
   if (want === vocab && vocab <= fits) return vocab;
   const chunk = Math.floor(Math.min(want, fits) / 4) * 4;
   if (chunk < 4) {
