@@ -52,7 +52,10 @@
 // Bindings, group 0 (element indices; every buffer f32):
 //   attention_fwd(_rows)      0 p uniform, 1 q, 2 k, 3 v (read), 4 o (written), 5 lse (written)
 //   attention_bwd_delta       0 p, 1 o (read: o_saved), 2 dout (read: dout_rows), 3 delta (written)
-//   attention_bwd_dq(_rows)   0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dq (written)
+//   attention_bwd_dq(_rows)   0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dq (written),
+//                             8 delta_w (written when DELTA_IN_DQ: then binding 6 holds o and the
+//                             kernel computes delta itself, exactly as attention_bwd_delta does,
+//                             and writes it for attention_bwd_dkv; one dispatch fewer)
 //   attention_bwd_dkv(_rows)  0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dk, 8 dv (written)
 // Layouts:
 //   q[b,i,h,d]  at q_offset + b·q_batch + i·q_stride + h·hd + d        (rows may be strided, e.g.
@@ -111,8 +114,9 @@ struct Params {
 // attention_bwd_dq, attention_bwd_dkv
 @group(0) @binding(4) var<storage, read> dout: array<f32>;
 @group(0) @binding(5) var<storage, read> lse: array<f32>;
-@group(0) @binding(6) var<storage, read> delta: array<f32>;
+@group(0) @binding(6) var<storage, read> delta: array<f32>;   // o in attention_bwd_dq with DELTA_IN_DQ
 @group(0) @binding(7) var<storage, read_write> dq: array<f32>;
+@group(0) @binding(8) var<storage, read_write> delta_w: array<f32>;  // attention_bwd_dq(_rows)
 @group(0) @binding(7) var<storage, read_write> dk: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dv: array<f32>;
 
@@ -122,6 +126,7 @@ override TD: u32 = 4u;    // tiled: invocations per tile row; TD·VPT ≥ HD4
 override BQ: u32 = 16u;   // tiled: query rows per block; rows kernels: invocations per workgroup
 override BK: u32 = 16u;   // tiled: keys per block; attention_bwd_dkv_rows: invocations per workgroup
 override KPT: u32 = 4u;   // tiled: streamed rows per dots_* call (1..4): min(4, tile / TD)
+override DELTA_IN_DQ: bool = false;  // attention_bwd_dq(_rows): compute delta from o (binding 6)
 
 const VPT: u32 = 4u;          // vec4 output columns per invocation (registers: VPT vec4s per output)
 const MASKED: f32 = -3.0e38;  // score of an invisible key; finite so no inf arithmetic is needed
@@ -484,6 +489,18 @@ fn attention_bwd_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(w
   delta_out[row_index(b, h, i)] = acc;
 }
 
+// delta of query row i for the dq kernels: read, or with DELTA_IN_DQ summed from o (binding 6)
+// and dout in attention_bwd_delta's order, so the value is the same to the bit.
+fn dq_row_delta(b: u32, h: u32, i: u32) -> f32 {
+  if (DELTA_IN_DQ) {
+    let base = out_index(b, i, h);
+    var acc = 0.0;
+    for (var d = 0u; d < p.hd; d++) { acc = fma(delta[base + d], dout[base + d], acc); }
+    return acc;
+  }
+  return delta[row_index(b, h, i)];
+}
+
 @compute @workgroup_size(BQ * TD)
 fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = wid.z;
@@ -501,7 +518,8 @@ fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgrou
   var delta_i = 0.0;
   if (row_ok) {
     lse_i = lse[row_index(b, h, i)];
-    delta_i = delta[row_index(b, h, i)];
+    delta_i = dq_row_delta(b, h, i);
+    if (DELTA_IN_DQ && td == 0u) { delta_w[row_index(b, h, i)] = delta_i; }
   }
   var acc = array<vec4<f32>, VPT>();
   let end = key_end(i0);
@@ -674,7 +692,8 @@ fn attention_bwd_dq_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     dr[c] = do4(ob, c);
   }
   let lse_i = lse[row_index(b, h, i)];
-  let delta_i = delta[row_index(b, h, i)];
+  let delta_i = dq_row_delta(b, h, i);
+  if (DELTA_IN_DQ) { delta_w[row_index(b, h, i)] = delta_i; }
   var acc: array<vec4<f32>, RMAX>;
   let end = min(p.Tk, p.pos0 + i + 1u);
   for (var j = 0u; j < end; j += 4u) {

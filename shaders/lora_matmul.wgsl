@@ -10,6 +10,12 @@
 // W0 gets no gradient. Outputs are written, or accumulated when p.beta = 1 (gradient
 // accumulation over micro-batches).
 //
+// g and dB read the same dy and neither reads the other, so `lora_g_db` does both in one dispatch:
+// its first p.rows_groups workgroups are lora_rows for g (x = dy, l = B, out = g), the rest
+// lora_cols for dB (U = dy, V = h from binding 4, written to db at binding 5 with p.cols_alpha and
+// p.cols_beta). The branch is on the workgroup id, uniform across the workgroup, so each role keeps
+// its barriers.
+//
 // These shapes defeat a square-tiled matmul (one side is r = 1..128 wide), so each kernel
 // reduces along the long dimension instead:
 //   lora_rows: C[M×R] = X·opL(L). An invocation group of KS owns 4 rows × 4 ranks and splits K,
@@ -29,8 +35,12 @@ struct Params {
   R: u32,      // rank
   alpha: f32,
   beta: f32,
-  _pad0: u32,
-  _pad1: u32,
+  cols_alpha: f32,   // lora_g_db: alpha and beta of the dB role (p.alpha, p.beta are g's)
+  cols_beta: f32,
+  rows_groups: u32,  // lora_g_db: workgroups of the g role, the first of the grid
+  rows_gx: u32,      //   its grid width (rank blocks)
+  cols_gx: u32,      //   the dB role's grid width (column blocks)
+  grid_x: u32,       //   workgroups per row of the dispatch grid
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -38,6 +48,9 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> l: array<f32>;        // rows: L (R×K or K×R)  cols: V (T×R)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+// lora_g_db's dB role: V (h) and its output. The other entries bind placeholders here.
+@group(0) @binding(4) var<storage, read> hv: array<f32>;
+@group(0) @binding(5) var<storage, read_write> db: array<f32>;
 
 override WG: u32 = 64;          // invocations per workgroup; a power of two
 override KS: u32 = 64;          // lora_rows: invocations splitting k per 4×4 block; a power of two dividing WG
@@ -45,6 +58,7 @@ override TRANS_L: bool = true;  // lora_rows: L stored R×K (A) rather than K×R
 override OUT_NR: bool = false;  // lora_cols: write C[n][j] (N×R) rather than C[j][n] (R×N)
 override TT: u32 = 16;          // lora_cols: rows of V staged per step
 override STAGE: bool = true;    // lora_cols: stage V rows in workgroup memory (false on CPU adapters)
+override COLS_H: bool = false;  // lora_cols reads V from hv and writes db (lora_g_db's dB role)
 
 var<workgroup> partial: array<array<vec4<f32>, 4>, WG>;
 var<workgroup> v_rows: array<vec4<f32>, TT>;
@@ -62,8 +76,12 @@ fn l_at(j: u32, k: u32) -> f32 {
 // no tree, hence no workgroup memory and no barrier.
 @compute @workgroup_size(WG)
 fn lora_rows(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let j0 = wid.x * 4u;
-  let m0 = (wid.y * (WG / KS) + tid / KS) * 4u;
+  rows_block(tid, wid.x, wid.y);
+}
+
+fn rows_block(tid: u32, wx: u32, wy: u32) {
+  let j0 = wx * 4u;
+  let m0 = (wy * (WG / KS) + tid / KS) * 4u;
   let lane = tid % KS;
   let last_m = p.M - 1u;
   let last_j = p.R - 1u;
@@ -103,10 +121,16 @@ fn lora_rows(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) w
   }
 }
 
+// V[i] (flat): l, or hv in lora_g_db's dB role.
+fn v_at(i: u32) -> f32 {
+  if (COLS_H) { return hv[i]; }
+  return l[i];
+}
+
 fn v_row(t: u32, j0: u32) -> vec4<f32> {
   var v = vec4<f32>(0.0);
   for (var jj = 0u; jj < 4u; jj++) {
-    if (j0 + jj < p.R) { v[jj] = l[t * p.R + j0 + jj]; }
+    if (j0 + jj < p.R) { v[jj] = v_at(t * p.R + j0 + jj); }
   }
   return v;
 }
@@ -121,9 +145,15 @@ fn store_cols(n0: u32, j0: u32, acc: array<vec4<f32>, 4>) {
       if (j >= p.R) { break; }
       var idx: u32;
       if (OUT_NR) { idx = n * p.R + j; } else { idx = j * p.N + n; }
-      var v = p.alpha * acc[i][jj];
-      if (p.beta != 0.0) { v += p.beta * out[idx]; }
-      out[idx] = v;
+      if (COLS_H) {
+        var v = p.cols_alpha * acc[i][jj];
+        if (p.cols_beta != 0.0) { v += p.cols_beta * db[idx]; }
+        db[idx] = v;
+      } else {
+        var v = p.alpha * acc[i][jj];
+        if (p.beta != 0.0) { v += p.beta * out[idx]; }
+        out[idx] = v;
+      }
     }
   }
 }
@@ -131,7 +161,7 @@ fn store_cols(n0: u32, j0: u32, acc: array<vec4<f32>, 4>) {
 // V row t at ranks j (clamped into range: the clamped ranks are never stored).
 fn v_direct(t: u32, j: vec4<u32>) -> vec4<f32> {
   let b = t * p.R;
-  return vec4<f32>(l[b + j.x], l[b + j.y], l[b + j.z], l[b + j.w]);
+  return vec4<f32>(v_at(b + j.x), v_at(b + j.y), v_at(b + j.z), v_at(b + j.w));
 }
 
 fn clamped_ranks(j0: u32) -> vec4<u32> {
@@ -141,8 +171,12 @@ fn clamped_ranks(j0: u32) -> vec4<u32> {
 // C(n, j) = alpha · Σ_t U[t][n]·V[t][j] for n in n0..n0+3, j in j0..j0+3.
 @compute @workgroup_size(WG)
 fn lora_cols(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let n0 = (wid.x * WG + tid) * 4u;
-  let j0 = wid.y * 4u;
+  cols_block(tid, wid.x, wid.y);
+}
+
+fn cols_block(tid: u32, wx: u32, wy: u32) {
+  let n0 = (wx * WG + tid) * 4u;
+  let j0 = wy * 4u;
   var acc = array<vec4<f32>, 4>();
   if (!STAGE) {
     let j = clamped_ranks(j0);
@@ -216,4 +250,17 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
     workgroupBarrier();
   }
   store_cols(n0, j0, acc);
+}
+
+// g = dy·B and dB = s·dyᵀ·h in one dispatch (see the header): lora_rows' blocks, then lora_cols'.
+@compute @workgroup_size(WG)
+fn lora_g_db(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let idx = wid.y * p.grid_x + wid.x;
+  if (idx < p.rows_groups) {
+    rows_block(tid, idx % p.rows_gx, idx / p.rows_gx);
+  } else {
+    let c = idx - p.rows_groups;
+    let cy = c / p.cols_gx;
+    if (cy * 4u < p.R) { cols_block(tid, c % p.cols_gx, cy); }
+  }
 }

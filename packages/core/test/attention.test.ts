@@ -50,6 +50,8 @@ interface Case {
   layout: Layout;
   scale?: number;
   variant?: AttentionVariant;
+  /** delta in a dispatch of its own (the plain plan) rather than computed by the dq kernel. */
+  splitDelta?: boolean;
 }
 
 const cases: Case[] = [
@@ -59,6 +61,8 @@ const cases: Case[] = [
   { B: 2, Tq: 65, Tk: 65, pos0: 0, nH: 1, nKV: 1, hd: 64, layout: 'padded', variant: 'tiled' },
   { B: 1, Tq: 257, Tk: 257, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused', variant: 'rows' },
   { B: 2, Tq: 257, Tk: 257, pos0: 0, nH: 3, nKV: 1, hd: 12, layout: 'contiguous', scale: 0.6 },
+  { B: 2, Tq: 65, Tk: 65, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused', variant: 'tiled', splitDelta: true },
+  { B: 1, Tq: 33, Tk: 33, pos0: 0, nH: 2, nKV: 1, hd: 12, layout: 'contiguous', variant: 'rows', splitDelta: true },
   // decode one token, and a few, with a KV cache
   { B: 2, Tq: 1, Tk: 65, pos0: 64, nH: 4, nKV: 2, hd: 64, layout: 'cache', variant: 'tiled' },
   { B: 1, Tq: 7, Tk: 257, pos0: 250, nH: 3, nKV: 1, hd: 12, layout: 'cache' },
@@ -76,7 +80,8 @@ const cases: Case[] = [
 const caseName = (c: Case) =>
   `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd} ${c.layout}` +
   (c.scale === undefined ? '' : ` scale=${c.scale}`) +
-  (c.variant === undefined ? '' : ` ${c.variant}`);
+  (c.variant === undefined ? '' : ` ${c.variant}`) +
+  (c.splitDelta ? ' delta apart' : '');
 
 interface Packed {
   data: Float32Array;
@@ -222,7 +227,13 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
   const variant = c.variant;
   const before = ctx.liveBytes;
   const fwd = await planAttentionForward(ctx, { q, k, v, o, lse, dims, variant });
-  const bwd = await planAttentionBackward(ctx, { q, k, v, o, lse, do: tdo, dq, dk, dv, delta, dims, variant });
+  const bwd = await planAttentionBackward(
+    ctx,
+    { q, k, v, o, lse, do: tdo, dq, dk, dv, delta, dims, variant },
+    'attention',
+    { fuse: !c.splitDelta },
+  );
+  expect(bwd.length).toBe(c.splitDelta ? 3 : 2);
   // Whatever the plans allocate for themselves (uniforms, scratch) beyond the tensors above.
   const planBytes = ctx.liveBytes - before;
   const enc = new StepEncoder(ctx, 'attention step');

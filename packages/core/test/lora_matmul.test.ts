@@ -42,6 +42,8 @@ interface Case {
   accumulate: boolean;
   /** The fused layer's thin-product kernel; both run on every adapter. */
   thin: LoraThinKernel;
+  /** g and dB in two dispatches (g with `thin`'s kernel) rather than lora_g_db's one. */
+  splitGdB?: boolean;
 }
 
 const TS = [1, 7, 65, 257];
@@ -59,11 +61,13 @@ TS.forEach((T, i) => {
       bias: j % 2 === 1,
       accumulate: (i + j) % 3 === 0,
       thin: cases.length % 2 ? 'rows' : 'matmul',
+      splitGdB: cases.length % 3 === 0,
     });
   });
 });
 cases.push({ T: 33, inF: 96, outF: 80, r: 128, w0: 'f16', bias: false, accumulate: false, thin: 'rows' });
 cases.push({ T: 64, inF: 64, outF: 64, r: 16, w0: 'f32', bias: true, accumulate: true, thin: 'matmul' });
+cases.push({ T: 64, inF: 64, outF: 64, r: 16, w0: 'f32', bias: true, accumulate: true, thin: 'rows', splitGdB: true });
 // A quantized W0 (in a multiple of 32, the block size) in the forward x·W0ᵀ and the backward dy·W0.
 cases.push({ T: 65, inF: 96, outF: 63, r: 8, w0: 'q4_0', bias: true, accumulate: false, thin: 'matmul' });
 cases.push({ T: 7, inF: 64, outF: 257, r: 1, w0: 'q8_0', bias: false, accumulate: true, thin: 'rows' });
@@ -71,7 +75,7 @@ cases.push({ T: 1, inF: 32, outF: 65, r: 64, w0: 'q4_0', bias: false, accumulate
 cases.push({ T: 257, inF: 128, outF: 64, r: 16, w0: 'q8_0', bias: true, accumulate: false, thin: 'matmul' });
 
 const name = (c: Case, fused = true) =>
-  `T=${c.T} in=${c.inF} out=${c.outF} r=${c.r} W0:${c.w0}${c.bias ? ' +bias' : ''}${c.accumulate ? ' accumulate' : ''}${fused ? ` thin:${c.thin}` : ''}`;
+  `T=${c.T} in=${c.inF} out=${c.outF} r=${c.r} W0:${c.w0}${c.bias ? ' +bias' : ''}${c.accumulate ? ' accumulate' : ''}${fused ? ` thin:${c.thin}${c.splitGdB ? ' g,dB apart' : ''}` : ''}`;
 
 function inputs(c: Case): {
   p: LoraRefInput;
@@ -149,6 +153,7 @@ for (const fused of [true, false]) {
               accumulateDx: c.accumulate,
               accumulateGrads: c.accumulate,
               thin: c.thin,
+              fuse: !c.splitGdB,
             });
             enc.dispatch(...fwd, ...bwd);
             release = () => {

@@ -127,9 +127,11 @@ export function backwardDispatchCount(
   layers.forEach((l, i) => {
     const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
     if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.dropout, fuse);
-    // LoRA: g, dB, dA, dx; with dropout also the mask again, g·A and its masked add into dx.
-    const lin = (role: LinearRole) => (adapted.has(role) ? (opts.dropout ? 7 : 4) : 1);
-    n += 2 + 3; // the two norms, attention (delta, dq, dk/dv)
+    // LoRA: g and dB (one dispatch fused), dA, dx; with dropout also the mask again, g·A and its
+    // masked add into dx.
+    const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);
+    const lin = (role: LinearRole) => (adapted.has(role) ? lora : 1);
+    n += 2 + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
     if (c.family === 'gpt2')
       n += lin('fc') + 1 + 3 + lin('qkv'); // gelu; dq, dk, dv into dqkv
     else n += lin('gate') + lin('up') + 1 + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + lin('q') + lin('k') + lin('v'); // silu·mul, RoPE
@@ -245,7 +247,7 @@ export async function planBackward(
             ctx,
             { w0: lin.w, a: t.a, b: t.b, bias: lin.bias, scale: t.scale },
             { x, h, dy, g: g(t.a.shape[0] as number), dx, da: t.da, db: t.db, ...(d ? { dropout: d } : {}) },
-            { accumulateDx: accumulate, accumulateGrads: true },
+            { accumulateDx: accumulate, accumulateGrads: true, fuse: fwd.fuse },
             lin.module.name,
           )),
         );
@@ -318,6 +320,7 @@ export async function planBackward(
               dims: { ...dims, ...layouts },
             },
             `${p}.attention`,
+            { fuse: fwd.fuse },
           )),
         );
         // Interleave dq, dk, dv back into c_attn's [rows, 3d] layout.
@@ -353,6 +356,7 @@ export async function planBackward(
               dims,
             },
             `${p}.attention`,
+            { fuse: fwd.fuse },
           )),
         );
         const rope = { headDim: c.headDim, T, pos0: 0, attentionScaling: model.ropeAttentionScaling };

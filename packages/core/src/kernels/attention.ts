@@ -435,14 +435,18 @@ export interface AttentionBackwardArgs extends AttentionForwardArgs {
 
 /**
  * Causal attention backward: dq, dk, dv (all written, none accumulated) from q, k, v, the
- * forward's o and lse, and do. Three dispatches: delta = rowsum(do ∘ o); dq per (query block,
- * head, batch); dk and dv per (key block, kv head, batch), summed over the kv head's query heads.
+ * forward's o and lse, and do. Two dispatches: dq per (query block, head, batch), which also
+ * computes delta = rowsum(do ∘ o) for its rows and writes it; then dk and dv per (key block, kv
+ * head, batch), summed over the kv head's query heads. `fuse: false` computes delta in a dispatch
+ * of its own first (three).
  */
 export async function planAttentionBackward(
   ctx: GpuContext,
   io: AttentionBackwardArgs,
   label = 'attention',
+  opts: { fuse?: boolean } = {},
 ): Promise<Dispatch[]> {
+  const fuse = opts.fuse ?? true;
   const op = `${label}.backward`;
   const d = checkCommon(op, io, io.dims);
   const s = attentionShapes(d);
@@ -459,20 +463,34 @@ export async function planAttentionBackward(
   const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
   const read7 = ['uniform', 'read', 'read', 'read', 'read', 'read', 'read'] as const;
   const common = [io.q, io.k, io.v, io.do, io.lse, io.delta];
-  const deltaK = getKernel(ctx, spec('attention_bwd_delta', ['uniform', 'read', 'read', 'write']));
+  const deltaK = fuse ? undefined : getKernel(ctx, spec('attention_bwd_delta', ['uniform', 'read', 'read', 'write']));
+  // dq: binding 6 is o when it computes delta itself, and binding 8 takes delta (a placeholder
+  // otherwise).
+  const dqBindings = [...read7, 'write', 'write'] as const;
+  const dqResources = [
+    io.q,
+    io.k,
+    io.v,
+    io.do,
+    io.lse,
+    fuse ? io.o : io.delta,
+    io.dq,
+    fuse ? io.delta : ctx.placeholder('write'),
+  ];
   let dqK: Promise<Kernel>;
   let dkvK: Promise<Kernel>;
   let dqGroups: number;
   let dkvGroups: number;
   if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
     const wg = rowsWorkgroup(ctx);
-    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', [...read7, 'write']), { HD: d.hd, BQ: wg });
+    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', dqBindings), { HD: d.hd, BQ: wg, DELTA_IN_DQ: fuse });
     dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), { HD: d.hd, BK: wg });
     dqGroups = Math.ceil(d.Tq / wg);
     dkvGroups = Math.ceil(d.Tk / wg);
   } else {
     const tiles = attentionTiles(ctx, d.hd);
-    dqK = getKernel(ctx, spec('attention_bwd_dq', [...read7, 'write']), {
+    dqK = getKernel(ctx, spec('attention_bwd_dq', dqBindings), {
+      DELTA_IN_DQ: fuse,
       HD: d.hd,
       TD: tiles.td,
       BQ: tiles.dq.bq,
@@ -490,16 +508,20 @@ export async function planAttentionBackward(
     dkvGroups = Math.ceil(d.Tk / tiles.dkv.bk);
   }
   const [delta, dq, dkv] = await Promise.all([deltaK, dqK, dkvK]);
-  return [
-    bindKernel(ctx, delta, {
-      label: `${op}.delta ${name}`,
-      resources: [io.o, io.do, io.delta],
-      workgroups: [Math.ceil(d.Tq / DELTA_WG), d.nH, d.B],
-      uniforms: u,
-    }),
+  const plan = delta
+    ? [
+        bindKernel(ctx, delta, {
+          label: `${op}.delta ${name}`,
+          resources: [io.o, io.do, io.delta],
+          workgroups: [Math.ceil(d.Tq / DELTA_WG), d.nH, d.B],
+          uniforms: u,
+        }),
+      ]
+    : [];
+  plan.push(
     bindKernel(ctx, dq, {
       label: `${op}.dq ${name}`,
-      resources: [...common, io.dq],
+      resources: dqResources,
       workgroups: [dqGroups, d.nH, d.B],
       uniforms: u,
     }),
@@ -509,7 +531,8 @@ export async function planAttentionBackward(
       workgroups: [dkvGroups, d.nKV, d.B],
       uniforms: u,
     }),
-  ];
+  );
+  return plan;
 }
 
 /**

@@ -7,7 +7,8 @@ import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
 import { isCpuAdapter, planMatmul } from './matmul.js';
 
-const BINDINGS = ['uniform', 'read', 'read', 'write'] as const;
+// Bindings 4 and 5 (h and dB) are lora_g_db's; the other entries get placeholders there.
+const BINDINGS = ['uniform', 'read', 'read', 'write', 'read', 'write'] as const;
 const spec = (entryPoint: string): KernelSpec => ({
   source,
   file: 'shaders/lora_matmul.wgsl',
@@ -69,6 +70,27 @@ function expectRows(op: string, t: Tensor, rows: number, cols: number, what: str
   }
 }
 
+/** lora_matmul.wgsl's Params: the shape, then lora_g_db's fields (zero for the other entries). */
+function params(
+  d: { M: number; N: number; K: number; R: number; alpha: number; beta: number },
+  gdb = { colsAlpha: 0, colsBeta: 0, rowsGroups: 0, rowsGx: 0, colsGx: 0, gridX: 0 },
+): ArrayBuffer {
+  return packUniforms([
+    ['u32', d.M],
+    ['u32', d.N],
+    ['u32', d.K],
+    ['u32', d.R],
+    ['f32', d.alpha],
+    ['f32', d.beta],
+    ['f32', gdb.colsAlpha],
+    ['f32', gdb.colsBeta],
+    ['u32', gdb.rowsGroups],
+    ['u32', gdb.rowsGx],
+    ['u32', gdb.colsGx],
+    ['u32', gdb.gridX],
+  ]);
+}
+
 function rowsWorkgroup(ctx: GpuContext): number {
   return Math.min(64, ctx.limits.maxComputeInvocationsPerWorkgroup);
 }
@@ -107,16 +129,9 @@ export async function planLoraRows(
   const kernel = await getKernel(ctx, spec('lora_rows'), { WG: wg, KS: ks, TRANS_L: transL });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [x, l, out],
+    resources: [x, l, out, ctx.placeholder(), ctx.placeholder('write')],
     workgroups: [Math.ceil(dims.R / 4), Math.ceil(dims.M / (4 * (wg / ks)))],
-    uniforms: packUniforms([
-      ['u32', dims.M],
-      ['u32', 0],
-      ['u32', dims.K],
-      ['u32', dims.R],
-      ['f32', opts.alpha ?? 1],
-      ['f32', opts.beta ?? 0],
-    ]),
+    uniforms: params({ M: dims.M, N: 0, K: dims.K, R: dims.R, alpha: opts.alpha ?? 1, beta: opts.beta ?? 0 }),
   });
 }
 
@@ -145,16 +160,53 @@ export async function planLoraWeightGrad(
   const kernel = await getKernel(ctx, spec(entry), { WG: wg, OUT_NR: outNR, TT: 16, STAGE: stage });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [u, v, out],
+    resources: [u, v, out, ctx.placeholder(), ctx.placeholder('write')],
     workgroups: [Math.ceil(dims.N / (4 * wg)), Math.ceil(dims.R / 4)],
-    uniforms: packUniforms([
-      ['u32', dims.T],
-      ['u32', dims.N],
-      ['u32', 0],
-      ['u32', dims.R],
-      ['f32', alpha],
-      ['f32', beta],
-    ]),
+    uniforms: params({ M: dims.T, N: dims.N, K: 0, R: dims.R, alpha, beta }),
+  });
+}
+
+/**
+ * g = dy·B (T×r) and dB = alpha·dyᵀ·h (+ beta·dB, out×r) in one dispatch (lora_g_db): lora_rows'
+ * blocks for g and lora_cols' for dB, each in the work split planLoraRows and planLoraWeightGrad
+ * would use on this device.
+ */
+export async function planLoraGradGdB(
+  ctx: GpuContext,
+  io: { dy: Tensor; b: Tensor; h: Tensor; g: Tensor; db: Tensor },
+  dims: { T: number; N: number; R: number },
+  alpha: number,
+  beta: number,
+  label: string,
+): Promise<Dispatch> {
+  const cpu = isCpuAdapter(ctx);
+  // The same workgroup size for both roles: 16 (serial rows, unstaged cols) on CPU adapters, the
+  // tree's and the staging's on GPUs.
+  const wg = cpu ? Math.min(16, ctx.limits.maxComputeInvocationsPerWorkgroup) : rowsWorkgroup(ctx);
+  const ks = cpu ? 1 : wg;
+  const rowsGx = Math.ceil(dims.R / 4);
+  const rowsGroups = rowsGx * Math.ceil(dims.T / (4 * (wg / ks)));
+  const colsGx = Math.ceil(dims.N / (4 * wg));
+  const total = rowsGroups + colsGx * Math.ceil(dims.R / 4);
+  const max = ctx.limits.maxComputeWorkgroupsPerDimension;
+  const gridX = Math.min(total, max);
+  const kernel = await getKernel(ctx, spec('lora_g_db'), {
+    WG: wg,
+    KS: ks,
+    TRANS_L: false,
+    OUT_NR: true,
+    TT: 16,
+    STAGE: !cpu,
+    COLS_H: true,
+  });
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [io.dy, io.b, io.g, io.h, io.db],
+    workgroups: [gridX, Math.ceil(total / gridX)],
+    uniforms: params(
+      { M: dims.T, N: dims.N, K: dims.N, R: dims.R, alpha: 1, beta: 0 },
+      { colsAlpha: alpha, colsBeta: beta, rowsGroups, rowsGx, colsGx, gridX },
+    ),
   });
 }
 
@@ -277,11 +329,15 @@ export interface LoraBackwardOptions {
   accumulateGrads?: boolean;
   /** Default loraThinKernel(ctx); tests run both. */
   thin?: LoraThinKernel;
+  /** g and dB in one dispatch (planLoraGradGdB). Default true; false plans them apart (g with
+   * `thin`'s kernel). */
+  fuse?: boolean;
 }
 
 /**
- * Backward: g = dy·B; dB = s·dyᵀ·h; dA = s·gᵀ·x; dx = dy·W0 + s·g·A (one tiled kernel).
- * W0 and the bias are frozen and get no gradient. Four dispatches (three without dx). With dropout,
+ * Backward: g = dy·B and dB = s·dyᵀ·h (one dispatch, or two without `fuse`); dA = s·gᵀ·x;
+ * dx = dy·W0 + s·g·A (one tiled kernel). W0 and the bias are frozen and get no gradient. Three
+ * dispatches (two without dx; one more each without `fuse`). With dropout,
  * xd = dropout(x) again (the same mask), dA = s·gᵀ·xd, and dx = dy·W0 + s·keep·(g·A)/(1 − p) as
  * separate dispatches (the mask acts on g·A alone, so the fused r-wide term cannot carry it).
  */
@@ -305,20 +361,32 @@ export async function planLoraBackward(
   if (dropout) expectRows(op, dropout.scratch, s.T, s.inF, 'dropout scratch');
   // dA reads the branch's input: x, or with dropout xd = dropout(x) recomputed into the scratch.
   const xd = dropout?.scratch;
-  const plan = [
-    await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
-    await planLoraWeightGrad(
-      ctx,
-      io.dy,
-      io.h,
-      io.db,
-      { T: s.T, N: s.outF, R: s.r },
-      true,
-      layer.scale,
-      beta,
-      `${label}.dB`,
-    ),
-  ];
+  const plan =
+    (opts.fuse ?? true)
+      ? [
+          await planLoraGradGdB(
+            ctx,
+            { dy: io.dy, b: layer.b, h: io.h, g: io.g, db: io.db },
+            { T: s.T, N: s.outF, R: s.r },
+            layer.scale,
+            beta,
+            `${label}.g_dB`,
+          ),
+        ]
+      : [
+          await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
+          await planLoraWeightGrad(
+            ctx,
+            io.dy,
+            io.h,
+            io.db,
+            { T: s.T, N: s.outF, R: s.r },
+            true,
+            layer.scale,
+            beta,
+            `${label}.dB`,
+          ),
+        ];
   if (dropout && xd) plan.push(await planDropout(ctx, dropout.mask, io.x, xd, { label: `${label}.dropout` }));
   plan.push(
     await planLoraWeightGrad(
