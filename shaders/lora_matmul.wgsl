@@ -10,11 +10,15 @@
 // W0 gets no gradient. Outputs are written, or accumulated when p.beta = 1 (gradient
 // accumulation over micro-batches).
 //
-// g and dB read the same dy and neither reads the other, so `lora_g_db` does both in one dispatch:
-// its first p.rows_groups workgroups are lora_rows for g (x = dy, l = B, out = g), the rest
-// lora_cols for dB (U = dy, V = h from binding 4, written to db at binding 5 with p.cols_alpha and
-// p.cols_beta). The branch is on the workgroup id, uniform across the workgroup, so each role keeps
-// its barriers.
+// Several products in one dispatch, each workgroup doing one of them (chosen by its id, uniform
+// across the workgroup, so every role keeps its barriers). A role is one module's L or V and its
+// output, with its own rank, alpha and beta (p.roles[i]): role 0 reads l and writes out, role 1 hv
+// and db, role 2 l3 and out3.
+//   lora_g_db        g = dy·B and dB = s·dyᵀ·h read the same dy and neither reads the other: the
+//                    first p.rows_groups workgroups are lora_rows for g (role 0: x = dy, l = B,
+//                    out = g), the rest lora_cols for dB (role 1: U = dy, hv = h, db = dB).
+//   lora_rows_multi  h = x·Aᵀ of up to three modules reading the same x (q, k, v; gate, up).
+//   lora_cols_multi  dA = s·gᵀ·x of up to three modules reading the same x.
 //
 // These shapes defeat a square-tiled matmul (one side is r = 1..128 wide), so each kernel
 // reduces along the long dimension instead:
@@ -28,19 +32,23 @@
 //              adapters each invocation reads them itself, which drops the workgroup memory and
 //              the barriers).
 
+struct Role {
+  R: u32,       // rank
+  start: u32,   // the role's first workgroup (flat index) in the multi entries and lora_g_db
+  gx: u32,      // its grid width: rank blocks (rows) or column blocks (cols)
+  count: u32,   // its workgroups
+  alpha: f32,
+  beta: f32,
+  _pad0: u32,
+  _pad1: u32,
+}
+
 struct Params {
   M: u32,      // lora_rows: rows of X and C      lora_cols: T (the reduced dimension)
   N: u32,      // lora_rows: unused                lora_cols: columns of U
   K: u32,      // lora_rows: the reduced dimension lora_cols: unused
-  R: u32,      // rank
-  alpha: f32,
-  beta: f32,
-  cols_alpha: f32,   // lora_g_db: alpha and beta of the dB role (p.alpha, p.beta are g's)
-  cols_beta: f32,
-  rows_groups: u32,  // lora_g_db: workgroups of the g role, the first of the grid
-  rows_gx: u32,      //   its grid width (rank blocks)
-  cols_gx: u32,      //   the dB role's grid width (column blocks)
-  grid_x: u32,       //   workgroups per row of the dispatch grid
+  grid_x: u32, // workgroups per row of the dispatch grid (the multi entries and lora_g_db)
+  roles: array<Role, 3>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -48,9 +56,11 @@ struct Params {
 @group(0) @binding(1) var<storage, read> x4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> l: array<f32>;        // rows: L (R×K or K×R)  cols: V (T×R)
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-// lora_g_db's dB role: V (h) and its output. The other entries bind placeholders here.
+// Roles 1 and 2 (see the header); entries with fewer roles bind placeholders here.
 @group(0) @binding(4) var<storage, read> hv: array<f32>;
 @group(0) @binding(5) var<storage, read_write> db: array<f32>;
+@group(0) @binding(6) var<storage, read> l3: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out3: array<f32>;
 
 override WG: u32 = 64;          // invocations per workgroup; a power of two
 override KS: u32 = 64;          // lora_rows: invocations splitting k per 4×4 block; a power of two dividing WG
@@ -58,16 +68,56 @@ override TRANS_L: bool = true;  // lora_rows: L stored R×K (A) rather than K×R
 override OUT_NR: bool = false;  // lora_cols: write C[n][j] (N×R) rather than C[j][n] (R×N)
 override TT: u32 = 16;          // lora_cols: rows of V staged per step
 override STAGE: bool = true;    // lora_cols: stage V rows in workgroup memory (false on CPU adapters)
-override COLS_H: bool = false;  // lora_cols reads V from hv and writes db (lora_g_db's dB role)
 
 var<workgroup> partial: array<array<vec4<f32>, 4>, WG>;
 var<workgroup> v_rows: array<vec4<f32>, TT>;
 
+// The role this workgroup computes, and its rank (set by every entry point before any load).
+var<private> role: u32;
+var<private> rank: u32;
+
+// L (lora_rows) or V (lora_cols) of the role, flat.
+fn role_in(i: u32) -> f32 {
+  switch role {
+    case 1u: { return hv[i]; }
+    case 2u: { return l3[i]; }
+    default: { return l[i]; }
+  }
+}
+
+// out[i] = alpha·v + beta·out[i] for the role's output.
+fn role_store(i: u32, v: f32) {
+  let a = p.roles[role].alpha;
+  let b = p.roles[role].beta;
+  switch role {
+    case 1u: {
+      var y = a * v;
+      if (b != 0.0) { y += b * db[i]; }
+      db[i] = y;
+    }
+    case 2u: {
+      var y = a * v;
+      if (b != 0.0) { y += b * out3[i]; }
+      out3[i] = y;
+    }
+    default: {
+      var y = a * v;
+      if (b != 0.0) { y += b * out[i]; }
+      out[i] = y;
+    }
+  }
+}
+
+fn set_role(r: u32) {
+  role = r;
+  rank = p.roles[r].R;
+}
+
 // Loads for lora_rows. Row m and rank j are clamped into range by the caller, so no load is
 // conditional; results of clamped rows and ranks are never stored.
 fn l_at(j: u32, k: u32) -> f32 {
-  if (TRANS_L) { return l[j * p.K + k]; }
-  return l[k * p.R + j];
+  if (TRANS_L) { return role_in(j * p.K + k); }
+  return role_in(k * rank + j);
 }
 
 // C[m][j] = Σ_k X[m][k]·L(j, k) for m in m0..m0+3 and j in j0..j0+3. The workgroup holds WG / KS
@@ -76,6 +126,7 @@ fn l_at(j: u32, k: u32) -> f32 {
 // no tree, hence no workgroup memory and no barrier.
 @compute @workgroup_size(WG)
 fn lora_rows(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  set_role(0u);
   rows_block(tid, wid.x, wid.y);
 }
 
@@ -84,7 +135,7 @@ fn rows_block(tid: u32, wx: u32, wy: u32) {
   let m0 = (wy * (WG / KS) + tid / KS) * 4u;
   let lane = tid % KS;
   let last_m = p.M - 1u;
-  let last_j = p.R - 1u;
+  let last_j = rank - 1u;
   let m = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_m)) * p.K;
   let j = min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_j));
   var acc = array<vec4<f32>, 4>();   // acc[i][jj]: row m0+i, rank j0+jj
@@ -111,26 +162,16 @@ fn rows_block(tid: u32, wx: u32, wy: u32) {
       for (var jj = 0u; jj < 4u; jj++) {
         let mm = m0 + i;
         let jr = j0 + jj;
-        if (mm < p.M && jr < p.R) {
-          var v = p.alpha * acc[i][jj];
-          if (p.beta != 0.0) { v += p.beta * out[mm * p.R + jr]; }
-          out[mm * p.R + jr] = v;
-        }
+        if (mm < p.M && jr < rank) { role_store(mm * rank + jr, acc[i][jj]); }
       }
     }
   }
 }
 
-// V[i] (flat): l, or hv in lora_g_db's dB role.
-fn v_at(i: u32) -> f32 {
-  if (COLS_H) { return hv[i]; }
-  return l[i];
-}
-
 fn v_row(t: u32, j0: u32) -> vec4<f32> {
   var v = vec4<f32>(0.0);
   for (var jj = 0u; jj < 4u; jj++) {
-    if (j0 + jj < p.R) { v[jj] = v_at(t * p.R + j0 + jj); }
+    if (j0 + jj < rank) { v[jj] = role_in(t * rank + j0 + jj); }
   }
   return v;
 }
@@ -142,35 +183,28 @@ fn store_cols(n0: u32, j0: u32, acc: array<vec4<f32>, 4>) {
     if (n >= p.N) { break; }
     for (var jj = 0u; jj < 4u; jj++) {
       let j = j0 + jj;
-      if (j >= p.R) { break; }
+      if (j >= rank) { break; }
       var idx: u32;
-      if (OUT_NR) { idx = n * p.R + j; } else { idx = j * p.N + n; }
-      if (COLS_H) {
-        var v = p.cols_alpha * acc[i][jj];
-        if (p.cols_beta != 0.0) { v += p.cols_beta * db[idx]; }
-        db[idx] = v;
-      } else {
-        var v = p.alpha * acc[i][jj];
-        if (p.beta != 0.0) { v += p.beta * out[idx]; }
-        out[idx] = v;
-      }
+      if (OUT_NR) { idx = n * rank + j; } else { idx = j * p.N + n; }
+      role_store(idx, acc[i][jj]);
     }
   }
 }
 
 // V row t at ranks j (clamped into range: the clamped ranks are never stored).
 fn v_direct(t: u32, j: vec4<u32>) -> vec4<f32> {
-  let b = t * p.R;
-  return vec4<f32>(v_at(b + j.x), v_at(b + j.y), v_at(b + j.z), v_at(b + j.w));
+  let b = t * rank;
+  return vec4<f32>(role_in(b + j.x), role_in(b + j.y), role_in(b + j.z), role_in(b + j.w));
 }
 
 fn clamped_ranks(j0: u32) -> vec4<u32> {
-  return min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.R - 1u));
+  return min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(rank - 1u));
 }
 
 // C(n, j) = alpha · Σ_t U[t][n]·V[t][j] for n in n0..n0+3, j in j0..j0+3.
 @compute @workgroup_size(WG)
 fn lora_cols(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  set_role(0u);
   cols_block(tid, wid.x, wid.y);
 }
 
@@ -214,6 +248,7 @@ fn cols_block(tid: u32, wx: u32, wy: u32) {
 // lora_cols with 16-byte loads of U; needs N % 4 == 0.
 @compute @workgroup_size(WG)
 fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  set_role(0u);
   let n0 = (wid.x * WG + tid) * 4u;
   let j0 = wid.y * 4u;
   var acc = array<vec4<f32>, 4>();
@@ -252,15 +287,46 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
   store_cols(n0, j0, acc);
 }
 
-// g = dy·B and dB = s·dyᵀ·h in one dispatch (see the header): lora_rows' blocks, then lora_cols'.
+// The role of workgroup `idx` of a multi-role dispatch (see the header), or 3 for none (the
+// grid's padding).
+fn role_of(idx: u32) -> u32 {
+  for (var r = 0u; r < 3u; r++) {
+    let q = p.roles[r];
+    if (idx >= q.start && idx < q.start + q.count) { return r; }
+  }
+  return 3u;
+}
+
+// g = dy·B and dB = s·dyᵀ·h in one dispatch: role 0 runs lora_rows' blocks, role 1 lora_cols'.
 @compute @workgroup_size(WG)
 fn lora_g_db(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let idx = wid.y * p.grid_x + wid.x;
-  if (idx < p.rows_groups) {
-    rows_block(tid, idx % p.rows_gx, idx / p.rows_gx);
-  } else {
-    let c = idx - p.rows_groups;
-    let cy = c / p.cols_gx;
-    if (cy * 4u < p.R) { cols_block(tid, c % p.cols_gx, cy); }
-  }
+  let r = role_of(idx);
+  if (r == 3u) { return; }
+  set_role(r);
+  let local = idx - p.roles[r].start;
+  let gx = p.roles[r].gx;
+  if (r == 0u) { rows_block(tid, local % gx, local / gx); } else { cols_block(tid, local % gx, local / gx); }
+}
+
+// h = x·Aᵀ for up to three modules reading the same x, one role each.
+@compute @workgroup_size(WG)
+fn lora_rows_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let idx = wid.y * p.grid_x + wid.x;
+  let r = role_of(idx);
+  if (r == 3u) { return; }
+  set_role(r);
+  let local = idx - p.roles[r].start;
+  rows_block(tid, local % p.roles[r].gx, local / p.roles[r].gx);
+}
+
+// dA = s·gᵀ·x for up to three modules reading the same x (U), one role each (V = its g).
+@compute @workgroup_size(WG)
+fn lora_cols_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let idx = wid.y * p.grid_x + wid.x;
+  let r = role_of(idx);
+  if (r == 3u) { return; }
+  set_role(r);
+  let local = idx - p.roles[r].start;
+  cols_block(tid, local % p.roles[r].gx, local / p.roles[r].gx);
 }

@@ -133,8 +133,7 @@ export class GpuContext {
   private readbackCount = 0;
   private blockingCount = 0;
   private readonly uncaptured: GPUError[] = [];
-  private placeholderBuffer: GPUBuffer | undefined;
-  private writablePlaceholderBuffer: GPUBuffer | undefined;
+  private readonly placeholders = new Map<string, GPUBuffer>();
   // Holds the Dawn instance under Node for as long as the device lives (see node-gpu.ts).
   private readonly keepAlive: unknown;
   private destroyed = false;
@@ -302,26 +301,29 @@ export class GpuContext {
   /**
    * A 16-byte zeroed storage buffer to fill bindings a kernel declares but will not read (an
    * absent bias, say). Owned by the context and not counted as live. A read-write binding takes
-   * the 'write' one: one buffer bound writable and read-only in the same dispatch is a validation
-   * error.
+   * a 'write' one, a different one per `slot` when a dispatch has several: one buffer bound
+   * writable twice, or writable and read-only, in the same dispatch is a validation error.
    */
-  placeholder(use: 'read' | 'write' = 'read'): GPUBuffer {
+  placeholder(use: 'read' | 'write' = 'read', slot = 0): GPUBuffer {
     this.assertAlive();
-    const make = (name: string) =>
-      this.device.createBuffer({ label: `${this.label}.${name}`, size: BUFFER_ALIGNMENT, usage: 0x80 /* STORAGE */ });
-    if (use === 'write') {
-      this.writablePlaceholderBuffer ??= make('placeholder_rw');
-      return this.writablePlaceholderBuffer;
+    const key = use === 'read' ? 'placeholder' : `placeholder_rw${slot || ''}`;
+    let buffer = this.placeholders.get(key);
+    if (!buffer) {
+      buffer = this.device.createBuffer({
+        label: `${this.label}.${key}`,
+        size: BUFFER_ALIGNMENT,
+        usage: 0x80 /* STORAGE */,
+      });
+      this.placeholders.set(key, buffer);
     }
-    this.placeholderBuffer ??= make('placeholder');
-    return this.placeholderBuffer;
+    return buffer;
   }
 
   /** Releases every tracked buffer and destroys the device. */
   destroy(): void {
     if (this.destroyed) return;
-    this.placeholderBuffer?.destroy();
-    this.writablePlaceholderBuffer?.destroy();
+    for (const buffer of this.placeholders.values()) buffer.destroy();
+    this.placeholders.clear();
     for (const buffer of this.live.keys()) buffer.destroy();
     this.live.clear();
     this.liveTotal = 0;

@@ -200,11 +200,20 @@ export function bindKernel(
   const entries: GPUBufferBinding[] = args.resources.map((r) =>
     r instanceof Tensor ? { buffer: r.buffer, offset: r.byteOffset, size: r.bindingSize } : { buffer: r },
   );
-  kernel.spec.bindings.slice(hasUniform ? 1 : 0).forEach((kind, i) => {
-    // WebGPU forbids a buffer that is written in a dispatch to be bound a second time there.
-    if (kind === 'write' && bound.indexOf(bound[i] as GPUBuffer) !== bound.lastIndexOf(bound[i] as GPUBuffer)) {
-      throw new Error(`${args.label}: ${(bound[i] as GPUBuffer).label} is written and also bound as another operand`);
-    }
+  // WebGPU forbids a buffer written in a dispatch to be bound there read-only too, or written
+  // twice over overlapping ranges (disjoint views of one arena may both be written).
+  const kinds = kernel.spec.bindings.slice(hasUniform ? 1 : 0);
+  const range = (e: GPUBufferBinding) => [e.offset ?? 0, (e.offset ?? 0) + (e.size ?? e.buffer.size)] as const;
+  kinds.forEach((kind, i) => {
+    if (kind !== 'write') return;
+    const [a0, a1] = range(entries[i] as GPUBufferBinding);
+    entries.forEach((other, j) => {
+      if (j === i || other.buffer !== bound[i]) return;
+      const [b0, b1] = range(other);
+      if (kinds[j] !== 'write' || (a0 < b1 && b0 < a1)) {
+        throw new Error(`${args.label}: ${(bound[i] as GPUBuffer).label} is written and also bound as another operand`);
+      }
+    });
   });
   let uniform: GPUBuffer | undefined;
   if (hasUniform) {

@@ -12,6 +12,7 @@ import {
   measureKernelProfile,
   planAddScaled,
   planMatmul,
+  planSiluMulBackward,
   profileFromInfo,
   readFloat32,
   readTensor,
@@ -230,6 +231,32 @@ describe('kernel registry', () => {
       const a = createTensor(ctx, [8], 'f32', 'a');
       await expect(planAddScaled(ctx, a, a, a)).rejects.toThrow(/written and also bound/);
       a.dispose();
+    });
+  });
+
+  it('binds disjoint views of one buffer as two outputs of a dispatch, not overlapping ones', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'disjoint outputs', async () => {
+      // silu·mul's backward writes dgate and dup: here two views of one arena, as LoRA gradients are.
+      const align = ctx.limits.minStorageBufferOffsetAlignment;
+      const arena = createTensor(ctx, [(2 * align) / 4], 'f32', 'arena');
+      const gate = tensorFromData(ctx, [0.5, -1, 2, 0], [4], 'f32', 'gate');
+      const up = tensorFromData(ctx, [1, 2, 3, 4], [4], 'f32', 'up');
+      const dout = tensorFromData(ctx, [1, 1, 1, 1], [4], 'f32', 'dout');
+      const dgate = tensorView(arena, 0, [4], 'f32', 'dgate');
+      const dup = tensorView(arena, align, [4], 'f32', 'dup');
+      const d = await planSiluMulBackward(ctx, { gate, up, dout, dgate, dup });
+      new StepEncoder(ctx, 'disjoint').dispatch(d).submit();
+      const got = await readFloat32(arena);
+      const silu = (g: number) => g / (1 + Math.exp(-g));
+      expect(got[align / 4] ?? 0).toBeCloseTo(silu(0.5), 6);
+      expect(got[align / 4 + 2] ?? 0).toBeCloseTo(silu(2), 6);
+      const overlapping = tensorView(arena, 0, [4], 'f32', 'dup (overlapping dgate)');
+      await expect(planSiluMulBackward(ctx, { gate, up, dout, dgate, dup: overlapping })).rejects.toThrow(
+        /written and also bound/,
+      );
+      d.dispose();
+      for (const t of [arena, gate, up, dout]) t.dispose();
     });
   });
 });

@@ -1,7 +1,8 @@
 // The fused LoRA layer (shaders/lora_matmul.wgsl + the low-rank term of shaders/matmul.wgsl),
 // forward and backward, against the float64 reference; and the unfused baseline likewise. The
 // layer tests run the thin kernels in the adapter's own work split; a last block runs each thin
-// kernel in the other split too (tree vs serial lora_rows, staged vs direct lora_cols).
+// kernel in the other split too (tree vs serial lora_rows, staged vs direct lora_cols); then the
+// multi-role dispatches (h of up to three modules reading one x; their dA) in this adapter's split.
 import { describe, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { type LoraRefInput, loraBackwardRef, loraForwardRef } from '../ref/lora.js';
@@ -25,7 +26,9 @@ import {
 import {
   type LoraRowsSplit,
   type LoraThinKernel,
+  planLoraColsMulti,
   planLoraRows,
+  planLoraRowsMulti,
   planLoraWeightGrad,
 } from '../src/kernels/lora_matmul.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
@@ -254,6 +257,73 @@ describe('lora thin kernels, each work split', () => {
         return result;
       });
       expectClose(ctx, n, got, want, 3e-5 * Math.sqrt(c.T), 1e-5);
+    });
+  }
+});
+
+// Up to three modules reading the same x in one dispatch, each with its own rank, alpha and beta:
+// h_i = x·A_iᵀ (lora_rows_multi) and dA_i = alpha_i·g_iᵀ·x + beta_i·dA_i (lora_cols_multi).
+describe('lora multi-role dispatches', () => {
+  const multiCases: { T: number; K: number; ranks: number[] }[] = [
+    { T: 65, K: 63, ranks: [8] },
+    { T: 7, K: 64, ranks: [8, 1] },
+    { T: 65, K: 257, ranks: [4, 7, 16] },
+    { T: 1, K: 32, ranks: [64, 8, 8] },
+  ];
+  for (const c of multiCases) {
+    const n = `T=${c.T} K=${c.K} ranks ${c.ranks.join(',')}`;
+    it(`h of ${c.ranks.length} modules, ${n}`, async () => {
+      const ctx = gpu();
+      const x = randomArray(c.T * c.K, c.T + c.K, 1);
+      const as = c.ranks.map((r, i) => randomArray(r * c.K, r + 11 * i, 1));
+      const want = as.map((a, i) => matmulRef(x, a, c.T, c.K, c.ranks[i] as number, { transB: true }));
+      const got = await gpuCase(ctx, n, async () => {
+        const tx = tensorFromData(ctx, x, [c.T, c.K], 'f32', 'x');
+        const roles = c.ranks.map((R, i) => ({
+          R,
+          l: tensorFromData(ctx, as[i] as Float64Array, [R, c.K], 'f32', `A${i}`),
+          out: createTensor(ctx, [c.T, R], 'f32', `h${i}`),
+        }));
+        const d = await planLoraRowsMulti(ctx, tx, roles, { M: c.T, K: c.K }, n);
+        new StepEncoder(ctx, n).dispatch(d).submit();
+        const result = await Promise.all(roles.map((r) => readFloat32(r.out)));
+        d.dispose();
+        tx.dispose();
+        for (const r of roles) for (const t of [r.l, r.out]) t.dispose();
+        return result;
+      });
+      got.forEach((g, i) => expectClose(ctx, `${n} h${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.K), 1e-5));
+    });
+    it(`dA of ${c.ranks.length} modules, ${n}`, async () => {
+      const ctx = gpu();
+      const x = randomArray(c.T * c.K, c.T + c.K, 1);
+      const gs = c.ranks.map((r, i) => randomArray(c.T * r, r + 13 * i, 1));
+      const before = c.ranks.map((r, i) => randomArray(r * c.K, 5 + i, 1));
+      const coef = c.ranks.map((_, i) => ({ alpha: 0.5 + i, beta: i % 2 }));
+      const want = gs.map((g, i) => {
+        const { alpha, beta } = coef[i] as { alpha: number; beta: number };
+        const b = before[i] as Float64Array;
+        return matmulRef(g, x, c.ranks[i] as number, c.T, c.K, { transA: true }).map(
+          (v, j) => alpha * v + beta * (b[j] as number),
+        );
+      });
+      const got = await gpuCase(ctx, n, async () => {
+        const tx = tensorFromData(ctx, x, [c.T, c.K], 'f32', 'x');
+        const roles = c.ranks.map((R, i) => ({
+          R,
+          ...coef[i],
+          l: tensorFromData(ctx, gs[i] as Float64Array, [c.T, R], 'f32', `g${i}`),
+          out: tensorFromData(ctx, before[i] as Float64Array, [R, c.K], 'f32', `dA${i}`),
+        }));
+        const d = await planLoraColsMulti(ctx, tx, roles, { T: c.T, N: c.K }, n);
+        new StepEncoder(ctx, n).dispatch(d).submit();
+        const result = await Promise.all(roles.map((r) => readFloat32(r.out)));
+        d.dispose();
+        tx.dispose();
+        for (const r of roles) for (const t of [r.l, r.out]) t.dispose();
+        return result;
+      });
+      got.forEach((g, i) => expectClose(ctx, `${n} dA${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.T), 1e-5));
     });
   }
 });

@@ -19,6 +19,7 @@ import {
   planGeluNewBackward,
   planLayerNormBackward,
   planLoraBackward,
+  planLoraColsMulti,
   planMatmul,
   planRmsNormBackward,
   planRopeBackward,
@@ -35,6 +36,7 @@ import {
   loraDropout,
   type NormStats,
   type PlannedBuffer,
+  sharedLoraGroups,
 } from './forward.js';
 import type { Layer, Linear, Norm } from './model.js';
 
@@ -74,7 +76,7 @@ export interface BackwardPlan {
 export function backwardLayout(
   config: ModelConfig,
   ranks: AdapterRanks,
-  opts: { B: number; T: number },
+  opts: { B: number; T: number; dropout?: boolean; fuse?: boolean },
 ): PlannedBuffer[] {
   const c = config;
   const { B, T } = opts;
@@ -107,8 +109,21 @@ export function backwardLayout(
   add('dk_raw', [rows, kvDim], 'f32', c.qkNorm);
   add('dqkv', [rows, 3 * d], 'f32', gpt2);
   add('zero', [1], 'i32', gpt2);
-  for (const r of [...new Set(ranks.values())].sort((a, b) => a - b)) add(`lora_g_r${r}`, [rows, r]);
+  // LoRA's g: one per rank in use; projections sharing an input whose dA is one dispatch keep
+  // theirs apart until it runs (slot s of a group, `lora_g{s}_r{r}`).
+  const slots = Math.max(1, ...gSlots(c, ranks, opts.dropout ?? false, opts.fuse ?? true));
+  for (const r of [...new Set(ranks.values())].sort((a, b) => a - b)) {
+    for (let slot = 0; slot < slots; slot++) add(`lora_g${slot || ''}_r${r}`, [rows, r]);
+  }
   return out;
+}
+
+/** Per layer, the size of its largest shared-input LoRA group (0 when none). */
+function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse: boolean): number[] {
+  return modelLayout(config).layers.map((l) => {
+    const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
+    return Math.max(0, ...sharedLoraGroups(config, adapted, dropout, fuse).map((g) => g.length));
+  });
 }
 
 /**
@@ -131,6 +146,8 @@ export function backwardDispatchCount(
     // masked add into dx.
     const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);
     const lin = (role: LinearRole) => (adapted.has(role) ? lora : 1);
+    // A shared-input group's dA are one dispatch instead of one each.
+    for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse)) n -= g.length - 1;
     n += 2 + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
     if (c.family === 'gpt2')
       n += lin('fc') + 1 + 3 + lin('qkv'); // gelu; dq, dk, dv into dqkv
@@ -177,7 +194,7 @@ export async function planBackward(
   let ce: CrossEntropyGradPlan | undefined;
   const s = new Scratch();
   try {
-    s.allocate(ctx, backwardLayout(c, ranks, { B, T }));
+    s.allocate(ctx, backwardLayout(c, ranks, { B, T, dropout: fwd.dropout !== undefined, fuse: fwd.fuse }));
     const labels = s.get('labels');
     const loss = s.get('loss');
     const errors = s.get('loss_errors');
@@ -205,7 +222,7 @@ export async function planBackward(
     const dkRaw = s.maybe('dk_raw');
     const dqkv = s.maybe('dqkv');
     const zero = s.maybe('zero');
-    const g = (r: number) => s.get(`lora_g_r${r}`);
+    const g = (r: number, slot = 0) => s.get(`lora_g${slot || ''}_r${r}`);
 
     const normBackward = async (
       norm: Norm,
@@ -227,6 +244,16 @@ export async function planBackward(
       return planRmsNormBackward(ctx, { x, w: norm.w, rstd: stats.rstd, dy, dx }, { eps, accumulate, label });
     };
 
+    // Adapted projections of the layer in a shared-input group whose dA are one dispatch
+    // (sharedLoraGroups): each keeps its g in its own slot until flushShared plans that dispatch.
+    let shared: LinearRole[] = [];
+    let pendingDA: { l: Tensor; out: Tensor; R: number; alpha: number; beta: number }[] = [];
+    const flushShared = async (x: Tensor, label: string) => {
+      if (pendingDA.length === 0) return;
+      out.push(await planLoraColsMulti(ctx, x, pendingDA, { T: rows, N: x.shape[1] as number }, label));
+      pendingDA = [];
+    };
+
     /** dx (+)= dy·W for one projection, and the LoRA gradients when it is adapted. */
     const linearBackward = async (
       layer: Layer,
@@ -242,12 +269,16 @@ export async function planBackward(
       if (t) {
         const h = a.loraH.get(role) as Tensor;
         const d = loraDropout(t, fwd.dropout, x);
+        const r = t.a.shape[0] as number;
+        const slot = shared.indexOf(role);
+        const gr = g(r, Math.max(0, slot));
+        if (slot >= 0) pendingDA.push({ l: gr, out: t.da, R: r, alpha: t.scale, beta: 1 });
         out.push(
           ...(await planLoraBackward(
             ctx,
             { w0: lin.w, a: t.a, b: t.b, bias: lin.bias, scale: t.scale },
-            { x, h, dy, g: g(t.a.shape[0] as number), dx, da: t.da, db: t.db, ...(d ? { dropout: d } : {}) },
-            { accumulateDx: accumulate, accumulateGrads: true, fuse: fwd.fuse },
+            { x, h, dy, g: gr, dx, da: t.da, db: t.db, ...(d ? { dropout: d } : {}) },
+            { accumulateDx: accumulate, accumulateGrads: true, fuse: fwd.fuse, dA: slot < 0 },
             lin.module.name,
           )),
         );
@@ -270,6 +301,8 @@ export async function planBackward(
       const layer = model.layers[i] as Layer;
       const a = fwd.layers[i] as LayerActivations;
       const p = `layer${i}`;
+      const groups = sharedLoraGroups(c, new Set(a.loraH.keys()), fwd.dropout !== undefined, fwd.fuse);
+      const groupOf = (roles: readonly LinearRole[]) => groups.find((g) => g.every((r) => roles.includes(r))) ?? [];
       if (fwd.recompute && i < c.numLayers - 1) {
         // The shared activations hold the last layer's forward: rerun this layer's (from its
         // saved input) before differentiating it. The forward plan owns these dispatches.
@@ -291,8 +324,11 @@ export async function planBackward(
             `${p}.silu_mul`,
           ),
         );
+        shared = groupOf(['gate', 'up']);
         await linearBackward(layer, a, 'gate', a.n2, dGate, dNorm, false);
         await linearBackward(layer, a, 'up', a.n2, dUp as Tensor, dNorm, true);
+        await flushShared(a.n2, `${p}.lora_dA.${shared.join('_')}`);
+        shared = [];
       }
       // The residual: ∂L/∂mid = ∂L/∂out + norm2's backward, added in place.
       out.push(await normBackward(layer.norm2, a.mid, a.n2Stats, dNorm, dResid, true, `${p}.norm2`));
@@ -393,9 +429,12 @@ export async function planBackward(
           dqIn = dqRaw as Tensor;
           dkIn = dkRaw as Tensor;
         }
+        shared = groupOf(['q', 'k', 'v']);
         await linearBackward(layer, a, 'q', a.n1, dqIn, dNorm, false);
         await linearBackward(layer, a, 'k', a.n1, dkIn, dNorm, true);
         await linearBackward(layer, a, 'v', a.n1, dv, dNorm, true);
+        await flushShared(a.n1, `${p}.lora_dA.${shared.join('_')}`);
+        shared = [];
       }
       // ∂L/∂x = ∂L/∂mid + norm1's backward: dResid becomes the previous layer's ∂L/∂out.
       out.push(await normBackward(layer.norm1, a.x, a.n1Stats, dNorm, dResid, true, `${p}.norm1`));

@@ -21,6 +21,7 @@ import {
   planGeluNewForward,
   planLayerNormForward,
   planLoraForward,
+  planLoraRowsMulti,
   planMatmul,
   planRmsNormForward,
   planRopeForward,
@@ -356,10 +357,39 @@ export function forwardLayout(
 
 /** Dispatches planLayer records for one layer whose adapted projections are `adapted` (with LoRA
  * dropout when `dropout`). */
+/**
+ * Projections that read the same input: with fused kernels and no LoRA dropout, the LoRA h of
+ * every adapted one is one dispatch (lora_rows_multi) and their dA one more (lora_cols_multi).
+ */
+export function sharedInputGroups(config: ModelConfig): readonly (readonly LinearRole[])[] {
+  return config.family === 'gpt2'
+    ? []
+    : [
+        ['q', 'k', 'v'],
+        ['gate', 'up'],
+      ];
+}
+
+/** The adapted projections of each shared-input group whose LoRA products share dispatches (two
+ * or more of them, fused kernels, no dropout). */
+export function sharedLoraGroups(
+  config: ModelConfig,
+  adapted: AdaptedRoles,
+  dropout: boolean,
+  fuse: boolean,
+): LinearRole[][] {
+  if (!fuse || dropout) return [];
+  return sharedInputGroups(config)
+    .map((g) => g.filter((role) => adapted.has(role)))
+    .filter((g) => g.length >= 2);
+}
+
 export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, dropout = false, fuse = true): number {
   const c = config;
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
   let n = 2 + 1; // the two norms, attention
+  // A group's h are one dispatch instead of one each.
+  for (const g of sharedLoraGroups(c, adapted, dropout, fuse)) n -= g.length - 1;
   const rope = fuse ? 1 : 2; // q and k in one dispatch, or one each
   if (c.family === 'gpt2')
     n += lin('qkv') + lin('fc') + 1; // + gelu
@@ -504,7 +534,8 @@ export function loraDropout(
 }
 
 /** y (+)= x·Wᵀ + bias, or the fused LoRA form when the module has an adapter; `accumulate` adds
- * into y (the residual stream). */
+ * into y (the residual stream); `hComputed`: LoRA's h is already in its buffer (a shared-input
+ * group's one dispatch). */
 export async function planLinear(
   ctx: GpuContext,
   lin: Linear,
@@ -514,6 +545,7 @@ export async function planLinear(
   h: Tensor | undefined,
   accumulate = false,
   dropout?: DropoutState,
+  hComputed = false,
 ): Promise<Dispatch[]> {
   const label = lin.module.name;
   if (lora) {
@@ -522,7 +554,7 @@ export async function planLinear(
     return planLoraForward(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
-      { x, y, h, accumulate, ...(d ? { dropout: d } : {}) },
+      { x, y, h, accumulate, hComputed, ...(d ? { dropout: d } : {}) },
       label,
     );
   }
@@ -643,9 +675,33 @@ export async function planLayer(
   const c = model.config;
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
+  const shared = new Set<LinearRole>();
   const lin: Lin = async (role, x, y, accumulate) => {
     const l = linear(layer, role);
-    out.push(...(await planLinear(ctx, l, x, y, lora?.get(l.module.name), a.loraH.get(role), accumulate, dropout)));
+    const w = lora?.get(l.module.name);
+    out.push(...(await planLinear(ctx, l, x, y, w, a.loraH.get(role), accumulate, dropout, shared.has(role))));
+  };
+  // The h of adapted projections that read the same input, in one dispatch before them.
+  const adapted = new Set([...a.loraH.keys()]);
+  const groups = sharedLoraGroups(c, adapted, dropout !== undefined, fuse);
+  const sharedH = async (x: Tensor, group: readonly LinearRole[]) => {
+    const g = groups.find((roles) => roles.every((r) => group.includes(r)));
+    if (!g) return;
+    const roles = g.map((role) => {
+      const w = lora?.get(linear(layer, role).module.name) as LoraModuleWeights;
+      const R = w.a.shape[0] as number;
+      return { l: w.a, out: a.loraH.get(role) as Tensor, R };
+    });
+    out.push(
+      await planLoraRowsMulti(
+        ctx,
+        x,
+        roles,
+        { M: x.size / (x.shape[1] as number), K: x.shape[1] as number },
+        `layer${layer.index}.lora_h.${g.join('_')}`,
+      ),
+    );
+    for (const role of g) shared.add(role);
   };
 
   // The residual adds cost no dispatch: each norm copies its input to where the block's last
@@ -653,6 +709,7 @@ export async function planLayer(
   // mid and out are x) there is nothing to copy.
   const copy = (from: Tensor, to: Tensor) => (to === from ? undefined : to);
   out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid)));
+  await sharedH(a.n1, ['q', 'k', 'v']);
   const dest = attention.dest(a, layer.index);
   await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out, fuse);
   if (attention.afterProjections) out.push(...(await attention.afterProjections(a, layer.index)));
@@ -669,6 +726,7 @@ export async function planLayer(
     await lin('fc', a.n2, a.gate);
     out.push(await planGeluNewForward(ctx, { x: a.gate, y: a.act }, `${p}.gelu`));
   } else {
+    await sharedH(a.n2, ['gate', 'up']);
     await lin('gate', a.n2, a.gate);
     await lin('up', a.n2, a.up as Tensor);
     out.push(await planSiluMulForward(ctx, { gate: a.gate, up: a.up as Tensor, out: a.act }, `${p}.silu_mul`));

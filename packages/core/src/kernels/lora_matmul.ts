@@ -7,8 +7,9 @@ import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
 import { isCpuAdapter, planMatmul } from './matmul.js';
 
-// Bindings 4 and 5 (h and dB) are lora_g_db's; the other entries get placeholders there.
-const BINDINGS = ['uniform', 'read', 'read', 'write', 'read', 'write'] as const;
+// Bindings 4..7 are roles 1 and 2 of the multi-role entries (lora_g_db, lora_rows_multi,
+// lora_cols_multi); entries with fewer roles get placeholders there.
+const BINDINGS = ['uniform', 'read', 'read', 'write', 'read', 'write', 'read', 'write'] as const;
 const spec = (entryPoint: string): KernelSpec => ({
   source,
   file: 'shaders/lora_matmul.wgsl',
@@ -70,25 +71,64 @@ function expectRows(op: string, t: Tensor, rows: number, cols: number, what: str
   }
 }
 
-/** lora_matmul.wgsl's Params: the shape, then lora_g_db's fields (zero for the other entries). */
-function params(
-  d: { M: number; N: number; K: number; R: number; alpha: number; beta: number },
-  gdb = { colsAlpha: 0, colsBeta: 0, rowsGroups: 0, rowsGx: 0, colsGx: 0, gridX: 0 },
-): ArrayBuffer {
-  return packUniforms([
+/** One role of lora_matmul.wgsl's Params: a product's rank, workgroups and coefficients. */
+interface RoleParams {
+  readonly R: number;
+  readonly alpha: number;
+  readonly beta: number;
+  /** First workgroup (flat), grid width and workgroup count: multi-role entries only. */
+  readonly start?: number;
+  readonly gx?: number;
+  readonly count?: number;
+}
+
+/** lora_matmul.wgsl's Params: the shape, the grid width and up to three roles. */
+function params(d: { M: number; N: number; K: number; gridX?: number }, roles: readonly RoleParams[]): ArrayBuffer {
+  const fields: ['u32' | 'f32', number][] = [
     ['u32', d.M],
     ['u32', d.N],
     ['u32', d.K],
-    ['u32', d.R],
-    ['f32', d.alpha],
-    ['f32', d.beta],
-    ['f32', gdb.colsAlpha],
-    ['f32', gdb.colsBeta],
-    ['u32', gdb.rowsGroups],
-    ['u32', gdb.rowsGx],
-    ['u32', gdb.colsGx],
-    ['u32', gdb.gridX],
-  ]);
+    ['u32', d.gridX ?? 0],
+  ];
+  for (let i = 0; i < 3; i++) {
+    const r = roles[i];
+    fields.push(
+      ['u32', r?.R ?? 0],
+      ['u32', r?.start ?? 0],
+      ['u32', r?.gx ?? 0],
+      ['u32', r?.count ?? 0],
+      ['f32', r?.alpha ?? 0],
+      ['f32', r?.beta ?? 0],
+      ['u32', 0],
+      ['u32', 0],
+    );
+  }
+  return packUniforms(fields);
+}
+
+/** The placeholders of the roles a dispatch does not use (bindings 4..7). */
+function unusedRoles(ctx: GpuContext, used: number): GPUBuffer[] {
+  const out: GPUBuffer[] = [];
+  for (let r = Math.max(used, 1); r < 3; r++) out.push(ctx.placeholder(), ctx.placeholder('write', r));
+  return out;
+}
+
+/**
+ * A multi-role dispatch's grid: `roles` in order, each `gx × gy` workgroups, laid out flat over a
+ * 2-D grid within the device's per-dimension limit.
+ */
+function multiGrid(
+  ctx: GpuContext,
+  roles: readonly { gx: number; gy: number }[],
+): { starts: number[]; gridX: number; workgroups: [number, number] } {
+  const starts: number[] = [];
+  let total = 0;
+  for (const r of roles) {
+    starts.push(total);
+    total += r.gx * r.gy;
+  }
+  const gridX = Math.max(1, Math.min(total, ctx.limits.maxComputeWorkgroupsPerDimension));
+  return { starts, gridX, workgroups: [gridX, Math.ceil(total / gridX)] };
 }
 
 function rowsWorkgroup(ctx: GpuContext): number {
@@ -129,9 +169,9 @@ export async function planLoraRows(
   const kernel = await getKernel(ctx, spec('lora_rows'), { WG: wg, KS: ks, TRANS_L: transL });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [x, l, out, ctx.placeholder(), ctx.placeholder('write')],
+    resources: [x, l, out, ...unusedRoles(ctx, 1)],
     workgroups: [Math.ceil(dims.R / 4), Math.ceil(dims.M / (4 * (wg / ks)))],
-    uniforms: params({ M: dims.M, N: 0, K: dims.K, R: dims.R, alpha: opts.alpha ?? 1, beta: opts.beta ?? 0 }),
+    uniforms: params({ M: dims.M, N: 0, K: dims.K }, [{ R: dims.R, alpha: opts.alpha ?? 1, beta: opts.beta ?? 0 }]),
   });
 }
 
@@ -160,9 +200,9 @@ export async function planLoraWeightGrad(
   const kernel = await getKernel(ctx, spec(entry), { WG: wg, OUT_NR: outNR, TT: 16, STAGE: stage });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [u, v, out, ctx.placeholder(), ctx.placeholder('write')],
+    resources: [u, v, out, ...unusedRoles(ctx, 1)],
     workgroups: [Math.ceil(dims.N / (4 * wg)), Math.ceil(dims.R / 4)],
-    uniforms: params({ M: dims.T, N: dims.N, K: 0, R: dims.R, alpha, beta }),
+    uniforms: params({ M: dims.T, N: dims.N, K: 0 }, [{ R: dims.R, alpha, beta }]),
   });
 }
 
@@ -179,33 +219,112 @@ export async function planLoraGradGdB(
   beta: number,
   label: string,
 ): Promise<Dispatch> {
-  const cpu = isCpuAdapter(ctx);
-  // The same workgroup size for both roles: 16 (serial rows, unstaged cols) on CPU adapters, the
-  // tree's and the staging's on GPUs.
-  const wg = cpu ? Math.min(16, ctx.limits.maxComputeInvocationsPerWorkgroup) : rowsWorkgroup(ctx);
-  const ks = cpu ? 1 : wg;
-  const rowsGx = Math.ceil(dims.R / 4);
-  const rowsGroups = rowsGx * Math.ceil(dims.T / (4 * (wg / ks)));
-  const colsGx = Math.ceil(dims.N / (4 * wg));
-  const total = rowsGroups + colsGx * Math.ceil(dims.R / 4);
-  const max = ctx.limits.maxComputeWorkgroupsPerDimension;
-  const gridX = Math.min(total, max);
+  const { wg, ks, stage } = multiSplit(ctx);
+  const rows = { gx: Math.ceil(dims.R / 4), gy: Math.ceil(dims.T / (4 * (wg / ks))) };
+  const cols = { gx: Math.ceil(dims.N / (4 * wg)), gy: Math.ceil(dims.R / 4) };
+  const grid = multiGrid(ctx, [rows, cols]);
   const kernel = await getKernel(ctx, spec('lora_g_db'), {
     WG: wg,
     KS: ks,
     TRANS_L: false,
     OUT_NR: true,
     TT: 16,
-    STAGE: !cpu,
-    COLS_H: true,
+    STAGE: stage,
   });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [io.dy, io.b, io.g, io.h, io.db],
-    workgroups: [gridX, Math.ceil(total / gridX)],
+    resources: [io.dy, io.b, io.g, io.h, io.db, ...unusedRoles(ctx, 2)],
+    workgroups: grid.workgroups,
+    uniforms: params({ M: dims.T, N: dims.N, K: dims.N, gridX: grid.gridX }, [
+      { R: dims.R, alpha: 1, beta: 0, start: 0, gx: rows.gx, count: rows.gx * rows.gy },
+      { R: dims.R, alpha, beta, start: grid.starts[1], gx: cols.gx, count: cols.gx * cols.gy },
+    ]),
+  });
+}
+
+/**
+ * The work split of the multi-role entries, the same for every role: 16 invocations on CPU
+ * adapters (serial lora_rows, unstaged lora_cols), the tree's and the staging's 64 on GPUs.
+ */
+function multiSplit(ctx: GpuContext): { wg: number; ks: number; stage: boolean } {
+  const cpu = isCpuAdapter(ctx);
+  const wg = cpu ? Math.min(16, ctx.limits.maxComputeInvocationsPerWorkgroup) : rowsWorkgroup(ctx);
+  return { wg, ks: cpu ? 1 : wg, stage: !cpu };
+}
+
+/** One module of a multi-role LoRA dispatch: its A (rows) or g (cols), its output and rank. */
+export interface LoraRole {
+  readonly l: Tensor;
+  readonly out: Tensor;
+  readonly R: number;
+  readonly alpha?: number;
+  readonly beta?: number;
+}
+
+/**
+ * h_i = x·A_iᵀ (T×r_i) for up to three modules reading the same x (q, k and v; gate and up), in
+ * one dispatch: lora_rows' blocks, one role per module.
+ */
+export async function planLoraRowsMulti(
+  ctx: GpuContext,
+  x: Tensor,
+  roles: readonly LoraRole[],
+  dims: { M: number; K: number },
+  label: string,
+): Promise<Dispatch> {
+  if (roles.length < 1 || roles.length > 3) throw new ShapeError(`${label}: 1 to 3 modules, got ${roles.length}`);
+  for (const r of roles) {
+    expectRows(label, r.l, r.R, dims.K, 'A');
+    expectRows(label, r.out, dims.M, r.R, 'h');
+  }
+  const { wg, ks } = multiSplit(ctx);
+  const blocks = roles.map((r) => ({ gx: Math.ceil(r.R / 4), gy: Math.ceil(dims.M / (4 * (wg / ks))) }));
+  const grid = multiGrid(ctx, blocks);
+  const kernel = await getKernel(ctx, spec('lora_rows_multi'), { WG: wg, KS: ks, TRANS_L: true });
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [x, ...roles.flatMap((r) => [r.l, r.out]), ...unusedRoles(ctx, roles.length)],
+    workgroups: grid.workgroups,
     uniforms: params(
-      { M: dims.T, N: dims.N, K: dims.N, R: dims.R, alpha: 1, beta: 0 },
-      { colsAlpha: alpha, colsBeta: beta, rowsGroups, rowsGx, colsGx, gridX },
+      { M: dims.M, N: 0, K: dims.K, gridX: grid.gridX },
+      roles.map((r, i) => {
+        const b = blocks[i] as { gx: number; gy: number };
+        return { R: r.R, alpha: r.alpha ?? 1, beta: r.beta ?? 0, start: grid.starts[i], gx: b.gx, count: b.gx * b.gy };
+      }),
+    ),
+  });
+}
+
+/**
+ * dA_i = alpha_i·g_iᵀ·x (+ beta_i·dA_i; r_i×N) for up to three modules reading the same x, in one
+ * dispatch: lora_cols' blocks, one role per module (`l` is the module's g, T×r_i).
+ */
+export async function planLoraColsMulti(
+  ctx: GpuContext,
+  x: Tensor,
+  roles: readonly LoraRole[],
+  dims: { T: number; N: number },
+  label: string,
+): Promise<Dispatch> {
+  if (roles.length < 1 || roles.length > 3) throw new ShapeError(`${label}: 1 to 3 modules, got ${roles.length}`);
+  for (const r of roles) {
+    expectRows(label, r.l, dims.T, r.R, 'g');
+    expectRows(label, r.out, r.R, dims.N, 'dA');
+  }
+  const { wg, stage } = multiSplit(ctx);
+  const blocks = roles.map((r) => ({ gx: Math.ceil(dims.N / (4 * wg)), gy: Math.ceil(r.R / 4) }));
+  const grid = multiGrid(ctx, blocks);
+  const kernel = await getKernel(ctx, spec('lora_cols_multi'), { WG: wg, OUT_NR: false, TT: 16, STAGE: stage });
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [x, ...roles.flatMap((r) => [r.l, r.out]), ...unusedRoles(ctx, roles.length)],
+    workgroups: grid.workgroups,
+    uniforms: params(
+      { M: dims.T, N: dims.N, K: 0, gridX: grid.gridX },
+      roles.map((r, i) => {
+        const b = blocks[i] as { gx: number; gy: number };
+        return { R: r.R, alpha: r.alpha ?? 1, beta: r.beta ?? 0, start: grid.starts[i], gx: b.gx, count: b.gx * b.gy };
+      }),
     ),
   });
 }
@@ -252,6 +371,9 @@ export interface LoraForwardBuffers {
   dropout?: LoraDropout;
   /** y += instead of y = (a residual stream the projection adds into). */
   accumulate?: boolean;
+  /** h is already computed (one planLoraRowsMulti for the projections reading the same x): plan
+   * y alone. */
+  hComputed?: boolean;
 }
 
 /**
@@ -281,21 +403,15 @@ export async function planLoraForward(
   expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');
   const pre: Dispatch[] = [];
   let branchInput = io.x;
+  if (io.hComputed && io.dropout) throw new ShapeError(`${label}.forward: LoRA dropout needs its own h dispatch`);
   if (io.dropout) {
     expectRows(`${label}.forward`, io.dropout.scratch, s.T, s.inF, 'dropout scratch');
     branchInput = io.dropout.scratch;
     pre.push(await planDropout(ctx, io.dropout.mask, io.x, branchInput, { label: `${label}.dropout` }));
   }
-  const h = await planLoraThin(
-    ctx,
-    branchInput,
-    layer.a,
-    io.h,
-    { M: s.T, K: s.inF, R: s.r },
-    true,
-    `${label}.h`,
-    io.thin,
-  );
+  const h = io.hComputed
+    ? undefined
+    : await planLoraThin(ctx, branchInput, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, io.thin);
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
     beta: io.accumulate ? 1 : 0,
@@ -303,7 +419,7 @@ export async function planLoraForward(
     lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
     label: `${label}.y`,
   });
-  return [...pre, h, y];
+  return h ? [...pre, h, y] : [...pre, y];
 }
 
 export interface LoraBackwardBuffers {
@@ -332,6 +448,9 @@ export interface LoraBackwardOptions {
   /** g and dB in one dispatch (planLoraGradGdB). Default true; false plans them apart (g with
    * `thin`'s kernel). */
   fuse?: boolean;
+  /** Plan dA = s·gᵀ·x. Default true; false when the caller computes it with other modules' in one
+   * planLoraColsMulti (g stays in io.g for it). */
+  dA?: boolean;
 }
 
 /**
@@ -388,19 +507,22 @@ export async function planLoraBackward(
           ),
         ];
   if (dropout && xd) plan.push(await planDropout(ctx, dropout.mask, io.x, xd, { label: `${label}.dropout` }));
-  plan.push(
-    await planLoraWeightGrad(
-      ctx,
-      xd ?? io.x,
-      io.g,
-      io.da,
-      { T: s.T, N: s.inF, R: s.r },
-      false,
-      layer.scale,
-      beta,
-      `${label}.dA`,
-    ),
-  );
+  if (opts.dA === false && dropout) throw new ShapeError(`${op}: LoRA dropout needs its own dA dispatch`);
+  if (opts.dA !== false) {
+    plan.push(
+      await planLoraWeightGrad(
+        ctx,
+        xd ?? io.x,
+        io.g,
+        io.da,
+        { T: s.T, N: s.inF, R: s.r },
+        false,
+        layer.scale,
+        beta,
+        `${label}.dA`,
+      ),
+    );
+  }
   if (io.dx && dropout && xd) {
     plan.push(
       await planMatmul(ctx, io.dy, layer.w0, io.dx, {
