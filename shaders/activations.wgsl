@@ -13,6 +13,8 @@
 // σ and tanh are built from e^(−|v|) ≤ 1, which cannot overflow (WGSL leaves overflow undefined,
 // and the builtin tanh may be computed as sinh/cosh): σ(g) = 1/(1+e) for g ≥ 0, e/(1+e) for g < 0
 // with e = e^−|g|; tanh(u) = sign(u)·(1 − e)/(1 + e) and sech²(u) = 4e/(1 + e)² with e = e^−2|u|.
+// Those formulas live in act_math.wgsl, which activations.ts puts in front of this file (matmul.ts
+// does the same for matmul.wgsl's activation epilogues).
 //
 // Bindings, group 0 (every array holds n f32 values, read as vec4):
 //   silu_mul_fwd: 0 p uniform, 1 gate (read), 2 up (read), 3 out (written)
@@ -45,15 +47,6 @@ struct Params {
 
 override WG: u32 = 256;
 
-const SQRT_2_OVER_PI: f32 = 0.7978845608028654;
-const GELU_C: f32 = 0.044715;
-
-fn sigmoid(g: vec4<f32>) -> vec4<f32> {
-  let e = exp(-abs(g));
-  let s = 1.0 / (1.0 + e);
-  return select(e * s, s, g >= vec4<f32>(0.0));
-}
-
 fn vec_index(gid: vec3<u32>) -> u32 {
   return gid.y * p.grid_stride + gid.x;
 }
@@ -62,45 +55,28 @@ fn vec_index(gid: vec3<u32>) -> u32 {
 fn silu_mul_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
   let v = vec_index(gid);
   if (v >= p.n4) { return; }
-  let g = gate[v];
-  out[v] = g * sigmoid(g) * up[v];
+  out[v] = silu_mul(gate[v], up[v]);
 }
 
 @compute @workgroup_size(WG)
 fn silu_mul_bwd(@builtin(global_invocation_id) gid: vec3<u32>) {
   let v = vec_index(gid);
   if (v >= p.n4) { return; }
-  let g = gate[v];
-  let s = sigmoid(g);
-  let d = dout[v];
-  dgate[v] = d * up[v] * (s * (1.0 + g * (1.0 - s)));
-  dup[v] = d * (g * s);
-}
-
-// (tanh u, sech² u)
-fn tanh_sech2(u: vec4<f32>) -> array<vec4<f32>, 2> {
-  let e = exp(-2.0 * abs(u));
-  let t = sign(u) * (1.0 - e) / (1.0 + e);
-  let q = 1.0 + e;
-  return array<vec4<f32>, 2>(t, 4.0 * e / (q * q));
+  let grads = silu_mul_grads(dout[v], gate[v], up[v]);
+  dgate[v] = grads[0];
+  dup[v] = grads[1];
 }
 
 @compute @workgroup_size(WG)
 fn gelu_new_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
   let v = vec_index(gid);
   if (v >= p.n4) { return; }
-  let a = x[v];
-  let u = SQRT_2_OVER_PI * (a + GELU_C * (a * a * a));
-  y[v] = 0.5 * a * (1.0 + tanh_sech2(u)[0]);
+  y[v] = gelu_new(x[v]);
 }
 
 @compute @workgroup_size(WG)
 fn gelu_new_bwd(@builtin(global_invocation_id) gid: vec3<u32>) {
   let v = vec_index(gid);
   if (v >= p.n4) { return; }
-  let a = x[v];
-  let u = SQRT_2_OVER_PI * (a + GELU_C * (a * a * a));
-  let ts = tanh_sech2(u);
-  let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * (a * a));
-  dx[v] = dy[v] * (0.5 * (1.0 + ts[0]) + 0.5 * a * ts[1] * du);
+  dx[v] = dy[v] * gelu_new_grad(x[v]);
 }

@@ -282,8 +282,9 @@ fn store_row(m: u32, n: u32, v: vec4<f32>) {
   }
 }
 
-@compute @workgroup_size(WG_X, WG_Y)
-fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+// This invocation's 4×4 block of the product (rows m0 + 4ty.., columns n0 + 4tx..), before the
+// store adds bias and beta·C.
+fn tile_product(lid: vec3<u32>, wid: vec3<u32>) -> mat4x4<f32> {
   let tx = lid.x;
   let ty = lid.y;
   let tid = ty * WG_X + tx;
@@ -307,12 +308,19 @@ fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
     acc = multiply_tile(acc, tx, ty);
     workgroupBarrier();
   }
+  return acc;
+}
 
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let acc = tile_product(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
   // One call per row with a constant index, so the accumulators are never indexed dynamically.
-  store_row(m0 + ty * 4u + 0u, n0 + tx * 4u, acc[0]);
-  store_row(m0 + ty * 4u + 1u, n0 + tx * 4u, acc[1]);
-  store_row(m0 + ty * 4u + 2u, n0 + tx * 4u, acc[2]);
-  store_row(m0 + ty * 4u + 3u, n0 + tx * 4u, acc[3]);
+  store_row(m + 0u, n, acc[0]);
+  store_row(m + 1u, n, acc[1]);
+  store_row(m + 2u, n, acc[2]);
+  store_row(m + 3u, n, acc[3]);
 }
 
 // ---- matrix-vector: a few rows of A against Wᵀ (one decode step) ----------------------------
@@ -332,8 +340,9 @@ override MV_N: u32 = 1;       // groups of 4 columns per workgroup
 
 var<workgroup> mv_sum: array<vec4<f32>, MV_M * MV_K * MV_N>;
 
-@compute @workgroup_size(MV_K, MV_N)
-fn matvec(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+// C[m][n0..n0+3] for the rows m < MV_M this invocation stores: all of them (MV_K = 1), or
+// row t = lid.x for t < MV_M after the reduction, returned in element 0.
+fn matvec_product(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   let t = lid.x;
   let n0 = (wid.x * MV_N + lid.y) * 4u;
   // acc[m][j]: this invocation's part of C[m][n0 + j].
@@ -364,10 +373,7 @@ fn matvec(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
       }
     }
   }
-  if (MV_K == 1u) {
-    for (var m = 0u; m < MV_M; m++) { store_row(m, n0, acc[m]); }
-    return;
-  }
+  if (MV_K == 1u) { return acc; }
   let slot = lid.y * MV_K;
   for (var m = 0u; m < MV_M; m++) { mv_sum[m * MV_K * MV_N + slot + t] = acc[m]; }
   workgroupBarrier();
@@ -380,5 +386,139 @@ fn matvec(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
     }
     workgroupBarrier();
   }
-  if (t < MV_M) { store_row(t, n0, mv_sum[t * MV_K * MV_N + slot]); }
+  var out: array<vec4<f32>, MV_M>;
+  if (t < MV_M) { out[0] = mv_sum[t * MV_K * MV_N + slot]; }
+  return out;
+}
+
+@compute @workgroup_size(MV_K, MV_N)
+fn matvec(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = matvec_product(lid, wid);
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  if (MV_K == 1u) {
+    for (var m = 0u; m < MV_M; m++) { store_row(m, n0, r[m]); }
+  } else if (lid.x < MV_M) {
+    store_row(lid.x, n0, r[0]);
+  }
+}
+
+// ---- activation epilogues ---------------------------------------------------------------------
+//
+// The same products, stored through the MLP's nonlinearity so that it costs no dispatch of its
+// own (matmul.ts puts shaders/act_math.wgsl, the formulas activations.wgsl uses too, in front):
+//   matmul_act, matvec_act   the up projection (ACT = 1): c = the product (up, kept for the
+//                            backward), act = silu(gate)·up;  GPT-2's c_fc (ACT = 2): c = the
+//                            product + bias (the pre-activation), act = gelu_new(c)
+//   matmul_act_bwd           the down projection's dx = ∂L/∂act (dy·W + the LoRA term, beta = 0, no
+//                            bias), ACT = 1: c = dgate, dup_out = dup;  ACT = 2: c = ∂L/∂pre
+// Bindings besides 0..6 (matmul_act_bwd has no bias: binding 3 is left out of its layout, so it
+// binds 8 storage buffers, the WebGPU default limit):
+//   7 gate_in   the gate projection (ACT = 1), or the pre-activation (matmul_act_bwd, ACT = 2)
+//   8 act_out   written: the activation (matmul_act, matvec_act)
+//   8 up_in     the up projection (matmul_act_bwd, ACT = 1)
+//   9 dup_out   written: ∂L/∂up (matmul_act_bwd, ACT = 1)
+@group(0) @binding(7) var<storage, read> gate_in: array<f32>;
+@group(0) @binding(8) var<storage, read_write> act_out: array<f32>;
+@group(0) @binding(8) var<storage, read> up_in: array<f32>;
+@group(0) @binding(9) var<storage, read_write> dup_out: array<f32>;
+
+override ACT: u32 = 1u;  // 1 silu·mul, 2 gelu_new
+
+// Four consecutive elements of a row-major M×N operand from `base` (column n), zero past column N.
+// One function per buffer: an entry point uses only the ones it names.
+fn gate4(base: u32, n: u32) -> vec4<f32> {
+  var v = vec4<f32>(0.0);
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N) { v[j] = gate_in[base + j]; }
+  }
+  return v;
+}
+
+fn up4(base: u32, n: u32) -> vec4<f32> {
+  var v = vec4<f32>(0.0);
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N) { v[j] = up_in[base + j]; }
+  }
+  return v;
+}
+
+fn c4(base: u32, n: u32) -> vec4<f32> {
+  var v = vec4<f32>(0.0);
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N) { v[j] = c[base + j]; }
+  }
+  return v;
+}
+
+// The forward store: C (+ bias, + beta·C) as store_row, and the activation of it.
+fn store_act(m: u32, n: u32, v: vec4<f32>) {
+  if (m >= p.M) { return; }
+  let base = m * p.N + n;
+  var x = v;
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N && p.has_bias != 0u) { x[j] += bias[n + j]; }
+  }
+  if (p.beta != 0.0) { x += p.beta * c4(base, n); }
+  var y: vec4<f32>;
+  if (ACT == 1u) { y = silu_mul(gate4(base, n), x); } else { y = gelu_new(x); }
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N) {
+      c[base + j] = x[j];
+      act_out[base + j] = y[j];
+    }
+  }
+}
+
+// The backward store: v is ∂L/∂act; C takes ∂L/∂gate (and dup_out ∂L/∂up) or ∂L/∂pre.
+fn store_act_bwd(m: u32, n: u32, v: vec4<f32>) {
+  if (m >= p.M) { return; }
+  let base = m * p.N + n;
+  let g = gate4(base, n);
+  if (ACT == 1u) {
+    let grads = silu_mul_grads(v, g, up4(base, n));
+    for (var j = 0u; j < 4u; j++) {
+      if (n + j < p.N) {
+        c[base + j] = grads[0][j];
+        dup_out[base + j] = grads[1][j];
+      }
+    }
+  } else {
+    let d = v * gelu_new_grad(g);
+    for (var j = 0u; j < 4u; j++) {
+      if (n + j < p.N) { c[base + j] = d[j]; }
+    }
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_act(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let acc = tile_product(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_act(m + 0u, n, acc[0]);
+  store_act(m + 1u, n, acc[1]);
+  store_act(m + 2u, n, acc[2]);
+  store_act(m + 3u, n, acc[3]);
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_act_bwd(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let acc = tile_product(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_act_bwd(m + 0u, n, acc[0]);
+  store_act_bwd(m + 1u, n, acc[1]);
+  store_act_bwd(m + 2u, n, acc[2]);
+  store_act_bwd(m + 3u, n, acc[3]);
+}
+
+@compute @workgroup_size(MV_K, MV_N)
+fn matvec_act(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = matvec_product(lid, wid);
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  if (MV_K == 1u) {
+    for (var m = 0u; m < MV_M; m++) { store_act(m, n0, r[m]); }
+  } else if (lid.x < MV_M) {
+    store_act(lid.x, n0, r[0]);
+  }
 }

@@ -3,8 +3,10 @@ import type { StepEncoder } from './encoder.js';
 import { LimitExceededError, ShaderCompileError, type ShaderMessage } from './errors.js';
 import { Tensor } from './tensor.js';
 
-/** How a kernel sees each binding of group 0, in binding order. */
-export type BindingKind = 'uniform' | 'read' | 'write';
+/** How a kernel sees each binding of group 0, in binding order; 'none' leaves a binding number
+ * out of the layout (an entry point that does not use it, where a binding more would pass the
+ * device's storage-buffer limit). */
+export type BindingKind = 'uniform' | 'read' | 'write' | 'none';
 
 /** One entry point of one WGSL file, with its bind group layout spelled out. */
 export interface KernelSpec {
@@ -97,11 +99,17 @@ async function buildKernel(
   const module = await modulePromise;
   const layout = ctx.device.createBindGroupLayout({
     label: `${label} layout`,
-    entries: spec.bindings.map((kind, binding) => ({
-      binding,
-      visibility: 0x4 /* GPUShaderStage.COMPUTE */,
-      buffer: { type: kind === 'uniform' ? 'uniform' : kind === 'read' ? 'read-only-storage' : 'storage' },
-    })),
+    entries: spec.bindings.flatMap((kind, binding) =>
+      kind === 'none'
+        ? []
+        : [
+            {
+              binding,
+              visibility: 0x4 /* GPUShaderStage.COMPUTE */,
+              buffer: { type: kind === 'uniform' ? 'uniform' : kind === 'read' ? 'read-only-storage' : 'storage' },
+            } as const,
+          ],
+    ),
   });
   const numeric: Record<string, number> = {};
   for (const [k, v] of Object.entries(constants)) numeric[k] = typeof v === 'boolean' ? Number(v) : v;
@@ -190,7 +198,12 @@ export function bindKernel(
     }
   }
   const hasUniform = kernel.spec.bindings[0] === 'uniform';
-  const expected = kernel.spec.bindings.length - (hasUniform ? 1 : 0);
+  // The binding number of each resource: every binding after the uniform but the 'none' ones.
+  const slots: number[] = [];
+  kernel.spec.bindings.forEach((kind, binding) => {
+    if (kind !== 'uniform' && kind !== 'none') slots.push(binding);
+  });
+  const expected = slots.length;
   if (args.resources.length !== expected) {
     throw new Error(
       `${args.label}: ${args.resources.length} buffers bound, ${kernel.spec.entryPoint} takes ${expected}`,
@@ -202,7 +215,7 @@ export function bindKernel(
   );
   // WebGPU forbids a buffer written in a dispatch to be bound there read-only too, or written
   // twice over overlapping ranges (disjoint views of one arena may both be written).
-  const kinds = kernel.spec.bindings.slice(hasUniform ? 1 : 0);
+  const kinds = slots.map((binding) => kernel.spec.bindings[binding] as BindingKind);
   const range = (e: GPUBufferBinding) => [e.offset ?? 0, (e.offset ?? 0) + (e.size ?? e.buffer.size)] as const;
   kinds.forEach((kind, i) => {
     if (kind !== 'write') return;
@@ -225,11 +238,13 @@ export function bindKernel(
     });
     ctx.device.queue.writeBuffer(uniform, 0, data);
   }
-  const bindings: GPUBufferBinding[] = [...(uniform ? [{ buffer: uniform }] : []), ...entries];
   const bindGroup = ctx.device.createBindGroup({
     label: args.label,
     layout: kernel.layout,
-    entries: bindings.map((resource, binding) => ({ binding, resource })),
+    entries: [
+      ...(uniform ? [{ binding: 0, resource: { buffer: uniform } }] : []),
+      ...entries.map((resource, i) => ({ binding: slots[i] as number, resource })),
+    ],
   });
   return new Dispatch(ctx, kernel, bindGroup, args.workgroups, uniform, args.label);
 }

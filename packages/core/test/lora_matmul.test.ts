@@ -292,7 +292,9 @@ describe('lora multi-role dispatches', () => {
         for (const r of roles) for (const t of [r.l, r.out]) t.dispose();
         return result;
       });
-      got.forEach((g, i) => expectClose(ctx, `${n} h${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.K), 1e-5));
+      for (const [i, g] of got.entries()) {
+        expectClose(ctx, `${n} h${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.K), 1e-5);
+      }
     });
     it(`dA of ${c.ranks.length} modules, ${n}`, async () => {
       const ctx = gpu();
@@ -323,7 +325,9 @@ describe('lora multi-role dispatches', () => {
         for (const r of roles) for (const t of [r.l, r.out]) t.dispose();
         return result;
       });
-      got.forEach((g, i) => expectClose(ctx, `${n} dA${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.T), 1e-5));
+      for (const [i, g] of got.entries()) {
+        expectClose(ctx, `${n} dA${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.T), 1e-5);
+      }
     });
   }
 });

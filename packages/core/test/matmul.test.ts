@@ -1,7 +1,9 @@
 // GPU matmul (shaders/matmul.wgsl) against the float64 reference on awkward shapes, both
 // layouts of W, f32, packed-f16, Q8_0 and Q4_0 weights, bias, accumulation and the fused
-// low-rank term.
+// low-rank term; and the activation epilogues (silu·mul, gelu_new, forward and backward) in the
+// tiled and matvec kernels.
 import { describe, it } from 'vitest';
+import { geluNewBackwardRef, geluNewForwardRef, siluMulBackwardRef, siluMulForwardRef } from '../ref/activations.js';
 import { randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
 import {
@@ -186,5 +188,83 @@ describe('matmul', () => {
       });
       expectClose(ctx, describeCase(c), got, want, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
     });
+  }
+});
+
+// The MLP nonlinearity stored by the matmul itself: forward C = x·Wᵀ (+ bias) and act = silu(gate)·C
+// or gelu_new(C); backward C = dy·W = ∂L/∂act, stored as ∂L/∂gate and ∂L/∂up or ∂L/∂pre.
+describe('matmul activation epilogues', () => {
+  const shapes = [
+    { M: 65, N: 63, K: 64 },
+    { M: 7, N: 257, K: 65 },
+    { M: 1, N: 65, K: 64 },
+    { M: 3, N: 64, K: 63 },
+  ];
+  for (const kind of ['silu_mul', 'gelu'] as const) {
+    for (const { M, N, K } of shapes) {
+      const name = `${kind} M=${M} N=${N} K=${K}`;
+      it(`forward ${name}${M <= 4 ? ' (matvec)' : ''}`, async () => {
+        const ctx = gpu();
+        const x = randomArray(M * K, M + K, 1);
+        const w = randomArray(N * K, N + 1, 1);
+        const bias = randomArray(N, 3, 1);
+        const gate = randomArray(M * N, 4, 2);
+        const pre = matmulRef(x, w, M, K, N, { transB: true }).map(
+          (v, i) => v + (kind === 'gelu' ? (bias[i % N] as number) : 0),
+        );
+        const want = kind === 'silu_mul' ? siluMulForwardRef(gate, pre).out : geluNewForwardRef(pre).y;
+        const got = await gpuCase(ctx, name, async () => {
+          const tx = tensorFromData(ctx, x, [M, K], 'f32', 'x');
+          const tw = tensorFromData(ctx, w, [N, K], 'f32', 'w');
+          const tb = tensorFromData(ctx, bias, [N], 'f32', 'bias');
+          const tg = tensorFromData(ctx, gate, [M, N], 'f32', 'gate');
+          const c = createTensor(ctx, [M, N], 'f32', 'c');
+          const act = createTensor(ctx, [M, N], 'f32', 'act');
+          const d = await planMatmul(ctx, tx, tw, c, {
+            ...(kind === 'gelu' ? { bias: tb } : {}),
+            activation: kind === 'silu_mul' ? { kind, gate: tg, act } : { kind, act },
+          });
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = { c: await readFloat32(c), act: await readFloat32(act) };
+          d.dispose();
+          for (const t of [tx, tw, tb, tg, c, act]) t.dispose();
+          return out;
+        });
+        expectClose(ctx, `${name} C`, got.c, pre, 2e-5 * Math.sqrt(K), 1e-5);
+        expectClose(ctx, `${name} act`, got.act, want, 4e-5 * Math.sqrt(K), 1e-5);
+      });
+      it(`backward ${name}`, async () => {
+        const ctx = gpu();
+        // dact = dy·W (W stored K×N: the down projection's dx layout, out = N here).
+        const dy = randomArray(M * K, M + 2 * K, 1);
+        const w = randomArray(K * N, N + 5, 1);
+        const gate = randomArray(M * N, 6, 2);
+        const up = randomArray(M * N, 7, 1);
+        const dact = matmulRef(dy, w, M, K, N);
+        const want =
+          kind === 'silu_mul'
+            ? siluMulBackwardRef(gate, up, dact)
+            : { dgate: geluNewBackwardRef(gate, dact).dx, dup: undefined };
+        const got = await gpuCase(ctx, name, async () => {
+          const tdy = tensorFromData(ctx, dy, [M, K], 'f32', 'dy');
+          const tw = tensorFromData(ctx, w, [K, N], 'f32', 'w');
+          const tg = tensorFromData(ctx, gate, [M, N], 'f32', 'gate');
+          const tu = tensorFromData(ctx, up, [M, N], 'f32', 'up');
+          const c = createTensor(ctx, [M, N], 'f32', 'dgate');
+          const dup = createTensor(ctx, [M, N], 'f32', 'dup');
+          const d = await planMatmul(ctx, tdy, tw, c, {
+            transW: false,
+            activationBackward: kind === 'silu_mul' ? { kind, gate: tg, up: tu, dup } : { kind, pre: tg },
+          });
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = { dgate: await readFloat32(c), dup: await readFloat32(dup) };
+          d.dispose();
+          for (const t of [tdy, tw, tg, tu, c, dup]) t.dispose();
+          return out;
+        });
+        expectClose(ctx, `${name} dgate`, got.dgate, want.dgate, 4e-5 * Math.sqrt(K), 1e-5);
+        if (want.dup) expectClose(ctx, `${name} dup`, got.dup, want.dup, 4e-5 * Math.sqrt(K), 1e-5);
+      });
+    }
   }
 });

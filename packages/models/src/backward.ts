@@ -13,6 +13,7 @@ import {
   type Dispatch,
   fusedQkvLayout,
   type GpuContext,
+  type MatmulActivationBackward,
   planAttentionBackward,
   planCopyRows,
   planCrossEntropyTraining,
@@ -97,7 +98,11 @@ export function backwardLayout(
   add('d_hidden', [rows, d]);
   add('d_resid', [rows, d]);
   add('d_norm_out', [rows, d]);
-  add('d_act', [rows, I]);
+  // ∂L/∂act, unless every down projection's dx kernel stores the nonlinearity's backward itself.
+  const downDropout =
+    (opts.dropout ?? false) &&
+    modelLayout(c).layers.some((l) => l.linears.some((m) => m.role === 'down' && ranks.has(m.name)));
+  add('d_act', [rows, I], 'f32', !(opts.fuse ?? true) || downDropout);
   add('d_gate', [rows, I]);
   add('d_up', [rows, I], 'f32', !gpt2);
   add('d_attn', [rows, qDim]);
@@ -149,9 +154,12 @@ export function backwardDispatchCount(
     // A shared-input group's dA are one dispatch instead of one each.
     for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse)) n -= g.length - 1;
     n += 2 + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
+    // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
+    // dropout on an adapted down).
+    const act = fuse && !(opts.dropout && adapted.has('down')) ? 0 : 1;
     if (c.family === 'gpt2')
-      n += lin('fc') + 1 + 3 + lin('qkv'); // gelu; dq, dk, dv into dqkv
-    else n += lin('gate') + lin('up') + 1 + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + lin('q') + lin('k') + lin('v'); // silu·mul, RoPE
+      n += lin('fc') + act + 3 + lin('qkv'); // dq, dk, dv into dqkv
+    else n += lin('gate') + lin('up') + act + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + lin('q') + lin('k') + lin('v'); // RoPE
     n += lin('o') + lin('down');
   });
   return n;
@@ -210,7 +218,7 @@ export async function planBackward(
     // Shared across layers: the backward handles one layer at a time.
     const dResid = s.get('d_resid');
     const dNorm = s.get('d_norm_out');
-    const dAct = s.get('d_act');
+    const dAct = s.maybe('d_act');
     const dGate = s.get('d_gate');
     const dUp = s.maybe('d_up');
     const dAttn = s.get('d_attn');
@@ -263,6 +271,7 @@ export async function planBackward(
       dy: Tensor,
       dx: Tensor,
       accumulate: boolean,
+      activation?: MatmulActivationBackward,
     ) => {
       const lin = layer.linears[role] as Linear;
       const t = lora.get(lin.module.name);
@@ -278,7 +287,13 @@ export async function planBackward(
             ctx,
             { w0: lin.w, a: t.a, b: t.b, bias: lin.bias, scale: t.scale },
             { x, h, dy, g: gr, dx, da: t.da, db: t.db, ...(d ? { dropout: d } : {}) },
-            { accumulateDx: accumulate, accumulateGrads: true, fuse: fwd.fuse, dA: slot < 0 },
+            {
+              accumulateDx: accumulate,
+              accumulateGrads: true,
+              fuse: fwd.fuse,
+              dA: slot < 0,
+              dxActivation: activation,
+            },
             lin.module.name,
           )),
         );
@@ -287,6 +302,7 @@ export async function planBackward(
           await planMatmul(ctx, dy, lin.w, dx, {
             transW: false,
             beta: accumulate ? 1 : 0,
+            activationBackward: activation,
             label: `${lin.module.name}.dx`,
           }),
         );
@@ -311,19 +327,34 @@ export async function planBackward(
           replayed.add(dsp);
         }
       }
-      // MLP: out = mid + down(act(...)); dResid holds ∂L/∂out.
-      await linearBackward(layer, a, 'down', a.act, dResid, dAct, false);
+      // MLP: out = mid + down(act(...)); dResid holds ∂L/∂out. Fused, the down projection's dx
+      // kernel stores the nonlinearity's backward itself (not with dropout on down, whose dx is
+      // three dispatches).
+      const downLora = lora.get((layer.linears.down as Linear).module.name);
+      const actInDown = fwd.fuse && !(downLora && fwd.dropout);
       if (c.family === 'gpt2') {
-        out.push(await planGeluNewBackward(ctx, { x: a.gate, dy: dAct, dx: dGate }, `${p}.gelu`));
+        if (actInDown) {
+          await linearBackward(layer, a, 'down', a.act, dResid, dGate, false, { kind: 'gelu', pre: a.gate });
+        } else {
+          await linearBackward(layer, a, 'down', a.act, dResid, dAct as Tensor, false);
+          out.push(await planGeluNewBackward(ctx, { x: a.gate, dy: dAct as Tensor, dx: dGate }, `${p}.gelu`));
+        }
         await linearBackward(layer, a, 'fc', a.n2, dGate, dNorm, false);
       } else {
-        out.push(
-          await planSiluMulBackward(
-            ctx,
-            { gate: a.gate, up: a.up as Tensor, dout: dAct, dgate: dGate, dup: dUp as Tensor },
-            `${p}.silu_mul`,
-          ),
-        );
+        const up = a.up as Tensor;
+        if (actInDown) {
+          const silu = { kind: 'silu_mul' as const, gate: a.gate, up, dup: dUp as Tensor };
+          await linearBackward(layer, a, 'down', a.act, dResid, dGate, false, silu);
+        } else {
+          await linearBackward(layer, a, 'down', a.act, dResid, dAct as Tensor, false);
+          out.push(
+            await planSiluMulBackward(
+              ctx,
+              { gate: a.gate, up, dout: dAct as Tensor, dgate: dGate, dup: dUp as Tensor },
+              `${p}.silu_mul`,
+            ),
+          );
+        }
         shared = groupOf(['gate', 'up']);
         await linearBackward(layer, a, 'gate', a.n2, dGate, dNorm, false);
         await linearBackward(layer, a, 'up', a.n2, dUp as Tensor, dNorm, true);

@@ -16,6 +16,7 @@ import {
   fusedQkvLayout,
   type GpuContext,
   type LoraDropout,
+  type MatmulActivation,
   planAttentionForward,
   planEmbeddingTable,
   planGeluNewForward,
@@ -391,9 +392,9 @@ export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, d
   // A group's h are one dispatch instead of one each.
   for (const g of sharedLoraGroups(c, adapted, dropout, fuse)) n -= g.length - 1;
   const rope = fuse ? 1 : 2; // q and k in one dispatch, or one each
-  if (c.family === 'gpt2')
-    n += lin('qkv') + lin('fc') + 1; // + gelu
-  else n += lin('q') + lin('k') + lin('v') + rope + (c.qkNorm ? 2 : 0) + lin('gate') + lin('up') + 1; // silu·mul
+  const act = fuse ? 0 : 1; // gelu or silu·mul: the fc or up projection's epilogue when fused
+  if (c.family === 'gpt2') n += lin('qkv') + lin('fc') + act;
+  else n += lin('q') + lin('k') + lin('v') + rope + (c.qkNorm ? 2 : 0) + lin('gate') + lin('up') + act;
   return n + lin('o') + lin('down');
 }
 
@@ -535,7 +536,7 @@ export function loraDropout(
 
 /** y (+)= x·Wᵀ + bias, or the fused LoRA form when the module has an adapter; `accumulate` adds
  * into y (the residual stream); `hComputed`: LoRA's h is already in its buffer (a shared-input
- * group's one dispatch). */
+ * group's one dispatch); `activation`: y is stored through the MLP's nonlinearity too. */
 export async function planLinear(
   ctx: GpuContext,
   lin: Linear,
@@ -546,6 +547,7 @@ export async function planLinear(
   accumulate = false,
   dropout?: DropoutState,
   hComputed = false,
+  activation?: MatmulActivation,
 ): Promise<Dispatch[]> {
   const label = lin.module.name;
   if (lora) {
@@ -554,11 +556,11 @@ export async function planLinear(
     return planLoraForward(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
-      { x, y, h, accumulate, hComputed, ...(d ? { dropout: d } : {}) },
+      { x, y, h, accumulate, hComputed, activation, ...(d ? { dropout: d } : {}) },
       label,
     );
   }
-  return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, beta: accumulate ? 1 : 0, label })];
+  return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, beta: accumulate ? 1 : 0, activation, label })];
 }
 
 /** Where a layer's q, k and v projections write (RoPE and the per-head norms act there in place). */
@@ -590,7 +592,13 @@ export interface AttentionBlock {
   readonly onPlanned?: (layer: number, attention: readonly Dispatch[]) => void;
 }
 
-type Lin = (role: LinearRole, x: Tensor, y: Tensor, accumulate?: boolean) => Promise<void>;
+type Lin = (
+  role: LinearRole,
+  x: Tensor,
+  y: Tensor,
+  accumulate?: boolean,
+  activation?: MatmulActivation,
+) => Promise<void>;
 
 async function planProjections(
   ctx: GpuContext,
@@ -676,10 +684,12 @@ export async function planLayer(
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
   const shared = new Set<LinearRole>();
-  const lin: Lin = async (role, x, y, accumulate) => {
+  const lin: Lin = async (role, x, y, accumulate, activation) => {
     const l = linear(layer, role);
     const w = lora?.get(l.module.name);
-    out.push(...(await planLinear(ctx, l, x, y, w, a.loraH.get(role), accumulate, dropout, shared.has(role))));
+    out.push(
+      ...(await planLinear(ctx, l, x, y, w, a.loraH.get(role), accumulate, dropout, shared.has(role), activation)),
+    );
   };
   // The h of adapted projections that read the same input, in one dispatch before them.
   const adapted = new Set([...a.loraH.keys()]);
@@ -722,14 +732,16 @@ export async function planLayer(
   out.push(...attend);
   await lin('o', a.attn, a.mid, true);
   out.push(await planNorm(ctx, model, layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out)));
+  // The nonlinearity: the fc (up) projection's epilogue when fused, a dispatch of its own otherwise.
   if (c.family === 'gpt2') {
-    await lin('fc', a.n2, a.gate);
-    out.push(await planGeluNewForward(ctx, { x: a.gate, y: a.act }, `${p}.gelu`));
+    await lin('fc', a.n2, a.gate, false, fuse ? { kind: 'gelu', act: a.act } : undefined);
+    if (!fuse) out.push(await planGeluNewForward(ctx, { x: a.gate, y: a.act }, `${p}.gelu`));
   } else {
     await sharedH(a.n2, ['gate', 'up']);
     await lin('gate', a.n2, a.gate);
-    await lin('up', a.n2, a.up as Tensor);
-    out.push(await planSiluMulForward(ctx, { gate: a.gate, up: a.up as Tensor, out: a.act }, `${p}.silu_mul`));
+    const up = a.up as Tensor;
+    await lin('up', a.n2, up, false, fuse ? { kind: 'silu_mul', gate: a.gate, act: a.act } : undefined);
+    if (!fuse) out.push(await planSiluMulForward(ctx, { gate: a.gate, up, out: a.act }, `${p}.silu_mul`));
   }
   await lin('down', a.act, a.out, true);
   return out;

@@ -40,6 +40,12 @@ const CASES: Case[] = [
       lora: { r: 8, lora_alpha: 16, target_modules: 'all-linear', lora_dropout: 0.1 },
     },
   },
+  // GPT-2: gelu in the fc projection's epilogue and its backward in c_proj's dx.
+  {
+    fixture: 'tiny-gpt2',
+    precision: 'f32',
+    options: { ...base, lora: { r: 4, lora_alpha: 8, target_modules: 'all-linear' } },
+  },
   // A quantized base with recomputation (the replayed forward is fused too).
   {
     fixture: 'tiny-qwen2-q',

@@ -1,4 +1,9 @@
-import source from '../../../../shaders/activations.wgsl?raw';
+import actMath from '../../../../shaders/act_math.wgsl?raw';
+import activations from '../../../../shaders/activations.wgsl?raw';
+
+// The element formulas come first (shaders/act_math.wgsl, shared with matmul.wgsl's epilogues).
+const source = `${actMath}\n${activations}`;
+
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
@@ -46,7 +51,7 @@ async function plan(
   const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
   const kernel = await getKernel(
     ctx,
-    { source, file: 'shaders/activations.wgsl', entryPoint: entry, bindings: BINDINGS[entry] },
+    { source, file: 'shaders/act_math.wgsl + shaders/activations.wgsl', entryPoint: entry, bindings: BINDINGS[entry] },
     { WG: wg },
   );
   const n4 = Math.ceil(n / 4);

@@ -5,7 +5,7 @@ import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } f
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
-import { isCpuAdapter, planMatmul } from './matmul.js';
+import { isCpuAdapter, type MatmulActivation, type MatmulActivationBackward, planMatmul } from './matmul.js';
 
 // Bindings 4..7 are roles 1 and 2 of the multi-role entries (lora_g_db, lora_rows_multi,
 // lora_cols_multi); entries with fewer roles get placeholders there.
@@ -374,6 +374,8 @@ export interface LoraForwardBuffers {
   /** h is already computed (one planLoraRowsMulti for the projections reading the same x): plan
    * y alone. */
   hComputed?: boolean;
+  /** y is stored through the MLP's nonlinearity too (planMatmul's activation epilogue). */
+  activation?: MatmulActivation;
 }
 
 /**
@@ -417,6 +419,7 @@ export async function planLoraForward(
     beta: io.accumulate ? 1 : 0,
     bias: layer.bias,
     lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
+    activation: io.activation,
     label: `${label}.y`,
   });
   return h ? [...pre, h, y] : [...pre, y];
@@ -451,6 +454,9 @@ export interface LoraBackwardOptions {
   /** Plan dA = s·gᵀ·x. Default true; false when the caller computes it with other modules' in one
    * planLoraColsMulti (g stays in io.g for it). */
   dA?: boolean;
+  /** dx is ∂L/∂act of the MLP's nonlinearity: store its backward instead (planMatmul's
+   * activationBackward; not with dropout, whose dx takes three dispatches). */
+  dxActivation?: MatmulActivationBackward;
 }
 
 /**
@@ -523,6 +529,7 @@ export async function planLoraBackward(
       ),
     );
   }
+  if (opts.dxActivation && dropout) throw new ShapeError(`${op}: LoRA dropout's dx takes no activation epilogue`);
   if (io.dx && dropout && xd) {
     plan.push(
       await planMatmul(ctx, io.dy, layer.w0, io.dx, {
@@ -540,6 +547,7 @@ export async function planLoraBackward(
         transW: false,
         beta: opts.accumulateDx ? 1 : 0,
         lowRank: { a2: io.g, b2: layer.a, alpha2: layer.scale },
+        activationBackward: opts.dxActivation,
         label: `${label}.dx`,
       }),
     );

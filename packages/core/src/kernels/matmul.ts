@@ -1,15 +1,43 @@
-import source from '../../../../shaders/matmul.wgsl?raw';
+import actMath from '../../../../shaders/act_math.wgsl?raw';
+import matmulSource from '../../../../shaders/matmul.wgsl?raw';
 import type { GpuContext } from '../context.js';
-import { ShapeError } from '../errors.js';
+import { LimitExceededError, ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 
+// The activation epilogues' formulas (shaders/act_math.wgsl, shared with activations.wgsl) first.
+const source = `${actMath}\n${matmulSource}`;
+const file = 'shaders/act_math.wgsl + shaders/matmul.wgsl';
 const BINDINGS = ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'] as const;
+// + 7 gate (read), 8 the activation (written)
+const ACT_BINDINGS = [...BINDINGS, 'read', 'write'] as const;
+// Without the bias (3): + 7 gate or pre-activation, 8 up (read), 9 dup (written)
+const ACT_BWD_BINDINGS = ['uniform', 'read', 'read', 'none', 'read', 'read', 'write', 'read', 'read', 'write'] as const;
 
-const MATMUL: KernelSpec = { source, file: 'shaders/matmul.wgsl', entryPoint: 'matmul', bindings: BINDINGS };
-const MATVEC: KernelSpec = { source, file: 'shaders/matmul.wgsl', entryPoint: 'matvec', bindings: BINDINGS };
+const MATMUL: KernelSpec = { source, file, entryPoint: 'matmul', bindings: BINDINGS };
+const MATVEC: KernelSpec = { source, file, entryPoint: 'matvec', bindings: BINDINGS };
+const MATMUL_ACT: KernelSpec = { source, file, entryPoint: 'matmul_act', bindings: ACT_BINDINGS };
+const MATVEC_ACT: KernelSpec = { source, file, entryPoint: 'matvec_act', bindings: ACT_BINDINGS };
+const MATMUL_ACT_BWD: KernelSpec = { source, file, entryPoint: 'matmul_act_bwd', bindings: ACT_BWD_BINDINGS };
+
+/**
+ * The MLP nonlinearity a matmul stores through (matmul.wgsl's activation epilogues), so that it
+ * costs no dispatch of its own. 'silu_mul': C is the up projection and `act` = silu(gate)·C;
+ * 'gelu': C is the pre-activation (after the bias) and `act` = gelu_new(C).
+ */
+export type MatmulActivation =
+  | { readonly kind: 'silu_mul'; readonly gate: Tensor; readonly act: Tensor }
+  | { readonly kind: 'gelu'; readonly act: Tensor };
+
+/**
+ * The backward of that nonlinearity on a product that is ∂L/∂act (the down projection's dx):
+ * 'silu_mul': C takes ∂L/∂gate and `dup` ∂L/∂up; 'gelu': C takes ∂L/∂pre.
+ */
+export type MatmulActivationBackward =
+  | { readonly kind: 'silu_mul'; readonly gate: Tensor; readonly up: Tensor; readonly dup: Tensor }
+  | { readonly kind: 'gelu'; readonly pre: Tensor };
 
 /** Rows of A up to which the matrix-vector kernel replaces the tiled one (MV_M in the shader). */
 export const MATVEC_MAX_ROWS = 4;
@@ -63,6 +91,10 @@ export interface MatmulOptions {
   wRows?: { start: number; count: number };
   /** The matvec kernel's split when M ≤ MATVEC_MAX_ROWS; default matvecVariant(ctx). Tests set it. */
   matvecVariant?: MatvecVariant;
+  /** Store C through an activation as well (see MatmulActivation). */
+  activation?: MatmulActivation;
+  /** C is ∂L/∂act: store the activation's backward instead (no bias, beta 0; tiled kernel). */
+  activationBackward?: MatmulActivationBackward;
   label?: string;
 }
 
@@ -184,22 +216,46 @@ export async function planMatmul(
     // A2 and B2 as whole vec4s: K2 (and N, where B2's rows are N long) multiples of 4.
     ALIGNED_LR: K2 > 0 && K2 % 4 === 0 && (transW || dims.N % 4 === 0),
   };
+  const label = opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`;
+  const act = opts.activation;
+  const actBwd = opts.activationBackward;
+  checkActivation(ctx, label, c, opts);
+  const epilogue: Record<string, number> = act || actBwd ? { ACT: (act ?? actBwd)?.kind === 'silu_mul' ? 1 : 2 } : {};
   let kernel: Kernel;
   let workgroups: [number, number];
   const variant = opts.matvecVariant ?? matvecVariant(ctx);
-  if (usesMatvec(ctx, dims, transW, variant)) {
+  if (!actBwd && usesMatvec(ctx, dims, transW, variant)) {
     const shape = matvecShape(variant);
-    kernel = await getKernel(ctx, MATVEC, { ...shape, ...common });
+    kernel = await getKernel(ctx, act ? MATVEC_ACT : MATVEC, { ...shape, ...common, ...epilogue });
     workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
   } else {
     const tile = matmulTile(ctx, dims);
-    kernel = await getKernel(ctx, MATMUL, { WG_X: tile.wgX, WG_Y: tile.wgY, TK: tile.tk, TRANS_W: transW, ...common });
+    const spec = act ? MATMUL_ACT : actBwd ? MATMUL_ACT_BWD : MATMUL;
+    kernel = await getKernel(ctx, spec, {
+      WG_X: tile.wgX,
+      WG_Y: tile.wgY,
+      TK: tile.tk,
+      TRANS_W: transW,
+      ...common,
+      ...epilogue,
+    });
     workgroups = [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))];
   }
   const placeholder = ctx.placeholder();
+  const operands = [lowRank?.a2 ?? placeholder, lowRank?.b2 ?? placeholder, c];
+  let resources: (Tensor | GPUBuffer)[];
+  if (actBwd) {
+    resources =
+      actBwd.kind === 'silu_mul'
+        ? [a, w, ...operands, actBwd.gate, actBwd.up, actBwd.dup]
+        : [a, w, ...operands, actBwd.pre, placeholder, ctx.placeholder('write', 1)];
+  } else {
+    resources = [a, w, opts.bias ?? placeholder, ...operands];
+    if (act) resources.push(act.kind === 'silu_mul' ? act.gate : placeholder, act.act);
+  }
   return bindKernel(ctx, kernel, {
-    label: opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`,
-    resources: [a, w, opts.bias ?? placeholder, lowRank?.a2 ?? placeholder, lowRank?.b2 ?? placeholder, c],
+    label,
+    resources,
     workgroups,
     uniforms: packUniforms([
       ['u32', dims.M],
@@ -214,6 +270,37 @@ export async function planMatmul(
       ['u32', isQuantFormat(w.dtype) ? gpuQuantLayout(w.dtype, w.size).scaleWordOffset : 0],
     ]),
   });
+}
+
+/** Checks an activation epilogue's operands: each M×N f32 like C, and what the kernel needs. */
+function checkActivation(ctx: GpuContext, label: string, c: Tensor, opts: MatmulOptions): void {
+  const act = opts.activation;
+  const bwd = opts.activationBackward;
+  if (!act && !bwd) return;
+  if (act && bwd) throw new ShapeError(`${label}: activation and activationBackward are exclusive`);
+  const storage = ctx.limits.maxStorageBuffersPerShaderStage;
+  if (storage < 8)
+    throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storage, `${label} (activation epilogue)`);
+  const like = (t: Tensor, what: string) => {
+    if (t.dtype !== 'f32' || t.size !== c.size) {
+      throw new ShapeError(
+        `${label}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 like C ${formatShape(c.shape)}`,
+      );
+    }
+  };
+  if (act) {
+    like(act.act, 'activation');
+    if (act.kind === 'silu_mul') like(act.gate, 'gate');
+    return;
+  }
+  if (bwd) {
+    if (opts.bias || (opts.beta ?? 0) !== 0) throw new ShapeError(`${label}: activationBackward takes no bias or beta`);
+    if (bwd.kind === 'silu_mul') {
+      like(bwd.gate, 'gate');
+      like(bwd.up, 'up');
+      like(bwd.dup, 'dup');
+    } else like(bwd.pre, 'pre-activation');
+  }
 }
 
 /** FLOPs of C = A·opW(W) (+ the low-rank term), counting a multiply-add as 2. */
