@@ -25,7 +25,6 @@ const modelTests = [
   'packages/models/test/lora_dropout.test.ts',
   'packages/train/test/trainer.test.ts',
   'packages/train/test/api.test.ts',
-  'packages/train/test/fused.test.ts',
 ];
 
 function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {

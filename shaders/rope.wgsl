@@ -27,6 +27,13 @@
 //   3 x          [rows, row_stride] f32 (read and written in place)
 //   4 x2         [rows, n_heads2·head_dim] f32 (read and written in place; only when n_heads2 > 0)
 // One invocation per (row, head, i) pair, on a 2-D grid (index gid.y·grid_stride + gid.x).
+//
+// rope_fwd_cache (decoding): the same rotation of q (x, in place) and k (x2), but k's rotated heads
+// go to row positions[row] of a KV cache instead, and the same elements of v are copied to the v
+// cache's row, so the new token's keys and values cost no copy dispatches. Bindings 0..4 as above
+// (x2 only read), 5 v [rows, n_heads2·head_dim] (read), 6 k_cache, 7 v_cache [max rows,
+// n_heads2·head_dim] (written; positions[row] < max rows is checked by the host for the largest
+// position it plans for).
 
 struct Params {
   pairs: u32,        // rows · (n_heads + n_heads2) · half
@@ -48,6 +55,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read> positions: array<i32>;
 @group(0) @binding(3) var<storage, read_write> x: array<f32>;
 @group(0) @binding(4) var<storage, read_write> x2: array<f32>;
+@group(0) @binding(5) var<storage, read> v_new: array<f32>;
+@group(0) @binding(6) var<storage, read_write> k_cache: array<f32>;
+@group(0) @binding(7) var<storage, read_write> v_cache: array<f32>;
 
 override WG: u32 = 256;
 
@@ -117,4 +127,38 @@ fn rope_fwd(@builtin(global_invocation_id) gid: vec3<u32>) {
 @compute @workgroup_size(WG)
 fn rope_bwd(@builtin(global_invocation_id) gid: vec3<u32>) {
   rotate(gid, -1.0);
+}
+
+@compute @workgroup_size(WG)
+fn rope_fwd_cache(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let idx = gid.y * p.grid_stride + gid.x;
+  if (idx >= p.pairs) { return; }
+  let i = idx % p.half;
+  let head_row = idx / p.half;
+  let heads = p.n_heads + p.n_heads2;
+  let head = head_row % heads;
+  let row = head_row / heads;
+  let pos = u32(max(positions[row], 0));
+  let cs = cos_sin(f32(pos) * inv_freq[i]) * p.scaling;
+  if (head < p.n_heads) {
+    let i1 = row * p.row_stride + p.col_offset + head * 2u * p.half + i;
+    let i2 = i1 + p.half;
+    let a = x[i1];
+    let b = x[i2];
+    x[i1] = a * cs.x - b * cs.y;
+    x[i2] = b * cs.x + a * cs.y;
+  } else {
+    let width = p.n_heads2 * 2u * p.half;
+    let within = (head - p.n_heads) * 2u * p.half + i;
+    let i1 = row * width + within;
+    let i2 = i1 + p.half;
+    let o1 = pos * width + within;
+    let o2 = o1 + p.half;
+    let a = x2[i1];
+    let b = x2[i2];
+    k_cache[o1] = a * cs.x - b * cs.y;
+    k_cache[o2] = b * cs.x + a * cs.y;
+    v_cache[o1] = v_new[i1];
+    v_cache[o2] = v_new[i2];
+  }
 }

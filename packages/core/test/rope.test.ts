@@ -215,6 +215,70 @@ describe('rope', () => {
     });
   }
 
+  it('decoding: rotates q in place and writes the rotated k and the v rows into a KV cache at their positions', async () => {
+    const ctx = gpu();
+    const config: RopeConfig = { headDim: 8, ropeTheta: 10000 };
+    const hd = config.headDim;
+    const [nQ, nK, rows, maxT] = [4, 2, 2, 12];
+    const positions = [3, 9];
+    const width = nK * hd;
+    const { invFreq } = ropeInvFreq(config);
+    const q = randomArray(rows * nQ * hd, 31);
+    const k = randomArray(rows * width, 32);
+    const v = randomArray(rows * width, 33);
+    const ref = (x: Float64Array, nHeads: number) =>
+      ropeForwardRef({ rows, T: rows, nHeads, headDim: hd, pos0: 0, positions, invFreq, x }).y;
+    const got = await gpuCase(ctx, 'rope cache', async () => {
+      const tq = tensorFromData(ctx, q, [rows, nQ * hd], 'f32', 'q');
+      const tk = tensorFromData(ctx, k, [rows, width], 'f32', 'k');
+      const tv = tensorFromData(ctx, v, [rows, width], 'f32', 'v');
+      const kc = createTensor(ctx, [maxT, width], 'f32', 'k_cache');
+      const vc = createTensor(ctx, [maxT, width], 'f32', 'v_cache');
+      const tf = tensorFromData(ctx, invFreq, [hd / 2], 'f32', 'inv_freq');
+      const pos = tensorFromData(ctx, positions, [rows], 'i32', 'positions');
+      const d = await planRopeForward(ctx, tq, tf, {
+        nHeads: nQ,
+        headDim: hd,
+        positions: pos,
+        with: { x: tk, nHeads: nK },
+        cache: { v: tv, k: kc, vCache: vc, maxRow: maxT - 1 },
+      });
+      new StepEncoder(ctx, 'rope cache').dispatch(d).submit();
+      const out = {
+        q: await readFloat32(tq),
+        kc: await readFloat32(kc),
+        vc: await readFloat32(vc),
+        k: await readFloat32(tk),
+      };
+      const small = createTensor(ctx, [maxT - 1, width], 'f32', 'small cache');
+      await expect(
+        planRopeForward(ctx, tq, tf, {
+          nHeads: nQ,
+          headDim: hd,
+          positions: pos,
+          with: { x: tk, nHeads: nK },
+          cache: { v: tv, k: small, vCache: vc, maxRow: maxT - 1 },
+        }),
+      ).rejects.toThrow(/k cache small cache/);
+      d.dispose();
+      for (const t of [tq, tk, tv, kc, vc, tf, pos, small]) t.dispose();
+      return out;
+    });
+    expectClose(ctx, 'q', got.q, ref(q, nQ), 1e-6, 1e-5);
+    const wantK = new Float64Array(maxT * width);
+    const wantV = new Float64Array(maxT * width);
+    const rk = ref(k, nK);
+    positions.forEach((p, r) => {
+      for (let j = 0; j < width; j++) {
+        wantK[p * width + j] = rk[r * width + j] as number;
+        wantV[p * width + j] = Math.fround(v[r * width + j] as number);
+      }
+    });
+    expectClose(ctx, 'k cache', got.kc, wantK, 1e-6, 1e-5);
+    expectClose(ctx, 'v cache', got.vc, wantV, 0, 0);
+    expectClose(ctx, 'k untouched', got.k, Float32Array.from(k), 0, 0);
+  });
+
   it('rejects heads that do not fit the row and a wrong inv_freq, naming them', async () => {
     const ctx = gpu();
     await gpuCase(ctx, 'rope shapes', async () => {

@@ -583,6 +583,15 @@ export interface AttentionBlock {
   readonly positions: Positions;
   /** Dispatches between the projections and attention (decode: copy k, v into the cache). */
   readonly afterProjections?: (a: LayerActivations, layer: number) => Promise<Dispatch[]>;
+  /**
+   * Decoding with separate k and v: the KV cache of each layer, which a fused plan's RoPE
+   * dispatch writes the new rows into (rope_fwd_cache) in place of afterProjections' copies.
+   */
+  readonly kvCache?: {
+    readonly k: (layer: number) => Tensor;
+    readonly v: (layer: number) => Tensor;
+    readonly maxRow: number;
+  };
   readonly attend: (
     a: LayerActivations,
     layer: number,
@@ -610,6 +619,7 @@ async function planProjections(
   lin: Lin,
   out: Dispatch[],
   fuse: boolean,
+  kvCache?: { readonly k: Tensor; readonly v: Tensor; readonly maxRow: number },
 ): Promise<void> {
   const c = model.config;
   const p = `layer${layer.index}`;
@@ -639,7 +649,16 @@ async function planProjections(
   const invFreq = model.ropeInvFreq as Tensor;
   if (fuse) {
     const k = { x: dest.k, nHeads: c.numKvHeads };
-    out.push(await planRopeForward(ctx, dest.q, invFreq, { ...rope, nHeads: c.numHeads, with: k, label: `${p}.rope` }));
+    const cache = kvCache ? { v: dest.v, k: kvCache.k, vCache: kvCache.v, maxRow: kvCache.maxRow } : undefined;
+    out.push(
+      await planRopeForward(ctx, dest.q, invFreq, {
+        ...rope,
+        nHeads: c.numHeads,
+        with: k,
+        ...(cache ? { cache } : {}),
+        label: `${p}.rope`,
+      }),
+    );
     return;
   }
   out.push(
@@ -721,8 +740,13 @@ export async function planLayer(
   out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid)));
   await sharedH(a.n1, ['q', 'k', 'v']);
   const dest = attention.dest(a, layer.index);
-  await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out, fuse);
-  if (attention.afterProjections) out.push(...(await attention.afterProjections(a, layer.index)));
+  // Decoding, fused: RoPE writes the new keys and values into the cache itself.
+  const kvCache =
+    fuse && attention.kvCache && !('qkv' in dest)
+      ? { k: attention.kvCache.k(layer.index), v: attention.kvCache.v(layer.index), maxRow: attention.kvCache.maxRow }
+      : undefined;
+  await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out, fuse, kvCache);
+  if (attention.afterProjections && !kvCache) out.push(...(await attention.afterProjections(a, layer.index)));
   const attend = await planAttentionForward(
     ctx,
     { ...attention.attend(a, layer.index, dest), o: a.attn, lse: a.lse },

@@ -379,6 +379,10 @@ async function planDecode(
       positions: { T: 1, positions },
       dest: (a): QkvDestination =>
         c.family === 'gpt2' ? { qkv: a.qkv as Tensor } : { q: a.q as Tensor, k: a.k as Tensor, v: a.v as Tensor },
+      kvCache:
+        c.family === 'gpt2'
+          ? undefined
+          : { k: (l) => cache.k[l] as Tensor, v: (l) => cache.v[l] as Tensor, maxRow: maxT - 1 },
       afterProjections: async (a, l) => {
         const write = (src: Tensor, dst: Tensor, cols: number, name: string) =>
           planCopyRows(ctx, src, positions, dst, { rows: 1, cols }, maxT - 1, `layer${l}.cache_${name}`);

@@ -6,11 +6,14 @@ import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { grid1d } from './elementwise.js';
 
-const spec = (entryPoint: 'rope_fwd' | 'rope_bwd'): KernelSpec => ({
+const spec = (entryPoint: 'rope_fwd' | 'rope_bwd' | 'rope_fwd_cache'): KernelSpec => ({
   source,
   file: 'shaders/rope.wgsl',
   entryPoint,
-  bindings: ['uniform', 'read', 'read', 'write', 'write'],
+  bindings:
+    entryPoint === 'rope_fwd_cache'
+      ? ['uniform', 'read', 'read', 'write', 'write', 'read', 'write', 'write']
+      : ['uniform', 'read', 'read', 'write', 'write'],
 });
 
 /** A config.json rope_scaling (transformers 4) / rope_parameters (transformers 5) we implement. */
@@ -118,6 +121,13 @@ export interface RopeOptions {
    * the same positions. A separate buffer from x.
    */
   readonly with?: { readonly x: Tensor; readonly nHeads: number };
+  /**
+   * Decoding (forward only, with `with` and `positions`): `with`'s rotated rows go to row
+   * positions[row] of `k` instead of back in place, and the same rows of `v` to `vCache`'s: the
+   * new token's keys and values enter the KV cache in this dispatch. `maxRow` is the largest
+   * position planned for.
+   */
+  readonly cache?: { readonly v: Tensor; readonly k: Tensor; readonly vCache: Tensor; readonly maxRow: number };
   readonly label?: string;
 }
 
@@ -181,6 +191,21 @@ function uniforms(ctx: GpuContext, op: string, x: Tensor, invFreq: Tensor, o: Ro
     }
     if (x2.buffer === x.buffer) throw new ShapeError(`${op}: ${x2.label} must be another buffer than ${x.label}`);
   }
+  if (o.cache) {
+    const width = nHeads2 * headDim;
+    if (!o.with || !o.positions) throw new ShapeError(`${op}: a KV cache write needs \`with\` (k) and positions`);
+    for (const [what, t, size] of [
+      ['v', o.cache.v, rows * width],
+      ['k cache', o.cache.k, (o.cache.maxRow + 1) * width],
+      ['v cache', o.cache.vCache, (o.cache.maxRow + 1) * width],
+    ] as const) {
+      if (t.dtype !== 'f32' || t.size < size) {
+        throw new ShapeError(
+          `${op}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must hold ${size} f32 values`,
+        );
+      }
+    }
+  }
   const pairs = rows * (nHeads + nHeads2) * half;
   const grid = grid1d(ctx, pairs, wg);
   return {
@@ -203,7 +228,7 @@ function uniforms(ctx: GpuContext, op: string, x: Tensor, invFreq: Tensor, o: Ro
 
 async function planRope(
   ctx: GpuContext,
-  entry: 'rope_fwd' | 'rope_bwd',
+  entry: 'rope_fwd' | 'rope_bwd' | 'rope_fwd_cache',
   x: Tensor,
   invFreq: Tensor,
   opts: RopeOptions,
@@ -214,7 +239,13 @@ async function planRope(
   const kernel = await getKernel(ctx, spec(entry), { WG: wg });
   return bindKernel(ctx, kernel, {
     label,
-    resources: [invFreq, opts.positions ?? ctx.placeholder(), x, opts.with?.x ?? ctx.placeholder('write')],
+    resources: [
+      invFreq,
+      opts.positions ?? ctx.placeholder(),
+      x,
+      opts.with?.x ?? ctx.placeholder('write'),
+      ...(opts.cache ? [opts.cache.v, opts.cache.k, opts.cache.vCache] : []),
+    ],
     workgroups: u.workgroups,
     uniforms: u.data,
   });
@@ -223,7 +254,7 @@ async function planRope(
 /** Rotates the heads of x in place (q, k, or both: adjacent in a fused buffer, or k as `with`).
  * One dispatch. */
 export function planRopeForward(ctx: GpuContext, x: Tensor, invFreq: Tensor, opts: RopeOptions): Promise<Dispatch> {
-  return planRope(ctx, 'rope_fwd', x, invFreq, opts, opts.label ?? 'rope');
+  return planRope(ctx, opts.cache ? 'rope_fwd_cache' : 'rope_fwd', x, invFreq, opts, opts.label ?? 'rope');
 }
 
 /**
@@ -231,5 +262,6 @@ export function planRopeForward(ctx: GpuContext, x: Tensor, invFreq: Tensor, opt
  * (dq/dk after attention's backward). Same options as the forward. One dispatch.
  */
 export function planRopeBackward(ctx: GpuContext, dx: Tensor, invFreq: Tensor, opts: RopeOptions): Promise<Dispatch> {
+  if (opts.cache) throw new ShapeError(`${opts.label ?? 'rope'}.backward: a KV cache write is forward only`);
   return planRope(ctx, 'rope_bwd', dx, invFreq, opts, `${opts.label ?? 'rope'}.backward`);
 }
