@@ -248,6 +248,10 @@ async function memoryPlan(config: ModelConfig, f: Record<string, unknown>, gguf?
     line('activations', mib(estimate.activations));
     line('scratch', mib(estimate.scratch));
     line('total', `${mib(estimate.total)}   (${(estimate.total / 1e9).toFixed(2)} GB)`);
+    line(
+      'dispatches',
+      `${s.dispatchesPerStep.toLocaleString('en-US')} compute dispatches per optimizer step, 1 submit`,
+    );
     const lb = estimate.largestBuffer;
     line(
       'largest buffer',
