@@ -287,46 +287,38 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
   store_cols(n0, j0, acc);
 }
 
-// The role of workgroup `idx` of a multi-role dispatch (see the header), or 3 for none (the
-// grid's padding).
-fn role_of(idx: u32) -> u32 {
+// Workgroup wid of a multi-role dispatch: its role (3 for the grid's padding, which does nothing)
+// and its block coordinates within that role's grid; sets the role for the loads and stores.
+fn role_block(wid: vec3<u32>) -> vec3<u32> {
+  let idx = wid.y * p.grid_x + wid.x;
   for (var r = 0u; r < 3u; r++) {
     let q = p.roles[r];
-    if (idx >= q.start && idx < q.start + q.count) { return r; }
+    if (idx >= q.start && idx < q.start + q.count) {
+      set_role(r);
+      let local = idx - q.start;
+      return vec3<u32>(r, local % q.gx, local / q.gx);
+    }
   }
-  return 3u;
+  return vec3<u32>(3u, 0u, 0u);
 }
 
 // g = dy·B and dB = s·dyᵀ·h in one dispatch: role 0 runs lora_rows' blocks, role 1 lora_cols'.
 @compute @workgroup_size(WG)
 fn lora_g_db(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let idx = wid.y * p.grid_x + wid.x;
-  let r = role_of(idx);
-  if (r == 3u) { return; }
-  set_role(r);
-  let local = idx - p.roles[r].start;
-  let gx = p.roles[r].gx;
-  if (r == 0u) { rows_block(tid, local % gx, local / gx); } else { cols_block(tid, local % gx, local / gx); }
+  let b = role_block(wid);
+  if (b.x == 0u) { rows_block(tid, b.y, b.z); } else if (b.x == 1u) { cols_block(tid, b.y, b.z); }
 }
 
 // h = x·Aᵀ for up to three modules reading the same x, one role each.
 @compute @workgroup_size(WG)
 fn lora_rows_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let idx = wid.y * p.grid_x + wid.x;
-  let r = role_of(idx);
-  if (r == 3u) { return; }
-  set_role(r);
-  let local = idx - p.roles[r].start;
-  rows_block(tid, local % p.roles[r].gx, local / p.roles[r].gx);
+  let b = role_block(wid);
+  if (b.x < 3u) { rows_block(tid, b.y, b.z); }
 }
 
 // dA = s·gᵀ·x for up to three modules reading the same x (U), one role each (V = its g).
 @compute @workgroup_size(WG)
 fn lora_cols_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let idx = wid.y * p.grid_x + wid.x;
-  let r = role_of(idx);
-  if (r == 3u) { return; }
-  set_role(r);
-  let local = idx - p.roles[r].start;
-  cols_block(tid, local % p.roles[r].gx, local / p.roles[r].gx);
+  let b = role_block(wid);
+  if (b.x < 3u) { cols_block(tid, b.y, b.z); }
 }

@@ -86,13 +86,19 @@ fn cos_sin(theta: f32) -> vec2<f32> {
   }
 }
 
-fn rotate(gid: vec3<u32>, direction: f32) {
-  let idx = gid.y * p.grid_stride + gid.x;
-  if (idx >= p.pairs) { return; }
+// Pair `idx` of the grid: element i (and i + half) of head `head` in row `row`, heads of x first,
+// then x2's; and its (scaling·cos θ, scaling·sin θ).
+struct Pair {
+  i: u32,
+  head: u32,
+  row: u32,
+  cs: vec2<f32>,
+}
+
+fn pair_at(idx: u32) -> Pair {
   let i = idx % p.half;
   let head_row = idx / p.half;
   let heads = p.n_heads + p.n_heads2;
-  let head = head_row % heads;
   let row = head_row / heads;
   var pos: f32;
   if (p.has_positions != 0u) {
@@ -100,22 +106,38 @@ fn rotate(gid: vec3<u32>, direction: f32) {
   } else {
     pos = f32(p.pos0 + row % p.T);
   }
-  let cs = cos_sin(pos * inv_freq[i]) * p.scaling;
-  let s = direction * cs.y;
-  if (head < p.n_heads) {
-    let i1 = row * p.row_stride + p.col_offset + head * 2u * p.half + i;
-    let i2 = i1 + p.half;
-    let a = x[i1];
-    let b = x[i2];
-    x[i1] = a * cs.x - b * s;
-    x[i2] = b * cs.x + a * s;
+  return Pair(i, head_row % heads, row, cos_sin(pos * inv_freq[i]) * p.scaling);
+}
+
+// Rotates pair q of x (one of its n_heads heads) in place; s is ±sin θ (the backward's transpose).
+fn rotate_x(q: Pair, s: f32) {
+  let i1 = q.row * p.row_stride + p.col_offset + q.head * 2u * p.half + q.i;
+  let i2 = i1 + p.half;
+  let a = x[i1];
+  let b = x[i2];
+  x[i1] = a * q.cs.x - b * s;
+  x[i2] = b * q.cs.x + a * s;
+}
+
+// Where pair q of x2 (head q.head − n_heads of its packed rows) starts within a row of x2.
+fn x2_within(q: Pair) -> u32 {
+  return (q.head - p.n_heads) * 2u * p.half + q.i;
+}
+
+fn rotate(gid: vec3<u32>, direction: f32) {
+  let idx = gid.y * p.grid_stride + gid.x;
+  if (idx >= p.pairs) { return; }
+  let q = pair_at(idx);
+  let s = direction * q.cs.y;
+  if (q.head < p.n_heads) {
+    rotate_x(q, s);
   } else {
-    let i1 = (row * p.n_heads2 + head - p.n_heads) * 2u * p.half + i;
+    let i1 = q.row * p.n_heads2 * 2u * p.half + x2_within(q);
     let i2 = i1 + p.half;
     let a = x2[i1];
     let b = x2[i2];
-    x2[i1] = a * cs.x - b * s;
-    x2[i2] = b * cs.x + a * s;
+    x2[i1] = a * q.cs.x - b * s;
+    x2[i2] = b * q.cs.x + a * s;
   }
 }
 
@@ -133,31 +155,20 @@ fn rope_bwd(@builtin(global_invocation_id) gid: vec3<u32>) {
 fn rope_fwd_cache(@builtin(global_invocation_id) gid: vec3<u32>) {
   let idx = gid.y * p.grid_stride + gid.x;
   if (idx >= p.pairs) { return; }
-  let i = idx % p.half;
-  let head_row = idx / p.half;
-  let heads = p.n_heads + p.n_heads2;
-  let head = head_row % heads;
-  let row = head_row / heads;
-  let pos = u32(max(positions[row], 0));
-  let cs = cos_sin(f32(pos) * inv_freq[i]) * p.scaling;
-  if (head < p.n_heads) {
-    let i1 = row * p.row_stride + p.col_offset + head * 2u * p.half + i;
-    let i2 = i1 + p.half;
-    let a = x[i1];
-    let b = x[i2];
-    x[i1] = a * cs.x - b * cs.y;
-    x[i2] = b * cs.x + a * cs.y;
+  let q = pair_at(idx);
+  if (q.head < p.n_heads) {
+    rotate_x(q, q.cs.y);
   } else {
+    // k's rotated pair goes to the cache row of its position, v's pair is copied beside it.
     let width = p.n_heads2 * 2u * p.half;
-    let within = (head - p.n_heads) * 2u * p.half + i;
-    let i1 = row * width + within;
+    let i1 = q.row * width + x2_within(q);
     let i2 = i1 + p.half;
-    let o1 = pos * width + within;
+    let o1 = u32(max(positions[q.row], 0)) * width + x2_within(q);
     let o2 = o1 + p.half;
     let a = x2[i1];
     let b = x2[i2];
-    k_cache[o1] = a * cs.x - b * cs.y;
-    k_cache[o2] = b * cs.x + a * cs.y;
+    k_cache[o1] = a * q.cs.x - b * q.cs.y;
+    k_cache[o2] = b * q.cs.x + a * q.cs.y;
     v_cache[o1] = v_new[i1];
     v_cache[o2] = v_new[i2];
   }

@@ -1,7 +1,7 @@
 import source from '../../../../shaders/lora_matmul.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
-import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
+import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
@@ -114,21 +114,42 @@ function unusedRoles(ctx: GpuContext, used: number): GPUBuffer[] {
 }
 
 /**
- * A multi-role dispatch's grid: `roles` in order, each `gx × gy` workgroups, laid out flat over a
- * 2-D grid within the device's per-dimension limit.
+ * Binds a multi-role entry (lora_g_db, lora_rows_multi, lora_cols_multi): x, then each role's L (or
+ * V) and output; each role's gx × gy workgroups laid out flat, in order, over a 2-D grid within the
+ * device's per-dimension limit; and the roles' parameters.
  */
-function multiGrid(
+function bindRoles(
   ctx: GpuContext,
-  roles: readonly { gx: number; gy: number }[],
-): { starts: number[]; gridX: number; workgroups: [number, number] } {
-  const starts: number[] = [];
+  kernel: Kernel,
+  label: string,
+  x: Tensor,
+  shape: { M: number; N: number; K: number },
+  roles: readonly (LoraRole & { gx: number; gy: number })[],
+): Dispatch {
+  if (roles.length < 1 || roles.length > 3) throw new ShapeError(`${label}: 1 to 3 modules, got ${roles.length}`);
   let total = 0;
-  for (const r of roles) {
-    starts.push(total);
+  const starts = roles.map((r) => {
+    const start = total;
     total += r.gx * r.gy;
-  }
+    return start;
+  });
   const gridX = Math.max(1, Math.min(total, ctx.limits.maxComputeWorkgroupsPerDimension));
-  return { starts, gridX, workgroups: [gridX, Math.ceil(total / gridX)] };
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [x, ...roles.flatMap((r) => [r.l, r.out]), ...unusedRoles(ctx, roles.length)],
+    workgroups: [gridX, Math.ceil(total / gridX)],
+    uniforms: params(
+      { ...shape, gridX },
+      roles.map((r, i) => ({
+        R: r.R,
+        alpha: r.alpha ?? 1,
+        beta: r.beta ?? 0,
+        start: starts[i],
+        gx: r.gx,
+        count: r.gx * r.gy,
+      })),
+    ),
+  });
 }
 
 function rowsWorkgroup(ctx: GpuContext): number {
@@ -220,9 +241,6 @@ export async function planLoraGradGdB(
   label: string,
 ): Promise<Dispatch> {
   const { wg, ks, stage } = multiSplit(ctx);
-  const rows = { gx: Math.ceil(dims.R / 4), gy: Math.ceil(dims.T / (4 * (wg / ks))) };
-  const cols = { gx: Math.ceil(dims.N / (4 * wg)), gy: Math.ceil(dims.R / 4) };
-  const grid = multiGrid(ctx, [rows, cols]);
   const kernel = await getKernel(ctx, spec('lora_g_db'), {
     WG: wg,
     KS: ks,
@@ -231,15 +249,12 @@ export async function planLoraGradGdB(
     TT: 16,
     STAGE: stage,
   });
-  return bindKernel(ctx, kernel, {
-    label,
-    resources: [io.dy, io.b, io.g, io.h, io.db, ...unusedRoles(ctx, 2)],
-    workgroups: grid.workgroups,
-    uniforms: params({ M: dims.T, N: dims.N, K: dims.N, gridX: grid.gridX }, [
-      { R: dims.R, alpha: 1, beta: 0, start: 0, gx: rows.gx, count: rows.gx * rows.gy },
-      { R: dims.R, alpha, beta, start: grid.starts[1], gx: cols.gx, count: cols.gx * cols.gy },
-    ]),
-  });
+  return bindRoles(ctx, kernel, label, io.dy, { M: dims.T, N: dims.N, K: dims.N }, [
+    // g: lora_rows' blocks (x = dy, L = B)
+    { l: io.b, out: io.g, R: dims.R, gx: Math.ceil(dims.R / 4), gy: Math.ceil(dims.T / (4 * (wg / ks))) },
+    // dB: lora_cols' blocks (U = dy, V = h)
+    { l: io.h, out: io.db, R: dims.R, alpha, beta, gx: Math.ceil(dims.N / (4 * wg)), gy: Math.ceil(dims.R / 4) },
+  ]);
 }
 
 /**
@@ -272,27 +287,21 @@ export async function planLoraRowsMulti(
   dims: { M: number; K: number },
   label: string,
 ): Promise<Dispatch> {
-  if (roles.length < 1 || roles.length > 3) throw new ShapeError(`${label}: 1 to 3 modules, got ${roles.length}`);
   for (const r of roles) {
     expectRows(label, r.l, r.R, dims.K, 'A');
     expectRows(label, r.out, dims.M, r.R, 'h');
   }
   const { wg, ks } = multiSplit(ctx);
-  const blocks = roles.map((r) => ({ gx: Math.ceil(r.R / 4), gy: Math.ceil(dims.M / (4 * (wg / ks))) }));
-  const grid = multiGrid(ctx, blocks);
   const kernel = await getKernel(ctx, spec('lora_rows_multi'), { WG: wg, KS: ks, TRANS_L: true });
-  return bindKernel(ctx, kernel, {
+  const gy = Math.ceil(dims.M / (4 * (wg / ks)));
+  return bindRoles(
+    ctx,
+    kernel,
     label,
-    resources: [x, ...roles.flatMap((r) => [r.l, r.out]), ...unusedRoles(ctx, roles.length)],
-    workgroups: grid.workgroups,
-    uniforms: params(
-      { M: dims.M, N: 0, K: dims.K, gridX: grid.gridX },
-      roles.map((r, i) => {
-        const b = blocks[i] as { gx: number; gy: number };
-        return { R: r.R, alpha: r.alpha ?? 1, beta: r.beta ?? 0, start: grid.starts[i], gx: b.gx, count: b.gx * b.gy };
-      }),
-    ),
-  });
+    x,
+    { M: dims.M, N: 0, K: dims.K },
+    roles.map((r) => ({ ...r, gx: Math.ceil(r.R / 4), gy })),
+  );
 }
 
 /**
@@ -306,27 +315,21 @@ export async function planLoraColsMulti(
   dims: { T: number; N: number },
   label: string,
 ): Promise<Dispatch> {
-  if (roles.length < 1 || roles.length > 3) throw new ShapeError(`${label}: 1 to 3 modules, got ${roles.length}`);
   for (const r of roles) {
     expectRows(label, r.l, dims.T, r.R, 'g');
     expectRows(label, r.out, r.R, dims.N, 'dA');
   }
   const { wg, stage } = multiSplit(ctx);
-  const blocks = roles.map((r) => ({ gx: Math.ceil(dims.N / (4 * wg)), gy: Math.ceil(r.R / 4) }));
-  const grid = multiGrid(ctx, blocks);
   const kernel = await getKernel(ctx, spec('lora_cols_multi'), { WG: wg, OUT_NR: false, TT: 16, STAGE: stage });
-  return bindKernel(ctx, kernel, {
+  const gx = Math.ceil(dims.N / (4 * wg));
+  return bindRoles(
+    ctx,
+    kernel,
     label,
-    resources: [x, ...roles.flatMap((r) => [r.l, r.out]), ...unusedRoles(ctx, roles.length)],
-    workgroups: grid.workgroups,
-    uniforms: params(
-      { M: dims.T, N: dims.N, K: 0, gridX: grid.gridX },
-      roles.map((r, i) => {
-        const b = blocks[i] as { gx: number; gy: number };
-        return { R: r.R, alpha: r.alpha ?? 1, beta: r.beta ?? 0, start: grid.starts[i], gx: b.gx, count: b.gx * b.gy };
-      }),
-    ),
-  });
+    x,
+    { M: dims.T, N: dims.N, K: 0 },
+    roles.map((r) => ({ ...r, gx, gy: Math.ceil(r.R / 4) })),
+  );
 }
 
 /**
