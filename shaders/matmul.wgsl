@@ -58,8 +58,8 @@ struct Params {
   has_bias: u32,
   w_off: u32,   // elements of W before its first row used here (a vocabulary chunk of the LM head)
   w_scales: u32,  // quantized W: the u32 word where its block scales start (0 otherwise)
-  _pad1: u32,
-  _pad2: u32,
+  K3: u32,        // matmul_sum: the inner dimension of A3·opW(W3) (0 elsewhere)
+  w3_scales: u32, // quantized W3: as w_scales
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -102,7 +102,55 @@ fn a_chunk(r: u32, col: u32) -> vec4<f32> {
   return v;
 }
 
-// ---- quantized W --------------------------------------------------------------------------------
+// ---- decoding W's storage formats (shared by W and W3) --------------------------------------
+//
+// Each operand reads its own words (w_word, w3_word); these turn them into values. e is the
+// element's index in the operand, d its block's scale.
+
+fn scale_half(word: u32, b: u32) -> f32 {
+  return unpack2x16float(word)[b % 2u];
+}
+
+fn f16_one(word: u32, e: u32) -> f32 {
+  return unpack2x16float(word)[e % 2u];
+}
+
+// Elements e..e+3 (e a multiple of 4) from the vec4 of words holding e..e+7.
+fn f16_four(q: vec4<u32>, e: u32) -> vec4<f32> {
+  if ((e / 4u) % 2u == 0u) { return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)); }
+  return vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
+}
+
+fn q8_0_one(word: u32, e: u32, d: f32) -> f32 {
+  return f32(extractBits(bitcast<i32>(word), 8u * (e % 4u), 8u)) * d;
+}
+
+// Elements e..e+3, e a multiple of 4: the four bytes of one word.
+fn q8_0_four(word: u32, d: f32) -> vec4<f32> {
+  let v = bitcast<i32>(word);
+  let q = vec4<i32>(extractBits(v, 0u, 8u), extractBits(v, 8u, 8u), extractBits(v, 16u, 8u), extractBits(v, 24u, 8u));
+  return vec4<f32>(q) * d;
+}
+
+// The byte of Q4_0 element e: byte j of a block holds elements j (low nibble) and j + 16 (high).
+fn q4_0_byte(e: u32) -> u32 {
+  return (e / 32u) * 16u + (e % 32u) % 16u;
+}
+
+fn q4_0_one(word: u32, e: u32, d: f32) -> f32 {
+  let q = extractBits(word, 8u * (q4_0_byte(e) % 4u) + 4u * ((e % 32u) / 16u), 4u);
+  return (f32(q) - 8.0) * d;
+}
+
+// Elements e..e+3, e a multiple of 4: the low (first half of the block) or high nibbles of the
+// four bytes of one word.
+fn q4_0_four(word: u32, e: u32, d: f32) -> vec4<f32> {
+  let x = word >> (4u * ((e % 32u) / 16u));
+  let q = vec4<u32>(x & 0xfu, (x >> 8u) & 0xfu, (x >> 16u) & 0xfu, (x >> 24u) & 0xfu);
+  return (vec4<f32>(q) - 8.0) * d;
+}
+
+// ---- W --------------------------------------------------------------------------------------------
 
 fn w_word(i: u32) -> u32 {
   return w[i / 4u][i % 4u];
@@ -110,61 +158,29 @@ fn w_word(i: u32) -> u32 {
 
 // The f16 scale of block b.
 fn w_scale(b: u32) -> f32 {
-  return unpack2x16float(w_word(p.w_scales + b / 2u))[b % 2u];
-}
-
-fn q8_0_elem(e: u32) -> f32 {
-  let q = extractBits(bitcast<i32>(w_word(e / 4u)), 8u * (e % 4u), 8u);
-  return f32(q) * w_scale(e / 32u);
-}
-
-// Elements e..e+3, e a multiple of 4.
-fn q8_0_chunk(e: u32) -> vec4<f32> {
-  let word = bitcast<i32>(w_word(e / 4u));
-  let q = vec4<i32>(extractBits(word, 0u, 8u), extractBits(word, 8u, 8u), extractBits(word, 16u, 8u), extractBits(word, 24u, 8u));
-  return vec4<f32>(q) * w_scale(e / 32u);
-}
-
-fn q4_0_elem(e: u32) -> f32 {
-  let j = e % 32u;
-  let byte = (e / 32u) * 16u + j % 16u;
-  let q = extractBits(w_word(byte / 4u), 8u * (byte % 4u) + 4u * (j / 16u), 4u);
-  return (f32(q) - 8.0) * w_scale(e / 32u);
-}
-
-// Elements e..e+3, e a multiple of 4: the low (first half of the block) or high nibbles of the
-// four bytes of one word.
-fn q4_0_chunk(e: u32) -> vec4<f32> {
-  let j = e % 32u;
-  let word = w_word(((e / 32u) * 16u + j % 16u) / 4u) >> (4u * (j / 16u));
-  let q = vec4<u32>(word & 0xfu, (word >> 8u) & 0xfu, (word >> 16u) & 0xfu, (word >> 24u) & 0xfu);
-  return (vec4<f32>(q) - 8.0) * w_scale(e / 32u);
+  return scale_half(w_word(p.w_scales + b / 2u), b);
 }
 
 fn w_elem(e: u32) -> f32 {
-  if (W_Q8_0) { return q8_0_elem(e); }
-  if (W_Q4_0) { return q4_0_elem(e); }
-  if (W_F16) {
-    let word = w[e / 8u][(e / 2u) % 4u];
-    return unpack2x16float(word)[e % 2u];
-  }
-  return bitcast<f32>(w[e / 4u][e % 4u]);
+  if (W_Q8_0) { return q8_0_one(w_word(e / 4u), e, w_scale(e / 32u)); }
+  if (W_Q4_0) { return q4_0_one(w_word(q4_0_byte(e) / 4u), e, w_scale(e / 32u)); }
+  if (W_F16) { return f16_one(w_word(e / 2u), e); }
+  return bitcast<f32>(w_word(e));
+}
+
+// Elements e..e+3, e a multiple of 4.
+fn w_four(e: u32) -> vec4<f32> {
+  if (W_Q8_0) { return q8_0_four(w_word(e / 4u), w_scale(e / 32u)); }
+  if (W_Q4_0) { return q4_0_four(w_word(q4_0_byte(e) / 4u), e, w_scale(e / 32u)); }
+  if (W_F16) { return f16_four(w[e / 8u], e); }
+  return bitcast<vec4<f32>>(w[e / 4u]);
 }
 
 // W stored rows×cols: W[r][col..col+3], zero outside.
 fn w_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
   if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
   let e = p.w_off + r * cols + col;
-  if (ALIGNED) {
-    if (W_Q8_0) { return q8_0_chunk(e); }
-    if (W_Q4_0) { return q4_0_chunk(e); }
-    if (W_F16) {
-      let q = w[e / 8u];
-      if ((e / 4u) % 2u == 0u) { return vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)); }
-      return vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w));
-    }
-    return bitcast<vec4<f32>>(w[e / 4u]);
-  }
+  if (ALIGNED) { return w_four(e); }
   var v = vec4<f32>(0.0);
   for (var i = 0u; i < 4u; i++) {
     if (col + i < cols) { v[i] = w_elem(e + i); }
@@ -282,16 +298,9 @@ fn store_row(m: u32, n: u32, v: vec4<f32>) {
   }
 }
 
-// This invocation's 4×4 block of the product (rows m0 + 4ty.., columns n0 + 4tx..), before the
-// store adds bias and beta·C.
-fn tile_product(lid: vec3<u32>, wid: vec3<u32>) -> mat4x4<f32> {
-  let tx = lid.x;
-  let ty = lid.y;
-  let tid = ty * WG_X + tx;
-  let m0 = wid.y * WG_Y * 4u;
-  let n0 = wid.x * WG_X * 4u;
+// Σ over K of A·opW(W) for this invocation's 4×4 block (rows m0 + 4ty.., columns n0 + 4tx..).
+fn main_product(tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
   var acc = mat4x4<f32>();
-
   for (var k0 = 0u; k0 < p.K; k0 += TK) {
     stage_a(tid, m0, k0, false);
     stage_w(tid, n0, k0, false);
@@ -299,8 +308,12 @@ fn tile_product(lid: vec3<u32>, wid: vec3<u32>) -> mat4x4<f32> {
     acc = multiply_tile(acc, tx, ty);
     workgroupBarrier();
   }
-  acc = acc * p.alpha;
-  // The low-rank term continues the same accumulators (alpha2 is applied as A2 is staged).
+  return acc;
+}
+
+// The low-rank term continues the same accumulators (alpha2 is applied as A2 is staged).
+fn low_rank_product(acc_in: mat4x4<f32>, tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
+  var acc = acc_in;
   for (var k0 = 0u; k0 < p.K2; k0 += TK) {
     stage_a(tid, m0, k0, true);
     stage_w(tid, n0, k0, true);
@@ -309,6 +322,15 @@ fn tile_product(lid: vec3<u32>, wid: vec3<u32>) -> mat4x4<f32> {
     workgroupBarrier();
   }
   return acc;
+}
+
+// This invocation's 4×4 block of the product, before the store adds bias and beta·C.
+fn tile_product(lid: vec3<u32>, wid: vec3<u32>) -> mat4x4<f32> {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  let acc = main_product(tid, lid.x, lid.y, m0, n0) * p.alpha;
+  return low_rank_product(acc, tid, lid.x, lid.y, m0, n0);
 }
 
 @compute @workgroup_size(WG_X, WG_Y)
@@ -340,22 +362,20 @@ override MV_N: u32 = 1;       // groups of 4 columns per workgroup
 
 var<workgroup> mv_sum: array<vec4<f32>, MV_M * MV_K * MV_N>;
 
-// C[m][n0..n0+3] for the rows m < MV_M this invocation stores: all of them (MV_K = 1), or
-// row t = lid.x for t < MV_M after the reduction, returned in element 0.
-fn matvec_product(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
+// This invocation's part of C[m][n0..n0+3] for every row m < MV_M: its stride of K.
+fn matvec_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   let t = lid.x;
   let n0 = (wid.x * MV_N + lid.y) * 4u;
-  // acc[m][j]: this invocation's part of C[m][n0 + j].
   var acc: array<vec4<f32>, MV_M>;
   for (var k = t * 4u; k < p.K; k += MV_K * 4u) {
     let w0 = w_chunk(n0 + 0u, k, p.N, p.K);
     let w1 = w_chunk(n0 + 1u, k, p.N, p.K);
     let w2 = w_chunk(n0 + 2u, k, p.N, p.K);
-    let w3 = w_chunk(n0 + 3u, k, p.N, p.K);
+    let w3v = w_chunk(n0 + 3u, k, p.N, p.K);
     for (var m = 0u; m < MV_M; m++) {
       if (m < p.M) {
         let x = a_chunk(m, k);
-        acc[m] += vec4<f32>(dot(x, w0), dot(x, w1), dot(x, w2), dot(x, w3));
+        acc[m] += vec4<f32>(dot(x, w0), dot(x, w1), dot(x, w2), dot(x, w3v));
       }
     }
   }
@@ -373,8 +393,17 @@ fn matvec_product(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
       }
     }
   }
+  return acc;
+}
+
+// C[m][n0..n0+3] for the rows m < MV_M this invocation stores, from every invocation's partial
+// sums: all of them (MV_K = 1), or row t = lid.x for t < MV_M after the reduction, returned in
+// element 0. Starts with a barrier, so a second product may reuse mv_sum right after the first.
+fn matvec_reduce(acc: array<vec4<f32>, MV_M>, lid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   if (MV_K == 1u) { return acc; }
+  let t = lid.x;
   let slot = lid.y * MV_K;
+  workgroupBarrier();
   for (var m = 0u; m < MV_M; m++) { mv_sum[m * MV_K * MV_N + slot + t] = acc[m]; }
   workgroupBarrier();
   for (var s = MV_K / 2u; s > 0u; s >>= 1u) {
@@ -389,6 +418,10 @@ fn matvec_product(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   var out: array<vec4<f32>, MV_M>;
   if (t < MV_M) { out[0] = mv_sum[t * MV_K * MV_N + slot]; }
   return out;
+}
+
+fn matvec_product(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
+  return matvec_reduce(matvec_partial(lid, wid), lid);
 }
 
 @compute @workgroup_size(MV_K, MV_N)
@@ -520,5 +553,189 @@ fn matvec_act(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
     for (var m = 0u; m < MV_M; m++) { store_act(m, n0, r[m]); }
   } else if (lid.x < MV_M) {
     store_act(lid.x, n0, r[0]);
+  }
+}
+
+// ---- a second dense product, and the gated MLP's two projections in one pass ---------------------
+//
+//   matmul_sum   C = alpha·(A·opW(W) + A3·opW(W3)) + alpha2·A2·opW(B2) + beta·C (+ bias): the
+//                backward's dx of two projections that read the same input (∂L/∂n = dgate·Wg +
+//                dup·Wu, or dq·Wq + dk·Wk with q's LoRA term), one dispatch instead of two. A3 is
+//                M×K3; W3 has W's layout with K3 in place of K and a storage format of its own.
+//   matmul_glu,  the gated MLP's gate and up projections of one input: C = A·Wᵀ (gate), up_out =
+//   matvec_glu   A·W3ᵀ (up, W3 N×K like W), act_out = silu(gate)·up. A is staged once for both;
+//                no bias, beta or low-rank term (planMatmul falls back to two dispatches then).
+// Bindings besides 0..6: 10 a3 (matmul_sum), 11 w3, 12 up_out (the glu entries, with 8 act_out).
+@group(0) @binding(10) var<storage, read> a3: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read> w3: array<vec4<u32>>;
+@group(0) @binding(12) var<storage, read_write> up_out: array<f32>;
+
+override W3_F16: bool = false;
+override W3_Q8_0: bool = false;
+override W3_Q4_0: bool = false;
+override ALIGNED3: bool = false;  // A3's and W3's contiguous dimensions are multiples of 4
+
+fn w3_word(i: u32) -> u32 {
+  return w3[i / 4u][i % 4u];
+}
+
+fn w3_scale(b: u32) -> f32 {
+  return scale_half(w3_word(p.w3_scales + b / 2u), b);
+}
+
+fn w3_elem(e: u32) -> f32 {
+  if (W3_Q8_0) { return q8_0_one(w3_word(e / 4u), e, w3_scale(e / 32u)); }
+  if (W3_Q4_0) { return q4_0_one(w3_word(q4_0_byte(e) / 4u), e, w3_scale(e / 32u)); }
+  if (W3_F16) { return f16_one(w3_word(e / 2u), e); }
+  return bitcast<f32>(w3_word(e));
+}
+
+fn w3_four(e: u32) -> vec4<f32> {
+  if (W3_Q8_0) { return q8_0_four(w3_word(e / 4u), w3_scale(e / 32u)); }
+  if (W3_Q4_0) { return q4_0_four(w3_word(q4_0_byte(e) / 4u), e, w3_scale(e / 32u)); }
+  if (W3_F16) { return f16_four(w3[e / 8u], e); }
+  return bitcast<vec4<f32>>(w3[e / 4u]);
+}
+
+// W3 stored rows×cols: W3[r][col..col+3], zero outside.
+fn w3_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+  if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
+  let e = r * cols + col;
+  if (ALIGNED3) { return w3_four(e); }
+  var v = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < cols) { v[i] = w3_elem(e + i); }
+  }
+  return v;
+}
+
+// A3[r][col..col+3], zero outside M×K3.
+fn a3_chunk(r: u32, col: u32) -> vec4<f32> {
+  if (r >= p.M || col >= p.K3) { return vec4<f32>(0.0); }
+  let e = r * p.K3 + col;
+  if (ALIGNED3) { return a3[e / 4u]; }
+  var v = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < p.K3) { v[i] = a3[(e + i) / 4u][(e + i) % 4u]; }
+  }
+  return v;
+}
+
+fn stage_a3(tid: u32, m0: u32, k0: u32) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
+    a_tile[(i / chunks) * a_stride() + i % chunks] = a3_chunk(m0 + i / chunks, k0 + (i % chunks) * 4u);
+  }
+}
+
+// As stage_w, from W3 (inner dimension kdim) into the same tile.
+fn stage_w3(tid: u32, n0: u32, k0: u32, kdim: u32) {
+  if (TRANS_W) {
+    let chunks = TK / 4u;
+    for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
+      w_tile[(i / chunks) * a_stride() + i % chunks] = w3_chunk(n0 + i / chunks, k0 + (i % chunks) * 4u, p.N, kdim);
+    }
+  } else {
+    for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
+      w_tile[i] = w3_chunk(k0 + i / WG_X, n0 + (i % WG_X) * 4u, kdim, p.N);
+    }
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_sum(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  var acc = main_product(tid, lid.x, lid.y, m0, n0);
+  for (var k0 = 0u; k0 < p.K3; k0 += TK) {
+    stage_a3(tid, m0, k0);
+    stage_w3(tid, n0, k0, p.K3);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  acc = low_rank_product(acc * p.alpha, tid, lid.x, lid.y, m0, n0);
+  let m = m0 + lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  store_row(m + 0u, n, acc[0]);
+  store_row(m + 1u, n, acc[1]);
+  store_row(m + 2u, n, acc[2]);
+  store_row(m + 3u, n, acc[3]);
+}
+
+// gate, up and silu(gate)·up at C[m][n..n+3], the columns inside N only.
+fn store_glu(m: u32, n: u32, gate: vec4<f32>, up: vec4<f32>) {
+  if (m >= p.M) { return; }
+  let base = m * p.N + n;
+  let y = silu_mul(gate, up);
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N) {
+      c[base + j] = gate[j];
+      up_out[base + j] = up[j];
+      act_out[base + j] = y[j];
+    }
+  }
+}
+
+// Each K step stages A once and W then W3 through the one W tile (a second tile would enlarge
+// every matmul entry's workgroup memory): two accumulators, one staging of the input.
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  var gate = mat4x4<f32>();
+  var up = mat4x4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a(tid, m0, k0, false);
+    stage_w(tid, n0, k0, false);
+    workgroupBarrier();
+    gate = multiply_tile(gate, lid.x, lid.y);
+    workgroupBarrier();
+    stage_w3(tid, n0, k0, p.K);
+    workgroupBarrier();
+    up = multiply_tile(up, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  gate = gate * p.alpha;
+  up = up * p.alpha;
+  let m = m0 + lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  store_glu(m + 0u, n, gate[0], up[0]);
+  store_glu(m + 1u, n, gate[1], up[1]);
+  store_glu(m + 2u, n, gate[2], up[2]);
+  store_glu(m + 3u, n, gate[3], up[3]);
+}
+
+// matvec_partial's K loop against W3 (no low-rank term).
+fn matvec3_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  var acc: array<vec4<f32>, MV_M>;
+  for (var k = lid.x * 4u; k < p.K; k += MV_K * 4u) {
+    let w0 = w3_chunk(n0 + 0u, k, p.N, p.K);
+    let w1 = w3_chunk(n0 + 1u, k, p.N, p.K);
+    let w2 = w3_chunk(n0 + 2u, k, p.N, p.K);
+    let w3v = w3_chunk(n0 + 3u, k, p.N, p.K);
+    for (var m = 0u; m < MV_M; m++) {
+      if (m < p.M) {
+        let x = a_chunk(m, k);
+        acc[m] += vec4<f32>(dot(x, w0), dot(x, w1), dot(x, w2), dot(x, w3v));
+      }
+    }
+  }
+  for (var m = 0u; m < MV_M; m++) { acc[m] *= p.alpha; }
+  return acc;
+}
+
+@compute @workgroup_size(MV_K, MV_N)
+fn matvec_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let gate = matvec_reduce(matvec_partial(lid, wid), lid);
+  let up = matvec_reduce(matvec3_partial(lid, wid), lid);
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  if (MV_K == 1u) {
+    for (var m = 0u; m < MV_M; m++) { store_glu(m, n0, gate[m], up[m]); }
+  } else if (lid.x < MV_M) {
+    store_glu(lid.x, n0, gate[0], up[0]);
   }
 }

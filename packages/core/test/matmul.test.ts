@@ -268,3 +268,109 @@ describe('matmul activation epilogues', () => {
     }
   }
 });
+
+// matmul_sum: C = alpha·(A·opW(W) + A3·opW(W3)) + alpha2·A2·opW(B2) + bias + beta·C, the two
+// dense products in different storage formats (the backward's dx of two projections at once).
+describe('matmul with a second product', () => {
+  const sums: (Omit<Case, 'wDtype' | 'matvec'> & { K3: number; w: DType; w3: DType })[] = [
+    { M: 65, N: 63, K: 64, K3: 96, transW: false, w: 'f32', w3: 'f16', rank: 7, bias: false, beta: 1 },
+    { M: 7, N: 96, K: 65, K3: 33, transW: false, w: 'q4_0', w3: 'q8_0', rank: 0, bias: true, beta: 0 },
+    { M: 257, N: 64, K: 63, K3: 1, transW: true, w: 'f16', w3: 'f32', rank: 1, bias: true, beta: 0 },
+    { M: 64, N: 128, K: 128, K3: 64, transW: false, w: 'f32', w3: 'q4_0', rank: 8, bias: false, beta: 0 },
+    { M: 5, N: 33, K: 96, K3: 64, transW: true, w: 'q8_0', w3: 'q4_0', rank: 0, bias: true, beta: 1 },
+    { M: 1, N: 64, K: 32, K3: 64, transW: false, w: 'f16', w3: 'f16', rank: 64, bias: false, beta: 0 },
+  ];
+  for (const c of sums) {
+    const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3}${c.rank ? ` +rank ${c.rank}` : ''}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = c.M + c.N + c.K + c.K3;
+      const a = randomArray(c.M * c.K, seed);
+      const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
+      const a3 = randomArray(c.M * c.K3, seed + 2);
+      const w3 = asStored(randomArray(c.N * c.K3, seed + 3), c.w3);
+      const a2 = randomArray(c.M * c.rank, seed + 4);
+      const b2 = randomArray(c.N * c.rank, seed + 5);
+      const bias = randomArray(c.N, seed + 6);
+      const c0 = randomArray(c.M * c.N, seed + 7);
+      const alpha = 0.75;
+      const alpha2 = 1.5;
+      const opts = { transB: c.transW };
+      let want = addRef(matmulRef(a, w, c.M, c.K, c.N, opts), matmulRef(a3, w3, c.M, c.K3, c.N, opts), 1);
+      want = want.map((v) => v * alpha);
+      if (c.rank) want = addRef(want, matmulRef(a2, b2, c.M, c.rank, c.N, opts), alpha2);
+      if (c.bias) want = want.map((v, i) => v + (bias[i % c.N] as number));
+      if (c.beta) want = addRef(want, c0, c.beta);
+      const got = await gpuCase(ctx, name, async () => {
+        const shape = (k: number) => (c.transW ? [c.N, k] : [k, c.N]);
+        const ta = tensorFromData(ctx, a, [c.M, c.K], 'f32', 'a');
+        const tw = tensorFromData(ctx, w, shape(c.K), c.w, 'w');
+        const ta3 = tensorFromData(ctx, a3, [c.M, c.K3], 'f32', 'a3');
+        const tw3 = tensorFromData(ctx, w3, shape(c.K3), c.w3, 'w3');
+        const tb = tensorFromData(ctx, bias, [c.N], 'f32', 'bias');
+        const tc = tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c');
+        const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
+        const tb2 = c.rank ? tensorFromData(ctx, b2, shape(c.rank), 'f32', 'b2') : undefined;
+        const d = await planMatmul(ctx, ta, tw, tc, {
+          transW: c.transW,
+          alpha,
+          beta: c.beta,
+          bias: c.bias ? tb : undefined,
+          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+          extra: { a: ta3, w: tw3 },
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const t of [ta, tw, ta3, tw3, tb, tc, ta2, tb2]) t?.dispose();
+        return out;
+      });
+      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.rank), 1e-5);
+    });
+  }
+});
+
+// matmul_glu / matvec_glu: gate = x·Wgᵀ, up = x·Wuᵀ and act = silu(gate)·up from one dispatch,
+// the two weights in different storage formats.
+describe('gated MLP in one dispatch', () => {
+  const glus: { M: number; N: number; K: number; wg: DType; wu: DType; matvec?: MatvecVariant }[] = [
+    { M: 65, N: 63, K: 64, wg: 'f32', wu: 'f16' },
+    { M: 7, N: 257, K: 65, wg: 'f16', wu: 'f32' },
+    { M: 257, N: 64, K: 32, wg: 'q4_0', wu: 'q4_0' },
+    { M: 1, N: 65, K: 64, wg: 'q4_0', wu: 'q8_0', matvec: 'split-k' },
+    { M: 1, N: 65, K: 64, wg: 'q4_0', wu: 'q8_0', matvec: 'rows' },
+    { M: 3, N: 64, K: 96, wg: 'q8_0', wu: 'f16', matvec: 'split-k' },
+    { M: 4, N: 7, K: 63, wg: 'f32', wu: 'f16', matvec: 'rows' },
+  ];
+  for (const g of glus) {
+    const name = `M=${g.M} N=${g.N} K=${g.K} gate:${g.wg} up:${g.wu}${g.matvec ? ` matvec ${g.matvec}` : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = g.M * 7 + g.N + g.K;
+      const x = randomArray(g.M * g.K, seed, 1);
+      const wg = asStored(randomArray(g.N * g.K, seed + 1, 1), g.wg);
+      const wu = asStored(randomArray(g.N * g.K, seed + 2, 1), g.wu);
+      const gate = matmulRef(x, wg, g.M, g.K, g.N, { transB: true });
+      const up = matmulRef(x, wu, g.M, g.K, g.N, { transB: true });
+      const act = siluMulForwardRef(gate, up).out;
+      const got = await gpuCase(ctx, name, async () => {
+        const tx = tensorFromData(ctx, x, [g.M, g.K], 'f32', 'x');
+        const twg = tensorFromData(ctx, wg, [g.N, g.K], g.wg, 'w_gate');
+        const twu = tensorFromData(ctx, wu, [g.N, g.K], g.wu, 'w_up');
+        const tg = createTensor(ctx, [g.M, g.N], 'f32', 'gate');
+        const tu = createTensor(ctx, [g.M, g.N], 'f32', 'up');
+        const ta = createTensor(ctx, [g.M, g.N], 'f32', 'act');
+        const d = await planMatmul(ctx, tx, twg, tg, { glu: { w: twu, up: tu, act: ta }, matvecVariant: g.matvec });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = { gate: await readFloat32(tg), up: await readFloat32(tu), act: await readFloat32(ta) };
+        d.dispose();
+        for (const t of [tx, twg, twu, tg, tu, ta]) t.dispose();
+        return out;
+      });
+      const tol = 2e-5 * Math.sqrt(g.K);
+      expectClose(ctx, `${name} gate`, got.gate, gate, tol, 1e-5);
+      expectClose(ctx, `${name} up`, got.up, up, tol, 1e-5);
+      expectClose(ctx, `${name} act`, got.act, act, 2 * tol, 1e-5);
+    });
+  }
+});

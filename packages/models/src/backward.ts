@@ -30,6 +30,7 @@ import {
 import { type LinearRole, modelLayout } from './architecture.js';
 import type { ModelConfig } from './config.js';
 import {
+  type AdaptedRoles,
   type AdapterRanks,
   type ForwardPlan,
   type LayerActivations,
@@ -131,6 +132,26 @@ function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse
   });
 }
 
+/** One dx dispatch of a shared-input group's backward: a projection's dx, and another's product. */
+export interface DxStep {
+  readonly role: LinearRole;
+  readonly extra?: LinearRole;
+}
+
+/**
+ * The dx dispatches of projections that read one input (`roles`, in order). `pair` (fused kernels,
+ * no LoRA dropout): each adapted projection's dx, whose low-rank slot holds its LoRA term, also
+ * carries one unadapted projection's product, and the unadapted rest go two to a dispatch
+ * (planMatmul's `extra`). Otherwise one dispatch each.
+ */
+export function dxSteps(roles: readonly LinearRole[], adapted: AdaptedRoles, pair: boolean): DxStep[] {
+  if (!pair) return roles.map((role) => ({ role }));
+  const free = roles.filter((r) => !adapted.has(r));
+  const steps: DxStep[] = roles.filter((r) => adapted.has(r)).map((role) => ({ role, extra: free.shift() }));
+  for (let role = free.shift(); role !== undefined; role = free.shift()) steps.push({ role, extra: free.shift() });
+  return steps;
+}
+
 /**
  * Dispatches of planBackward's plan, given the loss's dispatches: the final norm, then per layer
  * (last first) the replayed forward when recomputing, and the backward of every block.
@@ -159,7 +180,15 @@ export function backwardDispatchCount(
     const act = fuse && !(opts.dropout && adapted.has('down')) ? 0 : 1;
     if (c.family === 'gpt2')
       n += lin('fc') + act + 3 + lin('qkv'); // dq, dk, dv into dqkv
-    else n += lin('gate') + lin('up') + act + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + lin('q') + lin('k') + lin('v'); // RoPE
+    else {
+      // A shared-input group: each adapted projection's LoRA dispatches (its dx among them), and
+      // the dx dispatches of the rest (dxSteps).
+      const group = (roles: LinearRole[]) => {
+        const plain = dxSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
+        return roles.filter((r) => adapted.has(r)).length * lora + plain;
+      };
+      n += group(['gate', 'up']) + act + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v']); // RoPE
+    }
     n += lin('o') + lin('down');
   });
   return n;
@@ -272,6 +301,7 @@ export async function planBackward(
       dx: Tensor,
       accumulate: boolean,
       activation?: MatmulActivationBackward,
+      extra?: { a: Tensor; w: Tensor },
     ) => {
       const lin = layer.linears[role] as Linear;
       const t = lora.get(lin.module.name);
@@ -293,6 +323,7 @@ export async function planBackward(
               fuse: fwd.fuse,
               dA: slot < 0,
               dxActivation: activation,
+              dxExtra: extra,
             },
             lin.module.name,
           )),
@@ -303,11 +334,37 @@ export async function planBackward(
             transW: false,
             beta: accumulate ? 1 : 0,
             activationBackward: activation,
+            extra,
             label: `${lin.module.name}.dx`,
           }),
         );
       }
     };
+
+    /** dx = Σ dy·W (and the LoRA gradients) of projections that read the same input x, in
+     * dxSteps' dispatches; their shared dA last. */
+    const groupBackward = async (
+      layer: Layer,
+      a: LayerActivations,
+      parts: readonly (readonly [LinearRole, Tensor])[],
+      x: Tensor,
+      dx: Tensor,
+      label: string,
+    ) => {
+      const roles = parts.map(([role]) => role);
+      const dy = new Map(parts);
+      const adapted = new Set(a.loraH.keys());
+      shared = groups(a).find((g) => g.every((r) => roles.includes(r))) ?? [];
+      const steps = dxSteps(roles, adapted, fwd.fuse && fwd.dropout === undefined);
+      for (const [i, step] of steps.entries()) {
+        const extra = step.extra && { a: dy.get(step.extra) as Tensor, w: (layer.linears[step.extra] as Linear).w };
+        await linearBackward(layer, a, step.role, x, dy.get(step.role) as Tensor, dx, i > 0, undefined, extra);
+      }
+      await flushShared(x, `${label}.lora_dA.${shared.join('_')}`);
+      shared = [];
+    };
+    const groups = (a: LayerActivations) =>
+      sharedLoraGroups(c, new Set(a.loraH.keys()), fwd.dropout !== undefined, fwd.fuse);
 
     const last = fwd.layers[fwd.layers.length - 1] as LayerActivations;
     out.push(await normBackward(model.finalNorm, last.out, fwd.finalStats, dHidden, dResid, false, 'final_norm'));
@@ -317,8 +374,6 @@ export async function planBackward(
       const layer = model.layers[i] as Layer;
       const a = fwd.layers[i] as LayerActivations;
       const p = `layer${i}`;
-      const groups = sharedLoraGroups(c, new Set(a.loraH.keys()), fwd.dropout !== undefined, fwd.fuse);
-      const groupOf = (roles: readonly LinearRole[]) => groups.find((g) => g.every((r) => roles.includes(r))) ?? [];
       if (fwd.recompute && i < c.numLayers - 1) {
         // The shared activations hold the last layer's forward: rerun this layer's (from its
         // saved input) before differentiating it. The forward plan owns these dispatches.
@@ -355,11 +410,17 @@ export async function planBackward(
             ),
           );
         }
-        shared = groupOf(['gate', 'up']);
-        await linearBackward(layer, a, 'gate', a.n2, dGate, dNorm, false);
-        await linearBackward(layer, a, 'up', a.n2, dUp as Tensor, dNorm, true);
-        await flushShared(a.n2, `${p}.lora_dA.${shared.join('_')}`);
-        shared = [];
+        await groupBackward(
+          layer,
+          a,
+          [
+            ['gate', dGate],
+            ['up', dUp as Tensor],
+          ],
+          a.n2,
+          dNorm,
+          p,
+        );
       }
       // The residual: ∂L/∂mid = ∂L/∂out + norm2's backward, added in place.
       out.push(await normBackward(layer.norm2, a.mid, a.n2Stats, dNorm, dResid, true, `${p}.norm2`));
@@ -460,12 +521,18 @@ export async function planBackward(
           dqIn = dqRaw as Tensor;
           dkIn = dkRaw as Tensor;
         }
-        shared = groupOf(['q', 'k', 'v']);
-        await linearBackward(layer, a, 'q', a.n1, dqIn, dNorm, false);
-        await linearBackward(layer, a, 'k', a.n1, dkIn, dNorm, true);
-        await linearBackward(layer, a, 'v', a.n1, dv, dNorm, true);
-        await flushShared(a.n1, `${p}.lora_dA.${shared.join('_')}`);
-        shared = [];
+        await groupBackward(
+          layer,
+          a,
+          [
+            ['q', dqIn],
+            ['k', dkIn],
+            ['v', dv],
+          ],
+          a.n1,
+          dNorm,
+          p,
+        );
       }
       // ∂L/∂x = ∂L/∂mid + norm1's backward: dResid becomes the previous layer's ∂L/∂out.
       out.push(await normBackward(layer.norm1, a.x, a.n1Stats, dNorm, dResid, true, `${p}.norm1`));

@@ -385,6 +385,14 @@ export function sharedLoraGroups(
     .filter((g) => g.length >= 2);
 }
 
+/**
+ * Whether a layer's gate and up projections, and silu(gate)·up, are one dispatch (planMatmul's
+ * `glu`): fused kernels, the gated MLP without bias, neither projection adapted.
+ */
+export function gatedMlpFused(config: ModelConfig, adapted: AdaptedRoles, fuse: boolean): boolean {
+  return fuse && config.family !== 'gpt2' && !config.mlpBias && !adapted.has('gate') && !adapted.has('up');
+}
+
 export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, dropout = false, fuse = true): number {
   const c = config;
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
@@ -394,7 +402,10 @@ export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, d
   const rope = fuse ? 1 : 2; // q and k in one dispatch, or one each
   const act = fuse ? 0 : 1; // gelu or silu·mul: the fc or up projection's epilogue when fused
   if (c.family === 'gpt2') n += lin('qkv') + lin('fc') + act;
-  else n += lin('q') + lin('k') + lin('v') + rope + (c.qkNorm ? 2 : 0) + lin('gate') + lin('up') + act;
+  else {
+    const mlp = gatedMlpFused(c, adapted, fuse) ? 1 : lin('gate') + lin('up') + act;
+    n += lin('q') + lin('k') + lin('v') + rope + (c.qkNorm ? 2 : 0) + mlp;
+  }
   return n + lin('o') + lin('down');
 }
 
@@ -761,11 +772,17 @@ export async function planLayer(
     await lin('fc', a.n2, a.gate, false, fuse ? { kind: 'gelu', act: a.act } : undefined);
     if (!fuse) out.push(await planGeluNewForward(ctx, { x: a.gate, y: a.act }, `${p}.gelu`));
   } else {
-    await sharedH(a.n2, ['gate', 'up']);
-    await lin('gate', a.n2, a.gate);
     const up = a.up as Tensor;
-    await lin('up', a.n2, up, false, fuse ? { kind: 'silu_mul', gate: a.gate, act: a.act } : undefined);
-    if (!fuse) out.push(await planSiluMulForward(ctx, { gate: a.gate, up, out: a.act }, `${p}.silu_mul`));
+    if (gatedMlpFused(c, adapted, fuse)) {
+      // gate, up and silu(gate)·up from one pass over n2.
+      const glu = { w: linear(layer, 'up').w, up, act: a.act };
+      out.push(await planMatmul(ctx, a.n2, linear(layer, 'gate').w, a.gate, { glu, label: `${p}.mlp.gate_up` }));
+    } else {
+      await sharedH(a.n2, ['gate', 'up']);
+      await lin('gate', a.n2, a.gate);
+      await lin('up', a.n2, up, false, fuse ? { kind: 'silu_mul', gate: a.gate, act: a.act } : undefined);
+      if (!fuse) out.push(await planSiluMulForward(ctx, { gate: a.gate, up, out: a.act }, `${p}.silu_mul`));
+    }
   }
   await lin('down', a.act, a.out, true);
   return out;

@@ -460,6 +460,9 @@ export interface LoraBackwardOptions {
   /** dx is ∂L/∂act of the MLP's nonlinearity: store its backward instead (planMatmul's
    * activationBackward; not with dropout, whose dx takes three dispatches). */
   dxActivation?: MatmulActivationBackward;
+  /** dx also takes another projection's dy·W (planMatmul's `extra`): two projections that read
+   * the same input, one dx dispatch. Not with dropout. */
+  dxExtra?: { readonly a: Tensor; readonly w: Tensor };
 }
 
 /**
@@ -532,7 +535,8 @@ export async function planLoraBackward(
       ),
     );
   }
-  if (opts.dxActivation && dropout) throw new ShapeError(`${op}: LoRA dropout's dx takes no activation epilogue`);
+  if ((opts.dxActivation || opts.dxExtra) && dropout)
+    throw new ShapeError(`${op}: LoRA dropout's dx takes no activation epilogue or second product`);
   if (io.dx && dropout && xd) {
     plan.push(
       await planMatmul(ctx, io.dy, layer.w0, io.dx, {
@@ -551,6 +555,7 @@ export async function planLoraBackward(
         beta: opts.accumulateDx ? 1 : 0,
         lowRank: { a2: io.g, b2: layer.a, alpha2: layer.scale },
         activationBackward: opts.dxActivation,
+        extra: opts.dxExtra,
         label: `${label}.dx`,
       }),
     );

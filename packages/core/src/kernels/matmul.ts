@@ -21,6 +21,27 @@ const MATVEC: KernelSpec = { source, file, entryPoint: 'matvec', bindings: BINDI
 const MATMUL_ACT: KernelSpec = { source, file, entryPoint: 'matmul_act', bindings: ACT_BINDINGS };
 const MATVEC_ACT: KernelSpec = { source, file, entryPoint: 'matvec_act', bindings: ACT_BINDINGS };
 const MATMUL_ACT_BWD: KernelSpec = { source, file, entryPoint: 'matmul_act_bwd', bindings: ACT_BWD_BINDINGS };
+// The second product (matmul_sum): + 10 A3, 11 W3 (7..9 unused). 8 storage buffers.
+const SUM_BINDINGS = [...BINDINGS, 'none', 'none', 'none', 'read', 'read'] as const;
+// The gated MLP (matmul_glu, matvec_glu): no bias; 8 act, 11 W3 (up's weight), 12 up. 8 storage buffers.
+const GLU_BINDINGS = [
+  'uniform',
+  'read',
+  'read',
+  'none',
+  'read',
+  'read',
+  'write',
+  'none',
+  'write',
+  'none',
+  'none',
+  'read',
+  'write',
+] as const;
+const MATMUL_SUM: KernelSpec = { source, file, entryPoint: 'matmul_sum', bindings: SUM_BINDINGS };
+const MATMUL_GLU: KernelSpec = { source, file, entryPoint: 'matmul_glu', bindings: GLU_BINDINGS };
+const MATVEC_GLU: KernelSpec = { source, file, entryPoint: 'matvec_glu', bindings: GLU_BINDINGS };
 
 /**
  * The MLP nonlinearity a matmul stores through (matmul.wgsl's activation epilogues), so that it
@@ -95,6 +116,18 @@ export interface MatmulOptions {
   activation?: MatmulActivation;
   /** C is ∂L/∂act: store the activation's backward instead (no bias, beta 0; tiled kernel). */
   activationBackward?: MatmulActivationBackward;
+  /**
+   * A second dense product in the same tile loop: C = alpha·(A·opW(W) + A3·opW(W3)) + ...
+   * (matmul_sum). A3 is M×K3; W3 is laid out like W (N×K3 when transW, else K3×N) in any of W's
+   * storage formats. The backward's dx of two projections that share an input, in one dispatch.
+   */
+  extra?: { readonly a: Tensor; readonly w: Tensor };
+  /**
+   * The gated MLP: C is the gate projection A·Wᵀ, `up` gets A·W3ᵀ (W3 N×K, any storage format)
+   * and `act` silu(C)·up, in one dispatch (matmul_glu / matvec_glu). transW only; no bias, beta,
+   * low-rank term, wRows or other epilogue.
+   */
+  glu?: { readonly w: Tensor; readonly up: Tensor; readonly act: Tensor };
   label?: string;
 }
 
@@ -220,17 +253,31 @@ export async function planMatmul(
   const act = opts.activation;
   const actBwd = opts.activationBackward;
   checkActivation(ctx, label, c, opts);
+  const extra = opts.extra;
+  const glu = opts.glu;
+  const K3 = extra ? checkExtra(label, dims, transW, extra, opts) : 0;
+  if (glu) checkGlu(label, w, c, transW, opts);
+  const w3 = extra?.w ?? glu?.w;
+  const third: Record<string, boolean> = w3
+    ? {
+        W3_F16: w3.dtype === 'f16',
+        W3_Q8_0: w3.dtype === 'q8_0',
+        W3_Q4_0: w3.dtype === 'q4_0',
+        ALIGNED3: extra ? K3 % 4 === 0 && (transW || dims.N % 4 === 0) : dims.K % 4 === 0,
+      }
+    : {};
   const epilogue: Record<string, number> = act || actBwd ? { ACT: (act ?? actBwd)?.kind === 'silu_mul' ? 1 : 2 } : {};
   let kernel: Kernel;
   let workgroups: [number, number];
   const variant = opts.matvecVariant ?? matvecVariant(ctx);
-  if (!actBwd && usesMatvec(ctx, dims, transW, variant)) {
+  if (!actBwd && !extra && usesMatvec(ctx, dims, transW, variant)) {
     const shape = matvecShape(variant);
-    kernel = await getKernel(ctx, act ? MATVEC_ACT : MATVEC, { ...shape, ...common, ...epilogue });
+    const spec = glu ? MATVEC_GLU : act ? MATVEC_ACT : MATVEC;
+    kernel = await getKernel(ctx, spec, { ...shape, ...common, ...epilogue, ...third });
     workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
   } else {
     const tile = matmulTile(ctx, dims);
-    const spec = act ? MATMUL_ACT : actBwd ? MATMUL_ACT_BWD : MATMUL;
+    const spec = glu ? MATMUL_GLU : extra ? MATMUL_SUM : act ? MATMUL_ACT : actBwd ? MATMUL_ACT_BWD : MATMUL;
     kernel = await getKernel(ctx, spec, {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -238,6 +285,7 @@ export async function planMatmul(
       TRANS_W: transW,
       ...common,
       ...epilogue,
+      ...third,
     });
     workgroups = [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))];
   }
@@ -249,10 +297,15 @@ export async function planMatmul(
       actBwd.kind === 'silu_mul'
         ? [a, w, ...operands, actBwd.gate, actBwd.up, actBwd.dup]
         : [a, w, ...operands, actBwd.pre, placeholder, ctx.placeholder('write', 1)];
+  } else if (glu) {
+    resources = [a, w, ...operands, glu.act, glu.w, glu.up];
   } else {
     resources = [a, w, opts.bias ?? placeholder, ...operands];
     if (act) resources.push(act.kind === 'silu_mul' ? act.gate : placeholder, act.act);
+    if (extra) resources.push(extra.a, extra.w);
   }
+  const scales = (t: Tensor | undefined) =>
+    t && isQuantFormat(t.dtype) ? gpuQuantLayout(t.dtype, t.size).scaleWordOffset : 0;
   return bindKernel(ctx, kernel, {
     label,
     resources,
@@ -267,9 +320,56 @@ export async function planMatmul(
       ['f32', opts.beta ?? 0],
       ['u32', opts.bias ? 1 : 0],
       ['u32', wOffset],
-      ['u32', isQuantFormat(w.dtype) ? gpuQuantLayout(w.dtype, w.size).scaleWordOffset : 0],
+      ['u32', scales(w)],
+      ['u32', K3],
+      ['u32', scales(w3)],
     ]),
   });
+}
+
+const WEIGHT_DTYPES = new Set(['f32', 'f16', 'q8_0', 'q4_0']);
+
+/** Checks matmul_sum's second product against C = A·opW(W) and returns its K3. */
+function checkExtra(
+  label: string,
+  dims: MatmulDims,
+  transW: boolean,
+  extra: NonNullable<MatmulOptions['extra']>,
+  opts: MatmulOptions,
+): number {
+  if (opts.activation || opts.activationBackward || opts.glu)
+    throw new ShapeError(`${label}: a second product takes no activation epilogue`);
+  const { a: a3, w: w3 } = extra;
+  if (w3.shape.length !== 2 || !WEIGHT_DTYPES.has(w3.dtype))
+    throw new ShapeError(`${label}: W3 ${w3.label} ${w3.dtype}${formatShape(w3.shape)} must be a 2-D weight`);
+  const K3 = (transW ? w3.shape[1] : w3.shape[0]) as number;
+  const N3 = transW ? w3.shape[0] : w3.shape[1];
+  if (N3 !== dims.N)
+    throw new ShapeError(`${label}: W3 ${w3.label} ${formatShape(w3.shape)} must give ${dims.N} output columns like W`);
+  if (a3.dtype !== 'f32' || a3.size !== dims.M * K3 || a3.shape[a3.shape.length - 1] !== K3)
+    throw new ShapeError(`${label}: A3 ${a3.label} ${a3.dtype}${formatShape(a3.shape)} must be f32 ${dims.M}×${K3}`);
+  return K3;
+}
+
+/** Checks the gated MLP's operands: W3 shaped like W, up and act f32 like C, nothing else fused. */
+function checkGlu(label: string, w: Tensor, c: Tensor, transW: boolean, opts: MatmulOptions): void {
+  const glu = opts.glu as NonNullable<MatmulOptions['glu']>;
+  if (!transW || opts.bias || (opts.beta ?? 0) !== 0 || opts.lowRank || opts.wRows || opts.activation)
+    throw new ShapeError(`${label}: the gated MLP takes W transposed and no bias, beta, low-rank term or row range`);
+  if (opts.activationBackward) throw new ShapeError(`${label}: the gated MLP has no backward epilogue`);
+  if (!WEIGHT_DTYPES.has(glu.w.dtype) || glu.w.shape.length !== 2 || glu.w.shape.some((n, i) => n !== w.shape[i]))
+    throw new ShapeError(
+      `${label}: up's weight ${glu.w.label} ${glu.w.dtype}${formatShape(glu.w.shape)} must be shaped like the gate's ${formatShape(w.shape)}`,
+    );
+  for (const [t, what] of [
+    [glu.up, 'up'],
+    [glu.act, 'activation'],
+  ] as const) {
+    if (t.dtype !== 'f32' || t.size !== c.size)
+      throw new ShapeError(
+        `${label}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 like C ${formatShape(c.shape)}`,
+      );
+  }
 }
 
 /** Checks an activation epilogue's operands: each M×N f32 like C, and what the kernel needs. */
