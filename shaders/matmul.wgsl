@@ -564,8 +564,11 @@ fn matvec_act(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
 //                M×K3; W3 has W's layout with K3 in place of K and a storage format of its own.
 //   matmul_glu,  the gated MLP's gate and up projections of one input: C = A·Wᵀ (gate), up_out =
 //   matvec_glu   A·W3ᵀ (up, W3 N×K like W), act_out = silu(gate)·up. A is staged once for both;
-//                no bias, beta or low-rank term (planMatmul falls back to two dispatches then).
-// Bindings besides 0..6: 10 a3 (matmul_sum), 11 w3, 12 up_out (the glu entries, with 8 act_out).
+//                no bias or beta (the planners use it for unadapted gate and up only).
+//   matmul_pair, two projections of one input, C = A·Wᵀ + alpha2·A2·B2ᵀ (with its LoRA term) and
+//   matvec_pair  up_out = A·W3ᵀ: q and k, say. No bias or beta.
+// Bindings besides 0..6: 10 a3 (matmul_sum), 11 w3, 12 up_out (the glu and pair entries; glu's
+// with 8 act_out).
 @group(0) @binding(10) var<storage, read> a3: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read> w3: array<vec4<u32>>;
 @group(0) @binding(12) var<storage, read_write> up_out: array<f32>;
@@ -678,34 +681,62 @@ fn store_glu(m: u32, n: u32, gate: vec4<f32>, up: vec4<f32>) {
   }
 }
 
-// Each K step stages A once and W then W3 through the one W tile (a second tile would enlarge
-// every matmul entry's workgroup memory): two accumulators, one staging of the input.
-@compute @workgroup_size(WG_X, WG_Y)
-fn matmul_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+// The products of A with W and with W3 (each invocation's 4×4 blocks), alpha applied, the
+// low-rank term added to the first. Each K step stages A once and W then W3 through the one W tile
+// (a second tile would enlarge every matmul entry's workgroup memory).
+fn pair_products(lid: vec3<u32>, wid: vec3<u32>) -> array<mat4x4<f32>, 2> {
   let tid = lid.y * WG_X + lid.x;
   let m0 = wid.y * WG_Y * 4u;
   let n0 = wid.x * WG_X * 4u;
-  var gate = mat4x4<f32>();
-  var up = mat4x4<f32>();
+  var first = mat4x4<f32>();
+  var second = mat4x4<f32>();
   for (var k0 = 0u; k0 < p.K; k0 += TK) {
     stage_a(tid, m0, k0, false);
     stage_w(tid, n0, k0, false);
     workgroupBarrier();
-    gate = multiply_tile(gate, lid.x, lid.y);
+    first = multiply_tile(first, lid.x, lid.y);
     workgroupBarrier();
     stage_w3(tid, n0, k0, p.K);
     workgroupBarrier();
-    up = multiply_tile(up, lid.x, lid.y);
+    second = multiply_tile(second, lid.x, lid.y);
     workgroupBarrier();
   }
-  gate = gate * p.alpha;
-  up = up * p.alpha;
-  let m = m0 + lid.y * 4u;
-  let n = n0 + lid.x * 4u;
-  store_glu(m + 0u, n, gate[0], up[0]);
-  store_glu(m + 1u, n, gate[1], up[1]);
-  store_glu(m + 2u, n, gate[2], up[2]);
-  store_glu(m + 3u, n, gate[3], up[3]);
+  first = low_rank_product(first * p.alpha, tid, lid.x, lid.y, m0, n0);
+  return array<mat4x4<f32>, 2>(first, second * p.alpha);
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = pair_products(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_glu(m + 0u, n, r[0][0], r[1][0]);
+  store_glu(m + 1u, n, r[0][1], r[1][1]);
+  store_glu(m + 2u, n, r[0][2], r[1][2]);
+  store_glu(m + 3u, n, r[0][3], r[1][3]);
+}
+
+// Two projections of one input at C[m][n..n+3] and up_out[m][n..n+3] (matmul_pair, matvec_pair).
+fn store_pair(m: u32, n: u32, first: vec4<f32>, second: vec4<f32>) {
+  if (m >= p.M) { return; }
+  let base = m * p.N + n;
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N) {
+      c[base + j] = first[j];
+      up_out[base + j] = second[j];
+    }
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_pair(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = pair_products(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_pair(m + 0u, n, r[0][0], r[1][0]);
+  store_pair(m + 1u, n, r[0][1], r[1][1]);
+  store_pair(m + 2u, n, r[0][2], r[1][2]);
+  store_pair(m + 3u, n, r[0][3], r[1][3]);
 }
 
 // matvec_partial's K loop against W3 (no low-rank term).
@@ -737,5 +768,17 @@ fn matvec_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
     for (var m = 0u; m < MV_M; m++) { store_glu(m, n0, gate[m], up[m]); }
   } else if (lid.x < MV_M) {
     store_glu(lid.x, n0, gate[0], up[0]);
+  }
+}
+
+@compute @workgroup_size(MV_K, MV_N)
+fn matvec_pair(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let first = matvec_reduce(matvec_partial(lid, wid), lid);
+  let second = matvec_reduce(matvec3_partial(lid, wid), lid);
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  if (MV_K == 1u) {
+    for (var m = 0u; m < MV_M; m++) { store_pair(m, n0, first[m], second[m]); }
+  } else if (lid.x < MV_M) {
+    store_pair(lid.x, n0, first[0], second[0]);
   }
 }

@@ -374,3 +374,52 @@ describe('gated MLP in one dispatch', () => {
     });
   }
 });
+
+// matmul_pair / matvec_pair: C = x·Wᵀ + alpha2·A2·B2ᵀ and out = x·W3ᵀ from one dispatch (q with
+// its LoRA term beside an unadapted k), the weights in different storage formats.
+describe('two projections in one dispatch', () => {
+  const pairs: { M: number; N: number; K: number; w: DType; w3: DType; rank: number; matvec?: MatvecVariant }[] = [
+    { M: 65, N: 63, K: 64, w: 'f16', w3: 'f32', rank: 7 },
+    { M: 257, N: 96, K: 32, w: 'q8_0', w3: 'q4_0', rank: 0 },
+    { M: 7, N: 65, K: 65, w: 'f32', w3: 'f16', rank: 1 },
+    { M: 1, N: 65, K: 96, w: 'q4_0', w3: 'f16', rank: 8, matvec: 'split-k' },
+    { M: 2, N: 63, K: 64, w: 'f16', w3: 'q8_0', rank: 4, matvec: 'rows' },
+  ];
+  for (const c of pairs) {
+    const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w} W3:${c.w3}${c.rank ? ` +rank ${c.rank}` : ''}${c.matvec ? ` matvec ${c.matvec}` : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = c.M * 3 + c.N + c.K;
+      const x = randomArray(c.M * c.K, seed);
+      const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
+      const w3 = asStored(randomArray(c.N * c.K, seed + 2), c.w3);
+      const a2 = randomArray(c.M * c.rank, seed + 3);
+      const b2 = randomArray(c.N * c.rank, seed + 4);
+      const alpha2 = 2;
+      let first = matmulRef(x, w, c.M, c.K, c.N, { transB: true });
+      if (c.rank) first = addRef(first, matmulRef(a2, b2, c.M, c.rank, c.N, { transB: true }), alpha2);
+      const second = matmulRef(x, w3, c.M, c.K, c.N, { transB: true });
+      const got = await gpuCase(ctx, name, async () => {
+        const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
+        const tw = tensorFromData(ctx, w, [c.N, c.K], c.w, 'w');
+        const tw3 = tensorFromData(ctx, w3, [c.N, c.K], c.w3, 'w3');
+        const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
+        const tb2 = c.rank ? tensorFromData(ctx, b2, [c.N, c.rank], 'f32', 'b2') : undefined;
+        const tc = createTensor(ctx, [c.M, c.N], 'f32', 'c');
+        const tout = createTensor(ctx, [c.M, c.N], 'f32', 'out');
+        const d = await planMatmul(ctx, tx, tw, tc, {
+          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+          second: { w: tw3, out: tout },
+          matvecVariant: c.matvec,
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = { first: await readFloat32(tc), second: await readFloat32(tout) };
+        d.dispose();
+        for (const t of [tx, tw, tw3, ta2, tb2, tc, tout]) t?.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name} C`, got.first, first, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
+      expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
+    });
+  }
+});

@@ -30,7 +30,6 @@ import {
 import { type LinearRole, modelLayout } from './architecture.js';
 import type { ModelConfig } from './config.js';
 import {
-  type AdaptedRoles,
   type AdapterRanks,
   type ForwardPlan,
   type LayerActivations,
@@ -38,6 +37,7 @@ import {
   loraDropout,
   type NormStats,
   type PlannedBuffer,
+  projectionSteps,
   sharedLoraGroups,
 } from './forward.js';
 import type { Layer, Linear, Norm } from './model.js';
@@ -132,26 +132,6 @@ function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse
   });
 }
 
-/** One dx dispatch of a shared-input group's backward: a projection's dx, and another's product. */
-export interface DxStep {
-  readonly role: LinearRole;
-  readonly extra?: LinearRole;
-}
-
-/**
- * The dx dispatches of projections that read one input (`roles`, in order). `pair` (fused kernels,
- * no LoRA dropout): each adapted projection's dx, whose low-rank slot holds its LoRA term, also
- * carries one unadapted projection's product, and the unadapted rest go two to a dispatch
- * (planMatmul's `extra`). Otherwise one dispatch each.
- */
-export function dxSteps(roles: readonly LinearRole[], adapted: AdaptedRoles, pair: boolean): DxStep[] {
-  if (!pair) return roles.map((role) => ({ role }));
-  const free = roles.filter((r) => !adapted.has(r));
-  const steps: DxStep[] = roles.filter((r) => adapted.has(r)).map((role) => ({ role, extra: free.shift() }));
-  for (let role = free.shift(); role !== undefined; role = free.shift()) steps.push({ role, extra: free.shift() });
-  return steps;
-}
-
 /**
  * Dispatches of planBackward's plan, given the loss's dispatches: the final norm, then per layer
  * (last first) the replayed forward when recomputing, and the backward of every block.
@@ -184,7 +164,7 @@ export function backwardDispatchCount(
       // A shared-input group: each adapted projection's LoRA dispatches (its dx among them), and
       // the dx dispatches of the rest (dxSteps).
       const group = (roles: LinearRole[]) => {
-        const plain = dxSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
+        const plain = projectionSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
         return roles.filter((r) => adapted.has(r)).length * lora + plain;
       };
       n += group(['gate', 'up']) + act + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v']); // RoPE
@@ -355,7 +335,7 @@ export async function planBackward(
       const dy = new Map(parts);
       const adapted = new Set(a.loraH.keys());
       shared = groups(a).find((g) => g.every((r) => roles.includes(r))) ?? [];
-      const steps = dxSteps(roles, adapted, fwd.fuse && fwd.dropout === undefined);
+      const steps = projectionSteps(roles, adapted, fwd.fuse && fwd.dropout === undefined);
       for (const [i, step] of steps.entries()) {
         const extra = step.extra && { a: dy.get(step.extra) as Tensor, w: (layer.linears[step.extra] as Linear).w };
         await linearBackward(layer, a, step.role, x, dy.get(step.role) as Tensor, dx, i > 0, undefined, extra);

@@ -385,6 +385,44 @@ export function sharedLoraGroups(
     .filter((g) => g.length >= 2);
 }
 
+/** One dispatch of projections that read the same input: a projection's, and another's beside it. */
+export interface ProjectionStep {
+  readonly role: LinearRole;
+  readonly extra?: LinearRole;
+}
+
+/**
+ * The dispatches of projections that read one input (`roles`, in order), forward (q, k, v: planMatmul's
+ * `second`) or backward (their dx: its `extra`). `pair`: each adapted projection's dispatch, whose
+ * low-rank slot holds its LoRA term, also carries one unadapted projection that `fits` beside it,
+ * and the unadapted rest go two to a dispatch where they fit. Otherwise one dispatch each.
+ */
+export function projectionSteps(
+  roles: readonly LinearRole[],
+  adapted: AdaptedRoles,
+  pair: boolean,
+  fits: (a: LinearRole, b: LinearRole) => boolean = () => true,
+): ProjectionStep[] {
+  if (!pair) return roles.map((role) => ({ role }));
+  const free = roles.filter((r) => !adapted.has(r));
+  const take = (role: LinearRole) => {
+    const i = free.findIndex((r) => fits(role, r));
+    return i < 0 ? undefined : free.splice(i, 1)[0];
+  };
+  const steps: ProjectionStep[] = roles.filter((r) => adapted.has(r)).map((role) => ({ role, extra: take(role) }));
+  for (let role = free.shift(); role !== undefined; role = free.shift()) steps.push({ role, extra: take(role) });
+  return steps;
+}
+
+/** The forward's q, k and v dispatches: two to one where they can be (projectionSteps), that is,
+ * with fused kernels and no bias on them (matmul_pair has none), between projections of the same
+ * output width (k and v; q too without grouped heads). */
+export function qkvSteps(config: ModelConfig, adapted: AdaptedRoles, fuse: boolean): ProjectionStep[] {
+  const width = (role: LinearRole) => (role === 'q' ? config.numHeads : config.numKvHeads);
+  const pair = fuse && config.family !== 'gpt2' && !config.qkvBias;
+  return projectionSteps(['q', 'k', 'v'], adapted, pair, (a, b) => width(a) === width(b));
+}
+
 /**
  * Whether a layer's gate and up projections, and silu(gate)·up, are one dispatch (planMatmul's
  * `glu`): fused kernels, the gated MLP without bias, neither projection adapted.
@@ -404,7 +442,8 @@ export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, d
   if (c.family === 'gpt2') n += lin('qkv') + lin('fc') + act;
   else {
     const mlp = gatedMlpFused(c, adapted, fuse) ? 1 : lin('gate') + lin('up') + act;
-    n += lin('q') + lin('k') + lin('v') + rope + (c.qkNorm ? 2 : 0) + mlp;
+    const projections = qkvSteps(c, adapted, fuse).reduce((m, s) => m + (adapted.has(s.role) ? lin(s.role) : 1), 0);
+    n += projections + rope + (c.qkNorm ? 2 : 0) + mlp;
   }
   return n + lin('o') + lin('down');
 }
@@ -547,7 +586,8 @@ export function loraDropout(
 
 /** y (+)= x·Wᵀ + bias, or the fused LoRA form when the module has an adapter; `accumulate` adds
  * into y (the residual stream); `hComputed`: LoRA's h is already in its buffer (a shared-input
- * group's one dispatch); `activation`: y is stored through the MLP's nonlinearity too. */
+ * group's one dispatch); `activation`: y is stored through the MLP's nonlinearity too; `second`:
+ * another (unadapted) projection of x in the same dispatch. */
 export async function planLinear(
   ctx: GpuContext,
   lin: Linear,
@@ -559,6 +599,7 @@ export async function planLinear(
   dropout?: DropoutState,
   hComputed = false,
   activation?: MatmulActivation,
+  second?: { readonly w: Tensor; readonly out: Tensor },
 ): Promise<Dispatch[]> {
   const label = lin.module.name;
   if (lora) {
@@ -567,11 +608,11 @@ export async function planLinear(
     return planLoraForward(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
-      { x, y, h, accumulate, hComputed, activation, ...(d ? { dropout: d } : {}) },
+      { x, y, h, accumulate, hComputed, activation, second, ...(d ? { dropout: d } : {}) },
       label,
     );
   }
-  return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, beta: accumulate ? 1 : 0, activation, label })];
+  return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, beta: accumulate ? 1 : 0, activation, second, label })];
 }
 
 /** Where a layer's q, k and v projections write (RoPE and the per-head norms act there in place). */
@@ -618,6 +659,7 @@ type Lin = (
   y: Tensor,
   accumulate?: boolean,
   activation?: MatmulActivation,
+  second?: { readonly w: Tensor; readonly out: Tensor },
 ) => Promise<void>;
 
 async function planProjections(
@@ -638,9 +680,19 @@ async function planProjections(
     await lin('qkv', a.n1, dest.qkv);
     return;
   }
-  await lin('q', a.n1, a.qRaw ?? dest.q);
-  await lin('k', a.n1, a.kRaw ?? dest.k);
-  await lin('v', a.n1, dest.v);
+  // Two to a dispatch where they can be (projectionSteps).
+  const outputs = new Map<LinearRole, Tensor>([
+    ['q', a.qRaw ?? dest.q],
+    ['k', a.kRaw ?? dest.k],
+    ['v', dest.v],
+  ]);
+  for (const step of qkvSteps(c, new Set(a.loraH.keys()), fuse)) {
+    const second = step.extra && {
+      w: (layer.linears[step.extra] as Linear).w,
+      out: outputs.get(step.extra) as Tensor,
+    };
+    await lin(step.role, a.n1, outputs.get(step.role) as Tensor, false, undefined, second);
+  }
   if (c.qkNorm) {
     const eps = c.norm.eps;
     out.push(
@@ -714,12 +766,11 @@ export async function planLayer(
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
   const shared = new Set<LinearRole>();
-  const lin: Lin = async (role, x, y, accumulate, activation) => {
+  const lin: Lin = async (role, x, y, accumulate, activation, second) => {
     const l = linear(layer, role);
     const w = lora?.get(l.module.name);
-    out.push(
-      ...(await planLinear(ctx, l, x, y, w, a.loraH.get(role), accumulate, dropout, shared.has(role), activation)),
-    );
+    const h = a.loraH.get(role);
+    out.push(...(await planLinear(ctx, l, x, y, w, h, accumulate, dropout, shared.has(role), activation, second)));
   };
   // The h of adapted projections that read the same input, in one dispatch before them.
   const adapted = new Set([...a.loraH.keys()]);

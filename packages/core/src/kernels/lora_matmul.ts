@@ -379,6 +379,8 @@ export interface LoraForwardBuffers {
   hComputed?: boolean;
   /** y is stored through the MLP's nonlinearity too (planMatmul's activation epilogue). */
   activation?: MatmulActivation;
+  /** Another (unadapted) projection of x in y's dispatch (planMatmul's `second`). */
+  second?: { readonly w: Tensor; readonly out: Tensor };
 }
 
 /**
@@ -423,6 +425,7 @@ export async function planLoraForward(
     bias: layer.bias,
     lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
     activation: io.activation,
+    second: io.second,
     label: `${label}.y`,
   });
   return h ? [...pre, h, y] : [...pre, y];

@@ -39,9 +39,13 @@ const GLU_BINDINGS = [
   'read',
   'write',
 ] as const;
+// Two projections (matmul_pair, matvec_pair): as the gated MLP without the activation. 7 storage buffers.
+const PAIR_BINDINGS = GLU_BINDINGS.map((b, i) => (i === 8 ? 'none' : b));
 const MATMUL_SUM: KernelSpec = { source, file, entryPoint: 'matmul_sum', bindings: SUM_BINDINGS };
 const MATMUL_GLU: KernelSpec = { source, file, entryPoint: 'matmul_glu', bindings: GLU_BINDINGS };
 const MATVEC_GLU: KernelSpec = { source, file, entryPoint: 'matvec_glu', bindings: GLU_BINDINGS };
+const MATMUL_PAIR: KernelSpec = { source, file, entryPoint: 'matmul_pair', bindings: PAIR_BINDINGS };
+const MATVEC_PAIR: KernelSpec = { source, file, entryPoint: 'matvec_pair', bindings: PAIR_BINDINGS };
 
 /**
  * The MLP nonlinearity a matmul stores through (matmul.wgsl's activation epilogues), so that it
@@ -128,6 +132,12 @@ export interface MatmulOptions {
    * low-rank term, wRows or other epilogue.
    */
   glu?: { readonly w: Tensor; readonly up: Tensor; readonly act: Tensor };
+  /**
+   * A second projection of the same A: `out` gets A·W3ᵀ (W3 N×K, any storage format) while C gets
+   * A·Wᵀ with its low-rank term, in one dispatch (matmul_pair / matvec_pair): q and k, say.
+   * transW only; no bias, beta, wRows or epilogue.
+   */
+  second?: { readonly w: Tensor; readonly out: Tensor };
   label?: string;
 }
 
@@ -256,8 +266,11 @@ export async function planMatmul(
   const extra = opts.extra;
   const glu = opts.glu;
   const K3 = extra ? checkExtra(label, dims, transW, extra, opts) : 0;
-  if (glu) checkGlu(label, w, c, transW, opts);
-  const w3 = extra?.w ?? glu?.w;
+  const second = opts.second;
+  if (glu && second) throw new ShapeError(`${label}: glu and second are exclusive`);
+  if (glu) checkSecondProjection(label, w, c, transW, opts, glu.w, [glu.up, glu.act]);
+  if (second) checkSecondProjection(label, w, c, transW, opts, second.w, [second.out]);
+  const w3 = extra?.w ?? glu?.w ?? second?.w;
   const third: Record<string, boolean> = w3
     ? {
         W3_F16: w3.dtype === 'f16',
@@ -272,12 +285,22 @@ export async function planMatmul(
   const variant = opts.matvecVariant ?? matvecVariant(ctx);
   if (!actBwd && !extra && usesMatvec(ctx, dims, transW, variant)) {
     const shape = matvecShape(variant);
-    const spec = glu ? MATVEC_GLU : act ? MATVEC_ACT : MATVEC;
+    const spec = glu ? MATVEC_GLU : second ? MATVEC_PAIR : act ? MATVEC_ACT : MATVEC;
     kernel = await getKernel(ctx, spec, { ...shape, ...common, ...epilogue, ...third });
     workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
   } else {
     const tile = matmulTile(ctx, dims);
-    const spec = glu ? MATMUL_GLU : extra ? MATMUL_SUM : act ? MATMUL_ACT : actBwd ? MATMUL_ACT_BWD : MATMUL;
+    const spec = glu
+      ? MATMUL_GLU
+      : second
+        ? MATMUL_PAIR
+        : extra
+          ? MATMUL_SUM
+          : act
+            ? MATMUL_ACT
+            : actBwd
+              ? MATMUL_ACT_BWD
+              : MATMUL;
     kernel = await getKernel(ctx, spec, {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -299,6 +322,8 @@ export async function planMatmul(
         : [a, w, ...operands, actBwd.pre, placeholder, ctx.placeholder('write', 1)];
   } else if (glu) {
     resources = [a, w, ...operands, glu.act, glu.w, glu.up];
+  } else if (second) {
+    resources = [a, w, ...operands, second.w, second.out];
   } else {
     resources = [a, w, opts.bias ?? placeholder, ...operands];
     if (act) resources.push(act.kind === 'silu_mul' ? act.gate : placeholder, act.act);
@@ -337,7 +362,7 @@ function checkExtra(
   extra: NonNullable<MatmulOptions['extra']>,
   opts: MatmulOptions,
 ): number {
-  if (opts.activation || opts.activationBackward || opts.glu)
+  if (opts.activation || opts.activationBackward || opts.glu || opts.second)
     throw new ShapeError(`${label}: a second product takes no activation epilogue`);
   const { a: a3, w: w3 } = extra;
   if (w3.shape.length !== 2 || !WEIGHT_DTYPES.has(w3.dtype))
@@ -351,23 +376,29 @@ function checkExtra(
   return K3;
 }
 
-/** Checks the gated MLP's operands: W3 shaped like W, up and act f32 like C, nothing else fused. */
-function checkGlu(label: string, w: Tensor, c: Tensor, transW: boolean, opts: MatmulOptions): void {
-  const glu = opts.glu as NonNullable<MatmulOptions['glu']>;
-  if (!transW || opts.bias || (opts.beta ?? 0) !== 0 || opts.lowRank || opts.wRows || opts.activation)
-    throw new ShapeError(`${label}: the gated MLP takes W transposed and no bias, beta, low-rank term or row range`);
-  if (opts.activationBackward) throw new ShapeError(`${label}: the gated MLP has no backward epilogue`);
-  if (!WEIGHT_DTYPES.has(glu.w.dtype) || glu.w.shape.length !== 2 || glu.w.shape.some((n, i) => n !== w.shape[i]))
+/** Checks a second projection of A (the gated MLP's up, or matmul_pair's): W3 shaped like W, its
+ * outputs f32 like C, and nothing fused that the pair entries lack (only `second` keeps the
+ * low-rank term, on C). */
+function checkSecondProjection(
+  label: string,
+  w: Tensor,
+  c: Tensor,
+  transW: boolean,
+  opts: MatmulOptions,
+  w3: Tensor,
+  outputs: readonly Tensor[],
+): void {
+  if (!transW || opts.bias || (opts.beta ?? 0) !== 0 || opts.wRows || opts.activation || opts.activationBackward)
+    throw new ShapeError(`${label}: a second projection takes W transposed and no bias, beta, row range or epilogue`);
+  if (opts.glu && opts.lowRank) throw new ShapeError(`${label}: the gated MLP takes no low-rank term`);
+  if (!WEIGHT_DTYPES.has(w3.dtype) || w3.shape.length !== 2 || w3.shape.some((n, i) => n !== w.shape[i]))
     throw new ShapeError(
-      `${label}: up's weight ${glu.w.label} ${glu.w.dtype}${formatShape(glu.w.shape)} must be shaped like the gate's ${formatShape(w.shape)}`,
+      `${label}: the second weight ${w3.label} ${w3.dtype}${formatShape(w3.shape)} must be shaped like W ${formatShape(w.shape)}`,
     );
-  for (const [t, what] of [
-    [glu.up, 'up'],
-    [glu.act, 'activation'],
-  ] as const) {
+  for (const t of outputs) {
     if (t.dtype !== 'f32' || t.size !== c.size)
       throw new ShapeError(
-        `${label}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 like C ${formatShape(c.shape)}`,
+        `${label}: ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 like C ${formatShape(c.shape)}`,
       );
   }
 }
