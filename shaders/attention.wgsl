@@ -96,7 +96,9 @@ struct Params {
   v_offset: u32,
   v_batch: u32,
   scale: f32,
-  _pad: u32,
+  rope_scaling: f32,  // ROPE: HF's attention_scaling (cos and sin are multiplied by it)
+  // ROPE: RoPE's inverse frequencies inv_freq[0..HD/2), four to a vector (the rest zero).
+  inv_freq: array<vec4<f32>, 32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -127,6 +129,10 @@ override BQ: u32 = 16u;   // tiled: query rows per block; rows kernels: invocati
 override BK: u32 = 16u;   // tiled: keys per block; attention_bwd_dkv_rows: invocations per workgroup
 override KPT: u32 = 4u;   // tiled: streamed rows per dots_* call (1..4): min(4, tile / TD)
 override DELTA_IN_DQ: bool = false;  // attention_bwd_dq(_rows): compute delta from o (binding 6)
+// attention_bwd_dq(_rows), attention_bwd_dkv(_rows): q and k were rotated by RoPE (query row i at
+// position pos0 + i, key j at j); dq and dk are stored as the gradients of the rows before the
+// rotation, RoPE's backward applied here instead of in a dispatch of its own. HD % 8 == 0.
+override ROPE: bool = false;
 
 const VPT: u32 = 4u;          // vec4 output columns per invocation (registers: VPT vec4s per output)
 const MASKED: f32 = -3.0e38;  // score of an invisible key; finite so no inf arithmetic is needed
@@ -413,6 +419,30 @@ fn key_end(i0: u32) -> u32 {
   return min(p.Tk, p.pos0 + last + 1u);
 }
 
+// RoPE's backward (rotate_half convention; see shaders/rope.wgsl) of vec4 column c of a gradient
+// row at position pos: `own` is column c of the gradient with respect to the rotated row,
+// `partner` the column half a head away. cos_sin comes from shaders/rope_math.wgsl.
+fn rope_grad4(own: vec4<f32>, partner: vec4<f32>, c: u32, pos: u32) -> vec4<f32> {
+  let half4 = HD4 / 2u;
+  let lo = c < half4;
+  let f = p.inv_freq[select(c - half4, c, lo)];
+  var out = vec4<f32>(0.0);
+  for (var t = 0u; t < 4u; t++) {
+    let cs = cos_sin(f32(pos) * f[t]) * p.rope_scaling;
+    if (lo) {
+      out[t] = own[t] * cs.x + partner[t] * cs.y;
+    } else {
+      out[t] = own[t] * cs.x - partner[t] * cs.y;
+    }
+  }
+  return out;
+}
+
+// The column half a head away from c.
+fn rope_partner(c: u32) -> u32 {
+  return (c + HD4 / 2u) % HD4;
+}
+
 // ---- tiled forward -------------------------------------------------------------------------------
 
 @compute @workgroup_size(BQ * TD)
@@ -551,7 +581,24 @@ fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgrou
     }
     workgroupBarrier();
   }
-  if (row_ok) { write_row_dq(out_index(b, i, h), td, acc, p.scale); }
+  if (ROPE) {
+    // Column c's partner belongs to another invocation of the row: exchange through qs.
+    workgroupBarrier();
+    for (var t = 0u; t < VPT; t++) {
+      let c = td + t * TD;
+      if (c < HD4) { qs[r * HD4 + c] = acc[t] * p.scale; }
+    }
+    workgroupBarrier();
+    if (row_ok) {
+      let base = out_index(b, i, h);
+      for (var t = 0u; t < VPT; t++) {
+        let c = td + t * TD;
+        if (c < HD4) { put_dq(base, c, rope_grad4(qs[r * HD4 + c], qs[r * HD4 + rope_partner(c)], c, p.pos0 + i)); }
+      }
+    }
+  } else if (row_ok) {
+    write_row_dq(out_index(b, i, h), td, acc, p.scale);
+  }
 }
 
 @compute @workgroup_size(BK * TD)
@@ -618,7 +665,23 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
       }
     }
   }
-  if (key_ok) {
+  if (ROPE) {
+    // As in attention_bwd_dq, through ks (the keys are no longer read).
+    workgroupBarrier();
+    for (var t = 0u; t < VPT; t++) {
+      let c = td + t * TD;
+      if (c < HD4) { ks[kr * HD4 + c] = acc_k[t] * p.scale; }
+    }
+    workgroupBarrier();
+    if (key_ok) {
+      let base = kv_out_index(b, j, g);
+      for (var t = 0u; t < VPT; t++) {
+        let c = td + t * TD;
+        if (c < HD4) { put_dk(base, c, rope_grad4(ks[kr * HD4 + c], ks[kr * HD4 + rope_partner(c)], c, j)); }
+      }
+      write_row_dv(base, td, acc_v);
+    }
+  } else if (key_ok) {
     let base = kv_out_index(b, j, g);
     write_row_dk(base, td, acc_k, p.scale);
     write_row_dv(base, td, acc_v);
@@ -720,7 +783,11 @@ fn attention_bwd_dq_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
       acc[c] += ds.x * k4(k0, c) + ds.y * k4(k1, c) + ds.z * k4(k2, c) + ds.w * k4(k3, c);
     }
   }
-  for (var c = 0u; c < HD4; c++) { put_dq(ob, c, acc[c] * p.scale); }
+  for (var c = 0u; c < HD4; c++) {
+    var x = acc[c] * p.scale;
+    if (ROPE) { x = rope_grad4(x, acc[rope_partner(c)] * p.scale, c, p.pos0 + i); }
+    put_dq(ob, c, x);
+  }
 }
 
 @compute @workgroup_size(BK)
@@ -775,7 +842,9 @@ fn attention_bwd_dkv_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builti
   }
   let base = kv_out_index(b, j, g);
   for (var c = 0u; c < HD4; c++) {
-    put_dk(base, c, acc_k[c] * p.scale);
+    var x = acc_k[c] * p.scale;
+    if (ROPE) { x = rope_grad4(x, acc_k[rope_partner(c)] * p.scale, c, j); }
+    put_dk(base, c, x);
     put_dv(base, c, acc_v[c]);
   }
 }

@@ -7,6 +7,7 @@
 import { describe, expect, it } from 'vitest';
 import { type AttentionRefInput, attentionBackwardRef, attentionForwardRef } from '../ref/attention.js';
 import { randomArray } from '../ref/check.js';
+import { ropeBackwardRef } from '../ref/rope.js';
 import {
   createTensor,
   type GpuContext,
@@ -52,6 +53,8 @@ interface Case {
   variant?: AttentionVariant;
   /** delta in a dispatch of its own (the plain plan) rather than computed by the dq kernel. */
   splitDelta?: boolean;
+  /** q and k were rotated by RoPE (this attention scaling): dq and dk come out before it. */
+  rope?: number;
 }
 
 const cases: Case[] = [
@@ -75,13 +78,29 @@ const cases: Case[] = [
   // multiple of 4 (the last vec4 of every row is partial)
   { B: 2, Tq: 33, Tk: 33, pos0: 0, nH: 8, nKV: 4, hd: 8, layout: 'contiguous', variant: 'rows' },
   { B: 1, Tq: 9, Tk: 11, pos0: 2, nH: 2, nKV: 1, hd: 7, layout: 'padded' },
+  // RoPE's backward inside dq and dk: both kernel sets, stories260K's head size, 24 (three vec4s a
+  // half, so a column's partner may be another invocation's), 64 and 128, a chunk at pos0 > 0 and
+  // an attention scaling other than 1.
+  { B: 2, Tq: 33, Tk: 33, pos0: 0, nH: 8, nKV: 4, hd: 8, layout: 'contiguous', variant: 'rows', rope: 1 },
+  { B: 2, Tq: 33, Tk: 33, pos0: 0, nH: 8, nKV: 4, hd: 8, layout: 'contiguous', variant: 'tiled', rope: 1 },
+  { B: 1, Tq: 65, Tk: 65, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused', variant: 'tiled', rope: 1 },
+  { B: 1, Tq: 33, Tk: 33, pos0: 0, nH: 2, nKV: 2, hd: 24, layout: 'contiguous', variant: 'tiled', rope: 1.1 },
+  { B: 1, Tq: 33, Tk: 33, pos0: 0, nH: 2, nKV: 2, hd: 24, layout: 'contiguous', variant: 'rows', rope: 1.1 },
+  { B: 2, Tq: 63, Tk: 65, pos0: 2, nH: 3, nKV: 1, hd: 64, layout: 'cache', variant: 'rows', rope: 1 },
+  { B: 1, Tq: 17, Tk: 17, pos0: 0, nH: 2, nKV: 1, hd: 128, layout: 'padded', variant: 'tiled', rope: 0.9 },
 ];
+
+/** Llama's inverse frequencies for head size hd (θ = 10000), as f32. */
+function invFreq(hd: number): Float32Array {
+  return Float32Array.from({ length: hd / 2 }, (_, i) => 1 / 10000 ** ((2 * i) / hd));
+}
 
 const caseName = (c: Case) =>
   `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd} ${c.layout}` +
   (c.scale === undefined ? '' : ` scale=${c.scale}`) +
   (c.variant === undefined ? '' : ` ${c.variant}`) +
-  (c.splitDelta ? ' delta apart' : '');
+  (c.splitDelta ? ' delta apart' : '') +
+  (c.rope === undefined ? '' : ` rope×${c.rope}`);
 
 interface Packed {
   data: Float32Array;
@@ -229,7 +248,21 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
   const fwd = await planAttentionForward(ctx, { q, k, v, o, lse, dims, variant });
   const bwd = await planAttentionBackward(
     ctx,
-    { q, k, v, o, lse, do: tdo, dq, dk, dv, delta, dims, variant },
+    {
+      q,
+      k,
+      v,
+      o,
+      lse,
+      do: tdo,
+      dq,
+      dk,
+      dv,
+      delta,
+      dims,
+      variant,
+      ...(c.rope === undefined ? {} : { rope: { invFreq: invFreq(c.hd), scaling: c.rope } }),
+    },
     'attention',
     { fuse: !c.splitDelta },
   );
@@ -278,6 +311,13 @@ describe('attention', () => {
       const { p, dout } = refInput(c);
       const ref = attentionForwardRef(p);
       const grads = attentionBackwardRef(p, dout);
+      if (c.rope !== undefined) {
+        // The gradients of q and k before the rotation: RoPE's backward of the reference's.
+        const rope = { nHeads: 0, headDim: c.hd, invFreq: invFreq(c.hd), attentionScaling: c.rope };
+        const rows = (T: number, nHeads: number, pos0: number) => ({ ...rope, rows: c.B * T, T, nHeads, pos0, x: [] });
+        grads.dq = ropeBackwardRef(rows(c.Tq, c.nH, c.pos0), grads.dq).dx;
+        grads.dk = ropeBackwardRef(rows(c.Tk, c.nKV, 0), grads.dk).dx;
+      }
       const got = await gpuCase(ctx, caseName(c), () => run(ctx, c, p, dout));
       const n = caseName(c);
       // o is a convex combination of v rows; lse is O(log Tk). Gradients sum up to Tk (dq) or
@@ -332,6 +372,11 @@ describe('attention', () => {
         await expect(
           planAttentionBackward(ctx, { q, k, v, o, lse, do: o, dq: q, dk: small, dv: k, delta: lse, dims }),
         ).rejects.toThrow(/dk small .*expected \[4, 16\]/);
+        const rope = { invFreq: new Float32Array(6), scaling: 1 };
+        const dims12 = { ...dims, hd: 12, nH: 2, nKV: 1 };
+        await expect(
+          planAttentionBackward(ctx, { q, k, v, o, lse, do: o, dq: q, dk: k, dv: k, delta: lse, dims: dims12, rope }),
+        ).rejects.toThrow(/multiple of 8 .*hd 12/);
       } finally {
         for (const x of all) x.dispose();
       }

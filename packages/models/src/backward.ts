@@ -8,6 +8,7 @@
  * gradient into it in place, which is exactly the residual connection's sum.
  */
 import {
+  attentionTakesRope,
   type CrossEntropyGradPlan,
   createTensor,
   type Dispatch,
@@ -132,6 +133,12 @@ function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse
   });
 }
 
+/** Whether the fused backward leaves RoPE's backward to the attention kernels (dq and dk come out
+ * unrotated; see planAttentionBackward's `rope`): no dispatch of its own. */
+export function ropeInAttentionBackward(config: ModelConfig, fuse: boolean): boolean {
+  return fuse && config.rope !== undefined && attentionTakesRope(config.headDim);
+}
+
 /**
  * Dispatches of planBackward's plan, given the loss's dispatches: the final norm, then per layer
  * (last first) the replayed forward when recomputing, and the backward of every block.
@@ -167,7 +174,8 @@ export function backwardDispatchCount(
         const plain = projectionSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
         return roles.filter((r) => adapted.has(r)).length * lora + plain;
       };
-      n += group(['gate', 'up']) + act + (fuse ? 1 : 2) + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v']); // RoPE
+      const rope = ropeInAttentionBackward(c, fuse) ? 0 : fuse ? 1 : 2; // q and k together, or apart
+      n += group(['gate', 'up']) + act + rope + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v']);
     }
     n += lin('o') + lin('down');
   });
@@ -447,6 +455,12 @@ export async function planBackward(
         }
         await linearBackward(layer, a, 'qkv', a.n1, dqkv as Tensor, dNorm, false);
       } else {
+        // RoPE's backward: inside the attention kernels when they take it, else after them.
+        const rope = { headDim: c.headDim, T, pos0: 0, attentionScaling: model.ropeAttentionScaling };
+        const invFreq = model.ropeInvFreq as Tensor;
+        const ropeInside = ropeInAttentionBackward(c, fwd.fuse);
+        const invFreqValues = model.ropeInvFreqValues;
+        if (ropeInside && !invFreqValues) throw new Error('the model has no RoPE frequencies on the host');
         out.push(
           ...(await planAttentionBackward(
             ctx,
@@ -462,19 +476,20 @@ export async function planBackward(
               dv,
               delta,
               dims,
+              ...(ropeInside && invFreqValues
+                ? { rope: { invFreq: invFreqValues, scaling: model.ropeAttentionScaling } }
+                : {}),
             },
             `${p}.attention`,
             { fuse: fwd.fuse },
           )),
         );
-        const rope = { headDim: c.headDim, T, pos0: 0, attentionScaling: model.ropeAttentionScaling };
-        const invFreq = model.ropeInvFreq as Tensor;
-        if (fwd.fuse) {
+        if (!ropeInside && fwd.fuse) {
           const k = { x: dk, nHeads: c.numKvHeads };
           out.push(
             await planRopeBackward(ctx, dq, invFreq, { ...rope, nHeads: c.numHeads, with: k, label: `${p}.rope` }),
           );
-        } else {
+        } else if (!ropeInside) {
           out.push(
             await planRopeBackward(ctx, dq, invFreq, { ...rope, nHeads: c.numHeads, label: `${p}.rope_q` }),
             await planRopeBackward(ctx, dk, invFreq, { ...rope, nHeads: c.numKvHeads, label: `${p}.rope_k` }),

@@ -124,6 +124,8 @@ export class CausalLM {
     /** The dtype of each tensor stored otherwise than `precision` implies (a GGUF base keeps each
      * tensor's format), by Hugging Face key; a memory estimate for this model takes them. */
     readonly storedDTypes?: ReadonlyMap<string, DType>,
+    /** ropeInvFreq's values on the host: the attention backward takes them in its uniforms. */
+    readonly ropeInvFreqValues?: Float32Array,
   ) {}
 
   /** Bytes of the GPU buffers the weights occupy. */
@@ -330,10 +332,12 @@ export function assembleModel(ctx: GpuContext, w: UploadedWeights): CausalLM {
     };
   });
   let invFreq: Tensor | undefined;
+  let invFreqValues: Float32Array | undefined;
   let scaling = 1;
   if (config.rope) {
     const r = ropeInvFreq({ headDim: config.headDim, ropeTheta: config.rope.theta, ropeScaling: config.rope.scaling });
-    invFreq = tensorFromData(ctx, w.ropeInvFreq ?? r.invFreq, [config.headDim / 2], 'f32', 'rope.inv_freq');
+    invFreqValues = Float32Array.from(w.ropeInvFreq ?? r.invFreq);
+    invFreq = tensorFromData(ctx, invFreqValues, [config.headDim / 2], 'f32', 'rope.inv_freq');
     owned.push(invFreq);
     scaling = w.ropeInvFreq ? 1 : r.attentionScaling;
   }
@@ -354,5 +358,6 @@ export function assembleModel(ctx: GpuContext, w: UploadedWeights): CausalLM {
     w.tablePartBytes,
     w.baseModelId,
     w.storedDTypes,
+    invFreqValues,
   );
 }

@@ -37,6 +37,7 @@
  */
 import {
   alignUp,
+  attentionUniformBytes,
   bytesPerElement,
   crossEntropyScratchBytes,
   crossEntropyTrainingDispatchCount,
@@ -300,7 +301,12 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   for (const [key, k] of kinds) add(A, key.slice(0, key.indexOf(' ')), k.shape, k.dtype, k.count);
   const fuse = options.fuse ?? true;
   const forwardDispatches = forwardDispatchCount(c, ranks, { dropout, embedParts, fuse });
-  uniforms(A, 'forward dispatch parameters', forwardDispatches, U_NOMINAL);
+  // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
+  // forward, two backward (three planned plain).
+  const L = c.numLayers;
+  const attentionBackward = L * (fuse ? 2 : 3);
+  uniforms(A, 'forward dispatch parameters', forwardDispatches - L, U_NOMINAL);
+  uniforms(A, 'forward attention parameters', L, attentionUniformBytes());
 
   // Scratch: the backward plan's layout, the loss's logits chunk, the trainer's own buffers.
   const S = 'scratch';
@@ -322,7 +328,9 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   });
   // The gradient norm (two dispatches) and AdamW.
   const optimizerDispatches = 3;
-  uniforms(S, 'backward, loss and optimizer dispatch parameters', backwardDispatches + optimizerDispatches, U_NOMINAL);
+  const nominal = backwardDispatches + optimizerDispatches - attentionBackward;
+  uniforms(S, 'backward, loss and optimizer dispatch parameters', nominal, U_NOMINAL);
+  uniforms(S, 'backward attention parameters', attentionBackward, attentionUniformBytes());
 
   const sum = (cat: MemoryCategory) =>
     buffers.filter((b) => b.category === cat).reduce((n, b) => n + b.bytes * b.count, 0);

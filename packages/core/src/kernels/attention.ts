@@ -1,4 +1,5 @@
-import source from '../../../../shaders/attention.wgsl?raw';
+import attentionSource from '../../../../shaders/attention.wgsl?raw';
+import ropeMath from '../../../../shaders/rope_math.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { LimitExceededError, ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
@@ -274,9 +275,15 @@ function rowsWorkgroup(ctx: GpuContext): number {
 
 type AttentionBinding = 'uniform' | 'read' | 'write';
 
+// cos_sin (shaders/rope_math.wgsl, RoPE's backward inside dq and dk) first.
+const source = `${ropeMath}\n${attentionSource}`;
+
 function spec(entryPoint: string, bindings: readonly AttentionBinding[]): KernelSpec {
-  return { source, file: 'shaders/attention.wgsl', entryPoint, bindings };
+  return { source, file: 'shaders/rope_math.wgsl + shaders/attention.wgsl', entryPoint, bindings };
 }
+
+/** RoPE's inverse frequencies in the uniform block: at most 128 (head size 256). */
+const ROPE_MAX_FREQUENCIES = 128;
 
 /**
  * The uniform block of every attention kernel for these dims. A planned dispatch's shapes can be
@@ -287,7 +294,13 @@ export function attentionUniforms(dims: AttentionDims): ArrayBuffer {
   return uniforms(resolveAttentionDims(dims));
 }
 
-function uniforms(d: ResolvedAttentionDims): ArrayBuffer {
+/** Bytes of every attention dispatch's uniform block (memory estimates count them). */
+export function attentionUniformBytes(): number {
+  return attentionUniforms({ B: 1, Tq: 1, Tk: 1, pos0: 0, nH: 1, nKV: 1, hd: 8 }).byteLength;
+}
+
+function uniforms(d: ResolvedAttentionDims, rope?: AttentionRope): ArrayBuffer {
+  const freq = Array.from({ length: ROPE_MAX_FREQUENCIES }, (_, i): ['f32', number] => ['f32', rope?.invFreq[i] ?? 0]);
   return packUniforms([
     ['u32', d.B],
     ['u32', d.Tq],
@@ -308,7 +321,8 @@ function uniforms(d: ResolvedAttentionDims): ArrayBuffer {
     ['u32', d.v.offset],
     ['u32', d.v.batchStride],
     ['f32', d.scale],
-    ['u32', 0],
+    ['f32', rope?.scaling ?? 0],
+    ...freq,
   ]);
 }
 
@@ -420,6 +434,22 @@ export async function planAttentionForward(
   ];
 }
 
+/**
+ * RoPE as the attention backward's dq and dk kernels undo it (query row i at position pos0 + i, key
+ * j at j): they store the gradients of q and k before their rotation, so no RoPE backward
+ * dispatch follows. The model's inverse frequencies [hd/2] and attention scaling.
+ */
+export interface AttentionRope {
+  readonly invFreq: Float32Array;
+  readonly scaling: number;
+}
+
+/** Whether the attention backward can take RoPE's backward for head size hd: whole vec4s in each
+ * half of a head. */
+export function attentionTakesRope(hd: number): boolean {
+  return hd % 8 === 0 && hd / 2 <= ROPE_MAX_FREQUENCIES;
+}
+
 export interface AttentionBackwardArgs extends AttentionForwardArgs {
   /** ∂L/∂o, [B·Tq, nH·hd]. */
   do: Tensor;
@@ -431,6 +461,8 @@ export interface AttentionBackwardArgs extends AttentionForwardArgs {
   dv: Tensor;
   /** [B, nH, Tq] scratch: D = rowsum(do ∘ o), written then read. */
   delta: Tensor;
+  /** q and k were rotated by RoPE: dq and dk come out as the gradients before the rotation. */
+  rope?: AttentionRope;
 }
 
 /**
@@ -448,6 +480,13 @@ export async function planAttentionBackward(
 ): Promise<Dispatch[]> {
   const fuse = opts.fuse ?? true;
   const op = `${label}.backward`;
+  const rope = io.rope;
+  const hd = io.dims.hd;
+  if (rope && (!attentionTakesRope(hd) || rope.invFreq.length !== hd / 2)) {
+    throw new ShapeError(
+      `${op}: RoPE inside the attention backward needs a head size that is a multiple of 8 (up to ${2 * ROPE_MAX_FREQUENCIES}) and hd/2 inverse frequencies; got hd ${hd} and ${rope.invFreq.length}`,
+    );
+  }
   const d = checkCommon(op, io, io.dims);
   const s = attentionShapes(d);
   expectSize(op, 'do', io.do, s.o, 'B·Tq × nH·hd');
@@ -459,7 +498,8 @@ export async function planAttentionBackward(
   // could offer fewer.
   const storageBuffers = ctx.limits.maxStorageBuffersPerShaderStage;
   if (storageBuffers < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storageBuffers, op);
-  const u = uniforms(d);
+  const u = uniforms(d, rope);
+  const ROPE = rope !== undefined;
   const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
   const read7 = ['uniform', 'read', 'read', 'read', 'read', 'read', 'read'] as const;
   const common = [io.q, io.k, io.v, io.do, io.lse, io.delta];
@@ -483,14 +523,15 @@ export async function planAttentionBackward(
   let dkvGroups: number;
   if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
     const wg = rowsWorkgroup(ctx);
-    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', dqBindings), { HD: d.hd, BQ: wg, DELTA_IN_DQ: fuse });
-    dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), { HD: d.hd, BK: wg });
+    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', dqBindings), { HD: d.hd, BQ: wg, DELTA_IN_DQ: fuse, ROPE });
+    dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), { HD: d.hd, BK: wg, ROPE });
     dqGroups = Math.ceil(d.Tq / wg);
     dkvGroups = Math.ceil(d.Tk / wg);
   } else {
     const tiles = attentionTiles(ctx, d.hd);
     dqK = getKernel(ctx, spec('attention_bwd_dq', dqBindings), {
       DELTA_IN_DQ: fuse,
+      ROPE,
       HD: d.hd,
       TD: tiles.td,
       BQ: tiles.dq.bq,
@@ -498,6 +539,7 @@ export async function planAttentionBackward(
       KPT: tiles.dq.kpt,
     });
     dkvK = getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write']), {
+      ROPE,
       HD: d.hd,
       TD: tiles.td,
       BQ: tiles.dkv.bq,

@@ -1,4 +1,5 @@
-import source from '../../../../shaders/rope.wgsl?raw';
+import ropeSource from '../../../../shaders/rope.wgsl?raw';
+import ropeMath from '../../../../shaders/rope_math.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError, WebtuneError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
@@ -6,9 +7,12 @@ import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { grid1d } from './elementwise.js';
 
+// cos_sin (shaders/rope_math.wgsl, shared with the attention backward) first.
+const source = `${ropeMath}\n${ropeSource}`;
+
 const spec = (entryPoint: 'rope_fwd' | 'rope_bwd' | 'rope_fwd_cache'): KernelSpec => ({
   source,
-  file: 'shaders/rope.wgsl',
+  file: 'shaders/rope_math.wgsl + shaders/rope.wgsl',
   entryPoint,
   bindings:
     entryPoint === 'rope_fwd_cache'
