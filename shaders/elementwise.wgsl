@@ -6,6 +6,10 @@
 //              for r < rows, c < cols, with base = positions[0] read on the GPU, so a planned
 //              copy into a KV cache follows the generation position without re-planning.
 //     bindings: 0 q (CopyParams), 1 src (read), 2 positions (i32, read), 3 dst (written)
+//   interleave3: dst[r·3·cols + j·cols + c] = src_j[r·cols + c] for j < 3, r < rows, c < cols:
+//              three [rows, cols] buffers side by side in one [rows, 3·cols] (the attention
+//              backward's dq, dk, dv into GPT-2's c_attn layout), one dispatch for the three.
+//     bindings: 0 q (CopyParams: rows, cols, row_stride), 1 src (src_0), 3 dst, 4 src_1, 5 src_2
 // Threads are laid out 2-D (x fastest) so n can exceed 65535 workgroups' worth of one dimension.
 
 struct Params {
@@ -52,4 +56,25 @@ fn copy_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
   let c = i % q.cols;
   let base = u32(max(positions[0], 0));
   dst[(base + r) * q.dst_stride + q.dst_off + c] = src[r * q.src_stride + q.src_off + c];
+}
+
+@group(0) @binding(4) var<storage, read> src1: array<f32>;
+@group(0) @binding(5) var<storage, read> src2: array<f32>;
+
+@compute @workgroup_size(WG)
+fn interleave3(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.y * q.row_stride + gid.x;
+  let width = 3u * q.cols;
+  if (i >= q.rows * width) { return; }
+  let j = (i % width) / q.cols;
+  let e = (i / width) * q.cols + i % q.cols;
+  var x: f32;
+  if (j == 0u) {
+    x = src[e];
+  } else if (j == 1u) {
+    x = src1[e];
+  } else {
+    x = src2[e];
+  }
+  dst[i] = x;
 }

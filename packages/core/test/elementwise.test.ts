@@ -1,4 +1,4 @@
-// shaders/elementwise.wgsl: add_scaled and copy_rows (the KV-cache write of generation).
+// shaders/elementwise.wgsl: add_scaled, copy_rows (the KV-cache write of generation) and interleave3.
 import { describe, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { addRef } from '../ref/matmul.js';
@@ -6,8 +6,10 @@ import {
   createTensor,
   planAddScaled,
   planCopyRows,
+  planInterleave3,
   readFloat32,
   StepEncoder,
+  type Tensor,
   tensorFromData,
   writeTensor,
 } from '../src/index.js';
@@ -70,4 +72,33 @@ describe('copy_rows', () => {
     }
     expectClose(ctx, 'copy rows', got, want, 0, 0);
   });
+});
+
+describe('interleave3', () => {
+  for (const [rows, cols] of [
+    [1, 1],
+    [7, 65],
+    [33, 12],
+  ] as const) {
+    it(`puts three [${rows}, ${cols}] buffers side by side`, async () => {
+      const ctx = gpu();
+      const srcs = [0, 1, 2].map((j) => randomArray(rows * cols, rows + cols + j));
+      const got = await gpuCase(ctx, 'interleave3', async () => {
+        const ts = srcs.map((x, j) => tensorFromData(ctx, x, [rows, cols], 'f32', `src${j}`));
+        const dst = createTensor(ctx, [rows, 3 * cols], 'f32', 'dst');
+        const d = await planInterleave3(ctx, ts as [Tensor, Tensor, Tensor], dst, { rows, cols });
+        new StepEncoder(ctx, 'interleave3').dispatch(d).submit();
+        const r = await readFloat32(dst);
+        d.dispose();
+        for (const t of [...ts, dst]) t.dispose();
+        return r;
+      });
+      const want = new Float32Array(3 * rows * cols);
+      for (let r = 0; r < rows; r++)
+        for (let j = 0; j < 3; j++)
+          for (let c = 0; c < cols; c++)
+            want[r * 3 * cols + j * cols + c] = (srcs[j] as Float64Array)[r * cols + c] as number;
+      expectClose(ctx, 'interleave3', got, want, 0, 0);
+    });
+  }
 });

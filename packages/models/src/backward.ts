@@ -19,6 +19,7 @@ import {
   planCopyRows,
   planCrossEntropyTraining,
   planGeluNewBackward,
+  planInterleave3,
   planLayerNormBackward,
   planLoraBackward,
   planLoraColsMulti,
@@ -115,7 +116,7 @@ export function backwardLayout(
   add('dq_raw', [rows, qDim], 'f32', c.qkNorm);
   add('dk_raw', [rows, kvDim], 'f32', c.qkNorm);
   add('dqkv', [rows, 3 * d], 'f32', gpt2);
-  add('zero', [1], 'i32', gpt2);
+  add('zero', [1], 'i32', gpt2 && !(opts.fuse ?? true)); // the plain path's copies' position
   // LoRA's g: one per rank in use; projections sharing an input whose dA is one dispatch keep
   // theirs apart until it runs (slot s of a group, `lora_g{s}_r{r}`).
   const slots = Math.max(1, ...gSlots(c, ranks, opts.dropout ?? false, opts.fuse ?? true));
@@ -166,7 +167,7 @@ export function backwardDispatchCount(
     // dropout on an adapted down).
     const act = fuse && !(opts.dropout && adapted.has('down')) ? 0 : 1;
     if (c.family === 'gpt2')
-      n += lin('fc') + act + 3 + lin('qkv'); // dq, dk, dv into dqkv
+      n += lin('fc') + act + (fuse ? 1 : 3) + lin('qkv'); // dq, dk, dv into dqkv
     else {
       // A shared-input group: each adapted projection's LoRA dispatches (its dx among them), and
       // the dx dispatches of the rest (dxSteps).
@@ -439,19 +440,23 @@ export async function planBackward(
             { fuse: fwd.fuse },
           )),
         );
-        // Interleave dq, dk, dv back into c_attn's [rows, 3d] layout.
-        for (const [j, src] of [dq, dk, dv].entries()) {
-          out.push(
-            await planCopyRows(
-              ctx,
-              src,
-              zero as Tensor,
-              dqkv as Tensor,
-              { rows, cols: d, dstStride: 3 * d, dstOffset: j * d },
-              0,
-              `${p}.dqkv${j}`,
-            ),
-          );
+        // Interleave dq, dk, dv back into c_attn's [rows, 3d] layout: one dispatch, or a copy each.
+        if (fwd.fuse) {
+          out.push(await planInterleave3(ctx, [dq, dk, dv], dqkv as Tensor, { rows, cols: d }, `${p}.dqkv`));
+        } else {
+          for (const [j, src] of [dq, dk, dv].entries()) {
+            out.push(
+              await planCopyRows(
+                ctx,
+                src,
+                zero as Tensor,
+                dqkv as Tensor,
+                { rows, cols: d, dstStride: 3 * d, dstOffset: j * d },
+                0,
+                `${p}.dqkv${j}`,
+              ),
+            );
+          }
         }
         await linearBackward(layer, a, 'qkv', a.n1, dqkv as Tensor, dNorm, false);
       } else {

@@ -116,3 +116,51 @@ export async function planCopyRows(
     ]),
   });
 }
+
+/**
+ * dst [rows, 3·cols] = [a | b | c] row by row, from three [rows, cols] buffers, in one dispatch
+ * (GPT-2's attention backward: dq, dk, dv into c_attn's layout).
+ */
+export async function planInterleave3(
+  ctx: GpuContext,
+  srcs: readonly [Tensor, Tensor, Tensor],
+  dst: Tensor,
+  dims: { rows: number; cols: number },
+  label = 'interleave3',
+): Promise<Dispatch> {
+  const { rows, cols } = dims;
+  for (const t of srcs) {
+    if (t.dtype !== 'f32' || t.size !== rows * cols)
+      throw new ShapeError(`${label}: ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 [${rows}, ${cols}]`);
+  }
+  if (dst.dtype !== 'f32' || dst.size !== 3 * rows * cols)
+    throw new ShapeError(
+      `${label}: ${dst.label} ${dst.dtype}${formatShape(dst.shape)} must be f32 [${rows}, ${3 * cols}]`,
+    );
+  const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
+  const kernel = await getKernel(
+    ctx,
+    {
+      source,
+      file: 'shaders/elementwise.wgsl',
+      entryPoint: 'interleave3',
+      bindings: ['uniform', 'read', 'none', 'write', 'read', 'read'],
+    },
+    { WG: wg },
+  );
+  const g = grid1d(ctx, 3 * rows * cols, wg);
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [srcs[0], dst, srcs[1], srcs[2]],
+    workgroups: g.workgroups,
+    uniforms: packUniforms([
+      ['u32', rows],
+      ['u32', cols],
+      ['u32', 0],
+      ['u32', 0],
+      ['u32', 0],
+      ['u32', 0],
+      ['u32', g.rowStride],
+    ]),
+  });
+}
