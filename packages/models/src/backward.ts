@@ -170,7 +170,7 @@ export function backwardDispatchCount(
       n += lin('fc') + act + (fuse ? 1 : 3) + lin('qkv'); // dq, dk, dv into dqkv
     else {
       // A shared-input group: each adapted projection's LoRA dispatches (its dx among them), and
-      // the dx dispatches of the rest (dxSteps).
+      // the dx dispatches of the rest (projectionSteps).
       const group = (roles: LinearRole[]) => {
         const plain = projectionSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
         return roles.filter((r) => adapted.has(r)).length * lora + plain;
@@ -331,7 +331,7 @@ export async function planBackward(
     };
 
     /** dx = Σ dy·W (and the LoRA gradients) of projections that read the same input x, in
-     * dxSteps' dispatches; their shared dA last. */
+     * projectionSteps' dispatches; their shared dA last. */
     const groupBackward = async (
       layer: Layer,
       a: LayerActivations,
