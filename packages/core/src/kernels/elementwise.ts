@@ -1,7 +1,7 @@
 import source from '../../../../shaders/elementwise.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
-import { bindKernel, type Dispatch, getKernel, packUniforms } from '../kernel.js';
+import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 
@@ -11,6 +11,17 @@ export function grid1d(ctx: GpuContext, n: number, wg: number): { workgroups: [n
   const max = ctx.limits.maxComputeWorkgroupsPerDimension;
   const x = Math.min(groups, max);
   return { workgroups: [x, Math.ceil(groups / x)], rowStride: x * wg };
+}
+
+/** An entry of elementwise.wgsl with its workgroup size (256, or the device's limit). */
+async function elementwiseKernel(
+  ctx: GpuContext,
+  entryPoint: string,
+  bindings: KernelSpec['bindings'],
+): Promise<{ kernel: Kernel; wg: number }> {
+  const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
+  const kernel = await getKernel(ctx, { source, file: 'shaders/elementwise.wgsl', entryPoint, bindings }, { WG: wg });
+  return { kernel, wg };
 }
 
 /** out = a + alpha·b, element by element. */
@@ -27,17 +38,7 @@ export async function planAddScaled(
       `${label}: sizes differ: a ${formatShape(a.shape)}, b ${formatShape(b.shape)}, out ${formatShape(out.shape)}`,
     );
   }
-  const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
-  const kernel = await getKernel(
-    ctx,
-    {
-      source,
-      file: 'shaders/elementwise.wgsl',
-      entryPoint: 'add_scaled',
-      bindings: ['uniform', 'read', 'read', 'write'],
-    },
-    { WG: wg },
-  );
+  const { kernel, wg } = await elementwiseKernel(ctx, 'add_scaled', ['uniform', 'read', 'read', 'write']);
   const g = grid1d(ctx, a.size, wg);
   return bindKernel(ctx, kernel, {
     label,
@@ -89,17 +90,7 @@ export async function planCopyRows(
       `${label}: dst ${dst.label} ${formatShape(dst.shape)} cannot take rows up to ${maxBase + copy.rows - 1}`,
     );
   }
-  const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
-  const kernel = await getKernel(
-    ctx,
-    {
-      source,
-      file: 'shaders/elementwise.wgsl',
-      entryPoint: 'copy_rows',
-      bindings: ['uniform', 'read', 'read', 'write'],
-    },
-    { WG: wg },
-  );
+  const { kernel, wg } = await elementwiseKernel(ctx, 'copy_rows', ['uniform', 'read', 'read', 'write']);
   const g = grid1d(ctx, copy.rows * copy.cols, wg);
   return bindKernel(ctx, kernel, {
     label,
@@ -137,17 +128,14 @@ export async function planInterleave3(
     throw new ShapeError(
       `${label}: ${dst.label} ${dst.dtype}${formatShape(dst.shape)} must be f32 [${rows}, ${3 * cols}]`,
     );
-  const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup);
-  const kernel = await getKernel(
-    ctx,
-    {
-      source,
-      file: 'shaders/elementwise.wgsl',
-      entryPoint: 'interleave3',
-      bindings: ['uniform', 'read', 'none', 'write', 'read', 'read'],
-    },
-    { WG: wg },
-  );
+  const { kernel, wg } = await elementwiseKernel(ctx, 'interleave3', [
+    'uniform',
+    'read',
+    'none',
+    'write',
+    'read',
+    'read',
+  ]);
   const g = grid1d(ctx, 3 * rows * cols, wg);
   return bindKernel(ctx, kernel, {
     label,
