@@ -5,7 +5,7 @@ import { LimitExceededError, ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
-import type { Tensor } from '../tensor.js';
+import type { DType, Tensor } from '../tensor.js';
 
 // The activation epilogues' formulas (shaders/act_math.wgsl, shared with activations.wgsl) first.
 const source = `${actMath}\n${matmulSource}`;
@@ -210,8 +210,7 @@ export function matmulDims(a: Tensor, w: Tensor, c: Tensor, opts: MatmulOptions 
     throw new ShapeError(`${op}: C ${c.label} ${formatShape(c.shape)} must hold ${M}×${N}`);
   }
   if (a.dtype !== 'f32' || c.dtype !== 'f32') throw new ShapeError(`${op}: A and C must be f32`);
-  if (w.dtype !== 'f32' && w.dtype !== 'f16' && !isQuantFormat(w.dtype))
-    throw new ShapeError(`${op}: W must be f32, f16, q8_0 or q4_0, got ${w.dtype}`);
+  if (!isWeightDType(w.dtype)) throw new ShapeError(`${op}: W must be f32, f16, q8_0 or q4_0, got ${w.dtype}`);
   if (opts.bias && (opts.bias.size !== N || opts.bias.dtype !== 'f32')) {
     throw new ShapeError(`${op}: bias ${opts.bias.label} ${formatShape(opts.bias.shape)} must be ${N} f32 values`);
   }
@@ -252,9 +251,7 @@ export async function planMatmul(
   const lowRank = opts.lowRank;
   const K2 = lowRank ? (lowRank.a2.shape[lowRank.a2.shape.length - 1] as number) : 0;
   const common = {
-    W_F16: w.dtype === 'f16',
-    W_Q8_0: w.dtype === 'q8_0',
-    W_Q4_0: w.dtype === 'q4_0',
+    ...storageFormat('W', w),
     ALIGNED: matmulAligned(dims, transW, wOffset),
     // A2 and B2 as whole vec4s: K2 (and N, where B2's rows are N long) multiples of 4.
     ALIGNED_LR: K2 > 0 && K2 % 4 === 0 && (transW || dims.N % 4 === 0),
@@ -273,9 +270,7 @@ export async function planMatmul(
   const w3 = extra?.w ?? glu?.w ?? second?.w;
   const third: Record<string, boolean> = w3
     ? {
-        W3_F16: w3.dtype === 'f16',
-        W3_Q8_0: w3.dtype === 'q8_0',
-        W3_Q4_0: w3.dtype === 'q4_0',
+        ...storageFormat('W3', w3),
         ALIGNED3: extra ? K3 % 4 === 0 && (transW || dims.N % 4 === 0) : dims.K % 4 === 0,
       }
     : {};
@@ -352,7 +347,19 @@ export async function planMatmul(
   });
 }
 
-const WEIGHT_DTYPES = new Set(['f32', 'f16', 'q8_0', 'q4_0']);
+/** The storage formats a matmul weight (W or W3) may have. */
+function isWeightDType(dtype: DType): boolean {
+  return dtype === 'f32' || dtype === 'f16' || isQuantFormat(dtype);
+}
+
+/** matmul.wgsl's format overrides of a weight operand (`W` or `W3`): f32 when none is set. */
+function storageFormat(operand: 'W' | 'W3', t: Tensor): Record<string, boolean> {
+  return {
+    [`${operand}_F16`]: t.dtype === 'f16',
+    [`${operand}_Q8_0`]: t.dtype === 'q8_0',
+    [`${operand}_Q4_0`]: t.dtype === 'q4_0',
+  };
+}
 
 /** Checks matmul_sum's second product against C = A·opW(W) and returns its K3. */
 function checkExtra(
@@ -365,7 +372,7 @@ function checkExtra(
   if (opts.activation || opts.activationBackward || opts.glu || opts.second)
     throw new ShapeError(`${label}: a second product takes no activation epilogue`);
   const { a: a3, w: w3 } = extra;
-  if (w3.shape.length !== 2 || !WEIGHT_DTYPES.has(w3.dtype))
+  if (w3.shape.length !== 2 || !isWeightDType(w3.dtype))
     throw new ShapeError(`${label}: W3 ${w3.label} ${w3.dtype}${formatShape(w3.shape)} must be a 2-D weight`);
   const K3 = (transW ? w3.shape[1] : w3.shape[0]) as number;
   const N3 = transW ? w3.shape[0] : w3.shape[1];
@@ -391,7 +398,7 @@ function checkSecondProjection(
   if (!transW || opts.bias || (opts.beta ?? 0) !== 0 || opts.wRows || opts.activation || opts.activationBackward)
     throw new ShapeError(`${label}: a second projection takes W transposed and no bias, beta, row range or epilogue`);
   if (opts.glu && opts.lowRank) throw new ShapeError(`${label}: the gated MLP takes no low-rank term`);
-  if (!WEIGHT_DTYPES.has(w3.dtype) || w3.shape.length !== 2 || w3.shape.some((n, i) => n !== w.shape[i]))
+  if (!isWeightDType(w3.dtype) || w3.shape.length !== 2 || w3.shape.some((n, i) => n !== w.shape[i]))
     throw new ShapeError(
       `${label}: the second weight ${w3.label} ${w3.dtype}${formatShape(w3.shape)} must be shaped like W ${formatShape(w.shape)}`,
     );
