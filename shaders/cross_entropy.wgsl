@@ -19,12 +19,12 @@
 // one scratch buffer reused by every chunk. The entry points here work on that scratch:
 //
 //   cross_entropy_fwd_chunk    one workgroup per row: the chunk's max and Σ exp (each invocation
-//                              keeps an online max/sum over a strided slice; a tree in workgroup
-//                              memory merges them), merged into the row's running (max, sum)
+//                              keeps an online max/sum over a strided slice; merge_workgroup
+//                              merges them), merged into the row's running (max, sum)
 //                              (written on the first chunk, p.first != 0); picks z[i, label_i]
 //                              when the label falls in the chunk.
 //   cross_entropy_fwd_finish   one workgroup for all rows: lse, per-row loss, the total and the
-//                              count (a tree sum), the loss; flags bad labels.
+//                              count (a group sum), the loss; flags bad labels.
 //   cross_entropy_bwd_scale    one workgroup: coef = g / divisor (counting the labels when the
 //                              divisor is not given).
 //   cross_entropy_bwd_dlogits  one invocation per element of the chunk: logits → dz in place.
@@ -101,10 +101,6 @@ const ROW_OUT_OF_RANGE: u32 = 2u;
 // for any logit x, and a slot that saw no logit keeps a sum of 0, so merging it changes nothing.
 const LOWEST: f32 = -0x1.fffffep+127f;
 
-var<workgroup> red_a: array<f32, WG>;
-var<workgroup> red_b: array<f32, WG>;
-var<workgroup> red_n: array<u32, WG>;
-
 fn counted(label: i32) -> bool {
   return label >= 0 && u32(label) < p.vocab;
 }
@@ -113,6 +109,14 @@ fn counted(label: i32) -> bool {
 fn merge(ma: f32, sa: f32, mb: f32, sb: f32) -> vec2<f32> {
   let m = max(ma, mb);
   return vec2<f32>(m, sa * exp(ma - m) + sb * exp(mb - m));
+}
+
+// (max, Σ exp(· − max)) over the workgroup, from each invocation's (m, s): the maximum first, then
+// every s rescaled to it and added (group_max, group_sum: group_reduce.wgsl or its subgroup twin,
+// put first by cross_entropy.ts). A NaN in any s makes the sum NaN.
+fn merge_workgroup(tid: u32, m: f32, s: f32) -> vec2<f32> {
+  let mt = group_max(tid, WG, m);
+  return vec2<f32>(mt, group_sum(tid, WG, s * exp(m - mt)));
 }
 
 @compute @workgroup_size(WG)
@@ -132,23 +136,13 @@ fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(w
       s += exp(x - m);
     }
   }
-  red_a[tid] = m;
-  red_b[tid] = s;
-  workgroupBarrier();
-  for (var k = WG / 2u; k > 0u; k >>= 1u) {
-    if (tid < k) {
-      let r = merge(red_a[tid], red_b[tid], red_a[tid + k], red_b[tid + k]);
-      red_a[tid] = r.x;
-      red_b[tid] = r.y;
-    }
-    workgroupBarrier();
-  }
+  let chunk = merge_workgroup(tid, m, s);
   if (tid == 0u) {
     var st = stats[row];
     if (p.first != 0u) {
-      st = vec4<f32>(red_a[0], red_b[0], 0.0, 0.0);
+      st = vec4<f32>(chunk.x, chunk.y, 0.0, 0.0);
     } else {
-      let r = merge(st.x, st.y, red_a[0], red_b[0]);
+      let r = merge(st.x, st.y, chunk.x, chunk.y);
       st.x = r.x;
       st.y = r.y;
     }
@@ -180,20 +174,12 @@ fn cross_entropy_fwd_finish(@builtin(local_invocation_index) tid: u32) {
     }
     if (p.has_row_loss != 0u) { row_loss[i] = rl; }
   }
-  red_a[tid] = sum;
-  red_n[tid] = n;
-  workgroupBarrier();
-  for (var k = WG / 2u; k > 0u; k >>= 1u) {
-    if (tid < k) {
-      red_a[tid] += red_a[tid + k];
-      red_n[tid] += red_n[tid + k];
-    }
-    workgroupBarrier();
-  }
+  // The count in f32 is exact up to 2^24 rows.
+  let totals = group_sum2(tid, WG, vec2<f32>(sum, f32(n)));
   if (tid == 0u) {
-    let total = f32(red_n[0]);
+    let total = totals.y;
     let divisor = select(total, p.divisor, p.has_divisor != 0u);
-    loss[0] = select(0.0, red_a[0] / divisor, divisor > 0.0);
+    loss[0] = select(0.0, totals.x / divisor, divisor > 0.0);
     loss[1] = total;
   }
 }
@@ -204,14 +190,8 @@ fn cross_entropy_bwd_scale(@builtin(local_invocation_index) tid: u32) {
   for (var i = tid; i < p.rows; i += WG) {
     if (counted(labels[i])) { n += 1u; }
   }
-  red_n[tid] = n;
-  workgroupBarrier();
-  for (var k = WG / 2u; k > 0u; k >>= 1u) {
-    if (tid < k) { red_n[tid] += red_n[tid + k]; }
-    workgroupBarrier();
-  }
+  let total = group_sum(tid, WG, f32(n));
   if (tid == 0u) {
-    let total = f32(red_n[0]);
     let divisor = select(total, p.divisor, p.has_divisor != 0u);
     coef_out[0] = select(0.0, p.g / divisor, divisor > 0.0);
     coef_out[1] = total;

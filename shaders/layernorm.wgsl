@@ -20,8 +20,9 @@
 //                  rmsnorm.wgsl)
 //
 // Work split as in rmsnorm.wgsl: TPR invocations per row, WG / TPR rows per workgroup, partial
-// sums added as a tree in workgroup memory, workgroups on a 2-D grid (wid.y·grid_x + wid.x);
-// TPR = 1 on CPU adapters, where the tree, its workgroup memory and its barriers drop out.
+// sums added by group_sum / group_sum2 (group_reduce.wgsl or its subgroup twin, put first by
+// layernorm.ts), workgroups on a 2-D grid (wid.y·grid_x + wid.x); TPR = 1 on CPU adapters, where
+// the sums are the invocation's own, with no workgroup memory touched and no barrier.
 
 struct Params {
   rows: u32,
@@ -50,8 +51,6 @@ struct Params {
 override WG: u32 = 256;   // invocations per workgroup
 override TPR: u32 = 256;  // invocations per row; a power of two dividing WG
 
-var<workgroup> red: array<vec2<f32>, WG>;
-
 struct Slot {
   row: u32,
   lane: u32,
@@ -61,23 +60,6 @@ struct Slot {
 fn slot(tid: u32, wid: vec3<u32>) -> Slot {
   let row = (wid.y * p.grid_x + wid.x) * (WG / TPR) + tid / TPR;
   return Slot(row, tid % TPR, row < p.rows);
-}
-
-// Sums of v over the TPR invocations of this row. Called by every invocation of the workgroup.
-// With TPR = 1 (CPU adapters) it is v itself and the kernel has no workgroup memory and no barrier.
-fn row_sum(tid: u32, lane: u32, v: vec2<f32>) -> vec2<f32> {
-  var total = v;
-  if (TPR > 1u) {
-    red[tid] = v;
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-      if (lane < s) { red[tid] += red[tid + s]; }
-      workgroupBarrier();
-    }
-    total = red[tid - lane];
-    workgroupBarrier();
-  }
-  return total;
 }
 
 @compute @workgroup_size(WG)
@@ -102,7 +84,7 @@ fn forward_row(tid: u32, wid: vec3<u32>) {
   if (s.valid) {
     for (var i = s.lane; i < p.d; i += TPR) { sum += x[base + i]; }
   }
-  let mu = row_sum(tid, s.lane, vec2<f32>(sum, 0.0)).x * inv_d;
+  let mu = group_sum(tid, TPR, sum) * inv_d;
   var sq = 0.0;
   if (s.valid) {
     for (var i = s.lane; i < p.d; i += TPR) {
@@ -110,7 +92,7 @@ fn forward_row(tid: u32, wid: vec3<u32>) {
       sq += c * c;
     }
   }
-  let variance = row_sum(tid, s.lane, vec2<f32>(sq, 0.0)).x * inv_d;
+  let variance = group_sum(tid, TPR, sq) * inv_d;
   if (!s.valid) { return; }
   let r = inverseSqrt(variance + p.eps);
   for (var i = s.lane; i < p.d; i += TPR) {
@@ -139,7 +121,7 @@ fn layernorm_bwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_i
       acc += vec2<f32>(g, g * ((x[base + i] - mu) * r));
     }
   }
-  let sums = row_sum(tid, s.lane, acc) / f32(p.d);
+  let sums = group_sum2(tid, TPR, acc) / f32(p.d);
   if (!s.valid) { return; }
   for (var i = s.lane; i < p.d; i += TPR) {
     let xhat = (x[base + i] - mu) * r;

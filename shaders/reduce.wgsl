@@ -4,7 +4,8 @@
 //   square = 0:  out[0] = Σ_i x[i]                    (finite x[i] only)
 //   square = 1:  out[0] = sqrt(Σ_i x[i]²)             (finite x[i] only: the global gradient norm)
 //                out[1] = 1.0 if every x[i] is finite and the sum is finite, else 0.0
-//                out[2] = how many x[i] are NaN or ±Inf (as f32)
+//                out[2] = how many x[i] are NaN or ±Inf (as f32; counted in f32, so exact up to
+//                2^24 of them, and never 0 when there is one)
 //
 // Finiteness is tested on the bits (exponent all ones), never with x != x or comparisons with
 // infinity, which WGSL lets an implementation fold away. A sum that overflows f32 (a norm above
@@ -14,8 +15,9 @@
 //   reduce_partial: workgroup w covers the chunk [w·WG·per_thread, (w+1)·WG·per_thread). Its
 //     invocation j takes the elements j, j + WG, j + 2·WG, ... of the chunk (reads coalesced
 //     across the workgroup), adds them in runs of 8 and adds the runs' sums; the WG results are
-//     then added as a binary tree in workgroup memory.
-//   reduce_final: one workgroup; invocation j adds partials j, j + WG, ..., then a binary tree.
+//     then added by group_sum2 (group_reduce.wgsl's binary tree, or its subgroup twin: put first
+//     by reduce.ts).
+//   reduce_final: one workgroup; invocation j adds partials j, j + WG, ..., then group_sum2.
 //   The host (reduce.ts) keeps per_thread and the partials per invocation small, so the error is
 //   ~(8 + per_thread/8 + groups/WG + 2·log2 WG) ulps of the sum at worst.
 //
@@ -40,23 +42,8 @@ struct Params {
 
 override WG: u32 = 256; // invocations per workgroup, a power of two
 
-var<workgroup> sums: array<f32, WG>;
-var<workgroup> bad: array<u32, WG>;
-
 fn is_finite(v: f32) -> bool {
   return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
-}
-
-// Adds sums[] and bad[] of the workgroup as a binary tree into element 0.
-fn tree(tid: u32) {
-  workgroupBarrier();
-  for (var s = WG / 2u; s > 0u; s >>= 1u) {
-    if (tid < s) {
-      sums[tid] = sums[tid] + sums[tid + s];
-      bad[tid] = bad[tid] + bad[tid + s];
-    }
-    workgroupBarrier();
-  }
 }
 
 @compute @workgroup_size(WG)
@@ -79,32 +66,26 @@ fn reduce_partial(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
     }
     s += run;
   }
-  sums[tid] = s;
-  bad[tid] = nb;
-  tree(tid);
+  let total = group_sum2(tid, WG, vec2<f32>(s, f32(nb)));
   if (tid == 0u) {
-    partials_out[2u * wid.x] = sums[0];
-    partials_out[2u * wid.x + 1u] = f32(bad[0]); // ≤ WG·per_thread, exact in f32
+    partials_out[2u * wid.x] = total.x;
+    partials_out[2u * wid.x + 1u] = total.y; // ≤ WG·per_thread, exact in f32
   }
 }
 
 @compute @workgroup_size(WG)
 fn reduce_final(@builtin(local_invocation_index) tid: u32) {
-  var s = 0.0;
-  var nb = 0u;
+  var acc = vec2<f32>(0.0);
   for (var j = tid; j < p.groups; j += WG) {
-    s += partials[2u * j];
-    nb += u32(partials[2u * j + 1u]);
+    acc += vec2<f32>(partials[2u * j], partials[2u * j + 1u]);
   }
-  sums[tid] = s;
-  bad[tid] = nb;
-  tree(tid);
+  let sums = group_sum2(tid, WG, acc);
   if (tid == 0u) {
-    let total = sums[0];
-    let count = bad[0];
-    let ok = count == 0u && is_finite(total);
+    let total = sums.x;
+    let count = sums.y;
+    let ok = count == 0.0 && is_finite(total);
     out[0] = select(total, sqrt(total), p.square != 0u);
     out[1] = select(0.0, 1.0, ok);
-    out[2] = f32(count);
+    out[2] = count;
   }
 }

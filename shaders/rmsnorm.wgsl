@@ -27,10 +27,11 @@
 //                5 dx (written or accumulated)
 //
 // Work split: TPR invocations per row (a power of two), WG / TPR rows per workgroup. Each
-// invocation strides over the row, then the row's TPR partial sums are added up as a tree in
-// workgroup memory. The workgroups form a 2-D grid, linear index wid.y·grid_x + wid.x.
+// invocation strides over the row, then the row's TPR partial sums are added up by group_sum
+// (group_reduce.wgsl or group_reduce_subgroups.wgsl, put before this file by rmsnorm.ts). The
+// workgroups form a 2-D grid, linear index wid.y·grid_x + wid.x.
 // On GPUs TPR is 32 or WG (see rowReduceShape). CPU adapters get TPR = 1, one invocation per row:
-// there the tree is dead code, so the kernel uses no workgroup memory and no barrier, which on
+// there group_sum returns its argument, with no workgroup memory touched and no barrier, which on
 // SwiftShader would cost about 10 µs per four invocations (see attention.wgsl).
 
 struct Params {
@@ -61,8 +62,6 @@ struct Params {
 override WG: u32 = 256;   // invocations per workgroup
 override TPR: u32 = 256;  // invocations per row; a power of two dividing WG
 
-var<workgroup> red: array<f32, WG>;
-
 struct Slot {
   row: u32,
   lane: u32,
@@ -80,23 +79,6 @@ fn x_base(row: u32) -> u32 {
 
 fn y_base(row: u32) -> u32 {
   return (row / p.groups) * p.y_stride + p.y_offset + (row % p.groups) * p.d;
-}
-
-// Sum of v over the TPR invocations of this row. Called by every invocation of the workgroup.
-// With TPR = 1 (CPU adapters) it is v itself and the kernel has no workgroup memory and no barrier.
-fn row_sum(tid: u32, lane: u32, v: f32) -> f32 {
-  var total = v;
-  if (TPR > 1u) {
-    red[tid] = v;
-    workgroupBarrier();
-    for (var s = TPR / 2u; s > 0u; s >>= 1u) {
-      if (lane < s) { red[tid] += red[tid + s]; }
-      workgroupBarrier();
-    }
-    total = red[tid - lane];
-    workgroupBarrier();
-  }
-  return total;
 }
 
 @compute @workgroup_size(WG)
@@ -123,7 +105,7 @@ fn forward_row(tid: u32, wid: vec3<u32>) {
       ss += v * v;
     }
   }
-  let total = row_sum(tid, s.lane, ss);
+  let total = group_sum(tid, TPR, ss);
   if (!s.valid) { return; }
   let r = inverseSqrt(total / f32(p.d) + p.eps);
   let yb = y_base(s.row);
@@ -144,7 +126,7 @@ fn rmsnorm_bwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id)
       acc += dy[yb + i] * w[i] * x[xb + i];
     }
   }
-  let total = row_sum(tid, s.lane, acc);
+  let total = group_sum(tid, TPR, acc);
   if (!s.valid) { return; }
   let r = rstd[s.row];
   let c = total * r * r / f32(p.d);

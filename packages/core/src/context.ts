@@ -7,6 +7,7 @@ import {
 } from './errors.js';
 import { isNode, requestNodeAdapter } from './node-gpu.js';
 import { type KernelProfile, type KernelProfileSource, measureKernelProfile, profileFromInfo } from './profile.js';
+import { measureSubgroupLayout } from './subgroups.js';
 
 export interface GpuContextOptions {
   /** Use this GPU object instead of `navigator.gpu` / the `webgpu` package. */
@@ -16,6 +17,11 @@ export interface GpuContextOptions {
   powerPreference?: GPUPowerPreference;
   /** Use shader-f16 when the adapter has it (default true). */
   allowShaderF16?: boolean;
+  /**
+   * Use subgroup operations in the reduction kernels when the adapter has the feature and its
+   * subgroups measure as runs of consecutive invocations (default true; see subgroups.ts).
+   */
+  allowSubgroups?: boolean;
   /**
    * Which kernel configurations to use (see profile.ts). 'auto' (the default) reads the adapter's
    * info and measures when it names nothing; 'gpu' or 'cpu' forces one (tests run the GPU
@@ -30,7 +36,10 @@ export interface GpuContextOptions {
 export interface GpuFeatures {
   readonly shaderF16: boolean;
   readonly timestampQuery: boolean;
+  /** Subgroup reductions are on: the adapter has 'subgroups' and the layout probe passed. */
   readonly subgroups: boolean;
+  /** The subgroup size the probe measured (0 when subgroups are off). */
+  readonly subgroupSize: number;
 }
 
 export interface GpuAdapterDescription {
@@ -382,7 +391,7 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
   const shaderF16 = (options.allowShaderF16 ?? true) && has('shader-f16');
   if (shaderF16) wanted.push('shader-f16');
   if (has('timestamp-query')) wanted.push('timestamp-query');
-  if (has('subgroups')) wanted.push('subgroups' as GPUFeatureName);
+  if ((options.allowSubgroups ?? true) && has('subgroups')) wanted.push('subgroups' as GPUFeatureName);
 
   const requiredLimits: Record<string, number> = {};
   const limits = adapter.limits as unknown as Record<string, unknown>;
@@ -429,6 +438,11 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
     kernelProfile = (await measureKernelProfile(device)).profile;
     kernelProfileSource = 'measured';
   }
+  // Subgroup reductions assume a layout WGSL does not promise: measure it (subgroups.ts).
+  const subgroupLayout = wanted.includes('subgroups' as GPUFeatureName)
+    ? await measureSubgroupLayout(device, Math.min(256, device.limits.maxComputeInvocationsPerWorkgroup))
+    : undefined;
+  const subgroups = subgroupLayout?.contiguous ?? false;
   return new GpuContext({
     device,
     label,
@@ -446,7 +460,8 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
     features: {
       shaderF16,
       timestampQuery: wanted.includes('timestamp-query'),
-      subgroups: wanted.includes('subgroups' as GPUFeatureName),
+      subgroups,
+      subgroupSize: subgroups ? (subgroupLayout?.size ?? 0) : 0,
     },
   });
 }
@@ -462,6 +477,7 @@ export function describeAdapter(ctx: GpuContext): string {
     a.featureLevel === 'compatibility' ? 'compat' : '',
     a.isFallbackAdapter ? 'fallback' : '',
     ctx.features.shaderF16 ? 'f16' : '',
+    ctx.features.subgroups ? `subgroups ${ctx.features.subgroupSize}` : '',
     `${ctx.kernelProfile} kernels${ctx.kernelProfileSource === 'adapter info' ? '' : ` (${ctx.kernelProfileSource})`}`,
   ].filter(Boolean);
   return `${name} (${extras.join(', ')})`;

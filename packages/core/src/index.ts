@@ -22,5 +22,6 @@ export * from './quant.js';
 export * from './random.js';
 export * from './schedule.js';
 export * from './shape.js';
+export * from './subgroups.js';
 export * from './table.js';
 export * from './tensor.js';

@@ -10,6 +10,7 @@ import {
   getKernel,
   LimitExceededError,
   measureKernelProfile,
+  measureSubgroupLayout,
   planAddScaled,
   planMatmul,
   planSiluMulBackward,
@@ -47,6 +48,30 @@ describe('GPU context', () => {
     expect(typeof ctx.features.timestampQuery).toBe('boolean');
     expect(typeof ctx.features.subgroups).toBe('boolean');
     expect(ctx.features.shaderF16).toBe(ctx.device.features.has('shader-f16'));
+  });
+
+  it('turns subgroup reductions on only when the adapter has them and their layout measures contiguous', async () => {
+    const ctx = gpu();
+    const has = ctx.device.features.has('subgroups');
+    expect(ctx.features.subgroups).toBe(has && (await measureSubgroupLayout(ctx.device, 64)).contiguous);
+    if (ctx.features.subgroups) {
+      // WebGPU's subgroup sizes are powers of two from 4 to 128 (SwiftShader: 4).
+      expect([4, 8, 16, 32, 64, 128]).toContain(ctx.features.subgroupSize);
+      expect(describeAdapter(ctx)).toContain(`subgroups ${ctx.features.subgroupSize}`);
+    } else {
+      expect(ctx.features.subgroupSize).toBe(0);
+    }
+    const without = await createGpuContext({
+      featureLevel: inject('featureLevel') ?? 'core',
+      kernelProfile: 'cpu',
+      allowSubgroups: false,
+    });
+    try {
+      expect([without.features.subgroups, without.features.subgroupSize]).toEqual([false, 0]);
+      expect(without.device.features.has('subgroups')).toBe(false);
+    } finally {
+      without.destroy();
+    }
   });
 
   it('chooses kernel configurations from what the adapter is, measuring when its info names nothing', async () => {

@@ -34,9 +34,10 @@ import {
   planCrossEntropyTraining,
   planLogitsRows,
 } from '../src/kernels/cross_entropy.js';
-import { expectClose, gpuCase, useGpu } from './gpu.js';
+import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
-const gpu = useGpu();
+const paths = useReductionPaths();
+const gpu = paths[0].gpu;
 
 type LabelPattern = 'all' | 'mixed' | 'ignored' | 'bad';
 
@@ -231,111 +232,113 @@ function checkAgainstRef(
   expect(got.errors, `${name} errors`).toEqual(bad ? [CROSS_ENTROPY_LABEL_OUT_OF_RANGE, bad] : [0, 0]);
 }
 
-describe('cross-entropy', () => {
-  for (const c of cases) {
-    it(describeCase(c), async () => {
-      const ctx = gpu();
-      const seed = c.rows * 1009 + c.vocab * 7 + c.d;
-      const h = asHeld(randomArray(c.rows * c.d, seed, 2), 'f32');
-      const e = asHeld(randomArray(c.vocab * c.d, seed + 1), c.dtype);
-      const labels = makeLabels(c.labels, c.rows, c.vocab, seed + 2);
-      const dh0 = c.accumulate ? asHeld(randomArray(c.rows * c.d, seed + 3, 0.1), 'f32') : undefined;
-      const g = c.g ?? 1;
-      const name = describeCase(c);
-      const got = await gpuCase(ctx, name, async () => {
+for (const path of paths) {
+  describe(`cross-entropy (${path.name})`, () => {
+    for (const c of cases) {
+      it(describeCase(c), async (t) => {
+        const ctx = path.gpu(t);
+        const seed = c.rows * 1009 + c.vocab * 7 + c.d;
+        const h = asHeld(randomArray(c.rows * c.d, seed, 2), 'f32');
+        const e = asHeld(randomArray(c.vocab * c.d, seed + 1), c.dtype);
+        const labels = makeLabels(c.labels, c.rows, c.vocab, seed + 2);
+        const dh0 = c.accumulate ? asHeld(randomArray(c.rows * c.d, seed + 3, 0.1), 'f32') : undefined;
+        const g = c.g ?? 1;
+        const name = describeCase(c);
+        const got = await gpuCase(ctx, name, async () => {
+          const t = {
+            h: tensorFromData(ctx, h, [c.rows, c.d], 'f32', 'h'),
+            e: uploadTable(ctx, e, c.vocab, c.d, c.dtype, c.split),
+            labels: tensorFromData(ctx, labels, [c.rows], 'i32', 'labels'),
+            lse: createTensor(ctx, [c.rows], 'f32', 'lse'),
+            loss: createTensor(ctx, [2], 'f32', 'loss'),
+            errors: createTensor(ctx, [2], 'u32', 'errors'),
+            rowLoss: c.rowLoss ? createTensor(ctx, [c.rows], 'f32', 'row_loss') : undefined,
+            dh: dh0
+              ? tensorFromData(ctx, dh0, [c.rows, c.d], 'f32', 'dh')
+              : createTensor(ctx, [c.rows, c.d], 'f32', 'dh'),
+          };
+          const opts = { chunk: c.chunk, divisor: c.divisor, g: c.g, accumulate: c.accumulate };
+          const plans: (CrossEntropyPlan | CrossEntropyGradPlan)[] = c.fused
+            ? [await planCrossEntropyTraining(ctx, t, opts)]
+            : [await planCrossEntropyForward(ctx, t, opts), await planCrossEntropyBackward(ctx, t, opts)];
+          const chunk = crossEntropyChunk(ctx, c.rows, c.vocab, opts);
+          expect(plans[0]?.chunk).toBe(chunk);
+          expect(plans[0]?.chunks).toBe(chunkCount(c.vocab, chunk, c.split));
+          const bytes = crossEntropyScratchBytes(ctx, c.rows, c.vocab, opts);
+          const scratch = plans.reduce((s, p) => s + p.scratchBytes, 0);
+          expect(scratch).toBe(c.fused ? bytes.training : bytes.forward + bytes.backward);
+          const enc = new StepEncoder(ctx, 'cross-entropy step');
+          enc.clear(t.errors);
+          for (const p of plans) p.record(enc);
+          enc.submit();
+          const out = await readOutputs(t);
+          for (const p of plans) p.dispose();
+          for (const v of Object.values(t)) v?.dispose();
+          return out;
+        });
+        checkAgainstRef(
+          ctx,
+          name,
+          got,
+          { rows: c.rows, d: c.d, vocab: c.vocab, h, e, labels, divisor: c.divisor },
+          g,
+          dh0,
+        );
+      });
+    }
+
+    it('setDivisor and setGradScale change the next steps without planning again', async (t) => {
+      const ctx = path.gpu(t);
+      const rows = 7;
+      const vocab = 63;
+      const d = 12;
+      const h = asHeld(randomArray(rows * d, 11, 2), 'f32');
+      const e = asHeld(randomArray(vocab * d, 12), 'f32');
+      const labels = makeLabels('mixed', rows, vocab, 13);
+      const steps = await gpuCase(ctx, 'set uniforms', async () => {
         const t = {
-          h: tensorFromData(ctx, h, [c.rows, c.d], 'f32', 'h'),
-          e: uploadTable(ctx, e, c.vocab, c.d, c.dtype, c.split),
-          labels: tensorFromData(ctx, labels, [c.rows], 'i32', 'labels'),
-          lse: createTensor(ctx, [c.rows], 'f32', 'lse'),
+          h: tensorFromData(ctx, h, [rows, d], 'f32', 'h'),
+          e: tensorFromData(ctx, e, [vocab, d], 'f32', 'e'),
+          labels: tensorFromData(ctx, labels, [rows], 'i32', 'labels'),
+          lse: createTensor(ctx, [rows], 'f32', 'lse'),
           loss: createTensor(ctx, [2], 'f32', 'loss'),
           errors: createTensor(ctx, [2], 'u32', 'errors'),
-          rowLoss: c.rowLoss ? createTensor(ctx, [c.rows], 'f32', 'row_loss') : undefined,
-          dh: dh0
-            ? tensorFromData(ctx, dh0, [c.rows, c.d], 'f32', 'dh')
-            : createTensor(ctx, [c.rows, c.d], 'f32', 'dh'),
+          dh: createTensor(ctx, [rows, d], 'f32', 'dh'),
         };
-        const opts = { chunk: c.chunk, divisor: c.divisor, g: c.g, accumulate: c.accumulate };
-        const plans: (CrossEntropyPlan | CrossEntropyGradPlan)[] = c.fused
-          ? [await planCrossEntropyTraining(ctx, t, opts)]
-          : [await planCrossEntropyForward(ctx, t, opts), await planCrossEntropyBackward(ctx, t, opts)];
-        const chunk = crossEntropyChunk(ctx, c.rows, c.vocab, opts);
-        expect(plans[0]?.chunk).toBe(chunk);
-        expect(plans[0]?.chunks).toBe(chunkCount(c.vocab, chunk, c.split));
-        const bytes = crossEntropyScratchBytes(ctx, c.rows, c.vocab, opts);
-        const scratch = plans.reduce((s, p) => s + p.scratchBytes, 0);
-        expect(scratch).toBe(c.fused ? bytes.training : bytes.forward + bytes.backward);
-        const enc = new StepEncoder(ctx, 'cross-entropy step');
-        enc.clear(t.errors);
-        for (const p of plans) p.record(enc);
-        enc.submit();
-        const out = await readOutputs(t);
-        for (const p of plans) p.dispose();
-        for (const v of Object.values(t)) v?.dispose();
-        return out;
+        // A caller-owned logits scratch (bigger than needed) is used and not counted or released.
+        const logits = createTensor(ctx, [rows * 40], 'f32', 'shared logits');
+        const plan = await planCrossEntropyTraining(ctx, t, { chunk: 32, logits });
+        expect(plan.scratchBytes).toBe(
+          crossEntropyScratchBytes(ctx, rows, vocab, { chunk: 32 }).training - rows * 32 * 4,
+        );
+        const results: Outputs[] = [];
+        for (const [divisor, g] of [
+          [undefined, 1],
+          [50, 3],
+          [undefined, 0.25],
+        ] as const) {
+          plan.setDivisor(divisor);
+          plan.setGradScale(g);
+          const enc = new StepEncoder(ctx, 'step');
+          enc.clear(t.errors);
+          plan.record(enc);
+          enc.submit();
+          results.push(await readOutputs(t));
+        }
+        expect(() => plan.setDivisor(0)).toThrow(ShapeError);
+        plan.dispose();
+        expect(logits.disposed).toBe(false);
+        logits.dispose();
+        for (const v of Object.values(t)) v.dispose();
+        return results;
       });
-      checkAgainstRef(
-        ctx,
-        name,
-        got,
-        { rows: c.rows, d: c.d, vocab: c.vocab, h, e, labels, divisor: c.divisor },
-        g,
-        dh0,
-      );
+      const input = { rows, d, vocab, h, e, labels };
+      checkAgainstRef(ctx, 'step 1', steps[0] as Outputs, input, 1);
+      checkAgainstRef(ctx, 'step 2 divisor=50 g=3', steps[1] as Outputs, { ...input, divisor: 50 }, 3);
+      checkAgainstRef(ctx, 'step 3 g=0.25', steps[2] as Outputs, input, 0.25);
     });
-  }
-
-  it('setDivisor and setGradScale change the next steps without planning again', async () => {
-    const ctx = gpu();
-    const rows = 7;
-    const vocab = 63;
-    const d = 12;
-    const h = asHeld(randomArray(rows * d, 11, 2), 'f32');
-    const e = asHeld(randomArray(vocab * d, 12), 'f32');
-    const labels = makeLabels('mixed', rows, vocab, 13);
-    const steps = await gpuCase(ctx, 'set uniforms', async () => {
-      const t = {
-        h: tensorFromData(ctx, h, [rows, d], 'f32', 'h'),
-        e: tensorFromData(ctx, e, [vocab, d], 'f32', 'e'),
-        labels: tensorFromData(ctx, labels, [rows], 'i32', 'labels'),
-        lse: createTensor(ctx, [rows], 'f32', 'lse'),
-        loss: createTensor(ctx, [2], 'f32', 'loss'),
-        errors: createTensor(ctx, [2], 'u32', 'errors'),
-        dh: createTensor(ctx, [rows, d], 'f32', 'dh'),
-      };
-      // A caller-owned logits scratch (bigger than needed) is used and not counted or released.
-      const logits = createTensor(ctx, [rows * 40], 'f32', 'shared logits');
-      const plan = await planCrossEntropyTraining(ctx, t, { chunk: 32, logits });
-      expect(plan.scratchBytes).toBe(
-        crossEntropyScratchBytes(ctx, rows, vocab, { chunk: 32 }).training - rows * 32 * 4,
-      );
-      const results: Outputs[] = [];
-      for (const [divisor, g] of [
-        [undefined, 1],
-        [50, 3],
-        [undefined, 0.25],
-      ] as const) {
-        plan.setDivisor(divisor);
-        plan.setGradScale(g);
-        const enc = new StepEncoder(ctx, 'step');
-        enc.clear(t.errors);
-        plan.record(enc);
-        enc.submit();
-        results.push(await readOutputs(t));
-      }
-      expect(() => plan.setDivisor(0)).toThrow(ShapeError);
-      plan.dispose();
-      expect(logits.disposed).toBe(false);
-      logits.dispose();
-      for (const v of Object.values(t)) v.dispose();
-      return results;
-    });
-    const input = { rows, d, vocab, h, e, labels };
-    checkAgainstRef(ctx, 'step 1', steps[0] as Outputs, input, 1);
-    checkAgainstRef(ctx, 'step 2 divisor=50 g=3', steps[1] as Outputs, { ...input, divisor: 50 }, 3);
-    checkAgainstRef(ctx, 'step 3 g=0.25', steps[2] as Outputs, input, 0.25);
   });
-});
+}
 
 describe('logits of selected rows', () => {
   for (const [rows, vocab, d, dtype, index, split] of [

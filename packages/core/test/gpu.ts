@@ -4,7 +4,7 @@
  */
 import { afterAll, beforeAll, expect, inject } from 'vitest';
 import { compare } from '../ref/check.js';
-import { createGpuContext, describeAdapter, type GpuContext } from '../src/index.js';
+import { createGpuContext, describeAdapter, type GpuContext, type GpuContextOptions } from '../src/index.js';
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -14,8 +14,11 @@ declare module 'vitest' {
   }
 }
 
-/** One context per test file, destroyed after it. Fails the file on any uncaptured GPU error. */
-export function useGpu(): () => GpuContext {
+/**
+ * One context per test file (per call), destroyed after it. Fails the file on any uncaptured GPU
+ * error. `overrides` adds context options to the project's (vitest.config.ts).
+ */
+export function useGpu(overrides: Partial<GpuContextOptions> = {}): () => GpuContext {
   let ctx: GpuContext | undefined;
   const reports: string[] = [];
   beforeAll(async () => {
@@ -23,6 +26,7 @@ export function useGpu(): () => GpuContext {
       featureLevel: inject('featureLevel') ?? 'core',
       kernelProfile: inject('kernelProfile') ?? 'auto',
       label: 'test',
+      ...overrides,
     });
     (ctx as GpuContext & { reports?: string[] }).reports = reports;
   });
@@ -36,6 +40,33 @@ export function useGpu(): () => GpuContext {
     if (!ctx) throw new Error('GPU context not ready');
     return ctx;
   };
+}
+
+/** One build of the reduction kernels (shaders/group_reduce*.wgsl) that a test file checks. */
+export interface ReductionPath {
+  readonly name: string;
+  /** The context for this path; skips `test` when the path is the same as the first one. */
+  gpu(test?: { skip: (note?: string) => void }): GpuContext;
+}
+
+/**
+ * The reduction kernels' two builds: the adapter's own (subgroup operations where it has them) and
+ * workgroup-memory trees (subgroups turned off). On an adapter without subgroups the second is the
+ * first again, so its tests skip.
+ */
+export function useReductionPaths(): readonly [ReductionPath, ReductionPath] {
+  const adapters = useGpu();
+  const trees = useGpu({ allowSubgroups: false });
+  return [
+    { name: 'adapter reductions', gpu: () => adapters() },
+    {
+      name: 'workgroup-memory trees',
+      gpu: (test) => {
+        if (!adapters().features.subgroups) test?.skip('no subgroups: the first path already ran the trees');
+        return trees();
+      },
+    },
+  ];
 }
 
 /**

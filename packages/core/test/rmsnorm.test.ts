@@ -8,9 +8,9 @@ import { randomArray } from '../ref/check.js';
 import { rmsnormBackwardRef, rmsnormForwardRef } from '../ref/rmsnorm.js';
 import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
 import { type NormSplit, planRmsNormBackward, planRmsNormForward } from '../src/kernels/rmsnorm.js';
-import { expectClose, gpuCase, useGpu } from './gpu.js';
+import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
-const gpu = useGpu();
+const paths = useReductionPaths();
 
 interface Case {
   rows: number;
@@ -41,142 +41,144 @@ const name = (c: Case) =>
 // f32 sums of d terms of O(1) values.
 const tol = (d: number) => 2e-6 * Math.max(1, Math.sqrt(d));
 
-describe('rmsnorm', () => {
-  for (const c of cases) {
-    it(name(c), async () => {
-      const ctx = gpu();
-      const seed = c.rows * 131 + c.d;
-      const p = {
-        rows: c.rows,
-        d: c.d,
-        eps: c.eps,
-        x: randomArray(c.rows * c.d, seed, 2),
-        w: randomArray(c.d, seed + 1),
-      };
-      const dy = randomArray(c.rows * c.d, seed + 2);
-      const prev = randomArray(c.rows * c.d, seed + 3);
-      const ref = rmsnormForwardRef(p);
-      const grad = rmsnormBackwardRef(p, dy);
-      const got = await gpuCase(ctx, name(c), async () => {
-        const x = tensorFromData(ctx, p.x, [c.rows, c.d], 'f32', 'x');
-        const w = tensorFromData(ctx, p.w, [c.d], 'f32', 'w');
-        const y = createTensor(ctx, [c.rows, c.d], 'f32', 'y');
-        const rstd = createTensor(ctx, [c.rows], 'f32', 'rstd');
-        const tdy = tensorFromData(ctx, dy, [c.rows, c.d], 'f32', 'dy');
-        const dx = c.accumulate
-          ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
-          : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
-        const xCopy = c.copy ? createTensor(ctx, [c.rows, c.d], 'f32', 'x_copy') : undefined;
-        const fwd = await planRmsNormForward(ctx, { x, w, y, rstd, xCopy }, { eps: c.eps, split: c.split });
-        const bwd = await planRmsNormBackward(
-          ctx,
-          { x, w, rstd, dy: tdy, dx },
-          { eps: c.eps, accumulate: c.accumulate, split: c.split },
-        );
-        const enc = new StepEncoder(ctx, 'rmsnorm step');
-        enc.dispatch(fwd, bwd);
-        enc.submit();
-        const out = {
-          y: await readFloat32(y),
-          rstd: await readFloat32(rstd),
-          dx: await readFloat32(dx),
-          xCopy: xCopy ? await readFloat32(xCopy) : undefined,
+for (const path of paths) {
+  describe(`rmsnorm (${path.name})`, () => {
+    for (const c of cases) {
+      it(name(c), async (t) => {
+        const ctx = path.gpu(t);
+        const seed = c.rows * 131 + c.d;
+        const p = {
+          rows: c.rows,
+          d: c.d,
+          eps: c.eps,
+          x: randomArray(c.rows * c.d, seed, 2),
+          w: randomArray(c.d, seed + 1),
         };
-        fwd.dispose();
-        bwd.dispose();
-        for (const t of [x, w, y, rstd, tdy, dx, xCopy]) t?.dispose();
+        const dy = randomArray(c.rows * c.d, seed + 2);
+        const prev = randomArray(c.rows * c.d, seed + 3);
+        const ref = rmsnormForwardRef(p);
+        const grad = rmsnormBackwardRef(p, dy);
+        const got = await gpuCase(ctx, name(c), async () => {
+          const x = tensorFromData(ctx, p.x, [c.rows, c.d], 'f32', 'x');
+          const w = tensorFromData(ctx, p.w, [c.d], 'f32', 'w');
+          const y = createTensor(ctx, [c.rows, c.d], 'f32', 'y');
+          const rstd = createTensor(ctx, [c.rows], 'f32', 'rstd');
+          const tdy = tensorFromData(ctx, dy, [c.rows, c.d], 'f32', 'dy');
+          const dx = c.accumulate
+            ? tensorFromData(ctx, prev, [c.rows, c.d], 'f32', 'dx')
+            : createTensor(ctx, [c.rows, c.d], 'f32', 'dx');
+          const xCopy = c.copy ? createTensor(ctx, [c.rows, c.d], 'f32', 'x_copy') : undefined;
+          const fwd = await planRmsNormForward(ctx, { x, w, y, rstd, xCopy }, { eps: c.eps, split: c.split });
+          const bwd = await planRmsNormBackward(
+            ctx,
+            { x, w, rstd, dy: tdy, dx },
+            { eps: c.eps, accumulate: c.accumulate, split: c.split },
+          );
+          const enc = new StepEncoder(ctx, 'rmsnorm step');
+          enc.dispatch(fwd, bwd);
+          enc.submit();
+          const out = {
+            y: await readFloat32(y),
+            rstd: await readFloat32(rstd),
+            dx: await readFloat32(dx),
+            xCopy: xCopy ? await readFloat32(xCopy) : undefined,
+          };
+          fwd.dispose();
+          bwd.dispose();
+          for (const t of [x, w, y, rstd, tdy, dx, xCopy]) t?.dispose();
+          return out;
+        });
+        expectClose(ctx, `${name(c)} y`, got.y, ref.y, 2e-6, 1e-5);
+        expectClose(ctx, `${name(c)} rstd`, got.rstd, ref.rstd, 0, 1e-5);
+        if (c.copy) expect(got.xCopy, 'x copied exactly').toEqual(Float32Array.from(p.x));
+        const want = c.accumulate ? grad.dx.map((v, i) => v + (prev[i] as number)) : grad.dx;
+        expectClose(ctx, `${name(c)} dx`, got.dx, want, tol(c.d), 1e-5);
+      });
+    }
+
+    // Qwen3: qkv [T, (nH + 2·nKV)·hd]; q_norm normalises each of the nH q heads, k_norm each of the
+    // nKV k heads, reading them in place in the fused buffer. The normalised q is written packed
+    // [T·nH, hd]; the normalised k back into a second fused buffer at the same offset; the
+    // gradients go into the fused dqkv, whose v columns must stay untouched.
+    it('per-head q_norm and k_norm inside a fused qkv buffer (T=7, nH=3, nKV=2, hd=12)', async (t) => {
+      const ctx = path.gpu(t);
+      const [T, nH, nKV, hd, eps] = [7, 3, 2, 12, 1e-6];
+      const width = (nH + 2 * nKV) * hd;
+      const qkv = randomArray(T * width, 11, 3);
+      const wq = randomArray(hd, 12);
+      const wk = randomArray(hd, 13);
+      const dq = randomArray(T * nH * hd, 14);
+      const dk = randomArray(T * width, 15); // gradient of the second fused buffer; only k is read
+      const prior = randomArray(T * width, 16); // what dqkv held before
+      const heads = (from: ArrayLike<number>, n: number, offset: number) => {
+        const out = new Float64Array(T * n * hd);
+        for (let t = 0; t < T; t++)
+          for (let j = 0; j < n * hd; j++) out[t * n * hd + j] = from[t * width + offset + j] as number;
+        return out;
+      };
+      const kOff = nH * hd;
+      const refQ = { rows: T * nH, d: hd, eps, x: heads(qkv, nH, 0), w: wq };
+      const refK = { rows: T * nKV, d: hd, eps, x: heads(qkv, nKV, kOff), w: wk };
+      const yq = rmsnormForwardRef(refQ).y;
+      const yk = rmsnormForwardRef(refK).y;
+      const dxq = rmsnormBackwardRef(refQ, dq).dx;
+      const dxk = rmsnormBackwardRef(refK, heads(dk, nKV, kOff)).dx;
+      const wantDqkv = Float64Array.from(prior);
+      for (let t = 0; t < T; t++) {
+        for (let j = 0; j < nH * hd; j++) wantDqkv[t * width + j] = dxq[t * nH * hd + j] as number;
+        for (let j = 0; j < nKV * hd; j++) wantDqkv[t * width + kOff + j] = dxk[t * nKV * hd + j] as number;
+      }
+      const got = await gpuCase(ctx, 'qk norm', async () => {
+        const x = tensorFromData(ctx, qkv, [T, width], 'f32', 'qkv');
+        const tq = tensorFromData(ctx, wq, [hd], 'f32', 'q_norm.weight');
+        const tk = tensorFromData(ctx, wk, [hd], 'f32', 'k_norm.weight');
+        const q = createTensor(ctx, [T * nH, hd], 'f32', 'q');
+        const kBuf = createTensor(ctx, [T, width], 'f32', 'qkv_normed');
+        const rq = createTensor(ctx, [T * nH], 'f32', 'rstd_q');
+        const rk = createTensor(ctx, [T * nKV], 'f32', 'rstd_k');
+        const tdq = tensorFromData(ctx, dq, [T * nH, hd], 'f32', 'dq');
+        const tdk = tensorFromData(ctx, dk, [T, width], 'f32', 'dqkv_normed');
+        const dqkv = tensorFromData(ctx, prior, [T, width], 'f32', 'dqkv');
+        const qOpts = { eps, groups: nH, xLayout: { stride: width } };
+        const kOpts = {
+          eps,
+          groups: nKV,
+          xLayout: { stride: width, offset: kOff },
+          yLayout: { stride: width, offset: kOff },
+        };
+        const plans = [
+          await planRmsNormForward(ctx, { x, w: tq, y: q, rstd: rq }, qOpts),
+          await planRmsNormForward(ctx, { x, w: tk, y: kBuf, rstd: rk }, kOpts),
+          await planRmsNormBackward(ctx, { x, w: tq, rstd: rq, dy: tdq, dx: dqkv }, qOpts),
+          await planRmsNormBackward(ctx, { x, w: tk, rstd: rk, dy: tdk, dx: dqkv }, kOpts),
+        ];
+        const enc = new StepEncoder(ctx, 'qk norm step');
+        enc.dispatch(...plans);
+        enc.submit();
+        const out = { q: await readFloat32(q), k: await readFloat32(kBuf), dqkv: await readFloat32(dqkv) };
+        for (const d of plans) d.dispose();
+        for (const t of [x, tq, tk, q, kBuf, rq, rk, tdq, tdk, dqkv]) t.dispose();
         return out;
       });
-      expectClose(ctx, `${name(c)} y`, got.y, ref.y, 2e-6, 1e-5);
-      expectClose(ctx, `${name(c)} rstd`, got.rstd, ref.rstd, 0, 1e-5);
-      if (c.copy) expect(got.xCopy, 'x copied exactly').toEqual(Float32Array.from(p.x));
-      const want = c.accumulate ? grad.dx.map((v, i) => v + (prev[i] as number)) : grad.dx;
-      expectClose(ctx, `${name(c)} dx`, got.dx, want, tol(c.d), 1e-5);
+      expectClose(ctx, 'q_norm y', got.q, yq, 2e-6, 1e-5);
+      expectClose(ctx, 'k_norm y', heads(got.k, nKV, kOff), yk, 2e-6, 1e-5);
+      expectClose(ctx, 'dqkv (q and k written, v untouched)', got.dqkv, wantDqkv, tol(hd), 1e-5);
     });
-  }
 
-  // Qwen3: qkv [T, (nH + 2·nKV)·hd]; q_norm normalises each of the nH q heads, k_norm each of the
-  // nKV k heads, reading them in place in the fused buffer. The normalised q is written packed
-  // [T·nH, hd]; the normalised k back into a second fused buffer at the same offset; the
-  // gradients go into the fused dqkv, whose v columns must stay untouched.
-  it('per-head q_norm and k_norm inside a fused qkv buffer (T=7, nH=3, nKV=2, hd=12)', async () => {
-    const ctx = gpu();
-    const [T, nH, nKV, hd, eps] = [7, 3, 2, 12, 1e-6];
-    const width = (nH + 2 * nKV) * hd;
-    const qkv = randomArray(T * width, 11, 3);
-    const wq = randomArray(hd, 12);
-    const wk = randomArray(hd, 13);
-    const dq = randomArray(T * nH * hd, 14);
-    const dk = randomArray(T * width, 15); // gradient of the second fused buffer; only k is read
-    const prior = randomArray(T * width, 16); // what dqkv held before
-    const heads = (from: ArrayLike<number>, n: number, offset: number) => {
-      const out = new Float64Array(T * n * hd);
-      for (let t = 0; t < T; t++)
-        for (let j = 0; j < n * hd; j++) out[t * n * hd + j] = from[t * width + offset + j] as number;
-      return out;
-    };
-    const kOff = nH * hd;
-    const refQ = { rows: T * nH, d: hd, eps, x: heads(qkv, nH, 0), w: wq };
-    const refK = { rows: T * nKV, d: hd, eps, x: heads(qkv, nKV, kOff), w: wk };
-    const yq = rmsnormForwardRef(refQ).y;
-    const yk = rmsnormForwardRef(refK).y;
-    const dxq = rmsnormBackwardRef(refQ, dq).dx;
-    const dxk = rmsnormBackwardRef(refK, heads(dk, nKV, kOff)).dx;
-    const wantDqkv = Float64Array.from(prior);
-    for (let t = 0; t < T; t++) {
-      for (let j = 0; j < nH * hd; j++) wantDqkv[t * width + j] = dxq[t * nH * hd + j] as number;
-      for (let j = 0; j < nKV * hd; j++) wantDqkv[t * width + kOff + j] = dxk[t * nKV * hd + j] as number;
-    }
-    const got = await gpuCase(ctx, 'qk norm', async () => {
-      const x = tensorFromData(ctx, qkv, [T, width], 'f32', 'qkv');
-      const tq = tensorFromData(ctx, wq, [hd], 'f32', 'q_norm.weight');
-      const tk = tensorFromData(ctx, wk, [hd], 'f32', 'k_norm.weight');
-      const q = createTensor(ctx, [T * nH, hd], 'f32', 'q');
-      const kBuf = createTensor(ctx, [T, width], 'f32', 'qkv_normed');
-      const rq = createTensor(ctx, [T * nH], 'f32', 'rstd_q');
-      const rk = createTensor(ctx, [T * nKV], 'f32', 'rstd_k');
-      const tdq = tensorFromData(ctx, dq, [T * nH, hd], 'f32', 'dq');
-      const tdk = tensorFromData(ctx, dk, [T, width], 'f32', 'dqkv_normed');
-      const dqkv = tensorFromData(ctx, prior, [T, width], 'f32', 'dqkv');
-      const qOpts = { eps, groups: nH, xLayout: { stride: width } };
-      const kOpts = {
-        eps,
-        groups: nKV,
-        xLayout: { stride: width, offset: kOff },
-        yLayout: { stride: width, offset: kOff },
-      };
-      const plans = [
-        await planRmsNormForward(ctx, { x, w: tq, y: q, rstd: rq }, qOpts),
-        await planRmsNormForward(ctx, { x, w: tk, y: kBuf, rstd: rk }, kOpts),
-        await planRmsNormBackward(ctx, { x, w: tq, rstd: rq, dy: tdq, dx: dqkv }, qOpts),
-        await planRmsNormBackward(ctx, { x, w: tk, rstd: rk, dy: tdk, dx: dqkv }, kOpts),
-      ];
-      const enc = new StepEncoder(ctx, 'qk norm step');
-      enc.dispatch(...plans);
-      enc.submit();
-      const out = { q: await readFloat32(q), k: await readFloat32(kBuf), dqkv: await readFloat32(dqkv) };
-      for (const d of plans) d.dispose();
-      for (const t of [x, tq, tk, q, kBuf, rq, rk, tdq, tdk, dqkv]) t.dispose();
-      return out;
-    });
-    expectClose(ctx, 'q_norm y', got.q, yq, 2e-6, 1e-5);
-    expectClose(ctx, 'k_norm y', heads(got.k, nKV, kOff), yk, 2e-6, 1e-5);
-    expectClose(ctx, 'dqkv (q and k written, v untouched)', got.dqkv, wantDqkv, tol(hd), 1e-5);
-  });
-
-  it('rejects operands whose shapes do not fit, naming them', async () => {
-    const ctx = gpu();
-    await gpuCase(ctx, 'rmsnorm shapes', async () => {
-      const x = createTensor(ctx, [7, 12], 'f32', 'x');
-      const w = createTensor(ctx, [12], 'f32', 'w');
-      const y = createTensor(ctx, [7, 13], 'f32', 'y');
-      const rstd = createTensor(ctx, [7], 'f32', 'rstd');
-      await expect(planRmsNormForward(ctx, { x, w, y, rstd }, { eps: 1e-5 })).rejects.toThrow(ShapeError);
-      await expect(planRmsNormForward(ctx, { x, w, y, rstd }, { eps: 1e-5 })).rejects.toThrow(/y y \[7, 13\]/);
-      await expect(
-        planRmsNormForward(ctx, { x, w, y: x, rstd }, { eps: 1e-5, groups: 2, xLayout: { stride: 12 } }),
-      ).rejects.toThrow(/groups 2 must divide the 7 rows/);
-      for (const t of [x, w, y, rstd]) t.dispose();
+    it('rejects operands whose shapes do not fit, naming them', async (t) => {
+      const ctx = path.gpu(t);
+      await gpuCase(ctx, 'rmsnorm shapes', async () => {
+        const x = createTensor(ctx, [7, 12], 'f32', 'x');
+        const w = createTensor(ctx, [12], 'f32', 'w');
+        const y = createTensor(ctx, [7, 13], 'f32', 'y');
+        const rstd = createTensor(ctx, [7], 'f32', 'rstd');
+        await expect(planRmsNormForward(ctx, { x, w, y, rstd }, { eps: 1e-5 })).rejects.toThrow(ShapeError);
+        await expect(planRmsNormForward(ctx, { x, w, y, rstd }, { eps: 1e-5 })).rejects.toThrow(/y y \[7, 13\]/);
+        await expect(
+          planRmsNormForward(ctx, { x, w, y: x, rstd }, { eps: 1e-5, groups: 2, xLayout: { stride: 12 } }),
+        ).rejects.toThrow(/groups 2 must divide the 7 rows/);
+        for (const t of [x, w, y, rstd]) t.dispose();
+      });
     });
   });
-});
+}

@@ -34,6 +34,7 @@ import { formatShape } from '../shape.js';
 import { type RowTable, tableParts } from '../table.js';
 import { createTensor, type Tensor, tensorView } from '../tensor.js';
 import { grid1d, planCopyRows } from './elementwise.js';
+import { withGroupReduce } from './group_reduce.js';
 import { isCpuAdapter, planMatmul } from './matmul.js';
 
 /** The label that marks a row as not counted (PyTorch's default ignore_index). */
@@ -67,9 +68,11 @@ const BINDINGS: Record<Entry, KernelSpec['bindings']> = {
   cross_entropy_gather_rows: ['uniform', 'read', 'read', 'write', 'write'],
 };
 
-const spec = (entryPoint: Entry): KernelSpec => ({
-  source,
-  file: 'shaders/cross_entropy.wgsl',
+// group_sum and friends (group_reduce.ts) go before the kernel's own source.
+const sources = withGroupReduce('shaders/cross_entropy.wgsl', source);
+
+const spec = (ctx: GpuContext, entryPoint: Entry): KernelSpec => ({
+  ...sources(ctx),
   entryPoint,
   bindings: BINDINGS[entryPoint],
 });
@@ -408,8 +411,8 @@ export async function planCrossEntropyForward(
   checkScratch(op, dims, chunk, opts.logits);
   const wg = workgroupSize(ctx);
   const [chunkK, finishK] = await Promise.all([
-    getKernel(ctx, spec('cross_entropy_fwd_chunk'), { WG: wg }),
-    getKernel(ctx, spec('cross_entropy_fwd_finish'), { WG: wg }),
+    getKernel(ctx, spec(ctx, 'cross_entropy_fwd_chunk'), { WG: wg }),
+    getKernel(ctx, spec(ctx, 'cross_entropy_fwd_finish'), { WG: wg }),
   ]);
   const owned: Tensor[] = [];
   const dispatches: Dispatch[] = [];
@@ -494,8 +497,8 @@ async function backward(
   checkScratch(op, dims, chunk, opts.logits);
   const wg = workgroupSize(ctx);
   const [scaleK, dlogitsK] = await Promise.all([
-    getKernel(ctx, spec('cross_entropy_bwd_scale'), { WG: wg }),
-    getKernel(ctx, spec('cross_entropy_bwd_dlogits'), { WG: wg }),
+    getKernel(ctx, spec(ctx, 'cross_entropy_bwd_scale'), { WG: wg }),
+    getKernel(ctx, spec(ctx, 'cross_entropy_bwd_dlogits'), { WG: wg }),
   ]);
   const owned: Tensor[] = [];
   const dispatches: Dispatch[] = [];
@@ -663,7 +666,7 @@ export async function planLogitsRows(
     let x = h;
     if (index && io.errors) {
       const wg = workgroupSize(ctx);
-      const gatherK = await getKernel(ctx, spec('cross_entropy_gather_rows'), { WG: wg });
+      const gatherK = await getKernel(ctx, spec(ctx, 'cross_entropy_gather_rows'), { WG: wg });
       x = createTensor(ctx, [n, d], 'f32', `${op}.rows`);
       scratch.push(x);
       const grid = grid1d(ctx, n * d, wg);

@@ -4,6 +4,7 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
+import { withGroupReduce } from './group_reduce.js';
 import { checkNormRows, type NormSplit, rowReduceShape } from './rmsnorm.js';
 
 const BINDINGS = {
@@ -12,9 +13,11 @@ const BINDINGS = {
   layernorm_bwd: ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'],
 } as const;
 
-const spec = (entryPoint: keyof typeof BINDINGS): KernelSpec => ({
-  source,
-  file: 'shaders/layernorm.wgsl',
+// group_sum and friends (group_reduce.ts) go before the kernel's own source.
+const sources = withGroupReduce('shaders/layernorm.wgsl', source);
+
+const spec = (ctx: GpuContext, entryPoint: keyof typeof BINDINGS): KernelSpec => ({
+  ...sources(ctx),
   entryPoint,
   bindings: BINDINGS[entryPoint],
 });
@@ -99,7 +102,7 @@ export async function planLayerNormForward(
   if (io.xCopy) checkNormRows(op, 'xCopy', io.xCopy, rows, d, 1, undefined);
   const shape = rowReduceShape(ctx, rows, d, opts.split);
   const entry = io.xCopy ? 'layernorm_fwd_copy' : 'layernorm_fwd';
-  const kernel = await getKernel(ctx, spec(entry), { WG: shape.wg, TPR: shape.tpr });
+  const kernel = await getKernel(ctx, spec(ctx, entry), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label,
     resources: [io.x, io.w, io.b ?? ctx.placeholder(), io.mean, io.rstd, io.y, ...(io.xCopy ? [io.xCopy] : [])],
@@ -124,7 +127,7 @@ export async function planLayerNormBackward(
   checkNormRows(op, 'dy', io.dy, rows, d, 1, undefined);
   checkNormRows(op, 'dx', io.dx, rows, d, 1, undefined);
   const shape = rowReduceShape(ctx, rows, d, opts.split);
-  const kernel = await getKernel(ctx, spec('layernorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
+  const kernel = await getKernel(ctx, spec(ctx, 'layernorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label: `${label}.dx`,
     resources: [io.x, io.w, io.mean, io.rstd, io.dy, io.dx],

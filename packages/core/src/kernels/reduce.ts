@@ -4,14 +4,17 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
+import { withGroupReduce } from './group_reduce.js';
 import { isCpuAdapter } from './matmul.js';
 
 /** Elements of a reduction's result: [value, finite flag (1 or 0), count of NaN/±Inf inputs]. */
 export const REDUCE_OUT_SIZE = 3;
 
-const spec = (entryPoint: 'reduce_partial' | 'reduce_final'): KernelSpec => ({
-  source,
-  file: 'shaders/reduce.wgsl',
+// group_sum and friends (group_reduce.ts) go before the kernel's own source.
+const sources = withGroupReduce('shaders/reduce.wgsl', source);
+
+const spec = (ctx: GpuContext, entryPoint: 'reduce_partial' | 'reduce_final'): KernelSpec => ({
+  ...sources(ctx),
   entryPoint,
   bindings: ['uniform', 'read', 'write'],
 });
@@ -91,8 +94,8 @@ async function planReduce(ctx: GpuContext, b: ReduceBuffers, square: boolean, la
   const plan = check(ctx, label, b);
   const constants = { WG: plan.wg };
   const [partial, final] = await Promise.all([
-    getKernel(ctx, spec('reduce_partial'), constants),
-    getKernel(ctx, spec('reduce_final'), constants),
+    getKernel(ctx, spec(ctx, 'reduce_partial'), constants),
+    getKernel(ctx, spec(ctx, 'reduce_final'), constants),
   ]);
   const uniforms = packUniforms([
     ['u32', b.x.size],

@@ -4,6 +4,7 @@ import { ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
+import { withGroupReduce } from './group_reduce.js';
 import { isCpuAdapter } from './matmul.js';
 
 const BINDINGS = {
@@ -12,9 +13,11 @@ const BINDINGS = {
   rmsnorm_bwd: ['uniform', 'read', 'read', 'read', 'read', 'write'],
 } as const;
 
-const spec = (entryPoint: keyof typeof BINDINGS): KernelSpec => ({
-  source,
-  file: 'shaders/rmsnorm.wgsl',
+// group_sum and friends (group_reduce.ts) go before the kernel's own source.
+const sources = withGroupReduce('shaders/rmsnorm.wgsl', source);
+
+const spec = (ctx: GpuContext, entryPoint: keyof typeof BINDINGS): KernelSpec => ({
+  ...sources(ctx),
   entryPoint,
   bindings: BINDINGS[entryPoint],
 });
@@ -184,7 +187,7 @@ export async function planRmsNormForward(
   if (io.xCopy) checkNormRows(`${label}.forward`, 'xCopy', io.xCopy, r.rows, r.d, r.groups, opts.xLayout);
   const shape = rowReduceShape(ctx, r.rows, r.d, opts.split);
   const entry = io.xCopy ? 'rmsnorm_fwd_copy' : 'rmsnorm_fwd';
-  const kernel = await getKernel(ctx, spec(entry), { WG: shape.wg, TPR: shape.tpr });
+  const kernel = await getKernel(ctx, spec(ctx, entry), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label,
     resources: [io.x, io.w, io.rstd, io.y, ...(io.xCopy ? [io.xCopy] : [])],
@@ -207,7 +210,7 @@ export async function planRmsNormBackward(
   const r = resolve(op, io.w, io.rstd, opts, io.x, io.dy, 'dy');
   checkNormRows(op, 'dx', io.dx, r.rows, r.d, r.groups, opts.xLayout);
   const shape = rowReduceShape(ctx, r.rows, r.d, opts.split);
-  const kernel = await getKernel(ctx, spec('rmsnorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
+  const kernel = await getKernel(ctx, spec(ctx, 'rmsnorm_bwd'), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
     label: `${label}.dx`,
     resources: [io.x, io.w, io.rstd, io.dy, io.dx],
