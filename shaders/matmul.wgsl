@@ -351,16 +351,15 @@ fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
 // all but one of its rows are wasted work. Here an invocation computes 4 output columns for up to
 // MV_M rows of A, and MV_K invocations share those columns by striding along K: consecutive
 // invocations read consecutive vec4s of the same W rows (coalesced on a GPU; W is read once in
-// all), then a tree reduction in workgroup memory adds their partial sums. A workgroup holds MV_N
-// such groups side by side. On CPU-backed adapters, where every workgroup and barrier has a cost
+// all), then matvec_reduce adds their partial sums (a tree in workgroup memory, or subgroup
+// operations where the adapter has them). A workgroup holds MV_N such groups side by side.
+// On CPU-backed adapters, where every workgroup and barrier has a cost
 // and lanes do not coalesce anyway, MV_K = 1 gives each invocation whole rows of W and no
 // reduction at all. TRANS_W only: the layout of every forward weight.
 
 const MV_M: u32 = 4u;         // rows of A (planMatmul picks this kernel for M ≤ MV_M)
 override MV_K: u32 = 64;      // invocations along K per group of 4 columns; a power of two
 override MV_N: u32 = 1;       // groups of 4 columns per workgroup
-
-var<workgroup> mv_sum: array<vec4<f32>, MV_M * MV_K * MV_N>;
 
 // This invocation's part of C[m][n0..n0+3] for every row m < MV_M: its stride of K.
 fn matvec_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
@@ -396,29 +395,8 @@ fn matvec_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   return acc;
 }
 
-// C[m][n0..n0+3] for the rows m < MV_M this invocation stores, from every invocation's partial
-// sums: all of them (MV_K = 1), or row t = lid.x for t < MV_M after the reduction, returned in
-// element 0. Starts with a barrier, so a second product may reuse mv_sum right after the first.
-fn matvec_reduce(acc: array<vec4<f32>, MV_M>, lid: vec3<u32>) -> array<vec4<f32>, MV_M> {
-  if (MV_K == 1u) { return acc; }
-  let t = lid.x;
-  let slot = lid.y * MV_K;
-  workgroupBarrier();
-  for (var m = 0u; m < MV_M; m++) { mv_sum[m * MV_K * MV_N + slot + t] = acc[m]; }
-  workgroupBarrier();
-  for (var s = MV_K / 2u; s > 0u; s >>= 1u) {
-    if (t < s) {
-      for (var m = 0u; m < MV_M; m++) {
-        let i = m * MV_K * MV_N + slot + t;
-        mv_sum[i] += mv_sum[i + s];
-      }
-    }
-    workgroupBarrier();
-  }
-  var out: array<vec4<f32>, MV_M>;
-  if (t < MV_M) { out[0] = mv_sum[t * MV_K * MV_N + slot]; }
-  return out;
-}
+// matvec_reduce (C[m][n0..n0+3] from the MV_K invocations' partial sums) and mv_sum come from
+// matvec_reduce.wgsl or matvec_reduce_subgroups.wgsl, put before this file by matmul.ts.
 
 fn matvec_product(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   return matvec_reduce(matvec_partial(lid, wid), lid);

@@ -18,9 +18,12 @@ import {
   StepEncoder,
   tensorFromData,
 } from '../src/index.js';
-import { expectClose, gpuCase, useGpu } from './gpu.js';
+import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
-const gpu = useGpu();
+// The matrix-vector kernels' reduction has a subgroup build and a workgroup-memory one: the split-K
+// matvec cases run on both (the second skips where the adapter has no subgroups).
+const paths = useReductionPaths();
+const gpu = paths[0].gpu;
 const M_SIZES = [1, 7, 65, 257];
 const KN_SIZES = [1, 63, 64, 65, 257];
 const LAYOUTS = [{ transW: true }, { transW: false }];
@@ -146,9 +149,15 @@ describe('matmul on a slice of W', () => {
 });
 
 describe('matmul', () => {
-  for (const c of cases) {
-    it(describeCase(c), async () => {
-      const ctx = gpu();
+  const runs = [
+    ...cases.map((c) => ({ c, path: paths[0], title: describeCase(c) })),
+    ...cases
+      .filter((c) => c.matvec === 'split-k')
+      .map((c) => ({ c, path: paths[1], title: `${describeCase(c)} (${paths[1].name})` })),
+  ];
+  for (const { c, path, title } of runs) {
+    it(title, async (t) => {
+      const ctx = path.gpu(t);
       const seed = c.M * 1000 + c.N * 10 + c.K;
       const a = randomArray(c.M * c.K, seed);
       const w = asStored(randomArray(c.N * c.K, seed + 1), c.wDtype);

@@ -1,5 +1,7 @@
 import actMath from '../../../../shaders/act_math.wgsl?raw';
 import matmulSource from '../../../../shaders/matmul.wgsl?raw';
+import matvecReduce from '../../../../shaders/matvec_reduce.wgsl?raw';
+import matvecReduceSubgroups from '../../../../shaders/matvec_reduce_subgroups.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { LimitExceededError, ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
@@ -7,20 +9,42 @@ import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
 import type { DType, Tensor } from '../tensor.js';
 
-// The activation epilogues' formulas (shaders/act_math.wgsl, shared with activations.wgsl) first.
-const source = `${actMath}\n${matmulSource}`;
-const file = 'shaders/act_math.wgsl + shaders/matmul.wgsl';
+// The matrix-vector kernels' reduction first (its subgroup build starts with `enable subgroups;`,
+// which must open the module), then the activation epilogues' formulas (shaders/act_math.wgsl,
+// shared with activations.wgsl), then the kernels.
+const SOURCES = {
+  tree: {
+    source: `${matvecReduce}\n${actMath}\n${matmulSource}`,
+    file: 'shaders/matvec_reduce.wgsl + shaders/act_math.wgsl + shaders/matmul.wgsl',
+  },
+  subgroups: {
+    source: `${matvecReduceSubgroups}\n${actMath}\n${matmulSource}`,
+    file: 'shaders/matvec_reduce_subgroups.wgsl + shaders/act_math.wgsl + shaders/matmul.wgsl',
+  },
+};
+
+/** An entry point of matmul.wgsl and its bindings; `spec` adds the source this device gets. */
+interface Entry {
+  readonly entryPoint: string;
+  readonly bindings: KernelSpec['bindings'];
+}
+
+const spec = (ctx: GpuContext, e: Entry): KernelSpec => ({
+  ...(ctx.features.subgroups ? SOURCES.subgroups : SOURCES.tree),
+  ...e,
+});
+
 const BINDINGS = ['uniform', 'read', 'read', 'read', 'read', 'read', 'write'] as const;
 // + 7 gate (read), 8 the activation (written)
 const ACT_BINDINGS = [...BINDINGS, 'read', 'write'] as const;
 // Without the bias (3): + 7 gate or pre-activation, 8 up (read), 9 dup (written)
 const ACT_BWD_BINDINGS = ['uniform', 'read', 'read', 'none', 'read', 'read', 'write', 'read', 'read', 'write'] as const;
 
-const MATMUL: KernelSpec = { source, file, entryPoint: 'matmul', bindings: BINDINGS };
-const MATVEC: KernelSpec = { source, file, entryPoint: 'matvec', bindings: BINDINGS };
-const MATMUL_ACT: KernelSpec = { source, file, entryPoint: 'matmul_act', bindings: ACT_BINDINGS };
-const MATVEC_ACT: KernelSpec = { source, file, entryPoint: 'matvec_act', bindings: ACT_BINDINGS };
-const MATMUL_ACT_BWD: KernelSpec = { source, file, entryPoint: 'matmul_act_bwd', bindings: ACT_BWD_BINDINGS };
+const MATMUL: Entry = { entryPoint: 'matmul', bindings: BINDINGS };
+const MATVEC: Entry = { entryPoint: 'matvec', bindings: BINDINGS };
+const MATMUL_ACT: Entry = { entryPoint: 'matmul_act', bindings: ACT_BINDINGS };
+const MATVEC_ACT: Entry = { entryPoint: 'matvec_act', bindings: ACT_BINDINGS };
+const MATMUL_ACT_BWD: Entry = { entryPoint: 'matmul_act_bwd', bindings: ACT_BWD_BINDINGS };
 // The second product (matmul_sum): + 10 A3, 11 W3 (7..9 unused). 8 storage buffers.
 const SUM_BINDINGS = [...BINDINGS, 'none', 'none', 'none', 'read', 'read'] as const;
 // The gated MLP (matmul_glu, matvec_glu): no bias; 8 act, 11 W3 (up's weight), 12 up. 8 storage buffers.
@@ -41,11 +65,11 @@ const GLU_BINDINGS = [
 ] as const;
 // Two projections (matmul_pair, matvec_pair): as the gated MLP without the activation. 7 storage buffers.
 const PAIR_BINDINGS = GLU_BINDINGS.map((b, i) => (i === 8 ? 'none' : b));
-const MATMUL_SUM: KernelSpec = { source, file, entryPoint: 'matmul_sum', bindings: SUM_BINDINGS };
-const MATMUL_GLU: KernelSpec = { source, file, entryPoint: 'matmul_glu', bindings: GLU_BINDINGS };
-const MATVEC_GLU: KernelSpec = { source, file, entryPoint: 'matvec_glu', bindings: GLU_BINDINGS };
-const MATMUL_PAIR: KernelSpec = { source, file, entryPoint: 'matmul_pair', bindings: PAIR_BINDINGS };
-const MATVEC_PAIR: KernelSpec = { source, file, entryPoint: 'matvec_pair', bindings: PAIR_BINDINGS };
+const MATMUL_SUM: Entry = { entryPoint: 'matmul_sum', bindings: SUM_BINDINGS };
+const MATMUL_GLU: Entry = { entryPoint: 'matmul_glu', bindings: GLU_BINDINGS };
+const MATVEC_GLU: Entry = { entryPoint: 'matvec_glu', bindings: GLU_BINDINGS };
+const MATMUL_PAIR: Entry = { entryPoint: 'matmul_pair', bindings: PAIR_BINDINGS };
+const MATVEC_PAIR: Entry = { entryPoint: 'matvec_pair', bindings: PAIR_BINDINGS };
 
 /**
  * The MLP nonlinearity a matmul stores through (matmul.wgsl's activation epilogues), so that it
@@ -280,12 +304,12 @@ export async function planMatmul(
   const variant = opts.matvecVariant ?? matvecVariant(ctx);
   if (!actBwd && !extra && usesMatvec(ctx, dims, transW, variant)) {
     const shape = matvecShape(variant);
-    const spec = glu ? MATVEC_GLU : second ? MATVEC_PAIR : act ? MATVEC_ACT : MATVEC;
-    kernel = await getKernel(ctx, spec, { ...shape, ...common, ...epilogue, ...third });
+    const entry = glu ? MATVEC_GLU : second ? MATVEC_PAIR : act ? MATVEC_ACT : MATVEC;
+    kernel = await getKernel(ctx, spec(ctx, entry), { ...shape, ...common, ...epilogue, ...third });
     workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
   } else {
     const tile = matmulTile(ctx, dims);
-    const spec = glu
+    const entry = glu
       ? MATMUL_GLU
       : second
         ? MATMUL_PAIR
@@ -296,7 +320,7 @@ export async function planMatmul(
             : actBwd
               ? MATMUL_ACT_BWD
               : MATMUL;
-    kernel = await getKernel(ctx, spec, {
+    kernel = await getKernel(ctx, spec(ctx, entry), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
       TK: tile.tk,
