@@ -8,10 +8,7 @@
 // = tid % subgroup size. WGSL does not promise that, so the context measures it on the adapter
 // before it turns this file on (packages/core/src/subgroups.ts). The subgroup size is read at run
 // time (subgroupAdd(1u)), since a driver may choose it per pipeline; WebGPU's sizes are powers of
-// two from 4 to 128.
-
-enable subgroups;
-diagnostic(off, subgroup_uniformity);
+// two from 4 to 128. The module enables subgroups before this file (kernels/compose.ts).
 
 // One slot per subgroup of the workgroup (subgroups have at least 4 invocations).
 var<workgroup> group_red: array<vec2<f32>, WG / 4u>;

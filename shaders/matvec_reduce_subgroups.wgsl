@@ -4,10 +4,8 @@
 // several subgroups do their totals meet in workgroup memory: two barriers, where the tree takes
 // log2(MV_K) + 2. Like group_reduce_subgroups.wgsl it relies on subgroups being runs of consecutive
 // local_invocation_index values (lid.y·MV_K + lid.x), which the context measures before turning
-// it on (packages/core/src/subgroups.ts), and reads the subgroup size at run time.
-
-enable subgroups;
-diagnostic(off, subgroup_uniformity);
+// it on (packages/core/src/subgroups.ts), and reads the subgroup size at run time. The module
+// enables subgroups before this file (kernels/compose.ts).
 
 // One slot per subgroup and row (subgroups have at least 4 invocations).
 var<workgroup> mv_sum: array<vec4<f32>, MV_M * ((MV_K + 3u) / 4u) * MV_N>;

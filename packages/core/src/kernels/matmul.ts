@@ -8,19 +8,19 @@ import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, pac
 import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
 import type { DType, Tensor } from '../tensor.js';
+import { composeShader, type ShaderPart } from './compose.js';
 
-// The matrix-vector kernels' reduction first (its subgroup build starts with `enable subgroups;`,
-// which must open the module), then the activation epilogues' formulas (shaders/act_math.wgsl,
-// shared with activations.wgsl), then the kernels.
+// The matrix-vector kernels' reduction (a workgroup-memory tree, or subgroup operations), the
+// activation epilogues' formulas (shaders/act_math.wgsl, shared with activations.wgsl), then the
+// kernels.
+const ACT_MATH: ShaderPart = { file: 'shaders/act_math.wgsl', source: actMath };
+const MATMUL_WGSL: ShaderPart = { file: 'shaders/matmul.wgsl', source: matmulSource };
 const SOURCES = {
-  tree: {
-    source: `${matvecReduce}\n${actMath}\n${matmulSource}`,
-    file: 'shaders/matvec_reduce.wgsl + shaders/act_math.wgsl + shaders/matmul.wgsl',
-  },
-  subgroups: {
-    source: `${matvecReduceSubgroups}\n${actMath}\n${matmulSource}`,
-    file: 'shaders/matvec_reduce_subgroups.wgsl + shaders/act_math.wgsl + shaders/matmul.wgsl',
-  },
+  tree: composeShader([], [{ file: 'shaders/matvec_reduce.wgsl', source: matvecReduce }, ACT_MATH, MATMUL_WGSL]),
+  subgroups: composeShader(
+    ['subgroups'],
+    [{ file: 'shaders/matvec_reduce_subgroups.wgsl', source: matvecReduceSubgroups }, ACT_MATH, MATMUL_WGSL],
+  ),
 };
 
 /** An entry point of matmul.wgsl and its bindings; `spec` adds the source this device gets. */
