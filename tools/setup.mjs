@@ -63,6 +63,20 @@ if (missing.length > 0 && process.platform === 'linux') {
   say(`not Linux: skipping system packages; set WEBTUNE_CHROMIUM to your Chrome/Chromium if tests cannot find it`);
 }
 
+// --- Mesa 25 lavapipe for Node (shader-f16, subgroups) ---------------------------------------
+// Unpacked under .cache/, nothing installed (tools/lavapipe25.sh): the test project
+// 'node-lavapipe-f16' runs the kernel tests on it, the only adapter here with shader-f16.
+const lavapipe25 = join(root, '.cache', 'lavapipe25');
+const debianApt = existsSync('/usr/bin/apt-get') && existsSync('/usr/share/keyrings/debian-archive-keyring.gpg');
+if (process.env.WEBTUNE_SKIP_LAVAPIPE25) {
+  say('WEBTUNE_SKIP_LAVAPIPE25 is set: the node-lavapipe-f16 tests will not run');
+} else if (process.platform === 'linux' && debianApt && !existsSync(join(lavapipe25, '.done'))) {
+  say('unpacking Mesa 25 lavapipe (bookworm-backports) into .cache/lavapipe25');
+  const r = spawnSync('bash', [join(root, 'tools', 'lavapipe25.sh'), lavapipe25], { stdio: 'inherit' });
+  if (r.status !== 0)
+    fail('tools/lavapipe25.sh failed (it needs the Debian mirror); set WEBTUNE_SKIP_LAVAPIPE25=1 to test without it');
+}
+
 // --- pnpm -------------------------------------------------------------------------------------
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
 const wanted = String(pkg.packageManager).replace(/^pnpm@/, '');
