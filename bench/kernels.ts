@@ -4,7 +4,9 @@
  *   (h kernel, W0 tile loop with the low-rank term, g/dA/dB kernels, fused dx) against the same
  *   math as separate dispatches of our own best matmul plus an add;
  * - matmul vs tfjs_webgpu_matmul: our tiled matmul against TF.js's WebGPU backend on the same
- *   device, for x·Wᵀ (forward) and dy·W (the backward's transposed case).
+ *   device, for x·Wᵀ (forward) and dy·W (the backward's transposed case);
+ * - matmul_f16_tiles vs matmul_f32_tiles: x·Wᵀ with f16 W, staged and multiplied in f16 (f32
+ *   accumulation) against the f32 build, on adapters with shader-f16 only.
  */
 
 import { WebGPUBackend } from '@tensorflow/tfjs-backend-webgpu';
@@ -193,7 +195,52 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
   tf.removeBackend('webgpu');
 }
 
+async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  if (!ctx.features.shaderF16) {
+    o.status('matmul_f16_tiles: skipped, the adapter has no shader-f16');
+    return;
+  }
+  for (const { M, N, K } of matmulShapes(o.quick).filter((m) => m.transW)) {
+    const shape = `${M}x${N}x${K} x·Wᵀ W:f16`;
+    o.status(`matmul_f16_tiles ${shape}`);
+    const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
+    const w = tensorFromData(ctx, random(N * K, 8, 0.05), [N, K], 'f16', 'w');
+    const c16 = createTensor(ctx, [M, N], 'f32', 'c16');
+    const c32 = createTensor(ctx, [M, N], 'f32', 'c32');
+    const f16 = await planMatmul(ctx, a, w, c16, { tileMath: 'f16' });
+    const f32 = await planMatmul(ctx, a, w, c32, { tileMath: 'f32' });
+    // Both builds compute the same product: f16 rounding only.
+    await runOnce(ctx, [f16, f32], 'f16 tiles check');
+    const [x16, x32] = [await readFloat32(c16), await readFloat32(c32)];
+    let maxDiff = 0;
+    for (let i = 0; i < x16.length; i++) maxDiff = Math.max(maxDiff, Math.abs((x16[i] as number) - (x32[i] as number)));
+    if (!(maxDiff < 1e-2 * Math.sqrt(K)))
+      throw new Error(`f16 and f32 tiles disagree on ${shape}: max |diff| ${maxDiff}`);
+    const budgetMs = o.quick ? 2000 : 20_000;
+    const { mine, baseline: base } = await timePair(
+      () => runOnce(ctx, [f16], 'f16 tiles'),
+      () => runOnce(ctx, [f32], 'f32 tiles'),
+      { budgetMs },
+    );
+    const flops = 2 * M * N * K;
+    o.report({
+      name: 'matmul_f16_tiles',
+      shape,
+      ms: mine.medianMs,
+      gflops: gflops(flops, mine.medianMs),
+      baseline: 'matmul_f32_tiles',
+      baselineMs: base.medianMs,
+      ratio: base.medianMs / mine.medianMs,
+      adapter: o.adapter,
+      extra: { baseline_gflops: gflops(flops, base.medianMs), max_abs_diff: maxDiff, samples: mine.samples },
+    });
+    for (const x of [f16, f32]) x.dispose();
+    for (const x of [a, w, c16, c32]) x.dispose();
+  }
+}
+
 export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Promise<void> {
   if (!o.only || 'matmul'.includes(o.only)) await benchMatmul(ctx, o);
+  if (!o.only || 'matmul_f16_tiles'.includes(o.only)) await benchF16Tiles(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
 }

@@ -30,6 +30,8 @@
 //   a_tile[m][k/4]                     (rows padded by one vec4 against bank conflicts)
 //   w_tile[n][k/4] when TRANS_W        (dot products of a row of A with a row of W)
 //   w_tile[k][n/4] otherwise           (outer products of A's scalars with W's vec4 rows)
+// The tiles hold tile_t, and tile_dots / tile_axpy form the products: f32 (tile_f32.wgsl), or f16
+// with f32 accumulation (tile_f16.wgsl, adapters with shader-f16), chosen per pipeline by matmul.ts.
 // ALIGNED (the contiguous dimensions of A and W, and w_off, are multiples of 4) loads whole vec4s;
 // otherwise each of the four elements is fetched and bounds-checked on its own.
 //
@@ -80,9 +82,9 @@ override W_Q4_0: bool = false;  // W holds Q4_0 blocks
 override ALIGNED: bool = false;
 override ALIGNED_LR: bool = false;  // the same for A2 and B2: K2 (and N when !TRANS_W) multiples of 4
 
-var<workgroup> a_tile: array<vec4<f32>, 4u * WG_Y * (TK / 4u + 1u)>;
+var<workgroup> a_tile: array<vec4<tile_t>, 4u * WG_Y * (TK / 4u + 1u)>;
 // [n][k/4] needs 4·WG_X·(TK/4 + 1) vec4s, [k][n/4] needs TK·WG_X: the first is always larger.
-var<workgroup> w_tile: array<vec4<f32>, 4u * WG_X * (TK / 4u + 1u)>;
+var<workgroup> w_tile: array<vec4<tile_t>, 4u * WG_X * (TK / 4u + 1u)>;
 
 // ---- loading four consecutive elements ------------------------------------------------------
 
@@ -222,7 +224,7 @@ fn stage_a(tid: u32, m0: u32, k0: u32, low_rank: bool) {
     let q = i % chunks;
     var v: vec4<f32>;
     if (low_rank) { v = a2_chunk(m0 + row, k0 + q * 4u); } else { v = a_chunk(m0 + row, k0 + q * 4u); }
-    a_tile[row * a_stride() + q] = v;
+    a_tile[row * a_stride() + q] = vec4<tile_t>(v);
   }
 }
 
@@ -237,7 +239,7 @@ fn stage_w(tid: u32, n0: u32, k0: u32, low_rank: bool) {
       var v: vec4<f32>;
       if (low_rank) { v = b2_chunk(n0 + row, k0 + q * 4u, p.N, kdim); }
       else { v = w_chunk(n0 + row, k0 + q * 4u, p.N, kdim); }
-      w_tile[row * a_stride() + q] = v;
+      w_tile[row * a_stride() + q] = vec4<tile_t>(v);
     }
   } else {
     for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
@@ -246,7 +248,7 @@ fn stage_w(tid: u32, n0: u32, k0: u32, low_rank: bool) {
       var v: vec4<f32>;
       if (low_rank) { v = b2_chunk(k0 + kk, n0 + q * 4u, kdim, p.N); }
       else { v = w_chunk(k0 + kk, n0 + q * 4u, kdim, p.N); }
-      w_tile[kk * WG_X + q] = v;
+      w_tile[kk * WG_X + q] = vec4<tile_t>(v);
     }
   }
 }
@@ -266,10 +268,10 @@ fn multiply_tile(acc_in: mat4x4<f32>, tx: u32, ty: u32) -> mat4x4<f32> {
       let w1 = w_tile[(tx * 4u + 1u) * s + q];
       let w2 = w_tile[(tx * 4u + 2u) * s + q];
       let w3 = w_tile[(tx * 4u + 3u) * s + q];
-      acc[0] += vec4<f32>(dot(a0, w0), dot(a0, w1), dot(a0, w2), dot(a0, w3));
-      acc[1] += vec4<f32>(dot(a1, w0), dot(a1, w1), dot(a1, w2), dot(a1, w3));
-      acc[2] += vec4<f32>(dot(a2v, w0), dot(a2v, w1), dot(a2v, w2), dot(a2v, w3));
-      acc[3] += vec4<f32>(dot(a3, w0), dot(a3, w1), dot(a3, w2), dot(a3, w3));
+      acc[0] = tile_dots(acc[0], a0, w0, w1, w2, w3);
+      acc[1] = tile_dots(acc[1], a1, w0, w1, w2, w3);
+      acc[2] = tile_dots(acc[2], a2v, w0, w1, w2, w3);
+      acc[3] = tile_dots(acc[3], a3, w0, w1, w2, w3);
     } else {
       // Written out rather than looped over kk: a vector indexed by a loop variable is not
       // always unrolled, and a dynamic component index is slow on several backends.
@@ -277,10 +279,10 @@ fn multiply_tile(acc_in: mat4x4<f32>, tx: u32, ty: u32) -> mat4x4<f32> {
       let w1 = w_tile[(q * 4u + 1u) * WG_X + tx];
       let w2 = w_tile[(q * 4u + 2u) * WG_X + tx];
       let w3 = w_tile[(q * 4u + 3u) * WG_X + tx];
-      acc[0] = fma(vec4<f32>(a0.x), w0, fma(vec4<f32>(a0.y), w1, fma(vec4<f32>(a0.z), w2, fma(vec4<f32>(a0.w), w3, acc[0]))));
-      acc[1] = fma(vec4<f32>(a1.x), w0, fma(vec4<f32>(a1.y), w1, fma(vec4<f32>(a1.z), w2, fma(vec4<f32>(a1.w), w3, acc[1]))));
-      acc[2] = fma(vec4<f32>(a2v.x), w0, fma(vec4<f32>(a2v.y), w1, fma(vec4<f32>(a2v.z), w2, fma(vec4<f32>(a2v.w), w3, acc[2]))));
-      acc[3] = fma(vec4<f32>(a3.x), w0, fma(vec4<f32>(a3.y), w1, fma(vec4<f32>(a3.z), w2, fma(vec4<f32>(a3.w), w3, acc[3]))));
+      acc[0] = tile_axpy(acc[0], a0, w0, w1, w2, w3);
+      acc[1] = tile_axpy(acc[1], a1, w0, w1, w2, w3);
+      acc[2] = tile_axpy(acc[2], a2v, w0, w1, w2, w3);
+      acc[3] = tile_axpy(acc[3], a3, w0, w1, w2, w3);
     }
   }
   return acc;
@@ -605,7 +607,7 @@ fn a3_chunk(r: u32, col: u32) -> vec4<f32> {
 fn stage_a3(tid: u32, m0: u32, k0: u32) {
   let chunks = TK / 4u;
   for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
-    a_tile[(i / chunks) * a_stride() + i % chunks] = a3_chunk(m0 + i / chunks, k0 + (i % chunks) * 4u);
+    a_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(a3_chunk(m0 + i / chunks, k0 + (i % chunks) * 4u));
   }
 }
 
@@ -614,11 +616,11 @@ fn stage_w3(tid: u32, n0: u32, k0: u32, kdim: u32) {
   if (TRANS_W) {
     let chunks = TK / 4u;
     for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
-      w_tile[(i / chunks) * a_stride() + i % chunks] = w3_chunk(n0 + i / chunks, k0 + (i % chunks) * 4u, p.N, kdim);
+      w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(w3_chunk(n0 + i / chunks, k0 + (i % chunks) * 4u, p.N, kdim));
     }
   } else {
     for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
-      w_tile[i] = w3_chunk(k0 + i / WG_X, n0 + (i % WG_X) * 4u, kdim, p.N);
+      w_tile[i] = vec4<tile_t>(w3_chunk(k0 + i / WG_X, n0 + (i % WG_X) * 4u, kdim, p.N));
     }
   }
 }

@@ -2,26 +2,42 @@ import actMath from '../../../../shaders/act_math.wgsl?raw';
 import matmulSource from '../../../../shaders/matmul.wgsl?raw';
 import matvecReduce from '../../../../shaders/matvec_reduce.wgsl?raw';
 import matvecReduceSubgroups from '../../../../shaders/matvec_reduce_subgroups.wgsl?raw';
+import tileF16 from '../../../../shaders/tile_f16.wgsl?raw';
+import tileF32 from '../../../../shaders/tile_f32.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { LimitExceededError, ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
 import type { DType, Tensor } from '../tensor.js';
-import { composeShader, type ShaderPart } from './compose.js';
+import { composeShader, type ShaderExtension, type ShaderPart } from './compose.js';
 
-// The matrix-vector kernels' reduction (a workgroup-memory tree, or subgroup operations), the
-// activation epilogues' formulas (shaders/act_math.wgsl, shared with activations.wgsl), then the
-// kernels.
+// A module is composed of the tiles' element type and products (tile_f32.wgsl, or tile_f16.wgsl
+// with f16 enabled), the matrix-vector kernels' reduction (a workgroup-memory tree, or subgroup
+// operations), the activation epilogues' formulas (act_math.wgsl, shared with activations.wgsl),
+// then the kernels. Four builds, each composed once.
 const ACT_MATH: ShaderPart = { file: 'shaders/act_math.wgsl', source: actMath };
 const MATMUL_WGSL: ShaderPart = { file: 'shaders/matmul.wgsl', source: matmulSource };
-const SOURCES = {
-  tree: composeShader([], [{ file: 'shaders/matvec_reduce.wgsl', source: matvecReduce }, ACT_MATH, MATMUL_WGSL]),
-  subgroups: composeShader(
-    ['subgroups'],
-    [{ file: 'shaders/matvec_reduce_subgroups.wgsl', source: matvecReduceSubgroups }, ACT_MATH, MATMUL_WGSL],
-  ),
+const TILES = {
+  f32: { file: 'shaders/tile_f32.wgsl', source: tileF32 },
+  f16: { file: 'shaders/tile_f16.wgsl', source: tileF16 },
 };
+const MATVEC_REDUCE = {
+  tree: { file: 'shaders/matvec_reduce.wgsl', source: matvecReduce },
+  subgroups: { file: 'shaders/matvec_reduce_subgroups.wgsl', source: matvecReduceSubgroups },
+};
+const SOURCES = new Map<string, ShaderPart>();
+for (const tiles of ['f32', 'f16'] as const) {
+  for (const reduce of ['tree', 'subgroups'] as const) {
+    const extensions: ShaderExtension[] = [];
+    if (tiles === 'f16') extensions.push('f16');
+    if (reduce === 'subgroups') extensions.push('subgroups');
+    SOURCES.set(
+      `${tiles} ${reduce}`,
+      composeShader(extensions, [TILES[tiles], MATVEC_REDUCE[reduce], ACT_MATH, MATMUL_WGSL]),
+    );
+  }
+}
 
 /** An entry point of matmul.wgsl and its bindings; `spec` adds the source this device gets. */
 interface Entry {
@@ -29,8 +45,8 @@ interface Entry {
   readonly bindings: KernelSpec['bindings'];
 }
 
-const spec = (ctx: GpuContext, e: Entry): KernelSpec => ({
-  ...(ctx.features.subgroups ? SOURCES.subgroups : SOURCES.tree),
+const spec = (ctx: GpuContext, e: Entry, tiles: TileMath): KernelSpec => ({
+  ...(SOURCES.get(`${tiles} ${ctx.features.subgroups ? 'subgroups' : 'tree'}`) as ShaderPart),
   ...e,
 });
 
@@ -140,6 +156,12 @@ export interface MatmulOptions {
   wRows?: { start: number; count: number };
   /** The matvec kernel's split when M ≤ MATVEC_MAX_ROWS; default matvecVariant(ctx). Tests set it. */
   matvecVariant?: MatvecVariant;
+  /**
+   * The tiled kernel's staged type and products: 'f32' (the default) or 'f16' with f32
+   * accumulation (shaders/tile_f16.wgsl; needs shader-f16). `f16TileMathApplies` says where f16 is
+   * safe to ask for. The matrix-vector kernel always multiplies in f32.
+   */
+  tileMath?: TileMath;
   /** Store C through an activation as well (see MatmulActivation). */
   activation?: MatmulActivation;
   /** C is ∂L/∂act: store the activation's backward instead (no bias, beta 0; tiled kernel). */
@@ -163,6 +185,27 @@ export interface MatmulOptions {
    */
   second?: { readonly w: Tensor; readonly out: Tensor };
   label?: string;
+}
+
+/** How the tiled matmul stages and multiplies (see MatmulOptions.tileMath). */
+export type TileMath = 'f32' | 'f16';
+
+/**
+ * Whether f16 tiles suit this product on this device: the adapter has shader-f16, W is stored
+ * below f32 (so staging it in f16 loses nothing) and used in the forward layout, and no term of
+ * the product is a gradient (activationBackward, the dx sums of `extra`) or a LoRA adapter's
+ * factors (lowRank; B starts at zero and stays small, where f16 has few bits). Callers that want
+ * f16 math ask for it where this holds.
+ */
+export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptions = {}): boolean {
+  return (
+    ctx.features.shaderF16 &&
+    w.dtype !== 'f32' &&
+    (opts.transW ?? true) &&
+    !opts.lowRank &&
+    !opts.activationBackward &&
+    !opts.extra
+  );
 }
 
 export interface MatmulDims {
@@ -281,6 +324,10 @@ export async function planMatmul(
     ALIGNED_LR: K2 > 0 && K2 % 4 === 0 && (transW || dims.N % 4 === 0),
   };
   const label = opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`;
+  const tiles = opts.tileMath ?? 'f32';
+  if (tiles === 'f16' && !ctx.features.shaderF16) {
+    throw new ShapeError(`${label}: f16 tile math needs an adapter with shader-f16, and this one has none`);
+  }
   const act = opts.activation;
   const actBwd = opts.activationBackward;
   checkActivation(ctx, label, c, opts);
@@ -305,7 +352,7 @@ export async function planMatmul(
   if (!actBwd && !extra && usesMatvec(ctx, dims, transW, variant)) {
     const shape = matvecShape(variant);
     const entry = glu ? MATVEC_GLU : second ? MATVEC_PAIR : act ? MATVEC_ACT : MATVEC;
-    kernel = await getKernel(ctx, spec(ctx, entry), { ...shape, ...common, ...epilogue, ...third });
+    kernel = await getKernel(ctx, spec(ctx, entry, 'f32'), { ...shape, ...common, ...epilogue, ...third });
     workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
   } else {
     const tile = matmulTile(ctx, dims);
@@ -320,7 +367,7 @@ export async function planMatmul(
             : actBwd
               ? MATMUL_ACT_BWD
               : MATMUL;
-    kernel = await getKernel(ctx, spec(ctx, entry), {
+    kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
       TK: tile.tk,

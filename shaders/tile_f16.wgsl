@@ -1,0 +1,17 @@
+// tile_f16.wgsl: tile_f32.wgsl's functions with f16 tiles and f16 products, accumulated in f32
+// (the module enables f16 before this file: kernels/compose.ts). Each call forms four products
+// and adds them in f16, then adds that to the f32 accumulator, so the rounding error per call is
+// a few f16 ulps of four terms, not of the running sum. Staging A and W in f16 halves the tiles'
+// workgroup memory and their reads. matmul.ts uses it only for forward-layout products without a
+// low-rank term, of weights stored below f32: gradients (which f16 would flush below 6e-8) and a
+// LoRA adapter's small B keep the f32 build.
+
+alias tile_t = f16;
+
+fn tile_dots(acc: vec4<f32>, a: vec4<tile_t>, w0: vec4<tile_t>, w1: vec4<tile_t>, w2: vec4<tile_t>, w3: vec4<tile_t>) -> vec4<f32> {
+  return acc + vec4<f32>(vec4<f16>(dot(a, w0), dot(a, w1), dot(a, w2), dot(a, w3)));
+}
+
+fn tile_axpy(acc: vec4<f32>, a: vec4<tile_t>, w0: vec4<tile_t>, w1: vec4<tile_t>, w2: vec4<tile_t>, w3: vec4<tile_t>) -> vec4<f32> {
+  return acc + vec4<f32>(fma(vec4<f16>(a.x), w0, fma(vec4<f16>(a.y), w1, fma(vec4<f16>(a.z), w2, vec4<f16>(a.w) * w3))));
+}
