@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { playwright } from '@vitest/browser-playwright';
 import { defineConfig } from 'vitest/config';
 import { chromiumPath, chromiumWebGpuArgs } from './tools/chromium.js';
@@ -23,8 +24,25 @@ const modelTests = [
   'packages/models/test/split_table.test.ts',
   'packages/models/test/gguf.test.ts',
   'packages/models/test/lora_dropout.test.ts',
+  'packages/models/test/f16_tiles.test.ts',
   'packages/train/test/trainer.test.ts',
   'packages/train/test/api.test.ts',
+];
+
+// Mesa 25's lavapipe, unpacked by tools/setup.mjs (tools/lavapipe25.sh): under Node the only adapter
+// here with shader-f16, and subgroups of 8 where SwiftShader's are 4.
+const lavapipe25Icd = new URL('./.cache/lavapipe25/lvp_icd.json', import.meta.url).pathname;
+// The files whose kernels have f16 or subgroup builds (matmul_f16 holds the matmul's f16 and split-K
+// cases: llvmpipe takes seconds per pipeline, and matmul.test.ts has a hundred), and the model
+// test of the inference plans that use f16 tiles.
+const lavapipe25Tests = [
+  'packages/core/test/context.test.ts',
+  'packages/core/test/matmul_f16.test.ts',
+  'packages/core/test/rmsnorm.test.ts',
+  'packages/core/test/layernorm.test.ts',
+  'packages/core/test/reduce.test.ts',
+  'packages/core/test/cross_entropy.test.ts',
+  'packages/models/test/f16_tiles.test.ts',
 ];
 
 function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
@@ -85,6 +103,24 @@ export default defineConfig({
           env: { XDG_RUNTIME_DIR: '/tmp' },
         },
       },
+      ...(existsSync(lavapipe25Icd)
+        ? [
+            {
+              // The kernel tests once more on Mesa 25 lavapipe with the GPU configurations: the f16
+              // builds (shader-f16) and the subgroup reductions at another subgroup size.
+              test: {
+                name: 'node-lavapipe-f16',
+                include: lavapipe25Tests,
+                environment: 'node',
+                pool: 'forks',
+                testTimeout: 120_000,
+                hookTimeout: 60_000,
+                provide: { featureLevel: 'core' as const, kernelProfile: 'gpu' as const },
+                env: { XDG_RUNTIME_DIR: '/tmp', VK_ICD_FILENAMES: lavapipe25Icd },
+              },
+            },
+          ]
+        : []),
       chromium('chromium-swiftshader', 'swiftshader'),
       chromium('chromium-lavapipe', 'lavapipe'),
       {

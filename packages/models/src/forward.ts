@@ -13,10 +13,12 @@ import {
   type AttentionForwardArgs,
   createTensor,
   type Dispatch,
+  f16TileMathApplies,
   fusedQkvLayout,
   type GpuContext,
   type LoraDropout,
   type MatmulActivation,
+  type MatmulOptions,
   planAttentionForward,
   planEmbeddingTable,
   planGeluNewForward,
@@ -30,6 +32,7 @@ import {
   planTableProduct,
   ShapeError,
   type Tensor,
+  type TileMath,
   tensorView,
 } from '@webtune/core';
 import { type LinearModule, type LinearRole, modelLayout } from './architecture.js';
@@ -75,6 +78,14 @@ export interface ForwardOptions {
    * true; false plans every step on its own, the plain path the fused one is checked against.
    */
   readonly fuse?: boolean;
+  /**
+   * Inference plans only: the tiled products' math for unadapted projections of weights stored
+   * below f32 (f16TileMathApplies). 'f16' stages and multiplies them in f16 with f32 accumulation
+   * (needs shader-f16). Default 'f32': the f16 build has no golden against transformers computing
+   * in f16 yet, and on the fixtures without q/k norms the attention scores amplify its rounding
+   * (logits up to 0.12 from transformers' f32 compute; f16_tiles.test.ts). Training is always f32.
+   */
+  readonly tileMath?: TileMath;
 }
 
 /** LoRA dropout's state in a train-mode plan: the counter and a [rows, max in] scratch shared by
@@ -600,6 +611,7 @@ export async function planLinear(
   hComputed = false,
   activation?: MatmulActivation,
   second?: { readonly w: Tensor; readonly out: Tensor },
+  tileMath: TileMath = 'f32',
 ): Promise<Dispatch[]> {
   const label = lin.module.name;
   if (lora) {
@@ -612,7 +624,13 @@ export async function planLinear(
       label,
     );
   }
-  return [await planMatmul(ctx, x, lin.w, y, { bias: lin.bias, beta: accumulate ? 1 : 0, activation, second, label })];
+  const opts = { bias: lin.bias, beta: accumulate ? 1 : 0, activation, second, label };
+  return [await planMatmul(ctx, x, lin.w, y, { ...opts, tileMath: tilesFor(ctx, tileMath, lin.w, opts) })];
+}
+
+/** `wanted` where f16 tiles suit the product (f16TileMathApplies), else f32. */
+function tilesFor(ctx: GpuContext, wanted: TileMath, w: Tensor, opts: MatmulOptions): TileMath {
+  return wanted === 'f16' && f16TileMathApplies(ctx, w, opts) ? 'f16' : 'f32';
 }
 
 /** Where a layer's q, k and v projections write (RoPE and the per-head norms act there in place). */
@@ -761,6 +779,7 @@ export async function planLayer(
   lora: LoraWeightsByModule | undefined,
   dropout?: DropoutState,
   fuse = true,
+  tileMath: TileMath = 'f32',
 ): Promise<Dispatch[]> {
   const c = model.config;
   const out: Dispatch[] = [];
@@ -770,7 +789,9 @@ export async function planLayer(
     const l = linear(layer, role);
     const w = lora?.get(l.module.name);
     const h = a.loraH.get(role);
-    out.push(...(await planLinear(ctx, l, x, y, w, h, accumulate, dropout, shared.has(role), activation, second)));
+    out.push(
+      ...(await planLinear(ctx, l, x, y, w, h, accumulate, dropout, shared.has(role), activation, second, tileMath)),
+    );
   };
   // The h of adapted projections that read the same input, in one dispatch before them.
   const adapted = new Set([...a.loraH.keys()]);
@@ -827,7 +848,9 @@ export async function planLayer(
     if (gatedMlpFused(c, adapted, fuse)) {
       // gate, up and silu(gate)·up from one pass over n2.
       const glu = { w: linear(layer, 'up').w, up, act: a.act };
-      out.push(await planMatmul(ctx, a.n2, linear(layer, 'gate').w, a.gate, { glu, label: `${p}.mlp.gate_up` }));
+      const gateW = linear(layer, 'gate').w;
+      const opts = { glu, label: `${p}.mlp.gate_up` };
+      out.push(await planMatmul(ctx, a.n2, gateW, a.gate, { ...opts, tileMath: tilesFor(ctx, tileMath, gateW, opts) }));
     } else {
       await sharedH(a.n2, ['gate', 'up']);
       await lin('gate', a.n2, a.gate);
@@ -902,6 +925,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
         opts.lora,
         dropout,
         opts.fuse ?? true,
+        mode === 'inference' ? (opts.tileMath ?? 'f32') : 'f32',
       );
       layerDispatches.push(planned);
       dispatches.push(...planned);
