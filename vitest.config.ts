@@ -6,7 +6,8 @@ import { chromiumPath, chromiumWebGpuArgs } from './tools/chromium.js';
 // Tests whose name ends in .cpu.test.ts need no GPU (references, parsers) and .node.test.ts need
 // Node itself (the CLI in a child process); both run under Node only.
 // Every other test runs three times: Node + Dawn (SwiftShader when there is no GPU), and headless
-// Chromium on its SwiftShader adapter and on lavapipe through the compatibility adapter.
+// Chromium on its SwiftShader adapter and on lavapipe through the compatibility adapter (the model
+// tests skip Chromium's SwiftShader; node-gpu-kernels and node-lavapipe-f16 add runs, below).
 const gpuTests = ['packages/*/test/**/*.test.ts'];
 const cpuTests = ['packages/*/test/**/*.cpu.test.ts', 'packages/*/test/**/*.node.test.ts'];
 // End-to-end specs drive the studio in Debian's Chromium from Node (Playwright).
@@ -115,7 +116,11 @@ export default defineConfig({
                 pool: 'forks',
                 testTimeout: 120_000,
                 hookTimeout: 60_000,
-                provide: { featureLevel: 'core' as const, kernelProfile: 'gpu' as const },
+                provide: {
+                  featureLevel: 'core' as const,
+                  kernelProfile: 'gpu' as const,
+                  requireFeatures: ['shaderF16', 'subgroups'] as const,
+                },
                 env: { XDG_RUNTIME_DIR: '/tmp', VK_ICD_FILENAMES: lavapipe25Icd },
               },
             },

@@ -19,7 +19,9 @@
 //     by reduce.ts).
 //   reduce_final: one workgroup; invocation j adds partials j, j + WG, ..., then group_sum2.
 //   The host (reduce.ts) keeps per_thread and the partials per invocation small, so the error is
-//   ~(8 + per_thread/8 + groups/WG + 2·log2 WG) ulps of the sum at worst.
+//   ~(8 + per_thread/8 + groups/WG + 2·log2 WG) ulps of the sum at worst with the trees; the
+//   subgroup build ends each group_sum2 with a serial sum of the WG / subgroup-size subgroup
+//   totals, up to WG/4 terms.
 //
 // Bindings, group 0:
 //   reduce_partial: 0 p uniform, 1 x [n] (read), 2 partials [2·groups] (written: per workgroup

@@ -2,9 +2,10 @@
 // (the module enables f16 before this file: kernels/compose.ts). Each call forms four products
 // and adds them in f16, then adds that to the f32 accumulator, so the rounding error per call is
 // a few f16 ulps of four terms, not of the running sum. Staging A and W in f16 halves the tiles'
-// workgroup memory and their reads. matmul.ts uses it only for forward-layout products without a
-// low-rank term, of weights stored below f32: gradients (which f16 would flush below 6e-8) and a
-// LoRA adapter's small B keep the f32 build.
+// workgroup memory and their reads; A rounds to f16 (and overflows above 65504), as do Q8_0/Q4_0
+// values. matmul.ts allows it only for forward-layout products without a low-rank term, of
+// weights stored below f32: gradients (which f16 would flush below 6e-8) and a LoRA adapter's
+// small B keep the f32 build.
 
 alias tile_t = f16;
 

@@ -33,6 +33,11 @@ rm -rf "$ROOT"; mkdir -p "$ROOT"
 for d in "$DEBS"/*.deb; do dpkg -x "$d" "$ROOT"; done
 LVP=$(find "$ROOT" -name libvulkan_lvp.so | head -1)
 [ -n "$LVP" ] || { echo "lavapipe25: no libvulkan_lvp.so in $PKGS" >&2; exit 1; }
+# The driver loads against the system's libraries (LLVM, xcb, wayland, libdrm): refuse, rather than
+# leave an ICD that gives no adapter, when one is missing.
+if ldd "$LVP" | grep -q 'not found'; then
+  echo "lavapipe25: $LVP needs libraries this system lacks:" >&2; ldd "$LVP" | grep 'not found' >&2; exit 1
+fi
 # The package's own ICD file, with an absolute library_path.
 sed "s|\"library_path\": *\"[^\"]*\"|\"library_path\": \"$LVP\"|" \
     "$ROOT/usr/share/vulkan/icd.d/lvp_icd.json" > "$T/lvp_icd.json"

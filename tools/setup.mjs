@@ -73,8 +73,11 @@ if (process.env.WEBTUNE_SKIP_LAVAPIPE25) {
 } else if (process.platform === 'linux' && debianApt && !existsSync(join(lavapipe25, '.done'))) {
   say('unpacking Mesa 25 lavapipe (bookworm-backports) into .cache/lavapipe25');
   const r = spawnSync('bash', [join(root, 'tools', 'lavapipe25.sh'), lavapipe25], { stdio: 'inherit' });
+  // Optional: without it the node-lavapipe-f16 project is left out (vitest.config.ts), not failed.
   if (r.status !== 0)
-    fail('tools/lavapipe25.sh failed (it needs the Debian mirror); set WEBTUNE_SKIP_LAVAPIPE25=1 to test without it');
+    console.warn(
+      '[setup] tools/lavapipe25.sh failed (it needs the Debian mirror): the node-lavapipe-f16 tests will not run',
+    );
 }
 
 // --- pnpm -------------------------------------------------------------------------------------

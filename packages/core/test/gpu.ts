@@ -11,6 +11,8 @@ declare module 'vitest' {
     featureLevel: 'core' | 'compatibility';
     /** 'gpu' runs the GPU kernel configurations on the software adapters (vitest.config.ts). */
     kernelProfile?: 'auto' | 'gpu' | 'cpu';
+    /** Features the project's adapter must give (node-lavapipe-f16), so that their tests cannot all skip. */
+    requireFeatures?: readonly ('shaderF16' | 'subgroups')[];
   }
 }
 
@@ -29,6 +31,10 @@ export function useGpu(overrides: Partial<GpuContextOptions> = {}): () => GpuCon
       ...overrides,
     });
     (ctx as GpuContext & { reports?: string[] }).reports = reports;
+    for (const f of inject('requireFeatures') ?? []) {
+      if (f === 'subgroups' && overrides.allowSubgroups === false) continue;
+      if (!ctx.features[f]) throw new Error(`this test project needs ${f}, and ${describeAdapter(ctx)} has none`);
+    }
   });
   afterAll(() => {
     if (reports.length > 0 && ctx) console.log(`${describeAdapter(ctx)}\n${reports.join('\n')}`);

@@ -87,8 +87,14 @@ describe('matmul with f16 tiles', () => {
       expect(f16TileMathApplies(ctx, w16, { transW: false })).toBe(false);
       expect(f16TileMathApplies(ctx, w16, { lowRank: { a2: a, b2: b, alpha2: 1 } })).toBe(false);
       expect(f16TileMathApplies(ctx, w16, { extra: { a, w: w16 } })).toBe(false);
+      expect(f16TileMathApplies(ctx, w16, { glu: { w: w32, up: b, act: c } })).toBe(false);
       if (!ctx.features.shaderF16) {
         await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16' })).rejects.toThrow(/shader-f16/);
+      } else {
+        // Where it does not apply, asking is an error rather than a silent f16 gradient or LoRA term.
+        await expect(planMatmul(ctx, a, w32, c, { tileMath: 'f16' })).rejects.toThrow(/f16TileMathApplies/);
+        const lowRank = { a2: a, b2: b, alpha2: 1 };
+        await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16', lowRank })).rejects.toThrow(/f16TileMathApplies/);
       }
       for (const x of [w16, w32, a, b, c]) x.dispose();
     });

@@ -191,11 +191,12 @@ export interface MatmulOptions {
 export type TileMath = 'f32' | 'f16';
 
 /**
- * Whether f16 tiles suit this product on this device: the adapter has shader-f16, W is stored
- * below f32 (so staging it in f16 loses nothing) and used in the forward layout, and no term of
- * the product is a gradient (activationBackward, the dx sums of `extra`) or a LoRA adapter's
- * factors (lowRank; B starts at zero and stays small, where f16 has few bits). Callers that want
- * f16 math ask for it where this holds.
+ * Whether f16 tiles suit this product on this device: the adapter has shader-f16, W (and the
+ * second weight of `glu` or `second`) is stored below f32 and used in the forward layout, and no
+ * term of the product is a gradient (activationBackward, the dx sums of `extra`) or a LoRA
+ * adapter's factors (lowRank; B starts at zero and stays small, where f16 has few bits). f16 W
+ * stages exactly; Q8_0/Q4_0 values d·q round to f16's 11 bits, and A (activations) rounds too
+ * (above 65504 it overflows). planMatmul refuses f16 tiles where this does not hold.
  */
 export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptions = {}): boolean {
   return (
@@ -204,7 +205,9 @@ export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptio
     (opts.transW ?? true) &&
     !opts.lowRank &&
     !opts.activationBackward &&
-    !opts.extra
+    !opts.extra &&
+    (opts.glu?.w.dtype ?? 'f16') !== 'f32' &&
+    (opts.second?.w.dtype ?? 'f16') !== 'f32'
   );
 }
 
@@ -327,6 +330,12 @@ export async function planMatmul(
   const tiles = opts.tileMath ?? 'f32';
   if (tiles === 'f16' && !ctx.features.shaderF16) {
     throw new ShapeError(`${label}: f16 tile math needs an adapter with shader-f16, and this one has none`);
+  }
+  if (tiles === 'f16' && !f16TileMathApplies(ctx, w, opts)) {
+    throw new ShapeError(
+      `${label}: f16 tile math is for forward products of f16 or quantized weights without a LoRA term or ` +
+        'gradient (f16TileMathApplies); this one keeps f32',
+    );
   }
   const act = opts.activation;
   const actBwd = opts.activationBackward;
