@@ -1,7 +1,10 @@
 /**
  * Comparison and gradient-checking helpers shared by every kernel test.
  */
+import { roundToF16 } from '../src/f16.js';
+import { isQuantFormat, roundThrough } from '../src/quant.js';
 import { seededRandom } from '../src/random.js';
+import type { DType } from '../src/tensor.js';
 
 export interface Comparison {
   ok: boolean;
@@ -97,6 +100,13 @@ export function randomArray(n: number, seed: number, scale = 1): Float64Array {
   const out = new Float64Array(n);
   for (let i = 0; i < n; i++) out[i] = (2 * next() - 1) * scale;
   return out;
+}
+
+/** The values a weight of `dtype` holds once stored (f16 rounding, or quantized and dequantized). */
+export function asStored(w: Float64Array, dtype: DType): Float64Array {
+  if (dtype === 'f16') return Float64Array.from(roundToF16(w));
+  if (isQuantFormat(dtype)) return Float64Array.from(roundThrough(dtype, w));
+  return w;
 }
 
 export function dot(a: ArrayLike<number>, b: ArrayLike<number>): number {

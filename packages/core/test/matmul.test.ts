@@ -4,17 +4,14 @@
 // tiled and matvec kernels.
 import { describe, it } from 'vitest';
 import { geluNewBackwardRef, geluNewForwardRef, siluMulBackwardRef, siluMulForwardRef } from '../ref/activations.js';
-import { randomArray } from '../ref/check.js';
+import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
 import {
   createTensor,
   type DType,
-  isQuantFormat,
   type MatvecVariant,
   planMatmul,
   readFloat32,
-  roundThrough,
-  roundToF16,
   StepEncoder,
   tensorFromData,
 } from '../src/index.js';
@@ -98,11 +95,6 @@ for (const wDtype of ['q8_0', 'q4_0'] as const) {
 }
 
 /** W as the GPU will hold it: rounded to f16, or quantized and dequantized. */
-function asStored(w: Float64Array, dtype: DType): Float64Array {
-  if (dtype === 'f16') return Float64Array.from(roundToF16(w));
-  if (isQuantFormat(dtype)) return Float64Array.from(roundThrough(dtype, w));
-  return w;
-}
 
 function describeCase(c: Case): string {
   const lay = `A·${c.transW ? 'Wᵀ' : 'W'}`;

@@ -3,17 +3,14 @@
 // shader-f16 or other subgroup sizes (the node-lavapipe-f16 project: Mesa 25 lavapipe, where every
 // pipeline of matmul.test.ts would take seconds to compile). Elsewhere the f16 cases skip.
 import { describe, expect, it } from 'vitest';
-import { randomArray } from '../ref/check.js';
+import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
 import {
   createTensor,
   type DType,
   f16TileMathApplies,
-  isQuantFormat,
   planMatmul,
   readFloat32,
-  roundThrough,
-  roundToF16,
   StepEncoder,
   tensorFromData,
 } from '../src/index.js';
@@ -21,12 +18,6 @@ import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
 const paths = useReductionPaths();
 const gpu = paths[0].gpu;
-
-function asStored(w: Float64Array, dtype: DType): Float64Array {
-  if (dtype === 'f16') return Float64Array.from(roundToF16(w));
-  if (isQuantFormat(dtype)) return Float64Array.from(roundThrough(dtype, w));
-  return w;
-}
 
 // f16 tiles (shaders/tile_f16.wgsl, adapters with shader-f16): A and W staged in f16, four products
 // at a time in f16, added in f32. Against the float64 product of the stored W: A's rounding to f16

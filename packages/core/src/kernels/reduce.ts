@@ -24,9 +24,9 @@ const spec = (ctx: GpuContext, entryPoint: 'reduce_partial' | 'reduce_final'): K
  * additions per invocation of the first dispatch, `groups` workgroups (= partial sums) and the
  * scratch size that needs. Real GPUs get 256-wide workgroups, ≥ 8 elements per invocation and up
  * to 16·wg groups (enough to fill the GPU; ≤ 16 partials per invocation of the final stage).
- * Software adapters pay milliseconds per workgroup for the barriers of the workgroup reduction (SwiftShader: ~3 ms at
- * 256 invocations, ~0.3 ms at 64), so they get 64-wide workgroups, ≥ 64 elements per invocation
- * and at most 4·wg groups.
+ * Software adapters pay milliseconds per workgroup for the barriers of the workgroup reduction
+ * (SwiftShader: ~3 ms at 256 invocations, ~0.3 ms at 64), so they get 64-wide workgroups, ≥ 64
+ * elements per invocation and at most 4·wg groups.
  */
 export function reducePlan(
   ctx: GpuContext,

@@ -35,10 +35,10 @@ export interface NormRowLayout {
 
 /**
  * How the row-reduction kernels (rmsnorm, layernorm) split a row: 'tree' gives a row TPR
- * invocations whose partial sums meet in group_sum (subgroup operations, or workgroup memory; GPUs);
- * 'rows' gives each row one
- * invocation and uses no workgroup memory or barrier (CPU adapters, where every workgroup that
- * has them costs about 10 µs per four invocations on SwiftShader and a lane is just a SIMD lane).
+ * invocations whose partial sums meet in group_sum (subgroup operations, or workgroup memory;
+ * GPUs); 'rows' gives each row one invocation and uses no workgroup memory or barrier (CPU
+ * adapters, where every workgroup that has them costs about 10 µs per four invocations on
+ * SwiftShader and a lane is just a SIMD lane).
  */
 export type NormSplit = 'tree' | 'rows';
 
