@@ -96,7 +96,8 @@ export interface GpuCounters {
   /**
    * Readbacks whose data came back while nothing had been submitted after them: the queue ran dry
    * while the host waited for the result, so the next step's work could not yet be queued. A
-   * pipelined loop (submit step n + 1, then read step n) has none.
+   * pipelined loop (submit step n + 1, then read step n) has none as long as the host prepares a
+   * step faster than the GPU runs one; a slower host drains the queue for real, and this counts it.
    */
   readonly blockingReadbacks: number;
   /** The most bytes of live buffers at any moment since the last resetPeakLiveBytes(). */
