@@ -52,6 +52,19 @@ export const BENCH_MODELS: Readonly<Record<BenchModelId, BenchModel>> = {
   },
 };
 
+/** The generation peer's precisions (bench/peer.ts: transformers.js, fp32 and fp16 ONNX exports). */
+export const PEER_DTYPES = ['fp32', 'fp16'] as const;
+export type PeerDtype = (typeof PEER_DTYPES)[number];
+
+/** Where the driver put what the peer needs in the page (bench/peer_export.ts). */
+export interface PeerLocation {
+  /** URL of the folder holding one ONNX export per bench model id. */
+  readonly models: string;
+  /** URLs of onnxruntime-web's WebAssembly module and its loader, served from node_modules. */
+  readonly wasm: string;
+  readonly mjs: string;
+}
+
 /** Prefill: the prompt's forward pass up to the last position's logits (no sampling).
  * Decode: `newTokens` greedy tokens after a prompt; timed per token after the prefill. */
 export interface InferenceCase {

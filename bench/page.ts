@@ -66,6 +66,14 @@ async function main(): Promise<void> {
   };
   if (suites.includes('kernels')) await runKernelBenchmarks(ctx, options);
   if (suites.includes('models')) await runModelBenchmarks(ctx, options);
+  const peerModels = params.get('peerModels');
+  if (suites.includes('models') && peerModels) {
+    const { runPeerBenchmarks } = await import('./peer.js');
+    await runPeerBenchmarks(
+      { models: peerModels, wasm: params.get('ortWasm') ?? '', mjs: params.get('ortMjs') ?? '' },
+      options,
+    );
+  }
   if (suites.includes('train')) await runTrainBenchmarks(ctx, options);
   ctx.destroy();
   if (failed.length > 0) throw new Error(`${failed.length} case(s) could not run:\n${failed.join('\n')}`);

@@ -1,13 +1,15 @@
 /**
  * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe|gpu]
- *  [--quick] [--only <substring>] [--no-baseline] [--timeout-min N] [--chromium-flag=--some-flag ...]`
+ *  [--quick] [--only <substring>] [--no-baseline] [--no-peer] [--timeout-min N] [--chromium-flag=--some-flag ...]`
  *
  * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
  * configuration, collects the records, prints a table and writes them as a JSON array. Suites:
  * - kernels (the default): matmul and the fused LoRA layer against TF.js / unfused dispatches on
  *   the same device (bench/kernels.ts);
  * - models: prefill and decode tokens/s on stories260K and a random SmolLM2-135M-shaped model
- *   (bench/models.ts);
+ *   (bench/models.ts), then the same cases through transformers.js in the same page, fp32 and
+ *   fp16, from ONNX exports of the same weights (bench/peer.ts; the driver exports them with
+ *   tools/export_onnx.py, bench/peer_export.ts; --no-peer skips it);
  * - train: LoRA training tokens/s and GPU bytes on the same two models (bench/train.ts).
  * For models and train the driver first writes the random model (bench/bench_model.ts, into
  * bench/.models/, reused while its stamp matches), then runs tools/bench_torch.py with the Python
@@ -29,7 +31,17 @@ import { chromium } from 'playwright';
 import { createServer } from 'vite';
 import { type ChromiumAdapter, chromiumPath, chromiumWebGpuArgs } from '../tools/chromium.js';
 import { findPython } from '../tools/python.js';
-import { BENCH_MODELS, inferenceCases, promptIds, TRAIN_HYPER, trainCases, trainIds } from './cases.js';
+import {
+  BENCH_MODELS,
+  casesByModel,
+  inferenceCases,
+  PEER_DTYPES,
+  type PeerLocation,
+  promptIds,
+  TRAIN_HYPER,
+  trainCases,
+  trainIds,
+} from './cases.js';
 import type { BenchRecord } from './record.js';
 
 const SUITES = ['kernels', 'models', 'train'];
@@ -44,6 +56,7 @@ interface Args {
   timeoutMs?: number;
   only?: string;
   baseline: boolean;
+  peer: boolean;
 }
 
 function parseArgs(argv: string[]): Args {
@@ -53,6 +66,7 @@ function parseArgs(argv: string[]): Args {
     suites: ['kernels'],
     extraFlags: [],
     baseline: true,
+    peer: true,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
@@ -68,6 +82,7 @@ function parseArgs(argv: string[]): Args {
       const v = value();
       args.suites = v === 'all' ? [...SUITES] : v.split(',');
     } else if (a === '--no-baseline') args.baseline = false;
+    else if (a === '--no-peer') args.peer = false;
     else if (a.startsWith('--only')) args.only = value();
     else if (a.startsWith('--chromium-flag')) args.extraFlags.push(value());
     else if (a.startsWith('--timeout-min')) args.timeoutMs = Number(value()) * 60_000;
@@ -88,7 +103,7 @@ function parseArgs(argv: string[]): Args {
 function defaultTimeoutMin(args: Args): number {
   const per: Record<string, number> = args.quick
     ? { kernels: 15, models: 15, train: 15 }
-    : { kernels: 45, models: 45, train: 120 };
+    : { kernels: 45, models: args.peer ? 90 : 45, train: 120 };
   return args.suites.reduce((n, s) => n + (per[s] ?? 0), 0);
 }
 
@@ -179,6 +194,33 @@ function countsTable(records: BenchRecord[]): string | undefined {
       mib(r.gpuBytes),
       r.adapter,
     ]);
+  }
+  return render(rows);
+}
+
+/** Generation beside transformers.js: each engine prefill/decode record with the peer's records of
+ * the same case on the same adapter (bench/peer.ts); ratio = webtune tok/s / theirs. Also copies
+ * the peer's tokens/s into the engine's record (extra.transformersjs_<dtype>_tokens_per_s). */
+function peerTable(records: BenchRecord[]): string | undefined {
+  const peers = records.filter((r) => typeof r.extra?.engine === 'string');
+  if (peers.length === 0) return undefined;
+  const head = ['name', 'shape', 'webtune tok/s', ...PEER_DTYPES.flatMap((d) => [`tjs ${d} tok/s`, 'ratio'])];
+  const rows = [[...head, 'adapter (webtune)', 'adapter (transformers.js)']];
+  const tps = (x: number | undefined) => fmt(x, x !== undefined && x < 10 ? 3 : 1);
+  for (const r of records) {
+    if (r.extra?.engine !== undefined || (r.name !== 'prefill' && r.name !== 'decode')) continue;
+    const mine = num(r, 'tokens_per_s');
+    let peerAdapter = '';
+    const cells = PEER_DTYPES.flatMap((d) => {
+      const p = peers.find(
+        (q) => q.adapter === r.adapter && q.extra?.case === r.extra?.case && q.extra?.engine === `transformers.js ${d}`,
+      );
+      const theirs = p && num(p, 'tokens_per_s');
+      if (theirs !== undefined && r.extra) r.extra[`transformersjs_${d}_tokens_per_s`] = theirs;
+      if (typeof p?.extra?.peer_adapter === 'string') peerAdapter = p.extra.peer_adapter;
+      return [tps(theirs), mine !== undefined && theirs ? fmt(mine / theirs) : ''];
+    });
+    rows.push([r.name, r.shape, tps(mine), ...cells, r.adapter, peerAdapter]);
   }
   return render(rows);
 }
@@ -329,6 +371,7 @@ async function runAdapter(
   adapter: ChromiumAdapter,
   args: Args,
   torch: TorchRun | undefined,
+  peer: PeerLocation | undefined,
   records: BenchRecord[],
 ): Promise<void> {
   const browser = await chromium.launch({
@@ -342,6 +385,7 @@ async function runAdapter(
       const text = m.text();
       if (text.startsWith('[bench]')) console.log(`  ${adapter}: ${text.slice(8)}`);
       else if (m.type() === 'error') console.error(`  ${adapter} console error: ${text}`);
+      else if (m.type() === 'warning') console.error(`  ${adapter} console warning: ${text}`);
     });
     page.on('pageerror', (e) => console.error(`  ${adapter} page error: ${e.message}`));
     let finish: (error?: string) => void = () => {};
@@ -377,6 +421,11 @@ async function runAdapter(
     if (adapter === 'lavapipe') params.set('featureLevel', 'compatibility');
     if (args.quick) params.set('quick', '1');
     if (args.only) params.set('only', args.only);
+    if (peer) {
+      params.set('peerModels', peer.models);
+      params.set('ortWasm', peer.wasm);
+      params.set('ortMjs', peer.mjs);
+    }
     await page.goto(`${url}bench/index.html?${params}`);
     const limitMs = args.timeoutMs ?? defaultTimeoutMin(args) * 60_000;
     let timer: NodeJS.Timeout | undefined;
@@ -408,6 +457,18 @@ async function main(): Promise<number> {
     // Measured before the browser runs, so the two never compete for the CPU.
     torch = await runTorchBaseline(root, args);
   }
+  let peer: PeerLocation | undefined;
+  if (args.suites.includes('models') && args.peer) {
+    const ids = casesByModel(inferenceCases(args.quick).filter((c) => !args.only || c.key.includes(args.only)));
+    const { ensurePeerExports } = await import('./peer_export.js');
+    const got = ensurePeerExports(
+      root,
+      findPython(root),
+      ids.map(([id]) => id),
+    );
+    if ('location' in got) peer = got.location;
+    else console.log(`note: no transformers.js peer: ${got.unavailable}`);
+  }
   const server = await createServer({
     configFile: false,
     root,
@@ -415,7 +476,14 @@ async function main(): Promise<number> {
     // No file watching and no HMR: a file saved elsewhere in the tree mid-run must not reload
     // the page and restart the benchmarks.
     server: { host: '127.0.0.1', port: 0, strictPort: false, hmr: false, watch: null },
-    optimizeDeps: { include: ['@tensorflow/tfjs-core', '@tensorflow/tfjs-backend-webgpu'] },
+    // Pre-bundled up front: a dependency Vite discovers mid-run makes it reload the page.
+    optimizeDeps: {
+      include: [
+        '@tensorflow/tfjs-core',
+        '@tensorflow/tfjs-backend-webgpu',
+        ...(peer ? ['@huggingface/transformers'] : []),
+      ],
+    },
   });
   await server.listen();
   const address = server.httpServer?.address();
@@ -427,7 +495,7 @@ async function main(): Promise<number> {
     for (const adapter of args.adapters) {
       console.log(`benchmarks (${args.suites.join(', ')}) on chromium ${adapter}${args.quick ? ' (quick)' : ''}`);
       try {
-        await runAdapter(url, adapter, args, torch, all);
+        await runAdapter(url, adapter, args, torch, peer, all);
       } catch (e) {
         failures.push(e instanceof Error ? e.message : String(e));
         console.error(failures.at(-1));
@@ -439,6 +507,8 @@ async function main(): Promise<number> {
   console.log(`\n${table(all)}`);
   const counts = countsTable(all);
   if (counts) console.log(`\nGPU work per training step / decoded token (exact runtime counts)\n${counts}`);
+  const peers = peerTable(all);
+  if (peers) console.log(`\ngeneration beside transformers.js (same page, same adapter, same weights)\n${peers}`);
   const memory = memoryTable(all);
   if (memory)
     console.log(`\ntraining memory (webtune: every GPU buffer the trainer holds; torch: its CPU allocator)\n${memory}`);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates tools/.venv, the Python oracle for the golden-data generators in tools/*.py
 # (torch, transformers, peft, safetensors, numpy, gguf; trl, accelerate and datasets for the cluster job
-# script that adapters.exportJob() writes), offline from this machine's local wheel mirror. The
+# script that adapters.exportJob() writes; onnx, onnxscript and onnxruntime for tools/export_onnx.py,
+# the bench's transformers.js exports), offline from this machine's local wheel mirror. The
 # tests and the benchmark find it through tools/python.ts ($WEBTUNE_PYTHON, .venv, tools/.venv,
 # python3 on PATH).
 #
@@ -17,8 +18,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="$here/.venv"
 python="${PYTHON:-python3}"
-packages=(torch transformers peft safetensors numpy trl accelerate datasets gguf)
-check='import torch, transformers, peft, safetensors, numpy, tokenizers, trl, accelerate, datasets, gguf'
+packages=(torch transformers peft safetensors numpy trl accelerate datasets gguf onnx onnxscript onnxruntime)
+check='import torch, transformers, peft, safetensors, numpy, tokenizers, trl, accelerate, datasets, gguf, onnx, onnxscript, onnxruntime'
 
 if [[ -x "$venv/bin/python" ]] && "$venv/bin/python" -c "$check" 2>/dev/null; then
   echo "tools/.venv is ready: $("$venv/bin/python" -c 'import torch, transformers, peft, trl; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__)')"
