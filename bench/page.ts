@@ -71,6 +71,7 @@ async function main(): Promise<void> {
     const { runPeerBenchmarks } = await import('./peer.js');
     await runPeerBenchmarks(
       { models: peerModels, wasm: params.get('ortWasm') ?? '', mjs: params.get('ortMjs') ?? '' },
+      featureLevel,
       options,
     );
   }

@@ -59,6 +59,8 @@ async function generate(model: PreTrainedModel, prompt: readonly number[], newTo
 }
 
 async function benchPeerModel(
+  device: GPUDevice,
+  featureLevel: string,
   id: BenchModelId,
   dtype: PeerDtype,
   cases: readonly InferenceCase[],
@@ -67,9 +69,12 @@ async function benchPeerModel(
   const engine = `transformers.js ${dtype}`;
   o.status(`${engine}: loading ${id}`);
   const t0 = performance.now();
-  const model = await AutoModelForCausalLM.from_pretrained(id, { device: 'webgpu', dtype });
+  const model = await AutoModelForCausalLM.from_pretrained(id, {
+    device: 'webgpu',
+    dtype,
+    session_options: { executionProviders: [{ name: 'webgpu', device }] },
+  });
   const loadMs = performance.now() - t0;
-  const adapter = peerAdapter();
   try {
     // Compiles the kernels of both phases before anything is timed.
     o.status(`${engine} ${id}: warm-up`);
@@ -105,7 +110,7 @@ async function benchPeerModel(
             samples: samples.length,
             min_ms: Math.min(...samples),
             model_load_ms: loadMs,
-            peer_adapter: adapter,
+            peer_adapter: describe(device, featureLevel),
             ...(c.kind === 'decode' ? { ids: ids.join(',') } : {}),
           },
         });
@@ -118,18 +123,39 @@ async function benchPeerModel(
   }
 }
 
-/** The adapter onnxruntime-web's device came from. It asks for its own (a core one), which is not
- * always the page's: under Chromium's lavapipe flags webtune runs on the compatibility adapter,
- * and onnxruntime-web on SwiftShader. The driver's table shows it. */
-function peerAdapter(): string {
-  const onnx = env.backends.onnx as { webgpu?: { device?: GPUDevice } };
-  const info = onnx.webgpu?.device?.adapterInfo;
-  if (!info) return 'unknown';
-  return [info.vendor, info.architecture, info.description].filter((x) => x).join(' ') || 'unnamed';
+/**
+ * A device for onnxruntime-web on the adapter webtune runs on. Left to itself it asks for a core
+ * adapter, which is not always the page's (under Chromium's lavapipe flags webtune runs on the
+ * compatibility adapter, and a core request gets SwiftShader). With every feature and the
+ * adapter's own limits, so that no kernel of onnxruntime-web meets a default limit below them.
+ */
+async function peerDevice(featureLevel: 'core' | 'compatibility'): Promise<GPUDevice> {
+  const adapter = await navigator.gpu.requestAdapter({ featureLevel, powerPreference: 'high-performance' });
+  if (!adapter) throw new Error(`transformers.js: no ${featureLevel} adapter`);
+  const requiredLimits: Record<string, number> = {};
+  for (const key in adapter.limits) {
+    const v = adapter.limits[key as keyof GPUSupportedLimits];
+    if (typeof v === 'number') requiredLimits[key] = v;
+  }
+  return adapter.requestDevice({
+    label: 'transformers.js',
+    requiredFeatures: [...adapter.features] as GPUFeatureName[],
+    requiredLimits,
+  });
+}
+
+/** The adapter's names; a compatibility adapter under ANGLE gives none. */
+function describe(device: GPUDevice, featureLevel: string): string {
+  const info = device.adapterInfo;
+  return [info.vendor, info.architecture, info.description].filter((x) => x).join(' ') || `${featureLevel} adapter`;
 }
 
 /** The models suite's cases again, through transformers.js, for each dtype. */
-export async function runPeerBenchmarks(where: PeerLocation, o: SuiteOptions): Promise<void> {
+export async function runPeerBenchmarks(
+  where: PeerLocation,
+  featureLevel: 'core' | 'compatibility',
+  o: SuiteOptions,
+): Promise<void> {
   env.allowRemoteModels = false;
   env.allowLocalModels = true;
   env.localModelPath = where.models;
@@ -138,20 +164,24 @@ export async function runPeerBenchmarks(where: PeerLocation, o: SuiteOptions): P
   const onnx = env.backends.onnx as { wasm?: { wasmPaths?: unknown } };
   if (onnx.wasm) onnx.wasm.wasmPaths = { wasm: where.wasm, mjs: where.mjs };
   const cases = inferenceCases(o.quick).filter((c) => !o.only || c.key.includes(o.only));
+  const device = await peerDevice(featureLevel);
   // transformers.js refuses fp16 on a device without shader-f16; that is no failure of the run.
-  const adapter = await navigator.gpu.requestAdapter({ powerPreference: 'high-performance' });
   const dtypes = PEER_DTYPES.filter((d) => {
-    if (d !== 'fp16' || adapter?.features.has('shader-f16')) return true;
+    if (d !== 'fp16' || device.features.has('shader-f16')) return true;
     o.status('transformers.js fp16 skipped: the adapter has no shader-f16');
     return false;
   });
-  for (const [id, mine] of casesByModel(cases)) {
-    for (const dtype of dtypes) {
-      try {
-        await benchPeerModel(id, dtype, mine, o);
-      } catch (e) {
-        for (const c of mine) o.fail(`transformers.js ${dtype} ${c.key}`, e);
+  try {
+    for (const [id, mine] of casesByModel(cases)) {
+      for (const dtype of dtypes) {
+        try {
+          await benchPeerModel(device, featureLevel, id, dtype, mine, o);
+        } catch (e) {
+          for (const c of mine) o.fail(`transformers.js ${dtype} ${c.key}`, e);
+        }
       }
     }
+  } finally {
+    device.destroy();
   }
 }
