@@ -6,9 +6,11 @@
  *
  * Timed like the engine's own Generator (bench/models.ts), through the streamer that generate()
  * calls with the prompt before the first forward pass and with every new token after it:
- * - prefill: from the prompt's put() to the first token's, i.e. the prompt's forward pass, the
- *   logits read back and the greedy pick (the export has no num_logits_to_keep input, as optimum's
- *   exports of these architectures do not, so transformers.js reads logits for every position);
+ * - prefill: from the prompt's put() to the first token's: the prompt's forward pass with the LM
+ *   head on every position and all those logits read back, then the greedy pick. That is
+ *   transformers.js as its users run it: optimum's exports of these architectures have no
+ *   num_logits_to_keep input, and where one has, transformers.js passes 0 (all positions).
+ *   webtune's prefill applies the head to the last position only (the driver's table says so);
  * - decode: from the first new token's put() to the last one's, per token.
  * Greedy, no stop token (eos_token_id: null), as the engine's cases run. Records are named
  * `prefill` / `decode` with extra.engine `transformers.js fp32|fp16` and the same extra.case as
@@ -44,15 +46,17 @@ async function generate(model: PreTrainedModel, prompt: readonly number[], newTo
   const streamer = new Timestamps();
   const ids = new Tensor('int64', BigInt64Array.from(prompt, BigInt), [1, prompt.length]);
   const mask = new Tensor('int64', new BigInt64Array(prompt.length).fill(1n), [1, prompt.length]);
-  await model.generate({
+  const options: Parameters<PreTrainedModel['generate']>[0] = {
     inputs: ids,
     attention_mask: mask,
     max_new_tokens: newTokens,
     do_sample: false,
-    eos_token_id: null,
-    streamer,
-    // generate() is typed for a TextStreamer, but only calls put() and end() (BaseStreamer's).
-  } as unknown as Parameters<PreTrainedModel['generate']>[0]);
+  };
+  // Outside the literal, as the types do not allow them: no stop token (generate() tests
+  // eos_token_id against null), as webtune's cases run; and a BaseStreamer, whose put() and end()
+  // are all generate() calls, where GenerationConfig's type names a TextStreamer.
+  Object.assign(options, { eos_token_id: null, streamer });
+  await model.generate(options);
   if (streamer.ids.length !== newTokens)
     throw new Error(`transformers.js made ${streamer.ids.length} tokens, ${newTokens} asked`);
   return streamer;
@@ -60,7 +64,7 @@ async function generate(model: PreTrainedModel, prompt: readonly number[], newTo
 
 async function benchPeerModel(
   device: GPUDevice,
-  featureLevel: string,
+  featureLevel: 'core' | 'compatibility',
   id: BenchModelId,
   dtype: PeerDtype,
   cases: readonly InferenceCase[],
@@ -76,7 +80,8 @@ async function benchPeerModel(
   });
   const loadMs = performance.now() - t0;
   try {
-    // Compiles the kernels of both phases before anything is timed.
+    // Compiles what a short prompt and a decode step use before anything is timed (a longer
+    // prompt may still compile some in its first sample, as webtune's may).
     o.status(`${engine} ${id}: warm-up`);
     await generate(model, promptIds({ ...(cases[0] as InferenceCase), prompt: 8 }), 2);
     for (const c of cases) {
@@ -85,6 +90,7 @@ async function benchPeerModel(
         const prompt = promptIds(c);
         let ids: number[] = [];
         const newTokens = c.kind === 'prefill' ? 1 : c.newTokens;
+        if (c.kind === 'decode' && newTokens < 2) throw new Error('a decode case needs at least 2 new tokens');
         const samples = await sample(async () => {
           const s = await generate(model, prompt, newTokens);
           ids = s.ids;
@@ -130,7 +136,8 @@ async function benchPeerModel(
  * adapter's own limits, so that no kernel of onnxruntime-web meets a default limit below them.
  */
 async function peerDevice(featureLevel: 'core' | 'compatibility'): Promise<GPUDevice> {
-  const adapter = await navigator.gpu.requestAdapter({ featureLevel, powerPreference: 'high-performance' });
+  // The request webtune's context makes (createGpuContext: featureLevel only).
+  const adapter = await navigator.gpu.requestAdapter({ featureLevel });
   if (!adapter) throw new Error(`transformers.js: no ${featureLevel} adapter`);
   const requiredLimits: Record<string, number> = {};
   for (const key in adapter.limits) {
@@ -139,13 +146,14 @@ async function peerDevice(featureLevel: 'core' | 'compatibility'): Promise<GPUDe
   }
   return adapter.requestDevice({
     label: 'transformers.js',
-    requiredFeatures: [...adapter.features] as GPUFeatureName[],
+    // Not core-features-and-limits, which would make a compatibility device a core one.
+    requiredFeatures: [...adapter.features].filter((f) => f !== 'core-features-and-limits') as GPUFeatureName[],
     requiredLimits,
   });
 }
 
 /** The adapter's names; a compatibility adapter under ANGLE gives none. */
-function describe(device: GPUDevice, featureLevel: string): string {
+function describe(device: GPUDevice, featureLevel: 'core' | 'compatibility'): string {
   const info = device.adapterInfo;
   return [info.vendor, info.architecture, info.description].filter((x) => x).join(' ') || `${featureLevel} adapter`;
 }
@@ -161,23 +169,31 @@ export async function runPeerBenchmarks(
   env.localModelPath = where.models;
   env.useBrowserCache = false;
   env.useWasmCache = false;
-  const onnx = env.backends.onnx as { wasm?: { wasmPaths?: unknown } };
-  if (onnx.wasm) onnx.wasm.wasmPaths = { wasm: where.wasm, mjs: where.mjs };
+  // Without these, onnxruntime-web fetches its WebAssembly from a CDN.
+  if (!env.backends.onnx.wasm) throw new Error('transformers.js has no onnxruntime-web WebAssembly backend');
+  env.backends.onnx.wasm.wasmPaths = { wasm: where.wasm, mjs: where.mjs };
   const cases = inferenceCases(o.quick).filter((c) => !o.only || c.key.includes(o.only));
   const device = await peerDevice(featureLevel);
-  // transformers.js refuses fp16 on a device without shader-f16; that is no failure of the run.
+  // fp16 needs shader-f16 on this device, and transformers.js also asks a default adapter of its
+  // own for it (and refuses fp16 without), which is not always this one.
+  const ownCheck = await navigator.gpu.requestAdapter();
   const dtypes = PEER_DTYPES.filter((d) => {
-    if (d !== 'fp16' || device.features.has('shader-f16')) return true;
-    o.status('transformers.js fp16 skipped: the adapter has no shader-f16');
+    if (d !== 'fp16' || (device.features.has('shader-f16') && ownCheck?.features.has('shader-f16'))) return true;
+    o.status('transformers.js fp16 skipped: no shader-f16 on the adapter (or on the one transformers.js checks)');
     return false;
   });
+  // The peer is the measure, not the subject: a case it cannot run is noted (it has no record)
+  // and does not fail the run.
+  const note = (key: string, e: unknown) =>
+    o.status(`${key} could not run: ${e instanceof Error ? e.message : String(e)}`);
+  const peerOptions: SuiteOptions = { ...o, fail: note };
   try {
     for (const [id, mine] of casesByModel(cases)) {
       for (const dtype of dtypes) {
         try {
-          await benchPeerModel(device, featureLevel, id, dtype, mine, o);
+          await benchPeerModel(device, featureLevel, id, dtype, mine, peerOptions);
         } catch (e) {
-          for (const c of mine) o.fail(`transformers.js ${dtype} ${c.key}`, e);
+          for (const c of mine) note(`transformers.js ${dtype} ${c.key}`, e);
         }
       }
     }

@@ -3,12 +3,13 @@
  * transformers.js, made by tools/export_onnx.py (which checks each against transformers before
  * it is used), and the URLs the page needs. Node only.
  *
- * Exports go to bench/.models/onnx/<model id>/ and are reused while their stamp (the source
- * weights' size and time, and the exporter's text) matches, like bench/bench_model.ts's model.
+ * Exports go to bench/.models/onnx/<model id>/ and are reused while their stamp (the source's
+ * weights and config, the exporter's text) matches, like bench/bench_model.ts's model. An export
+ * that fails its check leaves the whole run without the peer (with the reason printed).
  */
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, readFileSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, relative, sep } from 'node:path';
 import { pythonHas } from '../tools/python.js';
@@ -26,13 +27,20 @@ function ortDist(root: string): string {
   return join(dir, 'dist');
 }
 
+/** What an export is made from: the source's weights and config, and the exporter's text (a
+ * content hash, so a fresh checkout of the same files reuses it). */
 function stampOf(root: string, id: BenchModelId): string {
-  const weights = statSync(join(root, BENCH_MODELS[id].dir, 'model.safetensors'));
-  const script = createHash('sha256')
-    .update(readFileSync(join(root, EXPORTER)))
-    .digest('hex');
-  return JSON.stringify({ size: weights.size, mtime: weights.mtimeMs, exporter: script });
+  const hash = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+  const dir = join(root, BENCH_MODELS[id].dir);
+  return JSON.stringify({
+    weights: hash(join(dir, 'model.safetensors')),
+    config: hash(join(dir, 'config.json')),
+    exporter: hash(join(root, EXPORTER)),
+  });
 }
+
+/** The files the page loads (both precisions: the exporter's default). */
+const EXPORTED = ['config.json', 'onnx/model.onnx', 'onnx/model_fp16.onnx'];
 
 /**
  * Exports every model in `ids` that has no current export, then returns where the page finds
@@ -45,13 +53,14 @@ export function ensurePeerExports(
   ids: readonly BenchModelId[],
 ): { location: PeerLocation } | { unavailable: string } {
   if (!python) return { unavailable: 'no Python found (set WEBTUNE_PYTHON or run `bash tools/setup-python.sh`)' };
-  const has = pythonHas(python, ['torch', 'transformers', 'onnx', 'onnxruntime']);
+  const has = pythonHas(python, ['torch', 'transformers', 'onnx', 'onnxscript', 'onnxruntime']);
   if (!has.ok) return { unavailable: `${has.reason} (run \`bash tools/setup-python.sh\`)` };
   for (const id of ids) {
     const out = join(root, PEER_DIR, id);
     const stamp = stampOf(root, id);
     const stampFile = join(out, '.stamp');
-    if (existsSync(stampFile) && readFileSync(stampFile, 'utf8') === stamp) {
+    const whole = EXPORTED.every((f) => existsSync(join(out, f)));
+    if (whole && existsSync(stampFile) && readFileSync(stampFile, 'utf8') === stamp) {
       console.log(`reusing the ONNX export of ${id} in ${PEER_DIR}/${id}`);
       continue;
     }
@@ -62,6 +71,8 @@ export function ensurePeerExports(
       cwd: root,
       encoding: 'utf8',
       stdio: ['ignore', 'pipe', 'pipe'],
+      // The tracer's warnings run long; the default 1 MiB would cut the child off.
+      maxBuffer: 64 * 2 ** 20,
     });
     for (const line of r.stdout.split('\n')) if (line.trim()) console.log(`  ${line}`);
     if (r.status !== 0) {

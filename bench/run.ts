@@ -126,8 +126,9 @@ function table(records: BenchRecord[]): string {
   ];
   for (const r of records) {
     const tps = num(r, 'tokens_per_s');
+    const engine = r.extra?.engine;
     rows.push([
-      r.name,
+      typeof engine === 'string' ? `${r.name} (${engine})` : r.name,
       r.shape,
       fmt(r.ms),
       fmt(r.gflops),
@@ -205,22 +206,25 @@ function peerTable(records: BenchRecord[]): string | undefined {
   const peers = records.filter((r) => typeof r.extra?.engine === 'string');
   if (peers.length === 0) return undefined;
   const head = ['name', 'shape', 'webtune tok/s', ...PEER_DTYPES.flatMap((d) => [`tjs ${d} tok/s`, 'ratio'])];
-  const rows = [[...head, 'adapter (webtune)', 'adapter (transformers.js)']];
+  const rows = [[...head, 'same greedy ids as torch (webtune; tjs)', 'adapter (webtune)', 'adapter (transformers.js)']];
   const tps = (x: number | undefined) => fmt(x, x !== undefined && x < 10 ? 3 : 1);
+  const same = (r: BenchRecord | undefined) => String(r?.extra?.same_greedy_ids ?? '-');
   for (const r of records) {
     if (r.extra?.engine !== undefined || (r.name !== 'prefill' && r.name !== 'decode')) continue;
     const mine = num(r, 'tokens_per_s');
-    let peerAdapter = '';
-    const cells = PEER_DTYPES.flatMap((d) => {
-      const p = peers.find(
+    const mates = PEER_DTYPES.map((d) =>
+      peers.find(
         (q) => q.adapter === r.adapter && q.extra?.case === r.extra?.case && q.extra?.engine === `transformers.js ${d}`,
-      );
+      ),
+    );
+    const cells = mates.flatMap((p, i) => {
       const theirs = p && num(p, 'tokens_per_s');
-      if (theirs !== undefined && r.extra) r.extra[`transformersjs_${d}_tokens_per_s`] = theirs;
-      if (typeof p?.extra?.peer_adapter === 'string') peerAdapter = p.extra.peer_adapter;
+      if (theirs !== undefined && r.extra) r.extra[`transformersjs_${PEER_DTYPES[i]}_tokens_per_s`] = theirs;
       return [tps(theirs), mine !== undefined && theirs ? fmt(mine / theirs) : ''];
     });
-    rows.push([r.name, r.shape, tps(mine), ...cells, r.adapter, peerAdapter]);
+    const ids = r.name === 'decode' ? `${same(r)}; ${mates.map(same).join(', ')}` : '';
+    const peerAdapter = mates.find((p) => typeof p?.extra?.peer_adapter === 'string')?.extra?.peer_adapter;
+    rows.push([r.name, r.shape, tps(mine), ...cells, ids, r.adapter, String(peerAdapter ?? '')]);
   }
   return render(rows);
 }
@@ -459,12 +463,12 @@ async function main(): Promise<number> {
   }
   let peer: PeerLocation | undefined;
   if (args.suites.includes('models') && args.peer) {
-    const ids = casesByModel(inferenceCases(args.quick).filter((c) => !args.only || c.key.includes(args.only)));
+    const byModel = casesByModel(inferenceCases(args.quick).filter((c) => !args.only || c.key.includes(args.only)));
     const { ensurePeerExports } = await import('./peer_export.js');
     const got = ensurePeerExports(
       root,
       findPython(root),
-      ids.map(([id]) => id),
+      byModel.map(([id]) => id),
     );
     if ('location' in got) peer = got.location;
     else console.log(`note: no transformers.js peer: ${got.unavailable}`);
@@ -508,7 +512,12 @@ async function main(): Promise<number> {
   const counts = countsTable(all);
   if (counts) console.log(`\nGPU work per training step / decoded token (exact runtime counts)\n${counts}`);
   const peers = peerTable(all);
-  if (peers) console.log(`\ngeneration beside transformers.js (same page, same adapter, same weights)\n${peers}`);
+  if (peers)
+    console.log(
+      '\ngeneration beside transformers.js (same page, same adapter, same weights; ratio = webtune / transformers.js;' +
+        ' transformers.js prefill applies the LM head to every prompt position, webtune to the last)\n' +
+        peers,
+    );
   const memory = memoryTable(all);
   if (memory)
     console.log(`\ntraining memory (webtune: every GPU buffer the trainer holds; torch: its CPU allocator)\n${memory}`);

@@ -5,7 +5,8 @@ page as webtune, on the same WebGPU adapter.
     tools/.venv/bin/python tools/export_onnx.py <model folder> <out folder> [--dtype fp32,fp16]
 
 <out folder> gets the model's config.json, generation_config.json and tokenizer files, and
-onnx/model.onnx (fp32) and/or onnx/model_fp16.onnx (weights and compute in fp16), with the
+onnx/model.onnx (fp32) and/or onnx/model_fp16.onnx (weights and activations in fp16, with
+transformers' own upcasts to fp32 in the norms and softmax), with the
 inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key / .value and the outputs
 logits, present.{i}.key / .value ([batch, kv_heads, past + seq, head_dim]), which is what
 transformers.js's decoder loop feeds and expects (names as optimum's exports have them).
@@ -14,9 +15,12 @@ transformers.js's own conversion uses optimum-onnx, which this machine's wheel m
 have; the export here traces transformers' own model (eager attention) with torch.onnx.export
 instead. The graph is transformers' forward as written, without optimum's or onnxruntime's
 offline fusions (onnxruntime still applies its session-time graph optimizations in the page).
-Every export is checked with onnxruntime (CPU) against transformers: a prompt, then one more
-token through the exported cache, logits within 1e-4 (fp32) or 5e-2 (fp16) of transformers in
-float32; the script fails otherwise.
+Every export is checked with onnxruntime (CPU) against transformers: two prompts, one
+left-padded, then one more token each through the exported cache, fed as transformers.js feeds
+them; logits within 1e-4 (fp32) or 5e-2 (fp16) of transformers in float32, or the script fails.
+That proves the graph, not onnxruntime-web's WebGPU kernels: the bench compares the page's greedy
+ids with PyTorch's for that. Constant folding stores the tied embedding twice (once transposed
+for the head), so model.onnx is larger than the weights.
 """
 
 from __future__ import annotations
@@ -74,29 +78,44 @@ def shapes(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def position_ids(mask: np.ndarray, new: int) -> np.ndarray:
+    """Positions of the last `new` columns of `mask`, as transformers.js computes them: the running
+    count of real tokens less one, and 1 on padding."""
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos[mask == 0] = 1
+    return pos[:, -new:]
+
+
 def export(src: Path, path: Path, dtype: torch.dtype) -> None:
     model = load(src, dtype, attn_implementation="eager")
     layers, kv_heads, head_dim = shapes(model.config)
-    # Traced with a past of 3 and 2 new tokens, so that no length is a constant the tracer folds.
-    past_len, seq = 3, 2
-    ids = torch.tensor([[5, 9]], dtype=torch.int64)
-    mask = torch.ones((1, past_len + seq), dtype=torch.int64)
-    pos = torch.arange(past_len, past_len + seq, dtype=torch.int64)[None]
-    past = [torch.randn(1, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * layers)]
+    # Traced on two rows, a past of 3 and 2 new tokens, the second row left-padded, so that no
+    # size is a constant the tracer folds and the mask takes its general path.
+    batch, past_len, seq = 2, 3, 2
+    ids = torch.tensor([[5, 9], [6, 10]], dtype=torch.int64)
+    mask = np.ones((batch, past_len + seq), dtype=np.int64)
+    mask[1, 0] = 0
+    pos = torch.from_numpy(position_ids(mask, seq))
+    past = [torch.randn(batch, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * layers)]
     past_names = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
     present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
-    axes["position_ids"] = {0: "batch", 1: "seq"}
-    axes["logits"] = {0: "batch", 1: "seq"}
+    # optimum's axis names: transformers.js sizes the empty past of the first step from them
+    # (batch_size; any name it does not know becomes 0).
+    axes = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"},
+    }
     for n in past_names:
-        axes[n] = {0: "batch", 2: "past"}
+        axes[n] = {0: "batch_size", 2: "past_sequence_length"}
     for n in present_names:
-        axes[n] = {0: "batch", 2: "total"}
+        axes[n] = {0: "batch_size", 2: "total_sequence_length"}
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
             Decoder(model, layers),
-            (ids, mask, pos, *past),
+            (ids, torch.from_numpy(mask), pos, *past),
             str(path),
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
             output_names=["logits", *present_names],
@@ -107,40 +126,55 @@ def export(src: Path, path: Path, dtype: torch.dtype) -> None:
 
 
 def check(src: Path, path: Path, tolerance: float) -> float:
-    """Largest |logit difference| against transformers (float32) over a prompt and one cached step."""
+    """Largest |logit difference| against transformers (float32, each row alone, no padding) over
+    a prompt and one step through the exported cache, on two rows, the second one left-padded,
+    fed as transformers.js feeds them (the first step's past empty, sized from the axis names)."""
     import onnxruntime as ort
 
     model = load(src, torch.float32)
     layers, kv_heads, head_dim = shapes(model.config)
     vocab = model.config.vocab_size
-    prompt = [(7 * i + 3) % vocab for i in range(11)]
-    nxt = (prompt[-1] * 5 + 1) % vocab
+    rows = [[(7 * i + 3) % vocab for i in range(11)], [(5 * i + 4) % vocab for i in range(7)]]
+    nxt = [(r[-1] * 5 + 1) % vocab for r in rows]
+    width = max(len(r) for r in rows)
     with torch.no_grad():
-        want = model(torch.tensor([prompt + [nxt]])).logits[0].numpy()
+        want = [model(torch.tensor([r + [n]])).logits[0].numpy() for r, n in zip(rows, nxt)]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    float_type = np.float16 if "float16" in session.get_inputs()[3].type else np.float32
+    past_input = next(i for i in session.get_inputs() if i.name.startswith("past_key_values."))
+    float_type = np.float16 if "float16" in past_input.type else np.float32
+    sizes = {"batch_size": len(rows)}
+    empty = tuple(sizes.get(d, 0) if isinstance(d, str) else d for d in past_input.shape)
+    if empty != (len(rows), kv_heads, 0, head_dim):
+        raise SystemExit(f"{path}: an empty past sized from the axis names is {empty}")
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
     feed = {
-        "input_ids": np.array([prompt], dtype=np.int64),
-        "attention_mask": np.ones((1, len(prompt)), dtype=np.int64),
-        "position_ids": np.arange(len(prompt), dtype=np.int64)[None],
+        "input_ids": np.array([[0] * (width - len(r)) + r for r in rows], dtype=np.int64),
+        "attention_mask": mask,
+        "position_ids": position_ids(mask, width),
     }
     for i in range(layers):
         for kv in ("key", "value"):
-            feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, kv_heads, 0, head_dim), dtype=float_type)
+            feed[f"past_key_values.{i}.{kv}"] = np.zeros(empty, dtype=float_type)
     names = [o.name for o in session.get_outputs()]
     first = dict(zip(names, session.run(None, feed)))
+    mask = np.concatenate([mask, np.ones((len(rows), 1), dtype=np.int64)], axis=1)
     feed = {
-        "input_ids": np.array([[nxt]], dtype=np.int64),
-        "attention_mask": np.ones((1, len(prompt) + 1), dtype=np.int64),
-        "position_ids": np.array([[len(prompt)]], dtype=np.int64),
+        "input_ids": np.array([[n] for n in nxt], dtype=np.int64),
+        "attention_mask": mask,
+        "position_ids": position_ids(mask, 1),
     }
     for n, v in first.items():
         if n.startswith("present."):
             feed[n.replace("present", "past_key_values")] = v
     second = dict(zip(names, session.run(None, feed)))
-    got = np.concatenate([first["logits"][0], second["logits"][0]]).astype(np.float64)
-    err = float(np.abs(got - want).max())
-    print(f"  {path.name}: logits over {len(prompt)} + 1 cached tokens, max abs {err:.2e} against transformers (fp32)")
+    err = 0.0
+    for b, r in enumerate(rows):
+        got = np.concatenate([first["logits"][b, width - len(r) :], second["logits"][b]]).astype(np.float64)
+        err = max(err, float(np.abs(got - want[b]).max()))
+    print(
+        f"  {path.name}: logits of {len(rows)} rows ({' and '.join(str(len(r)) for r in rows)} tokens, left-padded)"
+        f" + 1 cached token, max abs {err:.2e} against transformers (fp32)"
+    )
     if not err <= tolerance:
         raise SystemExit(f"{path}: logits differ from transformers by {err:.3e} (> {tolerance})")
     return err
