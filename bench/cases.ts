@@ -52,6 +52,17 @@ export const BENCH_MODELS: Readonly<Record<BenchModelId, BenchModel>> = {
   },
 };
 
+/** The `shape` of an inference case's records, the engine's and the peer's alike. */
+export function inferenceShape(c: InferenceCase): string {
+  return c.kind === 'prefill' ? `${c.model} T=${c.prompt}` : `${c.model} prompt=${c.prompt} new=${c.newTokens}`;
+}
+
+/** Tokens/s of an inference case from its milliseconds: prompt tokens for a prefill, one per
+ * decode step. */
+export function inferenceTokensPerSecond(c: InferenceCase, ms: number): number {
+  return ((c.kind === 'prefill' ? c.prompt : 1) * 1000) / ms;
+}
+
 /** The generation peer's precisions (bench/peer.ts: transformers.js, fp32 and fp16 ONNX exports). */
 export const PEER_DTYPES = ['fp32', 'fp16'] as const;
 export type PeerDtype = (typeof PEER_DTYPES)[number];

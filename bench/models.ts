@@ -25,6 +25,8 @@ import {
   decodeStepFlops,
   type InferenceCase,
   inferenceCases,
+  inferenceShape,
+  inferenceTokensPerSecond,
   prefillFlops,
   promptIds,
 } from './cases.js';
@@ -107,7 +109,7 @@ async function benchModel(
           const ms = medianLow(samples);
           o.report({
             name: 'prefill',
-            shape: `${id} T=${c.prompt}`,
+            shape: inferenceShape(c),
             ms,
             gflops: prefillFlops(spec, c.prompt) / ms / 1e6,
             baseline: null,
@@ -116,7 +118,7 @@ async function benchModel(
             adapter: o.adapter,
             extra: {
               case: c.key,
-              tokens_per_s: (c.prompt * 1000) / ms,
+              tokens_per_s: inferenceTokensPerSecond(c, ms),
               samples: samples.length,
               min_ms: Math.min(...samples),
               model_load_ms: loadMs,
@@ -143,7 +145,7 @@ async function benchModel(
           flops /= c.newTokens - 1;
           o.report({
             name: 'decode',
-            shape: `${id} prompt=${c.prompt} new=${c.newTokens}`,
+            shape: inferenceShape(c),
             ms,
             gflops: flops / ms / 1e6,
             baseline: null,
@@ -154,7 +156,7 @@ async function benchModel(
             gpuBytes: ctx.counters.peakLiveBytes,
             extra: {
               case: c.key,
-              tokens_per_s: 1000 / ms,
+              tokens_per_s: inferenceTokensPerSecond(c, ms),
               samples: samples.length,
               min_ms: Math.min(...samples),
               kv_cache_bytes: gen.cacheBytes,

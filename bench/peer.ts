@@ -23,6 +23,8 @@ import {
   casesByModel,
   type InferenceCase,
   inferenceCases,
+  inferenceShape,
+  inferenceTokensPerSecond,
   PEER_DTYPES,
   type PeerDtype,
   type PeerLocation,
@@ -102,7 +104,7 @@ async function benchPeerModel(
         const ms = medianLow(samples);
         o.report({
           name: c.kind,
-          shape: c.kind === 'prefill' ? `${id} T=${c.prompt}` : `${id} prompt=${c.prompt} new=${c.newTokens}`,
+          shape: inferenceShape(c),
           ms,
           gflops: null,
           baseline: null,
@@ -112,7 +114,7 @@ async function benchPeerModel(
           extra: {
             case: c.key,
             engine,
-            tokens_per_s: ((c.kind === 'prefill' ? c.prompt : 1) * 1000) / ms,
+            tokens_per_s: inferenceTokensPerSecond(c, ms),
             samples: samples.length,
             min_ms: Math.min(...samples),
             model_load_ms: loadMs,
