@@ -22,7 +22,9 @@
 //   6 c     C,  M×N            f32, written; read first when p.beta != 0 (accumulate)
 //
 // Two entry points over the same bindings: `matmul` (tiled, below) and `matvec` (at the end: up
-// to four rows of A against Wᵀ, the decode step's shape).
+// to four rows of A against Wᵀ, the decode step's shape). matmul_rope and matvec_rope are the
+// same with RoPE applied as C is stored (13 rope_freq besides; see "RoPE epilogue"), so the q and
+// k projections need no rotation dispatch.
 //
 // Tiling: a workgroup of WG_X×WG_Y invocations owns a (4·WG_Y)×(4·WG_X) tile of C; each
 // invocation keeps a 4×4 block in registers. K advances TK at a time through workgroup memory,
@@ -62,6 +64,10 @@ struct Params {
   w_scales: u32,  // quantized W: the u32 word where its block scales start (0 otherwise)
   K3: u32,        // matmul_sum: the inner dimension of A3·opW(W3) (0 elsewhere)
   w3_scales: u32, // quantized W3: as w_scales
+  rope_half: u32,     // ROPE: half the head size
+  rope_T: u32,        // ROPE: row m is at position rope_pos0 + m % rope_T
+  rope_pos0: u32,
+  rope_scaling: f32,  // ROPE: HF's attention_scaling
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -81,6 +87,9 @@ override W_Q8_0: bool = false;  // W holds Q8_0 blocks (see the header)
 override W_Q4_0: bool = false;  // W holds Q4_0 blocks
 override ALIGNED: bool = false;
 override ALIGNED_LR: bool = false;  // the same for A2 and B2: K2 (and N when !TRANS_W) multiples of 4
+// RoPE as the product is stored (the q and k projections; see "RoPE epilogue" below): bit 0
+// rotates C, bit 1 up_out (matmul_pair's and matvec_pair's second projection). TRANS_W only.
+override ROPE: u32 = 0u;
 
 var<workgroup> a_tile: array<vec4<tile_t>, 4u * WG_Y * (TK / 4u + 1u)>;
 // [n][k/4] needs 4·WG_X·(TK/4 + 1) vec4s, [k][n/4] needs TK·WG_X: the first is always larger.
@@ -212,6 +221,52 @@ fn b2_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
   return v;
 }
 
+// ---- RoPE epilogue ----------------------------------------------------------------------------
+//
+// RoPE pairs column i of a head with column i + half. So that both are in one invocation's four
+// columns, ROPE != 0 maps the kernels' column index n (tiles, matvec groups) to the output column
+// out_col(n): group g = n / 4 of head h covers columns j, j + 1, j + half, j + half + 1 of it
+// (j = 2·(g % (half / 2))). W's (and B2's, W3's) rows are staged in that order and the store
+// writes each value to its own column, so the product is unchanged and only the order in which
+// the columns are computed moves. N is a whole number of heads, half is even (matmul.ts checks).
+// The rotation is rope.wgsl's rope_fwd (the same θ = f32(pos)·inv_freq[i] and cos_sin), with
+// pos = rope_pos0 + m % rope_T: training, evaluation and prefill without a positions buffer.
+@group(0) @binding(13) var<storage, read> rope_freq: array<f32>;
+
+fn out_col(n: u32) -> u32 {
+  if (ROPE == 0u) { return n; }
+  let groups = p.rope_half / 2u;  // groups of four columns per head
+  let g = n / 4u;
+  let e = n % 4u;
+  return (g / groups) * 2u * p.rope_half + 2u * (g % groups) + e % 2u + (e / 2u) * p.rope_half;
+}
+
+// The four values of group n (columns j, j + 1, j + half, j + half + 1) at row m, rotated.
+fn rope_rotate(m: u32, n: u32, v: vec4<f32>) -> vec4<f32> {
+  let i = out_col(n) % (2u * p.rope_half);
+  let pos = f32(p.rope_pos0 + m % p.rope_T);
+  let c0 = cos_sin(pos * rope_freq[i]) * p.rope_scaling;
+  let c1 = cos_sin(pos * rope_freq[i + 1u]) * p.rope_scaling;
+  return vec4<f32>(
+    v.x * c0.x - v.z * c0.y,
+    v.y * c1.x - v.w * c1.y,
+    v.z * c0.x + v.x * c0.y,
+    v.w * c1.x + v.y * c1.y,
+  );
+}
+
+// C[m][out_col(n..n+3)] = v (+ bias), rotated (bit 0 of ROPE); no beta (matmul.ts refuses it).
+fn store_rope(m: u32, n: u32, v: vec4<f32>) {
+  if (m >= p.M || n >= p.N) { return; }
+  var x = v;
+  for (var j = 0u; j < 4u; j++) {
+    if (p.has_bias != 0u) { x[j] += bias[out_col(n + j)]; }
+  }
+  if ((ROPE & 1u) != 0u) { x = rope_rotate(m, n, x); }
+  for (var j = 0u; j < 4u; j++) { c[m * p.N + out_col(n + j)] = x[j]; }
+}
+
+
 // ---- staging ----------------------------------------------------------------------------------
 
 fn a_stride() -> u32 { return TK / 4u + 1u; }
@@ -237,8 +292,8 @@ fn stage_w(tid: u32, n0: u32, k0: u32, low_rank: bool) {
       let row = i / chunks;
       let q = i % chunks;
       var v: vec4<f32>;
-      if (low_rank) { v = b2_chunk(n0 + row, k0 + q * 4u, p.N, kdim); }
-      else { v = w_chunk(n0 + row, k0 + q * 4u, p.N, kdim); }
+      if (low_rank) { v = b2_chunk(out_col(n0 + row), k0 + q * 4u, p.N, kdim); }
+      else { v = w_chunk(out_col(n0 + row), k0 + q * 4u, p.N, kdim); }
       w_tile[row * a_stride() + q] = vec4<tile_t>(v);
     }
   } else {
@@ -347,6 +402,18 @@ fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
   store_row(m + 3u, n, acc[3]);
 }
 
+// matmul with the RoPE epilogue (ROPE = 1; binding 13 besides matmul's).
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let acc = tile_product(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_rope(m + 0u, n, acc[0]);
+  store_rope(m + 1u, n, acc[1]);
+  store_rope(m + 2u, n, acc[2]);
+  store_rope(m + 3u, n, acc[3]);
+}
+
 // ---- matrix-vector: a few rows of A against Wᵀ (one decode step) ----------------------------
 //
 // The tiled kernel above computes whole 4·WG_Y-row tiles, so with M = 1 (every decoding step)
@@ -369,10 +436,10 @@ fn matvec_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   let n0 = (wid.x * MV_N + lid.y) * 4u;
   var acc: array<vec4<f32>, MV_M>;
   for (var k = t * 4u; k < p.K; k += MV_K * 4u) {
-    let w0 = w_chunk(n0 + 0u, k, p.N, p.K);
-    let w1 = w_chunk(n0 + 1u, k, p.N, p.K);
-    let w2 = w_chunk(n0 + 2u, k, p.N, p.K);
-    let w3v = w_chunk(n0 + 3u, k, p.N, p.K);
+    let w0 = w_chunk(out_col(n0 + 0u), k, p.N, p.K);
+    let w1 = w_chunk(out_col(n0 + 1u), k, p.N, p.K);
+    let w2 = w_chunk(out_col(n0 + 2u), k, p.N, p.K);
+    let w3v = w_chunk(out_col(n0 + 3u), k, p.N, p.K);
     for (var m = 0u; m < MV_M; m++) {
       if (m < p.M) {
         let x = a_chunk(m, k);
@@ -383,10 +450,10 @@ fn matvec_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   for (var m = 0u; m < MV_M; m++) { acc[m] *= p.alpha; }
   // The low-rank term (alpha2 is applied as A2 is read), in the same partial sums.
   for (var k = t * 4u; k < p.K2; k += MV_K * 4u) {
-    let b0 = b2_chunk(n0 + 0u, k, p.N, p.K2);
-    let b1 = b2_chunk(n0 + 1u, k, p.N, p.K2);
-    let b2v = b2_chunk(n0 + 2u, k, p.N, p.K2);
-    let b3 = b2_chunk(n0 + 3u, k, p.N, p.K2);
+    let b0 = b2_chunk(out_col(n0 + 0u), k, p.N, p.K2);
+    let b1 = b2_chunk(out_col(n0 + 1u), k, p.N, p.K2);
+    let b2v = b2_chunk(out_col(n0 + 2u), k, p.N, p.K2);
+    let b3 = b2_chunk(out_col(n0 + 3u), k, p.N, p.K2);
     for (var m = 0u; m < MV_M; m++) {
       if (m < p.M) {
         let x = a2_chunk(m, k);
@@ -412,6 +479,18 @@ fn matvec(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
     for (var m = 0u; m < MV_M; m++) { store_row(m, n0, r[m]); }
   } else if (lid.x < MV_M) {
     store_row(lid.x, n0, r[0]);
+  }
+}
+
+// matvec with the RoPE epilogue (ROPE = 1; binding 13 besides matvec's).
+@compute @workgroup_size(MV_K, MV_N)
+fn matvec_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = matvec_product(lid, wid);
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  if (MV_K == 1u) {
+    for (var m = 0u; m < MV_M; m++) { store_rope(m, n0, r[m]); }
+  } else if (lid.x < MV_M) {
+    store_rope(lid.x, n0, r[0]);
   }
 }
 
@@ -616,7 +695,7 @@ fn stage_w3(tid: u32, n0: u32, k0: u32, kdim: u32) {
   if (TRANS_W) {
     let chunks = TK / 4u;
     for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
-      w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(w3_chunk(n0 + i / chunks, k0 + (i % chunks) * 4u, p.N, kdim));
+      w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(w3_chunk(out_col(n0 + i / chunks), k0 + (i % chunks) * 4u, p.N, kdim));
     }
   } else {
     for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
@@ -724,10 +803,10 @@ fn matvec3_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   let n0 = (wid.x * MV_N + lid.y) * 4u;
   var acc: array<vec4<f32>, MV_M>;
   for (var k = lid.x * 4u; k < p.K; k += MV_K * 4u) {
-    let w0 = w3_chunk(n0 + 0u, k, p.N, p.K);
-    let w1 = w3_chunk(n0 + 1u, k, p.N, p.K);
-    let w2 = w3_chunk(n0 + 2u, k, p.N, p.K);
-    let w3v = w3_chunk(n0 + 3u, k, p.N, p.K);
+    let w0 = w3_chunk(out_col(n0 + 0u), k, p.N, p.K);
+    let w1 = w3_chunk(out_col(n0 + 1u), k, p.N, p.K);
+    let w2 = w3_chunk(out_col(n0 + 2u), k, p.N, p.K);
+    let w3v = w3_chunk(out_col(n0 + 3u), k, p.N, p.K);
     for (var m = 0u; m < MV_M; m++) {
       if (m < p.M) {
         let x = a_chunk(m, k);
@@ -760,5 +839,46 @@ fn matvec_pair(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_
     for (var m = 0u; m < MV_M; m++) { store_pair(m, n0, first[m], second[m]); }
   } else if (lid.x < MV_M) {
     store_pair(lid.x, n0, first[0], second[0]);
+  }
+}
+
+// ---- the pairs with the RoPE epilogue ------------------------------------------------------------
+//
+// matmul_pair_rope, matvec_pair_rope: matmul_pair and matvec_pair with ROPE != 0 (binding 13
+// besides theirs): both outputs at columns out_col(n..n+3), each rotated where its bit is set (v
+// beside k keeps its values, only their order of computation moves).
+
+fn store_pair_rope(m: u32, n: u32, first: vec4<f32>, second: vec4<f32>) {
+  if (m >= p.M || n >= p.N) { return; }
+  var x = first;
+  var y = second;
+  if ((ROPE & 1u) != 0u) { x = rope_rotate(m, n, x); }
+  if ((ROPE & 2u) != 0u) { y = rope_rotate(m, n, y); }
+  for (var j = 0u; j < 4u; j++) {
+    c[m * p.N + out_col(n + j)] = x[j];
+    up_out[m * p.N + out_col(n + j)] = y[j];
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_pair_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let r = pair_products(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_pair_rope(m + 0u, n, r[0][0], r[1][0]);
+  store_pair_rope(m + 1u, n, r[0][1], r[1][1]);
+  store_pair_rope(m + 2u, n, r[0][2], r[1][2]);
+  store_pair_rope(m + 3u, n, r[0][3], r[1][3]);
+}
+
+@compute @workgroup_size(MV_K, MV_N)
+fn matvec_pair_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let first = matvec_reduce(matvec_partial(lid, wid), lid);
+  let second = matvec_reduce(matvec3_partial(lid, wid), lid);
+  let n0 = (wid.x * MV_N + lid.y) * 4u;
+  if (MV_K == 1u) {
+    for (var m = 0u; m < MV_M; m++) { store_pair_rope(m, n0, first[m], second[m]); }
+  } else if (lid.x < MV_M) {
+    store_pair_rope(lid.x, n0, first[0], second[0]);
   }
 }

@@ -1,17 +1,19 @@
 // GPU matmul (shaders/matmul.wgsl) against the float64 reference on awkward shapes, both
 // layouts of W, f32, packed-f16, Q8_0 and Q4_0 weights, bias, accumulation and the fused
-// low-rank term; and the activation epilogues (silu·mul, gelu_new, forward and backward) in the
-// tiled and matvec kernels.
-import { describe, it } from 'vitest';
+// low-rank term; the activation epilogues (silu·mul, gelu_new, forward and backward) in the
+// tiled and matvec kernels; and the RoPE epilogue against the float64 RoPE of the product.
+import { describe, expect, it } from 'vitest';
 import { geluNewBackwardRef, geluNewForwardRef, siluMulBackwardRef, siluMulForwardRef } from '../ref/activations.js';
 import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
+import { ropeForwardRef } from '../ref/rope.js';
 import {
   createTensor,
   type DType,
   type MatvecVariant,
   planMatmul,
   readFloat32,
+  ShapeError,
   StepEncoder,
   tensorFromData,
 } from '../src/index.js';
@@ -423,4 +425,131 @@ describe('two projections in one dispatch', () => {
       expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
     });
   }
+});
+
+// The RoPE epilogue (matmul_rope, matvec_rope and the pairs): the product as above, then
+// ropeForwardRef on the outputs it rotates; heads of several sizes against tiles of 32 and 64
+// columns, a bias, the low-rank term, unaligned K, quantized weights and an attention scaling.
+describe('RoPE epilogue', () => {
+  const ropeCases: {
+    M: number;
+    T: number;
+    pos0: number;
+    hd: number;
+    heads: number;
+    K: number;
+    w: DType;
+    rank: number;
+    bias?: boolean;
+    pair?: { w3: DType; c: boolean; second: boolean };
+    matvec?: MatvecVariant;
+  }[] = [
+    { M: 65, T: 13, pos0: 5, hd: 8, heads: 3, K: 65, w: 'f16', rank: 7, bias: true },
+    { M: 70, T: 35, pos0: 0, hd: 64, heads: 2, K: 64, w: 'q8_0', rank: 0 },
+    { M: 40, T: 40, pos0: 1000, hd: 128, heads: 1, K: 32, w: 'f32', rank: 8, bias: true },
+    { M: 3, T: 2, pos0: 100, hd: 32, heads: 3, K: 64, w: 'f32', rank: 4, matvec: 'rows' },
+    { M: 1, T: 1, pos0: 7, hd: 16, heads: 4, K: 40, w: 'f16', rank: 0, bias: true, matvec: 'split-k' },
+    { M: 33, T: 11, pos0: 2, hd: 16, heads: 3, K: 64, w: 'f16', rank: 8, pair: { w3: 'q8_0', c: true, second: true } },
+    { M: 65, T: 65, pos0: 0, hd: 64, heads: 1, K: 36, w: 'f32', rank: 4, pair: { w3: 'f16', c: false, second: true } },
+    { M: 66, T: 33, pos0: 3, hd: 32, heads: 2, K: 64, w: 'q4_0', rank: 0, pair: { w3: 'f32', c: true, second: false } },
+    {
+      M: 2,
+      T: 2,
+      pos0: 9,
+      hd: 8,
+      heads: 5,
+      K: 64,
+      w: 'f32',
+      rank: 2,
+      pair: { w3: 'f16', c: false, second: true },
+      matvec: 'rows',
+    },
+  ];
+  for (const c of ropeCases) {
+    const N = c.hd * c.heads;
+    const rotated = c.pair ?? { c: true, second: false };
+    const name =
+      `M=${c.M} (T=${c.T}, from ${c.pos0}) ${c.heads}×${c.hd} K=${c.K} W:${c.w}` +
+      `${c.rank ? ` +rank ${c.rank}` : ''}${c.bias ? ' +bias' : ''}` +
+      `${c.pair ? ` pair W3:${c.pair.w3} rotating ${[c.pair.c ? 'C' : '', c.pair.second ? 'second' : ''].filter(Boolean).join(', ')}` : ''}` +
+      `${c.matvec ? ` matvec ${c.matvec}` : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = c.M * 5 + N + c.K;
+      const x = randomArray(c.M * c.K, seed);
+      const w = asStored(randomArray(N * c.K, seed + 1), c.w);
+      const w3 = asStored(randomArray(N * c.K, seed + 2), c.pair?.w3 ?? 'f32');
+      const a2 = randomArray(c.M * c.rank, seed + 3);
+      const b2 = randomArray(N * c.rank, seed + 4);
+      const bias = randomArray(N, seed + 5);
+      const invFreq = Float32Array.from({ length: c.hd / 2 }, (_, i) => 10000 ** (-(2 * i) / c.hd));
+      const scaling = 0.75;
+      const alpha2 = 2;
+      let first = matmulRef(x, w, c.M, c.K, N, { transB: true });
+      if (c.rank) first = addRef(first, matmulRef(a2, b2, c.M, c.rank, N, { transB: true }), alpha2);
+      if (c.bias) first = first.map((v, i) => v + (bias[i % N] as number));
+      let second = matmulRef(x, w3, c.M, c.K, N, { transB: true });
+      const rope = (v: ArrayLike<number>) =>
+        ropeForwardRef({
+          rows: c.M,
+          T: c.T,
+          pos0: c.pos0,
+          nHeads: c.heads,
+          headDim: c.hd,
+          invFreq,
+          attentionScaling: scaling,
+          x: v,
+        }).y;
+      if (rotated.c) first = rope(first);
+      if (rotated.second) second = rope(second);
+      const got = await gpuCase(ctx, name, async () => {
+        const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
+        const tw = tensorFromData(ctx, w, [N, c.K], c.w, 'w');
+        const tw3 = c.pair ? tensorFromData(ctx, w3, [N, c.K], c.pair.w3, 'w3') : undefined;
+        const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
+        const tb2 = c.rank ? tensorFromData(ctx, b2, [N, c.rank], 'f32', 'b2') : undefined;
+        const tbias = c.bias ? tensorFromData(ctx, bias, [N], 'f32', 'bias') : undefined;
+        const tfreq = tensorFromData(ctx, invFreq, [c.hd / 2], 'f32', 'inv_freq');
+        const tc = createTensor(ctx, [c.M, N], 'f32', 'c');
+        const tout = tw3 ? createTensor(ctx, [c.M, N], 'f32', 'out') : undefined;
+        const d = await planMatmul(ctx, tx, tw, tc, {
+          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+          bias: tbias,
+          second: tw3 && tout ? { w: tw3, out: tout } : undefined,
+          rope: { invFreq: tfreq, headDim: c.hd, T: c.T, pos0: c.pos0, scaling, ...rotated },
+          matvecVariant: c.matvec,
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = { first: await readFloat32(tc), second: tout ? await readFloat32(tout) : undefined };
+        d.dispose();
+        for (const t of [tx, tw, tw3, ta2, tb2, tbias, tfreq, tc, tout]) t?.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name} C`, got.first, first, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
+      if (got.second) expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
+    });
+  }
+
+  it('refuses what the epilogue cannot do, naming it, before anything is queued', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'rope refusals', async () => {
+      const x = createTensor(ctx, [8, 16], 'f32', 'x');
+      const w = createTensor(ctx, [24, 16], 'f32', 'w');
+      const c = createTensor(ctx, [8, 24], 'f32', 'c');
+      const freq = createTensor(ctx, [4], 'f32', 'inv_freq');
+      const rope = { invFreq: freq, headDim: 8, T: 8, c: true, second: false };
+      try {
+        // 24 columns are not whole heads of 16; a head of 6 is not a multiple of 4.
+        await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, headDim: 16 } })).rejects.toThrow(/head size/);
+        await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, headDim: 6 } })).rejects.toThrow(/head size/);
+        await expect(planMatmul(ctx, x, w, c, { rope, beta: 1 })).rejects.toThrow(ShapeError);
+        await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, c: false, second: true } })).rejects.toThrow(/second/);
+        const short = createTensor(ctx, [3], 'f32', 'short');
+        await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, invFreq: short } })).rejects.toThrow(/inv_freq/);
+        short.dispose();
+      } finally {
+        for (const t of [x, w, c, freq]) t.dispose();
+      }
+    });
+  });
 });

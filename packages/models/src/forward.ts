@@ -19,6 +19,7 @@ import {
   type LoraDropout,
   type MatmulActivation,
   type MatmulOptions,
+  type MatmulRope,
   planAttentionForward,
   planEmbeddingTable,
   planGeluNewForward,
@@ -442,13 +443,26 @@ export function gatedMlpFused(config: ModelConfig, adapted: AdaptedRoles, fuse: 
   return fuse && config.family !== 'gpt2' && !config.mlpBias && !adapted.has('gate') && !adapted.has('up');
 }
 
+/**
+ * Whether the fused forward rotates q and k by RoPE in the projections' store (planMatmul's
+ * `rope`) instead of a dispatch of its own: separate q and k with RoPE, no per-head norm between
+ * projection and rotation (Qwen3's), head sizes that are multiples of 4. planProjections also
+ * needs positions pos0 + row % T and no KV cache to write (training, evaluation); generation keeps
+ * its RoPE dispatch, which writes the cache.
+ */
+export function ropeInProjections(config: ModelConfig, fuse: boolean): boolean {
+  return fuse && config.family !== 'gpt2' && config.rope !== undefined && !config.qkNorm && config.headDim % 4 === 0;
+}
+
+/** Dispatches of one layer's training forward (planLayer with batchedAttention). */
 export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, dropout = false, fuse = true): number {
   const c = config;
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
   let n = 2 + 1; // the two norms, attention
   // A group's h are one dispatch instead of one each.
   for (const g of sharedLoraGroups(c, adapted, dropout, fuse)) n -= g.length - 1;
-  const rope = fuse ? 1 : 2; // q and k in one dispatch, or one each
+  // q and k in one dispatch, or one each; none when the projections rotate them.
+  const rope = ropeInProjections(c, fuse) ? 0 : fuse ? 1 : 2;
   const act = fuse ? 0 : 1; // gelu or silu·mul: the fc or up projection's epilogue when fused
   if (c.family === 'gpt2') n += lin('qkv') + lin('fc') + act;
   else {
@@ -612,6 +626,7 @@ export async function planLinear(
   activation?: MatmulActivation,
   second?: { readonly w: Tensor; readonly out: Tensor },
   tileMath: TileMath = 'f32',
+  rope?: MatmulRope,
 ): Promise<Dispatch[]> {
   const label = lin.module.name;
   if (lora) {
@@ -620,11 +635,11 @@ export async function planLinear(
     return planLoraForward(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
-      { x, y, h, accumulate, hComputed, activation, second, ...(d ? { dropout: d } : {}) },
+      { x, y, h, accumulate, hComputed, activation, second, rope, ...(d ? { dropout: d } : {}) },
       label,
     );
   }
-  const opts = { bias: lin.bias, beta: accumulate ? 1 : 0, activation, second, label };
+  const opts = { bias: lin.bias, beta: accumulate ? 1 : 0, activation, second, rope, label };
   return [await planMatmul(ctx, x, lin.w, y, { ...opts, tileMath: tilesFor(ctx, tileMath, lin.w, opts) })];
 }
 
@@ -678,6 +693,7 @@ type Lin = (
   accumulate?: boolean,
   activation?: MatmulActivation,
   second?: { readonly w: Tensor; readonly out: Tensor },
+  rope?: MatmulRope,
 ) => Promise<void>;
 
 async function planProjections(
@@ -704,13 +720,29 @@ async function planProjections(
     ['k', a.kRaw ?? dest.k],
     ['v', dest.v],
   ]);
+  // RoPE in the q and k projections' store (planMatmul's `rope`), where positions are pos0 + row % T.
+  const ropeStore = ropeInProjections(c, fuse) && !pos.positions && !kvCache;
+  const rotates = (role: LinearRole | undefined) => role === 'q' || role === 'k';
   for (const step of qkvSteps(c, new Set(a.loraH.keys()), fuse)) {
     const second = step.extra && {
       w: (layer.linears[step.extra] as Linear).w,
       out: outputs.get(step.extra) as Tensor,
     };
-    await lin(step.role, a.n1, outputs.get(step.role) as Tensor, false, undefined, second);
+    const rope: MatmulRope | undefined =
+      ropeStore && (rotates(step.role) || rotates(step.extra))
+        ? {
+            invFreq: model.ropeInvFreq as Tensor,
+            headDim: c.headDim,
+            T: pos.T,
+            pos0: pos.pos0 ?? 0,
+            scaling: model.ropeAttentionScaling,
+            c: rotates(step.role),
+            second: rotates(step.extra),
+          }
+        : undefined;
+    await lin(step.role, a.n1, outputs.get(step.role) as Tensor, false, undefined, second, rope);
   }
+  if (ropeStore) return;
   if (c.qkNorm) {
     const eps = c.norm.eps;
     out.push(
@@ -785,12 +817,26 @@ export async function planLayer(
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
   const shared = new Set<LinearRole>();
-  const lin: Lin = async (role, x, y, accumulate, activation, second) => {
+  const lin: Lin = async (role, x, y, accumulate, activation, second, rope) => {
     const l = linear(layer, role);
     const w = lora?.get(l.module.name);
     const h = a.loraH.get(role);
     out.push(
-      ...(await planLinear(ctx, l, x, y, w, h, accumulate, dropout, shared.has(role), activation, second, tileMath)),
+      ...(await planLinear(
+        ctx,
+        l,
+        x,
+        y,
+        w,
+        h,
+        accumulate,
+        dropout,
+        shared.has(role),
+        activation,
+        second,
+        tileMath,
+        rope,
+      )),
     );
   };
   // The h of adapted projections that read the same input, in one dispatch before them.

@@ -5,7 +5,13 @@ import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, pac
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
-import { isCpuAdapter, type MatmulActivation, type MatmulActivationBackward, planMatmul } from './matmul.js';
+import {
+  isCpuAdapter,
+  type MatmulActivation,
+  type MatmulActivationBackward,
+  type MatmulRope,
+  planMatmul,
+} from './matmul.js';
 
 // Bindings 4..7 are roles 1 and 2 of the multi-role entries (lora_g_db, lora_rows_multi,
 // lora_cols_multi); entries with fewer roles get placeholders there.
@@ -381,6 +387,8 @@ export interface LoraForwardBuffers {
   activation?: MatmulActivation;
   /** Another (unadapted) projection of x in y's dispatch (planMatmul's `second`). */
   second?: { readonly w: Tensor; readonly out: Tensor };
+  /** y (and `second`'s output) rotated by RoPE as they are stored (planMatmul's `rope`). */
+  rope?: MatmulRope;
 }
 
 /**
@@ -426,6 +434,7 @@ export async function planLoraForward(
     lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
     activation: io.activation,
     second: io.second,
+    rope: io.rope,
     label: `${label}.y`,
   });
   return h ? [...pre, h, y] : [...pre, y];

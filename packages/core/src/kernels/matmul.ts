@@ -2,6 +2,7 @@ import actMath from '../../../../shaders/act_math.wgsl?raw';
 import matmulSource from '../../../../shaders/matmul.wgsl?raw';
 import matvecReduce from '../../../../shaders/matvec_reduce.wgsl?raw';
 import matvecReduceSubgroups from '../../../../shaders/matvec_reduce_subgroups.wgsl?raw';
+import ropeMath from '../../../../shaders/rope_math.wgsl?raw';
 import tileF16 from '../../../../shaders/tile_f16.wgsl?raw';
 import tileF32 from '../../../../shaders/tile_f32.wgsl?raw';
 import type { GpuContext } from '../context.js';
@@ -15,8 +16,10 @@ import { composeShader, type ShaderExtension, type ShaderPart } from './compose.
 // A module is composed of the tiles' element type and products (tile_f32.wgsl, or tile_f16.wgsl
 // with f16 enabled), the matrix-vector kernels' reduction (a workgroup-memory tree, or subgroup
 // operations), the activation epilogues' formulas (act_math.wgsl, shared with activations.wgsl),
-// then the kernels. Four builds, each composed once.
+// RoPE's cos and sin (rope_math.wgsl, shared with rope.wgsl and the attention kernels), then the
+// kernels. Four builds, each composed once.
 const ACT_MATH: ShaderPart = { file: 'shaders/act_math.wgsl', source: actMath };
+const ROPE_MATH: ShaderPart = { file: 'shaders/rope_math.wgsl', source: ropeMath };
 const MATMUL_WGSL: ShaderPart = { file: 'shaders/matmul.wgsl', source: matmulSource };
 const TILES = {
   f32: { file: 'shaders/tile_f32.wgsl', source: tileF32 },
@@ -34,7 +37,7 @@ for (const tiles of ['f32', 'f16'] as const) {
     if (reduce === 'subgroups') extensions.push('subgroups');
     SOURCES.set(
       `${tiles} ${reduce}`,
-      composeShader(extensions, [TILES[tiles], MATVEC_REDUCE[reduce], ACT_MATH, MATMUL_WGSL]),
+      composeShader(extensions, [TILES[tiles], MATVEC_REDUCE[reduce], ACT_MATH, ROPE_MATH, MATMUL_WGSL]),
     );
   }
 }
@@ -86,6 +89,13 @@ const MATMUL_GLU: Entry = { entryPoint: 'matmul_glu', bindings: GLU_BINDINGS };
 const MATVEC_GLU: Entry = { entryPoint: 'matvec_glu', bindings: GLU_BINDINGS };
 const MATMUL_PAIR: Entry = { entryPoint: 'matmul_pair', bindings: PAIR_BINDINGS };
 const MATVEC_PAIR: Entry = { entryPoint: 'matvec_pair', bindings: PAIR_BINDINGS };
+// The RoPE epilogue's entries: + 13 inv_freq (read). matmul_rope 7 storage buffers, the pairs 8.
+const ROPE_BINDINGS = [...BINDINGS, 'none', 'none', 'none', 'none', 'none', 'none', 'read'] as const;
+const PAIR_ROPE_BINDINGS = [...PAIR_BINDINGS, 'read'] as const;
+const MATMUL_ROPE: Entry = { entryPoint: 'matmul_rope', bindings: ROPE_BINDINGS };
+const MATVEC_ROPE: Entry = { entryPoint: 'matvec_rope', bindings: ROPE_BINDINGS };
+const MATMUL_PAIR_ROPE: Entry = { entryPoint: 'matmul_pair_rope', bindings: PAIR_ROPE_BINDINGS };
+const MATVEC_PAIR_ROPE: Entry = { entryPoint: 'matvec_pair_rope', bindings: PAIR_ROPE_BINDINGS };
 
 /**
  * The MLP nonlinearity a matmul stores through (matmul.wgsl's activation epilogues), so that it
@@ -103,6 +113,24 @@ export type MatmulActivation =
 export type MatmulActivationBackward =
   | { readonly kind: 'silu_mul'; readonly gate: Tensor; readonly up: Tensor; readonly dup: Tensor }
   | { readonly kind: 'gelu'; readonly pre: Tensor };
+
+/**
+ * RoPE applied as the product is stored (matmul.wgsl's RoPE epilogue), so that the q and k
+ * projections come out rotated with no dispatch of their own: rope.wgsl's rope_fwd on C and/or on
+ * `second`'s output, with positions pos0 + row % T. N must be a whole number of heads.
+ */
+export interface MatmulRope {
+  /** headDim / 2 f32 frequencies (the model's inv_freq). */
+  readonly invFreq: Tensor;
+  readonly headDim: number;
+  readonly T: number;
+  readonly pos0?: number;
+  /** HF's attention_scaling; default 1. */
+  readonly scaling?: number;
+  /** Which outputs are rotated: C, `second.out`, or both (v beside k is not). */
+  readonly c: boolean;
+  readonly second: boolean;
+}
 
 /** Rows of A up to which the matrix-vector kernel replaces the tiled one (MV_M in the shader). */
 export const MATVEC_MAX_ROWS = 4;
@@ -184,6 +212,9 @@ export interface MatmulOptions {
    * transW only; no bias, beta, wRows or epilogue.
    */
   second?: { readonly w: Tensor; readonly out: Tensor };
+  /** Rotate C and/or `second`'s output by RoPE as they are stored (see MatmulRope). transW only;
+   * no beta, wRows, activation, glu or extra. */
+  rope?: MatmulRope;
   label?: string;
 }
 
@@ -355,12 +386,27 @@ export async function planMatmul(
       }
     : {};
   const epilogue: Record<string, number> = act || actBwd ? { ACT: (act ?? actBwd)?.kind === 'silu_mul' ? 1 : 2 } : {};
+  const rope = opts.rope;
+  if (rope) {
+    checkRope(ctx, label, dims, transW, opts, rope);
+    epilogue.ROPE = (rope.c ? 1 : 0) | (rope.second ? 2 : 0);
+  }
   let kernel: Kernel;
   let workgroups: [number, number];
   const variant = opts.matvecVariant ?? matvecVariant(ctx);
   if (!actBwd && !extra && usesMatvec(ctx, dims, transW, variant)) {
     const shape = matvecShape(variant);
-    const entry = glu ? MATVEC_GLU : second ? MATVEC_PAIR : act ? MATVEC_ACT : MATVEC;
+    const entry = glu
+      ? MATVEC_GLU
+      : second
+        ? rope
+          ? MATVEC_PAIR_ROPE
+          : MATVEC_PAIR
+        : act
+          ? MATVEC_ACT
+          : rope
+            ? MATVEC_ROPE
+            : MATVEC;
     kernel = await getKernel(ctx, spec(ctx, entry, 'f32'), { ...shape, ...common, ...epilogue, ...third });
     workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
   } else {
@@ -368,14 +414,18 @@ export async function planMatmul(
     const entry = glu
       ? MATMUL_GLU
       : second
-        ? MATMUL_PAIR
-        : extra
-          ? MATMUL_SUM
-          : act
-            ? MATMUL_ACT
-            : actBwd
-              ? MATMUL_ACT_BWD
-              : MATMUL;
+        ? rope
+          ? MATMUL_PAIR_ROPE
+          : MATMUL_PAIR
+        : rope
+          ? MATMUL_ROPE
+          : extra
+            ? MATMUL_SUM
+            : act
+              ? MATMUL_ACT
+              : actBwd
+                ? MATMUL_ACT_BWD
+                : MATMUL;
     kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -404,6 +454,7 @@ export async function planMatmul(
     if (act) resources.push(act.kind === 'silu_mul' ? act.gate : placeholder, act.act);
     if (extra) resources.push(extra.a, extra.w);
   }
+  if (rope) resources.push(rope.invFreq);
   const scales = (t: Tensor | undefined) =>
     t && isQuantFormat(t.dtype) ? gpuQuantLayout(t.dtype, t.size).scaleWordOffset : 0;
   return bindKernel(ctx, kernel, {
@@ -423,6 +474,10 @@ export async function planMatmul(
       ['u32', scales(w)],
       ['u32', K3],
       ['u32', scales(w3)],
+      ['u32', rope ? rope.headDim / 2 : 0],
+      ['u32', rope?.T ?? 0],
+      ['u32', rope?.pos0 ?? 0],
+      ['f32', rope?.scaling ?? 1],
     ]),
   });
 }
@@ -488,6 +543,44 @@ function checkSecondProjection(
         `${label}: ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 like C ${formatShape(c.shape)}`,
       );
   }
+}
+
+/** Checks the RoPE epilogue against the product: whole heads of an even half, the frequencies,
+ * positions that f32 holds exactly, nothing else fused that its entries lack. */
+function checkRope(
+  ctx: GpuContext,
+  label: string,
+  dims: MatmulDims,
+  transW: boolean,
+  opts: MatmulOptions,
+  rope: MatmulRope,
+): void {
+  if (
+    !transW ||
+    (opts.beta ?? 0) !== 0 ||
+    opts.wRows ||
+    opts.activation ||
+    opts.activationBackward ||
+    opts.glu ||
+    opts.extra
+  )
+    throw new ShapeError(`${label}: the RoPE epilogue takes W transposed and no beta, row range or other epilogue`);
+  const { headDim, T } = rope;
+  if (!Number.isInteger(headDim) || headDim < 4 || headDim % 4 !== 0 || dims.N % headDim !== 0)
+    throw new ShapeError(
+      `${label}: the RoPE epilogue needs a head size that is a multiple of 4 and divides N = ${dims.N}, got ${headDim}`,
+    );
+  if (rope.invFreq.dtype !== 'f32' || rope.invFreq.size !== headDim / 2)
+    throw new ShapeError(`${label}: RoPE inv_freq ${rope.invFreq.label} must be ${headDim / 2} f32 values`);
+  const pos0 = rope.pos0 ?? 0;
+  if (!Number.isInteger(T) || T < 1 || !Number.isInteger(pos0) || pos0 < 0 || pos0 + T > 2 ** 24)
+    throw new ShapeError(`${label}: RoPE positions ${pos0} + row % ${T} must be whole and below 2^24`);
+  if (!rope.c && !rope.second) throw new ShapeError(`${label}: the RoPE epilogue rotates neither output`);
+  if (rope.second && !opts.second) throw new ShapeError(`${label}: RoPE on the second output needs \`second\``);
+  const storage = ctx.limits.maxStorageBuffersPerShaderStage;
+  const needed = opts.second ? 8 : 7;
+  if (storage < needed)
+    throw new LimitExceededError('maxStorageBuffersPerShaderStage', needed, storage, `${label} (RoPE epilogue)`);
 }
 
 /** Checks an activation epilogue's operands: each M×N f32 like C, and what the kernel needs. */
