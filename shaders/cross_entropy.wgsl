@@ -41,8 +41,9 @@
 //
 // Bindings, group 0 (binding 0 is always p):
 //   fwd_chunk    1 labels [rows] i32 (read), 2 logits [rows, count] (read),
-//                3 stats [rows] vec4 (.x running max, .y running Σ exp, .z z[i, label_i]; scratch,
-//                  written on the first chunk, then read and written)
+//                3 stats [rows] vec4 (.x running max, .y running Σ exp, .z z[i, label_i], .w 1 once
+//                  a NaN or +Inf logit was seen; scratch, written on the first chunk, then read
+//                  and written)
 //   fwd_finish   1 labels, 2 stats (read), 3 lse [rows] (written; saved for the backward),
 //                4 row_loss [rows] (written when p.has_row_loss != 0), 5 loss [2] (written:
 //                loss[0] = the loss, loss[1] = count), 6 errors [2] u32 atomic (accumulated)
@@ -52,6 +53,13 @@
 //   gather_rows  1 index [n] i32 (read), 2 h [rows, d] (read), 3 out [n, d] (written),
 //                4 errors [2] u32 atomic (accumulated)
 // Every buffer is f32 unless said otherwise. All arithmetic is f32.
+//
+// NaN and +Inf logits. WGSL lets an implementation assume that no NaN or infinity occurs, and
+// some do: on SwiftShader a NaN logit came out of the running sum as a finite lse (about 92). The
+// divergence check reads the loss, so a bad logit is found by its bits instead (nonfinite, which
+// no such assumption can remove), carried in stats .w, and the finish stores the NaN bit pattern
+// (no arithmetic on it) as that row's lse and row loss and as the loss. −Inf stays as it was: it
+// contributes exp(−Inf) = 0 like a masked entry.
 
 struct Params {
   rows: u32,
@@ -101,8 +109,20 @@ const ROW_OUT_OF_RANGE: u32 = 2u;
 // for any logit x, and a slot that saw no logit keeps a sum of 0, so merging it changes nothing.
 const LOWEST: f32 = -0x1.fffffep+127f;
 
+// A quiet NaN, made at run time (a constant expression that is NaN does not compile).
+fn quiet_nan() -> f32 {
+  var bits = 0x7fc00000u;
+  return bitcast<f32>(bits);
+}
+
 fn counted(label: i32) -> bool {
   return label >= 0 && u32(label) < p.vocab;
+}
+
+// NaN or +Inf, from the bits (see the header); −Inf is not.
+fn nonfinite(x: f32) -> bool {
+  let b = bitcast<u32>(x);
+  return (b & 0x7f800000u) == 0x7f800000u && b != 0xff800000u;
 }
 
 // (max, Σ exp(· − max)) of the union of two sets given as (ma, sa) and (mb, sb).
@@ -126,8 +146,10 @@ fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(w
   let base = row * p.count;
   var m = LOWEST;
   var s = 0.0;
+  var bad = 0.0;
   for (var j = tid; j < p.count; j += WG) {
     let x = chunk_logits[base + j];
+    if (nonfinite(x)) { bad = 1.0; }
     // One exp per logit; a NaN logit goes to the second branch and makes the sum NaN.
     if (x > m) {
       s = s * exp(m - x) + 1.0;
@@ -137,14 +159,16 @@ fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(w
     }
   }
   let chunk = merge_workgroup(tid, m, s);
+  let chunk_bad = group_max(tid, WG, bad);
   if (tid == 0u) {
     var st = stats[row];
     if (p.first != 0u) {
-      st = vec4<f32>(chunk.x, chunk.y, 0.0, 0.0);
+      st = vec4<f32>(chunk.x, chunk.y, 0.0, chunk_bad);
     } else {
       let r = merge(st.x, st.y, chunk.x, chunk.y);
       st.x = r.x;
       st.y = r.y;
+      st.w = max(st.w, chunk_bad);
     }
     let label = labels[row];
     if (label >= i32(p.start) && label < i32(p.start + p.count)) {
@@ -158,16 +182,24 @@ fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(w
 fn cross_entropy_fwd_finish(@builtin(local_invocation_index) tid: u32) {
   var sum = 0.0;
   var n = 0u;
+  var bad = 0.0;  // 1 once a counted row saw a NaN or +Inf logit
   for (var i = tid; i < p.rows; i += WG) {
     let st = stats_in[i];
-    let l = st.x + log(st.y);
+    let row_bad = st.w != 0.0;
+    var l = st.x + log(st.y);
+    if (row_bad) { l = quiet_nan(); }
     lse[i] = l;
     let label = labels[i];
     var rl = 0.0;
     if (counted(label)) {
-      rl = l - st.z;
-      sum += rl;
       n += 1u;
+      if (row_bad) {
+        rl = l;
+        bad = 1.0;
+      } else {
+        rl = l - st.z;
+        sum += rl;
+      }
     } else if (label != IGNORE_INDEX) {
       atomicOr(&errors[0], LABEL_OUT_OF_RANGE);
       atomicAdd(&errors[1], 1u);
@@ -176,10 +208,12 @@ fn cross_entropy_fwd_finish(@builtin(local_invocation_index) tid: u32) {
   }
   // The count in f32 is exact up to 2^24 rows.
   let totals = group_sum2(tid, WG, vec2<f32>(sum, f32(n)));
+  let any_bad = group_max(tid, WG, bad);
   if (tid == 0u) {
     let total = totals.y;
     let divisor = select(total, p.divisor, p.has_divisor != 0u);
     loss[0] = select(0.0, totals.x / divisor, divisor > 0.0);
+    if (any_bad != 0.0) { loss[0] = quiet_nan(); }
     loss[1] = total;
   }
 }
