@@ -69,6 +69,8 @@ export type PeerDtype = (typeof PEER_DTYPES)[number];
 
 /** Where the driver put what the peer needs in the page (bench/peer_export.ts). */
 export interface PeerLocation {
+  /** The bench models that have an export (the others run without the peer). */
+  readonly ids: readonly BenchModelId[];
   /** URL of the folder holding one ONNX export per bench model id. */
   readonly models: string;
   /** URLs of onnxruntime-web's WebAssembly module and its loader, served from node_modules. */

@@ -5,6 +5,7 @@
  * go on; the page then ends with an error naming the failed cases.
  */
 import { createGpuContext, describeAdapter } from '@webtune/core';
+import type { BenchModelId } from './cases.js';
 import { runKernelBenchmarks } from './kernels.js';
 import { runModelBenchmarks } from './models.js';
 import type { BenchRecord } from './record.js';
@@ -70,7 +71,12 @@ async function main(): Promise<void> {
   if (suites.includes('models') && peerModels) {
     const { runPeerBenchmarks } = await import('./peer.js');
     await runPeerBenchmarks(
-      { models: peerModels, wasm: params.get('ortWasm') ?? '', mjs: params.get('ortMjs') ?? '' },
+      {
+        ids: (params.get('peerIds') ?? '').split(',').filter((id) => id !== '') as BenchModelId[],
+        models: peerModels,
+        wasm: params.get('ortWasm') ?? '',
+        mjs: params.get('ortMjs') ?? '',
+      },
       featureLevel,
       options,
     );

@@ -22,7 +22,7 @@
  * command fails only when a benchmark cannot run (the table and JSON of what did run are still
  * written).
  */
-import { spawn } from 'node:child_process';
+
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { register } from 'node:module';
 import { tmpdir } from 'node:os';
@@ -42,6 +42,7 @@ import {
   trainCases,
   trainIds,
 } from './cases.js';
+import { runChild } from './child.js';
 import type { BenchRecord } from './record.js';
 
 const SUITES = ['kernels', 'models', 'train'];
@@ -250,21 +251,6 @@ interface TorchRun {
   unavailable?: string;
 }
 
-function runChild(cmd: string, argv: string[], cwd: string): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((res, rej) => {
-    const child = spawn(cmd, argv, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => {
-      for (const line of d.split('\n')) if (line.trim()) console.log(`  ${line}`);
-    });
-    child.stderr.setEncoding('utf8').on('data', (d: string) => {
-      stderr += d;
-    });
-    child.on('error', rej);
-    child.on('close', (code) => res({ code, stderr }));
-  });
-}
-
 async function runTorchBaseline(root: string, args: Args): Promise<TorchRun> {
   const models = args.suites.includes('models');
   const train = args.suites.includes('train');
@@ -427,6 +413,7 @@ async function runAdapter(
     if (args.only) params.set('only', args.only);
     if (peer) {
       params.set('peerModels', peer.models);
+      params.set('peerIds', peer.ids.join(','));
       params.set('ortWasm', peer.wasm);
       params.set('ortMjs', peer.mjs);
     }
@@ -465,13 +452,15 @@ async function main(): Promise<number> {
   if (args.suites.includes('models') && args.peer) {
     const byModel = casesByModel(inferenceCases(args.quick).filter((c) => !args.only || c.key.includes(args.only)));
     const { ensurePeerExports } = await import('./peer_export.js');
-    const got = ensurePeerExports(
+    const got = await ensurePeerExports(
       root,
       findPython(root),
       byModel.map(([id]) => id),
     );
-    if ('location' in got) peer = got.location;
-    else console.log(`note: no transformers.js peer: ${got.unavailable}`);
+    if ('location' in got) {
+      peer = got.location;
+      for (const [id, why] of got.failed) console.log(`note: ${id} runs without the transformers.js peer: ${why}`);
+    } else console.log(`note: no transformers.js peer: ${got.unavailable}`);
   }
   const server = await createServer({
     configFile: false,
