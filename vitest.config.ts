@@ -43,6 +43,7 @@ const lavapipe25Tests = [
   'packages/core/test/rmsnorm.test.ts',
   'packages/core/test/layernorm.test.ts',
   'packages/core/test/reduce.test.ts',
+  'packages/core/test/group_reduce.test.ts',
   'packages/models/test/f16_tiles.test.ts',
 ];
 

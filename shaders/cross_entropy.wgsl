@@ -133,7 +133,8 @@ fn merge(ma: f32, sa: f32, mb: f32, sb: f32) -> vec2<f32> {
 
 // (max, Σ exp(· − max)) over the workgroup, from each invocation's (m, s): the maximum first, then
 // every s rescaled to it and added (group_max, group_sum: group_reduce.wgsl or its subgroup twin,
-// put first by cross_entropy.ts). A NaN in any s makes the sum NaN.
+// put first by cross_entropy.ts). NaN is not relied on here (see the header): fwd_chunk flags
+// non-finite logits by their bits.
 fn merge_workgroup(tid: u32, m: f32, s: f32) -> vec2<f32> {
   let mt = group_max(tid, WG, m);
   return vec2<f32>(mt, group_sum(tid, WG, s * exp(m - mt)));
@@ -150,7 +151,8 @@ fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(w
   for (var j = tid; j < p.count; j += WG) {
     let x = chunk_logits[base + j];
     if (nonfinite(x)) { bad = 1.0; }
-    // One exp per logit; a NaN logit goes to the second branch and makes the sum NaN.
+    // One exp per logit. (A NaN logit would go to the second branch, but what the arithmetic then
+    // makes of it is not promised: the bit test above flags it.)
     if (x > m) {
       s = s * exp(m - x) + 1.0;
       m = x;
