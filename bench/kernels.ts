@@ -7,21 +7,29 @@
  *   device, for x·Wᵀ (forward) and dy·W (the backward's transposed case);
  * - matmul_f16_tiles vs matmul_f32_tiles: x·Wᵀ with f16 W, staged and multiplied in f16 (f32
  *   accumulation) against the f32 build, on adapters with shader-f16 only.
+ * - subgroup_reductions vs workgroup_trees: the reducing kernels (RMSNorm over rows, the split-K
+ *   matvec of a decode step, the loss's vocabulary chunks) built with subgroup operations against
+ *   the same kernels with workgroup-memory trees, each on a device of its own from the same
+ *   adapter, both with the GPU kernel configurations (the CPU ones reduce little); on adapters
+ *   with subgroups only.
  */
 
 import { WebGPUBackend } from '@tensorflow/tfjs-backend-webgpu';
 import * as tf from '@tensorflow/tfjs-core';
 import {
+  createGpuContext,
   createTensor,
   type Dispatch,
   type GpuContext,
   type LoraLayer,
   loraFlops,
+  planCrossEntropyForward,
   planLoraBackward,
   planLoraBackwardUnfused,
   planLoraForward,
   planLoraForwardUnfused,
   planMatmul,
+  planRmsNormForward,
   readFloat32,
   StepEncoder,
   type Tensor,
@@ -239,8 +247,146 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
   }
 }
 
+/** One reducing kernel, planned on a device: how it records, what reads its result, its cleanup. */
+interface ReductionCase {
+  readonly record: (enc: StepEncoder) => void;
+  readonly result: () => Promise<Float32Array>;
+  readonly dispose: () => void;
+}
+
+/** The reduction cases: [name, shape, planner]. Shapes of SmolLM2-135M (d = 576, I = 1536) at 4×128. */
+function reductionCases(quick: boolean): [string, string, (ctx: GpuContext) => Promise<ReductionCase>][] {
+  const rows = quick ? 64 : 512;
+  const d = 576;
+  const rmsnorm = async (ctx: GpuContext): Promise<ReductionCase> => {
+    const x = tensorFromData(ctx, random(rows * d, 21, 2), [rows, d], 'f32', 'x');
+    const w = tensorFromData(ctx, random(d, 22, 1), [d], 'f32', 'w');
+    const y = createTensor(ctx, [rows, d], 'f32', 'y');
+    const rstd = createTensor(ctx, [rows], 'f32', 'rstd');
+    const plan = await planRmsNormForward(ctx, { x, w, y, rstd }, { eps: 1e-5 });
+    return {
+      record: (enc) => enc.dispatch(plan),
+      result: () => readFloat32(y),
+      dispose: () => {
+        plan.dispose();
+        for (const t of [x, w, y, rstd]) t.dispose();
+      },
+    };
+  };
+  const matvec = async (ctx: GpuContext): Promise<ReductionCase> => {
+    const N = 1536;
+    const x = tensorFromData(ctx, random(d, 23, 1), [1, d], 'f32', 'x');
+    const w = tensorFromData(ctx, random(N * d, 24, 0.05), [N, d], 'f16', 'w');
+    const c = createTensor(ctx, [1, N], 'f32', 'c');
+    const plan = await planMatmul(ctx, x, w, c, { matvecVariant: 'split-k' });
+    return {
+      record: (enc) => enc.dispatch(plan),
+      result: () => readFloat32(c),
+      dispose: () => {
+        plan.dispose();
+        for (const t of [x, w, c]) t.dispose();
+      },
+    };
+  };
+  const vocab = quick ? 4096 : 49152;
+  const loss = async (ctx: GpuContext): Promise<ReductionCase> => {
+    const lossRows = quick ? 16 : 128;
+    const h = tensorFromData(ctx, random(lossRows * 64, 25, 1), [lossRows, 64], 'f32', 'h');
+    const e = tensorFromData(ctx, random(vocab * 64, 26, 0.1), [vocab, 64], 'f16', 'e');
+    const labels = tensorFromData(
+      ctx,
+      Array.from({ length: lossRows }, (_, i) => (i * 7919) % vocab),
+      [lossRows],
+      'i32',
+      'labels',
+    );
+    const t = {
+      h,
+      e,
+      labels,
+      lse: createTensor(ctx, [lossRows], 'f32', 'lse'),
+      loss: createTensor(ctx, [2], 'f32', 'loss'),
+      errors: createTensor(ctx, [2], 'u32', 'errors'),
+    };
+    const plan = await planCrossEntropyForward(ctx, t, {});
+    return {
+      record: (enc) => plan.record(enc),
+      result: () => readFloat32(t.lse),
+      dispose: () => {
+        plan.dispose();
+        for (const x of Object.values(t)) x.dispose();
+      },
+    };
+  };
+  return [
+    ['rmsnorm', `${rows}x${d}`, rmsnorm],
+    ['matvec split-k', `1x1536x${d} W:f16`, matvec],
+    ['cross-entropy forward', `${quick ? 16 : 128} rows x V=${vocab} x 64`, loss],
+  ];
+}
+
+async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  if (!ctx.features.subgroups) {
+    o.status('subgroup_reductions: skipped, the adapter has no subgroups (or they failed the layout probe)');
+    return;
+  }
+  const featureLevel = ctx.adapter.featureLevel;
+  const make = (allowSubgroups: boolean) =>
+    createGpuContext({
+      featureLevel,
+      kernelProfile: 'gpu',
+      allowSubgroups,
+      label: `bench ${allowSubgroups ? 'subgroups' : 'trees'}`,
+    });
+  const sub = await make(true);
+  const tree = await make(false);
+  try {
+    for (const [name, shape, plan] of reductionCases(o.quick)) {
+      o.status(`subgroup_reductions ${name} ${shape}`);
+      const mine = await plan(sub);
+      const base = await plan(tree);
+      const run = async (c: GpuContext, r: ReductionCase) => {
+        const enc = new StepEncoder(c, name);
+        r.record(enc);
+        enc.submit();
+        await enc.done();
+      };
+      // Both builds compute the same values, up to the order of the additions.
+      await run(sub, mine);
+      await run(tree, base);
+      const [x, y] = [await mine.result(), await base.result()];
+      let maxDiff = 0;
+      for (let i = 0; i < x.length; i++) maxDiff = Math.max(maxDiff, Math.abs((x[i] as number) - (y[i] as number)));
+      if (!(maxDiff < 1e-3))
+        throw new Error(`subgroup and tree builds disagree on ${name} ${shape}: max |diff| ${maxDiff}`);
+      const { mine: m, baseline: b } = await timePair(
+        () => run(sub, mine),
+        () => run(tree, base),
+        { budgetMs: o.quick ? 2000 : 20_000 },
+      );
+      o.report({
+        name: 'subgroup_reductions',
+        shape: `${name} ${shape}`,
+        ms: m.medianMs,
+        gflops: null,
+        baseline: 'workgroup_trees',
+        baselineMs: b.medianMs,
+        ratio: b.medianMs / m.medianMs,
+        adapter: o.adapter,
+        extra: { subgroup_size: sub.features.subgroupSize, max_abs_diff: maxDiff, samples: m.samples },
+      });
+      mine.dispose();
+      base.dispose();
+    }
+  } finally {
+    sub.destroy();
+    tree.destroy();
+  }
+}
+
 export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Promise<void> {
   if (!o.only || 'matmul'.includes(o.only)) await benchMatmul(ctx, o);
   if (!o.only || 'matmul_f16_tiles'.includes(o.only)) await benchF16Tiles(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
+  if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);
 }
