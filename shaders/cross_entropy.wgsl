@@ -135,9 +135,12 @@ fn merge(ma: f32, sa: f32, mb: f32, sb: f32) -> vec2<f32> {
 // every s rescaled to it and added (group_max, group_sum: group_reduce.wgsl or its subgroup twin,
 // put first by cross_entropy.ts). NaN is not relied on here (see the header): fwd_chunk flags
 // non-finite logits by their bits.
-fn merge_workgroup(tid: u32, m: f32, s: f32) -> vec2<f32> {
+// `bad` (0 or 1) is summed beside s at no extra barrier: the third value is nonzero when any
+// invocation saw a non-finite logit.
+fn merge_workgroup(tid: u32, m: f32, s: f32, bad: f32) -> vec3<f32> {
   let mt = group_max(tid, WG, m);
-  return vec2<f32>(mt, group_sum(tid, WG, s * exp(m - mt)));
+  let sums = group_sum2(tid, WG, vec2<f32>(s * exp(m - mt), bad));
+  return vec3<f32>(mt, sums.x, sums.y);
 }
 
 @compute @workgroup_size(WG)
@@ -160,8 +163,9 @@ fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(w
       s += exp(x - m);
     }
   }
-  let chunk = merge_workgroup(tid, m, s);
-  let chunk_bad = group_max(tid, WG, bad);
+  let merged = merge_workgroup(tid, m, s, bad);
+  let chunk = merged.xy;
+  let chunk_bad = select(0.0, 1.0, merged.z != 0.0);
   if (tid == 0u) {
     var st = stats[row];
     if (p.first != 0u) {

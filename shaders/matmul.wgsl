@@ -242,17 +242,26 @@ fn out_col(n: u32) -> u32 {
 }
 
 // The four values of group n (columns j, j + 1, j + half, j + half + 1) at row m, rotated.
-fn rope_rotate(m: u32, n: u32, v: vec4<f32>) -> vec4<f32> {
+// (c, s) of the group's two frequencies: (c0, s0, c1, s1).
+fn rope_factors(m: u32, n: u32) -> vec4<f32> {
   let i = out_col(n) % (2u * p.rope_half);
   let pos = f32(p.rope_pos0 + m % p.rope_T);
-  let c0 = cos_sin(pos * rope_freq[i]) * p.rope_scaling;
-  let c1 = cos_sin(pos * rope_freq[i + 1u]) * p.rope_scaling;
+  return vec4<f32>(cos_sin(pos * rope_freq[i]), cos_sin(pos * rope_freq[i + 1u])) * p.rope_scaling;
+}
+
+fn rope_apply(f: vec4<f32>, v: vec4<f32>) -> vec4<f32> {
+  let c0 = f.xy;
+  let c1 = f.zw;
   return vec4<f32>(
     v.x * c0.x - v.z * c0.y,
     v.y * c1.x - v.w * c1.y,
     v.z * c0.x + v.x * c0.y,
     v.w * c1.x + v.y * c1.y,
   );
+}
+
+fn rope_rotate(m: u32, n: u32, v: vec4<f32>) -> vec4<f32> {
+  return rope_apply(rope_factors(m, n), v);
 }
 
 // C[m][out_col(n..n+3)] = v (+ bias), rotated (bit 0 of ROPE); no beta (matmul.ts refuses it).
@@ -852,8 +861,9 @@ fn store_pair_rope(m: u32, n: u32, first: vec4<f32>, second: vec4<f32>) {
   if (m >= p.M || n >= p.N) { return; }
   var x = first;
   var y = second;
-  if ((ROPE & 1u) != 0u) { x = rope_rotate(m, n, x); }
-  if ((ROPE & 2u) != 0u) { y = rope_rotate(m, n, y); }
+  let f = rope_factors(m, n);  // once for both outputs
+  if ((ROPE & 1u) != 0u) { x = rope_apply(f, x); }
+  if ((ROPE & 2u) != 0u) { y = rope_apply(f, y); }
   for (var j = 0u; j < 4u; j++) {
     c[m * p.N + out_col(n + j)] = x[j];
     up_out[m * p.N + out_col(n + j)] = y[j];

@@ -292,16 +292,21 @@ for (const path of paths) {
     // (before the bit test in the kernel, a NaN logit gave a finite lse of about 92 on SwiftShader).
     // One bad vocabulary entry puts one bad logit in every row, so it passes through one
     // invocation's running (max, sum), the workgroup merge (merge_workgroup, on this path's
-    // reduction) and the merge across chunks; V = 300 in chunks of 64, 64 invocations per row.
-    for (const bad of [Number.NaN, Number.POSITIVE_INFINITY, Number.NEGATIVE_INFINITY]) {
+    // reduction) and the merge across chunks (V = 300 in chunks of 64), in the first chunk or a later one.
+    for (const [bad, badEntry] of [
+      [Number.NaN, 201],
+      [Number.NaN, 5],
+      [Number.POSITIVE_INFINITY, 201],
+      [Number.POSITIVE_INFINITY, 5],
+      [Number.NEGATIVE_INFINITY, 201],
+    ] as const) {
       const what =
         bad === Number.NEGATIVE_INFINITY ? 'leaves the loss as the reference has it' : 'makes lse and the loss NaN';
-      it(`a ${bad} logit in every row ${what}`, async (t) => {
+      it(`a ${bad} logit in every row (entry ${badEntry}, chunk ${Math.floor(badEntry / 64)}) ${what}`, async (t) => {
         const ctx = path.gpu(t);
         const rows = 5;
         const vocab = 300;
         const d = 8;
-        const badEntry = 201; // in the fourth chunk, not the first slot of any invocation
         // h > 0, so E[badEntry] = (bad, 0, ...) gives the logit bad·h[0] (NaN or +Inf) exactly.
         const h = Float32Array.from(randomArray(rows * d, 31, 1), (x) => Math.abs(x) + 0.1);
         const e = Float32Array.from(randomArray(vocab * d, 32), (x, i) =>

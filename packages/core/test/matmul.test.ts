@@ -447,7 +447,7 @@ describe('RoPE epilogue', () => {
     { M: 65, T: 13, pos0: 5, hd: 8, heads: 3, K: 65, w: 'f16', rank: 7, bias: true },
     { M: 70, T: 35, pos0: 0, hd: 64, heads: 2, K: 64, w: 'q8_0', rank: 0 },
     { M: 40, T: 40, pos0: 1000, hd: 128, heads: 1, K: 32, w: 'f32', rank: 8, bias: true },
-    { M: 3, T: 2, pos0: 100, hd: 32, heads: 3, K: 64, w: 'f32', rank: 4, matvec: 'rows' },
+    { M: 4, T: 2, pos0: 100, hd: 32, heads: 3, K: 64, w: 'f32', rank: 4, matvec: 'rows' },
     { M: 1, T: 1, pos0: 7, hd: 16, heads: 4, K: 40, w: 'f16', rank: 0, bias: true, matvec: 'split-k' },
     { M: 33, T: 11, pos0: 2, hd: 16, heads: 3, K: 64, w: 'f16', rank: 8, pair: { w3: 'q8_0', c: true, second: true } },
     { M: 65, T: 65, pos0: 0, hd: 64, heads: 1, K: 36, w: 'f32', rank: 4, pair: { w3: 'f16', c: false, second: true } },
@@ -543,6 +543,8 @@ describe('RoPE epilogue', () => {
         await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, headDim: 16 } })).rejects.toThrow(/head size/);
         await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, headDim: 6 } })).rejects.toThrow(/head size/);
         await expect(planMatmul(ctx, x, w, c, { rope, beta: 1 })).rejects.toThrow(ShapeError);
+        // 8 rows are not whole sequences of 3.
+        await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, T: 3 } })).rejects.toThrow(/whole number/);
         await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, c: false, second: true } })).rejects.toThrow(/second/);
         const short = createTensor(ctx, [3], 'f32', 'short');
         await expect(planMatmul(ctx, x, w, c, { rope: { ...rope, invFreq: short } })).rejects.toThrow(/inv_freq/);

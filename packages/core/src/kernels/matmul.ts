@@ -575,6 +575,10 @@ function checkRope(
   const pos0 = rope.pos0 ?? 0;
   if (!Number.isInteger(T) || T < 1 || !Number.isInteger(pos0) || pos0 < 0 || pos0 + T > 2 ** 24)
     throw new ShapeError(`${label}: RoPE positions ${pos0} + row % ${T} must be whole and below 2^24`);
+  if (dims.M % T !== 0)
+    throw new ShapeError(`${label}: RoPE over sequences of ${T} needs a whole number of them, got ${dims.M} rows`);
+  if (!Number.isFinite(rope.scaling ?? 1))
+    throw new ShapeError(`${label}: RoPE scaling ${rope.scaling} must be finite`);
   if (!rope.c && !rope.second) throw new ShapeError(`${label}: the RoPE epilogue rotates neither output`);
   if (rope.second && !opts.second) throw new ShapeError(`${label}: RoPE on the second output needs \`second\``);
   const storage = ctx.limits.maxStorageBuffersPerShaderStage;
