@@ -241,8 +241,8 @@ fn out_col(n: u32) -> u32 {
   return (g / groups) * 2u * p.rope_half + 2u * (g % groups) + e % 2u + (e / 2u) * p.rope_half;
 }
 
-// The four values of group n (columns j, j + 1, j + half, j + half + 1) at row m, rotated.
-// (c, s) of the group's two frequencies: (c0, s0, c1, s1).
+// (c, s) of the two frequencies of group n (columns j, j + 1, j + half, j + half + 1) at row m:
+// (c0, s0, c1, s1).
 fn rope_factors(m: u32, n: u32) -> vec4<f32> {
   let i = out_col(n) % (2u * p.rope_half);
   let pos = f32(p.rope_pos0 + m % p.rope_T);
@@ -260,6 +260,7 @@ fn rope_apply(f: vec4<f32>, v: vec4<f32>) -> vec4<f32> {
   );
 }
 
+// The four values of group n at row m, rotated.
 fn rope_rotate(m: u32, n: u32, v: vec4<f32>) -> vec4<f32> {
   return rope_apply(rope_factors(m, n), v);
 }
@@ -274,7 +275,6 @@ fn store_rope(m: u32, n: u32, v: vec4<f32>) {
   if ((ROPE & 1u) != 0u) { x = rope_rotate(m, n, x); }
   for (var j = 0u; j < 4u; j++) { c[m * p.N + out_col(n + j)] = x[j]; }
 }
-
 
 // ---- staging ----------------------------------------------------------------------------------
 
@@ -443,12 +443,17 @@ override MV_N: u32 = 1;       // groups of 4 columns per workgroup
 fn matvec_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   let t = lid.x;
   let n0 = (wid.x * MV_N + lid.y) * 4u;
+  // The four rows of W (and of B2) behind this group's columns (out_col: the RoPE epilogue's order).
+  let r0 = out_col(n0);
+  let r1 = out_col(n0 + 1u);
+  let r2 = out_col(n0 + 2u);
+  let r3 = out_col(n0 + 3u);
   var acc: array<vec4<f32>, MV_M>;
   for (var k = t * 4u; k < p.K; k += MV_K * 4u) {
-    let w0 = w_chunk(out_col(n0 + 0u), k, p.N, p.K);
-    let w1 = w_chunk(out_col(n0 + 1u), k, p.N, p.K);
-    let w2 = w_chunk(out_col(n0 + 2u), k, p.N, p.K);
-    let w3v = w_chunk(out_col(n0 + 3u), k, p.N, p.K);
+    let w0 = w_chunk(r0, k, p.N, p.K);
+    let w1 = w_chunk(r1, k, p.N, p.K);
+    let w2 = w_chunk(r2, k, p.N, p.K);
+    let w3v = w_chunk(r3, k, p.N, p.K);
     for (var m = 0u; m < MV_M; m++) {
       if (m < p.M) {
         let x = a_chunk(m, k);
@@ -459,10 +464,10 @@ fn matvec_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   for (var m = 0u; m < MV_M; m++) { acc[m] *= p.alpha; }
   // The low-rank term (alpha2 is applied as A2 is read), in the same partial sums.
   for (var k = t * 4u; k < p.K2; k += MV_K * 4u) {
-    let b0 = b2_chunk(out_col(n0 + 0u), k, p.N, p.K2);
-    let b1 = b2_chunk(out_col(n0 + 1u), k, p.N, p.K2);
-    let b2v = b2_chunk(out_col(n0 + 2u), k, p.N, p.K2);
-    let b3 = b2_chunk(out_col(n0 + 3u), k, p.N, p.K2);
+    let b0 = b2_chunk(r0, k, p.N, p.K2);
+    let b1 = b2_chunk(r1, k, p.N, p.K2);
+    let b2v = b2_chunk(r2, k, p.N, p.K2);
+    let b3 = b2_chunk(r3, k, p.N, p.K2);
     for (var m = 0u; m < MV_M; m++) {
       if (m < p.M) {
         let x = a2_chunk(m, k);
@@ -810,12 +815,16 @@ fn matmul_pair(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_
 // matvec_partial's K loop against W3 (no low-rank term).
 fn matvec3_partial(lid: vec3<u32>, wid: vec3<u32>) -> array<vec4<f32>, MV_M> {
   let n0 = (wid.x * MV_N + lid.y) * 4u;
+  let r0 = out_col(n0);
+  let r1 = out_col(n0 + 1u);
+  let r2 = out_col(n0 + 2u);
+  let r3 = out_col(n0 + 3u);
   var acc: array<vec4<f32>, MV_M>;
   for (var k = lid.x * 4u; k < p.K; k += MV_K * 4u) {
-    let w0 = w3_chunk(out_col(n0 + 0u), k, p.N, p.K);
-    let w1 = w3_chunk(out_col(n0 + 1u), k, p.N, p.K);
-    let w2 = w3_chunk(out_col(n0 + 2u), k, p.N, p.K);
-    let w3v = w3_chunk(out_col(n0 + 3u), k, p.N, p.K);
+    let w0 = w3_chunk(r0, k, p.N, p.K);
+    let w1 = w3_chunk(r1, k, p.N, p.K);
+    let w2 = w3_chunk(r2, k, p.N, p.K);
+    let w3v = w3_chunk(r3, k, p.N, p.K);
     for (var m = 0u; m < MV_M; m++) {
       if (m < p.M) {
         let x = a_chunk(m, k);
