@@ -7,6 +7,8 @@
  *   device, for x·Wᵀ (forward) and dy·W (the backward's transposed case);
  * - matmul_f16_tiles vs matmul_f32_tiles: x·Wᵀ with f16 W, staged and multiplied in f16 (f32
  *   accumulation) against the f32 build, on adapters with shader-f16 only.
+ * - matmul_rope vs matmul_then_rope: the q projection (x·Wᵀ with its LoRA term) stored through
+ *   the RoPE epilogue against the same product followed by the RoPE dispatch it replaces;
  * - subgroup_reductions vs workgroup_trees: the reducing kernels (RMSNorm over rows, the split-K
  *   matvec of a decode step, the loss's vocabulary chunks) built with subgroup operations against
  *   the same kernels with workgroup-memory trees, each on a device of its own from the same
@@ -23,6 +25,7 @@ import {
   type GpuContext,
   type LoraLayer,
   loraFlops,
+  matmulFlops,
   planCrossEntropyForward,
   planLoraBackward,
   planLoraBackwardUnfused,
@@ -30,6 +33,7 @@ import {
   planLoraForwardUnfused,
   planMatmul,
   planRmsNormForward,
+  planRopeForward,
   readFloat32,
   StepEncoder,
   type Tensor,
@@ -55,6 +59,13 @@ async function runOnce(ctx: GpuContext, dispatches: Dispatch[], label: string): 
 }
 
 const gflops = (flops: number, ms: number) => flops / ms / 1e6;
+
+/** max |a[i] − b[i]|: how far two builds (or ours and a baseline) are apart before they are timed. */
+function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let max = 0;
+  for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs((a[i] as number) - (b[i] as number)));
+  return max;
+}
 
 /** Real model shapes: T tokens through a d×d projection (q_proj/o_proj-like) with rank r. */
 function loraShapes(quick: boolean): { T: number; d: number; r: number }[] {
@@ -177,9 +188,7 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
     if (tfError) throw new Error(`TF.js matmul raised a WebGPU error: ${tfError.message}`);
     await runOnce(ctx, [mm], 'matmul check');
     const ours = await readFloat32(c);
-    let maxDiff = 0;
-    for (let i = 0; i < ours.length; i++)
-      maxDiff = Math.max(maxDiff, Math.abs((ours[i] as number) - (tfOut[i] as number)));
+    const maxDiff = maxAbsDiff(ours, tfOut);
     if (!(maxDiff < 1e-2)) throw new Error(`TF.js and webtune disagree on ${shape}: max |diff| ${maxDiff}`);
     const budgetMs = o.quick ? 2000 : 20_000;
     const { mine, baseline: base } = await timePair(() => runOnce(ctx, [mm], 'matmul'), runTf, { budgetMs });
@@ -220,8 +229,7 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
     // Both builds compute the same product: f16 rounding only.
     await runOnce(ctx, [f16, f32], 'f16 tiles check');
     const [x16, x32] = [await readFloat32(c16), await readFloat32(c32)];
-    let maxDiff = 0;
-    for (let i = 0; i < x16.length; i++) maxDiff = Math.max(maxDiff, Math.abs((x16[i] as number) - (x32[i] as number)));
+    const maxDiff = maxAbsDiff(x16, x32);
     if (!(maxDiff < 1e-2 * Math.sqrt(K)))
       throw new Error(`f16 and f32 tiles disagree on ${shape}: max |diff| ${maxDiff}`);
     const budgetMs = o.quick ? 2000 : 20_000;
@@ -245,6 +253,60 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
     for (const x of [f16, f32]) x.dispose();
     for (const x of [a, w, c16, c32]) x.dispose();
   }
+}
+
+/** The q projection of SmolLM2-135M (9 heads of 64) at 4×128 rows with r = 8, rotated in its store
+ * or by the RoPE dispatch after it. */
+async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const M = 4 * T;
+  const [d, hd, r] = [576, 64, 8];
+  const shape = `${M}x${d}x${d} +rank ${r}, heads of ${hd}, W:f16`;
+  o.status(`matmul_rope ${shape}`);
+  const x = tensorFromData(ctx, random(M * d, 31, 1), [M, d], 'f32', 'x');
+  const w = tensorFromData(ctx, random(d * d, 32, 0.05), [d, d], 'f16', 'w');
+  const h = tensorFromData(ctx, random(M * r, 33, 1), [M, r], 'f32', 'h');
+  const b = tensorFromData(ctx, random(d * r, 34, 0.05), [d, r], 'f32', 'b');
+  const invFreq = tensorFromData(
+    ctx,
+    Float32Array.from({ length: hd / 2 }, (_, i) => 10000 ** (-(2 * i) / hd)),
+    [hd / 2],
+    'f32',
+    'inv_freq',
+  );
+  const fusedOut = createTensor(ctx, [M, d], 'f32', 'q fused');
+  const plainOut = createTensor(ctx, [M, d], 'f32', 'q plain');
+  const lowRank = { a2: h, b2: b, alpha2: 2 };
+  const fused = await planMatmul(ctx, x, w, fusedOut, {
+    lowRank,
+    rope: { invFreq, headDim: hd, T, c: true, second: false },
+  });
+  const plain = [
+    await planMatmul(ctx, x, w, plainOut, { lowRank }),
+    await planRopeForward(ctx, plainOut, invFreq, { nHeads: d / hd, headDim: hd, T }),
+  ];
+  await runOnce(ctx, [fused, ...plain], 'matmul_rope check');
+  const maxDiff = maxAbsDiff(await readFloat32(fusedOut), await readFloat32(plainOut));
+  if (!(maxDiff < 1e-4)) throw new Error(`matmul_rope and matmul + rope disagree on ${shape}: max |diff| ${maxDiff}`);
+  const { mine, baseline: base } = await timePair(
+    () => runOnce(ctx, [fused], 'matmul_rope'),
+    () => runOnce(ctx, plain, 'matmul then rope'),
+    { budgetMs: o.quick ? 2000 : 20_000 },
+  );
+  const flops = matmulFlops({ M, N: d, K: d }, r);
+  o.report({
+    name: 'matmul_rope',
+    shape,
+    ms: mine.medianMs,
+    gflops: gflops(flops, mine.medianMs),
+    baseline: 'matmul_then_rope',
+    baselineMs: base.medianMs,
+    ratio: base.medianMs / mine.medianMs,
+    adapter: o.adapter,
+    extra: { dispatches: 1, baseline_dispatches: 2, max_abs_diff: maxDiff, samples: mine.samples },
+  });
+  for (const t of [fused, ...plain]) t.dispose();
+  for (const t of [x, w, h, b, invFreq, fusedOut, plainOut]) t.dispose();
 }
 
 /** One reducing kernel, planned on a device: how it records, what reads its result, its cleanup. */
@@ -355,8 +417,7 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
       await run(sub, mine);
       await run(tree, base);
       const [x, y] = [await mine.result(), await base.result()];
-      let maxDiff = 0;
-      for (let i = 0; i < x.length; i++) maxDiff = Math.max(maxDiff, Math.abs((x[i] as number) - (y[i] as number)));
+      const maxDiff = maxAbsDiff(x, y);
       if (!(maxDiff < 1e-3))
         throw new Error(`subgroup and tree builds disagree on ${name} ${shape}: max |diff| ${maxDiff}`);
       const { mine: m, baseline: b } = await timePair(
@@ -388,5 +449,6 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'matmul'.includes(o.only)) await benchMatmul(ctx, o);
   if (!o.only || 'matmul_f16_tiles'.includes(o.only)) await benchF16Tiles(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
+  if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);
 }
