@@ -19,6 +19,12 @@
 //                    out = g), the rest lora_cols for dB (role 1: U = dy, hv = h, db = dB).
 //   lora_rows_multi  h = x·Aᵀ of up to three modules reading the same x (q, k, v; gate, up).
 //   lora_cols_multi  dA = s·gᵀ·x of up to three modules reading the same x.
+//   lora_g_db_pair   lora_g_db of two modules at once (q and v; gate and up), each with its own
+//                    dy (PAIR): role 0 g₁ = dy₁·B₁ (x, l, out), role 1 dB₁ (x, hv, db), role 2
+//                    g₂ = dy₂·B₂ (x2, l, out3), role 3 dB₂ (x2, l3 = h₂, db). B₁ and B₂ are two
+//                    places in one buffer (the LoRA parameters' arena), dB₁ and dB₂ likewise (the
+//                    gradients'), addressed by the roles' offsets: eight storage buffers, within
+//                    WebGPU's default limit.
 //
 // These shapes defeat a square-tiled matmul (one side is r = 1..128 wide), so each kernel
 // reduces along the long dimension instead:
@@ -39,16 +45,20 @@ struct Role {
   count: u32,   // its workgroups
   alpha: f32,
   beta: f32,
+  in_off: u32,  // where the role's L (or V) starts in its binding, in elements
+  out_off: u32, // where its output starts in its binding
+  n: u32,       // lora_rows: K, the reduced dimension   lora_cols: N, the columns of U
   _pad0: u32,
   _pad1: u32,
+  _pad2: u32,
 }
 
 struct Params {
   M: u32,      // lora_rows: rows of X and C      lora_cols: T (the reduced dimension)
-  N: u32,      // lora_rows: unused                lora_cols: columns of U
-  K: u32,      // lora_rows: the reduced dimension lora_cols: unused
+  _pad0: u32,
+  _pad1: u32,
   grid_x: u32, // workgroups per row of the dispatch grid (the multi entries and lora_g_db)
-  roles: array<Role, 3>,
+  roles: array<Role, 4>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -61,6 +71,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> db: array<f32>;
 @group(0) @binding(6) var<storage, read> l3: array<f32>;
 @group(0) @binding(7) var<storage, read_write> out3: array<f32>;
+// lora_g_db_pair's second dy (roles 2 and 3); the other entries bind a placeholder.
+@group(0) @binding(8) var<storage, read> x2: array<f32>;
 
 override WG: u32 = 64;          // invocations per workgroup; a power of two
 override KS: u32 = 64;          // lora_rows: invocations splitting k per 4×4 block; a power of two dividing WG
@@ -68,20 +80,42 @@ override TRANS_L: bool = true;  // lora_rows: L stored R×K (A) rather than K×R
 override OUT_NR: bool = false;  // lora_cols: write C[n][j] (N×R) rather than C[j][n] (R×N)
 override TT: u32 = 16;          // lora_cols: rows of V staged per step
 override STAGE: bool = true;    // lora_cols: stage V rows in workgroup memory (false on CPU adapters)
+override PAIR: bool = false;    // lora_g_db_pair's role-to-binding map (see the header)
 
 var<workgroup> partial: array<array<vec4<f32>, 4>, WG>;
 var<workgroup> v_rows: array<vec4<f32>, TT>;
 
-// The role this workgroup computes, and its rank (set by every entry point before any load).
+// The role this workgroup computes, its rank, its K (rows) or N (cols), and where its input and
+// output start (set by every entry point before any load).
 var<private> role: u32;
 var<private> rank: u32;
+var<private> dim: u32;
+var<private> in_off: u32;
+var<private> out_off: u32;
+
+// X (lora_rows) or U (lora_cols) of the role, flat: x, or x2 for lora_g_db_pair's second module.
+fn x_at(i: u32) -> f32 {
+  if (PAIR && role >= 2u) { return x2[i]; }
+  return x[i];
+}
+
+// Which binding holds the role's L or V (0 l, 1 hv, 2 l3) and its output (0 out, 1 db, 2 out3).
+fn in_slot() -> u32 {
+  if (PAIR) { return select(select(0u, 1u, role == 1u), 2u, role == 3u); }
+  return role;
+}
+fn out_slot() -> u32 {
+  if (PAIR) { return select(select(0u, 1u, role == 1u || role == 3u), 2u, role == 2u); }
+  return role;
+}
 
 // L (lora_rows) or V (lora_cols) of the role, flat.
 fn role_in(i: u32) -> f32 {
-  switch role {
-    case 1u: { return hv[i]; }
-    case 2u: { return l3[i]; }
-    default: { return l[i]; }
+  let j = in_off + i;
+  switch in_slot() {
+    case 1u: { return hv[j]; }
+    case 2u: { return l3[j]; }
+    default: { return l[j]; }
   }
 }
 
@@ -89,21 +123,22 @@ fn role_in(i: u32) -> f32 {
 fn role_store(i: u32, v: f32) {
   let a = p.roles[role].alpha;
   let b = p.roles[role].beta;
-  switch role {
+  let j = out_off + i;
+  switch out_slot() {
     case 1u: {
       var y = a * v;
-      if (b != 0.0) { y += b * db[i]; }
-      db[i] = y;
+      if (b != 0.0) { y += b * db[j]; }
+      db[j] = y;
     }
     case 2u: {
       var y = a * v;
-      if (b != 0.0) { y += b * out3[i]; }
-      out3[i] = y;
+      if (b != 0.0) { y += b * out3[j]; }
+      out3[j] = y;
     }
     default: {
       var y = a * v;
-      if (b != 0.0) { y += b * out[i]; }
-      out[i] = y;
+      if (b != 0.0) { y += b * out[j]; }
+      out[j] = y;
     }
   }
 }
@@ -111,12 +146,15 @@ fn role_store(i: u32, v: f32) {
 fn set_role(r: u32) {
   role = r;
   rank = p.roles[r].R;
+  dim = p.roles[r].n;
+  in_off = p.roles[r].in_off;
+  out_off = p.roles[r].out_off;
 }
 
 // Loads for lora_rows. Row m and rank j are clamped into range by the caller, so no load is
 // conditional; results of clamped rows and ranks are never stored.
 fn l_at(j: u32, k: u32) -> f32 {
-  if (TRANS_L) { return role_in(j * p.K + k); }
+  if (TRANS_L) { return role_in(j * dim + k); }
   return role_in(k * rank + j);
 }
 
@@ -136,15 +174,15 @@ fn rows_block(tid: u32, wx: u32, wy: u32) {
   let lane = tid % KS;
   let last_m = p.M - 1u;
   let last_j = rank - 1u;
-  let m = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_m)) * p.K;
+  let m = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_m)) * dim;
   let j = min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_j));
   var acc = array<vec4<f32>, 4>();   // acc[i][jj]: row m0+i, rank j0+jj
-  for (var k = lane; k < p.K; k += KS) {
+  for (var k = lane; k < dim; k += KS) {
     let lv = vec4<f32>(l_at(j.x, k), l_at(j.y, k), l_at(j.z, k), l_at(j.w, k));
-    acc[0] = fma(vec4<f32>(x[m.x + k]), lv, acc[0]);
-    acc[1] = fma(vec4<f32>(x[m.y + k]), lv, acc[1]);
-    acc[2] = fma(vec4<f32>(x[m.z + k]), lv, acc[2]);
-    acc[3] = fma(vec4<f32>(x[m.w + k]), lv, acc[3]);
+    acc[0] = fma(vec4<f32>(x_at(m.x + k)), lv, acc[0]);
+    acc[1] = fma(vec4<f32>(x_at(m.y + k)), lv, acc[1]);
+    acc[2] = fma(vec4<f32>(x_at(m.z + k)), lv, acc[2]);
+    acc[3] = fma(vec4<f32>(x_at(m.w + k)), lv, acc[3]);
   }
   if (KS > 1u) {
     partial[tid] = acc;
@@ -180,12 +218,12 @@ fn store_cols(n0: u32, j0: u32, acc: array<vec4<f32>, 4>) {
   // acc[i][jj]: column n0+i, rank j0+jj
   for (var i = 0u; i < 4u; i++) {
     let n = n0 + i;
-    if (n >= p.N) { break; }
+    if (n >= dim) { break; }
     for (var jj = 0u; jj < 4u; jj++) {
       let j = j0 + jj;
       if (j >= rank) { break; }
       var idx: u32;
-      if (OUT_NR) { idx = n * rank + j; } else { idx = j * p.N + n; }
+      if (OUT_NR) { idx = n * rank + j; } else { idx = j * dim + n; }
       role_store(idx, acc[i][jj]);
     }
   }
@@ -214,14 +252,14 @@ fn cols_block(tid: u32, wx: u32, wy: u32) {
   var acc = array<vec4<f32>, 4>();
   if (!STAGE) {
     let j = clamped_ranks(j0);
-    let n = min(vec4<u32>(n0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.N - 1u));
+    let n = min(vec4<u32>(n0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(dim - 1u));
     for (var t = 0u; t < p.M; t++) {
       let vv = v_direct(t, j);
-      let b = t * p.N;
-      acc[0] = fma(vec4<f32>(x[b + n.x]), vv, acc[0]);
-      acc[1] = fma(vec4<f32>(x[b + n.y]), vv, acc[1]);
-      acc[2] = fma(vec4<f32>(x[b + n.z]), vv, acc[2]);
-      acc[3] = fma(vec4<f32>(x[b + n.w]), vv, acc[3]);
+      let b = t * dim;
+      acc[0] = fma(vec4<f32>(x_at(b + n.x)), vv, acc[0]);
+      acc[1] = fma(vec4<f32>(x_at(b + n.y)), vv, acc[1]);
+      acc[2] = fma(vec4<f32>(x_at(b + n.z)), vv, acc[2]);
+      acc[3] = fma(vec4<f32>(x_at(b + n.w)), vv, acc[3]);
     }
     store_cols(n0, j0, acc);
     return;
@@ -236,7 +274,7 @@ fn cols_block(tid: u32, wx: u32, wy: u32) {
       let vv = v_rows[r];
       for (var i = 0u; i < 4u; i++) {
         var u = 0.0;
-        if (n0 + i < p.N) { u = x[t * p.N + n0 + i]; }
+        if (n0 + i < dim) { u = x_at(t * dim + n0 + i); }
         acc[i] = fma(vec4<f32>(u), vv, acc[i]);
       }
     }
@@ -253,11 +291,11 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
   let j0 = wid.y * 4u;
   var acc = array<vec4<f32>, 4>();
   if (!STAGE) {
-    if (n0 < p.N) {
+    if (n0 < dim) {
       let j = clamped_ranks(j0);
       for (var t = 0u; t < p.M; t++) {
         let vv = v_direct(t, j);
-        let u = x4[(t * p.N + n0) / 4u];
+        let u = x4[(t * dim + n0) / 4u];
         acc[0] = fma(vec4<f32>(u.x), vv, acc[0]);
         acc[1] = fma(vec4<f32>(u.y), vv, acc[1]);
         acc[2] = fma(vec4<f32>(u.z), vv, acc[2]);
@@ -272,10 +310,10 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
       if (t0 + r < p.M) { v_rows[r] = v_row(t0 + r, j0); } else { v_rows[r] = vec4<f32>(0.0); }
     }
     workgroupBarrier();
-    if (n0 < p.N) {
+    if (n0 < dim) {
       for (var r = 0u; r < TT && t0 + r < p.M; r++) {
         let vv = v_rows[r];
-        let u = x4[((t0 + r) * p.N + n0) / 4u];
+        let u = x4[((t0 + r) * dim + n0) / 4u];
         acc[0] = fma(vec4<f32>(u.x), vv, acc[0]);
         acc[1] = fma(vec4<f32>(u.y), vv, acc[1]);
         acc[2] = fma(vec4<f32>(u.z), vv, acc[2]);
@@ -287,11 +325,11 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
   store_cols(n0, j0, acc);
 }
 
-// Workgroup wid of a multi-role dispatch: its role (3 for the grid's padding, which does nothing)
+// Workgroup wid of a multi-role dispatch: its role (4 for the grid's padding, which does nothing)
 // and its block coordinates within that role's grid; sets the role for the loads and stores.
 fn role_block(wid: vec3<u32>) -> vec3<u32> {
   let idx = wid.y * p.grid_x + wid.x;
-  for (var r = 0u; r < 3u; r++) {
+  for (var r = 0u; r < 4u; r++) {
     let q = p.roles[r];
     if (idx >= q.start && idx < q.start + q.count) {
       set_role(r);
@@ -299,7 +337,7 @@ fn role_block(wid: vec3<u32>) -> vec3<u32> {
       return vec3<u32>(r, local % q.gx, local / q.gx);
     }
   }
-  return vec3<u32>(3u, 0u, 0u);
+  return vec3<u32>(4u, 0u, 0u);
 }
 
 // g = dy·B and dB = s·dyᵀ·h in one dispatch: role 0 runs lora_rows' blocks, role 1 lora_cols'.
@@ -313,12 +351,20 @@ fn lora_g_db(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) w
 @compute @workgroup_size(WG)
 fn lora_rows_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = role_block(wid);
-  if (b.x < 3u) { rows_block(tid, b.y, b.z); }
+  if (b.x < 4u) { rows_block(tid, b.y, b.z); }
 }
 
 // dA = s·gᵀ·x for up to three modules reading the same x (U), one role each (V = its g).
 @compute @workgroup_size(WG)
 fn lora_cols_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = role_block(wid);
-  if (b.x < 3u) { cols_block(tid, b.y, b.z); }
+  if (b.x < 4u) { cols_block(tid, b.y, b.z); }
+}
+
+// lora_g_db for two modules (PAIR): roles 0 and 2 run lora_rows' blocks (g₁, g₂), roles 1 and 3
+// lora_cols' (dB₁, dB₂).
+@compute @workgroup_size(WG)
+fn lora_g_db_pair(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let b = role_block(wid);
+  if (b.x == 0u || b.x == 2u) { rows_block(tid, b.y, b.z); } else if (b.x < 4u) { cols_block(tid, b.y, b.z); }
 }

@@ -2,7 +2,8 @@
 // forward and backward, against the float64 reference; and the unfused baseline likewise. The
 // layer tests run the thin kernels in the adapter's own work split; a last block runs each thin
 // kernel in the other split too (tree vs serial lora_rows, staged vs direct lora_cols); then the
-// multi-role dispatches (h of up to three modules reading one x; their dA) in this adapter's split.
+// multi-role dispatches (h of up to three modules reading one x; their dA; g and dB of two modules
+// with B and dB in arenas) in this adapter's split.
 import { describe, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { type LoraRefInput, loraBackwardRef, loraForwardRef } from '../ref/lora.js';
@@ -21,12 +22,17 @@ import {
   roundThrough,
   roundToF16,
   StepEncoder,
+  type Tensor,
+  TensorArena,
   tensorFromData,
+  writeTensor,
 } from '../src/index.js';
 import {
+  type LoraGradModule,
   type LoraRowsSplit,
   type LoraThinKernel,
   planLoraColsMulti,
+  planLoraGradGdBPair,
   planLoraRows,
   planLoraRowsMulti,
   planLoraWeightGrad,
@@ -328,6 +334,99 @@ describe('lora multi-role dispatches', () => {
       for (const [i, g] of got.entries()) {
         expectClose(ctx, `${n} dA${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.T), 1e-5);
       }
+    });
+  }
+});
+
+// Two modules' g_i = dy_i·B_i and dB_i = s_i·dy_iᵀ·h_i + beta·dB_i in one dispatch (lora_g_db_pair),
+// their B and dB views of two arenas at non-zero offsets (a third tensor first, as in a trainer's
+// layout), with other ranks and widths on each side; the arenas' other places must stay untouched.
+describe('lora g and dB of two modules in one dispatch', () => {
+  const pairCases: { T: number; mods: { N: number; R: number }[]; beta: number }[] = [
+    {
+      T: 65,
+      mods: [
+        { N: 63, R: 8 },
+        { N: 16, R: 4 },
+      ],
+      beta: 0,
+    },
+    {
+      T: 7,
+      mods: [
+        { N: 64, R: 1 },
+        { N: 257, R: 7 },
+      ],
+      beta: 1,
+    },
+    {
+      T: 1,
+      mods: [
+        { N: 32, R: 64 },
+        { N: 32, R: 8 },
+      ],
+      beta: 1,
+    },
+  ];
+  for (const c of pairCases) {
+    const n = `T=${c.T} ${c.mods.map((m) => `N=${m.N} r=${m.R}`).join(', ')} beta=${c.beta}`;
+    it(n, async () => {
+      const ctx = gpu();
+      const mods = c.mods.map((m, i) => ({
+        ...m,
+        scale: 0.5 + i,
+        dy: randomArray(c.T * m.N, m.N + i, 1),
+        b: randomArray(m.N * m.R, m.R + 7 * i, 1),
+        h: randomArray(c.T * m.R, m.R + 3 + i, 1),
+        db0: randomArray(m.N * m.R, 17 + i, 1),
+      }));
+      const want = mods.map((m) => ({
+        g: matmulRef(m.dy, m.b, c.T, m.N, m.R),
+        db: matmulRef(m.dy, m.h, m.N, c.T, m.R, { transA: true }).map(
+          (v, j) => m.scale * v + c.beta * (m.db0[j] as number),
+        ),
+      }));
+      const layout = [
+        { shape: [3, 5], label: 'other' },
+        ...mods.map((m, i) => ({ shape: [m.N, m.R], label: `B${i}` })),
+      ];
+      const got = await gpuCase(ctx, n, async () => {
+        const params = new TensorArena(ctx, layout, 'params');
+        const grads = new TensorArena(ctx, layout, 'grads');
+        writeTensor(grads.views[0] as Tensor, new Float32Array(15).fill(3));
+        const io = mods.map((m, i) => {
+          const b = params.views[i + 1] as Tensor;
+          const db = grads.views[i + 1] as Tensor;
+          writeTensor(b, m.b);
+          writeTensor(db, m.db0);
+          return {
+            dy: tensorFromData(ctx, m.dy, [c.T, m.N], 'f32', `dy${i}`),
+            h: tensorFromData(ctx, m.h, [c.T, m.R], 'f32', `h${i}`),
+            g: createTensor(ctx, [c.T, m.R], 'f32', `g${i}`),
+            b,
+            db,
+            scale: m.scale,
+          };
+        });
+        const d = await planLoraGradGdBPair(ctx, [io[0], io[1]] as [LoraGradModule, LoraGradModule], c.T, c.beta, n);
+        new StepEncoder(ctx, n).dispatch(d).submit();
+        const result = await Promise.all(
+          io.map(async (m) => ({ g: await readFloat32(m.g), db: await readFloat32(m.db) })),
+        );
+        const other = await readFloat32(grads.views[0] as Tensor);
+        d.dispose();
+        for (const m of io) for (const t of [m.dy, m.h, m.g]) t.dispose();
+        params.dispose();
+        grads.dispose();
+        return { result, other };
+      });
+      for (const [i, r] of got.result.entries()) {
+        const w = want[i] as { g: Float64Array; db: Float64Array };
+        const m = c.mods[i] as { N: number; R: number };
+        expectClose(ctx, `${n} g${i}`, r.g, w.g, 3e-5 * Math.sqrt(m.N), 1e-5);
+        expectClose(ctx, `${n} dB${i}`, r.db, w.db, 3e-5 * Math.sqrt(c.T), 1e-5);
+      }
+      expectClose(ctx, `${n} the arena's other place`, got.other, new Float64Array(15).fill(3), 0, 0);
     });
   }
 });

@@ -14,6 +14,8 @@ import {
   type Dispatch,
   fusedQkvLayout,
   type GpuContext,
+  type LoraGradModule,
+  loraGradPairable,
   type MatmulActivationBackward,
   planAttentionBackward,
   planCopyRows,
@@ -23,6 +25,7 @@ import {
   planLayerNormBackward,
   planLoraBackward,
   planLoraColsMulti,
+  planLoraGradGdBPair,
   planMatmul,
   planRmsNormBackward,
   planRopeBackward,
@@ -160,8 +163,10 @@ export function backwardDispatchCount(
     // masked add into dx.
     const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);
     const lin = (role: LinearRole) => (adapted.has(role) ? lora : 1);
-    // A shared-input group's dA are one dispatch instead of one each.
-    for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse)) n -= g.length - 1;
+    // A shared-input group's dA are one dispatch instead of one each, and its g and dB two
+    // modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
+    for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse))
+      n -= g.length - 1 + Math.floor(g.length / 2);
     n += 2 + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
     // dropout on an adapted down).
@@ -291,6 +296,7 @@ export async function planBackward(
       accumulate: boolean,
       activation?: MatmulActivationBackward,
       extra?: { a: Tensor; w: Tensor },
+      gdBPlanned = false,
     ) => {
       const lin = layer.linears[role] as Linear;
       const t = lora.get(lin.module.name);
@@ -310,6 +316,7 @@ export async function planBackward(
               accumulateDx: accumulate,
               accumulateGrads: true,
               fuse: fwd.fuse,
+              gdB: !gdBPlanned,
               dA: slot < 0,
               dxActivation: activation,
               dxExtra: extra,
@@ -344,10 +351,38 @@ export async function planBackward(
       const dy = new Map(parts);
       const adapted = new Set(a.loraH.keys());
       shared = groups(a).find((g) => g.every((r) => roles.includes(r))) ?? [];
+      // The shared projections' g and dB two to a dispatch, before any dx reads a g: each has a g
+      // slot of its own, and the trainer's B and dB are places in two arenas (loraGradPairable).
+      const gdBPlanned = new Set<LinearRole>();
+      const gradModule = (role: LinearRole): LoraGradModule => {
+        const t = lora.get((layer.linears[role] as Linear).module.name) as LoraTrainable;
+        const r = t.a.shape[0] as number;
+        const h = a.loraH.get(role) as Tensor;
+        return { dy: dy.get(role) as Tensor, b: t.b, h, g: g(r, shared.indexOf(role)), db: t.db, scale: t.scale };
+      };
+      for (let i = 0; i + 1 < shared.length; i += 2) {
+        const pair = [shared[i], shared[i + 1]] as [LinearRole, LinearRole];
+        const mods = pair.map(gradModule) as [LoraGradModule, LoraGradModule];
+        if (!loraGradPairable(...mods)) continue;
+        out.push(await planLoraGradGdBPair(ctx, mods, rows, 1, `${label}.lora_g_dB.${pair.join('_')}`));
+        for (const role of pair) gdBPlanned.add(role);
+      }
       const steps = projectionSteps(roles, adapted, fwd.fuse && fwd.dropout === undefined);
       for (const [i, step] of steps.entries()) {
         const extra = step.extra && { a: dy.get(step.extra) as Tensor, w: (layer.linears[step.extra] as Linear).w };
-        await linearBackward(layer, a, step.role, x, dy.get(step.role) as Tensor, dx, i > 0, undefined, extra);
+        const role = step.role;
+        await linearBackward(
+          layer,
+          a,
+          role,
+          x,
+          dy.get(role) as Tensor,
+          dx,
+          i > 0,
+          undefined,
+          extra,
+          gdBPlanned.has(role),
+        );
       }
       await flushShared(x, `${label}.lora_dA.${shared.join('_')}`);
       shared = [];

@@ -368,11 +368,10 @@ export function forwardLayout(
   return { buffers, layers };
 }
 
-/** Dispatches planLayer records for one layer whose adapted projections are `adapted` (with LoRA
- * dropout when `dropout`). */
 /**
  * Projections that read the same input: with fused kernels and no LoRA dropout, the LoRA h of
- * every adapted one is one dispatch (lora_rows_multi) and their dA one more (lora_cols_multi).
+ * every adapted one is one dispatch (lora_rows_multi), their g and dB two modules to a dispatch
+ * (lora_g_db_pair) and their dA one more (lora_cols_multi).
  */
 export function sharedInputGroups(config: ModelConfig): readonly (readonly LinearRole[])[] {
   return config.family === 'gpt2'

@@ -1,7 +1,15 @@
 // One LoRA training step's loss and every LoRA gradient against Hugging Face PEFT
 // (tools/golden_peft_train.py): five architectures × two configurations plus stories260K, with
 // f32 base weights. Gradient error is per tensor: max |g − g_peft| / max |g_peft| ≤ 1e-3.
-import { createTensor, readFloat32, StepEncoder, type Tensor, tensorFromData, writeTensor } from '@webtune/core';
+import {
+  createTensor,
+  readFloat32,
+  StepEncoder,
+  type Tensor,
+  TensorArena,
+  tensorFromData,
+  writeTensor,
+} from '@webtune/core';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { type LoraTrainable, planBackward, shiftLabels } from '../src/backward.js';
@@ -71,25 +79,33 @@ describe('LoRA gradients against PEFT', () => {
       const result = await gpuCase(ctx, run, async () => {
         const model = await loadModel(ctx, model0, { precision: 'f32' });
         const lora = new Map<string, LoraTrainable>();
-        const owned: Tensor[] = [];
-        for (const m of golden.modules) {
-          const a = tensorFromData(
-            ctx,
-            await tensors.readTensor(`${m.key_prefix}.lora_A.weight`),
-            [m.r, m.in_features],
-            'f32',
-            `${m.module}.lora_A`,
-          );
-          const b = tensorFromData(
-            ctx,
-            await tensors.readTensor(`${m.key_prefix}.lora_B.weight`),
-            [m.out_features, m.r],
-            'f32',
-            `${m.module}.lora_B`,
-          );
-          const da = createTensor(ctx, [m.r, m.in_features], 'f32', `${m.module}.lora_A.grad`);
-          const db = createTensor(ctx, [m.out_features, m.r], 'f32', `${m.module}.lora_B.grad`);
-          owned.push(a, b, da, db);
+        // Without recomputation A and B (and their gradients) are places in two arenas, as in the
+        // trainer, so paired modules take lora_g_db_pair; with it, tensors of their own (one
+        // lora_g_db dispatch per module).
+        const shapes = golden.modules.flatMap((m) => [
+          { shape: [m.r, m.in_features], label: `${m.module}.lora_A` },
+          { shape: [m.out_features, m.r], label: `${m.module}.lora_B` },
+        ]);
+        const arenas = recompute ? [] : [new TensorArena(ctx, shapes, 'params'), new TensorArena(ctx, shapes, 'grads')];
+        const owned: { dispose(): void }[] = [...arenas];
+        const place = (i: number, arena: number, data?: Float32Array): Tensor => {
+          const s = shapes[i] as { shape: number[]; label: string };
+          const a = arenas[arena];
+          const label = `${s.label}${arena === 1 ? '.grad' : ''}`;
+          const t = a
+            ? (a.views[i] as Tensor)
+            : data
+              ? tensorFromData(ctx, data, s.shape, 'f32', label)
+              : createTensor(ctx, s.shape, 'f32', label);
+          if (!a) owned.push(t);
+          else if (data) writeTensor(t, data);
+          return t;
+        };
+        for (const [i, m] of golden.modules.entries()) {
+          const a = place(2 * i, 0, await tensors.readTensor(`${m.key_prefix}.lora_A.weight`));
+          const b = place(2 * i + 1, 0, await tensors.readTensor(`${m.key_prefix}.lora_B.weight`));
+          const da = place(2 * i, 1);
+          const db = place(2 * i + 1, 1);
           lora.set(m.module, { a, b, da, db, scale: m.scaling });
         }
         const B = golden.batch.input_ids.length;

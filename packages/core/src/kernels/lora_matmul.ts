@@ -14,8 +14,11 @@ import {
 } from './matmul.js';
 
 // Bindings 4..7 are roles 1 and 2 of the multi-role entries (lora_g_db, lora_rows_multi,
-// lora_cols_multi); entries with fewer roles get placeholders there.
-const BINDINGS = ['uniform', 'read', 'read', 'write', 'read', 'write', 'read', 'write'] as const;
+// lora_cols_multi), binding 8 the second dy of lora_g_db_pair; entries that use fewer get
+// placeholders there.
+const BINDINGS = ['uniform', 'read', 'read', 'write', 'read', 'write', 'read', 'write', 'read'] as const;
+/** Roles in lora_matmul.wgsl's Params. */
+const ROLES = 4;
 const spec = (entryPoint: string): KernelSpec => ({
   source,
   file: 'shaders/lora_matmul.wgsl',
@@ -77,26 +80,31 @@ function expectRows(op: string, t: Tensor, rows: number, cols: number, what: str
   }
 }
 
-/** One role of lora_matmul.wgsl's Params: a product's rank, workgroups and coefficients. */
+/** One role of lora_matmul.wgsl's Params: a product's rank, length, workgroups and coefficients. */
 interface RoleParams {
   readonly R: number;
+  /** lora_rows: K, the reduced dimension; lora_cols: N, the columns of U. */
+  readonly n: number;
   readonly alpha: number;
   readonly beta: number;
   /** First workgroup (flat), grid width and workgroup count: multi-role entries only. */
   readonly start?: number;
   readonly gx?: number;
   readonly count?: number;
+  /** Where the role's L (or V) and its output start in their bindings, in elements. */
+  readonly inOff?: number;
+  readonly outOff?: number;
 }
 
-/** lora_matmul.wgsl's Params: the shape, the grid width and up to three roles. */
-function params(d: { M: number; N: number; K: number; gridX?: number }, roles: readonly RoleParams[]): ArrayBuffer {
+/** lora_matmul.wgsl's Params: the rows (M, or T for lora_cols), the grid width and the roles. */
+function params(d: { M: number; gridX?: number }, roles: readonly RoleParams[]): ArrayBuffer {
   const fields: ['u32' | 'f32', number][] = [
     ['u32', d.M],
-    ['u32', d.N],
-    ['u32', d.K],
+    ['u32', 0],
+    ['u32', 0],
     ['u32', d.gridX ?? 0],
   ];
-  for (let i = 0; i < 3; i++) {
+  for (let i = 0; i < ROLES; i++) {
     const r = roles[i];
     fields.push(
       ['u32', r?.R ?? 0],
@@ -105,6 +113,10 @@ function params(d: { M: number; N: number; K: number; gridX?: number }, roles: r
       ['u32', r?.count ?? 0],
       ['f32', r?.alpha ?? 0],
       ['f32', r?.beta ?? 0],
+      ['u32', r?.inOff ?? 0],
+      ['u32', r?.outOff ?? 0],
+      ['u32', r?.n ?? 0],
+      ['u32', 0],
       ['u32', 0],
       ['u32', 0],
     );
@@ -112,11 +124,12 @@ function params(d: { M: number; N: number; K: number; gridX?: number }, roles: r
   return packUniforms(fields);
 }
 
-/** The placeholders of the roles a dispatch does not use (bindings 4..7). */
+/** The placeholders of the roles a dispatch does not use (bindings 4..7), and of the second dy
+ * (binding 8). */
 function unusedRoles(ctx: GpuContext, used: number): GPUBuffer[] {
   const out: GPUBuffer[] = [];
   for (let r = Math.max(used, 1); r < 3; r++) out.push(ctx.placeholder(), ctx.placeholder('write', r));
-  return out;
+  return [...out, ctx.placeholder()];
 }
 
 /**
@@ -129,8 +142,8 @@ function bindRoles(
   kernel: Kernel,
   label: string,
   x: Tensor,
-  shape: { M: number; N: number; K: number },
-  roles: readonly (LoraRole & { gx: number; gy: number })[],
+  shape: { M: number },
+  roles: readonly (LoraRole & { n: number; gx: number; gy: number })[],
 ): Dispatch {
   if (roles.length < 1 || roles.length > 3) throw new ShapeError(`${label}: 1 to 3 modules, got ${roles.length}`);
   let total = 0;
@@ -148,6 +161,7 @@ function bindRoles(
       { ...shape, gridX },
       roles.map((r, i) => ({
         R: r.R,
+        n: r.n,
         alpha: r.alpha ?? 1,
         beta: r.beta ?? 0,
         start: starts[i],
@@ -198,7 +212,7 @@ export async function planLoraRows(
     label,
     resources: [x, l, out, ...unusedRoles(ctx, 1)],
     workgroups: [Math.ceil(dims.R / 4), Math.ceil(dims.M / (4 * (wg / ks)))],
-    uniforms: params({ M: dims.M, N: 0, K: dims.K }, [{ R: dims.R, alpha: opts.alpha ?? 1, beta: opts.beta ?? 0 }]),
+    uniforms: params({ M: dims.M }, [{ R: dims.R, n: dims.K, alpha: opts.alpha ?? 1, beta: opts.beta ?? 0 }]),
   });
 }
 
@@ -229,7 +243,7 @@ export async function planLoraWeightGrad(
     label,
     resources: [u, v, out, ...unusedRoles(ctx, 1)],
     workgroups: [Math.ceil(dims.N / (4 * wg)), Math.ceil(dims.R / 4)],
-    uniforms: params({ M: dims.T, N: dims.N, K: 0 }, [{ R: dims.R, alpha, beta }]),
+    uniforms: params({ M: dims.T }, [{ R: dims.R, n: dims.N, alpha, beta }]),
   });
 }
 
@@ -255,12 +269,114 @@ export async function planLoraGradGdB(
     TT: 16,
     STAGE: stage,
   });
-  return bindRoles(ctx, kernel, label, io.dy, { M: dims.T, N: dims.N, K: dims.N }, [
-    // g: lora_rows' blocks (x = dy, L = B)
-    { l: io.b, out: io.g, R: dims.R, gx: Math.ceil(dims.R / 4), gy: Math.ceil(dims.T / (4 * (wg / ks))) },
+  return bindRoles(ctx, kernel, label, io.dy, { M: dims.T }, [
+    // g: lora_rows' blocks (x = dy, L = B, K = N)
+    { l: io.b, out: io.g, R: dims.R, n: dims.N, gx: Math.ceil(dims.R / 4), gy: Math.ceil(dims.T / (4 * (wg / ks))) },
     // dB: lora_cols' blocks (U = dy, V = h)
-    { l: io.h, out: io.db, R: dims.R, alpha, beta, gx: Math.ceil(dims.N / (4 * wg)), gy: Math.ceil(dims.R / 4) },
+    {
+      l: io.h,
+      out: io.db,
+      R: dims.R,
+      n: dims.N,
+      alpha,
+      beta,
+      gx: Math.ceil(dims.N / (4 * wg)),
+      gy: Math.ceil(dims.R / 4),
+    },
   ]);
+}
+
+/** One module of planLoraGradGdBPair: its dy (T×N), B (N×r), h and g (T×r), dB (N×r) and
+ * lora_alpha / r. */
+export interface LoraGradModule {
+  readonly dy: Tensor;
+  readonly b: Tensor;
+  readonly h: Tensor;
+  readonly g: Tensor;
+  readonly db: Tensor;
+  readonly scale: number;
+}
+
+/**
+ * Whether two modules' g and dB can be one lora_g_db_pair dispatch: their B are places in one
+ * buffer (the LoRA parameters' arena) and so are their dB (the gradients'), so the kernel binds
+ * each buffer once, whole, and addresses the modules by offset; each buffer within the device's
+ * binding size (an arena over it would take more than 32M LoRA parameters).
+ */
+export function loraGradPairable(a: LoraGradModule, b: LoraGradModule): boolean {
+  const max = a.b.ctx.limits.maxStorageBufferBindingSize;
+  return (
+    a.b.buffer === b.b.buffer &&
+    a.db.buffer === b.db.buffer &&
+    a.b.buffer !== a.db.buffer &&
+    a.b.buffer.size <= max &&
+    a.db.buffer.size <= max
+  );
+}
+
+/**
+ * planLoraGradGdB for two modules in one dispatch (lora_g_db_pair): g_i = dy_i·B_i and
+ * dB_i = s_i·dy_iᵀ·h_i (+ beta·dB_i). Their dy, h and g are buffers of their own, their B and dB
+ * places in two shared buffers (loraGradPairable). Eight storage buffers, WebGPU's default limit.
+ */
+export async function planLoraGradGdBPair(
+  ctx: GpuContext,
+  modules: readonly [LoraGradModule, LoraGradModule],
+  T: number,
+  beta: number,
+  label: string,
+): Promise<Dispatch> {
+  const [m1, m2] = modules;
+  if (!loraGradPairable(m1, m2))
+    throw new ShapeError(
+      `${label}: B ${m1.b.label} and ${m2.b.label} (and dB ${m1.db.label}, ${m2.db.label}) must be places in one buffer each`,
+    );
+  const dims = modules.map((m) => {
+    const [N, R] = m.b.shape as [number, number];
+    expectRows(label, m.b, N, R, 'B');
+    expectRows(label, m.db, N, R, 'dB');
+    expectRows(label, m.dy, T, N, 'dy');
+    expectRows(label, m.h, T, R, 'h');
+    expectRows(label, m.g, T, R, 'g');
+    if (!Number.isFinite(m.scale)) throw new ShapeError(`${label}: scale ${m.scale} is not finite`);
+    return { N, R };
+  });
+  const { wg, ks, stage } = multiSplit(ctx);
+  const kernel = await getKernel(ctx, spec('lora_g_db_pair'), {
+    WG: wg,
+    KS: ks,
+    TRANS_L: false,
+    OUT_NR: true,
+    TT: 16,
+    STAGE: stage,
+    PAIR: true,
+  });
+  const rowsGy = Math.ceil(T / (4 * (wg / ks)));
+  const roles: RoleParams[] = [];
+  let total = 0;
+  const place = (r: Omit<RoleParams, 'start' | 'count'>, gy: number) => {
+    const gx = r.gx as number;
+    roles.push({ ...r, start: total, count: gx * gy });
+    total += gx * gy;
+  };
+  modules.forEach((m, i) => {
+    const { N, R } = dims[i] as { N: number; R: number };
+    // g: lora_rows' blocks (x = dy, L = B at its place in the arena, K = N)
+    place({ R, n: N, alpha: 1, beta: 0, gx: Math.ceil(R / 4), inOff: m.b.byteOffset / 4 }, rowsGy);
+    // dB: lora_cols' blocks (U = dy, V = h), stored at its place in the gradients' arena
+    place(
+      { R, n: N, alpha: m.scale, beta, gx: Math.ceil(N / (4 * wg)), outOff: m.db.byteOffset / 4 },
+      Math.ceil(R / 4),
+    );
+  });
+  const gridX = Math.max(1, Math.min(total, ctx.limits.maxComputeWorkgroupsPerDimension));
+  return bindKernel(ctx, kernel, {
+    label,
+    // x dy₁, l B arena, out g₁, hv h₁, db dB arena, l3 h₂, out3 g₂, x2 dy₂
+    resources: [m1.dy, m1.b.buffer, m1.g, m1.h, m1.db.buffer, m2.h, m2.g, m2.dy],
+    workgroups: [gridX, Math.ceil(total / gridX)],
+    uniforms: params({ M: T, gridX }, roles),
+  });
 }
 
 /**
@@ -305,8 +421,8 @@ export async function planLoraRowsMulti(
     kernel,
     label,
     x,
-    { M: dims.M, N: 0, K: dims.K },
-    roles.map((r) => ({ ...r, gx: Math.ceil(r.R / 4), gy })),
+    { M: dims.M },
+    roles.map((r) => ({ ...r, n: dims.K, gx: Math.ceil(r.R / 4), gy })),
   );
 }
 
@@ -333,8 +449,8 @@ export async function planLoraColsMulti(
     kernel,
     label,
     x,
-    { M: dims.T, N: dims.N, K: 0 },
-    roles.map((r) => ({ ...r, gx, gy: Math.ceil(r.R / 4) })),
+    { M: dims.T },
+    roles.map((r) => ({ ...r, n: dims.N, gx, gy: Math.ceil(r.R / 4) })),
   );
 }
 
@@ -466,6 +582,9 @@ export interface LoraBackwardOptions {
   /** g and dB in one dispatch (planLoraGradGdB). Default true; false plans them apart (g with
    * `thin`'s kernel). */
   fuse?: boolean;
+  /** Plan g and dB. Default true; false when the caller computes them with another module's in
+   * one planLoraGradGdBPair (io.g and io.db hold them by then). */
+  gdB?: boolean;
   /** Plan dA = s·gᵀ·x. Default true; false when the caller computes it with other modules' in one
    * planLoraColsMulti (g stays in io.g for it). */
   dA?: boolean;
@@ -505,31 +624,42 @@ export async function planLoraBackward(
   // dA reads the branch's input: x, or with dropout xd = dropout(x) recomputed into the scratch.
   const xd = dropout?.scratch;
   const plan =
-    (opts.fuse ?? true)
-      ? [
-          await planLoraGradGdB(
-            ctx,
-            { dy: io.dy, b: layer.b, h: io.h, g: io.g, db: io.db },
-            { T: s.T, N: s.outF, R: s.r },
-            layer.scale,
-            beta,
-            `${label}.g_dB`,
-          ),
-        ]
-      : [
-          await planLoraThin(ctx, io.dy, layer.b, io.g, { M: s.T, K: s.outF, R: s.r }, false, `${label}.g`, opts.thin),
-          await planLoraWeightGrad(
-            ctx,
-            io.dy,
-            io.h,
-            io.db,
-            { T: s.T, N: s.outF, R: s.r },
-            true,
-            layer.scale,
-            beta,
-            `${label}.dB`,
-          ),
-        ];
+    opts.gdB === false
+      ? []
+      : (opts.fuse ?? true)
+        ? [
+            await planLoraGradGdB(
+              ctx,
+              { dy: io.dy, b: layer.b, h: io.h, g: io.g, db: io.db },
+              { T: s.T, N: s.outF, R: s.r },
+              layer.scale,
+              beta,
+              `${label}.g_dB`,
+            ),
+          ]
+        : [
+            await planLoraThin(
+              ctx,
+              io.dy,
+              layer.b,
+              io.g,
+              { M: s.T, K: s.outF, R: s.r },
+              false,
+              `${label}.g`,
+              opts.thin,
+            ),
+            await planLoraWeightGrad(
+              ctx,
+              io.dy,
+              io.h,
+              io.db,
+              { T: s.T, N: s.outF, R: s.r },
+              true,
+              layer.scale,
+              beta,
+              `${label}.dB`,
+            ),
+          ];
   if (dropout && xd) plan.push(await planDropout(ctx, dropout.mask, io.x, xd, { label: `${label}.dropout` }));
   if (opts.dA === false && dropout) throw new ShapeError(`${op}: LoRA dropout needs its own dA dispatch`);
   if (opts.dA !== false) {
