@@ -47,7 +47,7 @@ struct Role {
   beta: f32,
   in_off: u32,  // where the role's L (or V) starts in its binding, in elements
   out_off: u32, // where its output starts in its binding
-  n: u32,       // lora_rows: K, the reduced dimension   lora_cols: N, the columns of U
+  n: u32,       // PAIR: the role's K (lora_rows) or N (lora_cols); the others use p.K and p.N
   _pad0: u32,
   _pad1: u32,
   _pad2: u32,
@@ -55,8 +55,8 @@ struct Role {
 
 struct Params {
   M: u32,      // lora_rows: rows of X and C      lora_cols: T (the reduced dimension)
-  _pad0: u32,
-  _pad1: u32,
+  N: u32,      // lora_rows: unused                lora_cols: columns of U     (all but PAIR)
+  K: u32,      // lora_rows: the reduced dimension lora_cols: unused           (all but PAIR)
   grid_x: u32, // workgroups per row of the dispatch grid (the multi entries and lora_g_db)
   roles: array<Role, 4>,
 }
@@ -86,12 +86,24 @@ var<workgroup> partial: array<array<vec4<f32>, 4>, WG>;
 var<workgroup> v_rows: array<vec4<f32>, TT>;
 
 // The role this workgroup computes, its rank, its K (rows) or N (cols), and where its input and
-// output start (set by every entry point before any load).
+// output start (set by every entry point before any load). Only PAIR's roles differ in K, N and
+// offsets; the other entries keep them uniform (p.K, p.N, 0), which a CPU driver running
+// invocations as SIMD lanes needs to see: a loop bound or address from a private variable
+// counts as varying per lane there (lora_g_db ran about 1.8× slower on SwiftShader with them).
 var<private> role: u32;
 var<private> rank: u32;
-var<private> dim: u32;
+var<private> pair_dim: u32;
 var<private> in_off: u32;
 var<private> out_off: u32;
+
+fn kdim() -> u32 {
+  if (PAIR) { return pair_dim; }
+  return p.K;
+}
+fn ndim() -> u32 {
+  if (PAIR) { return pair_dim; }
+  return p.N;
+}
 
 // X (lora_rows) or U (lora_cols) of the role, flat: x, or x2 for lora_g_db_pair's second module.
 fn x_at(i: u32) -> f32 {
@@ -111,7 +123,8 @@ fn out_slot() -> u32 {
 
 // L (lora_rows) or V (lora_cols) of the role, flat.
 fn role_in(i: u32) -> f32 {
-  let j = in_off + i;
+  var j = i;
+  if (PAIR) { j += in_off; }
   switch in_slot() {
     case 1u: { return hv[j]; }
     case 2u: { return l3[j]; }
@@ -123,7 +136,8 @@ fn role_in(i: u32) -> f32 {
 fn role_store(i: u32, v: f32) {
   let a = p.roles[role].alpha;
   let b = p.roles[role].beta;
-  let j = out_off + i;
+  var j = i;
+  if (PAIR) { j += out_off; }
   switch out_slot() {
     case 1u: {
       var y = a * v;
@@ -146,15 +160,17 @@ fn role_store(i: u32, v: f32) {
 fn set_role(r: u32) {
   role = r;
   rank = p.roles[r].R;
-  dim = p.roles[r].n;
-  in_off = p.roles[r].in_off;
-  out_off = p.roles[r].out_off;
+  if (PAIR) {
+    pair_dim = p.roles[r].n;
+    in_off = p.roles[r].in_off;
+    out_off = p.roles[r].out_off;
+  }
 }
 
 // Loads for lora_rows. Row m and rank j are clamped into range by the caller, so no load is
 // conditional; results of clamped rows and ranks are never stored.
 fn l_at(j: u32, k: u32) -> f32 {
-  if (TRANS_L) { return role_in(j * dim + k); }
+  if (TRANS_L) { return role_in(j * kdim() + k); }
   return role_in(k * rank + j);
 }
 
@@ -174,10 +190,10 @@ fn rows_block(tid: u32, wx: u32, wy: u32) {
   let lane = tid % KS;
   let last_m = p.M - 1u;
   let last_j = rank - 1u;
-  let m = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_m)) * dim;
+  let m = min(vec4<u32>(m0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_m)) * kdim();
   let j = min(vec4<u32>(j0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(last_j));
   var acc = array<vec4<f32>, 4>();   // acc[i][jj]: row m0+i, rank j0+jj
-  for (var k = lane; k < dim; k += KS) {
+  for (var k = lane; k < kdim(); k += KS) {
     let lv = vec4<f32>(l_at(j.x, k), l_at(j.y, k), l_at(j.z, k), l_at(j.w, k));
     acc[0] = fma(vec4<f32>(x_at(m.x + k)), lv, acc[0]);
     acc[1] = fma(vec4<f32>(x_at(m.y + k)), lv, acc[1]);
@@ -218,12 +234,12 @@ fn store_cols(n0: u32, j0: u32, acc: array<vec4<f32>, 4>) {
   // acc[i][jj]: column n0+i, rank j0+jj
   for (var i = 0u; i < 4u; i++) {
     let n = n0 + i;
-    if (n >= dim) { break; }
+    if (n >= ndim()) { break; }
     for (var jj = 0u; jj < 4u; jj++) {
       let j = j0 + jj;
       if (j >= rank) { break; }
       var idx: u32;
-      if (OUT_NR) { idx = n * rank + j; } else { idx = j * dim + n; }
+      if (OUT_NR) { idx = n * rank + j; } else { idx = j * ndim() + n; }
       role_store(idx, acc[i][jj]);
     }
   }
@@ -252,10 +268,10 @@ fn cols_block(tid: u32, wx: u32, wy: u32) {
   var acc = array<vec4<f32>, 4>();
   if (!STAGE) {
     let j = clamped_ranks(j0);
-    let n = min(vec4<u32>(n0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(dim - 1u));
+    let n = min(vec4<u32>(n0) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(ndim() - 1u));
     for (var t = 0u; t < p.M; t++) {
       let vv = v_direct(t, j);
-      let b = t * dim;
+      let b = t * ndim();
       acc[0] = fma(vec4<f32>(x_at(b + n.x)), vv, acc[0]);
       acc[1] = fma(vec4<f32>(x_at(b + n.y)), vv, acc[1]);
       acc[2] = fma(vec4<f32>(x_at(b + n.z)), vv, acc[2]);
@@ -274,7 +290,7 @@ fn cols_block(tid: u32, wx: u32, wy: u32) {
       let vv = v_rows[r];
       for (var i = 0u; i < 4u; i++) {
         var u = 0.0;
-        if (n0 + i < dim) { u = x_at(t * dim + n0 + i); }
+        if (n0 + i < ndim()) { u = x_at(t * ndim() + n0 + i); }
         acc[i] = fma(vec4<f32>(u), vv, acc[i]);
       }
     }
@@ -291,11 +307,11 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
   let j0 = wid.y * 4u;
   var acc = array<vec4<f32>, 4>();
   if (!STAGE) {
-    if (n0 < dim) {
+    if (n0 < ndim()) {
       let j = clamped_ranks(j0);
       for (var t = 0u; t < p.M; t++) {
         let vv = v_direct(t, j);
-        let u = x4[(t * dim + n0) / 4u];
+        let u = x4[(t * ndim() + n0) / 4u];
         acc[0] = fma(vec4<f32>(u.x), vv, acc[0]);
         acc[1] = fma(vec4<f32>(u.y), vv, acc[1]);
         acc[2] = fma(vec4<f32>(u.z), vv, acc[2]);
@@ -310,10 +326,10 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
       if (t0 + r < p.M) { v_rows[r] = v_row(t0 + r, j0); } else { v_rows[r] = vec4<f32>(0.0); }
     }
     workgroupBarrier();
-    if (n0 < dim) {
+    if (n0 < ndim()) {
       for (var r = 0u; r < TT && t0 + r < p.M; r++) {
         let vv = v_rows[r];
-        let u = x4[((t0 + r) * dim + n0) / 4u];
+        let u = x4[((t0 + r) * ndim() + n0) / 4u];
         acc[0] = fma(vec4<f32>(u.x), vv, acc[0]);
         acc[1] = fma(vec4<f32>(u.y), vv, acc[1]);
         acc[2] = fma(vec4<f32>(u.z), vv, acc[2]);

@@ -83,8 +83,9 @@ function expectRows(op: string, t: Tensor, rows: number, cols: number, what: str
 /** One role of lora_matmul.wgsl's Params: a product's rank, length, workgroups and coefficients. */
 interface RoleParams {
   readonly R: number;
-  /** lora_rows: K, the reduced dimension; lora_cols: N, the columns of U. */
-  readonly n: number;
+  /** lora_g_db_pair: the role's K (lora_rows) or N (lora_cols); the other entries take Params' K
+   * and N, uniform over the dispatch. */
+  readonly n?: number;
   readonly alpha: number;
   readonly beta: number;
   /** First workgroup (flat), grid width and workgroup count: multi-role entries only. */
@@ -96,12 +97,12 @@ interface RoleParams {
   readonly outOff?: number;
 }
 
-/** lora_matmul.wgsl's Params: the rows (M, or T for lora_cols), the grid width and the roles. */
-function params(d: { M: number; gridX?: number }, roles: readonly RoleParams[]): ArrayBuffer {
+/** lora_matmul.wgsl's Params: the shape, the grid width and the roles. */
+function params(d: { M: number; N?: number; K?: number; gridX?: number }, roles: readonly RoleParams[]): ArrayBuffer {
   const fields: ['u32' | 'f32', number][] = [
     ['u32', d.M],
-    ['u32', 0],
-    ['u32', 0],
+    ['u32', d.N ?? 0],
+    ['u32', d.K ?? 0],
     ['u32', d.gridX ?? 0],
   ];
   for (let i = 0; i < ROLES; i++) {
@@ -142,8 +143,8 @@ function bindRoles(
   kernel: Kernel,
   label: string,
   x: Tensor,
-  shape: { M: number },
-  roles: readonly (LoraRole & { n: number; gx: number; gy: number })[],
+  shape: { M: number; N: number; K: number },
+  roles: readonly (LoraRole & { gx: number; gy: number })[],
 ): Dispatch {
   if (roles.length < 1 || roles.length > 3) throw new ShapeError(`${label}: 1 to 3 modules, got ${roles.length}`);
   let total = 0;
@@ -161,7 +162,6 @@ function bindRoles(
       { ...shape, gridX },
       roles.map((r, i) => ({
         R: r.R,
-        n: r.n,
         alpha: r.alpha ?? 1,
         beta: r.beta ?? 0,
         start: starts[i],
@@ -212,7 +212,7 @@ export async function planLoraRows(
     label,
     resources: [x, l, out, ...unusedRoles(ctx, 1)],
     workgroups: [Math.ceil(dims.R / 4), Math.ceil(dims.M / (4 * (wg / ks)))],
-    uniforms: params({ M: dims.M }, [{ R: dims.R, n: dims.K, alpha: opts.alpha ?? 1, beta: opts.beta ?? 0 }]),
+    uniforms: params({ M: dims.M, K: dims.K }, [{ R: dims.R, alpha: opts.alpha ?? 1, beta: opts.beta ?? 0 }]),
   });
 }
 
@@ -243,7 +243,7 @@ export async function planLoraWeightGrad(
     label,
     resources: [u, v, out, ...unusedRoles(ctx, 1)],
     workgroups: [Math.ceil(dims.N / (4 * wg)), Math.ceil(dims.R / 4)],
-    uniforms: params({ M: dims.T }, [{ R: dims.R, n: dims.N, alpha, beta }]),
+    uniforms: params({ M: dims.T, N: dims.N }, [{ R: dims.R, alpha, beta }]),
   });
 }
 
@@ -269,20 +269,11 @@ export async function planLoraGradGdB(
     TT: 16,
     STAGE: stage,
   });
-  return bindRoles(ctx, kernel, label, io.dy, { M: dims.T }, [
-    // g: lora_rows' blocks (x = dy, L = B, K = N)
-    { l: io.b, out: io.g, R: dims.R, n: dims.N, gx: Math.ceil(dims.R / 4), gy: Math.ceil(dims.T / (4 * (wg / ks))) },
+  return bindRoles(ctx, kernel, label, io.dy, { M: dims.T, N: dims.N, K: dims.N }, [
+    // g: lora_rows' blocks (x = dy, L = B)
+    { l: io.b, out: io.g, R: dims.R, gx: Math.ceil(dims.R / 4), gy: Math.ceil(dims.T / (4 * (wg / ks))) },
     // dB: lora_cols' blocks (U = dy, V = h)
-    {
-      l: io.h,
-      out: io.db,
-      R: dims.R,
-      n: dims.N,
-      alpha,
-      beta,
-      gx: Math.ceil(dims.N / (4 * wg)),
-      gy: Math.ceil(dims.R / 4),
-    },
+    { l: io.h, out: io.db, R: dims.R, alpha, beta, gx: Math.ceil(dims.N / (4 * wg)), gy: Math.ceil(dims.R / 4) },
   ]);
 }
 
@@ -421,8 +412,8 @@ export async function planLoraRowsMulti(
     kernel,
     label,
     x,
-    { M: dims.M },
-    roles.map((r) => ({ ...r, n: dims.K, gx: Math.ceil(r.R / 4), gy })),
+    { M: dims.M, N: 0, K: dims.K },
+    roles.map((r) => ({ ...r, gx: Math.ceil(r.R / 4), gy })),
   );
 }
 
@@ -449,8 +440,8 @@ export async function planLoraColsMulti(
     kernel,
     label,
     x,
-    { M: dims.T },
-    roles.map((r) => ({ ...r, n: dims.N, gx, gy: Math.ceil(r.R / 4) })),
+    { M: dims.T, N: dims.N, K: 0 },
+    roles.map((r) => ({ ...r, gx, gy: Math.ceil(r.R / 4) })),
   );
 }
 
