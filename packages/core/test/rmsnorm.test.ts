@@ -1,13 +1,23 @@
 // RMSNorm (shaders/rmsnorm.wgsl), forward and backward, against the float64 reference: packed
 // rows of awkward lengths (every work split: one invocation per row, the adapter's choice on CPU
 // adapters; and forced trees, short rows several to a workgroup and long rows one per workgroup),
-// and Qwen3's per-head q_norm/k_norm reading from and writing into a fused qkv buffer through a
-// row stride and offset.
+// Qwen3's per-head q_norm/k_norm reading from and writing into a fused qkv buffer through a row
+// stride and offset; and the norm that also computes two projections' LoRA h (rmsnorm_fwd_lora).
 import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
+import { matmulRef } from '../ref/matmul.js';
 import { rmsnormBackwardRef, rmsnormForwardRef } from '../ref/rmsnorm.js';
-import { createTensor, readFloat32, ShapeError, StepEncoder, tensorFromData } from '../src/index.js';
-import { type NormSplit, planRmsNormBackward, planRmsNormForward } from '../src/kernels/rmsnorm.js';
+import {
+  createTensor,
+  readFloat32,
+  ShapeError,
+  StepEncoder,
+  type Tensor,
+  TensorArena,
+  tensorFromData,
+  writeTensor,
+} from '../src/index.js';
+import { type NormSplit, planRmsNormBackward, planRmsNormForward, type RmsNormLoraH } from '../src/kernels/rmsnorm.js';
 import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
 const paths = useReductionPaths();
@@ -164,6 +174,66 @@ for (const path of paths) {
       expectClose(ctx, 'k_norm y', heads(got.k, nKV, kOff), yk, 2e-6, 1e-5);
       expectClose(ctx, 'dqkv (q and k written, v untouched)', got.dqkv, wantDqkv, tol(hd), 1e-5);
     });
+
+    // rmsnorm_fwd_lora: the norm and the LoRA h = y·A_mᵀ of two projections reading y, their A
+    // places in one arena (after another tensor, so at non-zero offsets), in every work split.
+    const loraCases: { rows: number; d: number; ranks: [number, number]; copy: boolean; split?: NormSplit }[] = [
+      { rows: 7, d: 12, ranks: [8, 8], copy: true, split: 'tree' },
+      { rows: 65, d: 63, ranks: [1, 7], copy: false },
+      { rows: 65, d: 576, ranks: [16, 4], copy: true, split: 'rows' },
+      { rows: 3, d: 257, ranks: [64, 2], copy: true, split: 'tree' },
+    ];
+    for (const c of loraCases) {
+      const n = `with the LoRA h of two projections: rows=${c.rows} d=${c.d} r=${c.ranks.join(',')}${c.copy ? ' +copy' : ''}${c.split ? ` ${c.split}` : ''}`;
+      it(n, async (t) => {
+        const ctx = path.gpu(t);
+        const p = {
+          rows: c.rows,
+          d: c.d,
+          eps: 1e-5,
+          x: randomArray(c.rows * c.d, c.d + 5, 2),
+          w: randomArray(c.d, c.d + 6),
+        };
+        const as = c.ranks.map((R, i) => randomArray(R * c.d, R + 9 * i, 1));
+        const ref = rmsnormForwardRef(p);
+        const wantH = as.map((a, i) => matmulRef(ref.y, a, c.rows, c.d, c.ranks[i] as number, { transB: true }));
+        const got = await gpuCase(ctx, n, async () => {
+          const x = tensorFromData(ctx, p.x, [c.rows, c.d], 'f32', 'x');
+          const w = tensorFromData(ctx, p.w, [c.d], 'f32', 'w');
+          const y = createTensor(ctx, [c.rows, c.d], 'f32', 'y');
+          const rstd = createTensor(ctx, [c.rows], 'f32', 'rstd');
+          const xCopy = c.copy ? createTensor(ctx, [c.rows, c.d], 'f32', 'x_copy') : undefined;
+          const arena = new TensorArena(
+            ctx,
+            [{ shape: [5], label: 'other' }, ...c.ranks.map((R, i) => ({ shape: [R, c.d], label: `A${i}` }))],
+            'params',
+          );
+          const hs = c.ranks.map((R, i) => createTensor(ctx, [c.rows, R], 'f32', `h${i}`));
+          const lora = c.ranks.map((_, i) => {
+            const a = arena.views[i + 1] as Tensor;
+            writeTensor(a, as[i] as Float64Array);
+            return { a, h: hs[i] as Tensor };
+          }) as [RmsNormLoraH, RmsNormLoraH];
+          const fwd = await planRmsNormForward(ctx, { x, w, y, rstd, xCopy, lora }, { eps: p.eps, split: c.split });
+          new StepEncoder(ctx, n).dispatch(fwd).submit();
+          const out = {
+            y: await readFloat32(y),
+            rstd: await readFloat32(rstd),
+            h: await Promise.all(hs.map((h) => readFloat32(h))),
+            xCopy: xCopy ? await readFloat32(xCopy) : undefined,
+          };
+          fwd.dispose();
+          arena.dispose();
+          for (const t of [x, w, y, rstd, xCopy, ...hs]) t?.dispose();
+          return out;
+        });
+        expectClose(ctx, `${n} y`, got.y, ref.y, 2e-6, 1e-5);
+        expectClose(ctx, `${n} rstd`, got.rstd, ref.rstd, 0, 1e-5);
+        for (const [i, h] of got.h.entries())
+          expectClose(ctx, `${n} h${i}`, h, wantH[i] as Float64Array, 3e-5 * Math.sqrt(c.d), 1e-5);
+        if (c.copy) expect(got.xCopy, 'x copied exactly').toEqual(Float32Array.from(p.x));
+      });
+    }
 
     it('rejects operands whose shapes do not fit, naming them', async (t) => {
       const ctx = path.gpu(t);

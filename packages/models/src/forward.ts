@@ -31,6 +31,8 @@ import {
   planRopeForward,
   planSiluMulForward,
   planTableProduct,
+  type RmsNormLoraH,
+  rmsnormLoraFits,
   ShapeError,
   type Tensor,
   type TileMath,
@@ -458,8 +460,10 @@ export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, d
   const c = config;
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
   let n = 2 + 1; // the two norms, attention
-  // A group's h are one dispatch instead of one each.
-  for (const g of sharedLoraGroups(c, adapted, dropout, fuse)) n -= g.length - 1;
+  // A group's h are one dispatch instead of one each; none when the RMSNorm before the group
+  // computes the h of its two projections (their A in an arena, as the trainer keeps them).
+  for (const g of sharedLoraGroups(c, adapted, dropout, fuse))
+    n -= g.length - 1 + (g.length === 2 && c.norm.kind === 'rms' ? 1 : 0);
   // q and k in one dispatch, or one each; none when the projections rotate them.
   const rope = ropeInProjections(c, fuse) ? 0 : fuse ? 1 : 2;
   const act = fuse ? 0 : 1; // gelu or silu·mul: the fc or up projection's epilogue when fused
@@ -860,13 +864,41 @@ export async function planLayer(
     );
     for (const role of g) shared.add(role);
   };
+  // A norm followed by the h of two adapted projections reading its output: one dispatch
+  // (rmsnorm_fwd_lora, their A places in the trainer's arena); otherwise the norm, then sharedH.
+  const normAndSharedH = async (
+    norm: Norm,
+    x: Tensor,
+    y: Tensor,
+    stats: NormStats,
+    label: string,
+    xCopy: Tensor | undefined,
+    group: readonly LinearRole[],
+  ) => {
+    const g = groups.find((roles) => roles.every((r) => group.includes(r)));
+    const hs: RmsNormLoraH[] | undefined =
+      g?.length === 2 && c.norm.kind === 'rms'
+        ? g.map((role) => ({
+            a: (lora?.get(linear(layer, role).module.name) as LoraModuleWeights).a,
+            h: a.loraH.get(role) as Tensor,
+          }))
+        : undefined;
+    const pair = hs && ([hs[0], hs[1]] as [RmsNormLoraH, RmsNormLoraH]);
+    if (g && pair && rmsnormLoraFits(pair)) {
+      const io = { x, w: norm.w, y, rstd: stats.rstd, xCopy, lora: pair };
+      out.push(await planRmsNormForward(ctx, io, { eps: c.norm.eps, label }));
+      for (const role of g) shared.add(role);
+      return;
+    }
+    out.push(await planNorm(ctx, model, norm, x, y, stats, label, xCopy));
+    await sharedH(y, group);
+  };
 
   // The residual adds cost no dispatch: each norm copies its input to where the block's last
   // projection then adds its output (o_proj into mid, down_proj into out). In place (inference:
   // mid and out are x) there is nothing to copy.
   const copy = (from: Tensor, to: Tensor) => (to === from ? undefined : to);
-  out.push(await planNorm(ctx, model, layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid)));
-  await sharedH(a.n1, ['q', 'k', 'v']);
+  await normAndSharedH(layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid), ['q', 'k', 'v']);
   const dest = attention.dest(a, layer.index);
   // Decoding, fused: RoPE writes the new keys and values into the cache itself.
   const kvCache =
@@ -883,7 +915,7 @@ export async function planLayer(
   attention.onPlanned?.(layer.index, attend);
   out.push(...attend);
   await lin('o', a.attn, a.mid, true);
-  out.push(await planNorm(ctx, model, layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out)));
+  await normAndSharedH(layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out), ['gate', 'up']);
   // The nonlinearity: the fc (up) projection's epilogue when fused, a dispatch of its own otherwise.
   if (c.family === 'gpt2') {
     await lin('fc', a.n2, a.gate, false, fuse ? { kind: 'gelu', act: a.act } : undefined);
@@ -897,7 +929,6 @@ export async function planLayer(
       const opts = { glu, label: `${p}.mlp.gate_up` };
       out.push(await planMatmul(ctx, a.n2, gateW, a.gate, { ...opts, tileMath: tilesFor(ctx, tileMath, gateW, opts) }));
     } else {
-      await sharedH(a.n2, ['gate', 'up']);
       await lin('gate', a.n2, a.gate);
       await lin('up', a.n2, up, false, fuse ? { kind: 'silu_mul', gate: a.gate, act: a.act } : undefined);
       if (!fuse) out.push(await planSiluMulForward(ctx, { gate: a.gate, up, out: a.act }, `${p}.silu_mul`));

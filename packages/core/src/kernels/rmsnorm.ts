@@ -10,6 +10,7 @@ import { isCpuAdapter } from './matmul.js';
 const BINDINGS = {
   rmsnorm_fwd: ['uniform', 'read', 'read', 'write', 'write'],
   rmsnorm_fwd_copy: ['uniform', 'read', 'read', 'write', 'write', 'write'],
+  rmsnorm_fwd_lora: ['uniform', 'read', 'read', 'write', 'write', 'write', 'read', 'write', 'write'],
   rmsnorm_bwd: ['uniform', 'read', 'read', 'read', 'read', 'write'],
 } as const;
 
@@ -123,6 +124,25 @@ export interface RmsNormForwardBuffers {
   /** Written when given: a copy of x in x's layout (where a transformer layer's next projection
    * accumulates its output: the residual add). Must not be x. */
   readonly xCopy?: Tensor;
+  /** The LoRA h = y·Aᵀ of two projections that read y, computed in the same dispatch
+   * (rmsnormLoraFits). */
+  readonly lora?: readonly [RmsNormLoraH, RmsNormLoraH];
+}
+
+/** One adapted projection reading a norm's output: its A (r×d, f32) and its h ([rows, r], written). */
+export interface RmsNormLoraH {
+  readonly a: Tensor;
+  readonly h: Tensor;
+}
+
+/**
+ * Whether planRmsNormForward can compute these two projections' LoRA h in the norm's dispatch
+ * (rmsnorm_fwd_lora): both A are places in one buffer (the trainer's arena of LoRA parameters),
+ * which fits one binding, so the entry stays within eight storage buffers.
+ */
+export function rmsnormLoraFits(lora: readonly [RmsNormLoraH, RmsNormLoraH]): boolean {
+  const [a, b] = lora;
+  return a.a.buffer === b.a.buffer && a.a.buffer.size <= a.a.ctx.limits.maxStorageBufferBindingSize;
 }
 
 export interface RmsNormBackwardBuffers {
@@ -162,7 +182,13 @@ function resolve(op: string, w: Tensor, rstd: Tensor, opts: RmsNormOptions, x: T
   return r;
 }
 
-function uniforms(r: Resolved, eps: number, accumulate: boolean, gridX: number): ArrayBuffer {
+function uniforms(
+  r: Resolved,
+  eps: number,
+  accumulate: boolean,
+  gridX: number,
+  lora: { r1: number; r2: number; a1: number; a2: number; copy: boolean } = { r1: 0, r2: 0, a1: 0, a2: 0, copy: false },
+): ArrayBuffer {
   return packUniforms([
     ['u32', r.rows],
     ['u32', r.d],
@@ -174,10 +200,17 @@ function uniforms(r: Resolved, eps: number, accumulate: boolean, gridX: number):
     ['f32', eps],
     ['u32', accumulate ? 1 : 0],
     ['u32', gridX],
+    ['u32', lora.r1],
+    ['u32', lora.r2],
+    ['u32', lora.a1],
+    ['u32', lora.a2],
+    ['u32', lora.copy ? 1 : 0],
+    ['u32', 0],
   ]);
 }
 
-/** y = w · x · rstd per row, saving rstd (and copying x to xCopy when given). One dispatch. */
+/** y = w · x · rstd per row, saving rstd (and copying x to xCopy when given; and the LoRA h of
+ * `io.lora`). One dispatch. */
 export async function planRmsNormForward(
   ctx: GpuContext,
   io: RmsNormForwardBuffers,
@@ -187,6 +220,37 @@ export async function planRmsNormForward(
   const r = resolve(`${label}.forward`, io.w, io.rstd, opts, io.x, io.y, 'y');
   if (io.xCopy) checkNormRows(`${label}.forward`, 'xCopy', io.xCopy, r.rows, r.d, r.groups, opts.xLayout);
   const shape = rowReduceShape(ctx, r.rows, r.d, opts.split);
+  if (io.lora) {
+    const op = `${label}.forward`;
+    if (r.groups !== 1 || opts.xLayout || opts.yLayout)
+      throw new ShapeError(`${op}: the LoRA h need packed rows (no groups, strides or offsets)`);
+    if (!rmsnormLoraFits(io.lora))
+      throw new ShapeError(
+        `${op}: A ${io.lora[0].a.label} and ${io.lora[1].a.label} must be places in one buffer within the binding size limit`,
+      );
+    const ranks = io.lora.map(({ a, h }) => {
+      const R = a.shape[0] as number;
+      if (a.dtype !== 'f32' || a.shape.length !== 2 || a.shape[1] !== r.d || R < 1)
+        throw new ShapeError(`${op}: A ${a.label} ${a.dtype}${formatShape(a.shape)} must be f32 r×${r.d}`);
+      if (h.dtype !== 'f32' || h.size !== r.rows * R || h.shape[h.shape.length - 1] !== R)
+        throw new ShapeError(`${op}: h ${h.label} ${h.dtype}${formatShape(h.shape)} must be f32 ${r.rows}×${R}`);
+      return R;
+    });
+    const kernel = await getKernel(ctx, spec(ctx, 'rmsnorm_fwd_lora'), { WG: shape.wg, TPR: shape.tpr });
+    const [m1, m2] = io.lora;
+    return bindKernel(ctx, kernel, {
+      label,
+      resources: [io.x, io.w, io.rstd, io.y, io.xCopy ?? ctx.placeholder('write'), m1.a.buffer, m1.h, m2.h],
+      workgroups: shape.workgroups,
+      uniforms: uniforms(r, opts.eps, false, shape.gridX, {
+        r1: ranks[0] as number,
+        r2: ranks[1] as number,
+        a1: m1.a.byteOffset / 4,
+        a2: m2.a.byteOffset / 4,
+        copy: io.xCopy !== undefined,
+      }),
+    });
+  }
   const entry = io.xCopy ? 'rmsnorm_fwd_copy' : 'rmsnorm_fwd';
   const kernel = await getKernel(ctx, spec(ctx, entry), { WG: shape.wg, TPR: shape.tpr });
   return bindKernel(ctx, kernel, {
