@@ -16,6 +16,7 @@ import {
   type GpuContext,
   type LoraGradModule,
   loraGradPairable,
+  loraGradPairPays,
   type MatmulActivationBackward,
   planAttentionBackward,
   planCopyRows,
@@ -150,7 +151,14 @@ export function ropeInAttentionBackward(config: ModelConfig, fuse: boolean): boo
 export function backwardDispatchCount(
   config: ModelConfig,
   ranks: AdapterRanks,
-  opts: { recompute?: boolean; lossDispatches: number; dropout?: boolean; fuse?: boolean },
+  opts: {
+    recompute?: boolean;
+    lossDispatches: number;
+    dropout?: boolean;
+    fuse?: boolean;
+    /** lora_g_db_pair is planned (loraGradPairPays on the device). Default true. */
+    pairGdB?: boolean;
+  },
 ): number {
   const fuse = opts.fuse ?? true;
   const c = config;
@@ -163,10 +171,10 @@ export function backwardDispatchCount(
     // masked add into dx.
     const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);
     const lin = (role: LinearRole) => (adapted.has(role) ? lora : 1);
-    // A shared-input group's dA are one dispatch instead of one each, and its g and dB two
-    // modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
+    // A shared-input group's dA are one dispatch instead of one each, and with pairGdB its g and
+    // dB two modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
     for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse))
-      n -= g.length - 1 + Math.floor(g.length / 2);
+      n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
     n += 2 + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
     // dropout on an adapted down).
@@ -351,8 +359,9 @@ export async function planBackward(
       const dy = new Map(parts);
       const adapted = new Set(a.loraH.keys());
       shared = groups(a).find((g) => g.every((r) => roles.includes(r))) ?? [];
-      // The shared projections' g and dB two to a dispatch, before any dx reads a g: each has a g
-      // slot of its own, and the trainer's B and dB are places in two arenas (loraGradPairable).
+      // The shared projections' g and dB two to a dispatch where that pays (loraGradPairPays),
+      // before any dx reads a g: each has a g slot of its own, and the trainer's B and dB are
+      // places in two arenas (loraGradPairable).
       const gdBPlanned = new Set<LinearRole>();
       const gradModule = (role: LinearRole): LoraGradModule => {
         const t = lora.get((layer.linears[role] as Linear).module.name) as LoraTrainable;
@@ -360,7 +369,7 @@ export async function planBackward(
         const h = a.loraH.get(role) as Tensor;
         return { dy: dy.get(role) as Tensor, b: t.b, h, g: g(r, shared.indexOf(role)), db: t.db, scale: t.scale };
       };
-      for (let i = 0; i + 1 < shared.length; i += 2) {
+      for (let i = 0; loraGradPairPays(ctx) && i + 1 < shared.length; i += 2) {
         const pair = [shared[i], shared[i + 1]] as [LinearRole, LinearRole];
         const mods = pair.map(gradModule) as [LoraGradModule, LoraGradModule];
         if (!loraGradPairable(...mods)) continue;

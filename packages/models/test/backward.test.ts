@@ -80,8 +80,8 @@ describe('LoRA gradients against PEFT', () => {
         const model = await loadModel(ctx, model0, { precision: 'f32' });
         const lora = new Map<string, LoraTrainable>();
         // Without recomputation A and B (and their gradients) are places in two arenas, as in the
-        // trainer, so paired modules take lora_g_db_pair; with it, tensors of their own (one
-        // lora_g_db dispatch per module).
+        // trainer: two adapted projections after one RMSNorm get their h from the norm's dispatch
+        // (and on GPUs their g and dB from one lora_g_db_pair); with it, tensors of their own.
         const shapes = golden.modules.flatMap((m) => [
           { shape: [m.r, m.in_features], label: `${m.module}.lora_A` },
           { shape: [m.out_features, m.r], label: `${m.module}.lora_B` },

@@ -324,6 +324,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     recompute,
     dropout,
     fuse,
+    pairGdB: !cpu,
     lossDispatches: crossEntropyTrainingDispatchCount(chunks),
   });
   // The gradient norm (two dispatches) and AdamW.
