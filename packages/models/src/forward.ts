@@ -878,10 +878,10 @@ export async function planLayer(
     const g = groups.find((roles) => roles.every((r) => group.includes(r)));
     const hs: RmsNormLoraH[] | undefined =
       g?.length === 2 && c.norm.kind === 'rms'
-        ? g.map((role) => ({
-            a: (lora?.get(linear(layer, role).module.name) as LoraModuleWeights).a,
-            h: a.loraH.get(role) as Tensor,
-          }))
+        ? g.map((role) => {
+            const w = lora?.get(linear(layer, role).module.name) as LoraModuleWeights;
+            return { a: w.a, h: a.loraH.get(role) as Tensor };
+          })
         : undefined;
     const pair = hs && ([hs[0], hs[1]] as [RmsNormLoraH, RmsNormLoraH]);
     if (g && pair && rmsnormLoraFits(pair)) {
