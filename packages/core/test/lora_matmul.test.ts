@@ -4,7 +4,7 @@
 // kernel in the other split too (tree vs serial lora_rows, staged vs direct lora_cols); then the
 // multi-role dispatches (h of up to three modules reading one x; their dA; g and dB of two modules
 // with B and dB in arenas) in this adapter's split.
-import { describe, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { type LoraRefInput, loraBackwardRef, loraForwardRef } from '../ref/lora.js';
 import { matmulRef } from '../ref/matmul.js';
@@ -21,6 +21,7 @@ import {
   readFloat32,
   roundThrough,
   roundToF16,
+  ShapeError,
   StepEncoder,
   type Tensor,
   TensorArena,
@@ -386,13 +387,12 @@ describe('lora g and dB of two modules in one dispatch', () => {
           (v, j) => m.scale * v + c.beta * (m.db0[j] as number),
         ),
       }));
-      const layout = [
-        { shape: [3, 5], label: 'other' },
-        ...mods.map((m, i) => ({ shape: [m.N, m.R], label: `B${i}` })),
-      ];
+      const places = mods.map((m, i) => ({ shape: [m.N, m.R], label: `B${i}` }));
       const got = await gpuCase(ctx, n, async () => {
-        const params = new TensorArena(ctx, layout, 'params');
-        const grads = new TensorArena(ctx, layout, 'grads');
+        // Another tensor first in each arena, of other sizes (past the offset alignment, up to 256
+        // bytes), so B and dB sit at different offsets of their arenas.
+        const params = new TensorArena(ctx, [{ shape: [100], label: 'other' }, ...places], 'params');
+        const grads = new TensorArena(ctx, [{ shape: [3, 5], label: 'other' }, ...places], 'grads');
         writeTensor(grads.views[0] as Tensor, new Float32Array(15).fill(3));
         const io = mods.map((m, i) => {
           const b = params.views[i + 1] as Tensor;
@@ -429,4 +429,32 @@ describe('lora g and dB of two modules in one dispatch', () => {
       expectClose(ctx, `${n} the arena's other place`, got.other, new Float64Array(15).fill(3), 0, 0);
     });
   }
+
+  it('refuses B or dB outside shared buffers, and one module twice', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'pair refusals', async () => {
+      const [T, N, R] = [5, 8, 4];
+      const params = new TensorArena(
+        ctx,
+        [0, 1].map((i) => ({ shape: [N, R], label: `B${i}` })),
+        'params',
+      );
+      const grads = new TensorArena(
+        ctx,
+        [0, 1].map((i) => ({ shape: [N, R], label: `dB${i}` })),
+        'grads',
+      );
+      const own = createTensor(ctx, [N, R], 'f32', 'B_own');
+      const rows = ['dy', 'h', 'g'].map((l) => createTensor(ctx, [T, l === 'dy' ? N : R], 'f32', l));
+      const [dy, h, g] = rows as [Tensor, Tensor, Tensor];
+      const mod = (b: Tensor, db: Tensor): LoraGradModule => ({ dy, h, g, b, db, scale: 1 });
+      const [b0, b1] = params.views as [Tensor, Tensor];
+      const [d0, d1] = grads.views as [Tensor, Tensor];
+      await expect(planLoraGradGdBPair(ctx, [mod(b0, d0), mod(own, d1)], T, 0, 'p')).rejects.toThrow(/B_own/);
+      await expect(planLoraGradGdBPair(ctx, [mod(b0, d0), mod(b1, d0)], T, 0, 'p')).rejects.toThrow(ShapeError);
+      for (const t of [own, ...rows]) t.dispose();
+      params.dispose();
+      grads.dispose();
+    });
+  });
 });

@@ -221,7 +221,13 @@ export async function planBackward(
   ctx: GpuContext,
   fwd: ForwardPlan,
   lora: ReadonlyMap<string, LoraTrainable>,
+  opts: {
+    /** Plan lora_g_db_pair where B and dB allow (loraGradPairable). Default loraGradPairPays(ctx):
+     * on GPUs; tests set it to run the pair on any adapter. */
+    pairGdB?: boolean;
+  } = {},
 ): Promise<BackwardPlan> {
+  const pairGdB = opts.pairGdB ?? loraGradPairPays(ctx);
   if (fwd.mode !== 'train') throw new Error('planBackward needs a forward plan made with mode "train"');
   const model = fwd.model;
   const c = model.config;
@@ -369,7 +375,7 @@ export async function planBackward(
         const h = a.loraH.get(role) as Tensor;
         return { dy: dy.get(role) as Tensor, b: t.b, h, g: g(r, shared.indexOf(role)), db: t.db, scale: t.scale };
       };
-      for (let i = 0; loraGradPairPays(ctx) && i + 1 < shared.length; i += 2) {
+      for (let i = 0; pairGdB && i + 1 < shared.length; i += 2) {
         const pair = [shared[i], shared[i + 1]] as [LinearRole, LinearRole];
         const mods = pair.map(gradModule) as [LoraGradModule, LoraGradModule];
         if (!loraGradPairable(...mods)) continue;

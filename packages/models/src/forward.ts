@@ -884,7 +884,7 @@ export async function planLayer(
           })
         : undefined;
     const pair = hs && ([hs[0], hs[1]] as [RmsNormLoraH, RmsNormLoraH]);
-    if (g && pair && rmsnormLoraFits(pair)) {
+    if (g && pair && rmsnormLoraFits(pair, norm.w.size)) {
       const io = { x, w: norm.w, y, rstd: stats.rstd, xCopy, lora: pair };
       out.push(await planRmsNormForward(ctx, io, { eps: c.norm.eps, label }));
       for (const role of g) shared.add(role);

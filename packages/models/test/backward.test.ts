@@ -81,7 +81,8 @@ describe('LoRA gradients against PEFT', () => {
         const lora = new Map<string, LoraTrainable>();
         // Without recomputation A and B (and their gradients) are places in two arenas, as in the
         // trainer: two adapted projections after one RMSNorm get their h from the norm's dispatch
-        // (and on GPUs their g and dB from one lora_g_db_pair); with it, tensors of their own.
+        // and their g and dB from one lora_g_db_pair (forced: the planner keeps it to GPUs); with
+        // it, tensors of their own and the dispatches one module at a time.
         const shapes = golden.modules.flatMap((m) => [
           { shape: [m.r, m.in_features], label: `${m.module}.lora_A` },
           { shape: [m.out_features, m.r], label: `${m.module}.lora_B` },
@@ -111,7 +112,7 @@ describe('LoRA gradients against PEFT', () => {
         const B = golden.batch.input_ids.length;
         const T = (golden.batch.input_ids[0] as number[]).length;
         const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora });
-        const bwd = await planBackward(ctx, fwd, lora);
+        const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute });
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
         writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));
         const enc = new StepEncoder(ctx, 'train step').clear(fwd.embeddingErrors).clear(bwd.errors);

@@ -184,7 +184,8 @@ function numel(shape: readonly number[]): number {
 }
 
 // Nominal size of a dispatch's uniform parameters: most kernels' structs are 48 bytes (a few 16
-// to 80). Uniform buffers are a few KiB per layer, well under 1 % of any run.
+// to 208: lora_matmul's four roles). Uniform buffers are a few KiB per layer, well under 1 % of
+// any run.
 const U_NOMINAL = 48;
 
 /**

@@ -296,10 +296,14 @@ export interface LoraGradModule {
  */
 export function loraGradPairable(a: LoraGradModule, b: LoraGradModule): boolean {
   const max = a.b.ctx.limits.maxStorageBufferBindingSize;
+  // Two places of one buffer that overlap would be one module twice: its dB written by both roles.
+  const apart = (x: Tensor, y: Tensor) =>
+    x.byteOffset + x.byteLength <= y.byteOffset || y.byteOffset + y.byteLength <= x.byteOffset;
   return (
     a.b.buffer === b.b.buffer &&
     a.db.buffer === b.db.buffer &&
     a.b.buffer !== a.db.buffer &&
+    apart(a.db, b.db) &&
     a.b.buffer.size <= max &&
     a.db.buffer.size <= max
   );
@@ -330,7 +334,7 @@ export async function planLoraGradGdBPair(
   const [m1, m2] = modules;
   if (!loraGradPairable(m1, m2))
     throw new ShapeError(
-      `${label}: B ${m1.b.label} and ${m2.b.label} (and dB ${m1.db.label}, ${m2.db.label}) must be places in one buffer each`,
+      `${label}: B ${m1.b.label} and ${m2.b.label} (and dB ${m1.db.label}, ${m2.db.label}) must be separate places in one buffer each`,
     );
   const dims = modules.map((m) => {
     const [N, R] = m.b.shape as [number, number];

@@ -137,12 +137,18 @@ export interface RmsNormLoraH {
 
 /**
  * Whether planRmsNormForward can compute these two projections' LoRA h in the norm's dispatch
- * (rmsnorm_fwd_lora): both A are places in one buffer (the trainer's arena of LoRA parameters),
- * which fits one binding, so the entry stays within eight storage buffers.
+ * (rmsnorm_fwd_lora) for rows of d: both A are f32 r×d places in one buffer (the trainer's arena
+ * of LoRA parameters), which fits one binding, so the entry stays within eight storage buffers.
  */
-export function rmsnormLoraFits(lora: readonly [RmsNormLoraH, RmsNormLoraH]): boolean {
+export function rmsnormLoraFits(lora: readonly [RmsNormLoraH, RmsNormLoraH], d: number): boolean {
   const [a, b] = lora;
-  return a.a.buffer === b.a.buffer && a.a.buffer.size <= a.a.ctx.limits.maxStorageBufferBindingSize;
+  const shaped = (t: Tensor) => t.dtype === 'f32' && t.shape.length === 2 && t.shape[1] === d;
+  return (
+    shaped(a.a) &&
+    shaped(b.a) &&
+    a.a.buffer === b.a.buffer &&
+    a.a.buffer.size <= a.a.ctx.limits.maxStorageBufferBindingSize
+  );
 }
 
 export interface RmsNormBackwardBuffers {
@@ -224,10 +230,6 @@ export async function planRmsNormForward(
     const op = `${label}.forward`;
     if (r.groups !== 1 || opts.xLayout || opts.yLayout)
       throw new ShapeError(`${op}: the LoRA h need packed rows (no groups, strides or offsets)`);
-    if (!rmsnormLoraFits(io.lora))
-      throw new ShapeError(
-        `${op}: A ${io.lora[0].a.label} and ${io.lora[1].a.label} must be places in one buffer within the binding size limit`,
-      );
     const ranks = io.lora.map(({ a, h }) => {
       const R = a.shape[0] as number;
       if (a.dtype !== 'f32' || a.shape.length !== 2 || a.shape[1] !== r.d || R < 1)
@@ -236,6 +238,10 @@ export async function planRmsNormForward(
         throw new ShapeError(`${op}: h ${h.label} ${h.dtype}${formatShape(h.shape)} must be f32 ${r.rows}×${R}`);
       return R;
     });
+    if (!rmsnormLoraFits(io.lora, r.d))
+      throw new ShapeError(
+        `${op}: A ${io.lora[0].a.label} and ${io.lora[1].a.label} must be places in one buffer within the binding size limit`,
+      );
     const kernel = await getKernel(ctx, spec(ctx, 'rmsnorm_fwd_lora'), { WG: shape.wg, TPR: shape.tpr });
     const [m1, m2] = io.lora;
     return bindKernel(ctx, kernel, {
