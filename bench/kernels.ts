@@ -10,7 +10,7 @@
  * - matmul_rope vs matmul_then_rope: the q projection (x·Wᵀ with its LoRA term) stored through
  *   the RoPE epilogue against the same product followed by the RoPE dispatch it replaces;
  * - subgroup_reductions vs workgroup_trees: the reducing kernels (RMSNorm over rows, the split-K
- *   matvec of a decode step, the loss's vocabulary chunks) built with subgroup operations against
+ *   matvec of a decode step, the loss's vocabulary chunks, the LoRA h = x·Aᵀ) built with subgroup operations against
  *   the same kernels with workgroup-memory trees, each on a device of its own from the same
  *   adapter, both with the GPU kernel configurations (the CPU ones reduce little); on adapters
  *   with subgroups only.
@@ -31,6 +31,7 @@ import {
   planLoraBackwardUnfused,
   planLoraForward,
   planLoraForwardUnfused,
+  planLoraRows,
   planMatmul,
   planRmsNormForward,
   planRopeForward,
@@ -380,8 +381,27 @@ function reductionCases(quick: boolean): [string, string, (ctx: GpuContext) => P
       },
     };
   };
+  // lora_rows's tree split: each 4×4 block of h split over a workgroup along d.
+  const r = 8;
+  const loraRows = async (ctx: GpuContext): Promise<ReductionCase> => {
+    const x = tensorFromData(ctx, random(rows * d, 27, 1), [rows, d], 'f32', 'x');
+    const a = tensorFromData(ctx, random(r * d, 28, 0.05), [r, d], 'f32', 'a');
+    const h = createTensor(ctx, [rows, r], 'f32', 'h');
+    const plan = await planLoraRows(ctx, x, a, h, { M: rows, K: d, R: r }, true, 'bench lora_rows', {
+      split: 'tree',
+    });
+    return {
+      record: (enc) => enc.dispatch(plan),
+      result: () => readFloat32(h),
+      dispose: () => {
+        plan.dispose();
+        for (const t of [x, a, h]) t.dispose();
+      },
+    };
+  };
   return [
     ['rmsnorm', `${rows}x${d}`, rmsnorm],
+    ['lora_rows h = x·Aᵀ', `${rows}x${d} r=${r}`, loraRows],
     ['matvec split-k', `1x1536x${d} W:f16`, matvec],
     ['cross-entropy forward', `${quick ? 16 : 128} rows x V=${vocab} x 64`, loss],
   ];

@@ -13,6 +13,9 @@
 // kernels rely on that: there a barrier costs about 10 µs per four invocations on SwiftShader).
 
 var<workgroup> group_red: array<vec2<f32>, WG>;
+// group_sum4x4's: a 4×4 block of partial sums per invocation (lora_matmul.wgsl's lora_rows). A
+// kernel that never calls it does not allocate it (WGSL counts the variables an entry point uses).
+var<workgroup> group_red16: array<array<vec4<f32>, 4>, WG>;
 
 fn group_sum2(tid: u32, width: u32, v: vec2<f32>) -> vec2<f32> {
   if (width == 1u) { return v; }
@@ -42,6 +45,24 @@ fn group_max(tid: u32, width: u32, v: f32) -> f32 {
     workgroupBarrier();
   }
   let total = group_red[tid - lane].x;
+  workgroupBarrier();
+  return total;
+}
+
+// Sixteen sums at once: v[i] added up over the run for each i (componentwise). One tree over the
+// whole block, so a round costs one barrier for all sixteen.
+fn group_sum4x4(tid: u32, width: u32, v: array<vec4<f32>, 4>) -> array<vec4<f32>, 4> {
+  if (width == 1u) { return v; }
+  let lane = tid % width;
+  group_red16[tid] = v;
+  workgroupBarrier();
+  for (var s = width / 2u; s > 0u; s >>= 1u) {
+    if (lane < s) {
+      for (var i = 0u; i < 4u; i++) { group_red16[tid][i] += group_red16[tid + s][i]; }
+    }
+    workgroupBarrier();
+  }
+  let total = group_red16[tid - lane];
   workgroupBarrier();
   return total;
 }

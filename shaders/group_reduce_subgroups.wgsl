@@ -12,6 +12,7 @@
 
 // One slot per subgroup of the workgroup (subgroups have at least 4 invocations).
 var<workgroup> group_red: array<vec2<f32>, WG / 4u>;
+var<workgroup> group_red16: array<array<vec4<f32>, 4>, WG / 4u>;
 
 fn group_sum2(tid: u32, width: u32, v: vec2<f32>) -> vec2<f32> {
   if (width == 1u) { return v; }
@@ -56,6 +57,32 @@ fn group_max(tid: u32, width: u32, v: f32) -> f32 {
     let first = (tid / width) * per;
     t = group_red[first].x;
     for (var i = 1u; i < per; i++) { t = max(t, group_red[first + i].x); }
+  }
+  workgroupBarrier();
+  return t;
+}
+
+fn group_sum4x4(tid: u32, width: u32, v: array<vec4<f32>, 4>) -> array<vec4<f32>, 4> {
+  if (width == 1u) { return v; }
+  let sg = subgroupAdd(1u);
+  var t = v;
+  if (width >= sg) {
+    for (var i = 0u; i < 4u; i++) { t[i] = subgroupAdd(v[i]); }
+  } else {
+    for (var s = width / 2u; s > 0u; s >>= 1u) {
+      for (var i = 0u; i < 4u; i++) { t[i] += subgroupShuffleXor(t[i], s); }
+    }
+  }
+  if (width <= 4u) { return t; }
+  let per = width / min(width, sg);
+  if (per > 1u && tid % sg == 0u) { group_red16[tid / sg] = t; }
+  workgroupBarrier();
+  if (per > 1u) {
+    let first = (tid / width) * per;
+    t = group_red16[first];
+    for (var j = 1u; j < per; j++) {
+      for (var i = 0u; i < 4u; i++) { t[i] += group_red16[first + j][i]; }
+    }
   }
   workgroupBarrier();
   return t;

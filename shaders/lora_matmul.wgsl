@@ -29,9 +29,11 @@
 // These shapes defeat a square-tiled matmul (one side is r = 1..128 wide), so each kernel
 // reduces along the long dimension instead:
 //   lora_rows: C[M×R] = X·opL(L). An invocation group of KS owns 4 rows × 4 ranks and splits K,
-//              each keeping a 4×4 block of partial sums, then reduces them in workgroup memory
-//              (KS = WG on GPUs; KS = 1 on CPU adapters: one invocation per block, whole K, no
-//              workgroup memory or barrier, which SwiftShader charges ~10 µs per 4 invocations).
+//              each keeping a 4×4 block of partial sums, then adds them up with group_sum4x4
+//              (group_reduce.wgsl, which lora_matmul.ts puts before this file: a workgroup-memory
+//              tree, or subgroup sums where the GPU has them). KS = WG on GPUs; KS = 1 on CPU
+//              adapters: one invocation per block, whole K, no barrier, which SwiftShader charges
+//              ~10 µs per 4 invocations.
 //   lora_cols: C = alpha·Uᵀ·V (+ beta·C), U (T×N), V (T×R), reducing over T. An invocation owns 4
 //              consecutive columns n × 4 ranks; the V rows it needs are the same for the whole
 //              workgroup and are staged in workgroup memory TT rows at a time (STAGE; on CPU
@@ -82,7 +84,6 @@ override TT: u32 = 16;          // lora_cols: rows of V staged per step
 override STAGE: bool = true;    // lora_cols: stage V rows in workgroup memory (false on CPU adapters)
 override PAIR: bool = false;    // lora_g_db_pair's role-to-binding map (see the header)
 
-var<workgroup> partial: array<array<vec4<f32>, 4>, WG>;
 var<workgroup> v_rows: array<vec4<f32>, TT>;
 
 // The role this workgroup computes, its rank, its K (rows) or N (cols), and where its input and
@@ -176,8 +177,8 @@ fn l_at(j: u32, k: u32) -> f32 {
 
 // C[m][j] = Σ_k X[m][k]·L(j, k) for m in m0..m0+3 and j in j0..j0+3. The workgroup holds WG / KS
 // such 4×4 blocks (consecutive row blocks, the same ranks); the KS invocations of a block split k
-// and add their partial sums as a tree in workgroup memory. With KS = 1 (CPU adapters) there is
-// no tree, hence no workgroup memory and no barrier.
+// and add their partial sums with group_sum4x4 (a run of KS invocations). With KS = 1 (CPU
+// adapters) there is no reduction, hence no barrier.
 @compute @workgroup_size(WG)
 fn lora_rows(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   set_role(0u);
@@ -200,17 +201,7 @@ fn rows_block(tid: u32, wx: u32, wy: u32) {
     acc[2] = fma(vec4<f32>(x_at(m.z + k)), lv, acc[2]);
     acc[3] = fma(vec4<f32>(x_at(m.w + k)), lv, acc[3]);
   }
-  if (KS > 1u) {
-    partial[tid] = acc;
-    workgroupBarrier();
-    for (var stride = KS / 2u; stride > 0u; stride /= 2u) {
-      if (lane < stride) {
-        for (var i = 0u; i < 4u; i++) { partial[tid][i] += partial[tid + stride][i]; }
-      }
-      workgroupBarrier();
-    }
-    acc = partial[tid - lane];
-  }
+  if (KS > 1u) { acc = group_sum4x4(tid, KS, acc); }
   if (lane == 0u) {
     for (var i = 0u; i < 4u; i++) {
       for (var jj = 0u; jj < 4u; jj++) {

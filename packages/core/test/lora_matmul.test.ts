@@ -38,9 +38,10 @@ import {
   planLoraRowsMulti,
   planLoraWeightGrad,
 } from '../src/kernels/lora_matmul.js';
-import { expectClose, gpuCase, useGpu } from './gpu.js';
+import { expectClose, gpuCase, useGpu, useReductionPaths } from './gpu.js';
 
 const gpu = useGpu();
+const reductionPaths = useReductionPaths();
 
 interface Case {
   T: number;
@@ -212,26 +213,29 @@ describe('lora thin kernels, each work split', () => {
     { M: 65, K: 63, R: 8, transL: false, split: 'serial' },
     { M: 7, K: 257, R: 7, transL: true, split: 'serial' },
   ];
+  // The tree split adds its partial sums with group_sum4x4: both builds (subgroups, trees).
   for (const c of rowsCases) {
-    const n = `lora_rows M=${c.M} K=${c.K} R=${c.R} ${c.transL ? 'X·Lᵀ' : 'X·L'} ${c.split}`;
-    it(n, async () => {
-      const ctx = gpu();
-      const x = randomArray(c.M * c.K, c.M + c.K, 1);
-      const l = randomArray(c.R * c.K, c.R + 3, 1);
-      const want = matmulRef(x, l, c.M, c.K, c.R, { transB: c.transL });
-      const got = await gpuCase(ctx, n, async () => {
-        const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
-        const tl = tensorFromData(ctx, l, c.transL ? [c.R, c.K] : [c.K, c.R], 'f32', 'l');
-        const out = createTensor(ctx, [c.M, c.R], 'f32', 'out');
-        const d = await planLoraRows(ctx, tx, tl, out, c, c.transL, n, { split: c.split });
-        new StepEncoder(ctx, n).dispatch(d).submit();
-        const result = await readFloat32(out);
-        d.dispose();
-        for (const t of [tx, tl, out]) t.dispose();
-        return result;
+    for (const path of c.split === 'tree' ? reductionPaths : reductionPaths.slice(0, 1)) {
+      const n = `lora_rows M=${c.M} K=${c.K} R=${c.R} ${c.transL ? 'X·Lᵀ' : 'X·L'} ${c.split}${c.split === 'tree' ? ` (${path.name})` : ''}`;
+      it(n, async (t) => {
+        const ctx = path.gpu(t);
+        const x = randomArray(c.M * c.K, c.M + c.K, 1);
+        const l = randomArray(c.R * c.K, c.R + 3, 1);
+        const want = matmulRef(x, l, c.M, c.K, c.R, { transB: c.transL });
+        const got = await gpuCase(ctx, n, async () => {
+          const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
+          const tl = tensorFromData(ctx, l, c.transL ? [c.R, c.K] : [c.K, c.R], 'f32', 'l');
+          const out = createTensor(ctx, [c.M, c.R], 'f32', 'out');
+          const d = await planLoraRows(ctx, tx, tl, out, c, c.transL, n, { split: c.split });
+          new StepEncoder(ctx, n).dispatch(d).submit();
+          const result = await readFloat32(out);
+          d.dispose();
+          for (const t of [tx, tl, out]) t.dispose();
+          return result;
+        });
+        expectClose(ctx, n, got, want, 3e-5 * Math.sqrt(c.K), 1e-5);
       });
-      expectClose(ctx, n, got, want, 3e-5 * Math.sqrt(c.K), 1e-5);
-    });
+    }
   }
 
   const colsCases: { T: number; N: number; R: number; outNR: boolean; stage: boolean }[] = [

@@ -8,7 +8,7 @@ const SUBGROUPS: ShaderPart = { file: 'shaders/group_reduce_subgroups.wgsl', sou
 
 /**
  * Both builds of a kernel file that calls the group reductions (group_sum, group_sum2,
- * group_max): after the workgroup-memory trees (shaders/group_reduce.wgsl), or after their
+ * group_max, group_sum4x4): after the workgroup-memory trees (shaders/group_reduce.wgsl), or after their
  * subgroup twins (group_reduce_subgroups.wgsl) with subgroups enabled. Made once per file; the
  * returned function picks the build for a device.
  */

@@ -5,6 +5,7 @@ import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, pac
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
+import { withGroupReduce } from './group_reduce.js';
 import {
   isCpuAdapter,
   type MatmulActivation,
@@ -19,9 +20,11 @@ import {
 const BINDINGS = ['uniform', 'read', 'read', 'write', 'read', 'write', 'read', 'write', 'read'] as const;
 /** Roles in lora_matmul.wgsl's Params. */
 const ROLES = 4;
-const spec = (entryPoint: string): KernelSpec => ({
-  source,
-  file: 'shaders/lora_matmul.wgsl',
+// lora_rows adds up its partial sums with group_sum4x4 (group_reduce.ts): the subgroup build
+// where the device has them.
+const sources = withGroupReduce('shaders/lora_matmul.wgsl', source);
+const spec = (ctx: GpuContext, entryPoint: string): KernelSpec => ({
+  ...sources(ctx),
   entryPoint,
   bindings: BINDINGS,
 });
@@ -207,7 +210,7 @@ export async function planLoraRows(
   // serial: 16 invocations, each a 4×4 block; tree: one block per workgroup of WG invocations.
   const wg = split === 'serial' ? Math.min(16, ctx.limits.maxComputeInvocationsPerWorkgroup) : rowsWorkgroup(ctx);
   const ks = split === 'serial' ? 1 : wg;
-  const kernel = await getKernel(ctx, spec('lora_rows'), { WG: wg, KS: ks, TRANS_L: transL });
+  const kernel = await getKernel(ctx, spec(ctx, 'lora_rows'), { WG: wg, KS: ks, TRANS_L: transL });
   return bindKernel(ctx, kernel, {
     label,
     resources: [x, l, out, ...unusedRoles(ctx, 1)],
@@ -238,7 +241,7 @@ export async function planLoraWeightGrad(
   const stage = opts.stage ?? !isCpuAdapter(ctx);
   const wg = stage ? rowsWorkgroup(ctx) : Math.min(16, ctx.limits.maxComputeInvocationsPerWorkgroup);
   const entry = dims.N % 4 === 0 ? 'lora_cols_vec4' : 'lora_cols';
-  const kernel = await getKernel(ctx, spec(entry), { WG: wg, OUT_NR: outNR, TT: 16, STAGE: stage });
+  const kernel = await getKernel(ctx, spec(ctx, entry), { WG: wg, OUT_NR: outNR, TT: 16, STAGE: stage });
   return bindKernel(ctx, kernel, {
     label,
     resources: [u, v, out, ...unusedRoles(ctx, 1)],
@@ -261,7 +264,7 @@ export async function planLoraGradGdB(
   label: string,
 ): Promise<Dispatch> {
   const { wg, ks, stage } = multiSplit(ctx);
-  const kernel = await getKernel(ctx, spec('lora_g_db'), {
+  const kernel = await getKernel(ctx, spec(ctx, 'lora_g_db'), {
     WG: wg,
     KS: ks,
     TRANS_L: false,
@@ -347,7 +350,7 @@ export async function planLoraGradGdBPair(
     return { N, R };
   });
   const { wg, ks, stage } = multiSplit(ctx);
-  const kernel = await getKernel(ctx, spec('lora_g_db_pair'), {
+  const kernel = await getKernel(ctx, spec(ctx, 'lora_g_db_pair'), {
     WG: wg,
     KS: ks,
     TRANS_L: false,
@@ -419,7 +422,7 @@ export async function planLoraRowsMulti(
     expectRows(label, r.out, dims.M, r.R, 'h');
   }
   const { wg, ks } = multiSplit(ctx);
-  const kernel = await getKernel(ctx, spec('lora_rows_multi'), { WG: wg, KS: ks, TRANS_L: true });
+  const kernel = await getKernel(ctx, spec(ctx, 'lora_rows_multi'), { WG: wg, KS: ks, TRANS_L: true });
   const gy = Math.ceil(dims.M / (4 * (wg / ks)));
   return bindRoles(
     ctx,
@@ -447,7 +450,7 @@ export async function planLoraColsMulti(
     expectRows(label, r.out, r.R, dims.N, 'dA');
   }
   const { wg, stage } = multiSplit(ctx);
-  const kernel = await getKernel(ctx, spec('lora_cols_multi'), { WG: wg, OUT_NR: false, TT: 16, STAGE: stage });
+  const kernel = await getKernel(ctx, spec(ctx, 'lora_cols_multi'), { WG: wg, OUT_NR: false, TT: 16, STAGE: stage });
   const gx = Math.ceil(dims.N / (4 * wg));
   return bindRoles(
     ctx,
