@@ -40,7 +40,7 @@ import {
   type Tensor,
   tensorFromData,
 } from '@webtune/core';
-import { timePair } from './measure.js';
+import { type RatioSpread, timePair } from './measure.js';
 import type { BenchOptions } from './record.js';
 
 function random(n: number, seed: number, scale: number): Float32Array {
@@ -60,6 +60,17 @@ async function runOnce(ctx: GpuContext, dispatches: Dispatch[], label: string): 
 }
 
 const gflops = (flops: number, ms: number) => flops / ms / 1e6;
+
+/** timePair's rounds: `--samples N` asks for N whatever they take; otherwise 7 within a budget. */
+function rounds(o: BenchOptions): { iters?: number; budgetMs: number } {
+  if (o.samples !== undefined) return { iters: o.samples, budgetMs: Number.POSITIVE_INFINITY };
+  return { budgetMs: o.quick ? 2000 : 20_000 };
+}
+
+/** A ratio's spread over its rounds, for the record's extra (see RatioSpread). */
+function spreadExtra(s: RatioSpread): Record<string, number> {
+  return { samples: s.rounds, ratio_q1: s.q1, ratio_q3: s.q3, ratio_sign_p: s.signP };
+}
 
 /** max |a[i] − b[i]|: how far two builds (or ours and a baseline) are apart before they are timed. */
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
@@ -106,11 +117,10 @@ async function benchLora(ctx: GpuContext, o: BenchOptions): Promise<void> {
       const unfused = [...uf.dispatches, ...ub.dispatches];
       const flops = loraFlops({ T, inF: d, outF: d, r });
       const total = flops.forward + flops.backward;
-      const budgetMs = o.quick ? 2000 : 20_000;
       const timing = await timePair(
         () => runOnce(ctx, fused, 'fused'),
         () => runOnce(ctx, unfused, 'unfused'),
-        { budgetMs },
+        rounds(o),
       );
       const mine = timing.mine;
       const baseMs = timing.baseline.medianMs;
@@ -127,7 +137,7 @@ async function benchLora(ctx: GpuContext, o: BenchOptions): Promise<void> {
           dispatches_fused: fused.length,
           dispatches_unfused: unfused.length,
           baseline_gflops: gflops(total, baseMs),
-          samples: mine.samples,
+          ...spreadExtra(timing.spread),
         },
       });
       for (const dsp of fused) dsp.dispose();
@@ -191,8 +201,7 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
     const ours = await readFloat32(c);
     const maxDiff = maxAbsDiff(ours, tfOut);
     if (!(maxDiff < 1e-2)) throw new Error(`TF.js and webtune disagree on ${shape}: max |diff| ${maxDiff}`);
-    const budgetMs = o.quick ? 2000 : 20_000;
-    const { mine, baseline: base } = await timePair(() => runOnce(ctx, [mm], 'matmul'), runTf, { budgetMs });
+    const { mine, baseline: base, spread } = await timePair(() => runOnce(ctx, [mm], 'matmul'), runTf, rounds(o));
     const flops = 2 * M * N * K;
     o.report({
       name: 'matmul',
@@ -203,7 +212,7 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
       baselineMs: base.medianMs,
       ratio: base.medianMs / mine.medianMs,
       adapter: o.adapter,
-      extra: { baseline_gflops: gflops(flops, base.medianMs), samples: mine.samples },
+      extra: { baseline_gflops: gflops(flops, base.medianMs), ...spreadExtra(spread) },
     });
     mm.dispose();
     for (const tensor of [a, w, c]) tensor.dispose();
@@ -233,11 +242,14 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
     const maxDiff = maxAbsDiff(x16, x32);
     if (!(maxDiff < 1e-2 * Math.sqrt(K)))
       throw new Error(`f16 and f32 tiles disagree on ${shape}: max |diff| ${maxDiff}`);
-    const budgetMs = o.quick ? 2000 : 20_000;
-    const { mine, baseline: base } = await timePair(
+    const {
+      mine,
+      baseline: base,
+      spread,
+    } = await timePair(
       () => runOnce(ctx, [f16], 'f16 tiles'),
       () => runOnce(ctx, [f32], 'f32 tiles'),
-      { budgetMs },
+      rounds(o),
     );
     const flops = 2 * M * N * K;
     o.report({
@@ -249,7 +261,7 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
       baselineMs: base.medianMs,
       ratio: base.medianMs / mine.medianMs,
       adapter: o.adapter,
-      extra: { baseline_gflops: gflops(flops, base.medianMs), max_abs_diff: maxDiff, samples: mine.samples },
+      extra: { baseline_gflops: gflops(flops, base.medianMs), max_abs_diff: maxDiff, ...spreadExtra(spread) },
     });
     for (const x of [f16, f32]) x.dispose();
     for (const x of [a, w, c16, c32]) x.dispose();
@@ -289,10 +301,14 @@ async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> 
   await runOnce(ctx, [fused, ...plain], 'matmul_rope check');
   const maxDiff = maxAbsDiff(await readFloat32(fusedOut), await readFloat32(plainOut));
   if (!(maxDiff < 1e-4)) throw new Error(`matmul_rope and matmul + rope disagree on ${shape}: max |diff| ${maxDiff}`);
-  const { mine, baseline: base } = await timePair(
+  const {
+    mine,
+    baseline: base,
+    spread,
+  } = await timePair(
     () => runOnce(ctx, [fused], 'matmul_rope'),
     () => runOnce(ctx, plain, 'matmul then rope'),
-    { budgetMs: o.quick ? 2000 : 20_000 },
+    rounds(o),
   );
   const flops = matmulFlops({ M, N: d, K: d }, r);
   o.report({
@@ -304,7 +320,7 @@ async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> 
     baselineMs: base.medianMs,
     ratio: base.medianMs / mine.medianMs,
     adapter: o.adapter,
-    extra: { dispatches: 1, baseline_dispatches: 2, max_abs_diff: maxDiff, samples: mine.samples },
+    extra: { dispatches: 1, baseline_dispatches: 2, max_abs_diff: maxDiff, ...spreadExtra(spread) },
   });
   for (const t of [fused, ...plain]) t.dispose();
   for (const t of [x, w, h, b, invFreq, fusedOut, plainOut]) t.dispose();
@@ -440,10 +456,14 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
       const maxDiff = maxAbsDiff(x, y);
       if (!(maxDiff < 1e-3))
         throw new Error(`subgroup and tree builds disagree on ${name} ${shape}: max |diff| ${maxDiff}`);
-      const { mine: m, baseline: b } = await timePair(
+      const {
+        mine: m,
+        baseline: b,
+        spread,
+      } = await timePair(
         () => run(sub, mine),
         () => run(tree, base),
-        { budgetMs: o.quick ? 2000 : 20_000 },
+        rounds(o),
       );
       o.report({
         name: 'subgroup_reductions',
@@ -454,7 +474,7 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
         baselineMs: b.medianMs,
         ratio: b.medianMs / m.medianMs,
         adapter: o.adapter,
-        extra: { subgroup_size: sub.features.subgroupSize, max_abs_diff: maxDiff, samples: m.samples },
+        extra: { subgroup_size: sub.features.subgroupSize, max_abs_diff: maxDiff, ...spreadExtra(spread) },
       });
       mine.dispose();
       base.dispose();

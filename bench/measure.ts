@@ -19,16 +19,61 @@ function summarize(samples: number[]): Timing {
 }
 
 /**
+ * How settled a ratio is: the ratios of each round's two samples (baseline ms / ours, taken one
+ * right after the other, so both saw the same load), their quartiles, and a two-sided sign test
+ * of "as often above 1 as below". With 7 rounds all on one side p is 0.016; a p above 0.05 means
+ * the samples do not say which is faster.
+ */
+export interface RatioSpread {
+  readonly q1: number;
+  readonly q3: number;
+  readonly rounds: number;
+  readonly signP: number;
+}
+
+function quantile(sorted: readonly number[], q: number): number {
+  const at = q * (sorted.length - 1);
+  const lo = Math.floor(at);
+  const hi = Math.min(lo + 1, sorted.length - 1);
+  return (sorted[lo] as number) + (at - lo) * ((sorted[hi] as number) - (sorted[lo] as number));
+}
+
+/** Two-sided sign test: P(a split at least as lopsided as k of n) when both sides are equally likely. */
+export function signTestP(k: number, n: number): number {
+  if (n === 0) return 1;
+  const tail = Math.min(k, n - k);
+  let p = 0;
+  let c = 1; // C(n, i)
+  for (let i = 0; i <= tail; i++) {
+    p += c;
+    c = (c * (n - i)) / (i + 1);
+  }
+  return Math.min(1, (2 * p) / 2 ** n);
+}
+
+export function ratioSpread(ratios: readonly number[]): RatioSpread {
+  const sorted = [...ratios].sort((a, b) => a - b);
+  const decided = ratios.filter((r) => r !== 1);
+  const above = decided.filter((r) => r > 1).length;
+  return {
+    q1: quantile(sorted, 0.25),
+    q3: quantile(sorted, 0.75),
+    rounds: ratios.length,
+    signP: signTestP(above, decided.length),
+  };
+}
+
+/**
  * Times ours against a baseline, one sample of each in turn, so that drift in the machine's load
  * (software drivers share two cores with everything else) falls on both alike and neither gets a
  * better chance than the other. Both get one warm-up run, then `iters` samples each, fewer once
- * `budgetMs` is spent (at least 3 each).
+ * `budgetMs` is spent (at least 3 each). `spread` says how settled the ratio of the two is.
  */
 export async function timePair(
   mine: () => Promise<void>,
   baseline: () => Promise<void>,
   opts: { iters?: number; budgetMs?: number } = {},
-): Promise<{ mine: Timing; baseline: Timing }> {
+): Promise<{ mine: Timing; baseline: Timing; spread: RatioSpread }> {
   const iters = opts.iters ?? 7;
   const budget = opts.budgetMs ?? 20_000;
   await baseline();
@@ -45,5 +90,5 @@ export async function timePair(
       (run === mine ? a : b).push(performance.now() - t0);
     }
   }
-  return { mine: summarize(a), baseline: summarize(b) };
+  return { mine: summarize(a), baseline: summarize(b), spread: ratioSpread(a.map((ms, i) => (b[i] as number) / ms)) };
 }

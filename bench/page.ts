@@ -57,6 +57,7 @@ async function main(): Promise<void> {
     adapter,
     quick: params.has('quick'),
     only: params.get('only') ?? undefined,
+    samples: params.has('samples') ? Number(params.get('samples')) : undefined,
     report: show,
     status,
     fail: (key: string, e: unknown) => {

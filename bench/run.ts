@@ -1,6 +1,7 @@
 /**
  * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe|gpu]
- *  [--quick] [--only <substring>] [--no-baseline] [--no-peer] [--timeout-min N] [--chromium-flag=--some-flag ...]`
+ *  [--quick] [--only <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
+ *  [--chromium-flag=--some-flag ...]`
  *
  * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
  * configuration, collects the records, prints a table and writes them as a JSON array. Suites:
@@ -18,7 +19,10 @@
  * the records: baseline torch_cpu (inference) or torch_peft_cpu (training), ratio = baseline
  * ms / ms (above 1: webtune is faster). Without a Python that has torch, transformers and peft (or
  * with --no-baseline) the baseline is null and a note says why. --quick runs small variants of
- * every case (a few minutes per adapter). Benchmarks never pass or fail on their figures; the
+ * every case (a few minutes per adapter). Kernel ratios come with their spread: the quartiles of
+ * the rounds' own ratios and a sign test (p < 0.05: the rounds agree on which side of 1 it is);
+ * --samples N runs N rounds per kernel case instead of up to 7 in a time budget (give a
+ * --timeout-min to match). Benchmarks never pass or fail on their figures; the
  * command fails only when a benchmark cannot run (the table and JSON of what did run are still
  * written).
  */
@@ -56,6 +60,8 @@ interface Args {
   /** Per adapter; default from the suites (see defaultTimeoutMin). */
   timeoutMs?: number;
   only?: string;
+  /** Rounds per kernel case (BenchOptions.samples). */
+  samples?: number;
   baseline: boolean;
   peer: boolean;
 }
@@ -85,7 +91,11 @@ function parseArgs(argv: string[]): Args {
     } else if (a === '--no-baseline') args.baseline = false;
     else if (a === '--no-peer') args.peer = false;
     else if (a.startsWith('--only')) args.only = value();
-    else if (a.startsWith('--chromium-flag')) args.extraFlags.push(value());
+    else if (a.startsWith('--samples')) {
+      args.samples = Number(value());
+      if (!Number.isInteger(args.samples) || args.samples < 3)
+        throw new Error('--samples needs a whole number, 3 or more');
+    } else if (a.startsWith('--chromium-flag')) args.extraFlags.push(value());
     else if (a.startsWith('--timeout-min')) args.timeoutMs = Number(value()) * 60_000;
     else if (a === '--') continue;
     else throw new Error(`unknown argument ${a}`);
@@ -116,6 +126,13 @@ const num = (r: BenchRecord, key: string): number | undefined => {
 };
 const mib = (bytes: number | undefined) => (bytes === undefined ? '' : (bytes / 2 ** 20).toFixed(1));
 
+/** A kernel ratio's spread (bench/measure.ts RatioSpread): "q1–q3, p, rounds", or '' without one. */
+function spread(r: BenchRecord): string {
+  const [q1, q3, p, n] = [num(r, 'ratio_q1'), num(r, 'ratio_q3'), num(r, 'ratio_sign_p'), num(r, 'samples')];
+  if (q1 === undefined || q3 === undefined || p === undefined) return '';
+  return `${fmt(q1)}–${fmt(q3)}, p ${p < 0.001 ? '<0.001' : p.toFixed(3)}, n ${n}`;
+}
+
 function render(rows: string[][]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => r[c]!.length)));
   return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ')).join('\n');
@@ -123,7 +140,7 @@ function render(rows: string[][]): string {
 
 function table(records: BenchRecord[]): string {
   const rows = [
-    ['name', 'shape', 'ms', 'GFLOP/s', 'tok/s', 'baseline', 'baseline ms', 'base tok/s', 'ratio', 'adapter'],
+    ['name', 'shape', 'ms', 'GFLOP/s', 'tok/s', 'baseline', 'baseline ms', 'base tok/s', 'ratio', 'spread', 'adapter'],
   ];
   for (const r of records) {
     const tps = num(r, 'tokens_per_s');
@@ -138,6 +155,7 @@ function table(records: BenchRecord[]): string {
       fmt(r.baselineMs),
       fmt(num(r, 'baseline_tokens_per_s'), 1),
       fmt(r.ratio),
+      spread(r),
       r.adapter,
     ]);
   }
@@ -397,7 +415,7 @@ async function runAdapter(
           (tps === undefined ? '' : ` (${tps.toFixed(1)} tok/s)`) +
           (r.ratio === null
             ? ''
-            : `, ratio ${r.ratio.toFixed(2)} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`) +
+            : `, ratio ${r.ratio.toFixed(2)}${spread(r) ? ` (${spread(r)})` : ''} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`) +
           (peak === undefined ? '' : `; GPU ${mib(peak)} MiB`) +
           (r.dispatchesPerStep === undefined
             ? ''
@@ -411,6 +429,7 @@ async function runAdapter(
     if (adapter === 'lavapipe') params.set('featureLevel', 'compatibility');
     if (args.quick) params.set('quick', '1');
     if (args.only) params.set('only', args.only);
+    if (args.samples !== undefined) params.set('samples', String(args.samples));
     if (peer) {
       params.set('peerModels', peer.models);
       params.set('peerIds', peer.ids.join(','));
