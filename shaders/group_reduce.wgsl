@@ -13,8 +13,9 @@
 // kernels rely on that: there a barrier costs about 10 µs per four invocations on SwiftShader).
 
 var<workgroup> group_red: array<vec2<f32>, WG>;
-// group_sum4x4's: a 4×4 block of partial sums per invocation (lora_matmul.wgsl's lora_rows). A
-// kernel that never calls it does not allocate it (WGSL counts the variables an entry point uses).
+// group_sum4x4's: a 4×4 block of partial sums per invocation (lora_matmul.wgsl's lora_rows). An
+// entry point that never reaches it does not allocate it (WebGPU counts the workgroup variables
+// each entry point statically uses). At WG = 256 it is the whole 16 KiB default limit.
 var<workgroup> group_red16: array<array<vec4<f32>, 4>, WG>;
 
 fn group_sum2(tid: u32, width: u32, v: vec2<f32>) -> vec2<f32> {

@@ -38,10 +38,13 @@ import {
   planLoraRowsMulti,
   planLoraWeightGrad,
 } from '../src/kernels/lora_matmul.js';
-import { expectClose, gpuCase, useGpu, useReductionPaths } from './gpu.js';
+import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
-const gpu = useGpu();
+// lora_rows's tree split (alone, in lora_rows_multi, lora_g_db and lora_g_db_pair) adds its partial
+// sums with group_sum4x4: the cases that reach it run on both builds (subgroups, trees); the rest
+// on the adapter's own.
 const reductionPaths = useReductionPaths();
+const gpu = () => reductionPaths[0].gpu();
 
 interface Case {
   T: number;
@@ -213,12 +216,11 @@ describe('lora thin kernels, each work split', () => {
     { M: 65, K: 63, R: 8, transL: false, split: 'serial' },
     { M: 7, K: 257, R: 7, transL: true, split: 'serial' },
   ];
-  // The tree split adds its partial sums with group_sum4x4: both builds (subgroups, trees).
   for (const c of rowsCases) {
     for (const path of c.split === 'tree' ? reductionPaths : reductionPaths.slice(0, 1)) {
       const n = `lora_rows M=${c.M} K=${c.K} R=${c.R} ${c.transL ? 'X·Lᵀ' : 'X·L'} ${c.split}${c.split === 'tree' ? ` (${path.name})` : ''}`;
-      it(n, async (t) => {
-        const ctx = path.gpu(t);
+      it(n, async (test) => {
+        const ctx = path.gpu(test);
         const x = randomArray(c.M * c.K, c.M + c.K, 1);
         const l = randomArray(c.R * c.K, c.R + 3, 1);
         const want = matmulRef(x, l, c.M, c.K, c.R, { transB: c.transL });
@@ -283,30 +285,32 @@ describe('lora multi-role dispatches', () => {
   ];
   for (const c of multiCases) {
     const n = `T=${c.T} K=${c.K} ranks ${c.ranks.join(',')}`;
-    it(`h of ${c.ranks.length} modules, ${n}`, async () => {
-      const ctx = gpu();
-      const x = randomArray(c.T * c.K, c.T + c.K, 1);
-      const as = c.ranks.map((r, i) => randomArray(r * c.K, r + 11 * i, 1));
-      const want = as.map((a, i) => matmulRef(x, a, c.T, c.K, c.ranks[i] as number, { transB: true }));
-      const got = await gpuCase(ctx, n, async () => {
-        const tx = tensorFromData(ctx, x, [c.T, c.K], 'f32', 'x');
-        const roles = c.ranks.map((R, i) => ({
-          R,
-          l: tensorFromData(ctx, as[i] as Float64Array, [R, c.K], 'f32', `A${i}`),
-          out: createTensor(ctx, [c.T, R], 'f32', `h${i}`),
-        }));
-        const d = await planLoraRowsMulti(ctx, tx, roles, { M: c.T, K: c.K }, n);
-        new StepEncoder(ctx, n).dispatch(d).submit();
-        const result = await Promise.all(roles.map((r) => readFloat32(r.out)));
-        d.dispose();
-        tx.dispose();
-        for (const r of roles) for (const t of [r.l, r.out]) t.dispose();
-        return result;
+    for (const path of reductionPaths) {
+      it(`h of ${c.ranks.length} modules, ${n} (${path.name})`, async (test) => {
+        const ctx = path.gpu(test);
+        const x = randomArray(c.T * c.K, c.T + c.K, 1);
+        const as = c.ranks.map((r, i) => randomArray(r * c.K, r + 11 * i, 1));
+        const want = as.map((a, i) => matmulRef(x, a, c.T, c.K, c.ranks[i] as number, { transB: true }));
+        const got = await gpuCase(ctx, n, async () => {
+          const tx = tensorFromData(ctx, x, [c.T, c.K], 'f32', 'x');
+          const roles = c.ranks.map((R, i) => ({
+            R,
+            l: tensorFromData(ctx, as[i] as Float64Array, [R, c.K], 'f32', `A${i}`),
+            out: createTensor(ctx, [c.T, R], 'f32', `h${i}`),
+          }));
+          const d = await planLoraRowsMulti(ctx, tx, roles, { M: c.T, K: c.K }, n);
+          new StepEncoder(ctx, n).dispatch(d).submit();
+          const result = await Promise.all(roles.map((r) => readFloat32(r.out)));
+          d.dispose();
+          tx.dispose();
+          for (const r of roles) for (const t of [r.l, r.out]) t.dispose();
+          return result;
+        });
+        for (const [i, g] of got.entries()) {
+          expectClose(ctx, `${n} h${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.K), 1e-5);
+        }
       });
-      for (const [i, g] of got.entries()) {
-        expectClose(ctx, `${n} h${i}`, g, want[i] as Float64Array, 3e-5 * Math.sqrt(c.K), 1e-5);
-      }
-    });
+    }
     it(`dA of ${c.ranks.length} modules, ${n}`, async () => {
       const ctx = gpu();
       const x = randomArray(c.T * c.K, c.T + c.K, 1);
@@ -374,64 +378,66 @@ describe('lora g and dB of two modules in one dispatch', () => {
     },
   ];
   for (const c of pairCases) {
-    const n = `T=${c.T} ${c.mods.map((m) => `N=${m.N} r=${m.R}`).join(', ')} beta=${c.beta}`;
-    it(n, async () => {
-      const ctx = gpu();
-      const mods = c.mods.map((m, i) => ({
-        ...m,
-        scale: 0.5 + i,
-        dy: randomArray(c.T * m.N, m.N + i, 1),
-        b: randomArray(m.N * m.R, m.R + 7 * i, 1),
-        h: randomArray(c.T * m.R, m.R + 3 + i, 1),
-        db0: randomArray(m.N * m.R, 17 + i, 1),
-      }));
-      const want = mods.map((m) => ({
-        g: matmulRef(m.dy, m.b, c.T, m.N, m.R),
-        db: matmulRef(m.dy, m.h, m.N, c.T, m.R, { transA: true }).map(
-          (v, j) => m.scale * v + c.beta * (m.db0[j] as number),
-        ),
-      }));
-      const places = mods.map((m, i) => ({ shape: [m.N, m.R], label: `B${i}` }));
-      const got = await gpuCase(ctx, n, async () => {
-        // Another tensor first in each arena, of other sizes (past the offset alignment, up to 256
-        // bytes), so B and dB sit at different offsets of their arenas.
-        const params = new TensorArena(ctx, [{ shape: [100], label: 'other' }, ...places], 'params');
-        const grads = new TensorArena(ctx, [{ shape: [3, 5], label: 'other' }, ...places], 'grads');
-        writeTensor(grads.views[0] as Tensor, new Float32Array(15).fill(3));
-        const io = mods.map((m, i) => {
-          const b = params.views[i + 1] as Tensor;
-          const db = grads.views[i + 1] as Tensor;
-          writeTensor(b, m.b);
-          writeTensor(db, m.db0);
-          return {
-            dy: tensorFromData(ctx, m.dy, [c.T, m.N], 'f32', `dy${i}`),
-            h: tensorFromData(ctx, m.h, [c.T, m.R], 'f32', `h${i}`),
-            g: createTensor(ctx, [c.T, m.R], 'f32', `g${i}`),
-            b,
-            db,
-            scale: m.scale,
-          };
+    for (const path of reductionPaths) {
+      const n = `T=${c.T} ${c.mods.map((m) => `N=${m.N} r=${m.R}`).join(', ')} beta=${c.beta} (${path.name})`;
+      it(n, async (test) => {
+        const ctx = path.gpu(test);
+        const mods = c.mods.map((m, i) => ({
+          ...m,
+          scale: 0.5 + i,
+          dy: randomArray(c.T * m.N, m.N + i, 1),
+          b: randomArray(m.N * m.R, m.R + 7 * i, 1),
+          h: randomArray(c.T * m.R, m.R + 3 + i, 1),
+          db0: randomArray(m.N * m.R, 17 + i, 1),
+        }));
+        const want = mods.map((m) => ({
+          g: matmulRef(m.dy, m.b, c.T, m.N, m.R),
+          db: matmulRef(m.dy, m.h, m.N, c.T, m.R, { transA: true }).map(
+            (v, j) => m.scale * v + c.beta * (m.db0[j] as number),
+          ),
+        }));
+        const places = mods.map((m, i) => ({ shape: [m.N, m.R], label: `B${i}` }));
+        const got = await gpuCase(ctx, n, async () => {
+          // Another tensor first in each arena, of other sizes (past the offset alignment, up to 256
+          // bytes), so B and dB sit at different offsets of their arenas.
+          const params = new TensorArena(ctx, [{ shape: [100], label: 'other' }, ...places], 'params');
+          const grads = new TensorArena(ctx, [{ shape: [3, 5], label: 'other' }, ...places], 'grads');
+          writeTensor(grads.views[0] as Tensor, new Float32Array(15).fill(3));
+          const io = mods.map((m, i) => {
+            const b = params.views[i + 1] as Tensor;
+            const db = grads.views[i + 1] as Tensor;
+            writeTensor(b, m.b);
+            writeTensor(db, m.db0);
+            return {
+              dy: tensorFromData(ctx, m.dy, [c.T, m.N], 'f32', `dy${i}`),
+              h: tensorFromData(ctx, m.h, [c.T, m.R], 'f32', `h${i}`),
+              g: createTensor(ctx, [c.T, m.R], 'f32', `g${i}`),
+              b,
+              db,
+              scale: m.scale,
+            };
+          });
+          const d = await planLoraGradGdBPair(ctx, [io[0], io[1]] as [LoraGradModule, LoraGradModule], c.T, c.beta, n);
+          new StepEncoder(ctx, n).dispatch(d).submit();
+          const result = await Promise.all(
+            io.map(async (m) => ({ g: await readFloat32(m.g), db: await readFloat32(m.db) })),
+          );
+          const other = await readFloat32(grads.views[0] as Tensor);
+          d.dispose();
+          for (const m of io) for (const t of [m.dy, m.h, m.g]) t.dispose();
+          params.dispose();
+          grads.dispose();
+          return { result, other };
         });
-        const d = await planLoraGradGdBPair(ctx, [io[0], io[1]] as [LoraGradModule, LoraGradModule], c.T, c.beta, n);
-        new StepEncoder(ctx, n).dispatch(d).submit();
-        const result = await Promise.all(
-          io.map(async (m) => ({ g: await readFloat32(m.g), db: await readFloat32(m.db) })),
-        );
-        const other = await readFloat32(grads.views[0] as Tensor);
-        d.dispose();
-        for (const m of io) for (const t of [m.dy, m.h, m.g]) t.dispose();
-        params.dispose();
-        grads.dispose();
-        return { result, other };
+        for (const [i, r] of got.result.entries()) {
+          const w = want[i] as { g: Float64Array; db: Float64Array };
+          const m = c.mods[i] as { N: number; R: number };
+          expectClose(ctx, `${n} g${i}`, r.g, w.g, 3e-5 * Math.sqrt(m.N), 1e-5);
+          expectClose(ctx, `${n} dB${i}`, r.db, w.db, 3e-5 * Math.sqrt(c.T), 1e-5);
+        }
+        expectClose(ctx, `${n} the arena's other place`, got.other, new Float64Array(15).fill(3), 0, 0);
       });
-      for (const [i, r] of got.result.entries()) {
-        const w = want[i] as { g: Float64Array; db: Float64Array };
-        const m = c.mods[i] as { N: number; R: number };
-        expectClose(ctx, `${n} g${i}`, r.g, w.g, 3e-5 * Math.sqrt(m.N), 1e-5);
-        expectClose(ctx, `${n} dB${i}`, r.db, w.db, 3e-5 * Math.sqrt(c.T), 1e-5);
-      }
-      expectClose(ctx, `${n} the arena's other place`, got.other, new Float64Array(15).fill(3), 0, 0);
-    });
+    }
   }
 
   it('refuses B or dB outside shared buffers, and one module twice', async () => {

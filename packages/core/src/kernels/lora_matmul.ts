@@ -181,9 +181,11 @@ function rowsWorkgroup(ctx: GpuContext): number {
 
 /**
  * How lora_rows reduces its long dimension: 'tree' splits it over a workgroup whose partial sums
- * meet in workgroup memory (GPUs); 'serial' gives each 4×4 block of C one invocation that walks
- * the whole of it, with no workgroup memory or barrier (CPU adapters, where a workgroup that has
- * either costs about 10 µs per four invocations on SwiftShader).
+ * meet in group_sum4x4 (subgroup sums where the device has them, else workgroup memory; GPUs);
+ * 'serial' gives each 4×4 block of C one invocation that walks the whole of it, with no barrier
+ * (CPU adapters, where a workgroup with barriers costs about 10 µs per four invocations on
+ * SwiftShader). The serial build still declares group_sum4x4's workgroup memory (1 KiB or less),
+ * which it never touches.
  */
 export type LoraRowsSplit = 'tree' | 'serial';
 
