@@ -69,7 +69,14 @@ function rounds(o: BenchOptions): { iters?: number; budgetMs: number } {
 
 /** A ratio's spread over its rounds, for the record's extra (see RatioSpread). */
 function spreadExtra(s: RatioSpread): Record<string, number> {
-  return { samples: s.rounds, ratio_q1: s.q1, ratio_q3: s.q3, ratio_sign_p: s.signP };
+  return {
+    samples: s.rounds,
+    ratio_paired_median: s.median,
+    ratio_q1: s.q1,
+    ratio_q3: s.q3,
+    ratio_ties: s.ties,
+    ratio_sign_p: s.signP,
+  };
 }
 
 /** max |a[i] − b[i]|: how far two builds (or ours and a baseline) are apart before they are timed. */

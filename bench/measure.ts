@@ -25,9 +25,13 @@ function summarize(samples: number[]): Timing {
  * the samples do not say which is faster.
  */
 export interface RatioSpread {
+  /** Median of the rounds' own ratios (the record's ratio is the ratio of the two medians). */
+  readonly median: number;
   readonly q1: number;
   readonly q3: number;
   readonly rounds: number;
+  /** Rounds whose two samples took the same time (the timer's resolution): left out of the test. */
+  readonly ties: number;
   readonly signP: number;
 }
 
@@ -38,27 +42,34 @@ function quantile(sorted: readonly number[], q: number): number {
   return (sorted[lo] as number) + (at - lo) * ((sorted[hi] as number) - (sorted[lo] as number));
 }
 
-/** Two-sided sign test: P(a split at least as lopsided as k of n) when both sides are equally likely. */
+/**
+ * Two-sided sign test: P(a split at least as lopsided as k of n) when both sides are equally
+ * likely. The smallest p n rounds can give is 2^(1−n) (0.25 at 3, 0.031 at 6). Terms are
+ * probabilities, not counts, so n up to a few hundred stays finite.
+ */
 export function signTestP(k: number, n: number): number {
   if (n === 0) return 1;
   const tail = Math.min(k, n - k);
   let p = 0;
-  let c = 1; // C(n, i)
+  let term = 0.5 ** n; // C(n, i) / 2^n
   for (let i = 0; i <= tail; i++) {
-    p += c;
-    c = (c * (n - i)) / (i + 1);
+    p += term;
+    term = (term * (n - i)) / (i + 1);
   }
-  return Math.min(1, (2 * p) / 2 ** n);
+  return Math.min(1, 2 * p);
 }
 
 export function ratioSpread(ratios: readonly number[]): RatioSpread {
-  const sorted = [...ratios].sort((a, b) => a - b);
-  const decided = ratios.filter((r) => r !== 1);
+  const finite = ratios.filter(Number.isFinite);
+  const sorted = [...finite].sort((a, b) => a - b);
+  const decided = finite.filter((r) => r !== 1);
   const above = decided.filter((r) => r > 1).length;
   return {
+    median: quantile(sorted, 0.5),
     q1: quantile(sorted, 0.25),
     q3: quantile(sorted, 0.75),
     rounds: ratios.length,
+    ties: finite.length - decided.length,
     signP: signTestP(above, decided.length),
   };
 }

@@ -22,6 +22,14 @@ const params = new URLSearchParams(location.search);
 const statusEl = document.getElementById('status') as HTMLElement;
 const tbody = document.querySelector('#results tbody') as HTMLElement;
 
+/** ?samples=N (bench/run.ts checks --samples): a whole number of rounds from 6 to 200, or none. */
+function samplesParam(v: string | null): number | undefined {
+  if (v === null) return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 6 || n > 200) throw new Error(`samples=${v}: a whole number from 6 to 200`);
+  return n;
+}
+
 function status(s: string): void {
   statusEl.textContent = s;
   console.log(`[bench] ${s}`);
@@ -57,7 +65,7 @@ async function main(): Promise<void> {
     adapter,
     quick: params.has('quick'),
     only: params.get('only') ?? undefined,
-    samples: params.has('samples') ? Number(params.get('samples')) : undefined,
+    samples: samplesParam(params.get('samples')),
     report: show,
     status,
     fail: (key: string, e: unknown) => {

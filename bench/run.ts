@@ -19,10 +19,10 @@
  * the records: baseline torch_cpu (inference) or torch_peft_cpu (training), ratio = baseline
  * ms / ms (above 1: webtune is faster). Without a Python that has torch, transformers and peft (or
  * with --no-baseline) the baseline is null and a note says why. --quick runs small variants of
- * every case (a few minutes per adapter). Kernel ratios come with their spread: the quartiles of
- * the rounds' own ratios and a sign test (p < 0.05: the rounds agree on which side of 1 it is);
- * --samples N runs N rounds per kernel case instead of up to 7 in a time budget (give a
- * --timeout-min to match). Benchmarks never pass or fail on their figures; the
+ * every case (a few minutes per adapter). Kernel ratios come with their spread: the median and
+ * quartiles of the rounds' own ratios and a sign test (p < 0.05: the rounds agree on which side
+ * of 1 it is); --samples N (6 to 200) runs N rounds per kernel case instead of up to 7 in a time
+ * budget (give a --timeout-min to match). Benchmarks never pass or fail on their figures; the
  * command fails only when a benchmark cannot run (the table and JSON of what did run are still
  * written).
  */
@@ -93,8 +93,9 @@ function parseArgs(argv: string[]): Args {
     else if (a.startsWith('--only')) args.only = value();
     else if (a.startsWith('--samples')) {
       args.samples = Number(value());
-      if (!Number.isInteger(args.samples) || args.samples < 3)
-        throw new Error('--samples needs a whole number, 3 or more');
+      // Below 6 rounds the sign test cannot reach p < 0.05 (its best is 2^(1−n)).
+      if (!Number.isInteger(args.samples) || args.samples < 6 || args.samples > 200)
+        throw new Error('--samples needs a whole number from 6 to 200');
     } else if (a.startsWith('--chromium-flag')) args.extraFlags.push(value());
     else if (a.startsWith('--timeout-min')) args.timeoutMs = Number(value()) * 60_000;
     else if (a === '--') continue;
@@ -126,11 +127,21 @@ const num = (r: BenchRecord, key: string): number | undefined => {
 };
 const mib = (bytes: number | undefined) => (bytes === undefined ? '' : (bytes / 2 ** 20).toFixed(1));
 
-/** A kernel ratio's spread (bench/measure.ts RatioSpread): "q1–q3, p, rounds", or '' without one. */
+/** A kernel ratio's spread (bench/measure.ts RatioSpread): "the rounds' median (q1–q3), sign test
+ * p, rounds (ties)", or '' without one. */
 function spread(r: BenchRecord): string {
-  const [q1, q3, p, n] = [num(r, 'ratio_q1'), num(r, 'ratio_q3'), num(r, 'ratio_sign_p'), num(r, 'samples')];
-  if (q1 === undefined || q3 === undefined || p === undefined) return '';
-  return `${fmt(q1)}–${fmt(q3)}, p ${p < 0.001 ? '<0.001' : p.toFixed(3)}, n ${n}`;
+  const [med, q1, q3, p] = [
+    num(r, 'ratio_paired_median'),
+    num(r, 'ratio_q1'),
+    num(r, 'ratio_q3'),
+    num(r, 'ratio_sign_p'),
+  ];
+  if (med === undefined || q1 === undefined || q3 === undefined || p === undefined) return '';
+  const ties = num(r, 'ratio_ties') ?? 0;
+  return (
+    `${fmt(med)} (${fmt(q1)}–${fmt(q3)}), p ${p < 0.001 ? '<0.001' : p.toFixed(3)}, n ${num(r, 'samples')}` +
+    (ties > 0 ? ` (${ties} tied)` : '')
+  );
 }
 
 function render(rows: string[][]): string {
