@@ -9,6 +9,10 @@
  *   accumulation) against the f32 build, on adapters with shader-f16 only.
  * - matmul_rope vs matmul_then_rope: the q projection (x·Wᵀ with its LoRA term) stored through
  *   the RoPE epilogue against the same product followed by the RoPE dispatch it replaces;
+ * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
+ *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
+ * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
+ *   lora_g_db each (the trainer plans the pair on GPUs only);
  * - subgroup_reductions vs workgroup_trees: the reducing kernels (RMSNorm over rows, the split-K
  *   matvec of a decode step, the loss's vocabulary chunks, the LoRA h = x·Aᵀ) built with subgroup operations against
  *   the same kernels with workgroup-memory trees, each on a device of its own from the same
@@ -23,6 +27,7 @@ import {
   createTensor,
   type Dispatch,
   type GpuContext,
+  type LoraGradModule,
   type LoraLayer,
   loraFlops,
   matmulFlops,
@@ -31,14 +36,19 @@ import {
   planLoraBackwardUnfused,
   planLoraForward,
   planLoraForwardUnfused,
+  planLoraGradGdB,
+  planLoraGradGdBPair,
   planLoraRows,
+  planLoraRowsMulti,
   planMatmul,
   planRmsNormForward,
   planRopeForward,
   readFloat32,
   StepEncoder,
   type Tensor,
+  TensorArena,
   tensorFromData,
+  writeTensor,
 } from '@webtune/core';
 import { type RatioSpread, timePair } from './measure.js';
 import type { BenchOptions } from './record.js';
@@ -333,6 +343,169 @@ async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> 
   for (const t of [x, w, h, b, invFreq, fusedOut, plainOut]) t.dispose();
 }
 
+/**
+ * One dispatch that replaces several: both plans run once and their outputs (pairs of fused and
+ * plain tensors) are compared, then timed against each other and reported with their dispatch
+ * counts. The caller disposes of the plans and tensors.
+ */
+async function timeFusion(
+  ctx: GpuContext,
+  o: BenchOptions,
+  c: {
+    name: string;
+    baseline: string;
+    shape: string;
+    fused: Dispatch[];
+    plain: Dispatch[];
+    outputs: [Tensor, Tensor][];
+  },
+): Promise<void> {
+  o.status(`${c.name} ${c.shape}`);
+  await runOnce(ctx, c.fused, c.name);
+  await runOnce(ctx, c.plain, c.baseline);
+  let maxDiff = 0;
+  for (const [f, p] of c.outputs) maxDiff = Math.max(maxDiff, maxAbsDiff(await readFloat32(f), await readFloat32(p)));
+  if (!(maxDiff < 1e-4)) throw new Error(`${c.name} and ${c.baseline} disagree on ${c.shape}: max |diff| ${maxDiff}`);
+  const { mine, baseline, spread } = await timePair(
+    () => runOnce(ctx, c.fused, c.name),
+    () => runOnce(ctx, c.plain, c.baseline),
+    rounds(o),
+  );
+  o.report({
+    name: c.name,
+    shape: c.shape,
+    ms: mine.medianMs,
+    gflops: null,
+    baseline: c.baseline,
+    baselineMs: baseline.medianMs,
+    ratio: baseline.medianMs / mine.medianMs,
+    adapter: o.adapter,
+    extra: {
+      dispatches: c.fused.length,
+      baseline_dispatches: c.plain.length,
+      max_abs_diff: maxDiff,
+      ...spreadExtra(spread),
+    },
+  });
+}
+
+/** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted, their A in one arena. */
+async function benchRmsNormLoraH(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const [rows, d, r] = [o.quick ? 64 : 512, 576, 8];
+  const x = tensorFromData(ctx, random(rows * d, 31, 2), [rows, d], 'f32', 'x');
+  const w = tensorFromData(ctx, random(d, 32, 1), [d], 'f32', 'w');
+  const arena = new TensorArena(
+    ctx,
+    [
+      { shape: [r, d], label: 'A_q' },
+      { shape: [r, d], label: 'A_v' },
+    ],
+    'lora params',
+  );
+  for (const [i, a] of arena.views.entries()) writeTensor(a, random(r * d, 33 + i, 0.05));
+  const outs = (which: string) => ({
+    y: createTensor(ctx, [rows, d], 'f32', `${which} y`),
+    rstd: createTensor(ctx, [rows], 'f32', `${which} rstd`),
+    h: arena.views.map((_, i) => createTensor(ctx, [rows, r], 'f32', `${which} h${i}`)),
+  });
+  const [f, p] = [outs('fused'), outs('plain')];
+  const [aq, av] = arena.views as [Tensor, Tensor];
+  const [fhq, fhv] = f.h as [Tensor, Tensor];
+  const fused = [
+    await planRmsNormForward(
+      ctx,
+      {
+        x,
+        w,
+        y: f.y,
+        rstd: f.rstd,
+        lora: [
+          { a: aq, h: fhq },
+          { a: av, h: fhv },
+        ],
+      },
+      { eps: 1e-5 },
+    ),
+  ];
+  const plain = [
+    await planRmsNormForward(ctx, { x, w, y: p.y, rstd: p.rstd }, { eps: 1e-5 }),
+    await planLoraRowsMulti(
+      ctx,
+      p.y,
+      arena.views.map((l, i) => ({ l, out: p.h[i] as Tensor, R: r })),
+      { M: rows, K: d },
+      'lora_rows_multi',
+    ),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'rmsnorm_lora_h',
+    baseline: 'rmsnorm_then_lora_rows',
+    shape: `${rows}x${d} r=${r}+${r}`,
+    fused,
+    plain,
+    outputs: [[f.y, p.y], [f.rstd, p.rstd], ...f.h.map((h, i): [Tensor, Tensor] => [h, p.h[i] as Tensor])],
+  });
+  for (const dsp of [...fused, ...plain]) dsp.dispose();
+  for (const t of [x, w, f.y, f.rstd, p.y, p.rstd, ...f.h, ...p.h]) t.dispose();
+  arena.dispose();
+}
+
+/** lora_g_db_pair: q (576 columns) and v (192: SmolLM2-135M's grouped KV) of one layer, B and dB in arenas. */
+async function benchLoraGdBPair(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const [T, r, scale] = [o.quick ? 64 : 512, 8, 2];
+  const cols = [576, 192];
+  const arena = (label: string) =>
+    new TensorArena(
+      ctx,
+      cols.map((N, i) => ({ shape: [N, r], label: `${label}${i}` })),
+      label,
+    );
+  const params = arena('B');
+  for (const [i, b] of params.views.entries()) writeTensor(b, random((cols[i] as number) * r, 41 + i, 0.05));
+  const dys = cols.map((N, i) => tensorFromData(ctx, random(T * N, 43 + i, 1), [T, N], 'f32', `dy${i}`));
+  const hs = cols.map((_, i) => tensorFromData(ctx, random(T * r, 45 + i, 1), [T, r], 'f32', `h${i}`));
+  const outs = (which: string) => ({
+    g: cols.map((_, i) => createTensor(ctx, [T, r], 'f32', `${which} g${i}`)),
+    db: arena(`${which} dB`),
+  });
+  const [f, p] = [outs('fused'), outs('plain')];
+  const modules = cols.map((N, i) => ({
+    N,
+    dy: dys[i] as Tensor,
+    b: params.views[i] as Tensor,
+    h: hs[i] as Tensor,
+  }));
+  const pair = modules.map(
+    (m, i): LoraGradModule => ({ ...m, g: f.g[i] as Tensor, db: f.db.views[i] as Tensor, scale }),
+  );
+  const fused = [
+    await planLoraGradGdBPair(ctx, [pair[0] as LoraGradModule, pair[1] as LoraGradModule], T, 0, 'lora_g_db_pair'),
+  ];
+  const plain = await Promise.all(
+    modules.map((m, i) =>
+      planLoraGradGdB(
+        ctx,
+        { ...m, g: p.g[i] as Tensor, db: p.db.views[i] as Tensor },
+        { T, N: m.N, R: r },
+        scale,
+        0,
+        `lora_g_db ${i}`,
+      ),
+    ),
+  );
+  await timeFusion(ctx, o, {
+    name: 'lora_g_db_pair',
+    baseline: 'two_lora_g_db',
+    shape: `T=${T} N=${cols.join('+')} r=${r}`,
+    fused,
+    plain,
+    outputs: [...f.g.map((g, i): [Tensor, Tensor] => [g, p.g[i] as Tensor]), [f.db.tensor, p.db.tensor]],
+  });
+  for (const dsp of [...fused, ...plain]) dsp.dispose();
+  for (const t of [...dys, ...hs, ...f.g, ...p.g]) t.dispose();
+  for (const a of [params, f.db, p.db]) a.dispose();
+}
+
 /** One reducing kernel, planned on a device: how it records, what reads its result, its cleanup. */
 interface ReductionCase {
   readonly record: (enc: StepEncoder) => void;
@@ -497,5 +670,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'matmul_f16_tiles'.includes(o.only)) await benchF16Tiles(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
   if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
+  if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
+  if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);
 }
