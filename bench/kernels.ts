@@ -292,7 +292,6 @@ async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> 
   const M = 4 * T;
   const [d, hd, r] = [576, 64, 8];
   const shape = `${M}x${d}x${d} +rank ${r}, heads of ${hd}, W:f16`;
-  o.status(`matmul_rope ${shape}`);
   const x = tensorFromData(ctx, random(M * d, 31, 1), [M, d], 'f32', 'x');
   const w = tensorFromData(ctx, random(d * d, 32, 0.05), [d, d], 'f16', 'w');
   const h = tensorFromData(ctx, random(M * r, 33, 1), [M, r], 'f32', 'h');
@@ -315,36 +314,21 @@ async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> 
     await planMatmul(ctx, x, w, plainOut, { lowRank }),
     await planRopeForward(ctx, plainOut, invFreq, { nHeads: d / hd, headDim: hd, T }),
   ];
-  await runOnce(ctx, [fused, ...plain], 'matmul_rope check');
-  const maxDiff = maxAbsDiff(await readFloat32(fusedOut), await readFloat32(plainOut));
-  if (!(maxDiff < 1e-4)) throw new Error(`matmul_rope and matmul + rope disagree on ${shape}: max |diff| ${maxDiff}`);
-  const {
-    mine,
-    baseline: base,
-    spread,
-  } = await timePair(
-    () => runOnce(ctx, [fused], 'matmul_rope'),
-    () => runOnce(ctx, plain, 'matmul then rope'),
-    rounds(o),
-  );
-  const flops = matmulFlops({ M, N: d, K: d }, r);
-  o.report({
+  await timeFusion(ctx, o, {
     name: 'matmul_rope',
-    shape,
-    ms: mine.medianMs,
-    gflops: gflops(flops, mine.medianMs),
     baseline: 'matmul_then_rope',
-    baselineMs: base.medianMs,
-    ratio: base.medianMs / mine.medianMs,
-    adapter: o.adapter,
-    extra: { dispatches: 1, baseline_dispatches: 2, max_abs_diff: maxDiff, ...spreadExtra(spread) },
+    shape,
+    fused: [fused],
+    plain,
+    outputs: [[fusedOut, plainOut]],
+    flops: matmulFlops({ M, N: d, K: d }, r),
   });
   for (const t of [fused, ...plain]) t.dispose();
   for (const t of [x, w, h, b, invFreq, fusedOut, plainOut]) t.dispose();
 }
 
 /**
- * One dispatch that replaces several: both plans run once and their outputs (pairs of fused and
+ * A fused plan against the plain one it replaces: both plans run once and their outputs (pairs of fused and
  * plain tensors) are compared, then timed against each other and reported with their dispatch
  * counts. The caller disposes of the plans and tensors.
  */
@@ -358,6 +342,8 @@ async function timeFusion(
     fused: Dispatch[];
     plain: Dispatch[];
     outputs: [Tensor, Tensor][];
+    /** Floating-point operations of one run, where GFLOP/s mean something. */
+    flops?: number;
   },
 ): Promise<void> {
   o.status(`${c.name} ${c.shape}`);
@@ -375,7 +361,7 @@ async function timeFusion(
     name: c.name,
     shape: c.shape,
     ms: mine.medianMs,
-    gflops: null,
+    gflops: c.flops === undefined ? null : gflops(c.flops, mine.medianMs),
     baseline: c.baseline,
     baselineMs: baseline.medianMs,
     ratio: baseline.medianMs / mine.medianMs,
