@@ -87,6 +87,7 @@ override W_Q8_0: bool = false;  // W holds Q8_0 blocks (see the header)
 override W_Q4_0: bool = false;  // W holds Q4_0 blocks
 override ALIGNED: bool = false;
 override ALIGNED_LR: bool = false;  // the same for A2 and B2: K2 (and N when !TRANS_W) multiples of 4
+override LR_DIRECT: bool = false;   // the low-rank term in f32 from memory (low_rank_direct): f16 tiles
 // RoPE as the product is stored (the q and k projections; see "RoPE epilogue" below): bit 0
 // rotates C, bit 1 up_out (matmul_pair's and matvec_pair's second projection). TRANS_W only.
 override ROPE: u32 = 0u;
@@ -379,6 +380,7 @@ fn main_product(tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
 
 // The low-rank term continues the same accumulators (alpha2 is applied as A2 is staged).
 fn low_rank_product(acc_in: mat4x4<f32>, tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
+  if (LR_DIRECT) { return low_rank_direct(acc_in, tx, ty, m0, n0); }
   var acc = acc_in;
   for (var k0 = 0u; k0 < p.K2; k0 += TK) {
     stage_a(tid, m0, k0, true);
@@ -386,6 +388,31 @@ fn low_rank_product(acc_in: mat4x4<f32>, tid: u32, tx: u32, ty: u32, m0: u32, n0
     workgroupBarrier();
     acc = multiply_tile(acc, tx, ty);
     workgroupBarrier();
+  }
+  return acc;
+}
+
+// The low-rank term in f32 straight from A2 and B2, not through the tiles (LR_DIRECT: f16 tiles
+// with TRANS_W). Staged in f16, a LoRA B that starts at zero and stays small would lose most of
+// its bits or flush to zero. r is small (a LoRA rank), and the WG_X invocations that share a row of
+// A2 (the WG_Y that share a row of B2) read it at the same time, so it comes from cache.
+fn low_rank_direct(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
+  var acc = acc_in;
+  let m = m0 + ty * 4u;
+  let n = n0 + tx * 4u;
+  for (var k = 0u; k < p.K2; k += 4u) {
+    let b0 = b2_chunk(out_col(n + 0u), k, p.N, p.K2);
+    let b1 = b2_chunk(out_col(n + 1u), k, p.N, p.K2);
+    let b2v = b2_chunk(out_col(n + 2u), k, p.N, p.K2);
+    let b3 = b2_chunk(out_col(n + 3u), k, p.N, p.K2);
+    let a0 = a2_chunk(m + 0u, k);
+    let a1 = a2_chunk(m + 1u, k);
+    let a2v = a2_chunk(m + 2u, k);
+    let a3 = a2_chunk(m + 3u, k);
+    acc[0] += vec4<f32>(dot(a0, b0), dot(a0, b1), dot(a0, b2v), dot(a0, b3));
+    acc[1] += vec4<f32>(dot(a1, b0), dot(a1, b1), dot(a1, b2v), dot(a1, b3));
+    acc[2] += vec4<f32>(dot(a2v, b0), dot(a2v, b1), dot(a2v, b2v), dot(a2v, b3));
+    acc[3] += vec4<f32>(dot(a3, b0), dot(a3, b1), dot(a3, b2v), dot(a3, b3));
   }
   return acc;
 }

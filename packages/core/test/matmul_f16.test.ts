@@ -65,6 +65,50 @@ describe('matmul with f16 tiles', () => {
     });
   }
 
+  // A LoRA term beside f16 tiles (the forward of an adapted projection): alpha2·A2·B2ᵀ is read and
+  // multiplied in f32 (low_rank_direct), not staged. The second case has W = 0 and a B of 1e-7 to
+  // 1e-6, below f16's smallest normal (6e-5) and partly below its smallest subnormal (6e-8):
+  // through f16 tiles it would lose most of its bits or flush to zero, so there C must match the
+  // float64 low-rank product to f32 precision.
+  const loraCases: { M: number; N: number; K: number; r: number; w: DType; bScale: number; zeroW?: boolean }[] = [
+    { M: 33, N: 63, K: 96, r: 8, w: 'f16', bScale: 0.05 },
+    { M: 9, N: 64, K: 64, r: 3, w: 'f16', bScale: 1e-6, zeroW: true },
+    { M: 65, N: 40, K: 64, r: 16, w: 'q8_0', bScale: 0.02 },
+  ];
+  for (const c of loraCases) {
+    const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w} + LoRA r=${c.r} (B ~${c.bScale}${c.zeroW ? ', W = 0' : ''})`;
+    it(name, async (t) => {
+      const ctx = gpu();
+      if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+      const seed = 3 * c.M + c.N + c.r;
+      const alpha2 = 2;
+      const a = randomArray(c.M * c.K, seed, 1);
+      const w = c.zeroW ? new Float64Array(c.N * c.K) : asStored(randomArray(c.N * c.K, seed + 1, 1), c.w);
+      const h = randomArray(c.M * c.r, seed + 2, 1);
+      const b = Float64Array.from(randomArray(c.N * c.r, seed + 3, c.bScale), (v) => Math.fround(v));
+      const lora = matmulRef(h, b, c.M, c.r, c.N, { transB: true }).map((v) => alpha2 * v);
+      const want = addRef(matmulRef(a, w, c.M, c.K, c.N, { transB: true }), lora, 1);
+      const got = await gpuCase(ctx, name, async () => {
+        const ta = tensorFromData(ctx, a, [c.M, c.K], 'f32', 'a');
+        const tw = tensorFromData(ctx, w, [c.N, c.K], c.w, 'w');
+        const th = tensorFromData(ctx, h, [c.M, c.r], 'f32', 'h');
+        const tb = tensorFromData(ctx, b, [c.N, c.r], 'f32', 'B');
+        const tc = createTensor(ctx, [c.M, c.N], 'f32', 'c');
+        const lowRank = { a2: th, b2: tb, alpha2 };
+        expect(f16TileMathApplies(ctx, tw, { lowRank })).toBe(true);
+        const d = await planMatmul(ctx, ta, tw, tc, { lowRank, tileMath: 'f16' });
+        expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const x of [ta, tw, th, tb, tc]) x.dispose();
+        return out;
+      });
+      if (c.zeroW) expectClose(ctx, `${name} f16 tiles`, got, want, 1e-11, 1e-5);
+      else expectClose(ctx, `${name} f16 tiles`, got, want, 4e-3 * Math.sqrt(c.K), 2e-3);
+    });
+  }
+
   it('is asked for only where it is safe, and refused without shader-f16', async () => {
     const ctx = gpu();
     await gpuCase(ctx, 'f16 tile math applies', async () => {
@@ -76,16 +120,16 @@ describe('matmul with f16 tiles', () => {
       expect(f16TileMathApplies(ctx, w16)).toBe(ctx.features.shaderF16);
       expect(f16TileMathApplies(ctx, w32)).toBe(false);
       expect(f16TileMathApplies(ctx, w16, { transW: false })).toBe(false);
-      expect(f16TileMathApplies(ctx, w16, { lowRank: { a2: a, b2: b, alpha2: 1 } })).toBe(false);
+      expect(f16TileMathApplies(ctx, w16, { lowRank: { a2: a, b2: b, alpha2: 1 } })).toBe(ctx.features.shaderF16);
       expect(f16TileMathApplies(ctx, w16, { extra: { a, w: w16 } })).toBe(false);
       expect(f16TileMathApplies(ctx, w16, { glu: { w: w32, up: b, act: c } })).toBe(false);
       if (!ctx.features.shaderF16) {
         await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16' })).rejects.toThrow(/shader-f16/);
       } else {
-        // Where it does not apply, asking is an error rather than a silent f16 gradient or LoRA term.
+        // Where it does not apply, asking is an error rather than a silent f16 gradient.
         await expect(planMatmul(ctx, a, w32, c, { tileMath: 'f16' })).rejects.toThrow(/f16TileMathApplies/);
-        const lowRank = { a2: a, b2: b, alpha2: 1 };
-        await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16', lowRank })).rejects.toThrow(/f16TileMathApplies/);
+        const extra = { a, w: w16 };
+        await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16', extra })).rejects.toThrow(/f16TileMathApplies/);
       }
       for (const x of [w16, w32, a, b, c]) x.dispose();
     });

@@ -82,9 +82,9 @@ export interface ForwardOptions {
    */
   readonly fuse?: boolean;
   /**
-   * Inference plans only: the tiled products' math for unadapted projections of weights stored
-   * below f32 (f16TileMathApplies). 'f16' stages and multiplies them in f16 with f32 accumulation
-   * (needs shader-f16). Default 'f32': the f16 build has no golden against transformers computing
+   * Inference plans only: the tiled products' math for projections of weights stored below f32
+   * (f16TileMathApplies). 'f16' stages and multiplies them in f16 with f32 accumulation (needs
+   * shader-f16); an adapted projection's LoRA term stays f32. Default 'f32': the f16 build has no golden against transformers computing
    * in f16 yet, and on the fixtures without q/k norms the attention scores amplify its rounding
    * (logits up to 0.12 from transformers' f32 compute; f16_tiles.test.ts). Training is always f32.
    */
@@ -638,7 +638,11 @@ export async function planLinear(
     return planLoraForward(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
-      { x, y, h, accumulate, hComputed, activation, second, rope, ...(d ? { dropout: d } : {}) },
+      {
+        ...{ x, y, h, accumulate, hComputed, activation, second, rope },
+        ...(d ? { dropout: d } : {}),
+        tileMath: tilesFor(ctx, tileMath, lin.w, { activation, second }),
+      },
       label,
     );
   }

@@ -6,11 +6,12 @@
 // transformers' and the logits within 0.12 (tiny-llama; 0.017 with Qwen3's q/k norms, GPT-2 and
 // stories260K), since without q/k norms the tiny models' sharp attention scores amplify the f16
 // rounding of q and k. f32 tiles stay within 2e-2 (measured 3e-5).
-import { readFloat32, StepEncoder, type TileMath, writeTensor } from '@webtune/core';
+import { readFloat32, StepEncoder, type Tensor, type TileMath, tensorFromData, writeTensor } from '@webtune/core';
 import { describe, expect, it } from 'vitest';
 import { expectClose, gpuCase, useGpu } from '../../core/test/gpu.js';
-import { planForward } from '../src/forward.js';
+import { type LoraModuleWeights, planForward } from '../src/forward.js';
 import { loadModel } from '../src/model.js';
+import { openSafetensors } from '../src/safetensors.js';
 import { causalLmLoss, FIXTURES, fixturePath, forwardGolden, repoSource } from './fixtures.js';
 
 const gpu = useGpu();
@@ -51,5 +52,117 @@ describe('inference forward with f16 tiles against transformers (f16 weights)', 
         );
       });
     }
+  }
+});
+
+// An adapter on a Q8_0 base with f16 tiles (the studio trying an adapter beside the base): the
+// adapted projections' LoRA term is read and multiplied in f32 beside the f16 tiles
+// (matmul.wgsl's low_rank_direct). Against PEFT on the same dequantized weights with the same
+// seeded, non-zero A and B (tools/golden_quant_train.py; all-linear, r = 4), with f16's bounds as
+// above; the same plan without the adapter must miss PEFT's loss by more than those bounds, so
+// the LoRA term is what is being checked.
+interface QuantGolden {
+  path: string;
+  batch: { input_ids: number[][]; labels: number[][] };
+  formats: Record<'q8_0', { loss: number }>;
+  modules: {
+    module: string;
+    key_prefix: string;
+    in_features: number;
+    out_features: number;
+    r: number;
+    scaling: number;
+  }[];
+}
+/** transformers' causal LM loss: row t predicts labels[t + 1], -100 not counted. */
+function maskedLoss(logits: Float32Array, labels: readonly (readonly number[])[], V: number): number {
+  let total = 0;
+  let count = 0;
+  labels.forEach((row, b) => {
+    for (let t = 0; t + 1 < row.length; t++) {
+      const label = row[t + 1] as number;
+      if (label === -100) continue;
+      const z = logits.subarray((b * row.length + t) * V, (b * row.length + t + 1) * V);
+      const max = z.reduce((m, v) => Math.max(m, v), -Infinity);
+      const sum = z.reduce((s, v) => s + Math.exp(v - max), 0);
+      total += Math.log(sum) + max - (z[label] as number);
+      count++;
+    }
+  });
+  return total / count;
+}
+const quantGoldens = import.meta.glob<QuantGolden>('../../train/test/golden/quant-train/*.json', { import: 'default' });
+
+describe('inference with a LoRA adapter and f16 tiles against PEFT (Q8_0 base)', () => {
+  for (const run of ['tiny-llama-q', 'tiny-qwen3-q']) {
+    it(run, async (t) => {
+      const ctx = gpu();
+      if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+      const golden = await (
+        quantGoldens[`../../train/test/golden/quant-train/${run}.json`] as () => Promise<QuantGolden>
+      )();
+      const tensors = await openSafetensors(
+        await repoSource('packages/train/test/golden/quant-train'),
+        `${run}.safetensors`,
+      );
+      const source = await repoSource(golden.path);
+      const ids = golden.batch.input_ids;
+      const B = ids.length;
+      const T = (ids[0] as number[]).length;
+      const out = await gpuCase(ctx, `${run} LoRA f16 tiles`, async () => {
+        const model = await loadModel(ctx, source, { precision: 'q8_0' });
+        const lora = new Map<string, LoraModuleWeights>();
+        const owned: Tensor[] = [];
+        for (const m of golden.modules) {
+          const read = (which: 'A' | 'B') => tensors.readTensor(`init.${m.key_prefix}.lora_${which}.weight`);
+          const a = tensorFromData(ctx, await read('A'), [m.r, m.in_features], 'f32', `${m.module}.lora_A`);
+          const b = tensorFromData(ctx, await read('B'), [m.out_features, m.r], 'f32', `${m.module}.lora_B`);
+          owned.push(a, b);
+          lora.set(m.module, { a, b, scale: m.scaling });
+        }
+        const run = async (withLora: boolean) => {
+          const plan = await planForward(ctx, model, {
+            B,
+            T,
+            logits: true,
+            mode: 'inference',
+            tileMath: 'f16',
+            ...(withLora ? { lora } : {}),
+          });
+          const direct = plan.dispatches.filter((d) => d.kernel.constants.LR_DIRECT === true).length;
+          writeTensor(plan.ids, ids.flat());
+          new StepEncoder(ctx, 'forward')
+            .clear(plan.embeddingErrors)
+            .dispatch(...plan.dispatches)
+            .submit();
+          const logits = await readFloat32(plan.logits!);
+          plan.dispose();
+          return { logits, direct };
+        };
+        const adapted = await run(true);
+        const base = await run(false);
+        for (const x of owned) x.dispose();
+        const V = model.config.vocabSize;
+        model.dispose();
+        return { adapted, base, V };
+      });
+      // Every adapted projection of f16 weights takes the f16 build with its LoRA term in f32.
+      expect(out.adapted.direct).toBeGreaterThan(0);
+      expect(out.base.direct).toBe(0);
+      const want = golden.formats.q8_0.loss;
+      const loss = maskedLoss(out.adapted.logits, golden.batch.labels, out.V);
+      const baseLoss = maskedLoss(out.base.logits, golden.batch.labels, out.V);
+      console.log(`${run}: loss with the adapter ${loss}, without ${baseLoss}, PEFT ${want}`);
+      expectClose(
+        ctx,
+        `${run} LoRA f16 tiles logits (row 0)`,
+        out.adapted.logits.slice(0, T * out.V),
+        await tensors.readTensor('q8_0.logits_row0'),
+        0.25,
+        0,
+      );
+      expect(Math.abs(loss - want), `loss ${loss} vs PEFT ${want}`).toBeLessThan(5e-3);
+      expect(Math.abs(baseLoss - want), `without the adapter ${baseLoss} vs PEFT ${want}`).toBeGreaterThan(5e-3);
+    });
   }
 });

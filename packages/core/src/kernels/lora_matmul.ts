@@ -12,6 +12,7 @@ import {
   type MatmulActivationBackward,
   type MatmulRope,
   planMatmul,
+  type TileMath,
 } from './matmul.js';
 
 // Bindings 4..7 are roles 1 and 2 of the multi-role entries (lora_g_db, lora_rows_multi,
@@ -515,6 +516,8 @@ export interface LoraForwardBuffers {
   second?: { readonly w: Tensor; readonly out: Tensor };
   /** y (and `second`'s output) rotated by RoPE as they are stored (planMatmul's `rope`). */
   rope?: MatmulRope;
+  /** y's tile math (planMatmul's `tileMath`): f16 tiles keep the LoRA term in f32. Default 'f32'. */
+  tileMath?: TileMath;
 }
 
 /**
@@ -561,6 +564,7 @@ export async function planLoraForward(
     activation: io.activation,
     second: io.second,
     rope: io.rope,
+    tileMath: io.tileMath,
     label: `${label}.y`,
   });
   return h ? [...pre, h, y] : [...pre, y];

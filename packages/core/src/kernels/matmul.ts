@@ -224,17 +224,18 @@ export type TileMath = 'f32' | 'f16';
 /**
  * Whether f16 tiles suit this product on this device: the adapter has shader-f16, W (and the
  * second weight of `glu` or `second`) is stored below f32 and used in the forward layout, and no
- * term of the product is a gradient (activationBackward, the dx sums of `extra`) or a LoRA
- * adapter's factors (lowRank; B starts at zero and stays small, where f16 has few bits). f16 W
- * stages exactly; Q8_0/Q4_0 values d·q round to f16's 11 bits, and A (activations) rounds too
- * (above 65504 it overflows). planMatmul refuses f16 tiles where this does not hold.
+ * term of the product is a gradient (activationBackward, the dx sums of `extra`), which f16 would
+ * flush below 6e-8. f16 W stages exactly; Q8_0/Q4_0 values d·q round to f16's 11 bits, and A
+ * (activations) rounds too (above 65504 it overflows). A LoRA term (lowRank) is allowed: it is
+ * not staged but read and multiplied in f32 (matmul.wgsl's low_rank_direct), since its B starts at
+ * zero and stays small, where f16 has few bits. planMatmul refuses f16 tiles where this does not
+ * hold.
  */
 export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptions = {}): boolean {
   return (
     ctx.features.shaderF16 &&
     w.dtype !== 'f32' &&
     (opts.transW ?? true) &&
-    !opts.lowRank &&
     !opts.activationBackward &&
     !opts.extra &&
     (opts.glu?.w.dtype ?? 'f16') !== 'f32' &&
@@ -364,8 +365,8 @@ export async function planMatmul(
   }
   if (tiles === 'f16' && !f16TileMathApplies(ctx, w, opts)) {
     throw new ShapeError(
-      `${label}: f16 tile math is for forward products of f16 or quantized weights without a LoRA term or ` +
-        'gradient (f16TileMathApplies); this one keeps f32',
+      `${label}: f16 tile math is for forward products of f16 or quantized weights, not gradients ` +
+        '(f16TileMathApplies); this one keeps f32',
     );
   }
   const act = opts.activation;
@@ -432,6 +433,8 @@ export async function planMatmul(
       TK: tile.tk,
       TRANS_W: transW,
       ...common,
+      // With f16 tiles the LoRA term stays f32, read from memory rather than staged.
+      ...(tiles === 'f16' && K2 > 0 ? { LR_DIRECT: true } : {}),
       ...epilogue,
       ...third,
     });
