@@ -40,6 +40,7 @@ const lavapipe25Icd = new URL('./.cache/lavapipe25/lvp_icd.json', import.meta.ur
 const lavapipe25Tests = [
   'packages/core/test/context.test.ts',
   'packages/core/test/matmul_f16.test.ts',
+  'packages/core/test/attention_f16.test.ts',
   'packages/core/test/rmsnorm.test.ts',
   'packages/core/test/layernorm.test.ts',
   'packages/core/test/reduce.test.ts',

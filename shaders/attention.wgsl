@@ -140,10 +140,12 @@ const VISIBLE: f32 = -1.0e38; // scores above this are real
 const DELTA_WG: u32 = 64u;
 const RMAX: u32 = 64u;        // rows kernels: vec4s in a private row array (HD ≤ 256)
 
-var<workgroup> qs: array<vec4<f32>, BQ * HD4>;   // query rows (fwd, dq, dkv)
-var<workgroup> dos: array<vec4<f32>, BQ * HD4>;  // dout rows (dq, dkv)
-var<workgroup> ks: array<vec4<f32>, BK * HD4>;   // key rows
-var<workgroup> vs: array<vec4<f32>, BK * HD4>;   // value rows
+// The staged rows hold tile_t: f32 (tile_f32.wgsl), or f16 (tile_f16.wgsl) for the inference
+// forward on adapters with shader-f16, and tile_fma / tile_scale_fma form the products from them.
+var<workgroup> qs: array<vec4<tile_t>, BQ * HD4>;   // query rows (fwd, dq, dkv)
+var<workgroup> dos: array<vec4<tile_t>, BQ * HD4>;  // dout rows (dq, dkv)
+var<workgroup> ks: array<vec4<tile_t>, BK * HD4>;   // key rows
+var<workgroup> vs: array<vec4<tile_t>, BK * HD4>;   // value rows
 var<workgroup> ss: array<f32, BQ * BK>;          // fwd: S, dq: dS (row-major BQ×BK); dkv: Pᵀ (BK×BQ)
 var<workgroup> ps: array<f32, BQ * BK>;          // dkv: dSᵀ (BK×BQ)
 var<workgroup> row_lse: array<f32, BQ>;          // dkv: lse of the staged query rows
@@ -249,7 +251,7 @@ fn stage_q(tid: u32, nthreads: u32, b: u32, h: u32, i0: u32) {
     let c = e % HD4;
     var x = vec4<f32>(0.0);
     if (i0 + r < p.Tq) { x = q4(q_index(b, i0 + r, h), c); }
-    qs[r * HD4 + c] = x;
+    qs[r * HD4 + c] = vec4<tile_t>(x);
   }
 }
 
@@ -259,7 +261,7 @@ fn stage_dout(tid: u32, nthreads: u32, b: u32, h: u32, i0: u32) {
     let c = e % HD4;
     var x = vec4<f32>(0.0);
     if (i0 + r < p.Tq) { x = do4(out_index(b, i0 + r, h), c); }
-    dos[r * HD4 + c] = x;
+    dos[r * HD4 + c] = vec4<tile_t>(x);
   }
 }
 
@@ -273,8 +275,8 @@ fn stage_kv(tid: u32, nthreads: u32, b: u32, g: u32, j0: u32) {
       xk = k4(k_index(b, j0 + r, g), c);
       xv = v4(v_index(b, j0 + r, g), c);
     }
-    ks[r * HD4 + c] = xk;
-    vs[r * HD4 + c] = xv;
+    ks[r * HD4 + c] = vec4<tile_t>(xk);
+    vs[r * HD4 + c] = vec4<tile_t>(xv);
   }
 }
 
@@ -307,10 +309,10 @@ fn dots_q_k(r: u32, kc: u32) -> vec4<f32> {
   var a3 = vec4<f32>(0.0);
   for (var c = 0u; c < HD4; c++) {
     let x = qs[r * HD4 + c];
-    a0 = fma(x, ks[kb.x + c], a0);
-    if (KPT > 1u) { a1 = fma(x, ks[kb.y + c], a1); }
-    if (KPT > 2u) { a2 = fma(x, ks[kb.z + c], a2); }
-    if (KPT > 3u) { a3 = fma(x, ks[kb.w + c], a3); }
+    a0 = tile_fma(x, ks[kb.x + c], a0);
+    if (KPT > 1u) { a1 = tile_fma(x, ks[kb.y + c], a1); }
+    if (KPT > 2u) { a2 = tile_fma(x, ks[kb.z + c], a2); }
+    if (KPT > 3u) { a3 = tile_fma(x, ks[kb.w + c], a3); }
   }
   return hsum4(a0, a1, a2, a3);
 }
@@ -334,19 +336,19 @@ fn dots_row_keys(r: u32, kc: u32) -> Dots {
   for (var c = 0u; c < HD4; c++) {
     let x = qs[r * HD4 + c];
     let y = dos[r * HD4 + c];
-    a0 = fma(x, ks[kb.x + c], a0);
-    b0 = fma(y, vs[kb.x + c], b0);
+    a0 = tile_fma(x, ks[kb.x + c], a0);
+    b0 = tile_fma(y, vs[kb.x + c], b0);
     if (KPT > 1u) {
-      a1 = fma(x, ks[kb.y + c], a1);
-      b1 = fma(y, vs[kb.y + c], b1);
+      a1 = tile_fma(x, ks[kb.y + c], a1);
+      b1 = tile_fma(y, vs[kb.y + c], b1);
     }
     if (KPT > 2u) {
-      a2 = fma(x, ks[kb.z + c], a2);
-      b2 = fma(y, vs[kb.z + c], b2);
+      a2 = tile_fma(x, ks[kb.z + c], a2);
+      b2 = tile_fma(y, vs[kb.z + c], b2);
     }
     if (KPT > 3u) {
-      a3 = fma(x, ks[kb.w + c], a3);
-      b3 = fma(y, vs[kb.w + c], b3);
+      a3 = tile_fma(x, ks[kb.w + c], a3);
+      b3 = tile_fma(y, vs[kb.w + c], b3);
     }
   }
   return Dots(hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3));
@@ -366,19 +368,19 @@ fn dots_key_rows(kr: u32, ic: u32) -> Dots {
   for (var c = 0u; c < HD4; c++) {
     let x = ks[kr * HD4 + c];
     let y = vs[kr * HD4 + c];
-    a0 = fma(x, qs[qb.x + c], a0);
-    b0 = fma(y, dos[qb.x + c], b0);
+    a0 = tile_fma(x, qs[qb.x + c], a0);
+    b0 = tile_fma(y, dos[qb.x + c], b0);
     if (KPT > 1u) {
-      a1 = fma(x, qs[qb.y + c], a1);
-      b1 = fma(y, dos[qb.y + c], b1);
+      a1 = tile_fma(x, qs[qb.y + c], a1);
+      b1 = tile_fma(y, dos[qb.y + c], b1);
     }
     if (KPT > 2u) {
-      a2 = fma(x, qs[qb.z + c], a2);
-      b2 = fma(y, dos[qb.z + c], b2);
+      a2 = tile_fma(x, qs[qb.z + c], a2);
+      b2 = tile_fma(y, dos[qb.z + c], b2);
     }
     if (KPT > 3u) {
-      a3 = fma(x, qs[qb.w + c], a3);
-      b3 = fma(y, dos[qb.w + c], b3);
+      a3 = tile_fma(x, qs[qb.w + c], a3);
+      b3 = tile_fma(y, dos[qb.w + c], b3);
     }
   }
   return Dots(hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3));
@@ -491,7 +493,7 @@ fn attention_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_i
         l += pr;
         for (var t = 0u; t < VPT; t++) {
           let c = td + t * TD;
-          if (c < HD4) { acc[t] = fma(vec4<f32>(pr), vs[kk * HD4 + c], acc[t]); }
+          if (c < HD4) { acc[t] = tile_scale_fma(pr, vs[kk * HD4 + c], acc[t]); }
         }
       }
     }
@@ -573,10 +575,10 @@ fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgrou
     }
     workgroupBarrier();
     for (var kk = 0u; kk < BK; kk++) {
-      let ds = vec4<f32>(ss[r * BK + kk]);
+      let ds = ss[r * BK + kk];
       for (var t = 0u; t < VPT; t++) {
         let c = td + t * TD;
-        if (c < HD4) { acc[t] = fma(ds, ks[kk * HD4 + c], acc[t]); }
+        if (c < HD4) { acc[t] = tile_scale_fma(ds, ks[kk * HD4 + c], acc[t]); }
       }
     }
     workgroupBarrier();
@@ -586,14 +588,14 @@ fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgrou
     workgroupBarrier();
     for (var t = 0u; t < VPT; t++) {
       let c = td + t * TD;
-      if (c < HD4) { qs[r * HD4 + c] = acc[t] * p.scale; }
+      if (c < HD4) { qs[r * HD4 + c] = vec4<tile_t>(acc[t] * p.scale); }
     }
     workgroupBarrier();
     if (row_ok) {
       let base = out_index(b, i, h);
       for (var t = 0u; t < VPT; t++) {
         let c = td + t * TD;
-        if (c < HD4) { put_dq(base, c, rope_grad4(qs[r * HD4 + c], qs[r * HD4 + rope_partner(c)], c, p.pos0 + i)); }
+        if (c < HD4) { put_dq(base, c, rope_grad4(vec4<f32>(qs[r * HD4 + c]), vec4<f32>(qs[r * HD4 + rope_partner(c)]), c, p.pos0 + i)); }
       }
     }
   } else if (row_ok) {
@@ -653,13 +655,13 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
       }
       workgroupBarrier();
       for (var ii = 0u; ii < BQ; ii++) {
-        let pr = vec4<f32>(ss[kr * BQ + ii]);
-        let ds = vec4<f32>(ps[kr * BQ + ii]);
+        let pr = ss[kr * BQ + ii];
+        let ds = ps[kr * BQ + ii];
         for (var t = 0u; t < VPT; t++) {
           let c = td + t * TD;
           if (c < HD4) {
-            acc_v[t] = fma(pr, dos[ii * HD4 + c], acc_v[t]);
-            acc_k[t] = fma(ds, qs[ii * HD4 + c], acc_k[t]);
+            acc_v[t] = tile_scale_fma(pr, dos[ii * HD4 + c], acc_v[t]);
+            acc_k[t] = tile_scale_fma(ds, qs[ii * HD4 + c], acc_k[t]);
           }
         }
       }
@@ -670,14 +672,14 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
     workgroupBarrier();
     for (var t = 0u; t < VPT; t++) {
       let c = td + t * TD;
-      if (c < HD4) { ks[kr * HD4 + c] = acc_k[t] * p.scale; }
+      if (c < HD4) { ks[kr * HD4 + c] = vec4<tile_t>(acc_k[t] * p.scale); }
     }
     workgroupBarrier();
     if (key_ok) {
       let base = kv_out_index(b, j, g);
       for (var t = 0u; t < VPT; t++) {
         let c = td + t * TD;
-        if (c < HD4) { put_dk(base, c, rope_grad4(ks[kr * HD4 + c], ks[kr * HD4 + rope_partner(c)], c, j)); }
+        if (c < HD4) { put_dk(base, c, rope_grad4(vec4<f32>(ks[kr * HD4 + c]), vec4<f32>(ks[kr * HD4 + rope_partner(c)]), c, j)); }
       }
       write_row_dv(base, td, acc_v);
     }

@@ -1,11 +1,12 @@
 // tile_f16.wgsl: tile_f32.wgsl's functions with f16 tiles and f16 products, accumulated in f32
-// (the module enables f16 before this file: kernels/compose.ts). Each call forms four products
-// and adds them in f16, then adds that to the f32 accumulator, so the rounding error per call is
-// a few f16 ulps of four terms, not of the running sum. Staging A and W in f16 halves the tiles'
-// workgroup memory and their reads; A rounds to f16 (and overflows above 65504), as do Q8_0/Q4_0
-// values. matmul.ts allows it only for forward-layout products without a low-rank term, of
-// weights stored below f32: gradients (which f16 would flush below 6e-8) and a LoRA adapter's
-// small B keep the f32 build.
+// (the module enables f16 before this file: kernels/compose.ts). tile_dots and tile_axpy form
+// four products and add them in f16, then add that to the f32 accumulator, so the rounding error
+// per call is a few f16 ulps of four terms, not of the running sum; tile_fma and tile_scale_fma
+// add each f16 product to its f32 accumulator on its own. Staging in f16 halves the tiles'
+// workgroup memory and their reads; what is staged rounds to f16 (and overflows above 65504), as
+// do Q8_0/Q4_0 values. matmul.ts allows it only for forward-layout products of weights stored
+// below f32 (a LoRA term stays f32 there), attention.ts only for the inference forward: gradients,
+// which f16 would flush below 6e-8, keep the f32 build.
 
 alias tile_t = f16;
 
@@ -15,4 +16,12 @@ fn tile_dots(acc: vec4<f32>, a: vec4<tile_t>, w0: vec4<tile_t>, w1: vec4<tile_t>
 
 fn tile_axpy(acc: vec4<f32>, a: vec4<tile_t>, w0: vec4<tile_t>, w1: vec4<tile_t>, w2: vec4<tile_t>, w3: vec4<tile_t>) -> vec4<f32> {
   return acc + vec4<f32>(fma(vec4<f16>(a.x), w0, fma(vec4<f16>(a.y), w1, fma(vec4<f16>(a.z), w2, vec4<f16>(a.w) * w3))));
+}
+
+fn tile_fma(x: vec4<tile_t>, y: vec4<tile_t>, acc: vec4<f32>) -> vec4<f32> {
+  return acc + vec4<f32>(x * y);
+}
+
+fn tile_scale_fma(s: f32, y: vec4<tile_t>, acc: vec4<f32>) -> vec4<f32> {
+  return acc + vec4<f32>(f16(s) * y);
 }

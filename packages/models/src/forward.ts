@@ -83,8 +83,8 @@ export interface ForwardOptions {
   readonly fuse?: boolean;
   /**
    * Inference plans only: the tiled products' math for projections of weights stored below f32
-   * (f16TileMathApplies). 'f16' stages and multiplies them in f16 with f32 accumulation (needs
-   * shader-f16); an adapted projection's LoRA term stays f32. Default 'f32': the f16 build has no golden against transformers computing
+   * (f16TileMathApplies) and for the tiled attention. 'f16' stages and multiplies them in f16
+   * with f32 accumulation (needs shader-f16); an adapted projection's LoRA term stays f32. Default 'f32': the f16 build has no golden against transformers computing
    * in f16 yet, and on the fixtures without q/k norms the attention scores amplify its rounding
    * (logits up to 0.12 from transformers' f32 compute; f16_tiles.test.ts). Training is always f32.
    */
@@ -911,9 +911,11 @@ export async function planLayer(
       : undefined;
   await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out, fuse, kvCache);
   if (attention.afterProjections && !kvCache) out.push(...(await attention.afterProjections(a, layer.index)));
+  // f16 tiles in the attention too where the plan asks for them (inference only).
+  const attentionTiles: TileMath = tileMath === 'f16' && ctx.features.shaderF16 ? 'f16' : 'f32';
   const attend = await planAttentionForward(
     ctx,
-    { ...attention.attend(a, layer.index, dest), o: a.attn, lse: a.lse },
+    { ...attention.attend(a, layer.index, dest), o: a.attn, lse: a.lse, tileMath: attentionTiles },
     `${p}.attention`,
   );
   attention.onPlanned?.(layer.index, attend);

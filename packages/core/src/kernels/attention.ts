@@ -1,11 +1,14 @@
 import attentionSource from '../../../../shaders/attention.wgsl?raw';
 import ropeMath from '../../../../shaders/rope_math.wgsl?raw';
+import tileF16 from '../../../../shaders/tile_f16.wgsl?raw';
+import tileF32 from '../../../../shaders/tile_f32.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { LimitExceededError, ShapeError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
 import { formatShape, type Shape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
-import { isCpuAdapter } from './matmul.js';
+import { composeShader, type ShaderPart } from './compose.js';
+import { isCpuAdapter, type TileMath } from './matmul.js';
 
 /**
  * Where the rows of q, k or v live in their buffer (all in f32 elements): element d of head h of
@@ -201,9 +204,10 @@ export interface AttentionTile {
   readonly kpt: number;
 }
 
-/** Workgroup storage in bytes the WGSL declares for each entry point. */
-function workgroupBytes(kernel: 'fwd' | 'dq' | 'dkv', hd4: number, bq: number, bk: number): number {
-  const row = 16 * hd4;
+/** Workgroup storage in bytes the WGSL declares for each entry point; staged rows of f16 take
+ * half as much. */
+function workgroupBytes(kernel: 'fwd' | 'dq' | 'dkv', hd4: number, bq: number, bk: number, tiles: TileMath): number {
+  const row = (tiles === 'f16' ? 8 : 16) * hd4;
   if (kernel === 'fwd') return row * (bq + 2 * bk) + 4 * bq * bk;
   if (kernel === 'dq') return row * (2 * bq + 2 * bk) + 4 * bq * bk;
   return row * (2 * bq + 2 * bk) + 8 * bq * bk + 8 * bq;
@@ -246,7 +250,7 @@ export function attentionTileBudget(ctx: GpuContext, hd4: number): number {
  * must fit in attentionTileBudget, and (rows owned)·td invocations in one workgroup. The head
  * size is a pipeline constant, so each head size has its own pipelines (a model has one).
  */
-export function attentionTiles(ctx: GpuContext, hd: number): AttentionTiles {
+export function attentionTiles(ctx: GpuContext, hd: number, tileMath: TileMath = 'f32'): AttentionTiles {
   const hd4 = Math.ceil(hd / 4);
   const td = Math.ceil(hd4 / VPT);
   const storage = attentionTileBudget(ctx, hd4);
@@ -256,11 +260,11 @@ export function attentionTiles(ctx: GpuContext, hd: number): AttentionTiles {
       const bq = kernel === 'dkv' ? stream : own;
       const bk = kernel === 'dkv' ? own : stream;
       const kpt = Math.max(1, Math.min(KPT_MAX, Math.floor(stream / td)));
-      if (own * td <= threads && workgroupBytes(kernel, hd4, bq, bk) <= storage) return { bq, bk, kpt };
+      if (own * td <= threads && workgroupBytes(kernel, hd4, bq, bk, tileMath) <= storage) return { bq, bk, kpt };
     }
     throw new LimitExceededError(
       'maxComputeWorkgroupStorageSize',
-      workgroupBytes(kernel, hd4, 1, 1),
+      workgroupBytes(kernel, hd4, 1, 1, tileMath),
       storage,
       `attention_${kernel} with head size ${hd}`,
     );
@@ -275,11 +279,18 @@ function rowsWorkgroup(ctx: GpuContext): number {
 
 type AttentionBinding = 'uniform' | 'read' | 'write';
 
-// cos_sin (shaders/rope_math.wgsl, RoPE's backward inside dq and dk) first.
-const source = `${ropeMath}\n${attentionSource}`;
+// The staged rows' type and products (tile_f32.wgsl, or tile_f16.wgsl with f16 enabled), cos_sin
+// (rope_math.wgsl, RoPE's backward inside dq and dk), then the kernels. Two builds, each composed
+// once; only the inference forward is ever built in f16.
+const ROPE_MATH: ShaderPart = { file: 'shaders/rope_math.wgsl', source: ropeMath };
+const ATTENTION: ShaderPart = { file: 'shaders/attention.wgsl', source: attentionSource };
+const SOURCES: Record<TileMath, ShaderPart> = {
+  f32: composeShader([], [{ file: 'shaders/tile_f32.wgsl', source: tileF32 }, ROPE_MATH, ATTENTION]),
+  f16: composeShader(['f16'], [{ file: 'shaders/tile_f16.wgsl', source: tileF16 }, ROPE_MATH, ATTENTION]),
+};
 
-function spec(entryPoint: string, bindings: readonly AttentionBinding[]): KernelSpec {
-  return { source, file: 'shaders/rope_math.wgsl + shaders/attention.wgsl', entryPoint, bindings };
+function spec(entryPoint: string, bindings: readonly AttentionBinding[], tiles: TileMath = 'f32'): KernelSpec {
+  return { ...SOURCES[tiles], entryPoint, bindings };
 }
 
 /** RoPE's inverse frequencies in the uniform block: at most 128 (head size 256). */
@@ -376,6 +387,13 @@ export interface AttentionForwardArgs {
   dims: AttentionDims;
   /** Which kernels to run; default attentionVariant(ctx). Tests and benchmarks set it. */
   variant?: AttentionVariant;
+  /**
+   * The tiled forward's staged rows and products: 'f32' (the default), or 'f16' with f32
+   * accumulation (needs shader-f16): q, k and v round to f16 as they are staged, which halves
+   * the tiles' workgroup memory, so the blocks hold twice the rows. Inference only: the backward
+   * has no f16 build, and lse is the f16 scores'. The rows kernels stage nothing and stay f32.
+   */
+  tileMath?: TileMath;
 }
 
 function checkCommon(op: string, io: { q: Tensor; k: Tensor; v: Tensor; o: Tensor; lse: Tensor }, dims: AttentionDims) {
@@ -402,6 +420,10 @@ export async function planAttentionForward(
   const d = checkCommon(op, io, io.dims);
   const bindings = ['uniform', 'read', 'read', 'read', 'write', 'write'] as const;
   const name = `${op} B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
+  const tileMath = io.tileMath ?? 'f32';
+  if (tileMath === 'f16' && !ctx.features.shaderF16) {
+    throw new ShapeError(`${op}: f16 tile math needs an adapter with shader-f16, and this one has none`);
+  }
   const resources = [io.q, io.k, io.v, io.o, io.lse];
   // The workgroup count depends on Tq, nH and B only, so attentionUniforms can move Tk and pos0.
   if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
@@ -416,8 +438,8 @@ export async function planAttentionForward(
       }),
     ];
   }
-  const tiles = attentionTiles(ctx, d.hd);
-  const kernel = await getKernel(ctx, spec('attention_fwd', bindings), {
+  const tiles = attentionTiles(ctx, d.hd, tileMath);
+  const kernel = await getKernel(ctx, spec('attention_fwd', bindings, tileMath), {
     HD: d.hd,
     TD: tiles.td,
     BQ: tiles.fwd.bq,

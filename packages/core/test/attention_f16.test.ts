@@ -1,0 +1,100 @@
+// The tiled attention forward with f16 tiles (tileMath 'f16': q, k and v staged in f16, products
+// in f16 added in f32; shaders/tile_f16.wgsl) against the float64 reference: on the inputs rounded
+// to f16, where only the f16 products' rounding (2^-11 of each product) is left, and on the
+// inputs themselves, where the staging's rounding of q and k moves the scores too. The cases run
+// where the adapter has shader-f16 (the node-lavapipe-f16 project: Mesa 25 lavapipe) and skip
+// elsewhere; the refusal without shader-f16 runs everywhere else.
+import { describe, expect, it } from 'vitest';
+import { attentionForwardRef } from '../ref/attention.js';
+import { asStored, randomArray } from '../ref/check.js';
+import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
+import { attentionShapes, attentionTiles, planAttentionForward } from '../src/kernels/attention.js';
+import { expectClose, gpuCase, useGpu } from './gpu.js';
+
+const gpu = useGpu();
+
+interface Case {
+  B: number;
+  Tq: number;
+  Tk: number;
+  pos0: number;
+  nH: number;
+  nKV: number;
+  hd: number;
+}
+
+const cases: Case[] = [
+  { B: 2, Tq: 65, Tk: 65, pos0: 0, nH: 4, nKV: 2, hd: 64 },
+  { B: 1, Tq: 33, Tk: 33, pos0: 0, nH: 3, nKV: 1, hd: 12 },
+  // a chunk of a longer sequence (pos0 > 0, Tk > Tq), Llama's head size
+  { B: 2, Tq: 7, Tk: 70, pos0: 63, nH: 2, nKV: 1, hd: 128 },
+  // a head size that is not a multiple of 4: the last staged vec4 of every row is partial
+  { B: 1, Tq: 9, Tk: 11, pos0: 2, nH: 2, nKV: 1, hd: 7 },
+];
+
+describe('attention forward with f16 tiles', () => {
+  for (const c of cases) {
+    const name = `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd}`;
+    it(name, async (t) => {
+      const ctx = gpu();
+      if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+      const seed = c.B * 1009 + c.Tq * 101 + c.Tk * 13 + c.hd;
+      const input = {
+        ...c,
+        scale: 1 / Math.sqrt(c.hd),
+        q: randomArray(c.B * c.Tq * c.nH * c.hd, seed, 1.7),
+        k: randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 1, 1.7),
+        v: randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 2),
+      };
+      const rounded = {
+        ...input,
+        q: asStored(input.q, 'f16'),
+        k: asStored(input.k, 'f16'),
+        v: asStored(input.v, 'f16'),
+      };
+      const got = await gpuCase(ctx, name, async () => {
+        const q = tensorFromData(ctx, input.q, [c.B * c.Tq, c.nH * c.hd], 'f32', 'q');
+        const k = tensorFromData(ctx, input.k, [c.B * c.Tk, c.nKV * c.hd], 'f32', 'k');
+        const v = tensorFromData(ctx, input.v, [c.B * c.Tk, c.nKV * c.hd], 'f32', 'v');
+        const s = attentionShapes(c);
+        const o = createTensor(ctx, s.o, 'f32', 'o');
+        const lse = createTensor(ctx, s.lse, 'f32', 'lse');
+        const fwd = await planAttentionForward(ctx, { q, k, v, o, lse, dims: c, variant: 'tiled', tileMath: 'f16' });
+        expect(fwd[0]?.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+        new StepEncoder(ctx, name).dispatch(...fwd).submit();
+        const out = { o: await readFloat32(o), lse: await readFloat32(lse) };
+        for (const d of fwd) d.dispose();
+        for (const x of [q, k, v, o, lse]) x.dispose();
+        return out;
+      });
+      // Measured on lavapipe: o within 3.3e-4 of the rounded inputs' reference and 5.5e-4 of the
+      // inputs' own, lse within 4.6e-4 and 5.6e-4: the products' rounding dominates.
+      const exact = attentionForwardRef(rounded);
+      expectClose(ctx, `${name} o (inputs in f16)`, got.o, exact.o, 1e-3, 0);
+      expectClose(ctx, `${name} lse (inputs in f16)`, got.lse, exact.lse, 1e-3, 0);
+      const own = attentionForwardRef(input);
+      expectClose(ctx, `${name} o`, got.o, own.o, 1e-2, 0);
+      expectClose(ctx, `${name} lse`, got.lse, own.lse, 1e-2, 0);
+    });
+  }
+
+  it('gets tiles of more rows from the halved staging, and is refused without shader-f16', async () => {
+    const ctx = gpu();
+    for (const hd of [12, 64, 128, 256]) {
+      const f32 = attentionTiles(ctx, hd).fwd;
+      const f16 = attentionTiles(ctx, hd, 'f16').fwd;
+      expect(f16.bq * f16.bk, `hd=${hd}`).toBeGreaterThanOrEqual(f32.bq * f32.bk);
+    }
+    if (ctx.features.shaderF16) return;
+    await gpuCase(ctx, 'attention f16 refused', async () => {
+      const dims = { B: 1, Tq: 4, Tk: 4, pos0: 0, nH: 1, nKV: 1, hd: 8 };
+      const s = attentionShapes(dims);
+      const x = createTensor(ctx, s.o, 'f32', 'x');
+      const o = createTensor(ctx, s.o, 'f32', 'o');
+      const lse = createTensor(ctx, s.lse, 'f32', 'lse');
+      const io = { q: x, k: x, v: x, o, lse, dims, tileMath: 'f16' as const };
+      await expect(planAttentionForward(ctx, io)).rejects.toThrow(/shader-f16/);
+      for (const t of [x, o, lse]) t.dispose();
+    });
+  });
+});
