@@ -1,6 +1,6 @@
 /**
- * Errors met while reading model files. Each names the file (and the tensor, when one is at
- * fault) so that the message alone tells a person which download is broken.
+ * Errors met while reading model files, or running them. Each names the file (and the tensor,
+ * when one is at fault), or the examples, so that the message alone tells a person what is broken.
  */
 import { WebtuneError } from '@webtune/core';
 
@@ -29,5 +29,26 @@ export class ModelFileError extends WebtuneError {
     options?: { cause?: unknown },
   ) {
     super(`${file} in ${source}: ${reason}`, options);
+  }
+}
+
+/** An evaluation whose loss came out NaN or infinite: the weights (usually an adapter from a run
+ * that diverged, or a base that overflows at its precision) give non-finite logits. */
+export class NonFiniteLossError extends WebtuneError {
+  constructor(
+    /** Indices, in the examples as given, of the batch whose loss was not finite. */
+    readonly examples: readonly number[],
+    /** Their length in tokens. */
+    readonly tokens: number,
+    readonly loss: number,
+  ) {
+    const which =
+      examples.length === 1
+        ? `example ${examples[0]}`
+        : `examples ${examples.slice(0, 8).join(', ')}${examples.length > 8 ? ', ...' : ''}`;
+    super(
+      `evaluate: the loss of ${which} (${tokens} tokens each) is ${loss}: the model's weights or the adapter ` +
+        'give non-finite logits there (an adapter from a run that diverged, or a base that overflows at this precision)',
+    );
   }
 }

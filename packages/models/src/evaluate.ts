@@ -16,6 +16,7 @@ import {
   WebtuneError,
   writeTensor,
 } from '@webtune/core';
+import { NonFiniteLossError } from './errors.js';
 import { type LoraWeightsByModule, planForward } from './forward.js';
 import type { CausalLM } from './model.js';
 
@@ -59,9 +60,10 @@ export async function evaluateLoss(
 ): Promise<EvaluateResult> {
   const batch = opts.batch ?? 8;
   const V = model.config.vocabSize;
-  const byLength = new Map<number, TokenizedExample[]>();
+  // Each example with its index among `examples`, so an error can name it.
+  const byLength = new Map<number, { ex: TokenizedExample; index: number }[]>();
   let total = 0;
-  for (const ex of examples) {
+  for (const [index, ex] of examples.entries()) {
     const T = ex.inputIds.length;
     if (T < 2) continue;
     for (let t = 0; t < T; t++) {
@@ -70,7 +72,7 @@ export async function evaluateLoss(
         throw new WebtuneError(`evaluate: token id ${id} is outside the vocabulary (${V})`);
     }
     const list = byLength.get(T) ?? [];
-    list.push(ex);
+    list.push({ ex, index });
     byLength.set(T, list);
     total += shiftedTargets(ex).reduce((n, l) => n + (l === CROSS_ENTROPY_IGNORE_INDEX ? 0 : 1), 0);
   }
@@ -80,7 +82,19 @@ export async function evaluateLoss(
     for (let start = 0; start < group.length; start += batch) {
       if (opts.signal?.aborted) throw new WebtuneError('evaluation was cancelled');
       const chunk = group.slice(start, start + batch);
-      const r = await runBatch(ctx, model, chunk, T, opts.lora);
+      const r = await runBatch(
+        ctx,
+        model,
+        chunk.map((c) => c.ex),
+        T,
+        opts.lora,
+      );
+      if (!Number.isFinite(r.sum))
+        throw new NonFiniteLossError(
+          chunk.map((c) => c.index),
+          T,
+          r.sum,
+        );
       sum += r.sum;
       count += r.count;
       opts.onProgress?.(count, total);

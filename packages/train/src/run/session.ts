@@ -22,7 +22,7 @@
  * ('recovered'); anything else stops it. The trainer's GPU memory is freed on every way out.
  */
 import { DeviceLostError, type GpuContext } from '@webtune/core';
-import { type CausalLM, namedModules, type TokenizedExample } from '@webtune/models';
+import { type CausalLM, NonFiniteLossError, namedModules, type TokenizedExample } from '@webtune/models';
 import type { TrainerProgress, TrainResult } from '../api/types.js';
 import { type DataCursor, DataLoader, type Example } from '../data/index.js';
 import { type LoraWeights, type ResolvedLora, resolveLoraTargets } from '../lora/index.js';
@@ -222,7 +222,15 @@ export class TrainingSession {
   private async evaluate(): Promise<void> {
     const trainer = this.trainer as LoraTrainer;
     const examples: TokenizedExample[] = this.env.validation.map((e) => ({ inputIds: e.inputIds, labels: e.labels }));
-    const { loss } = await trainer.evaluate(examples, this.config.batch);
+    // A validation batch whose loss is not finite does not end the run (the training steps have
+    // their own divergence check, which restores the adapter): it is recorded as it came out.
+    const loss = await trainer.evaluate(examples, this.config.batch).then(
+      (r) => r.loss,
+      (e: unknown) => {
+        if (e instanceof NonFiniteLossError) return e.loss;
+        throw e;
+      },
+    );
     this.validationLosses.push([trainer.step, loss]);
     this.env.emit({ type: 'eval', step: trainer.step, validationLoss: loss });
   }
