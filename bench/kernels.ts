@@ -5,8 +5,10 @@
  *   math as separate dispatches of our own best matmul plus an add;
  * - matmul vs tfjs_webgpu_matmul: our tiled matmul against TF.js's WebGPU backend on the same
  *   device, for x·Wᵀ (forward) and dy·W (the backward's transposed case);
- * - matmul_f16_tiles vs matmul_f32_tiles: x·Wᵀ with f16 W, staged and multiplied in f16 (f32
- *   accumulation) against the f32 build, on adapters with shader-f16 only.
+ * - matmul_f16_tiles vs matmul_f32_tiles: x·Wᵀ with f16 W (alone and with a LoRA term, which
+ *   stays f32), staged and multiplied in f16 (f32 accumulation) against the f32 build, and
+ *   attention_f16_tiles vs attention_f32_tiles, the tiled attention forward likewise; on adapters
+ *   with shader-f16 only.
  * - matmul_rope vs matmul_then_rope: the q projection (x·Wᵀ with its LoRA term) stored through
  *   the RoPE epilogue against the same product followed by the RoPE dispatch it replaces;
  * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
@@ -23,6 +25,7 @@
 import { WebGPUBackend } from '@tensorflow/tfjs-backend-webgpu';
 import * as tf from '@tensorflow/tfjs-core';
 import {
+  attentionShapes,
   createGpuContext,
   createTensor,
   type Dispatch,
@@ -31,6 +34,7 @@ import {
   type LoraLayer,
   loraFlops,
   matmulFlops,
+  planAttentionForward,
   planCrossEntropyForward,
   planLoraBackward,
   planLoraBackwardUnfused,
@@ -239,49 +243,118 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
   tf.removeBackend('webgpu');
 }
 
+/** One build against the other on the same work: both run once and their outputs are compared
+ * within `tol`, then timed against each other. The caller disposes of the plans and tensors. */
+async function timeTileMath(
+  ctx: GpuContext,
+  o: BenchOptions,
+  c: {
+    name: string;
+    shape: string;
+    f16: Dispatch[];
+    f32: Dispatch[];
+    outputs: [Tensor, Tensor];
+    tol: number;
+    flops: number;
+  },
+): Promise<void> {
+  o.status(`${c.name} ${c.shape}`);
+  // Both builds compute the same thing: f16 rounding only.
+  await runOnce(ctx, [...c.f16, ...c.f32], `${c.name} check`);
+  const maxDiff = maxAbsDiff(await readFloat32(c.outputs[0]), await readFloat32(c.outputs[1]));
+  if (!(maxDiff < c.tol)) throw new Error(`${c.name}: f16 and f32 tiles disagree on ${c.shape}: max |diff| ${maxDiff}`);
+  const { mine, baseline, spread } = await timePair(
+    () => runOnce(ctx, c.f16, `${c.name} f16`),
+    () => runOnce(ctx, c.f32, `${c.name} f32`),
+    rounds(o),
+  );
+  o.report({
+    name: c.name,
+    shape: c.shape,
+    ms: mine.medianMs,
+    gflops: gflops(c.flops, mine.medianMs),
+    baseline: c.name.replace('f16', 'f32'),
+    baselineMs: baseline.medianMs,
+    ratio: baseline.medianMs / mine.medianMs,
+    adapter: o.adapter,
+    extra: { baseline_gflops: gflops(c.flops, baseline.medianMs), max_abs_diff: maxDiff, ...spreadExtra(spread) },
+  });
+}
+
+/** x·Wᵀ with f16 W, alone and as an adapted projection (its LoRA term in f32 beside the f16 tiles). */
 async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
   if (!ctx.features.shaderF16) {
     o.status('matmul_f16_tiles: skipped, the adapter has no shader-f16');
     return;
   }
+  const r = 8;
   for (const { M, N, K } of matmulShapes(o.quick).filter((m) => m.transW)) {
-    const shape = `${M}x${N}x${K} x·Wᵀ W:f16`;
-    o.status(`matmul_f16_tiles ${shape}`);
-    const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
-    const w = tensorFromData(ctx, random(N * K, 8, 0.05), [N, K], 'f16', 'w');
-    const c16 = createTensor(ctx, [M, N], 'f32', 'c16');
-    const c32 = createTensor(ctx, [M, N], 'f32', 'c32');
-    const f16 = await planMatmul(ctx, a, w, c16, { tileMath: 'f16' });
-    const f32 = await planMatmul(ctx, a, w, c32, { tileMath: 'f32' });
-    // Both builds compute the same product: f16 rounding only.
-    await runOnce(ctx, [f16, f32], 'f16 tiles check');
-    const [x16, x32] = [await readFloat32(c16), await readFloat32(c32)];
-    const maxDiff = maxAbsDiff(x16, x32);
-    if (!(maxDiff < 1e-2 * Math.sqrt(K)))
-      throw new Error(`f16 and f32 tiles disagree on ${shape}: max |diff| ${maxDiff}`);
-    const {
-      mine,
-      baseline: base,
-      spread,
-    } = await timePair(
-      () => runOnce(ctx, [f16], 'f16 tiles'),
-      () => runOnce(ctx, [f32], 'f32 tiles'),
-      rounds(o),
-    );
-    const flops = 2 * M * N * K;
-    o.report({
-      name: 'matmul_f16_tiles',
-      shape,
-      ms: mine.medianMs,
-      gflops: gflops(flops, mine.medianMs),
-      baseline: 'matmul_f32_tiles',
-      baselineMs: base.medianMs,
-      ratio: base.medianMs / mine.medianMs,
-      adapter: o.adapter,
-      extra: { baseline_gflops: gflops(flops, base.medianMs), max_abs_diff: maxDiff, ...spreadExtra(spread) },
+    for (const lora of N > 16 ? [false, true] : [false]) {
+      const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
+      const w = tensorFromData(ctx, random(N * K, 8, 0.05), [N, K], 'f16', 'w');
+      const h = tensorFromData(ctx, random(M * r, 9, 1), [M, r], 'f32', 'h');
+      const b = tensorFromData(ctx, random(N * r, 10, 0.01), [N, r], 'f32', 'b');
+      const c16 = createTensor(ctx, [M, N], 'f32', 'c16');
+      const c32 = createTensor(ctx, [M, N], 'f32', 'c32');
+      const lowRank = lora ? { lowRank: { a2: h, b2: b, alpha2: 2 } } : {};
+      const f16 = await planMatmul(ctx, a, w, c16, { tileMath: 'f16', ...lowRank });
+      const f32 = await planMatmul(ctx, a, w, c32, { tileMath: 'f32', ...lowRank });
+      await timeTileMath(ctx, o, {
+        name: 'matmul_f16_tiles',
+        shape: `${M}x${N}x${K} x·Wᵀ W:f16${lora ? ` +rank ${r}` : ''}`,
+        f16: [f16],
+        f32: [f32],
+        outputs: [c16, c32],
+        tol: 1e-2 * Math.sqrt(K),
+        flops: matmulFlops({ M, N, K }, lora ? r : 0),
+      });
+      for (const x of [f16, f32]) x.dispose();
+      for (const x of [a, w, h, b, c16, c32]) x.dispose();
+    }
+  }
+}
+
+/** The tiled attention forward of SmolLM2-135M (9 query heads on 3 kv heads of 64) at 4×128 (and of
+ * Qwen2.5-0.5B's heads of 64, 14 on 2), with f16 tiles (which fit blocks of twice the rows) against
+ * f32 ones. */
+async function benchAttentionF16(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  if (!ctx.features.shaderF16) {
+    o.status('attention_f16_tiles: skipped, the adapter has no shader-f16');
+    return;
+  }
+  const T = o.quick ? 32 : 128;
+  for (const [nH, nKV] of [
+    [9, 3],
+    [14, 2],
+  ] as const) {
+    const dims = { B: 4, Tq: T, Tk: T, pos0: 0, nH, nKV, hd: 64 };
+    const s = attentionShapes(dims);
+    const q = tensorFromData(ctx, random(4 * T * nH * 64, 41, 1.7), s.o, 'f32', 'q');
+    const k = tensorFromData(ctx, random(4 * T * nKV * 64, 42, 1.7), s.dk, 'f32', 'k');
+    const v = tensorFromData(ctx, random(4 * T * nKV * 64, 43, 1), s.dk, 'f32', 'v');
+    const out = (label: string) => [
+      createTensor(ctx, s.o, 'f32', `o ${label}`),
+      createTensor(ctx, s.lse, 'f32', `lse ${label}`),
+    ];
+    const [o16, lse16] = out('f16') as [Tensor, Tensor];
+    const [o32, lse32] = out('f32') as [Tensor, Tensor];
+    const plan = (o: Tensor, lse: Tensor, tileMath: 'f16' | 'f32') =>
+      planAttentionForward(ctx, { q, k, v, o, lse, dims, variant: 'tiled', tileMath });
+    const f16 = await plan(o16, lse16, 'f16');
+    const f32 = await plan(o32, lse32, 'f32');
+    // QKᵀ and P·V over the visible (causal) half of the scores.
+    const flops = 2 * 2 * 4 * nH * ((T * (T + 1)) / 2) * 64;
+    await timeTileMath(ctx, o, {
+      name: 'attention_f16_tiles',
+      shape: `B4 T${T} heads ${nH}/${nKV} of 64`,
+      f16,
+      f32,
+      outputs: [o16, o32],
+      tol: 1e-2,
+      flops,
     });
-    for (const x of [f16, f32]) x.dispose();
-    for (const x of [a, w, c16, c32]) x.dispose();
+    for (const x of [...f16, ...f32]) x.dispose();
+    for (const x of [q, k, v, o16, lse16, o32, lse32]) x.dispose();
   }
 }
 
@@ -654,6 +727,7 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
 export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Promise<void> {
   if (!o.only || 'matmul'.includes(o.only)) await benchMatmul(ctx, o);
   if (!o.only || 'matmul_f16_tiles'.includes(o.only)) await benchF16Tiles(ctx, o);
+  if (!o.only || 'attention_f16_tiles'.includes(o.only)) await benchAttentionF16(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
   if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
