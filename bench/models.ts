@@ -91,7 +91,10 @@ async function benchModel(
   let generator: Generator | undefined;
   try {
     const maxSequence = Math.min(spec.maxPositions, Math.max(...cases.map((c) => c.prompt + c.newTokens)));
-    generator = await Generator.create(ctx, model, { maxSequence });
+    // f16 tiles where the adapter has shader-f16, beside transformers.js's fp16 peer (the weights
+    // are f16 here); the records say which.
+    const tileMath = ctx.features.shaderF16 ? 'f16' : 'f32';
+    generator = await Generator.create(ctx, model, { maxSequence, tileMath });
     const gen = generator;
     // A short prefill compiles its pipelines before anything is timed (the decode step's were
     // compiled when the generator planned it).
@@ -121,6 +124,7 @@ async function benchModel(
               tokens_per_s: inferenceTokensPerSecond(c, ms),
               samples: samples.length,
               min_ms: Math.min(...samples),
+              tile_math: gen.tileMath,
               model_load_ms: loadMs,
               weights_bytes: model.bytes,
             },
@@ -159,6 +163,7 @@ async function benchModel(
               tokens_per_s: inferenceTokensPerSecond(c, ms),
               samples: samples.length,
               min_ms: Math.min(...samples),
+              tile_math: gen.tileMath,
               kv_cache_bytes: gen.cacheBytes,
               // Compared with PyTorch's greedy ids by the driver, then dropped.
               ids: ids.join(','),

@@ -23,6 +23,7 @@ import {
   ShapeError,
   StepEncoder,
   type Tensor,
+  type TileMath,
   tensorView,
   WebtuneError,
   writeTensor,
@@ -44,6 +45,19 @@ export class GenerationCancelled extends WebtuneError {
   constructor() {
     super('generation was cancelled');
   }
+}
+
+export interface GeneratorOptions {
+  /** Longest prompt + generation the KV cache holds (default and at most the model's maximum). */
+  readonly maxSequence?: number;
+  /** An adapter applied unmerged (its LoRA term in every adapted projection). */
+  readonly lora?: LoraWeightsByModule;
+  /**
+   * 'f16' stages and multiplies the tiled products of weights stored below f32 (the prefill's
+   * projections) and the tiled attention in f16 with f32 accumulation (planForward's tileMath;
+   * needs shader-f16). The decode step's matrix-vector products stay f32. Default 'f32'.
+   */
+  readonly tileMath?: TileMath;
 }
 
 export interface GenerateOptions extends SamplingOptions {
@@ -99,13 +113,11 @@ export class Generator {
     private readonly cache: Cache,
     private readonly decode: DecodePlan,
     private readonly lora: LoraWeightsByModule | undefined,
+    /** The tiled products' and the attention's math (GeneratorOptions.tileMath). */
+    readonly tileMath: TileMath,
   ) {}
 
-  static async create(
-    ctx: GpuContext,
-    model: CausalLM,
-    opts: { maxSequence?: number; lora?: LoraWeightsByModule } = {},
-  ): Promise<Generator> {
+  static async create(ctx: GpuContext, model: CausalLM, opts: GeneratorOptions = {}): Promise<Generator> {
     const c = model.config;
     const maxSequence = Math.min(opts.maxSequence ?? c.maxPositions, c.maxPositions);
     const cache: Cache = { k: [], v: [], qkv: [] };
@@ -120,12 +132,21 @@ export class Generator {
         }
       }
       owned.push(...cache.k, ...cache.v, ...cache.qkv);
-      const decode = await planDecode(ctx, model, cache, maxSequence, opts.lora);
-      return new Generator(ctx, model, maxSequence, cache, decode, opts.lora);
+      const tileMath = opts.tileMath ?? 'f32';
+      if (tileMath === 'f16' && !ctx.features.shaderF16) {
+        throw new ShapeError('generate: f16 tile math needs an adapter with shader-f16, and this one has none');
+      }
+      const decode = await planDecode(ctx, model, cache, maxSequence, opts.lora, tileMath);
+      return new Generator(ctx, model, maxSequence, cache, decode, opts.lora, tileMath);
     } catch (e) {
       for (const t of owned) t.dispose();
       throw e;
     }
+  }
+
+  /** The decode step's planned dispatches, in order (to inspect: their kernels, their count). */
+  get decodeDispatches(): readonly Dispatch[] {
+    return this.decode.dispatches;
   }
 
   /** Bytes of the KV cache. */
@@ -187,7 +208,7 @@ export class Generator {
 
   /** Runs the prompt, filling the cache rows [0, T); returns the last position's logits. */
   private async prefill(prompt: readonly number[]): Promise<Float32Array> {
-    const plan = await planPrefill(this.ctx, this.model, this.cache, prompt.length, this.lora);
+    const plan = await planPrefill(this.ctx, this.model, this.cache, prompt.length, this.lora, this.tileMath);
     try {
       writeTensor(plan.ids, prompt);
       writeTensor(plan.zero, [0]);
@@ -258,6 +279,7 @@ async function planPrefill(
   cache: Cache,
   T: number,
   lora: LoraWeightsByModule | undefined,
+  tileMath: TileMath,
 ): Promise<PrefillPlan> {
   const c = model.config;
   const d = c.hiddenSize;
@@ -308,7 +330,8 @@ async function planPrefill(
     const pool = new Map<string, Tensor>();
     for (let i = 0; i < c.numLayers; i++) {
       const acts = allocateLayer(alloc, model, T, 1, T, i, x0, lora, pool);
-      dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, lora)));
+      const layer = model.layers[i] as Layer;
+      dispatches.push(...(await planLayer(ctx, model, layer, acts, attention, lora, undefined, true, tileMath)));
     }
     const x = x0;
     const hidden = alloc.f32([T, d], 'hidden');
@@ -343,6 +366,7 @@ async function planDecode(
   cache: Cache,
   maxT: number,
   lora: LoraWeightsByModule | undefined,
+  tileMath: TileMath,
 ): Promise<DecodePlan> {
   const c = model.config;
   const d = c.hiddenSize;
@@ -404,7 +428,8 @@ async function planDecode(
     const pool = new Map<string, Tensor>();
     for (let i = 0; i < c.numLayers; i++) {
       const acts = allocateLayer(alloc, model, 1, 1, 1, i, x0, lora, pool);
-      dispatches.push(...(await planLayer(ctx, model, model.layers[i] as Layer, acts, attention, lora)));
+      const layer = model.layers[i] as Layer;
+      dispatches.push(...(await planLayer(ctx, model, layer, acts, attention, lora, undefined, true, tileMath)));
     }
     const x = x0;
     const hidden = alloc.f32([1, d], 'hidden');

@@ -12,6 +12,7 @@ import { readFloat32, StepEncoder, type Tensor, type TileMath, tensorFromData, w
 import { describe, expect, it } from 'vitest';
 import { expectClose, gpuCase, useGpu } from '../../core/test/gpu.js';
 import { type LoraModuleWeights, planForward } from '../src/forward.js';
+import { Generator } from '../src/generate.js';
 import { loadModel } from '../src/model.js';
 import { openSafetensors } from '../src/safetensors.js';
 import { causalLmLoss, FIXTURES, fixturePath, forwardGolden, repoSource } from './fixtures.js';
@@ -174,4 +175,44 @@ describe('inference with a LoRA adapter and f16 tiles against PEFT (Q8_0 base)',
       expect(Math.abs(baseLoss - want), `without the adapter ${baseLoss} vs PEFT ${want}`).toBeGreaterThan(5e-3);
     });
   }
+});
+
+// Generation with f16 tiles (Generator's tileMath: the prefill's projections and the attention of
+// prefill and decode in f16): stories260K, a trained model, continues its BOS prompt greedily with
+// the same 20 tokens as the same f16 weights with f32 tiles.
+describe('greedy generation with f16 tiles', () => {
+  it('stories260K continues as with f32 tiles', async (t) => {
+    const ctx = gpu();
+    const golden = await forwardGolden('stories260K');
+    const source = await repoSource(fixturePath('stories260K'));
+    const prompt = golden.generate_bos?.prompt ?? golden.generate.prompt;
+    const out = await gpuCase(ctx, 'generate f16 tiles', async () => {
+      const model = await loadModel(ctx, source, { precision: 'f16' });
+      if (!ctx.features.shaderF16) {
+        await expect(Generator.create(ctx, model, { maxSequence: 40, tileMath: 'f16' })).rejects.toThrow(/shader-f16/);
+        model.dispose();
+        return undefined;
+      }
+      const ids: Record<TileMath, number[]> = { f32: [], f16: [] };
+      const f16Attention: Record<TileMath, number> = { f32: 0, f16: 0 };
+      for (const tileMath of ['f32', 'f16'] as const) {
+        const gen = await Generator.create(ctx, model, { maxSequence: 40, tileMath });
+        f16Attention[tileMath] = gen.decodeDispatches.filter(
+          (d) => d.kernel.spec.entryPoint === 'attention_fwd' && d.kernel.spec.file.includes('tile_f16.wgsl'),
+        ).length;
+        const r = await gen.generate(prompt, { maxNewTokens: 20, temperature: 0, stopTokens: [] });
+        ids[tileMath] = r.ids;
+        gen.dispose();
+      }
+      const layers = model.config.numLayers;
+      model.dispose();
+      return { ids, f16Attention, layers };
+    });
+    if (!out) t.skip('no shader-f16 on this adapter (refused, as it should be)');
+    else {
+      // The decode step's attention (tiled: this project forces the GPU kernels) is the f16 build.
+      expect(out.f16Attention).toEqual({ f32: 0, f16: out.layers });
+      expect(out.ids.f16).toEqual(out.ids.f32);
+    }
+  });
 });

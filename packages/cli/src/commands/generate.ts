@@ -12,6 +12,11 @@ export const generateFlags: Record<string, FlagSpec> = {
   seed: { type: 'int', description: 'sampling seed', default: 0 },
   precision: { type: 'string', description: PRECISION_HELP },
   adapter: { type: 'string', description: 'a PEFT LoRA adapter folder to apply' },
+  'f16-tiles': {
+    type: 'boolean',
+    description: 'stage and multiply the prefill and attention tiles in f16 (adapters with shader-f16)',
+    default: false,
+  },
 };
 
 interface GenerationConfig {
@@ -34,6 +39,7 @@ export async function generate(argv: string[]): Promise<void> {
   const gen = await Generator.create(ctx, model, {
     maxSequence: Math.min(model.config.maxPositions, prompt.length + maxNew + 1),
     lora: adapter?.weights,
+    tileMath: f['f16-tiles'] === true ? 'f16' : 'f32',
   });
   const decoder = tokenizer.streamDecoder({ context: prompt, skipSpecialTokens: true });
   const opts: GenerateOptions = {
