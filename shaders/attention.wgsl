@@ -141,7 +141,8 @@ const DELTA_WG: u32 = 64u;
 const RMAX: u32 = 64u;        // rows kernels: vec4s in a private row array (HD ≤ 256)
 
 // The staged rows hold tile_t: f32 (tile_f32.wgsl), or f16 (tile_f16.wgsl) for the inference
-// forward on adapters with shader-f16, and tile_fma / tile_scale_fma form the products from them.
+// forward on adapters with shader-f16, and tile_fma / tile_scale_fma form the products from them
+// (in f32 in both builds).
 var<workgroup> qs: array<vec4<tile_t>, BQ * HD4>;   // query rows (fwd, dq, dkv)
 var<workgroup> dos: array<vec4<tile_t>, BQ * HD4>;  // dout rows (dq, dkv)
 var<workgroup> ks: array<vec4<tile_t>, BK * HD4>;   // key rows

@@ -40,6 +40,7 @@ export class NonFiniteLossError extends WebtuneError {
     readonly examples: readonly number[],
     /** Their length in tokens. */
     readonly tokens: number,
+    /** The batch's summed cross-entropy as it came back (NaN or ±Infinity). */
     readonly loss: number,
   ) {
     const which =
@@ -47,7 +48,7 @@ export class NonFiniteLossError extends WebtuneError {
         ? `example ${examples[0]}`
         : `examples ${examples.slice(0, 8).join(', ')}${examples.length > 8 ? ', ...' : ''}`;
     super(
-      `evaluate: the loss of ${which} (${tokens} tokens each) is ${loss}: the model's weights or the adapter ` +
+      `evaluate: the loss of ${which} (${tokens} tokens${examples.length === 1 ? '' : ' each'}) is ${loss}: the model's weights or the adapter ` +
         'give non-finite logits there (an adapter from a run that diverged, or a base that overflows at this precision)',
     );
   }

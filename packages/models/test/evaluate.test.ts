@@ -79,6 +79,6 @@ describe('evaluation with weights that give non-finite logits', () => {
     });
     expect(err).toBeInstanceOf(NonFiniteLossError);
     expect((err as NonFiniteLossError).examples).toEqual([1]);
-    expect((err as Error).message).toMatch(/example 1 \(4 tokens each\) is NaN/);
+    expect((err as Error).message).toMatch(/example 1 \(4 tokens\) is NaN/);
   });
 });

@@ -260,11 +260,13 @@ export function attentionTiles(ctx: GpuContext, hd: number, tileMath: TileMath =
       const bq = kernel === 'dkv' ? stream : own;
       const bk = kernel === 'dkv' ? own : stream;
       const kpt = Math.max(1, Math.min(KPT_MAX, Math.floor(stream / td)));
-      if (own * td <= threads && workgroupBytes(kernel, hd4, bq, bk, tileMath) <= storage) return { bq, bk, kpt };
+      // Only the forward has an f16 build: the backward's tiles are always sized for f32 rows.
+      const rows = kernel === 'fwd' ? tileMath : 'f32';
+      if (own * td <= threads && workgroupBytes(kernel, hd4, bq, bk, rows) <= storage) return { bq, bk, kpt };
     }
     throw new LimitExceededError(
       'maxComputeWorkgroupStorageSize',
-      workgroupBytes(kernel, hd4, 1, 1, tileMath),
+      workgroupBytes(kernel, hd4, 1, 1, kernel === 'fwd' ? tileMath : 'f32'),
       storage,
       `attention_${kernel} with head size ${hd}`,
     );
@@ -388,10 +390,10 @@ export interface AttentionForwardArgs {
   /** Which kernels to run; default attentionVariant(ctx). Tests and benchmarks set it. */
   variant?: AttentionVariant;
   /**
-   * The tiled forward's staged rows and products: 'f32' (the default), or 'f16' with f32
-   * accumulation (needs shader-f16): q, k and v round to f16 as they are staged, which halves
-   * the tiles' workgroup memory, so the blocks hold twice the rows. Inference only: the backward
-   * has no f16 build, and lse is the f16 scores'. The rows kernels stage nothing and stay f32.
+   * The tiled forward's staged rows: 'f32' (the default), or 'f16' (needs shader-f16): q, k and
+   * v round to f16 as they are staged, which halves the tiles' workgroup memory, so the blocks
+   * hold twice the rows; the products are formed in f32. Inference only: the backward has no f16
+   * build, and lse is the rounded scores'. The rows kernels stage nothing and stay f32.
    */
   tileMath?: TileMath;
 }

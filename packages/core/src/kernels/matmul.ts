@@ -175,8 +175,9 @@ export interface MatmulOptions {
   beta?: number;
   /** Added to every row of C; N values. */
   bias?: Tensor;
-  /** alpha2·A2·opW(B2) joins the same tile loop: the LoRA term. A2 is M×K2; B2 is N×K2 when
-   * transW, else K2×N. */
+  /** alpha2·A2·opW(B2) continues the same accumulators: the LoRA term. A2 is M×K2; B2 is N×K2
+   * when transW, else K2×N. Staged through the tiles with f32 tiles; read and multiplied in f32
+   * from memory beside f16 tiles. */
   lowRank?: { a2: Tensor; b2: Tensor; alpha2: number };
   /** Use only rows [start, start + count) of W as stored: with transW a chunk of its N output rows
    * (the LM head's vocabulary), otherwise a chunk of its K rows (dh += dlogits·E over the same
@@ -434,7 +435,8 @@ export async function planMatmul(
       TRANS_W: transW,
       ...common,
       // With f16 tiles the LoRA term stays f32, read from memory rather than staged.
-      ...(tiles === 'f16' && K2 > 0 ? { LR_DIRECT: true } : {}),
+      // (low_rank_direct reads B2 in the TRANS_W layout, the only one f16 tiles take.)
+      ...(tiles === 'f16' && K2 > 0 && transW ? { LR_DIRECT: true } : {}),
       ...epilogue,
       ...third,
     });
