@@ -84,23 +84,6 @@ interface QuantGolden {
     scaling: number;
   }[];
 }
-/** transformers' causal LM loss: row t predicts labels[t + 1], -100 not counted. */
-function maskedLoss(logits: Float32Array, labels: readonly (readonly number[])[], V: number): number {
-  let total = 0;
-  let count = 0;
-  labels.forEach((row, b) => {
-    for (let t = 0; t + 1 < row.length; t++) {
-      const label = row[t + 1] as number;
-      if (label === -100) continue;
-      const z = logits.subarray((b * row.length + t) * V, (b * row.length + t + 1) * V);
-      const max = z.reduce((m, v) => Math.max(m, v), -Infinity);
-      const sum = z.reduce((s, v) => s + Math.exp(v - max), 0);
-      total += Math.log(sum) + max - (z[label] as number);
-      count++;
-    }
-  });
-  return total / count;
-}
 const quantGoldens = import.meta.glob<QuantGolden>('../../train/test/golden/quant-train/*.json', { import: 'default' });
 
 describe('inference with a LoRA adapter and f16 tiles against PEFT (Q8_0 base)', () => {
@@ -160,8 +143,8 @@ describe('inference with a LoRA adapter and f16 tiles against PEFT (Q8_0 base)',
       expect(out.adapted.direct).toBeGreaterThan(0);
       expect(out.base.direct).toBe(0);
       const want = golden.formats.q8_0.loss;
-      const loss = maskedLoss(out.adapted.logits, golden.batch.labels, out.V);
-      const baseLoss = maskedLoss(out.base.logits, golden.batch.labels, out.V);
+      const loss = causalLmLoss(out.adapted.logits, golden.batch.labels, out.V);
+      const baseLoss = causalLmLoss(out.base.logits, golden.batch.labels, out.V);
       console.log(`${run}: loss with the adapter ${loss}, without ${baseLoss}, PEFT ${want}`);
       expectClose(
         ctx,

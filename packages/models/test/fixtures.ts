@@ -57,13 +57,15 @@ export async function forwardGolden(name: FixtureName): Promise<ForwardGolden> {
   return load();
 }
 
-/** Mean cross-entropy of next-token prediction from full logits [B, T, V], labels = ids. */
-export function causalLmLoss(logits: ArrayLike<number>, ids: readonly (readonly number[])[], V: number): number {
+/** Mean cross-entropy of next-token prediction from full logits [B, T, V], as transformers takes
+ * it: row t predicts labels[t + 1] (the ids, or labels with -100 where no loss is taken). */
+export function causalLmLoss(logits: ArrayLike<number>, labels: readonly (readonly number[])[], V: number): number {
   let total = 0;
   let count = 0;
-  ids.forEach((row, b) => {
+  labels.forEach((row, b) => {
     const T = row.length;
     for (let t = 0; t + 1 < T; t++) {
+      if (row[t + 1] === -100) continue;
       const base = (b * T + t) * V;
       let max = -Infinity;
       for (let v = 0; v < V; v++) max = Math.max(max, logits[base + v] as number);
