@@ -438,6 +438,33 @@ fn matmul(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) w
   store_row(m + 3u, n, acc[3]);
 }
 
+// matmul_resid: matmul whose store adds a residual from another buffer (16 resid, M×N, read) in
+// place of beta·C, so that a block's last projection writes x + f(x) where x is not kept (the
+// down projection when its RMSNorm ran inside matmul_glu_norm, which copies nothing). 7 storage
+// buffers.
+@group(0) @binding(16) var<storage, read> resid: array<f32>;
+
+fn store_row_resid(m: u32, n: u32, v: vec4<f32>) {
+  if (m >= p.M) { return; }
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j >= p.N) { return; }
+    var x = v[j];
+    if (p.has_bias != 0u) { x += bias[n + j]; }
+    c[m * p.N + n + j] = x + resid[m * p.N + n + j];
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_resid(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let acc = tile_product(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_row_resid(m + 0u, n, acc[0]);
+  store_row_resid(m + 1u, n, acc[1]);
+  store_row_resid(m + 2u, n, acc[2]);
+  store_row_resid(m + 3u, n, acc[3]);
+}
+
 // matmul with the RoPE epilogue (ROPE = 1; binding 13 besides matmul's).
 @compute @workgroup_size(WG_X, WG_Y)
 fn matmul_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -814,6 +841,106 @@ fn matmul_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
   store_glu(m + 1u, n, r[0][1], r[1][1]);
   store_glu(m + 2u, n, r[0][2], r[1][2]);
   store_glu(m + 3u, n, r[0][3], r[1][3]);
+}
+
+// ---- the gated MLP behind its RMSNorm ------------------------------------------------------------
+//
+// matmul_glu_norm: matmul_glu on RMSNorm(A), the norm computed here instead of in a dispatch of its
+// own (rmsnorm.wgsl's forward, Hugging Face's order):
+//   rstd[m] = 1 / sqrt(mean_k(A[m,k]²) + NORM_EPS),   staged value (A[m,k]·rstd[m])·g[k]
+// so the tiles hold exactly what the norm would have written. Each workgroup first computes rstd
+// for its own 4·WG_Y rows (a strided sum of squares per row, then its lanes added in workgroup
+// memory); the workgroups of the first column of tiles also store it (the backward reads it).
+// The normalized rows are never written: nothing else reads them when gate and up carry no adapter.
+// Bindings: matmul_glu's (1 a, 2 w, 6 c, 8 act_out, 11 w3, 12 up_out) and 14 norm_w (g, K f32),
+// 15 norm_rstd (M f32, written): 8 storage buffers.
+@group(0) @binding(14) var<storage, read> norm_w: array<f32>;
+@group(0) @binding(15) var<storage, read_write> norm_rstd: array<f32>;
+
+override NORM_EPS: f32 = 1e-6;
+
+var<workgroup> row_ss: array<f32, 4u * WG_X * WG_Y>;
+var<workgroup> row_rstd: array<f32, 4u * WG_Y>;
+
+// rstd of rows m0.. (4·WG_Y of them) into row_rstd; stored to norm_rstd too when `store`.
+fn norm_rows(tid: u32, m0: u32, store: bool) {
+  let rows = 4u * WG_Y;
+  let threads = WG_X * WG_Y;
+  let lanes = max(1u, threads / rows);  // invocations per row
+  let chunks = (p.K + 3u) / 4u;
+  for (var row = tid / lanes; row < rows; row += threads / lanes) {
+    var s = 0.0;
+    for (var q = tid % lanes; q < chunks; q += lanes) {
+      let v = a_chunk(m0 + row, q * 4u);
+      s += dot(v, v);
+    }
+    row_ss[row * lanes + tid % lanes] = s;
+  }
+  workgroupBarrier();
+  for (var row = tid; row < rows; row += threads) {
+    var s = 0.0;
+    for (var l = 0u; l < lanes; l++) { s += row_ss[row * lanes + l]; }
+    let r = inverseSqrt(s / f32(p.K) + NORM_EPS);
+    row_rstd[row] = r;
+    if (store && m0 + row < p.M) { norm_rstd[m0 + row] = r; }
+  }
+  workgroupBarrier();
+}
+
+// g[col..col+3], zero past K.
+fn gain4(col: u32) -> vec4<f32> {
+  var g = vec4<f32>(0.0);
+  for (var j = 0u; j < 4u; j++) {
+    if (col + j < p.K) { g[j] = norm_w[col + j]; }
+  }
+  return g;
+}
+
+// As stage_a, of the normalized rows.
+fn stage_a_norm(tid: u32, m0: u32, k0: u32) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
+    let row = i / chunks;
+    let col = k0 + (i % chunks) * 4u;
+    a_tile[row * a_stride() + i % chunks] = vec4<tile_t>(a_chunk(m0 + row, col) * row_rstd[row] * gain4(col));
+  }
+}
+
+// stage_w's TRANS_W layout of W alone (stage_w names B2 too, which this entry does not bind).
+fn stage_w_norm(tid: u32, n0: u32, k0: u32) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
+    w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(w_chunk(n0 + i / chunks, k0 + (i % chunks) * 4u, p.N, p.K));
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_glu_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  norm_rows(tid, m0, wid.x == 0u);
+  var gate = mat4x4<f32>();
+  var up = mat4x4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a_norm(tid, m0, k0);
+    stage_w_norm(tid, n0, k0);
+    workgroupBarrier();
+    gate = multiply_tile(gate, lid.x, lid.y);
+    workgroupBarrier();
+    stage_w3(tid, n0, k0, p.K);
+    workgroupBarrier();
+    up = multiply_tile(up, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  gate *= p.alpha;
+  up *= p.alpha;
+  let m = m0 + lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  store_glu(m + 0u, n, gate[0], up[0]);
+  store_glu(m + 1u, n, gate[1], up[1]);
+  store_glu(m + 2u, n, gate[2], up[2]);
+  store_glu(m + 3u, n, gate[3], up[3]);
 }
 
 // Two projections of one input at C[m][n..n+3] and up_out[m][n..n+3] (matmul_pair, matvec_pair).

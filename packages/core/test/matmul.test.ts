@@ -6,6 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { geluNewBackwardRef, geluNewForwardRef, siluMulBackwardRef, siluMulForwardRef } from '../ref/activations.js';
 import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
+import { rmsnormForwardRef } from '../ref/rmsnorm.js';
 import { ropeForwardRef } from '../ref/rope.js';
 import {
   createTensor,
@@ -376,6 +377,168 @@ describe('gated MLP in one dispatch', () => {
       expectClose(ctx, `${name} act`, got.act, act, 2 * tol, 1e-5);
     });
   }
+});
+
+// matmul_resid: C = x·Wᵀ (+ bias, + the low-rank term) + a residual read from its own buffer, C's
+// old contents ignored (C starts as NaN).
+describe('residual from another buffer', () => {
+  const cases: { M: number; N: number; K: number; w: DType; rank: number; bias: boolean; transW: boolean }[] = [
+    { M: 65, N: 63, K: 64, w: 'f16', rank: 4, bias: false, transW: true },
+    { M: 9, N: 257, K: 96, w: 'q8_0', rank: 0, bias: true, transW: true },
+    { M: 33, N: 20, K: 7, w: 'f32', rank: 3, bias: true, transW: false },
+  ];
+  for (const r of cases) {
+    const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w}${r.transW ? 'ᵀ' : ''}${r.rank ? ` +rank ${r.rank}` : ''}${r.bias ? ' +bias' : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = r.M * 11 + r.N + r.K;
+      const x = randomArray(r.M * r.K, seed);
+      const w = asStored(randomArray(r.N * r.K, seed + 1), r.w);
+      const bias = randomArray(r.N, seed + 2);
+      const a2 = randomArray(r.M * r.rank, seed + 3);
+      const b2 = randomArray(r.N * r.rank, seed + 4);
+      const res = randomArray(r.M * r.N, seed + 5);
+      let want = matmulRef(x, w, r.M, r.K, r.N, { transB: r.transW });
+      if (r.rank) want = addRef(want, matmulRef(a2, b2, r.M, r.rank, r.N, { transB: r.transW }), 0.5);
+      if (r.bias) want = want.map((v, i) => v + (bias[i % r.N] as number));
+      want = addRef(want, res);
+      const got = await gpuCase(ctx, name, async () => {
+        const tx = tensorFromData(ctx, x, [r.M, r.K], 'f32', 'x');
+        const tw = tensorFromData(ctx, w, r.transW ? [r.N, r.K] : [r.K, r.N], r.w, 'w');
+        const tb = tensorFromData(ctx, bias, [r.N], 'f32', 'bias');
+        const ta2 = r.rank ? tensorFromData(ctx, a2, [r.M, r.rank], 'f32', 'a2') : undefined;
+        const tb2 = r.rank ? tensorFromData(ctx, b2, r.transW ? [r.N, r.rank] : [r.rank, r.N], 'f32', 'b2') : undefined;
+        const tres = tensorFromData(ctx, res, [r.M, r.N], 'f32', 'residual');
+        const tc = tensorFromData(ctx, new Float32Array(r.M * r.N).fill(Number.NaN), [r.M, r.N], 'f32', 'c');
+        const d = await planMatmul(ctx, tx, tw, tc, {
+          transW: r.transW,
+          bias: r.bias ? tb : undefined,
+          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2: 0.5 } : undefined,
+          residual: tres,
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const t of [tx, tw, tb, ta2, tb2, tres, tc]) t?.dispose();
+        return out;
+      });
+      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(r.K + r.rank), 1e-5);
+    });
+  }
+
+  it('is refused with beta, another epilogue, few rows or a residual of the wrong size', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'residual refusals', async () => {
+      const t = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
+      const [x1, x9, w, c1, c9, r9, small] = [
+        t([1, 8], 'x1'),
+        t([9, 8], 'x9'),
+        t([4, 8], 'w'),
+        t([1, 4], 'c1'),
+        t([9, 4], 'c9'),
+        t([9, 4], 'r9'),
+        t([4], 'small'),
+      ];
+      await expect(planMatmul(ctx, x9, w, c9, { residual: r9, beta: 1 })).rejects.toThrow(/no beta/);
+      await expect(planMatmul(ctx, x1, w, c1, { residual: c1 })).rejects.toThrow(/tiled kernel, more than 4 rows/);
+      await expect(planMatmul(ctx, x9, w, c9, { residual: small })).rejects.toThrow(
+        /residual small f32\[4\] must be f32 like C/,
+      );
+      for (const b of [x1, x9, w, c1, c9, r9, small]) b.dispose();
+    });
+  });
+});
+
+// matmul_glu_norm: the gated MLP on RMSNorm(x), the norm inside the dispatch: gate, up, act and the
+// norm's rstd against the float64 norm followed by the float64 products. Rows of very different
+// scales (1e-3 to 1e3) so that a row given another row's rstd, or none, cannot pass; M not a
+// multiple of the tile, K not a multiple of 4 or of TK.
+describe('gated MLP behind its RMSNorm in one dispatch', () => {
+  const cases: { M: number; N: number; K: number; wg: DType; wu: DType }[] = [
+    { M: 65, N: 63, K: 64, wg: 'f32', wu: 'f16' },
+    { M: 5, N: 257, K: 65, wg: 'f16', wu: 'f32' },
+    { M: 130, N: 64, K: 96, wg: 'q8_0', wu: 'q4_0' },
+    { M: 33, N: 20, K: 7, wg: 'f32', wu: 'f32' },
+  ];
+  for (const g of cases) {
+    const name = `M=${g.M} N=${g.N} K=${g.K} gate:${g.wg} up:${g.wu}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = g.M * 5 + g.N + g.K;
+      const x = randomArray(g.M * g.K, seed, 1);
+      for (let r = 0; r < g.M; r++) {
+        const scale = 10 ** ((r % 7) - 3);
+        for (let k = 0; k < g.K; k++) x[r * g.K + k] = (x[r * g.K + k] as number) * scale;
+      }
+      const gain = randomArray(g.K, seed + 3, 1);
+      const eps = 1e-5;
+      const wg = asStored(randomArray(g.N * g.K, seed + 1, 1), g.wg);
+      const wu = asStored(randomArray(g.N * g.K, seed + 2, 1), g.wu);
+      const norm = rmsnormForwardRef({ rows: g.M, d: g.K, x, w: gain, eps });
+      const gate = matmulRef(norm.y, wg, g.M, g.K, g.N, { transB: true });
+      const up = matmulRef(norm.y, wu, g.M, g.K, g.N, { transB: true });
+      const act = siluMulForwardRef(gate, up).out;
+      const got = await gpuCase(ctx, name, async () => {
+        const tx = tensorFromData(ctx, x, [g.M, g.K], 'f32', 'x');
+        const tn = tensorFromData(ctx, gain, [g.K], 'f32', 'norm.w');
+        const twg = tensorFromData(ctx, wg, [g.N, g.K], g.wg, 'w_gate');
+        const twu = tensorFromData(ctx, wu, [g.N, g.K], g.wu, 'w_up');
+        const tr = createTensor(ctx, [g.M], 'f32', 'rstd');
+        const tg = createTensor(ctx, [g.M, g.N], 'f32', 'gate');
+        const tu = createTensor(ctx, [g.M, g.N], 'f32', 'up');
+        const ta = createTensor(ctx, [g.M, g.N], 'f32', 'act');
+        const d = await planMatmul(ctx, tx, twg, tg, {
+          glu: { w: twu, up: tu, act: ta },
+          norm: { w: tn, rstd: tr, eps },
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = {
+          gate: await readFloat32(tg),
+          up: await readFloat32(tu),
+          act: await readFloat32(ta),
+          rstd: await readFloat32(tr),
+        };
+        d.dispose();
+        for (const t of [tx, tn, twg, twu, tr, tg, tu, ta]) t.dispose();
+        return out;
+      });
+      const tol = 2e-5 * Math.sqrt(g.K);
+      expectClose(ctx, `${name} rstd`, got.rstd, norm.rstd, 0, 1e-5);
+      expectClose(ctx, `${name} gate`, got.gate, gate, tol, 1e-5);
+      expectClose(ctx, `${name} up`, got.up, up, tol, 1e-5);
+      expectClose(ctx, `${name} act`, got.act, act, 2 * tol, 1e-5);
+    });
+  }
+
+  it('is refused where the tiled kernel does not run, or with operands of the wrong size', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'norm refusals', async () => {
+      const make = (M: number) => ({
+        x: createTensor(ctx, [M, 8], 'f32', 'x'),
+        w: createTensor(ctx, [4, 8], 'f32', 'w'),
+        c: createTensor(ctx, [M, 4], 'f32', 'gate'),
+        up: createTensor(ctx, [M, 4], 'f32', 'up'),
+        act: createTensor(ctx, [M, 4], 'f32', 'act'),
+        g: createTensor(ctx, [8], 'f32', 'norm.w'),
+        rstd: createTensor(ctx, [M], 'f32', 'rstd'),
+      });
+      const one = make(1);
+      const many = make(9);
+      const plan = (
+        t: ReturnType<typeof make>,
+        over: Partial<{ g: typeof t.g; rstd: typeof t.rstd; glu: boolean }> = {},
+      ) =>
+        planMatmul(ctx, t.x, t.w, t.c, {
+          ...(over.glu === false ? {} : { glu: { w: t.w, up: t.up, act: t.act } }),
+          norm: { w: over.g ?? t.g, rstd: over.rstd ?? t.rstd, eps: 1e-6 },
+        });
+      await expect(plan(one)).rejects.toThrow(/tiled kernel, more than 4 rows \(got 1\)/);
+      await expect(plan(many, { glu: false })).rejects.toThrow(/gated MLP/);
+      await expect(plan(many, { rstd: one.rstd })).rejects.toThrow(/rstd rstd f32\[1\] must be 9 f32 values/);
+      await expect(plan(many, { g: many.rstd })).rejects.toThrow(/gain rstd f32\[9\] must be 8 f32 values/);
+      for (const t of [...Object.values(one), ...Object.values(many)]) t.dispose();
+    });
+  });
 });
 
 // matmul_pair / matvec_pair: C = x·Wᵀ + alpha2·A2·B2ᵀ and out = x·W3ᵀ from one dispatch (q with

@@ -89,6 +89,18 @@ const MATMUL_GLU: Entry = { entryPoint: 'matmul_glu', bindings: GLU_BINDINGS };
 const MATVEC_GLU: Entry = { entryPoint: 'matvec_glu', bindings: GLU_BINDINGS };
 const MATMUL_PAIR: Entry = { entryPoint: 'matmul_pair', bindings: PAIR_BINDINGS };
 const MATVEC_PAIR: Entry = { entryPoint: 'matvec_pair', bindings: PAIR_BINDINGS };
+// The gated MLP behind its RMSNorm (matmul_glu_norm): glu's without the unused low-rank operands
+// (4, 5), + 14 the norm's gain (read), 15 rstd (written). 8 storage buffers.
+const GLU_NORM_BINDINGS = [
+  ...GLU_BINDINGS.map((b, i) => (i === 4 || i === 5 ? 'none' : b)),
+  'none',
+  'read',
+  'write',
+] as const;
+// C = product + residual (matmul_resid): + 16 resid (read). 7 storage buffers.
+const RESID_BINDINGS = [...BINDINGS, ...Array<'none'>(9).fill('none'), 'read'] as const;
+const MATMUL_RESID: Entry = { entryPoint: 'matmul_resid', bindings: RESID_BINDINGS };
+const MATMUL_GLU_NORM: Entry = { entryPoint: 'matmul_glu_norm', bindings: GLU_NORM_BINDINGS };
 // The RoPE epilogue's entries: + 13 inv_freq (read). matmul_rope 7 storage buffers, the pairs 8.
 const ROPE_BINDINGS = [...BINDINGS, 'none', 'none', 'none', 'none', 'none', 'none', 'read'] as const;
 const PAIR_ROPE_BINDINGS = [...PAIR_BINDINGS, 'read'] as const;
@@ -207,6 +219,20 @@ export interface MatmulOptions {
    * low-rank term, wRows or other epilogue.
    */
   glu?: { readonly w: Tensor; readonly up: Tensor; readonly act: Tensor };
+  /**
+   * With `glu`: A is the RMSNorm's input, and the product takes RMSNorm(A) = (A·rstd)·w as the norm
+   * dispatch would have written it (matmul_glu_norm), so the norm costs no dispatch of its own and
+   * its output is never stored. `rstd` gets one f32 per row of A (what the norm's backward reads).
+   * Tiled kernel only: not for M ≤ MATVEC_MAX_ROWS (usesMatvec), where the decode step keeps its
+   * norm dispatch.
+   */
+  norm?: { readonly w: Tensor; readonly rstd: Tensor; readonly eps: number };
+  /**
+   * C = product (+ bias) + residual, M×N f32 read from its own buffer, in place of beta·C
+   * (matmul_resid): a block's last projection adding the residual stream where C is not already
+   * holding it. Tiled kernel only (not for M ≤ MATVEC_MAX_ROWS); no beta or other epilogue.
+   */
+  residual?: Tensor;
   /**
    * A second projection of the same A: `out` gets A·W3ᵀ (W3 N×K, any storage format) while C gets
    * A·Wᵀ with its low-rank term, in one dispatch (matmul_pair / matvec_pair): q and k, say.
@@ -379,6 +405,10 @@ export async function planMatmul(
   const second = opts.second;
   if (glu && second) throw new ShapeError(`${label}: glu and second are exclusive`);
   if (glu) checkSecondProjection(label, w, c, transW, opts, glu.w, [glu.up, glu.act]);
+  const norm = opts.norm;
+  if (norm) checkNorm(ctx, label, dims, opts, norm);
+  const residual = opts.residual;
+  if (residual) checkResidual(ctx, label, dims, c, opts, residual);
   if (second) checkSecondProjection(label, w, c, transW, opts, second.w, [second.out]);
   const w3 = extra?.w ?? glu?.w ?? second?.w;
   const third: Record<string, boolean> = w3
@@ -414,7 +444,9 @@ export async function planMatmul(
   } else {
     const tile = matmulTile(ctx, dims);
     const entry = glu
-      ? MATMUL_GLU
+      ? norm
+        ? MATMUL_GLU_NORM
+        : MATMUL_GLU
       : second
         ? rope
           ? MATMUL_PAIR_ROPE
@@ -427,7 +459,9 @@ export async function planMatmul(
               ? MATMUL_ACT
               : actBwd
                 ? MATMUL_ACT_BWD
-                : MATMUL;
+                : residual
+                  ? MATMUL_RESID
+                  : MATMUL;
     kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -439,6 +473,7 @@ export async function planMatmul(
       ...(tiles === 'f16' && K2 > 0 && transW ? { LR_DIRECT: true } : {}),
       ...epilogue,
       ...third,
+      ...(norm ? { NORM_EPS: norm.eps } : {}),
     });
     workgroups = [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))];
   }
@@ -450,6 +485,8 @@ export async function planMatmul(
       actBwd.kind === 'silu_mul'
         ? [a, w, ...operands, actBwd.gate, actBwd.up, actBwd.dup]
         : [a, w, ...operands, actBwd.pre, placeholder, ctx.placeholder('write', 1)];
+  } else if (glu && norm) {
+    resources = [a, w, c, glu.act, glu.w, glu.up, norm.w, norm.rstd];
   } else if (glu) {
     resources = [a, w, ...operands, glu.act, glu.w, glu.up];
   } else if (second) {
@@ -458,6 +495,7 @@ export async function planMatmul(
     resources = [a, w, opts.bias ?? placeholder, ...operands];
     if (act) resources.push(act.kind === 'silu_mul' ? act.gate : placeholder, act.act);
     if (extra) resources.push(extra.a, extra.w);
+    if (residual) resources.push(residual);
   }
   if (rope) resources.push(rope.invFreq);
   const scales = (t: Tensor | undefined) =>
@@ -548,6 +586,61 @@ function checkSecondProjection(
         `${label}: ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 like C ${formatShape(c.shape)}`,
       );
   }
+}
+
+/** Checks matmul_glu_norm's operands: the gated MLP, enough rows for the tiled kernel, the norm's
+ * gain K f32 values, rstd one f32 per row, a finite positive eps. */
+function checkNorm(
+  ctx: GpuContext,
+  label: string,
+  dims: MatmulDims,
+  opts: MatmulOptions,
+  norm: NonNullable<MatmulOptions['norm']>,
+): void {
+  if (!opts.glu) throw new ShapeError(`${label}: the RMSNorm prologue is for the gated MLP (glu) only`);
+  if (usesMatvec(ctx, dims, true, opts.matvecVariant ?? matvecVariant(ctx)))
+    throw new ShapeError(
+      `${label}: the RMSNorm prologue needs the tiled kernel, more than ${MATVEC_MAX_ROWS} rows (got ${dims.M})`,
+    );
+  if (norm.w.dtype !== 'f32' || norm.w.size !== dims.K)
+    throw new ShapeError(
+      `${label}: the norm's gain ${norm.w.label} ${norm.w.dtype}${formatShape(norm.w.shape)} must be ${dims.K} f32 values`,
+    );
+  if (norm.rstd.dtype !== 'f32' || norm.rstd.size !== dims.M)
+    throw new ShapeError(
+      `${label}: rstd ${norm.rstd.label} ${norm.rstd.dtype}${formatShape(norm.rstd.shape)} must be ${dims.M} f32 values`,
+    );
+  if (!(norm.eps > 0) || !Number.isFinite(norm.eps))
+    throw new ShapeError(`${label}: the norm's eps ${norm.eps} must be a positive number`);
+}
+
+/** Checks matmul_resid's residual: M×N f32 like C, the tiled kernel, nothing else in the store. */
+function checkResidual(
+  ctx: GpuContext,
+  label: string,
+  dims: MatmulDims,
+  c: Tensor,
+  opts: MatmulOptions,
+  residual: Tensor,
+): void {
+  if (
+    (opts.beta ?? 0) !== 0 ||
+    opts.activation ||
+    opts.activationBackward ||
+    opts.extra ||
+    opts.glu ||
+    opts.second ||
+    opts.rope
+  )
+    throw new ShapeError(`${label}: a residual takes no beta or other epilogue`);
+  if (usesMatvec(ctx, dims, opts.transW ?? true, opts.matvecVariant ?? matvecVariant(ctx)))
+    throw new ShapeError(
+      `${label}: a residual needs the tiled kernel, more than ${MATVEC_MAX_ROWS} rows (got ${dims.M})`,
+    );
+  if (residual.dtype !== 'f32' || residual.size !== c.size)
+    throw new ShapeError(
+      `${label}: the residual ${residual.label} ${residual.dtype}${formatShape(residual.shape)} must be f32 like C ${formatShape(c.shape)}`,
+    );
 }
 
 /** Checks the RoPE epilogue against the product: whole heads of an even half, the frequencies,
