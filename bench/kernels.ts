@@ -11,6 +11,8 @@
  *   with shader-f16 only.
  * - matmul_rope vs matmul_then_rope: the q projection (x·Wᵀ with its LoRA term) stored through
  *   the RoPE epilogue against the same product followed by the RoPE dispatch it replaces;
+ * - glu_norm vs rmsnorm_then_glu: the gated MLP's gate and up projections on RMSNorm(x), the norm
+ *   inside the dispatch (matmul_glu_norm), against the norm dispatch followed by matmul_glu;
  * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
  *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
  * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
@@ -404,6 +406,43 @@ async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> 
   for (const t of [x, w, h, b, invFreq, fusedOut, plainOut]) t.dispose();
 }
 
+async function benchGluNorm(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const M = 4 * T;
+  const [d, I] = [576, 1536]; // SmolLM2-135M's hidden and MLP sizes
+  const shape = `${M}x${I}x${d}, gate and up, W:f16`;
+  const x = tensorFromData(ctx, random(M * d, 41, 1), [M, d], 'f32', 'x');
+  const g = tensorFromData(ctx, random(d, 42, 1), [d], 'f32', 'norm.w');
+  const wg = tensorFromData(ctx, random(I * d, 43, 0.05), [I, d], 'f16', 'w_gate');
+  const wu = tensorFromData(ctx, random(I * d, 44, 0.05), [I, d], 'f16', 'w_up');
+  const n = createTensor(ctx, [M, d], 'f32', 'n');
+  const [rstdF, rstdP] = ['rstd fused', 'rstd plain'].map((l) => createTensor(ctx, [M], 'f32', l)) as [Tensor, Tensor];
+  const outs = ['gate', 'up', 'act'].map((l) => [
+    createTensor(ctx, [M, I], 'f32', `${l} fused`),
+    createTensor(ctx, [M, I], 'f32', `${l} plain`),
+  ]) as [Tensor, Tensor][];
+  const [gate, up, act] = outs as [[Tensor, Tensor], [Tensor, Tensor], [Tensor, Tensor]];
+  const fused = await planMatmul(ctx, x, wg, gate[0], {
+    glu: { w: wu, up: up[0], act: act[0] },
+    norm: { w: g, rstd: rstdF, eps: 1e-5 },
+  });
+  const plain = [
+    await planRmsNormForward(ctx, { x, w: g, y: n, rstd: rstdP }, { eps: 1e-5 }),
+    await planMatmul(ctx, n, wg, gate[1], { glu: { w: wu, up: up[1], act: act[1] } }),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'glu_norm',
+    baseline: 'rmsnorm_then_glu',
+    shape,
+    fused: [fused],
+    plain,
+    outputs: [...outs, [rstdF, rstdP]],
+    flops: 2 * matmulFlops({ M, N: I, K: d }),
+  });
+  for (const t of [fused, ...plain]) t.dispose();
+  for (const t of [x, g, wg, wu, n, rstdF, rstdP, ...outs.flat()]) t.dispose();
+}
+
 /**
  * A fused plan against the plain one it replaces: both plans run once and their outputs (pairs of fused and
  * plain tensors) are compared, then timed against each other and reported with their dispatch
@@ -734,6 +773,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'attention_f16_tiles'.includes(o.only)) await benchAttentionF16(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
   if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
+  if (!o.only || 'glu_norm'.includes(o.only)) await benchGluNorm(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
   if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);

@@ -5,6 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
+import { rmsnormForwardRef } from '../ref/rmsnorm.js';
 import {
   createTensor,
   type DType,
@@ -12,6 +13,7 @@ import {
   planMatmul,
   readFloat32,
   StepEncoder,
+  type Tensor,
   tensorFromData,
 } from '../src/index.js';
 import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
@@ -108,6 +110,47 @@ describe('matmul with f16 tiles', () => {
       else expectClose(ctx, `${name} f16 tiles`, got, want, 4e-3 * Math.sqrt(c.K), 2e-3);
     });
   }
+
+  // The gated MLP behind its RMSNorm with f16 tiles (matmul_glu_norm): rows staged already
+  // normalized, so rows of 1e5 (raw, x·g would pass f16's 65504) stage like rows of 1e-3.
+  it('gated MLP behind its RMSNorm, rows of 1e-3 to 1e5', async (t) => {
+    const ctx = gpu();
+    if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+    const [M, N, K] = [40, 63, 96];
+    const x = randomArray(M * K, 41, 1);
+    for (let r = 0; r < M; r++)
+      for (let k = 0; k < K; k++) x[r * K + k] = (x[r * K + k] as number) * 10 ** ((r % 9) - 3);
+    const gain = randomArray(K, 42, 1);
+    const wg = asStored(randomArray(N * K, 43, 1), 'f16');
+    const wu = asStored(randomArray(N * K, 44, 1), 'q8_0');
+    const norm = rmsnormForwardRef({ rows: M, d: K, x, w: gain, eps: 1e-6 });
+    const gate = matmulRef(norm.y, wg, M, K, N, { transB: true });
+    const up = matmulRef(norm.y, wu, M, K, N, { transB: true });
+    const got = await gpuCase(ctx, 'glu norm f16', async () => {
+      const tx = tensorFromData(ctx, x, [M, K], 'f32', 'x');
+      const tn = tensorFromData(ctx, gain, [K], 'f32', 'norm.w');
+      const twg = tensorFromData(ctx, wg, [N, K], 'f16', 'w_gate');
+      const twu = tensorFromData(ctx, wu, [N, K], 'q8_0', 'w_up');
+      const [tg, tu, ta] = ['gate', 'up', 'act'].map((l) => createTensor(ctx, [M, N], 'f32', l)) as [
+        Tensor,
+        Tensor,
+        Tensor,
+      ];
+      const tr = createTensor(ctx, [M], 'f32', 'rstd');
+      const opts = { glu: { w: twu, up: tu, act: ta }, norm: { w: tn, rstd: tr, eps: 1e-6 } };
+      expect(f16TileMathApplies(ctx, twg, opts)).toBe(true);
+      const d = await planMatmul(ctx, tx, twg, tg, { ...opts, tileMath: 'f16' });
+      expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+      new StepEncoder(ctx, 'glu norm f16').dispatch(d).submit();
+      const out = { gate: await readFloat32(tg), up: await readFloat32(tu), rstd: await readFloat32(tr) };
+      d.dispose();
+      for (const b of [tx, tn, twg, twu, tg, tu, ta, tr]) b.dispose();
+      return out;
+    });
+    expectClose(ctx, 'glu norm f16 rstd', got.rstd, norm.rstd, 0, 1e-5);
+    expectClose(ctx, 'glu norm f16 gate', got.gate, gate, 4e-3 * Math.sqrt(K), 2e-3);
+    expectClose(ctx, 'glu norm f16 up', got.up, up, 4e-3 * Math.sqrt(K), 2e-3);
+  });
 
   it('is asked for only where it is safe, and refused without shader-f16', async () => {
     const ctx = gpu();

@@ -152,6 +152,8 @@ export function backwardDispatchCount(
   config: ModelConfig,
   ranks: AdapterRanks,
   opts: {
+    /** Rows of the batch (B·T): the replayed forward's count depends on them (normInGatedMlp). */
+    rows: number;
     recompute?: boolean;
     lossDispatches: number;
     dropout?: boolean;
@@ -166,7 +168,7 @@ export function backwardDispatchCount(
   let n = opts.lossDispatches + 1;
   layers.forEach((l, i) => {
     const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
-    if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.dropout, fuse);
+    if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.rows, opts.dropout, fuse);
     // LoRA: g and dB (one dispatch fused), dA, dx; with dropout also the mask again, g·A and its
     // masked add into dx.
     const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);

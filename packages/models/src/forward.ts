@@ -17,6 +17,7 @@ import {
   fusedQkvLayout,
   type GpuContext,
   type LoraDropout,
+  MATVEC_MAX_ROWS,
   type MatmulActivation,
   type MatmulOptions,
   type MatmulRope,
@@ -447,6 +448,29 @@ export function gatedMlpFused(config: ModelConfig, adapted: AdaptedRoles, fuse: 
 }
 
 /**
+ * Whether the fused forward computes the RMSNorm before the gated MLP inside the gate and up
+ * dispatch (planMatmul's `norm`, matmul_glu_norm) instead of a dispatch of its own: the MLP fused
+ * (gatedMlpFused), an RMSNorm, more than MATVEC_MAX_ROWS rows (the tiled kernel; the decode step
+ * keeps its norm dispatch), and, where the block's output is not the residual stream itself
+ * (training keeps mid for the backward), an unadapted down projection, which then adds mid as it
+ * stores (matmul_resid) since no norm dispatch copied it to the output first.
+ */
+export function normInGatedMlp(
+  config: ModelConfig,
+  adapted: AdaptedRoles,
+  fuse: boolean,
+  rows: number,
+  inPlace: boolean,
+): boolean {
+  return (
+    gatedMlpFused(config, adapted, fuse) &&
+    config.norm.kind === 'rms' &&
+    rows > MATVEC_MAX_ROWS &&
+    (inPlace || !adapted.has('down'))
+  );
+}
+
+/**
  * Whether the fused forward rotates q and k by RoPE in the projections' store (planMatmul's
  * `rope`) instead of a dispatch of its own: separate q and k with RoPE, no per-head norm between
  * projection and rotation (Qwen3's), head sizes that are multiples of 4. planProjections also
@@ -457,11 +481,18 @@ export function ropeInProjections(config: ModelConfig, fuse: boolean): boolean {
   return fuse && config.family !== 'gpt2' && config.rope !== undefined && !config.qkNorm && config.headDim % 4 === 0;
 }
 
-/** Dispatches of one layer's training forward (planLayer with batchedAttention). */
-export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, dropout = false, fuse = true): number {
+/** Dispatches of one layer's training forward over `rows` rows (planLayer with batchedAttention). */
+export function layerDispatchCount(
+  config: ModelConfig,
+  adapted: AdaptedRoles,
+  rows: number,
+  dropout = false,
+  fuse = true,
+): number {
   const c = config;
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
-  let n = 2 + 1; // the two norms, attention
+  // The two norms (the second inside the gated MLP's dispatch where normInGatedMlp), attention.
+  let n = (normInGatedMlp(c, adapted, fuse, rows, false) ? 1 : 2) + 1;
   // A group's h are one dispatch instead of one each; none when the RMSNorm before the group
   // computes the h of its two projections (their A in an arena, as the trainer keeps them).
   for (const g of sharedLoraGroups(c, adapted, dropout, fuse))
@@ -483,11 +514,12 @@ export function layerDispatchCount(config: ModelConfig, adapted: AdaptedRoles, d
 export function forwardDispatchCount(
   config: ModelConfig,
   ranks: AdapterRanks,
+  rows: number,
   opts: { logits?: boolean; dropout?: boolean; embedParts?: number; headParts?: number; fuse?: boolean } = {},
 ): number {
   let n = (opts.embedParts ?? 1) + 1 + (opts.logits ? (opts.headParts ?? 1) : 0);
   for (const l of modelLayout(config).layers)
-    n += layerDispatchCount(config, new Set(adaptedRoles(l, ranks).keys()), opts.dropout, opts.fuse);
+    n += layerDispatchCount(config, new Set(adaptedRoles(l, ranks).keys()), rows, opts.dropout, opts.fuse);
   return n;
 }
 
@@ -923,7 +955,11 @@ export async function planLayer(
   attention.onPlanned?.(layer.index, attend);
   out.push(...attend);
   await lin('o', a.attn, a.mid, true);
-  await normAndSharedH(layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out), ['gate', 'up']);
+  const d = c.hiddenSize;
+  // The second norm inside the gated MLP's dispatch, which then reads mid (normInGatedMlp).
+  const norm2InMlp = normInGatedMlp(c, adapted, fuse, a.mid.size / d, a.mid === a.out);
+  if (!norm2InMlp)
+    await normAndSharedH(layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out), ['gate', 'up']);
   // The nonlinearity: the fc (up) projection's epilogue when fused, a dispatch of its own otherwise.
   if (c.family === 'gpt2') {
     await lin('fc', a.n2, a.gate, false, fuse ? { kind: 'gelu', act: a.act } : undefined);
@@ -934,15 +970,24 @@ export async function planLayer(
       // gate, up and silu(gate)·up from one pass over n2.
       const glu = { w: linear(layer, 'up').w, up, act: a.act };
       const gateW = linear(layer, 'gate').w;
-      const opts = { glu, label: `${p}.mlp.gate_up` };
-      out.push(await planMatmul(ctx, a.n2, gateW, a.gate, { ...opts, tileMath: tilesFor(ctx, tileMath, gateW, opts) }));
+      const norm = norm2InMlp ? { w: layer.norm2.w, rstd: a.n2Stats.rstd, eps: c.norm.eps } : undefined;
+      const opts = { glu, norm, label: `${p}.mlp.gate_up` };
+      const input = norm2InMlp ? a.mid : a.n2;
+      out.push(
+        await planMatmul(ctx, input, gateW, a.gate, { ...opts, tileMath: tilesFor(ctx, tileMath, gateW, opts) }),
+      );
     } else {
       await lin('gate', a.n2, a.gate);
       await lin('up', a.n2, up, false, fuse ? { kind: 'silu_mul', gate: a.gate, act: a.act } : undefined);
       if (!fuse) out.push(await planSiluMulForward(ctx, { gate: a.gate, up, out: a.act }, `${p}.silu_mul`));
     }
   }
-  await lin('down', a.act, a.out, true);
+  if (norm2InMlp && a.mid !== a.out) {
+    // No norm copied mid to out: the (unadapted) down projection adds it as it stores.
+    const down = linear(layer, 'down');
+    const opts = { bias: down.bias, residual: a.mid, label: down.module.name };
+    out.push(await planMatmul(ctx, a.act, down.w, a.out, { ...opts, tileMath: tilesFor(ctx, tileMath, down.w, opts) }));
+  } else await lin('down', a.act, a.out, true);
   return out;
 }
 

@@ -301,7 +301,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   }
   for (const [key, k] of kinds) add(A, key.slice(0, key.indexOf(' ')), k.shape, k.dtype, k.count);
   const fuse = options.fuse ?? true;
-  const forwardDispatches = forwardDispatchCount(c, ranks, { dropout, embedParts, fuse });
+  const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse });
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
   // forward, two backward (three planned plain).
   const L = c.numLayers;
@@ -322,6 +322,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   for (const b of trainerBuffers(K, rows, arena.elements, limits, cpu, dropout))
     add(S, b.label, b.shape, b.dtype, b.count);
   const backwardDispatches = backwardDispatchCount(c, ranks, {
+    rows,
     recompute,
     dropout,
     fuse,
