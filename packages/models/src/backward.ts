@@ -138,6 +138,12 @@ function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse
   });
 }
 
+/** The first layer with an adapted projection (numLayers when none): the backward stops there. */
+export function lowestAdaptedLayer(config: ModelConfig, ranks: AdapterRanks): number {
+  const i = modelLayout(config).layers.findIndex((l) => l.linears.some((m) => ranks.has(m.name)));
+  return i < 0 ? config.numLayers : i;
+}
+
 /** Whether the fused backward leaves RoPE's backward to the attention kernels (dq and dk come out
  * unrotated; see planAttentionBackward's `rope`): no dispatch of its own. */
 export function ropeInAttentionBackward(config: ModelConfig, fuse: boolean): boolean {
@@ -166,7 +172,12 @@ export function backwardDispatchCount(
   const c = config;
   const layers = modelLayout(c).layers;
   let n = opts.lossDispatches + 1;
+  const lowest = lowestAdaptedLayer(c, ranks);
   layers.forEach((l, i) => {
+    if (i < lowest) return; // no backward below the lowest adapted layer
+    // In it, no dx of its input: the projections reading n1 keep their LoRA gradients only (dx is
+    // one dispatch of an adapted projection's, three with dropout), and no norm1 backward.
+    const input = i > lowest;
     const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
     if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.rows, opts.dropout, fuse);
     // LoRA: g and dB (one dispatch fused), dA, dx; with dropout also the mask again, g·A and its
@@ -177,21 +188,23 @@ export function backwardDispatchCount(
     // dB two modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
     for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse))
       n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
-    n += 2 + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
+    n += (input ? 2 : 1) + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
+    const dxOf = opts.dropout ? 3 : 1;
+    const inputLin = (role: LinearRole) => (input ? lin(role) : adapted.has(role) ? lora - dxOf : 0);
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
     // dropout on an adapted down).
     const act = fuse && !(opts.dropout && adapted.has('down')) ? 0 : 1;
     if (c.family === 'gpt2')
-      n += lin('fc') + act + (fuse ? 1 : 3) + lin('qkv'); // dq, dk, dv into dqkv
+      n += lin('fc') + act + (fuse ? 1 : 3) + inputLin('qkv'); // dq, dk, dv into dqkv
     else {
       // A shared-input group: each adapted projection's LoRA dispatches (its dx among them), and
       // the dx dispatches of the rest (projectionSteps).
-      const group = (roles: LinearRole[]) => {
+      const group = (roles: LinearRole[], dx = true) => {
         const plain = projectionSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
-        return roles.filter((r) => adapted.has(r)).length * lora + plain;
+        return roles.filter((r) => adapted.has(r)).length * (dx ? lora : lora - dxOf) + (dx ? plain : 0);
       };
       const rope = ropeInAttentionBackward(c, fuse) ? 0 : fuse ? 1 : 2; // q and k together, or apart
-      n += group(['gate', 'up']) + act + rope + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v']);
+      n += group(['gate', 'up']) + act + rope + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v'], input);
     }
     n += lin('o') + lin('down');
   });
@@ -308,7 +321,7 @@ export async function planBackward(
       role: LinearRole,
       x: Tensor,
       dy: Tensor,
-      dx: Tensor,
+      dx: Tensor | undefined,
       accumulate: boolean,
       activation?: MatmulActivationBackward,
       extra?: { a: Tensor; w: Tensor },
@@ -316,6 +329,9 @@ export async function planBackward(
     ) => {
       const lin = layer.linears[role] as Linear;
       const t = lora.get(lin.module.name);
+      // No dx wanted (the lowest adapted layer's input, which nothing upstream needs): an adapted
+      // projection still gets its LoRA gradients, an unadapted one nothing.
+      if (!dx && !t) return;
       if (t) {
         const h = a.loraH.get(role) as Tensor;
         const d = loraDropout(t, fwd.dropout, x);
@@ -327,7 +343,7 @@ export async function planBackward(
           ...(await planLoraBackward(
             ctx,
             { w0: lin.w, a: t.a, b: t.b, bias: lin.bias, scale: t.scale },
-            { x, h, dy, g: gr, dx, da: t.da, db: t.db, ...(d ? { dropout: d } : {}) },
+            { x, h, dy, g: gr, ...(dx ? { dx } : {}), da: t.da, db: t.db, ...(d ? { dropout: d } : {}) },
             {
               accumulateDx: accumulate,
               accumulateGrads: true,
@@ -335,14 +351,14 @@ export async function planBackward(
               gdB: !gdBPlanned,
               dA: slot < 0,
               dxActivation: activation,
-              dxExtra: extra,
+              dxExtra: dx ? extra : undefined,
             },
             lin.module.name,
           )),
         );
       } else {
         out.push(
-          await planMatmul(ctx, dy, lin.w, dx, {
+          await planMatmul(ctx, dy, lin.w, dx as Tensor, {
             transW: false,
             beta: accumulate ? 1 : 0,
             activationBackward: activation,
@@ -360,7 +376,7 @@ export async function planBackward(
       a: LayerActivations,
       parts: readonly (readonly [LinearRole, Tensor])[],
       x: Tensor,
-      dx: Tensor,
+      dx: Tensor | undefined,
       label: string,
     ) => {
       const roles = parts.map(([role]) => role);
@@ -411,10 +427,14 @@ export async function planBackward(
     out.push(await normBackward(model.finalNorm, last.out, fwd.finalStats, dHidden, dResid, false, 'final_norm'));
 
     const replayed = new Set<Dispatch>();
-    for (let i = c.numLayers - 1; i >= 0; i--) {
+    // Nothing upstream of the lowest adapted layer's input needs a gradient (the embedding is
+    // frozen): the layers below it get no backward, and its own input no dx (lowestAdaptedLayer).
+    const lowest = lowestAdaptedLayer(c, ranks);
+    for (let i = c.numLayers - 1; i >= lowest; i--) {
       const layer = model.layers[i] as Layer;
       const a = fwd.layers[i] as LayerActivations;
       const p = `layer${i}`;
+      const dInput = i > lowest ? dNorm : undefined;
       if (fwd.recompute && i < c.numLayers - 1) {
         // The shared activations hold the last layer's forward: rerun this layer's (from its
         // saved input) before differentiating it. The forward plan owns these dispatches.
@@ -510,7 +530,7 @@ export async function planBackward(
             );
           }
         }
-        await linearBackward(layer, a, 'qkv', a.n1, dqkv as Tensor, dNorm, false);
+        await linearBackward(layer, a, 'qkv', a.n1, dqkv as Tensor, dInput, false);
       } else {
         // RoPE's backward: inside the attention kernels when they take it, else after them.
         const rope = { headDim: c.headDim, T, pos0: 0, attentionScaling: model.ropeAttentionScaling };
@@ -582,12 +602,12 @@ export async function planBackward(
             ['v', dv],
           ],
           a.n1,
-          dNorm,
+          dInput,
           p,
         );
       }
       // ∂L/∂x = ∂L/∂mid + norm1's backward: dResid becomes the previous layer's ∂L/∂out.
-      out.push(await normBackward(layer.norm1, a.x, a.n1Stats, dNorm, dResid, true, `${p}.norm1`));
+      if (dInput) out.push(await normBackward(layer.norm1, a.x, a.n1Stats, dNorm, dResid, true, `${p}.norm1`));
     }
     const scratchBytes = s.owned.reduce((n, t) => n + t.byteLength, 0) + ce.scratchBytes;
     const plan = ce;

@@ -149,3 +149,74 @@ describe('LoRA gradients against PEFT', () => {
     });
   }
 });
+
+// The backward stops at the lowest adapted layer (nothing below it, no dx of its input): adapters
+// on layers 1.. only (PEFT's layers_to_transform) against the same adapters plus layer 0's with
+// B = 0, whose forward is the same. Loss and every gradient of layers 1.. must agree, and the
+// first plan must have fewer dispatches.
+describe('backward below the lowest adapted layer', () => {
+  it('tiny-llama-A without layer 0 adapters: same loss and gradients, fewer dispatches', async () => {
+    const ctx = gpu();
+    const run = 'tiny-llama-A';
+    const golden = await (
+      goldens[`../../train/test/golden/peft-train/${run}/golden.json`] as () => Promise<PeftGolden>
+    )();
+    const tensors = await openSafetensors(
+      await repoSource(`packages/train/test/golden/peft-train/${run}`),
+      'tensors.safetensors',
+    );
+    const source = await repoSource(golden.path);
+    const step = async (withLayer0: boolean) =>
+      gpuCase(ctx, `${run} layer 0 ${withLayer0}`, async () => {
+        const model = await loadModel(ctx, source, { precision: 'f32' });
+        const owned: Tensor[] = [];
+        const lora = new Map<string, LoraTrainable>();
+        for (const m of golden.modules) {
+          const layer0 = m.module.includes('.layers.0.');
+          if (layer0 && !withLayer0) continue;
+          const bData = await tensors.readTensor(`${m.key_prefix}.lora_B.weight`);
+          const t = (data: Float32Array | undefined, shape: number[], label: string) => {
+            const x = data ? tensorFromData(ctx, data, shape, 'f32', label) : createTensor(ctx, shape, 'f32', label);
+            owned.push(x);
+            return x;
+          };
+          lora.set(m.module, {
+            a: t(await tensors.readTensor(`${m.key_prefix}.lora_A.weight`), [m.r, m.in_features], 'A'),
+            b: t(layer0 ? new Float32Array(bData.length) : bData, [m.out_features, m.r], 'B'),
+            da: t(undefined, [m.r, m.in_features], 'dA'),
+            db: t(undefined, [m.out_features, m.r], 'dB'),
+            scale: m.scaling,
+          });
+        }
+        const B = golden.batch.input_ids.length;
+        const T = (golden.batch.input_ids[0] as number[]).length;
+        const fwd = await planForward(ctx, model, { B, T, mode: 'train', lora });
+        const bwd = await planBackward(ctx, fwd, lora);
+        writeTensor(fwd.ids, golden.batch.input_ids.flat());
+        writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));
+        const enc = new StepEncoder(ctx, 'train step').clear(fwd.embeddingErrors).clear(bwd.errors);
+        enc.dispatch(...fwd.dispatches, ...bwd.dispatches).submit();
+        const [loss] = await readFloat32(bwd.loss);
+        const grads = new Map<string, Float32Array[]>();
+        for (const [name, g] of lora) grads.set(name, [await readFloat32(g.da), await readFloat32(g.db)]);
+        const dispatches = bwd.dispatches.length;
+        bwd.dispose();
+        fwd.dispose();
+        for (const x of owned) x.dispose();
+        model.dispose();
+        return { loss: loss as number, grads, dispatches };
+      });
+    const all = await step(true);
+    const above = await step(false);
+    expect(above.grads.size).toBeGreaterThan(0);
+    expect(above.grads.size).toBeLessThan(all.grads.size);
+    expect(Math.abs(above.loss - all.loss) / all.loss).toBeLessThan(1e-6);
+    for (const [name, [da, db]] of above.grads) {
+      const [wantA, wantB] = all.grads.get(name) as Float32Array[];
+      expect(relError(da as Float32Array, wantA as Float32Array), `${name} dA`).toBeLessThan(1e-5);
+      expect(relError(db as Float32Array, wantB as Float32Array), `${name} dB`).toBeLessThan(1e-5);
+    }
+    expect(above.dispatches).toBeLessThan(all.dispatches);
+    console.log(`${run}: backward dispatches ${all.dispatches} with layer 0 adapted, ${above.dispatches} without`);
+  });
+});
