@@ -852,9 +852,9 @@ fn matmul_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
 // for its own 4·WG_Y rows (a strided sum of squares per row, then its lanes added in workgroup
 // memory); the workgroups of the first column of tiles also store it (the backward reads it).
 // The normalized rows are never written: nothing else reads them when gate and up carry no adapter.
-// Bindings: matmul_glu's (1 a, 2 w, 6 c, 8 act_out, 11 w3, 12 up_out) and 14 norm_w (g, K f32),
+// Bindings: matmul_glu's (1 a, 2 w, 6 c, 8 act_out, 11 w3, 12 up_out) and 14 norm_w (g, K f32, read as vec4),
 // 15 norm_rstd (M f32, written): 8 storage buffers.
-@group(0) @binding(14) var<storage, read> norm_w: array<f32>;
+@group(0) @binding(14) var<storage, read> norm_w: array<vec4<f32>>;
 @group(0) @binding(15) var<storage, read_write> norm_rstd: array<f32>;
 
 override NORM_EPS: f32 = 1e-6;
@@ -887,11 +887,15 @@ fn norm_rows(tid: u32, m0: u32, store: bool) {
   workgroupBarrier();
 }
 
-// g[col..col+3], zero past K.
+// g[col..col+3], zero past K (one vec4 load when ALIGNED: K and col multiples of 4).
 fn gain4(col: u32) -> vec4<f32> {
+  if (ALIGNED) {
+    if (col >= p.K) { return vec4<f32>(0.0); }
+    return norm_w[col / 4u];
+  }
   var g = vec4<f32>(0.0);
   for (var j = 0u; j < 4u; j++) {
-    if (col + j < p.K) { g[j] = norm_w[col + j]; }
+    if (col + j < p.K) { g[j] = norm_w[(col + j) / 4u][(col + j) % 4u]; }
   }
   return g;
 }

@@ -166,6 +166,8 @@ export function backwardDispatchCount(
     fuse?: boolean;
     /** lora_g_db_pair is planned (loraGradPairPays on the device). Default true. */
     pairGdB?: boolean;
+    /** The replayed forward's norm inside the gated MLP (ForwardOptions.normInMlp). Default true. */
+    normInMlp?: boolean;
   },
 ): number {
   const fuse = opts.fuse ?? true;
@@ -179,7 +181,8 @@ export function backwardDispatchCount(
     // one dispatch of an adapted projection's, three with dropout), and no norm1 backward.
     const input = i > lowest;
     const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
-    if (opts.recompute && i < layers.length - 1) n += layerDispatchCount(c, adapted, opts.rows, opts.dropout, fuse);
+    if (opts.recompute && i < layers.length - 1)
+      n += layerDispatchCount(c, adapted, opts.rows, opts.dropout, fuse, opts.normInMlp ?? true);
     // LoRA: g and dB (one dispatch fused), dA, dx; with dropout also the mask again, g·A and its
     // masked add into dx.
     const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);

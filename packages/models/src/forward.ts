@@ -21,6 +21,7 @@ import {
   type MatmulActivation,
   type MatmulOptions,
   type MatmulRope,
+  normInMlpPays,
   planAttentionForward,
   planEmbeddingTable,
   planGeluNewForward,
@@ -92,6 +93,11 @@ export interface ForwardOptions {
    * compute; f16_tiles.test.ts). Training is always f32 (planLayer is given 'f32' there).
    */
   readonly tileMath?: TileMath;
+  /**
+   * With `fuse`: the RMSNorm before an unadapted gated MLP inside the gate and up dispatch where
+   * normInGatedMlp allows. Default normInMlpPays(ctx) (GPUs); tests set it to run it on any adapter.
+   */
+  readonly normInMlp?: boolean;
 }
 
 /** LoRA dropout's state in a train-mode plan: the counter and a [rows, max in] scratch shared by
@@ -461,8 +467,10 @@ export function normInGatedMlp(
   fuse: boolean,
   rows: number,
   inPlace: boolean,
+  pays = true,
 ): boolean {
   return (
+    pays &&
     gatedMlpFused(config, adapted, fuse) &&
     config.norm.kind === 'rms' &&
     rows > MATVEC_MAX_ROWS &&
@@ -488,11 +496,12 @@ export function layerDispatchCount(
   rows: number,
   dropout = false,
   fuse = true,
+  normInMlp = true,
 ): number {
   const c = config;
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
   // The two norms (the second inside the gated MLP's dispatch where normInGatedMlp), attention.
-  let n = (normInGatedMlp(c, adapted, fuse, rows, false) ? 1 : 2) + 1;
+  let n = (normInGatedMlp(c, adapted, fuse, rows, false, normInMlp) ? 1 : 2) + 1;
   // A group's h are one dispatch instead of one each; none when the RMSNorm before the group
   // computes the h of its two projections (their A in an arena, as the trainer keeps them).
   for (const g of sharedLoraGroups(c, adapted, dropout, fuse))
@@ -515,11 +524,20 @@ export function forwardDispatchCount(
   config: ModelConfig,
   ranks: AdapterRanks,
   rows: number,
-  opts: { logits?: boolean; dropout?: boolean; embedParts?: number; headParts?: number; fuse?: boolean } = {},
+  opts: {
+    logits?: boolean;
+    dropout?: boolean;
+    embedParts?: number;
+    headParts?: number;
+    fuse?: boolean;
+    normInMlp?: boolean;
+  } = {},
 ): number {
   let n = (opts.embedParts ?? 1) + 1 + (opts.logits ? (opts.headParts ?? 1) : 0);
-  for (const l of modelLayout(config).layers)
-    n += layerDispatchCount(config, new Set(adaptedRoles(l, ranks).keys()), rows, opts.dropout, opts.fuse);
+  for (const l of modelLayout(config).layers) {
+    const adapted = new Set(adaptedRoles(l, ranks).keys());
+    n += layerDispatchCount(config, adapted, rows, opts.dropout, opts.fuse, opts.normInMlp);
+  }
   return n;
 }
 
@@ -853,6 +871,7 @@ export async function planLayer(
   dropout?: DropoutState,
   fuse = true,
   tileMath: TileMath = 'f32',
+  normInMlp = normInMlpPays(ctx),
 ): Promise<Dispatch[]> {
   const c = model.config;
   const out: Dispatch[] = [];
@@ -957,7 +976,7 @@ export async function planLayer(
   await lin('o', a.attn, a.mid, true);
   const d = c.hiddenSize;
   // The second norm inside the gated MLP's dispatch, which then reads mid (normInGatedMlp).
-  const norm2InMlp = normInGatedMlp(c, adapted, fuse, a.mid.size / d, a.mid === a.out);
+  const norm2InMlp = normInGatedMlp(c, adapted, fuse, a.mid.size / d, a.mid === a.out, normInMlp);
   if (!norm2InMlp)
     await normAndSharedH(layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out), ['gate', 'up']);
   // The nonlinearity: the fc (up) projection's epilogue when fused, a dispatch of its own otherwise.
@@ -1055,6 +1074,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
         dropout,
         opts.fuse ?? true,
         mode === 'inference' ? (opts.tileMath ?? 'f32') : 'f32',
+        opts.normInMlp ?? normInMlpPays(ctx),
       );
       layerDispatches.push(planned);
       dispatches.push(...planned);

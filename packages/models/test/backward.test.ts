@@ -111,7 +111,9 @@ describe('LoRA gradients against PEFT', () => {
         }
         const B = golden.batch.input_ids.length;
         const T = (golden.batch.input_ids[0] as number[]).length;
-        const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora });
+        // The norm before an unadapted gated MLP inside its dispatch on every adapter (normInMlpPays
+        // keeps it to GPUs); forward.test.ts checks both plans.
+        const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, normInMlp: true });
         const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute });
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
         writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));

@@ -301,7 +301,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   }
   for (const [key, k] of kinds) add(A, key.slice(0, key.indexOf(' ')), k.shape, k.dtype, k.count);
   const fuse = options.fuse ?? true;
-  const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse });
+  const cpu = ctx ? isCpuAdapter(ctx) : (options.cpuAdapter ?? false);
+  const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse, normInMlp: !cpu });
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
   // forward, two backward (three planned plain).
   const L = c.numLayers;
@@ -318,7 +319,6 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   add(S, 'loss.logits', [rows, loss.chunk]);
   add(S, 'loss.training.forward.stats', [rows, 4]);
   add(S, 'loss.training.backward.coef', [4]);
-  const cpu = ctx ? isCpuAdapter(ctx) : (options.cpuAdapter ?? false);
   for (const b of trainerBuffers(K, rows, arena.elements, limits, cpu, dropout))
     add(S, b.label, b.shape, b.dtype, b.count);
   const backwardDispatches = backwardDispatchCount(c, ranks, {
@@ -327,6 +327,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     dropout,
     fuse,
     pairGdB: !cpu,
+    normInMlp: !cpu,
     lossDispatches: crossEntropyTrainingDispatchCount(chunks),
   });
   // The gradient norm (two dispatches) and AdamW.

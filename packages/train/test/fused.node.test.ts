@@ -14,6 +14,9 @@ import { estimateMemory } from '../src/memory.js';
 import { LoraTrainer, type TrainerOptions } from '../src/trainer.js';
 
 const gpu = useGpu();
+// The GPU kernel configurations on the same adapter: the fusions planned only where they pay on
+// GPUs (the norm inside the gated MLP's dispatch, g and dB of two projections in one).
+const gpuKernels = useGpu({ kernelProfile: 'gpu' });
 
 function fixture(name: string): ModelSource {
   return directorySource(fileURLToPath(new URL(`../../models/test/fixtures/${name}`, import.meta.url)));
@@ -23,13 +26,15 @@ interface Case {
   fixture: string;
   precision: WeightPrecision;
   options: Omit<TrainerOptions, 'fuse'>;
+  /** Plan with the GPU kernel configurations (kernelProfile 'gpu'). */
+  gpuKernels?: boolean;
 }
 
 const STEPS = 50;
 const base = { batch: 2, seq: 12, optimizer: { lr: 2e-3 }, seed: 3 };
 const CASES: Case[] = [
-  // Llama-shaped with grouped-query attention: RoPE of q and k.
-  { fixture: 'tiny-llama', precision: 'f32', options: { ...base, lora: { r: 4, lora_alpha: 8 } } },
+  // Llama-shaped with grouped-query attention: RoPE of q and k; GPU kernels.
+  { fixture: 'tiny-llama', precision: 'f32', options: { ...base, lora: { r: 4, lora_alpha: 8 } }, gpuKernels: true },
   // Qwen3's per-head q/k norms before RoPE, every linear adapted, LoRA dropout, accumulation.
   {
     fixture: 'tiny-qwen3',
@@ -60,9 +65,9 @@ const CASES: Case[] = [
 
 describe(`fused plan against the plain plan over ${STEPS} steps`, () => {
   for (const c of CASES) {
-    const name = `${c.fixture} ${c.precision} ${JSON.stringify(c.options.lora)}${c.options.recompute ? ' recompute' : ''}`;
+    const name = `${c.fixture} ${c.precision} ${JSON.stringify(c.options.lora)}${c.options.recompute ? ' recompute' : ''}${c.gpuKernels ? ' GPU kernels' : ''}`;
     it(name, async () => {
-      const ctx = gpu();
+      const ctx = c.gpuKernels ? gpuKernels() : gpu();
       const source = await fixture(c.fixture);
       await gpuCase(ctx, name, async () => {
         const model = await loadModel(ctx, source, { precision: c.precision });

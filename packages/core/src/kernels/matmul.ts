@@ -305,6 +305,18 @@ export function matmulTile(ctx: GpuContext, dims: MatmulDims): TileConfig {
   return { wgX, wgY, tk };
 }
 
+/**
+ * Whether the RMSNorm before an unadapted gated MLP pays for going inside the gate and up
+ * projections' dispatch (MatmulOptions.norm, matmul_glu_norm): on GPUs, where it saves a dispatch
+ * and a round trip of the normalized rows through memory. Not on CPU-backed adapters: there the
+ * fused kernel measured 0.87 and 0.96 of the norm dispatch plus matmul_glu (median ratios,
+ * SwiftShader and lavapipe in Chromium, 512×1536×576; `pnpm bench --suite kernels --only
+ * glu_norm`), its per-workgroup norm and normalized staging costing more than the dispatch saved.
+ */
+export function normInMlpPays(ctx: GpuContext): boolean {
+  return !isCpuAdapter(ctx);
+}
+
 /** Whether the device gets the kernel configurations for CPU-backed drivers (SwiftShader,
  * lavapipe): the context's kernel profile, from the adapter's info or measured (profile.ts). */
 export function isCpuAdapter(ctx: GpuContext): boolean {
