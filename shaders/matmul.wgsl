@@ -848,7 +848,8 @@ fn matmul_glu(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
 // matmul_glu_norm: matmul_glu on RMSNorm(A), the norm computed here instead of in a dispatch of its
 // own (rmsnorm.wgsl's forward, Hugging Face's order):
 //   rstd[m] = 1 / sqrt(mean_k(A[m,k]²) + NORM_EPS),   staged value (A[m,k]·rstd[m])·g[k]
-// so the tiles hold exactly what the norm would have written. Each workgroup first computes rstd
+// so the tiles hold what the norm would have written (its formula and order of multiplication; rstd's
+// sum of squares is added in another order, so it can differ in the last bit). Each workgroup first computes rstd
 // for its own 4·WG_Y rows (a strided sum of squares per row, then its lanes added in workgroup
 // memory); the workgroups of the first column of tiles also store it (the backward reads it).
 // The normalized rows are never written: nothing else reads them when gate and up carry no adapter.

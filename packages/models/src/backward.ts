@@ -1,6 +1,7 @@
 /**
  * The backward pass of a causal LM with LoRA adapters, planned against a train-mode forward plan:
- * the chunked cross-entropy gives ∂L/∂hidden, then the final norm and every layer in reverse. The
+ * the chunked cross-entropy gives ∂L/∂hidden, then the final norm and every layer in reverse down
+ * to the lowest one with an adapter (lowestAdaptedLayer: nothing below needs a gradient). The
  * frozen weights get no gradient; only the LoRA A and B matrices do (accumulated into their
  * gradient buffers, which the trainer clears after each optimizer step).
  *
@@ -152,7 +153,8 @@ export function ropeInAttentionBackward(config: ModelConfig, fuse: boolean): boo
 
 /**
  * Dispatches of planBackward's plan, given the loss's dispatches: the final norm, then per layer
- * (last first) the replayed forward when recomputing, and the backward of every block.
+ * (last first, down to the lowest adapted one) the replayed forward when recomputing, and the
+ * backward of every block (no dx of the lowest adapted layer's input).
  */
 export function backwardDispatchCount(
   config: ModelConfig,
@@ -353,7 +355,7 @@ export async function planBackward(
               fuse: fwd.fuse,
               gdB: !gdBPlanned,
               dA: slot < 0,
-              dxActivation: activation,
+              dxActivation: dx ? activation : undefined,
               dxExtra: dx ? extra : undefined,
             },
             lin.module.name,

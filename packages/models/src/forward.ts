@@ -952,8 +952,9 @@ export async function planLayer(
   };
 
   // The residual adds cost no dispatch: each norm copies its input to where the block's last
-  // projection then adds its output (o_proj into mid, down_proj into out). In place (inference:
-  // mid and out are x) there is nothing to copy.
+  // projection then adds its output (o_proj into mid, down_proj into out); when the second norm
+  // runs inside the gated MLP's dispatch, down_proj adds mid as it stores instead (matmul_resid).
+  // In place (inference: mid and out are x) there is nothing to copy.
   const copy = (from: Tensor, to: Tensor) => (to === from ? undefined : to);
   await normAndSharedH(layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid), ['q', 'k', 'v']);
   const dest = attention.dest(a, layer.index);
@@ -986,7 +987,7 @@ export async function planLayer(
   } else {
     const up = a.up as Tensor;
     if (gatedMlpFused(c, adapted, fuse)) {
-      // gate, up and silu(gate)·up from one pass over n2.
+      // gate, up and silu(gate)·up from one pass over n2 (or over mid, normalized as it is staged).
       const glu = { w: linear(layer, 'up').w, up, act: a.act };
       const gateW = linear(layer, 'gate').w;
       const norm = norm2InMlp ? { w: layer.norm2.w, rstd: a.n2Stats.rstd, eps: c.norm.eps } : undefined;

@@ -56,6 +56,7 @@ import {
   backwardLayout,
   forwardDispatchCount,
   forwardLayout,
+  lowestAdaptedLayer,
   type ModelConfig,
   modelLayout,
   namedModules,
@@ -304,9 +305,9 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const cpu = ctx ? isCpuAdapter(ctx) : (options.cpuAdapter ?? false);
   const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse, normInMlp: !cpu });
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
-  // forward, two backward (three planned plain).
+  // forward, two backward (three planned plain) in the layers the backward reaches.
   const L = c.numLayers;
-  const attentionBackward = L * (fuse ? 2 : 3);
+  const attentionBackward = (L - lowestAdaptedLayer(c, ranks)) * (fuse ? 2 : 3);
   uniforms(A, 'forward dispatch parameters', forwardDispatches - L, U_NOMINAL);
   uniforms(A, 'forward attention parameters', L, attentionUniformBytes());
 

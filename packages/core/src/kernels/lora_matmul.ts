@@ -577,7 +577,7 @@ export interface LoraBackwardBuffers {
   dy: Tensor;
   /** T×r scratch: g = dy·B. */
   g: Tensor;
-  /** T×in. Omit when nothing upstream needs it (the first layer's input). */
+  /** T×in. Omit when nothing upstream needs it (the lowest adapted layer's input). */
   dx?: Tensor;
   /** r×in and out×r. */
   da: Tensor;
