@@ -13,6 +13,9 @@
  *   the RoPE epilogue against the same product followed by the RoPE dispatch it replaces;
  * - glu_norm vs rmsnorm_then_glu: the gated MLP's gate and up projections on RMSNorm(x), the norm
  *   inside the dispatch (matmul_glu_norm), against the norm dispatch followed by matmul_glu;
+ * - matmul_resid vs matmul_accumulate: the down projection adding the residual from a buffer of its
+ *   own (what training plans when the norm before the MLP copied nothing) against accumulating
+ *   into C that already holds it (beta = 1), the store it replaces;
  * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
  *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
  * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
@@ -443,6 +446,34 @@ async function benchGluNorm(ctx: GpuContext, o: BenchOptions): Promise<void> {
   for (const t of [x, g, wg, wu, n, rstdF, rstdP, ...outs.flat()]) t.dispose();
 }
 
+async function benchMatmulResid(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const M = 4 * T;
+  const [d, I] = [576, 1536]; // SmolLM2-135M's down projection: I in, d out
+  const shape = `${M}x${d}x${I}, W:f16`;
+  const act = tensorFromData(ctx, random(M * I, 51, 1), [M, I], 'f32', 'act');
+  const w = tensorFromData(ctx, random(d * I, 52, 0.05), [d, I], 'f16', 'w_down');
+  const res = random(M * d, 53, 1);
+  const residual = tensorFromData(ctx, res, [M, d], 'f32', 'mid');
+  const fusedOut = createTensor(ctx, [M, d], 'f32', 'out resid');
+  // The baseline's C starts as the residual; later timed runs keep adding to it (only the first
+  // run's output is compared).
+  const plainOut = tensorFromData(ctx, res, [M, d], 'f32', 'out accumulate');
+  const fused = await planMatmul(ctx, act, w, fusedOut, { residual });
+  const plain = await planMatmul(ctx, act, w, plainOut, { beta: 1 });
+  await timeFusion(ctx, o, {
+    name: 'matmul_resid',
+    baseline: 'matmul_accumulate',
+    shape,
+    fused: [fused],
+    plain: [plain],
+    outputs: [[fusedOut, plainOut]],
+    flops: matmulFlops({ M, N: d, K: I }),
+  });
+  for (const t of [fused, plain]) t.dispose();
+  for (const t of [act, w, residual, fusedOut, plainOut]) t.dispose();
+}
+
 /**
  * A fused plan against the plain one it replaces: both plans run once and their outputs (pairs of fused and
  * plain tensors) are compared, then timed against each other and reported with their dispatch
@@ -774,6 +805,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
   if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
   if (!o.only || 'glu_norm'.includes(o.only)) await benchGluNorm(ctx, o);
+  if (!o.only || 'matmul_resid'.includes(o.only)) await benchMatmulResid(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
   if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);
