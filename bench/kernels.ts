@@ -16,6 +16,9 @@
  * - matmul_resid vs matmul_accumulate: the down projection adding the residual from a buffer of its
  *   own (what training plans when the norm before the MLP copied nothing) against accumulating
  *   into C that already holds it (beta = 1), the store it replaces;
+ * - lora_h_in_matmul vs lora_h_then_matmul: an adapted projection (the o projection, r = 8 and
+ *   16) forming LoRA's h from its own staged tiles (matmul_lora_h) against the h dispatch the
+ *   forward plans before it (loraThinKernel's) followed by the matmul with the low-rank term;
  * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
  *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
  * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
@@ -523,6 +526,42 @@ async function timeFusion(
 }
 
 /** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted, their A in one arena. */
+async function benchLoraHInMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const M = 4 * T;
+  const d = 576; // SmolLM2-135M's o projection
+  for (const r of [8, 16]) {
+    const shape = `${M}x${d}x${d}, W:f16, r=${r}`;
+    const layer: LoraLayer = {
+      w0: tensorFromData(ctx, random(d * d, 61, 0.05), [d, d], 'f16', 'w_o'),
+      a: tensorFromData(ctx, random(r * d, 62, 0.05), [r, d], 'f32', 'lora_a'),
+      b: tensorFromData(ctx, random(d * r, 63, 0.05), [d, r], 'f32', 'lora_b'),
+      scale: 2,
+    };
+    const x = tensorFromData(ctx, random(M * d, 64, 1), [M, d], 'f32', 'attn');
+    const y = [createTensor(ctx, [M, d], 'f32', 'y in'), createTensor(ctx, [M, d], 'f32', 'y then')];
+    const h = [createTensor(ctx, [M, r], 'f32', 'h in'), createTensor(ctx, [M, r], 'f32', 'h then')];
+    const fused = await planMatmul(ctx, x, layer.w0, y[0] as Tensor, {
+      lowRank: { a2: h[0] as Tensor, b2: layer.b, alpha2: layer.scale, a2From: layer.a },
+    });
+    const plain = await planLoraForward(ctx, layer, { x, y: y[1] as Tensor, h: h[1] as Tensor });
+    await timeFusion(ctx, o, {
+      name: 'lora_h_in_matmul',
+      baseline: 'lora_h_then_matmul',
+      shape,
+      fused: [fused],
+      plain,
+      outputs: [
+        [y[0] as Tensor, y[1] as Tensor],
+        [h[0] as Tensor, h[1] as Tensor],
+      ],
+      flops: matmulFlops({ M, N: d, K: d }, r) + 2 * M * r * d,
+    });
+    for (const t of [fused, ...plain]) t.dispose();
+    for (const t of [layer.w0, layer.a, layer.b, x, ...y, ...h]) t.dispose();
+  }
+}
+
 async function benchRmsNormLoraH(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const [rows, d, r] = [o.quick ? 64 : 512, 576, 8];
   const x = tensorFromData(ctx, random(rows * d, 31, 2), [rows, d], 'f32', 'x');
@@ -806,6 +845,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
   if (!o.only || 'glu_norm'.includes(o.only)) await benchGluNorm(ctx, o);
   if (!o.only || 'matmul_resid'.includes(o.only)) await benchMatmulResid(ctx, o);
+  if (!o.only || 'lora_h_in_matmul'.includes(o.only)) await benchLoraHInMatmul(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
   if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);

@@ -24,7 +24,8 @@
 // Two entry points over the same bindings: `matmul` (tiled, below) and `matvec` (at the end: up
 // to four rows of A against Wᵀ, the decode step's shape). matmul_rope and matvec_rope are the
 // same with RoPE applied as C is stored (13 rope_freq besides; see "RoPE epilogue"), so the q and
-// k projections need no rotation dispatch.
+// k projections need no rotation dispatch. matmul_lora_h (and _rope) forms the LoRA h = x·Aᵀ
+// itself from the staged tiles of x, so that an adapted projection is one dispatch (see there).
 //
 // Tiling: a workgroup of WG_X×WG_Y invocations owns a (4·WG_Y)×(4·WG_X) tile of C; each
 // invocation keeps a 4×4 block in registers. K advances TK at a time through workgroup memory,
@@ -463,6 +464,138 @@ fn matmul_resid(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
   store_row_resid(m + 1u, n, acc[1]);
   store_row_resid(m + 2u, n, acc[2]);
   store_row_resid(m + 3u, n, acc[3]);
+}
+
+// matmul_lora_h: the LoRA forward y = alpha·A·Wᵀ + alpha2·h·B2ᵀ (+ bias, + beta·C) in one
+// dispatch, h = A·LAᵀ (LA: LoRA's A, r×K) computed here from the tiles of A that the main product
+// stages anyway, instead of by a thin dispatch of its own before it. Each workgroup forms h for
+// its own rows in workgroup memory (so the workgroups along a row of tiles each form it again: r
+// more products per staged element, against the tile's 4·WG_X columns), then adds h·B2ᵀ for its
+// columns in f32, and the workgroups of the first column of tiles store h (17 h_out, M×r), which
+// the backward's dB reads. Binding 4 holds LA here, not A2. f32 tiles, W transposed; p.K2 = r.
+// 7 storage buffers.
+@group(0) @binding(17) var<storage, read_write> h_out: array<f32>;
+
+override H_R: u32 = 4u;  // p.K2 rounded up to a multiple of 4: h's row stride in workgroup memory
+var<workgroup> h_ws: array<f32, 4u * WG_Y * H_R>;
+var<workgroup> la_tile: array<vec4<f32>, H_R * (TK / 4u)>;  // LA[j][k0..k0+TK], f32
+
+// LA[j][col..col+3] (binding 4), zero outside r×K.
+fn lora_a_chunk(j: u32, col: u32) -> vec4<f32> {
+  if (j >= p.K2 || col >= p.K) { return vec4<f32>(0.0); }
+  let e = j * p.K + col;
+  if (ALIGNED) { return a2[e / 4u]; }
+  var v = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < p.K) { v[i] = a2[(e + i) / 4u][(e + i) % 4u]; }
+  }
+  return v;
+}
+
+fn stage_la(tid: u32, k0: u32) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < H_R * chunks; i += WG_X * WG_Y) {
+    la_tile[i] = lora_a_chunk(i / chunks, k0 + (i % chunks) * 4u);
+  }
+}
+
+// h_ws[row][j] += Σ over the staged TK of A[row][k]·LA[j][k], for this invocation's rows (4ty..,
+// as in multiply_tile) and ranks tx, tx + WG_X, ...: the same entries at every K step, so they need
+// no barrier of their own.
+fn accumulate_h(tx: u32, ty: u32) {
+  let s = a_stride();
+  let chunks = TK / 4u;
+  for (var j = tx; j < H_R; j += WG_X) {
+    var h = vec4<f32>(0.0);
+    for (var q = 0u; q < chunks; q++) {
+      let l = la_tile[j * chunks + q];
+      h += vec4<f32>(
+        dot(vec4<f32>(a_tile[(ty * 4u + 0u) * s + q]), l),
+        dot(vec4<f32>(a_tile[(ty * 4u + 1u) * s + q]), l),
+        dot(vec4<f32>(a_tile[(ty * 4u + 2u) * s + q]), l),
+        dot(vec4<f32>(a_tile[(ty * 4u + 3u) * s + q]), l),
+      );
+    }
+    for (var i = 0u; i < 4u; i++) { h_ws[(ty * 4u + i) * H_R + j] += h[i]; }
+  }
+}
+
+// h_ws[row][k..k+3] (k a multiple of 4, below H_R).
+fn h4(row: u32, k: u32) -> vec4<f32> {
+  let b = row * H_R + k;
+  return vec4<f32>(h_ws[b], h_ws[b + 1u], h_ws[b + 2u], h_ws[b + 3u]);
+}
+
+// This invocation's 4×4 block of x·Wᵀ·alpha + alpha2·h·B2ᵀ, h formed on the way; the first column
+// of tiles stores h.
+fn lora_h_product(lid: vec3<u32>, wid: vec3<u32>) -> mat4x4<f32> {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  for (var j = lid.x; j < H_R; j += WG_X) {
+    for (var i = 0u; i < 4u; i++) { h_ws[(lid.y * 4u + i) * H_R + j] = 0.0; }
+  }
+  var acc = mat4x4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a(tid, m0, k0, false);
+    stage_w(tid, n0, k0, false);
+    stage_la(tid, k0);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    accumulate_h(lid.x, lid.y);
+    workgroupBarrier();
+  }
+  acc = acc * p.alpha;
+  // The low-rank term from h in workgroup memory (complete after the loop's last barrier); B2's
+  // rows in the order the store writes the columns (out_col: RoPE's).
+  let r0 = lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  for (var k = 0u; k < p.K2; k += 4u) {
+    let b0 = b2_chunk(out_col(n + 0u), k, p.N, p.K2);
+    let b1 = b2_chunk(out_col(n + 1u), k, p.N, p.K2);
+    let b2v = b2_chunk(out_col(n + 2u), k, p.N, p.K2);
+    let b3 = b2_chunk(out_col(n + 3u), k, p.N, p.K2);
+    let h0 = p.alpha2 * h4(r0 + 0u, k);
+    let h1 = p.alpha2 * h4(r0 + 1u, k);
+    let h2 = p.alpha2 * h4(r0 + 2u, k);
+    let h3 = p.alpha2 * h4(r0 + 3u, k);
+    acc[0] += vec4<f32>(dot(h0, b0), dot(h0, b1), dot(h0, b2v), dot(h0, b3));
+    acc[1] += vec4<f32>(dot(h1, b0), dot(h1, b1), dot(h1, b2v), dot(h1, b3));
+    acc[2] += vec4<f32>(dot(h2, b0), dot(h2, b1), dot(h2, b2v), dot(h2, b3));
+    acc[3] += vec4<f32>(dot(h3, b0), dot(h3, b1), dot(h3, b2v), dot(h3, b3));
+  }
+  if (wid.x == 0u) {
+    for (var e = tid; e < 4u * WG_Y * H_R; e += WG_X * WG_Y) {
+      let m = m0 + e / H_R;
+      let j = e % H_R;
+      if (m < p.M && j < p.K2) { h_out[m * p.K2 + j] = h_ws[e]; }
+    }
+  }
+  return acc;
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_lora_h(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let acc = lora_h_product(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_row(m + 0u, n, acc[0]);
+  store_row(m + 1u, n, acc[1]);
+  store_row(m + 2u, n, acc[2]);
+  store_row(m + 3u, n, acc[3]);
+}
+
+// matmul_lora_h stored through the RoPE epilogue (ROPE = 1; + 13 rope_freq): an adapted q or k
+// projection in one dispatch. 8 storage buffers.
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_lora_h_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let acc = lora_h_product(lid, wid);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let n = wid.x * WG_X * 4u + lid.x * 4u;
+  store_rope(m + 0u, n, acc[0]);
+  store_rope(m + 1u, n, acc[1]);
+  store_rope(m + 2u, n, acc[2]);
+  store_rope(m + 3u, n, acc[3]);
 }
 
 // matmul with the RoPE epilogue (ROPE = 1; binding 13 besides matmul's).

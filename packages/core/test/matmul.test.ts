@@ -449,6 +449,103 @@ describe('residual from another buffer', () => {
   });
 });
 
+// matmul_lora_h: the LoRA forward in one dispatch, h = x·Aᵀ formed from the staged tiles of x and
+// stored by the first column of tiles. C and h against float64; several column tiles (N > 64), M
+// not a multiple of the tile, K not a multiple of 4 or of TK, ranks not a multiple of 4, and C
+// starting as NaN where beta is 0 and h always (neither's old contents may leak in).
+describe('LoRA forward with h in the dispatch', () => {
+  const cases: { M: number; N: number; K: number; w: DType; rank: number; bias: boolean; beta: number }[] = [
+    { M: 65, N: 130, K: 96, w: 'f16', rank: 8, bias: true, beta: 1 },
+    { M: 33, N: 257, K: 7, w: 'f32', rank: 3, bias: false, beta: 0 },
+    { M: 130, N: 63, K: 64, w: 'q4_0', rank: 16, bias: true, beta: 0 },
+    { M: 5, N: 20, K: 41, w: 'f32', rank: 1, bias: false, beta: 1 },
+  ];
+  for (const r of cases) {
+    const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w} rank ${r.rank}${r.bias ? ' +bias' : ''}${r.beta ? ' +C' : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = r.M * 7 + r.N + r.K + r.rank;
+      const x = randomArray(r.M * r.K, seed);
+      const w = asStored(randomArray(r.N * r.K, seed + 1), r.w);
+      const bias = randomArray(r.N, seed + 2);
+      const la = randomArray(r.rank * r.K, seed + 3);
+      const lb = randomArray(r.N * r.rank, seed + 4);
+      const c0 = r.beta ? randomArray(r.M * r.N, seed + 5) : new Float32Array(r.M * r.N).fill(Number.NaN);
+      const h = matmulRef(x, la, r.M, r.K, r.rank, { transB: true });
+      let want = addRef(
+        matmulRef(x, w, r.M, r.K, r.N, { transB: true }).map((v) => 1.5 * v),
+        matmulRef(h, lb, r.M, r.rank, r.N, { transB: true }),
+        0.5,
+      );
+      if (r.bias) want = want.map((v, i) => v + (bias[i % r.N] as number));
+      if (r.beta) want = addRef(want, c0);
+      const [gotC, gotH] = await gpuCase(ctx, name, async () => {
+        const tx = tensorFromData(ctx, x, [r.M, r.K], 'f32', 'x');
+        const tw = tensorFromData(ctx, w, [r.N, r.K], r.w, 'w');
+        const tb = tensorFromData(ctx, bias, [r.N], 'f32', 'bias');
+        const ta = tensorFromData(ctx, la, [r.rank, r.K], 'f32', 'lora_a');
+        const tlb = tensorFromData(ctx, lb, [r.N, r.rank], 'f32', 'lora_b');
+        const th = tensorFromData(ctx, new Float32Array(r.M * r.rank).fill(Number.NaN), [r.M, r.rank], 'f32', 'h');
+        const tc = tensorFromData(ctx, c0, [r.M, r.N], 'f32', 'c');
+        const d = await planMatmul(ctx, tx, tw, tc, {
+          alpha: 1.5,
+          beta: r.beta,
+          bias: r.bias ? tb : undefined,
+          lowRank: { a2: th, b2: tlb, alpha2: 0.5, a2From: ta },
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = [await readFloat32(tc), await readFloat32(th)];
+        d.dispose();
+        for (const t of [tx, tw, tb, ta, tlb, th, tc]) t.dispose();
+        return out as [Float32Array, Float32Array];
+      });
+      expectClose(ctx, `${name} h`, gotH, h, 2e-5 * Math.sqrt(r.K), 1e-5);
+      expectClose(ctx, name, gotC, want, 2e-5 * Math.sqrt(r.K + r.rank), 1e-5);
+    });
+  }
+
+  it('is refused with W untransposed, another epilogue, few rows, a large rank or an A of the wrong shape', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'LoRA h refusals', async () => {
+      const t = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
+      const [x1, x9, w, wt, c1, c9, h1, h9, a, aWide, b, bt, h9r17, a17, b17] = [
+        t([1, 8], 'x1'),
+        t([9, 8], 'x9'),
+        t([4, 8], 'w'),
+        t([8, 4], 'wt'),
+        t([1, 4], 'c1'),
+        t([9, 4], 'c9'),
+        t([1, 2], 'h1'),
+        t([9, 2], 'h9'),
+        t([2, 8], 'a'),
+        t([2, 9], 'aWide'),
+        t([4, 2], 'b'),
+        t([2, 4], 'bt'),
+        t([9, 17], 'h17'),
+        t([17, 8], 'a17'),
+        t([4, 17], 'b17'),
+      ];
+      const lowRank = { a2: h9, b2: b, alpha2: 1, a2From: a };
+      await expect(planMatmul(ctx, x9, wt, c9, { transW: false, lowRank: { ...lowRank, b2: bt } })).rejects.toThrow(
+        /W transposed and no row range or epilogue/,
+      );
+      await expect(planMatmul(ctx, x9, w, c9, { lowRank, residual: c9 })).rejects.toThrow(
+        /no beta or other epilogue|no row range or epilogue/,
+      );
+      await expect(planMatmul(ctx, x1, w, c1, { lowRank: { ...lowRank, a2: h1 } })).rejects.toThrow(
+        /tiled kernel, more than 4 rows \(got 1\)/,
+      );
+      await expect(planMatmul(ctx, x9, w, c9, { lowRank: { ...lowRank, a2From: aWide } })).rejects.toThrow(
+        /LoRA's A aWide f32\[2, 9\] must be f32 2×8/,
+      );
+      await expect(
+        planMatmul(ctx, x9, w, c9, { lowRank: { a2: h9r17, b2: b17, alpha2: 1, a2From: a17 } }),
+      ).rejects.toThrow(/ranks up to 16, got 17/);
+      for (const x of [x1, x9, w, wt, c1, c9, h1, h9, a, aWide, b, bt, h9r17, a17, b17]) x.dispose();
+    });
+  });
+});
+
 // matmul_glu_norm: the gated MLP on RMSNorm(x), the norm inside the dispatch: gate, up, act and the
 // norm's rstd against the float64 norm followed by the float64 products. Rows of very different
 // scales (1e-3 to 1e3) so that a row given another row's rstd, or none, cannot pass; M not a
@@ -606,9 +703,13 @@ describe('RoPE epilogue', () => {
     bias?: boolean;
     pair?: { w3: DType; c: boolean; second: boolean };
     matvec?: MatvecVariant;
+    /** LoRA's h formed in the dispatch (matmul_lora_h_rope): A2 = x·Aᵀ, checked too. */
+    hIn?: boolean;
   }[] = [
     { M: 65, T: 13, pos0: 5, hd: 8, heads: 3, K: 65, w: 'f16', rank: 7, bias: true },
     { M: 70, T: 35, pos0: 0, hd: 64, heads: 2, K: 64, w: 'q8_0', rank: 0 },
+    { M: 65, T: 13, pos0: 5, hd: 8, heads: 3, K: 65, w: 'f16', rank: 7, bias: true, hIn: true },
+    { M: 70, T: 35, pos0: 0, hd: 64, heads: 2, K: 64, w: 'q8_0', rank: 8, hIn: true },
     { M: 40, T: 40, pos0: 1000, hd: 128, heads: 1, K: 32, w: 'f32', rank: 8, bias: true },
     { M: 4, T: 2, pos0: 100, hd: 32, heads: 3, K: 64, w: 'f32', rank: 4, matvec: 'rows' },
     { M: 1, T: 1, pos0: 7, hd: 16, heads: 4, K: 40, w: 'f16', rank: 0, bias: true, matvec: 'split-k' },
@@ -635,14 +736,15 @@ describe('RoPE epilogue', () => {
       `M=${c.M} (T=${c.T}, from ${c.pos0}) ${c.heads}×${c.hd} K=${c.K} W:${c.w}` +
       `${c.rank ? ` +rank ${c.rank}` : ''}${c.bias ? ' +bias' : ''}` +
       `${c.pair ? ` pair W3:${c.pair.w3} rotating ${[c.pair.c ? 'C' : '', c.pair.second ? 'second' : ''].filter(Boolean).join(', ')}` : ''}` +
-      `${c.matvec ? ` matvec ${c.matvec}` : ''}`;
+      `${c.matvec ? ` matvec ${c.matvec}` : ''}${c.hIn ? ' h in the dispatch' : ''}`;
     it(name, async () => {
       const ctx = gpu();
       const seed = c.M * 5 + N + c.K;
       const x = randomArray(c.M * c.K, seed);
       const w = asStored(randomArray(N * c.K, seed + 1), c.w);
       const w3 = asStored(randomArray(N * c.K, seed + 2), c.pair?.w3 ?? 'f32');
-      const a2 = randomArray(c.M * c.rank, seed + 3);
+      const la = randomArray(c.rank * c.K, seed + 6);
+      const a2 = c.hIn ? matmulRef(x, la, c.M, c.K, c.rank, { transB: true }) : randomArray(c.M * c.rank, seed + 3);
       const b2 = randomArray(N * c.rank, seed + 4);
       const bias = randomArray(N, seed + 5);
       const invFreq = Float32Array.from({ length: c.hd / 2 }, (_, i) => 10000 ** (-(2 * i) / c.hd));
@@ -669,25 +771,35 @@ describe('RoPE epilogue', () => {
         const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
         const tw = tensorFromData(ctx, w, [N, c.K], c.w, 'w');
         const tw3 = c.pair ? tensorFromData(ctx, w3, [N, c.K], c.pair.w3, 'w3') : undefined;
-        const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
+        const ta2 = c.rank
+          ? c.hIn
+            ? tensorFromData(ctx, new Float32Array(c.M * c.rank).fill(Number.NaN), [c.M, c.rank], 'f32', 'h')
+            : tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2')
+          : undefined;
+        const tla = c.hIn ? tensorFromData(ctx, la, [c.rank, c.K], 'f32', 'lora_a') : undefined;
         const tb2 = c.rank ? tensorFromData(ctx, b2, [N, c.rank], 'f32', 'b2') : undefined;
         const tbias = c.bias ? tensorFromData(ctx, bias, [N], 'f32', 'bias') : undefined;
         const tfreq = tensorFromData(ctx, invFreq, [c.hd / 2], 'f32', 'inv_freq');
         const tc = createTensor(ctx, [c.M, N], 'f32', 'c');
         const tout = tw3 ? createTensor(ctx, [c.M, N], 'f32', 'out') : undefined;
         const d = await planMatmul(ctx, tx, tw, tc, {
-          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2, ...(tla ? { a2From: tla } : {}) } : undefined,
           bias: tbias,
           second: tw3 && tout ? { w: tw3, out: tout } : undefined,
           rope: { invFreq: tfreq, headDim: c.hd, T: c.T, pos0: c.pos0, scaling, ...rotated },
           matvecVariant: c.matvec,
         });
         new StepEncoder(ctx, name).dispatch(d).submit();
-        const out = { first: await readFloat32(tc), second: tout ? await readFloat32(tout) : undefined };
+        const out = {
+          first: await readFloat32(tc),
+          second: tout ? await readFloat32(tout) : undefined,
+          h: tla && ta2 ? await readFloat32(ta2) : undefined,
+        };
         d.dispose();
-        for (const t of [tx, tw, tw3, ta2, tb2, tbias, tfreq, tc, tout]) t?.dispose();
+        for (const t of [tx, tw, tw3, ta2, tb2, tla, tbias, tfreq, tc, tout]) t?.dispose();
         return out;
       });
+      if (got.h) expectClose(ctx, `${name} h`, got.h, a2, 2e-5 * Math.sqrt(c.K), 1e-5);
       expectClose(ctx, `${name} C`, got.first, first, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
       if (got.second) expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
     });

@@ -101,6 +101,12 @@ const GLU_NORM_BINDINGS = [
 const RESID_BINDINGS = [...BINDINGS, ...Array<'none'>(9).fill('none'), 'read'] as const;
 const MATMUL_RESID: Entry = { entryPoint: 'matmul_resid', bindings: RESID_BINDINGS };
 const MATMUL_GLU_NORM: Entry = { entryPoint: 'matmul_glu_norm', bindings: GLU_NORM_BINDINGS };
+// LoRA's h inside the dispatch (matmul_lora_h): 4 holds LoRA's A instead of A2, + 17 h (written).
+// 7 storage buffers; through the RoPE epilogue (matmul_lora_h_rope) + 13 inv_freq, 8.
+const LORA_H_BINDINGS = [...BINDINGS, ...Array<'none'>(10).fill('none'), 'write'] as const;
+const LORA_H_ROPE_BINDINGS = LORA_H_BINDINGS.map((b, i) => (i === 13 ? 'read' : b));
+const MATMUL_LORA_H: Entry = { entryPoint: 'matmul_lora_h', bindings: LORA_H_BINDINGS };
+const MATMUL_LORA_H_ROPE: Entry = { entryPoint: 'matmul_lora_h_rope', bindings: LORA_H_ROPE_BINDINGS };
 // The RoPE epilogue's entries: + 13 inv_freq (read). matmul_rope 7 storage buffers, the pairs 8.
 const ROPE_BINDINGS = [...BINDINGS, 'none', 'none', 'none', 'none', 'none', 'none', 'read'] as const;
 const PAIR_ROPE_BINDINGS = [...PAIR_BINDINGS, 'read'] as const;
@@ -189,8 +195,14 @@ export interface MatmulOptions {
   bias?: Tensor;
   /** alpha2·A2·opW(B2) continues the same accumulators: the LoRA term. A2 is M×K2; B2 is N×K2
    * when transW, else K2×N. Staged through the tiles with f32 tiles; read and multiplied in f32
-   * from memory beside f16 tiles. */
-  lowRank?: { a2: Tensor; b2: Tensor; alpha2: number };
+   * from memory beside f16 tiles.
+   *
+   * `a2From` (LoRA's A, K2×K): A2 = A·a2Fromᵀ is computed in this dispatch from the staged tiles
+   * of A and stored into a2 (matmul_lora_h), instead of being read from an earlier dispatch: the
+   * LoRA forward in one dispatch. transW, f32 tiles and the tiled kernel only (more than
+   * MATVEC_MAX_ROWS rows), K2 up to LORA_H_MAX_RANK; bias, beta or `rope` (on C), no other epilogue.
+   */
+  lowRank?: { a2: Tensor; b2: Tensor; alpha2: number; a2From?: Tensor };
   /** Use only rows [start, start + count) of W as stored: with transW a chunk of its N output rows
    * (the LM head's vocabulary), otherwise a chunk of its K rows (dh += dlogits·E over the same
    * chunk). No copy and no separately bound buffer. */
@@ -270,6 +282,15 @@ export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptio
   );
 }
 
+/**
+ * The largest rank whose h matmul_lora_h keeps in workgroup memory (MatmulOptions.lowRank.a2From):
+ * 4·WG_Y rows × 16 f32 is 4 KiB beside the GPU tile's 10 KiB, inside WebGPU's 16 KiB minimum. Each
+ * workgroup forms h for its rows again, r products per staged element against the 4·WG_X of the
+ * main product (a quarter more work at r = 16 on the GPU tile): the in-dispatch h is for small
+ * ranks, and larger ones keep their h dispatch.
+ */
+export const LORA_H_MAX_RANK = 16;
+
 export interface MatmulDims {
   readonly M: number;
   readonly N: number;
@@ -299,10 +320,13 @@ export function matmulTile(ctx: GpuContext, dims: MatmulDims): TileConfig {
     else wgX /= 2;
   }
   let tk = cpu ? 32 : 16;
-  // a_tile and w_tile: 4·WG·(TK/4 + 1) vec4s each.
-  const bytes = (t: number) => 16 * 4 * (wgX + wgY) * (t / 4 + 1);
-  while (bytes(tk) > ctx.limits.maxComputeWorkgroupStorageSize && tk > 4) tk /= 2;
+  while (tileBytes({ wgX, wgY, tk }) > ctx.limits.maxComputeWorkgroupStorageSize && tk > 4) tk /= 2;
   return { wgX, wgY, tk };
+}
+
+/** Workgroup memory of a tile's a_tile and w_tile: 4·WG·(TK/4 + 1) vec4s each. */
+function tileBytes(tile: TileConfig): number {
+  return 16 * 4 * (tile.wgX + tile.wgY) * (tile.tk / 4 + 1);
 }
 
 /**
@@ -314,6 +338,20 @@ export function matmulTile(ctx: GpuContext, dims: MatmulDims): TileConfig {
  * glu_norm`), its per-workgroup norm and normalized staging costing more than the dispatch saved.
  */
 export function normInMlpPays(ctx: GpuContext): boolean {
+  return !isCpuAdapter(ctx);
+}
+
+/**
+ * Whether an adapted projection pays for forming LoRA's h in its own matmul (MatmulOptions.lowRank's
+ * a2From, matmul_lora_h) rather than in a thin dispatch before it: on GPUs, where the dispatch and
+ * the second pass over x cost more than the r products per staged element that every workgroup
+ * along a row of tiles repeats (r/64 of the main product on the GPU tile: an eighth at r = 8). Not
+ * on CPU-backed adapters: there it measured 0.85 (SwiftShader) and 0.59 (lavapipe) of the h
+ * dispatch followed by the matmul at r = 8, 0.67 and 0.45 at r = 16 (median ratios, 512×576×576;
+ * `pnpm bench --suite kernels --only lora_h_in_matmul`), their tile being 32 columns wide and
+ * compute, not dispatches, their cost.
+ */
+export function loraHInMatmulPays(ctx: GpuContext): boolean {
   return !isCpuAdapter(ctx);
 }
 
@@ -421,6 +459,8 @@ export async function planMatmul(
   if (norm) checkNorm(ctx, label, dims, opts, norm);
   const residual = opts.residual;
   if (residual) checkResidual(ctx, label, dims, c, opts, residual);
+  const a2From = lowRank?.a2From;
+  if (a2From) checkLoraH(ctx, label, dims, opts, a2From, K2);
   if (second) checkSecondProjection(label, w, c, transW, opts, second.w, [second.out]);
   const w3 = extra?.w ?? glu?.w ?? second?.w;
   const third: Record<string, boolean> = w3
@@ -463,17 +503,21 @@ export async function planMatmul(
         ? rope
           ? MATMUL_PAIR_ROPE
           : MATMUL_PAIR
-        : rope
-          ? MATMUL_ROPE
-          : extra
-            ? MATMUL_SUM
-            : act
-              ? MATMUL_ACT
-              : actBwd
-                ? MATMUL_ACT_BWD
-                : residual
-                  ? MATMUL_RESID
-                  : MATMUL;
+        : a2From
+          ? rope
+            ? MATMUL_LORA_H_ROPE
+            : MATMUL_LORA_H
+          : rope
+            ? MATMUL_ROPE
+            : extra
+              ? MATMUL_SUM
+              : act
+                ? MATMUL_ACT
+                : actBwd
+                  ? MATMUL_ACT_BWD
+                  : residual
+                    ? MATMUL_RESID
+                    : MATMUL;
     kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -486,6 +530,7 @@ export async function planMatmul(
       ...epilogue,
       ...third,
       ...(norm ? { NORM_EPS: norm.eps } : {}),
+      ...(a2From ? { H_R: loraHStride(K2) } : {}),
     });
     workgroups = [Math.ceil(dims.N / (4 * tile.wgX)), Math.ceil(dims.M / (4 * tile.wgY))];
   }
@@ -503,13 +548,17 @@ export async function planMatmul(
     resources = [a, w, ...operands, glu.act, glu.w, glu.up];
   } else if (second) {
     resources = [a, w, ...operands, second.w, second.out];
+  } else if (a2From) {
+    // In binding order: RoPE's frequencies (13) before h (17).
+    const freq = rope ? [rope.invFreq] : [];
+    resources = [a, w, opts.bias ?? placeholder, a2From, lowRank?.b2 as Tensor, c, ...freq, lowRank?.a2 as Tensor];
   } else {
     resources = [a, w, opts.bias ?? placeholder, ...operands];
     if (act) resources.push(act.kind === 'silu_mul' ? act.gate : placeholder, act.act);
     if (extra) resources.push(extra.a, extra.w);
     if (residual) resources.push(residual);
   }
-  if (rope) resources.push(rope.invFreq);
+  if (rope && !a2From) resources.push(rope.invFreq);
   const scales = (t: Tensor | undefined) =>
     t && isQuantFormat(t.dtype) ? gpuQuantLayout(t.dtype, t.size).scaleWordOffset : 0;
   return bindKernel(ctx, kernel, {
@@ -626,6 +675,55 @@ function checkNorm(
     throw new ShapeError(`${label}: the norm's eps ${norm.eps} must be a positive number`);
 }
 
+/** matmul_lora_h's row stride of h in workgroup memory: the rank rounded up to 4 (H_R). */
+function loraHStride(rank: number): number {
+  return Math.ceil(rank / 4) * 4;
+}
+
+/** Checks matmul_lora_h's operands: LoRA's A K2×K f32, a rank whose h fits in workgroup memory
+ * beside the tiles, the tiled f32 kernel with W transposed, no epilogue but bias, beta and RoPE. */
+function checkLoraH(
+  ctx: GpuContext,
+  label: string,
+  dims: MatmulDims,
+  opts: MatmulOptions,
+  a2From: Tensor,
+  rank: number,
+): void {
+  if (
+    !(opts.transW ?? true) ||
+    opts.wRows ||
+    opts.activation ||
+    opts.activationBackward ||
+    opts.extra ||
+    opts.glu ||
+    opts.second ||
+    opts.norm ||
+    opts.residual
+  )
+    throw new ShapeError(
+      `${label}: LoRA's h in the dispatch takes W transposed and no row range or epilogue but RoPE on C`,
+    );
+  if ((opts.tileMath ?? 'f32') !== 'f32')
+    throw new ShapeError(`${label}: LoRA's h in the dispatch is formed from f32 tiles only`);
+  if (usesMatvec(ctx, dims, true, opts.matvecVariant ?? matvecVariant(ctx)))
+    throw new ShapeError(
+      `${label}: LoRA's h in the dispatch needs the tiled kernel, more than ${MATVEC_MAX_ROWS} rows (got ${dims.M})`,
+    );
+  if (a2From.dtype !== 'f32' || a2From.shape.length !== 2 || a2From.shape[0] !== rank || a2From.shape[1] !== dims.K)
+    throw new ShapeError(
+      `${label}: LoRA's A ${a2From.label} ${a2From.dtype}${formatShape(a2From.shape)} must be f32 ${rank}×${dims.K}`,
+    );
+  if (rank > LORA_H_MAX_RANK)
+    throw new ShapeError(`${label}: LoRA's h in the dispatch takes ranks up to ${LORA_H_MAX_RANK}, got ${rank}`);
+  const tile = matmulTile(ctx, dims);
+  // + h_ws (4·WG_Y rows of H_R f32) and la_tile (H_R rows of TK f32)
+  const bytes = tileBytes(tile) + 4 * loraHStride(rank) * (4 * tile.wgY + tile.tk);
+  const have = ctx.limits.maxComputeWorkgroupStorageSize;
+  if (bytes > have)
+    throw new LimitExceededError('maxComputeWorkgroupStorageSize', bytes, have, `${label} (LoRA's h in the dispatch)`);
+}
+
 /** Checks matmul_resid's residual: M×N f32 like C, the tiled kernel, nothing else in the store. */
 function checkResidual(
   ctx: GpuContext,
@@ -692,7 +790,7 @@ function checkRope(
   if (!rope.c && !rope.second) throw new ShapeError(`${label}: the RoPE epilogue rotates neither output`);
   if (rope.second && !opts.second) throw new ShapeError(`${label}: RoPE on the second output needs \`second\``);
   const storage = ctx.limits.maxStorageBuffersPerShaderStage;
-  const needed = opts.second ? 8 : 7;
+  const needed = opts.second || opts.lowRank?.a2From ? 8 : 7;
   if (storage < needed)
     throw new LimitExceededError('maxStorageBuffersPerShaderStage', needed, storage, `${label} (RoPE epilogue)`);
 }
