@@ -38,8 +38,10 @@ import { type LinearRole, modelLayout } from './architecture.js';
 import type { ModelConfig } from './config.js';
 import {
   type AdapterRanks,
+  adaptedRoles,
   type ForwardPlan,
   type LayerActivations,
+  type LayerFusions,
   layerDispatchCount,
   loraDropout,
   type NormStats,
@@ -168,8 +170,8 @@ export function backwardDispatchCount(
     fuse?: boolean;
     /** lora_g_db_pair is planned (loraGradPairPays on the device). Default true. */
     pairGdB?: boolean;
-    /** The replayed forward's norm inside the gated MLP (ForwardOptions.normInMlp). Default true. */
-    normInMlp?: boolean;
+    /** The replayed forward's fusions (layerFusions). Default GPU_FUSIONS. */
+    fusions?: LayerFusions;
   },
 ): number {
   const fuse = opts.fuse ?? true;
@@ -182,9 +184,10 @@ export function backwardDispatchCount(
     // In it, no dx of its input: the projections reading n1 keep their LoRA gradients only (dx is
     // one dispatch of an adapted projection's, three with dropout), and no norm1 backward.
     const input = i > lowest;
-    const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
+    const roles = adaptedRoles(l, ranks);
+    const adapted = new Set(roles.keys());
     if (opts.recompute && i < layers.length - 1)
-      n += layerDispatchCount(c, adapted, opts.rows, opts.dropout, fuse, opts.normInMlp ?? true);
+      n += layerDispatchCount(c, roles, opts.rows, opts.dropout, fuse, opts.fusions);
     // LoRA: g and dB (one dispatch fused), dA, dx; with dropout also the mask again, g·A and its
     // masked add into dx.
     const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);

@@ -16,7 +16,9 @@ import {
   f16TileMathApplies,
   fusedQkvLayout,
   type GpuContext,
+  LORA_H_MAX_RANK,
   type LoraDropout,
+  loraHInMatmulPays,
   MATVEC_MAX_ROWS,
   type MatmulActivation,
   type MatmulOptions,
@@ -98,7 +100,36 @@ export interface ForwardOptions {
    * normInGatedMlp allows. Default normInMlpPays(ctx) (GPUs); tests set it to run it on any adapter.
    */
   readonly normInMlp?: boolean;
+  /**
+   * With `fuse`: LoRA's h formed inside its projection's matmul where loraHInMatmulRoles allows.
+   * Default loraHInMatmulPays(ctx) (GPUs); tests set it to run it on any adapter.
+   */
+  readonly loraHInMatmul?: boolean;
 }
+
+/**
+ * Fusions that are the device's choice, each measured slower on the CPU adapters and so planned on
+ * GPUs only (tests force them anywhere): the RMSNorm inside the gated MLP's dispatch
+ * (normInGatedMlp) and LoRA's h inside its projection's matmul (loraHInMatmulRoles).
+ */
+export interface LayerFusions {
+  readonly normInMlp: boolean;
+  readonly loraHInMatmul: boolean;
+}
+
+/** The device's fusions (normInMlpPays, loraHInMatmulPays), unless `force` says otherwise. */
+export function layerFusions(
+  ctx: GpuContext,
+  force: { readonly normInMlp?: boolean; readonly loraHInMatmul?: boolean } = {},
+): LayerFusions {
+  return {
+    normInMlp: force.normInMlp ?? normInMlpPays(ctx),
+    loraHInMatmul: force.loraHInMatmul ?? loraHInMatmulPays(ctx),
+  };
+}
+
+/** Both fusions: what planLayer does on GPUs, and the dispatch counts' default. */
+export const GPU_FUSIONS: LayerFusions = { normInMlp: true, loraHInMatmul: true };
 
 /** LoRA dropout's state in a train-mode plan: the counter and a [rows, max in] scratch shared by
  * the layers (each module's masked input, used at once by its h and again in the backward). */
@@ -293,7 +324,11 @@ export function adapterRanks(lora: LoraWeightsByModule | undefined): AdapterRank
   return new Map([...(lora ?? [])].map(([name, w]) => [name, w.a.shape[0] as number]));
 }
 
-function adaptedRoles(layer: { linears: readonly LinearModule[] }, ranks: AdapterRanks): Map<LinearRole, number> {
+/** A layer's adapted projections and their ranks. */
+export function adaptedRoles(
+  layer: { linears: readonly LinearModule[] },
+  ranks: AdapterRanks,
+): Map<LinearRole, number> {
   const roles = new Map<LinearRole, number>();
   for (const m of layer.linears) {
     const r = ranks.get(m.name);
@@ -479,6 +514,47 @@ export function normInGatedMlp(
 }
 
 /**
+ * The adapted projections of a layer that form LoRA's h inside their own matmul (planLoraForward's
+ * hInMatmul, matmul_lora_h) instead of in a thin dispatch before it: where `pays`
+ * (loraHInMatmulPays: GPUs), with fused kernels, no dropout, the tiled kernel (more than
+ * MATVEC_MAX_ROWS rows) and ranks up to LORA_H_MAX_RANK, projections whose product has no epilogue
+ * but bias, accumulation and RoPE (o, down, GPT-2's qkv, a gate without its up, q, k and v unless
+ * one carries an unadapted neighbour's product). A shared-input group takes it only as a whole,
+ * and not where the norm before it computes the group's h anyway (two projections after an
+ * RMSNorm): it then saves the group's h dispatch.
+ */
+export function loraHInMatmulRoles(
+  config: ModelConfig,
+  ranks: ReadonlyMap<LinearRole, number>,
+  rows: number,
+  dropout: boolean,
+  fuse: boolean,
+  pays: boolean,
+): Set<LinearRole> {
+  if (!pays || !fuse || dropout || rows <= MATVEC_MAX_ROWS) return new Set();
+  const adapted = new Set(ranks.keys());
+  const paired = new Set(
+    qkvSteps(config, adapted, fuse)
+      .filter((s) => s.extra)
+      .map((s) => s.role),
+  );
+  const plain: readonly LinearRole[] = ['o', 'down', 'qkv', 'gate', 'q', 'k', 'v'];
+  const eligible = (role: LinearRole) =>
+    plain.includes(role) && !paired.has(role) && (ranks.get(role) ?? Infinity) <= LORA_H_MAX_RANK;
+  const out = new Set([...adapted].filter(eligible));
+  for (const g of sharedLoraGroups(config, adapted, dropout, fuse)) {
+    if (hInNorm(config, g) || !g.every(eligible)) for (const role of g) out.delete(role);
+  }
+  return out;
+}
+
+/** Whether the norm before a shared-input group computes its h (rmsnorm_fwd_lora: two projections
+ * after an RMSNorm, their A places in the trainer's arena). */
+function hInNorm(config: ModelConfig, group: readonly LinearRole[]): boolean {
+  return group.length === 2 && config.norm.kind === 'rms';
+}
+
+/**
  * Whether the fused forward rotates q and k by RoPE in the projections' store (planMatmul's
  * `rope`) instead of a dispatch of its own: separate q and k with RoPE, no per-head norm between
  * projection and rotation (Qwen3's), head sizes that are multiples of 4. planProjections also
@@ -492,20 +568,24 @@ export function ropeInProjections(config: ModelConfig, fuse: boolean): boolean {
 /** Dispatches of one layer's training forward over `rows` rows (planLayer with batchedAttention). */
 export function layerDispatchCount(
   config: ModelConfig,
-  adapted: AdaptedRoles,
+  ranks: ReadonlyMap<LinearRole, number>,
   rows: number,
   dropout = false,
   fuse = true,
-  normInMlp = true,
+  fusions: LayerFusions = GPU_FUSIONS,
 ): number {
   const c = config;
-  const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : 2) : 1); // LoRA: (mask,) h, then y
+  const adapted = new Set(ranks.keys());
+  // LoRA: (mask,) h, then y; y alone where h is formed in it.
+  const hIn = loraHInMatmulRoles(c, ranks, rows, dropout, fuse, fusions.loraHInMatmul);
+  const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : hIn.has(role) ? 1 : 2) : 1);
   // The two norms (the second inside the gated MLP's dispatch where normInGatedMlp), attention.
-  let n = (normInGatedMlp(c, adapted, fuse, rows, false, normInMlp) ? 1 : 2) + 1;
+  let n = (normInGatedMlp(c, adapted, fuse, rows, false, fusions.normInMlp) ? 1 : 2) + 1;
   // A group's h are one dispatch instead of one each; none when the RMSNorm before the group
-  // computes the h of its two projections (their A in an arena, as the trainer keeps them).
+  // computes the h of its two projections (their A in an arena, as the trainer keeps them), or when
+  // each forms its own in its matmul.
   for (const g of sharedLoraGroups(c, adapted, dropout, fuse))
-    n -= g.length - 1 + (g.length === 2 && c.norm.kind === 'rms' ? 1 : 0);
+    if (!g.every((role) => hIn.has(role))) n -= g.length - 1 + (hInNorm(c, g) ? 1 : 0);
   // q and k in one dispatch, or one each; none when the projections rotate them.
   const rope = ropeInProjections(c, fuse) ? 0 : fuse ? 1 : 2;
   const act = fuse ? 0 : 1; // gelu or silu·mul: the fc or up projection's epilogue when fused
@@ -530,14 +610,13 @@ export function forwardDispatchCount(
     embedParts?: number;
     headParts?: number;
     fuse?: boolean;
-    normInMlp?: boolean;
+    /** The device's fusions (layerFusions). Default GPU_FUSIONS. */
+    fusions?: LayerFusions;
   } = {},
 ): number {
   let n = (opts.embedParts ?? 1) + 1 + (opts.logits ? (opts.headParts ?? 1) : 0);
-  for (const l of modelLayout(config).layers) {
-    const adapted = new Set(adaptedRoles(l, ranks).keys());
-    n += layerDispatchCount(config, adapted, rows, opts.dropout, opts.fuse, opts.normInMlp);
-  }
+  for (const l of modelLayout(config).layers)
+    n += layerDispatchCount(config, adaptedRoles(l, ranks), rows, opts.dropout, opts.fuse, opts.fusions);
   return n;
 }
 
@@ -664,10 +743,14 @@ export function loraDropout(
   };
 }
 
+/** Where an adapted projection's LoRA h comes from: a thin dispatch before its matmul, that matmul
+ * itself (matmul_lora_h), or already computed (a shared-input group's one dispatch). */
+export type LoraHSource = 'dispatch' | 'in_matmul' | 'computed';
+
 /** y (+)= x·Wᵀ + bias, or the fused LoRA form when the module has an adapter; `accumulate` adds
- * into y (the residual stream); `hComputed`: LoRA's h is already in its buffer (a shared-input
- * group's one dispatch); `activation`: y is stored through the MLP's nonlinearity too; `second`:
- * another (unadapted) projection of x in the same dispatch. */
+ * into y (the residual stream); `hSource`: where LoRA's h comes from; `activation`: y is stored
+ * through the MLP's nonlinearity too; `second`: another (unadapted) projection of x in the same
+ * dispatch. */
 export async function planLinear(
   ctx: GpuContext,
   lin: Linear,
@@ -677,7 +760,7 @@ export async function planLinear(
   h: Tensor | undefined,
   accumulate = false,
   dropout?: DropoutState,
-  hComputed = false,
+  hSource: LoraHSource = 'dispatch',
   activation?: MatmulActivation,
   second?: { readonly w: Tensor; readonly out: Tensor },
   tileMath: TileMath = 'f32',
@@ -691,7 +774,9 @@ export async function planLinear(
       ctx,
       { w0: lin.w, a: lora.a, b: lora.b, bias: lin.bias, scale: lora.scale },
       {
-        ...{ x, y, h, accumulate, hComputed, activation, second, rope },
+        ...{ x, y, h, accumulate, activation, second, rope },
+        hComputed: hSource === 'computed',
+        hInMatmul: hSource === 'in_matmul',
         ...(d ? { dropout: d } : {}),
         tileMath: tilesFor(ctx, tileMath, lin.w, { activation, second }),
       },
@@ -871,12 +956,24 @@ export async function planLayer(
   dropout?: DropoutState,
   fuse = true,
   tileMath: TileMath = 'f32',
-  normInMlp = normInMlpPays(ctx),
+  fusions: LayerFusions = layerFusions(ctx),
 ): Promise<Dispatch[]> {
   const c = model.config;
   const out: Dispatch[] = [];
   const p = `layer${layer.index}`;
   const shared = new Set<LinearRole>();
+  const adapted = new Set([...a.loraH.keys()]);
+  const ranks = new Map([...a.loraH].map(([role, h]) => [role, h.shape[1] as number]));
+  // LoRA's h inside the projection's matmul, which f16 tiles (inference) do not take.
+  const rows = a.x.size / c.hiddenSize;
+  const hIn = loraHInMatmulRoles(
+    c,
+    ranks,
+    rows,
+    dropout !== undefined,
+    fuse,
+    fusions.loraHInMatmul && tileMath === 'f32',
+  );
   const lin: Lin = async (role, x, y, accumulate, activation, second, rope) => {
     const l = linear(layer, role);
     const w = lora?.get(l.module.name);
@@ -891,7 +988,7 @@ export async function planLayer(
         h,
         accumulate,
         dropout,
-        shared.has(role),
+        shared.has(role) ? 'computed' : hIn.has(role) ? 'in_matmul' : 'dispatch',
         activation,
         second,
         tileMath,
@@ -900,11 +997,11 @@ export async function planLayer(
     );
   };
   // The h of adapted projections that read the same input, in one dispatch before them.
-  const adapted = new Set([...a.loraH.keys()]);
   const groups = sharedLoraGroups(c, adapted, dropout !== undefined, fuse);
   const sharedH = async (x: Tensor, group: readonly LinearRole[]) => {
     const g = groups.find((roles) => roles.every((r) => group.includes(r)));
-    if (!g) return;
+    // None when each forms its own h in its matmul (loraHInMatmulRoles).
+    if (!g || g.every((role) => hIn.has(role))) return;
     const roles = g.map((role) => {
       const w = lora?.get(linear(layer, role).module.name) as LoraModuleWeights;
       const R = w.a.shape[0] as number;
@@ -934,7 +1031,7 @@ export async function planLayer(
   ) => {
     const g = groups.find((roles) => roles.every((r) => group.includes(r)));
     const hs: RmsNormLoraH[] | undefined =
-      g?.length === 2 && c.norm.kind === 'rms'
+      g && hInNorm(c, g)
         ? g.map((role) => {
             const w = lora?.get(linear(layer, role).module.name) as LoraModuleWeights;
             return { a: w.a, h: a.loraH.get(role) as Tensor };
@@ -977,7 +1074,7 @@ export async function planLayer(
   await lin('o', a.attn, a.mid, true);
   const d = c.hiddenSize;
   // The second norm inside the gated MLP's dispatch, which then reads mid (normInGatedMlp).
-  const norm2InMlp = normInGatedMlp(c, adapted, fuse, a.mid.size / d, a.mid === a.out, normInMlp);
+  const norm2InMlp = normInGatedMlp(c, adapted, fuse, a.mid.size / d, a.mid === a.out, fusions.normInMlp);
   if (!norm2InMlp)
     await normAndSharedH(layer.norm2, a.mid, a.n2, a.n2Stats, `${p}.norm2`, copy(a.mid, a.out), ['gate', 'up']);
   // The nonlinearity: the fc (up) projection's epilogue when fused, a dispatch of its own otherwise.
@@ -1075,7 +1172,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
         dropout,
         opts.fuse ?? true,
         mode === 'inference' ? (opts.tileMath ?? 'f32') : 'f32',
-        opts.normInMlp ?? normInMlpPays(ctx),
+        layerFusions(ctx, opts),
       );
       layerDispatches.push(planned);
       dispatches.push(...planned);

@@ -112,9 +112,11 @@ describe('LoRA gradients against PEFT', () => {
         }
         const B = golden.batch.input_ids.length;
         const T = (golden.batch.input_ids[0] as number[]).length;
-        // The norm before an unadapted gated MLP inside its dispatch on every adapter (normInMlpPays
-        // keeps it to GPUs); forward.test.ts checks both plans.
-        const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, normInMlp: true });
+        // The GPU fusions on every adapter (layerFusions keeps them to GPUs): the norm before an
+        // unadapted gated MLP inside its dispatch (forward.test.ts checks both plans), and LoRA's h
+        // inside the matmul of o, down, GPT-2's c_attn and c_proj (the B configurations).
+        const fusions = { normInMlp: true, loraHInMatmul: true };
+        const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, ...fusions });
         const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute });
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
         writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));

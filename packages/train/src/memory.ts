@@ -303,7 +303,9 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   for (const [key, k] of kinds) add(A, key.slice(0, key.indexOf(' ')), k.shape, k.dtype, k.count);
   const fuse = options.fuse ?? true;
   const cpu = ctx ? isCpuAdapter(ctx) : (options.cpuAdapter ?? false);
-  const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse, normInMlp: !cpu });
+  // The fusions the device plans (layerFusions): all of them on GPUs, none on the CPU adapters.
+  const fusions = { normInMlp: !cpu, loraHInMatmul: !cpu };
+  const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse, fusions });
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
   // forward, two backward (three planned plain) in the layers the backward reaches.
   const L = c.numLayers;
@@ -328,7 +330,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     dropout,
     fuse,
     pairGdB: !cpu,
-    normInMlp: !cpu,
+    fusions,
     lossDispatches: crossEntropyTrainingDispatchCount(chunks),
   });
   // The gradient norm (two dispatches) and AdamW.

@@ -15,7 +15,8 @@ import { LoraTrainer, type TrainerOptions } from '../src/trainer.js';
 
 const gpu = useGpu();
 // The GPU kernel configurations on the same adapter: the fusions planned only where they pay on
-// GPUs (the norm inside the gated MLP's dispatch, g and dB of two projections in one).
+// GPUs (the norm inside the gated MLP's dispatch, LoRA's h inside its projection's matmul, g and
+// dB of two projections in one).
 const gpuKernels = useGpu({ kernelProfile: 'gpu' });
 
 function fixture(name: string): ModelSource {
@@ -45,13 +46,16 @@ const CASES: Case[] = [
       lora: { r: 8, lora_alpha: 16, target_modules: 'all-linear', lora_dropout: 0.1 },
     },
   },
-  // GPT-2: gelu in the fc projection's epilogue and its backward in c_proj's dx.
+  // GPT-2: gelu in the fc projection's epilogue and its backward in c_proj's dx; GPU kernels, so
+  // c_attn and both c_proj form LoRA's h inside their matmul.
   {
     fixture: 'tiny-gpt2',
     precision: 'f32',
     options: { ...base, lora: { r: 4, lora_alpha: 8, target_modules: 'all-linear' } },
+    gpuKernels: true,
   },
-  // A quantized base with recomputation (the replayed forward is fused too).
+  // A quantized base with recomputation (the replayed forward is fused too); GPU kernels, so q, k
+  // and v each form LoRA's h inside their matmul (q and k through the RoPE epilogue).
   {
     fixture: 'tiny-qwen2-q',
     precision: 'q4_0',
@@ -60,6 +64,7 @@ const CASES: Case[] = [
       recompute: true,
       lora: { r: 4, lora_alpha: 8, target_modules: ['q_proj', 'k_proj', 'v_proj'] },
     },
+    gpuKernels: true,
   },
 ];
 

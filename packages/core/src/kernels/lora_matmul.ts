@@ -510,6 +510,10 @@ export interface LoraForwardBuffers {
   /** h is already computed (one planLoraRowsMulti for the projections reading the same x): plan
    * y alone. */
   hComputed?: boolean;
+  /** h = x·Aᵀ formed inside y's dispatch from its staged tiles (planMatmul's lowRank.a2From,
+   * matmul_lora_h): one dispatch in all. Not with dropout or hComputed; planMatmul refuses it
+   * with an epilogue, f16 tiles, MATVEC_MAX_ROWS rows or fewer, or a rank above LORA_H_MAX_RANK. */
+  hInMatmul?: boolean;
   /** y is stored through the MLP's nonlinearity too (planMatmul's activation epilogue). */
   activation?: MatmulActivation;
   /** Another (unadapted) projection of x in y's dispatch (planMatmul's `second`). */
@@ -533,8 +537,8 @@ export interface LoraDropout {
 }
 
 /**
- * Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches; with
- * dropout, three: xd = dropout(x) first, and h = xd·Aᵀ.
+ * Forward: h = x·Aᵀ, then y = x·W0ᵀ + scale·h·Bᵀ + bias in one tiled kernel. Two dispatches (one
+ * with hInMatmul); with dropout, three: xd = dropout(x) first, and h = xd·Aᵀ.
  */
 export async function planLoraForward(
   ctx: GpuContext,
@@ -547,20 +551,24 @@ export async function planLoraForward(
   expectRows(`${label}.forward`, io.y, s.T, s.outF, 'y');
   const pre: Dispatch[] = [];
   let branchInput = io.x;
-  if (io.hComputed && io.dropout) throw new ShapeError(`${label}.forward: LoRA dropout needs its own h dispatch`);
+  if ((io.hComputed || io.hInMatmul) && io.dropout)
+    throw new ShapeError(`${label}.forward: LoRA dropout needs its own h dispatch`);
+  if (io.hComputed && io.hInMatmul)
+    throw new ShapeError(`${label}.forward: h is either computed already or formed in the matmul, not both`);
   if (io.dropout) {
     expectRows(`${label}.forward`, io.dropout.scratch, s.T, s.inF, 'dropout scratch');
     branchInput = io.dropout.scratch;
     pre.push(await planDropout(ctx, io.dropout.mask, io.x, branchInput, { label: `${label}.dropout` }));
   }
-  const h = io.hComputed
-    ? undefined
-    : await planLoraThin(ctx, branchInput, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, io.thin);
+  const h =
+    io.hComputed || io.hInMatmul
+      ? undefined
+      : await planLoraThin(ctx, branchInput, layer.a, io.h, { M: s.T, K: s.inF, R: s.r }, true, `${label}.h`, io.thin);
   const y = await planMatmul(ctx, io.x, layer.w0, io.y, {
     transW: true,
     beta: io.accumulate ? 1 : 0,
     bias: layer.bias,
-    lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale },
+    lowRank: { a2: io.h, b2: layer.b, alpha2: layer.scale, ...(io.hInMatmul ? { a2From: layer.a } : {}) },
     activation: io.activation,
     second: io.second,
     rope: io.rope,
