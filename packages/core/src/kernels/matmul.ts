@@ -649,6 +649,13 @@ function checkSecondProjection(
   }
 }
 
+/** Refuses `what` (an epilogue or prologue only the tiled kernels have) where planMatmul would take
+ * the matrix-vector kernel: MATVEC_MAX_ROWS rows or fewer. */
+function checkTiled(ctx: GpuContext, label: string, dims: MatmulDims, opts: MatmulOptions, what: string): void {
+  if (usesMatvec(ctx, dims, opts.transW ?? true, opts.matvecVariant ?? matvecVariant(ctx)))
+    throw new ShapeError(`${label}: ${what} needs the tiled kernel, more than ${MATVEC_MAX_ROWS} rows (got ${dims.M})`);
+}
+
 /** Checks matmul_glu_norm's operands: the gated MLP, enough rows for the tiled kernel, the norm's
  * gain K f32 values, rstd one f32 per row, a finite positive eps. */
 function checkNorm(
@@ -659,10 +666,7 @@ function checkNorm(
   norm: NonNullable<MatmulOptions['norm']>,
 ): void {
   if (!opts.glu) throw new ShapeError(`${label}: the RMSNorm prologue is for the gated MLP (glu) only`);
-  if (usesMatvec(ctx, dims, true, opts.matvecVariant ?? matvecVariant(ctx)))
-    throw new ShapeError(
-      `${label}: the RMSNorm prologue needs the tiled kernel, more than ${MATVEC_MAX_ROWS} rows (got ${dims.M})`,
-    );
+  checkTiled(ctx, label, dims, opts, 'the RMSNorm prologue');
   if (norm.w.dtype !== 'f32' || norm.w.size !== dims.K)
     throw new ShapeError(
       `${label}: the norm's gain ${norm.w.label} ${norm.w.dtype}${formatShape(norm.w.shape)} must be ${dims.K} f32 values`,
@@ -706,10 +710,7 @@ function checkLoraH(
     );
   if ((opts.tileMath ?? 'f32') !== 'f32')
     throw new ShapeError(`${label}: LoRA's h in the dispatch is formed from f32 tiles only`);
-  if (usesMatvec(ctx, dims, true, opts.matvecVariant ?? matvecVariant(ctx)))
-    throw new ShapeError(
-      `${label}: LoRA's h in the dispatch needs the tiled kernel, more than ${MATVEC_MAX_ROWS} rows (got ${dims.M})`,
-    );
+  checkTiled(ctx, label, dims, opts, "LoRA's h in the dispatch");
   if (a2From.dtype !== 'f32' || a2From.shape.length !== 2 || a2From.shape[0] !== rank || a2From.shape[1] !== dims.K)
     throw new ShapeError(
       `${label}: LoRA's A ${a2From.label} ${a2From.dtype}${formatShape(a2From.shape)} must be f32 ${rank}×${dims.K}`,
@@ -743,10 +744,7 @@ function checkResidual(
     opts.rope
   )
     throw new ShapeError(`${label}: a residual takes no beta or other epilogue`);
-  if (usesMatvec(ctx, dims, opts.transW ?? true, opts.matvecVariant ?? matvecVariant(ctx)))
-    throw new ShapeError(
-      `${label}: a residual needs the tiled kernel, more than ${MATVEC_MAX_ROWS} rows (got ${dims.M})`,
-    );
+  checkTiled(ctx, label, dims, opts, 'a residual');
   if (residual.dtype !== 'f32' || residual.size !== c.size)
     throw new ShapeError(
       `${label}: the residual ${residual.label} ${residual.dtype}${formatShape(residual.shape)} must be f32 like C ${formatShape(c.shape)}`,
