@@ -81,7 +81,8 @@ export default defineConfig({
       {
         test: {
           name: 'node',
-          include: gpuTests,
+          // and the benchmark's own statistics (bench/*.cpu.test.ts), which need no GPU.
+          include: [...gpuTests, 'bench/**/*.cpu.test.ts'],
           environment: 'node',
           pool: 'forks',
           testTimeout: 120_000,
