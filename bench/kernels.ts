@@ -525,7 +525,8 @@ async function timeFusion(
   });
 }
 
-/** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted, their A in one arena. */
+/** matmul_lora_h: SmolLM2-135M's o projection adapted (r 8 and 16), its h formed in the dispatch,
+ * against the h dispatch the forward plans without it followed by the matmul with the low-rank term. */
 async function benchLoraHInMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const T = o.quick ? 32 : 128;
   const M = 4 * T;
@@ -562,6 +563,7 @@ async function benchLoraHInMatmul(ctx: GpuContext, o: BenchOptions): Promise<voi
   }
 }
 
+/** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted, their A in one arena. */
 async function benchRmsNormLoraH(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const [rows, d, r] = [o.quick ? 64 : 512, 576, 8];
   const x = tensorFromData(ctx, random(rows * d, 31, 2), [rows, d], 'f32', 'x');

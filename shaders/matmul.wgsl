@@ -17,7 +17,8 @@
 //   2 w     W,  N×K or K×N     f32 or packed f16 (W_F16: two halves per u32), read as vec4<u32>,
 //                              or llama.cpp's Q8_0 / Q4_0 blocks (W_Q8_0, W_Q4_0; below)
 //   3 bias  N                  f32, read only when p.has_bias != 0
-//   4 a2    A2, M×K2           f32, read as vec4
+//   4 a2    A2, M×K2           f32, read as vec4 (matmul_lora_h: LoRA's A, K2×K; its h, M×K2, is
+//                              written to 17 h_out)
 //   5 b2    B2, N×K2 or K2×N   f32, read as vec4
 //   6 c     C,  M×N            f32, written; read first when p.beta != 0 (accumulate)
 //
@@ -516,7 +517,10 @@ fn accumulate_h(tx: u32, ty: u32) {
         dot(vec4<f32>(a_tile[(ty * 4u + 3u) * s + q]), l),
       );
     }
-    for (var i = 0u; i < 4u; i++) { h_ws[(ty * 4u + i) * H_R + j] += h[i]; }
+    h_ws[(ty * 4u + 0u) * H_R + j] += h.x;
+    h_ws[(ty * 4u + 1u) * H_R + j] += h.y;
+    h_ws[(ty * 4u + 2u) * H_R + j] += h.z;
+    h_ws[(ty * 4u + 3u) * H_R + j] += h.w;
   }
 }
 

@@ -457,6 +457,7 @@ describe('LoRA forward with h in the dispatch', () => {
   const cases: { M: number; N: number; K: number; w: DType; rank: number; bias: boolean; beta: number }[] = [
     { M: 65, N: 130, K: 96, w: 'f16', rank: 8, bias: true, beta: 1 },
     { M: 33, N: 257, K: 7, w: 'f32', rank: 3, bias: false, beta: 0 },
+    { M: 40, N: 72, K: 64, w: 'f16', rank: 5, bias: false, beta: 1 },
     { M: 130, N: 63, K: 64, w: 'q4_0', rank: 16, bias: true, beta: 0 },
     { M: 5, N: 20, K: 41, w: 'f32', rank: 1, bias: false, beta: 1 },
   ];
@@ -508,13 +509,14 @@ describe('LoRA forward with h in the dispatch', () => {
     const ctx = gpu();
     await gpuCase(ctx, 'LoRA h refusals', async () => {
       const t = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
-      const [x1, x9, w, wt, c1, c9, h1, h9, a, aWide, b, bt, h9r17, a17, b17] = [
+      const [x1, x9, w, wt, c1, c9, c9b, h1, h9, a, aWide, b, bt, h9r17, a17, b17] = [
         t([1, 8], 'x1'),
         t([9, 8], 'x9'),
         t([4, 8], 'w'),
         t([8, 4], 'wt'),
         t([1, 4], 'c1'),
         t([9, 4], 'c9'),
+        t([9, 4], 'c9b'),
         t([1, 2], 'h1'),
         t([9, 2], 'h9'),
         t([2, 8], 'a'),
@@ -527,10 +529,10 @@ describe('LoRA forward with h in the dispatch', () => {
       ];
       const lowRank = { a2: h9, b2: b, alpha2: 1, a2From: a };
       await expect(planMatmul(ctx, x9, wt, c9, { transW: false, lowRank: { ...lowRank, b2: bt } })).rejects.toThrow(
-        /W transposed and no row range or epilogue/,
+        /LoRA's h in the dispatch takes W transposed/,
       );
-      await expect(planMatmul(ctx, x9, w, c9, { lowRank, residual: c9 })).rejects.toThrow(
-        /no beta or other epilogue|no row range or epilogue/,
+      await expect(planMatmul(ctx, x9, w, c9, { lowRank, activation: { kind: 'gelu', act: c9b } })).rejects.toThrow(
+        /LoRA's h in the dispatch takes W transposed, no row range, and no epilogue but bias, beta or RoPE on C/,
       );
       await expect(planMatmul(ctx, x1, w, c1, { lowRank: { ...lowRank, a2: h1 } })).rejects.toThrow(
         /tiled kernel, more than 4 rows \(got 1\)/,
@@ -541,7 +543,7 @@ describe('LoRA forward with h in the dispatch', () => {
       await expect(
         planMatmul(ctx, x9, w, c9, { lowRank: { a2: h9r17, b2: b17, alpha2: 1, a2From: a17 } }),
       ).rejects.toThrow(/ranks up to 16, got 17/);
-      for (const x of [x1, x9, w, wt, c1, c9, h1, h9, a, aWide, b, bt, h9r17, a17, b17]) x.dispose();
+      for (const x of [x1, x9, w, wt, c1, c9, c9b, h1, h9, a, aWide, b, bt, h9r17, a17, b17]) x.dispose();
     });
   });
 });

@@ -36,6 +36,14 @@ const base = { batch: 2, seq: 12, optimizer: { lr: 2e-3 }, seed: 3 };
 const CASES: Case[] = [
   // Llama-shaped with grouped-query attention: RoPE of q and k; GPU kernels.
   { fixture: 'tiny-llama', precision: 'f32', options: { ...base, lora: { r: 4, lora_alpha: 8 } }, gpuKernels: true },
+  // A lone q (LoRA's h in its matmul, stored through the RoPE epilogue, while k and v share a
+  // dispatch) and a gate adapted without its up (h in its matmul; up stores the nonlinearity).
+  {
+    fixture: 'tiny-llama3',
+    precision: 'f16',
+    options: { ...base, lora: { r: 4, lora_alpha: 8, target_modules: ['q_proj', 'gate_proj'] } },
+    gpuKernels: true,
+  },
   // Qwen3's per-head q/k norms before RoPE, every linear adapted, LoRA dropout, accumulation.
   {
     fixture: 'tiny-qwen3',

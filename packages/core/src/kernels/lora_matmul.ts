@@ -512,7 +512,8 @@ export interface LoraForwardBuffers {
   hComputed?: boolean;
   /** h = x·Aᵀ formed inside y's dispatch from its staged tiles (planMatmul's lowRank.a2From,
    * matmul_lora_h): one dispatch in all. Not with dropout or hComputed; planMatmul refuses it
-   * with an epilogue, f16 tiles, MATVEC_MAX_ROWS rows or fewer, or a rank above LORA_H_MAX_RANK. */
+   * with an epilogue other than bias, accumulation or RoPE on y, with f16 tiles, MATVEC_MAX_ROWS
+   * rows or fewer, or a rank above LORA_H_MAX_RANK. */
   hInMatmul?: boolean;
   /** y is stored through the MLP's nonlinearity too (planMatmul's activation epilogue). */
   activation?: MatmulActivation;

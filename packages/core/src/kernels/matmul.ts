@@ -284,7 +284,8 @@ export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptio
 
 /**
  * The largest rank whose h matmul_lora_h keeps in workgroup memory (MatmulOptions.lowRank.a2From):
- * 4·WG_Y rows × 16 f32 is 4 KiB beside the GPU tile's 10 KiB, inside WebGPU's 16 KiB minimum. Each
+ * 4·WG_Y rows × 16 f32 (4 KiB) and LoRA's A staged TK at a time (1 KiB) beside the GPU tile's 10 KiB
+ * are 15 KiB, inside WebGPU's 16 KiB minimum. Each
  * workgroup forms h for its rows again, r products per staged element against the 4·WG_X of the
  * main product (a quarter more work at r = 16 on the GPU tile): the in-dispatch h is for small
  * ranks, and larger ones keep their h dispatch.
@@ -706,7 +707,7 @@ function checkLoraH(
     opts.residual
   )
     throw new ShapeError(
-      `${label}: LoRA's h in the dispatch takes W transposed and no row range or epilogue but RoPE on C`,
+      `${label}: LoRA's h in the dispatch takes W transposed, no row range, and no epilogue but bias, beta or RoPE on C`,
     );
   if ((opts.tileMath ?? 'f32') !== 'f32')
     throw new ShapeError(`${label}: LoRA's h in the dispatch is formed from f32 tiles only`);
