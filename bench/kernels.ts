@@ -19,6 +19,9 @@
  * - lora_h_in_matmul vs lora_h_then_matmul: an adapted projection (the o projection, r = 8 and
  *   16) forming LoRA's h from its own staged tiles (matmul_lora_h) against the h dispatch the
  *   forward plans before it (loraThinKernel's) followed by the matmul with the low-rank term;
+ * - norm_bwd_in_dx vs norm_bwd_then_dx: the o projection's dx (∂L/∂mid·W_o) with the backward of
+ *   the RMSNorm before the MLP formed as its A tiles are staged (matmul_norm_bwd) against that norm's
+ *   backward dispatch (accumulating into ∂L/∂out) followed by the plain dx matmul;
  * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
  *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
  * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
@@ -53,6 +56,7 @@ import {
   planLoraRows,
   planLoraRowsMulti,
   planMatmul,
+  planRmsNormBackward,
   planRmsNormForward,
   planRopeForward,
   readFloat32,
@@ -563,6 +567,57 @@ async function benchLoraHInMatmul(ctx: GpuContext, o: BenchOptions): Promise<voi
   }
 }
 
+/** matmul_norm_bwd: a SmolLM2-135M layer's o projection dx (o unadapted) with the backward of the
+ * norm before the MLP in its prologue, against that norm's backward dispatch, which adds into
+ * ∂L/∂out in place, followed by the plain dx matmul. */
+async function benchNormBwdInDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const M = 4 * T;
+  const d = 576; // SmolLM2-135M's hidden size: o is d×d
+  const shape = `${M}x${d}x${d}, W:f16`;
+  const mid = random(M * d, 71, 1);
+  const rstd = new Float32Array(M);
+  for (let i = 0; i < M; i++) {
+    let ss = 0;
+    for (let j = 0; j < d; j++) ss += (mid[i * d + j] as number) ** 2;
+    rstd[i] = 1 / Math.sqrt(ss / d + 1e-5);
+  }
+  const dOut = random(M * d, 72, 1);
+  const x = tensorFromData(ctx, mid, [M, d], 'f32', 'mid');
+  const gain = tensorFromData(ctx, random(d, 73, 1), [d], 'f32', 'norm2.w');
+  const rstdT = tensorFromData(ctx, rstd, [M], 'f32', 'rstd');
+  const dn = tensorFromData(ctx, random(M * d, 74, 1), [M, d], 'f32', 'd_norm_out');
+  const w = tensorFromData(ctx, random(d * d, 75, 0.05), [d, d], 'f16', 'w_o');
+  const dOutFused = tensorFromData(ctx, dOut, [M, d], 'f32', 'd_out fused');
+  // The baseline adds the norm's backward into ∂L/∂out in place; later timed runs keep adding to
+  // it (only the first run's outputs are compared).
+  const dMidPlain = tensorFromData(ctx, dOut, [M, d], 'f32', 'd_mid plain');
+  const dMidFused = createTensor(ctx, [M, d], 'f32', 'd_mid fused');
+  const dx = [createTensor(ctx, [M, d], 'f32', 'dx fused'), createTensor(ctx, [M, d], 'f32', 'dx plain')];
+  const fused = await planMatmul(ctx, dOutFused, w, dx[0] as Tensor, {
+    transW: false,
+    normBackward: { dn, x, w: gain, rstd: rstdT, dMid: dMidFused },
+  });
+  const plain = [
+    await planRmsNormBackward(ctx, { x, w: gain, rstd: rstdT, dy: dn, dx: dMidPlain }, { eps: 1e-5, accumulate: true }),
+    await planMatmul(ctx, dMidPlain, w, dx[1] as Tensor, { transW: false }),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'norm_bwd_in_dx',
+    baseline: 'norm_bwd_then_dx',
+    shape,
+    fused: [fused],
+    plain,
+    outputs: [
+      [dx[0] as Tensor, dx[1] as Tensor],
+      [dMidFused, dMidPlain],
+    ],
+    flops: matmulFlops({ M, N: d, K: d }),
+  });
+  for (const t of [fused, ...plain]) t.dispose();
+  for (const t of [x, gain, rstdT, dn, w, dOutFused, dMidPlain, dMidFused, ...dx]) t.dispose();
+}
+
 /** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted, their A in one arena. */
 async function benchRmsNormLoraH(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const [rows, d, r] = [o.quick ? 64 : 512, 576, 8];
@@ -848,6 +903,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'glu_norm'.includes(o.only)) await benchGluNorm(ctx, o);
   if (!o.only || 'matmul_resid'.includes(o.only)) await benchMatmulResid(ctx, o);
   if (!o.only || 'lora_h_in_matmul'.includes(o.only)) await benchLoraHInMatmul(ctx, o);
+  if (!o.only || 'norm_bwd_in_dx'.includes(o.only)) await benchNormBwdInDx(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
   if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);

@@ -1085,6 +1085,136 @@ fn matmul_glu_norm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
   store_glu(m + 3u, n, gate[3], up[3]);
 }
 
+// matmul_norm_bwd: dx = d_mid·W (W as stored, K×N, the backward's layout) where d_mid, the
+// gradient of an RMSNorm's input plus the residual gradient, is formed as A is staged:
+//   d_mid[r][k] = d_out[r][k] + rstd_r·g_k·dn[r][k] − x[r][k]·rstd_r³·c_r / K,
+//   c_r = Σ_k g_k·dn[r][k]·x[r][k],
+// with A = d_out (1), dn the gradient of the norm's output (18), x its input (19), rstd from the
+// forward (20) and g its gain (14). Each workgroup first forms c for its rows (as norm_rows forms
+// rstd), and the workgroups of the first column of tiles store d_mid (21), which the layers below
+// read: the norm's backward costs no dispatch of its own. d_mid must be another buffer than
+// d_out, which other workgroups are still reading. No bias, beta or low-rank term. 8 storage
+// buffers.
+@group(0) @binding(18) var<storage, read> nb_dn: array<vec4<f32>>;
+@group(0) @binding(19) var<storage, read> nb_x: array<vec4<f32>>;
+@group(0) @binding(20) var<storage, read> nb_rstd: array<f32>;
+@group(0) @binding(21) var<storage, read_write> nb_dmid: array<f32>;
+
+var<workgroup> row_coef: array<f32, 4u * WG_Y>;  // rstd_r³·c_r / K
+
+// Four consecutive elements of a row-major M×K operand read as vec4 (dn or x), zero outside.
+fn nb_chunk(which: u32, r: u32, col: u32) -> vec4<f32> {
+  if (r >= p.M || col >= p.K) { return vec4<f32>(0.0); }
+  let e = r * p.K + col;
+  if (ALIGNED) {
+    if (which == 0u) { return nb_dn[e / 4u]; }
+    return nb_x[e / 4u];
+  }
+  var v = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < p.K) {
+      if (which == 0u) { v[i] = nb_dn[(e + i) / 4u][(e + i) % 4u]; } else { v[i] = nb_x[(e + i) / 4u][(e + i) % 4u]; }
+    }
+  }
+  return v;
+}
+
+// rstd³·c/K of rows m0.. into row_coef (lanes of a row add their strided sums in row_ss).
+fn norm_bwd_rows(tid: u32, m0: u32) {
+  let rows = 4u * WG_Y;
+  let threads = WG_X * WG_Y;
+  let lanes = max(1u, threads / rows);
+  let chunks = (p.K + 3u) / 4u;
+  for (var row = tid / lanes; row < rows; row += threads / lanes) {
+    var s = 0.0;
+    for (var q = tid % lanes; q < chunks; q += lanes) {
+      let col = q * 4u;
+      s += dot(gain4(col) * nb_chunk(0u, m0 + row, col), nb_chunk(1u, m0 + row, col));
+    }
+    row_ss[row * lanes + tid % lanes] = s;
+  }
+  workgroupBarrier();
+  for (var row = tid; row < rows; row += threads) {
+    var s = 0.0;
+    for (var l = 0u; l < lanes; l++) { s += row_ss[row * lanes + l]; }
+    var coef = 0.0;
+    if (m0 + row < p.M) {
+      let r = nb_rstd[m0 + row];
+      coef = r * r * r * s / f32(p.K);
+    }
+    row_coef[row] = coef;
+  }
+  workgroupBarrier();
+}
+
+// As stage_a, of d_mid; the first column of tiles also stores it.
+fn stage_a_norm_bwd(tid: u32, m0: u32, k0: u32, store: bool) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
+    let row = i / chunks;
+    let m = m0 + row;
+    let col = k0 + (i % chunks) * 4u;
+    var v = vec4<f32>(0.0);
+    if (m < p.M) {
+      let rstd = nb_rstd[m];
+      v = a_chunk(m, col) + rstd * gain4(col) * nb_chunk(0u, m, col) - nb_chunk(1u, m, col) * row_coef[row];
+    }
+    a_tile[row * a_stride() + i % chunks] = vec4<tile_t>(v);
+    if (store) {
+      for (var j = 0u; j < 4u; j++) {
+        if (m < p.M && col + j < p.K) { nb_dmid[m * p.K + col + j] = v[j]; }
+      }
+    }
+  }
+}
+
+// W alone in the tiles, in either layout (stage_w names B2 too, which these entries do not bind).
+fn stage_w_only(tid: u32, n0: u32, k0: u32) {
+  if (TRANS_W) {
+    let chunks = TK / 4u;
+    for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
+      w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(w_chunk(n0 + i / chunks, k0 + (i % chunks) * 4u, p.N, p.K));
+    }
+  } else {
+    for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
+      let kk = i / WG_X;
+      let q = i % WG_X;
+      w_tile[kk * WG_X + q] = vec4<tile_t>(w_chunk(k0 + kk, n0 + q * 4u, p.K, p.N));
+    }
+  }
+}
+
+// C[m][n..n+3] = v, the columns inside N only (no bias, no beta).
+fn store_row_plain(m: u32, n: u32, v: vec4<f32>) {
+  if (m >= p.M) { return; }
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j < p.N) { c[m * p.N + n + j] = v[j]; }
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_norm_bwd(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  norm_bwd_rows(tid, m0);
+  var acc = mat4x4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a_norm_bwd(tid, m0, k0, wid.x == 0u);
+    stage_w_only(tid, n0, k0);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  acc = acc * p.alpha;
+  let m = m0 + lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  store_row_plain(m + 0u, n, acc[0]);
+  store_row_plain(m + 1u, n, acc[1]);
+  store_row_plain(m + 2u, n, acc[2]);
+  store_row_plain(m + 3u, n, acc[3]);
+}
+
 // Two projections of one input at C[m][n..n+3] and up_out[m][n..n+3] (matmul_pair, matvec_pair).
 fn store_pair(m: u32, n: u32, first: vec4<f32>, second: vec4<f32>) {
   if (m >= p.M) { return; }

@@ -6,7 +6,7 @@ import { describe, expect, it } from 'vitest';
 import { geluNewBackwardRef, geluNewForwardRef, siluMulBackwardRef, siluMulForwardRef } from '../ref/activations.js';
 import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
-import { rmsnormForwardRef } from '../ref/rmsnorm.js';
+import { rmsnormBackwardRef, rmsnormForwardRef } from '../ref/rmsnorm.js';
 import { ropeForwardRef } from '../ref/rope.js';
 import {
   createTensor,
@@ -546,6 +546,77 @@ describe('LoRA forward with h in the dispatch', () => {
       for (const x of [x1, x9, w, wt, c1, c9, c9b, h1, h9, a, aWide, b, bt, h9r17, a17, b17]) x.dispose();
     });
   });
+});
+
+// matmul_norm_bwd: dx = d_mid·W with d_mid = d_out + RMSNorm's backward of dn formed as it is
+// staged, and stored by the first column of tiles. dx and d_mid against the float64 norm backward
+// followed by the float64 product; rows scaled from 1e-3 to 1e3 (so a row given another row's rstd
+// or coefficient cannot pass), several column tiles, K not a multiple of 4 or of TK, both layouts
+// of W, d_mid and dx starting as NaN.
+describe('RMSNorm backward in the prologue of dx', () => {
+  const cases: { M: number; N: number; K: number; w: DType; transW: boolean }[] = [
+    { M: 65, N: 130, K: 96, w: 'f16', transW: false },
+    { M: 33, N: 72, K: 7, w: 'f32', transW: false },
+    { M: 130, N: 64, K: 64, w: 'q8_0', transW: true },
+    { M: 9, N: 20, K: 41, w: 'f32', transW: true },
+  ];
+  for (const r of cases) {
+    const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w}${r.transW ? 'ᵀ' : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = r.M * 3 + r.N + r.K;
+      const scale = (i: number) => 10 ** (((i % 7) - 3) / 1);
+      const x = randomArray(r.M * r.K, seed).map((v, i) => v * scale(Math.floor(i / r.K)));
+      const dn = randomArray(r.M * r.K, seed + 1);
+      const dOut = randomArray(r.M * r.K, seed + 2);
+      const g = randomArray(r.K, seed + 3).map((v) => 1 + 0.5 * v);
+      const w = asStored(randomArray(r.N * r.K, seed + 4), r.w);
+      const eps = 1e-5;
+      const ref = { rows: r.M, d: r.K, x, w: g, eps };
+      const rstd = Float32Array.from(rmsnormForwardRef(ref).rstd);
+      const dMid = addRef(dOut, rmsnormBackwardRef(ref, dn).dx);
+      const want = matmulRef(dMid, w, r.M, r.K, r.N, { transB: r.transW });
+      const got = await gpuCase(ctx, name, async () => {
+        const t = (data: ArrayLike<number>, shape: number[], label: string) =>
+          tensorFromData(ctx, Float32Array.from(data), shape, 'f32', label);
+        const nan = (label: string, n: number) => t(new Float32Array(r.M * n).fill(Number.NaN), [r.M, n], label);
+        const tOut = t(dOut, [r.M, r.K], 'd_out');
+        const tw = tensorFromData(ctx, w, r.transW ? [r.N, r.K] : [r.K, r.N], r.w, 'w');
+        const tdn = t(dn, [r.M, r.K], 'dn');
+        const tx = t(x, [r.M, r.K], 'mid');
+        const tg = t(g, [r.K], 'gain');
+        const trstd = t(rstd, [r.M], 'rstd');
+        const tmid = nan('d_mid', r.K);
+        const tc = nan('dx', r.N);
+        const d = await planMatmul(ctx, tOut, tw, tc, {
+          transW: r.transW,
+          normBackward: { dn: tdn, x: tx, w: tg, rstd: trstd, dMid: tmid },
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = { dx: await readFloat32(tc), dMid: await readFloat32(tmid) };
+        d.dispose();
+        for (const b of [tOut, tw, tdn, tx, tg, trstd, tmid, tc]) b.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name} d_mid`, got.dMid, dMid, 1e-5, 1e-5);
+      // Rows of 1e3 and 1e-3 cancel in dx: bound each element by f32 rounding of its own terms,
+      // Σ_k |d_mid·W|, rather than by its (possibly small) value.
+      const terms = matmulRef(
+        dMid.map((v) => Math.abs(v)),
+        Float64Array.from(w, (v) => Math.abs(v)),
+        r.M,
+        r.K,
+        r.N,
+        { transB: r.transW },
+      );
+      let worst = 0;
+      for (let i = 0; i < want.length; i++) {
+        const bound = 1e-6 * Math.sqrt(r.K) * (terms[i] as number) + 1e-6;
+        worst = Math.max(worst, Math.abs((got.dx[i] as number) - (want[i] as number)) / bound);
+      }
+      expect(worst, `${name} dx: worst error over its bound`).toBeLessThanOrEqual(1);
+    });
+  }
 });
 
 // matmul_glu_norm: the gated MLP on RMSNorm(x), the norm inside the dispatch: gate, up, act and the

@@ -107,6 +107,27 @@ const LORA_H_BINDINGS = [...BINDINGS, ...Array<'none'>(10).fill('none'), 'write'
 const LORA_H_ROPE_BINDINGS = LORA_H_BINDINGS.map((b, i) => (i === 13 ? 'read' : b));
 const MATMUL_LORA_H: Entry = { entryPoint: 'matmul_lora_h', bindings: LORA_H_BINDINGS };
 const MATMUL_LORA_H_ROPE: Entry = { entryPoint: 'matmul_lora_h_rope', bindings: LORA_H_ROPE_BINDINGS };
+// dx through an RMSNorm's backward (matmul_norm_bwd): 1 d_out, 2 W, 6 dx, 14 the gain, 18 dn, 19 x,
+// 20 rstd (read), 21 d_mid (written). 8 storage buffers.
+const NORM_BWD_BINDINGS = [
+  'uniform',
+  'read',
+  'read',
+  'none',
+  'none',
+  'none',
+  'write',
+  ...Array<'none'>(7).fill('none'),
+  'read',
+  'none',
+  'none',
+  'none',
+  'read',
+  'read',
+  'read',
+  'write',
+] as const;
+const MATMUL_NORM_BWD: Entry = { entryPoint: 'matmul_norm_bwd', bindings: NORM_BWD_BINDINGS };
 // The RoPE epilogue's entries: + 13 inv_freq (read). matmul_rope 7 storage buffers, the pairs 8.
 const ROPE_BINDINGS = [...BINDINGS, 'none', 'none', 'none', 'none', 'none', 'none', 'read'] as const;
 const PAIR_ROPE_BINDINGS = [...PAIR_BINDINGS, 'read'] as const;
@@ -245,6 +266,21 @@ export interface MatmulOptions {
    * holding it. Tiled kernel only (not for M ≤ MATVEC_MAX_ROWS); no beta or other epilogue.
    */
   residual?: Tensor;
+  /**
+   * A is ∂L/∂out of a block whose output is out = mid + f(RMSNorm(mid)) (the residual gradient),
+   * and the product is taken of ∂L/∂mid = A + RMSNorm's backward of `dn` (∂L/∂ its output), formed
+   * as A is staged (matmul_norm_bwd): the norm's backward costs no dispatch of its own. `x` is the
+   * norm's input (mid), `w` its gain, `rstd` its saved rstd; ∂L/∂mid is also written to `dMid`
+   * (another buffer than A, dn and x). f32 tiles and the tiled kernel only; no bias, beta, row
+   * range, low-rank term or epilogue.
+   */
+  normBackward?: {
+    readonly dn: Tensor;
+    readonly x: Tensor;
+    readonly w: Tensor;
+    readonly rstd: Tensor;
+    readonly dMid: Tensor;
+  };
   /**
    * A second projection of the same A: `out` gets A·W3ᵀ (W3 N×K, any storage format) while C gets
    * A·Wᵀ with its low-rank term, in one dispatch (matmul_pair / matvec_pair): q and k, say.
@@ -462,6 +498,8 @@ export async function planMatmul(
   if (residual) checkResidual(ctx, label, dims, c, opts, residual);
   const a2From = lowRank?.a2From;
   if (a2From) checkLoraH(ctx, label, dims, opts, a2From, K2);
+  const normBwd = opts.normBackward;
+  if (normBwd) checkNormBackward(ctx, label, dims, a, opts, normBwd);
   if (second) checkSecondProjection(label, w, c, transW, opts, second.w, [second.out]);
   const w3 = extra?.w ?? glu?.w ?? second?.w;
   const third: Record<string, boolean> = w3
@@ -496,29 +534,31 @@ export async function planMatmul(
     workgroups = [Math.ceil(dims.N / (4 * shape.MV_N)), 1];
   } else {
     const tile = matmulTile(ctx, dims);
-    const entry = glu
-      ? norm
-        ? MATMUL_GLU_NORM
-        : MATMUL_GLU
-      : second
-        ? rope
-          ? MATMUL_PAIR_ROPE
-          : MATMUL_PAIR
-        : a2From
+    const entry = normBwd
+      ? MATMUL_NORM_BWD
+      : glu
+        ? norm
+          ? MATMUL_GLU_NORM
+          : MATMUL_GLU
+        : second
           ? rope
-            ? MATMUL_LORA_H_ROPE
-            : MATMUL_LORA_H
-          : rope
-            ? MATMUL_ROPE
-            : extra
-              ? MATMUL_SUM
-              : act
-                ? MATMUL_ACT
-                : actBwd
-                  ? MATMUL_ACT_BWD
-                  : residual
-                    ? MATMUL_RESID
-                    : MATMUL;
+            ? MATMUL_PAIR_ROPE
+            : MATMUL_PAIR
+          : a2From
+            ? rope
+              ? MATMUL_LORA_H_ROPE
+              : MATMUL_LORA_H
+            : rope
+              ? MATMUL_ROPE
+              : extra
+                ? MATMUL_SUM
+                : act
+                  ? MATMUL_ACT
+                  : actBwd
+                    ? MATMUL_ACT_BWD
+                    : residual
+                      ? MATMUL_RESID
+                      : MATMUL;
     kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -549,6 +589,8 @@ export async function planMatmul(
     resources = [a, w, ...operands, glu.act, glu.w, glu.up];
   } else if (second) {
     resources = [a, w, ...operands, second.w, second.out];
+  } else if (normBwd) {
+    resources = [a, w, c, normBwd.w, normBwd.dn, normBwd.x, normBwd.rstd, normBwd.dMid];
   } else if (a2From) {
     // In binding order: RoPE's frequencies (13) before h (17).
     const freq = rope ? [rope.invFreq] : [];
@@ -724,6 +766,53 @@ function checkLoraH(
   const have = ctx.limits.maxComputeWorkgroupStorageSize;
   if (bytes > have)
     throw new LimitExceededError('maxComputeWorkgroupStorageSize', bytes, have, `${label} (LoRA's h in the dispatch)`);
+}
+
+/** Checks matmul_norm_bwd's operands: dn, x and d_mid M×K f32 (d_mid apart from what is read),
+ * the gain K and rstd M f32 values, f32 tiles, the tiled kernel, nothing else fused. */
+function checkNormBackward(
+  ctx: GpuContext,
+  label: string,
+  dims: MatmulDims,
+  a: Tensor,
+  opts: MatmulOptions,
+  nb: NonNullable<MatmulOptions['normBackward']>,
+): void {
+  if (
+    opts.bias ||
+    (opts.beta ?? 0) !== 0 ||
+    opts.wRows ||
+    opts.lowRank ||
+    opts.activation ||
+    opts.activationBackward ||
+    opts.extra ||
+    opts.glu ||
+    opts.second ||
+    opts.rope ||
+    opts.norm ||
+    opts.residual
+  )
+    throw new ShapeError(
+      `${label}: the norm's backward prologue takes no bias, beta, row range, low-rank term or epilogue`,
+    );
+  if ((opts.tileMath ?? 'f32') !== 'f32') throw new ShapeError(`${label}: the norm's backward prologue is f32 only`);
+  checkTiled(ctx, label, dims, opts, "the norm's backward prologue");
+  const rowsLikeA = (t: Tensor, what: string) => {
+    if (t.dtype !== 'f32' || t.size !== dims.M * dims.K || t.shape[t.shape.length - 1] !== dims.K)
+      throw new ShapeError(
+        `${label}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 ${dims.M}×${dims.K} like A`,
+      );
+  };
+  rowsLikeA(nb.dn, "the norm's output gradient");
+  rowsLikeA(nb.x, "the norm's input");
+  rowsLikeA(nb.dMid, 'd_mid');
+  if (nb.w.dtype !== 'f32' || nb.w.size !== dims.K)
+    throw new ShapeError(`${label}: the norm's gain ${nb.w.label} must be ${dims.K} f32 values`);
+  if (nb.rstd.dtype !== 'f32' || nb.rstd.size !== dims.M)
+    throw new ShapeError(`${label}: rstd ${nb.rstd.label} must be ${dims.M} f32 values`);
+  for (const t of [a, nb.dn, nb.x])
+    if (t.buffer === nb.dMid.buffer)
+      throw new ShapeError(`${label}: d_mid ${nb.dMid.label} must be another buffer than ${t.label}, which it reads`);
 }
 
 /** Checks matmul_resid's residual: M×N f32 like C, the tiled kernel, nothing else in the store. */
