@@ -18,7 +18,9 @@ import {
   type LoraGradModule,
   loraGradPairable,
   loraGradPairPays,
+  MATVEC_MAX_ROWS,
   type MatmulActivationBackward,
+  normInMlpPays,
   planAttentionBackward,
   planCopyRows,
   planCrossEntropyTraining,
@@ -87,7 +89,7 @@ export interface BackwardPlan {
 export function backwardLayout(
   config: ModelConfig,
   ranks: AdapterRanks,
-  opts: { B: number; T: number; dropout?: boolean; fuse?: boolean },
+  opts: { B: number; T: number; dropout?: boolean; fuse?: boolean; normInDx?: boolean },
 ): PlannedBuffer[] {
   const c = config;
   const { B, T } = opts;
@@ -107,6 +109,12 @@ export function backwardLayout(
   add('lse', [rows]);
   add('d_hidden', [rows, d]);
   add('d_resid', [rows, d]);
+  // The other residual gradient where a norm's backward runs in o's dx (norm2InODx): it writes
+  // ∂L/∂mid while its other workgroups still read ∂L/∂out, so the two take turns.
+  const folds = modelLayout(c).layers.some((l) =>
+    norm2InODx(c, new Set(adaptedRoles(l, ranks).keys()), rows, opts.fuse ?? true, opts.normInDx ?? false),
+  );
+  add('d_resid_next', [rows, d], 'f32', folds);
   add('d_norm_out', [rows, d]);
   // ∂L/∂act, unless every down projection's dx kernel stores the nonlinearity's backward itself.
   const downDropout =
@@ -141,6 +149,22 @@ function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse
   });
 }
 
+/**
+ * Whether the backward of a layer's second norm runs in the prologue of o's dx (planMatmul's
+ * normBackward, matmul_norm_bwd) instead of a dispatch of its own: where `pays`, fused, an RMSNorm,
+ * o unadapted (its dx kernel has no room for the LoRA term beside the norm's operands) and more than
+ * MATVEC_MAX_ROWS rows.
+ */
+export function norm2InODx(
+  config: ModelConfig,
+  adapted: ReadonlySet<LinearRole>,
+  rows: number,
+  fuse: boolean,
+  pays: boolean,
+): boolean {
+  return pays && fuse && config.norm.kind === 'rms' && !adapted.has('o') && rows > MATVEC_MAX_ROWS;
+}
+
 /** The first layer with an adapted projection (numLayers when none): the backward stops there. */
 export function lowestAdaptedLayer(config: ModelConfig, ranks: AdapterRanks): number {
   const i = modelLayout(config).layers.findIndex((l) => l.linears.some((m) => ranks.has(m.name)));
@@ -172,6 +196,8 @@ export function backwardDispatchCount(
     pairGdB?: boolean;
     /** The replayed forward's fusions (layerFusions). Default GPU_FUSIONS. */
     fusions?: LayerFusions;
+    /** The second norm's backward in o's dx where norm2InODx allows. Default true. */
+    normInDx?: boolean;
   },
 ): number {
   const fuse = opts.fuse ?? true;
@@ -196,7 +222,10 @@ export function backwardDispatchCount(
     // dB two modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
     for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse))
       n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
-    n += (input ? 2 : 1) + (fuse ? 2 : 3); // the two norms, attention (dq with delta, dk/dv; or delta apart)
+    // The two norms (the second in o's dx where norm2InODx), attention (dq with delta, dk/dv; or
+    // delta apart).
+    const norm2 = norm2InODx(c, adapted, opts.rows, fuse, opts.normInDx ?? true) ? 0 : 1;
+    n += (input ? 1 : 0) + norm2 + (fuse ? 2 : 3);
     const dxOf = opts.dropout ? 3 : 1;
     const inputLin = (role: LinearRole) => (input ? lin(role) : adapted.has(role) ? lora - dxOf : 0);
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
@@ -248,9 +277,13 @@ export async function planBackward(
     /** Plan lora_g_db_pair where B and dB allow (loraGradPairable). Default loraGradPairPays(ctx):
      * on GPUs; tests set it to run the pair on any adapter. */
     pairGdB?: boolean;
+    /** The second norm's backward in o's dx where norm2InODx allows. Default normInMlpPays(ctx)
+     * (GPUs); tests set it to run it on any adapter. */
+    normInDx?: boolean;
   } = {},
 ): Promise<BackwardPlan> {
   const pairGdB = opts.pairGdB ?? loraGradPairPays(ctx);
+  const normInDx = opts.normInDx ?? normInMlpPays(ctx);
   if (fwd.mode !== 'train') throw new Error('planBackward needs a forward plan made with mode "train"');
   const model = fwd.model;
   const c = model.config;
@@ -262,7 +295,7 @@ export async function planBackward(
   let ce: CrossEntropyGradPlan | undefined;
   const s = new Scratch();
   try {
-    s.allocate(ctx, backwardLayout(c, ranks, { B, T, dropout: fwd.dropout !== undefined, fuse: fwd.fuse }));
+    s.allocate(ctx, backwardLayout(c, ranks, { B, T, dropout: fwd.dropout !== undefined, fuse: fwd.fuse, normInDx }));
     const labels = s.get('labels');
     const loss = s.get('loss');
     const errors = s.get('loss_errors');
@@ -276,7 +309,9 @@ export async function planBackward(
     out.push(...ce.dispatches);
 
     // Shared across layers: the backward handles one layer at a time.
-    const dResid = s.get('d_resid');
+    // ∂L/∂ the current layer's output; it moves to the other buffer where o's dx writes ∂L/∂mid.
+    let dResid = s.get('d_resid');
+    let dResidOther = s.maybe('d_resid_next');
     const dNorm = s.get('d_norm_out');
     const dAct = s.maybe('d_act');
     const dGate = s.get('d_gate');
@@ -491,11 +526,20 @@ export async function planBackward(
           p,
         );
       }
-      // The residual: ∂L/∂mid = ∂L/∂out + norm2's backward, added in place.
-      out.push(await normBackward(layer.norm2, a.mid, a.n2Stats, dNorm, dResid, true, `${p}.norm2`));
-
-      // Attention: mid = x + o(attention(q, k, v)).
-      await linearBackward(layer, a, 'o', a.attn, dResid, dAttn, false);
+      // The residual: ∂L/∂mid = ∂L/∂out + norm2's backward, added in place; or formed in o's dx
+      // prologue into the other buffer, which then holds the residual gradient.
+      if (norm2InODx(c, new Set(a.loraH.keys()), rows, fwd.fuse, normInDx) && dResidOther) {
+        const o = layer.linears.o as Linear;
+        const nb = { dn: dNorm, x: a.mid, w: layer.norm2.w, rstd: a.n2Stats.rstd, dMid: dResidOther };
+        out.push(
+          await planMatmul(ctx, dResid, o.w, dAttn, { transW: false, normBackward: nb, label: `${o.module.name}.dx` }),
+        );
+        [dResid, dResidOther] = [dResidOther, dResid];
+      } else {
+        out.push(await normBackward(layer.norm2, a.mid, a.n2Stats, dNorm, dResid, true, `${p}.norm2`));
+        // Attention: mid = x + o(attention(q, k, v)).
+        await linearBackward(layer, a, 'o', a.attn, dResid, dAttn, false);
+      }
       const dims = { B, Tq: T, Tk: T, pos0: 0, nH: c.numHeads, nKV: c.numKvHeads, hd: c.headDim };
       if (c.family === 'gpt2') {
         const qkv = a.qkv as Tensor;

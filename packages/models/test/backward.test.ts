@@ -4,6 +4,7 @@
 import {
   createTensor,
   loraGradPairPays,
+  normInMlpPays,
   readFloat32,
   StepEncoder,
   type Tensor,
@@ -117,7 +118,8 @@ describe('LoRA gradients against PEFT', () => {
         // inside the matmul of o, down, GPT-2's c_attn and c_proj (the B configurations).
         const fusions = { normInMlp: true, loraHInMatmul: true };
         const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, ...fusions });
-        const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute });
+        // The second norm's backward in o's dx too, wherever o is unadapted (the A configurations).
+        const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute, normInDx: true });
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
         writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));
         const enc = new StepEncoder(ctx, 'train step').clear(fwd.embeddingErrors).clear(bwd.errors);
@@ -212,6 +214,7 @@ describe('backward below the lowest adapted layer', () => {
           rows: B * T,
           lossDispatches: bwd.crossEntropy.dispatches.length,
           pairGdB: loraGradPairPays(ctx),
+          normInDx: normInMlpPays(ctx),
         });
         expect(dispatches, `layer 0 adapted: ${withLayer0}`).toBe(counted);
         bwd.dispose();

@@ -315,7 +315,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
 
   // Scratch: the backward plan's layout, the loss's logits chunk, the trainer's own buffers.
   const S = 'scratch';
-  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse })) add(S, `backward.${b.label}`, b.shape, b.dtype);
+  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse, normInDx: !cpu }))
+    add(S, `backward.${b.label}`, b.shape, b.dtype);
   const loss = crossEntropyScratchBytes({ limits }, rows, c.vocabSize);
   // The loss's chunks never straddle two parts of a split LM head.
   const chunks = headParts.reduce((n, part) => n + Math.ceil(part / loss.chunk), 0);
@@ -330,6 +331,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     dropout,
     fuse,
     pairGdB: !cpu,
+    normInDx: !cpu,
     fusions,
     lossDispatches: crossEntropyTrainingDispatchCount(chunks),
   });
