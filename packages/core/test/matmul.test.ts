@@ -11,11 +11,13 @@ import { ropeForwardRef } from '../ref/rope.js';
 import {
   createTensor,
   type DType,
+  type MatmulOptions,
   type MatvecVariant,
   planMatmul,
   readFloat32,
   ShapeError,
   StepEncoder,
+  type Tensor,
   tensorFromData,
 } from '../src/index.js';
 import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
@@ -559,6 +561,8 @@ describe('RMSNorm backward in the prologue of dx', () => {
     { M: 33, N: 72, K: 7, w: 'f32', transW: false },
     { M: 130, N: 64, K: 64, w: 'q8_0', transW: true },
     { M: 9, N: 20, K: 41, w: 'f32', transW: true },
+    // What training plans: o's dx, W untransposed, K and N multiples of 4 (the aligned loads).
+    { M: 65, N: 64, K: 96, w: 'f16', transW: false },
   ];
   for (const r of cases) {
     const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w}${r.transW ? 'ᵀ' : ''}`;
@@ -617,6 +621,49 @@ describe('RMSNorm backward in the prologue of dx', () => {
       expect(worst, `${name} dx: worst error over its bound`).toBeLessThanOrEqual(1);
     });
   }
+
+  it('is refused with d_mid on a buffer the dispatch reads or writes, f16 tiles, an epilogue or few rows', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'norm backward refusals', async () => {
+      const [M, K, N] = [8, 16, 12];
+      const rows = (label: string) => createTensor(ctx, [M, K], 'f32', label);
+      const [dOut, dn, x, dMid] = ['d_out', 'dn', 'mid', 'd_mid'].map(rows) as [Tensor, Tensor, Tensor, Tensor];
+      const w = createTensor(ctx, [K, N], 'f16', 'w');
+      const c = createTensor(ctx, [M, N], 'f32', 'dx');
+      const cWide = createTensor(ctx, [M, K], 'f32', 'dx wide');
+      const gain = createTensor(ctx, [K], 'f32', 'gain');
+      const rstd = createTensor(ctx, [M], 'f32', 'rstd');
+      const nb = { dn, x, w: gain, rstd, dMid };
+      try {
+        const plan = (opts: MatmulOptions, a = dOut, out = c, wt = w) =>
+          planMatmul(ctx, a, wt, out, { transW: false, ...opts });
+        for (const alias of [dOut, dn, x])
+          await expect(plan({ normBackward: { ...nb, dMid: alias } })).rejects.toThrow(/must be another buffer/);
+        // C written beside d_mid: WebGPU itself would accept the two writable bindings.
+        const square = createTensor(ctx, [K, K], 'f16', 'w square');
+        await expect(plan({ normBackward: { ...nb, dMid: cWide } }, dOut, cWide, square)).rejects.toThrow(
+          /which it writes/,
+        );
+        square.dispose();
+        // f16 tiles: refused by the prologue, or first by an adapter without shader-f16.
+        await expect(plan({ normBackward: nb, tileMath: 'f16' })).rejects.toThrow(/f32 only|shader-f16/);
+        await expect(plan({ normBackward: nb, beta: 1 })).rejects.toThrow(/no bias, beta/);
+        await expect(plan({ normBackward: { ...nb, rstd: gain } })).rejects.toThrow(/rstd/);
+        // Two rows of x·Wᵀ take the matrix-vector kernel, which has no prologue.
+        const few = ['d_out 2', 'dn 2', 'mid 2', 'd_mid 2'].map((l) => createTensor(ctx, [2, K], 'f32', l));
+        const [fOut, fdn, fx, fMid] = few as [Tensor, Tensor, Tensor, Tensor];
+        const fRstd = createTensor(ctx, [2], 'f32', 'rstd 2');
+        const fC = createTensor(ctx, [2, N], 'f32', 'dx 2');
+        const wT = createTensor(ctx, [N, K], 'f16', 'w transposed');
+        await expect(
+          planMatmul(ctx, fOut, wT, fC, { normBackward: { dn: fdn, x: fx, w: gain, rstd: fRstd, dMid: fMid } }),
+        ).rejects.toThrow(/tiled kernel/);
+        for (const t of [...few, fRstd, fC, wT]) t.dispose();
+      } finally {
+        for (const t of [dOut, dn, x, dMid, w, c, cWide, gain, rstd]) t.dispose();
+      }
+    });
+  });
 });
 
 // matmul_glu_norm: the gated MLP on RMSNorm(x), the norm inside the dispatch: gate, up, act and the

@@ -89,6 +89,7 @@ export interface BackwardPlan {
 export function backwardLayout(
   config: ModelConfig,
   ranks: AdapterRanks,
+  /** normInDx: as planBackward's; default true, as backwardDispatchCount's (the GPU plan). */
   opts: { B: number; T: number; dropout?: boolean; fuse?: boolean; normInDx?: boolean },
 ): PlannedBuffer[] {
   const c = config;
@@ -111,8 +112,13 @@ export function backwardLayout(
   add('d_resid', [rows, d]);
   // The other residual gradient where a norm's backward runs in o's dx (norm2InODx): it writes
   // ∂L/∂mid while its other workgroups still read ∂L/∂out, so the two take turns.
-  const folds = modelLayout(c).layers.some((l) =>
-    norm2InODx(c, new Set(adaptedRoles(l, ranks).keys()), rows, opts.fuse ?? true, opts.normInDx ?? false),
+  // Only layers the backward reaches (lowestAdaptedLayer and above): an unadapted layer's o does not
+  // make a buffer that nothing uses.
+  const lowest = lowestAdaptedLayer(c, ranks);
+  const folds = modelLayout(c).layers.some(
+    (l, i) =>
+      i >= lowest &&
+      norm2InODx(c, new Set(adaptedRoles(l, ranks).keys()), rows, opts.fuse ?? true, opts.normInDx ?? true),
   );
   add('d_resid_next', [rows, d], 'f32', folds);
   add('d_norm_out', [rows, d]);
@@ -528,7 +534,10 @@ export async function planBackward(
       }
       // The residual: ∂L/∂mid = ∂L/∂out + norm2's backward, added in place; or formed in o's dx
       // prologue into the other buffer, which then holds the residual gradient.
-      if (norm2InODx(c, new Set(a.loraH.keys()), rows, fwd.fuse, normInDx) && dResidOther) {
+      if (norm2InODx(c, new Set(a.loraH.keys()), rows, fwd.fuse, normInDx)) {
+        // backwardLayout allocates it by the same test; without it the count would silently differ.
+        if (!dResidOther)
+          throw new Error(`${p}: backwardLayout allocated no d_resid_next for norm2's backward in o's dx`);
         const o = layer.linears.o as Linear;
         const nb = { dn: dNorm, x: a.mid, w: layer.norm2.w, rstd: a.n2Stats.rstd, dMid: dResidOther };
         out.push(

@@ -68,6 +68,8 @@ describe('LoRA gradients against PEFT', () => {
     ...RUNS.map((run) => ({ run, recompute: false })),
     { run: 'tiny-qwen3-B', recompute: true },
     { run: 'tiny-gpt2-A', recompute: true },
+    // o unadapted: norm2's backward in o's dx reads the replayed forward's mid and rstd.
+    { run: 'tiny-llama-A', recompute: true },
   ];
   for (const { run, recompute } of cases) {
     it(`${run}${recompute ? ' with recomputed activations' : ''}`, async () => {

@@ -499,7 +499,7 @@ export async function planMatmul(
   const a2From = lowRank?.a2From;
   if (a2From) checkLoraH(ctx, label, dims, opts, a2From, K2);
   const normBwd = opts.normBackward;
-  if (normBwd) checkNormBackward(ctx, label, dims, a, opts, normBwd);
+  if (normBwd) checkNormBackward(ctx, label, dims, a, c, opts, normBwd);
   if (second) checkSecondProjection(label, w, c, transW, opts, second.w, [second.out]);
   const w3 = extra?.w ?? glu?.w ?? second?.w;
   const third: Record<string, boolean> = w3
@@ -775,6 +775,7 @@ function checkNormBackward(
   label: string,
   dims: MatmulDims,
   a: Tensor,
+  c: Tensor,
   opts: MatmulOptions,
   nb: NonNullable<MatmulOptions['normBackward']>,
 ): void {
@@ -810,9 +811,17 @@ function checkNormBackward(
     throw new ShapeError(`${label}: the norm's gain ${nb.w.label} must be ${dims.K} f32 values`);
   if (nb.rstd.dtype !== 'f32' || nb.rstd.size !== dims.M)
     throw new ShapeError(`${label}: rstd ${nb.rstd.label} must be ${dims.M} f32 values`);
-  for (const t of [a, nb.dn, nb.x])
+  // The dispatch reads A, dn and x while its first column of workgroups writes d_mid, and C is
+  // written beside it: WebGPU accepts two writable bindings of one buffer, so nothing else would
+  // catch that race.
+  for (const [t, how] of [
+    [a, 'reads'],
+    [nb.dn, 'reads'],
+    [nb.x, 'reads'],
+    [c, 'writes'],
+  ] as const)
     if (t.buffer === nb.dMid.buffer)
-      throw new ShapeError(`${label}: d_mid ${nb.dMid.label} must be another buffer than ${t.label}, which it reads`);
+      throw new ShapeError(`${label}: d_mid ${nb.dMid.label} must be another buffer than ${t.label}, which it ${how}`);
 }
 
 /** Checks matmul_resid's residual: M×N f32 like C, the tiled kernel, nothing else in the store. */
