@@ -89,10 +89,10 @@ export interface ForwardOptions {
    * Inference plans only: the tiled products' math for projections of weights stored below f32
    * (f16TileMathApplies) and for the tiled attention. 'f16' stages them in f16 (needs
    * shader-f16): projections multiply in f16 with f32 accumulation, an adapted projection's LoRA
-   * term stays f32, and attention multiplies its f16-staged rows in f32. Default 'f32': the f16
-   * build has no golden against transformers computing in f16 yet, and on the fixtures without
-   * q/k norms the attention scores amplify its rounding (logits up to 0.12 from transformers' f32
-   * compute; f16_tiles.test.ts). Training is always f32 (planLayer is given 'f32' there).
+   * term stays f32, and attention multiplies its f16-staged rows in f32. Default 'f32' here, so
+   * that evaluation losses compare with training's; generation defaults to inferenceTileMath (f16
+   * on GPUs with shader-f16), whose logits stay within twice transformers' own f16 deviation from
+   * the f32 reference (f16_tiles.test.ts). Training is always f32 (planLayer is given 'f32' there).
    */
   readonly tileMath?: TileMath;
   /**

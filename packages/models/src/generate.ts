@@ -15,6 +15,7 @@ import {
   fusedQkvLayout,
   type GpuContext,
   type GpuCounters,
+  inferenceTileMath,
   kvCacheLayout,
   planCopyRows,
   planEmbeddingTable,
@@ -55,7 +56,8 @@ export interface GeneratorOptions {
   /**
    * 'f16' stages and multiplies the tiled products of weights stored below f32 (the prefill's
    * projections) and the tiled attention in f16 with f32 accumulation (planForward's tileMath;
-   * needs shader-f16). The decode step's matrix-vector products stay f32. Default 'f32'.
+   * needs shader-f16). The decode step's matrix-vector products stay f32. Default
+   * inferenceTileMath(ctx): 'f16' on GPUs with shader-f16, else 'f32'.
    */
   readonly tileMath?: TileMath;
 }
@@ -132,7 +134,7 @@ export class Generator {
         }
       }
       owned.push(...cache.k, ...cache.v, ...cache.qkv);
-      const tileMath = opts.tileMath ?? 'f32';
+      const tileMath = opts.tileMath ?? inferenceTileMath(ctx);
       if (tileMath === 'f16' && !ctx.features.shaderF16) {
         throw new ShapeError('generate: f16 tile math needs an adapter with shader-f16, and this one has none');
       }

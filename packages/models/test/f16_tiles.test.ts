@@ -8,16 +8,38 @@
 // Qwen3's q/k norms, GPT-2 and stories260K), since without q/k norms the tiny models' sharp
 // attention scores amplify the f16 rounding of q and k. f32 tiles stay within 2e-2 (measured
 // 3e-5).
-import { readFloat32, StepEncoder, type Tensor, type TileMath, tensorFromData, writeTensor } from '@webtune/core';
+import {
+  inferenceTileMath,
+  readFloat32,
+  StepEncoder,
+  type Tensor,
+  type TileMath,
+  tensorFromData,
+  writeTensor,
+} from '@webtune/core';
 import { describe, expect, it } from 'vitest';
 import { expectClose, gpuCase, useGpu } from '../../core/test/gpu.js';
 import { type LoraModuleWeights, planForward } from '../src/forward.js';
 import { Generator } from '../src/generate.js';
 import { loadModel } from '../src/model.js';
 import { openSafetensors } from '../src/safetensors.js';
-import { causalLmLoss, FIXTURES, fixturePath, forwardGolden, repoSource } from './fixtures.js';
+import { causalLmLoss, FIXTURES, f16MathGolden, fixturePath, forwardGolden, repoSource } from './fixtures.js';
 
 const gpu = useGpu();
+/** How many times transformers' own f16 deviation the f16 tiles may have (see below). */
+const F16_VS_TRANSFORMERS = 2;
+
+/** Root mean square and largest |got − want|. */
+function deviation(got: ArrayLike<number>, want: ArrayLike<number>): { rms: number; max: number } {
+  let ss = 0;
+  let max = 0;
+  for (let i = 0; i < want.length; i++) {
+    const d = Math.abs((got[i] as number) - (want[i] as number));
+    ss += d * d;
+    max = Math.max(max, d);
+  }
+  return { rms: Math.sqrt(ss / want.length), max };
+}
 
 describe('inference forward with f16 tiles against transformers (f16 weights)', () => {
   for (const name of FIXTURES) {
@@ -60,6 +82,24 @@ describe('inference forward with f16 tiles against transformers (f16 weights)', 
         expect(Math.abs(loss - golden.loss_f16_weights), `loss ${loss} vs ${golden.loss_f16_weights}`).toBeLessThan(
           tileMath === 'f16' ? 5e-3 : 1e-4,
         );
+        if (tileMath === 'f16') {
+          // Against transformers computing in f16 (every weight and activation f16,
+          // tools/golden_f16_math.py): f16 tiles may miss the f32 reference by at most
+          // F16_VS_TRANSFORMERS times the root mean square by which transformers' f16 logits miss it.
+          const hf = await f16MathGolden(name);
+          expect(hf.input_ids).toEqual(golden.input_ids);
+          const want = golden.logits_f16_weights.data;
+          const ours = deviation(out.logits, want);
+          const theirs = deviation(hf.logits_f16_math.data, want);
+          console.log(
+            `${name} f16 tiles from the f32 reference: logits rms ${ours.rms.toExponential(2)}, max ${ours.max.toFixed(4)}; ` +
+              `transformers in f16: rms ${theirs.rms.toExponential(2)}, max ${theirs.max.toFixed(4)}`,
+          );
+          expect(theirs.rms, 'the golden file').toBeCloseTo(hf.deviation.logits_rms, 5);
+          expect(ours.rms, `${name} logits rms against transformers' f16 ${theirs.rms}`).toBeLessThanOrEqual(
+            F16_VS_TRANSFORMERS * theirs.rms,
+          );
+        }
       });
     }
   }
@@ -176,10 +216,14 @@ describe('greedy generation with f16 tiles', () => {
         model.dispose();
         return undefined;
       }
-      const ids: Record<TileMath, number[]> = { f32: [], f16: [] };
-      const f16Attention: Record<TileMath, number> = { f32: 0, f16: 0 };
-      for (const tileMath of ['f32', 'f16'] as const) {
-        const gen = await Generator.create(ctx, model, { maxSequence: 40, tileMath });
+      const ids: Record<TileMath | 'default', number[]> = { f32: [], f16: [], default: [] };
+      const f16Attention: Record<TileMath | 'default', number> = { f32: 0, f16: 0, default: 0 };
+      // Left unset, tileMath is inferenceTileMath's: f16 here (shader-f16, GPU kernels forced).
+      for (const tileMath of ['f32', 'f16', 'default'] as const) {
+        const gen = await Generator.create(ctx, model, {
+          maxSequence: 40,
+          ...(tileMath === 'default' ? {} : { tileMath }),
+        });
         f16Attention[tileMath] = gen.decodeDispatches.filter(
           (d) => d.kernel.spec.entryPoint === 'attention_fwd' && d.kernel.spec.file.includes('tile_f16.wgsl'),
         ).length;
@@ -194,8 +238,10 @@ describe('greedy generation with f16 tiles', () => {
     if (!out) t.skip('no shader-f16 on this adapter (refused, as it should be)');
     else {
       // The decode step's attention (tiled: this project forces the GPU kernels) is the f16 build.
-      expect(out.f16Attention).toEqual({ f32: 0, f16: out.layers });
+      const byDefault = inferenceTileMath(ctx) === 'f16' ? out.layers : 0;
+      expect(out.f16Attention).toEqual({ f32: 0, f16: out.layers, default: byDefault });
       expect(out.ids.f16).toEqual(out.ids.f32);
+      expect(out.ids.default).toEqual(out.ids.f32);
     }
   });
 });

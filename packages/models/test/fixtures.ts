@@ -57,6 +57,24 @@ export async function forwardGolden(name: FixtureName): Promise<ForwardGolden> {
   return load();
 }
 
+/** tools/golden_f16_math.py: transformers computing in f16 on forwardGolden's batch, and how far
+ * that lands from its f32 reference on the same f16-rounded matrices (logits_f16_weights). */
+export interface F16MathGolden {
+  model: string;
+  input_ids: number[][];
+  loss_f16_math: number;
+  deviation: { logits_max_abs: number; logits_rms: number; loss_abs: number };
+  logits_f16_math: { shape: number[]; data: number[] };
+}
+
+const f16MathGoldens = import.meta.glob<F16MathGolden>('./golden/f16-math/*.json', { import: 'default' });
+
+export async function f16MathGolden(name: FixtureName): Promise<F16MathGolden> {
+  const load = f16MathGoldens[`./golden/f16-math/${name}.json`];
+  if (!load) throw new Error(`no f16-math golden for ${name}`);
+  return load();
+}
+
 /** Mean cross-entropy of next-token prediction from full logits [B, T, V], as transformers takes
  * it: row t predicts labels[t + 1] (the ids, or labels with -100 where no loss is taken). */
 export function causalLmLoss(logits: ArrayLike<number>, labels: readonly (readonly number[])[], V: number): number {

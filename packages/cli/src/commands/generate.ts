@@ -1,5 +1,6 @@
+import type { TileMath } from '@webtune/core';
 import { type GenerateOptions, Generator } from '@webtune/models';
-import { type FlagSpec, parseFlags } from '../args.js';
+import { type FlagSpec, parseFlags, UsageError } from '../args.js';
 import { gpu, info, openAdapter, openModel, PRECISION_HELP, precisionFlag } from '../common.js';
 
 export const generateFlags: Record<string, FlagSpec> = {
@@ -12,12 +13,19 @@ export const generateFlags: Record<string, FlagSpec> = {
   seed: { type: 'int', description: 'sampling seed', default: 0 },
   precision: { type: 'string', description: PRECISION_HELP },
   adapter: { type: 'string', description: 'a PEFT LoRA adapter folder to apply' },
-  'f16-tiles': {
-    type: 'boolean',
-    description: 'stage and multiply the prefill and attention tiles in f16 (adapters with shader-f16)',
-    default: false,
+  'tile-math': {
+    type: 'string',
+    description:
+      'f16 or f32: how the prefill and attention tiles are staged and multiplied (default: f16 on GPUs with shader-f16, else f32)',
   },
 };
+
+/** --tile-math: unset leaves Generator's default (inferenceTileMath). */
+function tileMathFlag(v: unknown): { tileMath?: TileMath } {
+  if (v === undefined) return {};
+  if (v !== 'f16' && v !== 'f32') throw new UsageError(`--tile-math must be f16 or f32; got ${JSON.stringify(v)}`);
+  return { tileMath: v };
+}
 
 interface GenerationConfig {
   do_sample?: boolean;
@@ -39,7 +47,7 @@ export async function generate(argv: string[]): Promise<void> {
   const gen = await Generator.create(ctx, model, {
     maxSequence: Math.min(model.config.maxPositions, prompt.length + maxNew + 1),
     lora: adapter?.weights,
-    tileMath: f['f16-tiles'] === true ? 'f16' : 'f32',
+    ...tileMathFlag(f['tile-math']),
   });
   const decoder = tokenizer.streamDecoder({ context: prompt, skipSpecialTokens: true });
   const opts: GenerateOptions = {

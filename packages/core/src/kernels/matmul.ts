@@ -319,6 +319,19 @@ export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptio
 }
 
 /**
+ * The tile math generation takes unless asked otherwise: f16 on GPUs with shader-f16, where f16
+ * operands halve the bytes the tiles move and f16 arithmetic runs at (at least) twice f32's rate;
+ * f32 elsewhere. Its logits stay within a small multiple of how far transformers computing in f16
+ * lands from the same f32 reference (f16_tiles.test.ts against tools/golden_f16_math.py). CPU
+ * adapters keep f32: a CPU has no faster f16 arithmetic to pay for the rounding (not measured
+ * here: the only adapter with shader-f16, Mesa 25's lavapipe, runs under Node, where the bench
+ * does not). Training is always f32.
+ */
+export function inferenceTileMath(ctx: GpuContext): TileMath {
+  return ctx.features.shaderF16 && !isCpuAdapter(ctx) ? 'f16' : 'f32';
+}
+
+/**
  * The largest rank whose h matmul_lora_h keeps in workgroup memory (MatmulOptions.lowRank.a2From):
  * 4·WG_Y rows × 16 f32 (4 KiB) and LoRA's A staged TK at a time (1 KiB) beside the GPU tile's 10 KiB
  * are 15 KiB, inside WebGPU's 16 KiB minimum. Each
