@@ -7,9 +7,10 @@ Run from the repository root after tools/golden_forward.py (it reads that script
 
 golden_forward.py's `logits_f16_weights` is the f32 forward of the f16-rounded matrices: the
 reference that the engine's f16 tiles are compared with. This script runs the same batch through
-the same model loaded in f16 (every parameter, norms and biases included, and
-every activation in f16, as transformers serves a model in torch_dtype=float16) and records how far
-that lands from the reference. The engine's f16 tiles are held to within a small multiple of
+the same model loaded in f16 (every parameter, norms and biases included, where the reference
+rounds only the matrices; activations in f16 between operations, though RMSNorm and attention
+compute inside in f32 on the CPU), as transformers serves a model in torch_dtype=float16, and
+records how far that lands from the reference. The engine's f16 tiles are held to within a small multiple of
 transformers' own f16 deviation (packages/models/test/f16_tiles.test.ts): the evidence that f16
 tiles are as good a default for inference as f16 is in the library users compare with.
 

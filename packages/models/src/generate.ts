@@ -57,7 +57,8 @@ export interface GeneratorOptions {
    * 'f16' stages and multiplies the tiled products of weights stored below f32 (the prefill's
    * projections) and the tiled attention in f16 with f32 accumulation (planForward's tileMath;
    * needs shader-f16). The decode step's matrix-vector products stay f32. Default
-   * inferenceTileMath(ctx): 'f16' on GPUs with shader-f16, else 'f32'.
+   * inferenceTileMath(ctx) ('f16' on GPUs with shader-f16, else 'f32'), and 'f32' for a model
+   * loaded with f32 weights: whoever asks for f32 weights asks for f32 arithmetic.
    */
   readonly tileMath?: TileMath;
 }
@@ -134,7 +135,7 @@ export class Generator {
         }
       }
       owned.push(...cache.k, ...cache.v, ...cache.qkv);
-      const tileMath = opts.tileMath ?? inferenceTileMath(ctx);
+      const tileMath = opts.tileMath ?? (model.precision === 'f32' ? 'f32' : inferenceTileMath(ctx));
       if (tileMath === 'f16' && !ctx.features.shaderF16) {
         throw new ShapeError('generate: f16 tile math needs an adapter with shader-f16, and this one has none');
       }

@@ -87,7 +87,9 @@ describe('inference forward with f16 tiles against transformers (f16 weights)', 
           // tools/golden_f16_math.py): f16 tiles may miss the f32 reference by at most
           // F16_VS_TRANSFORMERS times the root mean square by which transformers' f16 logits miss it.
           const hf = await f16MathGolden(name);
+          expect(hf.generated_by.dtype).toBe('float16');
           expect(hf.input_ids).toEqual(golden.input_ids);
+          expect(hf.logits_f16_math.shape).toEqual(golden.logits_f16_weights.shape);
           const want = golden.logits_f16_weights.data;
           const ours = deviation(out.logits, want);
           const theirs = deviation(hf.logits_f16_math.data, want);
@@ -238,6 +240,8 @@ describe('greedy generation with f16 tiles', () => {
     if (!out) t.skip('no shader-f16 on this adapter (refused, as it should be)');
     else {
       // The decode step's attention (tiled: this project forces the GPU kernels) is the f16 build.
+      // This project forces the GPU kernels on an adapter with shader-f16: the default is f16 here.
+      if (ctx.kernelProfile === 'gpu') expect(inferenceTileMath(ctx)).toBe('f16');
       const byDefault = inferenceTileMath(ctx) === 'f16' ? out.layers : 0;
       expect(out.f16Attention).toEqual({ f32: 0, f16: out.layers, default: byDefault });
       expect(out.ids.f16).toEqual(out.ids.f32);

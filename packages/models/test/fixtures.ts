@@ -61,6 +61,7 @@ export async function forwardGolden(name: FixtureName): Promise<ForwardGolden> {
  * that lands from its f32 reference on the same f16-rounded matrices (logits_f16_weights). */
 export interface F16MathGolden {
   model: string;
+  generated_by: { dtype: string };
   input_ids: number[][];
   loss_f16_math: number;
   deviation: { logits_max_abs: number; logits_rms: number; loss_abs: number };

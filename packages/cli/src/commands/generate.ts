@@ -63,7 +63,7 @@ export async function generate(argv: string[]): Promise<void> {
   process.stdout.write(`${decoder.flush()}\n`);
   const tokS = r.ids.length > 1 ? (r.ids.length - 1) / r.decodeSeconds : 0;
   info(
-    `${r.ids.length} tokens (${r.stopReason}); prefill ${prompt.length} tokens in ${r.prefillSeconds.toFixed(2)} s, decode ${tokS.toFixed(1)} tokens/s`,
+    `${r.ids.length} tokens (${r.stopReason}); prefill ${prompt.length} tokens in ${r.prefillSeconds.toFixed(2)} s, decode ${tokS.toFixed(1)} tokens/s, ${gen.tileMath} tiles`,
   );
   gen.dispose();
   adapter?.dispose();
