@@ -825,8 +825,8 @@ function checkNormBackward(
   if (nb.rstd.dtype !== 'f32' || nb.rstd.size !== dims.M)
     throw new ShapeError(`${label}: rstd ${nb.rstd.label} must be ${dims.M} f32 values`);
   // The dispatch reads A, dn and x while its first column of workgroups writes d_mid, and C is
-  // written beside it: WebGPU accepts two writable bindings of one buffer, so nothing else would
-  // catch that race.
+  // written beside it: refused here by name (bindKernel would refuse a written buffer bound twice
+  // too, without saying which operand).
   for (const [t, how] of [
     [a, 'reads'],
     [nb.dn, 'reads'],
