@@ -22,6 +22,9 @@
  * - norm_bwd_in_dx vs norm_bwd_then_dx: the o projection's dx (∂L/∂mid·W_o) with the backward of
  *   the RMSNorm before the MLP formed as its A tiles are staged (matmul_norm_bwd) against that norm's
  *   backward dispatch (accumulating into ∂L/∂out) followed by the plain dx matmul;
+ * - qkv_dx_one vs qkv_dx_two: the dx of a layer's q, k and v with q's and v's LoRA terms in one
+ *   dispatch (matmul_sum_lr) against the two the plan made before (q and k with q's LoRA term, then
+ *   v with its own, accumulating); and gate_up_dx_one vs gate_up_dx_two, both adapted (all-linear);
  * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
  *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
  * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
@@ -618,6 +621,132 @@ async function benchNormBwdInDx(ctx: GpuContext, o: BenchOptions): Promise<void>
   for (const t of [x, gain, rstdT, dn, w, dOutFused, dMidPlain, dMidFused, ...dx]) t.dispose();
 }
 
+/** matmul_sum_lr: the dx of a SmolLM2-135M layer's q, k and v (q and v adapted, r = 8) in one
+ * dispatch, dk and dv places of one buffer, g and LoRA's A of q and v in arenas, as training plans
+ * them, against matmul_sum (q and k with q's LoRA term) followed by v's LoRA dx accumulating. */
+async function benchQkvDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const M = o.quick ? 128 : 512;
+  const [d, kv, r] = [576, 192, 8]; // SmolLM2-135M: 9 heads of 64, 3 key/value heads
+  const shape = `${M}x${d}, K=${d}+${kv}+${kv}, r=${r}+${r}, W:f16`;
+  const arena = (label: string, parts: { shape: number[]; label: string }[], seed: number) => {
+    const a = new TensorArena(ctx, parts, label);
+    for (const [i, v] of a.views.entries()) writeTensor(v, random(v.size, seed + i, 0.5));
+    return a;
+  };
+  const dq = tensorFromData(ctx, random(M * d, 81, 1), [M, d], 'f32', 'dq');
+  const dkv = arena(
+    'dk dv',
+    [
+      { shape: [M, kv], label: 'dk' },
+      { shape: [M, kv], label: 'dv' },
+    ],
+    82,
+  );
+  const g = arena(
+    'g',
+    [
+      { shape: [M, r], label: 'g_q' },
+      { shape: [M, r], label: 'g_v' },
+    ],
+    84,
+  );
+  const loraA = arena(
+    'lora A',
+    [
+      { shape: [r, d], label: 'A_q' },
+      { shape: [r, d], label: 'A_v' },
+    ],
+    86,
+  );
+  const w = (rows: number, seed: number, label: string) =>
+    tensorFromData(ctx, random(rows * d, seed, 0.05), [rows, d], 'f16', label);
+  const [wq, wk, wv] = [w(d, 88, 'w_q'), w(kv, 89, 'w_k'), w(kv, 90, 'w_v')];
+  const [dk, dv] = dkv.views as [Tensor, Tensor];
+  const [gq, gv] = g.views as [Tensor, Tensor];
+  const [aq, av] = loraA.views as [Tensor, Tensor];
+  const dx = [createTensor(ctx, [M, d], 'f32', 'dx one'), createTensor(ctx, [M, d], 'f32', 'dx two')];
+  const fused = await planMatmul(ctx, dq, wq, dx[0] as Tensor, {
+    transW: false,
+    lowRank: { a2: gq, b2: aq, alpha2: 2, second: { a2: gv, b2: av, alpha2: 2 } },
+    extra: { a: dk, w: wk, third: { a: dv, w: wv } },
+  });
+  const plain = [
+    await planMatmul(ctx, dq, wq, dx[1] as Tensor, {
+      transW: false,
+      lowRank: { a2: gq, b2: aq, alpha2: 2 },
+      extra: { a: dk, w: wk },
+    }),
+    await planMatmul(ctx, dv, wv, dx[1] as Tensor, { transW: false, beta: 1, lowRank: { a2: gv, b2: av, alpha2: 2 } }),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'qkv_dx_one',
+    baseline: 'qkv_dx_two',
+    shape,
+    fused: [fused],
+    plain,
+    outputs: [[dx[0] as Tensor, dx[1] as Tensor]],
+    flops: matmulFlops({ M, N: d, K: d + 2 * kv }, 2 * r),
+  });
+  for (const t of [fused, ...plain]) t.dispose();
+  for (const t of [dq, wq, wk, wv, ...dx]) t.dispose();
+  for (const a of [dkv, g, loraA]) a.dispose();
+}
+
+/** matmul_sum_lr for gate and up, both adapted (all-linear): dgate·Wg + dup·Wu and both LoRA
+ * terms in one dispatch, against the two LoRA dx dispatches the plan made before (gate's, then
+ * up's accumulating). */
+async function benchGateUpDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const M = o.quick ? 128 : 512;
+  const [d, I, r] = [576, 1536, 8]; // SmolLM2-135M's hidden and intermediate sizes
+  const shape = `${M}x${d}, K=${I}+${I}, r=${r}+${r}, W:f16`;
+  const act = (seed: number, label: string) => tensorFromData(ctx, random(M * I, seed, 1), [M, I], 'f32', label);
+  const [dGate, dUp] = [act(91, 'd_gate'), act(92, 'd_up')];
+  const w = (seed: number, label: string) => tensorFromData(ctx, random(I * d, seed, 0.05), [I, d], 'f16', label);
+  const [wg, wu] = [w(93, 'w_gate'), w(94, 'w_up')];
+  const g = new TensorArena(
+    ctx,
+    [
+      { shape: [M, r], label: 'g_gate' },
+      { shape: [M, r], label: 'g_up' },
+    ],
+    'g',
+  );
+  const loraA = new TensorArena(
+    ctx,
+    [
+      { shape: [r, d], label: 'A_gate' },
+      { shape: [r, d], label: 'A_up' },
+    ],
+    'lora A',
+  );
+  for (const [i, v] of [...g.views, ...loraA.views].entries()) writeTensor(v, random(v.size, 95 + i, 0.5));
+  const [gg, gu] = g.views as [Tensor, Tensor];
+  const [ag, au] = loraA.views as [Tensor, Tensor];
+  const dx = [createTensor(ctx, [M, d], 'f32', 'dx one'), createTensor(ctx, [M, d], 'f32', 'dx two')];
+  const fused = await planMatmul(ctx, dGate, wg, dx[0] as Tensor, {
+    transW: false,
+    lowRank: { a2: gg, b2: ag, alpha2: 2, second: { a2: gu, b2: au, alpha2: 2 } },
+    extra: { a: dUp, w: wu },
+  });
+  const plain = [
+    await planMatmul(ctx, dGate, wg, dx[1] as Tensor, { transW: false, lowRank: { a2: gg, b2: ag, alpha2: 2 } }),
+    await planMatmul(ctx, dUp, wu, dx[1] as Tensor, { transW: false, beta: 1, lowRank: { a2: gu, b2: au, alpha2: 2 } }),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'gate_up_dx_one',
+    baseline: 'gate_up_dx_two',
+    shape,
+    fused: [fused],
+    plain,
+    outputs: [[dx[0] as Tensor, dx[1] as Tensor]],
+    flops: matmulFlops({ M, N: d, K: 2 * I }, 2 * r),
+  });
+  for (const t of [fused, ...plain]) t.dispose();
+  for (const t of [dGate, dUp, wg, wu, ...dx]) t.dispose();
+  g.dispose();
+  loraA.dispose();
+}
+
 /** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted, their A in one arena. */
 async function benchRmsNormLoraH(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const [rows, d, r] = [o.quick ? 64 : 512, 576, 8];
@@ -904,6 +1033,8 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'matmul_resid'.includes(o.only)) await benchMatmulResid(ctx, o);
   if (!o.only || 'lora_h_in_matmul'.includes(o.only)) await benchLoraHInMatmul(ctx, o);
   if (!o.only || 'norm_bwd_in_dx'.includes(o.only)) await benchNormBwdInDx(ctx, o);
+  if (!o.only || 'qkv_dx_one'.includes(o.only)) await benchQkvDx(ctx, o);
+  if (!o.only || 'gate_up_dx_one'.includes(o.only)) await benchGateUpDx(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
   if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);

@@ -21,6 +21,7 @@
 //                              written to 17 h_out)
 //   5 b2    B2, N×K2 or K2×N   f32, read as vec4
 //   6 c     C,  M×N            f32, written; read first when p.beta != 0 (accumulate)
+// (matmul_sum_lr also binds 10 A3, 11 W3 and 22 W4: see there.)
 //
 // Two entry points over the same bindings: `matmul` (tiled, below) and `matvec` (at the end: up
 // to four rows of A against Wᵀ, the decode step's shape). matmul_rope and matvec_rope are the
@@ -70,6 +71,16 @@ struct Params {
   rope_T: u32,        // ROPE: row m is at position rope_pos0 + m % rope_T
   rope_pos0: u32,
   rope_scaling: f32,  // ROPE: HF's attention_scaling
+  a3_off: u32,    // matmul_sum_lr: where A3's first operand starts in its buffer (elements; 0 elsewhere)
+  K4: u32,        // matmul_sum_lr: the inner dimension of the third product A4·opW(W4) (0: none)
+  a4_off: u32,    // matmul_sum_lr: where A4 starts in A3's buffer
+  w4_scales: u32, // quantized W4: as w_scales
+  a2_off: u32,    // where A2 starts in its buffer (matmul_sum_lr binds arenas whole; 0 elsewhere)
+  b2_off: u32,    // where B2 starts in its buffer
+  K2b: u32,       // matmul_sum_lr: the rank of the second low-rank term (0: none)
+  a2b_off: u32,   // matmul_sum_lr: where the second term's A2 starts in A2's buffer
+  b2b_off: u32,   // matmul_sum_lr: where its B2 starts in B2's buffer
+  alpha2b: f32,   // matmul_sum_lr: its scale
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -202,26 +213,36 @@ fn w_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
   return v;
 }
 
-fn a2_chunk(r: u32, col: u32) -> vec4<f32> {
-  if (r >= p.M || col >= p.K2) { return vec4<f32>(0.0); }
-  let e = r * p.K2 + col;
-  if (ALIGNED_LR) { return p.alpha2 * a2[e / 4u]; }
+// A2[r][col..col+3] times alpha, A2 being M×K at element off of its buffer (zero outside).
+fn a2_at(r: u32, col: u32, K: u32, off: u32, alpha: f32) -> vec4<f32> {
+  if (r >= p.M || col >= K) { return vec4<f32>(0.0); }
+  let e = off + r * K + col;
+  if (ALIGNED_LR) { return alpha * a2[e / 4u]; }
   var v = vec4<f32>(0.0);
   for (var i = 0u; i < 4u; i++) {
-    if (col + i < p.K2) { v[i] = p.alpha2 * a2[(e + i) / 4u][(e + i) % 4u]; }
+    if (col + i < K) { v[i] = alpha * a2[(e + i) / 4u][(e + i) % 4u]; }
   }
   return v;
 }
 
-fn b2_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+fn a2_chunk(r: u32, col: u32) -> vec4<f32> {
+  return a2_at(r, col, p.K2, p.a2_off, p.alpha2);
+}
+
+// B2[r][col..col+3], B2 being rows×cols at element off of its buffer (zero outside).
+fn b2_at(r: u32, col: u32, rows: u32, cols: u32, off: u32) -> vec4<f32> {
   if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
-  let e = r * cols + col;
+  let e = off + r * cols + col;
   if (ALIGNED_LR) { return b2[e / 4u]; }
   var v = vec4<f32>(0.0);
   for (var i = 0u; i < 4u; i++) {
     if (col + i < cols) { v[i] = b2[(e + i) / 4u][(e + i) % 4u]; }
   }
   return v;
+}
+
+fn b2_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+  return b2_at(r, col, rows, cols, p.b2_off);
 }
 
 // ---- RoPE epilogue ----------------------------------------------------------------------------
@@ -876,22 +897,22 @@ fn w3_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
   return v;
 }
 
-// A3[r][col..col+3], zero outside M×K3.
-fn a3_chunk(r: u32, col: u32) -> vec4<f32> {
-  if (r >= p.M || col >= p.K3) { return vec4<f32>(0.0); }
-  let e = r * p.K3 + col;
+// A3[r][col..col+3], A3 being M×K at element off of its buffer (zero outside).
+fn a3_chunk(r: u32, col: u32, K: u32, off: u32) -> vec4<f32> {
+  if (r >= p.M || col >= K) { return vec4<f32>(0.0); }
+  let e = off + r * K + col;
   if (ALIGNED3) { return a3[e / 4u]; }
   var v = vec4<f32>(0.0);
   for (var i = 0u; i < 4u; i++) {
-    if (col + i < p.K3) { v[i] = a3[(e + i) / 4u][(e + i) % 4u]; }
+    if (col + i < K) { v[i] = a3[(e + i) / 4u][(e + i) % 4u]; }
   }
   return v;
 }
 
-fn stage_a3(tid: u32, m0: u32, k0: u32) {
+fn stage_a3(tid: u32, m0: u32, k0: u32, K: u32, off: u32) {
   let chunks = TK / 4u;
   for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
-    a_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(a3_chunk(m0 + i / chunks, k0 + (i % chunks) * 4u));
+    a_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(a3_chunk(m0 + i / chunks, k0 + (i % chunks) * 4u, K, off));
   }
 }
 
@@ -916,7 +937,7 @@ fn matmul_sum(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
   let n0 = wid.x * WG_X * 4u;
   var acc = main_product(tid, lid.x, lid.y, m0, n0);
   for (var k0 = 0u; k0 < p.K3; k0 += TK) {
-    stage_a3(tid, m0, k0);
+    stage_a3(tid, m0, k0, p.K3, p.a3_off);
     stage_w3(tid, n0, k0, p.K3);
     workgroupBarrier();
     acc = multiply_tile(acc, lid.x, lid.y);
@@ -929,6 +950,133 @@ fn matmul_sum(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
   store_row(m + 1u, n, acc[1]);
   store_row(m + 2u, n, acc[2]);
   store_row(m + 3u, n, acc[3]);
+}
+
+// ---- matmul_sum_lr: the dx of up to three projections of one input, and two LoRA terms -------
+//
+//   C = alpha·(A·opW(W) + A3'·opW(W3) + A4·opW(W4)) + alpha2·A2'·opW(B2') + alpha2b·A2''·opW(B2'') + beta·C
+//
+// The backward's dx of a layer's q, k and v (or gate and up) with the LoRA terms s·g·A of two
+// adapted ones, in one dispatch. A3' and A4 are places in one buffer (10 a3, at a3_off and a4_off;
+// dk and dv, say), W4 (22) is in any of W's storage formats (W4_*); A2' and A2'' are places in one buffer (4 a2:
+// LoRA's g slots), B2' and B2'' in another (5 b2: the LoRA parameters' arena). K4 = 0 or K2b = 0
+// leaves that term out. No bias. Bindings 1, 2, 4, 5, 6, 10, 11, 22: 8 storage buffers.
+@group(0) @binding(22) var<storage, read> w4: array<vec4<u32>>;
+
+override W4_F16: bool = false;
+override W4_Q8_0: bool = false;
+override W4_Q4_0: bool = false;
+
+fn w4_word(i: u32) -> u32 {
+  return w4[i / 4u][i % 4u];
+}
+
+fn w4_scale(b: u32) -> f32 {
+  return scale_half(w4_word(p.w4_scales + b / 2u), b);
+}
+
+fn w4_elem(e: u32) -> f32 {
+  if (W4_Q8_0) { return q8_0_one(w4_word(e / 4u), e, w4_scale(e / 32u)); }
+  if (W4_Q4_0) { return q4_0_one(w4_word(q4_0_byte(e) / 4u), e, w4_scale(e / 32u)); }
+  if (W4_F16) { return f16_one(w4_word(e / 2u), e); }
+  return bitcast<f32>(w4_word(e));
+}
+
+fn w4_four(e: u32) -> vec4<f32> {
+  if (W4_Q8_0) { return q8_0_four(w4_word(e / 4u), w4_scale(e / 32u)); }
+  if (W4_Q4_0) { return q4_0_four(w4_word(q4_0_byte(e) / 4u), e, w4_scale(e / 32u)); }
+  if (W4_F16) { return f16_four(w4[e / 8u], e); }
+  return bitcast<vec4<f32>>(w4[e / 4u]);
+}
+
+fn w4_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
+  if (r >= rows || col >= cols) { return vec4<f32>(0.0); }
+  let e = r * cols + col;
+  if (ALIGNED3) { return w4_four(e); }
+  var v = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < cols) { v[i] = w4_elem(e + i); }
+  }
+  return v;
+}
+
+// As stage_w3, from W4.
+fn stage_w4(tid: u32, n0: u32, k0: u32, kdim: u32) {
+  if (TRANS_W) {
+    let chunks = TK / 4u;
+    for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
+      w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(w4_chunk(out_col(n0 + i / chunks), k0 + (i % chunks) * 4u, p.N, kdim));
+    }
+  } else {
+    for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
+      w_tile[i] = vec4<tile_t>(w4_chunk(k0 + i / WG_X, n0 + (i % WG_X) * 4u, kdim, p.N));
+    }
+  }
+}
+
+// Stages the second low-rank term (alpha2b·A2'', B2'') as stage_a and stage_w stage the first.
+fn stage_lr2(tid: u32, m0: u32, n0: u32, k0: u32) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
+    let v = a2_at(m0 + i / chunks, k0 + (i % chunks) * 4u, p.K2b, p.a2b_off, p.alpha2b);
+    a_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(v);
+  }
+  if (TRANS_W) {
+    for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
+      let v = b2_at(out_col(n0 + i / chunks), k0 + (i % chunks) * 4u, p.N, p.K2b, p.b2b_off);
+      w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(v);
+    }
+  } else {
+    for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
+      w_tile[i] = vec4<tile_t>(b2_at(k0 + i / WG_X, n0 + (i % WG_X) * 4u, p.K2b, p.N, p.b2b_off));
+    }
+  }
+}
+
+// C[m][n..n+3] = v + beta·C, the columns inside N only (no bias).
+fn store_row_beta(m: u32, n: u32, v: vec4<f32>) {
+  if (m >= p.M) { return; }
+  for (var j = 0u; j < 4u; j++) {
+    if (n + j >= p.N) { return; }
+    var x = v[j];
+    if (p.beta != 0.0) { x += p.beta * c[m * p.N + n + j]; }
+    c[m * p.N + n + j] = x;
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_sum_lr(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  var acc = main_product(tid, lid.x, lid.y, m0, n0);
+  for (var k0 = 0u; k0 < p.K3; k0 += TK) {
+    stage_a3(tid, m0, k0, p.K3, p.a3_off);
+    stage_w3(tid, n0, k0, p.K3);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  for (var k0 = 0u; k0 < p.K4; k0 += TK) {
+    stage_a3(tid, m0, k0, p.K4, p.a4_off);
+    stage_w4(tid, n0, k0, p.K4);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  acc = low_rank_product(acc * p.alpha, tid, lid.x, lid.y, m0, n0);
+  for (var k0 = 0u; k0 < p.K2b; k0 += TK) {
+    stage_lr2(tid, m0, n0, k0);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  let m = m0 + lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  store_row_beta(m + 0u, n, acc[0]);
+  store_row_beta(m + 1u, n, acc[1]);
+  store_row_beta(m + 2u, n, acc[2]);
+  store_row_beta(m + 3u, n, acc[3]);
 }
 
 // gate, up and silu(gate)·up at C[m][n..n+3], the columns inside N only.

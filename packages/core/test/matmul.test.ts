@@ -19,6 +19,8 @@ import {
   StepEncoder,
   type Tensor,
   tensorFromData,
+  tensorView,
+  writeTensor,
 } from '../src/index.js';
 import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
@@ -334,6 +336,180 @@ describe('matmul with a second product', () => {
       expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.rank), 1e-5);
     });
   }
+});
+
+// matmul_sum_lr: C = alpha·(A·opW(W) + A3·opW(W3) + A4·opW(W4)) + alpha2·A2·opW(B2) +
+// alpha2b·A2b·opW(B2b) + beta·C, the backward's dx of q, k and v with two LoRA terms in one
+// dispatch. A3 and A4 are places in one buffer, A2 and A2b in another, B2 and B2b in a third (as
+// dk/dv, LoRA's g slots and the parameters' arena are), each at an offset, so a kernel that read a
+// place at the wrong offset, or one term's operand for another's, fails.
+describe('matmul with three products and two low-rank terms', () => {
+  interface SumLr {
+    M: number;
+    N: number;
+    K: number;
+    K3: number;
+    /** 0: no third product. */
+    K4: number;
+    transW: boolean;
+    w: DType;
+    w3: DType;
+    w4: DType;
+    r1: number;
+    /** 0: no second low-rank term. */
+    r2: number;
+    beta: number;
+  }
+  const sums: SumLr[] = [
+    // What training plans: W untransposed, aligned, q (576) with k and v (192) at a small scale.
+    { M: 64, N: 96, K: 96, K3: 32, K4: 32, transW: false, w: 'f16', w3: 'f16', w4: 'f16', r1: 8, r2: 8, beta: 0 },
+    // Unaligned N and ranks, accumulating.
+    { M: 65, N: 63, K: 64, K3: 33, K4: 31, transW: false, w: 'f32', w3: 'f32', w4: 'f16', r1: 3, r2: 5, beta: 1 },
+    // Quantized W3 and W4, no third product: gate and up with both LoRA terms.
+    { M: 37, N: 64, K: 64, K3: 64, K4: 0, transW: false, w: 'q8_0', w3: 'q4_0', w4: 'q4_0', r1: 4, r2: 16, beta: 1 },
+    // A third product and one LoRA term (bound whole at its offset).
+    { M: 33, N: 128, K: 32, K3: 64, K4: 96, transW: false, w: 'f16', w3: 'q8_0', w4: 'q4_0', r1: 8, r2: 0, beta: 0 },
+    // W transposed.
+    { M: 20, N: 96, K: 64, K3: 32, K4: 64, transW: true, w: 'f32', w3: 'f16', w4: 'f32', r1: 16, r2: 7, beta: 1 },
+  ];
+  for (const c of sums) {
+    const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3}+${c.K4} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3} W4:${c.w4} ranks ${c.r1}+${c.r2}${c.beta ? ' +=C' : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = 3 * c.M + c.N + c.K + c.K3 + c.K4;
+      const opts = { transB: c.transW };
+      const wShape = (k: number) => (c.transW ? [c.N, k] : [k, c.N]);
+      const a = randomArray(c.M * c.K, seed);
+      const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
+      const a3 = randomArray(c.M * c.K3, seed + 2);
+      const w3 = asStored(randomArray(c.N * c.K3, seed + 3), c.w3);
+      const a4 = randomArray(c.M * c.K4, seed + 4);
+      const w4 = asStored(randomArray(c.N * c.K4, seed + 5), c.w4);
+      const a2 = randomArray(c.M * c.r1, seed + 6);
+      const b2 = randomArray(c.N * c.r1, seed + 7);
+      const a2b = randomArray(c.M * c.r2, seed + 8);
+      const b2b = randomArray(c.N * c.r2, seed + 9);
+      const c0 = randomArray(c.M * c.N, seed + 10);
+      const alpha = 0.75;
+      const alpha2 = 1.5;
+      const alpha2b = -0.625;
+      let want = addRef(matmulRef(a, w, c.M, c.K, c.N, opts), matmulRef(a3, w3, c.M, c.K3, c.N, opts), 1);
+      if (c.K4) want = addRef(want, matmulRef(a4, w4, c.M, c.K4, c.N, opts), 1);
+      want = want.map((v) => v * alpha);
+      want = addRef(want, matmulRef(a2, b2, c.M, c.r1, c.N, opts), alpha2);
+      if (c.r2) want = addRef(want, matmulRef(a2b, b2b, c.M, c.r2, c.N, opts), alpha2b);
+      if (c.beta) want = addRef(want, c0, c.beta);
+      const got = await gpuCase(ctx, name, async () => {
+        const owned: Tensor[] = [];
+        const own = (t: Tensor) => {
+          owned.push(t);
+          return t;
+        };
+        // Places of one buffer, each 256 bytes past the end of the one before (the arenas' alignment),
+        // in the order given; junk (NaN) everywhere else, so a read outside a place poisons C.
+        const places = (label: string, parts: { data: ArrayLike<number>; shape: number[] }[]) => {
+          const bytes = (n: number) => Math.ceil((n * 4) / 256) * 256 + 256;
+          const total = parts.reduce((n, p) => n + bytes(p.data.length), 256);
+          const arena = own(
+            tensorFromData(ctx, new Float32Array(total / 4).fill(Number.NaN), [total / 4], 'f32', label),
+          );
+          let off = 256;
+          return parts.map((p, i) => {
+            const v = tensorView(arena, off, p.shape, 'f32', `${label}[${i}]`);
+            writeTensor(v, p.data);
+            off += bytes(p.data.length);
+            return v;
+          });
+        };
+        const ta = own(tensorFromData(ctx, a, [c.M, c.K], 'f32', 'a'));
+        const tw = own(tensorFromData(ctx, w, wShape(c.K), c.w, 'w'));
+        const tw3 = own(tensorFromData(ctx, w3, wShape(c.K3), c.w3, 'w3'));
+        const tw4 = c.K4 ? own(tensorFromData(ctx, w4, wShape(c.K4), c.w4, 'w4')) : undefined;
+        const tc = own(tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c'));
+        // A4 before A3, and the second term's operands before the first's, in their buffers.
+        const dense = places('a3', [
+          ...(c.K4 ? [{ data: a4, shape: [c.M, c.K4] }] : []),
+          { data: a3, shape: [c.M, c.K3] },
+        ]);
+        const gs = places('a2', [
+          ...(c.r2 ? [{ data: a2b, shape: [c.M, c.r2] }] : []),
+          { data: a2, shape: [c.M, c.r1] },
+        ]);
+        const bs = places('b2', [
+          ...(c.r2 ? [{ data: b2b, shape: wShape(c.r2) }] : []),
+          { data: b2, shape: wShape(c.r1) },
+        ]);
+        const ta3 = dense[dense.length - 1] as Tensor;
+        const ta4 = c.K4 ? dense[0] : undefined;
+        const second = c.r2 ? { a2: gs[0] as Tensor, b2: bs[0] as Tensor, alpha2: alpha2b } : undefined;
+        const d = await planMatmul(ctx, ta, tw, tc, {
+          transW: c.transW,
+          alpha,
+          beta: c.beta,
+          lowRank: { a2: gs[gs.length - 1] as Tensor, b2: bs[bs.length - 1] as Tensor, alpha2, second },
+          extra: { a: ta3, w: tw3, third: ta4 && tw4 ? { a: ta4, w: tw4 } : undefined },
+        });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const t of owned) t.dispose();
+        return out;
+      });
+      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.K4 + c.r1 + c.r2), 1e-5);
+    });
+  }
+
+  it('refuses places in other buffers and a bias', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'matmul_sum_lr refusals', async () => {
+      const M = 8;
+      const N = 16;
+      const t = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
+      const [a, w, c, a3, w3, a4, w4, g, ga, bb, ba, bias] = [
+        t([M, 16], 'a'),
+        t([16, N], 'w'),
+        t([M, N], 'c'),
+        t([M, 8], 'a3'),
+        t([8, N], 'w3'),
+        t([M, 8], 'a4 elsewhere'),
+        t([8, N], 'w4'),
+        t([M, 4], 'g'),
+        t([M, 4], 'g elsewhere'),
+        t([4, N], 'A'),
+        t([4, N], 'A elsewhere'),
+        t([N], 'bias'),
+      ] as Tensor[];
+      const lowRank = { a2: g as Tensor, b2: bb as Tensor, alpha2: 1 };
+      await expect(
+        planMatmul(ctx, a as Tensor, w as Tensor, c as Tensor, {
+          transW: false,
+          extra: { a: a3 as Tensor, w: w3 as Tensor, third: { a: a4 as Tensor, w: w4 as Tensor } },
+        }),
+      ).rejects.toThrow(/A4 a4 elsewhere must be a place in A3 a3's buffer/);
+      await expect(
+        planMatmul(ctx, a as Tensor, w as Tensor, c as Tensor, {
+          transW: false,
+          lowRank: { ...lowRank, second: { a2: ga as Tensor, b2: ba as Tensor, alpha2: 1 } },
+          extra: { a: a3 as Tensor, w: w3 as Tensor },
+        }),
+      ).rejects.toThrow(/places in the first's buffers/);
+      await expect(
+        planMatmul(ctx, a as Tensor, w as Tensor, c as Tensor, {
+          transW: false,
+          bias,
+          lowRank: { ...lowRank, second: { a2: g as Tensor, b2: bb as Tensor, alpha2: 1 } },
+          extra: { a: a3 as Tensor, w: w3 as Tensor },
+        }),
+      ).rejects.toThrow(/takes no bias/);
+      await expect(
+        planMatmul(ctx, a as Tensor, w as Tensor, c as Tensor, {
+          transW: false,
+          lowRank: { ...lowRank, second: { a2: g as Tensor, b2: bb as Tensor, alpha2: 1 } },
+        }),
+      ).rejects.toThrow(/needs `extra`/);
+      for (const x of [a, w, c, a3, w3, a4, w4, g, ga, bb, ba, bias]) x?.dispose();
+    });
+  });
 });
 
 // matmul_glu / matvec_glu: gate = x·Wgᵀ, up = x·Wuᵀ and act = silu(gate)·up from one dispatch,

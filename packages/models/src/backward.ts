@@ -9,6 +9,7 @@
  * gradient into it in place, which is exactly the residual connection's sum.
  */
 import {
+  arenaLayout,
   attentionTakesRope,
   type CrossEntropyGradPlan,
   createTensor,
@@ -20,6 +21,7 @@ import {
   loraGradPairPays,
   MATVEC_MAX_ROWS,
   type MatmulActivationBackward,
+  type MatmulOptions,
   normInMlpPays,
   planAttentionBackward,
   planCopyRows,
@@ -35,6 +37,7 @@ import {
   planRopeBackward,
   planSiluMulBackward,
   type Tensor,
+  tensorView,
 } from '@webtune/core';
 import { type LinearRole, modelLayout } from './architecture.js';
 import type { ModelConfig } from './config.js';
@@ -47,6 +50,7 @@ import {
   layerDispatchCount,
   loraDropout,
   type NormStats,
+  PLACE_ALIGNMENT,
   type PlannedBuffer,
   projectionSteps,
   sharedLoraGroups,
@@ -104,6 +108,14 @@ export function backwardLayout(
   const add = (label: string, shape: number[], dtype: PlannedBuffer['dtype'] = 'f32', when = true) => {
     if (when) out.push({ label, shape, dtype });
   };
+  /** An f32 arena of these places (labels and shapes). */
+  const arena = (label: string, places: { label: string; shape: number[] }[]) => {
+    const { elements } = arenaLayout(
+      places.map((p) => p.shape),
+      PLACE_ALIGNMENT,
+    );
+    out.push({ label, shape: [elements], dtype: 'f32', places });
+  };
   add('labels', [rows], 'i32');
   add('loss', [2]);
   add('loss_errors', [2], 'u32');
@@ -130,20 +142,31 @@ export function backwardLayout(
   add('d_gate', [rows, I]);
   add('d_up', [rows, I], 'f32', !gpt2);
   add('d_attn', [rows, qDim]);
-  add('dq', [rows, qDim]);
-  add('dk', [rows, kvDim]);
-  add('dv', [rows, kvDim]);
+  // ∂L/∂ q, k and v as their projections' dx read them: places of one buffer, so that the dx of
+  // all three is one dispatch (matmul_sum_lr binds two of them as one operand). With q/k norms
+  // those are the norms' input gradients, and attention's dq and dk another buffer: WebGPU lets no
+  // dispatch read a buffer that it writes, and the norms' backward reads dq and writes dq_raw.
+  const grads = (q: string, k: string) => [
+    { label: q, shape: [rows, qDim] },
+    { label: k, shape: [rows, kvDim] },
+    { label: 'dv', shape: [rows, kvDim] },
+  ];
+  if (c.qkNorm) {
+    arena('attention_grads', grads('dq', 'dk').slice(0, 2));
+    arena('projection_grads', grads('dq_raw', 'dk_raw'));
+  } else arena('projection_grads', grads('dq', 'dk'));
   add('attention_delta', [B, c.numHeads, T]);
-  add('dq_raw', [rows, qDim], 'f32', c.qkNorm);
-  add('dk_raw', [rows, kvDim], 'f32', c.qkNorm);
   add('dqkv', [rows, 3 * d], 'f32', gpt2);
   add('zero', [1], 'i32', gpt2 && !(opts.fuse ?? true)); // the plain path's copies' position
   // LoRA's g: one per rank in use; projections sharing an input whose dA is one dispatch keep
-  // theirs apart until it runs (slot s of a group, `lora_g{s}_r{r}`).
+  // theirs apart until it runs (slot s of a group, `lora_g{s}_r{r}`). Places of one buffer, so that
+  // a dx dispatch can take two adapted projections' LoRA terms (matmul_sum_lr).
   const slots = Math.max(1, ...gSlots(c, ranks, opts.dropout ?? false, opts.fuse ?? true));
+  const g: { label: string; shape: number[] }[] = [];
   for (const r of [...new Set(ranks.values())].sort((a, b) => a - b)) {
-    for (let slot = 0; slot < slots; slot++) add(`lora_g${slot || ''}_r${r}`, [rows, r]);
+    for (let slot = 0; slot < slots; slot++) g.push({ label: `lora_g${slot || ''}_r${r}`, shape: [rows, r] });
   }
+  if (g.length > 0) arena('lora_g', g);
   return out;
 }
 
@@ -184,9 +207,41 @@ export function ropeInAttentionBackward(config: ModelConfig, fuse: boolean): boo
 }
 
 /**
+ * The dx dispatches of projections that read one input (`roles` of a shared-input group, in
+ * order), each the roles whose dy·W it sums. Fused without dropout (`sumLr`): up to three
+ * projections to a dispatch with the LoRA terms of up to two adapted ones (matmul_sum_lr: their g
+ * are places of one arena, their A of the LoRA parameters'); q, k and v are then one dispatch
+ * unless all three are adapted. Otherwise projectionSteps' (`pair`: an adapted projection with an
+ * unadapted one beside it; not with dropout, whose dx is three dispatches).
+ */
+export function dxSteps(
+  roles: readonly LinearRole[],
+  adapted: ReadonlySet<LinearRole>,
+  sumLr: boolean,
+  pair: boolean,
+): LinearRole[][] {
+  if (!sumLr) return projectionSteps(roles, adapted, pair).map((s) => (s.extra ? [s.role, s.extra] : [s.role]));
+  const steps: LinearRole[][] = [];
+  let step: LinearRole[] = [];
+  for (const role of roles) {
+    const lora = step.filter((r) => adapted.has(r)).length;
+    if (step.length === 3 || (adapted.has(role) && lora === 2)) {
+      steps.push(step);
+      step = [];
+    }
+    step.push(role);
+  }
+  if (step.length > 0) steps.push(step);
+  return steps;
+}
+
+/**
  * Dispatches of planBackward's plan, given the loss's dispatches: the final norm, then per layer
  * (last first, down to the lowest adapted one) the replayed forward when recomputing, and the
- * backward of every block (no dx of the lowest adapted layer's input).
+ * backward of every block (no dx of the lowest adapted layer's input). It assumes the LoRA
+ * matrices are places of one arena, as the trainer keeps them: a caller's own tensors get
+ * projectionSteps' dx dispatches instead of dxSteps' (one or two more per layer where two adapted
+ * projections read one input).
  */
 export function backwardDispatchCount(
   config: ModelConfig,
@@ -242,9 +297,13 @@ export function backwardDispatchCount(
     else {
       // A shared-input group: each adapted projection's LoRA dispatches (its dx among them), and
       // the dx dispatches of the rest (projectionSteps).
+      // Fused without dropout, the dx of the group are dxSteps' dispatches (matmul_sum_lr).
       const group = (roles: LinearRole[], dx = true) => {
+        const n = roles.filter((r) => adapted.has(r)).length;
+        const sumLr = fuse && !opts.dropout;
+        if (sumLr) return n * (lora - dxOf) + (dx ? dxSteps(roles, adapted, true, true).length : 0);
         const plain = projectionSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
-        return roles.filter((r) => adapted.has(r)).length * (dx ? lora : lora - dxOf) + (dx ? plain : 0);
+        return n * (dx ? lora : lora - dxOf) + (dx ? plain : 0);
       };
       const rope = ropeInAttentionBackward(c, fuse) ? 0 : fuse ? 1 : 2; // q and k together, or apart
       n += group(['gate', 'up']) + act + rope + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v'], input);
@@ -257,12 +316,22 @@ export function backwardDispatchCount(
 class Scratch {
   readonly owned: Tensor[] = [];
   private readonly byLabel = new Map<string, Tensor>();
-  /** Allocates every buffer of `layout` (what was made is in `owned` if it throws). */
+  /** Allocates every buffer of `layout`, and views of an arena's places (what was made is in
+   * `owned` if it throws; views own no buffer). */
   allocate(ctx: GpuContext, layout: readonly PlannedBuffer[]): void {
     for (const b of layout) {
       const t = createTensor(ctx, [...b.shape], b.dtype, `backward.${b.label}`);
       this.owned.push(t);
       this.byLabel.set(b.label, t);
+      if (!b.places) continue;
+      const { offsets } = arenaLayout(
+        b.places.map((p) => p.shape),
+        PLACE_ALIGNMENT,
+      );
+      b.places.forEach((p, i) => {
+        const view = tensorView(t, offsets[i] as number, [...p.shape], 'f32', `backward.${p.label}`);
+        this.byLabel.set(p.label, view);
+      });
     }
   }
   get(label: string): Tensor {
@@ -373,8 +442,9 @@ export async function planBackward(
       dx: Tensor | undefined,
       accumulate: boolean,
       activation?: MatmulActivationBackward,
-      extra?: { a: Tensor; w: Tensor },
+      extra?: MatmulOptions['extra'],
       gdBPlanned = false,
+      lowRank2?: { g: Tensor; a: Tensor; scale: number },
     ) => {
       const lin = layer.linears[role] as Linear;
       const t = lora.get(lin.module.name);
@@ -401,6 +471,7 @@ export async function planBackward(
               dA: slot < 0,
               dxActivation: dx ? activation : undefined,
               dxExtra: dx ? extra : undefined,
+              dxLowRank2: dx ? lowRank2 : undefined,
             },
             lin.module.name,
           )),
@@ -419,7 +490,7 @@ export async function planBackward(
     };
 
     /** dx = Σ dy·W (and the LoRA gradients) of projections that read the same input x, in
-     * projectionSteps' dispatches; their shared dA last. */
+     * dxSteps' dispatches; their shared dA last. */
     const groupBackward = async (
       layer: Layer,
       a: LayerActivations,
@@ -449,21 +520,66 @@ export async function planBackward(
         out.push(await planLoraGradGdBPair(ctx, mods, rows, 1, `${label}.lora_g_dB.${pair.join('_')}`));
         for (const role of pair) gdBPlanned.add(role);
       }
-      const steps = projectionSteps(roles, adapted, fwd.fuse && fwd.dropout === undefined);
+      const sumLr = fwd.fuse && fwd.dropout === undefined;
+      const w = (role: LinearRole) => (layer.linears[role] as Linear).w;
+      const trainable = (role: LinearRole) => lora.get((layer.linears[role] as Linear).module.name);
+      // A dispatch of dxSteps: the first adapted projection's LoRA dx (or the first one's plain dx)
+      // carries the others' dy·W and the second adapted one's LoRA term.
+      const split = (step: readonly LinearRole[]) => {
+        const first = step.find((r) => adapted.has(r)) ?? (step[0] as LinearRole);
+        const others = step.filter((r) => r !== first);
+        return { first, others, lora2: others.find((r) => adapted.has(r)) };
+      };
+      // matmul_sum_lr binds the places whole: two dy in one buffer (the attention gradients'), the
+      // two A in one (the trainer's parameters' arena), the g in the g arena. Where they are not
+      // (a caller's own tensors), the group falls back to projectionSteps' dispatches.
+      const fits = (step: readonly LinearRole[]) => {
+        const { first, others, lora2 } = split(step);
+        const dys = others.map((r) => dy.get(r) as Tensor);
+        const sameDy = dys.length < 2 || dys[0]?.buffer === dys[1]?.buffer;
+        const sameA = !lora2 || trainable(lora2)?.a.buffer === trainable(first)?.a.buffer;
+        return sameDy && sameA;
+      };
+      let steps = dxSteps(roles, adapted, sumLr, sumLr);
+      if (!steps.every(fits)) steps = dxSteps(roles, adapted, false, sumLr);
       for (const [i, step] of steps.entries()) {
-        const extra = step.extra && { a: dy.get(step.extra) as Tensor, w: (layer.linears[step.extra] as Linear).w };
-        const role = step.role;
+        const { first, others, lora2 } = split(step);
+        const [o1, o2] = others;
+        // The second adapted projection's g (and dB; dA with the group's) before the dx reads it.
+        let lowRank2: { g: Tensor; a: Tensor; scale: number } | undefined;
+        if (lora2) {
+          await linearBackward(
+            layer,
+            a,
+            lora2,
+            x,
+            dy.get(lora2) as Tensor,
+            undefined,
+            false,
+            undefined,
+            undefined,
+            gdBPlanned.has(lora2),
+          );
+          const t = trainable(lora2) as LoraTrainable;
+          lowRank2 = { g: g(t.a.shape[0] as number, shared.indexOf(lora2)), a: t.a, scale: t.scale };
+        }
+        const extra = o1 && {
+          a: dy.get(o1) as Tensor,
+          w: w(o1),
+          ...(o2 ? { third: { a: dy.get(o2) as Tensor, w: w(o2) } } : {}),
+        };
         await linearBackward(
           layer,
           a,
-          role,
+          first,
           x,
-          dy.get(role) as Tensor,
+          dy.get(first) as Tensor,
           dx,
           i > 0,
           undefined,
           extra,
-          gdBPlanned.has(role),
+          gdBPlanned.has(first),
+          lowRank2,
         );
       }
       await flushShared(x, `${label}.lora_dA.${shared.join('_')}`);

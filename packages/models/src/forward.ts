@@ -342,7 +342,15 @@ export interface PlannedBuffer {
   readonly label: string;
   readonly shape: readonly number[];
   readonly dtype: 'f32' | 'i32' | 'u32';
+  /** An arena (f32): these tensors are places in it (at arenaLayout's offsets for
+   * PLACE_ALIGNMENT), each gettable by its own label. */
+  readonly places?: readonly { readonly label: string; readonly shape: readonly number[] }[];
 }
+
+/** Where a planned arena's places start: a multiple of every device's
+ * minStorageBufferOffsetAlignment (at most 256 by WebGPU's rules), so the layout, and with it the
+ * memory estimate, is the same on every device. */
+export const PLACE_ALIGNMENT = 256;
 
 /** Every buffer of a forward plan, and per layer which buffer plays each part. */
 export interface ForwardLayout {

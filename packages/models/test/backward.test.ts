@@ -178,22 +178,27 @@ describe('backward below the lowest adapted layer', () => {
     const step = async (withLayer0: boolean) =>
       gpuCase(ctx, `${run} layer 0 ${withLayer0}`, async () => {
         const model = await loadModel(ctx, source, { precision: 'f32' });
-        const owned: Tensor[] = [];
+        // A and B (and their gradients) are places in two arenas, as in the trainer, which the
+        // counted dispatches assume (two adapted projections' LoRA terms in one dx dispatch).
+        const modules = golden.modules.filter((m) => withLayer0 || !m.module.includes('.layers.0.'));
+        const shapes = modules.flatMap((m) => [
+          { shape: [m.r, m.in_features], label: `${m.module}.lora_A` },
+          { shape: [m.out_features, m.r], label: `${m.module}.lora_B` },
+        ]);
+        const arenas = [new TensorArena(ctx, shapes, 'params'), new TensorArena(ctx, shapes, 'grads')] as const;
+        const owned = [...arenas];
         const lora = new Map<string, LoraTrainable>();
-        for (const m of golden.modules) {
+        for (const [i, m] of modules.entries()) {
           const layer0 = m.module.includes('.layers.0.');
-          if (layer0 && !withLayer0) continue;
           const bData = await tensors.readTensor(`${m.key_prefix}.lora_B.weight`);
-          const t = (data: Float32Array | undefined, shape: number[], label: string) => {
-            const x = data ? tensorFromData(ctx, data, shape, 'f32', label) : createTensor(ctx, shape, 'f32', label);
-            owned.push(x);
-            return x;
-          };
+          const [a, b] = [arenas[0].views[2 * i] as Tensor, arenas[0].views[2 * i + 1] as Tensor];
+          writeTensor(a, await tensors.readTensor(`${m.key_prefix}.lora_A.weight`));
+          writeTensor(b, layer0 ? new Float32Array(bData.length) : bData);
           lora.set(m.module, {
-            a: t(await tensors.readTensor(`${m.key_prefix}.lora_A.weight`), [m.r, m.in_features], 'A'),
-            b: t(layer0 ? new Float32Array(bData.length) : bData, [m.out_features, m.r], 'B'),
-            da: t(undefined, [m.r, m.in_features], 'dA'),
-            db: t(undefined, [m.out_features, m.r], 'dB'),
+            a,
+            b,
+            da: arenas[1].views[2 * i] as Tensor,
+            db: arenas[1].views[2 * i + 1] as Tensor,
             scale: m.scaling,
           });
         }

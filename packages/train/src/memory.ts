@@ -184,10 +184,11 @@ function numel(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
 }
 
-// Nominal size of a dispatch's uniform parameters: most kernels' structs are 48 bytes (a few 16
-// to 208: lora_matmul's four roles). Uniform buffers are a few KiB per layer, well under 1 % of
-// any run.
-const U_NOMINAL = 48;
+// Nominal size of a dispatch's uniform parameters (attention's apart): the matmul family's struct
+// takes 112 bytes (it carries matmul_sum_lr's places and second terms), most other kernels' 48, a
+// few 16 to 208 (lora_matmul's four roles); matmuls are about half of a step's dispatches.
+// Uniform buffers are a few KiB per layer, well under 1 % of any run but the tiny fixtures'.
+const U_NOMINAL = 80;
 
 /**
  * The GPU memory a LoraTrainer for this model and configuration will allocate, by category and

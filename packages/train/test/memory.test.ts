@@ -145,7 +145,7 @@ describe('estimateMemory against LoraTrainer', () => {
         `${name}\n    ${CATEGORIES.map((k) => `${k} ${est[k]} / ${memory[k]} = ${(r[k] as number).toFixed(4)}`).join(', ')}`,
       );
       // Weights and the arenas are exact; activations and scratch differ only by the uniform
-      // buffers' nominal sizes (48 bytes each; the structs are 16 to 208).
+      // buffers' nominal sizes (80 bytes each; the structs are 16 to 208).
       expect(est.frozenWeights).toBe(memory.frozenWeights);
       expect(est.trainable).toBe(memory.trainable);
       for (const k of CATEGORIES) expect(Math.abs((r[k] as number) - 1), k).toBeLessThan(0.05);

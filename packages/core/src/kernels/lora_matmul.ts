@@ -10,6 +10,7 @@ import {
   isCpuAdapter,
   type MatmulActivation,
   type MatmulActivationBackward,
+  type MatmulOptions,
   type MatmulRope,
   planMatmul,
   type TileMath,
@@ -327,8 +328,9 @@ export function loraGradPairPays(ctx: GpuContext): boolean {
 
 /**
  * planLoraGradGdB for two modules in one dispatch (lora_g_db_pair): g_i = dy_i·B_i and
- * dB_i = s_i·dy_iᵀ·h_i (+ beta·dB_i). Their dy, h and g are buffers of their own, their B and dB
- * places in two shared buffers (loraGradPairable). Eight storage buffers, WebGPU's default limit.
+ * dB_i = s_i·dy_iᵀ·h_i (+ beta·dB_i). Their dy, h and g are bound one by one (the two g may be
+ * disjoint places of one buffer, as the backward's g slots are), their B and dB places in two
+ * shared buffers (loraGradPairable). Eight storage buffers, WebGPU's default limit.
  */
 export async function planLoraGradGdBPair(
   ctx: GpuContext,
@@ -616,7 +618,10 @@ export interface LoraBackwardOptions {
   dxActivation?: MatmulActivationBackward;
   /** dx also takes another projection's dy·W (planMatmul's `extra`): two projections that read
    * the same input, one dx dispatch. Not with dropout. */
-  dxExtra?: { readonly a: Tensor; readonly w: Tensor };
+  dxExtra?: MatmulOptions['extra'];
+  /** dx also takes another adapted projection's LoRA term s·g·A (planMatmul's lowRank.second,
+   * with dxExtra: matmul_sum_lr): its g a place in io.g's buffer, its A in layer.a's. */
+  dxLowRank2?: { readonly g: Tensor; readonly a: Tensor; readonly scale: number };
 }
 
 /**
@@ -700,7 +705,7 @@ export async function planLoraBackward(
       ),
     );
   }
-  if ((opts.dxActivation || opts.dxExtra) && dropout)
+  if ((opts.dxActivation || opts.dxExtra || opts.dxLowRank2) && dropout)
     throw new ShapeError(`${op}: LoRA dropout's dx takes no activation epilogue or second product`);
   if (io.dx && dropout && xd) {
     plan.push(
@@ -718,7 +723,14 @@ export async function planLoraBackward(
       await planMatmul(ctx, io.dy, layer.w0, io.dx, {
         transW: false,
         beta: opts.accumulateDx ? 1 : 0,
-        lowRank: { a2: io.g, b2: layer.a, alpha2: layer.scale },
+        lowRank: {
+          a2: io.g,
+          b2: layer.a,
+          alpha2: layer.scale,
+          ...(opts.dxLowRank2
+            ? { second: { a2: opts.dxLowRank2.g, b2: opts.dxLowRank2.a, alpha2: opts.dxLowRank2.scale } }
+            : {}),
+        },
         activationBackward: opts.dxActivation,
         extra: opts.dxExtra,
         label: `${label}.dx`,

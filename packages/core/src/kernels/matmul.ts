@@ -128,6 +128,14 @@ const NORM_BWD_BINDINGS = [
   'write',
 ] as const;
 const MATMUL_NORM_BWD: Entry = { entryPoint: 'matmul_norm_bwd', bindings: NORM_BWD_BINDINGS };
+// Up to three products and two low-rank terms (matmul_sum_lr): matmul_sum's without the bias (3),
+// + 22 W4 (read). 8 storage buffers.
+const SUM_LR_BINDINGS = [
+  ...SUM_BINDINGS.map((b, i) => (i === 3 ? 'none' : b)),
+  ...Array<'none'>(10).fill('none'),
+  'read',
+] as const;
+const MATMUL_SUM_LR: Entry = { entryPoint: 'matmul_sum_lr', bindings: SUM_LR_BINDINGS };
 // The RoPE epilogue's entries: + 13 inv_freq (read). matmul_rope 7 storage buffers, the pairs 8.
 const ROPE_BINDINGS = [...BINDINGS, 'none', 'none', 'none', 'none', 'none', 'none', 'read'] as const;
 const PAIR_ROPE_BINDINGS = [...PAIR_BINDINGS, 'read'] as const;
@@ -223,7 +231,19 @@ export interface MatmulOptions {
    * LoRA forward in one dispatch. transW, f32 tiles and the tiled kernel only (more than
    * MATVEC_MAX_ROWS rows), K2 up to LORA_H_MAX_RANK; bias, beta or `rope` (on C), no other epilogue.
    */
-  lowRank?: { a2: Tensor; b2: Tensor; alpha2: number; a2From?: Tensor };
+  lowRank?: {
+    a2: Tensor;
+    b2: Tensor;
+    alpha2: number;
+    a2From?: Tensor;
+    /**
+     * A second low-rank term alpha2·A2·opW(B2) of the same layout (another adapted projection's
+     * s·g·A in a dx of two or three projections): its A2 a place in the first A2's buffer and its B2
+     * in the first B2's (LoRA's g slots, the LoRA parameters' arena), which the dispatch binds
+     * whole. With `extra` only (matmul_sum_lr).
+     */
+    second?: { a2: Tensor; b2: Tensor; alpha2: number };
+  };
   /** Use only rows [start, start + count) of W as stored: with transW a chunk of its N output rows
    * (the LM head's vocabulary), otherwise a chunk of its K rows (dh += dlogits·E over the same
    * chunk). No copy and no separately bound buffer. */
@@ -245,7 +265,13 @@ export interface MatmulOptions {
    * (matmul_sum). A3 is M×K3; W3 is laid out like W (N×K3 when transW, else K3×N) in any of W's
    * storage formats. The backward's dx of two projections that share an input, in one dispatch.
    */
-  extra?: { readonly a: Tensor; readonly w: Tensor };
+  extra?: {
+    readonly a: Tensor;
+    readonly w: Tensor;
+    /** A third product A4·opW(W4) in the same loop (matmul_sum_lr): A4 a place in A3's buffer (dk
+     * and dv, say), W4 in any of W's storage formats. */
+    readonly third?: { readonly a: Tensor; readonly w: Tensor };
+  };
   /**
    * The gated MLP: C is the gate projection A·Wᵀ, `up` gets A·W3ᵀ (W3 N×K, any storage format)
    * and `act` silu(C)·up, in one dispatch (matmul_glu / matvec_glu). transW only; no bias, beta,
@@ -485,6 +511,14 @@ export async function planMatmul(
     // A2 and B2 as whole vec4s: K2 (and N, where B2's rows are N long) multiples of 4.
     ALIGNED_LR: K2 > 0 && K2 % 4 === 0 && (transW || dims.N % 4 === 0),
   };
+  if (lowRank && (opts.extra?.third || lowRank.second)) {
+    // matmul_sum_lr binds A2's and B2's buffers whole: their places' offsets, and the second
+    // term's rank, in whole vec4s too.
+    const { a2, b2, second } = lowRank;
+    const places = second ? [a2, b2, second.a2, second.b2] : [a2, b2];
+    const K2b = second ? (second.a2.shape[second.a2.shape.length - 1] as number) : 0;
+    common.ALIGNED_LR &&= K2b % 4 === 0 && places.every((t) => (t.byteOffset / 4) % 4 === 0);
+  }
   const label = opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`;
   const tiles = opts.tileMath ?? 'f32';
   if (tiles === 'f16' && !ctx.features.shaderF16) {
@@ -502,6 +536,13 @@ export async function planMatmul(
   const extra = opts.extra;
   const glu = opts.glu;
   const K3 = extra ? checkExtra(label, dims, transW, extra, opts) : 0;
+  // matmul_sum_lr: a third product or a second low-rank term.
+  const sumLr = extra?.third !== undefined || lowRank?.second !== undefined;
+  const K4 = sumLr ? checkSumLr(ctx, label, dims, transW, opts) : 0;
+  const lr2 = lowRank?.second;
+  const K2b = lr2 ? (lr2.a2.shape[lr2.a2.shape.length - 1] as number) : 0;
+  /** Element offsets of places in buffers matmul_sum_lr binds whole (0 elsewhere: views bound). */
+  const at = (t: Tensor | undefined) => (sumLr && t ? t.byteOffset / 4 : 0);
   const second = opts.second;
   if (glu && second) throw new ShapeError(`${label}: glu and second are exclusive`);
   if (glu) checkSecondProjection(label, w, c, transW, opts, glu.w, [glu.up, glu.act]);
@@ -518,7 +559,16 @@ export async function planMatmul(
   const third: Record<string, boolean> = w3
     ? {
         ...storageFormat('W3', w3),
-        ALIGNED3: extra ? K3 % 4 === 0 && (transW || dims.N % 4 === 0) : dims.K % 4 === 0,
+        ...(extra?.third ? storageFormat('W4', extra.third.w) : {}),
+        // matmul_sum_lr reads A3 (and A4) at their offsets in a buffer bound whole.
+        ALIGNED3: extra
+          ? K3 % 4 === 0 &&
+            (transW || dims.N % 4 === 0) &&
+            (!sumLr || (extra.a.byteOffset / 4) % 4 === 0) &&
+            (!extra.third ||
+              ((extra.third.a.shape[extra.third.a.shape.length - 1] as number) % 4 === 0 &&
+                (extra.third.a.byteOffset / 4) % 4 === 0))
+          : dims.K % 4 === 0,
       }
     : {};
   const epilogue: Record<string, number> = act || actBwd ? { ACT: (act ?? actBwd)?.kind === 'silu_mul' ? 1 : 2 } : {};
@@ -564,7 +614,9 @@ export async function planMatmul(
             : rope
               ? MATMUL_ROPE
               : extra
-                ? MATMUL_SUM
+                ? sumLr
+                  ? MATMUL_SUM_LR
+                  : MATMUL_SUM
                 : act
                   ? MATMUL_ACT
                   : actBwd
@@ -604,6 +656,19 @@ export async function planMatmul(
     resources = [a, w, ...operands, second.w, second.out];
   } else if (normBwd) {
     resources = [a, w, c, normBwd.w, normBwd.dn, normBwd.x, normBwd.rstd, normBwd.dMid];
+  } else if (sumLr && extra) {
+    // The places' buffers whole (checkSumLr checked their sizes); offsets in the uniforms.
+    const buf = (t: Tensor) => t.buffer;
+    resources = [
+      a,
+      w,
+      lowRank ? buf(lowRank.a2) : placeholder,
+      lowRank ? buf(lowRank.b2) : placeholder,
+      c,
+      buf(extra.a),
+      extra.w,
+      extra.third?.w ?? placeholder,
+    ];
   } else if (a2From) {
     // In binding order: RoPE's frequencies (13) before h (17).
     const freq = rope ? [rope.invFreq] : [];
@@ -638,6 +703,16 @@ export async function planMatmul(
       ['u32', rope?.T ?? 0],
       ['u32', rope?.pos0 ?? 0],
       ['f32', rope?.scaling ?? 1],
+      ['u32', at(extra?.a)],
+      ['u32', K4],
+      ['u32', at(extra?.third?.a)],
+      ['u32', scales(extra?.third?.w)],
+      ['u32', at(lowRank?.a2)],
+      ['u32', at(lowRank?.b2)],
+      ['u32', K2b],
+      ['u32', at(lr2?.a2)],
+      ['u32', at(lr2?.b2)],
+      ['f32', lr2?.alpha2 ?? 0],
     ]),
   });
 }
@@ -648,7 +723,7 @@ function isWeightDType(dtype: DType): boolean {
 }
 
 /** matmul.wgsl's format overrides of a weight operand (`W` or `W3`): f32 when none is set. */
-function storageFormat(operand: 'W' | 'W3', t: Tensor): Record<string, boolean> {
+function storageFormat(operand: 'W' | 'W3' | 'W4', t: Tensor): Record<string, boolean> {
   return {
     [`${operand}_F16`]: t.dtype === 'f16',
     [`${operand}_Q8_0`]: t.dtype === 'q8_0',
@@ -676,6 +751,64 @@ function checkExtra(
   if (a3.dtype !== 'f32' || a3.size !== dims.M * K3 || a3.shape[a3.shape.length - 1] !== K3)
     throw new ShapeError(`${label}: A3 ${a3.label} ${a3.dtype}${formatShape(a3.shape)} must be f32 ${dims.M}×${K3}`);
   return K3;
+}
+
+/**
+ * Checks matmul_sum_lr's third product and second low-rank term (either may be absent) and the
+ * buffers it binds whole; returns K4 (0 without a third product).
+ */
+function checkSumLr(ctx: GpuContext, label: string, dims: MatmulDims, transW: boolean, opts: MatmulOptions): number {
+  const extra = opts.extra;
+  const lowRank = opts.lowRank;
+  if (!extra) throw new ShapeError(`${label}: a third product or a second low-rank term needs \`extra\` (matmul_sum)`);
+  if (opts.bias) throw new ShapeError(`${label}: matmul_sum_lr takes no bias`);
+  if (lowRank?.a2From) throw new ShapeError(`${label}: matmul_sum_lr forms no LoRA h (a2From)`);
+  const max = ctx.limits.maxStorageBufferBindingSize;
+  const whole = (t: Tensor, what: string) => {
+    if (t.buffer.size > max)
+      throw new LimitExceededError('maxStorageBufferBindingSize', t.buffer.size, max, `${label}: ${what}'s buffer`);
+  };
+  let K4 = 0;
+  const third = extra.third;
+  if (third) {
+    K4 = (transW ? third.w.shape[1] : third.w.shape[0]) as number;
+    const N4 = transW ? third.w.shape[0] : third.w.shape[1];
+    if (third.w.shape.length !== 2 || !isWeightDType(third.w.dtype) || N4 !== dims.N)
+      throw new ShapeError(
+        `${label}: W4 ${third.w.label} ${third.w.dtype}${formatShape(third.w.shape)} must be a 2-D weight giving ${dims.N} columns like W`,
+      );
+    const a4 = third.a;
+    if (a4.dtype !== 'f32' || a4.size !== dims.M * K4 || a4.shape[a4.shape.length - 1] !== K4)
+      throw new ShapeError(`${label}: A4 ${a4.label} ${a4.dtype}${formatShape(a4.shape)} must be f32 ${dims.M}×${K4}`);
+    if (a4.buffer !== extra.a.buffer)
+      throw new ShapeError(`${label}: A4 ${a4.label} must be a place in A3 ${extra.a.label}'s buffer`);
+  }
+  whole(extra.a, 'A3');
+  const second = lowRank?.second;
+  if (second && lowRank) {
+    const K2b = second.a2.shape[second.a2.shape.length - 1] as number;
+    if (second.a2.dtype !== 'f32' || second.a2.size !== dims.M * K2b)
+      throw new ShapeError(
+        `${label}: the second A2 ${second.a2.label} ${formatShape(second.a2.shape)} must be f32 ${dims.M}×r`,
+      );
+    const want = transW ? [dims.N, K2b] : [K2b, dims.N];
+    const b2 = second.b2;
+    if (b2.dtype !== 'f32' || b2.shape.length !== 2 || b2.shape[0] !== want[0] || b2.shape[1] !== want[1])
+      throw new ShapeError(
+        `${label}: the second B2 ${b2.label} ${formatShape(b2.shape)} must be f32 ${formatShape(want)} to match its A2 and N = ${dims.N}`,
+      );
+    if (second.a2.buffer !== lowRank.a2.buffer || b2.buffer !== lowRank.b2.buffer)
+      throw new ShapeError(
+        `${label}: the second low-rank term's operands must be places in the first's buffers (${lowRank.a2.label}, ${lowRank.b2.label})`,
+      );
+    if (!Number.isFinite(second.alpha2))
+      throw new ShapeError(`${label}: the second alpha2 ${second.alpha2} is not finite`);
+  }
+  if (lowRank) {
+    whole(lowRank.a2, 'A2');
+    whole(lowRank.b2, 'B2');
+  }
+  return K4;
 }
 
 /** Checks a second projection of A (the gated MLP's up, or matmul_pair's): W3 shaped like W, its

@@ -193,7 +193,12 @@ function uniforms(ctx: GpuContext, op: string, x: Tensor, invFreq: Tensor, o: Ro
         `${op}: ${x2.label} ${x2.dtype}${formatShape(x2.shape)} must be f32 [${rows}, ${nHeads2 * headDim}] (${nHeads2} heads of ${headDim} per row of ${x.label})`,
       );
     }
-    if (x2.buffer === x.buffer) throw new ShapeError(`${op}: ${x2.label} must be another buffer than ${x.label}`);
+    // Both are written: places of one buffer (an arena) are fine where they do not overlap.
+    const overlap =
+      x2.buffer === x.buffer &&
+      x2.byteOffset < x.byteOffset + x.byteLength &&
+      x.byteOffset < x2.byteOffset + x2.byteLength;
+    if (overlap) throw new ShapeError(`${op}: ${x2.label} must be another buffer than ${x.label}, or a place apart`);
   }
   if (o.cache) {
     const width = nHeads2 * headDim;
