@@ -14,7 +14,7 @@
  * Records carry extra.case (bench/cases.ts's key); bench/run.ts fills in the PyTorch baseline
  * measured on the same machine for the same case (tools/bench_torch.py).
  */
-import { type GpuContext, WebtuneError } from '@webtune/core';
+import { type GpuContext, inferenceTileMath, WebtuneError } from '@webtune/core';
 import { type CausalLM, Generator, loadModel, urlSource } from '@webtune/models';
 import {
   BENCH_MODELS,
@@ -91,9 +91,9 @@ async function benchModel(
   let generator: Generator | undefined;
   try {
     const maxSequence = Math.min(spec.maxPositions, Math.max(...cases.map((c) => c.prompt + c.newTokens)));
-    // f16 tiles where the adapter has shader-f16, beside transformers.js's fp16 peer (the weights
-    // are f16 here); the records say which.
-    const tileMath = ctx.features.shaderF16 ? 'f16' : 'f32';
+    // The product's default (inferenceTileMath: f16 tiles on GPUs with shader-f16, f32 on CPU
+    // adapters), beside transformers.js's fp16 peer (the weights are f16 here); the records say which.
+    const tileMath = inferenceTileMath(ctx);
     generator = await Generator.create(ctx, model, { maxSequence, tileMath });
     const gen = generator;
     // A short prefill compiles its pipelines before anything is timed (the decode step's were

@@ -75,7 +75,7 @@ struct Params {
   K4: u32,        // matmul_sum_lr: the inner dimension of the third product A4·opW(W4) (0: none)
   a4_off: u32,    // matmul_sum_lr: where A4 starts in A3's buffer
   w4_scales: u32, // quantized W4: as w_scales
-  a2_off: u32,    // where A2 starts in its buffer (matmul_sum_lr binds arenas whole; 0 elsewhere)
+  a2_off: u32,    // where A2 starts in its binding (matmul_sum_lr binds a span of places; 0 elsewhere)
   b2_off: u32,    // where B2 starts in its buffer
   K2b: u32,       // matmul_sum_lr: the rank of the second low-rank term (0: none)
   a2b_off: u32,   // matmul_sum_lr: where the second term's A2 starts in A2's buffer
@@ -958,9 +958,10 @@ fn matmul_sum(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
 //
 // The backward's dx of a layer's q, k and v (or gate and up) with the LoRA terms s·g·A of two
 // adapted ones, in one dispatch. A3' and A4 are places in one buffer (10 a3, at a3_off and a4_off;
-// dk and dv, say), W4 (22) is in any of W's storage formats (W4_*); A2' and A2'' are places in one buffer (4 a2:
-// LoRA's g slots), B2' and B2'' in another (5 b2: the LoRA parameters' arena). K4 = 0 or K2b = 0
-// leaves that term out. No bias. Bindings 1, 2, 4, 5, 6, 10, 11, 22: 8 storage buffers.
+// dk and dv, say), A2' and A2'' in another (4 a2: LoRA's g slots), B2' and B2'' in a third (5 b2:
+// the LoRA parameters' arena); each binding is the range of its buffer that holds both places,
+// and the offsets count from its start. W4 (22) is in any of W's storage formats (W4_*). K4 = 0 or
+// K2b = 0 leaves that term out. No bias. Bindings 1, 2, 4, 5, 6, 10, 11, 22: 8 storage buffers.
 @group(0) @binding(22) var<storage, read> w4: array<vec4<u32>>;
 
 override W4_F16: bool = false;

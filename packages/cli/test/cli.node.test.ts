@@ -134,6 +134,9 @@ describe('webtune CLI', () => {
     const missing = webtune('eval', '--model', stories);
     expect(missing.code).toBe(2);
     expect(missing.stderr).toMatch(/--data is required/);
+    const tiles = webtune('generate', '--model', stories, '--prompt', 'x', '--tile-math', 'bf16');
+    expect(tiles.code).toBe(2);
+    expect(tiles.stderr).toMatch(/--tile-math must be f16 or f32; got "bf16"/);
     const nope = webtune('generate', '--model', join(dir, 'nothing-here'), '--prompt', 'x');
     expect(nope.code).toBe(1);
     expect(nope.stderr).toMatch(/tokenizer\.json|config\.json/);

@@ -178,7 +178,12 @@ export class Dispatch {
   }
 }
 
-export type Resource = Tensor | GPUBuffer;
+/** A tensor (bound at its place), a buffer (bound whole), or a byte range of a buffer (several
+ * places of an arena bound as one operand; the offset a multiple of minStorageBufferOffsetAlignment). */
+export type Resource =
+  | Tensor
+  | GPUBuffer
+  | { readonly buffer: GPUBuffer; readonly offset: number; readonly size: number };
 
 /**
  * Binds `resources` (everything but the uniform, in binding order) to `kernel`. The uniform, when
@@ -209,9 +214,13 @@ export function bindKernel(
       `${args.label}: ${args.resources.length} buffers bound, ${kernel.spec.entryPoint} takes ${expected}`,
     );
   }
-  const bound = args.resources.map((r) => (r instanceof Tensor ? r.buffer : r));
+  const bound = args.resources.map((r) => (r instanceof Tensor || 'offset' in r ? r.buffer : r));
   const entries: GPUBufferBinding[] = args.resources.map((r) =>
-    r instanceof Tensor ? { buffer: r.buffer, offset: r.byteOffset, size: r.bindingSize } : { buffer: r },
+    r instanceof Tensor
+      ? { buffer: r.buffer, offset: r.byteOffset, size: r.bindingSize }
+      : 'offset' in r
+        ? { buffer: r.buffer, offset: r.offset, size: r.size }
+        : { buffer: r },
   );
   // WebGPU forbids a buffer written in a dispatch to be bound there read-only too, or written
   // twice over overlapping ranges (disjoint views of one arena may both be written).

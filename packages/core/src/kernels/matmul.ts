@@ -7,7 +7,15 @@ import tileF16 from '../../../../shaders/tile_f16.wgsl?raw';
 import tileF32 from '../../../../shaders/tile_f32.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { LimitExceededError, ShapeError } from '../errors.js';
-import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
+import {
+  bindKernel,
+  type Dispatch,
+  getKernel,
+  type Kernel,
+  type KernelSpec,
+  packUniforms,
+  type Resource,
+} from '../kernel.js';
 import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
 import type { DType, Tensor } from '../tensor.js';
@@ -239,8 +247,8 @@ export interface MatmulOptions {
     /**
      * A second low-rank term alpha2·A2·opW(B2) of the same layout (another adapted projection's
      * s·g·A in a dx of two or three projections): its A2 a place in the first A2's buffer and its B2
-     * in the first B2's (LoRA's g slots, the LoRA parameters' arena), which the dispatch binds
-     * whole. With `extra` only (matmul_sum_lr).
+     * in the first B2's (LoRA's g slots, the LoRA parameters' arena); the dispatch binds the range
+     * of each buffer that holds both. With `extra` only (matmul_sum_lr).
      */
     second?: { a2: Tensor; b2: Tensor; alpha2: number };
   };
@@ -511,14 +519,6 @@ export async function planMatmul(
     // A2 and B2 as whole vec4s: K2 (and N, where B2's rows are N long) multiples of 4.
     ALIGNED_LR: K2 > 0 && K2 % 4 === 0 && (transW || dims.N % 4 === 0),
   };
-  if (lowRank && (opts.extra?.third || lowRank.second)) {
-    // matmul_sum_lr binds A2's and B2's buffers whole: their places' offsets, and the second
-    // term's rank, in whole vec4s too.
-    const { a2, b2, second } = lowRank;
-    const places = second ? [a2, b2, second.a2, second.b2] : [a2, b2];
-    const K2b = second ? (second.a2.shape[second.a2.shape.length - 1] as number) : 0;
-    common.ALIGNED_LR &&= K2b % 4 === 0 && places.every((t) => (t.byteOffset / 4) % 4 === 0);
-  }
   const label = opts.label ?? `matmul ${dims.M}x${dims.N}x${dims.K}`;
   const tiles = opts.tileMath ?? 'f32';
   if (tiles === 'f16' && !ctx.features.shaderF16) {
@@ -538,11 +538,29 @@ export async function planMatmul(
   const K3 = extra ? checkExtra(label, dims, transW, extra, opts) : 0;
   // matmul_sum_lr: a third product or a second low-rank term.
   const sumLr = extra?.third !== undefined || lowRank?.second !== undefined;
-  const K4 = sumLr ? checkSumLr(ctx, label, dims, transW, opts) : 0;
+  const K4 = sumLr ? checkSumLr(label, dims, transW, opts) : 0;
   const lr2 = lowRank?.second;
   const K2b = lr2 ? (lr2.a2.shape[lr2.a2.shape.length - 1] as number) : 0;
-  /** Element offsets of places in buffers matmul_sum_lr binds whole (0 elsewhere: views bound). */
-  const at = (t: Tensor | undefined) => (sumLr && t ? t.byteOffset / 4 : 0);
+  // matmul_sum_lr binds each pair of places (A3 and A4, the two A2, the two B2) as one byte range
+  // of their buffer and reads each at its element offset in it (0 elsewhere: views are bound).
+  const spans =
+    sumLr && extra
+      ? {
+          a3: placeSpan(ctx, label, 'A3 and A4', [extra.a, ...(extra.third ? [extra.third.a] : [])]),
+          a2: lowRank && placeSpan(ctx, label, 'the A2', [lowRank.a2, ...(lr2 ? [lr2.a2] : [])]),
+          b2: lowRank && placeSpan(ctx, label, 'the B2', [lowRank.b2, ...(lr2 ? [lr2.b2] : [])]),
+        }
+      : undefined;
+  const at = (t: Tensor | undefined) => {
+    if (!spans || !t) return 0;
+    for (const span of [spans.a3, spans.a2, spans.b2]) if (span?.holds(t)) return span.at(t);
+    return 0;
+  };
+  if (spans && lowRank) {
+    // The places' offsets, and the second term's rank, in whole vec4s too.
+    const places = [lowRank.a2, lowRank.b2, ...(lr2 ? [lr2.a2, lr2.b2] : [])];
+    common.ALIGNED_LR &&= K2b % 4 === 0 && places.every((t) => at(t) % 4 === 0);
+  }
   const second = opts.second;
   if (glu && second) throw new ShapeError(`${label}: glu and second are exclusive`);
   if (glu) checkSecondProjection(label, w, c, transW, opts, glu.w, [glu.up, glu.act]);
@@ -564,10 +582,10 @@ export async function planMatmul(
         ALIGNED3: extra
           ? K3 % 4 === 0 &&
             (transW || dims.N % 4 === 0) &&
-            (!sumLr || (extra.a.byteOffset / 4) % 4 === 0) &&
+            at(extra.a) % 4 === 0 &&
             (!extra.third ||
               ((extra.third.a.shape[extra.third.a.shape.length - 1] as number) % 4 === 0 &&
-                (extra.third.a.byteOffset / 4) % 4 === 0))
+                at(extra.third.a) % 4 === 0))
           : dims.K % 4 === 0,
       }
     : {};
@@ -642,7 +660,7 @@ export async function planMatmul(
   }
   const placeholder = ctx.placeholder();
   const operands = [lowRank?.a2 ?? placeholder, lowRank?.b2 ?? placeholder, c];
-  let resources: (Tensor | GPUBuffer)[];
+  let resources: Resource[];
   if (actBwd) {
     resources =
       actBwd.kind === 'silu_mul'
@@ -656,16 +674,15 @@ export async function planMatmul(
     resources = [a, w, ...operands, second.w, second.out];
   } else if (normBwd) {
     resources = [a, w, c, normBwd.w, normBwd.dn, normBwd.x, normBwd.rstd, normBwd.dMid];
-  } else if (sumLr && extra) {
-    // The places' buffers whole (checkSumLr checked their sizes); offsets in the uniforms.
-    const buf = (t: Tensor) => t.buffer;
+  } else if (spans && extra) {
+    // The places' spans; offsets in the uniforms.
     resources = [
       a,
       w,
-      lowRank ? buf(lowRank.a2) : placeholder,
-      lowRank ? buf(lowRank.b2) : placeholder,
+      spans.a2?.resource ?? placeholder,
+      spans.b2?.resource ?? placeholder,
       c,
-      buf(extra.a),
+      spans.a3.resource,
       extra.w,
       extra.third?.w ?? placeholder,
     ];
@@ -754,20 +771,16 @@ function checkExtra(
 }
 
 /**
- * Checks matmul_sum_lr's third product and second low-rank term (either may be absent) and the
- * buffers it binds whole; returns K4 (0 without a third product).
+ * Checks matmul_sum_lr's third product and second low-rank term (either may be absent): places of
+ * the first's buffers (placeSpan binds each pair as one range); returns K4 (0 without a third
+ * product).
  */
-function checkSumLr(ctx: GpuContext, label: string, dims: MatmulDims, transW: boolean, opts: MatmulOptions): number {
+function checkSumLr(label: string, dims: MatmulDims, transW: boolean, opts: MatmulOptions): number {
   const extra = opts.extra;
   const lowRank = opts.lowRank;
   if (!extra) throw new ShapeError(`${label}: a third product or a second low-rank term needs \`extra\` (matmul_sum)`);
   if (opts.bias) throw new ShapeError(`${label}: matmul_sum_lr takes no bias`);
   if (lowRank?.a2From) throw new ShapeError(`${label}: matmul_sum_lr forms no LoRA h (a2From)`);
-  const max = ctx.limits.maxStorageBufferBindingSize;
-  const whole = (t: Tensor, what: string) => {
-    if (t.buffer.size > max)
-      throw new LimitExceededError('maxStorageBufferBindingSize', t.buffer.size, max, `${label}: ${what}'s buffer`);
-  };
   let K4 = 0;
   const third = extra.third;
   if (third) {
@@ -783,7 +796,6 @@ function checkSumLr(ctx: GpuContext, label: string, dims: MatmulDims, transW: bo
     if (a4.buffer !== extra.a.buffer)
       throw new ShapeError(`${label}: A4 ${a4.label} must be a place in A3 ${extra.a.label}'s buffer`);
   }
-  whole(extra.a, 'A3');
   const second = lowRank?.second;
   if (second && lowRank) {
     const K2b = second.a2.shape[second.a2.shape.length - 1] as number;
@@ -804,11 +816,31 @@ function checkSumLr(ctx: GpuContext, label: string, dims: MatmulDims, transW: bo
     if (!Number.isFinite(second.alpha2))
       throw new ShapeError(`${label}: the second alpha2 ${second.alpha2} is not finite`);
   }
-  if (lowRank) {
-    whole(lowRank.a2, 'A2');
-    whole(lowRank.b2, 'B2');
-  }
   return K4;
+}
+
+/**
+ * The byte range of one buffer that holds these places (tensors at their offsets in it), bound as
+ * one operand, and each place's element offset within it. Places start at multiples of the
+ * device's minStorageBufferOffsetAlignment (tensorView), so the range's start does too.
+ */
+function placeSpan(
+  ctx: GpuContext,
+  label: string,
+  what: string,
+  places: readonly Tensor[],
+): { resource: Resource; holds(t: Tensor): boolean; at(t: Tensor): number } {
+  const buffer = (places[0] as Tensor).buffer;
+  const start = Math.min(...places.map((t) => t.byteOffset));
+  const end = Math.max(...places.map((t) => t.byteOffset + t.bindingSize));
+  const max = ctx.limits.maxStorageBufferBindingSize;
+  if (end - start > max)
+    throw new LimitExceededError('maxStorageBufferBindingSize', end - start, max, `${label}: ${what}`);
+  return {
+    resource: { buffer, offset: start, size: end - start },
+    holds: (t) => places.includes(t),
+    at: (t) => (t.byteOffset - start) / 4,
+  };
 }
 
 /** Checks a second projection of A (the gated MLP's up, or matmul_pair's): W3 shaped like W, its
