@@ -621,6 +621,18 @@ async function benchNormBwdInDx(ctx: GpuContext, o: BenchOptions): Promise<void>
   for (const t of [x, gain, rstdT, dn, w, dOutFused, dMidPlain, dMidFused, ...dx]) t.dispose();
 }
 
+/** An arena of places of one shape (as the backward's scratch and the LoRA parameters are), each
+ * filled with its own random values (seeds seed, seed + 1, ...). */
+function filledArena(ctx: GpuContext, label: string, places: readonly string[], shape: number[], seed: number) {
+  const arena = new TensorArena(
+    ctx,
+    places.map((place) => ({ shape, label: place })),
+    label,
+  );
+  for (const [i, v] of arena.views.entries()) writeTensor(v, random(v.size, seed + i, 0.5));
+  return arena;
+}
+
 /** matmul_sum_lr: the dx of a SmolLM2-135M layer's q, k and v (q and v adapted, r = 8) in one
  * dispatch, dk and dv places of one buffer, g and LoRA's A of q and v in arenas, as training plans
  * them, against matmul_sum (q and k with q's LoRA term) followed by v's LoRA dx accumulating. */
@@ -628,36 +640,10 @@ async function benchQkvDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const M = o.quick ? 128 : 512;
   const [d, kv, r] = [576, 192, 8]; // SmolLM2-135M: 9 heads of 64, 3 key/value heads
   const shape = `${M}x${d}, K=${d}+${kv}+${kv}, r=${r}+${r}, W:f16`;
-  const arena = (label: string, parts: { shape: number[]; label: string }[], seed: number) => {
-    const a = new TensorArena(ctx, parts, label);
-    for (const [i, v] of a.views.entries()) writeTensor(v, random(v.size, seed + i, 0.5));
-    return a;
-  };
   const dq = tensorFromData(ctx, random(M * d, 81, 1), [M, d], 'f32', 'dq');
-  const dkv = arena(
-    'dk dv',
-    [
-      { shape: [M, kv], label: 'dk' },
-      { shape: [M, kv], label: 'dv' },
-    ],
-    82,
-  );
-  const g = arena(
-    'g',
-    [
-      { shape: [M, r], label: 'g_q' },
-      { shape: [M, r], label: 'g_v' },
-    ],
-    84,
-  );
-  const loraA = arena(
-    'lora A',
-    [
-      { shape: [r, d], label: 'A_q' },
-      { shape: [r, d], label: 'A_v' },
-    ],
-    86,
-  );
+  const dkv = filledArena(ctx, 'dk dv', ['dk', 'dv'], [M, kv], 82);
+  const g = filledArena(ctx, 'g', ['g_q', 'g_v'], [M, r], 84);
+  const loraA = filledArena(ctx, 'lora A', ['A_q', 'A_v'], [r, d], 86);
   const w = (rows: number, seed: number, label: string) =>
     tensorFromData(ctx, random(rows * d, seed, 0.05), [rows, d], 'f16', label);
   const [wq, wk, wv] = [w(d, 88, 'w_q'), w(kv, 89, 'w_k'), w(kv, 90, 'w_v')];
@@ -703,23 +689,8 @@ async function benchGateUpDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const [dGate, dUp] = [act(91, 'd_gate'), act(92, 'd_up')];
   const w = (seed: number, label: string) => tensorFromData(ctx, random(I * d, seed, 0.05), [I, d], 'f16', label);
   const [wg, wu] = [w(93, 'w_gate'), w(94, 'w_up')];
-  const g = new TensorArena(
-    ctx,
-    [
-      { shape: [M, r], label: 'g_gate' },
-      { shape: [M, r], label: 'g_up' },
-    ],
-    'g',
-  );
-  const loraA = new TensorArena(
-    ctx,
-    [
-      { shape: [r, d], label: 'A_gate' },
-      { shape: [r, d], label: 'A_up' },
-    ],
-    'lora A',
-  );
-  for (const [i, v] of [...g.views, ...loraA.views].entries()) writeTensor(v, random(v.size, 95 + i, 0.5));
+  const g = filledArena(ctx, 'g', ['g_gate', 'g_up'], [M, r], 95);
+  const loraA = filledArena(ctx, 'lora A', ['A_gate', 'A_up'], [r, d], 97);
   const [gg, gu] = g.views as [Tensor, Tensor];
   const [ag, au] = loraA.views as [Tensor, Tensor];
   const dx = [createTensor(ctx, [M, d], 'f32', 'dx one'), createTensor(ctx, [M, d], 'f32', 'dx two')];
