@@ -22,6 +22,8 @@
  * - norm_bwd_in_dx vs norm_bwd_then_dx: the o projection's dx (∂L/∂mid·W_o) with the backward of
  *   the RMSNorm before the MLP formed as its A tiles are staged (matmul_norm_bwd) against that norm's
  *   backward dispatch (accumulating into ∂L/∂out) followed by the plain dx matmul;
+ * - attention_bwd_one vs attention_bwd_two: the tiled attention backward (the GPUs' plan) with dq,
+ *   dk and dv in one dispatch (attention_bwd) against dq with delta then dk and dv;
  * - qkv_dx_one vs qkv_dx_two: the dx of a layer's q, k and v with q's and v's LoRA terms in one
  *   dispatch (matmul_sum_lr) against the two the plan made before (q and k with q's LoRA term, then
  *   v with its own, accumulating); and gate_up_dx_one vs gate_up_dx_two, both adapted (all-linear);
@@ -39,6 +41,7 @@
 import { WebGPUBackend } from '@tensorflow/tfjs-backend-webgpu';
 import * as tf from '@tensorflow/tfjs-core';
 import {
+  attentionFlops,
   attentionShapes,
   createGpuContext,
   createTensor,
@@ -48,6 +51,7 @@ import {
   type LoraLayer,
   loraFlops,
   matmulFlops,
+  planAttentionBackward,
   planAttentionForward,
   planCrossEntropyForward,
   planLoraBackward,
@@ -375,6 +379,61 @@ async function benchAttentionF16(ctx: GpuContext, o: BenchOptions): Promise<void
     for (const x of [...f16, ...f32]) x.dispose();
     for (const x of [q, k, v, o16, lse16, o32, lse32]) x.dispose();
   }
+}
+
+/** The attention backward of SmolLM2-135M (9 query heads on 3 kv heads of 64, RoPE's backward
+ * inside) at 4×128 on the tiled kernels (the GPUs' plan): dq, dk and dv in one dispatch, places of
+ * one buffer as the trainer keeps them (attention_bwd), against dq with delta then dk and dv. */
+async function benchAttentionBwd(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const [nH, nKV, hd] = [9, 3, 64];
+  const dims = { B: 4, Tq: T, Tk: T, pos0: 0, nH, nKV, hd };
+  const s = attentionShapes(dims);
+  const data = (shape: readonly number[], seed: number, scale: number, label: string) =>
+    tensorFromData(ctx, random((shape[0] as number) * (shape[1] as number), seed, scale), shape, 'f32', label);
+  const q = data(s.o, 141, 1.7, 'q');
+  const k = data(s.dk, 142, 1.7, 'k');
+  const v = data(s.dk, 143, 1, 'v');
+  const dout = data(s.o, 144, 1, 'dout');
+  const out = createTensor(ctx, s.o, 'f32', 'o');
+  const lse = createTensor(ctx, s.lse, 'f32', 'lse');
+  const fwd = await planAttentionForward(ctx, { q, k, v, o: out, lse, dims, variant: 'tiled' });
+  await runOnce(ctx, fwd, 'attention forward');
+  const grads = new TensorArena(
+    ctx,
+    [
+      { shape: [...s.o], label: 'dq' },
+      { shape: [...s.dk], label: 'dk' },
+      { shape: [...s.dk], label: 'dv' },
+    ],
+    'attention grads',
+  );
+  const [dq1, dk1, dv1] = grads.views as [Tensor, Tensor, Tensor];
+  const [dq2, dk2, dv2] = [
+    createTensor(ctx, s.o, 'f32', 'dq two'),
+    createTensor(ctx, s.dk, 'f32', 'dk two'),
+    createTensor(ctx, s.dk, 'f32', 'dv two'),
+  ];
+  const delta = createTensor(ctx, s.delta, 'f32', 'delta');
+  const invFreq = Float32Array.from({ length: hd / 2 }, (_, i) => 10000 ** (-(2 * i) / hd));
+  const io = { q, k, v, o: out, lse, do: dout, dims, variant: 'tiled' as const, rope: { invFreq, scaling: 1 } };
+  const fused = await planAttentionBackward(ctx, { ...io, dq: dq1, dk: dk1, dv: dv1 });
+  const plain = await planAttentionBackward(ctx, { ...io, dq: dq2, dk: dk2, dv: dv2, delta });
+  await timeFusion(ctx, o, {
+    name: 'attention_bwd_one',
+    baseline: 'attention_bwd_two',
+    shape: `B4 T${T} heads ${nH}/${nKV} of ${hd}, RoPE`,
+    fused,
+    plain,
+    outputs: [
+      [dq1, dq2],
+      [dk1, dk2],
+      [dv1, dv2],
+    ],
+    flops: attentionFlops(dims).backward,
+  });
+  for (const x of [...fwd, ...fused, ...plain]) x.dispose();
+  for (const x of [q, k, v, dout, out, lse, dq2, dk2, dv2, delta, grads]) x.dispose();
 }
 
 /** The q projection of SmolLM2-135M (9 heads of 64) at 4×128 rows with r = 8, rotated in its store
@@ -999,6 +1058,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'matmul_f16_tiles'.includes(o.only)) await benchF16Tiles(ctx, o);
   if (!o.only || 'attention_f16_tiles'.includes(o.only)) await benchAttentionF16(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
+  if (!o.only || 'attention_bwd_one'.includes(o.only)) await benchAttentionBwd(ctx, o);
   if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
   if (!o.only || 'glu_norm'.includes(o.only)) await benchGluNorm(ctx, o);
   if (!o.only || 'matmul_resid'.includes(o.only)) await benchMatmulResid(ctx, o);

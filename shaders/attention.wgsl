@@ -21,17 +21,20 @@
 // holds a Tq×Tk score matrix):
 //
 // Tiled (GPUs): one workgroup per tile, blocks of rows staged in workgroup memory.
-//   attention_fwd        per (query block of BQ rows, head h, batch b): stages the Q block once,
-//                        then walks the visible key blocks of BK keys (K and V staged), keeping a
+//   attention_fwd        per (query block of OWN rows, head h, batch b): stages the Q block once,
+//                        then walks the visible key blocks of STR keys (K and V staged), keeping a
 //                        running max m and sum l per row (online softmax) and the output in
 //                        registers. Writes o and lse.
 //   attention_bwd_dq     per (query block, head, batch): recomputes P = exp(S − lse) block by block
 //                        over the visible keys; dq accumulates in registers. Writes dq.
-//   attention_bwd_dkv    per (key block of BK keys, kv head g, batch): K and V staged once; loops
-//                        over the group's query heads and over the query blocks that can see the
-//                        block, accumulating dk and dv in registers (WebGPU has no float atomics,
-//                        so one workgroup owns each dk/dv row). Writes dk and dv.
-// Rows (CPU-backed adapters): one invocation per query row (per key row in dkv), BQ (BK)
+//   attention_bwd_dkv    per (key block of OWN keys, kv head g, batch): K and V staged once; loops
+//                        over the group's query heads and over the query blocks (STR rows) that
+//                        can see the block, accumulating dk and dv in registers (WebGPU has no float
+//                        atomics, so one workgroup owns each dk/dv row). Writes dk and dv.
+//   attention_bwd        both in one dispatch: the workgroups of attention_bwd_dkv, then those of
+//                        attention_bwd_dq, each computing the delta it needs from o; dq, dk and dv
+//                        are places of one buffer.
+// Rows (CPU-backed adapters): one invocation per query row (per key row in dkv), WG
 // invocations per workgroup, no workgroup memory and no barrier. The invocation keeps its own
 // row(s) and accumulators in private arrays and reads the rows it streams straight from the
 // storage buffers, four at a time: the same online softmax (fwd), the same recomputation of P and
@@ -53,15 +56,18 @@
 //   attention_fwd(_rows)      0 p uniform, 1 q, 2 k, 3 v (read), 4 o (written), 5 lse (written)
 //   attention_bwd_delta       0 p, 1 o (read: o_saved), 2 dout (read: dout_rows), 3 delta (written)
 //   attention_bwd_dq(_rows)   0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dq (written),
-//                             8 delta_w (written when DELTA_IN_DQ: then binding 6 holds o and the
+//                             8 delta_w (written when DELTA_FROM_O: then binding 6 holds o and the
 //                             kernel computes delta itself, exactly as attention_bwd_delta does,
 //                             and writes it for attention_bwd_dkv; one dispatch fewer)
 //   attention_bwd_dkv(_rows)  0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 delta (read), 7 dk, 8 dv (written)
+//   attention_bwd             0 p, 1 q, 2 k, 3 v, 4 dout, 5 lse, 6 o (read; DELTA_FROM_O), 7 grads
+//                             (written: dq at element dq_off, dk at dk_off, dv at dv_off)
 // Layouts:
 //   q[b,i,h,d]  at q_offset + b·q_batch + i·q_stride + h·hd + d        (rows may be strided, e.g.
 //   k[b,j,g,d]  at k_offset + b·k_batch + j·k_stride + g·hd + d         a fused [q|k|v] buffer or a
 //   v[b,j,g,d]  at v_offset + b·v_batch + j·v_stride + g·hd + d         KV cache [B, maxT, nKV·hd])
-//   o, dout, dq [B·Tq, nH·hd] contiguous; dk, dv [B·Tk, nKV·hd] contiguous
+//   o, dout, dq [B·Tq, nH·hd] contiguous; dk, dv [B·Tk, nKV·hd] contiguous (each at its offset
+//               in grads for attention_bwd)
 //   lse, delta  [B, nH, Tq]; lse is what the forward saves for the backward (with o).
 // All outputs are written, never accumulated; dk/dv rows of keys nobody sees are written as 0.
 //
@@ -73,7 +79,7 @@
 // accumulates them in registers.
 // The head size HD is a pipeline constant, so every loop over a row has a constant trip count
 // (HD4 = ⌈HD/4⌉ vec4s, the last zero-padded when HD % 4 ≠ 0) and the edge tests fold away. The
-// host picks TD = ⌈HD4 / VPT⌉ and the tile sizes BQ, BK from the device's workgroup storage and
+// host picks TD = ⌈HD4 / VPT⌉ and the tile sizes OWN, STR from the device's workgroup storage and
 // invocation limits. The uniforms hd and hd4 must equal HD and HD4.
 
 struct Params {
@@ -97,12 +103,16 @@ struct Params {
   v_batch: u32,
   scale: f32,
   rope_scaling: f32,  // ROPE: HF's attention_scaling (cos and sin are multiplied by it)
+  dq_off: u32,        // attention_bwd: where dq, dk and dv start in grads (elements)
+  dk_off: u32,
+  dv_off: u32,
+  pad0: u32,
   // ROPE: RoPE's inverse frequencies inv_freq[0..HD/2), four to a vector (the rest zero).
   inv_freq: array<vec4<f32>, 32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// attention_fwd, attention_bwd_dq, attention_bwd_dkv
+// attention_fwd and the backward's dq and dkv kernels
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
@@ -113,25 +123,29 @@ struct Params {
 @group(0) @binding(1) var<storage, read> o_saved: array<f32>;
 @group(0) @binding(2) var<storage, read> dout_rows: array<f32>;
 @group(0) @binding(3) var<storage, read_write> delta_out: array<f32>;
-// attention_bwd_dq, attention_bwd_dkv
+// the backward's dq and dkv kernels
 @group(0) @binding(4) var<storage, read> dout: array<f32>;
 @group(0) @binding(5) var<storage, read> lse: array<f32>;
-@group(0) @binding(6) var<storage, read> delta: array<f32>;   // o in attention_bwd_dq with DELTA_IN_DQ
+@group(0) @binding(6) var<storage, read> delta: array<f32>;   // o with DELTA_FROM_O
 @group(0) @binding(7) var<storage, read_write> dq: array<f32>;
 @group(0) @binding(8) var<storage, read_write> delta_w: array<f32>;  // attention_bwd_dq(_rows)
 @group(0) @binding(7) var<storage, read_write> dk: array<f32>;
 @group(0) @binding(8) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(7) var<storage, read_write> grads: array<f32>;  // attention_bwd
 
 override HD: u32 = 64u;              // head size (1..256)
 override HD4: u32 = (HD + 3u) / 4u;  // vec4s per row; follows HD, never set by the host
 override TD: u32 = 4u;    // tiled: invocations per tile row; TD·VPT ≥ HD4
-override BQ: u32 = 16u;   // tiled: query rows per block; rows kernels: invocations per workgroup
-override BK: u32 = 16u;   // tiled: keys per block; attention_bwd_dkv_rows: invocations per workgroup
-override KPT: u32 = 4u;   // tiled: streamed rows per dots_* call (1..4): min(4, tile / TD)
-override DELTA_IN_DQ: bool = false;  // attention_bwd_dq(_rows): compute delta from o (binding 6)
-// attention_bwd_dq(_rows), attention_bwd_dkv(_rows): q and k were rotated by RoPE (query row i at
-// position pos0 + i, key j at j); dq and dk are stored as the gradients of the rows before the
-// rotation, RoPE's backward applied here instead of in a dispatch of its own. HD % 8 == 0.
+override OWN: u32 = 16u;  // tiled: rows a workgroup owns (query rows in fwd and dq, keys in dkv)
+override STR: u32 = 16u;  // tiled: rows streamed per block (keys in fwd and dq, query rows in dkv)
+override KPT: u32 = 4u;   // tiled: streamed rows per dots_* call (1..4): min(4, STR / TD)
+override WG: u32 = 64u;   // rows kernels: invocations (rows) per workgroup
+// attention_bwd_dq(_rows), attention_bwd_dkv, attention_bwd: binding 6 holds o, and the kernel
+// computes delta itself (row_delta); attention_bwd_dq(_rows) then writes it to binding 8.
+override DELTA_FROM_O: bool = false;
+// The backward kernels: q and k were rotated by RoPE (query row i at position pos0 + i, key j at
+// j); dq and dk are stored as the gradients of the rows before the rotation, RoPE's backward
+// applied here instead of in a dispatch of its own. HD % 8 == 0.
 override ROPE: bool = false;
 
 const VPT: u32 = 4u;          // vec4 output columns per invocation (registers: VPT vec4s per output)
@@ -142,15 +156,22 @@ const RMAX: u32 = 64u;        // rows kernels: vec4s in a private row array (HD 
 
 // The staged rows hold tile_t: f32 (tile_f32.wgsl), or f16 (tile_f16.wgsl) for the inference
 // forward on adapters with shader-f16, and tile_fma / tile_scale_fma form the products from them
-// (in f32 in both builds).
-var<workgroup> qs: array<vec4<tile_t>, BQ * HD4>;   // query rows (fwd, dq, dkv)
-var<workgroup> dos: array<vec4<tile_t>, BQ * HD4>;  // dout rows (dq, dkv)
-var<workgroup> ks: array<vec4<tile_t>, BK * HD4>;   // key rows
-var<workgroup> vs: array<vec4<tile_t>, BK * HD4>;   // value rows
-var<workgroup> ss: array<f32, BQ * BK>;          // fwd: S, dq: dS (row-major BQ×BK); dkv: Pᵀ (BK×BQ)
-var<workgroup> ps: array<f32, BQ * BK>;          // dkv: dSᵀ (BK×BQ)
-var<workgroup> row_lse: array<f32, BQ>;          // dkv: lse of the staged query rows
-var<workgroup> row_delta: array<f32, BQ>;        // dkv: delta of the staged query rows
+// (in f32 in both builds). A workgroup owns OWN rows (own_a, and own_b in the backward) and streams
+// blocks of STR rows (str_a, str_b) past them; which tensor each holds depends on the kernel:
+//                 own_a   own_b   str_a   str_b
+//   fwd           q       -       k       v
+//   dq            q       dout    k       v
+//   dkv           k       v       q       dout
+// so the backward's two kernels share every function past staging (dots2_own_str: q·k and dout·v
+// either way round).
+var<workgroup> own_a: array<vec4<tile_t>, OWN * HD4>;
+var<workgroup> own_b: array<vec4<tile_t>, OWN * HD4>;
+var<workgroup> str_a: array<vec4<tile_t>, STR * HD4>;
+var<workgroup> str_b: array<vec4<tile_t>, STR * HD4>;
+var<workgroup> ss: array<f32, OWN * STR>;     // fwd: S, dq: dS, dkv: P (row-major, own row × streamed row)
+var<workgroup> ps: array<f32, OWN * STR>;     // dkv: dS
+var<workgroup> str_lse: array<f32, STR>;      // dkv: lse of the streamed query rows
+var<workgroup> str_delta: array<f32, STR>;    // dkv: delta of the streamed query rows
 
 // ---- rows of one head: indices, vec4 loads and stores ----------------------------------------
 
@@ -243,49 +264,93 @@ fn put_dv(base: u32, c: u32, x: vec4<f32>) {
   }
 }
 
+fn put_grad(base: u32, c: u32, x: vec4<f32>) {
+  for (var t = 0u; t < 4u; t++) {
+    if (full4(c) || c * 4u + t < HD) { grads[base + c * 4u + t] = x[t]; }
+  }
+}
+
+// delta of query row i: read (binding 6), or with DELTA_FROM_O summed from o (binding 6) and dout
+// in attention_bwd_delta's order, so every kernel that forms it gets the same value to the bit.
+fn row_delta(b: u32, h: u32, i: u32) -> f32 {
+  if (DELTA_FROM_O) {
+    let base = out_index(b, i, h);
+    var acc = 0.0;
+    for (var d = 0u; d < p.hd; d++) { acc = fma(delta[base + d], dout[base + d], acc); }
+    return acc;
+  }
+  return delta[row_index(b, h, i)];
+}
+
 // ---- tiled kernels: staging into workgroup memory -------------------------------------------
-// Each invocation writes whole vec4s, so no two invocations write parts of one vector.
+// Each invocation writes whole vec4s, so no two invocations write parts of one vector. Rows past
+// the end (Tq for q and dout, Tk for k and v) stage as 0.
 
-fn stage_q(tid: u32, nthreads: u32, b: u32, h: u32, i0: u32) {
-  for (var e = tid; e < BQ * HD4; e += nthreads) {
+fn stage_own_q(tid: u32, b: u32, h: u32, i0: u32) {
+  for (var e = tid; e < OWN * HD4; e += OWN * TD) {
     let r = e / HD4;
-    let c = e % HD4;
     var x = vec4<f32>(0.0);
-    if (i0 + r < p.Tq) { x = q4(q_index(b, i0 + r, h), c); }
-    qs[r * HD4 + c] = vec4<tile_t>(x);
+    if (i0 + r < p.Tq) { x = q4(q_index(b, i0 + r, h), e % HD4); }
+    own_a[e] = vec4<tile_t>(x);
   }
 }
 
-fn stage_dout(tid: u32, nthreads: u32, b: u32, h: u32, i0: u32) {
-  for (var e = tid; e < BQ * HD4; e += nthreads) {
+fn stage_own_dout(tid: u32, b: u32, h: u32, i0: u32) {
+  for (var e = tid; e < OWN * HD4; e += OWN * TD) {
     let r = e / HD4;
-    let c = e % HD4;
     var x = vec4<f32>(0.0);
-    if (i0 + r < p.Tq) { x = do4(out_index(b, i0 + r, h), c); }
-    dos[r * HD4 + c] = vec4<tile_t>(x);
+    if (i0 + r < p.Tq) { x = do4(out_index(b, i0 + r, h), e % HD4); }
+    own_b[e] = vec4<tile_t>(x);
   }
 }
 
-fn stage_kv(tid: u32, nthreads: u32, b: u32, g: u32, j0: u32) {
-  for (var e = tid; e < BK * HD4; e += nthreads) {
+fn stage_own_kv(tid: u32, b: u32, g: u32, j0: u32) {
+  for (var e = tid; e < OWN * HD4; e += OWN * TD) {
     let r = e / HD4;
-    let c = e % HD4;
     var xk = vec4<f32>(0.0);
     var xv = vec4<f32>(0.0);
     if (j0 + r < p.Tk) {
-      xk = k4(k_index(b, j0 + r, g), c);
-      xv = v4(v_index(b, j0 + r, g), c);
+      xk = k4(k_index(b, j0 + r, g), e % HD4);
+      xv = v4(v_index(b, j0 + r, g), e % HD4);
     }
-    ks[r * HD4 + c] = vec4<tile_t>(xk);
-    vs[r * HD4 + c] = vec4<tile_t>(xv);
+    own_a[e] = vec4<tile_t>(xk);
+    own_b[e] = vec4<tile_t>(xv);
+  }
+}
+
+fn stage_str_kv(tid: u32, b: u32, g: u32, j0: u32) {
+  for (var e = tid; e < STR * HD4; e += OWN * TD) {
+    let r = e / HD4;
+    var xk = vec4<f32>(0.0);
+    var xv = vec4<f32>(0.0);
+    if (j0 + r < p.Tk) {
+      xk = k4(k_index(b, j0 + r, g), e % HD4);
+      xv = v4(v_index(b, j0 + r, g), e % HD4);
+    }
+    str_a[e] = vec4<tile_t>(xk);
+    str_b[e] = vec4<tile_t>(xv);
+  }
+}
+
+fn stage_str_q_dout(tid: u32, b: u32, h: u32, i0: u32) {
+  for (var e = tid; e < STR * HD4; e += OWN * TD) {
+    let r = e / HD4;
+    var xq = vec4<f32>(0.0);
+    var xd = vec4<f32>(0.0);
+    if (i0 + r < p.Tq) {
+      xq = q4(q_index(b, i0 + r, h), e % HD4);
+      xd = do4(out_index(b, i0 + r, h), e % HD4);
+    }
+    str_a[e] = vec4<tile_t>(xq);
+    str_b[e] = vec4<tile_t>(xd);
   }
 }
 
 // Dot products of staged rows over hd, as vec4 (the zero padding adds nothing). An invocation
-// takes KPT (≤ 4) rows of the streamed operand at a time, rows n, n + TD, n + 2·TD, n + 3·TD, and
-// reads its own row once per KPT reads of the others. Row indices are clamped to the tile so no
-// branch diverges; the caller drops results for rows past the tile. Four named accumulators
-// rather than an array: the conditions on KPT are constant when the pipeline is built.
+// takes KPT (≤ 4) streamed rows at a time, rows n, n + TD, n + 2·TD, n + 3·TD, and reads its own
+// row once per KPT reads of the others. Row indices are clamped to the block so no branch
+// diverges; the caller drops results for rows past it. Four named accumulators rather than an
+// array: the conditions on KPT are constant when the pipeline is built.
 
 fn hsum(x: vec4<f32>) -> f32 {
   return x.x + x.y + x.z + x.w;
@@ -295,37 +360,37 @@ fn hsum4(a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, d: vec4<f32>) -> vec4<f32> {
   return vec4<f32>(hsum(a), hsum(b), hsum(c), hsum(d));
 }
 
-// Staged row offsets (in vec4s) of rows n + u·TD, u < 4, clamped to rows − 1.
-fn block_rows(n: u32, rows: u32) -> vec4<u32> {
-  let last = rows - 1u;
+// Staged offsets (in vec4s) of streamed rows n + u·TD, u < 4, clamped to STR − 1.
+fn block_rows(n: u32) -> vec4<u32> {
+  let last = STR - 1u;
   return vec4<u32>(min(n, last), min(n + TD, last), min(n + 2u * TD, last), min(n + 3u * TD, last)) * HD4;
 }
 
-// q row r · key rows kc + u·TD.
-fn dots_q_k(r: u32, kc: u32) -> vec4<f32> {
-  let kb = block_rows(kc, BK);
+// The forward's scores: own_a row r · str_a rows sc + u·TD (q·k).
+fn dots_own_str(r: u32, sc: u32) -> vec4<f32> {
+  let sb = block_rows(sc);
   var a0 = vec4<f32>(0.0);
   var a1 = vec4<f32>(0.0);
   var a2 = vec4<f32>(0.0);
   var a3 = vec4<f32>(0.0);
   for (var c = 0u; c < HD4; c++) {
-    let x = qs[r * HD4 + c];
-    a0 = tile_fma(x, ks[kb.x + c], a0);
-    if (KPT > 1u) { a1 = tile_fma(x, ks[kb.y + c], a1); }
-    if (KPT > 2u) { a2 = tile_fma(x, ks[kb.z + c], a2); }
-    if (KPT > 3u) { a3 = tile_fma(x, ks[kb.w + c], a3); }
+    let x = own_a[r * HD4 + c];
+    a0 = tile_fma(x, str_a[sb.x + c], a0);
+    if (KPT > 1u) { a1 = tile_fma(x, str_a[sb.y + c], a1); }
+    if (KPT > 2u) { a2 = tile_fma(x, str_a[sb.z + c], a2); }
+    if (KPT > 3u) { a3 = tile_fma(x, str_a[sb.w + c], a3); }
   }
   return hsum4(a0, a1, a2, a3);
 }
 
 struct Dots {
-  qk: vec4<f32>,  // q·k for the KPT pairs
-  dv: vec4<f32>,  // dout·v for the same pairs
+  qk: vec4<f32>,  // own_a · str_a: q·k for the KPT pairs
+  dv: vec4<f32>,  // own_b · str_b: dout·v for the same pairs
 }
 
-// attention_bwd_dq: query row r against key rows kc + u·TD.
-fn dots_row_keys(r: u32, kc: u32) -> Dots {
-  let kb = block_rows(kc, BK);
+// The backward's: own row r against streamed rows sc + u·TD.
+fn dots2_own_str(r: u32, sc: u32) -> Dots {
+  let sb = block_rows(sc);
   var a0 = vec4<f32>(0.0);
   var a1 = vec4<f32>(0.0);
   var a2 = vec4<f32>(0.0);
@@ -335,90 +400,29 @@ fn dots_row_keys(r: u32, kc: u32) -> Dots {
   var b2 = vec4<f32>(0.0);
   var b3 = vec4<f32>(0.0);
   for (var c = 0u; c < HD4; c++) {
-    let x = qs[r * HD4 + c];
-    let y = dos[r * HD4 + c];
-    a0 = tile_fma(x, ks[kb.x + c], a0);
-    b0 = tile_fma(y, vs[kb.x + c], b0);
+    let x = own_a[r * HD4 + c];
+    let y = own_b[r * HD4 + c];
+    a0 = tile_fma(x, str_a[sb.x + c], a0);
+    b0 = tile_fma(y, str_b[sb.x + c], b0);
     if (KPT > 1u) {
-      a1 = tile_fma(x, ks[kb.y + c], a1);
-      b1 = tile_fma(y, vs[kb.y + c], b1);
+      a1 = tile_fma(x, str_a[sb.y + c], a1);
+      b1 = tile_fma(y, str_b[sb.y + c], b1);
     }
     if (KPT > 2u) {
-      a2 = tile_fma(x, ks[kb.z + c], a2);
-      b2 = tile_fma(y, vs[kb.z + c], b2);
+      a2 = tile_fma(x, str_a[sb.z + c], a2);
+      b2 = tile_fma(y, str_b[sb.z + c], b2);
     }
     if (KPT > 3u) {
-      a3 = tile_fma(x, ks[kb.w + c], a3);
-      b3 = tile_fma(y, vs[kb.w + c], b3);
+      a3 = tile_fma(x, str_a[sb.w + c], a3);
+      b3 = tile_fma(y, str_b[sb.w + c], b3);
     }
   }
   return Dots(hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3));
-}
-
-// attention_bwd_dkv: key row kr against query rows ic + u·TD.
-fn dots_key_rows(kr: u32, ic: u32) -> Dots {
-  let qb = block_rows(ic, BQ);
-  var a0 = vec4<f32>(0.0);
-  var a1 = vec4<f32>(0.0);
-  var a2 = vec4<f32>(0.0);
-  var a3 = vec4<f32>(0.0);
-  var b0 = vec4<f32>(0.0);
-  var b1 = vec4<f32>(0.0);
-  var b2 = vec4<f32>(0.0);
-  var b3 = vec4<f32>(0.0);
-  for (var c = 0u; c < HD4; c++) {
-    let x = ks[kr * HD4 + c];
-    let y = vs[kr * HD4 + c];
-    a0 = tile_fma(x, qs[qb.x + c], a0);
-    b0 = tile_fma(y, dos[qb.x + c], b0);
-    if (KPT > 1u) {
-      a1 = tile_fma(x, qs[qb.y + c], a1);
-      b1 = tile_fma(y, dos[qb.y + c], b1);
-    }
-    if (KPT > 2u) {
-      a2 = tile_fma(x, qs[qb.z + c], a2);
-      b2 = tile_fma(y, dos[qb.z + c], b2);
-    }
-    if (KPT > 3u) {
-      a3 = tile_fma(x, qs[qb.w + c], a3);
-      b3 = tile_fma(y, dos[qb.w + c], b3);
-    }
-  }
-  return Dots(hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3));
-}
-
-// Writes the invocation's columns (td + t·TD, as vec4) of one row, scaled by s.
-fn write_row_o(base: u32, td: u32, acc: array<vec4<f32>, VPT>, s: f32) {
-  for (var t = 0u; t < VPT; t++) {
-    let c = td + t * TD;
-    if (c < HD4) { put_o(base, c, acc[t] * s); }
-  }
-}
-
-fn write_row_dq(base: u32, td: u32, acc: array<vec4<f32>, VPT>, s: f32) {
-  for (var t = 0u; t < VPT; t++) {
-    let c = td + t * TD;
-    if (c < HD4) { put_dq(base, c, acc[t] * s); }
-  }
-}
-
-fn write_row_dk(base: u32, td: u32, acc: array<vec4<f32>, VPT>, s: f32) {
-  for (var t = 0u; t < VPT; t++) {
-    let c = td + t * TD;
-    if (c < HD4) { put_dk(base, c, acc[t] * s); }
-  }
-}
-
-fn write_row_dv(base: u32, td: u32, acc: array<vec4<f32>, VPT>) {
-  for (var t = 0u; t < VPT; t++) {
-    let c = td + t * TD;
-    if (c < HD4) { put_dv(base, c, acc[t]); }
-  }
 }
 
 // Keys [0, end) can be visible to some query row of the block starting at i0.
 fn key_end(i0: u32) -> u32 {
-  let last = min(i0 + BQ, p.Tq) - 1u;
+  let last = min(i0 + OWN, p.Tq) - 1u;
   return min(p.Tk, p.pos0 + last + 1u);
 }
 
@@ -446,55 +450,78 @@ fn rope_partner(c: u32) -> u32 {
   return (c + HD4 / 2u) % HD4;
 }
 
+// The invocation's columns (td + t·TD, as vec4) of own row r of dq or dk, from its accumulators:
+// scaled, and with ROPE taken back to the row before the rotation (at position pos). A column's
+// partner belongs to another invocation of the row, so they are exchanged through own_a, which
+// nothing reads any more. Every invocation of the workgroup calls it.
+fn scaled_grad(r: u32, td: u32, acc: array<vec4<f32>, VPT>, pos: u32) -> array<vec4<f32>, VPT> {
+  var out = array<vec4<f32>, VPT>();
+  if (ROPE) {
+    workgroupBarrier();
+    for (var t = 0u; t < VPT; t++) {
+      let c = td + t * TD;
+      if (c < HD4) { own_a[r * HD4 + c] = vec4<tile_t>(acc[t] * p.scale); }
+    }
+    workgroupBarrier();
+    for (var t = 0u; t < VPT; t++) {
+      let c = td + t * TD;
+      if (c < HD4) { out[t] = rope_grad4(vec4<f32>(own_a[r * HD4 + c]), vec4<f32>(own_a[r * HD4 + rope_partner(c)]), c, pos); }
+    }
+  } else {
+    for (var t = 0u; t < VPT; t++) { out[t] = acc[t] * p.scale; }
+  }
+  return out;
+}
+
 // ---- tiled forward -------------------------------------------------------------------------------
 
-@compute @workgroup_size(BQ * TD)
+@compute @workgroup_size(OWN * TD)
 fn attention_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = wid.z;
   let h = wid.y;
   let g = h / p.group;
-  let i0 = wid.x * BQ;
+  let i0 = wid.x * OWN;
   let r = tid / TD;
   let td = tid % TD;
   let i = i0 + r;
   let row_ok = i < p.Tq;
 
-  stage_q(tid, BQ * TD, b, h, i0);
+  stage_own_q(tid, b, h, i0);
   var acc = array<vec4<f32>, VPT>();
   var m = MASKED;  // running max of the row's scores
   var l = 0.0;     // running Σ exp(S − m)
   let end = key_end(i0);
-  for (var j0 = 0u; j0 < end; j0 += BK) {
-    stage_kv(tid, BQ * TD, b, g, j0);
+  for (var j0 = 0u; j0 < end; j0 += STR) {
+    stage_str_kv(tid, b, g, j0);
     workgroupBarrier();
-    for (var kc = td; kc < BK; kc += KPT * TD) {
-      let dots = dots_q_k(r, kc);
+    for (var kc = td; kc < STR; kc += KPT * TD) {
+      let dots = dots_own_str(r, kc);
       for (var u = 0u; u < KPT; u++) {
         let kk = kc + u * TD;
         let j = j0 + kk;
-        if (kk < BK) {
+        if (kk < STR) {
           var s = MASKED;
           if (row_ok && j < p.Tk && j <= p.pos0 + i) { s = p.scale * dots[u]; }
-          ss[r * BK + kk] = s;
+          ss[r * STR + kk] = s;
         }
       }
     }
     workgroupBarrier();
     // Every invocation of the row reads the whole score row: no extra barrier for the max.
     var mb = MASKED;
-    for (var kk = 0u; kk < BK; kk++) { mb = max(mb, ss[r * BK + kk]); }
+    for (var kk = 0u; kk < STR; kk++) { mb = max(mb, ss[r * STR + kk]); }
     let m_new = max(m, mb);
     let alpha = exp(m - m_new);
     l *= alpha;
     for (var t = 0u; t < VPT; t++) { acc[t] *= alpha; }
-    for (var kk = 0u; kk < BK; kk++) {
-      let s = ss[r * BK + kk];
+    for (var kk = 0u; kk < STR; kk++) {
+      let s = ss[r * STR + kk];
       if (s > VISIBLE) {
         let pr = exp(s - m_new);
         l += pr;
         for (var t = 0u; t < VPT; t++) {
           let c = td + t * TD;
-          if (c < HD4) { acc[t] = tile_scale_fma(pr, vs[kk * HD4 + c], acc[t]); }
+          if (c < HD4) { acc[t] = tile_scale_fma(pr, str_b[kk * HD4 + c], acc[t]); }
         }
       }
     }
@@ -503,12 +530,17 @@ fn attention_fwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_i
   }
   if (row_ok) {
     // Key 0 is visible to every row, so l ≥ 1 here.
-    write_row_o(out_index(b, i, h), td, acc, 1.0 / l);
+    let base = out_index(b, i, h);
+    let inv = 1.0 / l;
+    for (var t = 0u; t < VPT; t++) {
+      let c = td + t * TD;
+      if (c < HD4) { put_o(base, c, acc[t] * inv); }
+    }
     if (td == 0u) { lse_out[row_index(b, h, i)] = m + log(l); }
   }
 }
 
-// ---- backward: delta (shared) and the tiled dq, dk/dv ------------------------------------------------------------------------------
+// ---- backward: delta (shared), the tiled dq and dk/dv, and both in one dispatch ---------------
 
 @compute @workgroup_size(DELTA_WG)
 fn attention_bwd_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
@@ -522,99 +554,75 @@ fn attention_bwd_delta(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(w
   delta_out[row_index(b, h, i)] = acc;
 }
 
-// delta of query row i for the dq kernels: read, or with DELTA_IN_DQ summed from o (binding 6)
-// and dout in attention_bwd_delta's order, so the value is the same to the bit.
-fn dq_row_delta(b: u32, h: u32, i: u32) -> f32 {
-  if (DELTA_IN_DQ) {
-    let base = out_index(b, i, h);
-    var acc = 0.0;
-    for (var d = 0u; d < p.hd; d++) { acc = fma(delta[base + d], dout[base + d], acc); }
-    return acc;
-  }
-  return delta[row_index(b, h, i)];
+// What a workgroup of the dq kernels computes for query block i0 of head h, batch b: the
+// invocation's columns of its row of dq (to store as they are), and the row's delta.
+struct DqTile {
+  dq: array<vec4<f32>, VPT>,
+  delta: f32,
 }
 
-@compute @workgroup_size(BQ * TD)
-fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let b = wid.z;
-  let h = wid.y;
+fn dq_tile(tid: u32, b: u32, h: u32, i0: u32) -> DqTile {
   let g = h / p.group;
-  let i0 = wid.x * BQ;
   let r = tid / TD;
   let td = tid % TD;
   let i = i0 + r;
   let row_ok = i < p.Tq;
 
-  stage_q(tid, BQ * TD, b, h, i0);
-  stage_dout(tid, BQ * TD, b, h, i0);
+  stage_own_q(tid, b, h, i0);
+  stage_own_dout(tid, b, h, i0);
   var lse_i = 0.0;
   var delta_i = 0.0;
   if (row_ok) {
     lse_i = lse[row_index(b, h, i)];
-    delta_i = dq_row_delta(b, h, i);
-    if (DELTA_IN_DQ && td == 0u) { delta_w[row_index(b, h, i)] = delta_i; }
+    delta_i = row_delta(b, h, i);
   }
   var acc = array<vec4<f32>, VPT>();
   let end = key_end(i0);
-  for (var j0 = 0u; j0 < end; j0 += BK) {
-    stage_kv(tid, BQ * TD, b, g, j0);
+  for (var j0 = 0u; j0 < end; j0 += STR) {
+    stage_str_kv(tid, b, g, j0);
     workgroupBarrier();
-    for (var kc = td; kc < BK; kc += KPT * TD) {
-      let dots = dots_row_keys(r, kc);
+    for (var kc = td; kc < STR; kc += KPT * TD) {
+      let dots = dots2_own_str(r, kc);
       for (var u = 0u; u < KPT; u++) {
         let kk = kc + u * TD;
         let j = j0 + kk;
-        if (kk < BK) {
+        if (kk < STR) {
           var ds = 0.0;
           if (row_ok && j < p.Tk && j <= p.pos0 + i) {
             let pr = exp(p.scale * dots.qk[u] - lse_i);
             ds = pr * (dots.dv[u] - delta_i);
           }
-          ss[r * BK + kk] = ds;
+          ss[r * STR + kk] = ds;
         }
       }
     }
     workgroupBarrier();
-    for (var kk = 0u; kk < BK; kk++) {
-      let ds = ss[r * BK + kk];
+    for (var kk = 0u; kk < STR; kk++) {
+      let ds = ss[r * STR + kk];
       for (var t = 0u; t < VPT; t++) {
         let c = td + t * TD;
-        if (c < HD4) { acc[t] = tile_scale_fma(ds, ks[kk * HD4 + c], acc[t]); }
+        if (c < HD4) { acc[t] = tile_scale_fma(ds, str_a[kk * HD4 + c], acc[t]); }
       }
     }
     workgroupBarrier();
   }
-  if (ROPE) {
-    // Column c's partner belongs to another invocation of the row: exchange through qs.
-    workgroupBarrier();
-    for (var t = 0u; t < VPT; t++) {
-      let c = td + t * TD;
-      if (c < HD4) { qs[r * HD4 + c] = vec4<tile_t>(acc[t] * p.scale); }
-    }
-    workgroupBarrier();
-    if (row_ok) {
-      let base = out_index(b, i, h);
-      for (var t = 0u; t < VPT; t++) {
-        let c = td + t * TD;
-        if (c < HD4) { put_dq(base, c, rope_grad4(vec4<f32>(qs[r * HD4 + c]), vec4<f32>(qs[r * HD4 + rope_partner(c)]), c, p.pos0 + i)); }
-      }
-    }
-  } else if (row_ok) {
-    write_row_dq(out_index(b, i, h), td, acc, p.scale);
-  }
+  return DqTile(scaled_grad(r, td, acc, p.pos0 + i), delta_i);
 }
 
-@compute @workgroup_size(BK * TD)
-fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
-  let b = wid.z;
-  let g = wid.y;
-  let j0 = wid.x * BK;
+// What a workgroup of the dkv kernels computes for key block j0 of kv head g, batch b: the
+// invocation's columns of its key row of dk and dv.
+struct DkvTile {
+  dk: array<vec4<f32>, VPT>,
+  dv: array<vec4<f32>, VPT>,
+}
+
+fn dkv_tile(tid: u32, b: u32, g: u32, j0: u32) -> DkvTile {
   let kr = tid / TD;
   let td = tid % TD;
   let j = j0 + kr;
   let key_ok = j < p.Tk;
 
-  stage_kv(tid, BK * TD, b, g, j0);
+  stage_own_kv(tid, b, g, j0);
   var acc_k = array<vec4<f32>, VPT>();
   var acc_v = array<vec4<f32>, VPT>();
   // Query i sees key j0 iff i ≥ j0 − pos0: earlier query rows see nothing of this block.
@@ -622,72 +630,129 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
   if (j0 > p.pos0) { i_start = j0 - p.pos0; }
   for (var hh = 0u; hh < p.group; hh++) {
     let h = g * p.group + hh;
-    for (var i0 = i_start; i0 < p.Tq; i0 += BQ) {
+    for (var i0 = i_start; i0 < p.Tq; i0 += STR) {
       workgroupBarrier();  // the previous block's readers are done (and K, V are staged)
-      stage_q(tid, BK * TD, b, h, i0);
-      stage_dout(tid, BK * TD, b, h, i0);
-      for (var e = tid; e < BQ; e += BK * TD) {
+      stage_str_q_dout(tid, b, h, i0);
+      for (var e = tid; e < STR; e += OWN * TD) {
         var x = 0.0;
         var y = 0.0;
         if (i0 + e < p.Tq) {
           x = lse[row_index(b, h, i0 + e)];
-          y = delta[row_index(b, h, i0 + e)];
+          y = row_delta(b, h, i0 + e);
         }
-        row_lse[e] = x;
-        row_delta[e] = y;
+        str_lse[e] = x;
+        str_delta[e] = y;
       }
       workgroupBarrier();
-      for (var ic = td; ic < BQ; ic += KPT * TD) {
-        let dots = dots_key_rows(kr, ic);
+      for (var ic = td; ic < STR; ic += KPT * TD) {
+        let dots = dots2_own_str(kr, ic);
         for (var u = 0u; u < KPT; u++) {
           let ii = ic + u * TD;
           let i = i0 + ii;
-          if (ii < BQ) {
+          if (ii < STR) {
             var pr = 0.0;
             var ds = 0.0;
             if (key_ok && i < p.Tq && j <= p.pos0 + i) {
-              pr = exp(p.scale * dots.qk[u] - row_lse[ii]);
-              ds = pr * (dots.dv[u] - row_delta[ii]);
+              pr = exp(p.scale * dots.qk[u] - str_lse[ii]);
+              ds = pr * (dots.dv[u] - str_delta[ii]);
             }
-            ss[kr * BQ + ii] = pr;
-            ps[kr * BQ + ii] = ds;
+            ss[kr * STR + ii] = pr;
+            ps[kr * STR + ii] = ds;
           }
         }
       }
       workgroupBarrier();
-      for (var ii = 0u; ii < BQ; ii++) {
-        let pr = ss[kr * BQ + ii];
-        let ds = ps[kr * BQ + ii];
+      for (var ii = 0u; ii < STR; ii++) {
+        let pr = ss[kr * STR + ii];
+        let ds = ps[kr * STR + ii];
         for (var t = 0u; t < VPT; t++) {
           let c = td + t * TD;
           if (c < HD4) {
-            acc_v[t] = tile_scale_fma(pr, dos[ii * HD4 + c], acc_v[t]);
-            acc_k[t] = tile_scale_fma(ds, qs[ii * HD4 + c], acc_k[t]);
+            acc_v[t] = tile_scale_fma(pr, str_b[ii * HD4 + c], acc_v[t]);
+            acc_k[t] = tile_scale_fma(ds, str_a[ii * HD4 + c], acc_k[t]);
           }
         }
       }
     }
   }
-  if (ROPE) {
-    // As in attention_bwd_dq, through ks (the keys are no longer read).
-    workgroupBarrier();
+  return DkvTile(scaled_grad(kr, td, acc_k, j), acc_v);
+}
+
+@compute @workgroup_size(OWN * TD)
+fn attention_bwd_dq(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let b = wid.z;
+  let h = wid.y;
+  let td = tid % TD;
+  let i = wid.x * OWN + tid / TD;
+  let tile = dq_tile(tid, b, h, wid.x * OWN);
+  if (i < p.Tq) {
+    let base = out_index(b, i, h);
     for (var t = 0u; t < VPT; t++) {
       let c = td + t * TD;
-      if (c < HD4) { ks[kr * HD4 + c] = vec4<tile_t>(acc_k[t] * p.scale); }
+      if (c < HD4) { put_dq(base, c, tile.dq[t]); }
     }
-    workgroupBarrier();
-    if (key_ok) {
+    if (DELTA_FROM_O && td == 0u) { delta_w[row_index(b, h, i)] = tile.delta; }
+  }
+}
+
+@compute @workgroup_size(OWN * TD)
+fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let b = wid.z;
+  let g = wid.y;
+  let td = tid % TD;
+  let j = wid.x * OWN + tid / TD;
+  let tile = dkv_tile(tid, b, g, wid.x * OWN);
+  if (j < p.Tk) {
+    let base = kv_out_index(b, j, g);
+    for (var t = 0u; t < VPT; t++) {
+      let c = td + t * TD;
+      if (c < HD4) {
+        put_dk(base, c, tile.dk[t]);
+        put_dv(base, c, tile.dv[t]);
+      }
+    }
+  }
+}
+
+// dq, dk and dv in one dispatch (DELTA_FROM_O): workgroup x < ⌈Tk/OWN⌉·nKV takes a key block of
+// a kv head as attention_bwd_dkv does, the rest a query block of a head as attention_bwd_dq does.
+// Each forms the delta it needs from o, so neither waits for the other; dkv's heavier workgroups
+// come first in the grid. dq, dk and dv are places of one buffer (grads, at dq_off, dk_off, dv_off).
+@compute @workgroup_size(OWN * TD)
+fn attention_bwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let b = wid.z;
+  let td = tid % TD;
+  let key_blocks = (p.Tk + OWN - 1u) / OWN;
+  let dkv_groups = key_blocks * p.nKV;
+  if (wid.x < dkv_groups) {
+    let g = wid.x / key_blocks;
+    let j0 = (wid.x % key_blocks) * OWN;
+    let tile = dkv_tile(tid, b, g, j0);
+    let j = j0 + tid / TD;
+    if (j < p.Tk) {
       let base = kv_out_index(b, j, g);
       for (var t = 0u; t < VPT; t++) {
         let c = td + t * TD;
-        if (c < HD4) { put_dk(base, c, rope_grad4(vec4<f32>(ks[kr * HD4 + c]), vec4<f32>(ks[kr * HD4 + rope_partner(c)]), c, j)); }
+        if (c < HD4) {
+          put_grad(p.dk_off + base, c, tile.dk[t]);
+          put_grad(p.dv_off + base, c, tile.dv[t]);
+        }
       }
-      write_row_dv(base, td, acc_v);
     }
-  } else if (key_ok) {
-    let base = kv_out_index(b, j, g);
-    write_row_dk(base, td, acc_k, p.scale);
-    write_row_dv(base, td, acc_v);
+  } else {
+    let query_blocks = (p.Tq + OWN - 1u) / OWN;
+    let w = wid.x - dkv_groups;
+    let h = w / query_blocks;
+    let i0 = (w % query_blocks) * OWN;
+    let tile = dq_tile(tid, b, h, i0);
+    let i = i0 + tid / TD;
+    if (i < p.Tq) {
+      let base = out_index(b, i, h);
+      for (var t = 0u; t < VPT; t++) {
+        let c = td + t * TD;
+        if (c < HD4) { put_grad(p.dq_off + base, c, tile.dq[t]); }
+      }
+    }
   }
 }
 
@@ -697,7 +762,7 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
 
 const LANES4 = vec4<u32>(0u, 1u, 2u, 3u);
 
-@compute @workgroup_size(BQ)
+@compute @workgroup_size(WG)
 fn attention_fwd_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
   let i = gid.x;
   let h = wid.y;
@@ -742,7 +807,7 @@ fn attention_fwd_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(wo
   lse_out[row_index(b, h, i)] = m + log(l);
 }
 
-@compute @workgroup_size(BQ)
+@compute @workgroup_size(WG)
 fn attention_bwd_dq_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
   let i = gid.x;
   let h = wid.y;
@@ -758,8 +823,8 @@ fn attention_bwd_dq_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     dr[c] = do4(ob, c);
   }
   let lse_i = lse[row_index(b, h, i)];
-  let delta_i = dq_row_delta(b, h, i);
-  if (DELTA_IN_DQ) { delta_w[row_index(b, h, i)] = delta_i; }
+  let delta_i = row_delta(b, h, i);
+  if (DELTA_FROM_O) { delta_w[row_index(b, h, i)] = delta_i; }
   var acc: array<vec4<f32>, RMAX>;
   let end = min(p.Tk, p.pos0 + i + 1u);
   for (var j = 0u; j < end; j += 4u) {
@@ -793,7 +858,7 @@ fn attention_bwd_dq_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
   }
 }
 
-@compute @workgroup_size(BK)
+@compute @workgroup_size(WG)
 fn attention_bwd_dkv_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
   let j = gid.x;
   let g = wid.y;

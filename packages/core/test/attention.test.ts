@@ -16,6 +16,7 @@ import {
   StepEncoder,
   type Tensor,
   tensorFromData,
+  tensorView,
 } from '../src/index.js';
 import {
   type AttentionDims,
@@ -23,6 +24,7 @@ import {
   type AttentionVariant,
   attentionShapes,
   attentionTiles,
+  attentionVariant,
   fusedQkvLayout,
   kvCacheLayout,
   planAttentionBackward,
@@ -53,6 +55,9 @@ interface Case {
   variant?: AttentionVariant;
   /** delta in a dispatch of its own (the plain plan) rather than computed by the dq kernel. */
   splitDelta?: boolean;
+  /** dq, dk and dv as places of one buffer (in reverse order, NaN between them): the tiled
+   * backward is then one dispatch. */
+  arena?: boolean;
   /** q and k were rotated by RoPE (this attention scaling): dq and dk come out before it. */
   rope?: number;
 }
@@ -88,6 +93,39 @@ const cases: Case[] = [
   { B: 1, Tq: 33, Tk: 33, pos0: 0, nH: 2, nKV: 2, hd: 24, layout: 'contiguous', variant: 'rows', rope: 1.1 },
   { B: 2, Tq: 63, Tk: 65, pos0: 2, nH: 3, nKV: 1, hd: 64, layout: 'cache', variant: 'rows', rope: 1 },
   { B: 1, Tq: 17, Tk: 17, pos0: 0, nH: 2, nKV: 1, hd: 128, layout: 'padded', variant: 'tiled', rope: 0.9 },
+  // dq, dk and dv places of one buffer, as the trainer keeps them: one dispatch on the tiled
+  // kernels (key blocks and query blocks of different counts, partial blocks, GQA, RoPE, a head
+  // size that is not a multiple of 4, pos0 > 0); two on the rows kernels.
+  { B: 2, Tq: 65, Tk: 65, pos0: 0, nH: 4, nKV: 2, hd: 64, layout: 'fused', variant: 'tiled', arena: true },
+  {
+    B: 1,
+    Tq: 33,
+    Tk: 33,
+    pos0: 0,
+    nH: 6,
+    nKV: 2,
+    hd: 24,
+    layout: 'contiguous',
+    variant: 'tiled',
+    rope: 1.1,
+    arena: true,
+  },
+  { B: 2, Tq: 9, Tk: 11, pos0: 2, nH: 3, nKV: 1, hd: 7, layout: 'padded', variant: 'tiled', arena: true },
+  { B: 1, Tq: 17, Tk: 17, pos0: 0, nH: 2, nKV: 1, hd: 128, layout: 'fused', variant: 'tiled', rope: 0.9, arena: true },
+  { B: 2, Tq: 33, Tk: 33, pos0: 0, nH: 8, nKV: 4, hd: 8, layout: 'contiguous', variant: 'rows', rope: 1, arena: true },
+  {
+    B: 1,
+    Tq: 65,
+    Tk: 65,
+    pos0: 0,
+    nH: 2,
+    nKV: 1,
+    hd: 64,
+    layout: 'fused',
+    variant: 'tiled',
+    arena: true,
+    splitDelta: true,
+  },
 ];
 
 /** Llama's inverse frequencies for head size hd (θ = 10000), as f32. */
@@ -100,6 +138,7 @@ const caseName = (c: Case) =>
   (c.scale === undefined ? '' : ` scale=${c.scale}`) +
   (c.variant === undefined ? '' : ` ${c.variant}`) +
   (c.splitDelta ? ' delta apart' : '') +
+  (c.arena ? ' grads in one buffer' : '') +
   (c.rope === undefined ? '' : ` rope×${c.rope}`);
 
 interface Packed {
@@ -239,9 +278,27 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
   const o = make(s.o, 'o');
   const lse = make(s.lse, 'lse');
   const delta = make(s.delta, 'delta');
-  const dq = make(s.o, 'dq');
-  const dk = make(s.dk, 'dk');
-  const dv = make(s.dk, 'dv');
+  let dq: Tensor;
+  let dk: Tensor;
+  let dv: Tensor;
+  let arena: Tensor | undefined;
+  if (c.arena) {
+    // dv, dk, dq in that order, each 256 bytes past the one before, in a buffer of NaN: a write
+    // or read at the wrong offset shows.
+    const n = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
+    const at = (elements: number) => Math.ceil((elements * 4) / 256) * 256 + 256;
+    const dvAt = 256;
+    const dkAt = dvAt + at(n(s.dk));
+    const dqAt = dkAt + at(n(s.dk));
+    arena = upload(new Float32Array((dqAt + at(n(s.o))) / 4).fill(Number.NaN), 'grads');
+    dv = tensorView(arena, dvAt, s.dk, 'f32', 'dv');
+    dk = tensorView(arena, dkAt, s.dk, 'f32', 'dk');
+    dq = tensorView(arena, dqAt, s.o, 'f32', 'dq');
+  } else {
+    dq = make(s.o, 'dq');
+    dk = make(s.dk, 'dk');
+    dv = make(s.dk, 'dv');
+  }
   const tdo = upload(dout, 'do');
   const variant = c.variant;
   const before = ctx.liveBytes;
@@ -266,7 +323,8 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
     'attention',
     { fuse: !c.splitDelta },
   );
-  expect(bwd.length).toBe(c.splitDelta ? 3 : 2);
+  const one = c.arena && !c.splitDelta && (c.variant ?? attentionVariant(ctx)) === 'tiled';
+  expect(bwd.length).toBe(c.splitDelta ? 3 : one ? 1 : 2);
   // Whatever the plans allocate for themselves (uniforms, scratch) beyond the tensors above.
   const planBytes = ctx.liveBytes - before;
   const enc = new StepEncoder(ctx, 'attention step');
@@ -275,15 +333,34 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
   const out = {
     o: await readFloat32(o),
     lse: await readFloat32(lse),
-    delta: await readFloat32(delta),
+    delta: one ? undefined : await readFloat32(delta),
     dq: await readFloat32(dq),
     dk: await readFloat32(dk),
     dv: await readFloat32(dv),
     planBytes,
+    // The arena's elements outside dq, dk and dv that are not NaN (none may be written).
+    strays: arena ? strays(await readFloat32(arena), [dq, dk, dv]) : 0,
   };
   for (const d of [...fwd, ...bwd]) d.dispose();
   for (const t of owned) t.dispose();
   return out;
+}
+
+function relError(got: Float32Array, want: Float32Array): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < want.length; i++) {
+    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
+    den = Math.max(den, Math.abs(want[i] as number));
+  }
+  return num / den;
+}
+
+/** Elements of an arena outside its places that are not NaN. */
+function strays(all: Float32Array, places: readonly Tensor[]): number {
+  const inside = new Uint8Array(all.length);
+  for (const t of places) inside.fill(1, t.byteOffset / 4, t.byteOffset / 4 + t.size);
+  return all.filter((x, i) => !inside[i] && !Number.isNaN(x)).length;
 }
 
 describe('attention', () => {
@@ -292,16 +369,19 @@ describe('attention', () => {
     for (const hd of [12, 64, 128, 256]) {
       const t = attentionTiles(ctx, hd);
       expect(4 * 4 * t.td).toBeGreaterThanOrEqual(hd);
-      for (const [name, tile, own] of [
-        ['fwd', t.fwd, t.fwd.bq],
-        ['dq', t.dq, t.dq.bq],
-        ['dkv', t.dkv, t.dkv.bk],
+      for (const [name, tile] of [
+        ['fwd', t.fwd],
+        ['dq', t.dq],
+        ['dkv', t.dkv],
+        ['bwd', t.bwd],
       ] as const) {
-        expect(own * t.td, `${name} hd=${hd} invocations`).toBeLessThanOrEqual(
+        expect(tile.own * t.td, `${name} hd=${hd} invocations`).toBeLessThanOrEqual(
           ctx.limits.maxComputeInvocationsPerWorkgroup,
         );
-        expect(tile.bq * tile.bk, `${name} hd=${hd}`).toBeGreaterThanOrEqual(1);
+        expect(tile.own * tile.stream, `${name} hd=${hd}`).toBeGreaterThanOrEqual(1);
       }
+      // The one-dispatch backward holds what dkv's kernel holds, so it gets dkv's tiles.
+      expect(t.bwd).toEqual(t.dkv);
     }
   });
 
@@ -324,12 +404,40 @@ describe('attention', () => {
       // group·Tq (dk, dv) terms of O(1).
       expectClose(ctx, `${n} o`, got.o, ref.o, 2e-6, 1e-5);
       expectClose(ctx, `${n} lse`, got.lse, ref.lse, 2e-6, 1e-5);
-      expectClose(ctx, `${n} delta`, got.delta, grads.delta, 1e-5, 1e-5);
+      // The one-dispatch backward forms delta where it needs it and writes none.
+      if (got.delta) expectClose(ctx, `${n} delta`, got.delta, grads.delta, 1e-5, 1e-5);
       expectClose(ctx, `${n} dq`, got.dq, grads.dq, 1e-5, 1e-4);
       expectClose(ctx, `${n} dk`, got.dk, grads.dk, 1e-5, 1e-4);
       expectClose(ctx, `${n} dv`, got.dv, grads.dv, 1e-5, 1e-4);
+      expect(got.strays, `${n}: elements written outside dq, dk and dv`).toBe(0);
     });
   }
+
+  it('in one dispatch gives what the two dispatches give, to the bit', async () => {
+    const ctx = gpu();
+    const c: Case = {
+      B: 2,
+      Tq: 40,
+      Tk: 40,
+      pos0: 0,
+      nH: 6,
+      nKV: 2,
+      hd: 64,
+      layout: 'fused',
+      variant: 'tiled',
+      rope: 1,
+    };
+    const { p, dout } = refInput(c);
+    const two = await gpuCase(ctx, 'two', () => run(ctx, c, p, dout));
+    const one = await gpuCase(ctx, 'one', () => run(ctx, { ...c, arena: true }, p, dout));
+    // Both form delta by the same function in the same order, and dkv's tiles are the one
+    // dispatch's; dq's are where the dq kernel's tiles are the same.
+    expect(Array.from(one.dk)).toEqual(Array.from(two.dk));
+    expect(Array.from(one.dv)).toEqual(Array.from(two.dv));
+    const t = attentionTiles(ctx, c.hd);
+    if (t.dq.own === t.bwd.own && t.dq.stream === t.bwd.stream) expect(Array.from(one.dq)).toEqual(Array.from(two.dq));
+    else expect(relError(one.dq, two.dq)).toBeLessThan(1e-6);
+  });
 
   it('T = 2048 with GQA: forward and backward match the reference, and no T×T buffer exists', async () => {
     const ctx = gpu();

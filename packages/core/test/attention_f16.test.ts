@@ -91,7 +91,7 @@ describe('attention forward with f16 tiles', () => {
     for (const hd of [12, 64, 128, 256]) {
       const f32 = attentionTiles(ctx, hd).fwd;
       const f16 = attentionTiles(ctx, hd, 'f16').fwd;
-      expect(f16.bq * f16.bk, `hd=${hd}`).toBeGreaterThanOrEqual(f32.bq * f32.bk);
+      expect(f16.own * f16.stream, `hd=${hd}`).toBeGreaterThanOrEqual(f32.own * f32.stream);
     }
     if (ctx.features.shaderF16) return;
     await gpuCase(ctx, 'attention f16 refused', async () => {

@@ -9,8 +9,10 @@
  * gradient into it in place, which is exactly the residual connection's sum.
  */
 import {
+  type AttentionVariant,
   arenaLayout,
   attentionTakesRope,
+  attentionVariant,
   type CrossEntropyGradPlan,
   createTensor,
   type Dispatch,
@@ -93,8 +95,9 @@ export interface BackwardPlan {
 export function backwardLayout(
   config: ModelConfig,
   ranks: AdapterRanks,
-  /** normInDx: as planBackward's; default true, as backwardDispatchCount's (the GPU plan). */
-  opts: { B: number; T: number; dropout?: boolean; fuse?: boolean; normInDx?: boolean },
+  /** normInDx: as planBackward's; default true, as backwardDispatchCount's (the GPU plan).
+   * tiledAttention: the device runs the tiled attention kernels (attentionVariant); default true. */
+  opts: { B: number; T: number; dropout?: boolean; fuse?: boolean; normInDx?: boolean; tiledAttention?: boolean },
 ): PlannedBuffer[] {
   const c = config;
   const { B, T } = opts;
@@ -155,7 +158,13 @@ export function backwardLayout(
     arena('attention_grads', grads('dq', 'dk').slice(0, 2));
     arena('projection_grads', grads('dq_raw', 'dk_raw'));
   } else arena('projection_grads', grads('dq', 'dk'));
-  add('attention_delta', [B, c.numHeads, T]);
+  // attention's delta, unless its backward is one dispatch, which forms delta where it needs it.
+  add(
+    'attention_delta',
+    [B, c.numHeads, T],
+    'f32',
+    !attentionBackwardInOne(c, opts.fuse ?? true, opts.tiledAttention ?? true),
+  );
   add('dqkv', [rows, 3 * d], 'f32', gpt2);
   add('zero', [1], 'i32', gpt2 && !(opts.fuse ?? true)); // the plain path's copies' position
   // LoRA's g: one per rank in use; projections sharing an input whose dA is one dispatch keep
@@ -236,6 +245,21 @@ export function dxSteps(
 }
 
 /**
+ * Whether each layer's attention backward is one dispatch (planAttentionBackward's
+ * attention_bwd): fused, on the tiled kernels, with ∂L/∂q, k and v places of one buffer, which
+ * backwardLayout makes them except with q/k norms (their input gradients take that buffer).
+ */
+export function attentionBackwardInOne(config: ModelConfig, fuse: boolean, tiledAttention: boolean): boolean {
+  return fuse && tiledAttention && !config.qkNorm;
+}
+
+/** Dispatches of one layer's attention backward: one, two (dq with delta, then dk and dv), or
+ * three planned plain (delta apart). */
+export function attentionBackwardDispatches(config: ModelConfig, fuse: boolean, tiledAttention: boolean): number {
+  return attentionBackwardInOne(config, fuse, tiledAttention) ? 1 : fuse ? 2 : 3;
+}
+
+/**
  * Dispatches of planBackward's plan, given the loss's dispatches: the final norm, then per layer
  * (last first, down to the lowest adapted one) the replayed forward when recomputing, and the
  * backward of every block (no dx of the lowest adapted layer's input). It assumes the LoRA
@@ -259,6 +283,8 @@ export function backwardDispatchCount(
     fusions?: LayerFusions;
     /** The second norm's backward in o's dx where norm2InODx allows. Default true. */
     normInDx?: boolean;
+    /** The device runs the tiled attention kernels (attentionVariant). Default true. */
+    tiledAttention?: boolean;
   },
 ): number {
   const fuse = opts.fuse ?? true;
@@ -283,10 +309,10 @@ export function backwardDispatchCount(
     // dB two modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
     for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse))
       n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
-    // The two norms (the second in o's dx where norm2InODx), attention (dq with delta, dk/dv; or
-    // delta apart).
+    // The two norms (the second in o's dx where norm2InODx), attention (dq, dk and dv in one; dq
+    // with delta, dk/dv; or delta apart).
     const norm2 = norm2InODx(c, adapted, opts.rows, fuse, opts.normInDx ?? true) ? 0 : 1;
-    n += (input ? 1 : 0) + norm2 + (fuse ? 2 : 3);
+    n += (input ? 1 : 0) + norm2 + attentionBackwardDispatches(c, fuse, opts.tiledAttention ?? true);
     const dxOf = opts.dropout ? 3 : 1;
     const inputLin = (role: LinearRole) => (input ? lin(role) : adapted.has(role) ? lora - dxOf : 0);
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
@@ -355,6 +381,9 @@ export async function planBackward(
     /** The second norm's backward in o's dx where norm2InODx allows. Default normInMlpPays(ctx)
      * (GPUs); tests set it to run it on any adapter. */
     normInDx?: boolean;
+    /** The attention kernels. Default attentionVariant(ctx); tests set 'tiled' to run the GPUs'
+     * plan (dq, dk and dv in one dispatch) on any adapter. */
+    attention?: AttentionVariant;
   } = {},
 ): Promise<BackwardPlan> {
   const pairGdB = opts.pairGdB ?? loraGradPairPays(ctx);
@@ -370,7 +399,12 @@ export async function planBackward(
   let ce: CrossEntropyGradPlan | undefined;
   const s = new Scratch();
   try {
-    s.allocate(ctx, backwardLayout(c, ranks, { B, T, dropout: fwd.dropout !== undefined, fuse: fwd.fuse, normInDx }));
+    const attention = opts.attention ?? attentionVariant(ctx);
+    const tiledAttention = attention === 'tiled';
+    s.allocate(
+      ctx,
+      backwardLayout(c, ranks, { B, T, dropout: fwd.dropout !== undefined, fuse: fwd.fuse, normInDx, tiledAttention }),
+    );
     const labels = s.get('labels');
     const loss = s.get('loss');
     const errors = s.get('loss_errors');
@@ -395,7 +429,7 @@ export async function planBackward(
     const dq = s.get('dq');
     const dk = s.get('dk');
     const dv = s.get('dv');
-    const delta = s.get('attention_delta');
+    const delta = s.maybe('attention_delta');
     const dqRaw = s.maybe('dq_raw');
     const dkRaw = s.maybe('dk_raw');
     const dqkv = s.maybe('dqkv');
@@ -682,7 +716,8 @@ export async function planBackward(
               dq,
               dk,
               dv,
-              delta,
+              ...(delta ? { delta } : {}),
+              variant: attention,
               dims: { ...dims, ...layouts },
             },
             `${p}.attention`,
@@ -728,7 +763,8 @@ export async function planBackward(
               dq,
               dk,
               dv,
-              delta,
+              ...(delta ? { delta } : {}),
+              variant: attention,
               dims,
               ...(ropeInside && invFreqValues
                 ? { rope: { invFreq: invFreqValues, scaling: model.ropeAttentionScaling } }

@@ -2,6 +2,7 @@
 // (tools/golden_peft_train.py): five architectures × two configurations plus stories260K, with
 // f32 base weights. Gradient error is per tensor: max |g − g_peft| / max |g_peft| ≤ 1e-3.
 import {
+  attentionVariant,
   createTensor,
   loraGradPairPays,
   normInMlpPays,
@@ -120,8 +121,9 @@ describe('LoRA gradients against PEFT', () => {
         // inside the matmul of o, down, GPT-2's c_attn and c_proj (the B configurations).
         const fusions = { normInMlp: true, loraHInMatmul: true };
         const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, ...fusions });
-        // The second norm's backward in o's dx too, wherever o is unadapted (the A configurations).
-        const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute, normInDx: true });
+        // The second norm's backward in o's dx too, wherever o is unadapted (the A configurations),
+        // and the tiled attention kernels: dq, dk and dv in one dispatch but with q/k norms (Qwen3).
+        const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute, normInDx: true, attention: 'tiled' });
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
         writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));
         const enc = new StepEncoder(ctx, 'train step').clear(fwd.embeddingErrors).clear(bwd.errors);
@@ -222,6 +224,7 @@ describe('backward below the lowest adapted layer', () => {
           lossDispatches: bwd.crossEntropy.dispatches.length,
           pairGdB: loraGradPairPays(ctx),
           normInDx: normInMlpPays(ctx),
+          tiledAttention: attentionVariant(ctx) === 'tiled',
         });
         expect(dispatches, `layer 0 adapted: ${withLayer0}`).toBe(counted);
         bwd.dispose();

@@ -52,6 +52,7 @@ import {
   WebtuneError,
 } from '@webtune/core';
 import {
+  attentionBackwardDispatches,
   backwardDispatchCount,
   backwardLayout,
   forwardDispatchCount,
@@ -308,15 +309,15 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const fusions = { normInMlp: !cpu, loraHInMatmul: !cpu };
   const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse, fusions });
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
-  // forward, two backward (three planned plain) in the layers the backward reaches.
+  // forward, one to three backward (attentionBackwardDispatches) in the layers the backward reaches.
   const L = c.numLayers;
-  const attentionBackward = (L - lowestAdaptedLayer(c, ranks)) * (fuse ? 2 : 3);
+  const attentionBackward = (L - lowestAdaptedLayer(c, ranks)) * attentionBackwardDispatches(c, fuse, !cpu);
   uniforms(A, 'forward dispatch parameters', forwardDispatches - L, U_NOMINAL);
   uniforms(A, 'forward attention parameters', L, attentionUniformBytes());
 
   // Scratch: the backward plan's layout, the loss's logits chunk, the trainer's own buffers.
   const S = 'scratch';
-  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse, normInDx: !cpu }))
+  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse, normInDx: !cpu, tiledAttention: !cpu }))
     add(S, `backward.${b.label}`, b.shape, b.dtype);
   const loss = crossEntropyScratchBytes({ limits }, rows, c.vocabSize);
   // The loss's chunks never straddle two parts of a split LM head.
@@ -333,6 +334,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     fuse,
     pairGdB: !cpu,
     normInDx: !cpu,
+    tiledAttention: !cpu,
     fusions,
     lossDispatches: crossEntropyTrainingDispatchCount(chunks),
   });

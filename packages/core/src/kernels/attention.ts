@@ -184,7 +184,7 @@ export function attentionVariant(ctx: GpuContext): AttentionVariant {
   return isCpuAdapter(ctx) ? 'rows' : 'tiled';
 }
 
-/** Tile sizes of the tiled kernels for one device and head size. Each kernel gets its own (BQ, BK). */
+/** Tile sizes of the tiled kernels for one device and head size. Each kernel gets its own. */
 export interface AttentionTiles {
   /** vec4s per staged row: ⌈hd / 4⌉. */
   readonly hd4: number;
@@ -193,24 +193,28 @@ export interface AttentionTiles {
   readonly fwd: AttentionTile;
   readonly dq: AttentionTile;
   readonly dkv: AttentionTile;
+  /** attention_bwd: dq and dkv's workgroups in one dispatch, with dkv's storage. */
+  readonly bwd: AttentionTile;
 }
 
 export interface AttentionTile {
-  /** Query rows per block. */
-  readonly bq: number;
-  /** Keys per block. */
-  readonly bk: number;
-  /** Streamed rows (keys; queries in dkv) an invocation takes per pass of its dot products. */
+  /** Rows a workgroup owns: query rows (fwd, dq), keys (dkv). */
+  readonly own: number;
+  /** Rows streamed past them per block: keys (fwd, dq), query rows (dkv). */
+  readonly stream: number;
+  /** Streamed rows an invocation takes per pass of its dot products. */
   readonly kpt: number;
 }
 
+type TiledKernel = 'fwd' | 'dq' | 'dkv' | 'bwd';
+
 /** Workgroup storage in bytes the WGSL declares for each entry point; staged rows of f16 take
- * half as much. */
-function workgroupBytes(kernel: 'fwd' | 'dq' | 'dkv', hd4: number, bq: number, bk: number, tiles: TileMath): number {
+ * half as much. attention_bwd uses every array attention_bwd_dkv does (and dq's are among them). */
+function workgroupBytes(kernel: TiledKernel, hd4: number, own: number, stream: number, tiles: TileMath): number {
   const row = (tiles === 'f16' ? 8 : 16) * hd4;
-  if (kernel === 'fwd') return row * (bq + 2 * bk) + 4 * bq * bk;
-  if (kernel === 'dq') return row * (2 * bq + 2 * bk) + 4 * bq * bk;
-  return row * (2 * bq + 2 * bk) + 8 * bq * bk + 8 * bq;
+  if (kernel === 'fwd') return row * (own + 2 * stream) + 4 * own * stream;
+  if (kernel === 'dq') return row * (2 * own + 2 * stream) + 4 * own * stream;
+  return row * (2 * own + 2 * stream) + 8 * own * stream + 8 * stream;
 }
 
 // Preferred (rows owned by the workgroup, rows streamed) pairs, largest first. The 64-row tiles
@@ -255,14 +259,12 @@ export function attentionTiles(ctx: GpuContext, hd: number, tileMath: TileMath =
   const td = Math.ceil(hd4 / VPT);
   const storage = attentionTileBudget(ctx, hd4);
   const threads = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup, ctx.limits.maxComputeWorkgroupSizeX);
-  const pick = (kernel: 'fwd' | 'dq' | 'dkv') => {
+  const pick = (kernel: TiledKernel): AttentionTile => {
     for (const [own, stream] of TILE_CANDIDATES) {
-      const bq = kernel === 'dkv' ? stream : own;
-      const bk = kernel === 'dkv' ? own : stream;
       const kpt = Math.max(1, Math.min(KPT_MAX, Math.floor(stream / td)));
       // Only the forward has an f16 build: the backward's tiles are always sized for f32 rows.
       const rows = kernel === 'fwd' ? tileMath : 'f32';
-      if (own * td <= threads && workgroupBytes(kernel, hd4, bq, bk, rows) <= storage) return { bq, bk, kpt };
+      if (own * td <= threads && workgroupBytes(kernel, hd4, own, stream, rows) <= storage) return { own, stream, kpt };
     }
     throw new LimitExceededError(
       'maxComputeWorkgroupStorageSize',
@@ -271,7 +273,7 @@ export function attentionTiles(ctx: GpuContext, hd: number, tileMath: TileMath =
       `attention_${kernel} with head size ${hd}`,
     );
   };
-  return { hd4, td, fwd: pick('fwd'), dq: pick('dq'), dkv: pick('dkv') };
+  return { hd4, td, fwd: pick('fwd'), dq: pick('dq'), dkv: pick('dkv'), bwd: pick('bwd') };
 }
 
 /** Invocations per workgroup of the rows kernels on this device. */
@@ -312,7 +314,14 @@ export function attentionUniformBytes(): number {
   return attentionUniforms({ B: 1, Tq: 1, Tk: 1, pos0: 0, nH: 1, nKV: 1, hd: 8 }).byteLength;
 }
 
-function uniforms(d: ResolvedAttentionDims, rope?: AttentionRope): ArrayBuffer {
+/** Where attention_bwd writes dq, dk and dv in its grads operand (elements). */
+interface GradOffsets {
+  readonly dq: number;
+  readonly dk: number;
+  readonly dv: number;
+}
+
+function uniforms(d: ResolvedAttentionDims, rope?: AttentionRope, grads?: GradOffsets): ArrayBuffer {
   const freq = Array.from({ length: ROPE_MAX_FREQUENCIES }, (_, i): ['f32', number] => ['f32', rope?.invFreq[i] ?? 0]);
   return packUniforms([
     ['u32', d.B],
@@ -335,6 +344,10 @@ function uniforms(d: ResolvedAttentionDims, rope?: AttentionRope): ArrayBuffer {
     ['u32', d.v.batchStride],
     ['f32', d.scale],
     ['f32', rope?.scaling ?? 0],
+    ['u32', grads?.dq ?? 0],
+    ['u32', grads?.dk ?? 0],
+    ['u32', grads?.dv ?? 0],
+    ['u32', 0],
     ...freq,
   ]);
 }
@@ -430,7 +443,7 @@ export async function planAttentionForward(
   // The workgroup count depends on Tq, nH and B only, so attentionUniforms can move Tk and pos0.
   if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
     const wg = rowsWorkgroup(ctx);
-    const kernel = await getKernel(ctx, spec('attention_fwd_rows', bindings), { HD: d.hd, BQ: wg });
+    const kernel = await getKernel(ctx, spec('attention_fwd_rows', bindings), { HD: d.hd, WG: wg });
     return [
       bindKernel(ctx, kernel, {
         label: name,
@@ -444,15 +457,15 @@ export async function planAttentionForward(
   const kernel = await getKernel(ctx, spec('attention_fwd', bindings, tileMath), {
     HD: d.hd,
     TD: tiles.td,
-    BQ: tiles.fwd.bq,
-    BK: tiles.fwd.bk,
+    OWN: tiles.fwd.own,
+    STR: tiles.fwd.stream,
     KPT: tiles.fwd.kpt,
   });
   return [
     bindKernel(ctx, kernel, {
       label: name,
       resources,
-      workgroups: [Math.ceil(d.Tq / tiles.fwd.bq), d.nH, d.B],
+      workgroups: [Math.ceil(d.Tq / tiles.fwd.own), d.nH, d.B],
       uniforms: uniforms(d),
     }),
   ];
@@ -483,18 +496,59 @@ export interface AttentionBackwardArgs extends AttentionForwardArgs {
   dk: Tensor;
   /** [B·Tk, nKV·hd], written. */
   dv: Tensor;
-  /** [B, nH, Tq] scratch: D = rowsum(do ∘ o), written then read. */
-  delta: Tensor;
+  /**
+   * [B, nH, Tq] scratch: D = rowsum(do ∘ o), written then read. Not needed (and not written) where
+   * the backward is one dispatch: the tiled kernels, fused, with dq, dk and dv places of one buffer.
+   */
+  delta?: Tensor;
   /** q and k were rotated by RoPE: dq and dk come out as the gradients before the rotation. */
   rope?: AttentionRope;
 }
 
 /**
+ * Whether the backward of these tensors is one dispatch (attention_bwd): the tiled kernels, fused,
+ * dq, dk and dv disjoint places of one buffer whose range holding them can be bound. Otherwise two
+ * (three with `fuse: false`).
+ */
+export function attentionBackwardIsOne(
+  ctx: GpuContext,
+  io: { dq: Tensor; dk: Tensor; dv: Tensor; variant?: AttentionVariant },
+  fuse = true,
+): boolean {
+  const { dq, dk, dv } = io;
+  if (!fuse || (io.variant ?? attentionVariant(ctx)) !== 'tiled') return false;
+  if (dk.buffer !== dq.buffer || dv.buffer !== dq.buffer) return false;
+  const span = gradSpan(io);
+  return span.size <= ctx.limits.maxStorageBufferBindingSize;
+}
+
+/** The byte range holding dq, dk and dv (places of one buffer), and their element offsets in it. */
+function gradSpan(io: { dq: Tensor; dk: Tensor; dv: Tensor }): {
+  buffer: GPUBuffer;
+  offset: number;
+  size: number;
+  at: GradOffsets;
+} {
+  const places = [io.dq, io.dk, io.dv];
+  const start = Math.min(...places.map((t) => t.byteOffset));
+  const end = Math.max(...places.map((t) => t.byteOffset + t.bindingSize));
+  const at = (t: Tensor) => (t.byteOffset - start) / 4;
+  return {
+    buffer: io.dq.buffer,
+    offset: start,
+    size: end - start,
+    at: { dq: at(io.dq), dk: at(io.dk), dv: at(io.dv) },
+  };
+}
+
+/**
  * Causal attention backward: dq, dk, dv (all written, none accumulated) from q, k, v, the
- * forward's o and lse, and do. Two dispatches: dq per (query block, head, batch), which also
- * computes delta = rowsum(do ∘ o) for its rows and writes it; then dk and dv per (key block, kv
- * head, batch), summed over the kv head's query heads. `fuse: false` computes delta in a dispatch
- * of its own first (three).
+ * forward's o and lse, and do. Fused (the default), where dq, dk and dv are places of one buffer
+ * on the tiled kernels: one dispatch (attention_bwd), whose workgroups each take a key block of a kv
+ * head (dk, dv) or a query block of a head (dq) and form the delta they need from o themselves.
+ * Otherwise two: dq per (query block, head, batch), which also computes delta = rowsum(do ∘ o)
+ * for its rows and writes it; then dk and dv per (key block, kv head, batch), summed over the kv
+ * head's query heads. `fuse: false` computes delta in a dispatch of its own first (three).
  */
 export async function planAttentionBackward(
   ctx: GpuContext,
@@ -517,16 +571,57 @@ export async function planAttentionBackward(
   expectSize(op, 'dq', io.dq, s.o, 'B·Tq × nH·hd');
   expectSize(op, 'dk', io.dk, s.dk, 'B·Tk × nKV·hd, contiguous');
   expectSize(op, 'dv', io.dv, s.dk, 'B·Tk × nKV·hd, contiguous');
-  expectSize(op, 'delta', io.delta, s.delta, 'B × nH × Tq scratch');
+  const one = attentionBackwardIsOne(ctx, io, fuse);
+  if (one && overlap([io.dq, io.dk, io.dv])) {
+    throw new ShapeError(`${op}: dq ${io.dq.label}, dk ${io.dk.label} and dv ${io.dv.label} overlap in their buffer`);
+  }
+  const delta = io.delta;
+  if (!one) {
+    if (!delta) throw new ShapeError(`${op}: the backward in two dispatches needs a delta scratch [B, nH, Tq]`);
+    expectSize(op, 'delta', delta, s.delta, 'B × nH × Tq scratch');
+  }
   // attention_bwd_dkv binds 8 storage buffers, the WebGPU default; some compatibility adapters
   // could offer fewer.
   const storageBuffers = ctx.limits.maxStorageBuffersPerShaderStage;
-  if (storageBuffers < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storageBuffers, op);
-  const u = uniforms(d, rope);
+  const needed = one ? 7 : 8;
+  if (storageBuffers < needed)
+    throw new LimitExceededError('maxStorageBuffersPerShaderStage', needed, storageBuffers, op);
   const ROPE = rope !== undefined;
   const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
   const read7 = ['uniform', 'read', 'read', 'read', 'read', 'read', 'read'] as const;
-  const common = [io.q, io.k, io.v, io.do, io.lse, io.delta];
+  if (one) {
+    const tiles = attentionTiles(ctx, d.hd);
+    const span = gradSpan(io);
+    const kernel = await getKernel(ctx, spec('attention_bwd', [...read7, 'write']), {
+      DELTA_FROM_O: true,
+      ROPE,
+      HD: d.hd,
+      TD: tiles.td,
+      OWN: tiles.bwd.own,
+      STR: tiles.bwd.stream,
+      KPT: tiles.bwd.kpt,
+    });
+    const own = tiles.bwd.own;
+    return [
+      bindKernel(ctx, kernel, {
+        label: `${op} ${name}`,
+        resources: [
+          io.q,
+          io.k,
+          io.v,
+          io.do,
+          io.lse,
+          io.o,
+          { buffer: span.buffer, offset: span.offset, size: span.size },
+        ],
+        workgroups: [Math.ceil(d.Tk / own) * d.nKV + Math.ceil(d.Tq / own) * d.nH, 1, d.B],
+        uniforms: uniforms(d, rope, span.at),
+      }),
+    ];
+  }
+  const scratch = delta as Tensor;
+  const u = uniforms(d, rope);
+  const common = [io.q, io.k, io.v, io.do, io.lse, scratch];
   const deltaK = fuse ? undefined : getKernel(ctx, spec('attention_bwd_delta', ['uniform', 'read', 'read', 'write']));
   // dq: binding 6 is o when it computes delta itself, and binding 8 takes delta (a placeholder
   // otherwise).
@@ -537,9 +632,9 @@ export async function planAttentionBackward(
     io.v,
     io.do,
     io.lse,
-    fuse ? io.o : io.delta,
+    fuse ? io.o : scratch,
     io.dq,
-    fuse ? io.delta : ctx.placeholder('write'),
+    fuse ? scratch : ctx.placeholder('write'),
   ];
   let dqK: Promise<Kernel>;
   let dkvK: Promise<Kernel>;
@@ -547,38 +642,38 @@ export async function planAttentionBackward(
   let dkvGroups: number;
   if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
     const wg = rowsWorkgroup(ctx);
-    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', dqBindings), { HD: d.hd, BQ: wg, DELTA_IN_DQ: fuse, ROPE });
-    dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), { HD: d.hd, BK: wg, ROPE });
+    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', dqBindings), { HD: d.hd, WG: wg, DELTA_FROM_O: fuse, ROPE });
+    dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), { HD: d.hd, WG: wg, ROPE });
     dqGroups = Math.ceil(d.Tq / wg);
     dkvGroups = Math.ceil(d.Tk / wg);
   } else {
     const tiles = attentionTiles(ctx, d.hd);
     dqK = getKernel(ctx, spec('attention_bwd_dq', dqBindings), {
-      DELTA_IN_DQ: fuse,
+      DELTA_FROM_O: fuse,
       ROPE,
       HD: d.hd,
       TD: tiles.td,
-      BQ: tiles.dq.bq,
-      BK: tiles.dq.bk,
+      OWN: tiles.dq.own,
+      STR: tiles.dq.stream,
       KPT: tiles.dq.kpt,
     });
     dkvK = getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write']), {
       ROPE,
       HD: d.hd,
       TD: tiles.td,
-      BQ: tiles.dkv.bq,
-      BK: tiles.dkv.bk,
+      OWN: tiles.dkv.own,
+      STR: tiles.dkv.stream,
       KPT: tiles.dkv.kpt,
     });
-    dqGroups = Math.ceil(d.Tq / tiles.dq.bq);
-    dkvGroups = Math.ceil(d.Tk / tiles.dkv.bk);
+    dqGroups = Math.ceil(d.Tq / tiles.dq.own);
+    dkvGroups = Math.ceil(d.Tk / tiles.dkv.own);
   }
-  const [delta, dq, dkv] = await Promise.all([deltaK, dqK, dkvK]);
-  const plan = delta
+  const [deltaKernel, dq, dkv] = await Promise.all([deltaK, dqK, dkvK]);
+  const plan = deltaKernel
     ? [
-        bindKernel(ctx, delta, {
+        bindKernel(ctx, deltaKernel, {
           label: `${op}.delta ${name}`,
-          resources: [io.o, io.do, io.delta],
+          resources: [io.o, io.do, scratch],
           workgroups: [Math.ceil(d.Tq / DELTA_WG), d.nH, d.B],
           uniforms: u,
         }),
@@ -599,6 +694,15 @@ export async function planAttentionBackward(
     }),
   );
   return plan;
+}
+
+/** Whether any two of these places overlap. */
+function overlap(places: readonly Tensor[]): boolean {
+  return places.some((a, i) =>
+    places.some(
+      (b, j) => j > i && a.byteOffset < b.byteOffset + b.byteLength && b.byteOffset < a.byteOffset + a.byteLength,
+    ),
+  );
 }
 
 /**
