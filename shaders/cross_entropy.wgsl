@@ -25,9 +25,11 @@
 //                              when the label falls in the chunk.
 //   cross_entropy_fwd_finish   one workgroup for all rows: lse, per-row loss, the total and the
 //                              count (a group sum), the loss; flags bad labels.
-//   cross_entropy_bwd_scale    one workgroup: coef = g / divisor (counting the labels when the
-//                              divisor is not given).
-//   cross_entropy_bwd_dlogits  one invocation per element of the chunk: logits → dz in place.
+//   cross_entropy_bwd_scale    one workgroup: counts the labelled rows, for a backward planned
+//                              apart from the forward (in training the forward's loss output
+//                              holds the count, and this dispatch is not planned).
+//   cross_entropy_bwd_dlogits  one invocation per element of the chunk: logits → dz in place,
+//                              with coefficient g / divisor (the host's divisor, or the count).
 //                              The host then runs dH (+)= dz · E[start : start + count].
 //   cross_entropy_gather_rows  one invocation per element: out[j] = H[index[j]] (the rows whose
 //                              logits generation wants).
@@ -47,9 +49,9 @@
 //   fwd_finish   1 labels, 2 stats (read), 3 lse [rows] (written; saved for the backward),
 //                4 row_loss [rows] (written when p.has_row_loss != 0), 5 loss [2] (written:
 //                loss[0] = the loss, loss[1] = count), 6 errors [2] u32 atomic (accumulated)
-//   bwd_scale    1 labels, 2 coef [2] (written: coef[0] = g / divisor, coef[1] = count)
-//   bwd_dlogits  1 labels, 2 lse [rows] (read), 3 coef (read), 4 logits [rows, count] (read, then
-//                written with dz)
+//   bwd_scale    1 labels, 2 coef [2] (written: coef[1] = count)
+//   bwd_dlogits  1 labels, 2 lse [rows] (read), 3 coef [2] (read: coef[1] = count; the forward's
+//                loss output in training), 4 logits [rows, count] (read, then written with dz)
 //   gather_rows  1 index [n] i32 (read), 2 h [rows, d] (read), 3 out [n, d] (written),
 //                4 errors [2] u32 atomic (accumulated)
 // Every buffer is f32 unless said otherwise. All arithmetic is f32.
@@ -231,11 +233,14 @@ fn cross_entropy_bwd_scale(@builtin(local_invocation_index) tid: u32) {
     if (counted(labels[i])) { n += 1u; }
   }
   let total = group_sum(tid, WG, f32(n));
-  if (tid == 0u) {
-    let divisor = select(total, p.divisor, p.has_divisor != 0u);
-    coef_out[0] = select(0.0, p.g / divisor, divisor > 0.0);
-    coef_out[1] = total;
-  }
+  if (tid == 0u) { coef_out[1] = total; }
+}
+
+// dz's coefficient g / divisor (0 for a divisor of 0), the divisor being the host's or the count
+// in coef[1] (the forward's loss output in training, else cross_entropy_bwd_scale's).
+fn dz_coef() -> f32 {
+  let divisor = select(coef[1], p.divisor, p.has_divisor != 0u);
+  return select(0.0, p.g / divisor, divisor > 0.0);
 }
 
 @compute @workgroup_size(WG)
@@ -250,7 +255,7 @@ fn cross_entropy_bwd_dlogits(@builtin(global_invocation_id) gid: vec3<u32>) {
   }
   var dz = exp(dlogits[i] - lse_in[row]);
   if (u32(label) == p.start + i % p.count) { dz -= 1.0; }
-  dlogits[i] = dz * coef[0];
+  dlogits[i] = dz * dz_coef();
 }
 
 @compute @workgroup_size(WG)

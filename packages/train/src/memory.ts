@@ -324,7 +324,6 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const chunks = headParts.reduce((n, part) => n + Math.ceil(part / loss.chunk), 0);
   add(S, 'loss.logits', [rows, loss.chunk]);
   add(S, 'loss.training.forward.stats', [rows, 4]);
-  add(S, 'loss.training.backward.coef', [4]);
   for (const b of trainerBuffers(K, rows, arena.elements, limits, cpu, dropout))
     add(S, b.label, b.shape, b.dtype, b.count);
   const backwardDispatches = backwardDispatchCount(c, ranks, {

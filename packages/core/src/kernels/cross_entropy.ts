@@ -25,6 +25,7 @@ import {
   bindKernel,
   type Dispatch,
   getKernel,
+  type Kernel,
   type KernelPlan,
   type KernelSpec,
   kernelPlan,
@@ -263,19 +264,28 @@ export function crossEntropyScratchBytes(
   rows: number,
   vocab: number,
   opts: CrossEntropyChunkOptions = {},
-): { chunk: number; logits: number; stats: number; coef: number; forward: number; backward: number; training: number } {
+): {
+  chunk: number;
+  logits: number;
+  stats: number;
+  count: number;
+  forward: number;
+  backward: number;
+  training: number;
+} {
   const chunk = crossEntropyChunkFor(ctx.limits, rows, vocab, opts);
   const logits = align16(rows * chunk * 4);
   const stats = align16(rows * 16);
-  const coef = 16;
+  // The backward's count of labelled rows; training reads the forward's loss output instead.
+  const count = 16;
   return {
     chunk,
     logits,
     stats,
-    coef,
+    count,
     forward: logits + stats,
-    backward: logits + coef,
-    training: logits + stats + coef,
+    backward: logits + count,
+    training: logits + stats,
   };
 }
 
@@ -472,15 +482,18 @@ export async function planCrossEntropyBackward(
   io: CrossEntropyBackwardBuffers,
   opts: CrossEntropyBackwardOptions = {},
 ): Promise<CrossEntropyGradPlan> {
-  return backward(ctx, io, opts, false);
+  return backward(ctx, io, opts);
 }
 
 async function backward(
   ctx: GpuContext,
   io: CrossEntropyBackwardBuffers,
   opts: CrossEntropyBackwardOptions,
-  /** The logits scratch already holds the last chunk's logits (the forward just ran). */
-  lastChunkReady: boolean,
+  /**
+   * Training: the forward just ran, so the logits scratch holds its last chunk, and `loss` (its
+   * output) holds the count in loss[1], which dz's coefficient is made from; no scale dispatch.
+   */
+  training?: { readonly loss: Tensor },
 ): Promise<CrossEntropyGradPlan> {
   const op = `${opts.label ?? 'cross_entropy'}.backward`;
   const dims = checkOperands(op, io.h, io.e, io.labels);
@@ -497,29 +510,37 @@ async function backward(
   checkScratch(op, dims, chunk, opts.logits);
   const wg = workgroupSize(ctx);
   const [scaleK, dlogitsK] = await Promise.all([
-    getKernel(ctx, spec(ctx, 'cross_entropy_bwd_scale'), { WG: wg }),
+    training ? undefined : getKernel(ctx, spec(ctx, 'cross_entropy_bwd_scale'), { WG: wg }),
     getKernel(ctx, spec(ctx, 'cross_entropy_bwd_dlogits'), { WG: wg }),
   ]);
   const owned: Tensor[] = [];
   const dispatches: Dispatch[] = [];
   try {
     const chunks = chunking(ctx, op, dims, chunk, io.e, opts.logits, owned);
-    const coef = createTensor(ctx, [4], 'f32', `${op}.coef`);
-    owned.push(coef);
     let divisor = opts.divisor;
     let g = opts.g ?? 1;
-    const scaleParams = () => uniforms({ ...dims, divisor, g });
-    const scale = bindKernel(ctx, scaleK, {
-      label: `${op}.scale`,
-      resources: [io.labels, coef],
-      workgroups: [1],
-      uniforms: scaleParams(),
-    });
-    dispatches.push(scale);
+    // The count of labelled rows, in element 1: the forward's loss output in training, else what
+    // the scale dispatch counts.
+    let count: Tensor;
+    const retune: { dispatch: Dispatch; params: () => ArrayBuffer }[] = [];
+    if (training) count = training.loss;
+    else {
+      count = createTensor(ctx, [4], 'f32', `${op}.count`);
+      owned.push(count);
+      const params = () => uniforms({ ...dims, divisor, g });
+      const scale = bindKernel(ctx, scaleK as Kernel, {
+        label: `${op}.scale`,
+        resources: [io.labels, count],
+        workgroups: [1],
+        uniforms: params(),
+      });
+      dispatches.push(scale);
+      retune.push({ dispatch: scale, params });
+    }
     // Last chunk first: after a forward the scratch still holds it.
     for (const [i, c] of [...chunks].reverse().entries()) {
       const range = `[${c.start}:${c.start + c.count}]`;
-      if (!(i === 0 && lastChunkReady)) {
+      if (!(i === 0 && training)) {
         dispatches.push(
           await planMatmul(ctx, io.h, c.e, c.logits, {
             wRows: { start: c.local, count: c.count },
@@ -528,14 +549,15 @@ async function backward(
         );
       }
       const grid = grid1d(ctx, dims.rows * c.count, wg);
-      dispatches.push(
-        bindKernel(ctx, dlogitsK, {
-          label: `${op}.dlogits${range}`,
-          resources: [io.labels, io.lse, coef, c.logits],
-          workgroups: grid.workgroups,
-          uniforms: uniforms({ ...dims, start: c.start, count: c.count, gridX: grid.rowStride }),
-        }),
-      );
+      const params = () => uniforms({ ...dims, start: c.start, count: c.count, gridX: grid.rowStride, divisor, g });
+      const dlogits = bindKernel(ctx, dlogitsK, {
+        label: `${op}.dlogits${range}`,
+        resources: [io.labels, io.lse, count, c.logits],
+        workgroups: grid.workgroups,
+        uniforms: params(),
+      });
+      dispatches.push(dlogits);
+      retune.push({ dispatch: dlogits, params });
       dispatches.push(
         await planMatmul(ctx, c.logits, c.e, io.dh, {
           transW: false,
@@ -552,12 +574,12 @@ async function backward(
       setDivisor(next) {
         checkDivisor(op, next);
         divisor = next;
-        scale.setUniforms(scaleParams());
+        for (const r of retune) r.dispatch.setUniforms(r.params());
       },
       setGradScale(next) {
         checkGradScale(op, next);
         g = next;
-        scale.setUniforms(scaleParams());
+        for (const r of retune) r.dispatch.setUniforms(r.params());
       },
     };
   } catch (error) {
@@ -567,10 +589,11 @@ async function backward(
 }
 
 /** Dispatches of planCrossEntropyTraining over `chunks` vocabulary chunks: per chunk the forward's
- * matmul and online update, the finish, the backward's scale, per chunk dlogits and dH, and the
- * LM-head matmul of every chunk but the one the forward left in the scratch. */
+ * matmul and online update, the finish, per chunk dlogits and dH, and the LM-head matmul of every
+ * chunk but the one the forward left in the scratch (no scale dispatch: dlogits takes the count
+ * from the forward's loss output). */
 export function crossEntropyTrainingDispatchCount(chunks: number): number {
-  return 2 * chunks + 1 + 1 + 2 * chunks + (chunks - 1);
+  return 2 * chunks + 1 + 2 * chunks + (chunks - 1);
 }
 
 /**
@@ -594,7 +617,7 @@ export async function planCrossEntropyTraining(
   let fwd: CrossEntropyPlan | undefined;
   try {
     fwd = await planCrossEntropyForward(ctx, io, { ...opts, chunk, logits });
-    const bwd = await backward(ctx, io, { ...opts, chunk, logits }, true);
+    const bwd = await backward(ctx, io, { ...opts, chunk, logits }, { loss: io.loss });
     const f = fwd;
     return {
       ...kernelPlan([...fwd.dispatches, ...bwd.dispatches], [...owned, ...fwd.scratch, ...bwd.scratch]),
