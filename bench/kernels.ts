@@ -24,6 +24,10 @@
  *   backward dispatch (accumulating into ∂L/∂out) followed by the plain dx matmul;
  * - attention_bwd_one vs attention_bwd_two: the tiled attention backward (the GPUs' plan) with dq,
  *   dk and dv in one dispatch (attention_bwd) against dq with delta then dk and dv;
+ * - norm1_in_down_dx vs norm1_then_down_dx: the MLP backward of the layer below one whose input
+ *   norm's backward runs in the down projection's dx prologue (matmul_norm_bwd, then gate and up's
+ *   dx through silu·mul's backward in their prologue, matmul_glu_bwd) against that norm's dispatch,
+ *   the down dx with the nonlinearity's backward in its store, and matmul_sum;
  * - qkv_dx_one vs qkv_dx_two: the dx of a layer's q, k and v with q's and v's LoRA terms in one
  *   dispatch (matmul_sum_lr) against the two the plan made before (q and k with q's LoRA term, then
  *   v with its own, accumulating); and gate_up_dx_one vs gate_up_dx_two, both adapted (all-linear);
@@ -680,6 +684,95 @@ async function benchNormBwdInDx(ctx: GpuContext, o: BenchOptions): Promise<void>
   for (const t of [x, gain, rstdT, dn, w, dOutFused, dMidPlain, dMidFused, ...dx]) t.dispose();
 }
 
+/** The MLP backward of a layer below one whose input norm's backward rides in it (SmolLM2-135M, 512
+ * rows, hidden 576, intermediate 1536, f16 W): the down projection's dx with that norm's backward
+ * in its prologue (matmul_norm_bwd, storing ∂L/∂act) then gate and up's dx forming silu·mul's
+ * backward as they stage (matmul_glu_bwd), against the norm's backward dispatch, the down dx with
+ * the nonlinearity's backward in its store, and matmul_sum. */
+async function benchNorm1InDownDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const M = 4 * T;
+  const [d, I] = [576, 1536];
+  const shape = `${M}x${d}, I=${I}, W:f16`;
+  const xIn = random(M * d, 151, 1);
+  const rstd = new Float32Array(M);
+  for (let i = 0; i < M; i++) {
+    let ss = 0;
+    for (let j = 0; j < d; j++) ss += (xIn[i * d + j] as number) ** 2;
+    rstd[i] = 1 / Math.sqrt(ss / d + 1e-5);
+  }
+  const dMidAbove = random(M * d, 152, 1);
+  const x = tensorFromData(ctx, xIn, [M, d], 'f32', 'x');
+  const gain = tensorFromData(ctx, random(d, 153, 1), [d], 'f32', 'norm1.w');
+  const rstdT = tensorFromData(ctx, rstd, [M], 'f32', 'rstd');
+  const dn = tensorFromData(ctx, random(M * d, 154, 1), [M, d], 'f32', 'd_n1');
+  const gate = tensorFromData(ctx, random(M * I, 155, 2), [M, I], 'f32', 'gate');
+  const up = tensorFromData(ctx, random(M * I, 156, 1), [M, I], 'f32', 'up');
+  const wDown = tensorFromData(ctx, random(d * I, 157, 0.05), [d, I], 'f16', 'w_down');
+  const wGate = tensorFromData(ctx, random(I * d, 158, 0.05), [I, d], 'f16', 'w_gate');
+  const wUp = tensorFromData(ctx, random(I * d, 159, 0.05), [I, d], 'f16', 'w_up');
+  const dMidFusedIn = tensorFromData(ctx, dMidAbove, [M, d], 'f32', 'd_mid fused');
+  // The baseline adds the norm's backward into ∂L/∂mid in place; later timed runs keep adding to
+  // it (only the first run's outputs are compared).
+  const dResidPlain = tensorFromData(ctx, dMidAbove, [M, d], 'f32', 'd_resid plain');
+  const dResidFused = createTensor(ctx, [M, d], 'f32', 'd_resid fused');
+  const dAct = createTensor(ctx, [M, I], 'f32', 'd_act');
+  const dGate = createTensor(ctx, [M, I], 'f32', 'd_gate');
+  const dUp = createTensor(ctx, [M, I], 'f32', 'd_up');
+  const dx = [createTensor(ctx, [M, d], 'f32', 'd_n2 fused'), createTensor(ctx, [M, d], 'f32', 'd_n2 plain')];
+  const fused = [
+    await planMatmul(ctx, dMidFusedIn, wDown, dAct, {
+      transW: false,
+      normBackward: { dn, x, w: gain, rstd: rstdT, dMid: dResidFused },
+    }),
+    await planMatmul(ctx, dAct, wGate, dx[0] as Tensor, { transW: false, gluBackward: { gate, up, w3: wUp } }),
+  ];
+  const plain = [
+    await planRmsNormBackward(
+      ctx,
+      { x, w: gain, rstd: rstdT, dy: dn, dx: dResidPlain },
+      { eps: 1e-5, accumulate: true },
+    ),
+    await planMatmul(ctx, dResidPlain, wDown, dGate, {
+      transW: false,
+      activationBackward: { kind: 'silu_mul', gate, up, dup: dUp },
+    }),
+    await planMatmul(ctx, dGate, wGate, dx[1] as Tensor, { transW: false, extra: { a: dUp, w: wUp } }),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'norm1_in_down_dx',
+    baseline: 'norm1_then_down_dx',
+    shape,
+    fused,
+    plain,
+    outputs: [
+      [dx[0] as Tensor, dx[1] as Tensor],
+      [dResidFused, dResidPlain],
+    ],
+    flops: 3 * matmulFlops({ M, N: I, K: d }),
+  });
+  for (const t of [...fused, ...plain]) t.dispose();
+  for (const t of [
+    x,
+    gain,
+    rstdT,
+    dn,
+    gate,
+    up,
+    wDown,
+    wGate,
+    wUp,
+    dMidFusedIn,
+    dResidPlain,
+    dResidFused,
+    dAct,
+    dGate,
+    dUp,
+    ...dx,
+  ])
+    t.dispose();
+}
+
 /** An arena of places of one shape (as the backward's scratch and the LoRA parameters are), each
  * filled with its own random values (seeds seed, seed + 1, ...). */
 function filledArena(ctx: GpuContext, label: string, places: readonly string[], shape: number[], seed: number) {
@@ -1064,6 +1157,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'matmul_resid'.includes(o.only)) await benchMatmulResid(ctx, o);
   if (!o.only || 'lora_h_in_matmul'.includes(o.only)) await benchLoraHInMatmul(ctx, o);
   if (!o.only || 'norm_bwd_in_dx'.includes(o.only)) await benchNormBwdInDx(ctx, o);
+  if (!o.only || 'norm1_in_down_dx'.includes(o.only)) await benchNorm1InDownDx(ctx, o);
   if (!o.only || 'qkv_dx_one'.includes(o.only)) await benchQkvDx(ctx, o);
   if (!o.only || 'gate_up_dx_one'.includes(o.only)) await benchGateUpDx(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);

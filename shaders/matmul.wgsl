@@ -1364,6 +1364,66 @@ fn matmul_norm_bwd(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
   store_row_plain(m + 3u, n, acc[3]);
 }
 
+// ---- matmul_glu_bwd: the dx of an unadapted gated MLP's gate and up, from ∂L/∂act ----------
+//   C = d_gate·opW(W) + d_up·opW(W3),   (d_gate, d_up) = silu·mul's backward of A at (gate, up)
+// A is ∂L/∂act (M×K: the down projection's dx), gate (7) and up (8) the forward's projections
+// (M×K), W (2) and W3 (11) gate's and up's weights. The nonlinearity's backward is formed as the A
+// tiles are staged, once per product (each workgroup along a row of tiles repeats it), so that the
+// down projection's dx dispatch is free to take another prologue (matmul_norm_bwd: the next
+// layer's input norm). No bias, beta or low-rank term. Bindings 1, 2, 6, 7, 8, 11: 6 storage
+// buffers.
+
+// d_gate (which 0) or d_up (1) at A[r][col..col+3], zero outside.
+fn glu_grad_chunk(r: u32, col: u32, which: u32) -> vec4<f32> {
+  if (r >= p.M || col >= p.K) { return vec4<f32>(0.0); }
+  let e = r * p.K + col;
+  var g = vec4<f32>(0.0);
+  var u = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < p.K) {
+      g[i] = gate_in[e + i];
+      u[i] = up_in[e + i];
+    }
+  }
+  return silu_mul_grads(a_chunk(r, col), g, u)[which];
+}
+
+fn stage_a_glu_bwd(tid: u32, m0: u32, k0: u32, which: u32) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
+    a_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(glu_grad_chunk(m0 + i / chunks, k0 + (i % chunks) * 4u, which));
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_glu_bwd(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  var acc = mat4x4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a_glu_bwd(tid, m0, k0, 0u);
+    stage_w_only(tid, n0, k0);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a_glu_bwd(tid, m0, k0, 1u);
+    stage_w3(tid, n0, k0, p.K);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  acc = acc * p.alpha;
+  let m = m0 + lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  store_row_plain(m + 0u, n, acc[0]);
+  store_row_plain(m + 1u, n, acc[1]);
+  store_row_plain(m + 2u, n, acc[2]);
+  store_row_plain(m + 3u, n, acc[3]);
+}
+
 // Two projections of one input at C[m][n..n+3] and up_out[m][n..n+3] (matmul_pair, matvec_pair).
 fn store_pair(m: u32, n: u32, first: vec4<f32>, second: vec4<f32>) {
   if (m >= p.M) { return; }

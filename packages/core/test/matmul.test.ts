@@ -846,6 +846,83 @@ describe('RMSNorm backward in the prologue of dx', () => {
 // norm's rstd against the float64 norm followed by the float64 products. Rows of very different
 // scales (1e-3 to 1e3) so that a row given another row's rstd, or none, cannot pass; M not a
 // multiple of the tile, K not a multiple of 4 or of TK.
+// matmul_glu_bwd: the dx of an unadapted gated MLP's gate and up from ∂L/∂act, silu·mul's backward
+// formed as the tiles are staged (what training plans where the down projection's dx takes the next
+// layer's norm backward).
+describe("gated MLP's dx through its backward in the prologue", () => {
+  const cases: { M: number; N: number; K: number; w: DType; w3: DType; transW: boolean }[] = [
+    // What training plans: W untransposed (K = intermediate, N = hidden), f16, multiples of 4.
+    { M: 65, N: 64, K: 96, w: 'f16', w3: 'f16', transW: false },
+    { M: 33, N: 30, K: 7, w: 'f32', w3: 'f16', transW: false },
+    { M: 9, N: 21, K: 41, w: 'f32', w3: 'f32', transW: true },
+    { M: 130, N: 64, K: 64, w: 'q8_0', w3: 'q4_0', transW: true },
+  ];
+  for (const r of cases) {
+    const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w} W3:${r.w3}${r.transW ? 'ᵀ' : ''}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = r.M * 5 + r.N + r.K;
+      const dAct = randomArray(r.M * r.K, seed);
+      const gate = randomArray(r.M * r.K, seed + 1, 3);
+      const up = randomArray(r.M * r.K, seed + 2, 2);
+      const wShape = r.transW ? [r.N, r.K] : [r.K, r.N];
+      const w = asStored(randomArray(r.N * r.K, seed + 3), r.w);
+      const w3 = asStored(randomArray(r.N * r.K, seed + 4), r.w3);
+      const { dgate, dup } = siluMulBackwardRef(gate, up, dAct);
+      const opts = { transB: r.transW };
+      const want = addRef(matmulRef(dgate, w, r.M, r.K, r.N, opts), matmulRef(dup, w3, r.M, r.K, r.N, opts));
+      const got = await gpuCase(ctx, name, async () => {
+        const t = (data: ArrayLike<number>, label: string) =>
+          tensorFromData(ctx, Float32Array.from(data), [r.M, r.K], 'f32', label);
+        const ta = t(dAct, 'd_act');
+        const tg = t(gate, 'gate');
+        const tu = t(up, 'up');
+        const tw = tensorFromData(ctx, w, wShape, r.w, 'w_gate');
+        const tw3 = tensorFromData(ctx, w3, wShape, r.w3, 'w_up');
+        const tc = tensorFromData(ctx, new Float32Array(r.M * r.N).fill(Number.NaN), [r.M, r.N], 'f32', 'dx');
+        const d = await planMatmul(ctx, ta, tw, tc, { transW: r.transW, gluBackward: { gate: tg, up: tu, w3: tw3 } });
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const b of [ta, tg, tu, tw, tw3, tc]) b.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name} dx`, got, want, 4e-5 * Math.sqrt(r.K), 1e-5);
+    });
+  }
+
+  it('is refused with another epilogue, beta, f16 tiles, few rows or operands of the wrong shape', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'glu backward refusals', async () => {
+      const [M, N, K] = [65, 8, 12];
+      const t = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
+      const a = t([M, K], 'd_act');
+      const gate = t([M, K], 'gate');
+      const up = t([M, K], 'up');
+      const w = t([K, N], 'w');
+      const w3 = t([K, N], 'w3');
+      const c = t([M, N], 'c');
+      const small = t([4, K], 'few');
+      const cSmall = t([4, N], 'c few');
+      const wrong = t([N, K], 'w3 transposed');
+      const gb = { gate, up, w3 };
+      const plan = (opts: object, x = a, out = c) => planMatmul(ctx, x, w, out, { transW: false, ...opts });
+      try {
+        await expect(plan({ gluBackward: gb, beta: 1 })).rejects.toThrow(/no bias, beta/);
+        await expect(plan({ gluBackward: gb, tileMath: 'f16' })).rejects.toThrow(/f32 only|shader-f16|f16 tile/);
+        await expect(plan({ gluBackward: { ...gb, w3: wrong } })).rejects.toThrow(/up's weight w3 transposed/);
+        await expect(plan({ gluBackward: { ...gb, up: small } })).rejects.toThrow(/up few .*like A/);
+        // W transposed: there M ≤ MATVEC_MAX_ROWS takes the matrix-vector kernel.
+        await expect(
+          planMatmul(ctx, small, wrong, cSmall, { gluBackward: { gate: small, up: small, w3: wrong } }),
+        ).rejects.toThrow(/tiled kernel/);
+      } finally {
+        for (const b of [a, gate, up, w, w3, c, small, cSmall, wrong]) b.dispose();
+      }
+    });
+  });
+});
+
 describe('gated MLP behind its RMSNorm in one dispatch', () => {
   const cases: { M: number; N: number; K: number; wg: DType; wu: DType }[] = [
     { M: 65, N: 63, K: 64, wg: 'f32', wu: 'f16' },

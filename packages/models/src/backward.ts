@@ -96,8 +96,17 @@ export function backwardLayout(
   config: ModelConfig,
   ranks: AdapterRanks,
   /** normInDx: as planBackward's; default true, as backwardDispatchCount's (the GPU plan).
-   * tiledAttention: the device runs the tiled attention kernels (attentionVariant); default true. */
-  opts: { B: number; T: number; dropout?: boolean; fuse?: boolean; normInDx?: boolean; tiledAttention?: boolean },
+   * tiledAttention: the device runs the tiled attention kernels (attentionVariant); default true.
+   * recompute: the forward recomputes activations (no norm1InDownDx). */
+  opts: {
+    B: number;
+    T: number;
+    dropout?: boolean;
+    fuse?: boolean;
+    normInDx?: boolean;
+    tiledAttention?: boolean;
+    recompute?: boolean;
+  },
 ): PlannedBuffer[] {
   const c = config;
   const { B, T } = opts;
@@ -130,18 +139,23 @@ export function backwardLayout(
   // Only layers the backward reaches (lowestAdaptedLayer and above): an unadapted layer's o does not
   // make a buffer that nothing uses.
   const lowest = lowestAdaptedLayer(c, ranks);
-  const folds = modelLayout(c).layers.some(
-    (l, i) =>
-      i >= lowest &&
-      norm2InODx(c, new Set(adaptedRoles(l, ranks).keys()), rows, opts.fuse ?? true, opts.normInDx ?? true),
-  );
+  const norm1Folded = norm1Folds(c, ranks, rows, opts.fuse ?? true, opts.normInDx ?? true, opts.recompute ?? false);
+  const folds =
+    norm1Folded.some((f) => f) ||
+    modelLayout(c).layers.some(
+      (l, i) =>
+        i >= lowest &&
+        norm2InODx(c, new Set(adaptedRoles(l, ranks).keys()), rows, opts.fuse ?? true, opts.normInDx ?? true),
+    );
   add('d_resid_next', [rows, d], 'f32', folds);
   add('d_norm_out', [rows, d]);
   // ∂L/∂act, unless every down projection's dx kernel stores the nonlinearity's backward itself.
   const downDropout =
     (opts.dropout ?? false) &&
     modelLayout(c).layers.some((l) => l.linears.some((m) => m.role === 'down' && ranks.has(m.name)));
-  add('d_act', [rows, I], 'f32', !(opts.fuse ?? true) || downDropout);
+  // ...and where the down projection's dx takes the next layer's norm1 backward instead (its
+  // ∂L/∂act then goes to gate and up's dx, matmul_glu_bwd).
+  add('d_act', [rows, I], 'f32', !(opts.fuse ?? true) || downDropout || norm1Folded.some((f) => f));
   add('d_gate', [rows, I]);
   add('d_up', [rows, I], 'f32', !gpt2);
   add('d_attn', [rows, qDim]);
@@ -185,6 +199,59 @@ function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse
     const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
     return Math.max(0, ...sharedLoraGroups(config, adapted, dropout, fuse).map((g) => g.length));
   });
+}
+
+/**
+ * Whether layer i's first norm's backward runs in the prologue of the down projection's dx in
+ * layer i − 1 (matmul_norm_bwd, as norm2InODx does in o's dx) instead of a dispatch of its own: where
+ * `pays`, fused, an RMSNorm before a gated MLP, more than MATVEC_MAX_ROWS rows, no recomputation
+ * (layer i's saved rstd must outlive the replay of layer i − 1), and gate, up and down of layer i − 1
+ * unadapted. That down projection's dx then stores ∂L/∂act, and its gate and up's dx form the
+ * nonlinearity's backward as they stage it (matmul_glu_bwd): the dispatches of that MLP stay two.
+ */
+export function norm1InDownDx(
+  config: ModelConfig,
+  adaptedBelow: ReadonlySet<LinearRole>,
+  rows: number,
+  fuse: boolean,
+  pays: boolean,
+  recompute: boolean,
+): boolean {
+  return (
+    pays &&
+    fuse &&
+    !recompute &&
+    config.family !== 'gpt2' &&
+    config.norm.kind === 'rms' &&
+    rows > MATVEC_MAX_ROWS &&
+    !['gate', 'up', 'down'].some((r) => adaptedBelow.has(r as LinearRole))
+  );
+}
+
+/** Per layer i, whether its norm1 backward runs in layer i − 1's down dx (norm1InDownDx); false
+ * for the lowest adapted layer and those below it, which have no norm1 backward. */
+function norm1Folds(
+  config: ModelConfig,
+  ranks: AdapterRanks,
+  rows: number,
+  fuse: boolean,
+  pays: boolean,
+  recompute: boolean,
+): boolean[] {
+  const layers = modelLayout(config).layers;
+  const lowest = lowestAdaptedLayer(config, ranks);
+  return layers.map(
+    (_, i) =>
+      i > lowest &&
+      norm1InDownDx(
+        config,
+        new Set(adaptedRoles(layers[i - 1] as (typeof layers)[number], ranks).keys()),
+        rows,
+        fuse,
+        pays,
+        recompute,
+      ),
+  );
 }
 
 /**
@@ -292,6 +359,7 @@ export function backwardDispatchCount(
   const layers = modelLayout(c).layers;
   let n = opts.lossDispatches + 1;
   const lowest = lowestAdaptedLayer(c, ranks);
+  const folded = norm1Folds(c, ranks, opts.rows, fuse, opts.normInDx ?? true, opts.recompute ?? false);
   layers.forEach((l, i) => {
     if (i < lowest) return; // no backward below the lowest adapted layer
     // In it, no dx of its input: the projections reading n1 keep their LoRA gradients only (dx is
@@ -309,10 +377,11 @@ export function backwardDispatchCount(
     // dB two modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
     for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse))
       n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
-    // The two norms (the second in o's dx where norm2InODx), attention (dq, dk and dv in one; dq
+    // The two norms (the first in the down projection's dx of the layer below where
+    // norm1InDownDx, the second in o's dx where norm2InODx), attention (dq, dk and dv in one; dq
     // with delta, dk/dv; or delta apart).
     const norm2 = norm2InODx(c, adapted, opts.rows, fuse, opts.normInDx ?? true) ? 0 : 1;
-    n += (input ? 1 : 0) + norm2 + attentionBackwardDispatches(c, fuse, opts.tiledAttention ?? true);
+    n += (input && !folded[i] ? 1 : 0) + norm2 + attentionBackwardDispatches(c, fuse, opts.tiledAttention ?? true);
     const dxOf = opts.dropout ? 3 : 1;
     const inputLin = (role: LinearRole) => (input ? lin(role) : adapted.has(role) ? lora - dxOf : 0);
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
@@ -403,7 +472,15 @@ export async function planBackward(
     const tiledAttention = attention === 'tiled';
     s.allocate(
       ctx,
-      backwardLayout(c, ranks, { B, T, dropout: fwd.dropout !== undefined, fuse: fwd.fuse, normInDx, tiledAttention }),
+      backwardLayout(c, ranks, {
+        B,
+        T,
+        dropout: fwd.dropout !== undefined,
+        fuse: fwd.fuse,
+        normInDx,
+        tiledAttention,
+        recompute: fwd.recompute,
+      }),
     );
     const labels = s.get('labels');
     const loss = s.get('loss');
@@ -629,6 +706,9 @@ export async function planBackward(
     // Nothing upstream of the lowest adapted layer's input needs a gradient (the embedding is
     // frozen): the layers below it get no backward, and its own input no dx (lowestAdaptedLayer).
     const lowest = lowestAdaptedLayer(c, ranks);
+    const folded = norm1Folds(c, ranks, rows, fwd.fuse, normInDx, fwd.recompute);
+    // The norm1 backward of the layer above, when it runs in this layer's down dx (norm1InDownDx).
+    let pendingNorm1: { dn: Tensor; x: Tensor; w: Tensor; rstd: Tensor } | undefined;
     for (let i = c.numLayers - 1; i >= lowest; i--) {
       const layer = model.layers[i] as Layer;
       const a = fwd.layers[i] as LayerActivations;
@@ -655,6 +735,32 @@ export async function planBackward(
           out.push(await planGeluNewBackward(ctx, { x: a.gate, dy: dAct as Tensor, dx: dGate }, `${p}.gelu`));
         }
         await linearBackward(layer, a, 'fc', a.n2, dGate, dNorm, false);
+      } else if (pendingNorm1) {
+        // ∂L/∂x of the layer above = ∂L/∂mid + its norm1's backward, formed as the down dx stages
+        // ∂L/∂out (which it is) into the other buffer; ∂L/∂act goes to gate and up's dx, which form
+        // silu·mul's backward as they stage it.
+        if (!dResidOther || !dAct)
+          throw new Error(`${p}: backwardLayout allocated no d_resid_next or d_act for norm1's backward in down's dx`);
+        const down = layer.linears.down as Linear;
+        const nb = { ...pendingNorm1, dMid: dResidOther };
+        out.push(
+          await planMatmul(ctx, dResid, down.w, dAct, {
+            transW: false,
+            normBackward: nb,
+            label: `${down.module.name}.dx`,
+          }),
+        );
+        [dResid, dResidOther] = [dResidOther, dResid];
+        pendingNorm1 = undefined;
+        const gate = layer.linears.gate as Linear;
+        const upW = (layer.linears.up as Linear).w;
+        out.push(
+          await planMatmul(ctx, dAct, gate.w, dNorm, {
+            transW: false,
+            gluBackward: { gate: a.gate, up: a.up as Tensor, w3: upW },
+            label: `${p}.gate_up.dx`,
+          }),
+        );
       } else {
         const up = a.up as Tensor;
         if (actInDown) {
@@ -819,8 +925,10 @@ export async function planBackward(
           p,
         );
       }
-      // ∂L/∂x = ∂L/∂mid + norm1's backward: dResid becomes the previous layer's ∂L/∂out.
-      if (dInput) out.push(await normBackward(layer.norm1, a.x, a.n1Stats, dNorm, dResid, true, `${p}.norm1`));
+      // ∂L/∂x = ∂L/∂mid + norm1's backward: dResid becomes the previous layer's ∂L/∂out. Or the
+      // layer below's down dx forms it (norm1InDownDx).
+      if (dInput && folded[i]) pendingNorm1 = { dn: dNorm, x: a.x, w: layer.norm1.w, rstd: a.n1Stats.rstd };
+      else if (dInput) out.push(await normBackward(layer.norm1, a.x, a.n1Stats, dNorm, dResid, true, `${p}.norm1`));
     }
     const scratchBytes = s.owned.reduce((n, t) => n + t.byteLength, 0) + ce.scratchBytes;
     const plan = ce;

@@ -124,6 +124,21 @@ describe('LoRA gradients against PEFT', () => {
         // The second norm's backward in o's dx too, wherever o is unadapted (the A configurations),
         // and the tiled attention kernels: dq, dk and dv in one dispatch but with q/k norms (Qwen3).
         const bwd = await planBackward(ctx, fwd, lora, { pairGdB: !recompute, normInDx: true, attention: 'tiled' });
+        // The planner's own count of this plan (the GPUs' numbers in the README come from it),
+        // which assumes the trainer's arenas (with recomputation here the tensors are apart).
+        const ranks = new Map([...lora].map(([name, t]) => [name, t.a.shape[0] as number]));
+        if (!recompute)
+          expect(bwd.dispatches.length, `${run}: the counted dispatches`).toBe(
+            backwardDispatchCount(model.config, ranks, {
+              rows: B * T,
+              recompute,
+              lossDispatches: bwd.crossEntropy.dispatches.length,
+              pairGdB: !recompute,
+              fusions,
+              normInDx: true,
+              tiledAttention: true,
+            }),
+          );
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
         writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));
         const enc = new StepEncoder(ctx, 'train step').clear(fwd.embeddingErrors).clear(bwd.errors);

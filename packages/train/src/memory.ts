@@ -317,7 +317,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
 
   // Scratch: the backward plan's layout, the loss's logits chunk, the trainer's own buffers.
   const S = 'scratch';
-  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse, normInDx: !cpu, tiledAttention: !cpu }))
+  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse, normInDx: !cpu, tiledAttention: !cpu, recompute }))
     add(S, `backward.${b.label}`, b.shape, b.dtype);
   const loss = crossEntropyScratchBytes({ limits }, rows, c.vocabSize);
   // The loss's chunks never straddle two parts of a split LM head.

@@ -136,6 +136,23 @@ const NORM_BWD_BINDINGS = [
   'write',
 ] as const;
 const MATMUL_NORM_BWD: Entry = { entryPoint: 'matmul_norm_bwd', bindings: NORM_BWD_BINDINGS };
+// The gated MLP's dx through its nonlinearity's backward (matmul_glu_bwd): 1 ∂L/∂act, 2 W (gate's),
+// 6 C, 7 gate, 8 up (read), 11 W3 (up's). 6 storage buffers.
+const GLU_BWD_BINDINGS = [
+  'uniform',
+  'read',
+  'read',
+  'none',
+  'none',
+  'none',
+  'write',
+  'read',
+  'read',
+  'none',
+  'none',
+  'read',
+] as const;
+const MATMUL_GLU_BWD: Entry = { entryPoint: 'matmul_glu_bwd', bindings: GLU_BWD_BINDINGS };
 // Up to three products and two low-rank terms (matmul_sum_lr): matmul_sum's without the bias (3),
 // + 22 W4 (read). 8 storage buffers.
 const SUM_LR_BINDINGS = [
@@ -315,6 +332,15 @@ export interface MatmulOptions {
     readonly rstd: Tensor;
     readonly dMid: Tensor;
   };
+  /**
+   * A is ∂L/∂act of an unadapted gated MLP (silu·mul), and C = d_gate·opW(W) + d_up·opW(W3), where
+   * d_gate and d_up are the nonlinearity's backward of A at the forward's `gate` and `up` (M×K
+   * f32), formed as the tiles are staged (matmul_glu_bwd): the dx of gate and up without a
+   * dispatch that stores d_gate and d_up, which leaves the down projection's dx free for the next
+   * layer's norm backward (normBackward). W3 (up's weight) is shaped like W (gate's). f32 tiles and
+   * the tiled kernel only; no bias, beta, row range, low-rank term or other prologue or epilogue.
+   */
+  gluBackward?: { readonly gate: Tensor; readonly up: Tensor; readonly w3: Tensor };
   /**
    * A second projection of the same A: `out` gets A·W3ᵀ (W3 N×K, any storage format) while C gets
    * A·Wᵀ with its low-rank term, in one dispatch (matmul_pair / matvec_pair): q and k, say.
@@ -572,8 +598,10 @@ export async function planMatmul(
   if (a2From) checkLoraH(ctx, label, dims, opts, a2From, K2);
   const normBwd = opts.normBackward;
   if (normBwd) checkNormBackward(ctx, label, dims, a, c, opts, normBwd);
+  const gluBwd = opts.gluBackward;
+  if (gluBwd) checkGluBackward(ctx, label, dims, w, opts, gluBwd);
   if (second) checkSecondProjection(label, w, c, transW, opts, second.w, [second.out]);
-  const w3 = extra?.w ?? glu?.w ?? second?.w;
+  const w3 = extra?.w ?? glu?.w ?? second?.w ?? gluBwd?.w3;
   const third: Record<string, boolean> = w3
     ? {
         ...storageFormat('W3', w3),
@@ -586,7 +614,9 @@ export async function planMatmul(
             (!extra.third ||
               ((extra.third.a.shape[extra.third.a.shape.length - 1] as number) % 4 === 0 &&
                 at(extra.third.a) % 4 === 0))
-          : dims.K % 4 === 0,
+          : transW || !gluBwd
+            ? dims.K % 4 === 0
+            : dims.N % 4 === 0,
       }
     : {};
   const epilogue: Record<string, number> = act || actBwd ? { ACT: (act ?? actBwd)?.kind === 'silu_mul' ? 1 : 2 } : {};
@@ -617,31 +647,33 @@ export async function planMatmul(
     const tile = matmulTile(ctx, dims);
     const entry = normBwd
       ? MATMUL_NORM_BWD
-      : glu
-        ? norm
-          ? MATMUL_GLU_NORM
-          : MATMUL_GLU
-        : second
-          ? rope
-            ? MATMUL_PAIR_ROPE
-            : MATMUL_PAIR
-          : a2From
+      : gluBwd
+        ? MATMUL_GLU_BWD
+        : glu
+          ? norm
+            ? MATMUL_GLU_NORM
+            : MATMUL_GLU
+          : second
             ? rope
-              ? MATMUL_LORA_H_ROPE
-              : MATMUL_LORA_H
-            : rope
-              ? MATMUL_ROPE
-              : extra
-                ? sumLr
-                  ? MATMUL_SUM_LR
-                  : MATMUL_SUM
-                : act
-                  ? MATMUL_ACT
-                  : actBwd
-                    ? MATMUL_ACT_BWD
-                    : residual
-                      ? MATMUL_RESID
-                      : MATMUL;
+              ? MATMUL_PAIR_ROPE
+              : MATMUL_PAIR
+            : a2From
+              ? rope
+                ? MATMUL_LORA_H_ROPE
+                : MATMUL_LORA_H
+              : rope
+                ? MATMUL_ROPE
+                : extra
+                  ? sumLr
+                    ? MATMUL_SUM_LR
+                    : MATMUL_SUM
+                  : act
+                    ? MATMUL_ACT
+                    : actBwd
+                      ? MATMUL_ACT_BWD
+                      : residual
+                        ? MATMUL_RESID
+                        : MATMUL;
     kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -674,6 +706,8 @@ export async function planMatmul(
     resources = [a, w, ...operands, second.w, second.out];
   } else if (normBwd) {
     resources = [a, w, c, normBwd.w, normBwd.dn, normBwd.x, normBwd.rstd, normBwd.dMid];
+  } else if (gluBwd) {
+    resources = [a, w, c, gluBwd.gate, gluBwd.up, gluBwd.w3];
   } else if (spans && extra) {
     // The places' spans; offsets in the uniforms.
     resources = [
@@ -866,6 +900,52 @@ function checkSecondProjection(
     if (t.dtype !== 'f32' || t.size !== c.size)
       throw new ShapeError(
         `${label}: ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 like C ${formatShape(c.shape)}`,
+      );
+  }
+}
+
+/** Checks matmul_glu_bwd's operands: W3 shaped like W, gate and up f32 M×K like A, nothing else
+ * fused, f32 tiles, the tiled kernel. */
+function checkGluBackward(
+  ctx: GpuContext,
+  label: string,
+  dims: MatmulDims,
+  w: Tensor,
+  opts: MatmulOptions,
+  gb: NonNullable<MatmulOptions['gluBackward']>,
+): void {
+  if (
+    opts.bias ||
+    (opts.beta ?? 0) !== 0 ||
+    opts.wRows ||
+    opts.lowRank ||
+    opts.activation ||
+    opts.activationBackward ||
+    opts.extra ||
+    opts.glu ||
+    opts.second ||
+    opts.rope ||
+    opts.norm ||
+    opts.residual ||
+    opts.normBackward
+  )
+    throw new ShapeError(
+      `${label}: the gated MLP's backward prologue takes no bias, beta, row range, low-rank term or other prologue or epilogue`,
+    );
+  if ((opts.tileMath ?? 'f32') !== 'f32')
+    throw new ShapeError(`${label}: the gated MLP's backward prologue is f32 only`);
+  checkTiled(ctx, label, dims, opts, "the gated MLP's backward prologue");
+  if (!isWeightDType(gb.w3.dtype) || gb.w3.shape.length !== 2 || gb.w3.shape.some((n, i) => n !== w.shape[i]))
+    throw new ShapeError(
+      `${label}: up's weight ${gb.w3.label} ${gb.w3.dtype}${formatShape(gb.w3.shape)} must be shaped like W ${formatShape(w.shape)}`,
+    );
+  for (const [t, what] of [
+    [gb.gate, 'gate'],
+    [gb.up, 'up'],
+  ] as const) {
+    if (t.dtype !== 'f32' || t.size !== dims.M * dims.K || t.shape[t.shape.length - 1] !== dims.K)
+      throw new ShapeError(
+        `${label}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 ${dims.M}×${dims.K} like A`,
       );
   }
 }
