@@ -28,6 +28,8 @@
  *   norm's backward runs in the down projection's dx prologue (matmul_norm_bwd, then gate and up's
  *   dx through silu·mul's backward in their prologue, matmul_glu_bwd) against that norm's dispatch,
  *   the down dx with the nonlinearity's backward in its store, and matmul_sum;
+ * - loss_dz_in_dh vs loss_dz_apart: the loss in training with dz formed inside each chunk's dH
+ *   matmul (matmul_dlogits) against a dlogits dispatch before each;
  * - qkv_dx_one vs qkv_dx_two: the dx of a layer's q, k and v with q's and v's LoRA terms in one
  *   dispatch (matmul_sum_lr) against the two the plan made before (q and k with q's LoRA term, then
  *   v with its own, accumulating); and gate_up_dx_one vs gate_up_dx_two, both adapted (all-linear);
@@ -58,6 +60,7 @@ import {
   planAttentionBackward,
   planAttentionForward,
   planCrossEntropyForward,
+  planCrossEntropyTraining,
   planLoraBackward,
   planLoraBackwardUnfused,
   planLoraForward,
@@ -773,6 +776,52 @@ async function benchNorm1InDownDx(ctx: GpuContext, o: BenchOptions): Promise<voi
     t.dispose();
 }
 
+/** The loss in training (forward and ∂L/∂H) over a vocabulary of 8192 in two chunks of 4096, 512
+ * rows of 576, f16 LM head: dz formed inside each chunk's dH matmul as it stages the logits
+ * (matmul_dlogits) against a dispatch that rewrites the logits with dz before each. */
+async function benchLossDz(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const rows = o.quick ? 128 : 512;
+  const [vocab, d, chunk] = [8192, 576, 4096];
+  const h = tensorFromData(ctx, random(rows * d, 161, 1), [rows, d], 'f32', 'h');
+  const e = tensorFromData(ctx, random(vocab * d, 162, 0.05), [vocab, d], 'f16', 'lm_head');
+  const labels = tensorFromData(
+    ctx,
+    Int32Array.from({ length: rows }, (_, i) => (i % 7 === 3 ? -100 : (i * 997) % vocab)),
+    [rows],
+    'i32',
+    'labels',
+  );
+  const io = (tag: string) => ({
+    h,
+    e,
+    labels,
+    lse: createTensor(ctx, [rows], 'f32', `lse ${tag}`),
+    loss: createTensor(ctx, [4], 'f32', `loss ${tag}`),
+    errors: createTensor(ctx, [2], 'u32', `errors ${tag}`),
+    dh: createTensor(ctx, [rows, d], 'f32', `dh ${tag}`),
+  });
+  const [a, b] = [io('in dH'), io('apart')];
+  const fused = await planCrossEntropyTraining(ctx, a, { chunk, dzInMatmul: true });
+  const plain = await planCrossEntropyTraining(ctx, b, { chunk, dzInMatmul: false });
+  await timeFusion(ctx, o, {
+    name: 'loss_dz_in_dh',
+    baseline: 'loss_dz_apart',
+    shape: `${rows} rows, V=${vocab} in chunks of ${chunk}, d=${d}, E:f16`,
+    fused: [...fused.dispatches],
+    plain: [...plain.dispatches],
+    outputs: [
+      [a.dh, b.dh],
+      [a.loss, b.loss],
+    ],
+    // LM-head products: every chunk forward and into dH, and all but the last chunk again.
+    flops: 2 * rows * d * (2 * vocab + (vocab - chunk)),
+  });
+  fused.dispose();
+  plain.dispose();
+  for (const x of [a, b]) for (const t of [x.lse, x.loss, x.errors, x.dh]) t.dispose();
+  for (const t of [h, e, labels]) t.dispose();
+}
+
 /** An arena of places of one shape (as the backward's scratch and the LoRA parameters are), each
  * filled with its own random values (seeds seed, seed + 1, ...). */
 function filledArena(ctx: GpuContext, label: string, places: readonly string[], shape: number[], seed: number) {
@@ -1158,6 +1207,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'lora_h_in_matmul'.includes(o.only)) await benchLoraHInMatmul(ctx, o);
   if (!o.only || 'norm_bwd_in_dx'.includes(o.only)) await benchNormBwdInDx(ctx, o);
   if (!o.only || 'norm1_in_down_dx'.includes(o.only)) await benchNorm1InDownDx(ctx, o);
+  if (!o.only || 'loss_dz_in_dh'.includes(o.only)) await benchLossDz(ctx, o);
   if (!o.only || 'qkv_dx_one'.includes(o.only)) await benchQkvDx(ctx, o);
   if (!o.only || 'gate_up_dx_one'.includes(o.only)) await benchGateUpDx(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);

@@ -31,9 +31,9 @@
 //                        over the group's query heads and over the query blocks (STR rows) that
 //                        can see the block, accumulating dk and dv in registers (WebGPU has no float
 //                        atomics, so one workgroup owns each dk/dv row). Writes dk and dv.
-//   attention_bwd        both in one dispatch: the workgroups of attention_bwd_dkv, then those of
-//                        attention_bwd_dq, each computing the delta it needs from o; dq, dk and dv
-//                        are places of one buffer.
+//   attention_bwd        both in one dispatch: the workgroups of attention_bwd_dkv (kv heads) and
+//                        of attention_bwd_dq (query heads) side by side along y, each computing the
+//                        delta it needs from o; dq, dk and dv are places of one buffer.
 // Rows (CPU-backed adapters): one invocation per query row (per key row in dkv), WG
 // invocations per workgroup, no workgroup memory and no barrier. The invocation keeps its own
 // row(s) and accumulators in private arrays and reads the rows it streams straight from the
@@ -714,21 +714,21 @@ fn attention_bwd_dkv(@builtin(local_invocation_index) tid: u32, @builtin(workgro
   }
 }
 
-// dq, dk and dv in one dispatch (DELTA_FROM_O): workgroup x < ⌈Tk/OWN⌉·nKV takes a key block of
-// a kv head as attention_bwd_dkv does, the rest a query block of a head as attention_bwd_dq does.
-// Each forms the delta it needs from o, so neither waits for the other; dkv's heavier workgroups
-// come first in the grid. dq, dk and dv are places of one buffer (grads, at dq_off, dk_off, dv_off).
+// dq, dk and dv in one dispatch (DELTA_FROM_O): workgroup (x, y < nKV) takes key block x of kv
+// head y as attention_bwd_dkv does, (x, nKV + h) query block x of head h as attention_bwd_dq does
+// (x runs to the larger block count; a workgroup past its own rows returns at once). Each forms
+// the delta it needs from o, so neither waits for the other. dq, dk and dv are places of one
+// buffer (grads, at dq_off, dk_off, dv_off).
 @compute @workgroup_size(OWN * TD)
 fn attention_bwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = wid.z;
   let td = tid % TD;
-  let key_blocks = (p.Tk + OWN - 1u) / OWN;
-  let dkv_groups = key_blocks * p.nKV;
-  if (wid.x < dkv_groups) {
-    let g = wid.x / key_blocks;
-    let j0 = (wid.x % key_blocks) * OWN;
-    let tile = dkv_tile(tid, b, g, j0);
-    let j = j0 + tid / TD;
+  let r0 = wid.x * OWN;
+  if (wid.y < p.nKV) {
+    if (r0 >= p.Tk) { return; }
+    let g = wid.y;
+    let tile = dkv_tile(tid, b, g, r0);
+    let j = r0 + tid / TD;
     if (j < p.Tk) {
       let base = kv_out_index(b, j, g);
       for (var t = 0u; t < VPT; t++) {
@@ -740,12 +740,10 @@ fn attention_bwd(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_i
       }
     }
   } else {
-    let query_blocks = (p.Tq + OWN - 1u) / OWN;
-    let w = wid.x - dkv_groups;
-    let h = w / query_blocks;
-    let i0 = (w % query_blocks) * OWN;
-    let tile = dq_tile(tid, b, h, i0);
-    let i = i0 + tid / TD;
+    if (r0 >= p.Tq) { return; }
+    let h = wid.y - p.nKV;
+    let tile = dq_tile(tid, b, h, r0);
+    let i = r0 + tid / TD;
     if (i < p.Tq) {
       let base = out_index(b, i, h);
       for (var t = 0u; t < VPT; t++) {

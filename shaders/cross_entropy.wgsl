@@ -25,12 +25,14 @@
 //                              when the label falls in the chunk.
 //   cross_entropy_fwd_finish   one workgroup for all rows: lse, per-row loss, the total and the
 //                              count (a group sum), the loss; flags bad labels.
-//   cross_entropy_bwd_scale    one workgroup: counts the labelled rows, for a backward planned
-//                              apart from the forward (in training the forward's loss output
-//                              holds the count, and this dispatch is not planned).
+//   cross_entropy_bwd_scale    one workgroup: counts the labelled rows (a backward planned apart
+//                              from the forward).
 //   cross_entropy_bwd_dlogits  one invocation per element of the chunk: logits → dz in place,
 //                              with coefficient g / divisor (the host's divisor, or the count).
 //                              The host then runs dH (+)= dz · E[start : start + count].
+// In training (forward and backward planned together) neither runs: the finish writes g / divisor
+// to loss[2] (has_coef), and each dH matmul forms dz as it stages the logits (matmul_dlogits in
+// shaders/matmul.wgsl, in cross_entropy_bwd_dlogits's order of operations).
 //   cross_entropy_gather_rows  one invocation per element: out[j] = H[index[j]] (the rows whose
 //                              logits generation wants).
 //
@@ -48,7 +50,9 @@
 //                  and written)
 //   fwd_finish   1 labels, 2 stats (read), 3 lse [rows] (written; saved for the backward),
 //                4 row_loss [rows] (written when p.has_row_loss != 0), 5 loss [2] (written:
-//                loss[0] = the loss, loss[1] = count), 6 errors [2] u32 atomic (accumulated)
+//                loss[0] = the loss, loss[1] = count; with p.has_coef, [3] and loss[2] = g /
+//                divisor, what the training backward's matmul_dlogits in shaders/matmul.wgsl
+//                multiplies dz by), 6 errors [2] u32 atomic (accumulated)
 //   bwd_scale    1 labels, 2 coef [2] (written: coef[1] = count)
 //   bwd_dlogits  1 labels, 2 lse [rows] (read), 3 coef [2] (read: coef[1] = count; the forward's
 //                loss output in training), 4 logits [rows, count] (read, then written with dz)
@@ -76,6 +80,7 @@ struct Params {
   grid_x: u32,        // workgroups (fwd_chunk) or invocations (elementwise kernels) per grid row
   d: u32,             // gather_rows: row length of h
   n: u32,             // gather_rows: rows gathered
+  has_coef: u32,      // fwd_finish: also write the backward's coefficient g / divisor to loss[2]
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -223,6 +228,7 @@ fn cross_entropy_fwd_finish(@builtin(local_invocation_index) tid: u32) {
     loss[0] = select(0.0, totals.x / divisor, divisor > 0.0);
     if (any_bad != 0.0) { loss[0] = quiet_nan(); }
     loss[1] = total;
+    if (p.has_coef != 0u) { loss[2] = select(0.0, p.g / divisor, divisor > 0.0); }
   }
 }
 

@@ -81,6 +81,8 @@ struct Params {
   a2b_off: u32,   // matmul_sum_lr: where the second term's A2 starts in A2's buffer
   b2b_off: u32,   // matmul_sum_lr: where its B2 starts in B2's buffer
   alpha2b: f32,   // matmul_sum_lr: its scale
+  ce_start: u32,  // matmul_dlogits: the vocabulary entry of A's first column
+  ce_vocab: u32,  // matmul_dlogits: the vocabulary size (labels outside [0, vocab) are ignored)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -1362,6 +1364,65 @@ fn matmul_norm_bwd(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgr
   store_row_plain(m + 1u, n, acc[1]);
   store_row_plain(m + 2u, n, acc[2]);
   store_row_plain(m + 3u, n, acc[3]);
+}
+
+// ---- matmul_dlogits: the loss's ∂L/∂H from a chunk of logits -----------------------------------
+//   C = alpha·dz·opW(W) + beta·C,   dz[r][k] = (exp(A[r][k] − lse_r) − [ce_start + k = label_r])·coef
+// A is a chunk of the LM head's logits (M×K, K vocabulary entries from ce_start), W those rows of
+// the LM head (K×N as stored: the backward's layout), labels (23, i32), lse (24) and coef (25,
+// element 2: g / divisor, which the loss's forward wrote) as shaders/cross_entropy.wgsl has them;
+// a row whose label is -100 or outside [0, ce_vocab) gets dz = 0. dz is formed as A is staged, in
+// cross_entropy_bwd_dlogits's order of operations, so the loss's backward needs no dispatch that
+// rewrites the logits. No bias or low-rank term. Bindings 1, 2, 6, 23, 24, 25: 6 storage buffers.
+@group(0) @binding(23) var<storage, read> ce_labels: array<i32>;
+@group(0) @binding(24) var<storage, read> ce_lse: array<f32>;
+@group(0) @binding(25) var<storage, read> ce_coef: array<f32>;
+
+fn dz_chunk(r: u32, col: u32) -> vec4<f32> {
+  if (r >= p.M || col >= p.K) { return vec4<f32>(0.0); }
+  let label = ce_labels[r];
+  if (label < 0 || u32(label) >= p.ce_vocab) { return vec4<f32>(0.0); }
+  let x = a_chunk(r, col);
+  let l = ce_lse[r];
+  let coef = ce_coef[2];
+  var dz = vec4<f32>(0.0);
+  for (var i = 0u; i < 4u; i++) {
+    if (col + i < p.K) {
+      var v = exp(x[i] - l);
+      if (u32(label) == p.ce_start + col + i) { v -= 1.0; }
+      dz[i] = v * coef;
+    }
+  }
+  return dz;
+}
+
+fn stage_a_dlogits(tid: u32, m0: u32, k0: u32) {
+  let chunks = TK / 4u;
+  for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
+    a_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(dz_chunk(m0 + i / chunks, k0 + (i % chunks) * 4u));
+  }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_dlogits(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let tid = lid.y * WG_X + lid.x;
+  let m0 = wid.y * WG_Y * 4u;
+  let n0 = wid.x * WG_X * 4u;
+  var acc = mat4x4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a_dlogits(tid, m0, k0);
+    stage_w_only(tid, n0, k0);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  acc = acc * p.alpha;
+  let m = m0 + lid.y * 4u;
+  let n = n0 + lid.x * 4u;
+  store_row_beta(m + 0u, n, acc[0]);
+  store_row_beta(m + 1u, n, acc[1]);
+  store_row_beta(m + 2u, n, acc[2]);
+  store_row_beta(m + 3u, n, acc[3]);
 }
 
 // ---- matmul_glu_bwd: the dx of an unadapted gated MLP's gate and up, from ∂L/∂act ----------

@@ -54,6 +54,8 @@ interface Case {
   g?: number;
   /** Fused training plan, or separate forward and backward plans. */
   fused: boolean;
+  /** The fused plan with a dlogits dispatch before each dH matmul instead of dz formed in it. */
+  dzApart?: boolean;
   rowLoss: boolean;
   /** dH starts with values and the backward adds to them. */
   accumulate?: boolean;
@@ -105,6 +107,21 @@ const cases: Case[] = [
     accumulate: true,
   },
   { rows: 7, vocab: 257, d: 64, dtype: 'f32', chunk: 128, labels: 'bad', fused: false, rowLoss: true },
+  // Labels outside the vocabulary inside the dH matmul's dz; and the training plan with dz apart.
+  { rows: 7, vocab: 257, d: 64, dtype: 'f32', chunk: 128, labels: 'bad', fused: true, rowLoss: true },
+  {
+    rows: 65,
+    vocab: 257,
+    d: 12,
+    dtype: 'f16',
+    chunk: 64,
+    labels: 'mixed',
+    divisor: 100,
+    g: 0.5,
+    fused: true,
+    dzApart: true,
+    rowLoss: false,
+  },
   { rows: 7, vocab: 63, d: 12, dtype: 'f32', chunk: 32, labels: 'ignored', divisor: 5, fused: false, rowLoss: false },
   // E in parts: 64-row chunks of parts of 100, 100 and 57 rows (short chunks inside the table).
   {
@@ -159,7 +176,7 @@ function describeCase(c: Case): string {
   return (
     `rows=${c.rows} V=${c.vocab} d=${c.d} E:${c.dtype} chunk=${c.chunk ?? 'default'} labels:${c.labels}` +
     `${c.divisor ? ` divisor=${c.divisor}` : ''}${c.g !== undefined ? ` g=${c.g}` : ''}` +
-    `${c.fused ? ' fused' : ' fwd+bwd'}${c.accumulate ? ' +=dH' : ''}${c.split ? ` E in parts [${c.split.join(', ')}]` : ''}`
+    `${c.fused ? (c.dzApart ? ' fused, dz apart' : ' fused') : ' fwd+bwd'}${c.accumulate ? ' +=dH' : ''}${c.split ? ` E in parts [${c.split.join(', ')}]` : ''}`
   );
 }
 
@@ -251,14 +268,14 @@ for (const path of paths) {
             e: uploadTable(ctx, e, c.vocab, c.d, c.dtype, c.split),
             labels: tensorFromData(ctx, labels, [c.rows], 'i32', 'labels'),
             lse: createTensor(ctx, [c.rows], 'f32', 'lse'),
-            loss: createTensor(ctx, [2], 'f32', 'loss'),
+            loss: createTensor(ctx, [4], 'f32', 'loss'),
             errors: createTensor(ctx, [2], 'u32', 'errors'),
             rowLoss: c.rowLoss ? createTensor(ctx, [c.rows], 'f32', 'row_loss') : undefined,
             dh: dh0
               ? tensorFromData(ctx, dh0, [c.rows, c.d], 'f32', 'dh')
               : createTensor(ctx, [c.rows, c.d], 'f32', 'dh'),
           };
-          const opts = { chunk: c.chunk, divisor: c.divisor, g: c.g, accumulate: c.accumulate };
+          const opts = { chunk: c.chunk, divisor: c.divisor, g: c.g, accumulate: c.accumulate, dzInMatmul: !c.dzApart };
           const plans: (CrossEntropyPlan | CrossEntropyGradPlan)[] = c.fused
             ? [await planCrossEntropyTraining(ctx, t, opts)]
             : [await planCrossEntropyForward(ctx, t, opts), await planCrossEntropyBackward(ctx, t, opts)];
@@ -365,56 +382,57 @@ for (const path of paths) {
       });
     }
 
-    it('setDivisor and setGradScale change the next steps without planning again', async (t) => {
-      const ctx = path.gpu(t);
-      const rows = 7;
-      const vocab = 63;
-      const d = 12;
-      const h = asHeld(randomArray(rows * d, 11, 2), 'f32');
-      const e = asHeld(randomArray(vocab * d, 12), 'f32');
-      const labels = makeLabels('mixed', rows, vocab, 13);
-      const steps = await gpuCase(ctx, 'set uniforms', async () => {
-        const t = {
-          h: tensorFromData(ctx, h, [rows, d], 'f32', 'h'),
-          e: tensorFromData(ctx, e, [vocab, d], 'f32', 'e'),
-          labels: tensorFromData(ctx, labels, [rows], 'i32', 'labels'),
-          lse: createTensor(ctx, [rows], 'f32', 'lse'),
-          loss: createTensor(ctx, [2], 'f32', 'loss'),
-          errors: createTensor(ctx, [2], 'u32', 'errors'),
-          dh: createTensor(ctx, [rows, d], 'f32', 'dh'),
-        };
-        // A caller-owned logits scratch (bigger than needed) is used and not counted or released.
-        const logits = createTensor(ctx, [rows * 40], 'f32', 'shared logits');
-        const plan = await planCrossEntropyTraining(ctx, t, { chunk: 32, logits });
-        expect(plan.scratchBytes).toBe(
-          crossEntropyScratchBytes(ctx, rows, vocab, { chunk: 32 }).training - rows * 32 * 4,
-        );
-        const results: Outputs[] = [];
-        for (const [divisor, g] of [
-          [undefined, 1],
-          [50, 3],
-          [undefined, 0.25],
-        ] as const) {
-          plan.setDivisor(divisor);
-          plan.setGradScale(g);
-          const enc = new StepEncoder(ctx, 'step');
-          enc.clear(t.errors);
-          plan.record(enc);
-          enc.submit();
-          results.push(await readOutputs(t));
-        }
-        expect(() => plan.setDivisor(0)).toThrow(ShapeError);
-        plan.dispose();
-        expect(logits.disposed).toBe(false);
-        logits.dispose();
-        for (const v of Object.values(t)) v.dispose();
-        return results;
+    for (const dzInMatmul of [true, false])
+      it(`setDivisor and setGradScale change the next steps without planning again${dzInMatmul ? '' : ', dz apart'}`, async (t) => {
+        const ctx = path.gpu(t);
+        const rows = 7;
+        const vocab = 63;
+        const d = 12;
+        const h = asHeld(randomArray(rows * d, 11, 2), 'f32');
+        const e = asHeld(randomArray(vocab * d, 12), 'f32');
+        const labels = makeLabels('mixed', rows, vocab, 13);
+        const steps = await gpuCase(ctx, 'set uniforms', async () => {
+          const t = {
+            h: tensorFromData(ctx, h, [rows, d], 'f32', 'h'),
+            e: tensorFromData(ctx, e, [vocab, d], 'f32', 'e'),
+            labels: tensorFromData(ctx, labels, [rows], 'i32', 'labels'),
+            lse: createTensor(ctx, [rows], 'f32', 'lse'),
+            loss: createTensor(ctx, [4], 'f32', 'loss'),
+            errors: createTensor(ctx, [2], 'u32', 'errors'),
+            dh: createTensor(ctx, [rows, d], 'f32', 'dh'),
+          };
+          // A caller-owned logits scratch (bigger than needed) is used and not counted or released.
+          const logits = createTensor(ctx, [rows * 40], 'f32', 'shared logits');
+          const plan = await planCrossEntropyTraining(ctx, t, { chunk: 32, logits, dzInMatmul });
+          expect(plan.scratchBytes).toBe(
+            crossEntropyScratchBytes(ctx, rows, vocab, { chunk: 32 }).training - rows * 32 * 4,
+          );
+          const results: Outputs[] = [];
+          for (const [divisor, g] of [
+            [undefined, 1],
+            [50, 3],
+            [undefined, 0.25],
+          ] as const) {
+            plan.setDivisor(divisor);
+            plan.setGradScale(g);
+            const enc = new StepEncoder(ctx, 'step');
+            enc.clear(t.errors);
+            plan.record(enc);
+            enc.submit();
+            results.push(await readOutputs(t));
+          }
+          expect(() => plan.setDivisor(0)).toThrow(ShapeError);
+          plan.dispose();
+          expect(logits.disposed).toBe(false);
+          logits.dispose();
+          for (const v of Object.values(t)) v.dispose();
+          return results;
+        });
+        const input = { rows, d, vocab, h, e, labels };
+        checkAgainstRef(ctx, 'step 1', steps[0] as Outputs, input, 1);
+        checkAgainstRef(ctx, 'step 2 divisor=50 g=3', steps[1] as Outputs, { ...input, divisor: 50 }, 3);
+        checkAgainstRef(ctx, 'step 3 g=0.25', steps[2] as Outputs, input, 0.25);
       });
-      const input = { rows, d, vocab, h, e, labels };
-      checkAgainstRef(ctx, 'step 1', steps[0] as Outputs, input, 1);
-      checkAgainstRef(ctx, 'step 2 divisor=50 g=3', steps[1] as Outputs, { ...input, divisor: 50 }, 3);
-      checkAgainstRef(ctx, 'step 3 g=0.25', steps[2] as Outputs, input, 0.25);
-    });
   });
 }
 
@@ -485,6 +503,8 @@ describe('cross-entropy shapes', () => {
       await expect(planCrossEntropyForward(ctx, io, { divisor: -1 })).rejects.toThrow(/divisor/);
       await expect(planCrossEntropyBackward(ctx, { ...io, dh: h })).rejects.toThrow(/overlaps H/);
       await expect(planCrossEntropyTraining(ctx, { ...io, dh: lse })).rejects.toThrow(ShapeError);
+      // Training leaves the backward's coefficient in loss[2].
+      await expect(planCrossEntropyTraining(ctx, io)).rejects.toThrow(/loss loss .*3/);
       await expect(planLogitsRows(ctx, { h, e, logits: dh })).rejects.toThrow(/logits dh/);
       for (const t of [h, e, labels, labelsF, lse, loss, errors, dh]) t.dispose();
     });

@@ -923,6 +923,42 @@ describe("gated MLP's dx through its backward in the prologue", () => {
   });
 });
 
+// matmul_dlogits is checked through the loss (cross_entropy.test.ts: planCrossEntropyTraining's dH
+// against the float64 reference); here, what it refuses before anything is queued.
+describe("the loss's dz in the prologue", () => {
+  it('is refused with another prologue, f16 tiles, operands of the wrong size or a chunk past the vocabulary', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'dlogits refusals', async () => {
+      const [M, N, K] = [9, 8, 12];
+      const f = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
+      const a = f([M, K], 'logits');
+      const w = f([K, N], 'E chunk');
+      const c = f([M, N], 'dh');
+      const lse = f([M], 'lse');
+      const coef = f([4], 'loss');
+      const small = f([2], 'loss2');
+      const labels = createTensor(ctx, [M], 'i32', 'labels');
+      const labelsF = f([M], 'labels f32');
+      const h = f([M, 4], 'h');
+      const b2 = f([4, N], 'b2');
+      const dl = { labels, lse, coef, start: 0, vocab: 100 };
+      const plan = (opts: object) => planMatmul(ctx, a, w, c, { transW: false, ...opts });
+      try {
+        await expect(plan({ dlogits: dl, lowRank: { a2: h, b2, alpha2: 1 } })).rejects.toThrow(/no bias, low-rank/);
+        await expect(plan({ dlogits: dl, tileMath: 'f16' })).rejects.toThrow(/f32 only|shader-f16|f16 tile/);
+        await expect(plan({ dlogits: { ...dl, coef: small } })).rejects.toThrow(/coef loss2 .*3/);
+        await expect(plan({ dlogits: { ...dl, labels: labelsF } })).rejects.toThrow(/labels labels f32 .*i32/);
+        await expect(plan({ dlogits: { ...dl, lse: coef } })).rejects.toThrow(/lse loss/);
+        await expect(plan({ dlogits: { ...dl, start: 90 } })).rejects.toThrow(/\[90, 102\) .*vocabulary of 100/);
+        const ok = await plan({ dlogits: dl, beta: 1 });
+        ok.dispose();
+      } finally {
+        for (const x of [a, w, c, lse, coef, small, labels, labelsF, h, b2]) x.dispose();
+      }
+    });
+  });
+});
+
 describe('gated MLP behind its RMSNorm in one dispatch', () => {
   const cases: { M: number; N: number; K: number; wg: DType; wu: DType }[] = [
     { M: 65, N: 63, K: 64, wg: 'f32', wu: 'f16' },

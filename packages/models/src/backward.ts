@@ -75,7 +75,8 @@ export interface LoraTrainable {
 export interface BackwardPlan {
   /** [B·T] i32 shifted targets: labels[t+1], -100 where no loss is taken. Write before submitting. */
   readonly labels: Tensor;
-  /** f32 [2]: loss (sum / divisor) and the number of counted positions. */
+  /** f32 [4]: loss (sum / divisor), the number of counted positions, and the loss backward's
+   * coefficient g / divisor. */
   readonly loss: Tensor;
   /** u32 [2]: labels outside the vocabulary (see the cross-entropy kernel). */
   readonly errors: Tensor;
@@ -96,7 +97,8 @@ export function backwardLayout(
   config: ModelConfig,
   ranks: AdapterRanks,
   /** normInDx: as planBackward's; default true, as backwardDispatchCount's (the GPU plan).
-   * tiledAttention: the device runs the tiled attention kernels (attentionVariant); default true.
+   * attention: how the device plans attention's backward (AttentionBackwardPlanning); default
+   * GPU_ATTENTION.
    * recompute: the forward recomputes activations (no norm1InDownDx). */
   opts: {
     B: number;
@@ -104,7 +106,7 @@ export function backwardLayout(
     dropout?: boolean;
     fuse?: boolean;
     normInDx?: boolean;
-    tiledAttention?: boolean;
+    attention?: AttentionBackwardPlanning;
     recompute?: boolean;
   },
 ): PlannedBuffer[] {
@@ -129,7 +131,7 @@ export function backwardLayout(
     out.push({ label, shape: [elements], dtype: 'f32', places });
   };
   add('labels', [rows], 'i32');
-  add('loss', [2]);
+  add('loss', [4]); // loss, count, and the coefficient the loss's backward reads (planCrossEntropyTraining)
   add('loss_errors', [2], 'u32');
   add('lse', [rows]);
   add('d_hidden', [rows, d]);
@@ -139,7 +141,15 @@ export function backwardLayout(
   // Only layers the backward reaches (lowestAdaptedLayer and above): an unadapted layer's o does not
   // make a buffer that nothing uses.
   const lowest = lowestAdaptedLayer(c, ranks);
-  const norm1Folded = norm1Folds(c, ranks, rows, opts.fuse ?? true, opts.normInDx ?? true, opts.recompute ?? false);
+  const norm1Folded = norm1Folds(
+    c,
+    ranks,
+    rows,
+    opts.fuse ?? true,
+    opts.normInDx ?? true,
+    opts.recompute ?? false,
+    opts.dropout ?? false,
+  );
   const folds =
     norm1Folded.some((f) => f) ||
     modelLayout(c).layers.some(
@@ -177,7 +187,7 @@ export function backwardLayout(
     'attention_delta',
     [B, c.numHeads, T],
     'f32',
-    !attentionBackwardInOne(c, opts.fuse ?? true, opts.tiledAttention ?? true),
+    !attentionBackwardInOne(c, rows, opts.fuse ?? true, opts.attention ?? GPU_ATTENTION),
   );
   add('dqkv', [rows, 3 * d], 'f32', gpt2);
   add('zero', [1], 'i32', gpt2 && !(opts.fuse ?? true)); // the plain path's copies' position
@@ -205,8 +215,8 @@ function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse
  * Whether layer i's first norm's backward runs in the prologue of the down projection's dx in
  * layer i − 1 (matmul_norm_bwd, as norm2InODx does in o's dx) instead of a dispatch of its own: where
  * `pays`, fused, an RMSNorm before a gated MLP, more than MATVEC_MAX_ROWS rows, no recomputation
- * (layer i's saved rstd must outlive the replay of layer i − 1), and gate, up and down of layer i − 1
- * unadapted. That down projection's dx then stores ∂L/∂act, and its gate and up's dx form the
+ * (layer i's saved rstd must outlive the replay of layer i − 1), no LoRA dropout (with it the plan
+ * keeps gate's and up's dx apart), and gate, up and down of layer i − 1 unadapted. That down projection's dx then stores ∂L/∂act, and its gate and up's dx form the
  * nonlinearity's backward as they stage it (matmul_glu_bwd): the dispatches of that MLP stay two.
  */
 export function norm1InDownDx(
@@ -216,11 +226,13 @@ export function norm1InDownDx(
   fuse: boolean,
   pays: boolean,
   recompute: boolean,
+  dropout: boolean,
 ): boolean {
   return (
     pays &&
     fuse &&
     !recompute &&
+    !dropout &&
     config.family !== 'gpt2' &&
     config.norm.kind === 'rms' &&
     rows > MATVEC_MAX_ROWS &&
@@ -237,6 +249,7 @@ function norm1Folds(
   fuse: boolean,
   pays: boolean,
   recompute: boolean,
+  dropout: boolean,
 ): boolean[] {
   const layers = modelLayout(config).layers;
   const lowest = lowestAdaptedLayer(config, ranks);
@@ -250,6 +263,7 @@ function norm1Folds(
         fuse,
         pays,
         recompute,
+        dropout,
       ),
   );
 }
@@ -316,14 +330,51 @@ export function dxSteps(
  * attention_bwd): fused, on the tiled kernels, with ∂L/∂q, k and v places of one buffer, which
  * backwardLayout makes them except with q/k norms (their input gradients take that buffer).
  */
-export function attentionBackwardInOne(config: ModelConfig, fuse: boolean, tiledAttention: boolean): boolean {
-  return fuse && tiledAttention && !config.qkNorm;
+export function attentionBackwardInOne(
+  config: ModelConfig,
+  rows: number,
+  fuse: boolean,
+  attention: AttentionBackwardPlanning,
+): boolean {
+  return fuse && attention.tiled && !config.qkNorm && attentionGradSpan(config, rows) <= attention.maxBinding;
+}
+
+/** What decides attention's backward on a device: whether it runs the tiled kernels
+ * (attentionVariant), and its maxStorageBufferBindingSize (the one dispatch binds ∂L/∂q, k and v
+ * as one range). */
+export interface AttentionBackwardPlanning {
+  readonly tiled: boolean;
+  readonly maxBinding: number;
+}
+
+/** A GPU with WebGPU's default binding limit: the count and layout's default. */
+export const GPU_ATTENTION: AttentionBackwardPlanning = { tiled: true, maxBinding: 128 * 1024 * 1024 };
+
+/** Bytes of the range of backwardLayout's arena that holds ∂L/∂q, k and v, as
+ * planAttentionBackward binds it. */
+function attentionGradSpan(config: ModelConfig, rows: number): number {
+  const qDim = config.numHeads * config.headDim;
+  const kvDim = config.numKvHeads * config.headDim;
+  const { offsets } = arenaLayout(
+    [
+      [rows, qDim],
+      [rows, kvDim],
+      [rows, kvDim],
+    ],
+    PLACE_ALIGNMENT,
+  );
+  return (offsets[2] as number) + Math.ceil((rows * kvDim * 4) / 16) * 16;
 }
 
 /** Dispatches of one layer's attention backward: one, two (dq with delta, then dk and dv), or
  * three planned plain (delta apart). */
-export function attentionBackwardDispatches(config: ModelConfig, fuse: boolean, tiledAttention: boolean): number {
-  return attentionBackwardInOne(config, fuse, tiledAttention) ? 1 : fuse ? 2 : 3;
+export function attentionBackwardDispatches(
+  config: ModelConfig,
+  rows: number,
+  fuse: boolean,
+  attention: AttentionBackwardPlanning,
+): number {
+  return attentionBackwardInOne(config, rows, fuse, attention) ? 1 : fuse ? 2 : 3;
 }
 
 /**
@@ -350,8 +401,8 @@ export function backwardDispatchCount(
     fusions?: LayerFusions;
     /** The second norm's backward in o's dx where norm2InODx allows. Default true. */
     normInDx?: boolean;
-    /** The device runs the tiled attention kernels (attentionVariant). Default true. */
-    tiledAttention?: boolean;
+    /** How the device plans attention's backward. Default GPU_ATTENTION. */
+    attention?: AttentionBackwardPlanning;
   },
 ): number {
   const fuse = opts.fuse ?? true;
@@ -359,7 +410,15 @@ export function backwardDispatchCount(
   const layers = modelLayout(c).layers;
   let n = opts.lossDispatches + 1;
   const lowest = lowestAdaptedLayer(c, ranks);
-  const folded = norm1Folds(c, ranks, opts.rows, fuse, opts.normInDx ?? true, opts.recompute ?? false);
+  const folded = norm1Folds(
+    c,
+    ranks,
+    opts.rows,
+    fuse,
+    opts.normInDx ?? true,
+    opts.recompute ?? false,
+    opts.dropout ?? false,
+  );
   layers.forEach((l, i) => {
     if (i < lowest) return; // no backward below the lowest adapted layer
     // In it, no dx of its input: the projections reading n1 keep their LoRA gradients only (dx is
@@ -381,7 +440,10 @@ export function backwardDispatchCount(
     // norm1InDownDx, the second in o's dx where norm2InODx), attention (dq, dk and dv in one; dq
     // with delta, dk/dv; or delta apart).
     const norm2 = norm2InODx(c, adapted, opts.rows, fuse, opts.normInDx ?? true) ? 0 : 1;
-    n += (input && !folded[i] ? 1 : 0) + norm2 + attentionBackwardDispatches(c, fuse, opts.tiledAttention ?? true);
+    n +=
+      (input && !folded[i] ? 1 : 0) +
+      norm2 +
+      attentionBackwardDispatches(c, opts.rows, fuse, opts.attention ?? GPU_ATTENTION);
     const dxOf = opts.dropout ? 3 : 1;
     const inputLin = (role: LinearRole) => (input ? lin(role) : adapted.has(role) ? lora - dxOf : 0);
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
@@ -469,7 +531,10 @@ export async function planBackward(
   const s = new Scratch();
   try {
     const attention = opts.attention ?? attentionVariant(ctx);
-    const tiledAttention = attention === 'tiled';
+    const attentionPlanning = {
+      tiled: attention === 'tiled',
+      maxBinding: ctx.limits.maxStorageBufferBindingSize,
+    };
     s.allocate(
       ctx,
       backwardLayout(c, ranks, {
@@ -478,7 +543,7 @@ export async function planBackward(
         dropout: fwd.dropout !== undefined,
         fuse: fwd.fuse,
         normInDx,
-        tiledAttention,
+        attention: attentionPlanning,
         recompute: fwd.recompute,
       }),
     );
@@ -706,7 +771,7 @@ export async function planBackward(
     // Nothing upstream of the lowest adapted layer's input needs a gradient (the embedding is
     // frozen): the layers below it get no backward, and its own input no dx (lowestAdaptedLayer).
     const lowest = lowestAdaptedLayer(c, ranks);
-    const folded = norm1Folds(c, ranks, rows, fwd.fuse, normInDx, fwd.recompute);
+    const folded = norm1Folds(c, ranks, rows, fwd.fuse, normInDx, fwd.recompute, fwd.dropout !== undefined);
     // The norm1 backward of the layer above, when it runs in this layer's down dx (norm1InDownDx).
     let pendingNorm1: { dn: Tensor; x: Tensor; w: Tensor; rstd: Tensor } | undefined;
     for (let i = c.numLayers - 1; i >= lowest; i--) {

@@ -15,7 +15,15 @@ import {
 } from '@webtune/core';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
-import { backwardDispatchCount, type LoraTrainable, planBackward, shiftLabels } from '../src/backward.js';
+import {
+  backwardDispatchCount,
+  backwardLayout,
+  GPU_ATTENTION,
+  type LoraTrainable,
+  planBackward,
+  shiftLabels,
+} from '../src/backward.js';
+import { parseModelConfig } from '../src/config.js';
 import { planForward } from '../src/forward.js';
 import { loadModel } from '../src/model.js';
 import { openSafetensors } from '../src/safetensors.js';
@@ -136,7 +144,7 @@ describe('LoRA gradients against PEFT', () => {
               pairGdB: !recompute,
               fusions,
               normInDx: true,
-              tiledAttention: true,
+              attention: { tiled: true, maxBinding: ctx.limits.maxStorageBufferBindingSize },
             }),
           );
         writeTensor(fwd.ids, golden.batch.input_ids.flat());
@@ -239,7 +247,7 @@ describe('backward below the lowest adapted layer', () => {
           lossDispatches: bwd.crossEntropy.dispatches.length,
           pairGdB: loraGradPairPays(ctx),
           normInDx: normInMlpPays(ctx),
-          tiledAttention: attentionVariant(ctx) === 'tiled',
+          attention: { tiled: attentionVariant(ctx) === 'tiled', maxBinding: ctx.limits.maxStorageBufferBindingSize },
         });
         expect(dispatches, `layer 0 adapted: ${withLayer0}`).toBe(counted);
         bwd.dispose();
@@ -261,4 +269,33 @@ describe('backward below the lowest adapted layer', () => {
     expect(above.dispatches).toBeLessThan(all.dispatches);
     console.log(`${run}: backward dispatches ${all.dispatches} with layer 0 adapted, ${above.dispatches} without`);
   }, 300_000);
+});
+
+describe("attention's backward in one dispatch", () => {
+  it('stays two where the range holding ∂L/∂q, k and v is over the binding limit', async () => {
+    // SmolLM2-135M's shape, q_proj,v_proj at r = 8: the range is about rows × 960 × 4 bytes, over
+    // WebGPU's default 128 MiB past 34,952 rows.
+    const source = await repoSource('packages/train/test/fixtures/configs/SmolLM2-135M');
+    const config = parseModelConfig(JSON.parse((await source.readText('config.json')) as string));
+    const ranks = new Map<string, number>();
+    for (let i = 0; i < config.numLayers; i++) {
+      for (const m of ['q_proj', 'v_proj']) ranks.set(`model.layers.${i}.self_attn.${m}`, 8);
+    }
+    const plan = (B: number, T: number) => ({
+      delta: backwardLayout(config, ranks, { B, T }).some((b) => b.label === 'attention_delta'),
+      count: backwardDispatchCount(config, ranks, { rows: B * T, lossDispatches: 0 }),
+      cpu: backwardDispatchCount(config, ranks, {
+        rows: B * T,
+        lossDispatches: 0,
+        attention: { ...GPU_ATTENTION, tiled: false },
+      }),
+    });
+    const small = plan(4, 128);
+    const large = plan(9, 4000);
+    expect(small.delta).toBe(false);
+    expect(large.delta).toBe(true);
+    // One dispatch per layer fewer than the two-dispatch kernels (the rows kernels' count), where it fits.
+    expect(small.cpu - small.count).toBe(config.numLayers);
+    expect(large.cpu - large.count).toBe(0);
+  });
 });

@@ -311,13 +311,14 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
   // forward, one to three backward (attentionBackwardDispatches) in the layers the backward reaches.
   const L = c.numLayers;
-  const attentionBackward = (L - lowestAdaptedLayer(c, ranks)) * attentionBackwardDispatches(c, fuse, !cpu);
+  const attention = { tiled: !cpu, maxBinding: limits.maxStorageBufferBindingSize };
+  const attentionBackward = (L - lowestAdaptedLayer(c, ranks)) * attentionBackwardDispatches(c, rows, fuse, attention);
   uniforms(A, 'forward dispatch parameters', forwardDispatches - L, U_NOMINAL);
   uniforms(A, 'forward attention parameters', L, attentionUniformBytes());
 
   // Scratch: the backward plan's layout, the loss's logits chunk, the trainer's own buffers.
   const S = 'scratch';
-  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse, normInDx: !cpu, tiledAttention: !cpu, recompute }))
+  for (const b of backwardLayout(c, ranks, { B, T, dropout, fuse, normInDx: !cpu, attention, recompute }))
     add(S, `backward.${b.label}`, b.shape, b.dtype);
   const loss = crossEntropyScratchBytes({ limits }, rows, c.vocabSize);
   // The loss's chunks never straddle two parts of a split LM head.
@@ -333,9 +334,9 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     fuse,
     pairGdB: !cpu,
     normInDx: !cpu,
-    tiledAttention: !cpu,
+    attention,
     fusions,
-    lossDispatches: crossEntropyTrainingDispatchCount(chunks),
+    lossDispatches: crossEntropyTrainingDispatchCount(chunks, !cpu),
   });
   // The gradient norm (two dispatches) and AdamW.
   const optimizerDispatches = 3;

@@ -301,9 +301,11 @@ function spec(entryPoint: string, bindings: readonly AttentionBinding[], tiles: 
 const ROPE_MAX_FREQUENCIES = 128;
 
 /**
- * The uniform block of every attention kernel for these dims. A planned dispatch's shapes can be
+ * The uniform block of the attention kernels for these dims. A planned dispatch's shapes can be
  * moved along with Dispatch.setUniforms(attentionUniforms(...)) (generation advances pos0 and Tk
- * each token), as long as the buffers bound at planning time still cover them.
+ * each token), as long as the buffers bound at planning time still cover them. Not for the
+ * one-dispatch backward (attention_bwd), whose block also holds dq's, dk's and dv's offsets and
+ * RoPE's frequencies, which this one leaves at 0.
  */
 export function attentionUniforms(dims: AttentionDims): ArrayBuffer {
   return uniforms(resolveAttentionDims(dims));
@@ -614,7 +616,8 @@ export async function planAttentionBackward(
           io.o,
           { buffer: span.buffer, offset: span.offset, size: span.size },
         ],
-        workgroups: [Math.ceil(d.Tk / own) * d.nKV + Math.ceil(d.Tq / own) * d.nH, 1, d.B],
+        // Key blocks of the kv heads, then query blocks of the query heads, along y.
+        workgroups: [Math.ceil(Math.max(d.Tk, d.Tq) / own), d.nKV + d.nH, d.B],
         uniforms: uniforms(d, rope, span.at),
       }),
     ];

@@ -112,6 +112,22 @@ export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
   readonly g?: number;
   /** Add into dH instead of overwriting it (default false: the first chunk overwrites dH). */
   readonly accumulate?: boolean;
+  /**
+   * planCrossEntropyTraining: form dz inside each chunk's dH matmul as it stages the logits
+   * (matmul_dlogits) rather than in a dispatch that rewrites them first. Default
+   * dzInMatmulPays(ctx); tests and benchmarks set it to run either plan on any adapter.
+   */
+  readonly dzInMatmul?: boolean;
+}
+
+/**
+ * Whether planCrossEntropyTraining forms dz inside the dH matmuls by default on this device: on
+ * GPUs. On the CPU adapters each workgroup along a row of tiles repeating the exponentials measured
+ * slower than the dispatch it saves (`pnpm bench --suite kernels --only loss_dz_in_dh`: lavapipe
+ * 0.91, SwiftShader 0.98).
+ */
+export function dzInMatmulPays(ctx: GpuContext): boolean {
+  return !isCpuAdapter(ctx);
 }
 
 /** The forward's operands. rows = B·T. */
@@ -125,7 +141,8 @@ export interface CrossEntropyForwardBuffers {
   readonly labels: Tensor;
   /** [rows] f32, written: log Σ_v exp z[i, v]; saved for the backward. */
   readonly lse: Tensor;
-  /** ≥ 2 f32, written: loss[0] = Σ row losses / divisor, loss[1] = the number of counted rows. */
+  /** ≥ 2 f32, written: loss[0] = Σ row losses / divisor, loss[1] = the number of counted rows
+   * (≥ 3 for planCrossEntropyTraining, whose forward leaves the backward's g / divisor in loss[2]). */
   readonly loss: Tensor;
   /**
    * ≥ 2 u32, accumulated: errors[0] |= CROSS_ENTROPY_LABEL_OUT_OF_RANGE and errors[1] += 1 for
@@ -318,6 +335,8 @@ interface Params {
   gridX?: number;
   d?: number;
   n?: number;
+  /** fwd_finish: also write g / divisor to loss[2] (training). */
+  hasCoef?: boolean;
 }
 
 function uniforms(q: Params): ArrayBuffer {
@@ -334,6 +353,7 @@ function uniforms(q: Params): ArrayBuffer {
     ['u32', q.gridX ?? 0],
     ['u32', q.d ?? 0],
     ['u32', q.n ?? 0],
+    ['u32', q.hasCoef ? 1 : 0],
   ]);
 }
 
@@ -409,10 +429,24 @@ export async function planCrossEntropyForward(
   io: CrossEntropyForwardBuffers,
   opts: CrossEntropyOptions = {},
 ): Promise<CrossEntropyPlan> {
+  return forward(ctx, io, opts);
+}
+
+/**
+ * The forward; in training (`coef`) its finish also writes the backward's coefficient g / divisor
+ * to loss[2] (loss then holds at least 3 values), and setGradScale sets g.
+ */
+async function forward(
+  ctx: GpuContext,
+  io: CrossEntropyForwardBuffers,
+  opts: CrossEntropyOptions,
+  coef?: { readonly g: number },
+): Promise<CrossEntropyGradPlan> {
   const op = `${opts.label ?? 'cross_entropy'}.forward`;
   const dims = checkOperands(op, io.h, io.e, io.labels);
   expectF32(op, 'lse', io.lse, dims.rows, 'one per row');
-  expectF32(op, 'loss', io.loss, 2, 'loss and count', true);
+  if (coef) expectF32(op, 'loss', io.loss, 3, "loss, count and the backward's coefficient", true);
+  else expectF32(op, 'loss', io.loss, 2, 'loss and count', true);
   expectErrors(op, io.errors);
   if (io.rowLoss) expectF32(op, 'rowLoss', io.rowLoss, dims.rows, 'one per row');
   checkDivisor(op, opts.divisor);
@@ -448,22 +482,30 @@ export async function planCrossEntropyForward(
         }),
       );
     }
-    const finishParams = (divisor: number | undefined) =>
-      uniforms({ ...dims, divisor, rowLoss: io.rowLoss !== undefined });
+    let divisor = opts.divisor;
+    let g = coef?.g ?? 1;
+    const finishParams = () =>
+      uniforms({ ...dims, divisor, g, rowLoss: io.rowLoss !== undefined, hasCoef: coef !== undefined });
     const finish = bindKernel(ctx, finishK, {
       label: `${op}.finish`,
       resources: [io.labels, stats, io.lse, io.rowLoss ?? ctx.placeholder(), io.loss, io.errors],
       workgroups: [1],
-      uniforms: finishParams(opts.divisor),
+      uniforms: finishParams(),
     });
     dispatches.push(finish);
     return {
       ...kernelPlan(dispatches, owned),
       chunk,
       chunks: chunks.length,
-      setDivisor(divisor) {
-        checkDivisor(op, divisor);
-        finish.setUniforms(finishParams(divisor));
+      setDivisor(next) {
+        checkDivisor(op, next);
+        divisor = next;
+        finish.setUniforms(finishParams());
+      },
+      setGradScale(next) {
+        checkGradScale(op, next);
+        g = next;
+        finish.setUniforms(finishParams());
       },
     };
   } catch (error) {
@@ -491,9 +533,11 @@ async function backward(
   opts: CrossEntropyBackwardOptions,
   /**
    * Training: the forward just ran, so the logits scratch holds its last chunk, and `loss` (its
-   * output) holds the count in loss[1], which dz's coefficient is made from; no scale dispatch.
+   * output) holds dz's coefficient g / divisor in loss[2]: each chunk's dH matmul forms dz as it
+   * stages the logits (matmul_dlogits), with no scale or dlogits dispatch. The divisor and g are
+   * the forward's to set.
    */
-  training?: { readonly loss: Tensor },
+  training?: { readonly loss: Tensor; readonly dzInMatmul: boolean },
 ): Promise<CrossEntropyGradPlan> {
   const op = `${opts.label ?? 'cross_entropy'}.backward`;
   const dims = checkOperands(op, io.h, io.e, io.labels);
@@ -509,9 +553,10 @@ async function backward(
   const chunk = crossEntropyChunk(ctx, dims.rows, dims.vocab, opts);
   checkScratch(op, dims, chunk, opts.logits);
   const wg = workgroupSize(ctx);
+  const viaMatmul = training?.dzInMatmul ?? false;
   const [scaleK, dlogitsK] = await Promise.all([
     training ? undefined : getKernel(ctx, spec(ctx, 'cross_entropy_bwd_scale'), { WG: wg }),
-    getKernel(ctx, spec(ctx, 'cross_entropy_bwd_dlogits'), { WG: wg }),
+    viaMatmul ? undefined : getKernel(ctx, spec(ctx, 'cross_entropy_bwd_dlogits'), { WG: wg }),
   ]);
   const owned: Tensor[] = [];
   const dispatches: Dispatch[] = [];
@@ -548,24 +593,27 @@ async function backward(
           }),
         );
       }
+      const dh = {
+        transW: false,
+        wRows: { start: c.local, count: c.count },
+        beta: i === 0 && !opts.accumulate ? 0 : 1,
+        label: `${op}.dh${range}`,
+      };
+      if (training && viaMatmul) {
+        const dz = { labels: io.labels, lse: io.lse, coef: training.loss, start: c.start, vocab: dims.vocab };
+        dispatches.push(await planMatmul(ctx, c.logits, c.e, io.dh, { ...dh, dlogits: dz }));
+        continue;
+      }
       const grid = grid1d(ctx, dims.rows * c.count, wg);
       const params = () => uniforms({ ...dims, start: c.start, count: c.count, gridX: grid.rowStride, divisor, g });
-      const dlogits = bindKernel(ctx, dlogitsK, {
+      const dlogits = bindKernel(ctx, dlogitsK as Kernel, {
         label: `${op}.dlogits${range}`,
         resources: [io.labels, io.lse, count, c.logits],
         workgroups: grid.workgroups,
         uniforms: params(),
       });
-      dispatches.push(dlogits);
+      dispatches.push(dlogits, await planMatmul(ctx, c.logits, c.e, io.dh, dh));
       retune.push({ dispatch: dlogits, params });
-      dispatches.push(
-        await planMatmul(ctx, c.logits, c.e, io.dh, {
-          transW: false,
-          wRows: { start: c.local, count: c.count },
-          beta: i === 0 && !opts.accumulate ? 0 : 1,
-          label: `${op}.dh${range}`,
-        }),
-      );
     }
     return {
       ...kernelPlan(dispatches, owned),
@@ -589,11 +637,11 @@ async function backward(
 }
 
 /** Dispatches of planCrossEntropyTraining over `chunks` vocabulary chunks: per chunk the forward's
- * matmul and online update, the finish, per chunk dlogits and dH, and the LM-head matmul of every
- * chunk but the one the forward left in the scratch (no scale dispatch: dlogits takes the count
- * from the forward's loss output). */
-export function crossEntropyTrainingDispatchCount(chunks: number): number {
-  return 2 * chunks + 1 + 2 * chunks + (chunks - 1);
+ * matmul and online update, the finish, per chunk dH (dz formed as it stages the logits; or a
+ * dlogits dispatch before it), and the LM-head matmul of every chunk but the one the forward left
+ * in the scratch. */
+export function crossEntropyTrainingDispatchCount(chunks: number, dzInMatmul = true): number {
+  return 2 * chunks + 1 + (dzInMatmul ? 1 : 2) * chunks + (chunks - 1);
 }
 
 /**
@@ -601,7 +649,10 @@ export function crossEntropyTrainingDispatchCount(chunks: number): number {
  * chunk of both: the forward's outputs (lse, loss, count, errors, rowLoss) as in
  * planCrossEntropyForward, and dH written (or accumulated) as in planCrossEntropyBackward. The
  * backward starts from the chunk the forward left in the scratch, so it runs one LM-head matmul
- * fewer: 3·chunks − 1 matmuls (2 for a vocabulary that fits one chunk).
+ * fewer: 3·chunks − 1 matmuls (2 for a vocabulary that fits one chunk). `loss` holds at least 3
+ * values here: the forward's finish leaves dz's coefficient g / divisor in loss[2], and each dH
+ * matmul forms dz from the logits as it stages them (matmul_dlogits), so no dispatch rewrites the
+ * logits: 4·chunks dispatches in all.
  */
 export async function planCrossEntropyTraining(
   ctx: GpuContext,
@@ -614,20 +665,25 @@ export async function planCrossEntropyTraining(
   const owned: Tensor[] = [];
   const logits = opts.logits ?? createTensor(ctx, [dims.rows, chunk], 'f32', `${label}.logits`);
   if (!opts.logits) owned.push(logits);
-  let fwd: CrossEntropyPlan | undefined;
+  let fwd: CrossEntropyGradPlan | undefined;
   try {
-    fwd = await planCrossEntropyForward(ctx, io, { ...opts, chunk, logits });
-    const bwd = await backward(ctx, io, { ...opts, chunk, logits }, { loss: io.loss });
+    checkGradScale(`${label}.training`, opts.g ?? 1);
+    fwd = await forward(ctx, io, { ...opts, chunk, logits }, { g: opts.g ?? 1 });
+    const dzInMatmul = opts.dzInMatmul ?? dzInMatmulPays(ctx);
+    const bwd = await backward(ctx, io, { ...opts, chunk, logits }, { loss: io.loss, dzInMatmul });
     const f = fwd;
     return {
       ...kernelPlan([...fwd.dispatches, ...bwd.dispatches], [...owned, ...fwd.scratch, ...bwd.scratch]),
       chunk,
       chunks: fwd.chunks,
+      // The forward's finish writes the coefficient the backward's dH matmuls read; the dlogits
+      // dispatches (without dzInMatmul) form their own.
       setDivisor(divisor) {
         f.setDivisor(divisor);
         bwd.setDivisor(divisor);
       },
       setGradScale(g) {
+        f.setGradScale(g);
         bwd.setGradScale(g);
       },
     };

@@ -153,6 +153,22 @@ const GLU_BWD_BINDINGS = [
   'read',
 ] as const;
 const MATMUL_GLU_BWD: Entry = { entryPoint: 'matmul_glu_bwd', bindings: GLU_BWD_BINDINGS };
+// The loss's ∂L/∂H through dz formed as the logits are staged (matmul_dlogits): 1 logits, 2 W,
+// 6 C, 23 labels, 24 lse, 25 coef (read). 6 storage buffers.
+const DLOGITS_BINDINGS = [
+  'uniform',
+  'read',
+  'read',
+  'none',
+  'none',
+  'none',
+  'write',
+  ...Array<'none'>(16).fill('none'),
+  'read',
+  'read',
+  'read',
+] as const;
+const MATMUL_DLOGITS: Entry = { entryPoint: 'matmul_dlogits', bindings: DLOGITS_BINDINGS };
 // Up to three products and two low-rank terms (matmul_sum_lr): matmul_sum's without the bias (3),
 // + 22 W4 (read). 8 storage buffers.
 const SUM_LR_BINDINGS = [
@@ -341,6 +357,22 @@ export interface MatmulOptions {
    * the tiled kernel only; no bias, beta, row range, low-rank term or other prologue or epilogue.
    */
   gluBackward?: { readonly gate: Tensor; readonly up: Tensor; readonly w3: Tensor };
+  /**
+   * A is a chunk of the LM head's logits (M×K: vocabulary entries start..start+K), and the product
+   * is taken of the loss's dz = (exp(A − lse) − onehot(label))·coef[2], formed as A is staged
+   * (matmul_dlogits; shaders/cross_entropy.wgsl's conventions: labels i32 [M], -100 or outside
+   * [0, vocab) ignored; lse f32 [M]; coef f32 with g / divisor in element 2, as the loss's forward
+   * writes it in training): the loss's ∂L/∂H without a dispatch that rewrites the logits. f32 tiles
+   * and the tiled kernel; beta and a row range of W allowed; no bias, low-rank term or other
+   * prologue or epilogue.
+   */
+  dlogits?: {
+    readonly labels: Tensor;
+    readonly lse: Tensor;
+    readonly coef: Tensor;
+    readonly start: number;
+    readonly vocab: number;
+  };
   /**
    * A second projection of the same A: `out` gets A·W3ᵀ (W3 N×K, any storage format) while C gets
    * A·Wᵀ with its low-rank term, in one dispatch (matmul_pair / matvec_pair): q and k, say.
@@ -600,6 +632,8 @@ export async function planMatmul(
   if (normBwd) checkNormBackward(ctx, label, dims, a, c, opts, normBwd);
   const gluBwd = opts.gluBackward;
   if (gluBwd) checkGluBackward(ctx, label, dims, w, opts, gluBwd);
+  const dlogits = opts.dlogits;
+  if (dlogits) checkDlogits(ctx, label, dims, opts, dlogits);
   if (second) checkSecondProjection(label, w, c, transW, opts, second.w, [second.out]);
   const w3 = extra?.w ?? glu?.w ?? second?.w ?? gluBwd?.w3;
   const third: Record<string, boolean> = w3
@@ -649,31 +683,33 @@ export async function planMatmul(
       ? MATMUL_NORM_BWD
       : gluBwd
         ? MATMUL_GLU_BWD
-        : glu
-          ? norm
-            ? MATMUL_GLU_NORM
-            : MATMUL_GLU
-          : second
-            ? rope
-              ? MATMUL_PAIR_ROPE
-              : MATMUL_PAIR
-            : a2From
+        : dlogits
+          ? MATMUL_DLOGITS
+          : glu
+            ? norm
+              ? MATMUL_GLU_NORM
+              : MATMUL_GLU
+            : second
               ? rope
-                ? MATMUL_LORA_H_ROPE
-                : MATMUL_LORA_H
-              : rope
-                ? MATMUL_ROPE
-                : extra
-                  ? sumLr
-                    ? MATMUL_SUM_LR
-                    : MATMUL_SUM
-                  : act
-                    ? MATMUL_ACT
-                    : actBwd
-                      ? MATMUL_ACT_BWD
-                      : residual
-                        ? MATMUL_RESID
-                        : MATMUL;
+                ? MATMUL_PAIR_ROPE
+                : MATMUL_PAIR
+              : a2From
+                ? rope
+                  ? MATMUL_LORA_H_ROPE
+                  : MATMUL_LORA_H
+                : rope
+                  ? MATMUL_ROPE
+                  : extra
+                    ? sumLr
+                      ? MATMUL_SUM_LR
+                      : MATMUL_SUM
+                    : act
+                      ? MATMUL_ACT
+                      : actBwd
+                        ? MATMUL_ACT_BWD
+                        : residual
+                          ? MATMUL_RESID
+                          : MATMUL;
     kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
@@ -708,6 +744,8 @@ export async function planMatmul(
     resources = [a, w, c, normBwd.w, normBwd.dn, normBwd.x, normBwd.rstd, normBwd.dMid];
   } else if (gluBwd) {
     resources = [a, w, c, gluBwd.gate, gluBwd.up, gluBwd.w3];
+  } else if (dlogits) {
+    resources = [a, w, c, dlogits.labels, dlogits.lse, dlogits.coef];
   } else if (spans && extra) {
     // The places' spans; offsets in the uniforms.
     resources = [
@@ -764,6 +802,8 @@ export async function planMatmul(
       ['u32', at(lr2?.a2)],
       ['u32', at(lr2?.b2)],
       ['f32', lr2?.alpha2 ?? 0],
+      ['u32', dlogits?.start ?? 0],
+      ['u32', dlogits?.vocab ?? 0],
     ]),
   });
 }
@@ -927,7 +967,8 @@ function checkGluBackward(
     opts.rope ||
     opts.norm ||
     opts.residual ||
-    opts.normBackward
+    opts.normBackward ||
+    opts.dlogits
   )
     throw new ShapeError(
       `${label}: the gated MLP's backward prologue takes no bias, beta, row range, low-rank term or other prologue or epilogue`,
@@ -948,6 +989,50 @@ function checkGluBackward(
         `${label}: ${what} ${t.label} ${t.dtype}${formatShape(t.shape)} must be f32 ${dims.M}×${dims.K} like A`,
       );
   }
+}
+
+/** Checks matmul_dlogits's operands: labels i32 and lse f32 one per row of A, coef ≥ 3 f32 values,
+ * the chunk inside the vocabulary, nothing else fused, f32 tiles, the tiled kernel. */
+function checkDlogits(
+  ctx: GpuContext,
+  label: string,
+  dims: MatmulDims,
+  opts: MatmulOptions,
+  dl: NonNullable<MatmulOptions['dlogits']>,
+): void {
+  if (
+    opts.bias ||
+    opts.lowRank ||
+    opts.activation ||
+    opts.activationBackward ||
+    opts.extra ||
+    opts.glu ||
+    opts.second ||
+    opts.rope ||
+    opts.norm ||
+    opts.residual ||
+    opts.normBackward ||
+    opts.gluBackward
+  )
+    throw new ShapeError(`${label}: the loss's dz prologue takes no bias, low-rank term or other prologue or epilogue`);
+  if ((opts.tileMath ?? 'f32') !== 'f32') throw new ShapeError(`${label}: the loss's dz prologue is f32 only`);
+  checkTiled(ctx, label, dims, opts, "the loss's dz prologue");
+  if (dl.labels.dtype !== 'i32' || dl.labels.size !== dims.M)
+    throw new ShapeError(`${label}: labels ${dl.labels.label} must be ${dims.M} i32 values, one per row of A`);
+  if (dl.lse.dtype !== 'f32' || dl.lse.size !== dims.M)
+    throw new ShapeError(`${label}: lse ${dl.lse.label} must be ${dims.M} f32 values, one per row of A`);
+  if (dl.coef.dtype !== 'f32' || dl.coef.size < 3)
+    throw new ShapeError(`${label}: coef ${dl.coef.label} must hold at least 3 f32 values (g / divisor in element 2)`);
+  if (
+    !Number.isSafeInteger(dl.start) ||
+    !Number.isSafeInteger(dl.vocab) ||
+    dl.start < 0 ||
+    dl.start + dims.K > dl.vocab ||
+    dl.vocab >= 2 ** 31
+  )
+    throw new ShapeError(
+      `${label}: vocabulary entries [${dl.start}, ${dl.start + dims.K}) are outside a vocabulary of ${dl.vocab}`,
+    );
 }
 
 /** Refuses `what` (an epilogue or prologue only the tiled kernels have) where planMatmul would take
@@ -1049,7 +1134,9 @@ function checkNormBackward(
     opts.second ||
     opts.rope ||
     opts.norm ||
-    opts.residual
+    opts.residual ||
+    opts.gluBackward ||
+    opts.dlogits
   )
     throw new ShapeError(
       `${label}: the norm's backward prologue takes no bias, beta, row range, low-rank term or epilogue`,
