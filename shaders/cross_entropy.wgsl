@@ -49,8 +49,8 @@
 //                  a NaN or +Inf logit was seen; scratch, written on the first chunk, then read
 //                  and written)
 //   fwd_finish   1 labels, 2 stats (read), 3 lse [rows] (written; saved for the backward),
-//                4 row_loss [rows] (written when p.has_row_loss != 0), 5 loss [2] (written:
-//                loss[0] = the loss, loss[1] = count; with p.has_coef, [3] and loss[2] = g /
+//                4 row_loss [rows] (written when p.has_row_loss != 0), 5 loss [≥ 2] (written:
+//                loss[0] = the loss, loss[1] = count; with p.has_coef, [≥ 3] and loss[2] = g /
 //                divisor, what the training backward's matmul_dlogits in shaders/matmul.wgsl
 //                multiplies dz by), 6 errors [2] u32 atomic (accumulated)
 //   bwd_scale    1 labels, 2 coef [2] (written: coef[1] = count)

@@ -533,9 +533,9 @@ async function backward(
   opts: CrossEntropyBackwardOptions,
   /**
    * Training: the forward just ran, so the logits scratch holds its last chunk, and `loss` (its
-   * output) holds dz's coefficient g / divisor in loss[2]: each chunk's dH matmul forms dz as it
-   * stages the logits (matmul_dlogits), with no scale or dlogits dispatch. The divisor and g are
-   * the forward's to set.
+   * output) holds the count in loss[1] and dz's coefficient g / divisor in loss[2]: no scale
+   * dispatch, and with dzInMatmul each chunk's dH matmul forms dz as it stages the logits
+   * (matmul_dlogits, whose coefficient the forward sets) instead of a dlogits dispatch.
    */
   training?: { readonly loss: Tensor; readonly dzInMatmul: boolean },
 ): Promise<CrossEntropyGradPlan> {
@@ -650,9 +650,9 @@ export function crossEntropyTrainingDispatchCount(chunks: number, dzInMatmul = t
  * planCrossEntropyForward, and dH written (or accumulated) as in planCrossEntropyBackward. The
  * backward starts from the chunk the forward left in the scratch, so it runs one LM-head matmul
  * fewer: 3·chunks − 1 matmuls (2 for a vocabulary that fits one chunk). `loss` holds at least 3
- * values here: the forward's finish leaves dz's coefficient g / divisor in loss[2], and each dH
- * matmul forms dz from the logits as it stages them (matmul_dlogits), so no dispatch rewrites the
- * logits: 4·chunks dispatches in all.
+ * values here: the forward's finish leaves dz's coefficient g / divisor in loss[2], and with
+ * `dzInMatmul` (GPUs) each dH matmul forms dz from the logits as it stages them (matmul_dlogits),
+ * so no dispatch rewrites the logits: 4·chunks dispatches in all (5·chunks without).
  */
 export async function planCrossEntropyTraining(
   ctx: GpuContext,
