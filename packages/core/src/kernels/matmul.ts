@@ -944,6 +944,27 @@ function checkSecondProjection(
   }
 }
 
+/** The options that fuse something into a matmul (a term, a prologue or an epilogue). */
+const FUSED_OPTIONS = [
+  'lowRank',
+  'activation',
+  'activationBackward',
+  'extra',
+  'glu',
+  'second',
+  'rope',
+  'norm',
+  'residual',
+  'normBackward',
+  'gluBackward',
+  'dlogits',
+] as const;
+
+/** Whether `opts` fuses anything but `own`: the prologue entries take nothing else. */
+function fusesOtherThan(opts: MatmulOptions, own: (typeof FUSED_OPTIONS)[number]): boolean {
+  return FUSED_OPTIONS.some((k) => k !== own && opts[k] !== undefined);
+}
+
 /** Checks matmul_glu_bwd's operands: W3 shaped like W, gate and up f32 M×K like A, nothing else
  * fused, f32 tiles, the tiled kernel. */
 function checkGluBackward(
@@ -954,22 +975,7 @@ function checkGluBackward(
   opts: MatmulOptions,
   gb: NonNullable<MatmulOptions['gluBackward']>,
 ): void {
-  if (
-    opts.bias ||
-    (opts.beta ?? 0) !== 0 ||
-    opts.wRows ||
-    opts.lowRank ||
-    opts.activation ||
-    opts.activationBackward ||
-    opts.extra ||
-    opts.glu ||
-    opts.second ||
-    opts.rope ||
-    opts.norm ||
-    opts.residual ||
-    opts.normBackward ||
-    opts.dlogits
-  )
+  if (opts.bias || (opts.beta ?? 0) !== 0 || opts.wRows || fusesOtherThan(opts, 'gluBackward'))
     throw new ShapeError(
       `${label}: the gated MLP's backward prologue takes no bias, beta, row range, low-rank term or other prologue or epilogue`,
     );
@@ -1000,20 +1006,7 @@ function checkDlogits(
   opts: MatmulOptions,
   dl: NonNullable<MatmulOptions['dlogits']>,
 ): void {
-  if (
-    opts.bias ||
-    opts.lowRank ||
-    opts.activation ||
-    opts.activationBackward ||
-    opts.extra ||
-    opts.glu ||
-    opts.second ||
-    opts.rope ||
-    opts.norm ||
-    opts.residual ||
-    opts.normBackward ||
-    opts.gluBackward
-  )
+  if (opts.bias || fusesOtherThan(opts, 'dlogits'))
     throw new ShapeError(`${label}: the loss's dz prologue takes no bias, low-rank term or other prologue or epilogue`);
   if ((opts.tileMath ?? 'f32') !== 'f32') throw new ShapeError(`${label}: the loss's dz prologue is f32 only`);
   checkTiled(ctx, label, dims, opts, "the loss's dz prologue");
@@ -1122,22 +1115,7 @@ function checkNormBackward(
   opts: MatmulOptions,
   nb: NonNullable<MatmulOptions['normBackward']>,
 ): void {
-  if (
-    opts.bias ||
-    (opts.beta ?? 0) !== 0 ||
-    opts.wRows ||
-    opts.lowRank ||
-    opts.activation ||
-    opts.activationBackward ||
-    opts.extra ||
-    opts.glu ||
-    opts.second ||
-    opts.rope ||
-    opts.norm ||
-    opts.residual ||
-    opts.gluBackward ||
-    opts.dlogits
-  )
+  if (opts.bias || (opts.beta ?? 0) !== 0 || opts.wRows || fusesOtherThan(opts, 'normBackward'))
     throw new ShapeError(
       `${label}: the norm's backward prologue takes no bias, beta, row range, low-rank term or epilogue`,
     );
