@@ -42,12 +42,20 @@ const ROUNDS = 128;
 /** Extra milliseconds the work may take before the adapter counts as CPU-backed: 134 M
  * multiply-adds take under 3 ms at 100 GFLOP/s, a slow integrated GPU's rate. */
 const CPU_THRESHOLD_MS = 10;
+/** The probe times pairs (without the work, then with it) and keeps the fastest of each: a
+ * dispatch can wait behind other work of the same GPU process (another tab, another test file),
+ * which inflates either timing, and only the fastest show the adapter. It stops once the fastest
+ * empty dispatch is quick enough to show that some pair ran unhindered, or after MAX_PAIRS. */
+const MIN_PAIRS = 2;
+const MAX_PAIRS = 8;
+const QUIET_MS = CPU_THRESHOLD_MS / 2;
 
 export interface ProfileMeasurement {
   readonly profile: KernelProfile;
-  /** Milliseconds of the probe with and without its work (the best of two runs each). */
+  /** Milliseconds of the probe with and without its work (the fastest of `pairs` runs each). */
   readonly workMs: number;
   readonly plainMs: number;
+  readonly pairs: number;
 }
 
 /** Times the probe on `device` (a few dispatches; its buffers are destroyed before it returns). */
@@ -59,7 +67,7 @@ export async function measureKernelProfile(device: GPUDevice): Promise<ProfileMe
     usage: GPUBufferUsage.STORAGE,
   });
   try {
-    const time = async (rounds: number): Promise<number> => {
+    const prepare = async (rounds: number) => {
       const pipeline = await device.createComputePipelineAsync({
         label: `probe_throughput ${rounds}`,
         layout: 'auto',
@@ -69,8 +77,7 @@ export async function measureKernelProfile(device: GPUDevice): Promise<ProfileMe
         layout: pipeline.getBindGroupLayout(0),
         entries: [{ binding: 0, resource: { buffer: out } }],
       });
-      let best = Number.POSITIVE_INFINITY;
-      for (let run = 0; run < 2; run++) {
+      return async (): Promise<number> => {
         const enc = device.createCommandEncoder({ label: 'probe_throughput' });
         const pass = enc.beginComputePass();
         pass.setPipeline(pipeline);
@@ -80,13 +87,20 @@ export async function measureKernelProfile(device: GPUDevice): Promise<ProfileMe
         const t0 = performance.now();
         device.queue.submit([enc.finish()]);
         await device.queue.onSubmittedWorkDone();
-        best = Math.min(best, performance.now() - t0);
-      }
-      return best;
+        return performance.now() - t0;
+      };
     };
-    const plainMs = await time(0);
-    const workMs = await time(ROUNDS);
-    return { profile: workMs - plainMs > CPU_THRESHOLD_MS ? 'cpu' : 'gpu', workMs, plainMs };
+    const plain = await prepare(0);
+    const work = await prepare(ROUNDS);
+    let plainMs = Number.POSITIVE_INFINITY;
+    let workMs = Number.POSITIVE_INFINITY;
+    let pairs = 0;
+    while (pairs < MAX_PAIRS && (pairs < MIN_PAIRS || plainMs > QUIET_MS)) {
+      plainMs = Math.min(plainMs, await plain());
+      workMs = Math.min(workMs, await work());
+      pairs++;
+    }
+    return { profile: workMs - plainMs > CPU_THRESHOLD_MS ? 'cpu' : 'gpu', workMs, plainMs, pairs };
   } finally {
     out.destroy();
   }
