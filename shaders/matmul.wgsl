@@ -83,6 +83,12 @@ struct Params {
   alpha2b: f32,   // matmul_sum_lr: its scale
   ce_start: u32,  // matmul_dlogits: the vocabulary entry of A's first column
   ce_vocab: u32,  // matmul_dlogits: the vocabulary size (labels outside [0, vocab) are ignored)
+  qkv_nk: u32,    // matmul_qkv: k's width (q's is N)
+  qkv_nv: u32,    // matmul_qkv: v's width
+  qkv_q_off: u32, // matmul_qkv: where q, k and v start in C's binding (elements)
+  qkv_k_off: u32,
+  qkv_v_off: u32,
+  qkv_lr: u32,    // matmul_qkv: each projection's low-rank term, 2 bits each from q's (0 none, 1 the first, 2 the second)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -1596,4 +1602,107 @@ fn matvec_pair_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workg
   } else if (lid.x < MV_M) {
     store_pair_rope(lid.x, n0, first[0], second[0]);
   }
+}
+
+// ---- matmul_qkv: the attention block's q, k and v projections in one dispatch -------------------
+//
+// q = A·Wᵀ (W: N×K), k = A·W3ᵀ (qkv_nk×K) and v = A·W4ᵀ (qkv_nv×K), each with its own storage
+// format, as column segments of one grid: the first N / TN column tiles (TN = 4·WG_X) compute q,
+// the next qkv_nk / TN k, the last qkv_nv / TN v. matmul.ts requires every width a whole number of
+// tiles and k's and v's no wider than q's, so each workgroup computes one projection and the
+// staging functions' bound p.N (q's width) never cuts a row of k or v. Up to two projections add
+// a LoRA term (qkv_lr): the first term's operands (K2, a2_off, b2_off, alpha2) or the second's
+// (K2b, a2b_off, b2b_off, alpha2b), their h places of one buffer (4 a2) and their B of another
+// (5 b2), as matmul_sum_lr binds them. q, k and v are places of one buffer (6 c, at qkv_q_off,
+// qkv_k_off, qkv_v_off), row-major at their own widths. matmul_qkv_rope (ROPE != 0): bit 0 rotates
+// q, bit 1 k (whose columns, like v's, are then computed in out_col's order). No bias or beta; f32 tiles (LR_DIRECT
+// off). Bindings 1 a, 2 w, 4 a2, 5 b2, 6 c, 11 w3, 22 w4, and 13 rope_freq: up to 8 storage buffers.
+
+// Which projection column tile x belongs to (0 q, 1 k, 2 v), and its first column there.
+fn qkv_segment(x: u32) -> vec2<u32> {
+  let tn = 4u * WG_X;
+  let tq = p.N / tn;
+  let tk = p.qkv_nk / tn;
+  if (x < tq) { return vec2<u32>(0u, x * tn); }
+  if (x < tq + tk) { return vec2<u32>(1u, (x - tq) * tn); }
+  return vec2<u32>(2u, (x - tq - tk) * tn);
+}
+
+// This invocation's 4×4 block of projection `seg`, alpha and its low-rank term applied. `seg` is
+// the same for the whole workgroup, so the barriers inside its branches are reached uniformly.
+fn qkv_product(seg: u32, tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
+  var acc = mat4x4<f32>();
+  for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    stage_a(tid, m0, k0, false);
+    if (seg == 0u) {
+      stage_w(tid, n0, k0, false);
+    } else if (seg == 1u) {
+      stage_w3(tid, n0, k0, p.K);
+    } else {
+      stage_w4(tid, n0, k0, p.K);
+    }
+    workgroupBarrier();
+    acc = multiply_tile(acc, tx, ty);
+    workgroupBarrier();
+  }
+  acc = acc * p.alpha;
+  let lr = (p.qkv_lr >> (2u * seg)) & 3u;
+  if (lr == 1u) {
+    acc = low_rank_product(acc, tid, tx, ty, m0, n0);
+  } else if (lr == 2u) {
+    for (var k0 = 0u; k0 < p.K2b; k0 += TK) {
+      stage_lr2(tid, m0, n0, k0);
+      workgroupBarrier();
+      acc = multiply_tile(acc, tx, ty);
+      workgroupBarrier();
+    }
+  }
+  return acc;
+}
+
+// Projection seg's width and where it starts in C.
+fn qkv_place(seg: u32) -> vec2<u32> {
+  if (seg == 1u) { return vec2<u32>(p.qkv_nk, p.qkv_k_off); }
+  if (seg == 2u) { return vec2<u32>(p.qkv_nv, p.qkv_v_off); }
+  return vec2<u32>(p.N, p.qkv_q_off);
+}
+
+// Projection seg's row m, columns n..n+3, at its place in C.
+fn store_qkv(seg: u32, m: u32, n: u32, v: vec4<f32>) {
+  let place = qkv_place(seg);
+  if (m >= p.M || n >= place.x) { return; }
+  for (var j = 0u; j < 4u; j++) { c[place.y + m * place.x + n + j] = v[j]; }
+}
+
+// As store_qkv at columns out_col(n..n+3), rotated where ROPE's bit for seg is set.
+fn store_qkv_rope(seg: u32, m: u32, n: u32, v: vec4<f32>) {
+  let place = qkv_place(seg);
+  if (m >= p.M || n >= place.x) { return; }
+  var x = v;
+  if (((ROPE >> seg) & 1u) != 0u) { x = rope_rotate(m, n, x); }
+  for (var j = 0u; j < 4u; j++) { c[place.y + m * place.x + out_col(n + j)] = x[j]; }
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_qkv(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let s = qkv_segment(wid.x);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let acc = qkv_product(s.x, lid.y * WG_X + lid.x, lid.x, lid.y, wid.y * WG_Y * 4u, s.y);
+  let n = s.y + lid.x * 4u;
+  store_qkv(s.x, m + 0u, n, acc[0]);
+  store_qkv(s.x, m + 1u, n, acc[1]);
+  store_qkv(s.x, m + 2u, n, acc[2]);
+  store_qkv(s.x, m + 3u, n, acc[3]);
+}
+
+@compute @workgroup_size(WG_X, WG_Y)
+fn matmul_qkv_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+  let s = qkv_segment(wid.x);
+  let m = wid.y * WG_Y * 4u + lid.y * 4u;
+  let acc = qkv_product(s.x, lid.y * WG_X + lid.x, lid.x, lid.y, wid.y * WG_Y * 4u, s.y);
+  let n = s.y + lid.x * 4u;
+  store_qkv_rope(s.x, m + 0u, n, acc[0]);
+  store_qkv_rope(s.x, m + 1u, n, acc[1]);
+  store_qkv_rope(s.x, m + 2u, n, acc[2]);
+  store_qkv_rope(s.x, m + 3u, n, acc[3]);
 }

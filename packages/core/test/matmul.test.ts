@@ -14,6 +14,8 @@ import {
   type MatmulOptions,
   type MatvecVariant,
   planMatmul,
+  planQkvMatmul,
+  type QkvProjection,
   readFloat32,
   ShapeError,
   StepEncoder,
@@ -1235,6 +1237,211 @@ describe('RoPE epilogue', () => {
         short.dispose();
       } finally {
         for (const t of [x, w, c, freq]) t.dispose();
+      }
+    });
+  });
+});
+
+// matmul_qkv: q, k and v of one input in one dispatch, each with its own weight format, up to two
+// LoRA terms (h and B places of one buffer each) and RoPE on q and k; q, k and v are places of one
+// NaN-filled buffer in any order, and nothing outside them may be written.
+describe('q, k and v in one dispatch', () => {
+  interface Qkv {
+    M: number;
+    K: number;
+    widths: [number, number, number];
+    w: [DType, DType, DType];
+    /** LoRA rank of q, k and v (0: none). */
+    ranks: [number, number, number];
+    rope?: { hd: number; T: number; pos0: number };
+    /** The order of q, k and v in their buffer. */
+    order: [number, number, number];
+  }
+  // Widths are whole tiles of both kernel profiles (64 columns on GPUs, 32 on CPU drivers).
+  const qkvCases: Qkv[] = [
+    // What training plans (SmolLM2 at a small scale): q and v adapted, RoPE, f16 weights.
+    {
+      M: 64,
+      K: 64,
+      widths: [192, 64, 64],
+      w: ['f16', 'f16', 'f16'],
+      ranks: [8, 0, 8],
+      rope: { hd: 64, T: 32, pos0: 0 },
+      order: [0, 1, 2],
+    },
+    // No adapter, no RoPE, three storage formats, rows not a whole tile.
+    { M: 65, K: 64, widths: [192, 64, 128], w: ['q8_0', 'q4_0', 'f32'], ranks: [0, 0, 0], order: [2, 0, 1] },
+    // k and v adapted at unaligned ranks, K unaligned, RoPE from position 3 on heads of 32.
+    {
+      M: 65,
+      K: 36,
+      widths: [128, 64, 64],
+      w: ['f32', 'f16', 'f32'],
+      ranks: [0, 3, 5],
+      rope: { hd: 32, T: 13, pos0: 3 },
+      order: [1, 2, 0],
+    },
+    // q alone adapted, rank 16, places in reverse order.
+    { M: 20, K: 96, widths: [128, 128, 64], w: ['f16', 'q8_0', 'f16'], ranks: [16, 0, 0], order: [2, 1, 0] },
+  ];
+  for (const c of qkvCases) {
+    const names = ['q', 'k', 'v'];
+    const name =
+      `M=${c.M} K=${c.K} q|k|v ${c.widths.join('|')} W:${c.w.join('/')} ranks ${c.ranks.join('/')}` +
+      `${c.rope ? ` RoPE heads of ${c.rope.hd} (T=${c.rope.T}, from ${c.rope.pos0})` : ''} order ${c.order.map((i) => names[i]).join('')}`;
+    it(name, async () => {
+      const ctx = gpu();
+      const seed = 7 * c.M + c.K + c.widths[0];
+      const x = randomArray(c.M * c.K, seed);
+      const invFreq = c.rope
+        ? Float32Array.from({ length: c.rope.hd / 2 }, (_, i) => 10000 ** (-(2 * i) / (c.rope?.hd ?? 1)))
+        : new Float32Array(0);
+      const scaling = 0.75;
+      const parts = c.widths.map((N, i) => {
+        const r = c.ranks[i] as number;
+        const w = asStored(randomArray(N * c.K, seed + 10 * i + 1), c.w[i] as DType);
+        const h = randomArray(c.M * r, seed + 10 * i + 2);
+        const b = randomArray(N * r, seed + 10 * i + 3);
+        const scale = 1.5 - i;
+        let want = matmulRef(x, w, c.M, c.K, N, { transB: true });
+        if (r) want = addRef(want, matmulRef(h, b, c.M, r, N, { transB: true }), scale);
+        if (c.rope && i < 2)
+          want = ropeForwardRef({
+            rows: c.M,
+            T: c.rope.T,
+            pos0: c.rope.pos0,
+            nHeads: N / c.rope.hd,
+            headDim: c.rope.hd,
+            invFreq,
+            attentionScaling: scaling,
+            x: want,
+          }).y;
+        return { N, r, w, h, b, scale, want };
+      });
+      const got = await gpuCase(ctx, name, async () => {
+        const owned: Tensor[] = [];
+        const own = (t: Tensor) => {
+          owned.push(t);
+          return t;
+        };
+        // Places of one NaN-filled buffer, 256 bytes apart, in the given order.
+        const arena = (label: string, sizes: number[], order: readonly number[]) => {
+          const bytes = (n: number) => Math.ceil((n * 4) / 256) * 256 + 256;
+          const total = sizes.reduce((n, s) => n + bytes(s), 256);
+          const buf = own(tensorFromData(ctx, new Float32Array(total / 4).fill(Number.NaN), [total / 4], 'f32', label));
+          const at: number[] = [];
+          let off = 256;
+          for (const i of order) {
+            at[i] = off;
+            off += bytes(sizes[i] as number);
+          }
+          return { buf, at };
+        };
+        const outs = arena(
+          'qkv',
+          parts.map((p) => c.M * p.N),
+          c.order,
+        );
+        const adapted = [0, 1, 2].filter((i) => c.ranks[i]);
+        const hs = arena(
+          'h',
+          adapted.map((i) => c.M * (c.ranks[i] as number)),
+          adapted.map((_, j) => adapted.length - 1 - j),
+        );
+        const bs = arena(
+          'b',
+          adapted.map((i) => (parts[i]?.N as number) * (c.ranks[i] as number)),
+          adapted.map((_, j) => j),
+        );
+        const tx = own(tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x'));
+        const projection = (i: number): QkvProjection => {
+          const p = parts[i] as (typeof parts)[number];
+          const out = tensorView(outs.buf, outs.at[i] as number, [c.M, p.N], 'f32', `${names[i]}`);
+          const j = adapted.indexOf(i);
+          let lora: QkvProjection['lora'];
+          if (j >= 0) {
+            const h = tensorView(hs.buf, hs.at[j] as number, [c.M, p.r], 'f32', `h_${names[i]}`);
+            const b = tensorView(bs.buf, bs.at[j] as number, [p.N, p.r], 'f32', `b_${names[i]}`);
+            writeTensor(h, p.h);
+            writeTensor(b, p.b);
+            lora = { h, b, scale: p.scale };
+          }
+          return { w: own(tensorFromData(ctx, p.w, [p.N, c.K], c.w[i] as DType, `w_${names[i]}`)), out, lora };
+        };
+        const freq = c.rope ? own(tensorFromData(ctx, invFreq, [c.rope.hd / 2], 'f32', 'inv_freq')) : undefined;
+        const d = await planQkvMatmul(
+          ctx,
+          tx,
+          { q: projection(0), k: projection(1), v: projection(2) },
+          c.rope && freq
+            ? { rope: { invFreq: freq, headDim: c.rope.hd, T: c.rope.T, pos0: c.rope.pos0, scaling } }
+            : {},
+        );
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const all = await readFloat32(outs.buf);
+        d.dispose();
+        for (const t of owned) t.dispose();
+        return { all, at: outs.at };
+      });
+      const inside = new Set<number>();
+      for (const [i, p] of parts.entries()) {
+        const start = (got.at[i] as number) / 4;
+        for (let e = 0; e < c.M * p.N; e++) inside.add(start + e);
+        const out = got.all.subarray(start, start + c.M * p.N);
+        expectClose(ctx, `${name} ${names[i]}`, out, p.want, 2e-5 * Math.sqrt(c.K + p.r), 1e-5);
+      }
+      const written = [...got.all.keys()].filter((e) => !inside.has(e) && !Number.isNaN(got.all[e]));
+      expect(written).toEqual([]);
+    });
+  }
+
+  it('is refused with few rows, widths that are not whole tiles, three LoRA terms or places in other buffers', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'matmul_qkv refusals', async () => {
+      const M = 8;
+      const t = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
+      const x = t([M, 32], 'x');
+      const arena = t([M * 512], 'qkv');
+      const view = (off: number, N: number, label: string) => tensorView(arena, off * 4, [M, N], 'f32', label);
+      const w = (N: number, label: string) => t([N, 32], label);
+      const [wq, wk, wv, wodd] = [w(128, 'wq'), w(64, 'wk'), w(64, 'wv'), w(48, 'w48')];
+      const q = { w: wq, out: view(0, 128, 'q') };
+      const k = { w: wk, out: view(M * 128, 64, 'k') };
+      const v = { w: wv, out: view(M * 256, 64, 'v') };
+      const elsewhere = t([M, 64], 'v elsewhere');
+      const lora = (N: number, label: string) => ({ h: t([M, 4], `h ${label}`), b: t([N, 4], `b ${label}`), scale: 1 });
+      try {
+        (await planQkvMatmul(ctx, x, { q, k, v })).dispose(); // as given, it plans
+        const few = t([4, 32], 'x4');
+        const fewOut = tensorView(arena, 0, [4, 128], 'f32', 'q4');
+        await expect(
+          planQkvMatmul(ctx, few, {
+            q: { w: wq, out: fewOut },
+            k: { w: wk, out: tensorView(arena, 4096, [4, 64], 'f32', 'k4') },
+            v: { w: wv, out: tensorView(arena, 8192, [4, 64], 'f32', 'v4') },
+          }),
+        ).rejects.toThrow(/more than 4 rows/);
+        few.dispose();
+        await expect(planQkvMatmul(ctx, x, { q, k: { w: wodd, out: view(M * 128, 48, 'k48') }, v })).rejects.toThrow(
+          /whole number of/,
+        );
+        await expect(planQkvMatmul(ctx, x, { q: k, k: q, v })).rejects.toThrow(/no wider than q/);
+        await expect(planQkvMatmul(ctx, x, { q, k, v: { ...v, out: elsewhere } })).rejects.toThrow(
+          /q, k and v must be places of one buffer/,
+        );
+        const [lq, lk, lv] = [lora(128, 'q'), lora(64, 'k'), lora(64, 'v')];
+        await expect(
+          planQkvMatmul(ctx, x, { q: { ...q, lora: lq }, k: { ...k, lora: lk }, v: { ...v, lora: lv } }),
+        ).rejects.toThrow(/at most two/);
+        await expect(planQkvMatmul(ctx, x, { q: { ...q, lora: lq }, k, v: { ...v, lora: lv } })).rejects.toThrow(
+          /LoRA h/,
+        );
+        for (const l of [lq, lk, lv]) {
+          l.h.dispose();
+          l.b.dispose();
+        }
+      } finally {
+        for (const z of [x, arena, wq, wk, wv, wodd, elsewhere]) z.dispose();
       }
     });
   });

@@ -184,6 +184,12 @@ const MATMUL_ROPE: Entry = { entryPoint: 'matmul_rope', bindings: ROPE_BINDINGS 
 const MATVEC_ROPE: Entry = { entryPoint: 'matvec_rope', bindings: ROPE_BINDINGS };
 const MATMUL_PAIR_ROPE: Entry = { entryPoint: 'matmul_pair_rope', bindings: PAIR_ROPE_BINDINGS };
 const MATVEC_PAIR_ROPE: Entry = { entryPoint: 'matvec_pair_rope', bindings: PAIR_ROPE_BINDINGS };
+// q, k and v in one dispatch (matmul_qkv): 1 A, 2 W, 4 the h, 5 the B, 6 q|k|v, 11 W3, 22 W4 (no
+// bias); + 13 inv_freq with RoPE. 7 storage buffers, 8 with RoPE.
+const QKV_BINDINGS = [...SUM_LR_BINDINGS.map((b, i) => (i === 10 ? 'none' : b))] as const;
+const QKV_ROPE_BINDINGS = QKV_BINDINGS.map((b, i) => (i === 13 ? 'read' : b));
+const MATMUL_QKV: Entry = { entryPoint: 'matmul_qkv', bindings: QKV_BINDINGS };
+const MATMUL_QKV_ROPE: Entry = { entryPoint: 'matmul_qkv_rope', bindings: QKV_ROPE_BINDINGS };
 
 /**
  * The MLP nonlinearity a matmul stores through (matmul.wgsl's activation epilogues), so that it
@@ -775,37 +781,232 @@ export async function planMatmul(
     label,
     resources,
     workgroups,
-    uniforms: packUniforms([
-      ['u32', dims.M],
-      ['u32', dims.N],
-      ['u32', dims.K],
-      ['u32', K2],
-      ['f32', opts.alpha ?? 1],
-      ['f32', lowRank?.alpha2 ?? 0],
-      ['f32', opts.beta ?? 0],
-      ['u32', opts.bias ? 1 : 0],
-      ['u32', wOffset],
-      ['u32', scales(w)],
-      ['u32', K3],
-      ['u32', scales(w3)],
-      ['u32', rope ? rope.headDim / 2 : 0],
-      ['u32', rope?.T ?? 0],
-      ['u32', rope?.pos0 ?? 0],
-      ['f32', rope?.scaling ?? 1],
-      ['u32', at(extra?.a)],
-      ['u32', K4],
-      ['u32', at(extra?.third?.a)],
-      ['u32', scales(extra?.third?.w)],
-      ['u32', at(lowRank?.a2)],
-      ['u32', at(lowRank?.b2)],
-      ['u32', K2b],
-      ['u32', at(lr2?.a2)],
-      ['u32', at(lr2?.b2)],
-      ['f32', lr2?.alpha2 ?? 0],
-      ['u32', dlogits?.start ?? 0],
-      ['u32', dlogits?.vocab ?? 0],
-    ]),
+    uniforms: matmulParams({
+      M: dims.M,
+      N: dims.N,
+      K: dims.K,
+      K2,
+      alpha: opts.alpha ?? 1,
+      alpha2: lowRank?.alpha2 ?? 0,
+      beta: opts.beta ?? 0,
+      has_bias: opts.bias ? 1 : 0,
+      w_off: wOffset,
+      w_scales: scales(w),
+      K3,
+      w3_scales: scales(w3),
+      rope_half: rope ? rope.headDim / 2 : 0,
+      rope_T: rope?.T ?? 0,
+      rope_pos0: rope?.pos0 ?? 0,
+      rope_scaling: rope?.scaling ?? 1,
+      a3_off: at(extra?.a),
+      K4,
+      a4_off: at(extra?.third?.a),
+      w4_scales: scales(extra?.third?.w),
+      a2_off: at(lowRank?.a2),
+      b2_off: at(lowRank?.b2),
+      K2b,
+      a2b_off: at(lr2?.a2),
+      b2b_off: at(lr2?.b2),
+      alpha2b: lr2?.alpha2 ?? 0,
+      ce_start: dlogits?.start ?? 0,
+      ce_vocab: dlogits?.vocab ?? 0,
+    }),
   });
+}
+
+/** One of planQkvMatmul's projections: its weight (out×in, any storage format), where it writes
+ * (f32, M×out) and its LoRA term scale·h·Bᵀ, if any (h M×r, B out×r, f32). */
+export interface QkvProjection {
+  readonly w: Tensor;
+  readonly out: Tensor;
+  readonly lora?: { readonly h: Tensor; readonly b: Tensor; readonly scale: number };
+}
+
+/**
+ * Plans the attention block's q, k and v projections of one input `a` as one dispatch
+ * (matmul.wgsl's matmul_qkv): each workgroup computes a tile of one of them, so the three cost one
+ * dispatch instead of two or three, and on a GPU fill more of it. Up to two of them carry a LoRA
+ * term with h computed before (their h places of one buffer, their B of another, as the trainer
+ * keeps them); q, k and v are places of one buffer; `rope` rotates q and k as they are stored.
+ * Needs the tiled kernel (more than MATVEC_MAX_ROWS rows), f32 tiles, widths that are whole tiles
+ * of the device (qkvTilesFit) and k and v no wider than q.
+ */
+export async function planQkvMatmul(
+  ctx: GpuContext,
+  a: Tensor,
+  projections: { readonly q: QkvProjection; readonly k: QkvProjection; readonly v: QkvProjection },
+  opts: { readonly rope?: Omit<MatmulRope, 'c' | 'second'>; readonly label?: string } = {},
+): Promise<Dispatch> {
+  const { q, k, v } = projections;
+  const all = [q, k, v];
+  const dims = all.map((pr) => matmulDims(a, pr.w, pr.out, { label: opts.label }));
+  const [dq, dk, dv] = dims as [MatmulDims, MatmulDims, MatmulDims];
+  const label = opts.label ?? `matmul_qkv ${dq.M}x(${dq.N}+${dk.N}+${dv.N})x${dq.K}`;
+  checkTiled(ctx, label, dq, {}, 'q, k and v in one dispatch');
+  if (dk.N > dq.N || dv.N > dq.N)
+    throw new ShapeError(`${label}: k (${dk.N}) and v (${dv.N}) may be no wider than q (${dq.N})`);
+  const tile = matmulTile(ctx, dq);
+  const tn = 4 * tile.wgX;
+  if (!qkvTilesFit(ctx, dq.M, [dq.N, dk.N, dv.N]))
+    throw new ShapeError(
+      `${label}: q, k and v must each be a whole number of ${tn}-column tiles (${dq.N}, ${dk.N}, ${dv.N})`,
+    );
+  const adapted = all.flatMap((pr, i) => (pr.lora ? [{ i, ...pr.lora }] : []));
+  if (adapted.length > 2) throw new ShapeError(`${label}: at most two of q, k and v take a LoRA term in one dispatch`);
+  for (const x of adapted) {
+    const { h, b } = x;
+    const r = h.shape[h.shape.length - 1] as number;
+    const n = (dims[x.i] as MatmulDims).N;
+    if (
+      h.dtype !== 'f32' ||
+      b.dtype !== 'f32' ||
+      h.size !== dq.M * r ||
+      b.shape.length !== 2 ||
+      b.shape[0] !== n ||
+      b.shape[1] !== r
+    )
+      throw new ShapeError(
+        `${label}: LoRA h ${h.label} ${formatShape(h.shape)} and B ${b.label} ${formatShape(b.shape)} must be f32 ${dq.M}×r and ${n}×r`,
+      );
+  }
+  const rope = opts.rope;
+  if (rope) {
+    for (const d of dims) checkRope(ctx, label, d, true, {}, { ...rope, c: true, second: false });
+    const storage = ctx.limits.maxStorageBuffersPerShaderStage;
+    if (storage < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storage, `${label} (RoPE)`);
+  }
+  const out = placeSpan(ctx, label, 'q, k and v', [q.out, k.out, v.out]);
+  const [first, second] = adapted;
+  const hs =
+    first &&
+    placeSpan(
+      ctx,
+      label,
+      'the LoRA h',
+      adapted.map((x) => x.h),
+    );
+  const bs =
+    first &&
+    placeSpan(
+      ctx,
+      label,
+      'the LoRA B',
+      adapted.map((x) => x.b),
+    );
+  const at = (span: typeof hs, t: Tensor | undefined) => (span && t ? span.at(t) : 0);
+  const ranks = adapted.map((x) => x.h.shape[x.h.shape.length - 1] as number);
+  const kernel = await getKernel(ctx, spec(ctx, rope ? MATMUL_QKV_ROPE : MATMUL_QKV, 'f32'), {
+    WG_X: tile.wgX,
+    WG_Y: tile.wgY,
+    TK: tile.tk,
+    TRANS_W: true,
+    ...storageFormat('W', q.w),
+    ...storageFormat('W3', k.w),
+    ...storageFormat('W4', v.w),
+    ALIGNED: dq.K % 4 === 0,
+    ALIGNED3: dq.K % 4 === 0,
+    ALIGNED_LR:
+      adapted.length > 0 &&
+      ranks.every((r) => r % 4 === 0) &&
+      adapted.every((x) => at(hs, x.h) % 4 === 0 && at(bs, x.b) % 4 === 0),
+    ROPE: rope ? 3 : 0,
+  });
+  const placeholder = ctx.placeholder();
+  const scales = (t: Tensor) => (isQuantFormat(t.dtype) ? gpuQuantLayout(t.dtype, t.size).scaleWordOffset : 0);
+  return bindKernel(ctx, kernel, {
+    label,
+    resources: [
+      a,
+      q.w,
+      hs?.resource ?? placeholder,
+      bs?.resource ?? placeholder,
+      out.resource,
+      k.w,
+      ...(rope ? [rope.invFreq] : []),
+      v.w,
+    ],
+    workgroups: [(dq.N + dk.N + dv.N) / tn, Math.ceil(dq.M / (4 * tile.wgY))],
+    uniforms: matmulParams({
+      M: dq.M,
+      N: dq.N,
+      K: dq.K,
+      w_scales: scales(q.w),
+      w3_scales: scales(k.w),
+      w4_scales: scales(v.w),
+      K2: ranks[0] ?? 0,
+      alpha2: first?.scale ?? 0,
+      a2_off: at(hs, first?.h),
+      b2_off: at(bs, first?.b),
+      K2b: ranks[1] ?? 0,
+      alpha2b: second?.scale ?? 0,
+      a2b_off: at(hs, second?.h),
+      b2b_off: at(bs, second?.b),
+      rope_half: rope ? rope.headDim / 2 : 0,
+      rope_T: rope?.T ?? 0,
+      rope_pos0: rope?.pos0 ?? 0,
+      rope_scaling: rope?.scaling ?? 1,
+      qkv_nk: dk.N,
+      qkv_nv: dv.N,
+      qkv_q_off: out.at(q.out),
+      qkv_k_off: out.at(k.out),
+      qkv_v_off: out.at(v.out),
+      qkv_lr: adapted.reduce((bits, x, j) => bits | ((j + 1) << (2 * x.i)), 0),
+    }),
+  });
+}
+
+/** Whether projections of these widths are whole column tiles of matmul_qkv on this device (for
+ * `rows` rows of input). */
+export function qkvTilesFit(ctx: GpuContext, rows: number, widths: readonly number[]): boolean {
+  const tn = 4 * matmulTile(ctx, { M: rows, N: widths[0] ?? 0, K: 1 }).wgX;
+  return widths.every((n) => n > 0 && n % tn === 0);
+}
+
+/** matmul.wgsl's Params, in order, with their WGSL types. */
+const PARAMS = [
+  ['M', 'u32'],
+  ['N', 'u32'],
+  ['K', 'u32'],
+  ['K2', 'u32'],
+  ['alpha', 'f32'],
+  ['alpha2', 'f32'],
+  ['beta', 'f32'],
+  ['has_bias', 'u32'],
+  ['w_off', 'u32'],
+  ['w_scales', 'u32'],
+  ['K3', 'u32'],
+  ['w3_scales', 'u32'],
+  ['rope_half', 'u32'],
+  ['rope_T', 'u32'],
+  ['rope_pos0', 'u32'],
+  ['rope_scaling', 'f32'],
+  ['a3_off', 'u32'],
+  ['K4', 'u32'],
+  ['a4_off', 'u32'],
+  ['w4_scales', 'u32'],
+  ['a2_off', 'u32'],
+  ['b2_off', 'u32'],
+  ['K2b', 'u32'],
+  ['a2b_off', 'u32'],
+  ['b2b_off', 'u32'],
+  ['alpha2b', 'f32'],
+  ['ce_start', 'u32'],
+  ['ce_vocab', 'u32'],
+  ['qkv_nk', 'u32'],
+  ['qkv_nv', 'u32'],
+  ['qkv_q_off', 'u32'],
+  ['qkv_k_off', 'u32'],
+  ['qkv_v_off', 'u32'],
+  ['qkv_lr', 'u32'],
+] as const;
+
+type MatmulParams = { readonly [F in (typeof PARAMS)[number][0]]?: number };
+
+/** The uniform block of one matmul.wgsl dispatch: the fields given, 0 for the rest (alpha and
+ * rope_scaling 1 unless given). */
+function matmulParams(values: MatmulParams): ArrayBuffer {
+  const defaults: MatmulParams = { alpha: 1, rope_scaling: 1 };
+  return packUniforms(PARAMS.map(([name, type]) => [type, values[name] ?? defaults[name] ?? 0]));
 }
 
 /** The storage formats a matmul weight (W or W3) may have. */
@@ -905,6 +1106,11 @@ function placeSpan(
   places: readonly Tensor[],
 ): { resource: Resource; holds(t: Tensor): boolean; at(t: Tensor): number } {
   const buffer = (places[0] as Tensor).buffer;
+  const stray = places.find((t) => t.buffer !== buffer);
+  if (stray)
+    throw new ShapeError(
+      `${label}: ${what} must be places of one buffer, and ${stray.label} is not in ${(places[0] as Tensor).label}'s`,
+    );
   const start = Math.min(...places.map((t) => t.byteOffset));
   const end = Math.max(...places.map((t) => t.byteOffset + t.bindingSize));
   const max = ctx.limits.maxStorageBufferBindingSize;
