@@ -11,6 +11,7 @@
  */
 import {
   type AttentionForwardArgs,
+  arenaLayout,
   createTensor,
   type Dispatch,
   f16TileMathApplies,
@@ -31,10 +32,13 @@ import {
   planLoraForward,
   planLoraRowsMulti,
   planMatmul,
+  planQkvMatmul,
   planRmsNormForward,
   planRopeForward,
   planSiluMulForward,
   planTableProduct,
+  type QkvProjection,
+  qkvInOnePays,
   type RmsNormLoraH,
   rmsnormLoraFits,
   ShapeError,
@@ -105,31 +109,37 @@ export interface ForwardOptions {
    * Default loraHInMatmulPays(ctx) (GPUs); tests set it to run it on any adapter.
    */
   readonly loraHInMatmul?: boolean;
+  /**
+   * With `fuse`: a layer's q, k and v projections in one dispatch where qkvInOne allows. Default
+   * qkvInOnePays(ctx) (GPUs); tests set it to run it on any adapter.
+   */
+  readonly qkvInOne?: boolean;
 }
 
 /**
  * Fusions that are the device's choice, each measured slower on the CPU adapters and so planned on
  * GPUs only (tests force them anywhere): the RMSNorm inside the gated MLP's dispatch
- * (normInGatedMlp) and LoRA's h inside its projection's matmul (loraHInMatmulRoles).
+ * (normInGatedMlp), LoRA's h inside its projection's matmul (loraHInMatmulRoles) and q, k and v
+ * in one dispatch (qkvInOne).
  */
 export interface LayerFusions {
   readonly normInMlp: boolean;
   readonly loraHInMatmul: boolean;
+  readonly qkvInOne: boolean;
 }
 
-/** The device's fusions (normInMlpPays, loraHInMatmulPays), unless `force` says otherwise. */
-export function layerFusions(
-  ctx: GpuContext,
-  force: { readonly normInMlp?: boolean; readonly loraHInMatmul?: boolean } = {},
-): LayerFusions {
+/** The device's fusions (normInMlpPays, loraHInMatmulPays, qkvInOnePays), unless `force` says
+ * otherwise. */
+export function layerFusions(ctx: GpuContext, force: Partial<LayerFusions> = {}): LayerFusions {
   return {
     normInMlp: force.normInMlp ?? normInMlpPays(ctx),
     loraHInMatmul: force.loraHInMatmul ?? loraHInMatmulPays(ctx),
+    qkvInOne: force.qkvInOne ?? qkvInOnePays(ctx),
   };
 }
 
-/** Both fusions: what planLayer does on GPUs, and the dispatch counts' default. */
-export const GPU_FUSIONS: LayerFusions = { normInMlp: true, loraHInMatmul: true };
+/** All of them: what planLayer does on GPUs, and the dispatch counts' default. */
+export const GPU_FUSIONS: LayerFusions = { normInMlp: true, loraHInMatmul: true, qkvInOne: true };
 
 /** LoRA dropout's state in a train-mode plan: the counter and a [rows, max in] scratch shared by
  * the layers (each module's masked input, used at once by its h and again in the backward). */
@@ -352,6 +362,9 @@ export interface PlannedBuffer {
  * memory estimate, is the same on every device. */
 export const PLACE_ALIGNMENT = 256;
 
+/** The parts of a layer that forwardLayout places in one buffer. */
+const QKV_PLACES: readonly string[] = ['q', 'k', 'v'];
+
 /** Every buffer of a forward plan, and per layer which buffer plays each part. */
 export interface ForwardLayout {
   readonly buffers: readonly PlannedBuffer[];
@@ -394,6 +407,17 @@ export function forwardLayout(
     }
     return label;
   };
+  // An f32 buffer of places (labels and shapes), each at arenaLayout's offset.
+  const arena = (label: string, places: readonly { label: string; shape: readonly number[] }[]) => {
+    if (!seen.has(label)) {
+      seen.add(label);
+      const { elements } = arenaLayout(
+        places.map((p) => p.shape),
+        PLACE_ALIGNMENT,
+      );
+      buffers.push({ label, shape: [elements], dtype: 'f32', places });
+    }
+  };
   buffer('ids', [rows], 'i32');
   buffer('embedding_errors', [2], 'u32');
   let x = buffer('embedded', [rows, d]);
@@ -401,11 +425,28 @@ export function forwardLayout(
     const roles = adaptedRoles(l, ranks);
     const parts = new Map<string, string>();
     parts.set('x', x);
-    for (const spec of layerBuffers(c, rows, B, T, new Set(roles.keys()), !train)) {
-      const own = keepAll && spec.read;
-      parts.set(spec.key, buffer(own ? `layer${i}.${spec.key}` : `layer.${spec.key}`, spec.shape));
+    const specs = layerBuffers(c, rows, B, T, new Set(roles.keys()), !train);
+    const prefix = (spec: LayerBufferSpec) => (keepAll && spec.read ? `layer${i}.` : 'layer.');
+    for (const spec of specs) {
+      if (!QKV_PLACES.includes(spec.key)) parts.set(spec.key, buffer(`${prefix(spec)}${spec.key}`, spec.shape));
     }
-    for (const [role, r] of roles) parts.set(`lora_h.${role}`, buffer(`layer${i}.${role}.lora_h`, [rows, r]));
+    // q, k and v are places of one buffer (matmul_qkv writes all three), as are LoRA's h of the
+    // layer (matmul_qkv and matmul_sum_lr read two of them through one binding).
+    const qkv = specs.filter((spec) => QKV_PLACES.includes(spec.key));
+    if (qkv.length > 0) {
+      const at = prefix(qkv[0] as LayerBufferSpec);
+      arena(
+        `${at}qkv`,
+        qkv.map((spec) => ({ label: `${at}${spec.key}`, shape: spec.shape })),
+      );
+      for (const spec of qkv) parts.set(spec.key, `${at}${spec.key}`);
+    }
+    if (roles.size > 0)
+      arena(
+        `layer${i}.lora_h`,
+        [...roles].map(([role, r]) => ({ label: `layer${i}.${role}.lora_h`, shape: [rows, r] })),
+      );
+    for (const role of roles.keys()) parts.set(`lora_h.${role}`, `layer${i}.${role}.lora_h`);
     if (!train) parts.set('mid', x);
     const out = train ? buffer(`layer${i}.out`, [rows, d]) : x;
     parts.set('out', out);
@@ -573,6 +614,30 @@ export function ropeInProjections(config: ModelConfig, fuse: boolean): boolean {
   return fuse && config.family !== 'gpt2' && config.rope !== undefined && !config.qkNorm && config.headDim % 4 === 0;
 }
 
+/**
+ * Whether the fused forward computes a layer's q, k and v in one dispatch (planQkvMatmul) where
+ * `pays` (qkvInOnePays: GPUs): RoPE in the projections' store (ropeInProjections, which planLayer
+ * also needs positions pos0 + row % T and no KV cache for), no bias on them (Qwen2's), the tiled
+ * kernel (more than MATVEC_MAX_ROWS rows), and none of them adapted or two, whose h the
+ * shared-input group computes before (sharedLoraGroups, not in their matmul: loraHInMatmulRoles)
+ * and whose h and B are places of one buffer each, as the trainer keeps them (planLayer falls back
+ * to qkvSteps' dispatches otherwise).
+ */
+export function qkvInOne(
+  config: ModelConfig,
+  ranks: ReadonlyMap<LinearRole, number>,
+  rows: number,
+  dropout: boolean,
+  fuse: boolean,
+  fusions: LayerFusions,
+): boolean {
+  if (!fusions.qkvInOne || !ropeInProjections(config, fuse) || config.qkvBias || rows <= MATVEC_MAX_ROWS) return false;
+  const lora = (['q', 'k', 'v'] as const).filter((role) => ranks.has(role));
+  if (lora.length === 0) return true;
+  const hIn = loraHInMatmulRoles(config, ranks, rows, dropout, fuse, fusions.loraHInMatmul);
+  return lora.length === 2 && !dropout && lora.every((role) => !hIn.has(role));
+}
+
 /** Dispatches of one layer's training forward over `rows` rows (planLayer with batchedAttention). */
 export function layerDispatchCount(
   config: ModelConfig,
@@ -600,7 +665,11 @@ export function layerDispatchCount(
   if (c.family === 'gpt2') n += lin('qkv') + lin('fc') + act;
   else {
     const mlp = gatedMlpFused(c, adapted, fuse) ? 1 : lin('gate') + lin('up') + act;
-    const projections = qkvSteps(c, adapted, fuse).reduce((m, s) => m + (adapted.has(s.role) ? lin(s.role) : 1), 0);
+    // One dispatch for q, k and v (and the h dispatches of adapted ones, which the group's
+    // correction above takes off again), or qkvSteps'.
+    const projections = qkvInOne(c, ranks, rows, dropout, fuse, fusions)
+      ? (['q', 'k', 'v'] as const).reduce((m, role) => m + (adapted.has(role) ? lin(role) - 1 : 0), 1)
+      : qkvSteps(c, adapted, fuse).reduce((m, s) => m + (adapted.has(s.role) ? lin(s.role) : 1), 0);
     n += projections + rope + (c.qkNorm ? 2 : 0) + mlp;
   }
   return n + lin('o') + lin('down');
@@ -932,6 +1001,46 @@ async function planProjections(
   );
 }
 
+/**
+ * q, k and v as one dispatch (planQkvMatmul, RoPE in its store), or undefined where an adapted
+ * one's h was not computed before (`computed`) or where q, k and v, the adapted ones' h or their B
+ * are not places of one buffer each (a caller's own tensors), which planQkvMatmul binds whole.
+ */
+async function planQkvInOne(
+  ctx: GpuContext,
+  model: CausalLM,
+  layer: Layer,
+  a: LayerActivations,
+  dest: { readonly q: Tensor; readonly k: Tensor; readonly v: Tensor },
+  pos: Positions,
+  lora: LoraWeightsByModule | undefined,
+  computed: ReadonlySet<LinearRole>,
+): Promise<Dispatch | undefined> {
+  const c = model.config;
+  const projection = (role: 'q' | 'k' | 'v'): QkvProjection | undefined => {
+    const l = linear(layer, role);
+    const w = lora?.get(l.module.name);
+    const h = a.loraH.get(role);
+    if (!w) return { w: l.w, out: dest[role] };
+    if (!h || !computed.has(role)) return undefined;
+    return { w: l.w, out: dest[role], lora: { h, b: w.b, scale: w.scale } };
+  };
+  const [q, k, v] = (['q', 'k', 'v'] as const).map(projection);
+  if (!q || !k || !v) return undefined;
+  const oneBuffer = (ts: readonly Tensor[]) => ts.every((t) => t.buffer === ts[0]?.buffer);
+  const lr = [q, k, v].flatMap((p) => (p.lora ? [p.lora] : []));
+  if (!oneBuffer([q.out, k.out, v.out]) || !oneBuffer(lr.map((x) => x.h)) || !oneBuffer(lr.map((x) => x.b)))
+    return undefined;
+  const rope = {
+    invFreq: model.ropeInvFreq as Tensor,
+    headDim: c.headDim,
+    T: pos.T,
+    pos0: pos.pos0 ?? 0,
+    scaling: model.ropeAttentionScaling,
+  };
+  return planQkvMatmul(ctx, a.n1, { q, k, v }, { rope, label: `layer${layer.index}.q_k_v` });
+}
+
 /** Attention over the sequences' own fresh projections (B sequences of T tokens, from position 0). */
 export function batchedAttention(model: CausalLM, B: number, T: number): AttentionBlock {
   const c = model.config;
@@ -1068,7 +1177,18 @@ export async function planLayer(
     fuse && attention.kvCache && !('qkv' in dest)
       ? { k: attention.kvCache.k(layer.index), v: attention.kvCache.v(layer.index), maxRow: attention.kvCache.maxRow }
       : undefined;
-  await planProjections(ctx, model, layer, a, dest, attention.positions, lin, out, fuse, kvCache);
+  // q, k and v in one dispatch (qkvInOne) where the buffers allow, else qkvSteps' dispatches.
+  const pos = attention.positions;
+  const qkvOne =
+    !('qkv' in dest) &&
+    !kvCache &&
+    !pos.positions &&
+    tileMath === 'f32' &&
+    qkvInOne(c, ranks, rows, dropout !== undefined, fuse, fusions)
+      ? await planQkvInOne(ctx, model, layer, a, dest, pos, lora, shared)
+      : undefined;
+  if (qkvOne) out.push(qkvOne);
+  else await planProjections(ctx, model, layer, a, dest, pos, lin, out, fuse, kvCache);
   if (attention.afterProjections && !kvCache) out.push(...(await attention.afterProjections(a, layer.index)));
   // f16 tiles in the attention too where the plan asks for them (inference only).
   const attentionTiles: TileMath = tileMath === 'f16' && ctx.features.shaderF16 ? 'f16' : 'f32';
@@ -1149,6 +1269,14 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     for (const b of layout.buffers) {
       const t = b.dtype === 'f32' ? alloc.f32([...b.shape], b.label) : alloc.of([...b.shape], b.dtype, b.label);
       tensors.set(b.label, t);
+      if (!b.places) continue;
+      const { offsets } = arenaLayout(
+        b.places.map((p) => p.shape),
+        PLACE_ALIGNMENT,
+      );
+      b.places.forEach((p, i) => {
+        tensors.set(p.label, tensorView(t, offsets[i] as number, [...p.shape], 'f32', `${alloc.prefix}.${p.label}`));
+      });
     }
     const get = (label: string) => tensors.get(label) as Tensor;
     const ids = get('ids');

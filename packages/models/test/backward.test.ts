@@ -24,7 +24,7 @@ import {
   shiftLabels,
 } from '../src/backward.js';
 import { parseModelConfig } from '../src/config.js';
-import { planForward } from '../src/forward.js';
+import { forwardDispatchCount, planForward } from '../src/forward.js';
 import { loadModel } from '../src/model.js';
 import { openSafetensors } from '../src/safetensors.js';
 import { repoSource } from './fixtures.js';
@@ -127,7 +127,7 @@ describe('LoRA gradients against PEFT', () => {
         // The GPU fusions on every adapter (layerFusions keeps them to GPUs): the norm before an
         // unadapted gated MLP inside its dispatch (forward.test.ts checks both plans), and LoRA's h
         // inside the matmul of o, down, GPT-2's c_attn and c_proj (the B configurations).
-        const fusions = { normInMlp: true, loraHInMatmul: true };
+        const fusions = { normInMlp: true, loraHInMatmul: true, qkvInOne: true };
         const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, ...fusions });
         // The second norm's backward in o's dx too, wherever o is unadapted (the A configurations),
         // and the tiled attention kernels: dq, dk and dv in one dispatch but with q/k norms (Qwen3).
@@ -135,6 +135,13 @@ describe('LoRA gradients against PEFT', () => {
         // The planner's own count of this plan (the GPUs' numbers in the README come from it),
         // which assumes the trainer's arenas (with recomputation here the tensors are apart).
         const ranks = new Map([...lora].map(([name, t]) => [name, t.a.shape[0] as number]));
+        if (!recompute) {
+          // The forward's too: with the trainer's arenas, q, k and v are one dispatch where
+          // qkvInOne says so (tiny-llama's and tiny-llama3's A configurations).
+          expect(fwd.dispatches.length, `${run}: the counted forward dispatches`).toBe(
+            forwardDispatchCount(model.config, ranks, B * T, { fusions }),
+          );
+        }
         if (!recompute)
           expect(bwd.dispatches.length, `${run}: the counted dispatches`).toBe(
             backwardDispatchCount(model.config, ranks, {

@@ -186,10 +186,11 @@ function numel(shape: readonly number[]): number {
 }
 
 // Nominal size of a dispatch's uniform parameters (attention's apart): the matmul family's struct
-// takes 112 bytes (it carries matmul_sum_lr's places and second terms), most other kernels' 48, a
-// few 16 to 208 (lora_matmul's four roles); matmuls are about half of a step's dispatches.
-// Uniform buffers are a few KiB per layer, well under 1 % of any run but the tiny fixtures'.
-const U_NOMINAL = 80;
+// takes 144 bytes (it carries matmul_sum_lr's places and second terms, matmul_qkv's places), most
+// other kernels' 48, a few 16 to 208 (lora_matmul's four roles); matmuls are about half of a step's
+// dispatches. Uniform buffers are a few KiB per layer, well under 1 % of any run but the tiny
+// fixtures'.
+const U_NOMINAL = 96;
 
 /**
  * The GPU memory a LoraTrainer for this model and configuration will allocate, by category and
@@ -306,7 +307,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const fuse = options.fuse ?? true;
   const cpu = ctx ? isCpuAdapter(ctx) : (options.cpuAdapter ?? false);
   // The fusions the device plans (layerFusions): all of them on GPUs, none on the CPU adapters.
-  const fusions = { normInMlp: !cpu, loraHInMatmul: !cpu };
+  const fusions = { normInMlp: !cpu, loraHInMatmul: !cpu, qkvInOne: !cpu };
   const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse, fusions });
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
   // forward, one to three backward (attentionBackwardDispatches) in the layers the backward reaches.

@@ -503,6 +503,16 @@ export function loraHInMatmulPays(ctx: GpuContext): boolean {
   return !isCpuAdapter(ctx);
 }
 
+/**
+ * Whether a layer's q, k and v projections pay for being one dispatch (planQkvMatmul) rather than
+ * q's and k and v's pair (matmul_pair): on GPUs, where it saves a dispatch and spreads q, k and v
+ * over more workgroups at once. Not on CPU-backed adapters, where each workgroup stages its rows
+ * of x for one product instead of two (BENCH).
+ */
+export function qkvInOnePays(ctx: GpuContext): boolean {
+  return !isCpuAdapter(ctx);
+}
+
 /** Whether the device gets the kernel configurations for CPU-backed drivers (SwiftShader,
  * lavapipe): the context's kernel profile, from the adapter's info or measured (profile.ts). */
 export function isCpuAdapter(ctx: GpuContext): boolean {
@@ -828,8 +838,8 @@ export interface QkvProjection {
  * dispatch instead of two or three, and on a GPU fill more of it. Up to two of them carry a LoRA
  * term with h computed before (their h places of one buffer, their B of another, as the trainer
  * keeps them); q, k and v are places of one buffer; `rope` rotates q and k as they are stored.
- * Needs the tiled kernel (more than MATVEC_MAX_ROWS rows), f32 tiles, widths that are whole tiles
- * of the device (qkvTilesFit) and k and v no wider than q.
+ * Needs the tiled kernel (more than MATVEC_MAX_ROWS rows), f32 tiles, widths that are multiples
+ * of 4 (the tile narrows until each is a whole number of its columns) and k and v no wider than q.
  */
 export async function planQkvMatmul(
   ctx: GpuContext,
@@ -845,12 +855,9 @@ export async function planQkvMatmul(
   checkTiled(ctx, label, dq, {}, 'q, k and v in one dispatch');
   if (dk.N > dq.N || dv.N > dq.N)
     throw new ShapeError(`${label}: k (${dk.N}) and v (${dv.N}) may be no wider than q (${dq.N})`);
-  const tile = matmulTile(ctx, dq);
+  const tile = qkvTile(ctx, dq.M, [dq.N, dk.N, dv.N]);
+  if (!tile) throw new ShapeError(`${label}: q, k and v must be multiples of 4 wide (${dq.N}, ${dk.N}, ${dv.N})`);
   const tn = 4 * tile.wgX;
-  if (!qkvTilesFit(ctx, dq.M, [dq.N, dk.N, dv.N]))
-    throw new ShapeError(
-      `${label}: q, k and v must each be a whole number of ${tn}-column tiles (${dq.N}, ${dk.N}, ${dv.N})`,
-    );
   const adapted = all.flatMap((pr, i) => (pr.lora ? [{ i, ...pr.lora }] : []));
   if (adapted.length > 2) throw new ShapeError(`${label}: at most two of q, k and v take a LoRA term in one dispatch`);
   for (const x of adapted) {
@@ -955,11 +962,16 @@ export async function planQkvMatmul(
   });
 }
 
-/** Whether projections of these widths are whole column tiles of matmul_qkv on this device (for
- * `rows` rows of input). */
-export function qkvTilesFit(ctx: GpuContext, rows: number, widths: readonly number[]): boolean {
-  const tn = 4 * matmulTile(ctx, { M: rows, N: widths[0] ?? 0, K: 1 }).wgX;
-  return widths.every((n) => n > 0 && n % tn === 0);
+/** matmul_qkv's tile for `rows` rows of input and projections of these widths: matmulTile's, made
+ * narrower where needed until every width is a whole number of its columns (real models' widths
+ * are multiples of 64, a whole GPU tile; small test models' need a narrower one). Undefined where
+ * a width is not a multiple of 4. */
+function qkvTile(ctx: GpuContext, rows: number, widths: readonly number[]): TileConfig | undefined {
+  if (widths.some((n) => !Number.isInteger(n) || n < 4 || n % 4 !== 0)) return undefined;
+  const tile = matmulTile(ctx, { M: rows, N: Math.min(...widths), K: 1 });
+  let wgX = tile.wgX;
+  while (widths.some((n) => n % (4 * wgX) !== 0)) wgX /= 2;
+  return { ...tile, wgX };
 }
 
 /** matmul.wgsl's Params, in order, with their WGSL types. */
