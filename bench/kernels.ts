@@ -30,6 +30,8 @@
  *   the down dx with the nonlinearity's backward in its store, and matmul_sum;
  * - loss_dz_in_dh vs loss_dz_apart: the loss in training with dz formed inside each chunk's dH
  *   matmul (matmul_dlogits) against a dlogits dispatch before each;
+ * - qkv_fwd_one vs qkv_fwd_two: a layer's q, k and v (q and v adapted, RoPE on q and k) in one
+ *   dispatch (matmul_qkv) against q through the RoPE epilogue, then v beside k (matmul_pair_rope);
  * - qkv_dx_one vs qkv_dx_two: the dx of a layer's q, k and v with q's and v's LoRA terms in one
  *   dispatch (matmul_sum_lr) against the two the plan made before (q and k with q's LoRA term, then
  *   v with its own, accumulating); and gate_up_dx_one vs gate_up_dx_two, both adapted (all-linear);
@@ -70,6 +72,7 @@ import {
   planLoraRows,
   planLoraRowsMulti,
   planMatmul,
+  planQkvMatmul,
   planRmsNormBackward,
   planRmsNormForward,
   planRopeForward,
@@ -879,6 +882,92 @@ async function benchQkvDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
   for (const a of [dkv, g, loraA]) a.dispose();
 }
 
+/** matmul_qkv: a SmolLM2-135M layer's q, k and v (q and v adapted, r = 8, RoPE on q and k) in one
+ * dispatch, as training plans them on GPUs (q, k and v places of one buffer, the h and B of q and v
+ * in arenas), against the two it plans otherwise: q with its LoRA term through the RoPE epilogue,
+ * then v with its LoRA term beside k, rotated (matmul_pair_rope). */
+async function benchQkvForward(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const T = o.quick ? 32 : 128;
+  const M = 4 * T;
+  const [d, kv, hd, r] = [576, 192, 64, 8]; // SmolLM2-135M: 9 heads of 64, 3 key/value heads
+  const shape = `${M}x(${d}+${kv}+${kv})x${d}, r=${r}+${r}, heads of ${hd}, W:f16`;
+  const x = tensorFromData(ctx, random(M * d, 121, 1), [M, d], 'f32', 'x');
+  const w = (rows: number, seed: number, label: string) =>
+    tensorFromData(ctx, random(rows * d, seed, 0.05), [rows, d], 'f16', label);
+  const [wq, wk, wv] = [w(d, 122, 'w_q'), w(kv, 123, 'w_k'), w(kv, 124, 'w_v')];
+  const h = filledArena(ctx, 'h', ['h_q', 'h_v'], [M, r], 125);
+  const bq = new TensorArena(
+    ctx,
+    [
+      { shape: [d, r], label: 'B_q' },
+      { shape: [kv, r], label: 'B_v' },
+    ],
+    'lora B',
+  );
+  for (const [i, v] of bq.views.entries()) writeTensor(v, random(v.size, 127 + i, 0.5));
+  const outs = (label: string) =>
+    new TensorArena(
+      ctx,
+      [
+        { shape: [M, d], label: `q ${label}` },
+        { shape: [M, kv], label: `k ${label}` },
+        { shape: [M, kv], label: `v ${label}` },
+      ],
+      label,
+    );
+  const one = outs('one');
+  const two = outs('two');
+  const invFreq = tensorFromData(
+    ctx,
+    Float32Array.from({ length: hd / 2 }, (_, i) => 10000 ** (-(2 * i) / hd)),
+    [hd / 2],
+    'f32',
+    'inv_freq',
+  );
+  const [hq, hv] = h.views as [Tensor, Tensor];
+  const [bQ, bV] = bq.views as [Tensor, Tensor];
+  const [q1, k1, v1] = one.views as [Tensor, Tensor, Tensor];
+  const [q2, k2, v2] = two.views as [Tensor, Tensor, Tensor];
+  const rope = { invFreq, headDim: hd, T };
+  const fused = await planQkvMatmul(
+    ctx,
+    x,
+    {
+      q: { w: wq, out: q1, lora: { h: hq, b: bQ, scale: 2 } },
+      k: { w: wk, out: k1 },
+      v: { w: wv, out: v1, lora: { h: hv, b: bV, scale: 2 } },
+    },
+    { rope },
+  );
+  const plain = [
+    await planMatmul(ctx, x, wq, q2, {
+      lowRank: { a2: hq, b2: bQ, alpha2: 2 },
+      rope: { ...rope, c: true, second: false },
+    }),
+    await planMatmul(ctx, x, wv, v2, {
+      lowRank: { a2: hv, b2: bV, alpha2: 2 },
+      second: { w: wk, out: k2 },
+      rope: { ...rope, c: false, second: true },
+    }),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'qkv_fwd_one',
+    baseline: 'qkv_fwd_two',
+    shape,
+    fused: [fused],
+    plain,
+    outputs: [
+      [q1, q2],
+      [k1, k2],
+      [v1, v2],
+    ],
+    flops: matmulFlops({ M, N: d + 2 * kv, K: d }) + matmulFlops({ M, N: d + kv, K: r }),
+  });
+  for (const t of [fused, ...plain]) t.dispose();
+  for (const t of [x, wq, wk, wv, invFreq]) t.dispose();
+  for (const a of [h, bq, one, two]) a.dispose();
+}
+
 /** matmul_sum_lr for gate and up, both adapted (all-linear): dgate·Wg + dup·Wu and both LoRA
  * terms in one dispatch, against the two LoRA dx dispatches the plan made before (gate's, then
  * up's accumulating). */
@@ -1208,6 +1297,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'norm_bwd_in_dx'.includes(o.only)) await benchNormBwdInDx(ctx, o);
   if (!o.only || 'norm1_in_down_dx'.includes(o.only)) await benchNorm1InDownDx(ctx, o);
   if (!o.only || 'loss_dz_in_dh'.includes(o.only)) await benchLossDz(ctx, o);
+  if (!o.only || 'qkv_fwd_one'.includes(o.only)) await benchQkvForward(ctx, o);
   if (!o.only || 'qkv_dx_one'.includes(o.only)) await benchQkvDx(ctx, o);
   if (!o.only || 'gate_up_dx_one'.includes(o.only)) await benchGateUpDx(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);

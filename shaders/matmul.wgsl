@@ -88,7 +88,11 @@ struct Params {
   qkv_q_off: u32, // matmul_qkv: where q, k and v start in C's binding (elements)
   qkv_k_off: u32,
   qkv_v_off: u32,
-  qkv_lr: u32,    // matmul_qkv: each projection's low-rank term, 2 bits each from q's (0 none, 1 the first, 2 the second)
+  qkv_lr: u32,    // matmul_qkv: each projection's low-rank term, 2 bits each from q's (0 none, 1..3 the first..third)
+  K2c: u32,       // matmul_qkv: the rank of the third low-rank term
+  a2c_off: u32,   // matmul_qkv: where its A2 starts in A2's binding
+  b2c_off: u32,   // matmul_qkv: where its B2 starts in B2's
+  alpha2c: f32,   // matmul_qkv: its scale
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -1023,23 +1027,29 @@ fn stage_w4(tid: u32, n0: u32, k0: u32, kdim: u32) {
   }
 }
 
-// Stages the second low-rank term (alpha2b·A2'', B2'') as stage_a and stage_w stage the first.
-fn stage_lr2(tid: u32, m0: u32, n0: u32, k0: u32) {
+// Stages a low-rank term of rank K (alpha·A2 at a_off in A2's binding, B2 at b_off in B2's) as
+// stage_a and stage_w stage the first.
+fn stage_lr_term(tid: u32, m0: u32, n0: u32, k0: u32, K: u32, a_off: u32, b_off: u32, alpha: f32) {
   let chunks = TK / 4u;
   for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
-    let v = a2_at(m0 + i / chunks, k0 + (i % chunks) * 4u, p.K2b, p.a2b_off, p.alpha2b);
+    let v = a2_at(m0 + i / chunks, k0 + (i % chunks) * 4u, K, a_off, alpha);
     a_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(v);
   }
   if (TRANS_W) {
     for (var i = tid; i < 4u * WG_X * chunks; i += WG_X * WG_Y) {
-      let v = b2_at(out_col(n0 + i / chunks), k0 + (i % chunks) * 4u, p.N, p.K2b, p.b2b_off);
+      let v = b2_at(out_col(n0 + i / chunks), k0 + (i % chunks) * 4u, p.N, K, b_off);
       w_tile[(i / chunks) * a_stride() + i % chunks] = vec4<tile_t>(v);
     }
   } else {
     for (var i = tid; i < TK * WG_X; i += WG_X * WG_Y) {
-      w_tile[i] = vec4<tile_t>(b2_at(k0 + i / WG_X, n0 + (i % WG_X) * 4u, p.K2b, p.N, p.b2b_off));
+      w_tile[i] = vec4<tile_t>(b2_at(k0 + i / WG_X, n0 + (i % WG_X) * 4u, K, p.N, b_off));
     }
   }
+}
+
+// The second low-rank term (alpha2b·A2'', B2'').
+fn stage_lr2(tid: u32, m0: u32, n0: u32, k0: u32) {
+  stage_lr_term(tid, m0, n0, k0, p.K2b, p.a2b_off, p.b2b_off, p.alpha2b);
 }
 
 // C[m][n..n+3] = v + beta·C, the columns inside N only (no bias).
@@ -1610,10 +1620,10 @@ fn matvec_pair_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workg
 // format, as column segments of one grid: the first N / TN column tiles (TN = 4·WG_X) compute q,
 // the next qkv_nk / TN k, the last qkv_nv / TN v. matmul.ts requires every width a whole number of
 // tiles and k's and v's no wider than q's, so each workgroup computes one projection and the
-// staging functions' bound p.N (q's width) never cuts a row of k or v. Up to two projections add
-// a LoRA term (qkv_lr): the first term's operands (K2, a2_off, b2_off, alpha2) or the second's
-// (K2b, a2b_off, b2b_off, alpha2b), their h places of one buffer (4 a2) and their B of another
-// (5 b2), as matmul_sum_lr binds them. q, k and v are places of one buffer (6 c, at qkv_q_off,
+// staging functions' bound p.N (q's width) never cuts a row of k or v. Each may add a LoRA term
+// (qkv_lr): the first term's operands (K2, a2_off, b2_off, alpha2), the second's (K2b, a2b_off,
+// b2b_off, alpha2b) or the third's (K2c, a2c_off, b2c_off, alpha2c), their h places of one buffer
+// (4 a2) and their B of another (5 b2), as matmul_sum_lr binds them. q, k and v are places of one buffer (6 c, at qkv_q_off,
 // qkv_k_off, qkv_v_off), row-major at their own widths. matmul_qkv_rope (ROPE != 0): bit 0 rotates
 // q, bit 1 k (whose columns, like v's, are then computed in out_col's order). No bias or beta; f32 tiles (LR_DIRECT
 // off). Bindings 1 a, 2 w, 4 a2, 5 b2, 6 c, 11 w3, 22 w4, and 13 rope_freq: up to 8 storage buffers.
@@ -1646,16 +1656,25 @@ fn qkv_product(seg: u32, tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4
     workgroupBarrier();
   }
   acc = acc * p.alpha;
+  // The projection's low-rank term: the first, second or third term's operands (rank 0: none).
   let lr = (p.qkv_lr >> (2u * seg)) & 3u;
+  var term = vec3<u32>(0u);  // rank, A2's offset, B2's offset
+  var alpha2 = 0.0;
   if (lr == 1u) {
-    acc = low_rank_product(acc, tid, tx, ty, m0, n0);
+    term = vec3<u32>(p.K2, p.a2_off, p.b2_off);
+    alpha2 = p.alpha2;
   } else if (lr == 2u) {
-    for (var k0 = 0u; k0 < p.K2b; k0 += TK) {
-      stage_lr2(tid, m0, n0, k0);
-      workgroupBarrier();
-      acc = multiply_tile(acc, tx, ty);
-      workgroupBarrier();
-    }
+    term = vec3<u32>(p.K2b, p.a2b_off, p.b2b_off);
+    alpha2 = p.alpha2b;
+  } else if (lr == 3u) {
+    term = vec3<u32>(p.K2c, p.a2c_off, p.b2c_off);
+    alpha2 = p.alpha2c;
+  }
+  for (var k0 = 0u; k0 < term.x; k0 += TK) {
+    stage_lr_term(tid, m0, n0, k0, term.x, term.y, term.z, alpha2);
+    workgroupBarrier();
+    acc = multiply_tile(acc, tx, ty);
+    workgroupBarrier();
   }
   return acc;
 }

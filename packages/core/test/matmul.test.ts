@@ -1242,8 +1242,8 @@ describe('RoPE epilogue', () => {
   });
 });
 
-// matmul_qkv: q, k and v of one input in one dispatch, each with its own weight format, up to two
-// LoRA terms (h and B places of one buffer each) and RoPE on q and k; q, k and v are places of one
+// matmul_qkv: q, k and v of one input in one dispatch, each with its own weight format and LoRA
+// term (h and B places of one buffer each), and RoPE on q and k; q, k and v are places of one
 // NaN-filled buffer in any order, and nothing outside them may be written.
 describe('q, k and v in one dispatch', () => {
   interface Qkv {
@@ -1281,8 +1281,8 @@ describe('q, k and v in one dispatch', () => {
       rope: { hd: 32, T: 13, pos0: 3 },
       order: [1, 2, 0],
     },
-    // q alone adapted, rank 16, places in reverse order.
-    { M: 20, K: 96, widths: [128, 128, 64], w: ['f16', 'q8_0', 'f16'], ranks: [16, 0, 0], order: [2, 1, 0] },
+    // All three adapted (all-linear), places in reverse order.
+    { M: 20, K: 96, widths: [128, 128, 64], w: ['f16', 'q8_0', 'f16'], ranks: [16, 8, 4], order: [2, 1, 0] },
     // A small model's widths (48, 24, 40): narrower tiles; q and k adapted, RoPE on heads of 8.
     {
       M: 24,
@@ -1405,7 +1405,7 @@ describe('q, k and v in one dispatch', () => {
     });
   }
 
-  it('is refused with few rows, widths not multiples of 4, three LoRA terms or places in other buffers', async () => {
+  it('is refused with few rows, widths not multiples of 4, places in other buffers or a LoRA B of the wrong shape', async () => {
     const ctx = gpu();
     await gpuCase(ctx, 'matmul_qkv refusals', async () => {
       const M = 8;
@@ -1441,8 +1441,8 @@ describe('q, k and v in one dispatch', () => {
         );
         const [lq, lk, lv] = [lora(128, 'q'), lora(64, 'k'), lora(64, 'v')];
         await expect(
-          planQkvMatmul(ctx, x, { q: { ...q, lora: lq }, k: { ...k, lora: lk }, v: { ...v, lora: lv } }),
-        ).rejects.toThrow(/at most two/);
+          planQkvMatmul(ctx, x, { q: { ...q, lora: lq }, k: { ...k, lora: { ...lk, b: lq.b } }, v }),
+        ).rejects.toThrow(/B b q \[128, 4\] must be f32 8×r and 64×r/);
         await expect(planQkvMatmul(ctx, x, { q: { ...q, lora: lq }, k, v: { ...v, lora: lv } })).rejects.toThrow(
           /LoRA h/,
         );

@@ -570,7 +570,8 @@ export function normInGatedMlp(
  * but bias, accumulation and RoPE (o, down, GPT-2's qkv, a gate without its up, q, k and v unless
  * one carries an unadapted neighbour's product). A shared-input group takes it only as a whole,
  * and not where the norm before it computes the group's h anyway (two projections after an
- * RMSNorm): it then saves the group's h dispatch.
+ * RMSNorm): it then saves the group's h dispatch. Nor q, k and v where they are one dispatch
+ * (`qkvOne`: qkvInOne), which takes their h from the group's dispatch.
  */
 export function loraHInMatmulRoles(
   config: ModelConfig,
@@ -579,6 +580,7 @@ export function loraHInMatmulRoles(
   dropout: boolean,
   fuse: boolean,
   pays: boolean,
+  qkvOne = false,
 ): Set<LinearRole> {
   if (!pays || !fuse || dropout || rows <= MATVEC_MAX_ROWS) return new Set();
   const adapted = new Set(ranks.keys());
@@ -594,6 +596,7 @@ export function loraHInMatmulRoles(
   for (const g of sharedLoraGroups(config, adapted, dropout, fuse)) {
     if (hInNorm(config, g) || !g.every(eligible)) for (const role of g) out.delete(role);
   }
+  if (qkvOne) for (const role of ['q', 'k', 'v'] as const) out.delete(role);
   return out;
 }
 
@@ -618,10 +621,12 @@ export function ropeInProjections(config: ModelConfig, fuse: boolean): boolean {
  * Whether the fused forward computes a layer's q, k and v in one dispatch (planQkvMatmul) where
  * `pays` (qkvInOnePays: GPUs): RoPE in the projections' store (ropeInProjections, which planLayer
  * also needs positions pos0 + row % T and no KV cache for), no bias on them (Qwen2's), the tiled
- * kernel (more than MATVEC_MAX_ROWS rows), and none of them adapted or two, whose h the
- * shared-input group computes before (sharedLoraGroups, not in their matmul: loraHInMatmulRoles)
- * and whose h and B are places of one buffer each, as the trainer keeps them (planLayer falls back
- * to qkvSteps' dispatches otherwise).
+ * kernel (more than MATVEC_MAX_ROWS rows), and none of them adapted, or two or three without
+ * LoRA dropout, whose h the shared-input group then computes before them (sharedLoraGroups: the
+ * norm's dispatch for two after an RMSNorm, lora_rows_multi for three, which would otherwise form
+ * their own in their matmuls, loraHInMatmulRoles) and whose h and B are places of one buffer each,
+ * as the trainer keeps them (planLayer falls back to qkvSteps' dispatches otherwise). A lone
+ * adapted one keeps its dispatches: its h in its matmul and k beside v are two already.
  */
 export function qkvInOne(
   config: ModelConfig,
@@ -632,10 +637,8 @@ export function qkvInOne(
   fusions: LayerFusions,
 ): boolean {
   if (!fusions.qkvInOne || !ropeInProjections(config, fuse) || config.qkvBias || rows <= MATVEC_MAX_ROWS) return false;
-  const lora = (['q', 'k', 'v'] as const).filter((role) => ranks.has(role));
-  if (lora.length === 0) return true;
-  const hIn = loraHInMatmulRoles(config, ranks, rows, dropout, fuse, fusions.loraHInMatmul);
-  return lora.length === 2 && !dropout && lora.every((role) => !hIn.has(role));
+  const lora = (['q', 'k', 'v'] as const).filter((role) => ranks.has(role)).length;
+  return lora === 0 || (lora >= 2 && !dropout);
 }
 
 /** Dispatches of one layer's training forward over `rows` rows (planLayer with batchedAttention). */
@@ -650,7 +653,8 @@ export function layerDispatchCount(
   const c = config;
   const adapted = new Set(ranks.keys());
   // LoRA: (mask,) h, then y; y alone where h is formed in it.
-  const hIn = loraHInMatmulRoles(c, ranks, rows, dropout, fuse, fusions.loraHInMatmul);
+  const qkvOne = qkvInOne(c, ranks, rows, dropout, fuse, fusions);
+  const hIn = loraHInMatmulRoles(c, ranks, rows, dropout, fuse, fusions.loraHInMatmul, qkvOne);
   const lin = (role: LinearRole) => (adapted.has(role) ? (dropout ? 3 : hIn.has(role) ? 1 : 2) : 1);
   // The two norms (the second inside the gated MLP's dispatch where normInGatedMlp), attention.
   let n = (normInGatedMlp(c, adapted, fuse, rows, false, fusions.normInMlp) ? 1 : 2) + 1;
@@ -667,7 +671,7 @@ export function layerDispatchCount(
     const mlp = gatedMlpFused(c, adapted, fuse) ? 1 : lin('gate') + lin('up') + act;
     // One dispatch for q, k and v (and the h dispatches of adapted ones, which the group's
     // correction above takes off again), or qkvSteps'.
-    const projections = qkvInOne(c, ranks, rows, dropout, fuse, fusions)
+    const projections = qkvOne
       ? (['q', 'k', 'v'] as const).reduce((m, role) => m + (adapted.has(role) ? lin(role) - 1 : 0), 1)
       : qkvSteps(c, adapted, fuse).reduce((m, s) => m + (adapted.has(s.role) ? lin(s.role) : 1), 0);
     n += projections + rope + (c.qkNorm ? 2 : 0) + mlp;
@@ -1083,6 +1087,13 @@ export async function planLayer(
   const ranks = new Map([...a.loraH].map(([role, h]) => [role, h.shape[1] as number]));
   // LoRA's h inside the projection's matmul, which f16 tiles (inference) do not take.
   const rows = a.x.size / c.hiddenSize;
+  // q, k and v in one dispatch (qkvInOne) with f32 tiles, RoPE in the store (positions
+  // pos0 + row % T, no KV cache); planned below unless the buffers are apart.
+  const qkvOne =
+    tileMath === 'f32' &&
+    !attention.kvCache &&
+    !attention.positions.positions &&
+    qkvInOne(c, ranks, rows, dropout !== undefined, fuse, fusions);
   const hIn = loraHInMatmulRoles(
     c,
     ranks,
@@ -1090,6 +1101,7 @@ export async function planLayer(
     dropout !== undefined,
     fuse,
     fusions.loraHInMatmul && tileMath === 'f32',
+    qkvOne,
   );
   const lin: Lin = async (role, x, y, accumulate, activation, second, rope) => {
     const l = linear(layer, role);
@@ -1179,15 +1191,9 @@ export async function planLayer(
       : undefined;
   // q, k and v in one dispatch (qkvInOne) where the buffers allow, else qkvSteps' dispatches.
   const pos = attention.positions;
-  const qkvOne =
-    !('qkv' in dest) &&
-    !kvCache &&
-    !pos.positions &&
-    tileMath === 'f32' &&
-    qkvInOne(c, ranks, rows, dropout !== undefined, fuse, fusions)
-      ? await planQkvInOne(ctx, model, layer, a, dest, pos, lora, shared)
-      : undefined;
-  if (qkvOne) out.push(qkvOne);
+  const qkv =
+    qkvOne && !('qkv' in dest) ? await planQkvInOne(ctx, model, layer, a, dest, pos, lora, shared) : undefined;
+  if (qkv) out.push(qkv);
   else await planProjections(ctx, model, layer, a, dest, pos, lin, out, fuse, kvCache);
   if (attention.afterProjections && !kvCache) out.push(...(await attention.afterProjections(a, layer.index)));
   // f16 tiles in the attention too where the plan asks for them (inference only).

@@ -34,7 +34,8 @@ interface Case {
 const STEPS = 50;
 const base = { batch: 2, seq: 12, optimizer: { lr: 2e-3 }, seed: 3 };
 const CASES: Case[] = [
-  // Llama-shaped with grouped-query attention: RoPE of q and k; GPU kernels.
+  // Llama-shaped with grouped-query attention: RoPE of q and k; GPU kernels, so q, k and v are one
+  // dispatch (q's and v's LoRA terms, their h from the norm before).
   { fixture: 'tiny-llama', precision: 'f32', options: { ...base, lora: { r: 4, lora_alpha: 8 } }, gpuKernels: true },
   // A lone q (LoRA's h in its matmul, stored through the RoPE epilogue, while k and v share a
   // dispatch) and a gate adapted without its up (h in its matmul; up stores the nonlinearity).
@@ -42,6 +43,14 @@ const CASES: Case[] = [
     fixture: 'tiny-llama3',
     precision: 'f16',
     options: { ...base, lora: { r: 4, lora_alpha: 8, target_modules: ['q_proj', 'gate_proj'] } },
+    gpuKernels: true,
+  },
+  // Every linear of a Llama adapted on a Q8_0 base, GPU kernels: q, k and v in one dispatch with
+  // three LoRA terms, their h from one dispatch before it.
+  {
+    fixture: 'tiny-llama-q',
+    precision: 'q8_0',
+    options: { ...base, lora: { r: 4, lora_alpha: 8, target_modules: 'all-linear' } },
     gpuKernels: true,
   },
   // Qwen3's per-head q/k norms before RoPE, every linear adapted, LoRA dropout, accumulation.
@@ -143,6 +152,8 @@ describe(`fused plan against the plain plan over ${STEPS} steps`, () => {
         plain.dispose();
         model.dispose();
       });
-    });
+      // Two trainers over 50 steps each take about a minute on SwiftShader alone, and up to twice
+      // that beside CI's other files.
+    }, 300_000);
   }
 });

@@ -835,9 +835,9 @@ export interface QkvProjection {
 /**
  * Plans the attention block's q, k and v projections of one input `a` as one dispatch
  * (matmul.wgsl's matmul_qkv): each workgroup computes a tile of one of them, so the three cost one
- * dispatch instead of two or three, and on a GPU fill more of it. Up to two of them carry a LoRA
- * term with h computed before (their h places of one buffer, their B of another, as the trainer
- * keeps them); q, k and v are places of one buffer; `rope` rotates q and k as they are stored.
+ * dispatch instead of two or three, and on a GPU fill more of it. Any of them may carry a LoRA term
+ * with h computed before (their h places of one buffer, their B of another, as the trainer keeps
+ * them); q, k and v are places of one buffer; `rope` rotates q and k as they are stored.
  * Needs the tiled kernel (more than MATVEC_MAX_ROWS rows), f32 tiles, widths that are multiples
  * of 4 (the tile narrows until each is a whole number of its columns) and k and v no wider than q.
  */
@@ -859,7 +859,6 @@ export async function planQkvMatmul(
   if (!tile) throw new ShapeError(`${label}: q, k and v must be multiples of 4 wide (${dq.N}, ${dk.N}, ${dv.N})`);
   const tn = 4 * tile.wgX;
   const adapted = all.flatMap((pr, i) => (pr.lora ? [{ i, ...pr.lora }] : []));
-  if (adapted.length > 2) throw new ShapeError(`${label}: at most two of q, k and v take a LoRA term in one dispatch`);
   for (const x of adapted) {
     const { h, b } = x;
     const r = h.shape[h.shape.length - 1] as number;
@@ -883,7 +882,7 @@ export async function planQkvMatmul(
     if (storage < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storage, `${label} (RoPE)`);
   }
   const out = placeSpan(ctx, label, 'q, k and v', [q.out, k.out, v.out]);
-  const [first, second] = adapted;
+  const [first, second, third] = adapted;
   const hs =
     first &&
     placeSpan(
@@ -948,6 +947,10 @@ export async function planQkvMatmul(
       alpha2b: second?.scale ?? 0,
       a2b_off: at(hs, second?.h),
       b2b_off: at(bs, second?.b),
+      K2c: ranks[2] ?? 0,
+      alpha2c: third?.scale ?? 0,
+      a2c_off: at(hs, third?.h),
+      b2c_off: at(bs, third?.b),
       rope_half: rope ? rope.headDim / 2 : 0,
       rope_T: rope?.T ?? 0,
       rope_pos0: rope?.pos0 ?? 0,
@@ -1010,6 +1013,10 @@ const PARAMS = [
   ['qkv_k_off', 'u32'],
   ['qkv_v_off', 'u32'],
   ['qkv_lr', 'u32'],
+  ['K2c', 'u32'],
+  ['a2c_off', 'u32'],
+  ['b2c_off', 'u32'],
+  ['alpha2c', 'f32'],
 ] as const;
 
 type MatmulParams = { readonly [F in (typeof PARAMS)[number][0]]?: number };
