@@ -1405,7 +1405,7 @@ describe('q, k and v in one dispatch', () => {
     });
   }
 
-  it('is refused with few rows, widths not multiples of 4, places in other buffers or a LoRA B of the wrong shape', async () => {
+  it('is refused with few rows, widths not multiples of 4, places in other buffers or overlapping, or a LoRA B of the wrong shape', async () => {
     const ctx = gpu();
     await gpuCase(ctx, 'matmul_qkv refusals', async () => {
       const M = 8;
@@ -1444,7 +1444,10 @@ describe('q, k and v in one dispatch', () => {
           planQkvMatmul(ctx, x, { q: { ...q, lora: lq }, k: { ...k, lora: { ...lk, b: lq.b } }, v }),
         ).rejects.toThrow(/B b q \[128, 4\] must be f32 8×r and 64×r/);
         await expect(planQkvMatmul(ctx, x, { q: { ...q, lora: lq }, k, v: { ...v, lora: lv } })).rejects.toThrow(
-          /LoRA h/,
+          /the LoRA h must be places of one buffer/,
+        );
+        await expect(planQkvMatmul(ctx, x, { q, k: { ...k, out: view(64, 64, 'k over q') }, v })).rejects.toThrow(
+          /overlap/,
         );
         for (const l of [lq, lk, lv]) {
           l.h.dispose();

@@ -431,7 +431,7 @@ export function forwardLayout(
       if (!QKV_PLACES.includes(spec.key)) parts.set(spec.key, buffer(`${prefix(spec)}${spec.key}`, spec.shape));
     }
     // q, k and v are places of one buffer (matmul_qkv writes all three), as are LoRA's h of the
-    // layer (matmul_qkv and matmul_sum_lr read two of them through one binding).
+    // layer (matmul_qkv reads those of q, k and v through one binding).
     const qkv = specs.filter((spec) => QKV_PLACES.includes(spec.key));
     if (qkv.length > 0) {
       const at = prefix(qkv[0] as LayerBufferSpec);
@@ -1005,10 +1005,30 @@ async function planProjections(
   );
 }
 
+/** Whether q, k and v, the adapted ones' h and their B are places of one buffer each, as
+ * planQkvMatmul binds them: planForward's layout with the trainer's arena; not generation's KV
+ * cache views or a caller's own LoRA tensors. */
+function qkvPlacesFit(
+  layer: Layer,
+  a: LayerActivations,
+  dest: { readonly q: Tensor; readonly k: Tensor; readonly v: Tensor },
+  lora: LoraWeightsByModule | undefined,
+): boolean {
+  const oneBuffer = (ts: readonly Tensor[]) => ts.every((t) => t.buffer === ts[0]?.buffer);
+  const adapted = (['q', 'k', 'v'] as const).flatMap((role) => {
+    const w = lora?.get(linear(layer, role).module.name);
+    const h = a.loraH.get(role);
+    return w && h ? [{ h, b: w.b }] : [];
+  });
+  return (
+    oneBuffer([dest.q, dest.k, dest.v]) && oneBuffer(adapted.map((x) => x.h)) && oneBuffer(adapted.map((x) => x.b))
+  );
+}
+
 /**
  * q, k and v as one dispatch (planQkvMatmul, RoPE in its store), or undefined where an adapted
- * one's h was not computed before (`computed`) or where q, k and v, the adapted ones' h or their B
- * are not places of one buffer each (a caller's own tensors), which planQkvMatmul binds whole.
+ * one's h was not computed before (`computed`), which qkvPlacesFit and loraHInMatmulRoles'
+ * `qkvOne` make the group's dispatch do.
  */
 async function planQkvInOne(
   ctx: GpuContext,
@@ -1031,10 +1051,6 @@ async function planQkvInOne(
   };
   const [q, k, v] = (['q', 'k', 'v'] as const).map(projection);
   if (!q || !k || !v) return undefined;
-  const oneBuffer = (ts: readonly Tensor[]) => ts.every((t) => t.buffer === ts[0]?.buffer);
-  const lr = [q, k, v].flatMap((p) => (p.lora ? [p.lora] : []));
-  if (!oneBuffer([q.out, k.out, v.out]) || !oneBuffer(lr.map((x) => x.h)) || !oneBuffer(lr.map((x) => x.b)))
-    return undefined;
   const rope = {
     invFreq: model.ropeInvFreq as Tensor,
     headDim: c.headDim,
@@ -1088,12 +1104,16 @@ export async function planLayer(
   // LoRA's h inside the projection's matmul, which f16 tiles (inference) do not take.
   const rows = a.x.size / c.hiddenSize;
   // q, k and v in one dispatch (qkvInOne) with f32 tiles, RoPE in the store (positions
-  // pos0 + row % T, no KV cache); planned below unless the buffers are apart.
+  // pos0 + row % T, no KV cache), where they, their h and their B are places of one buffer each.
+  // Decided before hIn: their h then come from the group's dispatch instead of their matmuls.
+  const dest = attention.dest(a, layer.index);
   const qkvOne =
     tileMath === 'f32' &&
     !attention.kvCache &&
     !attention.positions.positions &&
-    qkvInOne(c, ranks, rows, dropout !== undefined, fuse, fusions);
+    !('qkv' in dest) &&
+    qkvInOne(c, ranks, rows, dropout !== undefined, fuse, fusions) &&
+    qkvPlacesFit(layer, a, dest, lora);
   const hIn = loraHInMatmulRoles(
     c,
     ranks,
@@ -1183,7 +1203,6 @@ export async function planLayer(
   // In place (inference: mid and out are x) there is nothing to copy.
   const copy = (from: Tensor, to: Tensor) => (to === from ? undefined : to);
   await normAndSharedH(layer.norm1, a.x, a.n1, a.n1Stats, `${p}.norm1`, copy(a.x, a.mid), ['q', 'k', 'v']);
-  const dest = attention.dest(a, layer.index);
   // Decoding, fused: RoPE writes the new keys and values into the cache itself.
   const kvCache =
     fuse && attention.kvCache && !('qkv' in dest)

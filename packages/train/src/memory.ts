@@ -186,7 +186,7 @@ function numel(shape: readonly number[]): number {
 }
 
 // Nominal size of a dispatch's uniform parameters (attention's apart): the matmul family's struct
-// takes 144 bytes (it carries matmul_sum_lr's places and second terms, matmul_qkv's places), most
+// takes 160 bytes (it carries matmul_sum_lr's places and second terms, matmul_qkv's places), most
 // other kernels' 48, a few 16 to 208 (lora_matmul's four roles); matmuls are about half of a step's
 // dispatches. Uniform buffers are a few KiB per layer, well under 1 % of any run but the tiny
 // fixtures'.

@@ -884,6 +884,13 @@ export async function planQkvMatmul(
     if (storage < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, storage, `${label} (RoPE)`);
   }
   const out = placeSpan(ctx, label, 'q, k and v', [q.out, k.out, v.out]);
+  // The kernel writes all three: places that share an element would race.
+  const byStart = [q.out, k.out, v.out].sort((x, y) => x.byteOffset - y.byteOffset);
+  for (const [i, t] of byStart.slice(1).entries()) {
+    const before = byStart[i] as Tensor;
+    if (t.byteOffset < before.byteOffset + before.size * 4)
+      throw new ShapeError(`${label}: q, k and v must not overlap, and ${t.label} starts inside ${before.label}`);
+  }
   const [first, second, third] = adapted;
   const hs =
     first &&
