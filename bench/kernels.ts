@@ -123,6 +123,17 @@ function spreadExtra(s: RatioSpread): Record<string, number> {
 }
 
 /** max |a[i] − b[i]|: how far two builds (or ours and a baseline) are apart before they are timed. */
+/** RoPE's inv_freq for heads of `hd` (base 10000), as a tensor. */
+function ropeInvFreq(ctx: GpuContext, hd: number): Tensor {
+  return tensorFromData(
+    ctx,
+    Float32Array.from({ length: hd / 2 }, (_, i) => 10000 ** (-(2 * i) / hd)),
+    [hd / 2],
+    'f32',
+    'inv_freq',
+  );
+}
+
 function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   let max = 0;
   for (let i = 0; i < a.length; i++) max = Math.max(max, Math.abs((a[i] as number) - (b[i] as number)));
@@ -457,13 +468,7 @@ async function benchMatmulRope(ctx: GpuContext, o: BenchOptions): Promise<void> 
   const w = tensorFromData(ctx, random(d * d, 32, 0.05), [d, d], 'f16', 'w');
   const h = tensorFromData(ctx, random(M * r, 33, 1), [M, r], 'f32', 'h');
   const b = tensorFromData(ctx, random(d * r, 34, 0.05), [d, r], 'f32', 'b');
-  const invFreq = tensorFromData(
-    ctx,
-    Float32Array.from({ length: hd / 2 }, (_, i) => 10000 ** (-(2 * i) / hd)),
-    [hd / 2],
-    'f32',
-    'inv_freq',
-  );
+  const invFreq = ropeInvFreq(ctx, hd);
   const fusedOut = createTensor(ctx, [M, d], 'f32', 'q fused');
   const plainOut = createTensor(ctx, [M, d], 'f32', 'q plain');
   const lowRank = { a2: h, b2: b, alpha2: 2 };
@@ -917,13 +922,7 @@ async function benchQkvForward(ctx: GpuContext, o: BenchOptions): Promise<void> 
     );
   const one = outs('one');
   const two = outs('two');
-  const invFreq = tensorFromData(
-    ctx,
-    Float32Array.from({ length: hd / 2 }, (_, i) => 10000 ** (-(2 * i) / hd)),
-    [hd / 2],
-    'f32',
-    'inv_freq',
-  );
+  const invFreq = ropeInvFreq(ctx, hd);
   const [hq, hv] = h.views as [Tensor, Tensor];
   const [bQ, bV] = bq.views as [Tensor, Tensor];
   const [q1, k1, v1] = one.views as [Tensor, Tensor, Tensor];

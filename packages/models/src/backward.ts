@@ -39,7 +39,6 @@ import {
   planRopeBackward,
   planSiluMulBackward,
   type Tensor,
-  tensorView,
 } from '@webtune/core';
 import { type LinearRole, modelLayout } from './architecture.js';
 import type { ModelConfig } from './config.js';
@@ -54,6 +53,8 @@ import {
   type NormStats,
   PLACE_ALIGNMENT,
   type PlannedBuffer,
+  placeViews,
+  plannedArena,
   projectionSteps,
   sharedLoraGroups,
 } from './forward.js';
@@ -124,11 +125,7 @@ export function backwardLayout(
   };
   /** An f32 arena of these places (labels and shapes). */
   const arena = (label: string, places: { label: string; shape: number[] }[]) => {
-    const { elements } = arenaLayout(
-      places.map((p) => p.shape),
-      PLACE_ALIGNMENT,
-    );
-    out.push({ label, shape: [elements], dtype: 'f32', places });
+    out.push(plannedArena(label, places));
   };
   add('labels', [rows], 'i32');
   add('loss', [4]); // loss, count, and the coefficient the loss's backward reads (planCrossEntropyTraining)
@@ -480,15 +477,7 @@ class Scratch {
       const t = createTensor(ctx, [...b.shape], b.dtype, `backward.${b.label}`);
       this.owned.push(t);
       this.byLabel.set(b.label, t);
-      if (!b.places) continue;
-      const { offsets } = arenaLayout(
-        b.places.map((p) => p.shape),
-        PLACE_ALIGNMENT,
-      );
-      b.places.forEach((p, i) => {
-        const view = tensorView(t, offsets[i] as number, [...p.shape], 'f32', `backward.${p.label}`);
-        this.byLabel.set(p.label, view);
-      });
+      for (const [label, view] of placeViews(t, b, 'backward')) this.byLabel.set(label, view);
     }
   }
   get(label: string): Tensor {

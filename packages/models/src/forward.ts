@@ -362,6 +362,32 @@ export interface PlannedBuffer {
  * memory estimate, is the same on every device. */
 export const PLACE_ALIGNMENT = 256;
 
+/** A planned f32 arena holding these places (labels and shapes) at arenaLayout's offsets. */
+export function plannedArena(
+  label: string,
+  places: readonly { readonly label: string; readonly shape: readonly number[] }[],
+): PlannedBuffer {
+  const { elements } = arenaLayout(
+    places.map((p) => p.shape),
+    PLACE_ALIGNMENT,
+  );
+  return { label, shape: [elements], dtype: 'f32', places };
+}
+
+/** Views of a planned arena's places in `t`, the tensor allocated for it: [place label, view],
+ * each view labelled `${prefix}.${place label}`. */
+export function placeViews(t: Tensor, arena: PlannedBuffer, prefix: string): [string, Tensor][] {
+  const places = arena.places ?? [];
+  const { offsets } = arenaLayout(
+    places.map((p) => p.shape),
+    PLACE_ALIGNMENT,
+  );
+  return places.map((p, i) => [
+    p.label,
+    tensorView(t, offsets[i] as number, [...p.shape], 'f32', `${prefix}.${p.label}`),
+  ]);
+}
+
 /** The parts of a layer that forwardLayout places in one buffer. */
 const QKV_PLACES: readonly string[] = ['q', 'k', 'v'];
 
@@ -411,11 +437,7 @@ export function forwardLayout(
   const arena = (label: string, places: readonly { label: string; shape: readonly number[] }[]) => {
     if (!seen.has(label)) {
       seen.add(label);
-      const { elements } = arenaLayout(
-        places.map((p) => p.shape),
-        PLACE_ALIGNMENT,
-      );
-      buffers.push({ label, shape: [elements], dtype: 'f32', places });
+      buffers.push(plannedArena(label, places));
     }
   };
   buffer('ids', [rows], 'i32');
@@ -1294,14 +1316,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     for (const b of layout.buffers) {
       const t = b.dtype === 'f32' ? alloc.f32([...b.shape], b.label) : alloc.of([...b.shape], b.dtype, b.label);
       tensors.set(b.label, t);
-      if (!b.places) continue;
-      const { offsets } = arenaLayout(
-        b.places.map((p) => p.shape),
-        PLACE_ALIGNMENT,
-      );
-      b.places.forEach((p, i) => {
-        tensors.set(p.label, tensorView(t, offsets[i] as number, [...p.shape], 'f32', `${alloc.prefix}.${p.label}`));
-      });
+      for (const [label, view] of placeViews(t, b, alloc.prefix)) tensors.set(label, view);
     }
     const get = (label: string) => tensors.get(label) as Tensor;
     const ids = get('ids');
