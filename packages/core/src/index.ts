@@ -11,6 +11,7 @@ export * from './kernels/dropout.js';
 export * from './kernels/elementwise.js';
 export * from './kernels/embedding.js';
 export * from './kernels/layernorm.js';
+export * from './kernels/lora_da.js';
 export * from './kernels/lora_matmul.js';
 export * from './kernels/lora_unfused.js';
 export * from './kernels/matmul.js';
