@@ -70,7 +70,14 @@ function arenas(ctx: Parameters<typeof planLoraDaMany>[0], c: Case) {
     [{ shape: [3, 5], label: 'dA.other' }, ...c.mods.map((m, i) => ({ shape: [m.R, m.N], label: `dA${i}` }))],
     'dA',
   );
-  return { x, g, da, dispose: () => [x, g, da].forEach((a) => a.dispose()) };
+  return {
+    x,
+    g,
+    da,
+    dispose: () => {
+      for (const t of [x, g, da]) t.dispose();
+    },
+  };
 }
 
 describe('lora dA of many modules in one dispatch', () => {
