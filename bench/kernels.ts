@@ -39,6 +39,9 @@
  *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
  * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
  *   lora_g_db each (the trainer plans the pair on GPUs only);
+ * - lora_da_many vs lora_da_per_layer: the dA of every adapted projection of a SmolLM2-135M step
+ *   (q and v of 30 layers) in one dispatch, as training plans them now, against one lora_cols_multi
+ *   per layer, as it did before;
  * - subgroup_reductions vs workgroup_trees: the reducing kernels (RMSNorm over rows, the split-K
  *   matvec of a decode step, the loss's vocabulary chunks, the LoRA h = x·Aᵀ) built with subgroup operations against
  *   the same kernels with workgroup-memory trees, each on a device of its own from the same
@@ -65,6 +68,8 @@ import {
   planCrossEntropyTraining,
   planLoraBackward,
   planLoraBackwardUnfused,
+  planLoraColsMulti,
+  planLoraDaMany,
   planLoraForward,
   planLoraForwardUnfused,
   planLoraGradGdB,
@@ -967,6 +972,70 @@ async function benchQkvForward(ctx: GpuContext, o: BenchOptions): Promise<void> 
   for (const a of [h, bq, one, two]) a.dispose();
 }
 
+/** lora_da_many: dA = s·gᵀ·x of q and v in all 30 layers of SmolLM2-135M (r = 8), their inputs,
+ * g and dA places of three arenas as training lays them out, in one dispatch, against one
+ * lora_cols_multi per layer (both roles of a layer reading its n1), what training planned before. */
+async function benchLoraDaMany(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const M = o.quick ? 128 : 512;
+  const [d, r, L] = [576, 8, 30];
+  const shape = `${L} layers × (q, v), T=${M}, N=${d}, r=${r}`;
+  const layers = Array.from({ length: L }, (_, i) => i);
+  const x = filledArena(
+    ctx,
+    'lora_x',
+    layers.map((i) => `layer${i}.n1`),
+    [M, d],
+    140,
+  );
+  const g = filledArena(
+    ctx,
+    'lora_g_da',
+    layers.flatMap((i) => [`layer${i}.q.g`, `layer${i}.v.g`]),
+    [M, r],
+    141,
+  );
+  const dA = (label: string) =>
+    new TensorArena(
+      ctx,
+      layers.flatMap((i) => [`q`, `v`].map((role) => ({ shape: [r, d], label: `layer${i}.${role}.dA ${label}` }))),
+      label,
+    );
+  const [many, perLayer] = [dA('many'), dA('per layer')];
+  const fused = await planLoraDaMany(
+    ctx,
+    g.views.map((gv, j) => ({ x: x.views[j >> 1] as Tensor, g: gv, da: many.views[j] as Tensor, scale: 2 })),
+    { T: M, beta: 0, label: 'lora_da_many' },
+  );
+  const plain = await Promise.all(
+    layers.map((i) =>
+      planLoraColsMulti(
+        ctx,
+        x.views[i] as Tensor,
+        [0, 1].map((k) => ({
+          l: g.views[2 * i + k] as Tensor,
+          out: perLayer.views[2 * i + k] as Tensor,
+          R: r,
+          alpha: 2,
+          beta: 0,
+        })),
+        { T: M, N: d },
+        `layer${i}.lora_dA`,
+      ),
+    ),
+  );
+  await timeFusion(ctx, o, {
+    name: 'lora_da_many',
+    baseline: 'lora_da_per_layer',
+    shape,
+    fused: [fused],
+    plain,
+    outputs: many.views.map((v, j) => [v, perLayer.views[j] as Tensor]),
+    flops: 2 * M * d * r * 2 * L,
+  });
+  for (const t of [fused, ...plain]) t.dispose();
+  for (const a of [x, g, many, perLayer]) a.dispose();
+}
+
 /** matmul_sum_lr for gate and up, both adapted (all-linear): dgate·Wg + dup·Wu and both LoRA
  * terms in one dispatch, against the two LoRA dx dispatches the plan made before (gate's, then
  * up's accumulating). */
@@ -1301,5 +1370,6 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'gate_up_dx_one'.includes(o.only)) await benchGateUpDx(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
   if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
+  if (!o.only || 'lora_da_many'.includes(o.only)) await benchLoraDaMany(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);
 }

@@ -18,7 +18,9 @@ import {
   type Dispatch,
   fusedQkvLayout,
   type GpuContext,
+  type LoraDaModule,
   type LoraGradModule,
+  loraDaManyRefusal,
   loraGradPairable,
   loraGradPairPays,
   MATVEC_MAX_ROWS,
@@ -33,6 +35,7 @@ import {
   planLayerNormBackward,
   planLoraBackward,
   planLoraColsMulti,
+  planLoraDaMany,
   planLoraGradGdBPair,
   planMatmul,
   planRmsNormBackward,
@@ -48,8 +51,13 @@ import {
   type ForwardPlan,
   type LayerActivations,
   type LayerFusions,
+  type LoraInputKey,
   layerDispatchCount,
+  loraDaChunkOf,
+  loraDaChunks,
+  loraDaDeferred,
   loraDropout,
+  loraInputKey,
   type NormStats,
   PLACE_ALIGNMENT,
   type PlannedBuffer,
@@ -197,6 +205,19 @@ export function backwardLayout(
     for (let slot = 0; slot < slots; slot++) g.push({ label: `lora_g${slot || ''}_r${r}`, shape: [rows, r] });
   }
   if (g.length > 0) arena('lora_g', g);
+  // The g of projections whose dA waits for their chunk's dispatch (loraDaChunks): a place each, in
+  // one arena per chunk, which that dispatch binds whole.
+  if (loraDaDeferred(opts.fuse ?? true, opts.dropout ?? false, opts.recompute ?? false)) {
+    const layers = modelLayout(c).layers;
+    for (const [ci, chunk] of loraDaChunks(c, ranks, rows).entries()) {
+      const places = chunk.layers.flatMap((i) =>
+        [...adaptedRoles(layers[i] as (typeof layers)[number], ranks)]
+          .filter(([role]) => chunk.keys.includes(loraInputKey(role)))
+          .map(([role, r]) => ({ label: `layer${i}.${role}.lora_g`, shape: [rows, r] })),
+      );
+      arena(`lora_g_da${ci}`, places);
+    }
+  }
   return out;
 }
 
@@ -416,6 +437,13 @@ export function backwardDispatchCount(
     opts.recompute ?? false,
     opts.dropout ?? false,
   );
+  // LoRA's dA: one dispatch per chunk of layers (loraDaChunks) instead of those below, as the
+  // trainer's arenas allow.
+  const daChunks = loraDaDeferred(fuse, opts.dropout ?? false, opts.recompute ?? false)
+    ? loraDaChunks(c, ranks, opts.rows)
+    : [];
+  const daChunkOf = loraDaChunkOf(daChunks);
+  n += daChunks.length;
   layers.forEach((l, i) => {
     if (i < lowest) return; // no backward below the lowest adapted layer
     // In it, no dx of its input: the projections reading n1 keep their LoRA gradients only (dx is
@@ -431,8 +459,12 @@ export function backwardDispatchCount(
     const lin = (role: LinearRole) => (adapted.has(role) ? lora : 1);
     // A shared-input group's dA are one dispatch instead of one each, and with pairGdB its g and
     // dB two modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
-    for (const g of sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse))
-      n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
+    const groups = sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse);
+    for (const g of groups) n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
+    // Deferred dA: a group's one dispatch, or a lone projection's own, goes.
+    const deferred = (role: LinearRole) => daChunkOf(i, loraInputKey(role)) !== undefined;
+    n -= groups.filter((g) => deferred(g[0] as LinearRole)).length;
+    n -= [...adapted].filter((role) => !groups.some((g) => g.includes(role)) && deferred(role)).length;
     // The two norms (the first in the down projection's dx of the layer below where
     // norm1InDownDx, the second in o's dx where norm2InODx), attention (dq, dk and dv in one; dq
     // with delta, dk/dv; or delta apart).
@@ -566,6 +598,39 @@ export async function planBackward(
     const dqkv = s.maybe('dqkv');
     const zero = s.maybe('zero');
     const g = (r: number, slot = 0) => s.get(`lora_g${slot || ''}_r${r}`);
+    // LoRA's dA left to one dispatch per chunk of layers (loraDaChunks), where the chunk's inputs,
+    // g and dA lie as that dispatch binds them (places of one buffer each: the forward's lora_x
+    // arena, our lora_g_da, the trainer's gradients); the other chunks keep their dA dispatches.
+    const daChunks = loraDaDeferred(fwd.fuse, fwd.dropout !== undefined, fwd.recompute)
+      ? loraDaChunks(c, ranks, rows)
+      : [];
+    const input = (a: LayerActivations, key: LoraInputKey) => ({ n1: a.n1, attn: a.attn, n2: a.n2, act: a.act })[key];
+    const daModules = daChunks.map((chunk) =>
+      chunk.layers.flatMap((i) => {
+        const layer = model.layers[i] as Layer;
+        const a = fwd.layers[i] as LayerActivations;
+        return [...a.loraH.keys()]
+          .filter((role) => chunk.keys.includes(loraInputKey(role)))
+          .map((role): LoraDaModule => {
+            const t = lora.get((layer.linears[role] as Linear).module.name) as LoraTrainable;
+            const gr = s.get(`layer${i}.${role}.lora_g`);
+            return { x: input(a, loraInputKey(role)), g: gr, da: t.da, scale: t.scale };
+          });
+      }),
+    );
+    // Which chunk's dispatch forms a projection's dA (`${layer}.${role}`), for the chunks it can take.
+    const daOn = daModules.map((modules) => loraDaManyRefusal(ctx, modules) === undefined);
+    const deferred = new Map<string, number>();
+    daChunks.forEach((chunk, ci) => {
+      if (!daOn[ci]) return;
+      for (const i of chunk.layers)
+        for (const role of (fwd.layers[i] as LayerActivations).loraH.keys())
+          if (chunk.keys.includes(loraInputKey(role))) deferred.set(`${i}.${role}`, ci);
+    });
+    const deferredDa = (i: number, role: LinearRole) => deferred.get(`${i}.${role}`);
+    /** A projection's g: its own place where its dA is deferred, else its rank's slot. */
+    const gOf = (i: number, role: LinearRole, r: number, slot: number) =>
+      deferredDa(i, role) !== undefined ? s.get(`layer${i}.${role}.lora_g`) : g(r, slot);
 
     const normBackward = async (
       norm: Norm,
@@ -621,8 +686,10 @@ export async function planBackward(
         const d = loraDropout(t, fwd.dropout, x);
         const r = t.a.shape[0] as number;
         const slot = shared.indexOf(role);
-        const gr = g(r, Math.max(0, slot));
-        if (slot >= 0) pendingDA.push({ l: gr, out: t.da, R: r, alpha: t.scale, beta: 1 });
+        const gr = gOf(layer.index, role, r, Math.max(0, slot));
+        // Its dA: in its chunk's dispatch (deferredDa), the group's (flushShared), or its own.
+        const later = deferredDa(layer.index, role) !== undefined;
+        if (slot >= 0 && !later) pendingDA.push({ l: gr, out: t.da, R: r, alpha: t.scale, beta: 1 });
         out.push(
           ...(await planLoraBackward(
             ctx,
@@ -633,7 +700,7 @@ export async function planBackward(
               accumulateGrads: true,
               fuse: fwd.fuse,
               gdB: !gdBPlanned,
-              dA: slot < 0,
+              dA: slot < 0 && !later,
               dxActivation: dx ? activation : undefined,
               dxExtra: dx ? extra : undefined,
               dxLowRank2: dx ? lowRank2 : undefined,
@@ -676,7 +743,8 @@ export async function planBackward(
         const t = lora.get((layer.linears[role] as Linear).module.name) as LoraTrainable;
         const r = t.a.shape[0] as number;
         const h = a.loraH.get(role) as Tensor;
-        return { dy: dy.get(role) as Tensor, b: t.b, h, g: g(r, shared.indexOf(role)), db: t.db, scale: t.scale };
+        const gr = gOf(layer.index, role, r, shared.indexOf(role));
+        return { dy: dy.get(role) as Tensor, b: t.b, h, g: gr, db: t.db, scale: t.scale };
       };
       for (let i = 0; pairGdB && i + 1 < shared.length; i += 2) {
         const pair = [shared[i], shared[i + 1]] as [LinearRole, LinearRole];
@@ -726,7 +794,8 @@ export async function planBackward(
             gdBPlanned.has(lora2),
           );
           const t = trainable(lora2) as LoraTrainable;
-          lowRank2 = { g: g(t.a.shape[0] as number, shared.indexOf(lora2)), a: t.a, scale: t.scale };
+          const r = t.a.shape[0] as number;
+          lowRank2 = { g: gOf(layer.index, lora2, r, shared.indexOf(lora2)), a: t.a, scale: t.scale };
         }
         const extra = o1 && {
           a: dy.get(o1) as Tensor,
@@ -983,6 +1052,11 @@ export async function planBackward(
       // layer below's down dx forms it (norm1InDownDx).
       if (dInput && folded[i]) pendingNorm1 = { dn: dNorm, x: a.x, w: layer.norm1.w, rstd: a.n1Stats.rstd };
       else if (dInput) out.push(await normBackward(layer.norm1, a.x, a.n1Stats, dNorm, dResid, true, `${p}.norm1`));
+      // The dA of every chunk whose lowest layer this is: all its g are formed now.
+      for (const [ci, chunk] of daChunks.entries()) {
+        if (chunk.layers[0] === i && daOn[ci])
+          out.push(await planLoraDaMany(ctx, daModules[ci] ?? [], { T: rows, beta: 1, label: `lora_dA.${ci}` }));
+      }
     }
     const scratchBytes = s.owned.reduce((n, t) => n + t.byteLength, 0) + ce.scratchBytes;
     const plan = ce;

@@ -17,6 +17,7 @@ import {
   f16TileMathApplies,
   fusedQkvLayout,
   type GpuContext,
+  LORA_DA_MAX_ROLES,
   LORA_H_MAX_RANK,
   type LoraDropout,
   loraHInMatmulPays,
@@ -391,6 +392,112 @@ export function placeViews(t: Tensor, arena: PlannedBuffer, prefix: string): [st
 /** The parts of a layer that forwardLayout places in one buffer. */
 const QKV_PLACES: readonly string[] = ['q', 'k', 'v'];
 
+/** The saved input of an adapted projection, which its dA = s·gᵀ·x reads (layerBuffers' key). */
+export type LoraInputKey = 'n1' | 'attn' | 'n2' | 'act';
+
+export function loraInputKey(role: LinearRole): LoraInputKey {
+  switch (role) {
+    case 'q':
+    case 'k':
+    case 'v':
+    case 'qkv':
+      return 'n1';
+    case 'o':
+      return 'attn';
+    case 'gate':
+    case 'up':
+    case 'fc':
+      return 'n2';
+    case 'down':
+      return 'act';
+  }
+}
+
+/** The inputs that may share an arena: no forward dispatch reads one of a group and writes another
+ * (WebGPU forbids a buffer bound read-only and writable in one dispatch), which the MLP's up (or fc)
+ * projection would, reading n2 and storing act through its epilogue. */
+const LORA_INPUT_GROUPS: readonly (readonly LoraInputKey[])[] = [['n1', 'attn', 'n2'], ['act']];
+
+/** The largest arena of dA inputs (lora_x{c}): WebGPU's default maxStorageBufferBindingSize, which
+ * every device binds (planLoraDaMany binds the arena whole). */
+export const LORA_DA_ARENA_BYTES = 128 * 1024 * 1024;
+
+/** A chunk of loraDaChunks: layers (ascending) whose projections reading `keys` have their dA in
+ * one dispatch. */
+export interface LoraDaChunk {
+  readonly keys: readonly LoraInputKey[];
+  readonly layers: readonly number[];
+}
+
+/**
+ * The chunks of layers whose LoRA dA the training backward leaves until it has passed the chunk,
+ * and then forms in one dispatch (planLoraDaMany) instead of one per adapted projection (or
+ * shared-input group) per layer. Per group of inputs (LORA_INPUT_GROUPS: n1, attn and n2; act):
+ * consecutive layers with projections adapted that read them, as many as fit LORA_DA_ARENA_BYTES of
+ * those inputs (each at PLACE_ALIGNMENT), as much of their g, and LORA_DA_MAX_ROLES projections; a
+ * layer whose inputs or g alone are larger is in no chunk and keeps its dA dispatches. Where training keeps every layer's
+ * activations (no recomputation), forwardLayout makes each chunk's inputs places of one arena,
+ * `lora_x{c}`; the backward defers where loraDaDeferred.
+ */
+export function loraDaChunks(config: ModelConfig, ranks: AdapterRanks, rows: number): LoraDaChunk[] {
+  const c = config;
+  const width = { n1: c.hiddenSize, attn: c.numHeads * c.headDim, n2: c.hiddenSize, act: c.intermediateSize };
+  const chunks: LoraDaChunk[] = [];
+  for (const group of LORA_INPUT_GROUPS) {
+    let layers: number[] = [];
+    let bytes = 0;
+    let gBytes = 0;
+    let roles = 0;
+    const close = () => {
+      if (layers.length > 0) chunks.push({ keys: group, layers });
+      layers = [];
+      bytes = 0;
+      gBytes = 0;
+      roles = 0;
+    };
+    const placed = (elements: number) => Math.ceil((elements * 4) / PLACE_ALIGNMENT) * PLACE_ALIGNMENT;
+    modelLayout(c).layers.forEach((l, i) => {
+      const adapted = [...adaptedRoles(l, ranks)].filter(([role]) => group.includes(loraInputKey(role)));
+      if (adapted.length === 0) return;
+      const keys = new Set(adapted.map(([role]) => loraInputKey(role)));
+      const own = [...keys].reduce((n, key) => n + placed(rows * width[key]), 0);
+      // Their g stay until the chunk's dispatch: places of one arena too (backwardLayout's lora_g_da).
+      const g = adapted.reduce((n, [, r]) => n + placed(rows * r), 0);
+      const limit = LORA_DA_ARENA_BYTES;
+      if (own > limit || g > limit || adapted.length > LORA_DA_MAX_ROLES) {
+        close();
+        return;
+      }
+      if (bytes + own > limit || gBytes + g > limit || roles + adapted.length > LORA_DA_MAX_ROLES) close();
+      layers.push(i);
+      bytes += own;
+      gBytes += g;
+      roles += adapted.length;
+    });
+    close();
+  }
+  return chunks;
+}
+
+/** The chunk (index in loraDaChunks) whose dispatch takes the dA of layer i's projections reading
+ * `key`, per layer and key. */
+export function loraDaChunkOf(
+  chunks: readonly LoraDaChunk[],
+): (layer: number, key: LoraInputKey) => number | undefined {
+  const at = new Map<string, number>();
+  chunks.forEach((chunk, ci) => {
+    for (const i of chunk.layers) for (const key of chunk.keys) at.set(`${i}.${key}`, ci);
+  });
+  return (layer, key) => at.get(`${layer}.${key}`);
+}
+
+/** Whether the training backward leaves the LoRA dA of loraDaChunks' layers to one dispatch per
+ * chunk: fused, no LoRA dropout (its dA reads the masked input, a scratch), no recomputation (the
+ * inputs must outlive the backward of their layer). */
+export function loraDaDeferred(fuse: boolean, dropout: boolean, recompute: boolean): boolean {
+  return fuse && !dropout && !recompute;
+}
+
 /** Every buffer of a forward plan, and per layer which buffer plays each part. */
 export interface ForwardLayout {
   readonly buffers: readonly PlannedBuffer[];
@@ -443,14 +550,25 @@ export function forwardLayout(
   buffer('ids', [rows], 'i32');
   buffer('embedding_errors', [2], 'u32');
   let x = buffer('embedded', [rows, d]);
+  // Training that keeps every layer: the inputs of each chunk's adapted projections, places of one
+  // arena (loraDaChunks), so that one dispatch forms all their dA.
+  const daChunk = loraDaChunkOf(keepAll ? loraDaChunks(c, ranks, rows) : []);
+  const daPlaces: { label: string; shape: readonly number[] }[][] = [];
   const layers = modelLayout(c).layers.map((l, i) => {
     const roles = adaptedRoles(l, ranks);
     const parts = new Map<string, string>();
     parts.set('x', x);
     const specs = layerBuffers(c, rows, B, T, new Set(roles.keys()), !train);
     const prefix = (spec: LayerBufferSpec) => (keepAll && spec.read ? `layer${i}.` : 'layer.');
+    const daKeys = new Set([...roles.keys()].map(loraInputKey));
     for (const spec of specs) {
-      if (!QKV_PLACES.includes(spec.key)) parts.set(spec.key, buffer(`${prefix(spec)}${spec.key}`, spec.shape));
+      const key = spec.key as LoraInputKey;
+      const ci = daKeys.has(key) ? daChunk(i, key) : undefined;
+      if (ci !== undefined) {
+        const label = `layer${i}.${key}`;
+        daPlaces[ci] = [...(daPlaces[ci] ?? []), { label, shape: spec.shape }];
+        parts.set(key, label);
+      } else if (!QKV_PLACES.includes(spec.key)) parts.set(spec.key, buffer(`${prefix(spec)}${spec.key}`, spec.shape));
     }
     // q, k and v are places of one buffer (matmul_qkv writes all three), as are LoRA's h of the
     // layer (matmul_qkv reads those of q, k and v through one binding).
@@ -475,6 +593,7 @@ export function forwardLayout(
     x = out;
     return parts;
   });
+  for (const [ci, places] of daPlaces.entries()) arena(`lora_x${ci}`, places);
   // LoRA dropout: one scratch shared by every adapted module (each uses it at once, and again in
   // its backward).
   if (train && (opts.dropoutWidth ?? 0) > 0) buffer('lora_dropout', [rows, opts.dropoutWidth as number]);

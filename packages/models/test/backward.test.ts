@@ -24,7 +24,7 @@ import {
   shiftLabels,
 } from '../src/backward.js';
 import { parseModelConfig } from '../src/config.js';
-import { forwardDispatchCount, planForward } from '../src/forward.js';
+import { forwardDispatchCount, loraDaChunks, planForward } from '../src/forward.js';
 import { loadModel } from '../src/model.js';
 import { openSafetensors } from '../src/safetensors.js';
 import { repoSource } from './fixtures.js';
@@ -141,6 +141,17 @@ describe('LoRA gradients against PEFT', () => {
           expect(fwd.dispatches.length, `${run}: the counted forward dispatches`).toBe(
             forwardDispatchCount(model.config, ranks, B * T, { fusions }),
           );
+        }
+        // Every dA in one dispatch per chunk of layers (loraDaChunks) at the end, none per module:
+        // all gradients below match PEFT with them formed there.
+        const labels = bwd.dispatches.map((d) => d.label);
+        if (!recompute) {
+          const chunks = loraDaChunks(model.config, ranks, B * T);
+          expect(labels.filter((l) => l.startsWith('lora_dA.')).length, `${run}: dA dispatches`).toBe(chunks.length);
+          expect(
+            labels.filter((l) => /\.(lora_dA|dA)\b/.test(l)),
+            `${run}: dA per module`,
+          ).toEqual([]);
         }
         if (!recompute)
           expect(bwd.dispatches.length, `${run}: the counted dispatches`).toBe(

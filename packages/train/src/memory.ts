@@ -46,6 +46,7 @@ import {
   type GpuContext,
   isCpuAdapter,
   LimitExceededError,
+  LORA_DA_UNIFORM_BYTES,
   ShapeError,
   splitRowCounts,
   tablePartLimit,
@@ -57,6 +58,8 @@ import {
   backwardLayout,
   forwardDispatchCount,
   forwardLayout,
+  loraDaChunks,
+  loraDaDeferred,
   lowestAdaptedLayer,
   type ModelConfig,
   modelLayout,
@@ -341,8 +344,11 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   });
   // The gradient norm (two dispatches) and AdamW.
   const optimizerDispatches = 3;
-  const nominal = backwardDispatches + optimizerDispatches - attentionBackward;
+  // LoRA's dA of a chunk of layers (loraDaChunks): 8 KiB of roles each.
+  const daDispatches = loraDaDeferred(fuse, dropout, recompute) ? loraDaChunks(c, ranks, rows).length : 0;
+  const nominal = backwardDispatches + optimizerDispatches - attentionBackward - daDispatches;
   uniforms(S, 'backward, loss and optimizer dispatch parameters', nominal, U_NOMINAL);
+  uniforms(S, 'LoRA dA dispatch parameters', daDispatches, LORA_DA_UNIFORM_BYTES);
   uniforms(S, 'backward attention parameters', attentionBackward, attentionUniformBytes());
 
   const sum = (cat: MemoryCategory) =>

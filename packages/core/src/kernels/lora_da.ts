@@ -16,6 +16,9 @@ const SPEC: KernelSpec = {
 /** Modules one lora_da_many dispatch takes (the roles array of lora_da.wgsl's Params). */
 export const LORA_DA_MAX_ROLES = 256;
 
+/** Bytes of a lora_da_many dispatch's parameters: 32 of shape, 32 per role. */
+export const LORA_DA_UNIFORM_BYTES = 32 + 32 * LORA_DA_MAX_ROLES;
+
 /** One adapted module's dA = s·gᵀ·x, left for planLoraDaMany by the backward. */
 export interface LoraDaModule {
   /** The module's input, T×N, as the forward saved it. */
