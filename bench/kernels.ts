@@ -34,11 +34,14 @@
  *   dispatch (matmul_qkv) against q through the RoPE epilogue, then v beside k (matmul_pair_rope);
  * - qkv_dx_one vs qkv_dx_two: the dx of a layer's q, k and v with q's and v's LoRA terms in one
  *   dispatch (matmul_sum_lr) against the two the plan made before (q and k with q's LoRA term, then
- *   v with its own, accumulating); and gate_up_dx_one vs gate_up_dx_two, both adapted (all-linear);
- * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two projections' LoRA
- *   h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
+ *   v with its own, accumulating); and with all three adapted, three LoRA terms in one against q
+ *   and k with two, then v; and gate_up_dx_one vs gate_up_dx_two, both adapted (all-linear);
+ * - rmsnorm_lora_h vs rmsnorm_then_lora_rows: the RMSNorm that also computes two or three
+ *   projections' LoRA h (rmsnorm_fwd_lora) against the norm followed by lora_rows_multi;
  * - lora_g_db_pair vs two_lora_g_db: g and dB of two projections in one dispatch against one
  *   lora_g_db each (the trainer plans the pair on GPUs only);
+ * - lora_g_db_many vs pair_and_lora_g_db: g and dB of q, k and v (all adapted) in one dispatch
+ *   against lora_g_db_pair for q and k and lora_g_db for v (GPUs plan both only);
  * - lora_da_many vs lora_da_per_layer: the dA of every adapted projection of a SmolLM2-135M step
  *   (q and v of 30 layers) in one dispatch, as training plans them now, against one lora_cols_multi
  *   per layer, as it did before;
@@ -73,6 +76,7 @@ import {
   planLoraForward,
   planLoraForwardUnfused,
   planLoraGradGdB,
+  planLoraGradGdBMany,
   planLoraGradGdBPair,
   planLoraRows,
   planLoraRowsMulti,
@@ -887,9 +891,48 @@ async function benchQkvDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
     outputs: [[dx[0] as Tensor, dx[1] as Tensor]],
     flops: matmulFlops({ M, N: d, K: d + 2 * kv }, 2 * r),
   });
-  for (const t of [fused, ...plain]) t.dispose();
-  for (const t of [dq, wq, wk, wv, ...dx]) t.dispose();
-  for (const a of [dkv, g, loraA]) a.dispose();
+  // All three adapted (all-linear): the three LoRA terms in one dispatch against q and k with two,
+  // then v with its own, what the plan made before.
+  const g3 = filledArena(ctx, 'g3', ['g_q', 'g_k', 'g_v'], [M, r], 91);
+  const a3 = filledArena(ctx, 'lora A3', ['A_q', 'A_k', 'A_v'], [r, d], 94);
+  const [g3q, g3k, g3v] = g3.views as [Tensor, Tensor, Tensor];
+  const [a3q, a3k, a3v] = a3.views as [Tensor, Tensor, Tensor];
+  const dx3 = [createTensor(ctx, [M, d], 'f32', 'dx three'), createTensor(ctx, [M, d], 'f32', 'dx two of three')];
+  const fused3 = await planMatmul(ctx, dq, wq, dx3[0] as Tensor, {
+    transW: false,
+    lowRank: {
+      a2: g3q,
+      b2: a3q,
+      alpha2: 2,
+      second: { a2: g3k, b2: a3k, alpha2: 2 },
+      third: { a2: g3v, b2: a3v, alpha2: 2 },
+    },
+    extra: { a: dk, w: wk, third: { a: dv, w: wv } },
+  });
+  const plain3 = [
+    await planMatmul(ctx, dq, wq, dx3[1] as Tensor, {
+      transW: false,
+      lowRank: { a2: g3q, b2: a3q, alpha2: 2, second: { a2: g3k, b2: a3k, alpha2: 2 } },
+      extra: { a: dk, w: wk },
+    }),
+    await planMatmul(ctx, dv, wv, dx3[1] as Tensor, {
+      transW: false,
+      beta: 1,
+      lowRank: { a2: g3v, b2: a3v, alpha2: 2 },
+    }),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'qkv_dx_one',
+    baseline: 'qkv_dx_two',
+    shape: `${M}x${d}, K=${d}+${kv}+${kv}, r=${r}+${r}+${r}, W:f16`,
+    fused: [fused3],
+    plain: plain3,
+    outputs: [[dx3[0] as Tensor, dx3[1] as Tensor]],
+    flops: matmulFlops({ M, N: d, K: d + 2 * kv }, 3 * r),
+  });
+  for (const t of [fused, ...plain, fused3, ...plain3]) t.dispose();
+  for (const t of [dq, wq, wk, wv, ...dx, ...dx3]) t.dispose();
+  for (const a of [dkv, g, loraA, g3, a3]) a.dispose();
 }
 
 /** matmul_qkv: a SmolLM2-135M layer's q, k and v (q and v adapted, r = 8, RoPE on q and k) in one
@@ -1076,65 +1119,63 @@ async function benchGateUpDx(ctx: GpuContext, o: BenchOptions): Promise<void> {
   loraA.dispose();
 }
 
-/** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted, their A in one arena. */
+/** rmsnorm_fwd_lora: the input norm of a SmolLM2-135M layer with q and v adapted (q_proj,v_proj),
+ * then q, k and v (all-linear), their A in one arena and their h in another, as training lays them
+ * out, against the norm followed by lora_rows_multi. */
 async function benchRmsNormLoraH(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const [rows, d, r] = [o.quick ? 64 : 512, 576, 8];
   const x = tensorFromData(ctx, random(rows * d, 31, 2), [rows, d], 'f32', 'x');
   const w = tensorFromData(ctx, random(d, 32, 1), [d], 'f32', 'w');
-  const arena = new TensorArena(
-    ctx,
-    [
-      { shape: [r, d], label: 'A_q' },
-      { shape: [r, d], label: 'A_v' },
-    ],
-    'lora params',
-  );
-  for (const [i, a] of arena.views.entries()) writeTensor(a, random(r * d, 33 + i, 0.05));
-  const outs = (which: string) => ({
-    y: createTensor(ctx, [rows, d], 'f32', `${which} y`),
-    rstd: createTensor(ctx, [rows], 'f32', `${which} rstd`),
-    h: arena.views.map((_, i) => createTensor(ctx, [rows, r], 'f32', `${which} h${i}`)),
-  });
-  const [f, p] = [outs('fused'), outs('plain')];
-  const [aq, av] = arena.views as [Tensor, Tensor];
-  const [fhq, fhv] = f.h as [Tensor, Tensor];
-  const fused = [
-    await planRmsNormForward(
+  for (const roles of [
+    ['q', 'v'],
+    ['q', 'k', 'v'],
+  ]) {
+    const arena = filledArena(
       ctx,
-      {
-        x,
-        w,
-        y: f.y,
-        rstd: f.rstd,
-        lora: [
-          { a: aq, h: fhq },
-          { a: av, h: fhv },
-        ],
-      },
-      { eps: 1e-5 },
-    ),
-  ];
-  const plain = [
-    await planRmsNormForward(ctx, { x, w, y: p.y, rstd: p.rstd }, { eps: 1e-5 }),
-    await planLoraRowsMulti(
-      ctx,
-      p.y,
-      arena.views.map((l, i) => ({ l, out: p.h[i] as Tensor, R: r })),
-      { M: rows, K: d },
-      'lora_rows_multi',
-    ),
-  ];
-  await timeFusion(ctx, o, {
-    name: 'rmsnorm_lora_h',
-    baseline: 'rmsnorm_then_lora_rows',
-    shape: `${rows}x${d} r=${r}+${r}`,
-    fused,
-    plain,
-    outputs: [[f.y, p.y], [f.rstd, p.rstd], ...f.h.map((h, i): [Tensor, Tensor] => [h, p.h[i] as Tensor])],
-  });
-  for (const dsp of [...fused, ...plain]) dsp.dispose();
-  for (const t of [x, w, f.y, f.rstd, p.y, p.rstd, ...f.h, ...p.h]) t.dispose();
-  arena.dispose();
+      'lora params',
+      roles.map((role) => `A_${role}`),
+      [r, d],
+      33,
+    );
+    const outs = (which: string) => ({
+      y: createTensor(ctx, [rows, d], 'f32', `${which} y`),
+      rstd: createTensor(ctx, [rows], 'f32', `${which} rstd`),
+      h: new TensorArena(
+        ctx,
+        roles.map((role) => ({ shape: [rows, r], label: `${which} h_${role}` })),
+        `${which} h`,
+      ),
+    });
+    const [f, p] = [outs('fused'), outs('plain')];
+    const lora = arena.views.map((a, i) => ({ a, h: f.h.views[i] as Tensor }));
+    const fused = [await planRmsNormForward(ctx, { x, w, y: f.y, rstd: f.rstd, lora }, { eps: 1e-5 })];
+    const plain = [
+      await planRmsNormForward(ctx, { x, w, y: p.y, rstd: p.rstd }, { eps: 1e-5 }),
+      await planLoraRowsMulti(
+        ctx,
+        p.y,
+        arena.views.map((l, i) => ({ l, out: p.h.views[i] as Tensor, R: r })),
+        { M: rows, K: d },
+        'lora_rows_multi',
+      ),
+    ];
+    await timeFusion(ctx, o, {
+      name: 'rmsnorm_lora_h',
+      baseline: 'rmsnorm_then_lora_rows',
+      shape: `${rows}x${d} r=${roles.map(() => r).join('+')}`,
+      fused,
+      plain,
+      outputs: [
+        [f.y, p.y],
+        [f.rstd, p.rstd],
+        ...f.h.views.map((h, i): [Tensor, Tensor] => [h, p.h.views[i] as Tensor]),
+      ],
+    });
+    for (const dsp of [...fused, ...plain]) dsp.dispose();
+    for (const t of [f.y, f.rstd, p.y, p.rstd]) t.dispose();
+    for (const a of [arena, f.h, p.h]) a.dispose();
+  }
+  for (const t of [x, w]) t.dispose();
 }
 
 /** lora_g_db_pair: q (576 columns) and v (192: SmolLM2-135M's grouped KV) of one layer, B and dB in arenas. */
@@ -1191,6 +1232,57 @@ async function benchLoraGdBPair(ctx: GpuContext, o: BenchOptions): Promise<void>
   for (const dsp of [...fused, ...plain]) dsp.dispose();
   for (const t of [...dys, ...hs, ...f.g, ...p.g]) t.dispose();
   for (const a of [params, f.db, p.db]) a.dispose();
+}
+
+/** lora_g_db_many: g and dB of q (576 columns), k and v (192) of one layer, all adapted
+ * (all-linear), every operand kind places of one arena as training lays them out, against the pair
+ * (q and k) and the lone lora_g_db (v) planned before. */
+async function benchLoraGdBMany(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const [T, r, scale] = [o.quick ? 64 : 512, 8, 2];
+  const cols = [576, 192, 192];
+  const arena = (label: string, shape: (N: number) => number[], seed?: number) => {
+    const a = new TensorArena(
+      ctx,
+      cols.map((N, i) => ({ shape: shape(N), label: `${label}${i}` })),
+      label,
+    );
+    if (seed !== undefined) for (const [i, v] of a.views.entries()) writeTensor(v, random(v.size, seed + i, 0.5));
+    return a;
+  };
+  const [dy, b, h] = [arena('dy', (N) => [T, N], 51), arena('B', (N) => [N, r], 54), arena('h', () => [T, r], 57)];
+  const outs = (which: string) => ({ g: arena(`${which} g`, () => [T, r]), db: arena(`${which} dB`, (N) => [N, r]) });
+  const [f, p] = [outs('many'), outs('pair')];
+  const modules = (x: typeof f) =>
+    cols.map(
+      (_, i): LoraGradModule => ({
+        dy: dy.views[i] as Tensor,
+        b: b.views[i] as Tensor,
+        h: h.views[i] as Tensor,
+        g: x.g.views[i] as Tensor,
+        db: x.db.views[i] as Tensor,
+        scale,
+      }),
+    );
+  const [mf, mp] = [modules(f), modules(p)];
+  const fused = [await planLoraGradGdBMany(ctx, mf, T, 0, 'lora_g_db_many')];
+  const v = mp[2] as LoraGradModule;
+  const plain = [
+    await planLoraGradGdBPair(ctx, [mp[0] as LoraGradModule, mp[1] as LoraGradModule], T, 0, 'lora_g_db_pair'),
+    await planLoraGradGdB(ctx, v, { T, N: cols[2] as number, R: r }, scale, 0, 'lora_g_db'),
+  ];
+  await timeFusion(ctx, o, {
+    name: 'lora_g_db_many',
+    baseline: 'pair_and_lora_g_db',
+    shape: `T=${T} N=${cols.join('+')} r=${r}`,
+    fused,
+    plain,
+    outputs: [
+      [f.g.tensor, p.g.tensor],
+      [f.db.tensor, p.db.tensor],
+    ],
+  });
+  for (const dsp of [...fused, ...plain]) dsp.dispose();
+  for (const a of [dy, b, h, f.g, f.db, p.g, p.db]) a.dispose();
 }
 
 /** One reducing kernel, planned on a device: how it records, what reads its result, its cleanup. */
@@ -1370,6 +1462,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'gate_up_dx_one'.includes(o.only)) await benchGateUpDx(ctx, o);
   if (!o.only || 'rmsnorm_lora_h'.includes(o.only)) await benchRmsNormLoraH(ctx, o);
   if (!o.only || 'lora_g_db_pair'.includes(o.only)) await benchLoraGdBPair(ctx, o);
+  if (!o.only || 'lora_g_db_many'.includes(o.only)) await benchLoraGdBMany(ctx, o);
   if (!o.only || 'lora_da_many'.includes(o.only)) await benchLoraDaMany(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);
 }

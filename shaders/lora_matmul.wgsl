@@ -25,6 +25,11 @@
 //                    places in one buffer (the LoRA parameters' arena), dB₁ and dB₂ likewise (the
 //                    gradients'), addressed by the roles' offsets: eight storage buffers, within
 //                    WebGPU's default limit.
+//   lora_g_db_many   lora_g_db of up to three modules at once (q, k and v) whose every operand kind
+//                    is places of one buffer (MANY): even roles 2i run lora_rows for g_i (X = dy_i
+//                    at x_off in x, L = B_i at in_off in l, g_i at out_off in out), odd roles 2i + 1
+//                    lora_cols for dB_i (U = dy_i at x_off, V = h_i at in_off in hv, dB_i at
+//                    out_off in db). Five storage buffers; the others are placeholders.
 //
 // These shapes defeat a square-tiled matmul (one side is r = 1..128 wide), so each kernel
 // reduces along the long dimension instead:
@@ -49,8 +54,8 @@ struct Role {
   beta: f32,
   in_off: u32,  // where the role's L (or V) starts in its binding, in elements
   out_off: u32, // where its output starts in its binding
-  n: u32,       // PAIR: the role's K (lora_rows) or N (lora_cols); the others use p.K and p.N
-  _pad0: u32,
+  n: u32,       // PAIR, MANY: the role's K (lora_rows) or N (lora_cols); the others use p.K and p.N
+  x_off: u32,   // MANY: where the role's X (or U) starts in x, in elements
   _pad1: u32,
   _pad2: u32,
 }
@@ -60,8 +65,10 @@ struct Params {
   N: u32,      // lora_rows: unused                lora_cols: columns of U     (all but PAIR)
   K: u32,      // lora_rows: the reduced dimension lora_cols: unused           (all but PAIR)
   grid_x: u32, // workgroups per row of the dispatch grid (the multi entries and lora_g_db)
-  roles: array<Role, 4>,
+  roles: array<Role, 6>,  // NROLES
 }
+
+const NROLES: u32 = 6u;
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;        // rows: X (M×K)     cols: U (T×N)
@@ -83,6 +90,7 @@ override OUT_NR: bool = false;  // lora_cols: write C[n][j] (N×R) rather than C
 override TT: u32 = 16;          // lora_cols: rows of V staged per step
 override STAGE: bool = true;    // lora_cols: stage V rows in workgroup memory (false on CPU adapters)
 override PAIR: bool = false;    // lora_g_db_pair's role-to-binding map (see the header)
+override MANY: bool = false;    // lora_g_db_many's (see the header)
 
 var<workgroup> v_rows: array<vec4<f32>, TT>;
 
@@ -96,36 +104,40 @@ var<private> rank: u32;
 var<private> pair_dim: u32;
 var<private> in_off: u32;
 var<private> out_off: u32;
+var<private> x_off: u32;
 
 fn kdim() -> u32 {
-  if (PAIR) { return pair_dim; }
+  if (PAIR || MANY) { return pair_dim; }
   return p.K;
 }
 fn ndim() -> u32 {
-  if (PAIR) { return pair_dim; }
+  if (PAIR || MANY) { return pair_dim; }
   return p.N;
 }
 
 // X (lora_rows) or U (lora_cols) of the role, flat: x, or x2 for lora_g_db_pair's second module.
 fn x_at(i: u32) -> f32 {
   if (PAIR && role >= 2u) { return x2[i]; }
+  if (MANY) { return x[x_off + i]; }
   return x[i];
 }
 
 // Which binding holds the role's L or V (0 l, 1 hv, 2 l3) and its output (0 out, 1 db, 2 out3).
 fn in_slot() -> u32 {
   if (PAIR) { return select(select(0u, 1u, role == 1u), 2u, role == 3u); }
+  if (MANY) { return role % 2u; }
   return role;
 }
 fn out_slot() -> u32 {
   if (PAIR) { return select(select(0u, 1u, role == 1u || role == 3u), 2u, role == 2u); }
+  if (MANY) { return role % 2u; }
   return role;
 }
 
 // L (lora_rows) or V (lora_cols) of the role, flat.
 fn role_in(i: u32) -> f32 {
   var j = i;
-  if (PAIR) { j += in_off; }
+  if (PAIR || MANY) { j += in_off; }
   switch in_slot() {
     case 1u: { return hv[j]; }
     case 2u: { return l3[j]; }
@@ -138,7 +150,7 @@ fn role_store(i: u32, v: f32) {
   let a = p.roles[role].alpha;
   let b = p.roles[role].beta;
   var j = i;
-  if (PAIR) { j += out_off; }
+  if (PAIR || MANY) { j += out_off; }
   switch out_slot() {
     case 1u: {
       var y = a * v;
@@ -161,11 +173,12 @@ fn role_store(i: u32, v: f32) {
 fn set_role(r: u32) {
   role = r;
   rank = p.roles[r].R;
-  if (PAIR) {
+  if (PAIR || MANY) {
     pair_dim = p.roles[r].n;
     in_off = p.roles[r].in_off;
     out_off = p.roles[r].out_off;
   }
+  if (MANY) { x_off = p.roles[r].x_off; }
 }
 
 // Loads for lora_rows. Row m and rank j are clamped into range by the caller, so no load is
@@ -332,11 +345,12 @@ fn lora_cols_vec4(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_
   store_cols(n0, j0, acc);
 }
 
-// Workgroup wid of a multi-role dispatch: its role (4 for the grid's padding, which does nothing)
-// and its block coordinates within that role's grid; sets the role for the loads and stores.
+// Workgroup wid of a multi-role dispatch: its role (NROLES for the grid's padding, which does
+// nothing) and its block coordinates within that role's grid; sets the role for the loads and
+// stores.
 fn role_block(wid: vec3<u32>) -> vec3<u32> {
   let idx = wid.y * p.grid_x + wid.x;
-  for (var r = 0u; r < 4u; r++) {
+  for (var r = 0u; r < NROLES; r++) {
     let q = p.roles[r];
     if (idx >= q.start && idx < q.start + q.count) {
       set_role(r);
@@ -344,7 +358,7 @@ fn role_block(wid: vec3<u32>) -> vec3<u32> {
       return vec3<u32>(r, local % q.gx, local / q.gx);
     }
   }
-  return vec3<u32>(4u, 0u, 0u);
+  return vec3<u32>(NROLES, 0u, 0u);
 }
 
 // g = dy·B and dB = s·dyᵀ·h in one dispatch: role 0 runs lora_rows' blocks, role 1 lora_cols'.
@@ -358,14 +372,14 @@ fn lora_g_db(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) w
 @compute @workgroup_size(WG)
 fn lora_rows_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = role_block(wid);
-  if (b.x < 4u) { rows_block(tid, b.y, b.z); }
+  if (b.x < NROLES) { rows_block(tid, b.y, b.z); }
 }
 
 // dA = s·gᵀ·x for up to three modules reading the same x (U), one role each (V = its g).
 @compute @workgroup_size(WG)
 fn lora_cols_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = role_block(wid);
-  if (b.x < 4u) { cols_block(tid, b.y, b.z); }
+  if (b.x < NROLES) { cols_block(tid, b.y, b.z); }
 }
 
 // lora_g_db for two modules (PAIR): roles 0 and 2 run lora_rows' blocks (g₁, g₂), roles 1 and 3
@@ -374,4 +388,14 @@ fn lora_cols_multi(@builtin(local_invocation_index) tid: u32, @builtin(workgroup
 fn lora_g_db_pair(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
   let b = role_block(wid);
   if (b.x == 0u || b.x == 2u) { rows_block(tid, b.y, b.z); } else if (b.x < 4u) { cols_block(tid, b.y, b.z); }
+}
+
+// lora_g_db for up to three modules (MANY): even roles run lora_rows' blocks (g_i), odd roles
+// lora_cols' (dB_i).
+@compute @workgroup_size(WG)
+fn lora_g_db_many(@builtin(local_invocation_index) tid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+  let b = role_block(wid);
+  if (b.x < NROLES) {
+    if (b.x % 2u == 0u) { rows_block(tid, b.y, b.z); } else { cols_block(tid, b.y, b.z); }
+  }
 }

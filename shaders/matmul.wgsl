@@ -964,16 +964,17 @@ fn matmul_sum(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
   store_row(m + 3u, n, acc[3]);
 }
 
-// ---- matmul_sum_lr: the dx of up to three projections of one input, and two LoRA terms -------
+// ---- matmul_sum_lr: the dx of up to three projections of one input, and three LoRA terms -----
 //
-//   C = alpha·(A·opW(W) + A3'·opW(W3) + A4·opW(W4)) + alpha2·A2'·opW(B2') + alpha2b·A2''·opW(B2'') + beta·C
+//   C = alpha·(A·opW(W) + A3'·opW(W3) + A4·opW(W4)) + alpha2·A2'·opW(B2') + alpha2b·A2''·opW(B2'')
+//       + alpha2c·A2'''·opW(B2''') + beta·C
 //
-// The backward's dx of a layer's q, k and v (or gate and up) with the LoRA terms s·g·A of two
+// The backward's dx of a layer's q, k and v (or gate and up) with the LoRA terms s·g·A of the
 // adapted ones, in one dispatch. A3' and A4 are places in one buffer (10 a3, at a3_off and a4_off;
-// dk and dv, say), A2' and A2'' in another (4 a2: LoRA's g slots), B2' and B2'' in a third (5 b2:
-// the LoRA parameters' arena); each binding is the range of its buffer that holds both places,
-// and the offsets count from its start. W4 (22) is in any of W's storage formats (W4_*). K4 = 0 or
-// K2b = 0 leaves that term out. No bias. Bindings 1, 2, 4, 5, 6, 10, 11, 22: 8 storage buffers.
+// dk and dv, say), the A2 in another (4 a2: LoRA's g slots), the B2 in a third (5 b2: the LoRA
+// parameters' arena); each binding is the range of its buffer that holds all its places, and the
+// offsets count from its start. W4 (22) is in any of W's storage formats (W4_*). K4 = 0, K2b = 0 or
+// K2c = 0 leaves that term out. No bias. Bindings 1, 2, 4, 5, 6, 10, 11, 22: 8 storage buffers.
 @group(0) @binding(22) var<storage, read> w4: array<vec4<u32>>;
 
 override W4_F16: bool = false;
@@ -1052,6 +1053,11 @@ fn stage_lr2(tid: u32, m0: u32, n0: u32, k0: u32) {
   stage_lr_term(tid, m0, n0, k0, p.K2b, p.a2b_off, p.b2b_off, p.alpha2b);
 }
 
+// matmul_sum_lr's third low-rank term (alpha2c·A2''', B2'''), matmul_qkv's third term's fields.
+fn stage_lr3(tid: u32, m0: u32, n0: u32, k0: u32) {
+  stage_lr_term(tid, m0, n0, k0, p.K2c, p.a2c_off, p.b2c_off, p.alpha2c);
+}
+
 // C[m][n..n+3] = v + beta·C, the columns inside N only (no bias).
 fn store_row_beta(m: u32, n: u32, v: vec4<f32>) {
   if (m >= p.M) { return; }
@@ -1086,6 +1092,12 @@ fn matmul_sum_lr(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
   acc = low_rank_product(acc * p.alpha, tid, lid.x, lid.y, m0, n0);
   for (var k0 = 0u; k0 < p.K2b; k0 += TK) {
     stage_lr2(tid, m0, n0, k0);
+    workgroupBarrier();
+    acc = multiply_tile(acc, lid.x, lid.y);
+    workgroupBarrier();
+  }
+  for (var k0 = 0u; k0 < p.K2c; k0 += TK) {
+    stage_lr3(tid, m0, n0, k0);
     workgroupBarrier();
     acc = multiply_tile(acc, lid.x, lid.y);
     workgroupBarrier();

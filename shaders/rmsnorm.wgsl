@@ -20,17 +20,20 @@
 // the copy is where the projection after the block accumulates its output (C += ..., beta = 1), so
 // the residual add costs no dispatch of its own and the norm's input stays intact for the backward.
 //
-// rmsnorm_fwd_lora also computes the LoRA h = y·Aᵀ of the two adapted projections that read y
-// (q and v; gate and up), which lora_rows_multi would otherwise compute in a dispatch of its own:
-//   h_m[r, j] = Σ_i y[r, i]·A_m[j, i]      A_m r_m×d at element a_m of lora_a, h_m [rows, r_m]
-// Both A are places in one buffer (the LoRA parameters' arena), so the entry binds eight storage
-// buffers. Packed rows only (groups 1, no strides or offsets). It copies x like rmsnorm_fwd_copy
-// when p.copy != 0 (x_copy is a placeholder otherwise: inference normalises in place).
+// rmsnorm_fwd_lora also computes the LoRA h = y·Aᵀ of the two or three adapted projections that
+// read y (q and v, or q, k and v; gate and up), which lora_rows_multi would otherwise compute in a
+// dispatch of its own:
+//   h_m[r, j] = Σ_i y[r, i]·A_m[j, i]      A_m r_m×d at element a_m of lora_a,
+//                                          h_m [rows, r_m] at element h_m of h
+// The A are places in one buffer (the LoRA parameters' arena), the h in another (the layer's h
+// arena), so the entry binds seven storage buffers. A module of rank 0 is none (two modules). Packed
+// rows only (groups 1, no strides or offsets). It copies x like rmsnorm_fwd_copy when p.copy != 0
+// (x_copy is a placeholder otherwise: inference normalises in place).
 //
 // Bindings, group 0:
 //   rmsnorm_fwd: 0 p uniform, 1 x (read), 2 w [d] (read), 3 rstd [rows] (written), 4 y (written)
 //   rmsnorm_fwd_copy: the same and 5 x_copy (written)
-//   rmsnorm_fwd_lora: the same, 6 lora_a (read), 7 h1, 8 h2 (written)
+//   rmsnorm_fwd_lora: the same, 6 lora_a (read), 7 h (written)
 //   rmsnorm_bwd: 0 p uniform, 1 x (read), 2 w [d] (read), 3 rstd [rows] (read), 4 dy (read),
 //                5 dx (written or accumulated)
 //
@@ -53,12 +56,16 @@ struct Params {
   eps: f32,
   accumulate: u32,
   grid_x: u32,
-  lora_r1: u32,  // rmsnorm_fwd_lora: the two ranks, where the two A start in lora_a, and whether
-  lora_r2: u32,  // to copy x
+  lora_r1: u32,  // rmsnorm_fwd_lora: the modules' ranks (0: no third), where their A start in
+  lora_r2: u32,  // lora_a and their h in h, and whether to copy x
+  lora_r3: u32,
   lora_a1: u32,
   lora_a2: u32,
+  lora_a3: u32,
+  lora_h1: u32,
+  lora_h2: u32,
+  lora_h3: u32,
   copy: u32,
-  _pad0: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -71,8 +78,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(5) var<storage, read_write> x_copy: array<f32>;
 @group(0) @binding(6) var<storage, read> lora_a: array<f32>;
-@group(0) @binding(7) var<storage, read_write> h1: array<f32>;
-@group(0) @binding(8) var<storage, read_write> h2: array<f32>;
+@group(0) @binding(7) var<storage, read_write> h: array<f32>;
 
 override WG: u32 = 256;   // invocations per workgroup
 override TPR: u32 = 256;  // invocations per row; a power of two dividing WG
@@ -153,14 +159,15 @@ fn rmsnorm_fwd_lora(@builtin(local_invocation_index) tid: u32, @builtin(workgrou
     }
     if (s.lane == 0u) { rstd_out[s.row] = r; }
   }
-  lora_h_row(tid, s, xb, r, p.lora_r1, p.lora_a1, false);
-  lora_h_row(tid, s, xb, r, p.lora_r2, p.lora_a2, true);
+  lora_h_row(tid, s, xb, r, p.lora_r1, p.lora_a1, p.lora_h1);
+  lora_h_row(tid, s, xb, r, p.lora_r2, p.lora_a2, p.lora_h2);
+  lora_h_row(tid, s, xb, r, p.lora_r3, p.lora_a3, p.lora_h3);
 }
 
-// h[row, j] for the R ranks of one A (at element a0 of lora_a), four ranks per pass over the row
-// (two reductions). y's elements are recomputed exactly as stored (the same f32 operations), not
-// read back.
-fn lora_h_row(tid: u32, s: Slot, xb: u32, r: f32, R: u32, a0: u32, second: bool) {
+// h[row, j] for the R ranks of one A (at element a0 of lora_a; its h at element h0 of h), four
+// ranks per pass over the row (two reductions). y's elements are recomputed exactly as stored (the
+// same f32 operations), not read back.
+fn lora_h_row(tid: u32, s: Slot, xb: u32, r: f32, R: u32, a0: u32, h0: u32) {
   for (var j = 0u; j < R; j += 4u) {
     let rows = a0 + min(vec4<u32>(j) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(R - 1u)) * p.d;
     var acc = vec4<f32>(0.0);
@@ -172,10 +179,8 @@ fn lora_h_row(tid: u32, s: Slot, xb: u32, r: f32, R: u32, a0: u32, second: bool)
     }
     let t = vec4<f32>(group_sum2(tid, TPR, acc.xy), group_sum2(tid, TPR, acc.zw));
     if (s.valid && s.lane == 0u) {
-      let o = s.row * R + j;
-      for (var q = 0u; q < min(4u, R - j); q++) {
-        if (second) { h2[o + q] = t[q]; } else { h1[o + q] = t[q]; }
-      }
+      let o = h0 + s.row * R + j;
+      for (var q = 0u; q < min(4u, R - j); q++) { h[o + q] = t[q]; }
     }
   }
 }

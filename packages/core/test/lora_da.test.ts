@@ -81,8 +81,10 @@ function arenas(ctx: Parameters<typeof planLoraDaMany>[0], c: Case) {
 }
 
 describe('lora dA of many modules in one dispatch', () => {
-  for (const c of cases) {
-    const n = `T=${c.T}, ${c.mods.length} modules (${[...new Set(c.mods.map((m) => `N=${m.N} r=${m.R}`))].slice(0, 4).join(', ')}), beta=${c.beta}`;
+  // Both work splits on any adapter: the GPUs' (V staged in workgroup memory, 64 invocations) and
+  // the CPU adapters' (16, unstaged).
+  for (const [c, stage] of cases.flatMap((c) => [true, false].map((stage) => [c, stage] as const))) {
+    const n = `T=${c.T}, ${c.mods.length} modules (${[...new Set(c.mods.map((m) => `N=${m.N} r=${m.R}`))].slice(0, 4).join(', ')}), beta=${c.beta}, ${stage ? 'staged' : 'unstaged'}`;
     it(n, async () => {
       const ctx = gpu();
       const data = c.mods.map((m, i) => ({
@@ -110,7 +112,7 @@ describe('lora dA of many modules in one dispatch', () => {
           return { x, g, da, scale: d.scale };
         });
         // The dispatch's order need not be the arena's: the roles go in reverse.
-        const dsp = await planLoraDaMany(ctx, [...modules].reverse(), { T: c.T, beta: c.beta, label: n });
+        const dsp = await planLoraDaMany(ctx, [...modules].reverse(), { T: c.T, beta: c.beta, label: n, stage });
         new StepEncoder(ctx, n).dispatch(dsp).submit();
         const result = await Promise.all(modules.map((m) => readFloat32(m.da)));
         const other = await readFloat32(a.da.views[0] as Tensor);

@@ -33,6 +33,7 @@ import {
   type LoraRowsSplit,
   type LoraThinKernel,
   planLoraColsMulti,
+  planLoraGradGdBMany,
   planLoraGradGdBPair,
   planLoraRows,
   planLoraRowsMulti,
@@ -439,6 +440,139 @@ describe('lora g and dB of two modules in one dispatch', () => {
       });
     }
   }
+
+  // lora_g_db_many: q, k and v's g and dB in one dispatch, every operand kind places of one arena
+  // (each after another tensor, the modules in another order than the arenas').
+  const manyCases: { T: number; mods: { N: number; R: number }[]; beta: number }[] = [
+    {
+      T: 65,
+      mods: [
+        { N: 64, R: 8 },
+        { N: 16, R: 8 },
+        { N: 16, R: 8 },
+      ],
+      beta: 1,
+    },
+    {
+      T: 7,
+      mods: [
+        { N: 63, R: 3 },
+        { N: 257, R: 1 },
+        { N: 20, R: 16 },
+      ],
+      beta: 0,
+    },
+    {
+      T: 33,
+      mods: [
+        { N: 32, R: 64 },
+        { N: 12, R: 5 },
+      ],
+      beta: 1,
+    },
+  ];
+  for (const c of manyCases) {
+    for (const path of reductionPaths) {
+      const n = `many: T=${c.T} ${c.mods.map((m) => `N=${m.N} r=${m.R}`).join(', ')} beta=${c.beta} (${path.name})`;
+      it(n, async (test) => {
+        const ctx = path.gpu(test);
+        const mods = c.mods.map((m, i) => ({
+          ...m,
+          scale: 0.5 + i,
+          dy: randomArray(c.T * m.N, m.N + 31 * i, 1),
+          b: randomArray(m.N * m.R, m.R + 7 * i, 1),
+          h: randomArray(c.T * m.R, m.R + 3 + i, 1),
+          db0: randomArray(m.N * m.R, 17 + i, 1),
+        }));
+        const want = mods.map((m) => ({
+          g: matmulRef(m.dy, m.b, c.T, m.N, m.R),
+          db: matmulRef(m.dy, m.h, m.N, c.T, m.R, { transA: true }).map(
+            (v, j) => m.scale * v + c.beta * (m.db0[j] as number),
+          ),
+        }));
+        const got = await gpuCase(ctx, n, async () => {
+          const arena = (label: string, shape: (m: (typeof mods)[number]) => number[], other: number) =>
+            new TensorArena(
+              ctx,
+              [
+                { shape: [other], label: `${label}.other` },
+                ...[...mods.entries()].reverse().map(([i, m]) => ({ shape: shape(m), label: `${label}${i}` })),
+              ],
+              label,
+            );
+          const k = mods.length;
+          const [dys, bs, hs, gs, dbs] = [
+            arena('dy', (m) => [c.T, m.N], 9),
+            arena('B', (m) => [m.N, m.R], 100),
+            arena('h', (m) => [c.T, m.R], 3),
+            arena('g', (m) => [c.T, m.R], 70),
+            arena('dB', (m) => [m.N, m.R], 15),
+          ];
+          writeTensor(dbs.views[0] as Tensor, new Float32Array(15).fill(3));
+          const io: LoraGradModule[] = mods.map((m, i) => {
+            const v = (a: TensorArena) => a.views[k - i] as Tensor;
+            writeTensor(v(dys), m.dy);
+            writeTensor(v(bs), m.b);
+            writeTensor(v(hs), m.h);
+            writeTensor(v(dbs), m.db0);
+            return { dy: v(dys), b: v(bs), h: v(hs), g: v(gs), db: v(dbs), scale: m.scale };
+          });
+          const d = await planLoraGradGdBMany(ctx, io, c.T, c.beta, n);
+          new StepEncoder(ctx, n).dispatch(d).submit();
+          const result = await Promise.all(
+            io.map(async (m) => ({ g: await readFloat32(m.g), db: await readFloat32(m.db) })),
+          );
+          const other = await readFloat32(dbs.views[0] as Tensor);
+          d.dispose();
+          for (const a of [dys, bs, hs, gs, dbs]) a.dispose();
+          return { result, other };
+        });
+        for (const [i, r] of got.result.entries()) {
+          const w = want[i] as { g: Float64Array; db: Float64Array };
+          const m = c.mods[i] as { N: number; R: number };
+          expectClose(ctx, `${n} g${i}`, r.g, w.g, 3e-5 * Math.sqrt(m.N), 1e-5);
+          expectClose(ctx, `${n} dB${i}`, r.db, w.db, 3e-5 * Math.sqrt(c.T), 1e-5);
+        }
+        expectClose(ctx, `${n} the arena's other place`, got.other, new Float64Array(15).fill(3), 0, 0);
+      });
+    }
+  }
+
+  it('many: refuses operands outside shared buffers, overlapping g, and one or four modules', async () => {
+    const ctx = gpu();
+    await gpuCase(ctx, 'many refusals', async () => {
+      const [T, N, R] = [5, 8, 4];
+      const arena = (label: string, shape: number[]) =>
+        new TensorArena(
+          ctx,
+          [0, 1, 2, 3].map((i) => ({ shape, label: `${label}${i}` })),
+          label,
+        );
+      const [dys, bs, hs, gs, dbs] = [
+        arena('dy', [T, N]),
+        arena('B', [N, R]),
+        arena('h', [T, R]),
+        arena('g', [T, R]),
+        arena('dB', [N, R]),
+      ];
+      const own = createTensor(ctx, [T, N], 'f32', 'dy_own');
+      const mod = (i: number): LoraGradModule => ({
+        dy: dys.views[i] as Tensor,
+        b: bs.views[i] as Tensor,
+        h: hs.views[i] as Tensor,
+        g: gs.views[i] as Tensor,
+        db: dbs.views[i] as Tensor,
+        scale: 1,
+      });
+      const plan = (m: LoraGradModule[]) => planLoraGradGdBMany(ctx, m, T, 0, 'many');
+      await expect(plan([mod(0), { ...mod(1), dy: own }])).rejects.toThrow(/dy dy_own is not in dy0's buffer/);
+      await expect(plan([mod(0), { ...mod(1), g: gs.views[0] as Tensor }])).rejects.toThrow(/g places overlap/);
+      await expect(plan([mod(0)])).rejects.toThrow(/not two or three/);
+      await expect(plan([0, 1, 2, 3].map(mod))).rejects.toThrow(/not two or three/);
+      own.dispose();
+      for (const a of [dys, bs, hs, gs, dbs]) a.dispose();
+    });
+  });
 
   it('refuses B or dB outside shared buffers, and one module twice', async () => {
     const ctx = gpu();

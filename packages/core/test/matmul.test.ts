@@ -341,11 +341,11 @@ describe('matmul with a second product', () => {
 });
 
 // matmul_sum_lr: C = alpha·(A·opW(W) + A3·opW(W3) + A4·opW(W4)) + alpha2·A2·opW(B2) +
-// alpha2b·A2b·opW(B2b) + beta·C, the backward's dx of q, k and v with two LoRA terms in one
-// dispatch. A3 and A4 are places in one buffer, A2 and A2b in another, B2 and B2b in a third (as
+// alpha2b·A2b·opW(B2b) + alpha2c·A2c·opW(B2c) + beta·C, the backward's dx of q, k and v with up to
+// three LoRA terms in one dispatch. A3 and A4 are places in one buffer, the A2 in another, the B2 in a third (as
 // dk/dv, LoRA's g slots and the parameters' arena are), each at an offset, so a kernel that read a
 // place at the wrong offset, or one term's operand for another's, fails.
-describe('matmul with three products and two low-rank terms', () => {
+describe('matmul with three products and up to three low-rank terms', () => {
   interface SumLr {
     M: number;
     N: number;
@@ -360,6 +360,8 @@ describe('matmul with three products and two low-rank terms', () => {
     r1: number;
     /** 0: no second low-rank term. */
     r2: number;
+    /** 0 or absent: no third low-rank term. */
+    r3?: number;
     beta: number;
   }
   const sums: SumLr[] = [
@@ -373,9 +375,42 @@ describe('matmul with three products and two low-rank terms', () => {
     { M: 33, N: 128, K: 32, K3: 64, K4: 96, transW: false, w: 'f16', w3: 'q8_0', w4: 'q4_0', r1: 8, r2: 0, beta: 0 },
     // W transposed.
     { M: 20, N: 96, K: 64, K3: 32, K4: 64, transW: true, w: 'f32', w3: 'f16', w4: 'f32', r1: 16, r2: 7, beta: 1 },
+    // q, k and v all adapted (all-linear): three LoRA terms, aligned as training plans them.
+    {
+      M: 64,
+      N: 96,
+      K: 96,
+      K3: 32,
+      K4: 32,
+      transW: false,
+      w: 'f16',
+      w3: 'q8_0',
+      w4: 'f16',
+      r1: 8,
+      r2: 8,
+      r3: 8,
+      beta: 0,
+    },
+    // Three LoRA terms of unaligned ranks, accumulating, W transposed.
+    {
+      M: 37,
+      N: 60,
+      K: 32,
+      K3: 24,
+      K4: 16,
+      transW: true,
+      w: 'f32',
+      w3: 'f32',
+      w4: 'f16',
+      r1: 3,
+      r2: 1,
+      r3: 6,
+      beta: 1,
+    },
   ];
   for (const c of sums) {
-    const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3}+${c.K4} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3} W4:${c.w4} ranks ${c.r1}+${c.r2}${c.beta ? ' +=C' : ''}`;
+    const r3 = c.r3 ?? 0;
+    const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3}+${c.K4} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3} W4:${c.w4} ranks ${c.r1}+${c.r2}${r3 ? `+${r3}` : ''}${c.beta ? ' +=C' : ''}`;
     it(name, async () => {
       const ctx = gpu();
       const seed = 3 * c.M + c.N + c.K + c.K3 + c.K4;
@@ -392,14 +427,18 @@ describe('matmul with three products and two low-rank terms', () => {
       const a2b = randomArray(c.M * c.r2, seed + 8);
       const b2b = randomArray(c.N * c.r2, seed + 9);
       const c0 = randomArray(c.M * c.N, seed + 10);
+      const a2c = randomArray(c.M * r3, seed + 11);
+      const b2c = randomArray(c.N * r3, seed + 12);
       const alpha = 0.75;
       const alpha2 = 1.5;
       const alpha2b = -0.625;
+      const alpha2c = 0.375;
       let want = addRef(matmulRef(a, w, c.M, c.K, c.N, opts), matmulRef(a3, w3, c.M, c.K3, c.N, opts), 1);
       if (c.K4) want = addRef(want, matmulRef(a4, w4, c.M, c.K4, c.N, opts), 1);
       want = want.map((v) => v * alpha);
       want = addRef(want, matmulRef(a2, b2, c.M, c.r1, c.N, opts), alpha2);
       if (c.r2) want = addRef(want, matmulRef(a2b, b2b, c.M, c.r2, c.N, opts), alpha2b);
+      if (r3) want = addRef(want, matmulRef(a2c, b2c, c.M, r3, c.N, opts), alpha2c);
       if (c.beta) want = addRef(want, c0, c.beta);
       const got = await gpuCase(ctx, name, async () => {
         const owned: Tensor[] = [];
@@ -428,27 +467,31 @@ describe('matmul with three products and two low-rank terms', () => {
         const tw3 = own(tensorFromData(ctx, w3, wShape(c.K3), c.w3, 'w3'));
         const tw4 = c.K4 ? own(tensorFromData(ctx, w4, wShape(c.K4), c.w4, 'w4')) : undefined;
         const tc = own(tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c'));
-        // A4 before A3, and the second term's operands before the first's, in their buffers.
+        // A4 before A3, and the second term's operands before the first's, the third's between, in
+        // their buffers.
         const dense = places('a3', [
           ...(c.K4 ? [{ data: a4, shape: [c.M, c.K4] }] : []),
           { data: a3, shape: [c.M, c.K3] },
         ]);
         const gs = places('a2', [
           ...(c.r2 ? [{ data: a2b, shape: [c.M, c.r2] }] : []),
+          ...(r3 ? [{ data: a2c, shape: [c.M, r3] }] : []),
           { data: a2, shape: [c.M, c.r1] },
         ]);
         const bs = places('b2', [
           ...(c.r2 ? [{ data: b2b, shape: wShape(c.r2) }] : []),
+          ...(r3 ? [{ data: b2c, shape: wShape(r3) }] : []),
           { data: b2, shape: wShape(c.r1) },
         ]);
         const ta3 = dense[dense.length - 1] as Tensor;
         const ta4 = c.K4 ? dense[0] : undefined;
         const second = c.r2 ? { a2: gs[0] as Tensor, b2: bs[0] as Tensor, alpha2: alpha2b } : undefined;
+        const third = r3 ? { a2: gs[1] as Tensor, b2: bs[1] as Tensor, alpha2: alpha2c } : undefined;
         const d = await planMatmul(ctx, ta, tw, tc, {
           transW: c.transW,
           alpha,
           beta: c.beta,
-          lowRank: { a2: gs[gs.length - 1] as Tensor, b2: bs[bs.length - 1] as Tensor, alpha2, second },
+          lowRank: { a2: gs[gs.length - 1] as Tensor, b2: bs[bs.length - 1] as Tensor, alpha2, second, third },
           extra: { a: ta3, w: tw3, third: ta4 && tw4 ? { a: ta4, w: tw4 } : undefined },
         });
         new StepEncoder(ctx, name).dispatch(d).submit();
@@ -457,7 +500,7 @@ describe('matmul with three products and two low-rank terms', () => {
         for (const t of owned) t.dispose();
         return out;
       });
-      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.K4 + c.r1 + c.r2), 1e-5);
+      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.K4 + c.r1 + c.r2 + r3), 1e-5);
     });
   }
 
@@ -509,6 +552,24 @@ describe('matmul with three products and two low-rank terms', () => {
           lowRank: { ...lowRank, second: { a2: g as Tensor, b2: bb as Tensor, alpha2: 1 } },
         }),
       ).rejects.toThrow(/needs `extra`/);
+      await expect(
+        planMatmul(ctx, a as Tensor, w as Tensor, c as Tensor, {
+          transW: false,
+          lowRank: { ...lowRank, third: { a2: g as Tensor, b2: bb as Tensor, alpha2: 1 } },
+          extra: { a: a3 as Tensor, w: w3 as Tensor },
+        }),
+      ).rejects.toThrow(/third low-rank term needs a second/);
+      await expect(
+        planMatmul(ctx, a as Tensor, w as Tensor, c as Tensor, {
+          transW: false,
+          lowRank: {
+            ...lowRank,
+            second: { a2: g as Tensor, b2: bb as Tensor, alpha2: 1 },
+            third: { a2: ga as Tensor, b2: bb as Tensor, alpha2: 1 },
+          },
+          extra: { a: a3 as Tensor, w: w3 as Tensor },
+        }),
+      ).rejects.toThrow(/the third low-rank term's operands must be places in the first's buffers/);
       for (const x of [a, w, c, a3, w3, a4, w4, g, ga, bb, ba, bias]) x?.dispose();
     });
   });

@@ -175,16 +175,19 @@ for (const path of paths) {
       expectClose(ctx, 'dqkv (q and k written, v untouched)', got.dqkv, wantDqkv, tol(hd), 1e-5);
     });
 
-    // rmsnorm_fwd_lora: the norm and the LoRA h = y·A_mᵀ of two projections reading y, their A
-    // places in one arena (after another tensor, so at non-zero offsets), in every work split.
-    const loraCases: { rows: number; d: number; ranks: [number, number]; copy: boolean; split?: NormSplit }[] = [
+    // rmsnorm_fwd_lora: the norm and the LoRA h = y·A_mᵀ of two or three projections reading y,
+    // their A places in one arena and their h in another (each after another tensor, so at non-zero
+    // offsets; the h in reverse order), in every work split.
+    const loraCases: { rows: number; d: number; ranks: number[]; copy: boolean; split?: NormSplit }[] = [
       { rows: 7, d: 12, ranks: [8, 8], copy: true, split: 'tree' },
       { rows: 65, d: 63, ranks: [1, 7], copy: false },
       { rows: 65, d: 576, ranks: [16, 4], copy: true, split: 'rows' },
       { rows: 3, d: 257, ranks: [64, 2], copy: true, split: 'tree' },
+      { rows: 65, d: 64, ranks: [8, 3, 8], copy: true, split: 'tree' },
+      { rows: 9, d: 36, ranks: [5, 16, 1], copy: false, split: 'rows' },
     ];
     for (const c of loraCases) {
-      const n = `with the LoRA h of two projections: rows=${c.rows} d=${c.d} r=${c.ranks.join(',')}${c.copy ? ' +copy' : ''}${c.split ? ` ${c.split}` : ''}`;
+      const n = `with the LoRA h of ${c.ranks.length} projections: rows=${c.rows} d=${c.d} r=${c.ranks.join(',')}${c.copy ? ' +copy' : ''}${c.split ? ` ${c.split}` : ''}`;
       it(n, async (t) => {
         const ctx = path.gpu(t);
         const p = {
@@ -208,12 +211,20 @@ for (const path of paths) {
             [{ shape: [5], label: 'other' }, ...c.ranks.map((R, i) => ({ shape: [R, c.d], label: `A${i}` }))],
             'params',
           );
-          const hs = c.ranks.map((R, i) => createTensor(ctx, [c.rows, R], 'f32', `h${i}`));
-          const lora = c.ranks.map((_, i) => {
+          const hArena = new TensorArena(
+            ctx,
+            [
+              { shape: [3], label: 'other h' },
+              ...[...c.ranks.entries()].reverse().map(([i, R]) => ({ shape: [c.rows, R], label: `h${i}` })),
+            ],
+            'h',
+          );
+          const hs = c.ranks.map((_, i) => hArena.views[c.ranks.length - i] as Tensor);
+          const lora: RmsNormLoraH[] = c.ranks.map((_, i) => {
             const a = arena.views[i + 1] as Tensor;
             writeTensor(a, as[i] as Float64Array);
             return { a, h: hs[i] as Tensor };
-          }) as [RmsNormLoraH, RmsNormLoraH];
+          });
           const fwd = await planRmsNormForward(ctx, { x, w, y, rstd, xCopy, lora }, { eps: p.eps, split: c.split });
           new StepEncoder(ctx, n).dispatch(fwd).submit();
           const out = {
@@ -224,7 +235,8 @@ for (const path of paths) {
           };
           fwd.dispose();
           arena.dispose();
-          for (const t of [x, w, y, rstd, xCopy, ...hs]) t?.dispose();
+          hArena.dispose();
+          for (const t of [x, w, y, rstd, xCopy]) t?.dispose();
           return out;
         });
         expectClose(ctx, `${n} y`, got.y, ref.y, 2e-6, 1e-5);
@@ -234,6 +246,37 @@ for (const path of paths) {
         if (c.copy) expect(got.xCopy, 'x copied exactly').toEqual(Float32Array.from(p.x));
       });
     }
+
+    it('refuses LoRA h that are not disjoint places of one buffer, A apart, or four modules', async (t) => {
+      const ctx = path.gpu(t);
+      await gpuCase(ctx, 'rmsnorm lora refusals', async () => {
+        const [rows, d] = [5, 8];
+        const x = createTensor(ctx, [rows, d], 'f32', 'x');
+        const w = createTensor(ctx, [d], 'f32', 'w');
+        const y = createTensor(ctx, [rows, d], 'f32', 'y');
+        const rstd = createTensor(ctx, [rows], 'f32', 'rstd');
+        const a = new TensorArena(
+          ctx,
+          [0, 1, 2, 3].map((i) => ({ shape: [2, d], label: `A${i}` })),
+          'params',
+        );
+        const h = new TensorArena(
+          ctx,
+          [0, 1, 2, 3].map((i) => ({ shape: [rows, 2], label: `h${i}` })),
+          'h',
+        );
+        const apart = createTensor(ctx, [rows, 2], 'f32', 'h apart');
+        const m = (i: number): RmsNormLoraH => ({ a: a.views[i] as Tensor, h: h.views[i] as Tensor });
+        const plan = (lora: RmsNormLoraH[]) => planRmsNormForward(ctx, { x, w, y, rstd, lora }, { eps: 1e-5 });
+        await expect(plan([m(0), { ...m(1), h: apart }])).rejects.toThrow(/h h0, h apart disjoint places/);
+        await expect(plan([m(0), { ...m(1), h: h.views[0] as Tensor }])).rejects.toThrow(ShapeError);
+        await expect(plan([m(0), m(1), m(2), m(3)])).rejects.toThrow(/two or three modules/);
+        await expect(plan([m(0)])).rejects.toThrow(/two or three modules/);
+        a.dispose();
+        h.dispose();
+        for (const t of [x, w, y, rstd, apart]) t.dispose();
+      });
+    });
 
     it('rejects operands whose shapes do not fit, naming them', async (t) => {
       const ctx = path.gpu(t);

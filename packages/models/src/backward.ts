@@ -21,6 +21,7 @@ import {
   type LoraDaModule,
   type LoraGradModule,
   loraDaManyRefusal,
+  loraGradManyRefusal,
   loraGradPairable,
   loraGradPairPays,
   MATVEC_MAX_ROWS,
@@ -36,6 +37,7 @@ import {
   planLoraBackward,
   planLoraColsMulti,
   planLoraDaMany,
+  planLoraGradGdBMany,
   planLoraGradGdBPair,
   planMatmul,
   planRmsNormBackward,
@@ -199,34 +201,40 @@ export function backwardLayout(
   // LoRA's g: one per rank in use; projections sharing an input whose dA is one dispatch keep
   // theirs apart until it runs (slot s of a group, `lora_g{s}_r{r}`). Places of one buffer, so that
   // a dx dispatch can take two adapted projections' LoRA terms (matmul_sum_lr).
-  const slots = Math.max(1, ...gSlots(c, ranks, opts.dropout ?? false, opts.fuse ?? true));
+  // Only the projections whose dA is not deferred (loraDaChunks, below) take these.
+  const layers = modelLayout(c).layers;
+  const daChunks = loraDaDeferred(opts.fuse ?? true, opts.dropout ?? false, opts.recompute ?? false)
+    ? loraDaChunks(c, ranks, rows)
+    : [];
+  const deferred = loraDaChunkOf(daChunks);
+  const kept = new Map<string, number>();
+  const slotsPerLayer = layers.map((l, i) => {
+    const roles = [...adaptedRoles(l, ranks)].filter(([role]) => deferred(i, loraInputKey(role)) === undefined);
+    for (const m of l.linears)
+      if (roles.some(([role]) => role === m.role)) kept.set(m.name, ranks.get(m.name) as number);
+    return gSlots(c, new Set(roles.map(([role]) => role)), opts.dropout ?? false, opts.fuse ?? true);
+  });
+  const slots = Math.max(1, ...slotsPerLayer);
   const g: { label: string; shape: number[] }[] = [];
-  for (const r of [...new Set(ranks.values())].sort((a, b) => a - b)) {
+  for (const r of [...new Set(kept.values())].sort((a, b) => a - b)) {
     for (let slot = 0; slot < slots; slot++) g.push({ label: `lora_g${slot || ''}_r${r}`, shape: [rows, r] });
   }
   if (g.length > 0) arena('lora_g', g);
-  // The g of projections whose dA waits for their chunk's dispatch (loraDaChunks): a place each, in
-  // one arena per chunk, which that dispatch binds whole.
-  if (loraDaDeferred(opts.fuse ?? true, opts.dropout ?? false, opts.recompute ?? false)) {
-    const layers = modelLayout(c).layers;
-    for (const [ci, chunk] of loraDaChunks(c, ranks, rows).entries()) {
-      const places = chunk.layers.flatMap((i) =>
-        [...adaptedRoles(layers[i] as (typeof layers)[number], ranks)]
-          .filter(([role]) => chunk.keys.includes(loraInputKey(role)))
-          .map(([role, r]) => ({ label: `layer${i}.${role}.lora_g`, shape: [rows, r] })),
-      );
-      arena(`lora_g_da${ci}`, places);
-    }
+  for (const [ci, chunk] of daChunks.entries()) {
+    const places = chunk.layers.flatMap((i) =>
+      [...adaptedRoles(layers[i] as (typeof layers)[number], ranks)]
+        .filter(([role]) => chunk.keys.includes(loraInputKey(role)))
+        .map(([role, r]) => ({ label: `layer${i}.${role}.lora_g`, shape: [rows, r] })),
+    );
+    arena(`lora_g_da${ci}`, places);
   }
   return out;
 }
 
-/** Per layer, the size of its largest shared-input LoRA group (0 when none). */
-function gSlots(config: ModelConfig, ranks: AdapterRanks, dropout: boolean, fuse: boolean): number[] {
-  return modelLayout(config).layers.map((l) => {
-    const adapted = new Set(l.linears.filter((m) => ranks.has(m.name)).map((m) => m.role));
-    return Math.max(0, ...sharedLoraGroups(config, adapted, dropout, fuse).map((g) => g.length));
-  });
+/** The size of a layer's largest shared-input LoRA group among these adapted projections (0 when
+ * none). */
+function gSlots(config: ModelConfig, adapted: ReadonlySet<LinearRole>, dropout: boolean, fuse: boolean): number {
+  return Math.max(0, ...sharedLoraGroups(config, adapted, dropout, fuse).map((g) => g.length));
 }
 
 /**
@@ -317,9 +325,8 @@ export function ropeInAttentionBackward(config: ModelConfig, fuse: boolean): boo
 /**
  * The dx dispatches of projections that read one input (`roles` of a shared-input group, in
  * order), each the roles whose dy·W it sums. Fused without dropout (`sumLr`): up to three
- * projections to a dispatch with the LoRA terms of up to two adapted ones (matmul_sum_lr: their g
- * are places of one arena, their A of the LoRA parameters'); q, k and v are then one dispatch
- * unless all three are adapted. Otherwise projectionSteps' (`pair`: an adapted projection with an
+ * projections to a dispatch with the LoRA terms of the adapted ones (matmul_sum_lr: their g are
+ * places of one arena, their A of the LoRA parameters'); q, k and v are then one dispatch. Otherwise projectionSteps' (`pair`: an adapted projection with an
  * unadapted one beside it; not with dropout, whose dx is three dispatches).
  */
 export function dxSteps(
@@ -332,8 +339,7 @@ export function dxSteps(
   const steps: LinearRole[][] = [];
   let step: LinearRole[] = [];
   for (const role of roles) {
-    const lora = step.filter((r) => adapted.has(r)).length;
-    if (step.length === 3 || (adapted.has(role) && lora === 2)) {
+    if (step.length === 3) {
       steps.push(step);
       step = [];
     }
@@ -458,9 +464,10 @@ export function backwardDispatchCount(
     const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);
     const lin = (role: LinearRole) => (adapted.has(role) ? lora : 1);
     // A shared-input group's dA are one dispatch instead of one each, and with pairGdB its g and
-    // dB two modules to a dispatch (their B and dB in arenas, as the trainer keeps them).
+    // dB one dispatch too (lora_g_db_pair for two, lora_g_db_many for three; their operands in
+    // arenas, as the trainer keeps them).
     const groups = sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse);
-    for (const g of groups) n -= g.length - 1 + ((opts.pairGdB ?? true) ? Math.floor(g.length / 2) : 0);
+    for (const g of groups) n -= g.length - 1 + ((opts.pairGdB ?? true) ? g.length - 1 : 0);
     // Deferred dA: a group's one dispatch, or a lone projection's own, goes.
     const deferred = (role: LinearRole) => daChunkOf(i, loraInputKey(role)) !== undefined;
     n -= groups.filter((g) => deferred(g[0] as LinearRole)).length;
@@ -620,17 +627,15 @@ export async function planBackward(
     );
     // Which chunk's dispatch forms a projection's dA (`${layer}.${role}`), for the chunks it can take.
     const daOn = daModules.map((modules) => loraDaManyRefusal(ctx, modules) === undefined);
-    const deferred = new Map<string, number>();
-    daChunks.forEach((chunk, ci) => {
-      if (!daOn[ci]) return;
-      for (const i of chunk.layers)
-        for (const role of (fwd.layers[i] as LayerActivations).loraH.keys())
-          if (chunk.keys.includes(loraInputKey(role))) deferred.set(`${i}.${role}`, ci);
-    });
-    const deferredDa = (i: number, role: LinearRole) => deferred.get(`${i}.${role}`);
-    /** A projection's g: its own place where its dA is deferred, else its rank's slot. */
+    const inChunk = loraDaChunkOf(daChunks);
+    const deferredDa = (i: number, role: LinearRole) => {
+      const ci = inChunk(i, loraInputKey(role));
+      return ci !== undefined && daOn[ci] ? ci : undefined;
+    };
+    /** A projection's g: its place in its chunk's arena where it is in a chunk (also where the chunk
+     * was refused and its dA falls back to the layer's dispatches), else its rank's slot. */
     const gOf = (i: number, role: LinearRole, r: number, slot: number) =>
-      deferredDa(i, role) !== undefined ? s.get(`layer${i}.${role}.lora_g`) : g(r, slot);
+      inChunk(i, loraInputKey(role)) !== undefined ? s.get(`layer${i}.${role}.lora_g`) : g(r, slot);
 
     const normBackward = async (
       norm: Norm,
@@ -674,7 +679,7 @@ export async function planBackward(
       activation?: MatmulActivationBackward,
       extra?: MatmulOptions['extra'],
       gdBPlanned = false,
-      lowRank2?: { g: Tensor; a: Tensor; scale: number },
+      lowRanks: readonly { g: Tensor; a: Tensor; scale: number }[] = [],
     ) => {
       const lin = layer.linears[role] as Linear;
       const t = lora.get(lin.module.name);
@@ -703,7 +708,8 @@ export async function planBackward(
               dA: slot < 0 && !later,
               dxActivation: dx ? activation : undefined,
               dxExtra: dx ? extra : undefined,
-              dxLowRank2: dx ? lowRank2 : undefined,
+              dxLowRank2: dx ? lowRanks[0] : undefined,
+              dxLowRank3: dx ? lowRanks[1] : undefined,
             },
             lin.module.name,
           )),
@@ -746,7 +752,14 @@ export async function planBackward(
         const gr = gOf(layer.index, role, r, shared.indexOf(role));
         return { dy: dy.get(role) as Tensor, b: t.b, h, g: gr, db: t.db, scale: t.scale };
       };
-      for (let i = 0; pairGdB && i + 1 < shared.length; i += 2) {
+      // q, k and v all adapted: their three g and dB in one dispatch where every operand kind lies
+      // in one buffer (lora_g_db_many), instead of a pair and one alone.
+      const many = shared.length === 3 && pairGdB ? shared.map(gradModule) : [];
+      if (many.length === 3 && loraGradManyRefusal(many) === undefined) {
+        out.push(await planLoraGradGdBMany(ctx, many, rows, 1, `${label}.lora_g_dB.${shared.join('_')}`));
+        for (const role of shared) gdBPlanned.add(role);
+      }
+      for (let i = 0; pairGdB && gdBPlanned.size === 0 && i + 1 < shared.length; i += 2) {
         const pair = [shared[i], shared[i + 1]] as [LinearRole, LinearRole];
         const mods = pair.map(gradModule) as [LoraGradModule, LoraGradModule];
         if (!loraGradPairable(...mods)) continue;
@@ -761,41 +774,43 @@ export async function planBackward(
       const split = (step: readonly LinearRole[]) => {
         const first = step.find((r) => adapted.has(r)) ?? (step[0] as LinearRole);
         const others = step.filter((r) => r !== first);
-        return { first, others, lora2: others.find((r) => adapted.has(r)) };
+        const [lora2, lora3] = others.filter((r) => adapted.has(r));
+        return { first, others, lora2, lora3 };
       };
       // matmul_sum_lr binds the places whole: two dy in one buffer (the attention gradients'), the
       // two A in one (the trainer's parameters' arena), the g in the g arena. Where they are not
       // (a caller's own tensors), the group falls back to projectionSteps' dispatches.
       const fits = (step: readonly LinearRole[]) => {
-        const { first, others, lora2 } = split(step);
+        const { first, others, lora2, lora3 } = split(step);
         const dys = others.map((r) => dy.get(r) as Tensor);
         const sameDy = dys.length < 2 || dys[0]?.buffer === dys[1]?.buffer;
-        const sameA = !lora2 || trainable(lora2)?.a.buffer === trainable(first)?.a.buffer;
+        const sameA = [lora2, lora3].every((r) => !r || trainable(r)?.a.buffer === trainable(first)?.a.buffer);
         return sameDy && sameA;
       };
       let steps = dxSteps(roles, adapted, sumLr, sumLr);
       if (!steps.every(fits)) steps = dxSteps(roles, adapted, false, sumLr);
       for (const [i, step] of steps.entries()) {
-        const { first, others, lora2 } = split(step);
+        const { first, others, lora2, lora3 } = split(step);
         const [o1, o2] = others;
-        // The second adapted projection's g (and dB; dA with the group's) before the dx reads it.
-        let lowRank2: { g: Tensor; a: Tensor; scale: number } | undefined;
-        if (lora2) {
+        // The other adapted projections' g (and dB; dA with the group's) before the dx reads them.
+        const lowRanks: { g: Tensor; a: Tensor; scale: number }[] = [];
+        for (const role of [lora2, lora3]) {
+          if (!role) continue;
           await linearBackward(
             layer,
             a,
-            lora2,
+            role,
             x,
-            dy.get(lora2) as Tensor,
+            dy.get(role) as Tensor,
             undefined,
             false,
             undefined,
             undefined,
-            gdBPlanned.has(lora2),
+            gdBPlanned.has(role),
           );
-          const t = trainable(lora2) as LoraTrainable;
+          const t = trainable(role) as LoraTrainable;
           const r = t.a.shape[0] as number;
-          lowRank2 = { g: gOf(layer.index, lora2, r, shared.indexOf(lora2)), a: t.a, scale: t.scale };
+          lowRanks.push({ g: gOf(layer.index, role, r, shared.indexOf(role)), a: t.a, scale: t.scale });
         }
         const extra = o1 && {
           a: dy.get(o1) as Tensor,
@@ -813,7 +828,7 @@ export async function planBackward(
           undefined,
           extra,
           gdBPlanned.has(first),
-          lowRank2,
+          lowRanks,
         );
       }
       await flushShared(x, `${label}.lora_dA.${shared.join('_')}`);

@@ -710,8 +710,8 @@ export function normInGatedMlp(
  * MATVEC_MAX_ROWS rows) and ranks up to LORA_H_MAX_RANK, projections whose product has no epilogue
  * but bias, accumulation and RoPE (o, down, GPT-2's qkv, a gate without its up, q, k and v unless
  * one carries an unadapted neighbour's product). A shared-input group takes it only as a whole,
- * and not where the norm before it computes the group's h anyway (two projections after an
- * RMSNorm): it then saves the group's h dispatch. Nor q, k and v where they are one dispatch
+ * and not where the norm before it computes the group's h anyway (two or three projections after
+ * an RMSNorm): it then saves the group's h dispatch. Nor q, k and v where they are one dispatch
  * (`qkvOne`: qkvInOne), which takes their h from the group's dispatch.
  */
 export function loraHInMatmulRoles(
@@ -741,10 +741,10 @@ export function loraHInMatmulRoles(
   return out;
 }
 
-/** Whether the norm before a shared-input group computes its h (rmsnorm_fwd_lora: two projections
- * after an RMSNorm, their A places in the trainer's arena). */
+/** Whether the norm before a shared-input group computes its h (rmsnorm_fwd_lora: two or three
+ * projections after an RMSNorm, their A places in the trainer's arena, their h in the layer's). */
 function hInNorm(config: ModelConfig, group: readonly LinearRole[]): boolean {
-  return group.length === 2 && config.norm.kind === 'rms';
+  return group.length >= 2 && group.length <= 3 && config.norm.kind === 'rms';
 }
 
 /**
@@ -764,8 +764,8 @@ export function ropeInProjections(config: ModelConfig, fuse: boolean): boolean {
  * also needs positions pos0 + row % T and no KV cache for), no bias on them (Qwen2's), the tiled
  * kernel (more than MATVEC_MAX_ROWS rows), and none of them adapted, or two or three without
  * LoRA dropout, whose h the shared-input group then computes before them (sharedLoraGroups: the
- * norm's dispatch for two after an RMSNorm, lora_rows_multi for three, which would otherwise form
- * their own in their matmuls, loraHInMatmulRoles) and whose h and B are places of one buffer each,
+ * RMSNorm's dispatch, rmsnorm_fwd_lora, where their A and h lie in arenas; else lora_rows_multi;
+ * they would otherwise form their own in their matmuls, loraHInMatmulRoles) and whose h and B are places of one buffer each,
  * as the trainer keeps them (planLayer falls back to qkvSteps' dispatches otherwise). A lone
  * adapted one keeps its dispatches: its h in its matmul and k beside v are two already.
  */
@@ -1308,8 +1308,9 @@ export async function planLayer(
     );
     for (const role of g) shared.add(role);
   };
-  // A norm followed by the h of two adapted projections reading its output: one dispatch
-  // (rmsnorm_fwd_lora, their A places in the trainer's arena); otherwise the norm, then sharedH.
+  // A norm followed by the h of two or three adapted projections reading its output: one dispatch
+  // (rmsnorm_fwd_lora, their A places in the trainer's arena, their h in the layer's); otherwise the
+  // norm, then sharedH.
   const normAndSharedH = async (
     norm: Norm,
     x: Tensor,
@@ -1327,9 +1328,8 @@ export async function planLayer(
             return { a: w.a, h: a.loraH.get(role) as Tensor };
           })
         : undefined;
-    const pair = hs && ([hs[0], hs[1]] as [RmsNormLoraH, RmsNormLoraH]);
-    if (g && pair && rmsnormLoraFits(pair, norm.w.size)) {
-      const io = { x, w: norm.w, y, rstd: stats.rstd, xCopy, lora: pair };
+    if (g && hs && rmsnormLoraFits(hs, norm.w.size)) {
+      const io = { x, w: norm.w, y, rstd: stats.rstd, xCopy, lora: hs };
       out.push(await planRmsNormForward(ctx, io, { eps: c.norm.eps, label }));
       for (const role of g) shared.add(role);
       return;

@@ -74,14 +74,17 @@ function relError(got: Float32Array, want: Float32Array): number {
 
 describe('LoRA gradients against PEFT', () => {
   const cases = [
-    ...RUNS.map((run) => ({ run, recompute: false })),
-    { run: 'tiny-qwen3-B', recompute: true },
-    { run: 'tiny-gpt2-A', recompute: true },
+    ...RUNS.map((run) => ({ run, recompute: false, apart: false })),
+    { run: 'tiny-qwen3-B', recompute: true, apart: false },
+    { run: 'tiny-gpt2-A', recompute: true, apart: false },
     // o unadapted: norm2's backward in o's dx reads the replayed forward's mid and rstd.
-    { run: 'tiny-llama-A', recompute: true },
+    { run: 'tiny-llama-A', recompute: true, apart: false },
+    // A caller's own LoRA tensors (apart, no arenas): no dA dispatch can take them all, so each
+    // layer keeps its own (loraDaManyRefusal), reading g from the places the deferred plan gives it.
+    { run: 'tiny-llama-B', recompute: false, apart: true },
   ];
-  for (const { run, recompute } of cases) {
-    it(`${run}${recompute ? ' with recomputed activations' : ''}`, async () => {
+  for (const { run, recompute, apart } of cases) {
+    it(`${run}${recompute ? ' with recomputed activations' : ''}${apart ? ' with LoRA tensors apart' : ''}`, async () => {
       const ctx = gpu();
       const golden = await (
         goldens[`../../train/test/golden/peft-train/${run}/golden.json`] as () => Promise<PeftGolden>
@@ -100,7 +103,8 @@ describe('LoRA gradients against PEFT', () => {
           { shape: [m.r, m.in_features], label: `${m.module}.lora_A` },
           { shape: [m.out_features, m.r], label: `${m.module}.lora_B` },
         ]);
-        const arenas = recompute ? [] : [new TensorArena(ctx, shapes, 'params'), new TensorArena(ctx, shapes, 'grads')];
+        const arenas =
+          recompute || apart ? [] : [new TensorArena(ctx, shapes, 'params'), new TensorArena(ctx, shapes, 'grads')];
         const owned: { dispose(): void }[] = [...arenas];
         const place = (i: number, arena: number, data?: Float32Array): Tensor => {
           const s = shapes[i] as { shape: number[]; label: string };
@@ -135,7 +139,7 @@ describe('LoRA gradients against PEFT', () => {
         // The planner's own count of this plan (the GPUs' numbers in the README come from it),
         // which assumes the trainer's arenas (with recomputation here the tensors are apart).
         const ranks = new Map([...lora].map(([name, t]) => [name, t.a.shape[0] as number]));
-        if (!recompute) {
+        if (!recompute && !apart) {
           // The forward's too: with the trainer's arenas, q, k and v are one dispatch where
           // qkvInOne says so (tiny-llama's and tiny-llama3's A configurations).
           expect(fwd.dispatches.length, `${run}: the counted forward dispatches`).toBe(
@@ -145,7 +149,12 @@ describe('LoRA gradients against PEFT', () => {
         // Every dA in one dispatch per chunk of layers (loraDaChunks) at the end, none per module:
         // all gradients below match PEFT with them formed there.
         const labels = bwd.dispatches.map((d) => d.label);
-        if (!recompute) {
+        if (apart)
+          expect(
+            labels.filter((l) => l.startsWith('lora_dA.')),
+            `${run}: no dA chunk`,
+          ).toEqual([]);
+        if (!recompute && !apart) {
           const chunks = loraDaChunks(model.config, ranks, B * T);
           expect(labels.filter((l) => l.startsWith('lora_dA.')).length, `${run}: dA dispatches`).toBe(chunks.length);
           expect(
@@ -153,7 +162,7 @@ describe('LoRA gradients against PEFT', () => {
             `${run}: dA per module`,
           ).toEqual([]);
         }
-        if (!recompute)
+        if (!recompute && !apart)
           expect(bwd.dispatches.length, `${run}: the counted dispatches`).toBe(
             backwardDispatchCount(model.config, ranks, {
               rows: B * T,

@@ -74,7 +74,14 @@ export function loraDaManyRefusal(ctx: GpuContext, modules: readonly LoraDaModul
 export async function planLoraDaMany(
   ctx: GpuContext,
   modules: readonly LoraDaModule[],
-  opts: { T: number; beta: number; label: string },
+  opts: {
+    T: number;
+    beta: number;
+    label: string;
+    /** The GPUs' work split: 64 invocations, V's rows staged in workgroup memory. Default on GPUs;
+     * the CPU adapters' is 16 invocations reading V themselves. Tests run both on any adapter. */
+    stage?: boolean;
+  },
 ): Promise<Dispatch> {
   const { T, beta, label } = opts;
   const refusal = loraDaManyRefusal(ctx, modules);
@@ -91,10 +98,10 @@ export async function planLoraDaMany(
     if (!Number.isFinite(m.scale)) throw new ShapeError(`${label}: scale ${m.scale} of ${m.da.label} is not finite`);
     return { R, N };
   });
-  const cpu = isCpuAdapter(ctx);
-  const wg = Math.min(cpu ? 16 : 64, ctx.limits.maxComputeInvocationsPerWorkgroup);
+  const stage = opts.stage ?? !isCpuAdapter(ctx);
+  const wg = Math.min(stage ? 64 : 16, ctx.limits.maxComputeInvocationsPerWorkgroup);
   const aligned = modules.every((m, i) => (dims[i]?.N ?? 1) % 4 === 0 && (m.x.byteOffset / 4) % 4 === 0);
-  const kernel = await getKernel(ctx, SPEC, { WG: wg, TT: 16, STAGE: !cpu, ALIGNED: aligned });
+  const kernel = await getKernel(ctx, SPEC, { WG: wg, TT: 16, STAGE: stage, ALIGNED: aligned });
   let total = 0;
   const roles = modules.map((m, i) => {
     const { R, N } = dims[i] as { R: number; N: number };

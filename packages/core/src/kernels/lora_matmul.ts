@@ -20,8 +20,8 @@ import {
 // lora_cols_multi), binding 8 the second dy of lora_g_db_pair; entries that use fewer get
 // placeholders there.
 const BINDINGS = ['uniform', 'read', 'read', 'write', 'read', 'write', 'read', 'write', 'read'] as const;
-/** Roles in lora_matmul.wgsl's Params. */
-const ROLES = 4;
+/** Roles in lora_matmul.wgsl's Params (NROLES). */
+const ROLES = 6;
 // lora_rows adds up its partial sums with group_sum4x4 (group_reduce.ts): the subgroup build
 // where the device has them.
 const sources = withGroupReduce('shaders/lora_matmul.wgsl', source);
@@ -100,6 +100,8 @@ interface RoleParams {
   /** Where the role's L (or V) and its output start in their bindings, in elements. */
   readonly inOff?: number;
   readonly outOff?: number;
+  /** lora_g_db_many: where its X (or U) starts in x, in elements. */
+  readonly xOff?: number;
 }
 
 /** lora_matmul.wgsl's Params: the shape, the grid width and the roles. */
@@ -122,7 +124,7 @@ function params(d: { M: number; N?: number; K?: number; gridX?: number }, roles:
       ['u32', r?.inOff ?? 0],
       ['u32', r?.outOff ?? 0],
       ['u32', r?.n ?? 0],
-      ['u32', 0],
+      ['u32', r?.xOff ?? 0],
       ['u32', 0],
       ['u32', 0],
     );
@@ -393,6 +395,105 @@ export async function planLoraGradGdBPair(
 }
 
 /**
+ * Why lora_g_db_many cannot take these modules' g and dB as they lie, or undefined when it can: two
+ * or three modules whose dy are places of one buffer (the attention gradients' arena), and so are
+ * their B (the LoRA parameters'), h (the layer's), g (the backward's g arena) and dB (the
+ * gradients'); g and dB places apart; each buffer within one binding.
+ */
+export function loraGradManyRefusal(modules: readonly LoraGradModule[]): string | undefined {
+  const first = modules[0];
+  if (!first || modules.length < 2 || modules.length > 3) return `${modules.length} modules, not two or three`;
+  const max = first.b.ctx.limits.maxStorageBufferBindingSize;
+  for (const key of ['dy', 'b', 'h', 'g', 'db'] as const) {
+    const stray = modules.find((m) => m[key].buffer !== first[key].buffer);
+    if (stray) return `${key} ${stray[key].label} is not in ${first[key].label}'s buffer`;
+    if (first[key].buffer.size > max) return `${key}'s buffer ${first[key].buffer.label} exceeds one binding`;
+  }
+  for (const key of ['g', 'db'] as const) {
+    const spans = modules.map((m) => [m[key].byteOffset, m[key].byteOffset + m[key].byteLength] as const);
+    if (spans.some(([s0, e0], i) => spans.some(([s1, e1], j) => j > i && s0 < e1 && s1 < e0)))
+      return `${key} places overlap`;
+  }
+  return undefined;
+}
+
+/**
+ * lora_g_db for two or three modules in one dispatch (lora_g_db_many: q, k and v): g_i = dy_i·B_i
+ * and dB_i = s_i·dy_iᵀ·h_i (+ beta·dB_i), every operand kind bound once, whole, and each module's
+ * addressed by its offset (loraGradManyRefusal says when they lie so). Where the trainer plans
+ * lora_g_db_pair for two, this takes three: one dispatch instead of two.
+ */
+export async function planLoraGradGdBMany(
+  ctx: GpuContext,
+  modules: readonly LoraGradModule[],
+  T: number,
+  beta: number,
+  label: string,
+): Promise<Dispatch> {
+  const refusal = loraGradManyRefusal(modules);
+  if (refusal) throw new ShapeError(`${label}: ${refusal}`);
+  const dims = modules.map((m) => {
+    const [N, R] = m.b.shape as [number, number];
+    expectRows(label, m.b, N, R, 'B');
+    expectRows(label, m.db, N, R, 'dB');
+    expectRows(label, m.dy, T, N, 'dy');
+    expectRows(label, m.h, T, R, 'h');
+    expectRows(label, m.g, T, R, 'g');
+    if (!Number.isFinite(m.scale)) throw new ShapeError(`${label}: scale ${m.scale} is not finite`);
+    return { N, R };
+  });
+  const { wg, ks, stage } = multiSplit(ctx);
+  const kernel = await getKernel(ctx, spec(ctx, 'lora_g_db_many'), {
+    WG: wg,
+    KS: ks,
+    TRANS_L: false,
+    OUT_NR: true,
+    TT: 16,
+    STAGE: stage,
+    MANY: true,
+  });
+  const rowsGy = Math.ceil(T / (4 * (wg / ks)));
+  const roles: RoleParams[] = [];
+  let total = 0;
+  const place = (r: Omit<RoleParams, 'start' | 'count'>, gy: number) => {
+    const gx = r.gx as number;
+    roles.push({ ...r, start: total, count: gx * gy });
+    total += gx * gy;
+  };
+  const at = (t: Tensor) => t.byteOffset / 4;
+  modules.forEach((m, i) => {
+    const { N, R } = dims[i] as { N: number; R: number };
+    // g: lora_rows' blocks (X = dy, L = B, K = N); dB: lora_cols' (U = dy, V = h), stored [n][j]
+    place(
+      { R, n: N, alpha: 1, beta: 0, gx: Math.ceil(R / 4), inOff: at(m.b), outOff: at(m.g), xOff: at(m.dy) },
+      rowsGy,
+    );
+    place(
+      { R, n: N, alpha: m.scale, beta, gx: Math.ceil(N / (4 * wg)), inOff: at(m.h), outOff: at(m.db), xOff: at(m.dy) },
+      Math.ceil(R / 4),
+    );
+  });
+  const gridX = Math.max(1, Math.min(total, ctx.limits.maxComputeWorkgroupsPerDimension));
+  const first = modules[0] as LoraGradModule;
+  return bindKernel(ctx, kernel, {
+    label,
+    // x the dy, l the B, out the g, hv the h, db the dB; l3, out3 and x2 unused
+    resources: [
+      first.dy.buffer,
+      first.b.buffer,
+      first.g.buffer,
+      first.h.buffer,
+      first.db.buffer,
+      ctx.placeholder(),
+      ctx.placeholder('write', 1),
+      ctx.placeholder(),
+    ],
+    workgroups: [gridX, Math.ceil(total / gridX)],
+    uniforms: params({ M: T, gridX }, roles),
+  });
+}
+
+/**
  * The work split of the multi-role entries, the same for every role: 16 invocations on CPU
  * adapters (serial lora_rows, unstaged lora_cols), the tree's and the staging's 64 on GPUs.
  */
@@ -622,6 +723,8 @@ export interface LoraBackwardOptions {
   /** dx also takes another adapted projection's LoRA term s·g·A (planMatmul's lowRank.second,
    * with dxExtra: matmul_sum_lr): its g a place in io.g's buffer, its A in layer.a's. */
   dxLowRank2?: { readonly g: Tensor; readonly a: Tensor; readonly scale: number };
+  /** A third one's (planMatmul's lowRank.third), with dxLowRank2: q, k and v all adapted. */
+  dxLowRank3?: { readonly g: Tensor; readonly a: Tensor; readonly scale: number };
 }
 
 /**
@@ -705,7 +808,7 @@ export async function planLoraBackward(
       ),
     );
   }
-  if ((opts.dxActivation || opts.dxExtra || opts.dxLowRank2) && dropout)
+  if ((opts.dxActivation || opts.dxExtra || opts.dxLowRank2 || opts.dxLowRank3) && dropout)
     throw new ShapeError(`${op}: LoRA dropout's dx takes no activation epilogue or second product`);
   if (io.dx && dropout && xd) {
     plan.push(
@@ -729,6 +832,9 @@ export async function planLoraBackward(
           alpha2: layer.scale,
           ...(opts.dxLowRank2
             ? { second: { a2: opts.dxLowRank2.g, b2: opts.dxLowRank2.a, alpha2: opts.dxLowRank2.scale } }
+            : {}),
+          ...(opts.dxLowRank3
+            ? { third: { a2: opts.dxLowRank3.g, b2: opts.dxLowRank3.a, alpha2: opts.dxLowRank3.scale } }
             : {}),
         },
         activationBackward: opts.dxActivation,

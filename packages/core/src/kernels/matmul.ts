@@ -290,6 +290,9 @@ export interface MatmulOptions {
      * of each buffer that holds both. With `extra` only (matmul_sum_lr).
      */
     second?: { a2: Tensor; b2: Tensor; alpha2: number };
+    /** A third such term (the third adapted projection of q, k and v), with `second`, its places
+     * in the same buffers. */
+    third?: { a2: Tensor; b2: Tensor; alpha2: number };
   };
   /** Use only rows [start, start + count) of W as stored: with transW a chunk of its N output rows
    * (the LM head's vocabulary), otherwise a chunk of its K rows (dh += dlogits·E over the same
@@ -613,18 +616,20 @@ export async function planMatmul(
   const glu = opts.glu;
   const K3 = extra ? checkExtra(label, dims, transW, extra, opts) : 0;
   // matmul_sum_lr: a third product or a second low-rank term.
-  const sumLr = extra?.third !== undefined || lowRank?.second !== undefined;
+  const sumLr = extra?.third !== undefined || lowRank?.second !== undefined || lowRank?.third !== undefined;
   const K4 = sumLr ? checkSumLr(label, dims, transW, opts) : 0;
   const lr2 = lowRank?.second;
   const K2b = lr2 ? (lr2.a2.shape[lr2.a2.shape.length - 1] as number) : 0;
+  const lr3 = lowRank?.third;
+  const K2c = lr3 ? (lr3.a2.shape[lr3.a2.shape.length - 1] as number) : 0;
   // matmul_sum_lr binds each pair of places (A3 and A4, the two A2, the two B2) as one byte range
   // of their buffer and reads each at its element offset in it (0 elsewhere: views are bound).
   const spans =
     sumLr && extra
       ? {
           a3: placeSpan(ctx, label, 'A3 and A4', [extra.a, ...(extra.third ? [extra.third.a] : [])]),
-          a2: lowRank && placeSpan(ctx, label, 'the A2', [lowRank.a2, ...(lr2 ? [lr2.a2] : [])]),
-          b2: lowRank && placeSpan(ctx, label, 'the B2', [lowRank.b2, ...(lr2 ? [lr2.b2] : [])]),
+          a2: lowRank && placeSpan(ctx, label, 'the A2', [lowRank.a2, ...[lr2, lr3].flatMap((t) => (t ? [t.a2] : []))]),
+          b2: lowRank && placeSpan(ctx, label, 'the B2', [lowRank.b2, ...[lr2, lr3].flatMap((t) => (t ? [t.b2] : []))]),
         }
       : undefined;
   const at = (t: Tensor | undefined) => {
@@ -633,9 +638,9 @@ export async function planMatmul(
     return 0;
   };
   if (spans && lowRank) {
-    // The places' offsets, and the second term's rank, in whole vec4s too.
-    const places = [lowRank.a2, lowRank.b2, ...(lr2 ? [lr2.a2, lr2.b2] : [])];
-    common.ALIGNED_LR &&= K2b % 4 === 0 && places.every((t) => at(t) % 4 === 0);
+    // The places' offsets, and the other terms' ranks, in whole vec4s too.
+    const places = [lowRank.a2, lowRank.b2, ...[lr2, lr3].flatMap((t) => (t ? [t.a2, t.b2] : []))];
+    common.ALIGNED_LR &&= K2b % 4 === 0 && K2c % 4 === 0 && places.every((t) => at(t) % 4 === 0);
   }
   const second = opts.second;
   if (glu && second) throw new ShapeError(`${label}: glu and second are exclusive`);
@@ -820,6 +825,10 @@ export async function planMatmul(
       a2b_off: at(lr2?.a2),
       b2b_off: at(lr2?.b2),
       alpha2b: lr2?.alpha2 ?? 0,
+      K2c,
+      a2c_off: at(lr3?.a2),
+      b2c_off: at(lr3?.b2),
+      alpha2c: lr3?.alpha2 ?? 0,
       ce_start: dlogits?.start ?? 0,
       ce_vocab: dlogits?.vocab ?? 0,
     }),
@@ -1099,25 +1108,30 @@ function checkSumLr(label: string, dims: MatmulDims, transW: boolean, opts: Matm
     if (a4.buffer !== extra.a.buffer)
       throw new ShapeError(`${label}: A4 ${a4.label} must be a place in A3 ${extra.a.label}'s buffer`);
   }
-  const second = lowRank?.second;
-  if (second && lowRank) {
-    const K2b = second.a2.shape[second.a2.shape.length - 1] as number;
-    if (second.a2.dtype !== 'f32' || second.a2.size !== dims.M * K2b)
+  if (lowRank?.third && !lowRank.second)
+    throw new ShapeError(`${label}: a third low-rank term needs a second (lowRank.second)`);
+  for (const [which, term] of [
+    ['second', lowRank?.second],
+    ['third', lowRank?.third],
+  ] as const) {
+    if (!term || !lowRank) continue;
+    const K2b = term.a2.shape[term.a2.shape.length - 1] as number;
+    if (term.a2.dtype !== 'f32' || term.a2.size !== dims.M * K2b)
       throw new ShapeError(
-        `${label}: the second A2 ${second.a2.label} ${formatShape(second.a2.shape)} must be f32 ${dims.M}×r`,
+        `${label}: the ${which} A2 ${term.a2.label} ${formatShape(term.a2.shape)} must be f32 ${dims.M}×r`,
       );
     const want = transW ? [dims.N, K2b] : [K2b, dims.N];
-    const b2 = second.b2;
+    const b2 = term.b2;
     if (b2.dtype !== 'f32' || b2.shape.length !== 2 || b2.shape[0] !== want[0] || b2.shape[1] !== want[1])
       throw new ShapeError(
-        `${label}: the second B2 ${b2.label} ${formatShape(b2.shape)} must be f32 ${formatShape(want)} to match its A2 and N = ${dims.N}`,
+        `${label}: the ${which} B2 ${b2.label} ${formatShape(b2.shape)} must be f32 ${formatShape(want)} to match its A2 and N = ${dims.N}`,
       );
-    if (second.a2.buffer !== lowRank.a2.buffer || b2.buffer !== lowRank.b2.buffer)
+    if (term.a2.buffer !== lowRank.a2.buffer || b2.buffer !== lowRank.b2.buffer)
       throw new ShapeError(
-        `${label}: the second low-rank term's operands must be places in the first's buffers (${lowRank.a2.label}, ${lowRank.b2.label})`,
+        `${label}: the ${which} low-rank term's operands must be places in the first's buffers (${lowRank.a2.label}, ${lowRank.b2.label})`,
       );
-    if (!Number.isFinite(second.alpha2))
-      throw new ShapeError(`${label}: the second alpha2 ${second.alpha2} is not finite`);
+    if (!Number.isFinite(term.alpha2))
+      throw new ShapeError(`${label}: the ${which} alpha2 ${term.alpha2} is not finite`);
   }
   return K4;
 }

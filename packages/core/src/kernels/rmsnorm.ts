@@ -10,7 +10,7 @@ import { isCpuAdapter } from './matmul.js';
 const BINDINGS = {
   rmsnorm_fwd: ['uniform', 'read', 'read', 'write', 'write'],
   rmsnorm_fwd_copy: ['uniform', 'read', 'read', 'write', 'write', 'write'],
-  rmsnorm_fwd_lora: ['uniform', 'read', 'read', 'write', 'write', 'write', 'read', 'write', 'write'],
+  rmsnorm_fwd_lora: ['uniform', 'read', 'read', 'write', 'write', 'write', 'read', 'write'],
   rmsnorm_bwd: ['uniform', 'read', 'read', 'read', 'read', 'write'],
 } as const;
 
@@ -124,9 +124,9 @@ export interface RmsNormForwardBuffers {
   /** Written when given: a copy of x in x's layout (where a transformer layer's next projection
    * accumulates its output: the residual add). Must not be x. */
   readonly xCopy?: Tensor;
-  /** The LoRA h = y·Aᵀ of two projections that read y, computed in the same dispatch
+  /** The LoRA h = y·Aᵀ of two or three projections that read y, computed in the same dispatch
    * (rmsnormLoraFits). */
-  readonly lora?: readonly [RmsNormLoraH, RmsNormLoraH];
+  readonly lora?: readonly RmsNormLoraH[];
 }
 
 /** One adapted projection reading a norm's output: its A (r×d, f32) and its h ([rows, r], written). */
@@ -136,18 +136,30 @@ export interface RmsNormLoraH {
 }
 
 /**
- * Whether planRmsNormForward can compute these two projections' LoRA h in the norm's dispatch
- * (rmsnorm_fwd_lora) for rows of d: both A are f32 r×d places in one buffer (the trainer's arena
- * of LoRA parameters), which fits one binding, so the entry stays within eight storage buffers.
+ * Whether planRmsNormForward can compute these projections' LoRA h in the norm's dispatch
+ * (rmsnorm_fwd_lora) for rows of d: two or three, their A f32 r×d places in one buffer (the
+ * trainer's arena of LoRA parameters), their h disjoint places in another (the layer's h arena),
+ * each buffer within one binding, so the entry stays within seven storage buffers.
  */
-export function rmsnormLoraFits(lora: readonly [RmsNormLoraH, RmsNormLoraH], d: number): boolean {
-  const [a, b] = lora;
+export function rmsnormLoraFits(lora: readonly RmsNormLoraH[], d: number): boolean {
+  const [first] = lora;
+  if (!first || lora.length < 2 || lora.length > 3) return false;
+  const max = first.a.ctx.limits.maxStorageBufferBindingSize;
   const shaped = (t: Tensor) => t.dtype === 'f32' && t.shape.length === 2 && t.shape[1] === d;
+  const apart = lora.every((m, i) =>
+    lora.every(
+      (o, j) =>
+        j <= i ||
+        m.h.byteOffset + m.h.byteLength <= o.h.byteOffset ||
+        o.h.byteOffset + o.h.byteLength <= m.h.byteOffset,
+    ),
+  );
   return (
-    shaped(a.a) &&
-    shaped(b.a) &&
-    a.a.buffer === b.a.buffer &&
-    a.a.buffer.size <= a.a.ctx.limits.maxStorageBufferBindingSize
+    lora.every((m) => shaped(m.a) && m.a.buffer === first.a.buffer && m.h.buffer === first.h.buffer) &&
+    first.a.buffer !== first.h.buffer &&
+    apart &&
+    first.a.buffer.size <= max &&
+    first.h.buffer.size <= max
   );
 }
 
@@ -193,7 +205,12 @@ function uniforms(
   eps: number,
   accumulate: boolean,
   gridX: number,
-  lora: { r1: number; r2: number; a1: number; a2: number; copy: boolean } = { r1: 0, r2: 0, a1: 0, a2: 0, copy: false },
+  lora: { r: readonly number[]; a: readonly number[]; h: readonly number[]; copy: boolean } = {
+    r: [],
+    a: [],
+    h: [],
+    copy: false,
+  },
 ): ArrayBuffer {
   return packUniforms([
     ['u32', r.rows],
@@ -206,12 +223,10 @@ function uniforms(
     ['f32', eps],
     ['u32', accumulate ? 1 : 0],
     ['u32', gridX],
-    ['u32', lora.r1],
-    ['u32', lora.r2],
-    ['u32', lora.a1],
-    ['u32', lora.a2],
+    ...[0, 1, 2].map((i) => ['u32', lora.r[i] ?? 0] as const),
+    ...[0, 1, 2].map((i) => ['u32', lora.a[i] ?? 0] as const),
+    ...[0, 1, 2].map((i) => ['u32', lora.h[i] ?? 0] as const),
     ['u32', lora.copy ? 1 : 0],
-    ['u32', 0],
   ]);
 }
 
@@ -240,19 +255,18 @@ export async function planRmsNormForward(
     });
     if (!rmsnormLoraFits(io.lora, r.d))
       throw new ShapeError(
-        `${op}: A ${io.lora[0].a.label} and ${io.lora[1].a.label} must be places in one buffer within the binding size limit`,
+        `${op}: two or three modules, A ${io.lora.map((m) => m.a.label).join(', ')} places of one buffer and h ${io.lora.map((m) => m.h.label).join(', ')} disjoint places of another, each within the binding size limit`,
       );
     const kernel = await getKernel(ctx, spec(ctx, 'rmsnorm_fwd_lora'), { WG: shape.wg, TPR: shape.tpr });
-    const [m1, m2] = io.lora;
+    const [m1] = io.lora as [RmsNormLoraH];
     return bindKernel(ctx, kernel, {
       label,
-      resources: [io.x, io.w, io.rstd, io.y, io.xCopy ?? ctx.placeholder('write'), m1.a.buffer, m1.h, m2.h],
+      resources: [io.x, io.w, io.rstd, io.y, io.xCopy ?? ctx.placeholder('write'), m1.a.buffer, m1.h.buffer],
       workgroups: shape.workgroups,
       uniforms: uniforms(r, opts.eps, false, shape.gridX, {
-        r1: ranks[0] as number,
-        r2: ranks[1] as number,
-        a1: m1.a.byteOffset / 4,
-        a2: m2.a.byteOffset / 4,
+        r: ranks,
+        a: io.lora.map((m) => m.a.byteOffset / 4),
+        h: io.lora.map((m) => m.h.byteOffset / 4),
         copy: io.xCopy !== undefined,
       }),
     });
