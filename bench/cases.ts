@@ -205,6 +205,7 @@ export function trainCases(quick: boolean): TrainCase[] {
     trainCase('stories260K', 8, qv, 4, 128, small, 'q8_0'),
     trainCase('stories260K', 8, qv, 4, 128, small, 'q4_0'),
     trainCase('smollm2-135m-random', 8, qv, 4, 128, big),
+    trainCase('smollm2-135m-random', 8, 'all-linear', 4, 128, big),
     trainCase('smollm2-135m-random', 8, qv, 4, 128, big, 'q8_0'),
     trainCase('smollm2-135m-random', 8, qv, 4, 128, big, 'q4_0'),
     trainCase('smollm2-135m-random', 16, qv, 4, 128, big),

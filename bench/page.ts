@@ -56,7 +56,10 @@ function show(r: BenchRecord): void {
 
 async function main(): Promise<void> {
   const featureLevel = params.get('featureLevel') === 'compatibility' ? 'compatibility' : 'core';
-  const ctx = await createGpuContext({ featureLevel, label: 'bench' });
+  // --kernels: the kernel profile forced (the GPUs' plan on a software adapter), else measured.
+  const forced = params.get('kernels');
+  const kernelProfile = forced === 'gpu' || forced === 'cpu' ? forced : 'auto';
+  const ctx = await createGpuContext({ featureLevel, kernelProfile, label: 'bench' });
   const adapter = `${params.get('adapterName') ?? 'browser'}: ${describeAdapter(ctx)}`;
   status(`adapter ${adapter}`);
   const suites = (params.get('suite') ?? 'kernels').split(',');

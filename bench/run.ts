@@ -1,7 +1,7 @@
 /**
  * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe|gpu]
  *  [--quick] [--only <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
- *  [--chromium-flag=--some-flag ...]`
+ *  [--kernels auto|gpu|cpu] [--chromium-flag=--some-flag ...]`
  *
  * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
  * configuration, collects the records, prints a table and writes them as a JSON array. Suites:
@@ -24,7 +24,9 @@
  * of 1 it is); --samples N (6 to 200) runs N rounds per kernel case instead of up to 7 in a time
  * budget (give a --timeout-min to match). Benchmarks never pass or fail on their figures; the
  * command fails only when a benchmark cannot run (the table and JSON of what did run are still
- * written).
+ * written). --kernels gpu plans the GPUs' kernel configurations and fusions on any adapter (the
+ * kernel profile, as the tests force it; default auto: measured), so a software adapter runs, and
+ * counts, the step a GPU would take; cpu the CPU adapters'.
  */
 
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -64,6 +66,8 @@ interface Args {
   samples?: number;
   baseline: boolean;
   peer: boolean;
+  /** The kernel profile (createGpuContext's kernelProfile); default auto. */
+  kernels: 'auto' | 'gpu' | 'cpu';
 }
 
 function parseArgs(argv: string[]): Args {
@@ -74,6 +78,7 @@ function parseArgs(argv: string[]): Args {
     extraFlags: [],
     baseline: true,
     peer: true,
+    kernels: 'auto',
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
@@ -98,7 +103,11 @@ function parseArgs(argv: string[]): Args {
         throw new Error('--samples needs a whole number from 6 to 200');
     } else if (a.startsWith('--chromium-flag')) args.extraFlags.push(value());
     else if (a.startsWith('--timeout-min')) args.timeoutMs = Number(value()) * 60_000;
-    else if (a === '--') continue;
+    else if (a.startsWith('--kernels')) {
+      const v = value();
+      if (v !== 'auto' && v !== 'gpu' && v !== 'cpu') throw new Error(`--kernels ${v}: use auto, gpu or cpu`);
+      args.kernels = v;
+    } else if (a === '--') continue;
     else throw new Error(`unknown argument ${a}`);
   }
   for (const ad of args.adapters) {
@@ -441,6 +450,7 @@ async function runAdapter(
     if (args.quick) params.set('quick', '1');
     if (args.only) params.set('only', args.only);
     if (args.samples !== undefined) params.set('samples', String(args.samples));
+    if (args.kernels !== 'auto') params.set('kernels', args.kernels);
     if (peer) {
       params.set('peerModels', peer.models);
       params.set('peerIds', peer.ids.join(','));

@@ -89,10 +89,10 @@ struct Params {
   qkv_k_off: u32,
   qkv_v_off: u32,
   qkv_lr: u32,    // matmul_qkv: each projection's low-rank term, 2 bits each from q's (0 none, 1..3 the first..third)
-  K2c: u32,       // matmul_qkv: the rank of the third low-rank term
-  a2c_off: u32,   // matmul_qkv: where its A2 starts in A2's binding
-  b2c_off: u32,   // matmul_qkv: where its B2 starts in B2's
-  alpha2c: f32,   // matmul_qkv: its scale
+  K2c: u32,       // matmul_qkv, matmul_sum_lr: the rank of the third low-rank term (0: none)
+  a2c_off: u32,   // matmul_qkv, matmul_sum_lr: where its A2 starts in A2's binding
+  b2c_off: u32,   // matmul_qkv, matmul_sum_lr: where its B2 starts in B2's
+  alpha2c: f32,   // matmul_qkv, matmul_sum_lr: its scale
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -407,7 +407,8 @@ export function attentionBackwardDispatches(
  * backward of every block (no dx of the lowest adapted layer's input). It assumes the LoRA
  * matrices are places of one arena, as the trainer keeps them: a caller's own tensors get
  * projectionSteps' dx dispatches instead of dxSteps' (one or two more per layer where two adapted
- * projections read one input).
+ * projections read one input), and their dA per layer (loraDaManyRefusal). So does an operand
+ * arena larger than the device binds: lora_g_db_many and lora_da_many bind theirs whole.
  */
 export function backwardDispatchCount(
   config: ModelConfig,
@@ -741,9 +742,9 @@ export async function planBackward(
       const dy = new Map(parts);
       const adapted = new Set(a.loraH.keys());
       shared = groups(a).find((g) => g.every((r) => roles.includes(r))) ?? [];
-      // The shared projections' g and dB two to a dispatch where that pays (loraGradPairPays),
-      // before any dx reads a g: each has a g slot of its own, and the trainer's B and dB are
-      // places in two arenas (loraGradPairable).
+      // The shared projections' g and dB in one dispatch where that pays (loraGradPairPays): three
+      // in lora_g_db_many, else two to a lora_g_db_pair; before any dx reads a g. Each has a g place
+      // of its own, and the trainer's B and dB are places in two arenas (loraGradPairable).
       const gdBPlanned = new Set<LinearRole>();
       const gradModule = (role: LinearRole): LoraGradModule => {
         const t = lora.get((layer.linears[role] as Linear).module.name) as LoraTrainable;

@@ -722,6 +722,7 @@ export function loraHInMatmulRoles(
   fuse: boolean,
   pays: boolean,
   qkvOne = false,
+  normH = true,
 ): Set<LinearRole> {
   if (!pays || !fuse || dropout || rows <= MATVEC_MAX_ROWS) return new Set();
   const adapted = new Set(ranks.keys());
@@ -735,7 +736,7 @@ export function loraHInMatmulRoles(
     plain.includes(role) && !paired.has(role) && (ranks.get(role) ?? Infinity) <= LORA_H_MAX_RANK;
   const out = new Set([...adapted].filter(eligible));
   for (const g of sharedLoraGroups(config, adapted, dropout, fuse)) {
-    if (hInNorm(config, g) || !g.every(eligible)) for (const role of g) out.delete(role);
+    if ((normH && hInNorm(config, g)) || !g.every(eligible)) for (const role of g) out.delete(role);
   }
   if (qkvOne) for (const role of ['q', 'k', 'v'] as const) out.delete(role);
   return out;
@@ -800,7 +801,7 @@ export function layerDispatchCount(
   // The two norms (the second inside the gated MLP's dispatch where normInGatedMlp), attention.
   let n = (normInGatedMlp(c, adapted, fuse, rows, false, fusions.normInMlp) ? 1 : 2) + 1;
   // A group's h are one dispatch instead of one each; none when the RMSNorm before the group
-  // computes the h of its two projections (their A in an arena, as the trainer keeps them), or when
+  // computes the h of its projections (their A and h in arenas, as the trainer keeps them), or when
   // each forms its own in its matmul.
   for (const g of sharedLoraGroups(c, adapted, dropout, fuse))
     if (!g.every((role) => hIn.has(role))) n -= g.length - 1 + (hInNorm(c, g) ? 1 : 0);
@@ -1255,6 +1256,21 @@ export async function planLayer(
     !('qkv' in dest) &&
     qkvInOne(c, ranks, rows, dropout !== undefined, fuse, fusions) &&
     qkvPlacesFit(layer, a, dest, lora);
+  // Whether the RMSNorms can compute their groups' h (rmsnormLoraFits: A and h places of one buffer
+  // each, as the trainer keeps them): where not (generation's own tensors), the projections keep
+  // forming theirs in their matmuls where they would otherwise.
+  const normH = sharedLoraGroups(c, adapted, dropout !== undefined, fuse).every(
+    (g) =>
+      !lora ||
+      !hInNorm(c, g) ||
+      rmsnormLoraFits(
+        g.map((role) => ({
+          a: (lora.get(linear(layer, role).module.name) as LoraModuleWeights).a,
+          h: a.loraH.get(role) as Tensor,
+        })),
+        c.hiddenSize,
+      ),
+  );
   const hIn = loraHInMatmulRoles(
     c,
     ranks,
@@ -1263,6 +1279,7 @@ export async function planLayer(
     fuse,
     fusions.loraHInMatmul && tileMath === 'f32',
     qkvOne,
+    normH,
   );
   const lin: Lin = async (role, x, y, accumulate, activation, second, rope) => {
     const l = linear(layer, role);

@@ -88,8 +88,8 @@ function expectRows(op: string, t: Tensor, rows: number, cols: number, what: str
 /** One role of lora_matmul.wgsl's Params: a product's rank, length, workgroups and coefficients. */
 interface RoleParams {
   readonly R: number;
-  /** lora_g_db_pair: the role's K (lora_rows) or N (lora_cols); the other entries take Params' K
-   * and N, uniform over the dispatch. */
+  /** lora_g_db_pair, lora_g_db_many: the role's K (lora_rows) or N (lora_cols); the other entries
+   * take Params' K and N, uniform over the dispatch. */
   readonly n?: number;
   readonly alpha: number;
   readonly beta: number;
@@ -409,6 +409,11 @@ export function loraGradManyRefusal(modules: readonly LoraGradModule[]): string 
     if (stray) return `${key} ${stray[key].label} is not in ${first[key].label}'s buffer`;
     if (first[key].buffer.size > max) return `${key}'s buffer ${first[key].buffer.label} exceeds one binding`;
   }
+  // WebGPU lets no buffer be bound read-only and writable in one dispatch.
+  const written = [first.g.buffer, first.db.buffer];
+  const read = (['dy', 'b', 'h'] as const).find((key) => written.includes(first[key].buffer));
+  if (read) return `${read} ${first[read].label} shares a buffer with the g or dB written`;
+  if (first.g.buffer === first.db.buffer) return `g and dB share a buffer`;
   for (const key of ['g', 'db'] as const) {
     const spans = modules.map((m) => [m[key].byteOffset, m[key].byteOffset + m[key].byteLength] as const);
     if (spans.some(([s0, e0], i) => spans.some(([s1, e1], j) => j > i && s0 < e1 && s1 < e0)))
