@@ -1,7 +1,15 @@
 import source from '../../../../shaders/lora_matmul.wgsl?raw';
 import type { GpuContext } from '../context.js';
 import { ShapeError } from '../errors.js';
-import { bindKernel, type Dispatch, getKernel, type Kernel, type KernelSpec, packUniforms } from '../kernel.js';
+import {
+  bindKernel,
+  type Dispatch,
+  getKernel,
+  type Kernel,
+  type KernelSpec,
+  packUniforms,
+  type Resource,
+} from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
@@ -346,52 +354,9 @@ export async function planLoraGradGdBPair(
     throw new ShapeError(
       `${label}: B ${m1.b.label} and ${m2.b.label} (and dB ${m1.db.label}, ${m2.db.label}) must be separate places in one buffer each`,
     );
-  const dims = modules.map((m) => {
-    const [N, R] = m.b.shape as [number, number];
-    expectRows(label, m.b, N, R, 'B');
-    expectRows(label, m.db, N, R, 'dB');
-    expectRows(label, m.dy, T, N, 'dy');
-    expectRows(label, m.h, T, R, 'h');
-    expectRows(label, m.g, T, R, 'g');
-    if (!Number.isFinite(m.scale)) throw new ShapeError(`${label}: scale ${m.scale} is not finite`);
-    return { N, R };
-  });
-  const { wg, ks, stage } = multiSplit(ctx);
-  const kernel = await getKernel(ctx, spec(ctx, 'lora_g_db_pair'), {
-    WG: wg,
-    KS: ks,
-    TRANS_L: false,
-    OUT_NR: true,
-    TT: 16,
-    STAGE: stage,
-    PAIR: true,
-  });
-  const rowsGy = Math.ceil(T / (4 * (wg / ks)));
-  const roles: RoleParams[] = [];
-  let total = 0;
-  const place = (r: Omit<RoleParams, 'start' | 'count'>, gy: number) => {
-    const gx = r.gx as number;
-    roles.push({ ...r, start: total, count: gx * gy });
-    total += gx * gy;
-  };
-  modules.forEach((m, i) => {
-    const { N, R } = dims[i] as { N: number; R: number };
-    // g: lora_rows' blocks (x = dy, L = B at its place in the arena, K = N)
-    place({ R, n: N, alpha: 1, beta: 0, gx: Math.ceil(R / 4), inOff: m.b.byteOffset / 4 }, rowsGy);
-    // dB: lora_cols' blocks (U = dy, V = h), stored at its place in the gradients' arena
-    place(
-      { R, n: N, alpha: m.scale, beta, gx: Math.ceil(N / (4 * wg)), outOff: m.db.byteOffset / 4 },
-      Math.ceil(R / 4),
-    );
-  });
-  const gridX = Math.max(1, Math.min(total, ctx.limits.maxComputeWorkgroupsPerDimension));
-  return bindKernel(ctx, kernel, {
-    label,
-    // x dy₁, l B arena, out g₁, hv h₁, db dB arena, l3 h₂, out3 g₂, x2 dy₂
-    resources: [m1.dy, m1.b.buffer, m1.g, m1.h, m1.db.buffer, m2.h, m2.g, m2.dy],
-    workgroups: [gridX, Math.ceil(total / gridX)],
-    uniforms: params({ M: T, gridX }, roles),
-  });
+  // x dy₁, l B arena, out g₁, hv h₁, db dB arena, l3 h₂, out3 g₂, x2 dy₂
+  const resources = [m1.dy, m1.b.buffer, m1.g, m1.h, m1.db.buffer, m2.h, m2.g, m2.dy];
+  return bindGradModules(ctx, 'lora_g_db_pair', modules, T, beta, label, resources);
 }
 
 /**
@@ -437,6 +402,37 @@ export async function planLoraGradGdBMany(
 ): Promise<Dispatch> {
   const refusal = loraGradManyRefusal(modules);
   if (refusal) throw new ShapeError(`${label}: ${refusal}`);
+  const first = modules[0] as LoraGradModule;
+  // x the dy, l the B, out the g, hv the h, db the dB; l3, out3 and x2 unused
+  const resources = [
+    first.dy.buffer,
+    first.b.buffer,
+    first.g.buffer,
+    first.h.buffer,
+    first.db.buffer,
+    ctx.placeholder(),
+    ctx.placeholder('write', 1),
+    ctx.placeholder(),
+  ];
+  return bindGradModules(ctx, 'lora_g_db_many', modules, T, beta, label, resources);
+}
+
+/**
+ * lora_g_db_pair's and lora_g_db_many's common part: checks each module's shapes and scale, and
+ * lays out its two roles, g (lora_rows' blocks: X = dy, L = B, K = N) and dB (lora_cols' blocks:
+ * U = dy, V = h, stored [n][j]). The pair binds dy, h and g module by module (offset 0 in their
+ * bindings), B and dB as arenas; many binds every operand kind as an arena, all at their offsets.
+ */
+async function bindGradModules(
+  ctx: GpuContext,
+  entry: 'lora_g_db_pair' | 'lora_g_db_many',
+  modules: readonly LoraGradModule[],
+  T: number,
+  beta: number,
+  label: string,
+  resources: readonly Resource[],
+): Promise<Dispatch> {
+  const many = entry === 'lora_g_db_many';
   const dims = modules.map((m) => {
     const [N, R] = m.b.shape as [number, number];
     expectRows(label, m.b, N, R, 'B');
@@ -448,14 +444,14 @@ export async function planLoraGradGdBMany(
     return { N, R };
   });
   const { wg, ks, stage } = multiSplit(ctx);
-  const kernel = await getKernel(ctx, spec(ctx, 'lora_g_db_many'), {
+  const kernel = await getKernel(ctx, spec(ctx, entry), {
     WG: wg,
     KS: ks,
     TRANS_L: false,
     OUT_NR: true,
     TT: 16,
     STAGE: stage,
-    MANY: true,
+    ...(many ? { MANY: true } : { PAIR: true }),
   });
   const rowsGy = Math.ceil(T / (4 * (wg / ks)));
   const roles: RoleParams[] = [];
@@ -466,33 +462,31 @@ export async function planLoraGradGdBMany(
     total += gx * gy;
   };
   const at = (t: Tensor) => t.byteOffset / 4;
+  const arena = (t: Tensor) => (many ? at(t) : 0);
   modules.forEach((m, i) => {
     const { N, R } = dims[i] as { N: number; R: number };
-    // g: lora_rows' blocks (X = dy, L = B, K = N); dB: lora_cols' (U = dy, V = h), stored [n][j]
     place(
-      { R, n: N, alpha: 1, beta: 0, gx: Math.ceil(R / 4), inOff: at(m.b), outOff: at(m.g), xOff: at(m.dy) },
+      { R, n: N, alpha: 1, beta: 0, gx: Math.ceil(R / 4), inOff: at(m.b), outOff: arena(m.g), xOff: arena(m.dy) },
       rowsGy,
     );
     place(
-      { R, n: N, alpha: m.scale, beta, gx: Math.ceil(N / (4 * wg)), inOff: at(m.h), outOff: at(m.db), xOff: at(m.dy) },
+      {
+        R,
+        n: N,
+        alpha: m.scale,
+        beta,
+        gx: Math.ceil(N / (4 * wg)),
+        inOff: arena(m.h),
+        outOff: at(m.db),
+        xOff: arena(m.dy),
+      },
       Math.ceil(R / 4),
     );
   });
   const gridX = Math.max(1, Math.min(total, ctx.limits.maxComputeWorkgroupsPerDimension));
-  const first = modules[0] as LoraGradModule;
   return bindKernel(ctx, kernel, {
     label,
-    // x the dy, l the B, out the g, hv the h, db the dB; l3, out3 and x2 unused
-    resources: [
-      first.dy.buffer,
-      first.b.buffer,
-      first.g.buffer,
-      first.h.buffer,
-      first.db.buffer,
-      ctx.placeholder(),
-      ctx.placeholder('write', 1),
-      ctx.placeholder(),
-    ],
+    resources,
     workgroups: [gridX, Math.ceil(total / gridX)],
     uniforms: params({ M: T, gridX }, roles),
   });
