@@ -220,13 +220,13 @@ export function backwardLayout(
     for (let slot = 0; slot < slots; slot++) g.push({ label: `lora_g${slot || ''}_r${r}`, shape: [rows, r] });
   }
   if (g.length > 0) arena('lora_g', g);
+  // The g of projections whose dA waits for their chunk's dispatch (loraDaChunks): a place each, in
+  // one arena per chunk, which that dispatch binds whole.
   for (const [ci, chunk] of daChunks.entries()) {
-    const places = chunk.layers.flatMap((i) =>
-      [...adaptedRoles(layers[i] as (typeof layers)[number], ranks)]
-        .filter(([role]) => chunk.keys.includes(loraInputKey(role)))
-        .map(([role, r]) => ({ label: `layer${i}.${role}.lora_g`, shape: [rows, r] })),
+    arena(
+      `lora_g_da${ci}`,
+      chunk.modules.map(({ layer, role, r }) => ({ label: `layer${layer}.${role}.lora_g`, shape: [rows, r] })),
     );
-    arena(`lora_g_da${ci}`, places);
   }
   return out;
 }
@@ -614,16 +614,11 @@ export async function planBackward(
       : [];
     const input = (a: LayerActivations, key: LoraInputKey) => ({ n1: a.n1, attn: a.attn, n2: a.n2, act: a.act })[key];
     const daModules = daChunks.map((chunk) =>
-      chunk.layers.flatMap((i) => {
-        const layer = model.layers[i] as Layer;
-        const a = fwd.layers[i] as LayerActivations;
-        return [...a.loraH.keys()]
-          .filter((role) => chunk.keys.includes(loraInputKey(role)))
-          .map((role): LoraDaModule => {
-            const t = lora.get((layer.linears[role] as Linear).module.name) as LoraTrainable;
-            const gr = s.get(`layer${i}.${role}.lora_g`);
-            return { x: input(a, loraInputKey(role)), g: gr, da: t.da, scale: t.scale };
-          });
+      chunk.modules.map(({ layer: i, role }): LoraDaModule => {
+        const linear = (model.layers[i] as Layer).linears[role] as Linear;
+        const t = lora.get(linear.module.name) as LoraTrainable;
+        const x = input(fwd.layers[i] as LayerActivations, loraInputKey(role));
+        return { x, g: s.get(`layer${i}.${role}.lora_g`), da: t.da, scale: t.scale };
       }),
     );
     // Which chunk's dispatch forms a projection's dA (`${layer}.${role}`), for the chunks it can take.

@@ -427,6 +427,8 @@ export const LORA_DA_ARENA_BYTES = 128 * 1024 * 1024;
 export interface LoraDaChunk {
   readonly keys: readonly LoraInputKey[];
   readonly layers: readonly number[];
+  /** Its modules, layer by layer: the adapted projections of its layers that read `keys`. */
+  readonly modules: readonly { readonly layer: number; readonly role: LinearRole; readonly r: number }[];
 }
 
 /**
@@ -445,12 +447,14 @@ export function loraDaChunks(config: ModelConfig, ranks: AdapterRanks, rows: num
   const chunks: LoraDaChunk[] = [];
   for (const group of LORA_INPUT_GROUPS) {
     let layers: number[] = [];
+    let modules: { layer: number; role: LinearRole; r: number }[] = [];
     let bytes = 0;
     let gBytes = 0;
     let roles = 0;
     const close = () => {
-      if (layers.length > 0) chunks.push({ keys: group, layers });
+      if (layers.length > 0) chunks.push({ keys: group, layers, modules });
       layers = [];
+      modules = [];
       bytes = 0;
       gBytes = 0;
       roles = 0;
@@ -470,6 +474,7 @@ export function loraDaChunks(config: ModelConfig, ranks: AdapterRanks, rows: num
       }
       if (bytes + own > limit || gBytes + g > limit || roles + adapted.length > LORA_DA_MAX_ROLES) close();
       layers.push(i);
+      for (const [role, r] of adapted) modules.push({ layer: i, role, r });
       bytes += own;
       gBytes += g;
       roles += adapted.length;
