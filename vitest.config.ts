@@ -26,7 +26,9 @@ const modelTests = [
   'packages/models/test/gguf.test.ts',
   'packages/models/test/lora_dropout.test.ts',
   'packages/models/test/f16_tiles.test.ts',
+  'packages/models/test/train_f16.test.ts',
   'packages/train/test/trainer.test.ts',
+  'packages/train/test/trainer_f16.test.ts',
   'packages/train/test/api.test.ts',
 ];
 
@@ -35,7 +37,7 @@ const modelTests = [
 const lavapipe25Icd = new URL('./.cache/lavapipe25/lvp_icd.json', import.meta.url).pathname;
 // The files whose kernels have f16 or subgroup builds (matmul_f16 holds the matmul's f16 and split-K
 // cases: llvmpipe takes seconds per pipeline, and matmul.test.ts has a hundred), and the model
-// test of the inference plans that use f16 tiles. cross_entropy.test.ts is left to SwiftShader's
+// tests of the inference plans and the training step that use f16 tiles. cross_entropy.test.ts is left to SwiftShader's
 // subgroup build (node-gpu-kernels): cold, its pipelines take 3 to 7 minutes here.
 const lavapipe25Tests = [
   'packages/core/test/context.test.ts',
@@ -46,6 +48,8 @@ const lavapipe25Tests = [
   'packages/core/test/reduce.test.ts',
   'packages/core/test/group_reduce.test.ts',
   'packages/models/test/f16_tiles.test.ts',
+  'packages/models/test/train_f16.test.ts',
+  'packages/train/test/trainer_f16.test.ts',
 ];
 
 function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {

@@ -110,6 +110,8 @@ async function benchCase(ctx: GpuContext, model: CausalLM, c: TrainCase, loadMs:
       extra: {
         case: c.key,
         precision: c.precision,
+        // The forward projections' tile math (trainingTileMath: f16 on GPUs with shader-f16).
+        tile_math: trainer.tileMath,
         tokens_per_s: (tokens * 1000) / ms,
         steps: samples.length,
         min_ms: Math.min(...samples),

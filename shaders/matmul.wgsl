@@ -432,18 +432,24 @@ fn low_rank_product(acc_in: mat4x4<f32>, tid: u32, tx: u32, ty: u32, m0: u32, n0
 // its bits or flush to zero. r is small (a LoRA rank), and the WG_X invocations that share a row of
 // A2 (the WG_Y that share a row of B2) read it at the same time, so it comes from cache.
 fn low_rank_direct(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
+  return low_rank_direct_term(acc_in, tx, ty, m0, n0, p.K2, p.a2_off, p.b2_off, p.alpha2);
+}
+
+// low_rank_direct for a term of rank K (alpha·A2 at a_off in A2's binding, B2 at b_off in B2's):
+// matmul_qkv's terms with f16 tiles.
+fn low_rank_direct_term(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32, K: u32, a_off: u32, b_off: u32, alpha: f32) -> mat4x4<f32> {
   var acc = acc_in;
   let m = m0 + ty * 4u;
   let n = n0 + tx * 4u;
-  for (var k = 0u; k < p.K2; k += 4u) {
-    let b0 = b2_chunk(out_col(n + 0u), k, p.N, p.K2);
-    let b1 = b2_chunk(out_col(n + 1u), k, p.N, p.K2);
-    let b2v = b2_chunk(out_col(n + 2u), k, p.N, p.K2);
-    let b3 = b2_chunk(out_col(n + 3u), k, p.N, p.K2);
-    let a0 = a2_chunk(m + 0u, k);
-    let a1 = a2_chunk(m + 1u, k);
-    let a2v = a2_chunk(m + 2u, k);
-    let a3 = a2_chunk(m + 3u, k);
+  for (var k = 0u; k < K; k += 4u) {
+    let b0 = b2_at(out_col(n + 0u), k, p.N, K, b_off);
+    let b1 = b2_at(out_col(n + 1u), k, p.N, K, b_off);
+    let b2v = b2_at(out_col(n + 2u), k, p.N, K, b_off);
+    let b3 = b2_at(out_col(n + 3u), k, p.N, K, b_off);
+    let a0 = a2_at(m + 0u, k, K, a_off, alpha);
+    let a1 = a2_at(m + 1u, k, K, a_off, alpha);
+    let a2v = a2_at(m + 2u, k, K, a_off, alpha);
+    let a3 = a2_at(m + 3u, k, K, a_off, alpha);
     acc[0] += vec4<f32>(dot(a0, b0), dot(a0, b1), dot(a0, b2v), dot(a0, b3));
     acc[1] += vec4<f32>(dot(a1, b0), dot(a1, b1), dot(a1, b2v), dot(a1, b3));
     acc[2] += vec4<f32>(dot(a2v, b0), dot(a2v, b1), dot(a2v, b2v), dot(a2v, b3));
@@ -506,7 +512,8 @@ fn matmul_resid(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup
 // its own rows in workgroup memory (so the workgroups along a row of tiles each form it again: r
 // more products per staged element, against the tile's 4·WG_X columns), then adds h·B2ᵀ for its
 // columns in f32, and the workgroups of the first column of tiles store h (17 h_out, M×r), which
-// the backward's dB reads. Binding 4 holds LA here, not A2. f32 tiles, W transposed; p.K2 = r.
+// the backward's dB reads. Binding 4 holds LA here, not A2. W transposed; p.K2 = r. With f16 tiles,
+// h is formed in f32 from the f16-staged A (what the f16 main product multiplies too).
 // 7 storage buffers.
 @group(0) @binding(17) var<storage, read_write> h_out: array<f32>;
 
@@ -1637,8 +1644,8 @@ fn matvec_pair_rope(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workg
 // b2b_off, alpha2b) or the third's (K2c, a2c_off, b2c_off, alpha2c), their h places of one buffer
 // (4 a2) and their B of another (5 b2), as matmul_sum_lr binds them. q, k and v are places of one buffer (6 c, at qkv_q_off,
 // qkv_k_off, qkv_v_off), row-major at their own widths. matmul_qkv_rope (ROPE != 0): bit 0 rotates
-// q, bit 1 k (whose columns, like v's, are then computed in out_col's order). No bias or beta; f32 tiles (LR_DIRECT
-// off). Bindings 1 a, 2 w, 4 a2, 5 b2, 6 c, 11 w3, 22 w4, and 13 rope_freq: up to 8 storage buffers.
+// q, bit 1 k (whose columns, like v's, are then computed in out_col's order). No bias or beta. With f16 tiles (LR_DIRECT) the
+// LoRA terms are read and multiplied in f32, not staged. Bindings 1 a, 2 w, 4 a2, 5 b2, 6 c, 11 w3, 22 w4, and 13 rope_freq: up to 8 storage buffers.
 
 // Which projection column tile x belongs to (0 q, 1 k, 2 v), and its first column there.
 fn qkv_segment(x: u32) -> vec2<u32> {
@@ -1682,6 +1689,8 @@ fn qkv_product(seg: u32, tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4
     term = vec3<u32>(p.K2c, p.a2c_off, p.b2c_off);
     alpha2 = p.alpha2c;
   }
+  // With f16 tiles (LR_DIRECT) the term is read and multiplied in f32, as low_rank_direct does.
+  if (LR_DIRECT) { return low_rank_direct_term(acc, tx, ty, m0, n0, term.x, term.y, term.z, alpha2); }
   for (var k0 = 0u; k0 < term.x; k0 += TK) {
     stage_lr_term(tid, m0, n0, k0, term.x, term.y, term.z, alpha2);
     workgroupBarrier();

@@ -1,4 +1,5 @@
-// The tiled matmul with f16 tiles (shaders/tile_f16.wgsl) against the float64 reference, and the
+// The tiled matmul with f16 tiles (shaders/tile_f16.wgsl) against the float64 reference (with LoRA
+// terms, LoRA's h formed in the dispatch, and q, k and v in one dispatch), and the
 // split-K matrix-vector kernel on both reduction builds: the matmul cases of the adapters with
 // shader-f16 or other subgroup sizes (the node-lavapipe-f16 project: Mesa 25 lavapipe, where every
 // pipeline of matmul.test.ts would take seconds to compile). Elsewhere the f16 cases skip.
@@ -6,15 +7,20 @@ import { describe, expect, it } from 'vitest';
 import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
 import { rmsnormForwardRef } from '../ref/rmsnorm.js';
+import { ropeForwardRef } from '../ref/rope.js';
 import {
   createTensor,
   type DType,
   f16TileMathApplies,
   planMatmul,
+  planQkvMatmul,
+  type QkvProjection,
   readFloat32,
   StepEncoder,
   type Tensor,
   tensorFromData,
+  tensorView,
+  writeTensor,
 } from '../src/index.js';
 import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
@@ -152,6 +158,174 @@ describe('matmul with f16 tiles', () => {
     expectClose(ctx, 'glu norm f16 up', got.up, up, 4e-3 * Math.sqrt(K), 2e-3);
   });
 
+  // LoRA's h formed in the dispatch with f16 tiles (matmul_lora_h; the trainer's forward on GPUs):
+  // h = x·Aᵀ in f32 from the f16-staged x, and alpha2·h·B2ᵀ in f32 from workgroup memory. Against
+  // the float64 h of x rounded to f16, so h and, where W = 0 and B is 1e-7 to 1e-6 (below f16's
+  // normals), C must match to f32 precision: only the main product may carry f16's error.
+  const loraHCases: { M: number; N: number; K: number; r: number; w: DType; bScale: number; zeroW?: boolean }[] = [
+    { M: 40, N: 72, K: 96, r: 8, w: 'f16', bScale: 0.05 },
+    { M: 33, N: 63, K: 64, r: 5, w: 'q8_0', bScale: 0.02 },
+    { M: 9, N: 64, K: 40, r: 3, w: 'f16', bScale: 1e-6, zeroW: true },
+  ];
+  for (const c of loraHCases) {
+    const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w} + LoRA r=${c.r} with h formed in the dispatch (B ~${c.bScale}${c.zeroW ? ', W = 0' : ''})`;
+    it(name, async (t) => {
+      const ctx = gpu();
+      if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+      const seed = 5 * c.M + c.N + c.r;
+      const alpha2 = 2;
+      const x = randomArray(c.M * c.K, seed, 1);
+      const w = c.zeroW ? new Float64Array(c.N * c.K) : asStored(randomArray(c.N * c.K, seed + 1, 1), c.w);
+      const la = Float64Array.from(randomArray(c.r * c.K, seed + 2, 1), (v) => Math.fround(v));
+      const b = Float64Array.from(randomArray(c.N * c.r, seed + 3, c.bScale), (v) => Math.fround(v));
+      const h = matmulRef(asStored(x, 'f16'), la, c.M, c.K, c.r, { transB: true });
+      const lora = matmulRef(h, b, c.M, c.r, c.N, { transB: true }).map((v) => alpha2 * v);
+      const want = addRef(matmulRef(x, w, c.M, c.K, c.N, { transB: true }), lora, 1);
+      const got = await gpuCase(ctx, name, async () => {
+        const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
+        const tw = tensorFromData(ctx, w, [c.N, c.K], c.w, 'w');
+        const ta = tensorFromData(ctx, la, [c.r, c.K], 'f32', 'lora_A');
+        const tb = tensorFromData(ctx, b, [c.N, c.r], 'f32', 'lora_B');
+        const th = tensorFromData(ctx, new Float32Array(c.M * c.r).fill(Number.NaN), [c.M, c.r], 'f32', 'h');
+        const tc = createTensor(ctx, [c.M, c.N], 'f32', 'c');
+        const lowRank = { a2: th, b2: tb, alpha2, a2From: ta };
+        expect(f16TileMathApplies(ctx, tw, { lowRank })).toBe(true);
+        const d = await planMatmul(ctx, tx, tw, tc, { lowRank, tileMath: 'f16' });
+        expect(d.kernel.spec.entryPoint).toBe('matmul_lora_h');
+        expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = { c: await readFloat32(tc), h: await readFloat32(th) };
+        d.dispose();
+        for (const b of [tx, tw, ta, tb, th, tc]) b.dispose();
+        return out;
+      });
+      expectClose(ctx, `${name} h`, got.h, h, 2e-5 * Math.sqrt(c.K), 1e-5);
+      if (c.zeroW) expectClose(ctx, `${name} f16 tiles`, got.c, want, 1e-11, 1e-5);
+      else expectClose(ctx, `${name} f16 tiles`, got.c, want, 4e-3 * Math.sqrt(c.K), 2e-3);
+    });
+  }
+
+  // q, k and v in one dispatch with f16 tiles (matmul_qkv; the trainer's forward on GPUs): their
+  // LoRA terms are read and multiplied in f32 (low_rank_direct_term), in RoPE's column order where
+  // q and k are rotated. The projection with W = 0 and B of 1e-7 to 1e-6 must match the float64
+  // low-rank product to f32 precision; the others f16's bounds.
+  const qkvCases: {
+    M: number;
+    K: number;
+    widths: [number, number, number];
+    ranks: [number, number, number];
+    w: [DType, DType, DType];
+    zero: number;
+    rope?: { hd: number; T: number };
+  }[] = [
+    {
+      M: 40,
+      K: 64,
+      widths: [64, 32, 32],
+      ranks: [8, 4, 0],
+      w: ['f16', 'f16', 'q8_0'],
+      zero: 1,
+      rope: { hd: 16, T: 10 },
+    },
+    { M: 33, K: 96, widths: [32, 32, 16], ranks: [3, 5, 1], w: ['q8_0', 'f16', 'f16'], zero: 2 },
+  ];
+  for (const c of qkvCases) {
+    const name = `q|k|v ${c.widths.join('|')} M=${c.M} K=${c.K} W:${c.w.join('/')} ranks ${c.ranks.join('/')}${c.rope ? ' RoPE' : ''}, ${'qkv'[c.zero]} with W = 0 and a tiny B`;
+    it(name, async (t) => {
+      const ctx = gpu();
+      if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+      const seed = 11 * c.M + c.K;
+      const x = randomArray(c.M * c.K, seed, 1);
+      const invFreq = c.rope
+        ? Float32Array.from({ length: c.rope.hd / 2 }, (_, i) => 10000 ** (-(2 * i) / (c.rope?.hd ?? 1)))
+        : new Float32Array(0);
+      const parts = c.widths.map((N, i) => {
+        const r = c.ranks[i] as number;
+        const zero = i === c.zero;
+        const w = zero
+          ? new Float64Array(N * c.K)
+          : asStored(randomArray(N * c.K, seed + 10 * i + 1, 1), c.w[i] as DType);
+        const h = Float64Array.from(randomArray(c.M * r, seed + 10 * i + 2, 1), (v) => Math.fround(v));
+        const b = Float64Array.from(randomArray(N * r, seed + 10 * i + 3, zero ? 1e-6 : 0.05), (v) => Math.fround(v));
+        const scale = 1.5 - i;
+        let want = matmulRef(x, w, c.M, c.K, N, { transB: true });
+        if (r) want = addRef(want, matmulRef(h, b, c.M, r, N, { transB: true }), scale);
+        if (c.rope && i < 2)
+          want = ropeForwardRef({
+            rows: c.M,
+            T: c.rope.T,
+            pos0: 0,
+            nHeads: N / c.rope.hd,
+            headDim: c.rope.hd,
+            invFreq,
+            attentionScaling: 1,
+            x: want,
+          }).y;
+        return { N, r, w, h, b, scale, want, zero };
+      });
+      const got = await gpuCase(ctx, name, async () => {
+        const owned: Tensor[] = [];
+        const own = (t: Tensor) => {
+          owned.push(t);
+          return t;
+        };
+        // Each kind of operand as places of one buffer, 256 bytes apart.
+        const arena = (label: string, sizes: number[]) => {
+          const at = sizes.map((_, i) => sizes.slice(0, i).reduce((n, s) => n + Math.ceil((s * 4) / 256) * 256, 0));
+          const total = sizes.reduce((n, s) => n + Math.ceil((s * 4) / 256) * 256, 0);
+          return { buf: own(createTensor(ctx, [total / 4], 'f32', label)), at };
+        };
+        const outs = arena(
+          'qkv',
+          parts.map((p) => c.M * p.N),
+        );
+        const hs = arena(
+          'h',
+          parts.map((p) => Math.max(1, c.M * p.r)),
+        );
+        const bs = arena(
+          'b',
+          parts.map((p) => Math.max(1, p.N * p.r)),
+        );
+        const projection = (i: number): QkvProjection => {
+          const p = parts[i] as (typeof parts)[number];
+          const out = tensorView(outs.buf, outs.at[i] as number, [c.M, p.N], 'f32', 'qkv'[i] as string);
+          const w = own(tensorFromData(ctx, p.w, [p.N, c.K], c.w[i] as DType, `w_${'qkv'[i]}`));
+          if (!p.r) return { w, out };
+          const h = tensorView(hs.buf, hs.at[i] as number, [c.M, p.r], 'f32', `h_${'qkv'[i]}`);
+          const b = tensorView(bs.buf, bs.at[i] as number, [p.N, p.r], 'f32', `b_${'qkv'[i]}`);
+          writeTensor(h, p.h);
+          writeTensor(b, p.b);
+          return { w, out, lora: { h, b, scale: p.scale } };
+        };
+        const tx = own(tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x'));
+        const freq = c.rope ? own(tensorFromData(ctx, invFreq, [c.rope.hd / 2], 'f32', 'inv_freq')) : undefined;
+        const rope =
+          c.rope && freq ? { invFreq: freq, headDim: c.rope.hd, T: c.rope.T, pos0: 0, scaling: 1 } : undefined;
+        const d = await planQkvMatmul(
+          ctx,
+          tx,
+          { q: projection(0), k: projection(1), v: projection(2) },
+          { ...(rope ? { rope } : {}), tileMath: 'f16' },
+        );
+        expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+        expect(d.kernel.constants.LR_DIRECT).toBe(true);
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const all = await readFloat32(outs.buf);
+        d.dispose();
+        for (const t of owned) t.dispose();
+        return { all, at: outs.at };
+      });
+      for (const [i, p] of parts.entries()) {
+        const start = (got.at[i] as number) / 4;
+        const out = got.all.subarray(start, start + c.M * p.N);
+        const label = `${name} ${'qkv'[i]}`;
+        if (p.zero) expectClose(ctx, label, out, p.want, 1e-11, 1e-5);
+        else expectClose(ctx, label, out, p.want, 4e-3 * Math.sqrt(c.K), 2e-3);
+      }
+    });
+  }
+
   it('is asked for only where it is safe, and refused without shader-f16', async () => {
     const ctx = gpu();
     await gpuCase(ctx, 'f16 tile math applies', async () => {
@@ -173,6 +347,14 @@ describe('matmul with f16 tiles', () => {
         await expect(planMatmul(ctx, a, w32, c, { tileMath: 'f16' })).rejects.toThrow(/f16TileMathApplies/);
         const extra = { a, w: w16 };
         await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16', extra })).rejects.toThrow(/f16TileMathApplies/);
+        // q, k and v in one dispatch take f16 tiles only where every weight is stored below f32.
+        const x9 = createTensor(ctx, [9, 8], 'f32', 'x9');
+        const qkv = createTensor(ctx, [9 * 24], 'f32', 'qkv');
+        const out = (i: number) => tensorView(qkv, i * 9 * 8 * 4, [9, 8], 'f32', `out${i}`);
+        const projections = { q: { w: w16, out: out(0) }, k: { w: w32, out: out(1) }, v: { w: w16, out: out(2) } };
+        await expect(planQkvMatmul(ctx, x9, projections, { tileMath: 'f16' })).rejects.toThrow(/f16TileMathApplies/);
+        x9.dispose();
+        qkv.dispose();
       }
       for (const x of [w16, w32, a, b, c]) x.dispose();
     });

@@ -91,13 +91,16 @@ export interface ForwardOptions {
    */
   readonly fuse?: boolean;
   /**
-   * Inference plans only: the tiled products' math for projections of weights stored below f32
-   * (f16TileMathApplies) and for the tiled attention. 'f16' stages them in f16 (needs
-   * shader-f16): projections multiply in f16 with f32 accumulation, an adapted projection's LoRA
-   * term stays f32, and attention multiplies its f16-staged rows in f32. Default 'f32' here, so
-   * that evaluation losses compare with training's; generation defaults to inferenceTileMath (f16
-   * on GPUs with shader-f16), whose logits stay within twice transformers' own f16 deviation from
-   * the f32 reference (f16_tiles.test.ts). Training is always f32 (planLayer is given 'f32' there).
+   * The tiled products' math for projections of weights stored below f32 (f16TileMathApplies) and,
+   * in inference plans, for the tiled attention. 'f16' stages them in f16 (needs shader-f16):
+   * projections multiply in f16 with f32 accumulation, an adapted projection's LoRA term (and h
+   * where the projection forms it) stays f32, and attention multiplies its f16-staged rows in f32.
+   * Default 'f32' here, so that evaluation losses compare with training's; generation defaults to
+   * inferenceTileMath and the trainer to trainingTileMath (f16 on GPUs with shader-f16), whose
+   * logits stay within twice transformers' own f16 deviation from the f32 reference
+   * (f16_tiles.test.ts) and whose LoRA gradients within f16's bounds of PEFT's (train_f16.test.ts).
+   * Train mode keeps the attention f32: its backward recomputes the probabilities from the saved
+   * log-sum-exp, which must come from the q and k it reads.
    */
   readonly tileMath?: TileMath;
   /**
@@ -1186,6 +1189,7 @@ async function planQkvInOne(
   pos: Positions,
   lora: LoraWeightsByModule | undefined,
   computed: ReadonlySet<LinearRole>,
+  tileMath: TileMath,
 ): Promise<Dispatch | undefined> {
   const c = model.config;
   const projection = (role: 'q' | 'k' | 'v'): QkvProjection | undefined => {
@@ -1205,7 +1209,9 @@ async function planQkvInOne(
     pos0: pos.pos0 ?? 0,
     scaling: model.ropeAttentionScaling,
   };
-  return planQkvMatmul(ctx, a.n1, { q, k, v }, { rope, label: `layer${layer.index}.q_k_v` });
+  // f16 tiles where all three weights take them (f16TileMathApplies), else f32 for all three.
+  const tiles = tileMath === 'f16' && [q, k, v].every((pr) => f16TileMathApplies(ctx, pr.w)) ? 'f16' : 'f32';
+  return planQkvMatmul(ctx, a.n1, { q, k, v }, { rope, label: `layer${layer.index}.q_k_v`, tileMath: tiles });
 }
 
 /** Attention over the sequences' own fresh projections (B sequences of T tokens, from position 0). */
@@ -1241,6 +1247,7 @@ export async function planLayer(
   fuse = true,
   tileMath: TileMath = 'f32',
   fusions: LayerFusions = layerFusions(ctx),
+  attentionMath: TileMath = tileMath,
 ): Promise<Dispatch[]> {
   const c = model.config;
   const out: Dispatch[] = [];
@@ -1248,14 +1255,12 @@ export async function planLayer(
   const shared = new Set<LinearRole>();
   const adapted = new Set([...a.loraH.keys()]);
   const ranks = new Map([...a.loraH].map(([role, h]) => [role, h.shape[1] as number]));
-  // LoRA's h inside the projection's matmul, which f16 tiles (inference) do not take.
   const rows = a.x.size / c.hiddenSize;
-  // q, k and v in one dispatch (qkvInOne) with f32 tiles, RoPE in the store (positions
-  // pos0 + row % T, no KV cache), where they, their h and their B are places of one buffer each.
-  // Decided before hIn: their h then come from the group's dispatch instead of their matmuls.
+  // q, k and v in one dispatch (qkvInOne), RoPE in the store (positions pos0 + row % T, no KV
+  // cache), where they, their h and their B are places of one buffer each. Decided before hIn:
+  // their h then come from the group's dispatch instead of their matmuls.
   const dest = attention.dest(a, layer.index);
   const qkvOne =
-    tileMath === 'f32' &&
     !attention.kvCache &&
     !attention.positions.positions &&
     !('qkv' in dest) &&
@@ -1276,16 +1281,7 @@ export async function planLayer(
         c.hiddenSize,
       ),
   );
-  const hIn = loraHInMatmulRoles(
-    c,
-    ranks,
-    rows,
-    dropout !== undefined,
-    fuse,
-    fusions.loraHInMatmul && tileMath === 'f32',
-    qkvOne,
-    normH,
-  );
+  const hIn = loraHInMatmulRoles(c, ranks, rows, dropout !== undefined, fuse, fusions.loraHInMatmul, qkvOne, normH);
   const lin: Lin = async (role, x, y, accumulate, activation, second, rope) => {
     const l = linear(layer, role);
     const w = lora?.get(l.module.name);
@@ -1374,12 +1370,14 @@ export async function planLayer(
   // q, k and v in one dispatch (qkvInOne) where the buffers allow, else qkvSteps' dispatches.
   const pos = attention.positions;
   const qkv =
-    qkvOne && !('qkv' in dest) ? await planQkvInOne(ctx, model, layer, a, dest, pos, lora, shared) : undefined;
+    qkvOne && !('qkv' in dest)
+      ? await planQkvInOne(ctx, model, layer, a, dest, pos, lora, shared, tileMath)
+      : undefined;
   if (qkv) out.push(qkv);
   else await planProjections(ctx, model, layer, a, dest, pos, lin, out, fuse, kvCache);
   if (attention.afterProjections && !kvCache) out.push(...(await attention.afterProjections(a, layer.index)));
-  // f16 tiles in the attention too where the plan asks for them (inference only).
-  const attentionTiles: TileMath = tileMath === 'f16' && ctx.features.shaderF16 ? 'f16' : 'f32';
+  // f16 tiles in the attention too where the plan asks for them (inference only: attentionMath).
+  const attentionTiles: TileMath = attentionMath === 'f16' && ctx.features.shaderF16 ? 'f16' : 'f32';
   const attend = await planAttentionForward(
     ctx,
     { ...attention.attend(a, layer.index, dest), o: a.attn, lse: a.lse, tileMath: attentionTiles },
@@ -1488,8 +1486,10 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
         opts.lora,
         dropout,
         opts.fuse ?? true,
-        mode === 'inference' ? (opts.tileMath ?? 'f32') : 'f32',
+        opts.tileMath ?? 'f32',
         layerFusions(ctx, opts),
+        // Training's attention stays f32 (ForwardOptions.tileMath).
+        mode === 'inference' ? (opts.tileMath ?? 'f32') : 'f32',
       );
       layerDispatches.push(planned);
       dispatches.push(...planned);

@@ -27,9 +27,12 @@ import {
   planAdamW,
   planL2Norm,
   readFloat32,
+  ShapeError,
   StepEncoder,
   type Tensor,
   TensorArena,
+  type TileMath,
+  trainingTileMath,
   WebtuneError,
   writeTensor,
 } from '@webtune/core';
@@ -139,6 +142,13 @@ export interface TrainerOptions {
    * plain path, which tests run beside the fused one over many steps.
    */
   readonly fuse?: boolean;
+  /**
+   * The forward projections' tile math (ForwardOptions.tileMath): 'f16' stages activations and
+   * weights stored below f32 in f16 and multiplies with f32 accumulation (needs shader-f16); the
+   * backward, the attention and the loss stay f32. Default trainingTileMath(ctx): f16 on GPUs with
+   * shader-f16, f32 on CPU adapters and without it.
+   */
+  readonly tileMath?: TileMath;
 }
 
 export interface MicroBatch {
@@ -282,6 +292,8 @@ export class LoraTrainer {
       fuse: options.fuse,
     });
     checkFits(ctx, estimate, { budget: options.memoryBudget });
+    if (options.tileMath === 'f16' && !ctx.features.shaderF16)
+      throw new ShapeError('trainer: f16 tile math needs an adapter with shader-f16, and this one has none');
     const weights = options.initialWeights ?? initLoraWeights(resolved, options.seed ?? 0);
     const before = ctx.liveBytes;
     const entries = resolved.modules.flatMap((m) => [
@@ -354,6 +366,7 @@ export class LoraTrainer {
         lora: trainables,
         label: 'train',
         fuse: options.fuse,
+        tileMath: options.tileMath ?? trainingTileMath(ctx),
       });
       cleanup.push(fwd);
       const activations = ctx.liveBytes - afterArenas;
@@ -405,6 +418,11 @@ export class LoraTrainer {
       for (const r of reports) ctx.releaseBuffer(r);
       throw e;
     }
+  }
+
+  /** The forward projections' tile math (TrainerOptions.tileMath, or trainingTileMath's default). */
+  get tileMath(): TileMath {
+    return this.options.tileMath ?? trainingTileMath(this.ctx);
   }
 
   /** Optimizer steps completed: their results were delivered and they were not discarded. Steps

@@ -614,8 +614,8 @@ export interface LoraForwardBuffers {
   hComputed?: boolean;
   /** h = x·Aᵀ formed inside y's dispatch from its staged tiles (planMatmul's lowRank.a2From,
    * matmul_lora_h): one dispatch in all. Not with dropout or hComputed; planMatmul refuses it
-   * with an epilogue other than bias, accumulation or RoPE on y, with f16 tiles, MATVEC_MAX_ROWS
-   * rows or fewer, or a rank above LORA_H_MAX_RANK. */
+   * with an epilogue other than bias, accumulation or RoPE on y, MATVEC_MAX_ROWS rows or fewer,
+   * or a rank above LORA_H_MAX_RANK. With f16 tiles, h is formed in f32 from the f16-staged x. */
   hInMatmul?: boolean;
   /** y is stored through the MLP's nonlinearity too (planMatmul's activation epilogue). */
   activation?: MatmulActivation;

@@ -404,8 +404,9 @@ export type TileMath = 'f32' | 'f16';
  * flush below 6e-8. f16 W stages exactly; Q8_0/Q4_0 values d·q round to f16's 11 bits, and A
  * (activations) rounds too (above 65504 it overflows). A LoRA term (lowRank) is allowed: it is
  * not staged but read and multiplied in f32 (matmul.wgsl's low_rank_direct), since its B starts at
- * zero and stays small, where f16 has few bits. planMatmul refuses f16 tiles where this does not
- * hold.
+ * zero and stays small, where f16 has few bits; where the dispatch forms LoRA's h itself
+ * (lowRank.a2From) it does so in f32 from the f16-staged A. planMatmul refuses f16 tiles where
+ * this does not hold.
  */
 export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptions = {}): boolean {
   return (
@@ -426,10 +427,23 @@ export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptio
  * lands from the same f32 reference (f16_tiles.test.ts against tools/golden_f16_math.py). CPU
  * adapters keep f32: a CPU has no faster f16 arithmetic to pay for the rounding (not measured
  * here: the only adapter with shader-f16, Mesa 25's lavapipe, runs under Node, where the bench
- * does not). Training is always f32.
+ * does not). Training's forward takes the same rule (trainingTileMath).
  */
 export function inferenceTileMath(ctx: GpuContext): TileMath {
   return ctx.features.shaderF16 && !isCpuAdapter(ctx) ? 'f16' : 'f32';
+}
+
+/**
+ * The tile math a training step's forward projections take unless asked otherwise: as
+ * inferenceTileMath (f16 on GPUs with shader-f16), for the forward-layout products of weights
+ * stored below f32 only (f16TileMathApplies). Everything that carries a gradient stays f32: the
+ * backward's products (dy·W, g and dB, dA), whose small values f16 would flush without loss
+ * scaling; the attention, whose backward recomputes the probabilities from the forward's log-sum-
+ * exp and so must see the same q and k; and the loss's logits. The LoRA gradients stay within
+ * f16's bounds of PEFT on the same weights (train_f16.test.ts).
+ */
+export function trainingTileMath(ctx: GpuContext): TileMath {
+  return inferenceTileMath(ctx);
 }
 
 /**
@@ -849,14 +863,20 @@ export interface QkvProjection {
  * dispatch instead of two or three, and on a GPU fill more of it. Any of them may carry a LoRA term
  * with h computed before (their h places of one buffer, their B of another, as the trainer keeps
  * them); q, k and v are places of one buffer; `rope` rotates q and k as they are stored.
- * Needs the tiled kernel (more than MATVEC_MAX_ROWS rows), f32 tiles, widths that are multiples
- * of 4 (the tile narrows until each is a whole number of its columns) and k and v no wider than q.
+ * Needs the tiled kernel (more than MATVEC_MAX_ROWS rows), widths that are multiples of 4 (the
+ * tile narrows until each is a whole number of its columns) and k and v no wider than q. `tileMath`
+ * 'f16' (every weight stored below f32, as f16TileMathApplies) stages A and the weights in f16 and
+ * reads and multiplies the LoRA terms in f32 (matmul.wgsl's low_rank_direct_term).
  */
 export async function planQkvMatmul(
   ctx: GpuContext,
   a: Tensor,
   projections: { readonly q: QkvProjection; readonly k: QkvProjection; readonly v: QkvProjection },
-  opts: { readonly rope?: Omit<MatmulRope, 'c' | 'second'>; readonly label?: string } = {},
+  opts: {
+    readonly rope?: Omit<MatmulRope, 'c' | 'second'>;
+    readonly label?: string;
+    readonly tileMath?: TileMath;
+  } = {},
 ): Promise<Dispatch> {
   const { q, k, v } = projections;
   const all = [q, k, v];
@@ -869,6 +889,11 @@ export async function planQkvMatmul(
   const tile = qkvTile(ctx, dq.M, [dq.N, dk.N, dv.N]);
   if (!tile) throw new ShapeError(`${label}: q, k and v must be multiples of 4 wide (${dq.N}, ${dk.N}, ${dv.N})`);
   const tn = 4 * tile.wgX;
+  const tiles = opts.tileMath ?? 'f32';
+  if (tiles === 'f16' && !all.every((pr) => f16TileMathApplies(ctx, pr.w)))
+    throw new ShapeError(
+      `${label}: f16 tile math needs shader-f16 and q, k and v's weights stored below f32 (f16TileMathApplies)`,
+    );
   const adapted = all.flatMap((pr, i) => (pr.lora ? [{ i, ...pr.lora }] : []));
   for (const x of adapted) {
     const { h, b } = x;
@@ -919,7 +944,7 @@ export async function planQkvMatmul(
     );
   const at = (span: typeof hs, t: Tensor | undefined) => (span && t ? span.at(t) : 0);
   const ranks = adapted.map((x) => x.h.shape[x.h.shape.length - 1] as number);
-  const kernel = await getKernel(ctx, spec(ctx, rope ? MATMUL_QKV_ROPE : MATMUL_QKV, 'f32'), {
+  const kernel = await getKernel(ctx, spec(ctx, rope ? MATMUL_QKV_ROPE : MATMUL_QKV, tiles), {
     WG_X: tile.wgX,
     WG_Y: tile.wgY,
     TK: tile.tk,
@@ -934,6 +959,7 @@ export async function planQkvMatmul(
       ranks.every((r) => r % 4 === 0) &&
       adapted.every((x) => at(hs, x.h) % 4 === 0 && at(bs, x.b) % 4 === 0),
     ROPE: rope ? 3 : 0,
+    ...(tiles === 'f16' && adapted.length > 0 ? { LR_DIRECT: true } : {}),
   });
   const placeholder = ctx.placeholder();
   const scales = (t: Tensor) => (isQuantFormat(t.dtype) ? gpuQuantLayout(t.dtype, t.size).scaleWordOffset : 0);
@@ -1312,7 +1338,7 @@ function loraHStride(rank: number): number {
 }
 
 /** Checks matmul_lora_h's operands: LoRA's A K2×K f32, a rank whose h fits in workgroup memory
- * beside the tiles, the tiled f32 kernel with W transposed, no epilogue but bias, beta and RoPE. */
+ * beside the tiles, the tiled kernel with W transposed, no epilogue but bias, beta and RoPE. */
 function checkLoraH(
   ctx: GpuContext,
   label: string,
@@ -1335,8 +1361,6 @@ function checkLoraH(
     throw new ShapeError(
       `${label}: LoRA's h in the dispatch takes W transposed, no row range, and no epilogue but bias, beta or RoPE on C`,
     );
-  if ((opts.tileMath ?? 'f32') !== 'f32')
-    throw new ShapeError(`${label}: LoRA's h in the dispatch is formed from f32 tiles only`);
   checkTiled(ctx, label, dims, opts, "LoRA's h in the dispatch");
   if (a2From.dtype !== 'f32' || a2From.shape.length !== 2 || a2From.shape[0] !== rank || a2From.shape[1] !== dims.K)
     throw new ShapeError(

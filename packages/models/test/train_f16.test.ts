@@ -1,0 +1,139 @@
+// A training step whose forward projections take f16 tiles (ForwardOptions.tileMath 'f16', the
+// trainer's default on GPUs with shader-f16: trainingTileMath) against transformers + PEFT on the
+// same Q8_0-dequantized weights in f32 (tools/golden_quant_train.py; all-linear, r = 4, seeded
+// non-zero A and B). The activations and the staged weights round to f16 in the forward's products
+// (q, k and v in one dispatch and LoRA's h in the projections' dispatches included, forced here);
+// the LoRA terms, the attention, the loss and the whole backward stay f32. quantized.test.ts holds
+// the same step with f32 tiles to f32's bounds; here the bounds are f16's (measured below them).
+// Runs where the adapter has shader-f16 (the node-lavapipe-f16 project) and skips elsewhere.
+import { readFloat32, StepEncoder, type Tensor, TensorArena, writeTensor } from '@webtune/core';
+import { describe, expect, it } from 'vitest';
+import { gpuCase, useGpu } from '../../core/test/gpu.js';
+import { type LoraTrainable, planBackward, shiftLabels } from '../src/backward.js';
+import { planForward } from '../src/forward.js';
+import { loadModel } from '../src/model.js';
+import { openSafetensors } from '../src/safetensors.js';
+import { repoSource } from './fixtures.js';
+
+const gpu = useGpu();
+
+interface QuantGolden {
+  path: string;
+  batch: { input_ids: number[][]; labels: number[][]; counted_tokens: number };
+  formats: Record<'q8_0', { loss: number }>;
+  modules: {
+    module: string;
+    key_prefix: string;
+    in_features: number;
+    out_features: number;
+    r: number;
+    scaling: number;
+  }[];
+}
+const goldens = import.meta.glob<QuantGolden>('../../train/test/golden/quant-train/*.json', { import: 'default' });
+
+/** max |got − want| / max |want| over one tensor. */
+function relError(got: Float32Array, want: Float32Array): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < want.length; i++) {
+    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
+    den = Math.max(den, Math.abs(want[i] as number));
+  }
+  return den === 0 ? num : num / den;
+}
+
+describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () => {
+  for (const run of ['tiny-llama-q', 'tiny-qwen2-q']) {
+    it(run, async (t) => {
+      const ctx = gpu();
+      if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+      const golden = await (goldens[`../../train/test/golden/quant-train/${run}.json`] as () => Promise<QuantGolden>)();
+      const tensors = await openSafetensors(
+        await repoSource('packages/train/test/golden/quant-train'),
+        `${run}.safetensors`,
+      );
+      const source = await repoSource(golden.path);
+      const result = await gpuCase(ctx, `${run} f16 forward tiles`, async () => {
+        const model = await loadModel(ctx, source, { precision: 'q8_0' });
+        // A and B (and their gradients) are places in two arenas, as the trainer keeps them: what
+        // q, k and v in one dispatch and the other fusions need.
+        const shapes = golden.modules.flatMap((m) => [
+          { shape: [m.r, m.in_features], label: `${m.module}.lora_A` },
+          { shape: [m.out_features, m.r], label: `${m.module}.lora_B` },
+        ]);
+        const params = new TensorArena(ctx, shapes, 'params');
+        const gradArena = new TensorArena(ctx, shapes, 'grads');
+        const lora = new Map<string, LoraTrainable>();
+        for (const [i, m] of golden.modules.entries()) {
+          const [a, b, da, db] = [
+            params.views[2 * i],
+            params.views[2 * i + 1],
+            gradArena.views[2 * i],
+            gradArena.views[2 * i + 1],
+          ];
+          writeTensor(a as Tensor, await tensors.readTensor(`init.${m.key_prefix}.lora_A.weight`));
+          writeTensor(b as Tensor, await tensors.readTensor(`init.${m.key_prefix}.lora_B.weight`));
+          lora.set(m.module, { a: a as Tensor, b: b as Tensor, da: da as Tensor, db: db as Tensor, scale: m.scaling });
+        }
+        const B = golden.batch.input_ids.length;
+        const T = (golden.batch.input_ids[0] as number[]).length;
+        const fwd = await planForward(ctx, model, {
+          B,
+          T,
+          mode: 'train',
+          lora,
+          tileMath: 'f16',
+          qkvInOne: true,
+          loraHInMatmul: true,
+        });
+        const bwd = await planBackward(ctx, fwd, lora);
+        const f16 = (list: readonly { kernel: { spec: { file: string; entryPoint: string } } }[]) =>
+          list.filter((d) => d.kernel.spec.file.includes('tile_f16.wgsl')).map((d) => d.kernel.spec.entryPoint);
+        const entries = { forward: f16(fwd.dispatches), backward: f16(bwd.dispatches) };
+        writeTensor(fwd.ids, golden.batch.input_ids.flat());
+        writeTensor(bwd.labels, shiftLabels(golden.batch.labels.flat(), B, T));
+        new StepEncoder(ctx, 'train step')
+          .clear(fwd.embeddingErrors)
+          .clear(bwd.errors)
+          .dispatch(...fwd.dispatches, ...bwd.dispatches)
+          .submit();
+        const [loss, count] = await readFloat32(bwd.loss);
+        const grads = new Map<string, { da: Float32Array; db: Float32Array }>();
+        for (const [name, t] of lora) grads.set(name, { da: await readFloat32(t.da), db: await readFloat32(t.db) });
+        bwd.dispose();
+        fwd.dispose();
+        params.dispose();
+        gradArena.dispose();
+        const layers = model.config.numLayers;
+        model.dispose();
+        return { loss: loss as number, count: count as number, grads, entries, layers };
+      });
+      // Every layer's q, k and v in one f16 dispatch (not with Qwen2's biases on them), its other
+      // adapted projections forming h in theirs; nothing of the backward in f16.
+      expect(result.entries.forward.filter((e) => e.startsWith('matmul_qkv')).length).toBe(
+        run === 'tiny-llama-q' ? result.layers : 0,
+      );
+      expect(result.entries.forward.filter((e) => e.startsWith('matmul_lora_h')).length).toBeGreaterThan(0);
+      expect(result.entries.backward).toEqual([]);
+      expect(result.count).toBe(golden.batch.counted_tokens);
+      const want = golden.formats.q8_0.loss;
+      let worst = 0;
+      for (const m of golden.modules) {
+        const got = result.grads.get(m.module)!;
+        for (const [which, g] of [
+          ['A', got.da],
+          ['B', got.db],
+        ] as const) {
+          const err = relError(g, await tensors.readTensor(`q8_0.grad.${m.key_prefix}.lora_${which}.weight`));
+          worst = Math.max(worst, err);
+          expect(err, `${m.module} d${which}`).toBeLessThan(3e-2);
+        }
+      }
+      console.log(
+        `${run} f16 forward tiles: loss ${result.loss} (PEFT ${want}, Δ ${Math.abs(result.loss - want).toExponential(2)}), worst gradient error ${worst.toExponential(2)} over ${golden.modules.length} modules`,
+      );
+      expect(Math.abs(result.loss - want), `loss ${result.loss} vs PEFT ${want}`).toBeLessThan(5e-3);
+    });
+  }
+});
