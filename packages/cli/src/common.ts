@@ -1,6 +1,6 @@
 /** What every command shares: paths, the GPU context, loading a model folder, messages. */
 import { basename, dirname, isAbsolute, resolve } from 'node:path';
-import { createGpuContext, describeAdapter, type GpuContext } from '@webtune/core';
+import { createGpuContext, describeAdapter, type GpuContext, type TileMath } from '@webtune/core';
 import {
   type CausalLM,
   directorySource,
@@ -80,6 +80,13 @@ export function precisionFlag(v: unknown): WeightPrecision | undefined {
   if (!isWeightPrecision(v))
     throw new UsageError(`--precision must be ${WEIGHT_PRECISIONS.join(', ')}; got ${JSON.stringify(v)}`);
   return v;
+}
+
+/** --tile-math: unset leaves the library's default (f16 on GPUs with shader-f16, else f32). */
+export function tileMathFlag(v: unknown): { tileMath?: TileMath } {
+  if (v === undefined) return {};
+  if (v !== 'f16' && v !== 'f32') throw new UsageError(`--tile-math must be f16 or f32; got ${JSON.stringify(v)}`);
+  return { tileMath: v };
 }
 
 /** The --precision flag's help text, the same for every command. */

@@ -1,6 +1,7 @@
 // webtune train end to end in a child process, as a user runs it: the adapter it writes loads and
-// lowers the loss on the data; Ctrl-C saves a checkpoint and --resume finishes the run with
-// exactly the adapter an uninterrupted run writes.
+// lowers the loss on the data; f16 tiles are refused where the adapter cannot run them; Ctrl-C
+// saves a checkpoint and --resume finishes the run with exactly the adapter an uninterrupted run
+// writes.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -43,7 +44,8 @@ function evalLoss(adapter?: string): number {
 describe('webtune train', () => {
   it('writes a PEFT adapter that loads and lowers the loss on its data', () => {
     const out = join(dir, 'whole');
-    const r = webtune('train', ...common, '--out', out);
+    // f32 tiles, as asked (the default here too: SwiftShader has no shader-f16).
+    const r = webtune('train', ...common, '--out', out, '--tile-math', 'f32');
     expect(r.code, r.stderr).toBe(0);
     expect(r.stderr).toMatch(/step 10\/10/);
     expect(r.stderr).toMatch(/checkpoint saved at step 2/);
@@ -53,6 +55,19 @@ describe('webtune train', () => {
     expect(existsSync(`${out}.checkpoint`)).toBe(false); // a finished run leaves no checkpoint
     expect(evalLoss(out)).toBeLessThan(evalLoss() - 0.05);
   }, 300_000);
+
+  it('refuses f16 tiles on an adapter without shader-f16, and a tile math it does not know, writing nothing', () => {
+    const out = join(dir, 'f16');
+    const f16 = webtune('train', ...common, '--out', out, '--tile-math', 'f16');
+    expect(f16.code).toBe(1);
+    expect(f16.stderr).toMatch(/webtune: trainer: f16 tile math needs an adapter with shader-f16/);
+    expect(f16.stderr).not.toMatch(/\n\s+at .*\.m?[jt]s:\d+/); // no JavaScript stack trace
+    const bf16 = webtune('train', ...common, '--out', out, '--tile-math', 'bf16');
+    expect(bf16.code).toBe(2);
+    expect(bf16.stderr).toMatch(/--tile-math must be f16 or f32; got "bf16"/);
+    expect(existsSync(out)).toBe(false);
+    expect(existsSync(`${out}.checkpoint`)).toBe(false);
+  }, 120_000);
 
   it('stops on Ctrl-C with a checkpoint and --resume ends with the uninterrupted adapter, byte for byte', async () => {
     const out = join(dir, 'cut');

@@ -1,7 +1,6 @@
-import type { TileMath } from '@webtune/core';
 import { type GenerateOptions, Generator } from '@webtune/models';
-import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { gpu, info, openAdapter, openModel, PRECISION_HELP, precisionFlag } from '../common.js';
+import { type FlagSpec, parseFlags } from '../args.js';
+import { gpu, info, openAdapter, openModel, PRECISION_HELP, precisionFlag, tileMathFlag } from '../common.js';
 
 export const generateFlags: Record<string, FlagSpec> = {
   model: { type: 'string', description: 'Hugging Face model folder, or a .gguf file', required: true },
@@ -19,13 +18,6 @@ export const generateFlags: Record<string, FlagSpec> = {
       'f16 or f32: how the prefill and attention tiles are staged and multiplied (default: f16 on GPUs with shader-f16, else f32)',
   },
 };
-
-/** --tile-math: unset leaves Generator's default (inferenceTileMath). */
-function tileMathFlag(v: unknown): { tileMath?: TileMath } {
-  if (v === undefined) return {};
-  if (v !== 'f16' && v !== 'f32') throw new UsageError(`--tile-math must be f16 or f32; got ${JSON.stringify(v)}`);
-  return { tileMath: v };
-}
 
 interface GenerationConfig {
   do_sample?: boolean;

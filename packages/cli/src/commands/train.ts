@@ -9,7 +9,7 @@ import { formatBytes } from '@webtune/core';
 import { isGgufFileName } from '@webtune/models';
 import { createTrainer, type TrainConfig, type Trainer, type TrainerProgress } from '@webtune/train';
 import { type FlagSpec, parseFlags, UsageError } from '../args.js';
-import { info, PRECISION_HELP, precisionFlag, userPath } from '../common.js';
+import { info, PRECISION_HELP, precisionFlag, tileMathFlag, userPath } from '../common.js';
 
 export const trainFlags: Record<string, FlagSpec> = {
   model: { type: 'string', description: 'Hugging Face model folder, or a .gguf file', required: true },
@@ -49,6 +49,11 @@ export const trainFlags: Record<string, FlagSpec> = {
     type: 'boolean',
     description: 'recompute activations in the backward (less memory, ~1/3 more time)',
     default: false,
+  },
+  'tile-math': {
+    type: 'string',
+    description:
+      "f16 or f32: how the forward's projections stage and multiply their tiles (default: f16 on GPUs with shader-f16, else f32; the backward is always f32)",
   },
   'checkpoint-every': { type: 'int', description: 'save a checkpoint every N steps (0: only on Ctrl-C)', default: 50 },
   'checkpoint-dir': { type: 'string', description: 'where checkpoints go (default: <out>.checkpoint)' },
@@ -129,6 +134,7 @@ function config(f: Record<string, unknown>, name: string): TrainConfig {
     seed: f.seed as number,
     checkpointEvery: f['checkpoint-every'] as number,
     recompute: f.recompute as boolean,
+    ...tileMathFlag(f['tile-math']),
   };
 }
 

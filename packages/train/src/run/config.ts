@@ -45,6 +45,8 @@ export interface RunConfig {
   readonly checkpointEvery: number;
   readonly evalEvery: number;
   readonly recompute: boolean;
+  /** The forward's tile math when asked for (TrainConfig.tileMath); absent: the device's default. */
+  readonly tileMath?: 'f16' | 'f32';
   /** The library adapter the run started from, if any. */
   readonly from: string | null;
 }
@@ -60,6 +62,12 @@ export const RUN_DEFAULTS = Object.freeze({
   batch: 4,
   checkpointEvery: 25,
 });
+
+function tileMathSetting(value: unknown): 'f16' | 'f32' {
+  if (value !== 'f16' && value !== 'f32')
+    throw new TrainConfigError('tileMath', `must be 'f16' or 'f32', got ${JSON.stringify(value)}`);
+  return value;
+}
 
 function integer(field: string, value: unknown, min: number): number {
   if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min)
@@ -173,6 +181,7 @@ export function resolveRunConfig(config: TrainConfig, context: RunConfigContext)
     checkpointEvery,
     evalEvery,
     recompute: config.recompute ?? false,
+    ...(config.tileMath === undefined ? {} : { tileMath: tileMathSetting(config.tileMath) }),
     from: config.from ?? null,
   };
 }
@@ -204,6 +213,7 @@ export function trainerOptions(
     schedule: { kind: run.schedule.kind, warmupSteps: run.schedule.warmupSteps, totalSteps: run.totalSteps },
     seed: run.seed,
     recompute: run.recompute,
+    ...(run.tileMath ? { tileMath: run.tileMath } : {}),
     ...extra,
   };
 }
