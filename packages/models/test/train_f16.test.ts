@@ -4,7 +4,9 @@
 // non-zero A and B). The activations and the staged weights round to f16 in the forward's products
 // (q, k and v in one dispatch and LoRA's h in the projections' dispatches included, forced here);
 // the LoRA terms, the attention, the loss and the whole backward stay f32. quantized.test.ts holds
-// the same step with f32 tiles to f32's bounds; here the bounds are f16's (measured below them).
+// the same step with f32 tiles to f32's bounds; here the bounds are f16's: the loss within 5e-3
+// (measured 1.9e-4 to 1.6e-3) and every gradient within 3e-2 (max |g − g_peft| / max |g_peft|;
+// measured 5.0e-3 to 1.8e-2), on every architecture.
 // Runs where the adapter has shader-f16 (the node-lavapipe-f16 project) and skips elsewhere.
 import { readFloat32, StepEncoder, type Tensor, TensorArena, writeTensor } from '@webtune/core';
 import { describe, expect, it } from 'vitest';
@@ -43,8 +45,11 @@ function relError(got: Float32Array, want: Float32Array): number {
   return den === 0 ? num : num / den;
 }
 
+/** The runs whose q, k and v take one dispatch (planQkvMatmul). */
+const QKV_IN_ONE = ['tiny-llama-q', 'tiny-llama3'];
+
 describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () => {
-  for (const run of ['tiny-llama-q', 'tiny-qwen2-q']) {
+  for (const run of ['tiny-llama-q', 'tiny-llama3', 'tiny-qwen2-q', 'tiny-qwen3-q', 'tiny-gpt2-q']) {
     it(run, async (t) => {
       const ctx = gpu();
       if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
@@ -109,10 +114,11 @@ describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () =
         model.dispose();
         return { loss: loss as number, count: count as number, grads, entries, layers };
       });
-      // Every layer's q, k and v in one f16 dispatch (not with Qwen2's biases on them), its other
-      // adapted projections forming h in theirs; nothing of the backward in f16.
+      // Every layer's q, k and v in one f16 dispatch where they take it (not with Qwen2's biases,
+      // Qwen3's q/k norms or GPT-2's fused c_attn), projections forming LoRA's h in theirs;
+      // nothing of the backward in f16.
       expect(result.entries.forward.filter((e) => e.startsWith('matmul_qkv')).length).toBe(
-        run === 'tiny-llama-q' ? result.layers : 0,
+        QKV_IN_ONE.includes(run) ? result.layers : 0,
       );
       expect(result.entries.forward.filter((e) => e.startsWith('matmul_lora_h')).length).toBeGreaterThan(0);
       expect(result.entries.backward).toEqual([]);
