@@ -147,6 +147,12 @@ override DELTA_FROM_O: bool = false;
 // j); dq and dk are stored as the gradients of the rows before the rotation, RoPE's backward
 // applied here instead of in a dispatch of its own. HD % 8 == 0.
 override ROPE: bool = false;
+// Each value of q, k and v is rounded to f16 as it is read (as_staged: in f32 arithmetic, so no
+// shader-f16 is needed): in the f16 build's forward, and in the backward kernels (f32 build) of
+// such a forward, so that the scores and probabilities they recompute are the ones whose lse the
+// forward saved, and the gradients are those of the function the forward computed. Every kernel
+// reads them through q4, k4 and v4.
+override ROUND_F16: bool = false;
 
 const VPT: u32 = 4u;          // vec4 output columns per invocation (registers: VPT vec4s per output)
 const MASKED: f32 = -3.0e38;  // score of an invisible key; finite so no inf arithmetic is needed
@@ -154,9 +160,9 @@ const VISIBLE: f32 = -1.0e38; // scores above this are real
 const DELTA_WG: u32 = 64u;
 const RMAX: u32 = 64u;        // rows kernels: vec4s in a private row array (HD ≤ 256)
 
-// The staged rows hold tile_t: f32 (tile_f32.wgsl), or f16 (tile_f16.wgsl) for the inference
-// forward on adapters with shader-f16, and tile_fma / tile_scale_fma form the products from them
-// (in f32 in both builds). A workgroup owns OWN rows (own_a, and own_b in the backward) and streams
+// The staged rows hold tile_t: f32 (tile_f32.wgsl), or f16 (tile_f16.wgsl) for the forward on
+// adapters with shader-f16 (the backward of such a forward reads them rounded: ROUND_F16), and
+// tile_fma / tile_scale_fma form the products from them (in f32 in both builds). A workgroup owns OWN rows (own_a, and own_b in the backward) and streams
 // blocks of STR rows (str_a, str_b) past them; which tensor each holds depends on the kernel:
 //                 own_a   own_b   str_a   str_b
 //   fwd           q       -       k       v
@@ -207,29 +213,45 @@ fn full4(c: u32) -> bool {
   return HD % 4u == 0u || c * 4u + 4u <= HD;
 }
 
+// x as the f16 build stages it (ROUND_F16): rounded to the nearest f16, ties to even; else x. The
+// f16 build's forward rounds so too before it converts to f16 (then exact), so forward and
+// backward see the same values whatever rounding a device's conversion uses. By its bits rather
+// than pack2x16float, whose rounding WGSL leaves to the implementation (Mesa's lavapipe does not
+// round to nearest). Values past f16's range are not stageable in the first place.
+fn as_staged(x: vec4<f32>) -> vec4<f32> {
+  if (!ROUND_F16) { return x; }
+  // Normal f16 magnitudes: keep 10 of f32's 23 mantissa bits; a carry runs into the exponent.
+  let b = bitcast<vec4<u32>>(x);
+  let even = (b >> vec4<u32>(13u)) & vec4<u32>(1u);
+  let normal = bitcast<vec4<f32>>((b + vec4<u32>(0xfffu) + even) & vec4<u32>(0xffffe000u));
+  // Below 2^-14, f16's subnormals: multiples of 2^-24 (round() takes ties to even).
+  let subnormal = round(x * 16777216.0) / 16777216.0;
+  return select(normal, subnormal, abs(x) < vec4<f32>(6.103515625e-5));
+}
+
 // vec4 c of the row starting at element base (rows need not be 16-byte aligned: scalar loads).
 fn q4(base: u32, c: u32) -> vec4<f32> {
   let e = base + c * 4u;
-  if (full4(c)) { return vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u]); }
+  if (full4(c)) { return as_staged(vec4<f32>(q[e], q[e + 1u], q[e + 2u], q[e + 3u])); }
   var x = vec4<f32>(0.0);
   for (var t = 0u; t < HD % 4u; t++) { x[t] = q[e + t]; }
-  return x;
+  return as_staged(x);
 }
 
 fn k4(base: u32, c: u32) -> vec4<f32> {
   let e = base + c * 4u;
-  if (full4(c)) { return vec4<f32>(k[e], k[e + 1u], k[e + 2u], k[e + 3u]); }
+  if (full4(c)) { return as_staged(vec4<f32>(k[e], k[e + 1u], k[e + 2u], k[e + 3u])); }
   var x = vec4<f32>(0.0);
   for (var t = 0u; t < HD % 4u; t++) { x[t] = k[e + t]; }
-  return x;
+  return as_staged(x);
 }
 
 fn v4(base: u32, c: u32) -> vec4<f32> {
   let e = base + c * 4u;
-  if (full4(c)) { return vec4<f32>(v[e], v[e + 1u], v[e + 2u], v[e + 3u]); }
+  if (full4(c)) { return as_staged(vec4<f32>(v[e], v[e + 1u], v[e + 2u], v[e + 3u])); }
   var x = vec4<f32>(0.0);
   for (var t = 0u; t < HD % 4u; t++) { x[t] = v[e + t]; }
-  return x;
+  return as_staged(x);
 }
 
 fn do4(base: u32, c: u32) -> vec4<f32> {

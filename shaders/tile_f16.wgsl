@@ -5,8 +5,9 @@
 // (attention) multiply and add in f32. Staging in f16 halves the tiles'
 // workgroup memory and their reads; what is staged rounds to f16 (and overflows above 65504), as
 // do Q8_0/Q4_0 values. matmul.ts allows it only for forward-layout products of weights stored
-// below f32 (a LoRA term stays f32 there), attention.ts only for the inference forward: gradients,
-// which f16 would flush below 6e-8, keep the f32 build.
+// below f32 (a LoRA term stays f32 there), attention.ts only for the forward (whose backward reads
+// q, k and v rounded alike in the f32 build): gradients, which f16 would flush below 6e-8, keep
+// the f32 build.
 
 alias tile_t = f16;
 

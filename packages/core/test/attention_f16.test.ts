@@ -5,10 +5,16 @@
 // where the adapter has shader-f16 (the node-lavapipe-f16 project: Mesa 25 lavapipe) and skip
 // elsewhere; the refusal without shader-f16 runs everywhere else.
 import { describe, expect, it } from 'vitest';
-import { attentionForwardRef } from '../ref/attention.js';
+import { attentionBackwardRef, attentionForwardRef } from '../ref/attention.js';
 import { asStored, randomArray } from '../ref/check.js';
-import { createTensor, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
-import { attentionShapes, attentionTiles, planAttentionForward } from '../src/kernels/attention.js';
+import { createTensor, readFloat32, StepEncoder, type TileMath, tensorFromData } from '../src/index.js';
+import {
+  type AttentionVariant,
+  attentionShapes,
+  attentionTiles,
+  planAttentionBackward,
+  planAttentionForward,
+} from '../src/kernels/attention.js';
 import { expectClose, gpuCase, useGpu } from './gpu.js';
 
 const gpu = useGpu();
@@ -105,4 +111,78 @@ describe('attention forward with f16 tiles', () => {
       for (const t of [x, o, lse]) t.dispose();
     });
   });
+});
+
+// The backward of a forward that staged q, k and v in f16 (tileMath 'f16' in the backward's
+// arguments: ROUND_F16, f32 builds, any adapter, both variants): given the unrounded q, k and v and
+// the forward's o and lse, it must give the float64 gradients of the rounded inputs (the function
+// the f16 forward computed) to f32 precision. The same backward without the rounding must miss
+// them by more than that: the check can tell the two apart.
+describe('attention backward of an f16-staged forward', () => {
+  const bwdCases: Case[] = [
+    { B: 2, Tq: 33, Tk: 33, pos0: 0, nH: 4, nKV: 2, hd: 64 },
+    { B: 1, Tq: 9, Tk: 11, pos0: 2, nH: 2, nKV: 1, hd: 7 },
+  ];
+  for (const c of bwdCases) {
+    for (const variant of ['tiled', 'rows'] as const satisfies readonly AttentionVariant[]) {
+      const name = `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd}, ${variant}`;
+      it(name, async () => {
+        const ctx = gpu();
+        const seed = c.B * 2003 + c.Tq * 17 + c.hd;
+        const input = {
+          ...c,
+          scale: 1 / Math.sqrt(c.hd),
+          q: randomArray(c.B * c.Tq * c.nH * c.hd, seed, 1.7),
+          k: randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 1, 1.7),
+          v: randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 2),
+        };
+        const rounded = {
+          ...input,
+          q: asStored(input.q, 'f16'),
+          k: asStored(input.k, 'f16'),
+          v: asStored(input.v, 'f16'),
+        };
+        const dout = randomArray(c.B * c.Tq * c.nH * c.hd, seed + 3);
+        const fwd = attentionForwardRef(rounded);
+        const want = attentionBackwardRef(rounded, dout);
+        const run = (tileMath: TileMath) =>
+          gpuCase(ctx, `${name} ${tileMath}`, async () => {
+            const s = attentionShapes(c);
+            const t = (data: ArrayLike<number>, shape: readonly number[], label: string) =>
+              tensorFromData(ctx, data, shape, 'f32', label);
+            const q = t(input.q, [c.B * c.Tq, c.nH * c.hd], 'q');
+            const k = t(input.k, [c.B * c.Tk, c.nKV * c.hd], 'k');
+            const v = t(input.v, [c.B * c.Tk, c.nKV * c.hd], 'v');
+            const o = t(fwd.o, s.o, 'o');
+            const lse = t(fwd.lse, s.lse, 'lse');
+            const dO = t(dout, s.o, 'do');
+            const dq = createTensor(ctx, s.o, 'f32', 'dq');
+            const dk = createTensor(ctx, s.dk, 'f32', 'dk');
+            const dv = createTensor(ctx, s.dk, 'f32', 'dv');
+            const delta = createTensor(ctx, s.delta, 'f32', 'delta');
+            const dims = { B: c.B, Tq: c.Tq, Tk: c.Tk, pos0: c.pos0, nH: c.nH, nKV: c.nKV, hd: c.hd };
+            const io = { q, k, v, o, lse, do: dO, dq, dk, dv, delta, dims, variant, tileMath };
+            const bwd = await planAttentionBackward(ctx, io);
+            for (const d of bwd) expect(d.kernel.constants.ROUND_F16 ?? false).toBe(tileMath === 'f16');
+            new StepEncoder(ctx, name).dispatch(...bwd).submit();
+            const out = { dq: await readFloat32(dq), dk: await readFloat32(dk), dv: await readFloat32(dv) };
+            for (const d of bwd) d.dispose();
+            for (const x of [q, k, v, o, lse, dO, dq, dk, dv, delta]) x.dispose();
+            return out;
+          });
+        const got = await run('f16');
+        // As attention.test.ts holds the backward to the reference on its own inputs.
+        expectClose(ctx, `${name} dq`, got.dq, want.dq, 1e-5, 1e-4);
+        expectClose(ctx, `${name} dk`, got.dk, want.dk, 1e-5, 1e-4);
+        expectClose(ctx, `${name} dv`, got.dv, want.dv, 1e-5, 1e-4);
+        const unrounded = await run('f32');
+        const miss = Math.max(
+          ...(['dq', 'dk', 'dv'] as const).map((g) =>
+            Math.max(...want[g].map((w, i) => Math.abs((unrounded[g][i] as number) - w) - (1e-5 + 1e-4 * Math.abs(w)))),
+          ),
+        );
+        expect(miss, 'the unrounded backward should miss the rounded reference').toBeGreaterThan(0);
+      });
+    }
+  }
 });

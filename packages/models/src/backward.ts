@@ -959,6 +959,7 @@ export async function planBackward(
               ...(delta ? { delta } : {}),
               variant: attention,
               dims: { ...dims, ...layouts },
+              tileMath: fwd.attentionTileMath,
             },
             `${p}.attention`,
             { fuse: fwd.fuse },
@@ -1006,6 +1007,7 @@ export async function planBackward(
               ...(delta ? { delta } : {}),
               variant: attention,
               dims,
+              tileMath: fwd.attentionTileMath,
               ...(ropeInside && invFreqValues
                 ? { rope: { invFreq: invFreqValues, scaling: model.ropeAttentionScaling } }
                 : {}),

@@ -12,6 +12,7 @@
 import {
   type AttentionForwardArgs,
   arenaLayout,
+  attentionVariant,
   createTensor,
   type Dispatch,
   f16TileMathApplies,
@@ -91,16 +92,17 @@ export interface ForwardOptions {
    */
   readonly fuse?: boolean;
   /**
-   * The tiled products' math for projections of weights stored below f32 (f16TileMathApplies) and,
-   * in inference plans, for the tiled attention. 'f16' stages them in f16 (needs shader-f16):
+   * The tiled products' math for projections of weights stored below f32 (f16TileMathApplies) and
+   * for the tiled attention. 'f16' stages them in f16 (needs shader-f16):
    * projections multiply in f16 with f32 accumulation, an adapted projection's LoRA term (and h
    * where the projection forms it) stays f32, and attention multiplies its f16-staged rows in f32.
-   * Default 'f32' here, so that evaluation losses compare with training's; generation defaults to
+   * Default 'f32' here (evaluation computes its losses in f32); generation defaults to
    * inferenceTileMath and the trainer to trainingTileMath (f16 on GPUs with shader-f16), whose
    * logits stay within twice transformers' own f16 deviation from the f32 reference
    * (f16_tiles.test.ts) and whose LoRA gradients within f16's bounds of PEFT's (train_f16.test.ts).
-   * Train mode keeps the attention f32: its backward recomputes the probabilities from the saved
-   * log-sum-exp, which must come from the q and k it reads.
+   * In train mode the backward's attention kernels read q, k and v rounded to f16 as the forward
+   * staged them (ForwardPlan.attentionTileMath), so the probabilities they recompute are the ones
+   * whose log-sum-exp the forward saved.
    */
   readonly tileMath?: TileMath;
   /**
@@ -222,6 +224,9 @@ export class ForwardPlan {
     readonly dropout: DropoutState | undefined,
     /** Planned with fused kernels (ForwardOptions.fuse); the backward plans alike. */
     readonly fuse: boolean,
+    /** The attention's tile math as it ran: 'f16' where the tiled forward staged q, k and v in f16,
+     * which the backward's kernels then read rounded alike (AttentionForwardArgs.tileMath). */
+    readonly attentionTileMath: TileMath = 'f32',
   ) {}
 
   get rows(): number {
@@ -1376,7 +1381,7 @@ export async function planLayer(
   if (qkv) out.push(qkv);
   else await planProjections(ctx, model, layer, a, dest, pos, lin, out, fuse, kvCache);
   if (attention.afterProjections && !kvCache) out.push(...(await attention.afterProjections(a, layer.index)));
-  // f16 tiles in the attention too where the plan asks for them (inference only: attentionMath).
+  // f16 tiles in the attention too where the plan asks for them (attentionMath).
   const attentionTiles: TileMath = attentionMath === 'f16' && ctx.features.shaderF16 ? 'f16' : 'f32';
   const attend = await planAttentionForward(
     ctx,
@@ -1471,6 +1476,10 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
     const layers: LayerActivations[] = [];
     const layerDispatches: Dispatch[][] = [];
     const attention = batchedAttention(model, B, T);
+    // f16 in the attention only where its tiled forward takes the f16 build (the rows kernels stay
+    // f32); a training backward reads q, k and v as it staged them (ForwardPlan.attentionTileMath).
+    const attentionMath: TileMath =
+      opts.tileMath === 'f16' && ctx.features.shaderF16 && attentionVariant(ctx) === 'tiled' ? 'f16' : 'f32';
     const dropout: DropoutState | undefined =
       dropoutWidth > 0 ? { counter: opts.dropoutCounter as Tensor, scratch: get('lora_dropout') } : undefined;
     let x = embedded;
@@ -1488,8 +1497,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
         opts.fuse ?? true,
         opts.tileMath ?? 'f32',
         layerFusions(ctx, opts),
-        // Training's attention stays f32 (ForwardOptions.tileMath).
-        mode === 'inference' ? (opts.tileMath ?? 'f32') : 'f32',
+        attentionMath,
       );
       layerDispatches.push(planned);
       dispatches.push(...planned);
@@ -1518,6 +1526,7 @@ export async function planForward(ctx: GpuContext, model: CausalLM, opts: Forwar
       recompute,
       dropout,
       opts.fuse ?? true,
+      attentionMath,
     );
   } catch (e) {
     for (const dsp of dispatches) dsp.dispose();

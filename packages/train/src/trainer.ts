@@ -143,12 +143,18 @@ export interface TrainerOptions {
    */
   readonly fuse?: boolean;
   /**
-   * The forward projections' tile math (ForwardOptions.tileMath): 'f16' stages activations and
-   * weights stored below f32 in f16 and multiplies with f32 accumulation (needs shader-f16); the
-   * backward, the attention and the loss stay f32. Default trainingTileMath(ctx): f16 on GPUs with
-   * shader-f16, f32 on CPU adapters and without it.
+   * The forward's tile math (ForwardOptions.tileMath): 'f16' stages activations and weights stored
+   * below f32 in f16 and multiplies with f32 accumulation, and the attention stages q, k and v in
+   * f16 (needs shader-f16); the backward and the loss compute in f32. Default trainingTileMath(ctx):
+   * f16 on GPUs with shader-f16, f32 on CPU adapters and without it; f32 for a model loaded with
+   * f32 weights (who asks for f32 weights asks for f32 arithmetic, as generation has it).
    */
   readonly tileMath?: TileMath;
+}
+
+/** TrainerOptions.tileMath, or its default for this model on this device. */
+function resolvedTileMath(ctx: GpuContext, model: CausalLM, options: TrainerOptions): TileMath {
+  return options.tileMath ?? (model.precision === 'f32' ? 'f32' : trainingTileMath(ctx));
 }
 
 export interface MicroBatch {
@@ -366,7 +372,7 @@ export class LoraTrainer {
         lora: trainables,
         label: 'train',
         fuse: options.fuse,
-        tileMath: options.tileMath ?? trainingTileMath(ctx),
+        tileMath: resolvedTileMath(ctx, model, options),
       });
       cleanup.push(fwd);
       const activations = ctx.liveBytes - afterArenas;
@@ -422,7 +428,7 @@ export class LoraTrainer {
 
   /** The forward projections' tile math (TrainerOptions.tileMath, or trainingTileMath's default). */
   get tileMath(): TileMath {
-    return this.options.tileMath ?? trainingTileMath(this.ctx);
+    return resolvedTileMath(this.ctx, this.model, this.options);
   }
 
   /** Optimizer steps completed: their results were delivered and they were not discarded. Steps

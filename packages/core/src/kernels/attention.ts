@@ -285,7 +285,7 @@ type AttentionBinding = 'uniform' | 'read' | 'write';
 
 // The staged rows' type and products (tile_f32.wgsl, or tile_f16.wgsl with f16 enabled), cos_sin
 // (rope_math.wgsl, RoPE's backward inside dq and dk), then the kernels. Two builds, each composed
-// once; only the inference forward is ever built in f16.
+// once; only the forward is ever built in f16 (its backward reads q, k and v rounded instead).
 const ROPE_MATH: ShaderPart = { file: 'shaders/rope_math.wgsl', source: ropeMath };
 const ATTENTION: ShaderPart = { file: 'shaders/attention.wgsl', source: attentionSource };
 const SOURCES: Record<TileMath, ShaderPart> = {
@@ -407,8 +407,11 @@ export interface AttentionForwardArgs {
   /**
    * The tiled forward's staged rows: 'f32' (the default), or 'f16' (needs shader-f16): q, k and
    * v round to f16 as they are staged, which halves the tiles' workgroup memory, so the blocks
-   * hold twice the rows; the products are formed in f32. Inference only: the backward has no f16
-   * build, and lse is the rounded scores'. The rows kernels stage nothing and stay f32.
+   * hold twice the rows; the products are formed in f32, and lse is the rounded scores'. The rows
+   * kernels stage nothing and stay f32. In the backward's arguments: the tile math the forward
+   * ran with ('f16' only where it took the f16 build): 'f16' has the backward kernels (either
+   * variant, f32 builds, any adapter) read q, k and v rounded to f16 as the forward staged them,
+   * so that they recompute the forward's scores and differentiate what it computed.
    */
   tileMath?: TileMath;
 }
@@ -457,6 +460,10 @@ export async function planAttentionForward(
   }
   const tiles = attentionTiles(ctx, d.hd, tileMath);
   const kernel = await getKernel(ctx, spec('attention_fwd', bindings, tileMath), {
+    // The f16 build reads q, k and v rounded to f16 to nearest even (as_staged), so that its
+    // conversions to f16 are exact on every device and its backward, which reads them rounded
+    // the same way, recomputes exactly the scores whose lse it saved.
+    ...(tileMath === 'f16' ? { ROUND_F16: true } : {}),
     HD: d.hd,
     TD: tiles.td,
     OWN: tiles.fwd.own,
@@ -589,6 +596,8 @@ export async function planAttentionBackward(
   if (storageBuffers < needed)
     throw new LimitExceededError('maxStorageBuffersPerShaderStage', needed, storageBuffers, op);
   const ROPE = rope !== undefined;
+  // The forward staged q, k and v in f16: read them as it did (AttentionForwardArgs.tileMath).
+  const ROUND_F16 = (io.tileMath ?? 'f32') === 'f16';
   const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
   const read7 = ['uniform', 'read', 'read', 'read', 'read', 'read', 'read'] as const;
   if (one) {
@@ -597,6 +606,7 @@ export async function planAttentionBackward(
     const kernel = await getKernel(ctx, spec('attention_bwd', [...read7, 'write']), {
       DELTA_FROM_O: true,
       ROPE,
+      ROUND_F16,
       HD: d.hd,
       TD: tiles.td,
       OWN: tiles.bwd.own,
@@ -645,8 +655,19 @@ export async function planAttentionBackward(
   let dkvGroups: number;
   if ((io.variant ?? attentionVariant(ctx)) === 'rows') {
     const wg = rowsWorkgroup(ctx);
-    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', dqBindings), { HD: d.hd, WG: wg, DELTA_FROM_O: fuse, ROPE });
-    dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), { HD: d.hd, WG: wg, ROPE });
+    dqK = getKernel(ctx, spec('attention_bwd_dq_rows', dqBindings), {
+      HD: d.hd,
+      WG: wg,
+      DELTA_FROM_O: fuse,
+      ROPE,
+      ROUND_F16,
+    });
+    dkvK = getKernel(ctx, spec('attention_bwd_dkv_rows', [...read7, 'write', 'write']), {
+      HD: d.hd,
+      WG: wg,
+      ROPE,
+      ROUND_F16,
+    });
     dqGroups = Math.ceil(d.Tq / wg);
     dkvGroups = Math.ceil(d.Tk / wg);
   } else {
@@ -654,6 +675,7 @@ export async function planAttentionBackward(
     dqK = getKernel(ctx, spec('attention_bwd_dq', dqBindings), {
       DELTA_FROM_O: fuse,
       ROPE,
+      ROUND_F16,
       HD: d.hd,
       TD: tiles.td,
       OWN: tiles.dq.own,
@@ -662,6 +684,7 @@ export async function planAttentionBackward(
     });
     dkvK = getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write']), {
       ROPE,
+      ROUND_F16,
       HD: d.hd,
       TD: tiles.td,
       OWN: tiles.dkv.own,

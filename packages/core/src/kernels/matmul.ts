@@ -275,8 +275,9 @@ export interface MatmulOptions {
    *
    * `a2From` (LoRA's A, K2×K): A2 = A·a2Fromᵀ is computed in this dispatch from the staged tiles
    * of A and stored into a2 (matmul_lora_h), instead of being read from an earlier dispatch: the
-   * LoRA forward in one dispatch. transW, f32 tiles and the tiled kernel only (more than
-   * MATVEC_MAX_ROWS rows), K2 up to LORA_H_MAX_RANK; bias, beta or `rope` (on C), no other epilogue.
+   * LoRA forward in one dispatch (with f16 tiles, in f32 from the f16-staged A). transW and the
+   * tiled kernel only (more than MATVEC_MAX_ROWS rows), K2 up to LORA_H_MAX_RANK; bias, beta or
+   * `rope` (on C), no other epilogue.
    */
   lowRank?: {
     a2: Tensor;
@@ -434,13 +435,13 @@ export function inferenceTileMath(ctx: GpuContext): TileMath {
 }
 
 /**
- * The tile math a training step's forward projections take unless asked otherwise: as
- * inferenceTileMath (f16 on GPUs with shader-f16), for the forward-layout products of weights
- * stored below f32 only (f16TileMathApplies). Everything that carries a gradient stays f32: the
- * backward's products (dy·W, g and dB, dA), whose small values f16 would flush without loss
- * scaling; the attention, whose backward recomputes the probabilities from the forward's log-sum-
- * exp and so must see the same q and k; and the loss's logits. The LoRA gradients stay within
- * f16's bounds of PEFT on the same weights (train_f16.test.ts).
+ * The tile math a training step's forward takes unless asked otherwise: as inferenceTileMath (f16
+ * on GPUs with shader-f16), for the forward-layout products of weights stored below f32
+ * (f16TileMathApplies) and the tiled attention forward, whose backward then reads q, k and v
+ * rounded as it staged them (AttentionForwardArgs.tileMath). Everything that carries a gradient
+ * stays f32: the backward's products (dy·W, g and dB, dA) and the attention's backward, whose small
+ * values f16 would flush without loss scaling, and the loss's logits. The LoRA gradients stay
+ * within f16's bounds of PEFT on the same weights (train_f16.test.ts).
  */
 export function trainingTileMath(ctx: GpuContext): TileMath {
   return inferenceTileMath(ctx);
