@@ -9,11 +9,11 @@
 // steps (measured 6.4e-3: AdamW moves a parameter whose gradient is near zero by up to lr a step,
 // whatever its sign). Same plan otherwise: the same dispatches per step, as estimateMemory counts.
 // Runs where the adapter has shader-f16 (the node-lavapipe-f16 project) and skips elsewhere.
-import { fileURLToPath } from 'node:url';
 import { diffCounters, trainingTileMath } from '@webtune/core';
-import { directorySource, loadModel } from '@webtune/models';
+import { loadModel } from '@webtune/models';
 import { describe, expect, it } from 'vitest';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
+import { repoSource } from '../../models/test/fixtures.js';
 import { estimateMemory } from '../src/memory.js';
 import { LoraTrainer, type TrainerOptions } from '../src/trainer.js';
 
@@ -24,7 +24,7 @@ describe(`f16 forward tiles against f32 tiles over ${STEPS} training steps`, () 
   it('tiny-llama-q at q8_0, all-linear, GPU kernels', async (t) => {
     const ctx = gpu();
     if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
-    const source = directorySource(fileURLToPath(new URL('../../models/test/fixtures/tiny-llama-q', import.meta.url)));
+    const source = await repoSource('packages/models/test/fixtures/tiny-llama-q');
     await gpuCase(ctx, 'f16 against f32 tiles', async () => {
       const model = await loadModel(ctx, source, { precision: 'q8_0' });
       const options: TrainerOptions = {
