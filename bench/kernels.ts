@@ -5,6 +5,8 @@
  *   math as separate dispatches of our own best matmul plus an add;
  * - matmul vs tfjs_webgpu_matmul: our tiled matmul against TF.js's WebGPU backend on the same
  *   device, for x·Wᵀ (forward) and dy·W (the backward's transposed case);
+ * - matmul_direct vs matmul_staged: the tiled matmul reading straight from the buffers against
+ *   staging through workgroup memory (GpuContext.matmulStaging's choice), on the same shapes;
  * - matmul_f16_tiles vs matmul_f32_tiles: x·Wᵀ with f16 W (alone and with a LoRA term, which
  *   stays f32), staged and multiplied in f16 (f32 accumulation) against the f32 build, and
  *   attention_f16_tiles vs attention_f32_tiles, the tiled attention forward likewise; on adapters
@@ -329,6 +331,47 @@ async function timeTileMath(
     adapter: o.adapter,
     extra: { baseline_gflops: gflops(c.flops, baseline.medianMs), max_abs_diff: maxDiff, ...spreadExtra(spread) },
   });
+}
+
+/**
+ * The tiled matmul reading its operands straight from the buffers (DIRECT) against staging them
+ * through workgroup memory, on the matmul shapes: the choice GpuContext.matmulStaging measures
+ * (ratio above 1: direct is faster, which the adapter's probe should then have chosen).
+ */
+async function benchMatmulDirect(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  for (const { M, N, K, transW } of matmulShapes(o.quick)) {
+    const shape = `${M}x${N}x${K} ${transW ? 'x·Wᵀ' : 'dy·W'} (adapter: ${ctx.matmulStaging})`;
+    o.status(`matmul_direct ${shape}`);
+    const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
+    const w = tensorFromData(ctx, random(N * K, 8, 0.05), transW ? [N, K] : [K, N], 'f32', 'w');
+    const cd = createTensor(ctx, [M, N], 'f32', 'c direct');
+    const cs = createTensor(ctx, [M, N], 'f32', 'c staged');
+    const direct = await planMatmul(ctx, a, w, cd, { transW, staging: 'direct' });
+    const staged = await planMatmul(ctx, a, w, cs, { transW, staging: 'workgroup' });
+    await runOnce(ctx, [direct, staged], 'matmul_direct check');
+    const maxDiff = maxAbsDiff(await readFloat32(cd), await readFloat32(cs));
+    if (!(maxDiff < 1e-3))
+      throw new Error(`matmul_direct: direct and staged disagree on ${shape}: max |diff| ${maxDiff}`);
+    const { mine, baseline, spread } = await timePair(
+      () => runOnce(ctx, [direct], 'matmul_direct'),
+      () => runOnce(ctx, [staged], 'matmul_staged'),
+      rounds(o),
+    );
+    const flops = 2 * M * N * K;
+    o.report({
+      name: 'matmul_direct',
+      shape,
+      ms: mine.medianMs,
+      gflops: gflops(flops, mine.medianMs),
+      baseline: 'matmul_staged',
+      baselineMs: baseline.medianMs,
+      ratio: baseline.medianMs / mine.medianMs,
+      adapter: o.adapter,
+      extra: { baseline_gflops: gflops(flops, baseline.medianMs), ...spreadExtra(spread) },
+    });
+    for (const x of [direct, staged]) x.dispose();
+    for (const x of [a, w, cd, cs]) x.dispose();
+  }
 }
 
 /** x·Wᵀ with f16 W, alone and as an adapted projection (its LoRA term in f32 beside the f16 tiles). */
@@ -1446,6 +1489,7 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
 
 export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Promise<void> {
   if (!o.only || 'matmul'.includes(o.only)) await benchMatmul(ctx, o);
+  if (!o.only || 'matmul_direct'.includes(o.only)) await benchMatmulDirect(ctx, o);
   if (!o.only || 'matmul_f16_tiles'.includes(o.only)) await benchF16Tiles(ctx, o);
   if (!o.only || 'attention_f16_tiles'.includes(o.only)) await benchAttentionF16(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);

@@ -59,7 +59,10 @@ async function main(): Promise<void> {
   // --kernels: the kernel profile forced (the GPUs' plan on a software adapter), else measured.
   const forced = params.get('kernels');
   const kernelProfile = forced === 'gpu' || forced === 'cpu' ? forced : 'auto';
-  const ctx = await createGpuContext({ featureLevel, kernelProfile, label: 'bench' });
+  // --staging: how the tiled matmuls read their operands, forced, else measured.
+  const staging = params.get('staging');
+  const matmulStaging = staging === 'workgroup' || staging === 'direct' ? staging : 'auto';
+  const ctx = await createGpuContext({ featureLevel, kernelProfile, matmulStaging, label: 'bench' });
   const adapter = `${params.get('adapterName') ?? 'browser'}: ${describeAdapter(ctx)}`;
   status(`adapter ${adapter}`);
   const suites = (params.get('suite') ?? 'kernels').split(',');

@@ -1,7 +1,7 @@
 /**
  * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe|gpu]
  *  [--quick] [--only <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
- *  [--kernels auto|gpu|cpu] [--chromium-flag=--some-flag ...]`
+ *  [--kernels auto|gpu|cpu] [--staging auto|workgroup|direct] [--chromium-flag=--some-flag ...]`
  *
  * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
  * configuration, collects the records, prints a table and writes them as a JSON array. Suites:
@@ -26,7 +26,9 @@
  * command fails only when a benchmark cannot run (the table and JSON of what did run are still
  * written). --kernels gpu plans the GPUs' kernel configurations and fusions on any adapter (the
  * kernel profile, as the tests force it; default auto: measured), so a software adapter runs, and
- * counts, the step a GPU would take; cpu the CPU adapters'.
+ * counts, the step a GPU would take; cpu the CPU adapters'. --staging forces how the tiled matmuls
+ * read their operands (createGpuContext's matmulStaging; default auto: measured on CPU adapters),
+ * to run the same case both ways.
  */
 
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -68,6 +70,8 @@ interface Args {
   peer: boolean;
   /** The kernel profile (createGpuContext's kernelProfile); default auto. */
   kernels: 'auto' | 'gpu' | 'cpu';
+  /** How the tiled matmuls read their operands (createGpuContext's matmulStaging); default auto. */
+  staging: 'auto' | 'workgroup' | 'direct';
 }
 
 function parseArgs(argv: string[]): Args {
@@ -79,6 +83,7 @@ function parseArgs(argv: string[]): Args {
     baseline: true,
     peer: true,
     kernels: 'auto',
+    staging: 'auto',
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
@@ -107,6 +112,11 @@ function parseArgs(argv: string[]): Args {
       const v = value();
       if (v !== 'auto' && v !== 'gpu' && v !== 'cpu') throw new Error(`--kernels ${v}: use auto, gpu or cpu`);
       args.kernels = v;
+    } else if (a.startsWith('--staging')) {
+      const v = value();
+      if (v !== 'auto' && v !== 'workgroup' && v !== 'direct')
+        throw new Error(`--staging ${v}: use auto, workgroup or direct`);
+      args.staging = v;
     } else if (a === '--') continue;
     else throw new Error(`unknown argument ${a}`);
   }
@@ -451,6 +461,7 @@ async function runAdapter(
     if (args.only) params.set('only', args.only);
     if (args.samples !== undefined) params.set('samples', String(args.samples));
     if (args.kernels !== 'auto') params.set('kernels', args.kernels);
+    if (args.staging !== 'auto') params.set('staging', args.staging);
     if (peer) {
       params.set('peerModels', peer.models);
       params.set('peerIds', peer.ids.join(','));

@@ -113,6 +113,10 @@ override W_Q4_0: bool = false;  // W holds Q4_0 blocks
 override ALIGNED: bool = false;
 override ALIGNED_LR: bool = false;  // the same for A2 and B2: K2 (and N when !TRANS_W) multiples of 4
 override LR_DIRECT: bool = false;   // the low-rank term in f32 from memory (low_rank_direct): f16 tiles
+// Every product read straight from the buffers, no tiles and no barriers (see "direct products").
+// matmul, matmul_resid, matmul_rope, matmul_act(_bwd), matmul_sum(_lr), matmul_glu and
+// matmul_pair(_rope) only.
+override DIRECT: bool = false;
 // RoPE as the product is stored (the q and k projections; see "RoPE epilogue" below): bit 0
 // rotates C, bit 1 up_out (matmul_pair's and matvec_pair's second projection). TRANS_W only.
 override ROPE: u32 = 0u;
@@ -400,8 +404,66 @@ fn store_row(m: u32, n: u32, v: vec4<f32>) {
   }
 }
 
+// ---- direct products (DIRECT) -------------------------------------------------------------------
+//
+// Where a driver runs a workgroup's invocations on the CPU, workgroup memory is the same cache the
+// buffers are read through, and every barrier suspends and resumes each invocation. On lavapipe
+// staging then costs more than it saves (GpuContext.matmulStaging measures it), so with DIRECT
+// each invocation reads its four rows of A and the four rows or columns of W its block needs
+// straight from the buffers, four k at a time. The operands go through tile_t and tile_dots /
+// tile_axpy as staged ones would, so the sums are the tiles' own, in a different order.
+
+// acc plus one step of four k: a0..a3 are A's rows m..m+3 at k..k+3; w0..w3 are W's rows n..n+3
+// at k..k+3 (TRANS_W) or its rows k..k+3 at columns n..n+3, as stage_w lays them out.
+fn block_step(acc_in: mat4x4<f32>, a0: vec4<f32>, a1: vec4<f32>, a2v: vec4<f32>, a3: vec4<f32>, w0: vec4<f32>, w1: vec4<f32>, w2: vec4<f32>, w3v: vec4<f32>) -> mat4x4<f32> {
+  var acc = acc_in;
+  let v0 = vec4<tile_t>(w0);
+  let v1 = vec4<tile_t>(w1);
+  let v2 = vec4<tile_t>(w2);
+  let v3 = vec4<tile_t>(w3v);
+  if (TRANS_W) {
+    acc[0] = tile_dots(acc[0], vec4<tile_t>(a0), v0, v1, v2, v3);
+    acc[1] = tile_dots(acc[1], vec4<tile_t>(a1), v0, v1, v2, v3);
+    acc[2] = tile_dots(acc[2], vec4<tile_t>(a2v), v0, v1, v2, v3);
+    acc[3] = tile_dots(acc[3], vec4<tile_t>(a3), v0, v1, v2, v3);
+  } else {
+    acc[0] = tile_axpy(acc[0], vec4<tile_t>(a0), v0, v1, v2, v3);
+    acc[1] = tile_axpy(acc[1], vec4<tile_t>(a1), v0, v1, v2, v3);
+    acc[2] = tile_axpy(acc[2], vec4<tile_t>(a2v), v0, v1, v2, v3);
+    acc[3] = tile_axpy(acc[3], vec4<tile_t>(a3), v0, v1, v2, v3);
+  }
+  return acc;
+}
+
+// main_product without tiles.
+fn direct_product(tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
+  var acc = mat4x4<f32>();
+  let m = m0 + ty * 4u;
+  let n = n0 + tx * 4u;
+  for (var k = 0u; k < p.K; k += 4u) {
+    var w0: vec4<f32>;
+    var w1: vec4<f32>;
+    var w2: vec4<f32>;
+    var w3v: vec4<f32>;
+    if (TRANS_W) {
+      w0 = w_chunk(out_col(n + 0u), k, p.N, p.K);
+      w1 = w_chunk(out_col(n + 1u), k, p.N, p.K);
+      w2 = w_chunk(out_col(n + 2u), k, p.N, p.K);
+      w3v = w_chunk(out_col(n + 3u), k, p.N, p.K);
+    } else {
+      w0 = w_chunk(k + 0u, n, p.K, p.N);
+      w1 = w_chunk(k + 1u, n, p.K, p.N);
+      w2 = w_chunk(k + 2u, n, p.K, p.N);
+      w3v = w_chunk(k + 3u, n, p.K, p.N);
+    }
+    acc = block_step(acc, a_chunk(m, k), a_chunk(m + 1u, k), a_chunk(m + 2u, k), a_chunk(m + 3u, k), w0, w1, w2, w3v);
+  }
+  return acc;
+}
+
 // Σ over K of A·opW(W) for this invocation's 4×4 block (rows m0 + 4ty.., columns n0 + 4tx..).
 fn main_product(tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
+  if (DIRECT) { return direct_product(tx, ty, m0, n0); }
   var acc = mat4x4<f32>();
   for (var k0 = 0u; k0 < p.K; k0 += TK) {
     stage_a(tid, m0, k0, false);
@@ -415,7 +477,7 @@ fn main_product(tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
 
 // The low-rank term continues the same accumulators (alpha2 is applied as A2 is staged).
 fn low_rank_product(acc_in: mat4x4<f32>, tid: u32, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
-  if (LR_DIRECT) { return low_rank_direct(acc_in, tx, ty, m0, n0); }
+  if (LR_DIRECT || DIRECT) { return low_rank_direct(acc_in, tx, ty, m0, n0); }
   var acc = acc_in;
   for (var k0 = 0u; k0 < p.K2; k0 += TK) {
     stage_a(tid, m0, k0, true);
@@ -427,33 +489,46 @@ fn low_rank_product(acc_in: mat4x4<f32>, tid: u32, tx: u32, ty: u32, m0: u32, n0
   return acc;
 }
 
-// The low-rank term in f32 straight from A2 and B2, not through the tiles (LR_DIRECT: f16 tiles
-// with TRANS_W). Staged in f16, a LoRA B that starts at zero and stays small would lose most of
-// its bits or flush to zero. r is small (a LoRA rank), and the WG_X invocations that share a row of
-// A2 (the WG_Y that share a row of B2) read it at the same time, so it comes from cache.
+// The low-rank term in f32 straight from A2 and B2, not through the tiles: with f16 tiles
+// (LR_DIRECT, TRANS_W), where a LoRA B that starts at zero and stays small would lose most of its
+// bits or flush to zero staged in f16, and with DIRECT. r is small (a LoRA rank), and the WG_X
+// invocations that share a row of A2 (the WG_Y that share a row of B2) read it at the same time,
+// so it comes from cache.
 fn low_rank_direct(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
   return low_rank_direct_term(acc_in, tx, ty, m0, n0, p.K2, p.a2_off, p.b2_off, p.alpha2);
 }
 
 // low_rank_direct for a term of rank K (alpha·A2 at a_off in A2's binding, B2 at b_off in B2's):
 // matmul_qkv's terms with f16 tiles.
+// B2 is read in the layout of TRANS_W, as stage_lr_term reads it.
 fn low_rank_direct_term(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32, K: u32, a_off: u32, b_off: u32, alpha: f32) -> mat4x4<f32> {
   var acc = acc_in;
   let m = m0 + ty * 4u;
   let n = n0 + tx * 4u;
   for (var k = 0u; k < K; k += 4u) {
-    let b0 = b2_at(out_col(n + 0u), k, p.N, K, b_off);
-    let b1 = b2_at(out_col(n + 1u), k, p.N, K, b_off);
-    let b2v = b2_at(out_col(n + 2u), k, p.N, K, b_off);
-    let b3 = b2_at(out_col(n + 3u), k, p.N, K, b_off);
     let a0 = a2_at(m + 0u, k, K, a_off, alpha);
     let a1 = a2_at(m + 1u, k, K, a_off, alpha);
     let a2v = a2_at(m + 2u, k, K, a_off, alpha);
     let a3 = a2_at(m + 3u, k, K, a_off, alpha);
-    acc[0] += vec4<f32>(dot(a0, b0), dot(a0, b1), dot(a0, b2v), dot(a0, b3));
-    acc[1] += vec4<f32>(dot(a1, b0), dot(a1, b1), dot(a1, b2v), dot(a1, b3));
-    acc[2] += vec4<f32>(dot(a2v, b0), dot(a2v, b1), dot(a2v, b2v), dot(a2v, b3));
-    acc[3] += vec4<f32>(dot(a3, b0), dot(a3, b1), dot(a3, b2v), dot(a3, b3));
+    if (TRANS_W) {
+      let b0 = b2_at(out_col(n + 0u), k, p.N, K, b_off);
+      let b1 = b2_at(out_col(n + 1u), k, p.N, K, b_off);
+      let b2v = b2_at(out_col(n + 2u), k, p.N, K, b_off);
+      let b3 = b2_at(out_col(n + 3u), k, p.N, K, b_off);
+      acc[0] += vec4<f32>(dot(a0, b0), dot(a0, b1), dot(a0, b2v), dot(a0, b3));
+      acc[1] += vec4<f32>(dot(a1, b0), dot(a1, b1), dot(a1, b2v), dot(a1, b3));
+      acc[2] += vec4<f32>(dot(a2v, b0), dot(a2v, b1), dot(a2v, b2v), dot(a2v, b3));
+      acc[3] += vec4<f32>(dot(a3, b0), dot(a3, b1), dot(a3, b2v), dot(a3, b3));
+    } else {
+      let b0 = b2_at(k + 0u, n, K, p.N, b_off);
+      let b1 = b2_at(k + 1u, n, K, p.N, b_off);
+      let b2v = b2_at(k + 2u, n, K, p.N, b_off);
+      let b3 = b2_at(k + 3u, n, K, p.N, b_off);
+      acc[0] = fma(vec4<f32>(a0.x), b0, fma(vec4<f32>(a0.y), b1, fma(vec4<f32>(a0.z), b2v, fma(vec4<f32>(a0.w), b3, acc[0]))));
+      acc[1] = fma(vec4<f32>(a1.x), b0, fma(vec4<f32>(a1.y), b1, fma(vec4<f32>(a1.z), b2v, fma(vec4<f32>(a1.w), b3, acc[1]))));
+      acc[2] = fma(vec4<f32>(a2v.x), b0, fma(vec4<f32>(a2v.y), b1, fma(vec4<f32>(a2v.z), b2v, fma(vec4<f32>(a2v.w), b3, acc[2]))));
+      acc[3] = fma(vec4<f32>(a3.x), b0, fma(vec4<f32>(a3.y), b1, fma(vec4<f32>(a3.z), b2v, fma(vec4<f32>(a3.w), b3, acc[3]))));
+    }
   }
   return acc;
 }
@@ -928,6 +1003,46 @@ fn a3_chunk(r: u32, col: u32, K: u32, off: u32) -> vec4<f32> {
   return v;
 }
 
+// A3·opW(W3) over inner dimension K for this invocation's block, without tiles (DIRECT).
+fn direct_product3(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32, K: u32, off: u32) -> mat4x4<f32> {
+  var acc = acc_in;
+  let m = m0 + ty * 4u;
+  let n = n0 + tx * 4u;
+  for (var k = 0u; k < K; k += 4u) {
+    var w0: vec4<f32>;
+    var w1: vec4<f32>;
+    var w2: vec4<f32>;
+    var w3v: vec4<f32>;
+    if (TRANS_W) {
+      w0 = w3_chunk(out_col(n + 0u), k, p.N, K);
+      w1 = w3_chunk(out_col(n + 1u), k, p.N, K);
+      w2 = w3_chunk(out_col(n + 2u), k, p.N, K);
+      w3v = w3_chunk(out_col(n + 3u), k, p.N, K);
+    } else {
+      w0 = w3_chunk(k + 0u, n, K, p.N);
+      w1 = w3_chunk(k + 1u, n, K, p.N);
+      w2 = w3_chunk(k + 2u, n, K, p.N);
+      w3v = w3_chunk(k + 3u, n, K, p.N);
+    }
+    acc = block_step(acc, a3_chunk(m, k, K, off), a3_chunk(m + 1u, k, K, off), a3_chunk(m + 2u, k, K, off), a3_chunk(m + 3u, k, K, off), w0, w1, w2, w3v);
+  }
+  return acc;
+}
+
+// acc + A3·opW(W3) (A3 at off in its binding, inner dimension K), staged or direct.
+fn product3(acc_in: mat4x4<f32>, tid: u32, tx: u32, ty: u32, m0: u32, n0: u32, K: u32, off: u32) -> mat4x4<f32> {
+  if (DIRECT) { return direct_product3(acc_in, tx, ty, m0, n0, K, off); }
+  var acc = acc_in;
+  for (var k0 = 0u; k0 < K; k0 += TK) {
+    stage_a3(tid, m0, k0, K, off);
+    stage_w3(tid, n0, k0, K);
+    workgroupBarrier();
+    acc = multiply_tile(acc, tx, ty);
+    workgroupBarrier();
+  }
+  return acc;
+}
+
 fn stage_a3(tid: u32, m0: u32, k0: u32, K: u32, off: u32) {
   let chunks = TK / 4u;
   for (var i = tid; i < 4u * WG_Y * chunks; i += WG_X * WG_Y) {
@@ -955,13 +1070,7 @@ fn matmul_sum(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_i
   let m0 = wid.y * WG_Y * 4u;
   let n0 = wid.x * WG_X * 4u;
   var acc = main_product(tid, lid.x, lid.y, m0, n0);
-  for (var k0 = 0u; k0 < p.K3; k0 += TK) {
-    stage_a3(tid, m0, k0, p.K3, p.a3_off);
-    stage_w3(tid, n0, k0, p.K3);
-    workgroupBarrier();
-    acc = multiply_tile(acc, lid.x, lid.y);
-    workgroupBarrier();
-  }
+  acc = product3(acc, tid, lid.x, lid.y, m0, n0, p.K3, p.a3_off);
   acc = low_rank_product(acc * p.alpha, tid, lid.x, lid.y, m0, n0);
   let m = m0 + lid.y * 4u;
   let n = n0 + lid.x * 4u;
@@ -1019,6 +1128,32 @@ fn w4_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
     if (col + i < cols) { v[i] = w4_elem(e + i); }
   }
   return v;
+}
+
+// A4·opW(W4) (A4 at off in A3's binding) without tiles (DIRECT), as direct_product3.
+fn direct_product4(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32, K: u32, off: u32) -> mat4x4<f32> {
+  var acc = acc_in;
+  let m = m0 + ty * 4u;
+  let n = n0 + tx * 4u;
+  for (var k = 0u; k < K; k += 4u) {
+    var w0: vec4<f32>;
+    var w1: vec4<f32>;
+    var w2: vec4<f32>;
+    var w3v: vec4<f32>;
+    if (TRANS_W) {
+      w0 = w4_chunk(out_col(n + 0u), k, p.N, K);
+      w1 = w4_chunk(out_col(n + 1u), k, p.N, K);
+      w2 = w4_chunk(out_col(n + 2u), k, p.N, K);
+      w3v = w4_chunk(out_col(n + 3u), k, p.N, K);
+    } else {
+      w0 = w4_chunk(k + 0u, n, K, p.N);
+      w1 = w4_chunk(k + 1u, n, K, p.N);
+      w2 = w4_chunk(k + 2u, n, K, p.N);
+      w3v = w4_chunk(k + 3u, n, K, p.N);
+    }
+    acc = block_step(acc, a3_chunk(m, k, K, off), a3_chunk(m + 1u, k, K, off), a3_chunk(m + 2u, k, K, off), a3_chunk(m + 3u, k, K, off), w0, w1, w2, w3v);
+  }
+  return acc;
 }
 
 // As stage_w3, from W4.
@@ -1082,32 +1217,33 @@ fn matmul_sum_lr(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgrou
   let m0 = wid.y * WG_Y * 4u;
   let n0 = wid.x * WG_X * 4u;
   var acc = main_product(tid, lid.x, lid.y, m0, n0);
-  for (var k0 = 0u; k0 < p.K3; k0 += TK) {
-    stage_a3(tid, m0, k0, p.K3, p.a3_off);
-    stage_w3(tid, n0, k0, p.K3);
-    workgroupBarrier();
-    acc = multiply_tile(acc, lid.x, lid.y);
-    workgroupBarrier();
-  }
-  for (var k0 = 0u; k0 < p.K4; k0 += TK) {
-    stage_a3(tid, m0, k0, p.K4, p.a4_off);
-    stage_w4(tid, n0, k0, p.K4);
-    workgroupBarrier();
-    acc = multiply_tile(acc, lid.x, lid.y);
-    workgroupBarrier();
-  }
-  acc = low_rank_product(acc * p.alpha, tid, lid.x, lid.y, m0, n0);
-  for (var k0 = 0u; k0 < p.K2b; k0 += TK) {
-    stage_lr2(tid, m0, n0, k0);
-    workgroupBarrier();
-    acc = multiply_tile(acc, lid.x, lid.y);
-    workgroupBarrier();
-  }
-  for (var k0 = 0u; k0 < p.K2c; k0 += TK) {
-    stage_lr3(tid, m0, n0, k0);
-    workgroupBarrier();
-    acc = multiply_tile(acc, lid.x, lid.y);
-    workgroupBarrier();
+  acc = product3(acc, tid, lid.x, lid.y, m0, n0, p.K3, p.a3_off);
+  if (DIRECT) {
+    acc = direct_product4(acc, lid.x, lid.y, m0, n0, p.K4, p.a4_off);
+    acc = low_rank_direct(acc * p.alpha, lid.x, lid.y, m0, n0);
+    acc = low_rank_direct_term(acc, lid.x, lid.y, m0, n0, p.K2b, p.a2b_off, p.b2b_off, p.alpha2b);
+    acc = low_rank_direct_term(acc, lid.x, lid.y, m0, n0, p.K2c, p.a2c_off, p.b2c_off, p.alpha2c);
+  } else {
+    for (var k0 = 0u; k0 < p.K4; k0 += TK) {
+      stage_a3(tid, m0, k0, p.K4, p.a4_off);
+      stage_w4(tid, n0, k0, p.K4);
+      workgroupBarrier();
+      acc = multiply_tile(acc, lid.x, lid.y);
+      workgroupBarrier();
+    }
+    acc = low_rank_product(acc * p.alpha, tid, lid.x, lid.y, m0, n0);
+    for (var k0 = 0u; k0 < p.K2b; k0 += TK) {
+      stage_lr2(tid, m0, n0, k0);
+      workgroupBarrier();
+      acc = multiply_tile(acc, lid.x, lid.y);
+      workgroupBarrier();
+    }
+    for (var k0 = 0u; k0 < p.K2c; k0 += TK) {
+      stage_lr3(tid, m0, n0, k0);
+      workgroupBarrier();
+      acc = multiply_tile(acc, lid.x, lid.y);
+      workgroupBarrier();
+    }
   }
   let m = m0 + lid.y * 4u;
   let n = n0 + lid.x * 4u;
@@ -1131,6 +1267,27 @@ fn store_glu(m: u32, n: u32, gate: vec4<f32>, up: vec4<f32>) {
   }
 }
 
+// pair_products' A·Wᵀ and A·W3ᵀ without tiles (DIRECT; both pairs are TRANS_W only): each step of
+// four k reads A once.
+fn direct_pair(tx: u32, ty: u32, m0: u32, n0: u32) -> array<mat4x4<f32>, 2> {
+  var first = mat4x4<f32>();
+  var second = mat4x4<f32>();
+  let m = m0 + ty * 4u;
+  let r0 = out_col(n0 + tx * 4u);
+  let r1 = out_col(n0 + tx * 4u + 1u);
+  let r2 = out_col(n0 + tx * 4u + 2u);
+  let r3 = out_col(n0 + tx * 4u + 3u);
+  for (var k = 0u; k < p.K; k += 4u) {
+    let a0 = a_chunk(m, k);
+    let a1 = a_chunk(m + 1u, k);
+    let a2v = a_chunk(m + 2u, k);
+    let a3 = a_chunk(m + 3u, k);
+    first = block_step(first, a0, a1, a2v, a3, w_chunk(r0, k, p.N, p.K), w_chunk(r1, k, p.N, p.K), w_chunk(r2, k, p.N, p.K), w_chunk(r3, k, p.N, p.K));
+    second = block_step(second, a0, a1, a2v, a3, w3_chunk(r0, k, p.N, p.K), w3_chunk(r1, k, p.N, p.K), w3_chunk(r2, k, p.N, p.K), w3_chunk(r3, k, p.N, p.K));
+  }
+  return array<mat4x4<f32>, 2>(first, second);
+}
+
 // The products of A with W and with W3 (each invocation's 4×4 blocks), alpha applied, the
 // low-rank term added to the first. Each K step stages A once and W then W3 through the one W tile
 // (a second tile would enlarge every matmul entry's workgroup memory).
@@ -1138,6 +1295,10 @@ fn pair_products(lid: vec3<u32>, wid: vec3<u32>) -> array<mat4x4<f32>, 2> {
   let tid = lid.y * WG_X + lid.x;
   let m0 = wid.y * WG_Y * 4u;
   let n0 = wid.x * WG_X * 4u;
+  if (DIRECT) {
+    let r = direct_pair(lid.x, lid.y, m0, n0);
+    return array<mat4x4<f32>, 2>(low_rank_direct(r[0] * p.alpha, lid.x, lid.y, m0, n0), r[1] * p.alpha);
+  }
   var first = mat4x4<f32>();
   var second = mat4x4<f32>();
   for (var k0 = 0u; k0 < p.K; k0 += TK) {

@@ -6,7 +6,15 @@ import {
   WebGpuUnavailableError,
 } from './errors.js';
 import { isNode, requestNodeAdapter } from './node-gpu.js';
-import { type KernelProfile, type KernelProfileSource, measureKernelProfile, profileFromInfo } from './profile.js';
+import {
+  type KernelProfile,
+  type KernelProfileSource,
+  type MatmulStaging,
+  measureKernelProfile,
+  measureMatmulStaging,
+  profileFromInfo,
+  stagingFromInfo,
+} from './profile.js';
 import { measureSubgroupLayout } from './subgroups.js';
 
 export interface GpuContextOptions {
@@ -28,6 +36,11 @@ export interface GpuContextOptions {
    * configurations on software adapters this way).
    */
   kernelProfile?: 'auto' | KernelProfile;
+  /**
+   * How the tiled matmuls read their operands (profile.ts, MatmulStaging). 'auto' (the default)
+   * stages on GPU profiles and measures on CPU ones; tests force either.
+   */
+  matmulStaging?: 'auto' | MatmulStaging;
   label?: string;
   /** Called for WebGPU errors that no error scope caught (always a bug in webtune). */
   onUncapturedError?: (error: GPUError) => void;
@@ -133,6 +146,8 @@ export class GpuContext {
   /** The kernel configurations this device gets, and how that was decided (see profile.ts). */
   readonly kernelProfile: KernelProfile;
   readonly kernelProfileSource: KernelProfileSource;
+  /** How the tiled matmuls read their operands (profile.ts, measureMatmulStaging). */
+  readonly matmulStaging: MatmulStaging;
 
   private lostError: DeviceLostError | undefined;
   private readonly live = new Map<GPUBuffer, TrackedBuffer>();
@@ -158,10 +173,12 @@ export class GpuContext {
     onUncapturedError?: (error: GPUError) => void;
     kernelProfile: KernelProfile;
     kernelProfileSource: KernelProfileSource;
+    matmulStaging?: MatmulStaging;
   }) {
     this.device = args.device;
     this.kernelProfile = args.kernelProfile;
     this.kernelProfileSource = args.kernelProfileSource;
+    this.matmulStaging = args.matmulStaging ?? 'workgroup';
     this.adapter = args.adapter;
     this.features = args.features;
     this.limits = args.device.limits;
@@ -439,6 +456,13 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
     kernelProfile = (await measureKernelProfile(device)).profile;
     kernelProfileSource = 'measured';
   }
+  const stagingOption = options.matmulStaging ?? 'auto';
+  const matmulStaging: MatmulStaging =
+    stagingOption !== 'auto'
+      ? stagingOption
+      : kernelProfile === 'cpu'
+        ? (stagingFromInfo(identity) ?? (await measureMatmulStaging(device)).staging)
+        : 'workgroup';
   // Subgroup reductions assume a layout WGSL does not promise: measure it (subgroups.ts).
   const subgroupLayout = wanted.includes('subgroups' as GPUFeatureName)
     ? await measureSubgroupLayout(device, Math.min(256, device.limits.maxComputeInvocationsPerWorkgroup))
@@ -452,6 +476,7 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
     onUncapturedError: options.onUncapturedError,
     kernelProfile,
     kernelProfileSource,
+    matmulStaging,
     adapter: {
       ...identity,
       featureLevel,
@@ -480,6 +505,7 @@ export function describeAdapter(ctx: GpuContext): string {
     ctx.features.shaderF16 ? 'f16' : '',
     ctx.features.subgroups ? `subgroups ${ctx.features.subgroupSize}` : '',
     `${ctx.kernelProfile} kernels${ctx.kernelProfileSource === 'adapter info' ? '' : ` (${ctx.kernelProfileSource})`}`,
+    ctx.matmulStaging === 'direct' ? 'direct matmul' : '',
   ].filter(Boolean);
   return `${name} (${extras.join(', ')})`;
 }

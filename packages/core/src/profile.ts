@@ -12,8 +12,30 @@
  * apart: lavapipe runs a workgroup's invocations in SIMD lanes and crosses a barrier cheaply.)
  */
 import source from '../../../shaders/probe_throughput.wgsl?raw';
+import { matmulStagingProbe } from './kernels/matmul.js';
 
 export type KernelProfile = 'gpu' | 'cpu';
+
+/**
+ * How the tiled matmuls read their operands: staged through workgroup memory ('workgroup': GPUs,
+ * SwiftShader) or straight from the buffers ('direct', matmul.wgsl's DIRECT: lavapipe). GPU
+ * profiles always stage; CPU profiles take stagingFromInfo's answer where the adapter names its
+ * driver, and measure (measureMatmulStaging) where it names nothing.
+ */
+export type MatmulStaging = 'workgroup' | 'direct';
+
+/**
+ * The staging a named CPU driver gets, from `pnpm bench --suite kernels --only matmul_direct`
+ * (2026-12-07, Chromium, 6 rounds, median ratios staged ms / direct ms on the matmul bench's
+ * shapes): lavapipe 1.23–1.41 for every product of d ≥ 576, SwiftShader 0.68–1.00. Undefined for
+ * any other adapter: measured if CPU-backed.
+ */
+export function stagingFromInfo(a: AdapterIdentity): MatmulStaging | undefined {
+  const name = `${a.vendor} ${a.architecture} ${a.device} ${a.description}`;
+  if (/llvmpipe|lavapipe/i.test(name)) return 'direct';
+  if (/swiftshader/i.test(name)) return 'workgroup';
+  return undefined;
+}
 
 /** How the profile was chosen: asked for by the caller, read from the adapter's info, or measured. */
 export type KernelProfileSource = 'forced' | 'adapter info' | 'measured';
@@ -67,29 +89,8 @@ export async function measureKernelProfile(device: GPUDevice): Promise<ProfileMe
     usage: GPUBufferUsage.STORAGE,
   });
   try {
-    const prepare = async (rounds: number) => {
-      const pipeline = await device.createComputePipelineAsync({
-        label: `probe_throughput ${rounds}`,
-        layout: 'auto',
-        compute: { module, entryPoint: 'main', constants: { ROUNDS: rounds } },
-      });
-      const bind = device.createBindGroup({
-        layout: pipeline.getBindGroupLayout(0),
-        entries: [{ binding: 0, resource: { buffer: out } }],
-      });
-      return async (): Promise<number> => {
-        const enc = device.createCommandEncoder({ label: 'probe_throughput' });
-        const pass = enc.beginComputePass();
-        pass.setPipeline(pipeline);
-        pass.setBindGroup(0, bind);
-        pass.dispatchWorkgroups(WORKGROUPS);
-        pass.end();
-        const t0 = performance.now();
-        device.queue.submit([enc.finish()]);
-        await device.queue.onSubmittedWorkDone();
-        return performance.now() - t0;
-      };
-    };
+    const prepare = (rounds: number) =>
+      dispatchTimer(device, module, `probe_throughput ${rounds}`, 'main', { ROUNDS: rounds }, [out], [WORKGROUPS, 1]);
     const plain = await prepare(0);
     const work = await prepare(ROUNDS);
     let plainMs = Number.POSITIVE_INFINITY;
@@ -106,5 +107,113 @@ export async function measureKernelProfile(device: GPUDevice): Promise<ProfileMe
     return { profile: cpu() ? 'cpu' : 'gpu', workMs, plainMs, pairs };
   } finally {
     out.destroy();
+  }
+}
+
+/** A timer of one dispatch of `entryPoint` over `buffers` (bindings 0.. in order): each call
+ * submits it alone and returns the milliseconds until the queue reports it done. */
+async function dispatchTimer(
+  device: GPUDevice,
+  module: GPUShaderModule,
+  label: string,
+  entryPoint: string,
+  constants: Readonly<Record<string, number | boolean>>,
+  buffers: readonly GPUBuffer[],
+  workgroups: readonly [number, number],
+): Promise<() => Promise<number>> {
+  const pipeline = await device.createComputePipelineAsync({
+    label,
+    layout: 'auto',
+    // WebGPU takes booleans as numbers (0 false).
+    compute: {
+      module,
+      entryPoint,
+      constants: Object.fromEntries(Object.entries(constants).map(([k, v]) => [k, Number(v)])),
+    },
+  });
+  const bind = device.createBindGroup({
+    layout: pipeline.getBindGroupLayout(0),
+    entries: buffers.map((buffer, binding) => ({ binding, resource: { buffer } })),
+  });
+  return async (): Promise<number> => {
+    const enc = device.createCommandEncoder({ label });
+    const pass = enc.beginComputePass();
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bind);
+    pass.dispatchWorkgroups(workgroups[0], workgroups[1]);
+    pass.end();
+    const t0 = performance.now();
+    device.queue.submit([enc.finish()]);
+    await device.queue.onSubmittedWorkDone();
+    return performance.now() - t0;
+  };
+}
+
+/** Timed runs of each way, after one untimed run each: the fastest counts. */
+const STAGING_ROUNDS = 3;
+
+export interface StagingMeasurement {
+  readonly staging: MatmulStaging;
+  /** The fastest of STAGING_ROUNDS runs of each, in milliseconds. */
+  readonly stagedMs: number;
+  readonly directMs: number;
+}
+
+/**
+ * Times the real tiled matmul (matmul.wgsl, the CPU profile's tile, matmulStagingProbe: dy·W at
+ * 128×576×576, 85 M flops, about 15 ms on lavapipe) staged and direct, alternating,
+ * and keeps the faster. A copy of the kernel would not do: on SwiftShader a simplified probe
+ * without the kernel's bounds checks measured direct faster, the real kernel slower. Raw buffers,
+ * destroyed before it returns: nothing of it is counted as the context's work or memory.
+ */
+export async function measureMatmulStaging(device: GPUDevice): Promise<StagingMeasurement> {
+  const probe = matmulStagingProbe();
+  const { M, N, K } = probe.dims;
+  const module = device.createShaderModule({ label: 'matmul staging probe', code: probe.source });
+  const storage = (label: string, floats: number) =>
+    device.createBuffer({
+      label: `matmul staging probe ${label}`,
+      size: 4 * Math.max(floats, 4),
+      usage: GPUBufferUsage.STORAGE,
+    });
+  const uniforms = device.createBuffer({
+    label: 'matmul staging probe uniforms',
+    size: probe.uniforms.byteLength,
+    usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+  });
+  device.queue.writeBuffer(uniforms, 0, probe.uniforms);
+  const buffers = [
+    uniforms,
+    storage('a', M * K),
+    storage('w', K * N),
+    storage('bias', N),
+    storage('a2', 4),
+    storage('b2', 4),
+    storage('c', M * N),
+  ];
+  try {
+    const timer = (direct: boolean) =>
+      dispatchTimer(
+        device,
+        module,
+        `matmul staging probe ${direct ? 'direct' : 'staged'}`,
+        probe.entryPoint,
+        probe.constants(direct),
+        buffers,
+        probe.workgroups,
+      );
+    const staged = await timer(false);
+    const direct = await timer(true);
+    await staged();
+    await direct();
+    let stagedMs = Number.POSITIVE_INFINITY;
+    let directMs = Number.POSITIVE_INFINITY;
+    for (let i = 0; i < STAGING_ROUNDS; i++) {
+      stagedMs = Math.min(stagedMs, await staged());
+      directMs = Math.min(directMs, await direct());
+    }
+    return { staging: directMs < stagedMs ? 'direct' : 'workgroup', stagedMs, directMs };
+  } finally {
+    for (const b of buffers) b.destroy();
   }
 }

@@ -10,6 +10,7 @@ import {
   getKernel,
   LimitExceededError,
   measureKernelProfile,
+  measureMatmulStaging,
   measureSubgroupLayout,
   planAddScaled,
   planMatmul,
@@ -20,6 +21,7 @@ import {
   ShaderCompileError,
   ShapeError,
   StepEncoder,
+  stagingFromInfo,
   type Tensor,
   TensorArena,
   tensorFromData,
@@ -94,6 +96,34 @@ describe('GPU context', () => {
     expect(m.profile).toBe('cpu');
     expect(m.workMs).toBeGreaterThan(m.plainMs);
     expect(ctx.takeUncapturedErrors()).toEqual([]);
+  });
+
+  it('measures how the tiled matmuls read their operands on CPU profiles, and takes a forced choice', async () => {
+    const ctx = gpu();
+    // GPU profiles stage (what tiles are for); CPU ones take the driver's known answer or measure.
+    if (ctx.kernelProfile === 'gpu') expect(ctx.matmulStaging).toBe('workgroup');
+    else expect(ctx.matmulStaging).toBe(stagingFromInfo(ctx.adapter) ?? ctx.matmulStaging);
+    const m = await measureMatmulStaging(ctx.device);
+    console.log(
+      `matmul staging probe on ${describeAdapter(ctx)}: staged ${m.stagedMs.toFixed(2)} ms, direct ${m.directMs.toFixed(2)} ms: ${m.staging}`,
+    );
+    expect(m.stagedMs).toBeGreaterThan(0);
+    expect(m.directMs).toBeGreaterThan(0);
+    expect(m.staging).toBe(m.directMs < m.stagedMs ? 'direct' : 'workgroup');
+    expect(ctx.takeUncapturedErrors()).toEqual([]);
+    for (const matmulStaging of ['workgroup', 'direct'] as const) {
+      const forced = await createGpuContext({
+        featureLevel: inject('featureLevel') ?? 'core',
+        kernelProfile: 'gpu',
+        matmulStaging,
+      });
+      try {
+        expect(forced.matmulStaging).toBe(matmulStaging);
+        expect(describeAdapter(forced).includes('direct matmul')).toBe(matmulStaging === 'direct');
+      } finally {
+        forced.destroy();
+      }
+    }
   });
 
   it('says what to enable when there is no adapter', async () => {

@@ -24,12 +24,25 @@ import {
   tensorView,
   writeTensor,
 } from '../src/index.js';
-import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
+import { expectClose, gpuCase, useGpu, useReductionPaths } from './gpu.js';
 
 // The matrix-vector kernels' reduction has a subgroup build and a workgroup-memory one: the split-K
 // matvec cases run on both (the second skips where the adapter has no subgroups).
 const paths = useReductionPaths();
 const gpu = paths[0].gpu;
+// The tiled kernels read their operands staged through workgroup memory or, where an adapter
+// measures that faster, straight from the buffers (matmul.wgsl's DIRECT): the entries that have
+// both run both on every adapter.
+const stagings = [
+  { name: 'staged', gpu: useGpu({ matmulStaging: 'workgroup' }) },
+  { name: 'direct', gpu: useGpu({ matmulStaging: 'direct' }) },
+] as const;
+
+/** The contexts a case runs on, with the suffix of its title: both stagings where its entry has
+ * both, the adapter's own context where it has one (matvec, the fusions that stage their own). */
+function stagingsFor(both: boolean): { suffix: string; gpu: () => ReturnType<typeof gpu> }[] {
+  return both ? stagings.map((s) => ({ suffix: ` (${s.name})`, gpu: s.gpu })) : [{ suffix: '', gpu }];
+}
 const M_SIZES = [1, 7, 65, 257];
 const KN_SIZES = [1, 63, 64, 65, 257];
 const LAYOUTS = [{ transW: true }, { transW: false }];
@@ -126,32 +139,36 @@ describe('matmul on a slice of W', () => {
     [65, 64, 32, 33, 'q8_0', false],
   ] as [number, number, number, number, DType, boolean, number?][]) {
     const M = rowsOfA ?? 7;
-    it(`M=${M}, rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}`, async () => {
-      const ctx = gpu();
-      const K = transW ? C : count;
-      const N = transW ? count : C;
-      const a = randomArray(M * K, R + C);
-      const w = asStored(randomArray(R * C, R + C + 1), dtype);
-      const want = matmulRef(a, w.subarray(start * C, (start + count) * C), M, K, N, { transB: transW });
-      const got = await gpuCase(ctx, 'wRows', async () => {
-        const ta = tensorFromData(ctx, a, [M, K], 'f32', 'a');
-        const tw = tensorFromData(ctx, w, [R, C], dtype, 'w');
-        const tc = createTensor(ctx, [M, N], 'f32', 'c');
-        const d = await planMatmul(ctx, ta, tw, tc, { transW, wRows: { start, count } });
-        new StepEncoder(ctx, 'slice').dispatch(d).submit();
-        const out = await readFloat32(tc);
-        d.dispose();
-        for (const t of [ta, tw, tc]) t.dispose();
-        return out;
+    for (const s of stagingsFor(!(transW && M === 1)))
+      it(`M=${M}, rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}${s.suffix}`, async () => {
+        const ctx = s.gpu();
+        const K = transW ? C : count;
+        const N = transW ? count : C;
+        const a = randomArray(M * K, R + C);
+        const w = asStored(randomArray(R * C, R + C + 1), dtype);
+        const want = matmulRef(a, w.subarray(start * C, (start + count) * C), M, K, N, { transB: transW });
+        const got = await gpuCase(ctx, 'wRows', async () => {
+          const ta = tensorFromData(ctx, a, [M, K], 'f32', 'a');
+          const tw = tensorFromData(ctx, w, [R, C], dtype, 'w');
+          const tc = createTensor(ctx, [M, N], 'f32', 'c');
+          const d = await planMatmul(ctx, ta, tw, tc, { transW, wRows: { start, count } });
+          new StepEncoder(ctx, 'slice').dispatch(d).submit();
+          const out = await readFloat32(tc);
+          d.dispose();
+          for (const t of [ta, tw, tc]) t.dispose();
+          return out;
+        });
+        expectClose(ctx, `wRows ${start}+${count}`, got, want, 2e-5 * Math.sqrt(K), 1e-5);
       });
-      expectClose(ctx, `wRows ${start}+${count}`, got, want, 2e-5 * Math.sqrt(K), 1e-5);
-    });
   }
 });
 
 describe('matmul', () => {
   const runs = [
-    ...cases.map((c) => ({ c, path: paths[0], title: describeCase(c) })),
+    ...cases.filter((c) => c.matvec).map((c) => ({ c, path: paths[0], title: describeCase(c) })),
+    ...cases
+      .filter((c) => !c.matvec)
+      .flatMap((c) => stagings.map((s) => ({ c, path: { gpu: s.gpu }, title: `${describeCase(c)} (${s.name})` }))),
     ...cases
       .filter((c) => c.matvec === 'split-k')
       .map((c) => ({ c, path: paths[1], title: `${describeCase(c)} (${paths[1].name})` })),
@@ -213,68 +230,70 @@ describe('matmul activation epilogues', () => {
   for (const kind of ['silu_mul', 'gelu'] as const) {
     for (const { M, N, K } of shapes) {
       const name = `${kind} M=${M} N=${N} K=${K}`;
-      it(`forward ${name}${M <= 4 ? ' (matvec)' : ''}`, async () => {
-        const ctx = gpu();
-        const x = randomArray(M * K, M + K, 1);
-        const w = randomArray(N * K, N + 1, 1);
-        const bias = randomArray(N, 3, 1);
-        const gate = randomArray(M * N, 4, 2);
-        const pre = matmulRef(x, w, M, K, N, { transB: true }).map(
-          (v, i) => v + (kind === 'gelu' ? (bias[i % N] as number) : 0),
-        );
-        const want = kind === 'silu_mul' ? siluMulForwardRef(gate, pre).out : geluNewForwardRef(pre).y;
-        const got = await gpuCase(ctx, name, async () => {
-          const tx = tensorFromData(ctx, x, [M, K], 'f32', 'x');
-          const tw = tensorFromData(ctx, w, [N, K], 'f32', 'w');
-          const tb = tensorFromData(ctx, bias, [N], 'f32', 'bias');
-          const tg = tensorFromData(ctx, gate, [M, N], 'f32', 'gate');
-          const c = createTensor(ctx, [M, N], 'f32', 'c');
-          const act = createTensor(ctx, [M, N], 'f32', 'act');
-          const d = await planMatmul(ctx, tx, tw, c, {
-            ...(kind === 'gelu' ? { bias: tb } : {}),
-            activation: kind === 'silu_mul' ? { kind, gate: tg, act } : { kind, act },
+      for (const s of stagingsFor(M > 4))
+        it(`forward ${name}${M <= 4 ? ' (matvec)' : ''}${s.suffix}`, async () => {
+          const ctx = s.gpu();
+          const x = randomArray(M * K, M + K, 1);
+          const w = randomArray(N * K, N + 1, 1);
+          const bias = randomArray(N, 3, 1);
+          const gate = randomArray(M * N, 4, 2);
+          const pre = matmulRef(x, w, M, K, N, { transB: true }).map(
+            (v, i) => v + (kind === 'gelu' ? (bias[i % N] as number) : 0),
+          );
+          const want = kind === 'silu_mul' ? siluMulForwardRef(gate, pre).out : geluNewForwardRef(pre).y;
+          const got = await gpuCase(ctx, name, async () => {
+            const tx = tensorFromData(ctx, x, [M, K], 'f32', 'x');
+            const tw = tensorFromData(ctx, w, [N, K], 'f32', 'w');
+            const tb = tensorFromData(ctx, bias, [N], 'f32', 'bias');
+            const tg = tensorFromData(ctx, gate, [M, N], 'f32', 'gate');
+            const c = createTensor(ctx, [M, N], 'f32', 'c');
+            const act = createTensor(ctx, [M, N], 'f32', 'act');
+            const d = await planMatmul(ctx, tx, tw, c, {
+              ...(kind === 'gelu' ? { bias: tb } : {}),
+              activation: kind === 'silu_mul' ? { kind, gate: tg, act } : { kind, act },
+            });
+            new StepEncoder(ctx, name).dispatch(d).submit();
+            const out = { c: await readFloat32(c), act: await readFloat32(act) };
+            d.dispose();
+            for (const t of [tx, tw, tb, tg, c, act]) t.dispose();
+            return out;
           });
-          new StepEncoder(ctx, name).dispatch(d).submit();
-          const out = { c: await readFloat32(c), act: await readFloat32(act) };
-          d.dispose();
-          for (const t of [tx, tw, tb, tg, c, act]) t.dispose();
-          return out;
+          expectClose(ctx, `${name} C`, got.c, pre, 2e-5 * Math.sqrt(K), 1e-5);
+          expectClose(ctx, `${name} act`, got.act, want, 4e-5 * Math.sqrt(K), 1e-5);
         });
-        expectClose(ctx, `${name} C`, got.c, pre, 2e-5 * Math.sqrt(K), 1e-5);
-        expectClose(ctx, `${name} act`, got.act, want, 4e-5 * Math.sqrt(K), 1e-5);
-      });
-      it(`backward ${name}`, async () => {
-        const ctx = gpu();
-        // dact = dy·W (W stored K×N: the down projection's dx layout, out = N here).
-        const dy = randomArray(M * K, M + 2 * K, 1);
-        const w = randomArray(K * N, N + 5, 1);
-        const gate = randomArray(M * N, 6, 2);
-        const up = randomArray(M * N, 7, 1);
-        const dact = matmulRef(dy, w, M, K, N);
-        const want =
-          kind === 'silu_mul'
-            ? siluMulBackwardRef(gate, up, dact)
-            : { dgate: geluNewBackwardRef(gate, dact).dx, dup: undefined };
-        const got = await gpuCase(ctx, name, async () => {
-          const tdy = tensorFromData(ctx, dy, [M, K], 'f32', 'dy');
-          const tw = tensorFromData(ctx, w, [K, N], 'f32', 'w');
-          const tg = tensorFromData(ctx, gate, [M, N], 'f32', 'gate');
-          const tu = tensorFromData(ctx, up, [M, N], 'f32', 'up');
-          const c = createTensor(ctx, [M, N], 'f32', 'dgate');
-          const dup = createTensor(ctx, [M, N], 'f32', 'dup');
-          const d = await planMatmul(ctx, tdy, tw, c, {
-            transW: false,
-            activationBackward: kind === 'silu_mul' ? { kind, gate: tg, up: tu, dup } : { kind, pre: tg },
+      for (const s of stagings)
+        it(`backward ${name} (${s.name})`, async () => {
+          const ctx = s.gpu();
+          // dact = dy·W (W stored K×N: the down projection's dx layout, out = N here).
+          const dy = randomArray(M * K, M + 2 * K, 1);
+          const w = randomArray(K * N, N + 5, 1);
+          const gate = randomArray(M * N, 6, 2);
+          const up = randomArray(M * N, 7, 1);
+          const dact = matmulRef(dy, w, M, K, N);
+          const want =
+            kind === 'silu_mul'
+              ? siluMulBackwardRef(gate, up, dact)
+              : { dgate: geluNewBackwardRef(gate, dact).dx, dup: undefined };
+          const got = await gpuCase(ctx, name, async () => {
+            const tdy = tensorFromData(ctx, dy, [M, K], 'f32', 'dy');
+            const tw = tensorFromData(ctx, w, [K, N], 'f32', 'w');
+            const tg = tensorFromData(ctx, gate, [M, N], 'f32', 'gate');
+            const tu = tensorFromData(ctx, up, [M, N], 'f32', 'up');
+            const c = createTensor(ctx, [M, N], 'f32', 'dgate');
+            const dup = createTensor(ctx, [M, N], 'f32', 'dup');
+            const d = await planMatmul(ctx, tdy, tw, c, {
+              transW: false,
+              activationBackward: kind === 'silu_mul' ? { kind, gate: tg, up: tu, dup } : { kind, pre: tg },
+            });
+            new StepEncoder(ctx, name).dispatch(d).submit();
+            const out = { dgate: await readFloat32(c), dup: await readFloat32(dup) };
+            d.dispose();
+            for (const t of [tdy, tw, tg, tu, c, dup]) t.dispose();
+            return out;
           });
-          new StepEncoder(ctx, name).dispatch(d).submit();
-          const out = { dgate: await readFloat32(c), dup: await readFloat32(dup) };
-          d.dispose();
-          for (const t of [tdy, tw, tg, tu, c, dup]) t.dispose();
-          return out;
+          expectClose(ctx, `${name} dgate`, got.dgate, want.dgate, 4e-5 * Math.sqrt(K), 1e-5);
+          if (want.dup) expectClose(ctx, `${name} dup`, got.dup, want.dup, 4e-5 * Math.sqrt(K), 1e-5);
         });
-        expectClose(ctx, `${name} dgate`, got.dgate, want.dgate, 4e-5 * Math.sqrt(K), 1e-5);
-        if (want.dup) expectClose(ctx, `${name} dup`, got.dup, want.dup, 4e-5 * Math.sqrt(K), 1e-5);
-      });
     }
   }
 });
@@ -292,51 +311,52 @@ describe('matmul with a second product', () => {
   ];
   for (const c of sums) {
     const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3}${c.rank ? ` +rank ${c.rank}` : ''}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}`;
-    it(name, async () => {
-      const ctx = gpu();
-      const seed = c.M + c.N + c.K + c.K3;
-      const a = randomArray(c.M * c.K, seed);
-      const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
-      const a3 = randomArray(c.M * c.K3, seed + 2);
-      const w3 = asStored(randomArray(c.N * c.K3, seed + 3), c.w3);
-      const a2 = randomArray(c.M * c.rank, seed + 4);
-      const b2 = randomArray(c.N * c.rank, seed + 5);
-      const bias = randomArray(c.N, seed + 6);
-      const c0 = randomArray(c.M * c.N, seed + 7);
-      const alpha = 0.75;
-      const alpha2 = 1.5;
-      const opts = { transB: c.transW };
-      let want = addRef(matmulRef(a, w, c.M, c.K, c.N, opts), matmulRef(a3, w3, c.M, c.K3, c.N, opts), 1);
-      want = want.map((v) => v * alpha);
-      if (c.rank) want = addRef(want, matmulRef(a2, b2, c.M, c.rank, c.N, opts), alpha2);
-      if (c.bias) want = want.map((v, i) => v + (bias[i % c.N] as number));
-      if (c.beta) want = addRef(want, c0, c.beta);
-      const got = await gpuCase(ctx, name, async () => {
-        const shape = (k: number) => (c.transW ? [c.N, k] : [k, c.N]);
-        const ta = tensorFromData(ctx, a, [c.M, c.K], 'f32', 'a');
-        const tw = tensorFromData(ctx, w, shape(c.K), c.w, 'w');
-        const ta3 = tensorFromData(ctx, a3, [c.M, c.K3], 'f32', 'a3');
-        const tw3 = tensorFromData(ctx, w3, shape(c.K3), c.w3, 'w3');
-        const tb = tensorFromData(ctx, bias, [c.N], 'f32', 'bias');
-        const tc = tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c');
-        const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
-        const tb2 = c.rank ? tensorFromData(ctx, b2, shape(c.rank), 'f32', 'b2') : undefined;
-        const d = await planMatmul(ctx, ta, tw, tc, {
-          transW: c.transW,
-          alpha,
-          beta: c.beta,
-          bias: c.bias ? tb : undefined,
-          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
-          extra: { a: ta3, w: tw3 },
+    for (const s of stagings)
+      it(`${name} (${s.name})`, async () => {
+        const ctx = s.gpu();
+        const seed = c.M + c.N + c.K + c.K3;
+        const a = randomArray(c.M * c.K, seed);
+        const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
+        const a3 = randomArray(c.M * c.K3, seed + 2);
+        const w3 = asStored(randomArray(c.N * c.K3, seed + 3), c.w3);
+        const a2 = randomArray(c.M * c.rank, seed + 4);
+        const b2 = randomArray(c.N * c.rank, seed + 5);
+        const bias = randomArray(c.N, seed + 6);
+        const c0 = randomArray(c.M * c.N, seed + 7);
+        const alpha = 0.75;
+        const alpha2 = 1.5;
+        const opts = { transB: c.transW };
+        let want = addRef(matmulRef(a, w, c.M, c.K, c.N, opts), matmulRef(a3, w3, c.M, c.K3, c.N, opts), 1);
+        want = want.map((v) => v * alpha);
+        if (c.rank) want = addRef(want, matmulRef(a2, b2, c.M, c.rank, c.N, opts), alpha2);
+        if (c.bias) want = want.map((v, i) => v + (bias[i % c.N] as number));
+        if (c.beta) want = addRef(want, c0, c.beta);
+        const got = await gpuCase(ctx, name, async () => {
+          const shape = (k: number) => (c.transW ? [c.N, k] : [k, c.N]);
+          const ta = tensorFromData(ctx, a, [c.M, c.K], 'f32', 'a');
+          const tw = tensorFromData(ctx, w, shape(c.K), c.w, 'w');
+          const ta3 = tensorFromData(ctx, a3, [c.M, c.K3], 'f32', 'a3');
+          const tw3 = tensorFromData(ctx, w3, shape(c.K3), c.w3, 'w3');
+          const tb = tensorFromData(ctx, bias, [c.N], 'f32', 'bias');
+          const tc = tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c');
+          const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
+          const tb2 = c.rank ? tensorFromData(ctx, b2, shape(c.rank), 'f32', 'b2') : undefined;
+          const d = await planMatmul(ctx, ta, tw, tc, {
+            transW: c.transW,
+            alpha,
+            beta: c.beta,
+            bias: c.bias ? tb : undefined,
+            lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+            extra: { a: ta3, w: tw3 },
+          });
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = await readFloat32(tc);
+          d.dispose();
+          for (const t of [ta, tw, ta3, tw3, tb, tc, ta2, tb2]) t?.dispose();
+          return out;
         });
-        new StepEncoder(ctx, name).dispatch(d).submit();
-        const out = await readFloat32(tc);
-        d.dispose();
-        for (const t of [ta, tw, ta3, tw3, tb, tc, ta2, tb2]) t?.dispose();
-        return out;
+        expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.rank), 1e-5);
       });
-      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.rank), 1e-5);
-    });
   }
 });
 
@@ -411,97 +431,98 @@ describe('matmul with three products and up to three low-rank terms', () => {
   for (const c of sums) {
     const r3 = c.r3 ?? 0;
     const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3}+${c.K4} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3} W4:${c.w4} ranks ${c.r1}+${c.r2}${r3 ? `+${r3}` : ''}${c.beta ? ' +=C' : ''}`;
-    it(name, async () => {
-      const ctx = gpu();
-      const seed = 3 * c.M + c.N + c.K + c.K3 + c.K4;
-      const opts = { transB: c.transW };
-      const wShape = (k: number) => (c.transW ? [c.N, k] : [k, c.N]);
-      const a = randomArray(c.M * c.K, seed);
-      const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
-      const a3 = randomArray(c.M * c.K3, seed + 2);
-      const w3 = asStored(randomArray(c.N * c.K3, seed + 3), c.w3);
-      const a4 = randomArray(c.M * c.K4, seed + 4);
-      const w4 = asStored(randomArray(c.N * c.K4, seed + 5), c.w4);
-      const a2 = randomArray(c.M * c.r1, seed + 6);
-      const b2 = randomArray(c.N * c.r1, seed + 7);
-      const a2b = randomArray(c.M * c.r2, seed + 8);
-      const b2b = randomArray(c.N * c.r2, seed + 9);
-      const c0 = randomArray(c.M * c.N, seed + 10);
-      const a2c = randomArray(c.M * r3, seed + 11);
-      const b2c = randomArray(c.N * r3, seed + 12);
-      const alpha = 0.75;
-      const alpha2 = 1.5;
-      const alpha2b = -0.625;
-      const alpha2c = 0.375;
-      let want = addRef(matmulRef(a, w, c.M, c.K, c.N, opts), matmulRef(a3, w3, c.M, c.K3, c.N, opts), 1);
-      if (c.K4) want = addRef(want, matmulRef(a4, w4, c.M, c.K4, c.N, opts), 1);
-      want = want.map((v) => v * alpha);
-      want = addRef(want, matmulRef(a2, b2, c.M, c.r1, c.N, opts), alpha2);
-      if (c.r2) want = addRef(want, matmulRef(a2b, b2b, c.M, c.r2, c.N, opts), alpha2b);
-      if (r3) want = addRef(want, matmulRef(a2c, b2c, c.M, r3, c.N, opts), alpha2c);
-      if (c.beta) want = addRef(want, c0, c.beta);
-      const got = await gpuCase(ctx, name, async () => {
-        const owned: Tensor[] = [];
-        const own = (t: Tensor) => {
-          owned.push(t);
-          return t;
-        };
-        // Places of one buffer, each 256 bytes past the end of the one before (the arenas' alignment),
-        // in the order given; junk (NaN) everywhere else, so a read outside a place poisons C.
-        const places = (label: string, parts: { data: ArrayLike<number>; shape: number[] }[]) => {
-          const bytes = (n: number) => Math.ceil((n * 4) / 256) * 256 + 256;
-          const total = parts.reduce((n, p) => n + bytes(p.data.length), 256);
-          const arena = own(
-            tensorFromData(ctx, new Float32Array(total / 4).fill(Number.NaN), [total / 4], 'f32', label),
-          );
-          let off = 256;
-          return parts.map((p, i) => {
-            const v = tensorView(arena, off, p.shape, 'f32', `${label}[${i}]`);
-            writeTensor(v, p.data);
-            off += bytes(p.data.length);
-            return v;
+    for (const s of stagings)
+      it(`${name} (${s.name})`, async () => {
+        const ctx = s.gpu();
+        const seed = 3 * c.M + c.N + c.K + c.K3 + c.K4;
+        const opts = { transB: c.transW };
+        const wShape = (k: number) => (c.transW ? [c.N, k] : [k, c.N]);
+        const a = randomArray(c.M * c.K, seed);
+        const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
+        const a3 = randomArray(c.M * c.K3, seed + 2);
+        const w3 = asStored(randomArray(c.N * c.K3, seed + 3), c.w3);
+        const a4 = randomArray(c.M * c.K4, seed + 4);
+        const w4 = asStored(randomArray(c.N * c.K4, seed + 5), c.w4);
+        const a2 = randomArray(c.M * c.r1, seed + 6);
+        const b2 = randomArray(c.N * c.r1, seed + 7);
+        const a2b = randomArray(c.M * c.r2, seed + 8);
+        const b2b = randomArray(c.N * c.r2, seed + 9);
+        const c0 = randomArray(c.M * c.N, seed + 10);
+        const a2c = randomArray(c.M * r3, seed + 11);
+        const b2c = randomArray(c.N * r3, seed + 12);
+        const alpha = 0.75;
+        const alpha2 = 1.5;
+        const alpha2b = -0.625;
+        const alpha2c = 0.375;
+        let want = addRef(matmulRef(a, w, c.M, c.K, c.N, opts), matmulRef(a3, w3, c.M, c.K3, c.N, opts), 1);
+        if (c.K4) want = addRef(want, matmulRef(a4, w4, c.M, c.K4, c.N, opts), 1);
+        want = want.map((v) => v * alpha);
+        want = addRef(want, matmulRef(a2, b2, c.M, c.r1, c.N, opts), alpha2);
+        if (c.r2) want = addRef(want, matmulRef(a2b, b2b, c.M, c.r2, c.N, opts), alpha2b);
+        if (r3) want = addRef(want, matmulRef(a2c, b2c, c.M, r3, c.N, opts), alpha2c);
+        if (c.beta) want = addRef(want, c0, c.beta);
+        const got = await gpuCase(ctx, name, async () => {
+          const owned: Tensor[] = [];
+          const own = (t: Tensor) => {
+            owned.push(t);
+            return t;
+          };
+          // Places of one buffer, each 256 bytes past the end of the one before (the arenas' alignment),
+          // in the order given; junk (NaN) everywhere else, so a read outside a place poisons C.
+          const places = (label: string, parts: { data: ArrayLike<number>; shape: number[] }[]) => {
+            const bytes = (n: number) => Math.ceil((n * 4) / 256) * 256 + 256;
+            const total = parts.reduce((n, p) => n + bytes(p.data.length), 256);
+            const arena = own(
+              tensorFromData(ctx, new Float32Array(total / 4).fill(Number.NaN), [total / 4], 'f32', label),
+            );
+            let off = 256;
+            return parts.map((p, i) => {
+              const v = tensorView(arena, off, p.shape, 'f32', `${label}[${i}]`);
+              writeTensor(v, p.data);
+              off += bytes(p.data.length);
+              return v;
+            });
+          };
+          const ta = own(tensorFromData(ctx, a, [c.M, c.K], 'f32', 'a'));
+          const tw = own(tensorFromData(ctx, w, wShape(c.K), c.w, 'w'));
+          const tw3 = own(tensorFromData(ctx, w3, wShape(c.K3), c.w3, 'w3'));
+          const tw4 = c.K4 ? own(tensorFromData(ctx, w4, wShape(c.K4), c.w4, 'w4')) : undefined;
+          const tc = own(tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c'));
+          // A4 before A3, and the second term's operands before the first's, the third's between, in
+          // their buffers.
+          const dense = places('a3', [
+            ...(c.K4 ? [{ data: a4, shape: [c.M, c.K4] }] : []),
+            { data: a3, shape: [c.M, c.K3] },
+          ]);
+          const gs = places('a2', [
+            ...(c.r2 ? [{ data: a2b, shape: [c.M, c.r2] }] : []),
+            ...(r3 ? [{ data: a2c, shape: [c.M, r3] }] : []),
+            { data: a2, shape: [c.M, c.r1] },
+          ]);
+          const bs = places('b2', [
+            ...(c.r2 ? [{ data: b2b, shape: wShape(c.r2) }] : []),
+            ...(r3 ? [{ data: b2c, shape: wShape(r3) }] : []),
+            { data: b2, shape: wShape(c.r1) },
+          ]);
+          const ta3 = dense[dense.length - 1] as Tensor;
+          const ta4 = c.K4 ? dense[0] : undefined;
+          const second = c.r2 ? { a2: gs[0] as Tensor, b2: bs[0] as Tensor, alpha2: alpha2b } : undefined;
+          const third = r3 ? { a2: gs[1] as Tensor, b2: bs[1] as Tensor, alpha2: alpha2c } : undefined;
+          const d = await planMatmul(ctx, ta, tw, tc, {
+            transW: c.transW,
+            alpha,
+            beta: c.beta,
+            lowRank: { a2: gs[gs.length - 1] as Tensor, b2: bs[bs.length - 1] as Tensor, alpha2, second, third },
+            extra: { a: ta3, w: tw3, third: ta4 && tw4 ? { a: ta4, w: tw4 } : undefined },
           });
-        };
-        const ta = own(tensorFromData(ctx, a, [c.M, c.K], 'f32', 'a'));
-        const tw = own(tensorFromData(ctx, w, wShape(c.K), c.w, 'w'));
-        const tw3 = own(tensorFromData(ctx, w3, wShape(c.K3), c.w3, 'w3'));
-        const tw4 = c.K4 ? own(tensorFromData(ctx, w4, wShape(c.K4), c.w4, 'w4')) : undefined;
-        const tc = own(tensorFromData(ctx, c0, [c.M, c.N], 'f32', 'c'));
-        // A4 before A3, and the second term's operands before the first's, the third's between, in
-        // their buffers.
-        const dense = places('a3', [
-          ...(c.K4 ? [{ data: a4, shape: [c.M, c.K4] }] : []),
-          { data: a3, shape: [c.M, c.K3] },
-        ]);
-        const gs = places('a2', [
-          ...(c.r2 ? [{ data: a2b, shape: [c.M, c.r2] }] : []),
-          ...(r3 ? [{ data: a2c, shape: [c.M, r3] }] : []),
-          { data: a2, shape: [c.M, c.r1] },
-        ]);
-        const bs = places('b2', [
-          ...(c.r2 ? [{ data: b2b, shape: wShape(c.r2) }] : []),
-          ...(r3 ? [{ data: b2c, shape: wShape(r3) }] : []),
-          { data: b2, shape: wShape(c.r1) },
-        ]);
-        const ta3 = dense[dense.length - 1] as Tensor;
-        const ta4 = c.K4 ? dense[0] : undefined;
-        const second = c.r2 ? { a2: gs[0] as Tensor, b2: bs[0] as Tensor, alpha2: alpha2b } : undefined;
-        const third = r3 ? { a2: gs[1] as Tensor, b2: bs[1] as Tensor, alpha2: alpha2c } : undefined;
-        const d = await planMatmul(ctx, ta, tw, tc, {
-          transW: c.transW,
-          alpha,
-          beta: c.beta,
-          lowRank: { a2: gs[gs.length - 1] as Tensor, b2: bs[bs.length - 1] as Tensor, alpha2, second, third },
-          extra: { a: ta3, w: tw3, third: ta4 && tw4 ? { a: ta4, w: tw4 } : undefined },
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = await readFloat32(tc);
+          d.dispose();
+          for (const t of owned) t.dispose();
+          return out;
         });
-        new StepEncoder(ctx, name).dispatch(d).submit();
-        const out = await readFloat32(tc);
-        d.dispose();
-        for (const t of owned) t.dispose();
-        return out;
+        expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.K4 + c.r1 + c.r2 + r3), 1e-5);
       });
-      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(c.K + c.K3 + c.K4 + c.r1 + c.r2 + r3), 1e-5);
-    });
   }
 
   it('refuses places in other buffers and a bias', async () => {
@@ -589,34 +610,35 @@ describe('gated MLP in one dispatch', () => {
   ];
   for (const g of glus) {
     const name = `M=${g.M} N=${g.N} K=${g.K} gate:${g.wg} up:${g.wu}${g.matvec ? ` matvec ${g.matvec}` : ''}`;
-    it(name, async () => {
-      const ctx = gpu();
-      const seed = g.M * 7 + g.N + g.K;
-      const x = randomArray(g.M * g.K, seed, 1);
-      const wg = asStored(randomArray(g.N * g.K, seed + 1, 1), g.wg);
-      const wu = asStored(randomArray(g.N * g.K, seed + 2, 1), g.wu);
-      const gate = matmulRef(x, wg, g.M, g.K, g.N, { transB: true });
-      const up = matmulRef(x, wu, g.M, g.K, g.N, { transB: true });
-      const act = siluMulForwardRef(gate, up).out;
-      const got = await gpuCase(ctx, name, async () => {
-        const tx = tensorFromData(ctx, x, [g.M, g.K], 'f32', 'x');
-        const twg = tensorFromData(ctx, wg, [g.N, g.K], g.wg, 'w_gate');
-        const twu = tensorFromData(ctx, wu, [g.N, g.K], g.wu, 'w_up');
-        const tg = createTensor(ctx, [g.M, g.N], 'f32', 'gate');
-        const tu = createTensor(ctx, [g.M, g.N], 'f32', 'up');
-        const ta = createTensor(ctx, [g.M, g.N], 'f32', 'act');
-        const d = await planMatmul(ctx, tx, twg, tg, { glu: { w: twu, up: tu, act: ta }, matvecVariant: g.matvec });
-        new StepEncoder(ctx, name).dispatch(d).submit();
-        const out = { gate: await readFloat32(tg), up: await readFloat32(tu), act: await readFloat32(ta) };
-        d.dispose();
-        for (const t of [tx, twg, twu, tg, tu, ta]) t.dispose();
-        return out;
+    for (const s of stagings)
+      it(`${name} (${s.name})`, async () => {
+        const ctx = s.gpu();
+        const seed = g.M * 7 + g.N + g.K;
+        const x = randomArray(g.M * g.K, seed, 1);
+        const wg = asStored(randomArray(g.N * g.K, seed + 1, 1), g.wg);
+        const wu = asStored(randomArray(g.N * g.K, seed + 2, 1), g.wu);
+        const gate = matmulRef(x, wg, g.M, g.K, g.N, { transB: true });
+        const up = matmulRef(x, wu, g.M, g.K, g.N, { transB: true });
+        const act = siluMulForwardRef(gate, up).out;
+        const got = await gpuCase(ctx, name, async () => {
+          const tx = tensorFromData(ctx, x, [g.M, g.K], 'f32', 'x');
+          const twg = tensorFromData(ctx, wg, [g.N, g.K], g.wg, 'w_gate');
+          const twu = tensorFromData(ctx, wu, [g.N, g.K], g.wu, 'w_up');
+          const tg = createTensor(ctx, [g.M, g.N], 'f32', 'gate');
+          const tu = createTensor(ctx, [g.M, g.N], 'f32', 'up');
+          const ta = createTensor(ctx, [g.M, g.N], 'f32', 'act');
+          const d = await planMatmul(ctx, tx, twg, tg, { glu: { w: twu, up: tu, act: ta }, matvecVariant: g.matvec });
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = { gate: await readFloat32(tg), up: await readFloat32(tu), act: await readFloat32(ta) };
+          d.dispose();
+          for (const t of [tx, twg, twu, tg, tu, ta]) t.dispose();
+          return out;
+        });
+        const tol = 2e-5 * Math.sqrt(g.K);
+        expectClose(ctx, `${name} gate`, got.gate, gate, tol, 1e-5);
+        expectClose(ctx, `${name} up`, got.up, up, tol, 1e-5);
+        expectClose(ctx, `${name} act`, got.act, act, 2 * tol, 1e-5);
       });
-      const tol = 2e-5 * Math.sqrt(g.K);
-      expectClose(ctx, `${name} gate`, got.gate, gate, tol, 1e-5);
-      expectClose(ctx, `${name} up`, got.up, up, tol, 1e-5);
-      expectClose(ctx, `${name} act`, got.act, act, 2 * tol, 1e-5);
-    });
   }
 });
 
@@ -630,41 +652,44 @@ describe('residual from another buffer', () => {
   ];
   for (const r of cases) {
     const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w}${r.transW ? 'ᵀ' : ''}${r.rank ? ` +rank ${r.rank}` : ''}${r.bias ? ' +bias' : ''}`;
-    it(name, async () => {
-      const ctx = gpu();
-      const seed = r.M * 11 + r.N + r.K;
-      const x = randomArray(r.M * r.K, seed);
-      const w = asStored(randomArray(r.N * r.K, seed + 1), r.w);
-      const bias = randomArray(r.N, seed + 2);
-      const a2 = randomArray(r.M * r.rank, seed + 3);
-      const b2 = randomArray(r.N * r.rank, seed + 4);
-      const res = randomArray(r.M * r.N, seed + 5);
-      let want = matmulRef(x, w, r.M, r.K, r.N, { transB: r.transW });
-      if (r.rank) want = addRef(want, matmulRef(a2, b2, r.M, r.rank, r.N, { transB: r.transW }), 0.5);
-      if (r.bias) want = want.map((v, i) => v + (bias[i % r.N] as number));
-      want = addRef(want, res);
-      const got = await gpuCase(ctx, name, async () => {
-        const tx = tensorFromData(ctx, x, [r.M, r.K], 'f32', 'x');
-        const tw = tensorFromData(ctx, w, r.transW ? [r.N, r.K] : [r.K, r.N], r.w, 'w');
-        const tb = tensorFromData(ctx, bias, [r.N], 'f32', 'bias');
-        const ta2 = r.rank ? tensorFromData(ctx, a2, [r.M, r.rank], 'f32', 'a2') : undefined;
-        const tb2 = r.rank ? tensorFromData(ctx, b2, r.transW ? [r.N, r.rank] : [r.rank, r.N], 'f32', 'b2') : undefined;
-        const tres = tensorFromData(ctx, res, [r.M, r.N], 'f32', 'residual');
-        const tc = tensorFromData(ctx, new Float32Array(r.M * r.N).fill(Number.NaN), [r.M, r.N], 'f32', 'c');
-        const d = await planMatmul(ctx, tx, tw, tc, {
-          transW: r.transW,
-          bias: r.bias ? tb : undefined,
-          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2: 0.5 } : undefined,
-          residual: tres,
+    for (const s of stagings)
+      it(`${name} (${s.name})`, async () => {
+        const ctx = s.gpu();
+        const seed = r.M * 11 + r.N + r.K;
+        const x = randomArray(r.M * r.K, seed);
+        const w = asStored(randomArray(r.N * r.K, seed + 1), r.w);
+        const bias = randomArray(r.N, seed + 2);
+        const a2 = randomArray(r.M * r.rank, seed + 3);
+        const b2 = randomArray(r.N * r.rank, seed + 4);
+        const res = randomArray(r.M * r.N, seed + 5);
+        let want = matmulRef(x, w, r.M, r.K, r.N, { transB: r.transW });
+        if (r.rank) want = addRef(want, matmulRef(a2, b2, r.M, r.rank, r.N, { transB: r.transW }), 0.5);
+        if (r.bias) want = want.map((v, i) => v + (bias[i % r.N] as number));
+        want = addRef(want, res);
+        const got = await gpuCase(ctx, name, async () => {
+          const tx = tensorFromData(ctx, x, [r.M, r.K], 'f32', 'x');
+          const tw = tensorFromData(ctx, w, r.transW ? [r.N, r.K] : [r.K, r.N], r.w, 'w');
+          const tb = tensorFromData(ctx, bias, [r.N], 'f32', 'bias');
+          const ta2 = r.rank ? tensorFromData(ctx, a2, [r.M, r.rank], 'f32', 'a2') : undefined;
+          const tb2 = r.rank
+            ? tensorFromData(ctx, b2, r.transW ? [r.N, r.rank] : [r.rank, r.N], 'f32', 'b2')
+            : undefined;
+          const tres = tensorFromData(ctx, res, [r.M, r.N], 'f32', 'residual');
+          const tc = tensorFromData(ctx, new Float32Array(r.M * r.N).fill(Number.NaN), [r.M, r.N], 'f32', 'c');
+          const d = await planMatmul(ctx, tx, tw, tc, {
+            transW: r.transW,
+            bias: r.bias ? tb : undefined,
+            lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2: 0.5 } : undefined,
+            residual: tres,
+          });
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = await readFloat32(tc);
+          d.dispose();
+          for (const t of [tx, tw, tb, ta2, tb2, tres, tc]) t?.dispose();
+          return out;
         });
-        new StepEncoder(ctx, name).dispatch(d).submit();
-        const out = await readFloat32(tc);
-        d.dispose();
-        for (const t of [tx, tw, tb, ta2, tb2, tres, tc]) t?.dispose();
-        return out;
+        expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(r.K + r.rank), 1e-5);
       });
-      expectClose(ctx, name, got, want, 2e-5 * Math.sqrt(r.K + r.rank), 1e-5);
-    });
   }
 
   it('is refused with beta, another epilogue, few rows or a residual of the wrong size', async () => {
@@ -1122,40 +1147,41 @@ describe('two projections in one dispatch', () => {
   ];
   for (const c of pairs) {
     const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w} W3:${c.w3}${c.rank ? ` +rank ${c.rank}` : ''}${c.matvec ? ` matvec ${c.matvec}` : ''}`;
-    it(name, async () => {
-      const ctx = gpu();
-      const seed = c.M * 3 + c.N + c.K;
-      const x = randomArray(c.M * c.K, seed);
-      const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
-      const w3 = asStored(randomArray(c.N * c.K, seed + 2), c.w3);
-      const a2 = randomArray(c.M * c.rank, seed + 3);
-      const b2 = randomArray(c.N * c.rank, seed + 4);
-      const alpha2 = 2;
-      let first = matmulRef(x, w, c.M, c.K, c.N, { transB: true });
-      if (c.rank) first = addRef(first, matmulRef(a2, b2, c.M, c.rank, c.N, { transB: true }), alpha2);
-      const second = matmulRef(x, w3, c.M, c.K, c.N, { transB: true });
-      const got = await gpuCase(ctx, name, async () => {
-        const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
-        const tw = tensorFromData(ctx, w, [c.N, c.K], c.w, 'w');
-        const tw3 = tensorFromData(ctx, w3, [c.N, c.K], c.w3, 'w3');
-        const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
-        const tb2 = c.rank ? tensorFromData(ctx, b2, [c.N, c.rank], 'f32', 'b2') : undefined;
-        const tc = createTensor(ctx, [c.M, c.N], 'f32', 'c');
-        const tout = createTensor(ctx, [c.M, c.N], 'f32', 'out');
-        const d = await planMatmul(ctx, tx, tw, tc, {
-          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
-          second: { w: tw3, out: tout },
-          matvecVariant: c.matvec,
+    for (const s of stagings)
+      it(`${name} (${s.name})`, async () => {
+        const ctx = s.gpu();
+        const seed = c.M * 3 + c.N + c.K;
+        const x = randomArray(c.M * c.K, seed);
+        const w = asStored(randomArray(c.N * c.K, seed + 1), c.w);
+        const w3 = asStored(randomArray(c.N * c.K, seed + 2), c.w3);
+        const a2 = randomArray(c.M * c.rank, seed + 3);
+        const b2 = randomArray(c.N * c.rank, seed + 4);
+        const alpha2 = 2;
+        let first = matmulRef(x, w, c.M, c.K, c.N, { transB: true });
+        if (c.rank) first = addRef(first, matmulRef(a2, b2, c.M, c.rank, c.N, { transB: true }), alpha2);
+        const second = matmulRef(x, w3, c.M, c.K, c.N, { transB: true });
+        const got = await gpuCase(ctx, name, async () => {
+          const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
+          const tw = tensorFromData(ctx, w, [c.N, c.K], c.w, 'w');
+          const tw3 = tensorFromData(ctx, w3, [c.N, c.K], c.w3, 'w3');
+          const ta2 = c.rank ? tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2') : undefined;
+          const tb2 = c.rank ? tensorFromData(ctx, b2, [c.N, c.rank], 'f32', 'b2') : undefined;
+          const tc = createTensor(ctx, [c.M, c.N], 'f32', 'c');
+          const tout = createTensor(ctx, [c.M, c.N], 'f32', 'out');
+          const d = await planMatmul(ctx, tx, tw, tc, {
+            lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2 } : undefined,
+            second: { w: tw3, out: tout },
+            matvecVariant: c.matvec,
+          });
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = { first: await readFloat32(tc), second: await readFloat32(tout) };
+          d.dispose();
+          for (const t of [tx, tw, tw3, ta2, tb2, tc, tout]) t?.dispose();
+          return out;
         });
-        new StepEncoder(ctx, name).dispatch(d).submit();
-        const out = { first: await readFloat32(tc), second: await readFloat32(tout) };
-        d.dispose();
-        for (const t of [tx, tw, tw3, ta2, tb2, tc, tout]) t?.dispose();
-        return out;
+        expectClose(ctx, `${name} C`, got.first, first, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
+        expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
       });
-      expectClose(ctx, `${name} C`, got.first, first, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
-      expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
-    });
   }
 });
 
@@ -1209,72 +1235,73 @@ describe('RoPE epilogue', () => {
       `${c.rank ? ` +rank ${c.rank}` : ''}${c.bias ? ' +bias' : ''}` +
       `${c.pair ? ` pair W3:${c.pair.w3} rotating ${[c.pair.c ? 'C' : '', c.pair.second ? 'second' : ''].filter(Boolean).join(', ')}` : ''}` +
       `${c.matvec ? ` matvec ${c.matvec}` : ''}${c.hIn ? ' h in the dispatch' : ''}`;
-    it(name, async () => {
-      const ctx = gpu();
-      const seed = c.M * 5 + N + c.K;
-      const x = randomArray(c.M * c.K, seed);
-      const w = asStored(randomArray(N * c.K, seed + 1), c.w);
-      const w3 = asStored(randomArray(N * c.K, seed + 2), c.pair?.w3 ?? 'f32');
-      const la = randomArray(c.rank * c.K, seed + 6);
-      const a2 = c.hIn ? matmulRef(x, la, c.M, c.K, c.rank, { transB: true }) : randomArray(c.M * c.rank, seed + 3);
-      const b2 = randomArray(N * c.rank, seed + 4);
-      const bias = randomArray(N, seed + 5);
-      const invFreq = Float32Array.from({ length: c.hd / 2 }, (_, i) => 10000 ** (-(2 * i) / c.hd));
-      const scaling = 0.75;
-      const alpha2 = 2;
-      let first = matmulRef(x, w, c.M, c.K, N, { transB: true });
-      if (c.rank) first = addRef(first, matmulRef(a2, b2, c.M, c.rank, N, { transB: true }), alpha2);
-      if (c.bias) first = first.map((v, i) => v + (bias[i % N] as number));
-      let second = matmulRef(x, w3, c.M, c.K, N, { transB: true });
-      const rope = (v: ArrayLike<number>) =>
-        ropeForwardRef({
-          rows: c.M,
-          T: c.T,
-          pos0: c.pos0,
-          nHeads: c.heads,
-          headDim: c.hd,
-          invFreq,
-          attentionScaling: scaling,
-          x: v,
-        }).y;
-      if (rotated.c) first = rope(first);
-      if (rotated.second) second = rope(second);
-      const got = await gpuCase(ctx, name, async () => {
-        const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
-        const tw = tensorFromData(ctx, w, [N, c.K], c.w, 'w');
-        const tw3 = c.pair ? tensorFromData(ctx, w3, [N, c.K], c.pair.w3, 'w3') : undefined;
-        const ta2 = c.rank
-          ? c.hIn
-            ? tensorFromData(ctx, new Float32Array(c.M * c.rank).fill(Number.NaN), [c.M, c.rank], 'f32', 'h')
-            : tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2')
-          : undefined;
-        const tla = c.hIn ? tensorFromData(ctx, la, [c.rank, c.K], 'f32', 'lora_a') : undefined;
-        const tb2 = c.rank ? tensorFromData(ctx, b2, [N, c.rank], 'f32', 'b2') : undefined;
-        const tbias = c.bias ? tensorFromData(ctx, bias, [N], 'f32', 'bias') : undefined;
-        const tfreq = tensorFromData(ctx, invFreq, [c.hd / 2], 'f32', 'inv_freq');
-        const tc = createTensor(ctx, [c.M, N], 'f32', 'c');
-        const tout = tw3 ? createTensor(ctx, [c.M, N], 'f32', 'out') : undefined;
-        const d = await planMatmul(ctx, tx, tw, tc, {
-          lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2, ...(tla ? { a2From: tla } : {}) } : undefined,
-          bias: tbias,
-          second: tw3 && tout ? { w: tw3, out: tout } : undefined,
-          rope: { invFreq: tfreq, headDim: c.hd, T: c.T, pos0: c.pos0, scaling, ...rotated },
-          matvecVariant: c.matvec,
+    for (const s of stagingsFor(!c.hIn && !c.matvec))
+      it(`${name}${s.suffix}`, async () => {
+        const ctx = s.gpu();
+        const seed = c.M * 5 + N + c.K;
+        const x = randomArray(c.M * c.K, seed);
+        const w = asStored(randomArray(N * c.K, seed + 1), c.w);
+        const w3 = asStored(randomArray(N * c.K, seed + 2), c.pair?.w3 ?? 'f32');
+        const la = randomArray(c.rank * c.K, seed + 6);
+        const a2 = c.hIn ? matmulRef(x, la, c.M, c.K, c.rank, { transB: true }) : randomArray(c.M * c.rank, seed + 3);
+        const b2 = randomArray(N * c.rank, seed + 4);
+        const bias = randomArray(N, seed + 5);
+        const invFreq = Float32Array.from({ length: c.hd / 2 }, (_, i) => 10000 ** (-(2 * i) / c.hd));
+        const scaling = 0.75;
+        const alpha2 = 2;
+        let first = matmulRef(x, w, c.M, c.K, N, { transB: true });
+        if (c.rank) first = addRef(first, matmulRef(a2, b2, c.M, c.rank, N, { transB: true }), alpha2);
+        if (c.bias) first = first.map((v, i) => v + (bias[i % N] as number));
+        let second = matmulRef(x, w3, c.M, c.K, N, { transB: true });
+        const rope = (v: ArrayLike<number>) =>
+          ropeForwardRef({
+            rows: c.M,
+            T: c.T,
+            pos0: c.pos0,
+            nHeads: c.heads,
+            headDim: c.hd,
+            invFreq,
+            attentionScaling: scaling,
+            x: v,
+          }).y;
+        if (rotated.c) first = rope(first);
+        if (rotated.second) second = rope(second);
+        const got = await gpuCase(ctx, name, async () => {
+          const tx = tensorFromData(ctx, x, [c.M, c.K], 'f32', 'x');
+          const tw = tensorFromData(ctx, w, [N, c.K], c.w, 'w');
+          const tw3 = c.pair ? tensorFromData(ctx, w3, [N, c.K], c.pair.w3, 'w3') : undefined;
+          const ta2 = c.rank
+            ? c.hIn
+              ? tensorFromData(ctx, new Float32Array(c.M * c.rank).fill(Number.NaN), [c.M, c.rank], 'f32', 'h')
+              : tensorFromData(ctx, a2, [c.M, c.rank], 'f32', 'a2')
+            : undefined;
+          const tla = c.hIn ? tensorFromData(ctx, la, [c.rank, c.K], 'f32', 'lora_a') : undefined;
+          const tb2 = c.rank ? tensorFromData(ctx, b2, [N, c.rank], 'f32', 'b2') : undefined;
+          const tbias = c.bias ? tensorFromData(ctx, bias, [N], 'f32', 'bias') : undefined;
+          const tfreq = tensorFromData(ctx, invFreq, [c.hd / 2], 'f32', 'inv_freq');
+          const tc = createTensor(ctx, [c.M, N], 'f32', 'c');
+          const tout = tw3 ? createTensor(ctx, [c.M, N], 'f32', 'out') : undefined;
+          const d = await planMatmul(ctx, tx, tw, tc, {
+            lowRank: ta2 && tb2 ? { a2: ta2, b2: tb2, alpha2, ...(tla ? { a2From: tla } : {}) } : undefined,
+            bias: tbias,
+            second: tw3 && tout ? { w: tw3, out: tout } : undefined,
+            rope: { invFreq: tfreq, headDim: c.hd, T: c.T, pos0: c.pos0, scaling, ...rotated },
+            matvecVariant: c.matvec,
+          });
+          new StepEncoder(ctx, name).dispatch(d).submit();
+          const out = {
+            first: await readFloat32(tc),
+            second: tout ? await readFloat32(tout) : undefined,
+            h: tla && ta2 ? await readFloat32(ta2) : undefined,
+          };
+          d.dispose();
+          for (const t of [tx, tw, tw3, ta2, tb2, tla, tbias, tfreq, tc, tout]) t?.dispose();
+          return out;
         });
-        new StepEncoder(ctx, name).dispatch(d).submit();
-        const out = {
-          first: await readFloat32(tc),
-          second: tout ? await readFloat32(tout) : undefined,
-          h: tla && ta2 ? await readFloat32(ta2) : undefined,
-        };
-        d.dispose();
-        for (const t of [tx, tw, tw3, ta2, tb2, tla, tbias, tfreq, tc, tout]) t?.dispose();
-        return out;
+        if (got.h) expectClose(ctx, `${name} h`, got.h, a2, 2e-5 * Math.sqrt(c.K), 1e-5);
+        expectClose(ctx, `${name} C`, got.first, first, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
+        if (got.second) expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
       });
-      if (got.h) expectClose(ctx, `${name} h`, got.h, a2, 2e-5 * Math.sqrt(c.K), 1e-5);
-      expectClose(ctx, `${name} C`, got.first, first, 2e-5 * Math.sqrt(c.K + c.rank), 1e-5);
-      if (got.second) expectClose(ctx, `${name} second`, got.second, second, 2e-5 * Math.sqrt(c.K), 1e-5);
-    });
   }
 
   it('refuses what the epilogue cannot do, naming it, before anything is queued', async () => {

@@ -2,7 +2,7 @@
 // measurement runs on real adapters in context.test.ts. Here it runs against a queue whose
 // timings are scripted, to show which of them it trusts when other work holds the GPU up.
 import { describe, expect, it } from 'vitest';
-import { measureKernelProfile, profileFromInfo } from '../src/profile.js';
+import { measureKernelProfile, profileFromInfo, stagingFromInfo } from '../src/profile.js';
 
 const info = (over: Partial<Parameters<typeof profileFromInfo>[0]>) => ({
   vendor: '',
@@ -31,6 +31,21 @@ describe('kernel profile from adapter info', () => {
 
   it('cannot tell from an adapter that names nothing (then it is measured)', () => {
     expect(profileFromInfo(info({}))).toBeUndefined();
+  });
+});
+
+describe('matmul staging from adapter info', () => {
+  it('reads straight from the buffers on lavapipe and stages on SwiftShader, as they measured', () => {
+    expect(stagingFromInfo(info({ description: 'llvmpipe (LLVM 15.0.6, 256 bits)' }))).toBe('direct');
+    expect(stagingFromInfo(info({ vendor: 'mesa', description: 'lavapipe' }))).toBe('direct');
+    expect(stagingFromInfo(info({ vendor: 'google', architecture: 'swiftshader', isFallbackAdapter: true }))).toBe(
+      'workgroup',
+    );
+  });
+
+  it('leaves any other adapter to the measurement', () => {
+    expect(stagingFromInfo(info({}))).toBeUndefined();
+    expect(stagingFromInfo(info({ vendor: 'intel', isFallbackAdapter: true }))).toBeUndefined();
   });
 });
 

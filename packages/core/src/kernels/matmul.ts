@@ -16,6 +16,7 @@ import {
   packUniforms,
   type Resource,
 } from '../kernel.js';
+import type { MatmulStaging } from '../profile.js';
 import { gpuQuantLayout, isQuantFormat } from '../quant.js';
 import { formatShape } from '../shape.js';
 import type { DType, Tensor } from '../tensor.js';
@@ -183,6 +184,19 @@ const PAIR_ROPE_BINDINGS = [...PAIR_BINDINGS, 'read'] as const;
 const MATMUL_ROPE: Entry = { entryPoint: 'matmul_rope', bindings: ROPE_BINDINGS };
 const MATVEC_ROPE: Entry = { entryPoint: 'matvec_rope', bindings: ROPE_BINDINGS };
 const MATMUL_PAIR_ROPE: Entry = { entryPoint: 'matmul_pair_rope', bindings: PAIR_ROPE_BINDINGS };
+/** The entries whose products all read straight from the buffers with DIRECT (matmul.wgsl). */
+const DIRECT_ENTRIES: ReadonlySet<Entry> = new Set([
+  MATMUL,
+  MATMUL_RESID,
+  MATMUL_ROPE,
+  MATMUL_ACT,
+  MATMUL_ACT_BWD,
+  MATMUL_SUM,
+  MATMUL_SUM_LR,
+  MATMUL_GLU,
+  MATMUL_PAIR,
+  MATMUL_PAIR_ROPE,
+]);
 const MATVEC_PAIR_ROPE: Entry = { entryPoint: 'matvec_pair_rope', bindings: PAIR_ROPE_BINDINGS };
 // q, k and v in one dispatch (matmul_qkv): 1 A, 2 W, 4 the h, 5 the B, 6 q|k|v, 11 W3, 22 W4 (no
 // bias); + 13 inv_freq with RoPE. 7 storage buffers, 8 with RoPE.
@@ -301,6 +315,9 @@ export interface MatmulOptions {
   wRows?: { start: number; count: number };
   /** The matvec kernel's split when M ≤ MATVEC_MAX_ROWS; default matvecVariant(ctx). Tests set it. */
   matvecVariant?: MatvecVariant;
+  /** How the tiled kernel reads its operands; default ctx.matmulStaging (measured). The bench runs
+   * both. */
+  staging?: MatmulStaging;
   /**
    * The tiled kernel's staged type and products: 'f32' (the default) or 'f16' with f32
    * accumulation (shaders/tile_f16.wgsl; needs shader-f16). `f16TileMathApplies` says where f16 is
@@ -477,17 +494,51 @@ interface TileConfig {
  */
 export function matmulTile(ctx: GpuContext, dims: MatmulDims): TileConfig {
   const cpu = isCpuAdapter(ctx);
-  let wgX = cpu ? 8 : 16;
-  let wgY = cpu ? 8 : 16;
+  let wgX = cpu ? CPU_TILE.wgX : 16;
+  let wgY = cpu ? CPU_TILE.wgY : 16;
   if (dims.M <= 16 && dims.N > dims.M) wgY = 4;
   else if (dims.N <= 16) wgX = 4;
   while (wgX * wgY > ctx.limits.maxComputeInvocationsPerWorkgroup) {
     if (wgY >= wgX) wgY /= 2;
     else wgX /= 2;
   }
-  let tk = cpu ? 32 : 16;
+  let tk = cpu ? CPU_TILE.tk : 16;
   while (tileBytes({ wgX, wgY, tk }) > ctx.limits.maxComputeWorkgroupStorageSize && tk > 4) tk /= 2;
   return { wgX, wgY, tk };
+}
+
+/** The CPU profile's tile for products that are not thin. */
+const CPU_TILE: TileConfig = { wgX: 8, wgY: 8, tk: 32 };
+
+/** The matmul profile.ts's measureMatmulStaging times both ways: dy·W (the backward's layout) of
+ * 128 rows against SmolLM2-135M's 576×576 with f32 operands in the CPU profile's tile, through
+ * matmul.wgsl's own `matmul` entry (bindings 0 the uniforms, 1 A, 2 W, 3 bias, 4 A2, 5 B2, 6 C;
+ * `dims` sizes them). W as large as a real projection's: on SwiftShader direct wins on a 256×256 W
+ * and loses on 576×576 and larger, where its repeated reads leave the cache. */
+export function matmulStagingProbe(): {
+  readonly source: string;
+  readonly entryPoint: string;
+  readonly dims: MatmulDims;
+  readonly uniforms: ArrayBuffer;
+  readonly workgroups: readonly [number, number];
+  readonly constants: (direct: boolean) => Record<string, number | boolean>;
+} {
+  const dims = { M: 128, N: 576, K: 576 };
+  return {
+    source: (SOURCES.get('f32 tree') as ShaderPart).source,
+    entryPoint: MATMUL.entryPoint,
+    dims,
+    uniforms: matmulParams({ M: dims.M, N: dims.N, K: dims.K }),
+    workgroups: [dims.N / (4 * CPU_TILE.wgX), dims.M / (4 * CPU_TILE.wgY)],
+    constants: (direct) => ({
+      WG_X: CPU_TILE.wgX,
+      WG_Y: CPU_TILE.wgY,
+      TK: direct ? 4 : CPU_TILE.tk,
+      TRANS_W: false,
+      ALIGNED: true,
+      DIRECT: direct,
+    }),
+  };
 }
 
 /** Workgroup memory of a tile's a_tile and w_tile: 4·WG·(TK/4 + 1) vec4s each. */
@@ -748,11 +799,16 @@ export async function planMatmul(
                         : residual
                           ? MATMUL_RESID
                           : MATMUL;
+    // Straight from the buffers where the adapter measured that faster (DIRECT), in the entries
+    // whose every product takes it; their tiles are then never used, and TK = 4 keeps the
+    // workgroup memory the driver still zeroes at their start small.
+    const direct = (opts.staging ?? ctx.matmulStaging) === 'direct' && DIRECT_ENTRIES.has(entry);
     kernel = await getKernel(ctx, spec(ctx, entry, tiles), {
       WG_X: tile.wgX,
       WG_Y: tile.wgY,
-      TK: tile.tk,
+      TK: direct ? 4 : tile.tk,
       TRANS_W: transW,
+      ...(direct ? { DIRECT: true } : {}),
       ...common,
       // With f16 tiles the LoRA term stays f32, read from memory rather than staged.
       // (low_rank_direct reads B2 in the TRANS_W layout, the only one f16 tiles take.)
