@@ -411,7 +411,8 @@ fn store_row(m: u32, n: u32, v: vec4<f32>) {
 // staging then costs more than it saves (GpuContext.matmulStaging measures it), so with DIRECT
 // each invocation reads its four rows of A and the four rows or columns of W its block needs
 // straight from the buffers, four k at a time. The operands go through tile_t and tile_dots /
-// tile_axpy as staged ones would, so the sums are the tiles' own, in a different order.
+// tile_axpy as staged ones would, in the same order of k: the sums are the tiles' own. (The
+// low-rank terms are read in f32 as low_rank_direct reads them; staged f32 tiles hold the same.)
 
 // acc plus one step of four k: a0..a3 are A's rows m..m+3 at k..k+3; w0..w3 are W's rows n..n+3
 // at k..k+3 (TRANS_W) or its rows k..k+3 at columns n..n+3, as stage_w lays them out.

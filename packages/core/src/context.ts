@@ -457,12 +457,17 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
     kernelProfileSource = 'measured';
   }
   const stagingOption = options.matmulStaging ?? 'auto';
-  const matmulStaging: MatmulStaging =
-    stagingOption !== 'auto'
-      ? stagingOption
-      : kernelProfile === 'cpu'
-        ? (stagingFromInfo(identity) ?? (await measureMatmulStaging(device)).staging)
-        : 'workgroup';
+  let matmulStaging: MatmulStaging = stagingOption === 'auto' ? 'workgroup' : stagingOption;
+  if (stagingOption === 'auto' && kernelProfile === 'cpu') {
+    const known = stagingFromInfo(identity);
+    // A probe that cannot run leaves the tiles every adapter can take: speed, not correctness.
+    matmulStaging =
+      known ??
+      (await measureMatmulStaging(device).then(
+        (m) => m.staging,
+        () => 'workgroup' as const,
+      ));
+  }
   // Subgroup reductions assume a layout WGSL does not promise: measure it (subgroups.ts).
   const subgroupLayout = wanted.includes('subgroups' as GPUFeatureName)
     ? await measureSubgroupLayout(device, Math.min(256, device.limits.maxComputeInvocationsPerWorkgroup))

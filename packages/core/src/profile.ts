@@ -26,9 +26,9 @@ export type MatmulStaging = 'workgroup' | 'direct';
 
 /**
  * The staging a named CPU driver gets, from `pnpm bench --suite kernels --only matmul_direct`
- * (2026-12-07, Chromium, 6 rounds, median ratios staged ms / direct ms on the matmul bench's
- * shapes): lavapipe 1.23–1.41 for every product of d ≥ 576, SwiftShader 0.68–1.00. Undefined for
- * any other adapter: measured if CPU-backed.
+ * (2026-12-07, Chromium, paired median ratios staged ms / direct ms on the matmul bench's products
+ * of d = 576 to 2048): lavapipe 1.07–1.44 (10 rounds), SwiftShader 0.72–1.00 (6 rounds). Undefined
+ * for any other adapter: measured if CPU-backed.
  */
 export function stagingFromInfo(a: AdapterIdentity): MatmulStaging | undefined {
   const name = `${a.vendor} ${a.architecture} ${a.device} ${a.description}`;
@@ -161,7 +161,7 @@ export interface StagingMeasurement {
 
 /**
  * Times the real tiled matmul (matmul.wgsl, the CPU profile's tile, matmulStagingProbe: dy·W at
- * 128×576×576, 85 M flops, about 15 ms on lavapipe) staged and direct, alternating,
+ * 128×576×576, 85 M flops: 30–60 ms on lavapipe) staged and direct, alternating,
  * and keeps the faster. A copy of the kernel would not do: on SwiftShader a simplified probe
  * without the kernel's bounds checks measured direct faster, the real kernel slower. Raw buffers,
  * destroyed before it returns: nothing of it is counted as the context's work or memory.
@@ -169,19 +169,19 @@ export interface StagingMeasurement {
 export async function measureMatmulStaging(device: GPUDevice): Promise<StagingMeasurement> {
   const probe = matmulStagingProbe();
   const { M, N, K } = probe.dims;
-  const module = device.createShaderModule({ label: 'matmul staging probe', code: probe.source });
   const storage = (label: string, floats: number) =>
     device.createBuffer({
       label: `matmul staging probe ${label}`,
       size: 4 * Math.max(floats, 4),
       usage: GPUBufferUsage.STORAGE,
     });
+  // A run that failed validation would finish at once either way, and its timing decide nothing.
+  device.pushErrorScope('validation');
   const uniforms = device.createBuffer({
     label: 'matmul staging probe uniforms',
     size: probe.uniforms.byteLength,
     usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
   });
-  device.queue.writeBuffer(uniforms, 0, probe.uniforms);
   const buffers = [
     uniforms,
     storage('a', M * K),
@@ -191,7 +191,11 @@ export async function measureMatmulStaging(device: GPUDevice): Promise<StagingMe
     storage('b2', 4),
     storage('c', M * N),
   ];
+  let timed: { stagedMs: number; directMs: number } | undefined;
+  let failure: unknown;
   try {
+    device.queue.writeBuffer(uniforms, 0, probe.uniforms);
+    const module = device.createShaderModule({ label: 'matmul staging probe', code: probe.source });
     const timer = (direct: boolean) =>
       dispatchTimer(
         device,
@@ -212,8 +216,14 @@ export async function measureMatmulStaging(device: GPUDevice): Promise<StagingMe
       stagedMs = Math.min(stagedMs, await staged());
       directMs = Math.min(directMs, await direct());
     }
-    return { staging: directMs < stagedMs ? 'direct' : 'workgroup', stagedMs, directMs };
-  } finally {
-    for (const b of buffers) b.destroy();
+    timed = { stagedMs, directMs };
+  } catch (cause) {
+    failure = cause;
   }
+  const error = await device.popErrorScope();
+  for (const b of buffers) b.destroy();
+  if (failure !== undefined) throw failure;
+  if (error) throw new Error(`the matmul staging probe failed validation: ${error.message}`);
+  const { stagedMs, directMs } = timed as { stagedMs: number; directMs: number };
+  return { staging: directMs < stagedMs ? 'direct' : 'workgroup', stagedMs, directMs };
 }

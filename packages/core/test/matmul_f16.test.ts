@@ -26,6 +26,7 @@ import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
 const paths = useReductionPaths();
 const gpu = paths[0].gpu;
+const STAGINGS = ['workgroup', 'direct'] as const;
 
 // f16 tiles (shaders/tile_f16.wgsl, adapters with shader-f16): A and W staged in f16, four products
 // at a time in f16, added in f32. Against the float64 product of the stored W: A's rounding to f16
@@ -38,8 +39,10 @@ describe('matmul with f16 tiles', () => {
     { M: 9, N: 257, K: 1031, w: 'f16', bias: true },
     { M: 5, N: 7, K: 64, w: 'q4_0', beta: 1 },
   ];
-  for (const c of f16Cases) {
-    const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}`;
+  // Each both ways: operands staged through workgroup memory, and read straight from the buffers
+  // (DIRECT, where a CPU driver measured that faster), the same f16 products either way.
+  for (const [c, staging] of f16Cases.flatMap((c) => STAGINGS.map((s) => [c, s] as const))) {
+    const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''} (${staging})`;
     it(name, async (t) => {
       const ctx = gpu();
       if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
@@ -61,6 +64,7 @@ describe('matmul with f16 tiles', () => {
           bias: c.bias ? tb : undefined,
           beta: c.beta ?? 0,
           tileMath: 'f16',
+          staging,
         });
         expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
         new StepEncoder(ctx, name).dispatch(d).submit();
@@ -83,8 +87,8 @@ describe('matmul with f16 tiles', () => {
     { M: 9, N: 64, K: 64, r: 3, w: 'f16', bScale: 1e-6, zeroW: true },
     { M: 65, N: 40, K: 64, r: 16, w: 'q8_0', bScale: 0.02 },
   ];
-  for (const c of loraCases) {
-    const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w} + LoRA r=${c.r} (B ~${c.bScale}${c.zeroW ? ', W = 0' : ''})`;
+  for (const [c, staging] of loraCases.flatMap((c) => STAGINGS.map((s) => [c, s] as const))) {
+    const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w} + LoRA r=${c.r} (B ~${c.bScale}${c.zeroW ? ', W = 0' : ''}) (${staging})`;
     it(name, async (t) => {
       const ctx = gpu();
       if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
@@ -104,7 +108,7 @@ describe('matmul with f16 tiles', () => {
         const tc = createTensor(ctx, [c.M, c.N], 'f32', 'c');
         const lowRank = { a2: th, b2: tb, alpha2 };
         expect(f16TileMathApplies(ctx, tw, { lowRank })).toBe(true);
-        const d = await planMatmul(ctx, ta, tw, tc, { lowRank, tileMath: 'f16' });
+        const d = await planMatmul(ctx, ta, tw, tc, { lowRank, tileMath: 'f16', staging });
         expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
         new StepEncoder(ctx, name).dispatch(d).submit();
         const out = await readFloat32(tc);
