@@ -63,10 +63,13 @@ function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
       // lavapipe in compatibility mode names nothing, so a context would time a probe kernel to
       // choose its kernels (profile.ts); behind other files' GPU work in Chromium's one GPU process
       // that can take a minute. Tests give it the profile it measures ('cpu'); context.test.ts runs
-      // the measurement itself.
+      // the measurement itself. The same for how its matmuls read their operands ('direct', the
+      // staging probe's answer there): the probe compiles and runs the matmul kernel both ways, and
+      // in every file's context it cost CI minutes and once a minute-long hook.
       provide: {
         featureLevel: adapter === 'lavapipe' ? ('compatibility' as const) : ('core' as const),
         kernelProfile: adapter === 'lavapipe' ? ('cpu' as const) : ('auto' as const),
+        matmulStaging: adapter === 'lavapipe' ? ('direct' as const) : ('auto' as const),
       },
       browser: {
         enabled: true,

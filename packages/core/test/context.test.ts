@@ -66,6 +66,7 @@ describe('GPU context', () => {
     const without = await createGpuContext({
       featureLevel: inject('featureLevel') ?? 'core',
       kernelProfile: 'cpu',
+      matmulStaging: 'workgroup',
       allowSubgroups: false,
     });
     try {
@@ -373,7 +374,12 @@ describe('work counters', () => {
 
 describe('device loss', () => {
   it('turns a lost device into DeviceLostError', async () => {
-    const ctx = await createGpuContext({ featureLevel: gpu().adapter.featureLevel, label: 'doomed' });
+    const ctx = await createGpuContext({
+      featureLevel: gpu().adapter.featureLevel,
+      kernelProfile: gpu().kernelProfile,
+      matmulStaging: gpu().matmulStaging,
+      label: 'doomed',
+    });
     ctx.destroy();
     const lost = await ctx.lost;
     expect(lost).toBeInstanceOf(DeviceLostError);

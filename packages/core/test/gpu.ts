@@ -11,6 +11,8 @@ declare module 'vitest' {
     featureLevel: 'core' | 'compatibility';
     /** 'gpu' runs the GPU kernel configurations on the software adapters (vitest.config.ts). */
     kernelProfile?: 'auto' | 'gpu' | 'cpu';
+    /** How the tiled matmuls read their operands, given where the probe would be measured (lavapipe in Chromium). */
+    matmulStaging?: 'auto' | 'workgroup' | 'direct';
     /** Features the project's adapter must give (node-lavapipe-f16), so that their tests cannot all skip. */
     requireFeatures?: readonly ('shaderF16' | 'subgroups')[];
   }
@@ -27,6 +29,7 @@ export function useGpu(overrides: Partial<GpuContextOptions> = {}): () => GpuCon
     ctx = await createGpuContext({
       featureLevel: inject('featureLevel') ?? 'core',
       kernelProfile: inject('kernelProfile') ?? 'auto',
+      matmulStaging: inject('matmulStaging') ?? 'auto',
       label: 'test',
       ...overrides,
     });

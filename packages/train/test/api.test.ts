@@ -69,7 +69,11 @@ for (const mode of modes) {
       const t = await createTrainer({
         worker: mode.worker,
         storage,
-        gpu: { featureLevel: inject('featureLevel') ?? 'core', kernelProfile: inject('kernelProfile') ?? 'auto' },
+        gpu: {
+          featureLevel: inject('featureLevel') ?? 'core',
+          kernelProfile: inject('kernelProfile') ?? 'auto',
+          matmulStaging: inject('matmulStaging') ?? 'auto',
+        },
       });
       await t.loadModel(await modelPath(), { precision: 'f32' });
       await t.loadDataset(TEXT, { file: 'stories.txt', seq: 32, validation: 0.25, seed: 1 });
@@ -281,7 +285,11 @@ for (const mode of modes) {
       trainer = await createTrainer({
         worker: mode.worker,
         storage,
-        gpu: { featureLevel: inject('featureLevel') ?? 'core', kernelProfile: inject('kernelProfile') ?? 'auto' },
+        gpu: {
+          featureLevel: inject('featureLevel') ?? 'core',
+          kernelProfile: inject('kernelProfile') ?? 'auto',
+          matmulStaging: inject('matmulStaging') ?? 'auto',
+        },
       });
       await expect(trainer.train({ ...RUN, name: 'no-model' }).done).rejects.toBeInstanceOf(NotLoadedError);
       await trainer.loadModel(await modelPath(), { precision: 'f32' });

@@ -197,6 +197,7 @@ export class TrainerEngine {
         ...(this.gpuOptions?.powerPreference ? { powerPreference: this.gpuOptions.powerPreference } : {}),
         ...(this.gpuOptions?.featureLevel ? { featureLevel: this.gpuOptions.featureLevel } : {}),
         ...(this.gpuOptions?.kernelProfile ? { kernelProfile: this.gpuOptions.kernelProfile } : {}),
+        ...(this.gpuOptions?.matmulStaging ? { matmulStaging: this.gpuOptions.matmulStaging } : {}),
       });
     }
     return this.ctx;

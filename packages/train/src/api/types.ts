@@ -30,6 +30,9 @@ export interface CreateTrainerOptions {
     /** Kernel configurations: 'auto' (default: from the adapter's info, or measured once when it
      * names nothing), or 'gpu' / 'cpu' to skip the measurement. */
     kernelProfile?: 'auto' | 'gpu' | 'cpu';
+    /** How the tiled matmuls read their operands: 'auto' (default: staged on GPUs; on a CPU driver
+     * from its name, or measured once when it names nothing), or 'workgroup' / 'direct'. */
+    matmulStaging?: 'auto' | 'workgroup' | 'direct';
   };
 }
 
