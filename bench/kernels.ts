@@ -341,33 +341,20 @@ async function timeTileMath(
 async function benchMatmulDirect(ctx: GpuContext, o: BenchOptions): Promise<void> {
   for (const { M, N, K, transW } of matmulShapes(o.quick)) {
     const shape = `${M}x${N}x${K} ${transW ? 'x·Wᵀ' : 'dy·W'} (adapter: ${ctx.matmulStaging})`;
-    o.status(`matmul_direct ${shape}`);
     const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
     const w = tensorFromData(ctx, random(N * K, 8, 0.05), transW ? [N, K] : [K, N], 'f32', 'w');
     const cd = createTensor(ctx, [M, N], 'f32', 'c direct');
     const cs = createTensor(ctx, [M, N], 'f32', 'c staged');
     const direct = await planMatmul(ctx, a, w, cd, { transW, staging: 'direct' });
     const staged = await planMatmul(ctx, a, w, cs, { transW, staging: 'workgroup' });
-    await runOnce(ctx, [direct, staged], 'matmul_direct check');
-    const maxDiff = maxAbsDiff(await readFloat32(cd), await readFloat32(cs));
-    if (!(maxDiff < 1e-3))
-      throw new Error(`matmul_direct: direct and staged disagree on ${shape}: max |diff| ${maxDiff}`);
-    const { mine, baseline, spread } = await timePair(
-      () => runOnce(ctx, [direct], 'matmul_direct'),
-      () => runOnce(ctx, [staged], 'matmul_staged'),
-      rounds(o),
-    );
-    const flops = 2 * M * N * K;
-    o.report({
+    await timeFusion(ctx, o, {
       name: 'matmul_direct',
-      shape,
-      ms: mine.medianMs,
-      gflops: gflops(flops, mine.medianMs),
       baseline: 'matmul_staged',
-      baselineMs: baseline.medianMs,
-      ratio: baseline.medianMs / mine.medianMs,
-      adapter: o.adapter,
-      extra: { baseline_gflops: gflops(flops, baseline.medianMs), ...spreadExtra(spread) },
+      shape,
+      fused: [direct],
+      plain: [staged],
+      outputs: [[cd, cs]],
+      flops: 2 * M * N * K,
     });
     for (const x of [direct, staged]) x.dispose();
     for (const x of [a, w, cd, cs]) x.dispose();

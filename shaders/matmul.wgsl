@@ -436,28 +436,21 @@ fn block_step(acc_in: mat4x4<f32>, a0: vec4<f32>, a1: vec4<f32>, a2v: vec4<f32>,
   return acc;
 }
 
+// Operand j of block_step from W (inner dimension K) for columns n.. at k: W's row out_col(n + j)
+// at k..k+3 (TRANS_W), or its row k + j at n..n+3, as stage_w reads them. w3_row and w4_row are the
+// same from W3 and W4 (separate functions: an entry binds only the weights it names).
+fn w_row(j: u32, k: u32, n: u32, K: u32) -> vec4<f32> {
+  if (TRANS_W) { return w_chunk(out_col(n + j), k, p.N, K); }
+  return w_chunk(k + j, n, K, p.N);
+}
+
 // main_product without tiles.
 fn direct_product(tx: u32, ty: u32, m0: u32, n0: u32) -> mat4x4<f32> {
   var acc = mat4x4<f32>();
   let m = m0 + ty * 4u;
   let n = n0 + tx * 4u;
   for (var k = 0u; k < p.K; k += 4u) {
-    var w0: vec4<f32>;
-    var w1: vec4<f32>;
-    var w2: vec4<f32>;
-    var w3v: vec4<f32>;
-    if (TRANS_W) {
-      w0 = w_chunk(out_col(n + 0u), k, p.N, p.K);
-      w1 = w_chunk(out_col(n + 1u), k, p.N, p.K);
-      w2 = w_chunk(out_col(n + 2u), k, p.N, p.K);
-      w3v = w_chunk(out_col(n + 3u), k, p.N, p.K);
-    } else {
-      w0 = w_chunk(k + 0u, n, p.K, p.N);
-      w1 = w_chunk(k + 1u, n, p.K, p.N);
-      w2 = w_chunk(k + 2u, n, p.K, p.N);
-      w3v = w_chunk(k + 3u, n, p.K, p.N);
-    }
-    acc = block_step(acc, a_chunk(m, k), a_chunk(m + 1u, k), a_chunk(m + 2u, k), a_chunk(m + 3u, k), w0, w1, w2, w3v);
+    acc = block_step(acc, a_chunk(m, k), a_chunk(m + 1u, k), a_chunk(m + 2u, k), a_chunk(m + 3u, k), w_row(0u, k, n, p.K), w_row(1u, k, n, p.K), w_row(2u, k, n, p.K), w_row(3u, k, n, p.K));
   }
   return acc;
 }
@@ -1004,28 +997,18 @@ fn a3_chunk(r: u32, col: u32, K: u32, off: u32) -> vec4<f32> {
   return v;
 }
 
+fn w3_row(j: u32, k: u32, n: u32, K: u32) -> vec4<f32> {
+  if (TRANS_W) { return w3_chunk(out_col(n + j), k, p.N, K); }
+  return w3_chunk(k + j, n, K, p.N);
+}
+
 // A3·opW(W3) over inner dimension K for this invocation's block, without tiles (DIRECT).
 fn direct_product3(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32, K: u32, off: u32) -> mat4x4<f32> {
   var acc = acc_in;
   let m = m0 + ty * 4u;
   let n = n0 + tx * 4u;
   for (var k = 0u; k < K; k += 4u) {
-    var w0: vec4<f32>;
-    var w1: vec4<f32>;
-    var w2: vec4<f32>;
-    var w3v: vec4<f32>;
-    if (TRANS_W) {
-      w0 = w3_chunk(out_col(n + 0u), k, p.N, K);
-      w1 = w3_chunk(out_col(n + 1u), k, p.N, K);
-      w2 = w3_chunk(out_col(n + 2u), k, p.N, K);
-      w3v = w3_chunk(out_col(n + 3u), k, p.N, K);
-    } else {
-      w0 = w3_chunk(k + 0u, n, K, p.N);
-      w1 = w3_chunk(k + 1u, n, K, p.N);
-      w2 = w3_chunk(k + 2u, n, K, p.N);
-      w3v = w3_chunk(k + 3u, n, K, p.N);
-    }
-    acc = block_step(acc, a3_chunk(m, k, K, off), a3_chunk(m + 1u, k, K, off), a3_chunk(m + 2u, k, K, off), a3_chunk(m + 3u, k, K, off), w0, w1, w2, w3v);
+    acc = block_step(acc, a3_chunk(m, k, K, off), a3_chunk(m + 1u, k, K, off), a3_chunk(m + 2u, k, K, off), a3_chunk(m + 3u, k, K, off), w3_row(0u, k, n, K), w3_row(1u, k, n, K), w3_row(2u, k, n, K), w3_row(3u, k, n, K));
   }
   return acc;
 }
@@ -1131,28 +1114,18 @@ fn w4_chunk(r: u32, col: u32, rows: u32, cols: u32) -> vec4<f32> {
   return v;
 }
 
+fn w4_row(j: u32, k: u32, n: u32, K: u32) -> vec4<f32> {
+  if (TRANS_W) { return w4_chunk(out_col(n + j), k, p.N, K); }
+  return w4_chunk(k + j, n, K, p.N);
+}
+
 // A4·opW(W4) (A4 at off in A3's binding) without tiles (DIRECT), as direct_product3.
 fn direct_product4(acc_in: mat4x4<f32>, tx: u32, ty: u32, m0: u32, n0: u32, K: u32, off: u32) -> mat4x4<f32> {
   var acc = acc_in;
   let m = m0 + ty * 4u;
   let n = n0 + tx * 4u;
   for (var k = 0u; k < K; k += 4u) {
-    var w0: vec4<f32>;
-    var w1: vec4<f32>;
-    var w2: vec4<f32>;
-    var w3v: vec4<f32>;
-    if (TRANS_W) {
-      w0 = w4_chunk(out_col(n + 0u), k, p.N, K);
-      w1 = w4_chunk(out_col(n + 1u), k, p.N, K);
-      w2 = w4_chunk(out_col(n + 2u), k, p.N, K);
-      w3v = w4_chunk(out_col(n + 3u), k, p.N, K);
-    } else {
-      w0 = w4_chunk(k + 0u, n, K, p.N);
-      w1 = w4_chunk(k + 1u, n, K, p.N);
-      w2 = w4_chunk(k + 2u, n, K, p.N);
-      w3v = w4_chunk(k + 3u, n, K, p.N);
-    }
-    acc = block_step(acc, a3_chunk(m, k, K, off), a3_chunk(m + 1u, k, K, off), a3_chunk(m + 2u, k, K, off), a3_chunk(m + 3u, k, K, off), w0, w1, w2, w3v);
+    acc = block_step(acc, a3_chunk(m, k, K, off), a3_chunk(m + 1u, k, K, off), a3_chunk(m + 2u, k, K, off), a3_chunk(m + 3u, k, K, off), w4_row(0u, k, n, K), w4_row(1u, k, n, K), w4_row(2u, k, n, K), w4_row(3u, k, n, K));
   }
   return acc;
 }
@@ -1274,17 +1247,14 @@ fn direct_pair(tx: u32, ty: u32, m0: u32, n0: u32) -> array<mat4x4<f32>, 2> {
   var first = mat4x4<f32>();
   var second = mat4x4<f32>();
   let m = m0 + ty * 4u;
-  let r0 = out_col(n0 + tx * 4u);
-  let r1 = out_col(n0 + tx * 4u + 1u);
-  let r2 = out_col(n0 + tx * 4u + 2u);
-  let r3 = out_col(n0 + tx * 4u + 3u);
+  let n = n0 + tx * 4u;
   for (var k = 0u; k < p.K; k += 4u) {
     let a0 = a_chunk(m, k);
     let a1 = a_chunk(m + 1u, k);
     let a2v = a_chunk(m + 2u, k);
     let a3 = a_chunk(m + 3u, k);
-    first = block_step(first, a0, a1, a2v, a3, w_chunk(r0, k, p.N, p.K), w_chunk(r1, k, p.N, p.K), w_chunk(r2, k, p.N, p.K), w_chunk(r3, k, p.N, p.K));
-    second = block_step(second, a0, a1, a2v, a3, w3_chunk(r0, k, p.N, p.K), w3_chunk(r1, k, p.N, p.K), w3_chunk(r2, k, p.N, p.K), w3_chunk(r3, k, p.N, p.K));
+    first = block_step(first, a0, a1, a2v, a3, w_row(0u, k, n, p.K), w_row(1u, k, n, p.K), w_row(2u, k, n, p.K), w_row(3u, k, n, p.K));
+    second = block_step(second, a0, a1, a2v, a3, w3_row(0u, k, n, p.K), w3_row(1u, k, n, p.K), w3_row(2u, k, n, p.K), w3_row(3u, k, n, p.K));
   }
   return array<mat4x4<f32>, 2>(first, second);
 }
