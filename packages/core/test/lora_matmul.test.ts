@@ -12,8 +12,11 @@ import {
   createTensor,
   type DType,
   type GpuContext,
+  isCpuAdapter,
   isQuantFormat,
+  LORA_GDB_CPU_MAX_RANK,
   type LoraLayer,
+  loraGdBMaxRank,
   planLoraBackward,
   planLoraBackwardUnfused,
   planLoraForward,
@@ -169,6 +172,8 @@ for (const fused of [true, false]) {
               accumulateGrads: c.accumulate,
               thin: c.thin,
               fuse: !c.splitGdB,
+              // lora_g_db at every rank here, on every adapter (CPU adapters plan it up to r 16).
+              gdBMaxRank: Number.POSITIVE_INFINITY,
             });
             enc.dispatch(...fwd, ...bwd);
             release = () => {
@@ -207,6 +212,41 @@ for (const fused of [true, false]) {
     }
   });
 }
+
+describe("lora backward's g and dB", () => {
+  it('are one dispatch up to the device rank limit and two above it', async () => {
+    const ctx = gpu();
+    const limit = loraGdBMaxRank(ctx);
+    expect(limit).toBe(isCpuAdapter(ctx) ? LORA_GDB_CPU_MAX_RANK : Number.POSITIVE_INFINITY);
+    const labels = await gpuCase(ctx, 'g and dB by rank', async () => {
+      const out: Record<number, string[]> = {};
+      for (const r of [LORA_GDB_CPU_MAX_RANK, LORA_GDB_CPU_MAX_RANK + 4]) {
+        const T = 5;
+        const d = 24;
+        const t = (shape: number[], label: string) => createTensor(ctx, shape, 'f32', label);
+        const layer: LoraLayer = { w0: t([d, d], 'w0'), a: t([r, d], 'a'), b: t([d, r], 'b'), scale: 1 };
+        const io = {
+          x: t([T, d], 'x'),
+          h: t([T, r], 'h'),
+          dy: t([T, d], 'dy'),
+          g: t([T, r], 'g'),
+          dx: t([T, d], 'dx'),
+          da: t([r, d], 'da'),
+          db: t([d, r], 'db'),
+        };
+        const plan = await planLoraBackward(ctx, layer, io, {}, 'm');
+        out[r] = plan.map((p) => p.label);
+        for (const p of plan) p.dispose();
+        for (const x of [layer.w0, layer.a, layer.b, ...Object.values(io)]) x.dispose();
+      }
+      return out;
+    });
+    const apart = ['m.g', 'm.dB', 'm.dA', 'm.dx'];
+    const inOne = ['m.g_dB', 'm.dA', 'm.dx'];
+    expect(labels[LORA_GDB_CPU_MAX_RANK]).toEqual(inOne);
+    expect(labels[LORA_GDB_CPU_MAX_RANK + 4]).toEqual(isCpuAdapter(ctx) ? apart : inOne);
+  });
+});
 
 // Each thin kernel in both work splits, whatever the adapter picks: C = X·Aᵀ and X·B (lora_rows),
 // and alpha·Uᵀ·V written R×N or N×R, with beta (lora_cols, its scalar and vec4 entry points).

@@ -21,6 +21,7 @@ import {
   type LoraDaModule,
   type LoraGradModule,
   loraDaManyRefusal,
+  loraGdBMaxRank,
   loraGradManyRefusal,
   loraGradPairable,
   loraGradPairPays,
@@ -422,6 +423,9 @@ export function backwardDispatchCount(
     fuse?: boolean;
     /** lora_g_db_pair is planned (loraGradPairPays on the device). Default true. */
     pairGdB?: boolean;
+    /** The largest rank whose g and dB are one dispatch (loraGdBMaxRank on the device). Default
+     * every rank. */
+    gdBMaxRank?: number;
     /** The replayed forward's fusions (layerFusions). Default GPU_FUSIONS. */
     fusions?: LayerFusions;
     /** The second norm's backward in o's dx where norm2InODx allows. Default true. */
@@ -460,15 +464,19 @@ export function backwardDispatchCount(
     const adapted = new Set(roles.keys());
     if (opts.recompute && i < layers.length - 1)
       n += layerDispatchCount(c, roles, opts.rows, opts.dropout, fuse, opts.fusions);
-    // LoRA: g and dB (one dispatch fused), dA, dx; with dropout also the mask again, g·A and its
-    // masked add into dx.
-    const lora = (opts.dropout ? 6 : 3) + (fuse ? 0 : 1);
-    const lin = (role: LinearRole) => (adapted.has(role) ? lora : 1);
     // A shared-input group's dA are one dispatch instead of one each, and with pairGdB its g and
     // dB one dispatch too (lora_g_db_pair for two, lora_g_db_many for three; their operands in
     // arenas, as the trainer keeps them).
+    const pairGdB = opts.pairGdB ?? true;
     const groups = sharedLoraGroups(c, adapted, opts.dropout ?? false, fuse);
-    for (const g of groups) n -= g.length - 1 + ((opts.pairGdB ?? true) ? g.length - 1 : 0);
+    for (const g of groups) n -= g.length - 1 + (pairGdB ? g.length - 1 : 0);
+    // LoRA: g and dB (one dispatch fused, at ranks up to gdBMaxRank or in a group's), dA, dx; with
+    // dropout also the mask again, g·A and its masked add into dx.
+    const inGroupGdB = (role: LinearRole) => pairGdB && groups.some((g) => g.includes(role));
+    const gdBApart = (role: LinearRole) =>
+      !fuse || ((roles.get(role) ?? 0) > (opts.gdBMaxRank ?? Number.POSITIVE_INFINITY) && !inGroupGdB(role));
+    const loraOf = (role: LinearRole) => (opts.dropout ? 6 : 3) + (gdBApart(role) ? 1 : 0);
+    const lin = (role: LinearRole) => (adapted.has(role) ? loraOf(role) : 1);
     // Deferred dA: a group's one dispatch, or a lone projection's own, goes.
     const deferred = (role: LinearRole) => daChunkOf(i, loraInputKey(role)) !== undefined;
     n -= groups.filter((g) => deferred(g[0] as LinearRole)).length;
@@ -482,7 +490,7 @@ export function backwardDispatchCount(
       norm2 +
       attentionBackwardDispatches(c, opts.rows, fuse, opts.attention ?? GPU_ATTENTION);
     const dxOf = opts.dropout ? 3 : 1;
-    const inputLin = (role: LinearRole) => (input ? lin(role) : adapted.has(role) ? lora - dxOf : 0);
+    const inputLin = (role: LinearRole) => (input ? lin(role) : adapted.has(role) ? loraOf(role) - dxOf : 0);
     // The nonlinearity's backward: in the down projection's dx kernel when fused (not with
     // dropout on an adapted down).
     const act = fuse && !(opts.dropout && adapted.has('down')) ? 0 : 1;
@@ -493,11 +501,12 @@ export function backwardDispatchCount(
       // the dx dispatches of the rest (projectionSteps).
       // Fused without dropout, the dx of the group are dxSteps' dispatches (matmul_sum_lr).
       const group = (roles: LinearRole[], dx = true) => {
-        const n = roles.filter((r) => adapted.has(r)).length;
+        const lora = roles.filter((r) => adapted.has(r)).reduce((n, r) => n + loraOf(r) - dxOf, 0);
         const sumLr = fuse && !opts.dropout;
-        if (sumLr) return n * (lora - dxOf) + (dx ? dxSteps(roles, adapted, true, true).length : 0);
+        if (sumLr) return lora + (dx ? dxSteps(roles, adapted, true, true).length : 0);
         const plain = projectionSteps(roles, adapted, fuse && !opts.dropout).filter((s) => !adapted.has(s.role)).length;
-        return n * (dx ? lora : lora - dxOf) + (dx ? plain : 0);
+        const adaptedDx = roles.filter((r) => adapted.has(r)).length * dxOf;
+        return lora + (dx ? adaptedDx + plain : 0);
       };
       const rope = ropeInAttentionBackward(c, fuse) ? 0 : fuse ? 1 : 2; // q and k together, or apart
       n += group(['gate', 'up']) + act + rope + (c.qkNorm ? 2 : 0) + group(['q', 'k', 'v'], input);
@@ -538,6 +547,9 @@ export async function planBackward(
     /** Plan lora_g_db_pair where B and dB allow (loraGradPairable). Default loraGradPairPays(ctx):
      * on GPUs; tests set it to run the pair on any adapter. */
     pairGdB?: boolean;
+    /** The largest rank whose g and dB are one dispatch (lora_g_db) outside a pair. Default
+     * loraGdBMaxRank(ctx). */
+    gdBMaxRank?: number;
     /** The second norm's backward in o's dx where norm2InODx allows. Default normInMlpPays(ctx)
      * (GPUs); tests set it to run it on any adapter. */
     normInDx?: boolean;
@@ -547,6 +559,7 @@ export async function planBackward(
   } = {},
 ): Promise<BackwardPlan> {
   const pairGdB = opts.pairGdB ?? loraGradPairPays(ctx);
+  const gdBMaxRank = opts.gdBMaxRank ?? loraGdBMaxRank(ctx);
   const normInDx = opts.normInDx ?? normInMlpPays(ctx);
   if (fwd.mode !== 'train') throw new Error('planBackward needs a forward plan made with mode "train"');
   const model = fwd.model;
@@ -700,6 +713,7 @@ export async function planBackward(
               accumulateDx: accumulate,
               accumulateGrads: true,
               fuse: fwd.fuse,
+              gdBMaxRank,
               gdB: !gdBPlanned,
               dA: slot < 0 && !later,
               dxActivation: dx ? activation : undefined,

@@ -67,6 +67,13 @@ const CASES: [string, Setting][] = [
   // Tied embedding in 4 parts of 128 rows; untied embedding and LM head in 3 parts each.
   ['tiny-qwen2-q', { ...SMALL, precision: 'q8_0', tablePartBytes: 20_000 }],
   ['tiny-llama', { ...WIDE, tablePartBytes: 20_000 }],
+  // Ranks above LORA_GDB_CPU_MAX_RANK: on CPU adapters their g and dB are two dispatches, a pair's
+  // too (those adapters plan no lora_g_db_pair); at r 8 one.
+  [
+    'tiny-qwen2',
+    { ...WIDE, lora: { r: 32, lora_alpha: 32, target_modules: 'all-linear', rank_pattern: { k_proj: 8, o_proj: 8 } } },
+  ],
+  ['tiny-gpt2', { ...SMALL, lora: { r: 24, lora_alpha: 24, target_modules: 'all-linear' } }],
   // LoRA dropout: the masked-input scratch and the counters.
   ['tiny-qwen3', { ...WIDE, lora: { ...WIDE.lora, lora_dropout: 0.1 } }],
   [

@@ -327,6 +327,22 @@ export function loraGradPairable(a: LoraGradModule, b: LoraGradModule): boolean 
 }
 
 /**
+ * The largest rank whose g and dB planLoraBackward forms in one dispatch (lora_g_db) on this
+ * device; above it they are two (g by the thin kernel, dB by planLoraWeightGrad). On GPUs every
+ * rank. On CPU adapters 16: lora_g_db forms g with lora_rows' blocks, which at r = 64 cost more
+ * than the tiled matmul the CPU's thin kernel is plus the dispatch saved. `pnpm bench --suite
+ * kernels --adapter lavapipe,swiftshader --only lora_fwd_bwd`, the fused layer with g and dB in one
+ * against apart, 6 rounds, T = 512, d = 576, 960, 2048 (2026-12-07): r = 64 lavapipe 0.91 (p 0.031),
+ * 0.96, 0.95, SwiftShader 0.97, 0.95, 0.94; r = 16 0.97–1.02 on both (none settled).
+ */
+export const LORA_GDB_CPU_MAX_RANK = 16;
+
+/** LORA_GDB_CPU_MAX_RANK's rule for this device: the largest rank with g and dB in one dispatch. */
+export function loraGdBMaxRank(ctx: GpuContext): number {
+  return isCpuAdapter(ctx) ? LORA_GDB_CPU_MAX_RANK : Number.POSITIVE_INFINITY;
+}
+
+/**
  * Whether the planners use lora_g_db_pair on this device: on GPUs, one dispatch fewer per pair.
  * Not on CPU adapters, where it measured slower than the two lora_g_db it replaces (SwiftShader,
  * T=512, N=576 and 192, r=8: 27.8 against 18.3 ms, min of 25): each role's K, N and offsets come
@@ -704,9 +720,11 @@ export interface LoraBackwardOptions {
   accumulateGrads?: boolean;
   /** Default loraThinKernel(ctx); tests run both. */
   thin?: LoraThinKernel;
-  /** g and dB in one dispatch (planLoraGradGdB). Default true; false plans them apart (g with
-   * `thin`'s kernel). */
+  /** g and dB in one dispatch (planLoraGradGdB) at ranks up to `gdBMaxRank`. Default true; false
+   * plans them apart (g with `thin`'s kernel). */
   fuse?: boolean;
+  /** The largest rank with g and dB in one dispatch when fused. Default loraGdBMaxRank(ctx). */
+  gdBMaxRank?: number;
   /** Plan g and dB. Default true; false when the caller computes them with another module's in
    * one planLoraGradGdBPair (io.g and io.db hold them by then). */
   gdB?: boolean;
@@ -727,9 +745,9 @@ export interface LoraBackwardOptions {
 }
 
 /**
- * Backward: g = dy·B and dB = s·dyᵀ·h (one dispatch, or two without `fuse`); dA = s·gᵀ·x;
- * dx = dy·W0 + s·g·A (one tiled kernel). W0 and the bias are frozen and get no gradient. Three
- * dispatches (two without dx; one more each without `fuse`). With dropout,
+ * Backward: g = dy·B and dB = s·dyᵀ·h (one dispatch, or two without `fuse` or above
+ * `gdBMaxRank`); dA = s·gᵀ·x; dx = dy·W0 + s·g·A (one tiled kernel). W0 and the bias are frozen
+ * and get no gradient. Three dispatches (two without dx; one more each with g and dB apart). With dropout,
  * xd = dropout(x) again (the same mask), dA = s·gᵀ·xd, and dx = dy·W0 + s·keep·(g·A)/(1 − p) as
  * separate dispatches (the mask acts on g·A alone, so the fused r-wide term cannot carry it).
  */
@@ -756,7 +774,7 @@ export async function planLoraBackward(
   const plan =
     opts.gdB === false
       ? []
-      : (opts.fuse ?? true)
+      : (opts.fuse ?? true) && s.r <= (opts.gdBMaxRank ?? loraGdBMaxRank(ctx))
         ? [
             await planLoraGradGdB(
               ctx,
