@@ -126,9 +126,16 @@ function promptFor(model: BenchModelId, n: number, newTokens = 1): number {
 /**
  * Full: prompts of 128 and 512 tokens, 64 greedy tokens after a 128-token prompt (16 on the
  * 135M shape, whose decode steps take seconds each on software drivers). Quick: short prompts and
- * a few tokens, one sample on the 135M shape: a smoke test, not figures to compare.
+ * a few tokens, one sample on the 135M shape: a smoke test, not figures to compare. `samples`
+ * (`--samples N`): exactly N timed repetitions of every case, whatever they take, on each engine.
  */
-export function inferenceCases(quick: boolean): InferenceCase[] {
+export function inferenceCases(quick: boolean, samples?: number): InferenceCase[] {
+  const cases = defaultInferenceCases(quick);
+  if (samples === undefined) return cases;
+  return cases.map((c) => ({ ...c, minSamples: samples, maxSamples: samples, budgetMs: 0 }));
+}
+
+function defaultInferenceCases(quick: boolean): InferenceCase[] {
   const out: InferenceCase[] = [];
   const models: BenchModelId[] = ['stories260K', 'smollm2-135m-random'];
   for (const model of models) {

@@ -1,7 +1,7 @@
 // The benchmark's spread statistics (measure.ts) against values worked out by hand and an exact
 // binomial sum in BigInt: the sign test's p decides whether a reported ratio is settled.
 import { describe, expect, it } from 'vitest';
-import { ratioSpread, signTestP } from './measure.js';
+import { rankSumP, ratioSpread, signTestP } from './measure.js';
 
 /** Two-sided sign test with exact integer binomial coefficients. */
 function exactSignP(k: number, n: number): number {
@@ -57,5 +57,76 @@ describe('ratioSpread', () => {
     expect(s.median).toBeCloseTo(0.85, 15);
     expect(s.signP).toBeCloseTo(1 / 64, 15);
     expect(ratioSpread([0.9, 1.1, 0.95, 1.05]).signP).toBe(1);
+  });
+});
+
+/** The rank-sum p by brute force: every way of splitting the pooled values into groups of a's and
+ * b's sizes, counting those whose U lies at least as far from its mean. */
+function bruteRankSumP(a: readonly number[], b: readonly number[]): number {
+  const pooled = [...a, ...b];
+  const u = (xs: readonly number[], ys: readonly number[]) => {
+    let n = 0;
+    for (const x of xs) for (const y of ys) n += x < y ? 1 : x === y ? 0.5 : 0;
+    return n;
+  };
+  const mean = (a.length * b.length) / 2;
+  const observed = Math.abs(u(a, b) - mean);
+  let hits = 0;
+  let all = 0;
+  const pick = (start: number, chosen: number[]) => {
+    if (chosen.length === a.length) {
+      const xs = chosen.map((i) => pooled[i] as number);
+      const ys = pooled.filter((_, i) => !chosen.includes(i));
+      all++;
+      if (Math.abs(u(xs, ys) - mean) >= observed - 1e-9) hits++;
+      return;
+    }
+    for (let i = start; i < pooled.length; i++) pick(i + 1, [...chosen, i]);
+  };
+  pick(0, []);
+  return hits / all;
+}
+
+describe('rankSumP', () => {
+  it('gives the hand-worked values', () => {
+    // Wholly apart: 2 of C(6, 3) = 20 arrangements are as extreme (one per side).
+    expect(rankSumP([1, 2, 3], [4, 5, 6])).toBeCloseTo(2 / 20, 15);
+    expect(rankSumP([4, 5, 6], [1, 2, 3])).toBeCloseTo(2 / 20, 15);
+    expect(rankSumP([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])).toBeCloseTo(2 / 252, 15);
+    // U = 5 (1 < 2, 3, 6; 4 < 6; 5 < 6) against a mean of 4.5: every whole U is as far.
+    expect(rankSumP([1, 4, 5], [2, 3, 6])).toBe(1);
+    expect(rankSumP([], [1])).toBe(1);
+  });
+
+  it('matches brute force on small samples', () => {
+    const cases: [number[], number[]][] = [
+      [
+        [3.1, 2.2, 5.0, 4.4],
+        [6.1, 5.5, 7.2, 2.9, 8.0],
+      ],
+      [
+        [10, 11, 12, 13, 14, 15],
+        [9, 16, 17, 18, 19, 20, 21],
+      ],
+    ];
+    for (const [a, b] of cases) expect(rankSumP(a, b)).toBeCloseTo(bruteRankSumP(a, b), 12);
+  });
+
+  it('counts a tie a half and rounds its distance down, so ties never make a p smaller', () => {
+    // U = 0.5 (the tied 2s) against a mean of 4.5: distance 4, which only U = 0 and 9 reach, as
+    // the same values without the tie (U = 0) do.
+    expect(rankSumP([2, 3, 4], [1, 2, 1.5])).toBeCloseTo(rankSumP([2.1, 3, 4], [1, 2, 1.5]), 15);
+    expect(rankSumP([5, 5, 5], [5, 5, 5])).toBe(1);
+  });
+
+  it('goes over to the normal approximation on large samples, which stays close to exact', () => {
+    // 50 × 50 is past the exact limit; 50 × 49 is within it. Two overlapping runs.
+    const a = Array.from({ length: 50 }, (_, i) => i + 0.25);
+    const b = Array.from({ length: 50 }, (_, i) => i + 6.5);
+    const approx = rankSumP(a, b);
+    const exact = rankSumP(a, b.slice(0, 49));
+    expect(approx).toBeGreaterThan(0.01);
+    expect(approx).toBeLessThan(0.1);
+    expect(Math.abs(approx - exact) / exact).toBeLessThan(0.5);
   });
 });

@@ -43,6 +43,12 @@ export function medianLow(xs: readonly number[]): number {
   return s[Math.floor((s.length - 1) / 2)] as number;
 }
 
+/** Every sample's milliseconds in a record's extra (comma-separated, 0.01 ms): the driver's
+ * rank-sum test of webtune against transformers.js reads them (rankSumP). */
+export function samplesField(samples: readonly number[]): string {
+  return samples.map((ms) => ms.toFixed(2)).join(',');
+}
+
 /** Calls `run` (which returns its own milliseconds) minSamples times, more while the budget
  * lasts, at most maxSamples. */
 export async function sample(
@@ -124,6 +130,7 @@ async function benchModel(
               tokens_per_s: inferenceTokensPerSecond(c, ms),
               samples: samples.length,
               min_ms: Math.min(...samples),
+              samples_ms: samplesField(samples),
               tile_math: gen.tileMath,
               model_load_ms: loadMs,
               weights_bytes: model.bytes,
@@ -163,6 +170,7 @@ async function benchModel(
               tokens_per_s: inferenceTokensPerSecond(c, ms),
               samples: samples.length,
               min_ms: Math.min(...samples),
+              samples_ms: samplesField(samples),
               tile_math: gen.tileMath,
               kv_cache_bytes: gen.cacheBytes,
               // Compared with PyTorch's greedy ids by the driver, then dropped.
@@ -181,7 +189,7 @@ async function benchModel(
 }
 
 export async function runModelBenchmarks(ctx: GpuContext, o: SuiteOptions): Promise<void> {
-  const cases = inferenceCases(o.quick).filter((c) => !o.only || c.key.includes(o.only));
+  const cases = inferenceCases(o.quick, o.samples).filter((c) => !o.only || c.key.includes(o.only));
   for (const [id, mine] of casesByModel(cases)) {
     try {
       await benchModel(ctx, id, mine, o);

@@ -30,7 +30,7 @@ import {
   type PeerLocation,
   promptIds,
 } from './cases.js';
-import { medianLow, type SuiteOptions, sample } from './models.js';
+import { medianLow, type SuiteOptions, sample, samplesField } from './models.js';
 
 /** Times of the streamer's put() calls: the prompt's first, then one per new token. */
 class Timestamps extends BaseStreamer {
@@ -117,6 +117,7 @@ async function benchPeerModel(
             tokens_per_s: inferenceTokensPerSecond(c, ms),
             samples: samples.length,
             min_ms: Math.min(...samples),
+            samples_ms: samplesField(samples),
             model_load_ms: loadMs,
             peer_adapter: describe(device, featureLevel),
             ...(c.kind === 'decode' ? { ids: ids.join(',') } : {}),
@@ -174,7 +175,7 @@ export async function runPeerBenchmarks(
   // Without these, onnxruntime-web fetches its WebAssembly from a CDN.
   if (!env.backends.onnx.wasm) throw new Error('transformers.js has no onnxruntime-web WebAssembly backend');
   env.backends.onnx.wasm.wasmPaths = { wasm: where.wasm, mjs: where.mjs };
-  const cases = inferenceCases(o.quick).filter((c) => !o.only || c.key.includes(o.only));
+  const cases = inferenceCases(o.quick, o.samples).filter((c) => !o.only || c.key.includes(o.only));
   const device = await peerDevice(featureLevel);
   // fp16 needs shader-f16 on this device, and transformers.js also asks a default adapter of its
   // own for it (and refuses fp16 without), which is not always this one.

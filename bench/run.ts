@@ -22,7 +22,8 @@
  * every case (a few minutes per adapter). Kernel ratios come with their spread: the median and
  * quartiles of the rounds' own ratios and a sign test (p < 0.05: the rounds agree on which side
  * of 1 it is); --samples N (6 to 200) runs N rounds per kernel case instead of up to 7 in a time
- * budget (give a --timeout-min to match). Benchmarks never pass or fail on their figures; the
+ * budget (give a --timeout-min to match), and N samples of every generation case on each engine,
+ * whose ratio against transformers.js then comes with a rank-sum test of the two engines' samples. Benchmarks never pass or fail on their figures; the
  * command fails only when a benchmark cannot run (the table and JSON of what did run are still
  * written). --kernels gpu plans the GPUs' kernel configurations and fusions on any adapter (the
  * kernel profile, as the tests force it; default auto: measured), so a software adapter runs, and
@@ -51,6 +52,7 @@ import {
   trainIds,
 } from './cases.js';
 import { runChild } from './child.js';
+import { rankSumP } from './measure.js';
 import type { BenchRecord } from './record.js';
 
 const SUITES = ['kernels', 'models', 'train'];
@@ -248,6 +250,12 @@ function countsTable(records: BenchRecord[]): string | undefined {
   return render(rows);
 }
 
+/** A generation record's samples (extra.samples_ms, models.ts's samplesField). */
+function samplesOf(r: BenchRecord): number[] {
+  const field = r.extra?.samples_ms;
+  return typeof field === 'string' && field ? field.split(',').map(Number) : [];
+}
+
 /** Generation beside transformers.js: each engine prefill/decode record with the peer's records of
  * the same case on the same adapter (bench/peer.ts); ratio = webtune tok/s / theirs. Also copies
  * the peer's tokens/s into the engine's record (extra.transformersjs_<dtype>_tokens_per_s). */
@@ -269,7 +277,20 @@ function peerTable(records: BenchRecord[]): string | undefined {
     const cells = mates.flatMap((p, i) => {
       const theirs = p && num(p, 'tokens_per_s');
       if (theirs !== undefined && r.extra) r.extra[`transformersjs_${PEER_DTYPES[i]}_tokens_per_s`] = theirs;
-      return [tps(theirs), mine !== undefined && theirs ? fmt(mine / theirs) : ''];
+      const ratio = mine !== undefined && theirs ? fmt(mine / theirs) : '';
+      // Each engine's samples were taken in a row, not in pairs: a rank-sum test says whether
+      // they settle which is faster (p < 0.05), given 3 or more a side.
+      const ours = samplesOf(r);
+      const peer = p ? samplesOf(p) : [];
+      if (ratio && ours.length >= 3 && peer.length >= 3) {
+        const pValue = rankSumP(ours, peer);
+        if (r.extra) r.extra[`transformersjs_${PEER_DTYPES[i]}_rank_sum_p`] = pValue;
+        return [
+          tps(theirs),
+          `${ratio} (p ${pValue < 0.001 ? '<0.001' : pValue.toFixed(3)}, n ${ours.length}+${peer.length})`,
+        ];
+      }
+      return [tps(theirs), ratio];
     });
     const ids = r.name === 'decode' ? `${same(r)}; ${mates.map(same).join(', ')}` : '';
     const peerAdapter = mates.find((p) => typeof p?.extra?.peer_adapter === 'string')?.extra?.peer_adapter;
