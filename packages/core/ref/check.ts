@@ -17,6 +17,21 @@ export interface Comparison {
   summary: string;
 }
 
+/**
+ * The largest absolute difference relative to the largest magnitude of `want` (the absolute
+ * difference when `want` is all zeros): how the model tests compare whole gradient matrices and
+ * logits with PEFT's and transformers', where elementwise relative error means nothing at zeros.
+ */
+export function maxRelError(got: ArrayLike<number>, want: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < want.length; i++) {
+    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
+    den = Math.max(den, Math.abs(want[i] as number));
+  }
+  return den === 0 ? num : num / den;
+}
+
 /** Elementwise |actual − expected| ≤ atol + rtol·|expected|; NaN anywhere is a mismatch. */
 export function compare(
   name: string,

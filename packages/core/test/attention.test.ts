@@ -6,7 +6,7 @@
 // run on every adapter.
 import { describe, expect, it } from 'vitest';
 import { type AttentionRefInput, attentionBackwardRef, attentionForwardRef } from '../ref/attention.js';
-import { randomArray } from '../ref/check.js';
+import { maxRelError, randomArray } from '../ref/check.js';
 import { ropeBackwardRef } from '../ref/rope.js';
 import {
   createTensor,
@@ -346,16 +346,6 @@ async function run(ctx: GpuContext, c: Case, p: AttentionRefInput, dout: Float64
   return out;
 }
 
-function relError(got: Float32Array, want: Float32Array): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < want.length; i++) {
-    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
-    den = Math.max(den, Math.abs(want[i] as number));
-  }
-  return num / den;
-}
-
 /** Elements of an arena outside its places that are not NaN. */
 function strays(all: Float32Array, places: readonly Tensor[]): number {
   const inside = new Uint8Array(all.length);
@@ -436,7 +426,7 @@ describe('attention', () => {
     expect(Array.from(one.dv)).toEqual(Array.from(two.dv));
     const t = attentionTiles(ctx, c.hd);
     if (t.dq.own === t.bwd.own && t.dq.stream === t.bwd.stream) expect(Array.from(one.dq)).toEqual(Array.from(two.dq));
-    else expect(relError(one.dq, two.dq)).toBeLessThan(1e-6);
+    else expect(maxRelError(one.dq, two.dq)).toBeLessThan(1e-6);
   });
 
   it('T = 2048 with GQA: forward and backward match the reference, and no T×T buffer exists', async () => {

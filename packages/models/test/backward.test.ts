@@ -14,6 +14,7 @@ import {
   writeTensor,
 } from '@webtune/core';
 import { describe, expect, it } from 'vitest';
+import { maxRelError } from '../../core/ref/check.js';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import {
   backwardDispatchCount,
@@ -61,16 +62,6 @@ const RUNS = [
   'stories260K-A',
 ];
 const goldens = import.meta.glob<PeftGolden>('../../train/test/golden/peft-train/*/golden.json', { import: 'default' });
-
-function relError(got: Float32Array, want: Float32Array): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < want.length; i++) {
-    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
-    den = Math.max(den, Math.abs(want[i] as number));
-  }
-  return den === 0 ? num : num / den;
-}
 
 describe('LoRA gradients against PEFT', () => {
   const cases = [
@@ -199,7 +190,7 @@ describe('LoRA gradients against PEFT', () => {
           ['B', got.db],
         ] as const) {
           const want = await tensors.readTensor(`grad.${m.key_prefix}.lora_${which}.weight`);
-          const err = relError(g, want);
+          const err = maxRelError(g, want);
           worst = Math.max(worst, err);
           expect(err, `${m.module} d${which}`).toBeLessThan(1e-3);
         }
@@ -290,8 +281,8 @@ describe('backward below the lowest adapted layer', () => {
     expect(Math.abs(above.loss - all.loss) / all.loss).toBeLessThan(1e-6);
     for (const [name, [da, db]] of above.grads) {
       const [wantA, wantB] = all.grads.get(name) as Float32Array[];
-      expect(relError(da as Float32Array, wantA as Float32Array), `${name} dA`).toBeLessThan(1e-5);
-      expect(relError(db as Float32Array, wantB as Float32Array), `${name} dB`).toBeLessThan(1e-5);
+      expect(maxRelError(da as Float32Array, wantA as Float32Array), `${name} dA`).toBeLessThan(1e-5);
+      expect(maxRelError(db as Float32Array, wantB as Float32Array), `${name} dB`).toBeLessThan(1e-5);
     }
     expect(above.dispatches).toBeLessThan(all.dispatches);
     console.log(`${run}: backward dispatches ${all.dispatches} with layer 0 adapted, ${above.dispatches} without`);

@@ -8,6 +8,7 @@
 // of f32 arithmetic differs.
 import { createTensor, readFloat32, StepEncoder, type Tensor, tensorFromData, writeTensor } from '@webtune/core';
 import { describe, expect, it } from 'vitest';
+import { maxRelError } from '../../core/ref/check.js';
 import { expectClose, gpuCase, useGpu } from '../../core/test/gpu.js';
 import { type LoraTrainable, planBackward, shiftLabels } from '../src/backward.js';
 import { planForward } from '../src/forward.js';
@@ -34,16 +35,6 @@ interface QuantGolden {
 
 const RUNS = ['tiny-llama-q', 'tiny-qwen2-q', 'tiny-qwen3-q', 'tiny-gpt2-q', 'tiny-llama3'];
 const goldens = import.meta.glob<QuantGolden>('../../train/test/golden/quant-train/*.json', { import: 'default' });
-
-function relError(got: Float32Array, want: Float32Array): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < want.length; i++) {
-    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
-    den = Math.max(den, Math.abs(want[i] as number));
-  }
-  return den === 0 ? num : num / den;
-}
 
 /** The dtype of every matrix of the loaded model, by its Hugging Face name. */
 function storedDTypes(model: CausalLM): Record<string, string> {
@@ -124,7 +115,10 @@ describe('LoRA on a quantized base against PEFT on the same weights', () => {
             ['A', got.da],
             ['B', got.db],
           ] as const) {
-            const err = relError(g, await tensors.readTensor(`${precision}.grad.${m.key_prefix}.lora_${which}.weight`));
+            const err = maxRelError(
+              g,
+              await tensors.readTensor(`${precision}.grad.${m.key_prefix}.lora_${which}.weight`),
+            );
             worst = Math.max(worst, err);
             expect(err, `${m.module} d${which}`).toBeLessThan(1e-3);
           }

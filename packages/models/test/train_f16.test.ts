@@ -11,6 +11,7 @@
 // Runs where the adapter has shader-f16 (the node-lavapipe-f16 project) and skips elsewhere.
 import { readFloat32, StepEncoder, type Tensor, TensorArena, writeTensor } from '@webtune/core';
 import { describe, expect, it } from 'vitest';
+import { maxRelError } from '../../core/ref/check.js';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { type LoraTrainable, planBackward, shiftLabels } from '../src/backward.js';
 import { planForward } from '../src/forward.js';
@@ -36,16 +37,6 @@ interface QuantGolden {
 const goldens = import.meta.glob<QuantGolden>('../../train/test/golden/quant-train/*.json', { import: 'default' });
 
 /** max |got − want| / max |want| over one tensor. */
-function relError(got: Float32Array, want: Float32Array): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < want.length; i++) {
-    num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
-    den = Math.max(den, Math.abs(want[i] as number));
-  }
-  return den === 0 ? num : num / den;
-}
-
 /** The runs whose q, k and v take one dispatch (planQkvMatmul). */
 const QKV_IN_ONE = ['tiny-llama-q', 'tiny-llama3'];
 
@@ -138,7 +129,7 @@ describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () =
           ['A', got.da],
           ['B', got.db],
         ] as const) {
-          const err = relError(g, await tensors.readTensor(`q8_0.grad.${m.key_prefix}.lora_${which}.weight`));
+          const err = maxRelError(g, await tensors.readTensor(`q8_0.grad.${m.key_prefix}.lora_${which}.weight`));
           worst = Math.max(worst, err);
           expect(err, `${m.module} d${which}`).toBeLessThan(3e-2);
         }
