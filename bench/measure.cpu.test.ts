@@ -112,21 +112,27 @@ describe('rankSumP', () => {
     for (const [a, b] of cases) expect(rankSumP(a, b)).toBeCloseTo(bruteRankSumP(a, b), 12);
   });
 
-  it('counts a tie a half and rounds its distance down, so ties never make a p smaller', () => {
-    // U = 0.5 (the tied 2s) against a mean of 4.5: distance 4, which only U = 0 and 9 reach, as
-    // the same values without the tie (U = 0) do.
-    expect(rankSumP([2, 3, 4], [1, 2, 1.5])).toBeCloseTo(rankSumP([2.1, 3, 4], [1, 2, 1.5]), 15);
+  it('counts a tie a half and takes U at the whole value nearer the mean, so ties never make a p smaller', () => {
+    // U = 0.5 (the tied 2s) against a mean of 4.5 is taken as U = 1: P(U ≤ 1 or U ≥ 8) = 4/20 (the
+    // counts of U = 0..9 over the 20 arrangements of 3 and 3 are 1 1 2 3 3 3 3 2 1 1).
+    expect(rankSumP([2, 3, 4], [1, 2, 1.5])).toBeCloseTo(4 / 20, 15);
+    expect(rankSumP([2.1, 3, 4], [1, 2.5, 1.5])).toBeCloseTo(4 / 20, 15); // U = 1 without a tie
+    expect(rankSumP([2.1, 3, 4], [1, 2, 1.5])).toBeCloseTo(2 / 20, 15); // U = 0
     expect(rankSumP([5, 5, 5], [5, 5, 5])).toBe(1);
   });
 
-  it('goes over to the normal approximation on large samples, which stays close to exact', () => {
-    // 50 × 50 is past the exact limit; 50 × 49 is within it. Two overlapping runs.
-    const a = Array.from({ length: 50 }, (_, i) => i + 0.25);
+  it('goes over to the normal approximation past exactLimit, close to the exact count', () => {
+    // 51 × 50 = 2,550 pairs, past the default 2,500: two overlapping runs, and the same two
+    // counted exactly.
+    const a = Array.from({ length: 51 }, (_, i) => i + 0.25);
     const b = Array.from({ length: 50 }, (_, i) => i + 6.5);
     const approx = rankSumP(a, b);
-    const exact = rankSumP(a, b.slice(0, 49));
+    const exact = rankSumP(a, b, Number.POSITIVE_INFINITY);
+    expect(approx).not.toBe(exact);
     expect(approx).toBeGreaterThan(0.01);
-    expect(approx).toBeLessThan(0.1);
-    expect(Math.abs(approx - exact) / exact).toBeLessThan(0.5);
+    expect(approx).toBeLessThan(0.2);
+    expect(Math.abs(approx - exact) / exact).toBeLessThan(0.05);
+    // A tie at a half-way U rounds toward the mean on that branch too.
+    expect(rankSumP([...a, 10], [...b, 10], 0)).toBeGreaterThanOrEqual(rankSumP([...a, 10], [...b, 10.01], 0));
   });
 });

@@ -63,18 +63,21 @@ export function signTestP(k: number, n: number): number {
  * Two-sided Wilcoxon rank-sum (Mann–Whitney) test of two independent samples: P(a U at least as far
  * from its mean as the observed one) when both come from one distribution. For samples that were
  * not taken in pairs (webtune's and transformers.js's generation, each engine's samples in a row).
- * Ties count a half. Exact (every arrangement counted) while a·b ≤ 2,500, else the normal
- * approximation. The smallest p two samples of 5 can give is 0.0079; of 3, 0.1.
+ * Ties count a half, and a U they leave between two whole values is taken at the one nearer the
+ * mean (a larger p: ties never make a result look more settled). Exact (every arrangement
+ * counted) while a·b ≤ `exactLimit` (2,500), else the normal approximation with a continuity
+ * correction. The smallest p two samples of 5 can give is 0.0079; of 3, 0.1.
  */
-export function rankSumP(a: readonly number[], b: readonly number[]): number {
+export function rankSumP(a: readonly number[], b: readonly number[], exactLimit = 2_500): number {
   const m = a.length;
   const n = b.length;
   if (m === 0 || n === 0) return 1;
   let u = 0;
   for (const x of a) for (const y of b) u += x < y ? 1 : x === y ? 0.5 : 0;
   const mean = (m * n) / 2;
-  const dist = Math.abs(u - mean);
-  if (m * n > 2_500) {
+  // U's distance from the mean, at the whole U nearer the mean when ties left it at a half.
+  const dist = Math.abs(u - mean) - (Number.isInteger(u) ? 0 : 0.5);
+  if (m * n > exactLimit) {
     const sd = Math.sqrt((m * n * (m + n + 1)) / 12);
     const z = (dist - 0.5) / sd;
     return Math.min(1, 2 * (1 - normalCdf(Math.max(0, z))));
@@ -97,7 +100,7 @@ export function rankSumP(a: readonly number[], b: readonly number[]): number {
   const counts = prev[n] as number[];
   const total = counts.reduce((s, c) => s + c, 0);
   let tail = 0;
-  // U takes whole values here; a half from ties rounds the distance down (conservative).
+  // U takes whole values here (dist is one of their distances).
   for (let k = 0; k < counts.length; k++) if (Math.abs(k - mean) >= dist - 1e-9) tail += counts[k] as number;
   return Math.min(1, tail / total);
 }

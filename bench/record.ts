@@ -30,8 +30,9 @@ export interface BenchOptions {
   quick: boolean;
   /** Run only the benchmarks whose name (kernels) or case key (models, train) contains this. */
   only?: string;
-  /** Rounds of ours against the baseline per kernel case (`--samples N`), whatever they take;
-   * default 7 within a time budget. */
+  /** Rounds of ours against the baseline per kernel case (`--samples N`), whatever they take
+   * (default 7 within a time budget); and the samples of every generation case on each engine
+   * (default: bench/cases.ts's per case). */
   samples?: number;
   report: (r: BenchRecord) => void;
   status: (s: string) => void;

@@ -23,9 +23,9 @@
  * quartiles of the rounds' own ratios and a sign test (p < 0.05: the rounds agree on which side
  * of 1 it is); --samples N (6 to 200) runs N rounds per kernel case instead of up to 7 in a time
  * budget (give a --timeout-min to match), and N samples of every generation case on each engine,
- * whose ratio against transformers.js then comes with a rank-sum test of the two engines' samples. Benchmarks never pass or fail on their figures; the
- * command fails only when a benchmark cannot run (the table and JSON of what did run are still
- * written). --kernels gpu plans the GPUs' kernel configurations and fusions on any adapter (the
+ * whose ratio against transformers.js then comes with a rank-sum test of the two engines'
+ * samples. Benchmarks never pass or fail on their figures; the command fails only when a
+ * benchmark cannot run (the table and JSON of what did run are still written). --kernels gpu plans the GPUs' kernel configurations and fusions on any adapter (the
  * kernel profile, as the tests force it; default auto: measured), so a software adapter runs, and
  * counts, the step a GPU would take; cpu the CPU adapters'. --staging forces how the tiled matmuls
  * read their operands (createGpuContext's matmulStaging; default auto: measured on CPU adapters),
@@ -66,7 +66,7 @@ interface Args {
   /** Per adapter; default from the suites (see defaultTimeoutMin). */
   timeoutMs?: number;
   only?: string;
-  /** Rounds per kernel case (BenchOptions.samples). */
+  /** Rounds per kernel case, samples per generation case (BenchOptions.samples). */
   samples?: number;
   baseline: boolean;
   peer: boolean;

@@ -409,7 +409,10 @@ export function attentionBackwardDispatches(
  * matrices are places of one arena, as the trainer keeps them: a caller's own tensors get
  * projectionSteps' dx dispatches instead of dxSteps' (one or two more per layer where two adapted
  * projections read one input), and their dA per layer (loraDaManyRefusal). So does an operand
- * arena larger than the device binds: lora_g_db_many and lora_da_many bind theirs whole.
+ * arena larger than the device binds: lora_g_db_many and lora_da_many bind theirs whole. With
+ * pairGdB it counts a shared-input group's g and dB in its lora_g_db_pair or lora_g_db_many at
+ * any rank; where those refuse the operands, the plan forms them per module (two dispatches each
+ * above gdBMaxRank), which the count does not follow.
  */
 export function backwardDispatchCount(
   config: ModelConfig,
@@ -547,8 +550,8 @@ export async function planBackward(
     /** Plan lora_g_db_pair where B and dB allow (loraGradPairable). Default loraGradPairPays(ctx):
      * on GPUs; tests set it to run the pair on any adapter. */
     pairGdB?: boolean;
-    /** The largest rank whose g and dB are one dispatch (lora_g_db) outside a pair. Default
-     * loraGdBMaxRank(ctx). */
+    /** The largest rank whose g and dB are one dispatch (lora_g_db) outside a lora_g_db_pair or
+     * lora_g_db_many. Default loraGdBMaxRank(ctx). */
     gdBMaxRank?: number;
     /** The second norm's backward in o's dx where norm2InODx allows. Default normInMlpPays(ctx)
      * (GPUs); tests set it to run it on any adapter. */

@@ -4,6 +4,7 @@
 import {
   attentionVariant,
   createTensor,
+  loraGdBMaxRank,
   loraGradPairPays,
   normInMlpPays,
   readFloat32,
@@ -264,6 +265,7 @@ describe('backward below the lowest adapted layer', () => {
           rows: B * T,
           lossDispatches: bwd.crossEntropy.dispatches.length,
           pairGdB: loraGradPairPays(ctx),
+          gdBMaxRank: loraGdBMaxRank(ctx),
           normInDx: normInMlpPays(ctx),
           attention: { tiled: attentionVariant(ctx) === 'tiled', maxBinding: ctx.limits.maxStorageBufferBindingSize },
         });

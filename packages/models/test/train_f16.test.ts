@@ -36,7 +36,6 @@ interface QuantGolden {
 }
 const goldens = import.meta.glob<QuantGolden>('../../train/test/golden/quant-train/*.json', { import: 'default' });
 
-/** max |got − want| / max |want| over one tensor. */
 /** The runs whose q, k and v take one dispatch (planQkvMatmul). */
 const QKV_IN_ONE = ['tiny-llama-q', 'tiny-llama3'];
 

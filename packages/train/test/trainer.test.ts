@@ -6,6 +6,7 @@
 import { diffCounters } from '@webtune/core';
 import { loadModel, namedModules, openSafetensors } from '@webtune/models';
 import { describe, expect, it } from 'vitest';
+import { maxRelError } from '../../core/ref/check.js';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
 import { repoSource } from '../../models/test/fixtures.js';
 import { readPeftAdapter } from '../src/lora/index.js';
@@ -116,13 +117,7 @@ describe('ten AdamW steps against PEFT + torch', () => {
           ['B', w.b],
         ] as const) {
           const want = await tensors.readTensor(`final.${m.key_prefix}.lora_${which}.weight`);
-          let num = 0;
-          let den = 0;
-          for (let i = 0; i < want.length; i++) {
-            num = Math.max(num, Math.abs((got[i] as number) - (want[i] as number)));
-            den = Math.max(den, Math.abs(want[i] as number));
-          }
-          worst = Math.max(worst, num / den);
+          worst = Math.max(worst, maxRelError(got, want));
         }
       }
       expect(worst, 'final weights').toBeLessThan(1e-3);
