@@ -25,7 +25,8 @@
  * budget (give a --timeout-min to match), and N samples of every generation case on each engine,
  * whose ratio against transformers.js then comes with a rank-sum test of the two engines'
  * samples. Benchmarks never pass or fail on their figures; the command fails only when a
- * benchmark cannot run (the table and JSON of what did run are still written). --kernels gpu plans the GPUs' kernel configurations and fusions on any adapter (the
+ * benchmark cannot run (the table and JSON of what did run are still written). --kernels gpu
+ * plans the GPUs' kernel configurations and fusions on any adapter (the
  * kernel profile, as the tests force it; default auto: measured), so a software adapter runs, and
  * counts, the step a GPU would take; cpu the CPU adapters'. --staging forces how the tiled matmuls
  * read their operands (createGpuContext's matmulStaging; default auto: measured on CPU adapters),
