@@ -339,7 +339,12 @@ export const LORA_GDB_CPU_MAX_RANK = 16;
 
 /** LORA_GDB_CPU_MAX_RANK's rule for this device: the largest rank with g and dB in one dispatch. */
 export function loraGdBMaxRank(ctx: GpuContext): number {
-  return isCpuAdapter(ctx) ? LORA_GDB_CPU_MAX_RANK : Number.POSITIVE_INFINITY;
+  return loraGdBMaxRankFor(isCpuAdapter(ctx));
+}
+
+/** loraGdBMaxRank where there is no device, only whether it is a CPU adapter (estimateMemory). */
+export function loraGdBMaxRankFor(cpu: boolean): number {
+  return cpu ? LORA_GDB_CPU_MAX_RANK : Number.POSITIVE_INFINITY;
 }
 
 /**
