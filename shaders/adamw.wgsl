@@ -36,6 +36,15 @@
 // latch. Extra bindings: 6 losses [2·loss_count] (read: per micro-batch [loss, count], loss at
 // even indices), 7 guard [1] (atomic u32, read and written). Finiteness is tested on the bits,
 // as in reduce.wgsl (WGSL may fold away x != x).
+//
+// adamw_step_scaled: adamw_step_guarded for gradients that carry a loss scale S (the f16
+// backward's dynamic loss scaling: loss_scale.wgsl). Extra binding: 8 loss_scale [≥ 1] (read:
+// S = loss_scale[0], a power of two). The update takes grad[i]·(1/S) and the norm N·(1/S), exact
+// for a power of two, so a step at scale S updates as the unscaled step would (torch's
+// GradScaler.unscale_ then clip_grad_norm_). A gradient that is not finite is the scale's
+// overflow, not a divergence: the step is skipped and nothing latches (loss_scale_update then
+// lowers S), unless S is already at its floor u.min_scale, where it is a divergence and latches
+// like a non-finite loss.
 
 struct Params {
   decay: f32,           // 1 − lr·weight_decay
@@ -48,8 +57,8 @@ struct Params {
   max_norm: f32,        // ≤ 0: no clipping
   n: u32,               // elements of the arena
   row_stride: u32,      // invocations per row of the 2-D grid
-  loss_count: u32,      // adamw_step_guarded: micro-batch losses to check
-  _pad1: u32,
+  loss_count: u32,      // adamw_step_guarded, adamw_step_scaled: micro-batch losses to check
+  min_scale: f32,       // adamw_step_scaled: the loss scale's floor
 }
 
 @group(0) @binding(0) var<uniform> u: Params;
@@ -60,6 +69,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> v: array<f32>;
 @group(0) @binding(6) var<storage, read> losses: array<f32>;
 @group(0) @binding(7) var<storage, read_write> guard: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read> loss_scale: array<f32>;
 
 override WG: u32 = 256;
 
@@ -69,7 +79,7 @@ fn adamw_step(@builtin(global_invocation_id) gid: vec3<u32>) {
   if (i >= u.n || norm[1] != 1.0) {
     return;
   }
-  update(i);
+  update(i, 1.0);
 }
 
 fn is_finite(x: f32) -> bool {
@@ -79,10 +89,7 @@ fn is_finite(x: f32) -> bool {
 @compute @workgroup_size(WG)
 fn adamw_step_guarded(@builtin(global_invocation_id) gid: vec3<u32>) {
   let i = gid.y * u.row_stride + gid.x;
-  var ok = norm[1] == 1.0;
-  for (var k = 0u; k < u.loss_count; k++) {
-    ok = ok && is_finite(losses[2u * k]);
-  }
+  let ok = norm[1] == 1.0 && losses_finite();
   // Every invocation computes the same ok; one of them latches it. An invocation that reads the
   // latch while it is being set has ok == false anyway, so the race cannot change the outcome.
   if (!ok) {
@@ -92,13 +99,39 @@ fn adamw_step_guarded(@builtin(global_invocation_id) gid: vec3<u32>) {
   if (i >= u.n || atomicLoad(&guard[0]) != 0u) {
     return;
   }
-  update(i);
+  update(i, 1.0);
 }
 
-fn update(i: u32) {
-  var g = grad[i];
+fn losses_finite() -> bool {
+  var ok = true;
+  for (var k = 0u; k < u.loss_count; k++) {
+    ok = ok && is_finite(losses[2u * k]);
+  }
+  return ok;
+}
+
+@compute @workgroup_size(WG)
+fn adamw_step_scaled(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let i = gid.y * u.row_stride + gid.x;
+  let s = loss_scale[0];
+  let grads_ok = norm[1] == 1.0;
+  // As in adamw_step_guarded, every invocation computes the same outcome.
+  if (!losses_finite() || (!grads_ok && s <= u.min_scale)) {
+    if (i == 0u) { atomicStore(&guard[0], 1u); }
+    return;
+  }
+  if (!grads_ok || i >= u.n || atomicLoad(&guard[0]) != 0u) {
+    return;
+  }
+  update(i, 1.0 / s);
+}
+
+// One element's update; inv_scale unscales the gradient and its norm (1 without a loss scale, where
+// the products by 1 change no bit).
+fn update(i: u32, inv_scale: f32) {
+  var g = grad[i] * inv_scale;
   if (u.max_norm > 0.0) {
-    let coef = min((1.0 / (norm[0] + 1e-6)) * u.max_norm, 1.0);
+    let coef = min((1.0 / (norm[0] * inv_scale + 1e-6)) * u.max_norm, 1.0);
     g = g * coef;
   }
   let w = u.one_minus_beta1;

@@ -53,9 +53,12 @@
 //                loss[0] = the loss, loss[1] = count; with p.has_coef, [≥ 3] and loss[2] = g /
 //                divisor, what the training backward's matmul_dlogits in shaders/matmul.wgsl
 //                multiplies dz by), 6 errors [2] u32 atomic (accumulated)
+//   fwd_finish_scaled  as fwd_finish, and 7 loss_scale [≥ 1] (read: S in element 0), by which
+//                loss[2] is multiplied
 //   bwd_scale    1 labels, 2 coef [2] (written: coef[1] = count)
 //   bwd_dlogits  1 labels, 2 lse [rows] (read), 3 coef [2] (read: coef[1] = count; the forward's
-//                loss output in training), 4 logits [rows, count] (read, then written with dz)
+//                loss output in training, [3] with p.has_coef, whose coef[2] it multiplies dz
+//                by), 4 logits [rows, count] (read, then written with dz)
 //   gather_rows  1 index [n] i32 (read), 2 h [rows, d] (read), 3 out [n, d] (written),
 //                4 errors [2] u32 atomic (accumulated)
 // Every buffer is f32 unless said otherwise. All arithmetic is f32.
@@ -80,7 +83,8 @@ struct Params {
   grid_x: u32,        // workgroups (fwd_chunk) or invocations (elementwise kernels) per grid row
   d: u32,             // gather_rows: row length of h
   n: u32,             // gather_rows: rows gathered
-  has_coef: u32,      // fwd_finish: also write the backward's coefficient g / divisor to loss[2]
+  has_coef: u32,      // fwd_finish: also write the backward's coefficient g / divisor to loss[2];
+                      // bwd_dlogits: read it from coef[2]
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -106,6 +110,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> loss: array<f32>;
 
 @group(0) @binding(6) var<storage, read_write> errors: array<atomic<u32>>;
+
+@group(0) @binding(7) var<storage, read> loss_scale: array<f32>;
 
 override WG: u32 = 256;   // invocations per workgroup; a power of two
 
@@ -193,6 +199,19 @@ fn cross_entropy_fwd_chunk(@builtin(local_invocation_index) tid: u32, @builtin(w
 
 @compute @workgroup_size(WG)
 fn cross_entropy_fwd_finish(@builtin(local_invocation_index) tid: u32) {
+  finish(tid, 1.0);
+}
+
+// The finish of a training step whose backward carries a loss scale S (loss_scale.wgsl): the
+// coefficient it leaves in loss[2] is (g / divisor)·S, S a power of two, so every gradient of the
+// backward is S times the unscaled one, bit for bit until something overflows. The loss is not
+// scaled.
+@compute @workgroup_size(WG)
+fn cross_entropy_fwd_finish_scaled(@builtin(local_invocation_index) tid: u32) {
+  finish(tid, loss_scale[0]);
+}
+
+fn finish(tid: u32, scale: f32) {
   var sum = 0.0;
   var n = 0u;
   var bad = 0.0;  // 1 once a counted row saw a NaN or +Inf logit
@@ -228,7 +247,7 @@ fn cross_entropy_fwd_finish(@builtin(local_invocation_index) tid: u32) {
     loss[0] = select(0.0, totals.x / divisor, divisor > 0.0);
     if (any_bad != 0.0) { loss[0] = quiet_nan(); }
     loss[1] = total;
-    if (p.has_coef != 0u) { loss[2] = select(0.0, p.g / divisor, divisor > 0.0); }
+    if (p.has_coef != 0u) { loss[2] = select(0.0, p.g / divisor, divisor > 0.0) * scale; }
   }
 }
 
@@ -243,8 +262,11 @@ fn cross_entropy_bwd_scale(@builtin(local_invocation_index) tid: u32) {
 }
 
 // dz's coefficient g / divisor (0 for a divisor of 0), the divisor being the host's or the count
-// in coef[1] (the forward's loss output in training, else cross_entropy_bwd_scale's).
+// in coef[1] (the forward's loss output in training, else cross_entropy_bwd_scale's). In training
+// (p.has_coef) the forward's finish left it in coef[2], loss-scaled where the step is, and it is
+// taken from there: the same f32 value where nothing scales it.
 fn dz_coef() -> f32 {
+  if (p.has_coef != 0u) { return coef[2]; }
   let divisor = select(coef[1], p.divisor, p.has_divisor != 0u);
   return select(0.0, p.g / divisor, divisor > 0.0);
 }

@@ -14,6 +14,7 @@ export * from './kernels/layernorm.js';
 export * from './kernels/lora_da.js';
 export * from './kernels/lora_matmul.js';
 export * from './kernels/lora_unfused.js';
+export * from './kernels/loss_scale.js';
 export * from './kernels/matmul.js';
 export * from './kernels/reduce.js';
 export * from './kernels/rmsnorm.js';

@@ -14,9 +14,17 @@ import {
   StepEncoder,
   type Tensor,
   TensorArena,
+  tensorFromData,
   writeTensor,
 } from '../src/index.js';
 import { type AdamWHyperparameters, adamwStepUniforms, planAdamW } from '../src/kernels/adamw.js';
+import {
+  type LossScaleConfig,
+  LossScaleConfigError,
+  lossScaleInitialState,
+  planLossScaleUpdate,
+  resolveLossScale,
+} from '../src/kernels/loss_scale.js';
 import { planL2Norm, REDUCE_OUT_SIZE, reducePartialsSize } from '../src/kernels/reduce.js';
 import type { GoldenAdamWCase } from './adamw.cpu.test.js';
 import golden from './golden/optim.json';
@@ -31,6 +39,7 @@ async function makeOptimizer(
   sizes: readonly number[],
   h: AdamWHyperparameters,
   guard?: { losses: Tensor; latch: Tensor; count: number },
+  lossScale?: { state: Tensor; config: LossScaleConfig },
 ) {
   const entries = (what: string) => sizes.map((n, i) => ({ shape: [n], label: `${what}${i}` }));
   const param = new TensorArena(ctx, entries('p'), 'params');
@@ -42,7 +51,13 @@ async function makeOptimizer(
   const normPlan = await planL2Norm(ctx, { x: grad.tensor, partials, out: norm });
   const adamw = await planAdamW(ctx, { norm, grad: grad.tensor, param: param.tensor, m: m.tensor, v: v.tensor }, h, {
     guard,
+    lossScale,
   });
+  // The scale's update after AdamW, as the trainer records it.
+  const scaleUpdate =
+    lossScale && guard
+      ? [await planLossScaleUpdate(ctx, { norm, latch: guard.latch, state: lossScale.state }, lossScale.config)]
+      : [];
   /** Writes a flat host array (tensors concatenated) into an arena's views. */
   const upload = (arena: TensorArena, flat: ArrayLike<number>) => {
     let o = 0;
@@ -71,12 +86,12 @@ async function makeOptimizer(
   const step = (h: AdamWHyperparameters, t: number) => {
     adamw.setUniforms(adamwStepUniforms(h, t));
     const enc = new StepEncoder(ctx, `optimizer step ${t}`);
-    enc.dispatch(...normPlan, adamw);
+    enc.dispatch(...normPlan, adamw, ...scaleUpdate);
     enc.clear(grad.tensor);
     enc.submit();
   };
   const dispose = () => {
-    for (const d of [...normPlan, adamw]) d.dispose();
+    for (const d of [...normPlan, adamw, ...scaleUpdate]) d.dispose();
     for (const a of [param, grad, m, v]) a.dispose();
     partials.dispose();
     norm.dispose();
@@ -281,6 +296,132 @@ describe('adamw_step_guarded (a pipelined trainer)', () => {
       opt.dispose();
       losses.dispose();
       latch.dispose();
+    });
+  });
+});
+
+// Dynamic loss scaling (the f16 backward): gradients S times the true ones, AdamW unscales them
+// (adamw_step_scaled), and loss_scale_update moves S after each step as GradScaler.update does.
+describe('adamw_step_scaled and loss_scale_update', () => {
+  const h: AdamWRefHyper = { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weightDecay: 0.1, maxNorm: 1 };
+  const sizes = [7, 65];
+  it('update as unscaled, skip an overflow without latching and halve S, grow S, latch at the floor', async () => {
+    const ctx = gpu();
+    const { param, grads } = adamwGoldenInputs({ sizes, initSeed: 8, initScale: 1, gradSeed: 9, gradScales: [1, 3] });
+    await gpuCase(ctx, 'loss-scaled adamw', async () => {
+      const config = { initScale: 2 ** 10, growthInterval: 2, minScale: 2 ** 8 };
+      const made = ['plain', 'scaled'].map((k) => ({
+        losses: createTensor(ctx, [2, 2], 'f32', `${k}.losses`),
+        latch: createTensor(ctx, [1], 'u32', `${k}.latch`),
+      }));
+      const state = tensorFromData(ctx, lossScaleInitialState(config), [4], 'f32', 'loss_scale');
+      const [pg, sg] = made as [(typeof made)[0], (typeof made)[0]];
+      const plain = await makeOptimizer(ctx, sizes, h, { ...pg, count: 2 });
+      const scaled = await makeOptimizer(ctx, sizes, h, { ...sg, count: 2 }, { state, config });
+      for (const g of made) writeTensor(g.losses, [2.5, 10, 3.5, 12]);
+      plain.upload(plain.param, param);
+      scaled.upload(scaled.param, param);
+      const bits = (x: Float32Array) => [...new Uint32Array(x.buffer)];
+      const state0 = async () => [...(await readFloat32(state))];
+      const both = async (t: number, g: Float64Array, s: number) => {
+        plain.upload(plain.grad, g);
+        scaled.upload(
+          scaled.grad,
+          g.map((v) => v * s),
+        );
+        plain.step(h, t);
+        scaled.step(h, t);
+        for (const k of ['param', 'm', 'v'] as const)
+          expect(bits((await scaled.download(scaled[k])).flat), `step ${t}: ${k} as unscaled`).toEqual(
+            bits((await plain.download(plain[k])).flat),
+          );
+      };
+      // Steps at S = 2^10 change exactly what unscaled steps change; the second grows S (interval 2).
+      await both(1, grads[0] as Float64Array, 2 ** 10);
+      expect(await state0()).toEqual([2 ** 10, 1, 2 ** 10, 0]);
+      await both(2, grads[1] as Float64Array, 2 ** 10);
+      expect(await state0()).toEqual([2 ** 11, 0, 2 ** 10, 0]);
+      // An overflow: nothing changes, nothing latches, S halves and the count of overflows rises.
+      const before = bits((await scaled.download(scaled.param)).flat);
+      const bad = (grads[0] as Float64Array).map((v, i) => (i === 3 ? Number.POSITIVE_INFINITY : v));
+      scaled.upload(scaled.grad, bad);
+      scaled.step(h, 3);
+      expect(bits((await scaled.download(scaled.param)).flat)).toEqual(before);
+      expect([...(await readTensor(sg.latch))]).toEqual([0]);
+      expect(await state0()).toEqual([2 ** 10, 0, 2 ** 11, 1]);
+      // The step after it applies at the lower scale, as the unscaled step 3 does.
+      await both(3, grads[0] as Float64Array, 2 ** 10);
+      expect(await state0()).toEqual([2 ** 10, 1, 2 ** 10, 1]);
+      // A non-finite loss is a divergence: it latches and S stays as it was.
+      writeTensor(sg.losses, [2.5, 10, Number.NaN, 12]);
+      scaled.upload(
+        scaled.grad,
+        (grads[1] as Float64Array).map((v) => v * 2 ** 10),
+      );
+      scaled.step(h, 4);
+      expect([...(await readTensor(sg.latch))]).toEqual([1]);
+      expect(await state0()).toEqual([2 ** 10, 1, 2 ** 10, 1]);
+      expect(bits((await scaled.download(scaled.param)).flat)).toEqual(bits((await plain.download(plain.param)).flat));
+      // Overflows walk S down to its floor (2^8); there a gradient that is not finite latches.
+      writeTensor(sg.latch, [0]);
+      writeTensor(sg.losses, [2.5, 10, 3.5, 12]);
+      for (const [want, latches] of [
+        [2 ** 9, 0],
+        [2 ** 8, 0],
+        [2 ** 8, 1],
+      ] as const) {
+        scaled.upload(scaled.grad, bad);
+        scaled.step(h, 4);
+        expect((await state0())[0]).toBe(want);
+        expect([...(await readTensor(sg.latch))], `latch with S = ${want} after the step`).toEqual([latches]);
+      }
+      expect(bits((await scaled.download(scaled.param)).flat)).toEqual(bits((await plain.download(plain.param)).flat));
+      plain.dispose();
+      scaled.dispose();
+      for (const g of made) for (const x of [g.losses, g.latch]) x.dispose();
+      state.dispose();
+    });
+  });
+
+  it('refuses a configuration that would not scale exactly, and a scale without the guard', async () => {
+    expect(resolveLossScale()).toEqual({
+      initScale: 65536,
+      growthFactor: 2,
+      backoffFactor: 0.5,
+      growthInterval: 2000,
+      minScale: 1,
+      maxScale: 2 ** 24,
+    });
+    expect(() => resolveLossScale({ initScale: 1000 })).toThrow(LossScaleConfigError);
+    expect(() => resolveLossScale({ initScale: 1000 })).toThrow(/initScale 1000 must be a power of two/);
+    expect(() => resolveLossScale({ growthFactor: 0.5 })).toThrow(/growthFactor 0.5 must be > 1/);
+    expect(() => resolveLossScale({ backoffFactor: 3 })).toThrow(/power of two/);
+    expect(() => resolveLossScale({ growthInterval: 0 })).toThrow(/growthInterval 0/);
+    expect(() => resolveLossScale({ initScale: 2, minScale: 4 })).toThrow(/initScale 2 must lie in \[minScale 4/);
+    expect(() => lossScaleInitialState({}, 3)).toThrow(/3 is not a power of two/);
+    const ctx = gpu();
+    await gpuCase(ctx, 'loss scale refusals', async () => {
+      const t = (n: number, label: string) => createTensor(ctx, [n], 'f32', label);
+      const [norm, g, p, m, v, state, short] = [
+        t(REDUCE_OUT_SIZE, 'norm'),
+        t(8, 'g'),
+        t(8, 'p'),
+        t(8, 'm'),
+        t(8, 'v'),
+        t(4, 'state'),
+        t(3, 'short'),
+      ] as Tensor[] as [Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor];
+      const latch = createTensor(ctx, [1], 'u32', 'latch');
+      const b = { norm, grad: g, param: p, m, v };
+      await expect(planAdamW(ctx, b, { lr: 1e-3 }, { lossScale: { state } })).rejects.toThrow(/needs the guard/);
+      const guard = { losses: t(2, 'losses'), count: 1, latch };
+      await expect(planAdamW(ctx, b, { lr: 1e-3 }, { guard, lossScale: { state: short } })).rejects.toThrow(
+        /loss scale state short f32\[3\] must be 4 f32/,
+      );
+      await expect(planLossScaleUpdate(ctx, { norm, latch: norm, state })).rejects.toThrow(
+        /latch norm must be one u32/,
+      );
+      for (const x of [norm, g, p, m, v, state, short, latch, guard.losses]) x.dispose();
     });
   });
 });

@@ -22,6 +22,7 @@ import {
   type Tensor,
   tensorFromData,
   tensorView,
+  writeTensor,
 } from '../src/index.js';
 import {
   CROSS_ENTROPY_LABEL_OUT_OF_RANGE,
@@ -35,6 +36,7 @@ import {
   planCrossEntropyTraining,
   planLogitsRows,
 } from '../src/kernels/cross_entropy.js';
+import { lossScaleInitialState } from '../src/kernels/loss_scale.js';
 import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
 
 const paths = useReductionPaths();
@@ -432,6 +434,67 @@ for (const path of paths) {
         checkAgainstRef(ctx, 'step 1', steps[0] as Outputs, input, 1);
         checkAgainstRef(ctx, 'step 2 divisor=50 g=3', steps[1] as Outputs, { ...input, divisor: 50 }, 3);
         checkAgainstRef(ctx, 'step 3 g=0.25', steps[2] as Outputs, input, 0.25);
+      });
+
+    // A loss scale S (the f16 backward's): dH and the coefficient in loss[2] are S times the unscaled
+    // plan's, bit for bit (S a power of two), and the loss, count and lse are the same; S is read from
+    // its buffer at run time, so a new S needs no new plan.
+    for (const dzInMatmul of [true, false])
+      it(`a loss scale multiplies dH exactly and leaves the loss${dzInMatmul ? '' : ', dz apart'}`, async (t) => {
+        const ctx = path.gpu(t);
+        const [rows, vocab, d] = [9, 70, 12];
+        const h = asHeld(randomArray(rows * d, 21, 2), 'f32');
+        const e = asHeld(randomArray(vocab * d, 22), 'f32');
+        const labels = makeLabels('mixed', rows, vocab, 23);
+        const [plain, ...scaled] = await gpuCase(ctx, 'loss scale', async () => {
+          const make = (k: string) => ({
+            h: tensorFromData(ctx, h, [rows, d], 'f32', `${k}.h`),
+            e: tensorFromData(ctx, e, [vocab, d], 'f32', `${k}.e`),
+            labels: tensorFromData(ctx, labels, [rows], 'i32', `${k}.labels`),
+            lse: createTensor(ctx, [rows], 'f32', `${k}.lse`),
+            loss: createTensor(ctx, [4], 'f32', `${k}.loss`),
+            errors: createTensor(ctx, [2], 'u32', `${k}.errors`),
+            dh: createTensor(ctx, [rows, d], 'f32', `${k}.dh`),
+          });
+          const a = make('plain');
+          const b = make('scaled');
+          const state = tensorFromData(ctx, lossScaleInitialState({ initScale: 2 ** 12 }), [4], 'f32', 'loss_scale');
+          const pa = await planCrossEntropyTraining(ctx, a, { chunk: 32, dzInMatmul, divisor: 5 });
+          const pb = await planCrossEntropyTraining(
+            ctx,
+            { ...b, lossScale: state },
+            { chunk: 32, dzInMatmul, divisor: 5 },
+          );
+          const out: Outputs[] = [];
+          for (const [plan, io] of [
+            [pa, a],
+            [pb, b],
+          ] as const) {
+            const enc = new StepEncoder(ctx, 'step');
+            enc.clear(io.errors);
+            plan.record(enc);
+            enc.submit();
+            out.push(await readOutputs(io));
+          }
+          writeTensor(state, lossScaleInitialState({ initScale: 2 ** 20, maxScale: 2 ** 20 }));
+          const enc = new StepEncoder(ctx, 'step at 2^20');
+          pb.record(enc);
+          enc.submit();
+          out.push(await readOutputs(b));
+          for (const x of [pa, pb, state, ...Object.values(a), ...Object.values(b)]) x.dispose();
+          return out;
+        });
+        const bits = (x: ArrayLike<number>) => [...new Uint32Array(Float32Array.from(x).buffer)];
+        for (const [k, s] of [
+          [0, 2 ** 12],
+          [1, 2 ** 20],
+        ] as const) {
+          const got = scaled[k] as Outputs;
+          expect(bits(got.dh), `dH at S = ${s}`).toEqual(bits(plain.dh.map((v) => v * s)));
+          expect(bits(got.loss.slice(0, 2)), `loss and count at S = ${s}`).toEqual(bits(plain.loss.slice(0, 2)));
+          expect(got.loss[2], `coefficient at S = ${s}`).toBe((plain.loss[2] as number) * s);
+          expect(bits(got.lse)).toEqual(bits(plain.lse));
+        }
       });
   });
 }

@@ -4,6 +4,7 @@
 // shader-f16 or other subgroup sizes (the node-lavapipe-f16 project: Mesa 25 lavapipe, where every
 // pipeline of matmul.test.ts would take seconds to compile). Elsewhere the f16 cases skip.
 import { describe, expect, it } from 'vitest';
+import { siluMulBackwardRef } from '../ref/activations.js';
 import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
 import { rmsnormForwardRef } from '../ref/rmsnorm.js';
@@ -330,6 +331,106 @@ describe('matmul with f16 tiles', () => {
     });
   }
 
+  // The backward's products under a loss scale S (MatmulOptions.lossScaled): dy·W in the layout of
+  // dx (W stored K×N), with the LoRA term s·g·A and the accumulation into dx, the dx sum of two
+  // projections (matmul_sum) and the gated MLP's backward epilogue. The true gradients are 1e-7 to
+  // 1e-6, which f16 would store as subnormals with a few bits or flush; scaled by S = 2^16 they
+  // stage as normal f16 values, and C / S must match the float64 product of the true gradients to
+  // f16's bounds (S a power of two: the division is exact).
+  const S = 2 ** 16;
+  const gradients = (n: number, seed: number) => randomArray(n, seed, 1).map((v) => v * 1e-6);
+  const scaled = (g: Float64Array) => g.map((v) => v * S);
+  const scaledCases: { M: number; N: number; K: number; r: number; w: DType }[] = [
+    { M: 33, N: 96, K: 65, r: 8, w: 'f16' },
+    { M: 40, N: 64, K: 128, r: 0, w: 'q8_0' },
+    { M: 7, N: 96, K: 33, r: 3, w: 'q4_0' },
+  ];
+  for (const [c, staging] of scaledCases.flatMap((c) => STAGINGS.map((s) => [c, s] as const))) {
+    const name = `dy·W, M=${c.M} N=${c.N} K=${c.K} W:${c.w}${c.r ? ` + s·g·A r=${c.r}` : ''} += dx, gradients of 1e-6 at S = 2^16 (${staging})`;
+    it(name, async (t) => {
+      const ctx = gpu();
+      if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+      const seed = 11 * c.M + c.N + c.r;
+      const dy = gradients(c.M * c.K, seed);
+      const w = asStored(randomArray(c.K * c.N, seed + 1, 1), c.w);
+      const r = Math.max(1, c.r);
+      const g = gradients(c.M * r, seed + 2);
+      const la = Float64Array.from(randomArray(r * c.N, seed + 3, 0.1), (v) => Math.fround(v));
+      const dx0 = gradients(c.M * c.N, seed + 4);
+      const alpha2 = 2;
+      let want = addRef(matmulRef(dy, w, c.M, c.K, c.N), dx0, 1);
+      if (c.r) want = addRef(want, matmulRef(g, la, c.M, c.r, c.N), alpha2);
+      const got = await gpuCase(ctx, name, async () => {
+        const tdy = tensorFromData(ctx, scaled(dy), [c.M, c.K], 'f32', 'dy');
+        // Q8_0/Q4_0 blocks run along the stored rows: W is K×N here, as the backward reads W0.
+        const tw = tensorFromData(ctx, w, [c.K, c.N], c.w, 'w');
+        const tg = tensorFromData(ctx, scaled(g), [c.M, r], 'f32', 'g');
+        const ta = tensorFromData(ctx, la, [r, c.N], 'f32', 'lora_A');
+        const tc = tensorFromData(ctx, scaled(dx0), [c.M, c.N], 'f32', 'dx');
+        const opts = {
+          transW: false,
+          beta: 1,
+          lossScaled: true,
+          ...(c.r ? { lowRank: { a2: tg, b2: ta, alpha2 } } : {}),
+        };
+        expect(f16TileMathApplies(ctx, tw, opts)).toBe(true);
+        const d = await planMatmul(ctx, tdy, tw, tc, { ...opts, tileMath: 'f16', staging });
+        expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+        new StepEncoder(ctx, name).dispatch(d).submit();
+        const out = await readFloat32(tc);
+        d.dispose();
+        for (const x of [tdy, tw, tg, ta, tc]) x.dispose();
+        return out.map((v) => v / S);
+      });
+      expectClose(ctx, `${name} f16 tiles`, got, want, 4e-9 * Math.sqrt(c.K + c.r), 2e-3);
+    });
+  }
+
+  it('dx of two projections and the gated MLP backward epilogue, gradients of 1e-6 at S = 2^16', async (t) => {
+    const ctx = gpu();
+    if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+    const [M, N, K, K3] = [33, 64, 96, 40];
+    const dy = gradients(M * K, 61);
+    const dy3 = gradients(M * K3, 62);
+    const w = asStored(randomArray(K * N, 63, 1), 'f16');
+    const w3 = asStored(randomArray(K3 * N, 64, 1), 'q8_0');
+    const gate = randomArray(M * N, 65, 2);
+    const up = randomArray(M * N, 66, 1);
+    const sum = addRef(matmulRef(dy, w, M, K, N), matmulRef(dy3, w3, M, K3, N), 1);
+    const got = await gpuCase(ctx, 'f16 dx sum + silu·mul backward', async () => {
+      const tdy = tensorFromData(ctx, scaled(dy), [M, K], 'f32', 'dy');
+      const tdy3 = tensorFromData(ctx, scaled(dy3), [M, K3], 'f32', 'dy3');
+      const tw = tensorFromData(ctx, w, [K, N], 'f16', 'w');
+      const tw3 = tensorFromData(ctx, w3, [K3, N], 'q8_0', 'w3');
+      const tg = tensorFromData(ctx, gate, [M, N], 'f32', 'gate');
+      const tu = tensorFromData(ctx, up, [M, N], 'f32', 'up');
+      const [tsum, tdg, tdu] = ['sum', 'dgate', 'dup'].map((l) => createTensor(ctx, [M, N], 'f32', l)) as [
+        Tensor,
+        Tensor,
+        Tensor,
+      ];
+      const extra = { a: tdy3, w: tw3 };
+      const d1 = await planMatmul(ctx, tdy, tw, tsum, { transW: false, extra, lossScaled: true, tileMath: 'f16' });
+      const d2 = await planMatmul(ctx, tdy, tw, tdg, {
+        transW: false,
+        activationBackward: { kind: 'silu_mul', gate: tg, up: tu, dup: tdu },
+        lossScaled: true,
+        tileMath: 'f16',
+      });
+      for (const d of [d1, d2]) expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+      new StepEncoder(ctx, 'f16 backward').dispatch(d1, d2).submit();
+      const out = { sum: await readFloat32(tsum), dgate: await readFloat32(tdg), dup: await readFloat32(tdu) };
+      for (const x of [d1, d2, tdy, tdy3, tw, tw3, tg, tu, tsum, tdg, tdu]) x.dispose();
+      return out;
+    });
+    const unscale = (x: Float32Array) => x.map((v) => v / S);
+    expectClose(ctx, 'f16 dx sum', unscale(got.sum), sum, 4e-9 * Math.sqrt(K + K3), 2e-3);
+    // silu·mul's backward of dy·W alone (no `extra` in that dispatch).
+    const single = siluMulBackwardRef(gate, up, matmulRef(dy, w, M, K, N));
+    expectClose(ctx, 'f16 dgate', unscale(got.dgate), single.dgate, 8e-9 * Math.sqrt(K), 2e-3);
+    expectClose(ctx, 'f16 dup', unscale(got.dup), single.dup, 8e-9 * Math.sqrt(K), 2e-3);
+  });
+
   it('is asked for only where it is safe, and refused without shader-f16', async () => {
     const ctx = gpu();
     await gpuCase(ctx, 'f16 tile math applies', async () => {
@@ -344,6 +445,11 @@ describe('matmul with f16 tiles', () => {
       expect(f16TileMathApplies(ctx, w16, { lowRank: { a2: a, b2: b, alpha2: 1 } })).toBe(ctx.features.shaderF16);
       expect(f16TileMathApplies(ctx, w16, { extra: { a, w: w16 } })).toBe(false);
       expect(f16TileMathApplies(ctx, w16, { glu: { w: w32, up: b, act: c } })).toBe(false);
+      // Under a loss scale the backward's products take them too, where every weight is below f32.
+      expect(f16TileMathApplies(ctx, w16, { transW: false, lossScaled: true })).toBe(ctx.features.shaderF16);
+      expect(f16TileMathApplies(ctx, w16, { extra: { a, w: w16 }, lossScaled: true })).toBe(ctx.features.shaderF16);
+      expect(f16TileMathApplies(ctx, w16, { extra: { a, w: w32 }, lossScaled: true })).toBe(false);
+      expect(f16TileMathApplies(ctx, w32, { transW: false, lossScaled: true })).toBe(false);
       if (!ctx.features.shaderF16) {
         await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16' })).rejects.toThrow(/shader-f16/);
       } else {
@@ -351,6 +457,9 @@ describe('matmul with f16 tiles', () => {
         await expect(planMatmul(ctx, a, w32, c, { tileMath: 'f16' })).rejects.toThrow(/f16TileMathApplies/);
         const extra = { a, w: w16 };
         await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16', extra })).rejects.toThrow(/f16TileMathApplies/);
+        await expect(planMatmul(ctx, a, w16, c, { tileMath: 'f16', transW: false })).rejects.toThrow(
+          /f16TileMathApplies/,
+        );
         // q, k and v in one dispatch take f16 tiles only where every weight is stored below f32.
         const x9 = createTensor(ctx, [9, 8], 'f32', 'x9');
         const qkv = createTensor(ctx, [9 * 24], 'f32', 'qkv');

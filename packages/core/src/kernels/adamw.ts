@@ -1,10 +1,11 @@
 import source from '../../../../shaders/adamw.wgsl?raw';
 import type { GpuContext } from '../context.js';
-import { ShapeError, WebtuneError } from '../errors.js';
+import { LimitExceededError, ShapeError, WebtuneError } from '../errors.js';
 import { bindKernel, type Dispatch, getKernel, type KernelSpec } from '../kernel.js';
 import { formatShape } from '../shape.js';
 import type { Tensor } from '../tensor.js';
 import { grid1d } from './elementwise.js';
+import { checkLossScaleState, type LossScaleConfig, resolveLossScale } from './loss_scale.js';
 import { REDUCE_OUT_SIZE } from './reduce.js';
 
 /** Hyperparameters that cannot work (negative lr, β outside [0, 1), eps ≤ 0, ...). */
@@ -42,8 +43,8 @@ export interface AdamWHyperparameters {
  *   7 max_norm         0 when not clipping
  *
  * each computed in float64 and rounded to f32 once, as torch does with its Python scalars. The
- * rest of the uniform (n and the grid's row stride, u32, bytes 32..47) is written by planAdamW
- * and never changes.
+ * rest of the uniform (n, the grid's row stride and the guard's loss count, u32, and the loss
+ * scale's floor, f32: bytes 32..47) is written by planAdamW and never changes.
  */
 export const ADAMW_STEP_UNIFORM_BYTES = 32;
 
@@ -133,19 +134,39 @@ export interface AdamWGuard {
   readonly latch: Tensor;
 }
 
+const scaledSpec: KernelSpec = {
+  source,
+  file: 'shaders/adamw.wgsl',
+  entryPoint: 'adamw_step_scaled',
+  bindings: ['uniform', 'read', 'read', 'write', 'write', 'write', 'read', 'write', 'read'],
+};
+
+/**
+ * Gradients that carry a dynamic loss scale (adamw_step_scaled): the update divides them and their
+ * norm by the scale, and a gradient that is not finite skips the step without latching (an
+ * overflow, which the scale's update answers) unless the scale is at its floor. With a guard only.
+ */
+export interface AdamWLossScale {
+  /** planLossScaleUpdate's state (S in element 0), read. */
+  readonly state: Tensor;
+  /** The configuration the state is updated with (its floor matters here). */
+  readonly config?: LossScaleConfig;
+}
+
 /**
  * One AdamW step over whole arenas (every LoRA matrix at once), with gradient clipping fused in.
  * Record it after planL2Norm's dispatches over the same `grad` in the same step; it reads the norm
  * and the finite flag on the GPU and skips the whole update (param, m, v untouched) when the
  * gradients hold a NaN or ±Inf. The uniform starts as step `step` (default 1) of `h`; before
  * each later step call `dispatch.setUniforms(adamwStepUniforms(h, t))` with the new t (and lr).
- * With `guard`, the update also skips on a non-finite loss and latches (see AdamWGuard).
+ * With `guard`, the update also skips on a non-finite loss and latches (see AdamWGuard); with
+ * `lossScale` as well, the gradients are unscaled first (see AdamWLossScale).
  */
 export async function planAdamW(
   ctx: GpuContext,
   b: AdamWBuffers,
   h: AdamWHyperparameters,
-  options: { step?: number; label?: string; guard?: AdamWGuard } = {},
+  options: { step?: number; label?: string; guard?: AdamWGuard; lossScale?: AdamWLossScale } = {},
 ): Promise<Dispatch> {
   const label = options.label ?? 'adamw';
   const n = b.param.size;
@@ -187,16 +208,33 @@ export async function planAdamW(
       throw new ShapeError(`${label}: latch ${guard.latch.label} must be one u32`);
     }
   }
+  const scaled = options.lossScale;
+  if (scaled && !guard) throw new ShapeError(`${label}: a loss scale needs the guard (adamw_step_scaled)`);
+  if (scaled) {
+    checkLossScaleState(label, scaled.state);
+    const have = ctx.limits.maxStorageBuffersPerShaderStage;
+    if (have < 8) throw new LimitExceededError('maxStorageBuffersPerShaderStage', 8, have, label);
+  }
+  const minScale = scaled ? resolveLossScale(scaled.config).minScale : 0;
   const step = adamwStepUniforms(h, options.step ?? 1);
   const wg = Math.min(256, ctx.limits.maxComputeInvocationsPerWorkgroup, ctx.limits.maxComputeWorkgroupSizeX);
-  const kernel = await getKernel(ctx, guard ? guardedSpec : spec, { WG: wg });
+  const kernel = await getKernel(ctx, scaled ? scaledSpec : guard ? guardedSpec : spec, { WG: wg });
   const g = grid1d(ctx, n, wg);
   const uniforms = new ArrayBuffer(ADAMW_STEP_UNIFORM_BYTES + 16);
   new Uint8Array(uniforms).set(new Uint8Array(step));
-  new Uint32Array(uniforms, ADAMW_STEP_UNIFORM_BYTES, 4).set([n, g.rowStride, guard?.count ?? 0, 0]);
+  new Uint32Array(uniforms, ADAMW_STEP_UNIFORM_BYTES, 3).set([n, g.rowStride, guard?.count ?? 0]);
+  new Float32Array(uniforms, ADAMW_STEP_UNIFORM_BYTES + 12, 1).set([minScale]);
   return bindKernel(ctx, kernel, {
     label,
-    resources: [b.norm, b.grad, b.param, b.m, b.v, ...(guard ? [guard.losses, guard.latch] : [])],
+    resources: [
+      b.norm,
+      b.grad,
+      b.param,
+      b.m,
+      b.v,
+      ...(guard ? [guard.losses, guard.latch] : []),
+      ...(scaled ? [scaled.state] : []),
+    ],
     workgroups: g.workgroups,
     uniforms,
   });

@@ -36,6 +36,7 @@ import { type RowTable, tableParts } from '../table.js';
 import { createTensor, type Tensor, tensorView } from '../tensor.js';
 import { grid1d, planCopyRows } from './elementwise.js';
 import { withGroupReduce } from './group_reduce.js';
+import { checkLossScaleState } from './loss_scale.js';
 import { isCpuAdapter, planMatmul } from './matmul.js';
 
 /** The label that marks a row as not counted (PyTorch's default ignore_index). */
@@ -57,6 +58,7 @@ export const CROSS_ENTROPY_DEFAULT_SCRATCH_BYTES = 64 * 1024 * 1024;
 type Entry =
   | 'cross_entropy_fwd_chunk'
   | 'cross_entropy_fwd_finish'
+  | 'cross_entropy_fwd_finish_scaled'
   | 'cross_entropy_bwd_scale'
   | 'cross_entropy_bwd_dlogits'
   | 'cross_entropy_gather_rows';
@@ -64,6 +66,7 @@ type Entry =
 const BINDINGS: Record<Entry, KernelSpec['bindings']> = {
   cross_entropy_fwd_chunk: ['uniform', 'read', 'read', 'write'],
   cross_entropy_fwd_finish: ['uniform', 'read', 'read', 'write', 'write', 'write', 'write'],
+  cross_entropy_fwd_finish_scaled: ['uniform', 'read', 'read', 'write', 'write', 'write', 'write', 'read'],
   cross_entropy_bwd_scale: ['uniform', 'read', 'write'],
   cross_entropy_bwd_dlogits: ['uniform', 'read', 'read', 'read', 'write'],
   cross_entropy_gather_rows: ['uniform', 'read', 'read', 'write', 'write'],
@@ -165,7 +168,15 @@ export interface CrossEntropyBackwardBuffers {
   readonly dh: Tensor;
 }
 
-export type CrossEntropyTrainingBuffers = CrossEntropyForwardBuffers & { readonly dh: Tensor };
+export type CrossEntropyTrainingBuffers = CrossEntropyForwardBuffers & {
+  readonly dh: Tensor;
+  /**
+   * A dynamic loss scale's state (planLossScaleUpdate; S in element 0, a power of two), read: the
+   * gradient dH and everything the backward forms from it carry S (loss[2] = S·g / divisor). The
+   * loss itself is not scaled.
+   */
+  readonly lossScale?: Tensor;
+};
 
 export interface CrossEntropyPlan extends KernelPlan {
   /** Vocabulary rows per chunk. */
@@ -335,7 +346,7 @@ interface Params {
   gridX?: number;
   d?: number;
   n?: number;
-  /** fwd_finish: also write g / divisor to loss[2] (training). */
+  /** fwd_finish: also write g / divisor to loss[2] (training); bwd_dlogits: read it there. */
   hasCoef?: boolean;
 }
 
@@ -440,9 +451,11 @@ async function forward(
   ctx: GpuContext,
   io: CrossEntropyForwardBuffers,
   opts: CrossEntropyOptions,
-  coef?: { readonly g: number },
+  coef?: { readonly g: number; readonly lossScale?: Tensor },
 ): Promise<CrossEntropyGradPlan> {
   const op = `${opts.label ?? 'cross_entropy'}.forward`;
+  const lossScale = coef?.lossScale;
+  if (lossScale) checkLossScaleState(op, lossScale);
   const dims = checkOperands(op, io.h, io.e, io.labels);
   expectF32(op, 'lse', io.lse, dims.rows, 'one per row');
   if (coef) expectF32(op, 'loss', io.loss, 3, "loss, count and the backward's coefficient", true);
@@ -450,13 +463,13 @@ async function forward(
   expectErrors(op, io.errors);
   if (io.rowLoss) expectF32(op, 'rowLoss', io.rowLoss, dims.rows, 'one per row');
   checkDivisor(op, opts.divisor);
-  checkStorageBuffers(ctx, op, 6);
+  checkStorageBuffers(ctx, op, lossScale ? 7 : 6);
   const chunk = crossEntropyChunk(ctx, dims.rows, dims.vocab, opts);
   checkScratch(op, dims, chunk, opts.logits);
   const wg = workgroupSize(ctx);
   const [chunkK, finishK] = await Promise.all([
     getKernel(ctx, spec(ctx, 'cross_entropy_fwd_chunk'), { WG: wg }),
-    getKernel(ctx, spec(ctx, 'cross_entropy_fwd_finish'), { WG: wg }),
+    getKernel(ctx, spec(ctx, lossScale ? 'cross_entropy_fwd_finish_scaled' : 'cross_entropy_fwd_finish'), { WG: wg }),
   ]);
   const owned: Tensor[] = [];
   const dispatches: Dispatch[] = [];
@@ -488,7 +501,15 @@ async function forward(
       uniforms({ ...dims, divisor, g, rowLoss: io.rowLoss !== undefined, hasCoef: coef !== undefined });
     const finish = bindKernel(ctx, finishK, {
       label: `${op}.finish`,
-      resources: [io.labels, stats, io.lse, io.rowLoss ?? ctx.placeholder(), io.loss, io.errors],
+      resources: [
+        io.labels,
+        stats,
+        io.lse,
+        io.rowLoss ?? ctx.placeholder(),
+        io.loss,
+        io.errors,
+        ...(lossScale ? [lossScale] : []),
+      ],
       workgroups: [1],
       uniforms: finishParams(),
     });
@@ -605,7 +626,17 @@ async function backward(
         continue;
       }
       const grid = grid1d(ctx, dims.rows * c.count, wg);
-      const params = () => uniforms({ ...dims, start: c.start, count: c.count, gridX: grid.rowStride, divisor, g });
+      // In training dz's coefficient is the forward's (coef[2], loss-scaled where the step is).
+      const params = () =>
+        uniforms({
+          ...dims,
+          start: c.start,
+          count: c.count,
+          gridX: grid.rowStride,
+          divisor,
+          g,
+          hasCoef: training !== undefined,
+        });
       const dlogits = bindKernel(ctx, dlogitsK as Kernel, {
         label: `${op}.dlogits${range}`,
         resources: [io.labels, io.lse, count, c.logits],
@@ -668,7 +699,7 @@ export async function planCrossEntropyTraining(
   let fwd: CrossEntropyGradPlan | undefined;
   try {
     checkGradScale(`${label}.training`, opts.g ?? 1);
-    fwd = await forward(ctx, io, { ...opts, chunk, logits }, { g: opts.g ?? 1 });
+    fwd = await forward(ctx, io, { ...opts, chunk, logits }, { g: opts.g ?? 1, lossScale: io.lossScale });
     const dzInMatmul = opts.dzInMatmul ?? dzInMatmulPays(ctx);
     const bwd = await backward(ctx, io, { ...opts, chunk, logits }, { loss: io.loss, dzInMatmul });
     const f = fwd;

@@ -285,7 +285,8 @@ export interface MatmulOptions {
   bias?: Tensor;
   /** alpha2·A2·opW(B2) continues the same accumulators: the LoRA term. A2 is M×K2; B2 is N×K2
    * when transW, else K2×N. Staged through the tiles with f32 tiles; read and multiplied in f32
-   * from memory beside f16 tiles.
+   * from memory beside f16 tiles when transW, else (the backward's s·g·A, under a loss scale)
+   * staged in f16 as well.
    *
    * `a2From` (LoRA's A, K2×K): A2 = A·a2Fromᵀ is computed in this dispatch from the staged tiles
    * of A and stored into a2 (matmul_lora_h), instead of being read from an earlier dispatch: the
@@ -324,6 +325,11 @@ export interface MatmulOptions {
    * safe to ask for. The matrix-vector kernel always multiplies in f32.
    */
   tileMath?: TileMath;
+  /**
+   * A's values, and those of every other gradient the product reads, carry a dynamic loss scale
+   * (loss_scale.ts): f16 tiles may stage them (f16TileMathApplies). Says nothing else.
+   */
+  lossScaled?: boolean;
   /** Store C through an activation as well (see MatmulActivation). */
   activation?: MatmulActivation;
   /** C is ∂L/∂act: store the activation's backward instead (no bias, beta 0; tiled kernel). */
@@ -365,7 +371,7 @@ export interface MatmulOptions {
    * and the product is taken of ∂L/∂mid = A + RMSNorm's backward of `dn` (∂L/∂ its output), formed
    * as A is staged (matmul_norm_bwd): the norm's backward costs no dispatch of its own. `x` is the
    * norm's input (mid), `w` its gain, `rstd` its saved rstd; ∂L/∂mid is also written to `dMid`
-   * (another buffer than A, dn and x). f32 tiles and the tiled kernel only; no bias, beta, row
+   * (another buffer than A, dn and x). f32 tiles (f16 under a loss scale) and the tiled kernel only; no bias, beta, row
    * range, low-rank term or epilogue.
    */
   normBackward?: {
@@ -380,7 +386,7 @@ export interface MatmulOptions {
    * d_gate and d_up are the nonlinearity's backward of A at the forward's `gate` and `up` (M×K
    * f32), formed as the tiles are staged (matmul_glu_bwd): the dx of gate and up without a
    * dispatch that stores d_gate and d_up, which leaves the down projection's dx free for the next
-   * layer's norm backward (normBackward). W3 (up's weight) is shaped like W (gate's). f32 tiles and
+   * layer's norm backward (normBackward). W3 (up's weight) is shaped like W (gate's). f32 tiles (f16 under a loss scale) and
    * the tiled kernel only; no bias, beta, row range, low-rank term or other prologue or epilogue.
    */
   gluBackward?: { readonly gate: Tensor; readonly up: Tensor; readonly w3: Tensor };
@@ -390,8 +396,8 @@ export interface MatmulOptions {
    * (matmul_dlogits; shaders/cross_entropy.wgsl's conventions: labels i32 [M], -100 or outside
    * [0, vocab) ignored; lse f32 [M]; coef f32 with g / divisor in element 2, as the loss's forward
    * writes it in training): the loss's ∂L/∂H without a dispatch that rewrites the logits. f32 tiles
-   * and the tiled kernel; beta and a row range of W allowed; no bias, low-rank term or other
-   * prologue or epilogue.
+   * (f16 under a loss scale) and the tiled kernel; beta and a row range of W allowed; no bias,
+   * low-rank term or other prologue or epilogue.
    */
   dlogits?: {
     readonly labels: Tensor;
@@ -416,25 +422,36 @@ export interface MatmulOptions {
 export type TileMath = 'f32' | 'f16';
 
 /**
- * Whether f16 tiles suit this product on this device: the adapter has shader-f16, W (and the
- * second weight of `glu` or `second`) is stored below f32 and used in the forward layout, and no
- * term of the product is a gradient (activationBackward, the dx sums of `extra`), which f16 would
- * flush below 6e-8. f16 W stages exactly; Q8_0/Q4_0 values d·q round to f16's 11 bits, and A
- * (activations) rounds too (above 65504 it overflows). A LoRA term (lowRank) is allowed: it is
- * not staged but read and multiplied in f32 (matmul.wgsl's low_rank_direct), since its B starts at
- * zero and stays small, where f16 has few bits; where the dispatch forms LoRA's h itself
- * (lowRank.a2From) it does so in f32 from the f16-staged A. planMatmul refuses f16 tiles where
- * this does not hold.
+ * Whether f16 tiles suit this product on this device: the adapter has shader-f16 and every weight
+ * of the product (W, and the second weight of `glu`, `second`, `extra`, `extra.third` or
+ * `gluBackward`) is stored below f32. f16 W stages exactly; Q8_0/Q4_0 values d·q round to f16's
+ * 11 bits, and A rounds too (above 65504 it overflows).
+ *
+ * Without `lossScaled`: only forward-layout products (transW) none of whose terms is a gradient
+ * (activationBackward, the dx sums of `extra`, the backward's prologues), which f16 would flush
+ * below 6e-8. A LoRA term (lowRank) is allowed: it is not staged but read and multiplied in f32
+ * (matmul.wgsl's low_rank_direct), since its B starts at zero and stays small, where f16 has few
+ * bits; where the dispatch forms LoRA's h itself (lowRank.a2From) it does so in f32 from the
+ * f16-staged A.
+ *
+ * With `lossScaled` (the gradients carry a dynamic loss scale: loss_scale.ts) the backward's
+ * products too: dy·W's layout, the activation's backward, the sums of `extra`, and the norm's,
+ * gated MLP's and loss's prologues, whose scaled gradients f16 holds. An overflow there becomes a
+ * gradient that is not finite, which the scale's update answers. A low-rank term of the backward's
+ * layout (s·g·A in dx) is staged in f16 like the rest: its A is LoRA's A, whose values are not small.
+ * planMatmul refuses f16 tiles where this does not hold.
  */
 export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptions = {}): boolean {
+  const below = (t: Tensor | undefined) => t === undefined || t.dtype !== 'f32';
+  if (!ctx.features.shaderF16 || !below(w) || !below(opts.glu?.w) || !below(opts.second?.w)) return false;
+  if (opts.lossScaled) return below(opts.extra?.w) && below(opts.extra?.third?.w) && below(opts.gluBackward?.w3);
   return (
-    ctx.features.shaderF16 &&
-    w.dtype !== 'f32' &&
     (opts.transW ?? true) &&
     !opts.activationBackward &&
     !opts.extra &&
-    (opts.glu?.w.dtype ?? 'f16') !== 'f32' &&
-    (opts.second?.w.dtype ?? 'f16') !== 'f32'
+    !opts.normBackward &&
+    !opts.gluBackward &&
+    !opts.dlogits
   );
 }
 
@@ -671,8 +688,8 @@ export async function planMatmul(
   }
   if (tiles === 'f16' && !f16TileMathApplies(ctx, w, opts)) {
     throw new ShapeError(
-      `${label}: f16 tile math is for forward products of f16 or quantized weights, not gradients ` +
-        '(f16TileMathApplies); this one keeps f32',
+      `${label}: f16 tile math is for products of f16 or quantized weights, and of gradients only under a ` +
+        'loss scale (f16TileMathApplies); this one keeps f32',
     );
   }
   const act = opts.activation;
@@ -1310,8 +1327,8 @@ function checkGluBackward(
     throw new ShapeError(
       `${label}: the gated MLP's backward prologue takes no bias, beta, row range, low-rank term or other prologue or epilogue`,
     );
-  if ((opts.tileMath ?? 'f32') !== 'f32')
-    throw new ShapeError(`${label}: the gated MLP's backward prologue is f32 only`);
+  if ((opts.tileMath ?? 'f32') !== 'f32' && !opts.lossScaled)
+    throw new ShapeError(`${label}: the gated MLP's backward prologue takes f16 tiles only under a loss scale`);
   checkTiled(ctx, label, dims, opts, "the gated MLP's backward prologue");
   if (!isWeightDType(gb.w3.dtype) || gb.w3.shape.length !== 2 || gb.w3.shape.some((n, i) => n !== w.shape[i]))
     throw new ShapeError(
@@ -1339,7 +1356,8 @@ function checkDlogits(
 ): void {
   if (opts.bias || fusesOtherThan(opts, 'dlogits'))
     throw new ShapeError(`${label}: the loss's dz prologue takes no bias, low-rank term or other prologue or epilogue`);
-  if ((opts.tileMath ?? 'f32') !== 'f32') throw new ShapeError(`${label}: the loss's dz prologue is f32 only`);
+  if ((opts.tileMath ?? 'f32') !== 'f32' && !opts.lossScaled)
+    throw new ShapeError(`${label}: the loss's dz prologue takes f16 tiles only under a loss scale`);
   checkTiled(ctx, label, dims, opts, "the loss's dz prologue");
   if (dl.labels.dtype !== 'i32' || dl.labels.size !== dims.M)
     throw new ShapeError(`${label}: labels ${dl.labels.label} must be ${dims.M} i32 values, one per row of A`);
@@ -1448,7 +1466,8 @@ function checkNormBackward(
     throw new ShapeError(
       `${label}: the norm's backward prologue takes no bias, beta, row range, low-rank term or epilogue`,
     );
-  if ((opts.tileMath ?? 'f32') !== 'f32') throw new ShapeError(`${label}: the norm's backward prologue is f32 only`);
+  if ((opts.tileMath ?? 'f32') !== 'f32' && !opts.lossScaled)
+    throw new ShapeError(`${label}: the norm's backward prologue takes f16 tiles only under a loss scale`);
   checkTiled(ctx, label, dims, opts, "the norm's backward prologue");
   const rowsLikeA = (t: Tensor, what: string) => {
     if (t.dtype !== 'f32' || t.size !== dims.M * dims.K || t.shape[t.shape.length - 1] !== dims.K)
