@@ -16,6 +16,7 @@ import {
   type CrossEntropyGradPlan,
   createTensor,
   type Dispatch,
+  f16TileMathApplies,
   fusedQkvLayout,
   type GpuContext,
   type LoraDaModule,
@@ -45,6 +46,7 @@ import {
   planRopeBackward,
   planSiluMulBackward,
   type Tensor,
+  type TileMath,
 } from '@webtune/core';
 import { type LinearRole, modelLayout } from './architecture.js';
 import type { ModelConfig } from './config.js';
@@ -559,12 +561,35 @@ export async function planBackward(
     /** The attention kernels. Default attentionVariant(ctx); tests set 'tiled' to run the GPUs'
      * plan (dq, dk and dv in one dispatch) on any adapter. */
     attention?: AttentionVariant;
+    /**
+     * A dynamic loss scale's state (core's loss_scale.ts; S in element 0): the loss's gradient, and
+     * so every gradient of the backward and the LoRA gradients it accumulates, carry S, which the
+     * optimizer divides out (adamw_step_scaled).
+     */
+    lossScale?: Tensor;
+    /**
+     * The tile math of the products that carry gradients (dy·W for dx, with its prologues and
+     * epilogues, and the loss's dH): 'f16' (needs `lossScale` and shader-f16) stages the scaled
+     * gradients and the weights stored below f32 in f16 with f32 accumulation, where
+     * f16TileMathApplies allows it; other products keep f32. Default 'f16' with `lossScale` on an
+     * adapter with shader-f16, else 'f32'. LoRA's own gradient kernels (g, dA, dB) and the
+     * attention's backward stay f32.
+     */
+    gradTileMath?: TileMath;
   } = {},
 ): Promise<BackwardPlan> {
   const pairGdB = opts.pairGdB ?? loraGradPairPays(ctx);
   const gdBMaxRank = opts.gdBMaxRank ?? loraGdBMaxRank(ctx);
   const normInDx = opts.normInDx ?? normInMlpPays(ctx);
   if (fwd.mode !== 'train') throw new Error('planBackward needs a forward plan made with mode "train"');
+  const gradTiles = opts.gradTileMath ?? (opts.lossScale && ctx.features.shaderF16 ? 'f16' : 'f32');
+  if (gradTiles === 'f16' && !opts.lossScale)
+    throw new Error('planBackward: f16 tiles for the gradients need a loss scale (lossScale)');
+  /** The tile math options of a product that carries gradients: f16 where it applies (see gradTileMath). */
+  const gradTileOptions = (w: Tensor, o: MatmulOptions): MatmulOptions =>
+    gradTiles === 'f16' && f16TileMathApplies(ctx, w, { ...o, lossScaled: true })
+      ? { tileMath: 'f16', lossScaled: true }
+      : {};
   const model = fwd.model;
   const c = model.config;
   const rows = fwd.rows;
@@ -599,8 +624,17 @@ export async function planBackward(
     const dHidden = s.get('d_hidden');
     ce = await planCrossEntropyTraining(
       ctx,
-      { h: fwd.hidden, e: model.lmHead, labels, lse, loss, errors, dh: dHidden },
-      { label: 'loss' },
+      {
+        h: fwd.hidden,
+        e: model.lmHead,
+        labels,
+        lse,
+        loss,
+        errors,
+        dh: dHidden,
+        ...(opts.lossScale ? { lossScale: opts.lossScale } : {}),
+      },
+      { label: 'loss', dhTileMath: gradTiles },
     );
     out.push(...ce.dispatches);
 
@@ -723,17 +757,18 @@ export async function planBackward(
               dxExtra: dx ? extra : undefined,
               dxLowRank2: dx ? lowRanks[0] : undefined,
               dxLowRank3: dx ? lowRanks[1] : undefined,
+              dxTileMath: gradTiles,
             },
             lin.module.name,
           )),
         );
       } else {
+        const o: MatmulOptions = { transW: false, activationBackward: activation, extra };
         out.push(
           await planMatmul(ctx, dy, lin.w, dx as Tensor, {
-            transW: false,
+            ...o,
+            ...gradTileOptions(lin.w, o),
             beta: accumulate ? 1 : 0,
-            activationBackward: activation,
-            extra,
             label: `${lin.module.name}.dx`,
           }),
         );
@@ -894,10 +929,11 @@ export async function planBackward(
           throw new Error(`${p}: backwardLayout allocated no d_resid_next or d_act for norm1's backward in down's dx`);
         const down = layer.linears.down as Linear;
         const nb = { ...pendingNorm1, dMid: dResidOther };
+        const downOpts: MatmulOptions = { transW: false, normBackward: nb };
         out.push(
           await planMatmul(ctx, dResid, down.w, dAct, {
-            transW: false,
-            normBackward: nb,
+            ...downOpts,
+            ...gradTileOptions(down.w, downOpts),
             label: `${down.module.name}.dx`,
           }),
         );
@@ -905,10 +941,11 @@ export async function planBackward(
         pendingNorm1 = undefined;
         const gate = layer.linears.gate as Linear;
         const upW = (layer.linears.up as Linear).w;
+        const gluOpts: MatmulOptions = { transW: false, gluBackward: { gate: a.gate, up: a.up as Tensor, w3: upW } };
         out.push(
           await planMatmul(ctx, dAct, gate.w, dNorm, {
-            transW: false,
-            gluBackward: { gate: a.gate, up: a.up as Tensor, w3: upW },
+            ...gluOpts,
+            ...gradTileOptions(gate.w, gluOpts),
             label: `${p}.gate_up.dx`,
           }),
         );
@@ -947,8 +984,13 @@ export async function planBackward(
           throw new Error(`${p}: backwardLayout allocated no d_resid_next for norm2's backward in o's dx`);
         const o = layer.linears.o as Linear;
         const nb = { dn: dNorm, x: a.mid, w: layer.norm2.w, rstd: a.n2Stats.rstd, dMid: dResidOther };
+        const oOpts: MatmulOptions = { transW: false, normBackward: nb };
         out.push(
-          await planMatmul(ctx, dResid, o.w, dAttn, { transW: false, normBackward: nb, label: `${o.module.name}.dx` }),
+          await planMatmul(ctx, dResid, o.w, dAttn, {
+            ...oOpts,
+            ...gradTileOptions(o.w, oOpts),
+            label: `${o.module.name}.dx`,
+          }),
         );
         [dResid, dResidOther] = [dResidOther, dResid];
       } else {

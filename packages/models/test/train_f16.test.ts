@@ -3,13 +3,24 @@
 // same Q8_0-dequantized weights in f32 (tools/golden_quant_train.py; all-linear, r = 4, seeded
 // non-zero A and B). The activations and the staged weights round to f16 in the forward's products
 // (q, k and v in one dispatch and LoRA's h in the projections' dispatches included, forced here)
-// and q, k and v in the tiled attention's, whose backward reads them rounded alike (ROUND_F16);
-// the LoRA terms, the loss and the backward's products stay f32. quantized.test.ts holds the same
-// step with f32 tiles to f32's bounds; here the bounds are f16's: the loss within 5e-3 (measured
-// 1.7e-4 to 2.3e-3) and every gradient within 3e-2 (max |g − g_peft| / max |g_peft|; measured
-// 5.3e-3 to 2.0e-2), on every architecture.
+// and q, k and v in the tiled attention's, whose backward reads them rounded alike (ROUND_F16).
+// Each run twice: the backward's products in f32, and in f16 under a loss scale S = 2^12 (the
+// trainer's f16 backward: every dx product, its prologues and epilogues, and the loss's dH stage
+// the scaled gradients in f16; LoRA's own gradient kernels and the attention's backward stay f32),
+// whose gradients are divided by S. quantized.test.ts holds the same step with f32 tiles to f32's
+// bounds; here the bounds are f16's: the loss within 5e-3 (measured 1.7e-4 to 2.3e-3) and every
+// gradient within 3e-2 (max |g − g_peft| / max |g_peft|; measured 5.3e-3 to 2.0e-2 with the f32
+// backward, 5.5e-3 to 2.0e-2 with the f16 one), on every architecture.
 // Runs where the adapter has shader-f16 (the node-lavapipe-f16 project) and skips elsewhere.
-import { readFloat32, StepEncoder, type Tensor, TensorArena, writeTensor } from '@webtune/core';
+import {
+  lossScaleInitialState,
+  readFloat32,
+  StepEncoder,
+  type Tensor,
+  TensorArena,
+  tensorFromData,
+  writeTensor,
+} from '@webtune/core';
 import { describe, expect, it } from 'vitest';
 import { maxRelError } from '../../core/ref/check.js';
 import { gpuCase, useGpu } from '../../core/test/gpu.js';
@@ -39,9 +50,14 @@ const goldens = import.meta.glob<QuantGolden>('../../train/test/golden/quant-tra
 /** The runs whose q, k and v take one dispatch (planQkvMatmul). */
 const QKV_IN_ONE = ['tiny-llama-q', 'tiny-llama3'];
 
+/** The loss scale of the runs whose backward takes f16 tiles too (a power of two, as the trainer's). */
+const S = 2 ** 12;
+// The first case compiles most of the pipelines every later case reuses: minutes on lavapipe.
+
 describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () => {
-  for (const run of ['tiny-llama-q', 'tiny-llama3', 'tiny-qwen2-q', 'tiny-qwen3-q', 'tiny-gpt2-q']) {
-    it(run, async (t) => {
+  const runs = ['tiny-llama-q', 'tiny-llama3', 'tiny-qwen2-q', 'tiny-qwen3-q', 'tiny-gpt2-q'];
+  for (const [run, grads] of runs.flatMap((r) => (['f32', 'f16'] as const).map((g) => [r, g] as const))) {
+    it(`${run}, backward products in ${grads}${grads === 'f16' ? ` at loss scale ${S}` : ''}`, async (t) => {
       const ctx = gpu();
       if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
       const golden = await (goldens[`../../train/test/golden/quant-train/${run}.json`] as () => Promise<QuantGolden>)();
@@ -83,7 +99,11 @@ describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () =
           qkvInOne: true,
           loraHInMatmul: true,
         });
-        const bwd = await planBackward(ctx, fwd, lora);
+        const state =
+          grads === 'f16'
+            ? tensorFromData(ctx, lossScaleInitialState({ initScale: S }), [4], 'f32', 'loss_scale')
+            : undefined;
+        const bwd = await planBackward(ctx, fwd, lora, state ? { lossScale: state } : {});
         const f16 = (list: readonly { kernel: { spec: { file: string; entryPoint: string } } }[]) =>
           list.filter((d) => d.kernel.spec.file.includes('tile_f16.wgsl')).map((d) => d.kernel.spec.entryPoint);
         const entries = { forward: f16(fwd.dispatches), backward: f16(bwd.dispatches) };
@@ -98,25 +118,36 @@ describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () =
           .dispatch(...fwd.dispatches, ...bwd.dispatches)
           .submit();
         const [loss, count] = await readFloat32(bwd.loss);
-        const grads = new Map<string, { da: Float32Array; db: Float32Array }>();
-        for (const [name, t] of lora) grads.set(name, { da: await readFloat32(t.da), db: await readFloat32(t.db) });
+        const got = new Map<string, { da: Float32Array; db: Float32Array }>();
+        // The scaled gradients divided by S: exact, S being a power of two.
+        const unscale = (x: Float32Array) => (state ? x.map((v) => v / S) : x);
+        for (const [name, t] of lora)
+          got.set(name, { da: unscale(await readFloat32(t.da)), db: unscale(await readFloat32(t.db)) });
+        state?.dispose();
         bwd.dispose();
         fwd.dispose();
         params.dispose();
         gradArena.dispose();
         const layers = model.config.numLayers;
         model.dispose();
-        return { loss: loss as number, count: count as number, grads, entries, layers, rounding, attentionBwd };
+        return { loss: loss as number, count: count as number, grads: got, entries, layers, rounding, attentionBwd };
       });
       // Every layer's q, k and v in one f16 dispatch where they take it (not with Qwen2's biases,
-      // Qwen3's q/k norms or GPT-2's fused c_attn), projections forming LoRA's h in theirs;
-      // nothing of the backward in f16.
+      // Qwen3's q/k norms or GPT-2's fused c_attn), projections forming LoRA's h in theirs; nothing
+      // of the backward in f16 without a loss scale, and with one every layer's dx products and
+      // the loss's dH.
       expect(result.entries.forward.filter((e) => e.startsWith('matmul_qkv')).length).toBe(
         QKV_IN_ONE.includes(run) ? result.layers : 0,
       );
       expect(result.entries.forward.filter((e) => e.startsWith('matmul_lora_h')).length).toBeGreaterThan(0);
       expect(result.entries.forward.filter((e) => e === 'attention_fwd').length).toBe(result.layers);
-      expect(result.entries.backward).toEqual([]);
+      if (grads === 'f32') expect(result.entries.backward).toEqual([]);
+      else {
+        const dx = result.entries.backward.filter((e) => e.startsWith('matmul'));
+        expect(dx.length, result.entries.backward.join(' ')).toBeGreaterThanOrEqual(2 * result.layers);
+        expect(result.entries.backward.every((e) => e.startsWith('matmul'))).toBe(true);
+      }
+      console.log(`${run} ${grads} backward f16 entries: ${[...new Set(result.entries.backward)].join(', ')}`);
       expect(result.rounding).toBe(result.attentionBwd);
       expect(result.rounding).toBeGreaterThanOrEqual(result.layers);
       expect(result.count).toBe(golden.batch.counted_tokens);
@@ -134,9 +165,9 @@ describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () =
         }
       }
       console.log(
-        `${run} f16 forward tiles: loss ${result.loss} (PEFT ${want}, Δ ${Math.abs(result.loss - want).toExponential(2)}), worst gradient error ${worst.toExponential(2)} over ${golden.modules.length} modules`,
+        `${run} f16 forward tiles, ${grads} backward: loss ${result.loss} (PEFT ${want}, Δ ${Math.abs(result.loss - want).toExponential(2)}), worst gradient error ${worst.toExponential(2)} over ${golden.modules.length} modules`,
       );
       expect(Math.abs(result.loss - want), `loss ${result.loss} vs PEFT ${want}`).toBeLessThan(5e-3);
-    });
+    }, 300_000);
   }
 });

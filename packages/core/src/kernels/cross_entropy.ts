@@ -37,7 +37,7 @@ import { createTensor, type Tensor, tensorView } from '../tensor.js';
 import { grid1d, planCopyRows } from './elementwise.js';
 import { withGroupReduce } from './group_reduce.js';
 import { checkLossScaleState } from './loss_scale.js';
-import { isCpuAdapter, planMatmul } from './matmul.js';
+import { f16TileMathApplies, isCpuAdapter, type MatmulOptions, planMatmul, type TileMath } from './matmul.js';
 
 /** The label that marks a row as not counted (PyTorch's default ignore_index). */
 export const CROSS_ENTROPY_IGNORE_INDEX = -100;
@@ -121,6 +121,12 @@ export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
    * dzInMatmulPays(ctx); tests and benchmarks set it to run either plan on any adapter.
    */
   readonly dzInMatmul?: boolean;
+  /**
+   * planCrossEntropyTraining with a loss scale (CrossEntropyTrainingBuffers.lossScale): 'f16'
+   * stages the scaled dz and E's rows in f16 in the dH matmuls, where E is stored below f32
+   * (f16TileMathApplies). Default 'f32'. The logits' matmuls stay f32.
+   */
+  readonly dhTileMath?: TileMath;
 }
 
 /**
@@ -614,15 +620,21 @@ async function backward(
           }),
         );
       }
-      const dh = {
+      const dh: MatmulOptions = {
         transW: false,
         wRows: { start: c.local, count: c.count },
         beta: i === 0 && !opts.accumulate ? 0 : 1,
         label: `${op}.dh${range}`,
       };
+      // The scaled dz in f16 where asked for and E's rows allow (planCrossEntropyTraining checked
+      // that a scale is there).
+      const tiles = (o: MatmulOptions): MatmulOptions =>
+        training && opts.dhTileMath === 'f16' && f16TileMathApplies(ctx, c.e, { ...o, lossScaled: true })
+          ? { ...o, tileMath: 'f16', lossScaled: true }
+          : o;
       if (training && viaMatmul) {
         const dz = { labels: io.labels, lse: io.lse, coef: training.loss, start: c.start, vocab: dims.vocab };
-        dispatches.push(await planMatmul(ctx, c.logits, c.e, io.dh, { ...dh, dlogits: dz }));
+        dispatches.push(await planMatmul(ctx, c.logits, c.e, io.dh, tiles({ ...dh, dlogits: dz })));
         continue;
       }
       const grid = grid1d(ctx, dims.rows * c.count, wg);
@@ -643,7 +655,7 @@ async function backward(
         workgroups: grid.workgroups,
         uniforms: params(),
       });
-      dispatches.push(dlogits, await planMatmul(ctx, c.logits, c.e, io.dh, dh));
+      dispatches.push(dlogits, await planMatmul(ctx, c.logits, c.e, io.dh, tiles(dh)));
       retune.push({ dispatch: dlogits, params });
     }
     return {
@@ -701,6 +713,8 @@ export async function planCrossEntropyTraining(
     checkGradScale(`${label}.training`, opts.g ?? 1);
     fwd = await forward(ctx, io, { ...opts, chunk, logits }, { g: opts.g ?? 1, lossScale: io.lossScale });
     const dzInMatmul = opts.dzInMatmul ?? dzInMatmulPays(ctx);
+    if ((opts.dhTileMath ?? 'f32') === 'f16' && !io.lossScale)
+      throw new ShapeError(`${label}.training: f16 tiles for dH need a loss scale (lossScale)`);
     const bwd = await backward(ctx, io, { ...opts, chunk, logits }, { loss: io.loss, dzInMatmul });
     const f = fwd;
     return {

@@ -15,6 +15,7 @@ import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
 import { withGroupReduce } from './group_reduce.js';
 import {
+  f16TileMathApplies,
   isCpuAdapter,
   type MatmulActivation,
   type MatmulActivationBackward,
@@ -747,6 +748,12 @@ export interface LoraBackwardOptions {
   dxLowRank2?: { readonly g: Tensor; readonly a: Tensor; readonly scale: number };
   /** A third one's (planMatmul's lowRank.third), with dxLowRank2: q, k and v all adapted. */
   dxLowRank3?: { readonly g: Tensor; readonly a: Tensor; readonly scale: number };
+  /**
+   * 'f16': dy carries a dynamic loss scale, and dx's products stage it in f16 where
+   * f16TileMathApplies allows (W0 stored below f32; g·A under dropout keeps f32, its A being f32).
+   * Default 'f32'.
+   */
+  dxTileMath?: TileMath;
 }
 
 /**
@@ -832,37 +839,50 @@ export async function planLoraBackward(
   }
   if ((opts.dxActivation || opts.dxExtra || opts.dxLowRank2 || opts.dxLowRank3) && dropout)
     throw new ShapeError(`${op}: LoRA dropout's dx takes no activation epilogue or second product`);
+  // f16 tiles for a dx product where asked for and they apply (dxTileMath).
+  const tiles = (o: MatmulOptions): MatmulOptions =>
+    opts.dxTileMath === 'f16' && f16TileMathApplies(ctx, layer.w0, { ...o, lossScaled: true })
+      ? { ...o, tileMath: 'f16', lossScaled: true }
+      : o;
   if (io.dx && dropout && xd) {
     plan.push(
-      await planMatmul(ctx, io.dy, layer.w0, io.dx, {
-        transW: false,
-        beta: opts.accumulateDx ? 1 : 0,
-        label: `${label}.dx`,
-      }),
+      await planMatmul(
+        ctx,
+        io.dy,
+        layer.w0,
+        io.dx,
+        tiles({ transW: false, beta: opts.accumulateDx ? 1 : 0, label: `${label}.dx` }),
+      ),
       // The scratch is free again once dA has read xd: it takes g·A, then its masked s-multiple joins dx.
       await planMatmul(ctx, io.g, layer.a, xd, { transW: false, label: `${label}.gA` }),
       await planDropout(ctx, dropout.mask, xd, io.dx, { alpha: layer.scale, beta: 1, label: `${label}.dx_dropout` }),
     );
   } else if (io.dx) {
     plan.push(
-      await planMatmul(ctx, io.dy, layer.w0, io.dx, {
-        transW: false,
-        beta: opts.accumulateDx ? 1 : 0,
-        lowRank: {
-          a2: io.g,
-          b2: layer.a,
-          alpha2: layer.scale,
-          ...(opts.dxLowRank2
-            ? { second: { a2: opts.dxLowRank2.g, b2: opts.dxLowRank2.a, alpha2: opts.dxLowRank2.scale } }
-            : {}),
-          ...(opts.dxLowRank3
-            ? { third: { a2: opts.dxLowRank3.g, b2: opts.dxLowRank3.a, alpha2: opts.dxLowRank3.scale } }
-            : {}),
-        },
-        activationBackward: opts.dxActivation,
-        extra: opts.dxExtra,
-        label: `${label}.dx`,
-      }),
+      await planMatmul(
+        ctx,
+        io.dy,
+        layer.w0,
+        io.dx,
+        tiles({
+          transW: false,
+          beta: opts.accumulateDx ? 1 : 0,
+          lowRank: {
+            a2: io.g,
+            b2: layer.a,
+            alpha2: layer.scale,
+            ...(opts.dxLowRank2
+              ? { second: { a2: opts.dxLowRank2.g, b2: opts.dxLowRank2.a, alpha2: opts.dxLowRank2.scale } }
+              : {}),
+            ...(opts.dxLowRank3
+              ? { third: { a2: opts.dxLowRank3.g, b2: opts.dxLowRank3.a, alpha2: opts.dxLowRank3.scale } }
+              : {}),
+          },
+          activationBackward: opts.dxActivation,
+          extra: opts.dxExtra,
+          label: `${label}.dx`,
+        }),
+      ),
     );
   }
   return plan;
