@@ -50,6 +50,7 @@ import {
   loraGdBMaxRankFor,
   ShapeError,
   splitRowCounts,
+  type TileMath,
   tablePartLimit,
   WebtuneError,
 } from '@webtune/core';
@@ -70,7 +71,7 @@ import {
   storedAs,
   type WeightPrecision,
 } from '@webtune/models';
-import { loraArenaLayout, trainerBuffers } from './layout.js';
+import { defaultTrainingTileMath, loraArenaLayout, trainerBuffers } from './layout.js';
 import { type ResolvedLora, resolveLoraTargets, validateLoraConfig } from './lora/index.js';
 
 export type MemoryCategory = 'frozenWeights' | 'trainable' | 'activations' | 'scratch';
@@ -163,6 +164,9 @@ export interface MemoryEstimateOptions {
   readonly storedDTypes?: ReadonlyMap<string, DType>;
   /** Fused kernels (TrainerOptions.fuse). Default true. */
   readonly fuse?: boolean;
+  /** TrainerOptions.tileMath: 'f16' scales the loss (the scale's state, one more optimizer
+   * dispatch). Default the trainer's (defaultTrainingTileMath). */
+  readonly tileMath?: TileMath;
 }
 
 /** The limits given, by name (a GPUSupportedLimits object keeps them as getters, which a spread
@@ -330,7 +334,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const chunks = headParts.reduce((n, part) => n + Math.ceil(part / loss.chunk), 0);
   add(S, 'loss.logits', [rows, loss.chunk]);
   add(S, 'loss.training.forward.stats', [rows, 4]);
-  for (const b of trainerBuffers(K, rows, arena.elements, limits, cpu, dropout))
+  const lossScale = (options.tileMath ?? defaultTrainingTileMath(ctx, precision)) === 'f16';
+  for (const b of trainerBuffers(K, rows, arena.elements, limits, cpu, dropout, lossScale))
     add(S, b.label, b.shape, b.dtype, b.count);
   const backwardDispatches = backwardDispatchCount(c, ranks, {
     rows,
@@ -344,8 +349,8 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
     fusions,
     lossDispatches: crossEntropyTrainingDispatchCount(chunks, !cpu),
   });
-  // The gradient norm (two dispatches) and AdamW.
-  const optimizerDispatches = 3;
+  // The gradient norm (two dispatches), AdamW and with a scaled loss the scale's update.
+  const optimizerDispatches = 3 + (lossScale ? 1 : 0);
   // LoRA's dA of a chunk of layers (loraDaChunks): 8 KiB of roles each.
   const daDispatches = loraDaDeferred(fuse, dropout, recompute) ? loraDaChunks(c, ranks, rows).length : 0;
   const nominal = backwardDispatches + optimizerDispatches - attentionBackward - daDispatches;

@@ -6,14 +6,21 @@
  *   for each micro-batch k: copy its ids and targets in -> forward -> loss + backward
  *     (gradients accumulate into the gradient arena) -> copy its loss out
  *   global gradient norm -> AdamW with clipping (skipped on the GPU if a loss or the norm is not
- *   finite, and latched: see submitStep) -> clear the gradient arena -> copy the step's report
- *   (losses, norm, latch, label errors) into a mappable buffer
+ *   finite, and latched: see submitStep) -> with f16 tile math, the loss scale's update -> clear
+ *   the gradient arena -> copy the step's report (losses, norm, latch, label errors, loss scale)
+ *   into a mappable buffer
  *
  * The host reads that report asynchronously, one readback per step, while later steps are already
  * queued: nothing in a step waits for the host (submitStep).
  *
  * The loss divisor is the number of counted tokens over all micro-batches of the step
  * (transformers' num_items_in_batch), so accumulation gives the same gradient as one big batch.
+ *
+ * With f16 tile math the backward's products stage gradients in f16 too, under dynamic loss
+ * scaling kept on the GPU (core's loss_scale.ts, torch.amp.GradScaler's rule): the loss's gradient
+ * is multiplied by S, AdamW divides it out, a step whose gradients overflow is skipped and halves
+ * S, and TrainerOptions.lossScale.growthInterval good steps in a row double it. No step waits for
+ * the host to learn the outcome: the report carries it.
  */
 import {
   adamwStepUniforms,
@@ -22,17 +29,20 @@ import {
   dropoutCounter,
   type GpuContext,
   isCpuAdapter,
+  type LossScaleConfig,
   type LrSchedule,
   learningRate,
+  lossScaleInitialState,
   planAdamW,
   planL2Norm,
+  planLossScaleUpdate,
   readFloat32,
+  resolveLossScale,
   ShapeError,
   StepEncoder,
   type Tensor,
   TensorArena,
   type TileMath,
-  trainingTileMath,
   WebtuneError,
   writeTensor,
 } from '@webtune/core';
@@ -50,7 +60,7 @@ import {
   shiftLabels,
   type TokenizedExample,
 } from '@webtune/models';
-import { reportBytes, trainerBuffers } from './layout.js';
+import { defaultTrainingTileMath, reportBytes, reportOffsets, trainerBuffers } from './layout.js';
 import {
   type AdapterConfigOptions,
   exportPeftAdapter,
@@ -143,18 +153,23 @@ export interface TrainerOptions {
    */
   readonly fuse?: boolean;
   /**
-   * The forward's tile math (ForwardOptions.tileMath): 'f16' stages activations and weights stored
-   * below f32 in f16 and multiplies with f32 accumulation, and the attention stages q, k and v in
-   * f16 (needs shader-f16); the backward and the loss compute in f32. Default trainingTileMath(ctx):
-   * f16 on GPUs with shader-f16, f32 on CPU adapters and without it; f32 for a model loaded with
-   * f32 weights (who asks for f32 weights asks for f32 arithmetic, as generation has it).
+   * The products' tile math (needs shader-f16 for 'f16'). 'f16': the forward's products stage
+   * activations and weights stored below f32 in f16 and multiply with f32 accumulation
+   * (ForwardOptions.tileMath), the attention stages q, k and v in f16, and the backward's products
+   * (dx and the loss's dH) stage the gradients in f16 under dynamic loss scaling (`lossScale`);
+   * LoRA's own gradient kernels, the attention's backward and the loss's logits compute in f32.
+   * Default defaultTrainingTileMath: f16 on GPUs with shader-f16, f32 on CPU adapters and without
+   * it, and for a model loaded with f32 weights.
    */
   readonly tileMath?: TileMath;
+  /** Dynamic loss scaling of the f16 backward (tileMath 'f16' only): GradScaler's parameters and
+   * defaults (core's LossScaleConfig). */
+  readonly lossScale?: LossScaleConfig;
 }
 
 /** TrainerOptions.tileMath, or its default for this model on this device. */
 function resolvedTileMath(ctx: GpuContext, model: CausalLM, options: TrainerOptions): TileMath {
-  return options.tileMath ?? (model.precision === 'f32' ? 'f32' : trainingTileMath(ctx));
+  return options.tileMath ?? defaultTrainingTileMath(ctx, model.precision);
 }
 
 export interface MicroBatch {
@@ -169,7 +184,7 @@ export interface StepResult {
   readonly step: number;
   /** Mean loss over the step's counted tokens (before the update). */
   readonly loss: number;
-  /** Global gradient norm before clipping. */
+  /** Global gradient norm before clipping (unscaled; not finite on a step that overflowed). */
   readonly gradNorm: number;
   /** Learning rate used by this step. */
   readonly lr: number;
@@ -178,6 +193,16 @@ export interface StepResult {
   /** Token positions processed (B·T per micro-batch). */
   readonly positions: number;
   readonly seconds: number;
+  /** With f16 tile math: the loss scale this step's gradients carried. */
+  readonly lossScale?: number;
+  /**
+   * With f16 tile math: the gradients overflowed at this scale, so AdamW skipped the update (the
+   * adapter and its moments are as before the step) and the scale was halved. The step still
+   * counts: its number, its learning rate and AdamW's bias correction are taken, as a pipelined
+   * run must before it can know (torch's GradScaler does not count it for Adam's bias correction,
+   * which differs where this happens at the first steps).
+   */
+  readonly overflow?: boolean;
 }
 
 /** Bytes by category of what the trainer allocated. */
@@ -201,6 +226,9 @@ export interface TrainerState {
   /** Optimizer steps taken (the schedule's position and AdamW's bias-correction count). */
   readonly step: number;
   readonly modules: readonly TrainerModuleState[];
+  /** With f16 tile math: the loss scale for the next step and the good steps counted towards its
+   * growth. A state without it restores with the configuration's initial scale. */
+  readonly lossScale?: { readonly scale: number; readonly goodSteps: number };
 }
 
 export interface TrainerModuleState {
@@ -264,6 +292,8 @@ export class LoraTrainer {
     private readonly norm: Tensor,
     /** u32 [1]: AdamW's divergence latch (adamw_step_guarded). */
     private readonly latch: Tensor,
+    /** f32 [4]: the loss scale's state (f16 tile math), else undefined. */
+    private readonly scaleState: Tensor | undefined,
     /** Every report buffer made (MAP_READ); the free ones are in freeReports. */
     private readonly reports: GPUBuffer[],
     private readonly optimizerDispatches: readonly Dispatch[],
@@ -296,10 +326,16 @@ export class LoraTrainer {
       tablePartBytes: model.tablePartBytes,
       storedDTypes: model.storedDTypes,
       fuse: options.fuse,
+      tileMath: resolvedTileMath(ctx, model, options),
     });
     checkFits(ctx, estimate, { budget: options.memoryBudget });
     if (options.tileMath === 'f16' && !ctx.features.shaderF16)
       throw new ShapeError('trainer: f16 tile math needs an adapter with shader-f16, and this one has none');
+    // Loss scaling goes with the f16 backward; its configuration is checked before anything is made.
+    const scaled = resolvedTileMath(ctx, model, options) === 'f16';
+    if (options.lossScale && !scaled)
+      throw new WebtuneError('trainer: lossScale configures the f16 backward, and this run has f32 tile math');
+    const scaleConfig = scaled ? resolveLossScale(options.lossScale) : undefined;
     const weights = options.initialWeights ?? initLoraWeights(resolved, options.seed ?? 0);
     const before = ctx.liveBytes;
     const entries = resolved.modules.flatMap((m) => [
@@ -338,7 +374,7 @@ export class LoraTrainer {
       // The trainer's own buffers, as trainerBuffers (and so estimateMemory) lists them: made before
       // the plans, which read the dropout counter among them.
       const made = new Map<string, Tensor[]>();
-      for (const b of trainerBuffers(K, B * T, grads.size, ctx.limits, isCpuAdapter(ctx), dropoutP > 0)) {
+      for (const b of trainerBuffers(K, B * T, grads.size, ctx.limits, isCpuAdapter(ctx), dropoutP > 0, scaled)) {
         if (b.label === 'train.report.{i}') {
           for (let i = 0; i < b.count; i++) reports.push(createReport(ctx, K, i));
           continue;
@@ -361,6 +397,8 @@ export class LoraTrainer {
       const norm = one('train.grad_norm');
       const latch = one('train.adamw_latch');
       const partials = one('train.grad_norm_partials');
+      const scaleState = scaleConfig ? one('train.loss_scale') : undefined;
+      if (scaleState) writeTensor(scaleState, lossScaleInitialState(scaleConfig));
 
       const afterArenas = ctx.liveBytes;
       const fwd = await planForward(ctx, model, {
@@ -376,17 +414,22 @@ export class LoraTrainer {
       });
       cleanup.push(fwd);
       const activations = ctx.liveBytes - afterArenas;
-      const bwd = await planBackward(ctx, fwd, trainables);
+      const bwd = await planBackward(ctx, fwd, trainables, scaleState ? { lossScale: scaleState } : {});
       cleanup.push(bwd);
 
       const normDispatches = await planL2Norm(ctx, { x: grads.tensor, partials, out: norm }, 'grad_norm');
+      cleanup.push(...normDispatches);
+      const lossScale = scaleState ? { state: scaleState, config: scaleConfig } : undefined;
       const adamw = await planAdamW(
         ctx,
         { norm, grad: grads.tensor, param: params.tensor, m: m1.tensor, v: m2.tensor },
         hyper(options.optimizer),
-        { label: 'adamw', guard: { losses: lossLog, count: K, latch } },
+        { label: 'adamw', guard: { losses: lossLog, count: K, latch }, lossScale },
       );
+      cleanup.push(adamw);
       const optimizerDispatches = [...normDispatches, adamw];
+      if (scaleState)
+        optimizerDispatches.push(await planLossScaleUpdate(ctx, { norm, latch, state: scaleState }, scaleConfig));
       const total = ctx.liveBytes - before;
       const memory: TrainerMemory = {
         frozenWeights: model.bytes,
@@ -410,6 +453,7 @@ export class LoraTrainer {
         lossLog,
         norm,
         latch,
+        scaleState,
         reports,
         optimizerDispatches,
         adamw,
@@ -541,14 +585,16 @@ export class LoraTrainer {
       enc.dispatch(...this.fwd.dispatches, ...this.bwd.dispatches);
       enc.copy(this.bwd.loss, this.lossLog, 8, 8 * k);
     });
+    const at = reportOffsets(K);
     enc
       .dispatch(...this.optimizerDispatches)
       .clear(this.grads.tensor)
       .copy(this.lossLog, report, 8 * K, 0)
-      .copy(this.norm, report, 12, 8 * K)
-      .copy(this.latch, report, 4, 8 * K + 12)
-      .copy(this.bwd.errors, report, 8, 8 * K + 16)
-      .submit();
+      .copy(this.norm, report, 12, at.norm)
+      .copy(this.latch, report, 4, at.latch)
+      .copy(this.bwd.errors, report, 8, at.errors);
+    if (this.scaleState) enc.copy(this.scaleState, report, 16, at.lossScale);
+    enc.submit();
     const entry: InFlight = {
       step,
       lr,
@@ -591,10 +637,15 @@ export class LoraTrainer {
     if (e.epoch !== this.epoch) throw new StepDiscardedError(e.step, this.divergedStep);
     let loss = 0;
     for (let k = 0; k < e.micro; k++) loss += f[2 * k] as number;
-    const gradNorm = f[2 * K] as number;
-    const finite = f[2 * K + 1];
-    const latched = u[2 * K + 3];
-    if (!Number.isFinite(loss) || finite !== 1) {
+    const at = reportOffsets(K);
+    const finite = f[at.norm / 4 + 1];
+    const latched = u[at.latch / 4];
+    // With a loss scale: the scale this step used (state[2]), by which the norm is divided; a
+    // gradient that is not finite is an overflow (skipped, not latched) unless AdamW latched.
+    const scale = this.scaleState ? (f[at.lossScale / 4 + 2] as number) : undefined;
+    const gradNorm = (f[at.norm / 4] as number) / (scale ?? 1);
+    const overflow = scale !== undefined && finite !== 1 && latched === 0 && Number.isFinite(loss);
+    if (!Number.isFinite(loss) || (finite !== 1 && !overflow)) {
       // AdamW skipped this step and latched: the steps queued behind it skip too. Clear the latch
       // (queued after them) and continue from the last good step.
       this.epoch++;
@@ -604,9 +655,9 @@ export class LoraTrainer {
       throw new TrainingDivergedError(e.step, loss, gradNorm);
     }
     if (latched !== 0) throw new WebtuneError(`step ${e.step}: AdamW's latch was set with no divergence seen`);
-    if (u[2 * K + 4] !== 0) {
+    if (u[at.errors / 4] !== 0) {
       throw new WebtuneError(
-        `trainStep: ${u[2 * K + 5]} labels outside the vocabulary (${this.model.config.vocabSize})`,
+        `trainStep: ${u[at.errors / 4 + 1]} labels outside the vocabulary (${this.model.config.vocabSize})`,
       );
     }
     this.stepCount = e.step;
@@ -618,6 +669,7 @@ export class LoraTrainer {
       tokens: e.tokens,
       positions: e.positions,
       seconds: (performance.now() - e.t0) / 1000,
+      ...(scale !== undefined ? { lossScale: scale, overflow } : {}),
     };
   }
 
@@ -660,10 +712,11 @@ export class LoraTrainer {
     await this.settle();
     if (this.released) throw new WebtuneError('trainer was disposed');
     const step = this.stepCount;
-    const [params, m1, m2] = await Promise.all([
+    const [params, m1, m2, scale] = await Promise.all([
       readFloat32(this.params.tensor),
       readFloat32(this.moments[0].tensor),
       readFloat32(this.moments[1].tensor),
+      this.scaleState ? readFloat32(this.scaleState) : undefined,
     ]);
     const slice = (all: Float32Array, view: number) => this.slice(all, view);
     return {
@@ -677,6 +730,7 @@ export class LoraTrainer {
         expAvgSqA: slice(m2, 2 * i),
         expAvgSqB: slice(m2, 2 * i + 1),
       })),
+      ...(scale ? { lossScale: { scale: scale[0] as number, goodSteps: scale[1] as number } } : {}),
     };
   }
 
@@ -688,6 +742,10 @@ export class LoraTrainer {
     if (this.inFlight > 0)
       throw new WebtuneError(`restoreState: ${this.inFlight} steps are still in flight; await them (settle()) first`);
     const modules = this.resolved.modules;
+    // The loss scale first: a bad one throws before anything is written.
+    const scale =
+      this.scaleState &&
+      lossScaleInitialState(this.options.lossScale, state.lossScale?.scale, state.lossScale?.goodSteps ?? 0);
     if (state.modules.length !== modules.length)
       throw new WebtuneError(
         `restoreState: the state has ${state.modules.length} modules, this trainer adapts ${modules.length}`,
@@ -709,6 +767,7 @@ export class LoraTrainer {
       put(this.moments[1], 2 * i, s.expAvgSqA, 'exp_avg_sq(A)');
       put(this.moments[1], 2 * i + 1, s.expAvgSqB, 'exp_avg_sq(B)');
     });
+    if (this.scaleState && scale) writeTensor(this.scaleState, scale);
     this.ctx.device.queue.writeBuffer(this.latch.buffer, this.latch.byteOffset, new Uint32Array([0]));
     this.stepCount = state.step;
     this.queued = state.step;

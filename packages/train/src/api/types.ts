@@ -288,6 +288,11 @@ export type TrainerProgress =
       readonly tokensPerSecond: number;
       readonly etaSeconds: number;
       readonly epoch: number;
+      /** With f16 tile math: the loss scale the step's gradients carried. */
+      readonly lossScale?: number;
+      /** With f16 tile math: the gradients overflowed at that scale, so the update was skipped
+       * (nothing changed) and the scale halved. */
+      readonly overflow?: boolean;
     }
   | { readonly type: 'eval'; readonly step: number; readonly validationLoss: number }
   | { readonly type: 'checkpoint'; readonly step: number }

@@ -4,7 +4,8 @@
  * configuration), as one record that storage replaces atomically.
  *
  * Tensor keys per adapted module m: `m.lora_A`, `m.lora_B`, `m.exp_avg.lora_A`,
- * `m.exp_avg.lora_B`, `m.exp_avg_sq.lora_A`, `m.exp_avg_sq.lora_B` (flat f32). The schedule needs
+ * `m.exp_avg.lora_B`, `m.exp_avg_sq.lora_A`, `m.exp_avg_sq.lora_B` (flat f32); an f16 run's loss
+ * scale is in the meta (CheckpointMeta.lossScale). The schedule needs
  * no state of its own (the lr is a pure function of the step), and neither does any random
  * stream: the adapter's initialisation is only drawn at step 0 and the data order is a pure
  * function of (seed, epoch).
@@ -61,6 +62,7 @@ export function makeCheckpoint(
     seconds: progress.seconds,
     created: progress.created,
     updated: Date.now(),
+    ...(state.lossScale ? { lossScale: { scale: state.lossScale.scale, goodSteps: state.lossScale.goodSteps } } : {}),
   };
   return { meta, tensors };
 }
@@ -93,7 +95,7 @@ export function checkpointState(record: CheckpointRecord): TrainerState {
     expAvgSqA: get(`${name}.exp_avg_sq.lora_A`),
     expAvgSqB: get(`${name}.exp_avg_sq.lora_B`),
   }));
-  return { step: meta.step, modules };
+  return { step: meta.step, modules, ...(meta.lossScale ? { lossScale: meta.lossScale } : {}) };
 }
 
 export function checkpointConfig(meta: CheckpointMeta): RunConfig {

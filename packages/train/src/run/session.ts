@@ -334,6 +334,7 @@ export class TrainingSession {
       tokensPerSecond: seconds > 0 ? this.sessionTokens / seconds : 0,
       etaSeconds: stepsThisSession > 0 ? (seconds / stepsThisSession) * (config.totalSteps - r.step) : 0,
       epoch: queued.epoch,
+      ...(r.lossScale !== undefined ? { lossScale: r.lossScale, overflow: r.overflow ?? false } : {}),
     });
     if (this.env.validation.length > 0 && (r.step % config.evalEvery === 0 || r.step === config.totalSteps))
       await this.evaluate();

@@ -67,6 +67,9 @@ export interface CheckpointMeta {
   readonly seconds: number;
   readonly created: number;
   readonly updated: number;
+  /** With f16 tile math: the loss scale for the next step and the good steps counted towards its
+   * growth (TrainerState.lossScale). Absent in checkpoints of f32 runs and of earlier versions. */
+  readonly lossScale?: { readonly scale: number; readonly goodSteps: number };
 }
 
 export interface CheckpointRecord {
