@@ -4,10 +4,11 @@
 // per call is a few f16 ulps of four terms, not of the running sum; tile_fma and tile_scale_fma
 // (attention) multiply and add in f32. Staging in f16 halves the tiles'
 // workgroup memory and their reads; what is staged rounds to f16 (and overflows above 65504), as
-// do Q8_0/Q4_0 values. matmul.ts allows it only for forward-layout products of weights stored
-// below f32 (a LoRA term stays f32 there), attention.ts only for the forward (whose backward reads
-// q, k and v rounded alike in the f32 build): gradients, which f16 would flush below 6e-8, keep
-// the f32 build.
+// do Q8_0/Q4_0 values. matmul.ts allows it for forward-layout products of weights stored below
+// f32 (a LoRA term stays f32 there) and, under a dynamic loss scale (loss_scale.wgsl) that lifts
+// gradients out of the range f16 would flush (below 6e-8), for the backward's products of such
+// weights; attention.ts only for the forward (whose backward reads q, k and v rounded alike in the
+// f32 build).
 
 alias tile_t = f16;
 

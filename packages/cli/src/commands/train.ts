@@ -53,7 +53,7 @@ export const trainFlags: Record<string, FlagSpec> = {
   'tile-math': {
     type: 'string',
     description:
-      "f16 or f32: how the forward's projections and attention stage and multiply their tiles (default: f16 on GPUs with shader-f16, else f32; the backward computes in f32)",
+      "f16 or f32: how the projections and attention stage and multiply their tiles (default: f16 on GPUs with shader-f16, else f32; f16 trains the backward's products under dynamic loss scaling)",
   },
   'checkpoint-every': { type: 'int', description: 'save a checkpoint every N steps (0: only on Ctrl-C)', default: 50 },
   'checkpoint-dir': { type: 'string', description: 'where checkpoints go (default: <out>.checkpoint)' },

@@ -469,13 +469,14 @@ export function inferenceTileMath(ctx: GpuContext): TileMath {
 }
 
 /**
- * The tile math a training step's forward takes unless asked otherwise: as inferenceTileMath (f16
- * on GPUs with shader-f16), for the forward-layout products of weights stored below f32
- * (f16TileMathApplies) and the tiled attention forward, whose backward then reads q, k and v
- * rounded as it staged them (AttentionForwardArgs.tileMath). Everything that carries a gradient
- * stays f32: the backward's products (dy·W, g and dB, dA) and the attention's backward, whose small
- * values f16 would flush without loss scaling, and the loss's logits. The LoRA gradients stay
- * within f16's bounds of PEFT on the same weights (train_f16.test.ts).
+ * The tile math a training step takes unless asked otherwise: as inferenceTileMath (f16 on GPUs
+ * with shader-f16). Its forward takes it for the forward-layout products of weights stored below
+ * f32 (f16TileMathApplies) and the tiled attention forward, whose backward then reads q, k and v
+ * rounded as it staged them (AttentionForwardArgs.tileMath); its backward for the products that
+ * carry gradients (dy·W with its prologues and epilogues, the loss's dH), under a dynamic loss
+ * scale (loss_scale.ts) that keeps the small gradients inside f16's range. LoRA's own gradient
+ * kernels (g, dB, dA), the attention's backward and the loss's logits stay f32. The LoRA gradients
+ * stay within f16's bounds of PEFT on the same weights (train_f16.test.ts).
  */
 export function trainingTileMath(ctx: GpuContext): TileMath {
   return inferenceTileMath(ctx);

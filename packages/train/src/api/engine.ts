@@ -468,6 +468,7 @@ export class TrainerEngine {
       device: ctx,
       tablePartBytes: model.tablePartBytes,
       storedDTypes: model.storedDTypes,
+      ...(run.tileMath ? { tileMath: run.tileMath } : {}),
     });
     let problem: string | undefined;
     try {

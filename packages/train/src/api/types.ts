@@ -213,9 +213,9 @@ export interface TrainConfig {
   evalEvery?: number;
   /** Recompute activations in the backward: less memory, about a third more time. */
   recompute?: boolean;
-  /** How the forward's projections and attention stage and multiply their tiles: 'f16' (needs
-   * shader-f16) or 'f32'. Default: f16 on GPUs with shader-f16 (f32 for a model loaded with f32
-   * weights), else f32 (trainingTileMath). The backward and the loss compute in f32 either way. */
+  /** How the projections and attention stage and multiply their tiles: 'f16' (needs shader-f16;
+   * the backward's products too, under dynamic loss scaling) or 'f32'. Default: f16 on GPUs with
+   * shader-f16 (f32 for a model loaded with f32 weights), else f32 (trainingTileMath). */
   tileMath?: 'f16' | 'f32';
   /** Continue training a saved adapter: its weights and LoRA configuration are the start. */
   from?: string;

@@ -45,7 +45,7 @@ export interface RunConfig {
   readonly checkpointEvery: number;
   readonly evalEvery: number;
   readonly recompute: boolean;
-  /** The forward's tile math when asked for (TrainConfig.tileMath); absent: the device's default. */
+  /** The tile math when asked for (TrainConfig.tileMath); absent: the device's default. */
   readonly tileMath?: 'f16' | 'f32';
   /** The library adapter the run started from, if any. */
   readonly from: string | null;
