@@ -161,8 +161,10 @@ const DELTA_WG: u32 = 64u;
 const RMAX: u32 = 64u;        // rows kernels: vec4s in a private row array (HD ≤ 256)
 
 // The staged rows hold tile_t: f32 (tile_f32.wgsl), or f16 (tile_f16.wgsl) for the forward on
-// adapters with shader-f16 (the backward of such a forward reads them rounded: ROUND_F16), and
-// tile_fma / tile_scale_fma form the products from them (in f32 in both builds). A workgroup owns OWN rows (own_a, and own_b in the backward) and streams
+// adapters with shader-f16 (the backward of such a forward reads them rounded: ROUND_F16) and for
+// the tiled backward of such a forward under a loss scale (dout staged in f16, its small values
+// lifted by the scale), and tile_fma / tile_scale_fma form the products from them (in f32 in both
+// builds). A workgroup owns OWN rows (own_a, and own_b in the backward) and streams
 // blocks of STR rows (str_a, str_b) past them; which tensor each holds depends on the kernel:
 //                 own_a   own_b   str_a   str_b
 //   fwd           q       -       k       v

@@ -3,11 +3,21 @@
 // f16, which it must match to f32 precision (an f16·f16 product is exact in f32), and on the
 // inputs themselves, where the staging's rounding of q and k moves the scores too. The cases run
 // where the adapter has shader-f16 (the node-lavapipe-f16 project: Mesa 25 lavapipe) and skip
-// elsewhere; the refusal without shader-f16 runs everywhere else.
+// elsewhere; the refusal without shader-f16 runs everywhere else. Then the backward: reading q, k
+// and v rounded as such a forward staged them (f32 builds), and the tiled backward's own f16 build
+// under a loss scale.
 import { describe, expect, it } from 'vitest';
 import { attentionBackwardRef, attentionForwardRef } from '../ref/attention.js';
 import { asStored, randomArray } from '../ref/check.js';
-import { createTensor, readFloat32, StepEncoder, type TileMath, tensorFromData } from '../src/index.js';
+import {
+  createTensor,
+  readFloat32,
+  StepEncoder,
+  type Tensor,
+  type TileMath,
+  tensorFromData,
+  tensorView,
+} from '../src/index.js';
 import {
   type AttentionVariant,
   attentionShapes,
@@ -185,4 +195,102 @@ describe('attention backward of an f16-staged forward', () => {
       });
     }
   }
+});
+
+// The tiled backward with f16 tiles under a loss scale (gradTileMath 'f16', the trainer's f16
+// backward): q, k and v staged as the f16 forward rounded them (exactly), dout = S·(true gradients
+// of 1e-7 to 1e-6, which f16 alone would flush or keep with a few bits) rounded to f16, products in
+// f32. Divided by S, dq, dk and dv must match the float64 gradients of the rounded inputs to within
+// f16's rounding of dout (2e-3 of the largest gradient), in two dispatches and in one (dq, dk and dv
+// places of one buffer).
+describe('attention backward with f16 tiles under a loss scale', () => {
+  const S = 2 ** 16;
+  const bwdCases: Case[] = [
+    { B: 2, Tq: 33, Tk: 33, pos0: 0, nH: 4, nKV: 2, hd: 64 },
+    { B: 1, Tq: 9, Tk: 11, pos0: 2, nH: 2, nKV: 1, hd: 7 },
+  ];
+  for (const c of bwdCases) {
+    for (const one of [false, true]) {
+      const name = `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd}, ${one ? 'one dispatch' : 'dq and dkv'}`;
+      it(name, async (t) => {
+        const ctx = gpu();
+        if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+        const seed = c.B * 3001 + c.Tq * 13 + c.hd;
+        const rounded = {
+          ...c,
+          scale: 1 / Math.sqrt(c.hd),
+          q: asStored(randomArray(c.B * c.Tq * c.nH * c.hd, seed, 1.7), 'f16'),
+          k: asStored(randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 1, 1.7), 'f16'),
+          v: asStored(randomArray(c.B * c.Tk * c.nKV * c.hd, seed + 2), 'f16'),
+        };
+        const dout = randomArray(c.B * c.Tq * c.nH * c.hd, seed + 3).map((x) => x * 1e-6);
+        const fwd = attentionForwardRef(rounded);
+        const want = attentionBackwardRef(rounded, dout);
+        const got = await gpuCase(ctx, name, async () => {
+          const s = attentionShapes(c);
+          const t = (data: ArrayLike<number>, shape: readonly number[], label: string) =>
+            tensorFromData(ctx, data, shape, 'f32', label);
+          const q = t(rounded.q, [c.B * c.Tq, c.nH * c.hd], 'q');
+          const k = t(rounded.k, [c.B * c.Tk, c.nKV * c.hd], 'k');
+          const v = t(rounded.v, [c.B * c.Tk, c.nKV * c.hd], 'v');
+          const o = t(fwd.o, s.o, 'o');
+          const lse = t(fwd.lse, s.lse, 'lse');
+          const dO = t(
+            dout.map((x) => x * S),
+            s.o,
+            'do',
+          );
+          const [nq, nk] = [s.o.reduce((a, b) => a * b), s.dk.reduce((a, b) => a * b)];
+          // One buffer for dq, dk and dv (the one-dispatch kernel's condition) or three.
+          const all = one ? createTensor(ctx, [nq + 2 * nk + 128], 'f32', 'dqkv') : undefined;
+          const place = (offset: number, shape: readonly number[], label: string) =>
+            all ? tensorView(all, offset * 4, shape, 'f32', label) : createTensor(ctx, shape, 'f32', label);
+          const dq = place(0, s.o, 'dq');
+          const dk = place(Math.ceil(nq / 64) * 64, s.dk, 'dk');
+          const dv = place(Math.ceil(nq / 64) * 64 + Math.ceil(nk / 64) * 64, s.dk, 'dv');
+          const delta = createTensor(ctx, s.delta, 'f32', 'delta');
+          const dims = { B: c.B, Tq: c.Tq, Tk: c.Tk, pos0: c.pos0, nH: c.nH, nKV: c.nKV, hd: c.hd };
+          const io = {
+            ...{ q, k, v, o, lse, do: dO, dq, dk, dv, delta, dims },
+            variant: 'tiled' as const,
+            tileMath: 'f16' as const,
+            gradTileMath: 'f16' as const,
+          };
+          const bwd = await planAttentionBackward(ctx, io);
+          expect(bwd.length).toBe(one ? 1 : 2);
+          for (const d of bwd) expect(d.kernel.spec.file).toContain('shaders/tile_f16.wgsl');
+          new StepEncoder(ctx, name).dispatch(...bwd).submit();
+          const unscale = (x: Float32Array) => x.map((y) => y / S);
+          const out = {
+            dq: unscale(await readFloat32(dq)),
+            dk: unscale(await readFloat32(dk)),
+            dv: unscale(await readFloat32(dv)),
+          };
+          for (const d of bwd) d.dispose();
+          for (const x of [q, k, v, o, lse, dO, delta, ...(all ? [all] : [dq, dk, dv])]) x.dispose();
+          return out;
+        });
+        for (const g of ['dq', 'dk', 'dv'] as const) {
+          const largest = Math.max(...want[g].map(Math.abs));
+          expectClose(ctx, `${name} ${g}`, got[g], want[g], 2e-3 * largest, 0);
+        }
+      });
+    }
+  }
+
+  it('is refused without an f16-staged forward', async (t) => {
+    const ctx = gpu();
+    if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+    await gpuCase(ctx, 'f16 backward refusal', async () => {
+      const c = { B: 1, Tq: 4, Tk: 4, pos0: 0, nH: 1, nKV: 1, hd: 8 };
+      const s = attentionShapes(c);
+      const x = createTensor(ctx, s.o, 'f32', 'x');
+      const [dq, dk, dv] = ['dq', 'dk', 'dv'].map((l) => createTensor(ctx, s.o, 'f32', l)) as [Tensor, Tensor, Tensor];
+      const lse = createTensor(ctx, s.lse, 'f32', 'lse');
+      const delta = createTensor(ctx, s.delta, 'f32', 'delta');
+      const io = { q: x, k: x, v: x, o: x, lse, do: x, dq, dk, dv, delta, dims: c, gradTileMath: 'f16' as const };
+      await expect(planAttentionBackward(ctx, { ...io, variant: 'tiled' })).rejects.toThrow(/staged q, k and v in f16/);
+      for (const y of [x, dq, dk, dv, lse, delta]) y.dispose();
+    });
+  });
 });

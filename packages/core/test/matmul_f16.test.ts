@@ -431,6 +431,111 @@ describe('matmul with f16 tiles', () => {
     expectClose(ctx, 'f16 dup', unscale(got.dup), single.dup, 8e-9 * Math.sqrt(K), 2e-3);
   });
 
+  // The backward's prologues with f16 tiles under a loss scale: the norm's backward (matmul_norm_bwd,
+  // also storing ∂L/∂mid in f32), the gated MLP's (matmul_glu_bwd) and the loss's dz
+  // (matmul_dlogits), each against the same dispatch with f32 tiles (which matmul.test.ts holds to
+  // the float64 references), on gradients of S·1e-6 (S = 2^16): within f16's rounding of the staged
+  // operands, 4e-3 of the largest value, and ∂L/∂mid (formed in f32 before it is staged) bit for bit.
+  it('the norm, gated MLP and loss prologues, against f32 tiles, gradients of 1e-6 at S = 2^16', async (t) => {
+    const ctx = gpu();
+    if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+    const [M, N, K, V] = [33, 64, 96, 72];
+    await gpuCase(ctx, 'f16 backward prologues', async () => {
+      const f32 = (data: ArrayLike<number>, shape: number[], label: string) =>
+        tensorFromData(ctx, data, shape, 'f32', label);
+      const grad = (n: number, seed: number) => scaled(gradients(n, seed));
+      const w = tensorFromData(ctx, asStored(randomArray(K * N, 71, 1), 'f16'), [K, N], 'f16', 'w');
+      const w3 = tensorFromData(ctx, asStored(randomArray(K * N, 72, 1), 'q8_0'), [K, N], 'q8_0', 'w3');
+      const e = tensorFromData(ctx, asStored(randomArray(V * N, 73, 1), 'f16'), [V, N], 'f16', 'e');
+      const made = [w, w3, e];
+      const keep = <T extends Tensor>(x: T) => {
+        made.push(x);
+        return x;
+      };
+      const dOut = keep(f32(grad(M * K, 74), [M, K], 'd_out'));
+      const nb = {
+        dn: keep(f32(grad(M * K, 75), [M, K], 'dn')),
+        x: keep(f32(randomArray(M * K, 76, 1), [M, K], 'mid')),
+        w: keep(
+          f32(
+            randomArray(K, 77, 1).map((v) => 1 + 0.5 * v),
+            [K],
+            'gain',
+          ),
+        ),
+        rstd: keep(
+          f32(
+            randomArray(M, 78, 0.5).map((v) => 1 + v),
+            [M],
+            'rstd',
+          ),
+        ),
+      };
+      const gb = {
+        gate: keep(f32(randomArray(M * K, 79, 2), [M, K], 'gate')),
+        up: keep(f32(randomArray(M * K, 80, 1), [M, K], 'up')),
+        w3,
+      };
+      const labels = keep(
+        tensorFromData(
+          ctx,
+          Array.from({ length: M }, (_, i) => (i % 5 === 0 ? -100 : (i * 7) % V)),
+          [M],
+          'i32',
+          'labels',
+        ),
+      );
+      const lse = keep(
+        f32(
+          randomArray(M, 81, 0.5).map((v) => 4 + v),
+          [M],
+          'lse',
+        ),
+      );
+      const coef = keep(f32([0, M, S / 27], [3], 'coef'));
+      const logits = keep(f32(randomArray(M * V, 82, 2), [M, V], 'logits'));
+      const run = async (tiles: 'f16' | 'f32') => {
+        const o = tiles === 'f16' ? ({ tileMath: 'f16', lossScaled: true } as const) : {};
+        const [c1, c2, c3, mid] = [
+          [M, N],
+          [M, N],
+          [M, N],
+          [M, K],
+        ].map((shape, i) => keep(createTensor(ctx, shape, 'f32', `${tiles}.out${i}`))) as [
+          Tensor,
+          Tensor,
+          Tensor,
+          Tensor,
+        ];
+        const plans = [
+          await planMatmul(ctx, dOut, w, c1, { transW: false, normBackward: { ...nb, dMid: mid }, ...o }),
+          await planMatmul(ctx, dOut, w, c2, { transW: false, gluBackward: gb, ...o }),
+          await planMatmul(ctx, logits, e, c3, {
+            transW: false,
+            dlogits: { labels, lse, coef, start: 0, vocab: V },
+            ...o,
+          }),
+        ];
+        for (const d of plans) expect(d.kernel.spec.file.includes('tile_f16.wgsl')).toBe(tiles === 'f16');
+        new StepEncoder(ctx, `prologues ${tiles}`).dispatch(...plans).submit();
+        const out = await Promise.all([c1, c2, c3, mid].map((x) => readFloat32(x)));
+        for (const d of plans) d.dispose();
+        return out;
+      };
+      const [a, b] = [await run('f16'), await run('f32')];
+      const what = ['norm backward', 'gated MLP backward', "loss's dz"];
+      for (let i = 0; i < 3; i++) {
+        const want = b[i] as Float32Array;
+        const largest = Math.max(...want.map(Math.abs));
+        expectClose(ctx, `${what[i]} f16 vs f32 tiles`, a[i] as Float32Array, want, 4e-3 * largest, 0);
+      }
+      expect([...new Uint32Array((a[3] as Float32Array).buffer)]).toEqual([
+        ...new Uint32Array((b[3] as Float32Array).buffer),
+      ]);
+      for (const x of made) x.dispose();
+    });
+  });
+
   it('is asked for only where it is safe, and refused without shader-f16', async () => {
     const ctx = gpu();
     await gpuCase(ctx, 'f16 tile math applies', async () => {

@@ -572,8 +572,9 @@ export async function planBackward(
      * epilogues, and the loss's dH): 'f16' (needs `lossScale` and shader-f16) stages the scaled
      * gradients and the weights stored below f32 in f16 with f32 accumulation, where
      * f16TileMathApplies allows it; other products keep f32. Default 'f16' with `lossScale` on an
-     * adapter with shader-f16, else 'f32'. LoRA's own gradient kernels (g, dA, dB) and the
-     * attention's backward stay f32.
+     * adapter with shader-f16, else 'f32'. The tiled attention backward stages its dout in f16 too
+     * where the forward staged q, k and v in f16 (AttentionBackwardArgs.gradTileMath). LoRA's own
+     * gradient kernels (g, dA, dB) stay f32.
      */
     gradTileMath?: TileMath;
   } = {},
@@ -585,6 +586,8 @@ export async function planBackward(
   const gradTiles = opts.gradTileMath ?? (opts.lossScale && ctx.features.shaderF16 ? 'f16' : 'f32');
   if (gradTiles === 'f16' && !opts.lossScale)
     throw new Error('planBackward: f16 tiles for the gradients need a loss scale (lossScale)');
+  // The tiled attention backward stages its scaled dout in f16 where the forward staged q, k and v so.
+  const attentionGradTiles: TileMath = gradTiles === 'f16' && fwd.attentionTileMath === 'f16' ? 'f16' : 'f32';
   /** The tile math options of a product that carries gradients: f16 where it applies (see gradTileMath). */
   const gradTileOptions = (w: Tensor, o: MatmulOptions): MatmulOptions =>
     gradTiles === 'f16' && f16TileMathApplies(ctx, w, { ...o, lossScaled: true })
@@ -1019,6 +1022,7 @@ export async function planBackward(
               variant: attention,
               dims: { ...dims, ...layouts },
               tileMath: fwd.attentionTileMath,
+              gradTileMath: attentionGradTiles,
             },
             `${p}.attention`,
             { fuse: fwd.fuse },
@@ -1067,6 +1071,7 @@ export async function planBackward(
               variant: attention,
               dims,
               tileMath: fwd.attentionTileMath,
+              gradTileMath: attentionGradTiles,
               ...(ropeInside && invFreqValues
                 ? { rope: { invFreq: invFreqValues, scaling: model.ropeAttentionScaling } }
                 : {}),

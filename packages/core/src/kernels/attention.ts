@@ -254,7 +254,12 @@ export function attentionTileBudget(ctx: GpuContext, hd4: number): number {
  * must fit in attentionTileBudget, and (rows owned)·td invocations in one workgroup. The head
  * size is a pipeline constant, so each head size has its own pipelines (a model has one).
  */
-export function attentionTiles(ctx: GpuContext, hd: number, tileMath: TileMath = 'f32'): AttentionTiles {
+export function attentionTiles(
+  ctx: GpuContext,
+  hd: number,
+  tileMath: TileMath = 'f32',
+  gradTileMath: TileMath = 'f32',
+): AttentionTiles {
   const hd4 = Math.ceil(hd / 4);
   const td = Math.ceil(hd4 / VPT);
   const storage = attentionTileBudget(ctx, hd4);
@@ -262,13 +267,13 @@ export function attentionTiles(ctx: GpuContext, hd: number, tileMath: TileMath =
   const pick = (kernel: TiledKernel): AttentionTile => {
     for (const [own, stream] of TILE_CANDIDATES) {
       const kpt = Math.max(1, Math.min(KPT_MAX, Math.floor(stream / td)));
-      // Only the forward has an f16 build: the backward's tiles are always sized for f32 rows.
-      const rows = kernel === 'fwd' ? tileMath : 'f32';
+      // The forward's rows take tileMath, the backward's gradTileMath (AttentionBackwardArgs).
+      const rows = kernel === 'fwd' ? tileMath : gradTileMath;
       if (own * td <= threads && workgroupBytes(kernel, hd4, own, stream, rows) <= storage) return { own, stream, kpt };
     }
     throw new LimitExceededError(
       'maxComputeWorkgroupStorageSize',
-      workgroupBytes(kernel, hd4, 1, 1, kernel === 'fwd' ? tileMath : 'f32'),
+      workgroupBytes(kernel, hd4, 1, 1, kernel === 'fwd' ? tileMath : gradTileMath),
       storage,
       `attention_${kernel} with head size ${hd}`,
     );
@@ -285,7 +290,7 @@ type AttentionBinding = 'uniform' | 'read' | 'write';
 
 // The staged rows' type and products (tile_f32.wgsl, or tile_f16.wgsl with f16 enabled), cos_sin
 // (rope_math.wgsl, RoPE's backward inside dq and dk), then the kernels. Two builds, each composed
-// once; only the forward is ever built in f16 (its backward reads q, k and v rounded instead).
+// once: the forward's f16 build, and the tiled backward's under a loss scale (gradTileMath).
 const ROPE_MATH: ShaderPart = { file: 'shaders/rope_math.wgsl', source: ropeMath };
 const ATTENTION: ShaderPart = { file: 'shaders/attention.wgsl', source: attentionSource };
 const SOURCES: Record<TileMath, ShaderPart> = {
@@ -512,6 +517,16 @@ export interface AttentionBackwardArgs extends AttentionForwardArgs {
   delta?: Tensor;
   /** q and k were rotated by RoPE: dq and dk come out as the gradients before the rotation. */
   rope?: AttentionRope;
+  /**
+   * The tiled backward kernels' staged rows: 'f32' (the default), or 'f16' where `do` carries a
+   * dynamic loss scale (core's loss_scale.ts) and the forward staged q, k and v in f16 (tileMath
+   * 'f16'; needs shader-f16): q, k and v stage exactly as the forward rounded them, do rounds to
+   * f16 (the scale keeps its small values inside f16's range), the products are formed in f32,
+   * and the tiles hold twice the rows. Where RoPE's backward runs inside, dq and dk pass through
+   * f16 once as the rotation's partner columns are exchanged. The rows kernels stage nothing and
+   * are the same either way.
+   */
+  gradTileMath?: TileMath;
 }
 
 /**
@@ -598,12 +613,17 @@ export async function planAttentionBackward(
   const ROPE = rope !== undefined;
   // The forward staged q, k and v in f16: read them as it did (AttentionForwardArgs.tileMath).
   const ROUND_F16 = (io.tileMath ?? 'f32') === 'f16';
+  const grads = io.gradTileMath ?? 'f32';
+  if (grads === 'f16' && !(ctx.features.shaderF16 && ROUND_F16))
+    throw new ShapeError(
+      `${op}: f16 tiles in the backward need shader-f16 and a forward that staged q, k and v in f16 (tileMath 'f16')`,
+    );
   const name = `B${d.B} Tq${d.Tq} Tk${d.Tk} h${d.nH}/${d.nKV} hd${d.hd}`;
   const read7 = ['uniform', 'read', 'read', 'read', 'read', 'read', 'read'] as const;
   if (one) {
-    const tiles = attentionTiles(ctx, d.hd);
+    const tiles = attentionTiles(ctx, d.hd, 'f32', grads);
     const span = gradSpan(io);
-    const kernel = await getKernel(ctx, spec('attention_bwd', [...read7, 'write']), {
+    const kernel = await getKernel(ctx, spec('attention_bwd', [...read7, 'write'], grads), {
       DELTA_FROM_O: true,
       ROPE,
       ROUND_F16,
@@ -671,8 +691,8 @@ export async function planAttentionBackward(
     dqGroups = Math.ceil(d.Tq / wg);
     dkvGroups = Math.ceil(d.Tk / wg);
   } else {
-    const tiles = attentionTiles(ctx, d.hd);
-    dqK = getKernel(ctx, spec('attention_bwd_dq', dqBindings), {
+    const tiles = attentionTiles(ctx, d.hd, 'f32', grads);
+    dqK = getKernel(ctx, spec('attention_bwd_dq', dqBindings, grads), {
       DELTA_FROM_O: fuse,
       ROPE,
       ROUND_F16,
@@ -682,7 +702,7 @@ export async function planAttentionBackward(
       STR: tiles.dq.stream,
       KPT: tiles.dq.kpt,
     });
-    dkvK = getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write']), {
+    dkvK = getKernel(ctx, spec('attention_bwd_dkv', [...read7, 'write', 'write'], grads), {
       ROPE,
       ROUND_F16,
       HD: d.hd,
