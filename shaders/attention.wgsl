@@ -148,8 +148,8 @@ override DELTA_FROM_O: bool = false;
 // applied here instead of in a dispatch of its own. HD % 8 == 0.
 override ROPE: bool = false;
 // Each value of q, k and v is rounded to f16 as it is read (as_staged: in f32 arithmetic, so no
-// shader-f16 is needed): in the f16 build's forward, and in the backward kernels (f32 build) of
-// such a forward, so that the scores and probabilities they recompute are the ones whose lse the
+// shader-f16 is needed): in the f16 build's forward, and in the backward kernels of such a
+// forward (f32 builds, or the tiled kernels' f16 build under a loss scale), so that the scores and probabilities they recompute are the ones whose lse the
 // forward saved, and the gradients are those of the function the forward computed. Every kernel
 // reads them through q4, k4 and v4.
 override ROUND_F16: bool = false;

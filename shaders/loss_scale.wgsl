@@ -12,7 +12,8 @@
 //
 // state (f32, read and written): [0] S for the next step, [1] finite steps since S last changed,
 // [2] S this step used (what the host reports and divides the gradient norm by), [3] overflowed
-// steps so far. A step that AdamW's guard latched (a non-finite loss: a divergence, or a step
+// steps since the state was last written by the host (for inspection; the trainer neither reports
+// nor checkpoints it). A step that AdamW's guard latched (a non-finite loss: a divergence, or a step
 // queued behind one) changes nothing but [2]: it did not happen.
 //
 // Bindings, group 0: 0 p uniform, 1 norm [3] (read: N, finite flag, non-finite count), 2 guard [1]

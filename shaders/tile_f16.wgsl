@@ -7,8 +7,11 @@
 // do Q8_0/Q4_0 values. matmul.ts allows it for forward-layout products of weights stored below
 // f32 (a LoRA term stays f32 there) and, under a dynamic loss scale (loss_scale.wgsl) that lifts
 // gradients out of the range f16 would flush (below 6e-8), for the backward's products of such
-// weights; attention.ts only for the forward (whose backward reads q, k and v rounded alike in the
-// f32 build).
+// weights; attention.ts for the forward and, under a loss scale, the tiled backward of such a
+// forward (which otherwise reads q, k and v rounded alike in the f32 build). An overflow is caught
+// only where the device's f16 arithmetic and conversions give ±Inf past 65504, as IEEE rounding
+// does; WGSL leaves the value to the implementation, and one that clamped would pass a clamped
+// gradient instead of skipping the step.
 
 alias tile_t = f16;
 

@@ -156,8 +156,9 @@ export interface TrainerOptions {
    * The products' tile math (needs shader-f16 for 'f16'). 'f16': the forward's products stage
    * activations and weights stored below f32 in f16 and multiply with f32 accumulation
    * (ForwardOptions.tileMath), the attention stages q, k and v in f16, and the backward's products
-   * (dx and the loss's dH) stage the gradients in f16 under dynamic loss scaling (`lossScale`);
-   * LoRA's own gradient kernels, the attention's backward and the loss's logits compute in f32.
+   * (dx and the loss's dH) and the tiled attention's backward stage the gradients in f16 under
+   * dynamic loss scaling (`lossScale`); LoRA's own gradient kernels and the loss's logits compute
+   * in f32.
    * Default defaultTrainingTileMath: f16 on GPUs with shader-f16, f32 on CPU adapters and without
    * it, and for a model loaded with f32 weights.
    */
@@ -197,7 +198,8 @@ export interface StepResult {
   readonly lossScale?: number;
   /**
    * With f16 tile math: the gradients overflowed at this scale, so AdamW skipped the update (the
-   * adapter and its moments are as before the step) and the scale was halved. The step still
+   * adapter and its moments are as before the step) and the scale was lowered by its backoff
+   * factor (halved by default). The step still
    * counts: its number, its learning rate and AdamW's bias correction are taken, as a pipelined
    * run must before it can know (torch's GradScaler does not count it for Adam's bias correction,
    * which differs where this happens at the first steps).

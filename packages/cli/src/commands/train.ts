@@ -75,7 +75,7 @@ function report(p: TrainerProgress): void {
   switch (p.type) {
     case 'step':
       info(
-        `step ${p.step}/${p.totalSteps}  loss ${p.loss.toFixed(4)}  lr ${p.lr.toExponential(2)}  ${p.overflow ? `gradients overflowed at loss scale ${p.lossScale}: update skipped, scale halved` : `grad norm ${p.gradNorm.toFixed(3)}`}  ${p.tokensPerSecond.toFixed(0)} tokens/s  ETA ${eta(p.etaSeconds)}`,
+        `step ${p.step}/${p.totalSteps}  loss ${p.loss.toFixed(4)}  lr ${p.lr.toExponential(2)}  ${p.overflow ? `gradients overflowed at loss scale ${p.lossScale}: update skipped, scale lowered` : `grad norm ${p.gradNorm.toFixed(3)}`}  ${p.tokensPerSecond.toFixed(0)} tokens/s  ETA ${eta(p.etaSeconds)}`,
       );
       break;
     case 'eval':

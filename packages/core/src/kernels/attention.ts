@@ -415,8 +415,9 @@ export interface AttentionForwardArgs {
    * hold twice the rows; the products are formed in f32, and lse is the rounded scores'. The rows
    * kernels stage nothing and stay f32. In the backward's arguments: the tile math the forward
    * ran with ('f16' only where it took the f16 build): 'f16' has the backward kernels (either
-   * variant, f32 builds, any adapter) read q, k and v rounded to f16 as the forward staged them,
-   * so that they recompute the forward's scores and differentiate what it computed.
+   * variant, any adapter; f32 builds unless gradTileMath asks for f16) read q, k and v rounded to
+   * f16 as the forward staged them, so that they recompute the forward's scores and differentiate
+   * what it computed.
    */
   tileMath?: TileMath;
 }

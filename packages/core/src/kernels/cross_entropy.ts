@@ -122,9 +122,10 @@ export interface CrossEntropyBackwardOptions extends CrossEntropyOptions {
    */
   readonly dzInMatmul?: boolean;
   /**
-   * planCrossEntropyTraining with a loss scale (CrossEntropyTrainingBuffers.lossScale): 'f16'
-   * stages the scaled dz and E's rows in f16 in the dH matmuls, where E is stored below f32
-   * (f16TileMathApplies). Default 'f32'. The logits' matmuls stay f32.
+   * planCrossEntropyTraining only, with a loss scale (CrossEntropyTrainingBuffers.lossScale):
+   * 'f16' stages the scaled dz and E's rows in f16 in the dH matmuls, where E is stored below f32
+   * (f16TileMathApplies). Default 'f32'. The logits' matmuls stay f32; planCrossEntropyBackward
+   * (no loss scale) ignores it.
    */
   readonly dhTileMath?: TileMath;
 }
@@ -560,7 +561,8 @@ async function backward(
   opts: CrossEntropyBackwardOptions,
   /**
    * Training: the forward just ran, so the logits scratch holds its last chunk, and `loss` (its
-   * output) holds the count in loss[1] and dz's coefficient g / divisor in loss[2]: no scale
+   * output) holds the count in loss[1] and dz's coefficient g / divisor (times the loss scale
+   * where there is one) in loss[2], which every dz here takes: no scale
    * dispatch, and with dzInMatmul each chunk's dH matmul forms dz as it stages the logits
    * (matmul_dlogits, whose coefficient the forward sets) instead of a dlogits dispatch.
    */
@@ -693,7 +695,8 @@ export function crossEntropyTrainingDispatchCount(chunks: number, dzInMatmul = t
  * planCrossEntropyForward, and dH written (or accumulated) as in planCrossEntropyBackward. The
  * backward starts from the chunk the forward left in the scratch, so it runs one LM-head matmul
  * fewer: 3·chunks − 1 matmuls (2 for a vocabulary that fits one chunk). `loss` holds at least 3
- * values here: the forward's finish leaves dz's coefficient g / divisor in loss[2], and with
+ * values here: the forward's finish leaves dz's coefficient g / divisor in loss[2] (times S with a
+ * loss scale), and with
  * `dzInMatmul` (GPUs) each dH matmul forms dz from the logits as it stages them (matmul_dlogits),
  * so no dispatch rewrites the logits: 4·chunks dispatches in all (5·chunks without).
  */
@@ -721,8 +724,8 @@ export async function planCrossEntropyTraining(
       ...kernelPlan([...fwd.dispatches, ...bwd.dispatches], [...owned, ...fwd.scratch, ...bwd.scratch]),
       chunk,
       chunks: fwd.chunks,
-      // The forward's finish writes the coefficient the backward's dH matmuls read; the dlogits
-      // dispatches (without dzInMatmul) form their own.
+      // The forward's finish writes the coefficient the backward's dz reads (in its dH matmuls, or
+      // in the dlogits dispatches without dzInMatmul); the uniforms of both carry g and the divisor.
       setDivisor(divisor) {
         f.setDivisor(divisor);
         bwd.setDivisor(divisor);

@@ -394,8 +394,8 @@ export interface MatmulOptions {
    * A is a chunk of the LM head's logits (M×K: vocabulary entries start..start+K), and the product
    * is taken of the loss's dz = (exp(A − lse) − onehot(label))·coef[2], formed as A is staged
    * (matmul_dlogits; shaders/cross_entropy.wgsl's conventions: labels i32 [M], -100 or outside
-   * [0, vocab) ignored; lse f32 [M]; coef f32 with g / divisor in element 2, as the loss's forward
-   * writes it in training): the loss's ∂L/∂H without a dispatch that rewrites the logits. f32 tiles
+   * [0, vocab) ignored; lse f32 [M]; coef f32 with g / divisor in element 2, times the loss scale
+   * where there is one, as the loss's forward writes it in training): the loss's ∂L/∂H without a dispatch that rewrites the logits. f32 tiles
    * (f16 under a loss scale) and the tiled kernel; beta and a row range of W allowed; no bias,
    * low-rank term or other prologue or epilogue.
    */
@@ -474,8 +474,9 @@ export function inferenceTileMath(ctx: GpuContext): TileMath {
  * f32 (f16TileMathApplies) and the tiled attention forward, whose backward then reads q, k and v
  * rounded as it staged them (AttentionForwardArgs.tileMath); its backward for the products that
  * carry gradients (dy·W with its prologues and epilogues, the loss's dH), under a dynamic loss
- * scale (loss_scale.ts) that keeps the small gradients inside f16's range. LoRA's own gradient
- * kernels (g, dB, dA), the attention's backward and the loss's logits stay f32. The LoRA gradients
+ * scale (loss_scale.ts) that keeps the small gradients inside f16's range, and the tiled attention's
+ * backward likewise (AttentionBackwardArgs.gradTileMath). LoRA's own gradient kernels (g, dB, dA)
+ * and the loss's logits stay f32. The LoRA gradients
  * stay within f16's bounds of PEFT on the same weights (train_f16.test.ts).
  */
 export function trainingTileMath(ctx: GpuContext): TileMath {
@@ -1365,7 +1366,7 @@ function checkDlogits(
   if (dl.lse.dtype !== 'f32' || dl.lse.size !== dims.M)
     throw new ShapeError(`${label}: lse ${dl.lse.label} must be ${dims.M} f32 values, one per row of A`);
   if (dl.coef.dtype !== 'f32' || dl.coef.size < 3)
-    throw new ShapeError(`${label}: coef ${dl.coef.label} must hold at least 3 f32 values (g / divisor in element 2)`);
+    throw new ShapeError(`${label}: coef ${dl.coef.label} must hold at least 3 f32 values (dz's coefficient in element 2)`);
   if (
     !Number.isSafeInteger(dl.start) ||
     !Number.isSafeInteger(dl.vocab) ||

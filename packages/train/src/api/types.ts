@@ -291,7 +291,7 @@ export type TrainerProgress =
       /** With f16 tile math: the loss scale the step's gradients carried. */
       readonly lossScale?: number;
       /** With f16 tile math: the gradients overflowed at that scale, so the update was skipped
-       * (nothing changed) and the scale halved. */
+       * (nothing changed) and the scale lowered (halved by default). */
       readonly overflow?: boolean;
     }
   | { readonly type: 'eval'; readonly step: number; readonly validationLoss: number }
