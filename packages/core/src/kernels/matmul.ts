@@ -1366,7 +1366,9 @@ function checkDlogits(
   if (dl.lse.dtype !== 'f32' || dl.lse.size !== dims.M)
     throw new ShapeError(`${label}: lse ${dl.lse.label} must be ${dims.M} f32 values, one per row of A`);
   if (dl.coef.dtype !== 'f32' || dl.coef.size < 3)
-    throw new ShapeError(`${label}: coef ${dl.coef.label} must hold at least 3 f32 values (dz's coefficient in element 2)`);
+    throw new ShapeError(
+      `${label}: coef ${dl.coef.label} must hold at least 3 f32 values (dz's coefficient in element 2)`,
+    );
   if (
     !Number.isSafeInteger(dl.start) ||
     !Number.isSafeInteger(dl.vocab) ||
