@@ -16,7 +16,6 @@ import {
   type CrossEntropyGradPlan,
   createTensor,
   type Dispatch,
-  f16TileMathApplies,
   fusedQkvLayout,
   type GpuContext,
   type LoraDaModule,
@@ -26,6 +25,7 @@ import {
   loraGradManyRefusal,
   loraGradPairable,
   loraGradPairPays,
+  lossScaledTiles,
   MATVEC_MAX_ROWS,
   type MatmulActivationBackward,
   type MatmulOptions,
@@ -588,11 +588,8 @@ export async function planBackward(
     throw new Error('planBackward: f16 tiles for the gradients need a loss scale (lossScale)');
   // The tiled attention backward stages its scaled dout in f16 where the forward staged q, k and v so.
   const attentionGradTiles: TileMath = gradTiles === 'f16' && fwd.attentionTileMath === 'f16' ? 'f16' : 'f32';
-  /** The tile math options of a product that carries gradients: f16 where it applies (see gradTileMath). */
-  const gradTileOptions = (w: Tensor, o: MatmulOptions): MatmulOptions =>
-    gradTiles === 'f16' && f16TileMathApplies(ctx, w, { ...o, lossScaled: true })
-      ? { tileMath: 'f16', lossScaled: true }
-      : {};
+  /** A product that carries gradients: f16 tiles where they apply (see gradTileMath). */
+  const gradTileOptions = (w: Tensor, o: MatmulOptions): MatmulOptions => lossScaledTiles(ctx, w, o, gradTiles);
   const model = fwd.model;
   const c = model.config;
   const rows = fwd.rows;
@@ -766,14 +763,20 @@ export async function planBackward(
           )),
         );
       } else {
-        const o: MatmulOptions = { transW: false, activationBackward: activation, extra };
         out.push(
-          await planMatmul(ctx, dy, lin.w, dx as Tensor, {
-            ...o,
-            ...gradTileOptions(lin.w, o),
-            beta: accumulate ? 1 : 0,
-            label: `${lin.module.name}.dx`,
-          }),
+          await planMatmul(
+            ctx,
+            dy,
+            lin.w,
+            dx as Tensor,
+            gradTileOptions(lin.w, {
+              transW: false,
+              beta: accumulate ? 1 : 0,
+              activationBackward: activation,
+              extra,
+              label: `${lin.module.name}.dx`,
+            }),
+          ),
         );
       }
     };
@@ -932,25 +935,28 @@ export async function planBackward(
           throw new Error(`${p}: backwardLayout allocated no d_resid_next or d_act for norm1's backward in down's dx`);
         const down = layer.linears.down as Linear;
         const nb = { ...pendingNorm1, dMid: dResidOther };
-        const downOpts: MatmulOptions = { transW: false, normBackward: nb };
         out.push(
-          await planMatmul(ctx, dResid, down.w, dAct, {
-            ...downOpts,
-            ...gradTileOptions(down.w, downOpts),
-            label: `${down.module.name}.dx`,
-          }),
+          await planMatmul(
+            ctx,
+            dResid,
+            down.w,
+            dAct,
+            gradTileOptions(down.w, { transW: false, normBackward: nb, label: `${down.module.name}.dx` }),
+          ),
         );
         [dResid, dResidOther] = [dResidOther, dResid];
         pendingNorm1 = undefined;
         const gate = layer.linears.gate as Linear;
         const upW = (layer.linears.up as Linear).w;
-        const gluOpts: MatmulOptions = { transW: false, gluBackward: { gate: a.gate, up: a.up as Tensor, w3: upW } };
+        const gb = { gate: a.gate, up: a.up as Tensor, w3: upW };
         out.push(
-          await planMatmul(ctx, dAct, gate.w, dNorm, {
-            ...gluOpts,
-            ...gradTileOptions(gate.w, gluOpts),
-            label: `${p}.gate_up.dx`,
-          }),
+          await planMatmul(
+            ctx,
+            dAct,
+            gate.w,
+            dNorm,
+            gradTileOptions(gate.w, { transW: false, gluBackward: gb, label: `${p}.gate_up.dx` }),
+          ),
         );
       } else {
         const up = a.up as Tensor;
@@ -987,13 +993,14 @@ export async function planBackward(
           throw new Error(`${p}: backwardLayout allocated no d_resid_next for norm2's backward in o's dx`);
         const o = layer.linears.o as Linear;
         const nb = { dn: dNorm, x: a.mid, w: layer.norm2.w, rstd: a.n2Stats.rstd, dMid: dResidOther };
-        const oOpts: MatmulOptions = { transW: false, normBackward: nb };
         out.push(
-          await planMatmul(ctx, dResid, o.w, dAttn, {
-            ...oOpts,
-            ...gradTileOptions(o.w, oOpts),
-            label: `${o.module.name}.dx`,
-          }),
+          await planMatmul(
+            ctx,
+            dResid,
+            o.w,
+            dAttn,
+            gradTileOptions(o.w, { transW: false, normBackward: nb, label: `${o.module.name}.dx` }),
+          ),
         );
         [dResid, dResidOther] = [dResidOther, dResid];
       } else {

@@ -317,6 +317,7 @@ export class LoraTrainer {
     const dropoutP = resolved.config.lora_dropout;
     if (!(dropoutP >= 0 && dropoutP < 1))
       throw new LoraConfigError('lora_dropout', `${dropoutP} is not a probability in [0, 1)`);
+    const tileMath = resolvedTileMath(ctx, model, options);
     // Everything the trainer will allocate, checked against the device before any allocation.
     const estimate = estimateMemory(model.config, resolved, {
       batch: B,
@@ -328,13 +329,13 @@ export class LoraTrainer {
       tablePartBytes: model.tablePartBytes,
       storedDTypes: model.storedDTypes,
       fuse: options.fuse,
-      tileMath: resolvedTileMath(ctx, model, options),
+      tileMath,
     });
     checkFits(ctx, estimate, { budget: options.memoryBudget });
     if (options.tileMath === 'f16' && !ctx.features.shaderF16)
       throw new ShapeError('trainer: f16 tile math needs an adapter with shader-f16, and this one has none');
     // Loss scaling goes with the f16 backward; its configuration is checked before anything is made.
-    const scaled = resolvedTileMath(ctx, model, options) === 'f16';
+    const scaled = tileMath === 'f16';
     if (options.lossScale && !scaled)
       throw new WebtuneError('trainer: lossScale configures the f16 backward, and this run has f32 tile math');
     const scaleConfig = scaled ? resolveLossScale(options.lossScale) : undefined;
@@ -412,7 +413,7 @@ export class LoraTrainer {
         lora: trainables,
         label: 'train',
         fuse: options.fuse,
-        tileMath: resolvedTileMath(ctx, model, options),
+        tileMath,
       });
       cleanup.push(fwd);
       const activations = ctx.liveBytes - afterArenas;

@@ -37,7 +37,7 @@ import { createTensor, type Tensor, tensorView } from '../tensor.js';
 import { grid1d, planCopyRows } from './elementwise.js';
 import { withGroupReduce } from './group_reduce.js';
 import { checkLossScaleState } from './loss_scale.js';
-import { f16TileMathApplies, isCpuAdapter, type MatmulOptions, planMatmul, type TileMath } from './matmul.js';
+import { isCpuAdapter, lossScaledTiles, type MatmulOptions, planMatmul, type TileMath } from './matmul.js';
 
 /** The label that marks a row as not counted (PyTorch's default ignore_index). */
 export const CROSS_ENTROPY_IGNORE_INDEX = -100;
@@ -630,10 +630,7 @@ async function backward(
       };
       // The scaled dz in f16 where asked for and E's rows allow (planCrossEntropyTraining checked
       // that a scale is there).
-      const tiles = (o: MatmulOptions): MatmulOptions =>
-        training && opts.dhTileMath === 'f16' && f16TileMathApplies(ctx, c.e, { ...o, lossScaled: true })
-          ? { ...o, tileMath: 'f16', lossScaled: true }
-          : o;
+      const tiles = (o: MatmulOptions): MatmulOptions => (training ? lossScaledTiles(ctx, c.e, o, opts.dhTileMath) : o);
       if (training && viaMatmul) {
         const dz = { labels: io.labels, lse: io.lse, coef: training.loss, start: c.start, vocab: dims.vocab };
         dispatches.push(await planMatmul(ctx, c.logits, c.e, io.dh, tiles({ ...dh, dlogits: dz })));

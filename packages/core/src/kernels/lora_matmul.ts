@@ -15,8 +15,8 @@ import type { Tensor } from '../tensor.js';
 import { type DropoutMask, planDropout } from './dropout.js';
 import { withGroupReduce } from './group_reduce.js';
 import {
-  f16TileMathApplies,
   isCpuAdapter,
+  lossScaledTiles,
   type MatmulActivation,
   type MatmulActivationBackward,
   type MatmulOptions,
@@ -840,10 +840,7 @@ export async function planLoraBackward(
   if ((opts.dxActivation || opts.dxExtra || opts.dxLowRank2 || opts.dxLowRank3) && dropout)
     throw new ShapeError(`${op}: LoRA dropout's dx takes no activation epilogue or second product`);
   // f16 tiles for a dx product where asked for and they apply (dxTileMath).
-  const tiles = (o: MatmulOptions): MatmulOptions =>
-    opts.dxTileMath === 'f16' && f16TileMathApplies(ctx, layer.w0, { ...o, lossScaled: true })
-      ? { ...o, tileMath: 'f16', lossScaled: true }
-      : o;
+  const tiles = (o: MatmulOptions): MatmulOptions => lossScaledTiles(ctx, layer.w0, o, opts.dxTileMath);
   if (io.dx && dropout && xd) {
     plan.push(
       await planMatmul(

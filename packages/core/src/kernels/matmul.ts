@@ -456,6 +456,22 @@ export function f16TileMathApplies(ctx: GpuContext, w: Tensor, opts: MatmulOptio
 }
 
 /**
+ * `opts` with f16 tiles under a loss scale (tileMath 'f16', lossScaled) where `tileMath` asks for
+ * them and f16TileMathApplies allows them for W; else `opts` as given (f32 tiles). The backward's
+ * products that carry gradients are planned through it.
+ */
+export function lossScaledTiles(
+  ctx: GpuContext,
+  w: Tensor,
+  opts: MatmulOptions,
+  tileMath: TileMath | undefined,
+): MatmulOptions {
+  return tileMath === 'f16' && f16TileMathApplies(ctx, w, { ...opts, lossScaled: true })
+    ? { ...opts, tileMath: 'f16', lossScaled: true }
+    : opts;
+}
+
+/**
  * The tile math generation takes unless asked otherwise: f16 on GPUs with shader-f16, where f16
  * operands halve the bytes the tiles move and f16 arithmetic runs at (at least) twice f32's rate;
  * f32 elsewhere. Its logits stay within a small multiple of how far transformers computing in f16
