@@ -341,6 +341,11 @@ describe('adamw_step_scaled and loss_scale_update', () => {
       expect(await state0()).toEqual([2 ** 10, 1, 2 ** 10, 0]);
       await both(2, grads[1] as Float64Array, 2 ** 10);
       expect(await state0()).toEqual([2 ** 11, 0, 2 ** 10, 0]);
+      // And against the float64 reference of the unscaled steps directly.
+      const ref = { param: param.slice(), m: new Float64Array(param.length), v: new Float64Array(param.length) };
+      adamwStepRef(ref, grads[0] as Float64Array, h, 1);
+      adamwStepRef(ref, grads[1] as Float64Array, h, 2);
+      expectClose(ctx, 'two scaled steps', (await scaled.download(scaled.param)).flat, ref.param, 1e-6, 1e-5);
       // An overflow: nothing changes, nothing latches, S halves and the count of overflows rises.
       const before = bits((await scaled.download(scaled.param)).flat);
       const bad = (grads[0] as Float64Array).map((v, i) => (i === 3 ? Number.POSITIVE_INFINITY : v));
