@@ -392,6 +392,27 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
       for (const x of [a, w, h, b, c16, c32]) x.dispose();
     }
   }
+  // The backward's dy·W (dx's layout, W stored K×N) under a loss scale (lossScaled): dy holds
+  // scaled gradients, staged in f16 as the trainer's f16 backward stages them.
+  for (const { M, N, K } of matmulShapes(o.quick).filter((m) => !m.transW)) {
+    const dy = tensorFromData(ctx, random(M * K, 11, 1), [M, K], 'f32', 'dy');
+    const w = tensorFromData(ctx, random(K * N, 12, 0.05), [K, N], 'f16', 'w');
+    const c16 = createTensor(ctx, [M, N], 'f32', 'dx16');
+    const c32 = createTensor(ctx, [M, N], 'f32', 'dx32');
+    const f16 = await planMatmul(ctx, dy, w, c16, { transW: false, tileMath: 'f16', lossScaled: true });
+    const f32 = await planMatmul(ctx, dy, w, c32, { transW: false });
+    await timeTileMath(ctx, o, {
+      name: 'matmul_f16_tiles',
+      shape: `${M}x${N}x${K} dy·W W:f16, loss-scaled`,
+      f16: [f16],
+      f32: [f32],
+      outputs: [[c16, c32]],
+      tol: 1e-2 * Math.sqrt(K),
+      flops: matmulFlops({ M, N, K }, 0),
+    });
+    for (const x of [f16, f32]) x.dispose();
+    for (const x of [dy, w, c16, c32]) x.dispose();
+  }
 }
 
 /** The tiled attention forward of SmolLM2-135M (9 query heads on 3 kv heads of 64) at 4×128 (and of
@@ -439,6 +460,70 @@ async function benchAttentionF16(ctx: GpuContext, o: BenchOptions): Promise<void
     for (const x of [...f16, ...f32]) x.dispose();
     for (const x of [q, k, v, o16, lse16, o32, lse32]) x.dispose();
   }
+}
+
+/** The attention backward of SmolLM2-135M (9 query heads on 3 kv heads of 64, RoPE's backward
+ * inside) at 4×128 after an f16 forward, in one dispatch as the trainer runs it: its f16 build
+ * under a loss scale (gradTileMath 'f16': dout, a scaled gradient, staged in f16) against its f32
+ * build. */
+async function benchAttentionBwdF16(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  if (!ctx.features.shaderF16) {
+    o.status('attention_bwd_f16_tiles: skipped, the adapter has no shader-f16');
+    return;
+  }
+  const T = o.quick ? 32 : 128;
+  const [nH, nKV, hd] = [9, 3, 64];
+  const dims = { B: 4, Tq: T, Tk: T, pos0: 0, nH, nKV, hd };
+  const s = attentionShapes(dims);
+  const data = (shape: readonly number[], seed: number, scale: number, label: string) =>
+    tensorFromData(ctx, random((shape[0] as number) * (shape[1] as number), seed, scale), shape, 'f32', label);
+  const q = data(s.o, 151, 1.7, 'q');
+  const k = data(s.dk, 152, 1.7, 'k');
+  const v = data(s.dk, 153, 1, 'v');
+  const dout = data(s.o, 154, 1, 'dout');
+  const out = createTensor(ctx, s.o, 'f32', 'o');
+  const lse = createTensor(ctx, s.lse, 'f32', 'lse');
+  const fwd = await planAttentionForward(ctx, { q, k, v, o: out, lse, dims, variant: 'tiled', tileMath: 'f16' });
+  await runOnce(ctx, fwd, 'attention forward (f16)');
+  const arena = (label: string) =>
+    new TensorArena(
+      ctx,
+      [
+        { shape: [...s.o], label: 'dq' },
+        { shape: [...s.dk], label: 'dk' },
+        { shape: [...s.dk], label: 'dv' },
+      ],
+      label,
+    );
+  const [g16, g32] = [arena('attention grads f16'), arena('attention grads f32')];
+  const invFreq = Float32Array.from({ length: hd / 2 }, (_, i) => 10000 ** (-(2 * i) / hd));
+  const io = {
+    ...{ q, k, v, o: out, lse, do: dout, dims },
+    variant: 'tiled' as const,
+    tileMath: 'f16' as const,
+    rope: { invFreq, scaling: 1 },
+  };
+  const grads = (g: TensorArena) => {
+    const [dq, dk, dv] = g.views as [Tensor, Tensor, Tensor];
+    return { dq, dk, dv };
+  };
+  const f16 = await planAttentionBackward(ctx, { ...io, ...grads(g16), gradTileMath: 'f16' });
+  const f32 = await planAttentionBackward(ctx, { ...io, ...grads(g32), gradTileMath: 'f32' });
+  await timeTileMath(ctx, o, {
+    name: 'attention_bwd_f16_tiles',
+    shape: `B4 T${T} heads ${nH}/${nKV} of ${hd}, RoPE, loss-scaled dout`,
+    f16,
+    f32,
+    outputs: [
+      [g16.views[0] as Tensor, g32.views[0] as Tensor],
+      [g16.views[1] as Tensor, g32.views[1] as Tensor],
+      [g16.views[2] as Tensor, g32.views[2] as Tensor],
+    ],
+    tol: 1e-2,
+    flops: attentionFlops(dims).backward,
+  });
+  for (const x of [...fwd, ...f16, ...f32]) x.dispose();
+  for (const x of [q, k, v, dout, out, lse, g16, g32]) x.dispose();
 }
 
 /** The attention backward of SmolLM2-135M (9 query heads on 3 kv heads of 64, RoPE's backward
@@ -1481,6 +1566,7 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'attention_f16_tiles'.includes(o.only)) await benchAttentionF16(ctx, o);
   if (!o.only || 'lora_fwd_bwd'.includes(o.only)) await benchLora(ctx, o);
   if (!o.only || 'attention_bwd_one'.includes(o.only)) await benchAttentionBwd(ctx, o);
+  if (!o.only || 'attention_bwd_f16_tiles'.includes(o.only)) await benchAttentionBwdF16(ctx, o);
   if (!o.only || 'matmul_rope'.includes(o.only)) await benchMatmulRope(ctx, o);
   if (!o.only || 'glu_norm'.includes(o.only)) await benchGluNorm(ctx, o);
   if (!o.only || 'matmul_resid'.includes(o.only)) await benchMatmulResid(ctx, o);
