@@ -30,6 +30,9 @@ const modelTests = [
   'packages/train/test/trainer.test.ts',
   'packages/train/test/trainer_f16.test.ts',
   'packages/train/test/api.test.ts',
+  // estimateMemory against a trainer's live bytes, and merged models' logits: whole models too.
+  'packages/train/test/memory.test.ts',
+  'packages/train/test/merge.test.ts',
 ];
 
 // Mesa 25's lavapipe, unpacked by tools/setup.mjs (tools/lavapipe25.sh): under Node the only adapter
@@ -70,6 +73,8 @@ function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
         featureLevel: adapter === 'lavapipe' ? ('compatibility' as const) : ('core' as const),
         kernelProfile: adapter === 'lavapipe' ? ('cpu' as const) : ('auto' as const),
         matmulStaging: adapter === 'lavapipe' ? ('direct' as const) : ('auto' as const),
+        // matmul.test.ts runs its entries in the reading this adapter gets (Node runs both).
+        matmulStagings: adapter === 'lavapipe' ? (['direct'] as const) : (['workgroup'] as const),
       },
       browser: {
         enabled: true,
@@ -110,7 +115,12 @@ export default defineConfig({
           pool: 'forks',
           testTimeout: 120_000,
           hookTimeout: 60_000,
-          provide: { featureLevel: 'core' as const, kernelProfile: 'gpu' as const },
+          // The GPU configurations always stage their tiles (direct reads are a CPU profile's).
+          provide: {
+            featureLevel: 'core' as const,
+            kernelProfile: 'gpu' as const,
+            matmulStagings: ['workgroup'] as const,
+          },
           env: { XDG_RUNTIME_DIR: '/tmp' },
         },
       },

@@ -13,6 +13,10 @@ declare module 'vitest' {
     kernelProfile?: 'auto' | 'gpu' | 'cpu';
     /** How the tiled matmuls read their operands, given where the probe would be measured (lavapipe in Chromium). */
     matmulStaging?: 'auto' | 'workgroup' | 'direct';
+    /** Which of the tiled matmul's operand readings matmul.test.ts runs the entries that have both
+     * in (default both): each project runs the ones its adapter can be given, Node on SwiftShader
+     * both. */
+    matmulStagings?: readonly ('workgroup' | 'direct')[];
     /** Features the project's adapter must give (node-lavapipe-f16), so that their tests cannot all skip. */
     requireFeatures?: readonly ('shaderF16' | 'subgroups')[];
   }

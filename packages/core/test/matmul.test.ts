@@ -2,7 +2,7 @@
 // layouts of W, f32, packed-f16, Q8_0 and Q4_0 weights, bias, accumulation and the fused
 // low-rank term; the activation epilogues (silu·mul, gelu_new, forward and backward) in the
 // tiled and matvec kernels; and the RoPE epilogue against the float64 RoPE of the product.
-import { describe, expect, it } from 'vitest';
+import { describe, expect, inject, it } from 'vitest';
 import { geluNewBackwardRef, geluNewForwardRef, siluMulBackwardRef, siluMulForwardRef } from '../ref/activations.js';
 import { asStored, randomArray } from '../ref/check.js';
 import { addRef, matmulRef } from '../ref/matmul.js';
@@ -32,11 +32,14 @@ const paths = useReductionPaths();
 const gpu = paths[0].gpu;
 // The tiled kernels read their operands staged through workgroup memory or, where an adapter
 // measures that faster, straight from the buffers (matmul.wgsl's DIRECT): the entries that have
-// both run both on every adapter.
-const stagings = [
-  { name: 'staged', gpu: useGpu({ matmulStaging: 'workgroup' }) },
-  { name: 'direct', gpu: useGpu({ matmulStaging: 'direct' }) },
-] as const;
+// both run both under Node on SwiftShader, and each other project the reading its adapter gets
+// (vitest.config.ts: staged with the GPU configurations and on Chromium's SwiftShader, direct on
+// lavapipe), since every case is a pipeline of its own and compiling them is what costs CI.
+const STAGING_NAMES = { workgroup: 'staged', direct: 'direct' } as const;
+const stagings = (inject('matmulStagings') ?? (['workgroup', 'direct'] as const)).map((staging) => ({
+  name: STAGING_NAMES[staging],
+  gpu: useGpu({ matmulStaging: staging }),
+}));
 
 /** The contexts a case runs on, with the suffix of its title: both stagings where its entry has
  * both, the adapter's own context where it has one (matvec, the fusions that stage their own). */
