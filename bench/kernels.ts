@@ -52,6 +52,8 @@
  *   the same kernels with workgroup-memory trees, each on a device of its own from the same
  *   adapter, both with the GPU kernel configurations (the CPU ones reduce little); on adapters
  *   with subgroups only.
+ * - dispatch_cost (only with `--only dispatch_cost`): what one small matmul dispatch costs beside
+ *   its work, against the same pipeline from pruned WGSL and naive products with one of its traits.
  */
 
 import { WebGPUBackend } from '@tensorflow/tfjs-backend-webgpu';
@@ -92,10 +94,12 @@ import {
   type Tensor,
   TensorArena,
   tensorFromData,
+  type Workgroups,
   writeTensor,
 } from '@webtune/core';
 import { type RatioSpread, timePair } from './measure.js';
 import type { BenchOptions } from './record.js';
+import { pruneWgsl } from './wgsl_prune.js';
 
 function random(n: number, seed: number, scale: number): Float32Array {
   const out = new Float32Array(n);
@@ -1559,6 +1563,139 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
   }
 }
 
+/** The naive product's variants in dispatch_cost: each adds one trait of matmul.wgsl's kernel. */
+const NAIVE_TRAITS = ['plain', 'bindings', 'workgroup', 'dead_code', 'uniform_loop'] as const;
+type NaiveTrait = (typeof NAIVE_TRAITS)[number];
+
+/** A naive x·Wᵀ (one output per invocation) in WGSL of its own, with one of matmul.wgsl's traits:
+ * its bind group layout (uniforms at 0, x at 1, W at 2, C at 6), 4 KiB of workgroup memory and a
+ * barrier, 12 KiB of code behind a test that is never true, or its loop bound read from the
+ * uniforms. */
+function naiveMatmulWgsl(trait: NaiveTrait, M: number, N: number, K: number): string {
+  const ownLayout = trait === 'bindings' || trait === 'uniform_loop';
+  const dead = Array.from(
+    { length: 120 },
+    (_, i) => `    s = s * ${(1 + i / 1000).toFixed(3)} + sin(s * ${i + 1}.0) * cos(f32(id.x + ${i}u));`,
+  ).join('\n');
+  return `${
+    ownLayout
+      ? `@group(0) @binding(0) var<uniform> u: array<vec4u, 2>;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<f32>;
+@group(0) @binding(6) var<storage, read_write> c: array<f32>;`
+      : `@group(0) @binding(0) var<storage, read> a: array<f32>;
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read_write> c: array<f32>;`
+  }
+${trait === 'workgroup' ? 'var<workgroup> tile: array<vec4f, 256>;' : ''}
+@compute @workgroup_size(8, 8)
+fn main(@builtin(global_invocation_id) id: vec3u, @builtin(local_invocation_index) li: u32) {
+  ${trait === 'workgroup' ? 'tile[li] = vec4f(f32(li));\n  workgroupBarrier();' : ''}
+  if (id.x >= ${N}u || id.y >= ${M}u) { return; }
+  var s = 0.0;
+  for (var k = 0u; k < ${trait === 'uniform_loop' ? `min(u[0].z, ${K}u)` : `${K}u`}; k++) {
+    s += a[id.y * ${K}u + k] * w[id.x * ${K}u + k];
+  }
+  ${trait === 'dead_code' ? `if (a[0] == 12345.0 && w[1] == 54321.0) {\n${dead}\n  }` : ''}
+  ${trait === 'bindings' ? 'if (u[0].x == 7777u) { s += 1.0; }' : ''}
+  ${trait === 'workgroup' ? 's += tile[(li + 1u) % 64u].x * 0.0;' : ''}
+  c[id.y * ${N}u + id.x] = s;
+}`;
+}
+
+/**
+ * What one dispatch costs beside its work: a small x·Wᵀ through matmul.wgsl's `matmul` entry as
+ * planned, dispatched 20 times in one pass, against the same pipeline built from only the WGSL
+ * that entry reaches (pruneWgsl, its overrides written in as consts), and against a naive product
+ * in a module of its own, plain and with one of the matmul kernel's traits each (naiveMatmulWgsl);
+ * ms per dispatch, ratio = the other's ms / the planned matmul's. Only with `--only dispatch_cost`.
+ *
+ * Chromium's compatibility adapter on lavapipe (Dawn's OpenGL ES backend over ANGLE over Mesa 22)
+ * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.75 for the naive one, whatever trait it
+ * had; the pruned module (14 KB of WGSL against 84 KB) as much as the planned one; and with Mesa's
+ * shader cache off (MESA_SHADER_CACHE_DISABLE=true) 1.17 s for each matmul dispatch: that stack
+ * builds the pipeline again at every dispatch, the cache answering in milliseconds.
+ */
+async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void> {
+  const REPS = 20;
+  for (const [M, N, K] of [
+    [32, 32, 32],
+    [128, 64, 64],
+  ] as const) {
+    const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
+    const w = tensorFromData(ctx, random(N * K, 8, 0.05), [N, K], 'f32', 'w');
+    const c = createTensor(ctx, [M, N], 'f32', 'c');
+    const mm = await planMatmul(ctx, a, w, c, { transW: true });
+    const k = mm.kernel;
+    const layout = ctx.device.createPipelineLayout({ bindGroupLayouts: [k.layout] });
+    const pruned = pruneWgsl(k.spec.source, k.spec.entryPoint, k.constants);
+    const prunedPipeline = await ctx.device.createComputePipelineAsync({
+      layout,
+      compute: { module: ctx.device.createShaderModule({ code: pruned }), entryPoint: k.spec.entryPoint },
+    });
+    const run = async (pipeline: GPUComputePipeline, bind: GPUBindGroup, groups: Workgroups) => {
+      const enc = ctx.device.createCommandEncoder();
+      const pass = enc.beginComputePass();
+      pass.setPipeline(pipeline);
+      pass.setBindGroup(0, bind);
+      for (let i = 0; i < REPS; i++) pass.dispatchWorkgroups(groups[0], groups[1] ?? 1, groups[2] ?? 1);
+      pass.end();
+      ctx.device.queue.submit([enc.finish()]);
+      await ctx.device.queue.onSubmittedWorkDone();
+    };
+    const variants: [string, () => Promise<void>][] = [
+      ['matmul', () => run(k.pipeline, mm.bindGroup, mm.workgroups)],
+      ['pruned', () => run(prunedPipeline, mm.bindGroup, mm.workgroups)],
+    ];
+    for (const trait of NAIVE_TRAITS) {
+      const module = ctx.device.createShaderModule({ code: naiveMatmulWgsl(trait, M, N, K) });
+      const ownLayout = trait === 'bindings' || trait === 'uniform_loop';
+      const pipeline = await ctx.device.createComputePipelineAsync({
+        layout: ownLayout ? layout : 'auto',
+        compute: { module, entryPoint: 'main' },
+      });
+      // With matmul's layout the planned dispatch's bind group serves (uniforms, x, W, C).
+      const bind = ownLayout
+        ? mm.bindGroup
+        : ctx.device.createBindGroup({
+            layout: pipeline.getBindGroupLayout(0),
+            entries: [a, w, c].map((t, binding) => ({ binding, resource: { buffer: t.buffer } })),
+          });
+      variants.push([`naive_${trait}`, () => run(pipeline, bind, [Math.ceil(N / 8), Math.ceil(M / 8)])]);
+    }
+    const ms = new Map<string, number>();
+    for (const [name, f] of variants) {
+      o.status(`dispatch_cost ${M}x${N}x${K} ${name}`);
+      await f();
+      const times: number[] = [];
+      for (let i = 0; i < 7; i++) {
+        const t0 = performance.now();
+        await f();
+        times.push(performance.now() - t0);
+      }
+      times.sort((x, y) => x - y);
+      ms.set(name, (times[3] as number) / REPS);
+    }
+    const mine = ms.get('matmul') as number;
+    for (const [name, baselineMs] of ms) {
+      if (name === 'matmul') continue;
+      o.report({
+        name: 'dispatch_cost',
+        shape: `${M}x${N}x${K} x·Wᵀ, ${REPS} dispatches a pass, ms each (WGSL ${k.spec.source.length} B, pruned ${pruned.length} B)`,
+        ms: mine,
+        gflops: gflops(2 * M * N * K, mine),
+        baseline: `dispatch_${name}`,
+        baselineMs,
+        ratio: baselineMs / mine,
+        adapter: o.adapter,
+        extra: { dispatches: REPS },
+      });
+    }
+    mm.dispose();
+    for (const t of [a, w, c]) t.dispose();
+  }
+}
+
 export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Promise<void> {
   if (!o.only || 'matmul'.includes(o.only)) await benchMatmul(ctx, o);
   if (!o.only || 'matmul_direct'.includes(o.only)) await benchMatmulDirect(ctx, o);
@@ -1582,4 +1719,5 @@ export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Pro
   if (!o.only || 'lora_g_db_many'.includes(o.only)) await benchLoraGdBMany(ctx, o);
   if (!o.only || 'lora_da_many'.includes(o.only)) await benchLoraDaMany(ctx, o);
   if (!o.only || 'subgroup_reductions'.includes(o.only)) await benchSubgroupReductions(ctx, o);
+  if (o.only && 'dispatch_cost'.includes(o.only)) await benchDispatchCost(ctx, o);
 }
