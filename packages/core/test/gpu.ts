@@ -19,6 +19,9 @@ declare module 'vitest' {
     matmulStagings?: readonly ('workgroup' | 'direct')[];
     /** Features the project's adapter must give (node-lavapipe-f16), so that their tests cannot all skip. */
     requireFeatures?: readonly ('shaderF16' | 'subgroups')[];
+    /** The project runs only the cases of builds that need those features (node-lavapipe-f16):
+     * llvmpipe takes minutes to compile some f32 kernels cold, which the other projects check. */
+    featureBuildsOnly?: boolean;
   }
 }
 

@@ -17,7 +17,7 @@ import {
   tensorFromData,
   writeTensor,
 } from '@webtune/core';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, inject, it } from 'vitest';
 import { expectClose, gpuCase, useGpu } from '../../core/test/gpu.js';
 import { type LoraModuleWeights, planForward } from '../src/forward.js';
 import { Generator } from '../src/generate.js';
@@ -47,6 +47,7 @@ describe('inference forward with f16 tiles against transformers (f16 weights)', 
       it(`${name}, ${tileMath} tiles`, async (t) => {
         const ctx = gpu();
         if (tileMath === 'f16' && !ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
+        if (tileMath === 'f32' && inject('featureBuildsOnly')) t.skip('f32 tiles: the other projects run them');
         const golden = await forwardGolden(name);
         const source = await repoSource(fixturePath(name));
         const B = golden.input_ids.length;
