@@ -135,8 +135,9 @@ export default defineConfig({
                 environment: 'node',
                 pool: 'forks',
                 // llvmpipe compiles an f16 kernel in up to minutes with a cold shader cache (CI's),
-                // more behind other files' work: a hang guard, not a time the tests must meet.
-                testTimeout: 300_000,
+                // more behind other files' work, and a trainer test compiles dozens: a hang guard,
+                // not a time the tests must meet.
+                testTimeout: 600_000,
                 hookTimeout: 120_000,
                 provide: {
                   featureLevel: 'core' as const,

@@ -43,6 +43,7 @@ import {
   qkvInOnePays,
   type RmsNormLoraH,
   rmsnormLoraFits,
+  ropeInMatmulPays,
   ShapeError,
   type Tensor,
   type TileMath,
@@ -120,32 +121,44 @@ export interface ForwardOptions {
    * qkvInOnePays(ctx) (GPUs); tests set it to run it on any adapter.
    */
   readonly qkvInOne?: boolean;
+  /**
+   * With `fuse`: RoPE in the q and k projections' store where ropeInProjections allows. Default
+   * ropeInMatmulPays(ctx) (GPUs); tests set it to run it on any adapter.
+   */
+  readonly ropeInProjections?: boolean;
 }
 
 /**
  * Fusions that are the device's choice, each measured slower on the CPU adapters and so planned on
  * GPUs only (tests force them anywhere): the RMSNorm inside the gated MLP's dispatch
- * (normInGatedMlp), LoRA's h inside its projection's matmul (loraHInMatmulRoles) and q, k and v
- * in one dispatch (qkvInOne).
+ * (normInGatedMlp), LoRA's h inside its projection's matmul (loraHInMatmulRoles), q, k and v
+ * in one dispatch (qkvInOne) and RoPE in the q and k projections' store (ropeInProjections).
  */
 export interface LayerFusions {
   readonly normInMlp: boolean;
   readonly loraHInMatmul: boolean;
   readonly qkvInOne: boolean;
+  readonly ropeInProjections: boolean;
 }
 
-/** The device's fusions (normInMlpPays, loraHInMatmulPays, qkvInOnePays), unless `force` says
- * otherwise. */
+/** The device's fusions (normInMlpPays, loraHInMatmulPays, qkvInOnePays, ropeInMatmulPays), unless
+ * `force` says otherwise. */
 export function layerFusions(ctx: GpuContext, force: Partial<LayerFusions> = {}): LayerFusions {
   return {
     normInMlp: force.normInMlp ?? normInMlpPays(ctx),
     loraHInMatmul: force.loraHInMatmul ?? loraHInMatmulPays(ctx),
     qkvInOne: force.qkvInOne ?? qkvInOnePays(ctx),
+    ropeInProjections: force.ropeInProjections ?? ropeInMatmulPays(ctx),
   };
 }
 
 /** All of them: what planLayer does on GPUs, and the dispatch counts' default. */
-export const GPU_FUSIONS: LayerFusions = { normInMlp: true, loraHInMatmul: true, qkvInOne: true };
+export const GPU_FUSIONS: LayerFusions = {
+  normInMlp: true,
+  loraHInMatmul: true,
+  qkvInOne: true,
+  ropeInProjections: true,
+};
 
 /** LoRA dropout's state in a train-mode plan: the counter and a [rows, max in] scratch shared by
  * the layers (each module's masked input, used at once by its h and again in the backward). */
@@ -768,8 +781,15 @@ function hInNorm(config: ModelConfig, group: readonly LinearRole[]): boolean {
  * needs positions pos0 + row % T and no KV cache to write (training, evaluation); generation keeps
  * its RoPE dispatch, which writes the cache.
  */
-export function ropeInProjections(config: ModelConfig, fuse: boolean): boolean {
-  return fuse && config.family !== 'gpt2' && config.rope !== undefined && !config.qkNorm && config.headDim % 4 === 0;
+export function ropeInProjections(config: ModelConfig, fuse: boolean, fusions: LayerFusions): boolean {
+  return (
+    fuse &&
+    fusions.ropeInProjections &&
+    config.family !== 'gpt2' &&
+    config.rope !== undefined &&
+    !config.qkNorm &&
+    config.headDim % 4 === 0
+  );
 }
 
 /**
@@ -791,7 +811,8 @@ export function qkvInOne(
   fuse: boolean,
   fusions: LayerFusions,
 ): boolean {
-  if (!fusions.qkvInOne || !ropeInProjections(config, fuse) || config.qkvBias || rows <= MATVEC_MAX_ROWS) return false;
+  if (!fusions.qkvInOne || !ropeInProjections(config, fuse, fusions) || config.qkvBias || rows <= MATVEC_MAX_ROWS)
+    return false;
   const lora = (['q', 'k', 'v'] as const).filter((role) => ranks.has(role)).length;
   return lora === 0 || (lora >= 2 && !dropout);
 }
@@ -819,7 +840,7 @@ export function layerDispatchCount(
   for (const g of sharedLoraGroups(c, adapted, dropout, fuse))
     if (!g.every((role) => hIn.has(role))) n -= g.length - 1 + (hInNorm(c, g) ? 1 : 0);
   // q and k in one dispatch, or one each; none when the projections rotate them.
-  const rope = ropeInProjections(c, fuse) ? 0 : fuse ? 1 : 2;
+  const rope = ropeInProjections(c, fuse, fusions) ? 0 : fuse ? 1 : 2;
   const act = fuse ? 0 : 1; // gelu or silu·mul: the fc or up projection's epilogue when fused
   if (c.family === 'gpt2') n += lin('qkv') + lin('fc') + act;
   else {
@@ -1086,6 +1107,7 @@ async function planProjections(
   lin: Lin,
   out: Dispatch[],
   fuse: boolean,
+  fusions: LayerFusions,
   kvCache?: { readonly k: Tensor; readonly v: Tensor; readonly maxRow: number },
 ): Promise<void> {
   const c = model.config;
@@ -1101,7 +1123,7 @@ async function planProjections(
     ['v', dest.v],
   ]);
   // RoPE in the q and k projections' store (planMatmul's `rope`), where positions are pos0 + row % T.
-  const ropeStore = ropeInProjections(c, fuse) && !pos.positions && !kvCache;
+  const ropeStore = ropeInProjections(c, fuse, fusions) && !pos.positions && !kvCache;
   const rotates = (role: LinearRole | undefined) => role === 'q' || role === 'k';
   for (const step of qkvSteps(c, new Set(a.loraH.keys()), fuse)) {
     const second = step.extra && {
@@ -1379,7 +1401,7 @@ export async function planLayer(
       ? await planQkvInOne(ctx, model, layer, a, dest, pos, lora, shared, tileMath)
       : undefined;
   if (qkv) out.push(qkv);
-  else await planProjections(ctx, model, layer, a, dest, pos, lin, out, fuse, kvCache);
+  else await planProjections(ctx, model, layer, a, dest, pos, lin, out, fuse, fusions, kvCache);
   if (attention.afterProjections && !kvCache) out.push(...(await attention.afterProjections(a, layer.index)));
   // f16 tiles in the attention too where the plan asks for them (attentionMath).
   const attentionTiles: TileMath = attentionMath === 'f16' && ctx.features.shaderF16 ? 'f16' : 'f32';

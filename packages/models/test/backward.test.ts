@@ -123,7 +123,7 @@ describe('LoRA gradients against PEFT', () => {
         // The GPU fusions on every adapter (layerFusions keeps them to GPUs): the norm before an
         // unadapted gated MLP inside its dispatch (forward.test.ts checks both plans), and LoRA's h
         // inside the matmul of o, down, GPT-2's c_attn and c_proj (the B configurations).
-        const fusions = { normInMlp: true, loraHInMatmul: true, qkvInOne: true };
+        const fusions = { normInMlp: true, loraHInMatmul: true, qkvInOne: true, ropeInProjections: true };
         const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, ...fusions });
         // The second norm's backward in o's dx too, wherever o is unadapted (the A configurations),
         // and the tiled attention kernels: dq, dk and dv in one dispatch but with q/k norms (Qwen3).

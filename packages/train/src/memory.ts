@@ -315,7 +315,7 @@ export function estimateMemory(config: ModelConfig, lora: unknown, options: Memo
   const fuse = options.fuse ?? true;
   const cpu = ctx ? isCpuAdapter(ctx) : (options.cpuAdapter ?? false);
   // The fusions the device plans (layerFusions): all of them on GPUs, none on the CPU adapters.
-  const fusions = { normInMlp: !cpu, loraHInMatmul: !cpu, qkvInOne: !cpu };
+  const fusions = { normInMlp: !cpu, loraHInMatmul: !cpu, qkvInOne: !cpu, ropeInProjections: !cpu };
   const forwardDispatches = forwardDispatchCount(c, ranks, rows, { dropout, embedParts, fuse, fusions });
   // Attention's parameters are larger (RoPE's frequencies ride in them): one dispatch per layer
   // forward, one to three backward (attentionBackwardDispatches) in the layers the backward reaches.

@@ -93,7 +93,7 @@ describe(`f16 forward tiles against f32 tiles over ${STEPS} training steps`, () 
       f32.dispose();
       model.dispose();
     });
-  }, 300_000);
+  });
 });
 
 // Dynamic loss scaling over real steps: started at 2^24, the scaled gradients overflow f16 (the
@@ -170,5 +170,5 @@ describe('dynamic loss scaling in the f16 backward', () => {
       trainer.dispose();
       model.dispose();
     });
-  }, 300_000);
+  });
 });
