@@ -1612,7 +1612,7 @@ fn main(@builtin(global_invocation_id) id: vec3u, @builtin(local_invocation_inde
  *
  * Chromium's compatibility adapter on lavapipe (Dawn's OpenGL ES backend over ANGLE over Mesa 22)
  * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.75 for the naive one, whatever trait it
- * had; the pruned module (14 KB of WGSL against 84 KB) as much as the planned one; and with Mesa's
+ * had; the pruned module (13.5 KB of WGSL against 84 KB) as much as the planned one; and with Mesa's
  * shader cache off (MESA_SHADER_CACHE_DISABLE=true) 1.17 s for each matmul dispatch: that stack
  * builds the pipeline again at every dispatch, the cache answering in milliseconds.
  */

@@ -154,6 +154,8 @@ function overrideAsConst(text: string, name: string, value: number | boolean | u
   );
   if (!m) throw new Error(`cannot read the override declaration of ${name}: ${text}`);
   const type = m[2];
+  // Without its type a given value's literal would be guessed (2 for an f32 becomes an i32).
+  if (value !== undefined && type === undefined) throw new Error(`override ${name} needs a type to take a value`);
   const init = value === undefined ? m[3]?.trim() : wgslLiteral(value, type);
   if (init === undefined) throw new Error(`override ${name} has no value and no default`);
   return `const ${name}${type ? `: ${type}` : ''} = ${init};`;

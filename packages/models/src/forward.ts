@@ -117,8 +117,9 @@ export interface ForwardOptions {
    */
   readonly loraHInMatmul?: boolean;
   /**
-   * With `fuse`: a layer's q, k and v projections in one dispatch where qkvInOne allows. Default
-   * qkvInOnePays(ctx) (GPUs); tests set it to run it on any adapter.
+   * With `fuse`: a layer's q, k and v projections in one dispatch where qkvInOne allows (which
+   * needs RoPE in the projections' store, ropeInProjections, too). Default qkvInOnePays(ctx)
+   * (GPUs); tests set it to run it on any adapter.
    */
   readonly qkvInOne?: boolean;
   /**
@@ -776,7 +777,8 @@ function hInNorm(config: ModelConfig, group: readonly LinearRole[]): boolean {
 
 /**
  * Whether the fused forward rotates q and k by RoPE in the projections' store (planMatmul's
- * `rope`) instead of a dispatch of its own: separate q and k with RoPE, no per-head norm between
+ * `rope`) instead of a dispatch of its own: where the device plans it (fusions.ropeInProjections,
+ * ropeInMatmulPays: GPUs), separate q and k with RoPE, no per-head norm between
  * projection and rotation (Qwen3's), head sizes that are multiples of 4. planProjections also
  * needs positions pos0 + row % T and no KV cache to write (training, evaluation); generation keeps
  * its RoPE dispatch, which writes the cache.
@@ -794,7 +796,7 @@ export function ropeInProjections(config: ModelConfig, fuse: boolean, fusions: L
 
 /**
  * Whether the fused forward computes a layer's q, k and v in one dispatch (planQkvMatmul) where
- * `pays` (qkvInOnePays: GPUs): RoPE in the projections' store (ropeInProjections, which planLayer
+ * the device plans it (fusions.qkvInOne, qkvInOnePays: GPUs): RoPE in the projections' store (ropeInProjections, which planLayer
  * also needs positions pos0 + row % T and no KV cache for), no bias on them (Qwen2's), the tiled
  * kernel (more than MATVEC_MAX_ROWS rows), and none of them adapted, or two or three without
  * LoRA dropout, whose h the shared-input group then computes before them (sharedLoraGroups: the

@@ -121,8 +121,9 @@ describe('LoRA gradients against PEFT', () => {
         const B = golden.batch.input_ids.length;
         const T = (golden.batch.input_ids[0] as number[]).length;
         // The GPU fusions on every adapter (layerFusions keeps them to GPUs): the norm before an
-        // unadapted gated MLP inside its dispatch (forward.test.ts checks both plans), and LoRA's h
-        // inside the matmul of o, down, GPT-2's c_attn and c_proj (the B configurations).
+        // unadapted gated MLP inside its dispatch (forward.test.ts checks both plans), LoRA's h
+        // inside the matmul of o, down, GPT-2's c_attn and c_proj (the B configurations), q, k and
+        // v in one dispatch, and RoPE in the q and k projections' store.
         const fusions = { normInMlp: true, loraHInMatmul: true, qkvInOne: true, ropeInProjections: true };
         const fwd = await planForward(ctx, model, { B, T, mode: 'train', recompute, lora, ...fusions });
         // The second norm's backward in o's dx too, wherever o is unadapted (the A configurations),

@@ -97,6 +97,7 @@ describe('a training step with f16 forward tiles against PEFT (Q8_0 base)', () =
           lora,
           tileMath: 'f16',
           qkvInOne: true,
+          ropeInProjections: true,
           loraHInMatmul: true,
         });
         const state =

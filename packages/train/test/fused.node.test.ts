@@ -15,8 +15,9 @@ import { LoraTrainer, type TrainerOptions } from '../src/trainer.js';
 
 const gpu = useGpu();
 // The GPU kernel configurations on the same adapter: the fusions planned only where they pay on
-// GPUs (the norm inside the gated MLP's dispatch, LoRA's h inside its projection's matmul, g and
-// dB of two projections in one).
+// GPUs (the norm inside the gated MLP's dispatch, LoRA's h inside its projection's matmul, q, k
+// and v in one dispatch, RoPE in the q and k projections' store, g and dB of two projections in
+// one).
 const gpuKernels = useGpu({ kernelProfile: 'gpu' });
 
 function fixture(name: string): ModelSource {

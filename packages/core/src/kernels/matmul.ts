@@ -623,9 +623,9 @@ export function qkvInOnePays(ctx: GpuContext): boolean {
  * Whether the q and k projections pay for rotating by RoPE as they store (MatmulOptions.rope)
  * rather than leave it to a RoPE dispatch after them: on GPUs, where it saves that dispatch and a
  * round trip of q and k through memory. Not on CPU-backed adapters, where each workgroup computes
- * the rotation's sines and cosines for its own tile: there it measured 0.95 (SwiftShader and
- * lavapipe, 2026-12-05) and 0.89 (lavapipe reading its operands directly, 2026-12-07) of the
- * product followed by the RoPE dispatch (median ratios, the q projection at 512×576×576, r = 8;
+ * the rotation's sines and cosines for its own tile: there it ran at 0.95× the speed of the
+ * product followed by the RoPE dispatch (SwiftShader and lavapipe, 2026-12-05), 0.89× on lavapipe
+ * reading its operands directly (2026-12-07), slower either way (median ratios, the q projection at 512×576×576, r = 8;
  * `pnpm bench --suite kernels --only matmul_rope`), and the plan's RoPE dispatch rotates q and k
  * together, cheaper than that baseline's one per projection.
  */
