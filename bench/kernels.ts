@@ -1643,8 +1643,8 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
       ctx.device.queue.submit([enc.finish()]);
       await ctx.device.queue.onSubmittedWorkDone();
     };
+    const planned = () => run(k.pipeline, mm.bindGroup, mm.workgroups);
     const variants: [string, () => Promise<void>][] = [
-      ['matmul', () => run(k.pipeline, mm.bindGroup, mm.workgroups)],
       ['pruned', () => run(prunedPipeline, mm.bindGroup, mm.workgroups)],
     ];
     for (const trait of NAIVE_TRAITS) {
@@ -1663,32 +1663,21 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
           });
       variants.push([`naive_${trait}`, () => run(pipeline, bind, [Math.ceil(N / 8), Math.ceil(M / 8)])]);
     }
-    const ms = new Map<string, number>();
-    for (const [name, f] of variants) {
+    // Each variant against the planned matmul, sample by sample (timePair): ms per dispatch.
+    for (const [name, variant] of variants) {
       o.status(`dispatch_cost ${M}x${N}x${K} ${name}`);
-      await f();
-      const times: number[] = [];
-      for (let i = 0; i < 7; i++) {
-        const t0 = performance.now();
-        await f();
-        times.push(performance.now() - t0);
-      }
-      times.sort((x, y) => x - y);
-      ms.set(name, (times[3] as number) / REPS);
-    }
-    const mine = ms.get('matmul') as number;
-    for (const [name, baselineMs] of ms) {
-      if (name === 'matmul') continue;
+      const { mine, baseline, spread } = await timePair(planned, variant, rounds(o));
+      const ms = mine.medianMs / REPS;
       o.report({
         name: 'dispatch_cost',
         shape: `${M}x${N}x${K} x·Wᵀ, ${REPS} dispatches a pass, ms each (WGSL ${k.spec.source.length} B, pruned ${pruned.length} B)`,
-        ms: mine,
-        gflops: gflops(2 * M * N * K, mine),
+        ms,
+        gflops: gflops(2 * M * N * K, ms),
         baseline: `dispatch_${name}`,
-        baselineMs,
-        ratio: baselineMs / mine,
+        baselineMs: baseline.medianMs / REPS,
+        ratio: baseline.medianMs / mine.medianMs,
         adapter: o.adapter,
-        extra: { dispatches: REPS },
+        extra: { dispatches: REPS, ...spreadExtra(spread) },
       });
     }
     mm.dispose();
