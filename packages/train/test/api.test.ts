@@ -97,6 +97,24 @@ for (const mode of modes) {
 
     let uninterrupted: { losses: number[]; final: number; validation: number | undefined };
 
+    /** Starts run `name` of RUN and pauses it when step `step` is reported; resolves once paused. */
+    const trainPausedAt = async (name: string, step: number) => {
+      const events: TrainerProgress[] = [];
+      let paused: Promise<void> | undefined;
+      const run = trainer.train(
+        { ...RUN, name },
+        {
+          onProgress: (p) => {
+            events.push(p);
+            if (p.type === 'step' && p.step === step) paused = run.pause();
+          },
+        },
+      );
+      while (!paused) await new Promise((r) => setTimeout(r, 20));
+      await paused;
+      return { run, events };
+    };
+
     it('trains with progress events, evaluates, checkpoints and saves the adapter', async () => {
       const events: TrainerProgress[] = [];
       const run = trainer.train({ ...RUN, name: 'straight' }, { onProgress: (p) => events.push(p) });
@@ -133,19 +151,7 @@ for (const mode of modes) {
     it.runIf(mode.every)(
       'pauses and resumes to the same losses as the uninterrupted run',
       async () => {
-        const events: TrainerProgress[] = [];
-        let paused: Promise<void> | undefined;
-        const run = trainer.train(
-          { ...RUN, name: 'paused' },
-          {
-            onProgress: (p) => {
-              events.push(p);
-              if (p.type === 'step' && p.step === 2) paused = run.pause();
-            },
-          },
-        );
-        while (!paused) await new Promise((r) => setTimeout(r, 20));
-        await paused;
+        const { run, events } = await trainPausedAt('paused', 2);
         const at = events.filter((e) => e.type === 'paused');
         expect(at).toHaveLength(1);
         const stepAtPause = (at[0] as { step: number }).step;
@@ -322,19 +328,7 @@ for (const mode of modes) {
     it.runIf(mode.every)(
       'recovers from a lost device at the last checkpoint and ends with the same loss',
       async () => {
-        const events: TrainerProgress[] = [];
-        let paused: Promise<void> | undefined;
-        const run = trainer.train(
-          { ...RUN, name: 'lost' },
-          {
-            onProgress: (p) => {
-              events.push(p);
-              if (p.type === 'step' && p.step === 4) paused = run.pause();
-            },
-          },
-        );
-        while (!paused) await new Promise((r) => setTimeout(r, 20));
-        await paused;
+        const { run, events } = await trainPausedAt('lost', 4);
         const pausedAt = (events.find((e) => e.type === 'paused') as { step: number }).step;
         // The GPU goes away (a driver reset, say) while the run holds its memory.
         await trainer.loseDevice();
