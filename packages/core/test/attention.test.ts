@@ -30,7 +30,10 @@ import {
   planAttentionBackward,
   planAttentionForward,
 } from '../src/kernels/attention.js';
-import { expectClose, gpuCase, useGpu } from './gpu.js';
+import { expectClose, gpuCase, tableCases, useGpu } from './gpu.js';
+
+// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+const tableIt = tableCases();
 
 const gpu = useGpu();
 
@@ -376,7 +379,7 @@ describe('attention', () => {
   });
 
   for (const c of cases) {
-    it(caseName(c), async () => {
+    tableIt(caseName(c), async () => {
       const ctx = gpu();
       const { p, dout } = refInput(c);
       const ref = attentionForwardRef(p);

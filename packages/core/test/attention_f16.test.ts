@@ -25,7 +25,10 @@ import {
   planAttentionBackward,
   planAttentionForward,
 } from '../src/kernels/attention.js';
-import { expectClose, gpuCase, useGpu } from './gpu.js';
+import { expectClose, gpuCase, tableCases, useGpu } from './gpu.js';
+
+// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+const tableIt = tableCases();
 
 const gpu = useGpu();
 
@@ -57,7 +60,7 @@ describe('attention forward with f16 tiles', () => {
     const name =
       `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd}` +
       (c.qkScale ? ` |q|,|k| to ${c.qkScale}` : '');
-    it(name, async (t) => {
+    tableIt(name, async (t) => {
       const ctx = gpu();
       if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
       const seed = c.B * 1009 + c.Tq * 101 + c.Tk * 13 + c.hd;
@@ -137,7 +140,7 @@ describe.skipIf(inject('featureBuildsOnly') ?? false)('attention backward of an 
   for (const c of bwdCases) {
     for (const variant of ['tiled', 'rows'] as const satisfies readonly AttentionVariant[]) {
       const name = `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd}, ${variant}`;
-      it(name, async () => {
+      tableIt(name, async () => {
         const ctx = gpu();
         const seed = c.B * 2003 + c.Tq * 17 + c.hd;
         const input = {
@@ -213,7 +216,7 @@ describe('attention backward with f16 tiles under a loss scale', () => {
   for (const c of bwdCases) {
     for (const one of [false, true]) {
       const name = `B=${c.B} Tq=${c.Tq} Tk=${c.Tk} pos0=${c.pos0} nH=${c.nH} nKV=${c.nKV} hd=${c.hd}, ${one ? 'one dispatch' : 'dq and dkv'}`;
-      it(name, async (t) => {
+      tableIt(name, async (t) => {
         const ctx = gpu();
         if (!ctx.features.shaderF16) t.skip('no shader-f16 on this adapter');
         const seed = c.B * 3001 + c.Tq * 13 + c.hd;

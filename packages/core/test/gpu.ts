@@ -2,7 +2,7 @@
  * Shared rig for GPU tests. The same test files run under Node (Dawn) and in headless Chromium
  * on two adapters; vitest.config.ts provides which feature level to ask for.
  */
-import { afterAll, beforeAll, expect, inject } from 'vitest';
+import { afterAll, beforeAll, expect, inject, it, type TestFunction } from 'vitest';
 import { compare } from '../ref/check.js';
 import { createGpuContext, describeAdapter, type GpuContext, type GpuContextOptions } from '../src/index.js';
 
@@ -22,7 +22,29 @@ declare module 'vitest' {
     /** The project runs only the cases of builds that need those features (node-lavapipe-f16):
      * llvmpipe takes minutes to compile some f32 kernels cold, which the other projects check. */
     featureBuildsOnly?: boolean;
+    /** The share of each kernel file's table of cases the project runs (`tableCases`): one case in
+     * `of`, from the `at`-th on. Absent: all of them. */
+    caseShare?: { of: number; at: number };
   }
+}
+
+/**
+ * The `it` of a kernel test file's table of cases (shapes, dtypes, options). The project runs every
+ * case, or where vitest.config.ts gives it a `caseShare` (the Chromium projects) one case in
+ * `of`: Node runs the whole table on the same kernels, and every case is a pipeline to compile,
+ * which is what costs CI its time. The two Chromium adapters take different shares, so between
+ * them the browser still meets most of the table. The others are reported skipped, not dropped.
+ * Call it once per file, at the top: it counts the cases in the order they are declared.
+ */
+export function tableCases(): (name: string, fn: TestFunction) => void {
+  const share = inject('caseShare');
+  let index = 0;
+  return (name, fn) => {
+    const runs = share === undefined || index % share.of === share.at;
+    index += 1;
+    if (runs) it(name, fn);
+    else it.skip(name, fn);
+  };
 }
 
 /**

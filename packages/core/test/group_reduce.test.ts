@@ -5,11 +5,14 @@
 // memory; with a subgroup size of 4 (SwiftShader) only width 2 reaches the butterfly. NaN is not
 // tested here: WGSL lets implementations assume there is none, so callers that must see one test
 // bits (cross_entropy.wgsl's nonfinite, reduce.wgsl's is_finite).
-import { describe, it } from 'vitest';
+import { describe } from 'vitest';
 import { randomArray } from '../ref/check.js';
 import { bindKernel, createTensor, getKernel, readFloat32, StepEncoder, tensorFromData } from '../src/index.js';
 import { withGroupReduce } from '../src/kernels/group_reduce.js';
-import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
+import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
+
+// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+const tableIt = tableCases();
 
 const KERNEL = `
 override WG: u32 = 64;
@@ -92,13 +95,13 @@ for (const path of useReductionPaths()) {
     for (const wg of [64, 256]) {
       for (let width = 1; width <= wg; width *= 2) {
         if (wg === 256 && width > 1 && width < 64) continue; // the small runs are covered at 64
-        it(`workgroup ${wg}, runs of ${width}`, async (t) => {
+        tableIt(`workgroup ${wg}, runs of ${width}`, async (t) => {
           const ctx = path.gpu(t);
           const x = Float32Array.from(randomArray(3 * wg, wg + width, 4));
           const got = await gpuCase(ctx, `runs of ${width}`, () => reduceRuns(ctx, x, wg, width, 'reduce_runs'));
           expectClose(ctx, `workgroup ${wg}, runs of ${width}`, got, runsRef(x, width), 2e-6 * width, 1e-6);
         });
-        it(`workgroup ${wg}, 4×4 blocks in runs of ${width}`, async (t) => {
+        tableIt(`workgroup ${wg}, 4×4 blocks in runs of ${width}`, async (t) => {
           const ctx = path.gpu(t);
           const x = Float32Array.from(randomArray(3 * wg, 2 * wg + width, 4));
           const got = await gpuCase(ctx, `blocks in runs of ${width}`, () =>

@@ -42,7 +42,10 @@ import {
   planLoraRowsMulti,
   planLoraWeightGrad,
 } from '../src/kernels/lora_matmul.js';
-import { expectClose, gpuCase, useReductionPaths } from './gpu.js';
+import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
+
+// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+const tableIt = tableCases();
 
 // lora_rows's tree split (alone, in lora_rows_multi, lora_g_db and lora_g_db_pair) adds its partial
 // sums with group_sum4x4: the cases that reach it run on both builds (subgroups, trees); the rest
@@ -146,7 +149,7 @@ for (const fused of [true, false]) {
   describe(fused ? 'lora fused' : 'lora unfused baseline', () => {
     for (const c of cases) {
       if (!fused && c.accumulate) continue; // the baseline has no accumulate mode
-      it(name(c, fused), async () => {
+      tableIt(name(c, fused), async () => {
         const ctx = gpu();
         const { p, dy, prev } = inputs(c);
         const ref = loraForwardRef(p);
@@ -260,7 +263,7 @@ describe('lora thin kernels, each work split', () => {
   for (const c of rowsCases) {
     for (const path of c.split === 'tree' ? reductionPaths : reductionPaths.slice(0, 1)) {
       const n = `lora_rows M=${c.M} K=${c.K} R=${c.R} ${c.transL ? 'X·Lᵀ' : 'X·L'} ${c.split}${c.split === 'tree' ? ` (${path.name})` : ''}`;
-      it(n, async (test) => {
+      tableIt(n, async (test) => {
         const ctx = path.gpu(test);
         const x = randomArray(c.M * c.K, c.M + c.K, 1);
         const l = randomArray(c.R * c.K, c.R + 3, 1);
@@ -289,7 +292,7 @@ describe('lora thin kernels, each work split', () => {
   ];
   for (const c of colsCases) {
     const n = `lora_cols T=${c.T} N=${c.N} R=${c.R} ${c.outNR ? 'N×R' : 'R×N'} ${c.stage ? 'staged' : 'direct'}`;
-    it(n, async () => {
+    tableIt(n, async () => {
       const ctx = gpu();
       const u = randomArray(c.T * c.N, c.T + c.N, 1);
       const v = randomArray(c.T * c.R, c.R + 5, 1);
@@ -327,7 +330,7 @@ describe('lora multi-role dispatches', () => {
   for (const c of multiCases) {
     const n = `T=${c.T} K=${c.K} ranks ${c.ranks.join(',')}`;
     for (const path of reductionPaths) {
-      it(`h of ${c.ranks.length} modules, ${n} (${path.name})`, async (test) => {
+      tableIt(`h of ${c.ranks.length} modules, ${n} (${path.name})`, async (test) => {
         const ctx = path.gpu(test);
         const x = randomArray(c.T * c.K, c.T + c.K, 1);
         const as = c.ranks.map((r, i) => randomArray(r * c.K, r + 11 * i, 1));
@@ -352,7 +355,7 @@ describe('lora multi-role dispatches', () => {
         }
       });
     }
-    it(`dA of ${c.ranks.length} modules, ${n}`, async () => {
+    tableIt(`dA of ${c.ranks.length} modules, ${n}`, async () => {
       const ctx = gpu();
       const x = randomArray(c.T * c.K, c.T + c.K, 1);
       const gs = c.ranks.map((r, i) => randomArray(c.T * r, r + 13 * i, 1));
@@ -421,7 +424,7 @@ describe('lora g and dB of two modules in one dispatch', () => {
   for (const c of pairCases) {
     for (const path of reductionPaths) {
       const n = `T=${c.T} ${c.mods.map((m) => `N=${m.N} r=${m.R}`).join(', ')} beta=${c.beta} (${path.name})`;
-      it(n, async (test) => {
+      tableIt(n, async (test) => {
         const ctx = path.gpu(test);
         const mods = c.mods.map((m, i) => ({
           ...m,
@@ -514,7 +517,7 @@ describe('lora g and dB of two modules in one dispatch', () => {
   for (const c of manyCases) {
     for (const path of reductionPaths) {
       const n = `many: T=${c.T} ${c.mods.map((m) => `N=${m.N} r=${m.R}`).join(', ')} beta=${c.beta} (${path.name})`;
-      it(n, async (test) => {
+      tableIt(n, async (test) => {
         const ctx = path.gpu(test);
         const mods = c.mods.map((m, i) => ({
           ...m,

@@ -24,7 +24,10 @@ import {
   tensorView,
   writeTensor,
 } from '../src/index.js';
-import { expectClose, gpuCase, useGpu, useReductionPaths } from './gpu.js';
+import { expectClose, gpuCase, tableCases, useGpu, useReductionPaths } from './gpu.js';
+
+// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+const tableIt = tableCases();
 
 // The matrix-vector kernels' reduction has a subgroup build and a workgroup-memory one: the split-K
 // matvec cases run on both (the second skips where the adapter has no subgroups).
@@ -143,26 +146,29 @@ describe('matmul on a slice of W', () => {
   ] as [number, number, number, number, DType, boolean, number?][]) {
     const M = rowsOfA ?? 7;
     for (const s of stagingsFor(!(transW && M === 1)))
-      it(`M=${M}, rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}${s.suffix}`, async () => {
-        const ctx = s.gpu();
-        const K = transW ? C : count;
-        const N = transW ? count : C;
-        const a = randomArray(M * K, R + C);
-        const w = asStored(randomArray(R * C, R + C + 1), dtype);
-        const want = matmulRef(a, w.subarray(start * C, (start + count) * C), M, K, N, { transB: transW });
-        const got = await gpuCase(ctx, 'wRows', async () => {
-          const ta = tensorFromData(ctx, a, [M, K], 'f32', 'a');
-          const tw = tensorFromData(ctx, w, [R, C], dtype, 'w');
-          const tc = createTensor(ctx, [M, N], 'f32', 'c');
-          const d = await planMatmul(ctx, ta, tw, tc, { transW, wRows: { start, count } });
-          new StepEncoder(ctx, 'slice').dispatch(d).submit();
-          const out = await readFloat32(tc);
-          d.dispose();
-          for (const t of [ta, tw, tc]) t.dispose();
-          return out;
-        });
-        expectClose(ctx, `wRows ${start}+${count}`, got, want, 2e-5 * Math.sqrt(K), 1e-5);
-      });
+      tableIt(
+        `M=${M}, rows [${start}, ${start + count}) of a ${R}×${C} ${dtype} W${transW ? 'ᵀ' : ''}${s.suffix}`,
+        async () => {
+          const ctx = s.gpu();
+          const K = transW ? C : count;
+          const N = transW ? count : C;
+          const a = randomArray(M * K, R + C);
+          const w = asStored(randomArray(R * C, R + C + 1), dtype);
+          const want = matmulRef(a, w.subarray(start * C, (start + count) * C), M, K, N, { transB: transW });
+          const got = await gpuCase(ctx, 'wRows', async () => {
+            const ta = tensorFromData(ctx, a, [M, K], 'f32', 'a');
+            const tw = tensorFromData(ctx, w, [R, C], dtype, 'w');
+            const tc = createTensor(ctx, [M, N], 'f32', 'c');
+            const d = await planMatmul(ctx, ta, tw, tc, { transW, wRows: { start, count } });
+            new StepEncoder(ctx, 'slice').dispatch(d).submit();
+            const out = await readFloat32(tc);
+            d.dispose();
+            for (const t of [ta, tw, tc]) t.dispose();
+            return out;
+          });
+          expectClose(ctx, `wRows ${start}+${count}`, got, want, 2e-5 * Math.sqrt(K), 1e-5);
+        },
+      );
   }
 });
 
@@ -177,7 +183,7 @@ describe('matmul', () => {
       .map((c) => ({ c, path: paths[1], title: `${describeCase(c)} (${paths[1].name})` })),
   ];
   for (const { c, path, title } of runs) {
-    it(title, async (t) => {
+    tableIt(title, async (t) => {
       const ctx = path.gpu(t);
       const seed = c.M * 1000 + c.N * 10 + c.K;
       const a = randomArray(c.M * c.K, seed);
@@ -234,7 +240,7 @@ describe('matmul activation epilogues', () => {
     for (const { M, N, K } of shapes) {
       const name = `${kind} M=${M} N=${N} K=${K}`;
       for (const s of stagingsFor(M > 4))
-        it(`forward ${name}${M <= 4 ? ' (matvec)' : ''}${s.suffix}`, async () => {
+        tableIt(`forward ${name}${M <= 4 ? ' (matvec)' : ''}${s.suffix}`, async () => {
           const ctx = s.gpu();
           const x = randomArray(M * K, M + K, 1);
           const w = randomArray(N * K, N + 1, 1);
@@ -265,7 +271,7 @@ describe('matmul activation epilogues', () => {
           expectClose(ctx, `${name} act`, got.act, want, 4e-5 * Math.sqrt(K), 1e-5);
         });
       for (const s of stagings)
-        it(`backward ${name} (${s.name})`, async () => {
+        tableIt(`backward ${name} (${s.name})`, async () => {
           const ctx = s.gpu();
           // dact = dy·W (W stored K×N: the down projection's dx layout, out = N here).
           const dy = randomArray(M * K, M + 2 * K, 1);
@@ -315,7 +321,7 @@ describe('matmul with a second product', () => {
   for (const c of sums) {
     const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3}${c.rank ? ` +rank ${c.rank}` : ''}${c.bias ? ' +bias' : ''}${c.beta ? ' +=C' : ''}`;
     for (const s of stagings)
-      it(`${name} (${s.name})`, async () => {
+      tableIt(`${name} (${s.name})`, async () => {
         const ctx = s.gpu();
         const seed = c.M + c.N + c.K + c.K3;
         const a = randomArray(c.M * c.K, seed);
@@ -435,7 +441,7 @@ describe('matmul with three products and up to three low-rank terms', () => {
     const r3 = c.r3 ?? 0;
     const name = `M=${c.M} N=${c.N} K=${c.K}+${c.K3}+${c.K4} A·${c.transW ? 'Wᵀ' : 'W'} W:${c.w} W3:${c.w3} W4:${c.w4} ranks ${c.r1}+${c.r2}${r3 ? `+${r3}` : ''}${c.beta ? ' +=C' : ''}`;
     for (const s of stagings)
-      it(`${name} (${s.name})`, async () => {
+      tableIt(`${name} (${s.name})`, async () => {
         const ctx = s.gpu();
         const seed = 3 * c.M + c.N + c.K + c.K3 + c.K4;
         const opts = { transB: c.transW };
@@ -615,7 +621,7 @@ describe('gated MLP in one dispatch', () => {
     const name = `M=${g.M} N=${g.N} K=${g.K} gate:${g.wg} up:${g.wu}${g.matvec ? ` matvec ${g.matvec}` : ''}`;
     // The matvec kernels stage nothing: once, on the adapter's own context.
     for (const s of stagingsFor(!g.matvec))
-      it(`${name}${s.suffix}`, async () => {
+      tableIt(`${name}${s.suffix}`, async () => {
         const ctx = s.gpu();
         const seed = g.M * 7 + g.N + g.K;
         const x = randomArray(g.M * g.K, seed, 1);
@@ -657,7 +663,7 @@ describe('residual from another buffer', () => {
   for (const r of cases) {
     const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w}${r.transW ? 'ᵀ' : ''}${r.rank ? ` +rank ${r.rank}` : ''}${r.bias ? ' +bias' : ''}`;
     for (const s of stagings)
-      it(`${name} (${s.name})`, async () => {
+      tableIt(`${name} (${s.name})`, async () => {
         const ctx = s.gpu();
         const seed = r.M * 11 + r.N + r.K;
         const x = randomArray(r.M * r.K, seed);
@@ -733,7 +739,7 @@ describe('LoRA forward with h in the dispatch', () => {
   ];
   for (const r of cases) {
     const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w} rank ${r.rank}${r.bias ? ' +bias' : ''}${r.beta ? ' +C' : ''}`;
-    it(name, async () => {
+    tableIt(name, async () => {
       const ctx = gpu();
       const seed = r.M * 7 + r.N + r.K + r.rank;
       const x = randomArray(r.M * r.K, seed);
@@ -834,7 +840,7 @@ describe('RMSNorm backward in the prologue of dx', () => {
   ];
   for (const r of cases) {
     const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w}${r.transW ? 'ᵀ' : ''}`;
-    it(name, async () => {
+    tableIt(name, async () => {
       const ctx = gpu();
       const seed = r.M * 3 + r.N + r.K;
       const scale = (i: number) => 10 ** (((i % 7) - 3) / 1);
@@ -951,7 +957,7 @@ describe("gated MLP's dx through its backward in the prologue", () => {
   ];
   for (const r of cases) {
     const name = `M=${r.M} N=${r.N} K=${r.K} W:${r.w} W3:${r.w3}${r.transW ? 'ᵀ' : ''}`;
-    it(name, async () => {
+    tableIt(name, async () => {
       const ctx = gpu();
       const seed = r.M * 5 + r.N + r.K;
       const dAct = randomArray(r.M * r.K, seed);
@@ -1060,7 +1066,7 @@ describe('gated MLP behind its RMSNorm in one dispatch', () => {
   ];
   for (const g of cases) {
     const name = `M=${g.M} N=${g.N} K=${g.K} gate:${g.wg} up:${g.wu}`;
-    it(name, async () => {
+    tableIt(name, async () => {
       const ctx = gpu();
       const seed = g.M * 5 + g.N + g.K;
       const x = randomArray(g.M * g.K, seed, 1);
