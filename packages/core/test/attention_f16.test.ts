@@ -27,7 +27,7 @@ import {
 } from '../src/kernels/attention.js';
 import { expectClose, gpuCase, tableCases, useGpu } from './gpu.js';
 
-// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
 const tableIt = tableCases();
 
 const gpu = useGpu();

@@ -39,7 +39,7 @@ import {
 import { lossScaleInitialState } from '../src/kernels/loss_scale.js';
 import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
 
-// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
 const tableIt = tableCases();
 
 const paths = useReductionPaths();

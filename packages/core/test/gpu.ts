@@ -22,27 +22,41 @@ declare module 'vitest' {
     /** The project runs only the cases of builds that need those features (node-lavapipe-f16):
      * llvmpipe takes minutes to compile some f32 kernels cold, which the other projects check. */
     featureBuildsOnly?: boolean;
-    /** The share of each kernel file's table of cases the project runs (`tableCases`): one case in
-     * `of`, from the `at`-th on. Absent: all of them. */
-    caseShare?: { of: number; at: number };
+    /** The share of the large kernel files' tables of cases the project runs (`tableCases`). Absent: all. */
+    caseShare?: CaseShare;
   }
 }
 
+/** A share of a table of cases: the cases whose title hashes to one of `at` modulo `of`. */
+export interface CaseShare {
+  of: number;
+  at: readonly number[];
+}
+
+/** FNV-1a of a case's title: the same case falls in the same share in every project. */
+function titleHash(title: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < title.length; i++) h = Math.imul(h ^ title.charCodeAt(i), 0x01000193) >>> 0;
+  return h;
+}
+
+/** Whether a project with this share runs the case of this title. */
+export function inShare(title: string, share: CaseShare | undefined): boolean {
+  return share === undefined || share.at.includes(titleHash(title) % share.of);
+}
+
 /**
- * The `it` of a kernel test file's table of cases (shapes, dtypes, options). The project runs every
- * case, or where vitest.config.ts gives it a `caseShare` (the Chromium projects) one case in
- * `of`: Node runs the whole table on the same kernels, and every case is a pipeline to compile,
- * which is what costs CI its time. The two Chromium adapters take different shares, so between
- * them the browser still meets most of the table. The others are reported skipped, not dropped.
- * Call it once per file, at the top: it counts the cases in the order they are declared.
+ * The `it` of a kernel test file's table of cases (shapes, dtypes, options). Every case compiles a
+ * pipeline of its own, and compiling is what costs CI its time on the software adapters, so where a
+ * project runs the same kernels as another it runs a share of the table (vitest.config.ts's
+ * `caseShare`): Node runs every case, Chromium on lavapipe a third, Chromium's SwiftShader none. A
+ * case is chosen by its title, so it stays in its share when the table changes around it; the
+ * others are reported skipped, not dropped.
  */
 export function tableCases(): (name: string, fn: TestFunction) => void {
   const share = inject('caseShare');
-  let index = 0;
   return (name, fn) => {
-    const runs = share === undefined || index % share.of === share.at;
-    index += 1;
-    if (runs) it(name, fn);
+    if (inShare(name, share)) it(name, fn);
     else it.skip(name, fn);
   };
 }

@@ -44,7 +44,7 @@ import {
 } from '../src/kernels/lora_matmul.js';
 import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
 
-// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
 const tableIt = tableCases();
 
 // lora_rows's tree split (alone, in lora_rows_multi, lora_g_db and lora_g_db_pair) adds its partial

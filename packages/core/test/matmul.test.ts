@@ -26,7 +26,7 @@ import {
 } from '../src/index.js';
 import { expectClose, gpuCase, tableCases, useGpu, useReductionPaths } from './gpu.js';
 
-// The table's cases: all of them here, a share of them in the Chromium projects (gpu.ts).
+// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
 const tableIt = tableCases();
 
 // The matrix-vector kernels' reduction has a subgroup build and a workgroup-memory one: the split-K
