@@ -7,15 +7,16 @@ import { chromiumPath, chromiumWebGpuArgs } from './tools/chromium.js';
 // Node itself (the CLI in a child process); both run under Node only.
 // Every other test runs three times: Node + Dawn (SwiftShader when there is no GPU), and headless
 // Chromium on its SwiftShader adapter and on lavapipe through the compatibility adapter (the model
-// tests skip Chromium's SwiftShader; node-gpu-kernels and node-lavapipe-f16 add runs, below).
+// tests skip Chromium's SwiftShader, the large kernel tables run a share in Chromium (caseShare,
+// below); node-gpu-kernels and node-lavapipe-f16 add runs).
 const gpuTests = ['packages/*/test/**/*.test.ts'];
 const cpuTests = ['packages/*/test/**/*.cpu.test.ts', 'packages/*/test/**/*.node.test.ts'];
 // End-to-end specs drive the studio in Debian's Chromium from Node (Playwright).
 const e2eTests = ['e2e/**/*.node.test.ts'];
 
 // Whole-model golden tests (hundreds of dispatches each, dozens of pipelines) run under Node and
-// in Chromium on lavapipe; Chromium's SwiftShader compiles pipelines ten times slower and already
-// runs every kernel test, so repeating the model tests there would only add minutes to CI.
+// in Chromium on lavapipe; Chromium's SwiftShader compiles pipelines ten times slower, so repeating
+// them there would only add minutes to CI (the e2e specs train in Chromium on that adapter).
 const modelTests = [
   'packages/models/test/forward.test.ts',
   'packages/models/test/generate.test.ts',

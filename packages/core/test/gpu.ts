@@ -47,11 +47,12 @@ export function inShare(title: string, share: CaseShare | undefined): boolean {
 
 /**
  * The `it` of a kernel test file's table of cases (shapes, dtypes, options). Every case compiles a
- * pipeline of its own, and compiling is what costs CI its time on the software adapters, so where a
- * project runs the same kernels as another it runs a share of the table (vitest.config.ts's
- * `caseShare`): Node runs every case, Chromium on lavapipe a third, Chromium's SwiftShader none. A
- * case is chosen by its title, so it stays in its share when the table changes around it; the
- * others are reported skipped, not dropped.
+ * pipeline of its own, and compiling is what costs CI its time on the software adapters, so the
+ * Chromium projects run a share of each table (vitest.config.ts's `caseShare`) while Node runs it
+ * whole: Chromium on lavapipe about a third (chosen by title, so not a third of every sub-table),
+ * Chromium on SwiftShader none. A case is chosen by its title, so it stays in its share when the
+ * table changes around it; the others are reported skipped, not dropped. The files' tests of
+ * limits and refusals, and of non-finite values, are plain `it`: every project runs them.
  */
 export function tableCases(): (name: string, fn: TestFunction) => void {
   const share = inject('caseShare');

@@ -1158,7 +1158,7 @@ describe('two projections in one dispatch', () => {
   for (const c of pairs) {
     const name = `M=${c.M} N=${c.N} K=${c.K} W:${c.w} W3:${c.w3}${c.rank ? ` +rank ${c.rank}` : ''}${c.matvec ? ` matvec ${c.matvec}` : ''}`;
     for (const s of stagingsFor(!c.matvec))
-      it(`${name}${s.suffix}`, async () => {
+      tableIt(`${name}${s.suffix}`, async () => {
         const ctx = s.gpu();
         const seed = c.M * 3 + c.N + c.K;
         const x = randomArray(c.M * c.K, seed);
@@ -1246,7 +1246,7 @@ describe('RoPE epilogue', () => {
       `${c.pair ? ` pair W3:${c.pair.w3} rotating ${[c.pair.c ? 'C' : '', c.pair.second ? 'second' : ''].filter(Boolean).join(', ')}` : ''}` +
       `${c.matvec ? ` matvec ${c.matvec}` : ''}${c.hIn ? ' h in the dispatch' : ''}`;
     for (const s of stagingsFor(!c.hIn && !c.matvec))
-      it(`${name}${s.suffix}`, async () => {
+      tableIt(`${name}${s.suffix}`, async () => {
         const ctx = s.gpu();
         const seed = c.M * 5 + N + c.K;
         const x = randomArray(c.M * c.K, seed);
@@ -1397,7 +1397,7 @@ describe('q, k and v in one dispatch', () => {
     const name =
       `M=${c.M} K=${c.K} q|k|v ${c.widths.join('|')} W:${c.w.join('/')} ranks ${c.ranks.join('/')}` +
       `${c.rope ? ` RoPE heads of ${c.rope.hd} (T=${c.rope.T}, from ${c.rope.pos0})` : ''} order ${c.order.map((i) => names[i]).join('')}`;
-    it(name, async () => {
+    tableIt(name, async () => {
       const ctx = gpu();
       const seed = 7 * c.M + c.K + c.widths[0];
       const x = randomArray(c.M * c.K, seed);
