@@ -19,6 +19,15 @@ describe('table shares', () => {
     expect(thirds.flat().sort()).toEqual([...titles].sort());
   });
 
+  it('shares out only the titles that contain `titled`, and runs the others all', () => {
+    const share = { of: 3, at: [2], titled: '(staged)' };
+    const staged = titles.filter((t) => t.includes('(staged)'));
+    const run = staged.filter((t) => inShare(t, share));
+    expect(run.length).toBeGreaterThan(0);
+    expect(run.length).toBeLessThan(staged.length / 2);
+    expect(titles.filter((t) => !t.includes('(staged)')).every((t) => inShare(t, share))).toBe(true);
+  });
+
   it('runs nothing of a table with an empty share', () => {
     expect(titles.some((t) => inShare(t, { of: 3, at: [] }))).toBe(false);
   });
