@@ -28,6 +28,13 @@ describe('table shares', () => {
     expect(titles.filter((t) => !t.includes('(staged)')).every((t) => inShare(t, share))).toBe(true);
   });
 
+  it("splits the staged titles between Node's two kernel configurations, each once", () => {
+    const cpu = { of: 3, at: [2], titled: '(staged)' };
+    const gpu = { of: 3, at: [0, 1], titled: '(staged)' };
+    for (const t of titles.filter((x) => x.includes('(staged)')))
+      expect(inShare(t, cpu) !== inShare(t, gpu), t).toBe(true);
+  });
+
   it('runs nothing of a table with an empty share', () => {
     expect(titles.some((t) => inShare(t, { of: 3, at: [] }))).toBe(false);
   });

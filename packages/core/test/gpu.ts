@@ -55,9 +55,9 @@ export function inShare(title: string, share: CaseShare | undefined): boolean {
  * pipeline of its own, and compiling is what costs CI its time on the software adapters, so the
  * Chromium projects run a share of each table (vitest.config.ts's `caseShare`) while Node runs it
  * whole: Chromium on lavapipe about a third (chosen by title, so not a third of every sub-table),
- * Chromium on SwiftShader none; under Node, the CPU kernel configurations run a third of the tiled
- * matmul's staged reading, which node-gpu-kernels runs whole with the GPU ones and every model test
- * on SwiftShader plans. A case is chosen by its title, so it stays in its share when the
+ * Chromium on SwiftShader none; under Node, the tiled matmul's staged reading is split between the
+ * kernel configurations, a third on the CPU ones (which every model test on SwiftShader plans) and
+ * two thirds on the GPU ones (node-gpu-kernels). A case is chosen by its title, so it stays in its share when the
  * table changes around it; the others are reported skipped, not dropped. The files' tests of
  * limits and refusals, and of non-finite values, are plain `it`: every project runs them.
  */
