@@ -107,11 +107,12 @@ export default defineConfig({
           hookTimeout: 60_000,
           provide: {
             featureLevel: 'core' as const,
-            // The tiled matmul's staged reading: the CPU kernel configurations run a third of its
-            // table (gpu.ts's tableCases), node-gpu-kernels the other two thirds with the GPU ones,
-            // the same WGSL with larger tiles; every shape crosses tile edges in both, and every
-            // model test here plans the CPU ones staged (SwiftShader's reading). Direct runs whole.
-            caseShare: { of: 3, at: [2], titled: '(staged)' },
+            // The kernel tables that both kernel configurations run (the tiled matmul's staged
+            // reading, LoRA, attention, loss: gpu.ts's tableCases): a third here on the CPU ones,
+            // the other two thirds on the GPU ones (node-gpu-kernels), the same WGSL with other
+            // tiles; the awkward sizes cross tile edges in both, and every model test here plans
+            // the CPU ones. The matmul's direct reading, the CPU ones' alone, runs whole.
+            profileSplit: { of: 3, at: [2] },
           },
           env: { XDG_RUNTIME_DIR: '/tmp' },
         },
@@ -133,8 +134,8 @@ export default defineConfig({
             featureLevel: 'core' as const,
             kernelProfile: 'gpu' as const,
             matmulStagings: ['workgroup'] as const,
-            // The staged matmul table's two thirds that the CPU configurations leave (node, above).
-            caseShare: { of: 3, at: [0, 1], titled: '(staged)' },
+            // The two thirds of the split tables that the CPU configurations leave (node, above).
+            profileSplit: { of: 3, at: [0, 1] },
           },
           env: { XDG_RUNTIME_DIR: '/tmp' },
         },

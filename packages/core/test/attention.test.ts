@@ -33,7 +33,7 @@ import {
 import { expectClose, gpuCase, tableCases, useGpu } from './gpu.js';
 
 // The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
-const tableIt = tableCases();
+const tableIt = tableCases({ splitAcrossProfiles: () => true });
 
 const gpu = useGpu();
 

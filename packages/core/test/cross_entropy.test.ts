@@ -40,7 +40,7 @@ import { lossScaleInitialState } from '../src/kernels/loss_scale.js';
 import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
 
 // The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
-const tableIt = tableCases();
+const tableIt = tableCases({ splitAcrossProfiles: () => true });
 
 const paths = useReductionPaths();
 const gpu = paths[0].gpu;

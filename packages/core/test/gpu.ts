@@ -24,17 +24,16 @@ declare module 'vitest' {
     featureBuildsOnly?: boolean;
     /** The share of the large kernel files' tables of cases the project runs (`tableCases`). Absent: all. */
     caseShare?: CaseShare;
+    /** Under Node, the share of the tables split between the two kernel configurations (`tableCases`'s
+     * `splitAcrossProfiles`) this project's configuration runs: node and node-gpu-kernels complement. */
+    profileSplit?: CaseShare;
   }
 }
 
-/**
- * A share of a table of cases: the cases whose title hashes to one of `at` modulo `of`. With
- * `titled`, only the cases whose title contains it are shared out; the others all run.
- */
+/** A share of a table of cases: the cases whose title hashes to one of `at` modulo `of`. */
 export interface CaseShare {
   of: number;
   at: readonly number[];
-  titled?: string;
 }
 
 /** FNV-1a of a case's title: the same case falls in the same share in every project. */
@@ -46,25 +45,30 @@ function titleHash(title: string): number {
 
 /** Whether a project with this share runs the case of this title. */
 export function inShare(title: string, share: CaseShare | undefined): boolean {
-  if (share === undefined || (share.titled !== undefined && !title.includes(share.titled))) return true;
-  return share.at.includes(titleHash(title) % share.of);
+  return share === undefined || share.at.includes(titleHash(title) % share.of);
 }
 
 /**
  * The `it` of a kernel test file's table of cases (shapes, dtypes, options). Every case compiles a
  * pipeline of its own, and compiling is what costs CI its time on the software adapters, so the
- * Chromium projects run a share of each table (vitest.config.ts's `caseShare`) while Node runs it
- * whole: Chromium on lavapipe about a third (chosen by title, so not a third of every sub-table),
- * Chromium on SwiftShader none; under Node, the tiled matmul's staged reading is split between the
- * kernel configurations, a third on the CPU ones (which every model test on SwiftShader plans) and
- * two thirds on the GPU ones (node-gpu-kernels). A case is chosen by its title, so it stays in its share when the
- * table changes around it; the others are reported skipped, not dropped. The files' tests of
- * limits and refusals, and of non-finite values, are plain `it`: every project runs them.
+ * projects run shares of the tables (vitest.config.ts): Chromium on lavapipe about a third
+ * (`caseShare`, chosen by title, so not a third of every sub-table), Chromium on SwiftShader none.
+ * Under Node, the cases for which `splitAcrossProfiles` holds are split between the two kernel
+ * configurations (`profileSplit`): a third on the CPU ones (node, which every model test on
+ * SwiftShader plans) and two thirds on the GPU ones (node-gpu-kernels), the same WGSL with other
+ * tiles and workgroups, each case once; the other cases run in both. A case is chosen by its title,
+ * so it stays in its share when the table changes around it; the others are reported skipped, not
+ * dropped. The files' tests of limits and refusals, and of non-finite values, are plain `it`:
+ * every project runs them.
  */
-export function tableCases(): (name: string, fn: TestFunction) => void {
+export function tableCases(
+  options: { splitAcrossProfiles?: (title: string) => boolean } = {},
+): (name: string, fn: TestFunction) => void {
   const share = inject('caseShare');
+  const split = inject('profileSplit');
   return (name, fn) => {
-    if (inShare(name, share)) it(name, fn);
+    const runs = inShare(name, share) && (!options.splitAcrossProfiles?.(name) || inShare(name, split));
+    if (runs) it(name, fn);
     else it.skip(name, fn);
   };
 }

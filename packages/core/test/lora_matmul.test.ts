@@ -45,7 +45,7 @@ import {
 import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
 
 // The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
-const tableIt = tableCases();
+const tableIt = tableCases({ splitAcrossProfiles: () => true });
 
 // lora_rows's tree split (alone, in lora_rows_multi, lora_g_db and lora_g_db_pair) adds its partial
 // sums with group_sum4x4: the cases that reach it run on both builds (subgroups, trees); the rest

@@ -27,7 +27,7 @@ import {
 import { expectClose, gpuCase, tableCases, useGpu, useReductionPaths } from './gpu.js';
 
 // The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
-const tableIt = tableCases();
+const tableIt = tableCases({ splitAcrossProfiles: (title) => title.endsWith(' (staged)') });
 
 // The matrix-vector kernels' reduction has a subgroup build and a workgroup-memory one: the split-K
 // matvec cases run on both (the second skips where the adapter has no subgroups).
