@@ -76,8 +76,9 @@ function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
         matmulStaging: adapter === 'lavapipe' ? ('direct' as const) : ('auto' as const),
         // matmul.test.ts runs its entries in the reading this adapter gets (Node runs both).
         matmulStagings: adapter === 'lavapipe' ? (['direct'] as const) : (['workgroup'] as const),
-        // The large kernel files' tables of cases (gpu.ts's tableCases), which Node runs whole. On
-        // lavapipe (compatibility mode: WGSL through GLSL, other limits) a third of each; Chromium's
+        // The large kernel files' tables of cases (gpu.ts's tableCases), which Node runs, each case
+        // at least once. On lavapipe (compatibility mode: WGSL through GLSL, other limits) a third of
+        // each; Chromium's
         // SwiftShader is Node's driver again, compiling ten times slower, so none there: its files'
         // other tests and the studio's end-to-end specs (e2e/, on this adapter) check the browser.
         caseShare: { of: 3, at: adapter === 'lavapipe' ? [1] : [] },

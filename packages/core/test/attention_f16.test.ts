@@ -27,7 +27,7 @@ import {
 } from '../src/kernels/attention.js';
 import { expectClose, gpuCase, tableCases, useGpu } from './gpu.js';
 
-// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
+// Which of the table's cases each test project runs: gpu.ts's tableCases.
 const tableIt = tableCases();
 
 const gpu = useGpu();

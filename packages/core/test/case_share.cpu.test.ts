@@ -1,5 +1,6 @@
 // The shares of the kernel tables that projects run (gpu.ts's inShare, vitest.config.ts's
-// caseShare): thirds of about a third each that are disjoint and together cover the table.
+// caseShare and profileSplit): thirds of about a third each that are disjoint and together cover
+// the table, and Node's split between its two kernel configurations runs each case once.
 import { describe, expect, it } from 'vitest';
 import { inShare } from './gpu.js';
 

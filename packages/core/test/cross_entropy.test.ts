@@ -39,7 +39,7 @@ import {
 import { lossScaleInitialState } from '../src/kernels/loss_scale.js';
 import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
 
-// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
+// Which of the table's cases each test project runs: gpu.ts's tableCases.
 const tableIt = tableCases({ splitAcrossProfiles: () => true });
 
 const paths = useReductionPaths();

@@ -11,7 +11,7 @@ import { bindKernel, createTensor, getKernel, readFloat32, StepEncoder, tensorFr
 import { withGroupReduce } from '../src/kernels/group_reduce.js';
 import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
 
-// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
+// Which of the table's cases each test project runs: gpu.ts's tableCases.
 const tableIt = tableCases();
 
 const KERNEL = `

@@ -44,7 +44,7 @@ import {
 } from '../src/kernels/lora_matmul.js';
 import { expectClose, gpuCase, tableCases, useReductionPaths } from './gpu.js';
 
-// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
+// Which of the table's cases each test project runs: gpu.ts's tableCases.
 const tableIt = tableCases({ splitAcrossProfiles: () => true });
 
 // lora_rows's tree split (alone, in lora_rows_multi, lora_g_db and lora_g_db_pair) adds its partial

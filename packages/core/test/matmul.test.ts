@@ -26,7 +26,7 @@ import {
 } from '../src/index.js';
 import { expectClose, gpuCase, tableCases, useGpu, useReductionPaths } from './gpu.js';
 
-// The table's cases: all of them under Node, a share of them in Chromium (gpu.ts's tableCases).
+// Which of the table's cases each test project runs: gpu.ts's tableCases.
 const tableIt = tableCases({ splitAcrossProfiles: (title) => title.endsWith(' (staged)') });
 
 // The matrix-vector kernels' reduction has a subgroup build and a workgroup-memory one: the split-K
