@@ -1607,14 +1607,19 @@ fn main(@builtin(global_invocation_id) id: vec3u, @builtin(local_invocation_inde
  * What one dispatch costs beside its work: a small x·Wᵀ through matmul.wgsl's `matmul` entry as
  * planned, dispatched 20 times in one pass, against the same pipeline built from only the WGSL
  * that entry reaches (pruneWgsl, its overrides written in as consts), and against a naive product
- * in a module of its own, plain and with one of the matmul kernel's traits each (naiveMatmulWgsl);
- * ms per dispatch, ratio = the other's ms / the planned matmul's. Only with `--only dispatch_cost`.
+ * in a module of its own, plain and with one of the matmul kernel's traits each (naiveMatmulWgsl),
+ * and against the pruned module with its uniforms where no load has a constant offset
+ * (uninlinableMatmul); ms per dispatch, ratio = the other's ms / the planned matmul's. Only with
+ * `--only dispatch_cost`.
  *
- * Chromium's compatibility adapter on lavapipe (Dawn's OpenGL ES backend over ANGLE over Mesa 22)
- * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.75 for the naive one, whatever trait it
- * had; the pruned module (13.5 KB of WGSL against 84 KB) as much as the planned one; and with Mesa's
- * shader cache off (MESA_SHADER_CACHE_DISABLE=true) 1.17 s for each matmul dispatch: that stack
- * builds the pipeline again at every dispatch, the cache answering in milliseconds.
+ * Chromium's compatibility adapter on Mesa 22's lavapipe (Dawn's OpenGL ES backend over ANGLE)
+ * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.2–0.7 for the naive one, whatever trait
+ * it had; the pruned module (13.5 KB of WGSL against 84 KB) as much as the planned one; with
+ * Mesa's shader cache off (MESA_SHADER_CACHE_DISABLE=true) 0.5–1.2 s for each matmul dispatch and
+ * the naive ones still under 2.5 ms. Cause: lavapipe's uniform inlining, which Mesa 22 redoes,
+ * compile included, whenever the pipeline is bound, and ANGLE binds it at every dispatch
+ * (tools/chromium.ts, chromiumEnv). The naive kernels are under its size threshold. Over Mesa 25's
+ * lavapipe (`--adapter lavapipe25`) the same matmul dispatch costs 0.14 ms.
  */
 async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const REPS = 20;
@@ -1647,6 +1652,8 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
     const variants: [string, () => Promise<void>][] = [
       ['pruned', () => run(prunedPipeline, mm.bindGroup, mm.workgroups)],
     ];
+    const noInline = await uninlinableMatmul(ctx, k, pruned, layout, { M, N, K }, { a, w, c });
+    if (noInline) variants.push(['pruned_no_inline', () => run(noInline.pipeline, noInline.bind, mm.workgroups)]);
     for (const trait of NAIVE_TRAITS) {
       const module = ctx.device.createShaderModule({ code: naiveMatmulWgsl(trait, M, N, K) });
       const ownLayout = trait === 'bindings' || trait === 'uniform_loop';
@@ -1681,8 +1688,79 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
       });
     }
     mm.dispose();
+    noInline?.dispose();
     for (const t of [a, w, c]) t.dispose();
   }
+}
+
+/**
+ * The pruned matmul with its uniforms out of a driver's reach: the block is bound as an array of
+ * two copies and read through an index the compiler cannot know (0 unless A is empty; with one
+ * element the bounds clamp would make it 0 again), so no load of it has a constant offset. Mesa's lavapipe specialises a large shader
+ * on the values of uniforms that its loops and branches read at constant offsets (its uniform
+ * inlining), and Mesa 22's compiles that variant again every time the pipeline is bound; with the
+ * offsets unknown it finds none to inline. The kernel's own layout, with a uniform buffer of its
+ * own (M, N, K; alpha and rope_scaling 1, the rest 0, as matmul.ts packs them), A, W and C at
+ * their bindings and a placeholder at the others; undefined when the WGSL is not as expected.
+ */
+async function uninlinableMatmul(
+  ctx: GpuContext,
+  k: Dispatch['kernel'],
+  pruned: string,
+  layout: GPUPipelineLayout,
+  dims: { M: number; N: number; K: number },
+  operands: { a: Tensor; w: Tensor; c: Tensor },
+): Promise<{ pipeline: GPUComputePipeline; bind: GPUBindGroup; dispose(): void } | undefined> {
+  const decl = /@group\(0\) @binding\(0\) var<uniform> p: Params;/;
+  const struct = /struct Params \{([^}]*)\}/.exec(pruned);
+  if (!decl.test(pruned) || !struct) return undefined;
+  const fields = [...(struct[1] as string).matchAll(/(\w+)\s*:\s*(u32|f32)/g)].map((m) => [m[1], m[2]] as const);
+  const size = Math.ceil((fields.length * 4) / 16) * 16;
+  // Every read of the block goes through that index (a private copy would not be uniform, and
+  // the kernel's barriers sit in loops bounded by the block's values).
+  const source = pruned
+    .replace(
+      decl,
+      `struct ParamsBox { @size(${size}) v: Params, }\n@group(0) @binding(0) var<uniform> p_in: array<ParamsBox, 2>;`,
+    )
+    .replace(/\bp\./g, 'p_in[select(0u, 1u, arrayLength(&a) == 0u)].v.');
+  // Binding number → name, from the whole module (the layout has every binding of the kernel).
+  const names = new Map(
+    [...k.spec.source.matchAll(/@binding\((\d+)\) var<[^>]*> (\w+)/g)].map((m) => [Number(m[1]), m[2]] as const),
+  );
+  const data = new ArrayBuffer(2 * size);
+  const u32 = new Uint32Array(data);
+  const f32 = new Float32Array(data);
+  fields.forEach(([name, type], i) => {
+    const value = { M: dims.M, N: dims.N, K: dims.K, alpha: 1, rope_scaling: 1 }[name as string] ?? 0;
+    for (const at of [i, i + size / 4]) {
+      if (type === 'f32') f32[at] = value;
+      else u32[at] = value;
+    }
+  });
+  const uniform = ctx.device.createBuffer({ size: 2 * size, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST });
+  ctx.device.queue.writeBuffer(uniform, 0, data);
+  const placeholder = ctx.device.createBuffer({ size: 256, usage: GPUBufferUsage.STORAGE });
+  const byName: Record<string, GPUBuffer> = { a: operands.a.buffer, w: operands.w.buffer, c: operands.c.buffer };
+  const pipeline = await ctx.device.createComputePipelineAsync({
+    layout,
+    compute: { module: ctx.device.createShaderModule({ code: source }), entryPoint: k.spec.entryPoint },
+  });
+  const entries: GPUBindGroupEntry[] = [];
+  k.spec.bindings.forEach((kind, binding) => {
+    if (kind === 'none') return;
+    const buffer = binding === 0 ? uniform : (byName[names.get(binding) ?? ''] ?? placeholder);
+    entries.push({ binding, resource: { buffer } });
+  });
+  const bind = ctx.device.createBindGroup({ layout: k.layout, entries });
+  return {
+    pipeline,
+    bind,
+    dispose: () => {
+      uniform.destroy();
+      placeholder.destroy();
+    },
+  };
 }
 
 export async function runKernelBenchmarks(ctx: GpuContext, o: BenchOptions): Promise<void> {

@@ -1,10 +1,13 @@
 /**
- * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe|gpu]
+ * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe,lavapipe25|gpu]
  *  [--quick] [--only <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
  *  [--kernels auto|gpu|cpu] [--staging auto|workgroup|direct] [--chromium-flag=--some-flag ...]`
  *
  * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
- * configuration, collects the records, prints a table and writes them as a JSON array. Suites:
+ * configuration, collects the records, prints a table and writes them as a JSON array. Adapters
+ * (tools/chromium.ts): Chromium's SwiftShader; lavapipe, the system's Mesa through ANGLE in
+ * compatibility mode; lavapipe25, the same over Mesa 25's lavapipe (unpacked by tools/setup.mjs),
+ * whose compute pipelines are not compiled again at every dispatch as Mesa 22's are; gpu. Suites:
  * - kernels (the default): matmul and the fused LoRA layer against TF.js / unfused dispatches on
  *   the same device (bench/kernels.ts);
  * - models: prefill and decode tokens/s on stories260K and a random SmolLM2-135M-shaped model
@@ -39,7 +42,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { chromium } from 'playwright';
 import { createServer } from 'vite';
-import { type ChromiumAdapter, chromiumPath, chromiumWebGpuArgs } from '../tools/chromium.js';
+import { type ChromiumAdapter, chromiumEnv, chromiumPath, chromiumWebGpuArgs } from '../tools/chromium.js';
 import { findPython } from '../tools/python.js';
 import {
   BENCH_MODELS,
@@ -124,8 +127,8 @@ function parseArgs(argv: string[]): Args {
     else throw new Error(`unknown argument ${a}`);
   }
   for (const ad of args.adapters) {
-    if (!['swiftshader', 'lavapipe', 'gpu'].includes(ad))
-      throw new Error(`unknown adapter ${ad}: use swiftshader, lavapipe or gpu`);
+    if (!['swiftshader', 'lavapipe', 'lavapipe25', 'gpu'].includes(ad))
+      throw new Error(`unknown adapter ${ad}: use swiftshader, lavapipe, lavapipe25 or gpu`);
   }
   for (const suite of args.suites) {
     if (!SUITES.includes(suite)) throw new Error(`unknown suite ${suite}: use ${SUITES.join(', ')} or all`);
@@ -437,6 +440,7 @@ async function runAdapter(
   const browser = await chromium.launch({
     executablePath: chromiumPath(),
     args: [...chromiumWebGpuArgs(adapter), ...args.extraFlags],
+    env: chromiumEnv(adapter),
     headless: true,
   });
   try {
@@ -478,7 +482,7 @@ async function runAdapter(
     });
     await page.exposeFunction('webtuneDone', (error?: string) => finish(error));
     const params = new URLSearchParams({ suite: args.suites.join(','), adapterName: `chromium ${adapter}` });
-    if (adapter === 'lavapipe') params.set('featureLevel', 'compatibility');
+    if (adapter === 'lavapipe' || adapter === 'lavapipe25') params.set('featureLevel', 'compatibility');
     if (args.quick) params.set('quick', '1');
     if (args.only) params.set('only', args.only);
     if (args.samples !== undefined) params.set('samples', String(args.samples));

@@ -3,8 +3,14 @@
  * end-to-end specs. Facts from ../shared/docs/WEBGPU_ON_CPU.md, measured on these machines.
  */
 import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 
-export type ChromiumAdapter = 'swiftshader' | 'lavapipe' | 'gpu';
+/** 'lavapipe25': 'lavapipe' again over Mesa 25's driver (tools/lavapipe25.sh) instead of the
+ * system's (Debian bookworm's Mesa 22); see chromiumEnv. */
+export type ChromiumAdapter = 'swiftshader' | 'lavapipe' | 'lavapipe25' | 'gpu';
+
+/** The Vulkan driver file of Mesa 25's lavapipe, unpacked by tools/setup.mjs (tools/lavapipe25.sh). */
+export const lavapipe25Icd = fileURLToPath(new URL('../.cache/lavapipe25/lvp_icd.json', import.meta.url));
 
 export function chromiumPath(): string {
   const candidates = [
@@ -20,7 +26,7 @@ export function chromiumPath(): string {
 }
 
 /** The flags that give headless Chromium a WebGPU adapter. 'swiftshader': its built-in Vulkan on
- * the CPU; 'lavapipe': Mesa's CPU Vulkan through ANGLE, reached with featureLevel
+ * the CPU; 'lavapipe' and 'lavapipe25': Mesa's CPU Vulkan through ANGLE, reached with featureLevel
  * 'compatibility'; 'gpu': a real GPU through Vulkan (Linux). */
 export function chromiumWebGpuArgs(adapter: ChromiumAdapter): string[] {
   const common = [
@@ -31,7 +37,28 @@ export function chromiumWebGpuArgs(adapter: ChromiumAdapter): string[] {
     '--no-first-run',
     '--disable-quic',
   ];
-  if (adapter === 'lavapipe') return [...common, '--use-angle=vulkan', '--use-webgpu-adapter=opengles'];
+  if (adapter === 'lavapipe' || adapter === 'lavapipe25')
+    return [...common, '--use-angle=vulkan', '--use-webgpu-adapter=opengles'];
   if (adapter === 'gpu') return [...common, '--enable-features=Vulkan', '--use-angle=vulkan', '--ignore-gpu-blocklist'];
   return common;
+}
+
+/**
+ * The environment Chromium is started with: the caller's, and for 'lavapipe25' the Vulkan loader
+ * pointed at Mesa 25's lavapipe alone (VK_ICD_FILENAMES). Why a second lavapipe: Mesa 22's (Debian
+ * bookworm's) specialises a compute shader on the values of the uniforms its loops and branches
+ * read, whenever the pipeline is bound, and compiles that variant again at every bind without
+ * keeping it (lavapipe's uniform inlining, `update_inline_shader_state`; later Mesas keep the
+ * variants). Dawn's OpenGL ES backend over ANGLE binds at every dispatch, so there every dispatch of
+ * a large kernel whose loops become short enough to unroll (a small model's matmuls) costs a shader
+ * compile, answered from Mesa's disk cache in milliseconds. Mesa 25 is the driver that current
+ * distributions ship (Debian 13). Throws when it is not unpacked.
+ */
+export function chromiumEnv(adapter: ChromiumAdapter): Record<string, string | undefined> {
+  if (adapter !== 'lavapipe25') return { ...process.env };
+  if (!existsSync(lavapipe25Icd))
+    throw new Error(`the lavapipe25 adapter needs Mesa 25's lavapipe in ${lavapipe25Icd}: run node tools/setup.mjs`);
+  const env: Record<string, string | undefined> = { ...process.env, VK_ICD_FILENAMES: lavapipe25Icd };
+  delete env.VK_DRIVER_FILES; // the newer name, which the loader would take first
+  return env;
 }
