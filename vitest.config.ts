@@ -36,6 +36,31 @@ const modelTests = [
   'packages/train/test/merge.test.ts',
 ];
 
+// The Node tests that plan whole models through useGpu: they run in one process (isolate: false),
+// where useGpu hands them one context per set of options (shareContexts, gpu.ts), so the kernels one
+// file compiled serve the next. Compiling is most of their time on SwiftShader, and these files
+// compile largely the same pipelines: seven of them compiled 325 pipelines, 155 of them distinct.
+// None mocks, stubs globals or sets the environment.
+const sharedContextTests = [
+  'packages/models/test/backward.test.ts',
+  'packages/models/test/evaluate.test.ts',
+  'packages/models/test/f16_tiles.test.ts',
+  'packages/models/test/forward.test.ts',
+  'packages/models/test/generate.test.ts',
+  'packages/models/test/gguf.test.ts',
+  'packages/models/test/lora_dropout.test.ts',
+  'packages/models/test/quantized.test.ts',
+  'packages/models/test/split_table.test.ts',
+  'packages/models/test/train_f16.test.ts',
+  'packages/models/test/weights.test.ts',
+  'packages/train/test/fused.node.test.ts',
+  'packages/train/test/memory.test.ts',
+  'packages/train/test/merge.node.test.ts',
+  'packages/train/test/merge.test.ts',
+  'packages/train/test/trainer.test.ts',
+  'packages/train/test/trainer_f16.test.ts',
+];
+
 // Mesa 25's lavapipe, unpacked by tools/setup.mjs (tools/lavapipe25.sh): under Node the only adapter
 // here with shader-f16, and subgroups of 8 where SwiftShader's are 4.
 const lavapipe25Icd = new URL('./.cache/lavapipe25/lvp_icd.json', import.meta.url).pathname;
@@ -102,6 +127,7 @@ export default defineConfig({
           name: 'node',
           // and the benchmark's own statistics (bench/*.cpu.test.ts), which need no GPU.
           include: [...gpuTests, 'bench/**/*.cpu.test.ts'],
+          exclude: sharedContextTests,
           environment: 'node',
           pool: 'forks',
           testTimeout: 120_000,
@@ -115,6 +141,21 @@ export default defineConfig({
             // the CPU ones. The matmul's direct reading, the CPU ones' alone, runs whole.
             profileSplit: { of: 3, at: [2] },
           },
+          env: { XDG_RUNTIME_DIR: '/tmp' },
+        },
+      },
+      {
+        // node's whole-model tests, sharing contexts (sharedContextTests, above); the same
+        // configuration as node otherwise.
+        test: {
+          name: 'node-models',
+          include: sharedContextTests,
+          environment: 'node',
+          pool: 'forks',
+          isolate: false,
+          testTimeout: 120_000,
+          hookTimeout: 60_000,
+          provide: { featureLevel: 'core' as const, profileSplit: { of: 3, at: [2] }, shareContexts: true },
           env: { XDG_RUNTIME_DIR: '/tmp' },
         },
       },

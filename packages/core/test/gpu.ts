@@ -27,6 +27,10 @@ declare module 'vitest' {
     /** Under Node, the share of the tables split between the two kernel configurations (`tableCases`'s
      * `splitAcrossProfiles`) this project's configuration runs: node and node-gpu-kernels complement. */
     profileSplit?: CaseShare;
+    /** useGpu hands every file of a worker the same context for the same options (`sharedContext`),
+     * so a pipeline compiled by one file is not compiled again by the next (node-models, whose
+     * files run in one process: `isolate: false`). */
+    shareContexts?: boolean;
   }
 }
 
@@ -73,21 +77,50 @@ export function tableCases(
   };
 }
 
+/** The contexts of a worker whose project shares them, by their options (on globalThis, which
+ * outlives the module instances of the files). */
+const SHARED_CONTEXTS = Symbol.for('webtune.test.sharedContexts');
+
 /**
- * One context per test file (per call), destroyed after it. Fails the file on any uncaptured GPU
- * error. `overrides` adds context options to the project's (vitest.config.ts).
+ * The worker's context for `options`, made on first use and kept for the files after (a lost one
+ * is replaced). Compiling pipelines is most of what the model tests cost on the software adapters,
+ * and a device keeps what it compiled: the kernel cache (kernel.ts) and Dawn's own. The files still
+ * get what a context of their own gives them: no uncaptured error and no buffer left alive when
+ * they end (useGpu), each case checked inside its error scopes (gpuCase).
+ */
+async function sharedContext(options: GpuContextOptions): Promise<GpuContext> {
+  const root = globalThis as { [SHARED_CONTEXTS]?: Map<string, Promise<GpuContext>> };
+  root[SHARED_CONTEXTS] ??= new Map();
+  const pool = root[SHARED_CONTEXTS];
+  const key = JSON.stringify(options);
+  const kept = await pool.get(key)?.catch(() => undefined);
+  if (kept && !kept.isLost) return kept;
+  const made = createGpuContext(options);
+  pool.set(key, made);
+  return made;
+}
+
+/**
+ * One context per test file (per call), destroyed after it, or the worker's shared one for these
+ * options where the project shares them (`shareContexts`). Fails the file on any uncaptured GPU
+ * error, and on a shared context on any buffer the file left alive. `overrides` adds context
+ * options to the project's (vitest.config.ts).
  */
 export function useGpu(overrides: Partial<GpuContextOptions> = {}): () => GpuContext {
   let ctx: GpuContext | undefined;
+  let liveBefore = 0;
+  const shared = inject('shareContexts') === true;
   const reports: string[] = [];
   beforeAll(async () => {
-    ctx = await createGpuContext({
+    const options: GpuContextOptions = {
       featureLevel: inject('featureLevel') ?? 'core',
       kernelProfile: inject('kernelProfile') ?? 'auto',
       matmulStaging: inject('matmulStaging') ?? 'auto',
       label: 'test',
       ...overrides,
-    });
+    };
+    ctx = shared ? await sharedContext(options) : await createGpuContext(options);
+    liveBefore = ctx.liveBufferCount;
     (ctx as GpuContext & { reports?: string[] }).reports = reports;
     for (const f of inject('requireFeatures') ?? []) {
       if (f === 'subgroups' && overrides.allowSubgroups === false) continue;
@@ -97,8 +130,10 @@ export function useGpu(overrides: Partial<GpuContextOptions> = {}): () => GpuCon
   afterAll(() => {
     if (reports.length > 0 && ctx) console.log(`${describeAdapter(ctx)}\n${reports.join('\n')}`);
     const errors = ctx?.takeUncapturedErrors() ?? [];
-    ctx?.destroy();
+    const left = shared && ctx && !ctx.isLost ? ctx.liveBufferLabels().slice(liveBefore) : [];
+    if (!shared) ctx?.destroy();
     expect(errors.map((e) => e.message)).toEqual([]);
+    expect(left, 'buffers the file left alive on the shared context').toEqual([]);
   });
   return () => {
     if (!ctx) throw new Error('GPU context not ready');
