@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { playwright } from '@vitest/browser-playwright';
 import { defineConfig } from 'vitest/config';
-import { chromiumPath, chromiumWebGpuArgs } from './tools/chromium.js';
+import { chromiumPath, chromiumWebGpuArgs, lavapipe25Icd } from './tools/chromium.js';
 
 // Tests whose name ends in .cpu.test.ts need no GPU (references, parsers) and .node.test.ts need
 // Node itself (the CLI in a child process); both run under Node only.
@@ -36,9 +36,10 @@ const modelTests = [
   'packages/train/test/merge.test.ts',
 ];
 
-// The Node tests that plan whole models through useGpu: they run in one process (isolate: false),
-// where useGpu hands them one context per set of options (shareContexts, gpu.ts), so the kernels one
-// file compiled serve the next. Compiling is most of their time on SwiftShader, and these files
+// The Node tests that plan whole models through useGpu: they run without isolation (isolate: false;
+// one process on these 2-core machines, where vitest runs one worker), and useGpu hands the files of
+// a worker one context per set of options (shareContexts, gpu.ts), so the kernels one file compiled
+// serve the next. Compiling is most of their time on SwiftShader, and these files
 // compile largely the same pipelines: seven of them compiled 325 pipelines, 155 of them distinct.
 // None mocks, stubs globals or sets the environment.
 const sharedContextTests = [
@@ -63,7 +64,6 @@ const sharedContextTests = [
 
 // Mesa 25's lavapipe, unpacked by tools/setup.mjs (tools/lavapipe25.sh): under Node the only adapter
 // here with shader-f16, and subgroups of 8 where SwiftShader's are 4.
-const lavapipe25Icd = new URL('./.cache/lavapipe25/lvp_icd.json', import.meta.url).pathname;
 // The files whose kernels have f16 or subgroup builds (matmul_f16 holds the matmul's f16 and split-K
 // cases: llvmpipe takes seconds per pipeline, and matmul.test.ts has a hundred), and the model
 // tests of the inference plans and the training step that use f16 tiles. cross_entropy.test.ts is left to SwiftShader's

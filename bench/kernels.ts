@@ -1613,10 +1613,10 @@ fn main(@builtin(global_invocation_id) id: vec3u, @builtin(local_invocation_inde
  * `--only dispatch_cost`.
  *
  * Chromium's compatibility adapter on Mesa 22's lavapipe (Dawn's OpenGL ES backend over ANGLE)
- * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.2–0.7 for the naive one, whatever trait
+ * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.2–1.1 for the naive one, whatever trait
  * it had; the pruned module (13.5 KB of WGSL against 84 KB) as much as the planned one; with
- * Mesa's shader cache off (MESA_SHADER_CACHE_DISABLE=true) 0.5–1.2 s for each matmul dispatch and
- * the naive ones still under 2.5 ms. Cause: lavapipe's uniform inlining, which Mesa 22 redoes,
+ * Mesa's shader cache off (MESA_SHADER_CACHE_DISABLE=true) 0.44–1.17 s for each matmul dispatch
+ * and the naive ones still under 2.5 ms; the pruned module with unknowable uniform offsets 0.17. Cause: lavapipe's uniform inlining, which Mesa 22 redoes,
  * compile included, whenever the pipeline is bound, and ANGLE binds it at every dispatch
  * (tools/chromium.ts, chromiumEnv). The naive kernels are under its size threshold. Over Mesa 25's
  * lavapipe (`--adapter lavapipe25`) the same matmul dispatch costs 0.14 ms.
@@ -1653,7 +1653,17 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
       ['pruned', () => run(prunedPipeline, mm.bindGroup, mm.workgroups)],
     ];
     const noInline = await uninlinableMatmul(ctx, k, pruned, layout, { M, N, K }, { a, w, c });
-    if (noInline) variants.push(['pruned_no_inline', () => run(noInline.pipeline, noInline.bind, mm.workgroups)]);
+    if (noInline) {
+      // It must compute the same product, or its speed would prove nothing.
+      await planned();
+      const want = await readFloat32(c);
+      ctx.device.queue.writeBuffer(c.buffer, c.byteOffset, new Float32Array(M * N));
+      await run(noInline.pipeline, noInline.bind, mm.workgroups);
+      const diff = maxAbsDiff(await readFloat32(c), want);
+      if (!(diff <= 1e-5))
+        throw new Error(`dispatch_cost: pruned_no_inline differs from the planned matmul by ${diff}`);
+      variants.push(['pruned_no_inline', () => run(noInline.pipeline, noInline.bind, mm.workgroups)]);
+    }
     for (const trait of NAIVE_TRAITS) {
       const module = ctx.device.createShaderModule({ code: naiveMatmulWgsl(trait, M, N, K) });
       const ownLayout = trait === 'bindings' || trait === 'uniform_loop';
@@ -1742,10 +1752,20 @@ async function uninlinableMatmul(
   ctx.device.queue.writeBuffer(uniform, 0, data);
   const placeholder = ctx.device.createBuffer({ size: 256, usage: GPUBufferUsage.STORAGE });
   const byName: Record<string, GPUBuffer> = { a: operands.a.buffer, w: operands.w.buffer, c: operands.c.buffer };
-  const pipeline = await ctx.device.createComputePipelineAsync({
-    layout,
-    compute: { module: ctx.device.createShaderModule({ code: source }), entryPoint: k.spec.entryPoint },
-  });
+  // A Params field this packing does not know (not a 4-byte scalar) would fail here: no variant then.
+  ctx.device.pushErrorScope('validation');
+  const pipeline = await ctx.device
+    .createComputePipelineAsync({
+      layout,
+      compute: { module: ctx.device.createShaderModule({ code: source }), entryPoint: k.spec.entryPoint },
+    })
+    .catch(() => undefined);
+  const invalid = await ctx.device.popErrorScope();
+  if (!pipeline || invalid) {
+    uniform.destroy();
+    placeholder.destroy();
+    return undefined;
+  }
   const entries: GPUBindGroupEntry[] = [];
   k.spec.bindings.forEach((kind, binding) => {
     if (kind === 'none') return;

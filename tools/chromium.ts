@@ -57,8 +57,12 @@ export function chromiumWebGpuArgs(adapter: ChromiumAdapter): string[] {
 export function chromiumEnv(adapter: ChromiumAdapter): Record<string, string | undefined> {
   if (adapter !== 'lavapipe25') return { ...process.env };
   if (!existsSync(lavapipe25Icd))
-    throw new Error(`the lavapipe25 adapter needs Mesa 25's lavapipe in ${lavapipe25Icd}: run node tools/setup.mjs`);
+    throw new Error(
+      `the lavapipe25 adapter needs Mesa 25's lavapipe in ${lavapipe25Icd}: node tools/setup.mjs unpacks it on Debian (it needs the Debian mirror, and WEBTUNE_SKIP_LAVAPIPE25 unset)`,
+    );
   const env: Record<string, string | undefined> = { ...process.env, VK_ICD_FILENAMES: lavapipe25Icd };
-  delete env.VK_DRIVER_FILES; // the newer name, which the loader would take first
+  // The loader's other ways to find drivers: the newer name, which it would take first, and additions.
+  delete env.VK_DRIVER_FILES;
+  delete env.VK_ADD_DRIVER_FILES;
   return env;
 }

@@ -77,8 +77,9 @@ export function tableCases(
   };
 }
 
-/** The contexts of a worker whose project shares them, by their options (on globalThis, which
- * outlives the module instances of the files). */
+/** The contexts of a worker whose project shares them, by their options. With `isolate: false` the
+ * files of a worker share this module's instance too; globalThis holds the pool all the same, so it
+ * does not hang on how the runner loads modules. */
 const SHARED_CONTEXTS = Symbol.for('webtune.test.sharedContexts');
 
 /**
