@@ -29,7 +29,7 @@ declare module 'vitest' {
     profileSplit?: CaseShare;
     /** useGpu hands every file of a worker the same context for the same options (`sharedContext`),
      * so a pipeline compiled by one file is not compiled again by the next (node-models, whose
-     * files run in one process: `isolate: false`). */
+     * files run without isolation: `isolate: false`). */
     shareContexts?: boolean;
   }
 }
