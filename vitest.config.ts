@@ -119,44 +119,45 @@ function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
   };
 }
 
+// Node + Dawn on SwiftShader (the CPU kernel configurations), every GPU test but the whole-model
+// ones, which node-models runs with the same configuration.
+const nodeProject = {
+  test: {
+    name: 'node',
+    // and the benchmark's own statistics (bench/*.cpu.test.ts), which need no GPU.
+    include: [...gpuTests, 'bench/**/*.cpu.test.ts'],
+    exclude: sharedContextTests,
+    environment: 'node',
+    pool: 'forks' as const,
+    testTimeout: 120_000,
+    hookTimeout: 60_000,
+    provide: {
+      featureLevel: 'core' as const,
+      // The kernel tables that both kernel configurations run (the tiled matmul's staged
+      // reading, LoRA, attention, loss: gpu.ts's tableCases): a third here on the CPU ones,
+      // the other two thirds on the GPU ones (node-gpu-kernels), the same WGSL with other
+      // tiles; the awkward sizes cross tile edges in both, and every model test (node-models)
+      // plans the CPU ones. The matmul's direct reading, the CPU ones' alone, runs whole.
+      profileSplit: { of: 3, at: [2] },
+    },
+    env: { XDG_RUNTIME_DIR: '/tmp' },
+  },
+};
+
 export default defineConfig({
   test: {
     projects: [
+      nodeProject,
       {
+        // node's whole-model tests, without isolation and sharing contexts (sharedContextTests,
+        // above); node's configuration otherwise.
         test: {
-          name: 'node',
-          // and the benchmark's own statistics (bench/*.cpu.test.ts), which need no GPU.
-          include: [...gpuTests, 'bench/**/*.cpu.test.ts'],
-          exclude: sharedContextTests,
-          environment: 'node',
-          pool: 'forks',
-          testTimeout: 120_000,
-          hookTimeout: 60_000,
-          provide: {
-            featureLevel: 'core' as const,
-            // The kernel tables that both kernel configurations run (the tiled matmul's staged
-            // reading, LoRA, attention, loss: gpu.ts's tableCases): a third here on the CPU ones,
-            // the other two thirds on the GPU ones (node-gpu-kernels), the same WGSL with other
-            // tiles; the awkward sizes cross tile edges in both, and every model test here plans
-            // the CPU ones. The matmul's direct reading, the CPU ones' alone, runs whole.
-            profileSplit: { of: 3, at: [2] },
-          },
-          env: { XDG_RUNTIME_DIR: '/tmp' },
-        },
-      },
-      {
-        // node's whole-model tests, sharing contexts (sharedContextTests, above); the same
-        // configuration as node otherwise.
-        test: {
+          ...nodeProject.test,
           name: 'node-models',
           include: sharedContextTests,
-          environment: 'node',
-          pool: 'forks',
+          exclude: [],
           isolate: false,
-          testTimeout: 120_000,
-          hookTimeout: 60_000,
-          provide: { featureLevel: 'core' as const, profileSplit: { of: 3, at: [2] }, shareContexts: true },
-          env: { XDG_RUNTIME_DIR: '/tmp' },
+          provide: { ...nodeProject.test.provide, shareContexts: true },
         },
       },
       {
