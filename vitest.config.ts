@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { playwright } from '@vitest/browser-playwright';
 import { defineConfig } from 'vitest/config';
-import { chromiumPath, chromiumWebGpuArgs, lavapipe25Icd } from './tools/chromium.js';
+import { chromiumFeatureLevel, chromiumPath, chromiumWebGpuArgs, lavapipe25Icd } from './tools/chromium.js';
 
 // Tests whose name ends in .cpu.test.ts need no GPU (references, parsers) and .node.test.ts need
 // Node itself (the CLI in a child process); both run under Node only.
@@ -96,7 +96,7 @@ function chromium(name: string, adapter: 'swiftshader' | 'lavapipe') {
       // staging probe's answer there): the probe compiles and runs the matmul kernel both ways, and
       // in every file's context it cost CI minutes and once a minute-long hook.
       provide: {
-        featureLevel: adapter === 'lavapipe' ? ('compatibility' as const) : ('core' as const),
+        featureLevel: chromiumFeatureLevel(adapter),
         kernelProfile: adapter === 'lavapipe' ? ('cpu' as const) : ('auto' as const),
         matmulStaging: adapter === 'lavapipe' ? ('direct' as const) : ('auto' as const),
         // matmul.test.ts runs its entries in the reading this adapter gets (Node runs both).

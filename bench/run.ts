@@ -42,7 +42,14 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { chromium } from 'playwright';
 import { createServer } from 'vite';
-import { type ChromiumAdapter, chromiumEnv, chromiumPath, chromiumWebGpuArgs } from '../tools/chromium.js';
+import {
+  CHROMIUM_ADAPTERS,
+  type ChromiumAdapter,
+  chromiumEnv,
+  chromiumFeatureLevel,
+  chromiumPath,
+  chromiumWebGpuArgs,
+} from '../tools/chromium.js';
 import { findPython } from '../tools/python.js';
 import {
   BENCH_MODELS,
@@ -127,8 +134,8 @@ function parseArgs(argv: string[]): Args {
     else throw new Error(`unknown argument ${a}`);
   }
   for (const ad of args.adapters) {
-    if (!['swiftshader', 'lavapipe', 'lavapipe25', 'gpu'].includes(ad))
-      throw new Error(`unknown adapter ${ad}: use swiftshader, lavapipe, lavapipe25 or gpu`);
+    if (!(CHROMIUM_ADAPTERS as readonly string[]).includes(ad))
+      throw new Error(`unknown adapter ${ad}: use ${CHROMIUM_ADAPTERS.join(', ')}`);
   }
   for (const suite of args.suites) {
     if (!SUITES.includes(suite)) throw new Error(`unknown suite ${suite}: use ${SUITES.join(', ')} or all`);
@@ -482,7 +489,7 @@ async function runAdapter(
     });
     await page.exposeFunction('webtuneDone', (error?: string) => finish(error));
     const params = new URLSearchParams({ suite: args.suites.join(','), adapterName: `chromium ${adapter}` });
-    if (adapter === 'lavapipe' || adapter === 'lavapipe25') params.set('featureLevel', 'compatibility');
+    if (chromiumFeatureLevel(adapter) === 'compatibility') params.set('featureLevel', 'compatibility');
     if (args.quick) params.set('quick', '1');
     if (args.only) params.set('only', args.only);
     if (args.samples !== undefined) params.set('samples', String(args.samples));

@@ -7,7 +7,14 @@ import { fileURLToPath } from 'node:url';
 
 /** 'lavapipe25': 'lavapipe' again over Mesa 25's driver (tools/lavapipe25.sh) instead of the
  * system's (Debian bookworm's Mesa 22); see chromiumEnv. */
-export type ChromiumAdapter = 'swiftshader' | 'lavapipe' | 'lavapipe25' | 'gpu';
+export const CHROMIUM_ADAPTERS = ['swiftshader', 'lavapipe', 'lavapipe25', 'gpu'] as const;
+export type ChromiumAdapter = (typeof CHROMIUM_ADAPTERS)[number];
+
+/** The feature level a page asks for to get the adapter: lavapipe is reached only through the
+ * compatibility adapter (Dawn's OpenGL ES backend over ANGLE). */
+export function chromiumFeatureLevel(adapter: ChromiumAdapter): 'core' | 'compatibility' {
+  return adapter === 'lavapipe' || adapter === 'lavapipe25' ? 'compatibility' : 'core';
+}
 
 /** The Vulkan driver file of Mesa 25's lavapipe, unpacked by tools/setup.mjs (tools/lavapipe25.sh). */
 export const lavapipe25Icd = fileURLToPath(new URL('../.cache/lavapipe25/lvp_icd.json', import.meta.url));
@@ -37,7 +44,7 @@ export function chromiumWebGpuArgs(adapter: ChromiumAdapter): string[] {
     '--no-first-run',
     '--disable-quic',
   ];
-  if (adapter === 'lavapipe' || adapter === 'lavapipe25')
+  if (chromiumFeatureLevel(adapter) === 'compatibility')
     return [...common, '--use-angle=vulkan', '--use-webgpu-adapter=opengles'];
   if (adapter === 'gpu') return [...common, '--enable-features=Vulkan', '--use-angle=vulkan', '--ignore-gpu-blocklist'];
   return common;
