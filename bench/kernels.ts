@@ -1613,13 +1613,14 @@ fn main(@builtin(global_invocation_id) id: vec3u, @builtin(local_invocation_inde
  * `--only dispatch_cost`.
  *
  * Chromium's compatibility adapter on Mesa 22's lavapipe (Dawn's OpenGL ES backend over ANGLE)
- * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.2–1.1 for the naive one, whatever trait
- * it had; the pruned module (13.5 KB of WGSL against 84 KB) as much as the planned one; with
- * Mesa's shader cache off (MESA_SHADER_CACHE_DISABLE=true) 0.44–1.17 s for each matmul dispatch
- * and the naive ones still under 2.5 ms; the pruned module with unknowable uniform offsets 0.17.
- * Cause: lavapipe's uniform inlining, which Mesa 22 redoes, compile included, whenever the pipeline
- * is bound, and ANGLE binds it at every dispatch (tools/chromium.ts, chromiumEnv). The naive kernels are under its size threshold. Over Mesa 25's
- * lavapipe (`--adapter lavapipe25`) the same matmul dispatch costs 0.14 ms.
+ * charged 6–8 ms for each 32×32×32 matmul dispatch and 0.2–1.1 for the naive one, whatever trait it
+ * had; the pruned module (13.5 KB of WGSL against 84 KB) as much as the planned one; with Mesa's
+ * shader cache off (MESA_SHADER_CACHE_DISABLE=true) 0.44–1.17 s for each matmul dispatch and the
+ * naive ones still under 2.5 ms; the pruned module with unknowable uniform offsets 0.17. Cause:
+ * lavapipe's uniform inlining, which Mesa 22 redoes, compile included, whenever the pipeline is
+ * bound, and ANGLE binds it at every dispatch (tools/chromium.ts, chromiumEnv). The naive kernels
+ * are under its size threshold. Over Mesa 25's lavapipe (`--adapter lavapipe25`) the same matmul
+ * dispatch costs 0.14 ms.
  */
 async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const REPS = 20;
@@ -1707,11 +1708,12 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
  * The pruned matmul with its uniforms out of a driver's reach: the block is bound as an array of
  * two copies and read through an index the compiler cannot know (0 unless A is empty; with one
  * element the bounds clamp would make it 0 again), so no load of it has a constant offset. Mesa's
- * lavapipe specialises a large shader on the values of uniforms that its loops and branches read
- * at constant offsets (its uniform inlining), and Mesa 22's compiles that variant again every time
- * the pipeline is bound; with the offsets unknown it finds none to inline. The kernel's own layout, with a uniform buffer of its
- * own (M, N, K; alpha and rope_scaling 1, the rest 0, as matmul.ts packs them), A, W and C at
- * their bindings and a placeholder at the others; undefined when the WGSL is not as expected.
+ * lavapipe specialises a large shader on the values of uniforms that its loops and branches read at
+ * constant offsets (its uniform inlining), and Mesa 22's compiles that variant again every time the
+ * pipeline is bound; with the offsets unknown it finds none to inline. The kernel's own layout,
+ * with a uniform buffer of its own (M, N, K; alpha and rope_scaling 1, the rest 0, as matmul.ts
+ * packs them), A, W and C at their bindings and a placeholder at the others; undefined when the
+ * WGSL is not as expected.
  */
 async function uninlinableMatmul(
   ctx: GpuContext,
