@@ -379,14 +379,14 @@ export async function createGpuContext(options: GpuContextOptions = {}): Promise
 
   let adapter: GPUAdapter | null = null;
   let keepAlive: unknown;
-  let runtime: 'browser' | 'node' = 'browser';
+  // Where the code runs, whichever GPU object it was handed (Node may have a navigator.gpu too).
+  const runtime: 'browser' | 'node' = isNode() ? 'node' : 'browser';
   let softwareFallback: string | undefined;
   const navigatorGpu = (globalThis as { navigator?: { gpu?: GPU } }).navigator?.gpu;
   if (options.gpu ?? navigatorGpu) {
     adapter = await (options.gpu ?? (navigatorGpu as GPU)).requestAdapter(request);
     keepAlive = options.gpu;
   } else if (isNode()) {
-    runtime = 'node';
     const found = await requestNodeAdapter(request);
     adapter = found.adapter;
     keepAlive = found.gpu;
