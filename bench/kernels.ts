@@ -119,6 +119,9 @@ async function runOnce(ctx: GpuContext, dispatches: Dispatch[], label: string): 
 
 const gflops = (flops: number, ms: number) => flops / ms / 1e6;
 
+/** `--shape`: whether a kernel case of this shape label runs. */
+const wanted = (o: BenchOptions, shape: string) => !o.shape || shape.includes(o.shape);
+
 /** timePair's rounds: `--samples N` asks for N whatever they take; otherwise 7 within a budget. */
 function rounds(o: BenchOptions): { iters?: number; budgetMs: number } {
   if (o.samples !== undefined) return { iters: o.samples, budgetMs: Number.POSITIVE_INFINITY };
@@ -167,6 +170,7 @@ async function benchLora(ctx: GpuContext, o: BenchOptions): Promise<void> {
   for (const { T, d, r } of loraShapes(o.quick)) {
     for (const w0Dtype of ['f32', 'f16'] as const) {
       const shape = `T=${T} in=${d} out=${d} r=${r} W0:${w0Dtype}`;
+      if (!wanted(o, shape)) continue;
       o.status(`lora ${shape}`);
       const layer: LoraLayer = {
         w0: tensorFromData(ctx, random(d * d, 1, 0.05), [d, d], w0Dtype, 'w0'),
@@ -247,6 +251,7 @@ async function benchMatmul(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const backend = tf.backend() as WebGPUBackend;
   for (const { M, N, K, transW } of matmulShapes(o.quick)) {
     const shape = `${M}x${N}x${K} ${transW ? 'x·Wᵀ' : 'dy·W'}`;
+    if (!wanted(o, shape)) continue;
     o.status(`matmul ${shape}`);
     const aData = random(M * K, 7, 1);
     const wData = random(N * K, 8, 0.05);
@@ -313,6 +318,8 @@ async function timeTileMath(
     flops: number;
   },
 ): Promise<void> {
+  // Single-case groups plan before they get here: --shape skips their runs, not their plans.
+  if (!wanted(o, c.shape)) return;
   o.status(`${c.name} ${c.shape}`);
   // Both builds compute the same thing: f16 rounding only.
   await runOnce(ctx, [...c.f16, ...c.f32], `${c.name} check`);
@@ -345,6 +352,7 @@ async function timeTileMath(
 async function benchMatmulDirect(ctx: GpuContext, o: BenchOptions): Promise<void> {
   for (const { M, N, K, transW } of matmulShapes(o.quick)) {
     const shape = `${M}x${N}x${K} ${transW ? 'x·Wᵀ' : 'dy·W'} (adapter: ${ctx.matmulStaging})`;
+    if (!wanted(o, shape)) continue;
     const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
     const w = tensorFromData(ctx, random(N * K, 8, 0.05), transW ? [N, K] : [K, N], 'f32', 'w');
     const cd = createTensor(ctx, [M, N], 'f32', 'c direct');
@@ -705,6 +713,7 @@ async function timeFusion(
     flops?: number;
   },
 ): Promise<void> {
+  if (!wanted(o, c.shape)) return;
   o.status(`${c.name} ${c.shape}`);
   await runOnce(ctx, c.fused, c.name);
   await runOnce(ctx, c.plain, c.baseline);
@@ -1518,6 +1527,7 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
   const tree = await make(false);
   try {
     for (const [name, shape, plan] of reductionCases(o.quick)) {
+      if (!wanted(o, shape)) continue;
       o.status(`subgroup_reductions ${name} ${shape}`);
       const mine = await plan(sub);
       const base = await plan(tree);
@@ -1628,6 +1638,7 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
     [32, 32, 32],
     [128, 64, 64],
   ] as const) {
+    if (!wanted(o, `${M}x${N}x${K} x·Wᵀ`)) continue;
     const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
     const w = tensorFromData(ctx, random(N * K, 8, 0.05), [N, K], 'f32', 'w');
     const c = createTensor(ctx, [M, N], 'f32', 'c');

@@ -30,6 +30,8 @@ export interface BenchOptions {
   quick: boolean;
   /** Run only the benchmarks whose name (kernels) or case key (models, train) contains this. */
   only?: string;
+  /** Kernels only: run only the cases whose shape label (the record's `shape`) contains this. */
+  shape?: string;
   /** Rounds of ours against the baseline per kernel case (`--samples N`), whatever they take
    * (default 7 within a time budget); and the samples of every generation case on each engine
    * (default: bench/cases.ts's per case). */
