@@ -15,7 +15,7 @@
  * measured on the same machine for the same case (tools/bench_torch.py).
  */
 import { type GpuContext, inferenceTileMath, WebtuneError } from '@webtune/core';
-import { type CausalLM, Generator, loadModel, urlSource } from '@webtune/models';
+import { type CausalLM, Generator, loadModel, type ModelSource } from '@webtune/models';
 import {
   BENCH_MODELS,
   type BenchModelId,
@@ -35,6 +35,8 @@ import type { BenchOptions } from './record.js';
 export interface SuiteOptions extends BenchOptions {
   /** A case that cannot run is reported here and the suite goes on with the next one. */
   fail: (key: string, error: unknown) => void;
+  /** Where a bench model's files are read from (the page: its server; Node: the folder). */
+  source: (id: BenchModelId) => ModelSource;
 }
 
 /** Lower median: with two samples, the faster one. */
@@ -63,22 +65,21 @@ export async function sample(
   return out;
 }
 
-/** Loads a bench model from the server this page came from. */
+/** Loads a bench model from the suite's source. */
 export async function loadBenchModel(
   ctx: GpuContext,
   id: BenchModelId,
-  status: (s: string) => void,
+  o: Pick<SuiteOptions, 'source' | 'status'>,
   precision: BenchPrecision = 'f16',
 ): Promise<{ model: CausalLM; loadMs: number }> {
-  const spec = BENCH_MODELS[id];
   const t0 = performance.now();
   let last = 0;
-  const model = await loadModel(ctx, urlSource(new URL(`/${spec.dir}/`, location.origin).href), {
+  const model = await loadModel(ctx, o.source(id), {
     precision,
     onProgress: (p) => {
       if (p.total > 0 && p.loaded - last > p.total / 4) {
         last = p.loaded;
-        status(`loading ${id}: ${Math.round((100 * p.loaded) / p.total)}%`);
+        o.status(`loading ${id}: ${Math.round((100 * p.loaded) / p.total)}%`);
       }
     },
   });
@@ -93,7 +94,7 @@ async function benchModel(
 ): Promise<void> {
   const spec = BENCH_MODELS[id];
   o.status(`loading ${id}`);
-  const { model, loadMs } = await loadBenchModel(ctx, id, o.status);
+  const { model, loadMs } = await loadBenchModel(ctx, id, o);
   let generator: Generator | undefined;
   try {
     const maxSequence = Math.min(spec.maxPositions, Math.max(...cases.map((c) => c.prompt + c.newTokens)));

@@ -5,7 +5,8 @@
  * go on; the page then ends with an error naming the failed cases.
  */
 import { createGpuContext, describeAdapter } from '@webtune/core';
-import type { BenchModelId } from './cases.js';
+import { urlSource } from '@webtune/models';
+import { BENCH_MODELS, type BenchModelId } from './cases.js';
 import { runKernelBenchmarks } from './kernels.js';
 import { runModelBenchmarks } from './models.js';
 import type { BenchRecord } from './record.js';
@@ -71,9 +72,12 @@ async function main(): Promise<void> {
     adapter,
     quick: params.has('quick'),
     only: params.get('only') ?? undefined,
+    shape: params.get('shape') ?? undefined,
     samples: samplesParam(params.get('samples')),
     report: show,
     status,
+    // The driver serves the repository: each model's folder from this page's server.
+    source: (id: BenchModelId) => urlSource(new URL(`/${BENCH_MODELS[id].dir}/`, location.origin).href),
     fail: (key: string, e: unknown) => {
       const message = e instanceof Error ? e.message : String(e);
       failed.push(`${key}: ${message}`);

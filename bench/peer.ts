@@ -64,9 +64,15 @@ async function generate(model: PreTrainedModel, prompt: readonly number[], newTo
   return streamer;
 }
 
+/** Where transformers.js runs: its session options (none: its own default for 'webgpu') and the
+ * adapter's name for the records. */
+interface PeerRuntime {
+  readonly sessionOptions?: Record<string, unknown>;
+  readonly adapter: string;
+}
+
 async function benchPeerModel(
-  device: GPUDevice,
-  featureLevel: 'core' | 'compatibility',
+  runtime: PeerRuntime,
   id: BenchModelId,
   dtype: PeerDtype,
   cases: readonly InferenceCase[],
@@ -78,7 +84,7 @@ async function benchPeerModel(
   const model = await AutoModelForCausalLM.from_pretrained(id, {
     device: 'webgpu',
     dtype,
-    session_options: { executionProviders: [{ name: 'webgpu', device }] },
+    ...(runtime.sessionOptions ? { session_options: runtime.sessionOptions } : {}),
   });
   const loadMs = performance.now() - t0;
   try {
@@ -119,7 +125,7 @@ async function benchPeerModel(
             min_ms: Math.min(...samples),
             samples_ms: samplesField(samples),
             model_load_ms: loadMs,
-            peer_adapter: describe(device, featureLevel),
+            peer_adapter: runtime.adapter,
             ...(c.kind === 'decode' ? { ids: ids.join(',') } : {}),
           },
         });
@@ -175,7 +181,6 @@ export async function runPeerBenchmarks(
   // Without these, onnxruntime-web fetches its WebAssembly from a CDN.
   if (!env.backends.onnx.wasm) throw new Error('transformers.js has no onnxruntime-web WebAssembly backend');
   env.backends.onnx.wasm.wasmPaths = { wasm: where.wasm, mjs: where.mjs };
-  const cases = inferenceCases(o.quick, o.samples).filter((c) => !o.only || c.key.includes(o.only));
   const device = await peerDevice(featureLevel);
   // fp16 needs shader-f16 on this device, and transformers.js also asks a default adapter of its
   // own for it (and refuses fp16 without), which is not always this one.
@@ -185,23 +190,61 @@ export async function runPeerBenchmarks(
     o.status('transformers.js fp16 skipped: no shader-f16 on the adapter (or on the one transformers.js checks)');
     return false;
   });
-  // The peer is the measure, not the subject: a case it cannot run is noted (it has no record)
-  // and does not fail the run.
+  const runtime = {
+    sessionOptions: { executionProviders: [{ name: 'webgpu', device }] },
+    adapter: describe(device, featureLevel),
+  };
+  try {
+    await runPeerCases(runtime, where.ids, dtypes, o);
+  } finally {
+    device.destroy();
+  }
+}
+
+/**
+ * The same under Node (bench/node_models.ts): transformers.js on onnxruntime-node's WebGPU
+ * execution provider, which runs its own Dawn on the process's Vulkan driver (the one webtune's
+ * `webgpu` package runs on; VK_ICD_FILENAMES picks it). `dir`: the exports' folder on disk. fp16
+ * where webtune's adapter on that driver has shader-f16: onnxruntime-node does not say, and
+ * transformers.js assumes it under Node.
+ */
+export async function runPeerBenchmarksNode(
+  dir: string,
+  ids: readonly BenchModelId[],
+  shaderF16: boolean,
+  o: SuiteOptions,
+): Promise<void> {
+  env.allowRemoteModels = false;
+  env.allowLocalModels = true;
+  env.localModelPath = dir;
+  const dtypes = PEER_DTYPES.filter((d) => {
+    if (d !== 'fp16' || shaderF16) return true;
+    o.status('transformers.js fp16 skipped: no shader-f16 on this driver');
+    return false;
+  });
+  await runPeerCases({ adapter: 'onnxruntime-node WebGPU (its own Dawn, same Vulkan driver)' }, ids, dtypes, o);
+}
+
+/** Every exported model's cases, for each dtype. The peer is the measure, not the subject: a case
+ * it cannot run is noted (it has no record) and does not fail the run. */
+async function runPeerCases(
+  runtime: PeerRuntime,
+  ids: readonly BenchModelId[],
+  dtypes: readonly PeerDtype[],
+  o: SuiteOptions,
+): Promise<void> {
+  const cases = inferenceCases(o.quick, o.samples).filter((c) => !o.only || c.key.includes(o.only));
   const note = (key: string, e: unknown) =>
     o.status(`${key} could not run: ${e instanceof Error ? e.message : String(e)}`);
   const peerOptions: SuiteOptions = { ...o, fail: note };
-  try {
-    for (const [id, mine] of casesByModel(cases)) {
-      if (!where.ids.includes(id)) continue; // its export failed: the driver said why
-      for (const dtype of dtypes) {
-        try {
-          await benchPeerModel(device, featureLevel, id, dtype, mine, peerOptions);
-        } catch (e) {
-          for (const c of mine) note(`transformers.js ${dtype} ${c.key}`, e);
-        }
+  for (const [id, mine] of casesByModel(cases)) {
+    if (!ids.includes(id)) continue; // its export failed: the driver said why
+    for (const dtype of dtypes) {
+      try {
+        await benchPeerModel(runtime, id, dtype, mine, peerOptions);
+      } catch (e) {
+        for (const c of mine) note(`transformers.js ${dtype} ${c.key}`, e);
       }
     }
-  } finally {
-    device.destroy();
   }
 }

@@ -1,13 +1,17 @@
 /**
- * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe,lavapipe25|gpu]
- *  [--quick] [--only <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
+ * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe,lavapipe25,node-lavapipe25|gpu]
+ *  [--quick] [--only <substring>] [--shape <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
  *  [--kernels auto|gpu|cpu] [--staging auto|workgroup|direct] [--chromium-flag=--some-flag ...]`
  *
  * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
  * configuration, collects the records, prints a table and writes them as a JSON array. Adapters
  * (tools/chromium.ts): Chromium's SwiftShader; lavapipe, the system's Mesa through ANGLE in
  * compatibility mode; lavapipe25, the same over Mesa 25's lavapipe (unpacked by tools/setup.mjs),
- * whose compute pipelines are not compiled again at every dispatch as Mesa 22's are; gpu. Suites:
+ * whose compute pipelines are not compiled again at every dispatch as Mesa 22's are; gpu; and
+ * node-lavapipe25, the same suites under Node instead of a page (bench/node.ts: the `webgpu`
+ * package's Dawn over Vulkan on Mesa 25's lavapipe, transformers.js on onnxruntime-node's WebGPU
+ * provider), the one adapter here with shader-f16, so the f16 kernels and transformers.js fp16
+ * run there. Suites:
  * - kernels (the default): matmul and the fused LoRA layer against TF.js / unfused dispatches on
  *   the same device (bench/kernels.ts);
  * - models: prefill and decode tokens/s on stories260K and a random SmolLM2-135M-shaped model
@@ -22,7 +26,8 @@
  * the records: baseline torch_cpu (inference) or torch_peft_cpu (training), ratio = baseline
  * ms / ms (above 1: webtune is faster). Without a Python that has torch, transformers and peft (or
  * with --no-baseline) the baseline is null and a note says why. --quick runs small variants of
- * every case (a few minutes per adapter). Kernel ratios come with their spread: the median and
+ * every case (a few minutes per adapter). --shape keeps the kernel cases whose shape label (the
+ * table's shape column) contains it, to give the cases still unsettled more rounds. Kernel ratios come with their spread: the median and
  * quartiles of the rounds' own ratios and a sign test (p < 0.05: the rounds agree on which side
  * of 1 it is); --samples N (6 to 200) runs N rounds per kernel case instead of up to 7 in a time
  * budget (give a --timeout-min to match), and N samples of every generation case on each engine,
@@ -36,12 +41,13 @@
  * to run the same case both ways.
  */
 
+import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { register } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { chromium } from 'playwright';
-import { createServer } from 'vite';
+import { createServer, type ViteDevServer } from 'vite';
 import {
   CHROMIUM_ADAPTERS,
   type ChromiumAdapter,
@@ -49,6 +55,7 @@ import {
   chromiumFeatureLevel,
   chromiumPath,
   chromiumWebGpuArgs,
+  lavapipe25Env,
 } from '../tools/chromium.js';
 import { findPython } from '../tools/python.js';
 import {
@@ -64,19 +71,29 @@ import {
 } from './cases.js';
 import { runChild } from './child.js';
 import { rankSumP } from './measure.js';
+import type { NodeBenchSpec } from './node.js';
 import type { BenchRecord } from './record.js';
 
 const SUITES = ['kernels', 'models', 'train'];
 
+/** Adapters run under Node instead of a page (bench/node.ts). */
+const NODE_ADAPTERS = ['node-lavapipe25'] as const;
+type NodeAdapter = (typeof NODE_ADAPTERS)[number];
+type BenchAdapter = ChromiumAdapter | NodeAdapter;
+const ADAPTERS: readonly string[] = [...CHROMIUM_ADAPTERS, ...NODE_ADAPTERS];
+const isNodeAdapter = (a: BenchAdapter): a is NodeAdapter => (NODE_ADAPTERS as readonly string[]).includes(a);
+
 interface Args {
   json?: string;
-  adapters: ChromiumAdapter[];
+  adapters: BenchAdapter[];
   quick: boolean;
   suites: string[];
   extraFlags: string[];
   /** Per adapter; default from the suites (see defaultTimeoutMin). */
   timeoutMs?: number;
   only?: string;
+  /** Kernel cases whose shape label contains this (BenchOptions.shape). */
+  shape?: string;
   /** Rounds per kernel case, samples per generation case (BenchOptions.samples). */
   samples?: number;
   baseline: boolean;
@@ -106,7 +123,7 @@ function parseArgs(argv: string[]): Args {
       return v;
     };
     if (a.startsWith('--json')) args.json = value();
-    else if (a.startsWith('--adapter')) args.adapters = value().split(',') as ChromiumAdapter[];
+    else if (a.startsWith('--adapter')) args.adapters = value().split(',') as BenchAdapter[];
     else if (a === '--quick') args.quick = true;
     else if (a.startsWith('--suite')) {
       const v = value();
@@ -114,6 +131,7 @@ function parseArgs(argv: string[]): Args {
     } else if (a === '--no-baseline') args.baseline = false;
     else if (a === '--no-peer') args.peer = false;
     else if (a.startsWith('--only')) args.only = value();
+    else if (a.startsWith('--shape')) args.shape = value();
     else if (a.startsWith('--samples')) {
       args.samples = Number(value());
       // Below 6 rounds the sign test cannot reach p < 0.05 (its best is 2^(1−n)).
@@ -134,8 +152,7 @@ function parseArgs(argv: string[]): Args {
     else throw new Error(`unknown argument ${a}`);
   }
   for (const ad of args.adapters) {
-    if (!(CHROMIUM_ADAPTERS as readonly string[]).includes(ad))
-      throw new Error(`unknown adapter ${ad}: use ${CHROMIUM_ADAPTERS.join(', ')}`);
+    if (!ADAPTERS.includes(ad)) throw new Error(`unknown adapter ${ad}: use ${ADAPTERS.join(', ')}`);
   }
   for (const suite of args.suites) {
     if (!SUITES.includes(suite)) throw new Error(`unknown suite ${suite}: use ${SUITES.join(', ')} or all`);
@@ -436,6 +453,30 @@ function mergeBaseline(r: BenchRecord, torch: TorchRun | undefined): BenchRecord
 
 // ---------------------------------------------------------------------------------------------
 
+/** A record from a page or a Node run: its baseline merged in, kept, written and printed. */
+function keepRecord(r: BenchRecord, args: Args, torch: TorchRun | undefined, records: BenchRecord[]): void {
+  records.push(mergeBaseline(r, torch));
+  // Written as they come, so a long run that is stopped keeps what it measured.
+  if (args.json) writeFileSync(args.json, `${JSON.stringify(records, null, 2)}\n`);
+  const tps = num(r, 'tokens_per_s');
+  const btps = num(r, 'baseline_tokens_per_s');
+  const peak = num(r, 'peak_gpu_bytes');
+  const basePeak = num(r, 'baseline_peak_bytes');
+  console.log(
+    `  ${r.name} ${r.shape}: ${r.ms.toFixed(2)} ms` +
+      (tps === undefined ? '' : ` (${tps.toFixed(1)} tok/s)`) +
+      (r.ratio === null
+        ? ''
+        : `, ratio ${r.ratio.toFixed(2)}${spread(r) ? ` (${spread(r)})` : ''} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`) +
+      (peak === undefined ? '' : `; GPU ${mib(peak)} MiB`) +
+      (r.dispatchesPerStep === undefined
+        ? ''
+        : `; ${r.dispatchesPerStep} dispatches, ${r.submitsPerStep} submits, ${r.blockingReadbacksPerStep} blocking readbacks per step`) +
+      (r.dispatchesPerToken === undefined ? '' : `; ${r.dispatchesPerToken} dispatches per token`) +
+      (basePeak === undefined ? '' : `, torch ${mib(basePeak)} MiB`),
+  );
+}
+
 async function runAdapter(
   url: string,
   adapter: ChromiumAdapter,
@@ -465,33 +506,13 @@ async function runAdapter(
     });
     page.on('crash', () => finish('the page crashed'));
     browser.on('disconnected', () => finish('the browser went away'));
-    await page.exposeFunction('webtuneReport', (r: BenchRecord) => {
-      records.push(mergeBaseline(r, torch));
-      // Written as they come, so a long run that is stopped keeps what it measured.
-      if (args.json) writeFileSync(args.json, `${JSON.stringify(records, null, 2)}\n`);
-      const tps = num(r, 'tokens_per_s');
-      const btps = num(r, 'baseline_tokens_per_s');
-      const peak = num(r, 'peak_gpu_bytes');
-      const basePeak = num(r, 'baseline_peak_bytes');
-      console.log(
-        `  ${r.name} ${r.shape}: ${r.ms.toFixed(2)} ms` +
-          (tps === undefined ? '' : ` (${tps.toFixed(1)} tok/s)`) +
-          (r.ratio === null
-            ? ''
-            : `, ratio ${r.ratio.toFixed(2)}${spread(r) ? ` (${spread(r)})` : ''} vs ${r.baseline}${btps === undefined ? '' : ` (${btps.toFixed(1)} tok/s)`}`) +
-          (peak === undefined ? '' : `; GPU ${mib(peak)} MiB`) +
-          (r.dispatchesPerStep === undefined
-            ? ''
-            : `; ${r.dispatchesPerStep} dispatches, ${r.submitsPerStep} submits, ${r.blockingReadbacksPerStep} blocking readbacks per step`) +
-          (r.dispatchesPerToken === undefined ? '' : `; ${r.dispatchesPerToken} dispatches per token`) +
-          (basePeak === undefined ? '' : `, torch ${mib(basePeak)} MiB`),
-      );
-    });
+    await page.exposeFunction('webtuneReport', (r: BenchRecord) => keepRecord(r, args, torch, records));
     await page.exposeFunction('webtuneDone', (error?: string) => finish(error));
     const params = new URLSearchParams({ suite: args.suites.join(','), adapterName: `chromium ${adapter}` });
     if (chromiumFeatureLevel(adapter) === 'compatibility') params.set('featureLevel', 'compatibility');
     if (args.quick) params.set('quick', '1');
     if (args.only) params.set('only', args.only);
+    if (args.shape) params.set('shape', args.shape);
     if (args.samples !== undefined) params.set('samples', String(args.samples));
     if (args.kernels !== 'auto') params.set('kernels', args.kernels);
     if (args.staging !== 'auto') params.set('staging', args.staging);
@@ -515,37 +536,74 @@ async function runAdapter(
   }
 }
 
-async function main(): Promise<number> {
-  const args = parseArgs(process.argv.slice(2));
-  const root = resolve(import.meta.dirname, '..');
-  const needsModels = args.suites.includes('models') || args.suites.includes('train');
-  let torch: TorchRun | undefined;
-  if (needsModels) {
-    // @webtune/models pulls in the WGSL shaders through Vite's `?raw` imports.
-    register('../tools/raw-import-hooks.mjs', import.meta.url);
-    const { ensureBenchModel } = await import('./bench_model.js');
-    const m = ensureBenchModel(root);
-    console.log(
-      `${m.created ? 'wrote' : 'reusing'} the random SmolLM2-135M-shaped model in ${m.dir} (${(m.bytes / 1e6).toFixed(0)} MB` +
-        `${m.created ? `, ${m.seconds.toFixed(1)} s` : ''})`,
-    );
-    // Measured before the browser runs, so the two never compete for the CPU.
-    torch = await runTorchBaseline(root, args);
+/**
+ * The suites under Node (bench/node.ts) on Mesa 25's lavapipe: a child process whose `[record]`
+ * lines are kept like a page's records and whose other lines are shown.
+ */
+async function runNodeAdapter(
+  root: string,
+  adapter: NodeAdapter,
+  args: Args,
+  torch: TorchRun | undefined,
+  peer: NodeBenchSpec['peer'],
+  records: BenchRecord[],
+): Promise<void> {
+  const spec: NodeBenchSpec = {
+    root,
+    adapterName: `node ${adapter.slice('node-'.length)}`,
+    suites: args.suites,
+    quick: args.quick,
+    only: args.only,
+    shape: args.shape,
+    samples: args.samples,
+    kernelProfile: args.kernels,
+    matmulStaging: args.staging,
+    peer,
+  };
+  const dir = mkdtempSync(join(tmpdir(), 'webtune-bench-'));
+  try {
+    writeFileSync(join(dir, 'spec.json'), JSON.stringify(spec));
+    // Dawn warns without a runtime directory (this machine's root has none).
+    const env = { ...lavapipe25Env(adapter), XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR || tmpdir() };
+    const child = spawn(process.execPath, ['--import', 'tsx', 'bench/node.ts', join(dir, 'spec.json')], {
+      cwd: root,
+      env,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stderr = '';
+    let pending = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      const lines = (pending + d).split('\n');
+      pending = lines.pop() ?? '';
+      for (const line of lines) {
+        if (line.startsWith('[record] ')) keepRecord(JSON.parse(line.slice(9)) as BenchRecord, args, torch, records);
+        else if (line.startsWith('[bench] ')) console.log(`  ${adapter}: ${line.slice(8)}`);
+        else if (line.trim()) console.log(`  ${adapter}: ${line}`);
+      }
+    });
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      stderr += d;
+    });
+    const limitMs = args.timeoutMs ?? defaultTimeoutMin(args) * 60_000;
+    const timer = setTimeout(() => child.kill('SIGKILL'), limitMs);
+    const code = await new Promise<number | null>((res, rej) => {
+      child.on('error', rej);
+      child.on('close', res);
+    });
+    clearTimeout(timer);
+    if (code !== 0) {
+      const tail = stderr.trim().split('\n').slice(-5).join('\n');
+      throw new Error(
+        `benchmark on ${adapter} failed (exit ${code ?? `killed after ${limitMs / 60000} min`}): ${tail}`,
+      );
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
-  let peer: PeerLocation | undefined;
-  if (args.suites.includes('models') && args.peer) {
-    const byModel = casesByModel(inferenceCases(args.quick).filter((c) => !args.only || c.key.includes(args.only)));
-    const { ensurePeerExports } = await import('./peer_export.js');
-    const got = await ensurePeerExports(
-      root,
-      findPython(root),
-      byModel.map(([id]) => id),
-    );
-    if ('location' in got) {
-      peer = got.location;
-      for (const [id, why] of got.failed) console.log(`note: ${id} runs without the transformers.js peer: ${why}`);
-    } else console.log(`note: no transformers.js peer: ${got.unavailable}`);
-  }
+}
+
+/** The repository over Vite for the bench page. */
+async function serveRepository(root: string, peer: boolean): Promise<{ server: ViteDevServer; url: string }> {
   const server = await createServer({
     configFile: false,
     root,
@@ -565,21 +623,70 @@ async function main(): Promise<number> {
   await server.listen();
   const address = server.httpServer?.address();
   if (!address || typeof address === 'string') throw new Error('vite did not start');
-  const url = `http://127.0.0.1:${address.port}/`;
+  return { server, url: `http://127.0.0.1:${address.port}/` };
+}
+
+async function main(): Promise<number> {
+  const args = parseArgs(process.argv.slice(2));
+  const root = resolve(import.meta.dirname, '..');
+  const needsModels = args.suites.includes('models') || args.suites.includes('train');
+  let torch: TorchRun | undefined;
+  if (needsModels) {
+    // @webtune/models pulls in the WGSL shaders through Vite's `?raw` imports.
+    register('../tools/raw-import-hooks.mjs', import.meta.url);
+    const { ensureBenchModel } = await import('./bench_model.js');
+    const m = ensureBenchModel(root);
+    console.log(
+      `${m.created ? 'wrote' : 'reusing'} the random SmolLM2-135M-shaped model in ${m.dir} (${(m.bytes / 1e6).toFixed(0)} MB` +
+        `${m.created ? `, ${m.seconds.toFixed(1)} s` : ''})`,
+    );
+    // Measured before the browser runs, so the two never compete for the CPU.
+    torch = await runTorchBaseline(root, args);
+  }
+  let peer: PeerLocation | undefined;
+  let peerDir: string | undefined;
+  if (args.suites.includes('models') && args.peer) {
+    const byModel = casesByModel(inferenceCases(args.quick).filter((c) => !args.only || c.key.includes(args.only)));
+    const { ensurePeerExports, PEER_DIR } = await import('./peer_export.js');
+    peerDir = join(root, PEER_DIR);
+    const got = await ensurePeerExports(
+      root,
+      findPython(root),
+      byModel.map(([id]) => id),
+    );
+    if ('location' in got) {
+      peer = got.location;
+      for (const [id, why] of got.failed) console.log(`note: ${id} runs without the transformers.js peer: ${why}`);
+    } else console.log(`note: no transformers.js peer: ${got.unavailable}`);
+  }
   const all: BenchRecord[] = [];
   const failures: string[] = [];
+  const run = async (adapter: BenchAdapter, go: () => Promise<void>) => {
+    console.log(
+      `benchmarks (${args.suites.join(', ')}) on ${isNodeAdapter(adapter) ? adapter : `chromium ${adapter}`}${args.quick ? ' (quick)' : ''}`,
+    );
+    try {
+      await go();
+    } catch (e) {
+      failures.push(e instanceof Error ? e.message : String(e));
+      console.error(failures.at(-1));
+    }
+  };
+  // The page adapters share one Vite server, started for the first of them.
+  let server: ViteDevServer | undefined;
+  let url = '';
   try {
     for (const adapter of args.adapters) {
-      console.log(`benchmarks (${args.suites.join(', ')}) on chromium ${adapter}${args.quick ? ' (quick)' : ''}`);
-      try {
-        await runAdapter(url, adapter, args, torch, peer, all);
-      } catch (e) {
-        failures.push(e instanceof Error ? e.message : String(e));
-        console.error(failures.at(-1));
+      if (isNodeAdapter(adapter)) {
+        const nodePeer = peer && peerDir ? { dir: peerDir, ids: peer.ids } : undefined;
+        await run(adapter, () => runNodeAdapter(root, adapter, args, torch, nodePeer, all));
+        continue;
       }
+      if (!server) ({ server, url } = await serveRepository(root, peer !== undefined));
+      await run(adapter, () => runAdapter(url, adapter, args, torch, peer, all));
     }
   } finally {
-    await server.close();
+    await server?.close();
   }
   console.log(`\n${table(all)}`);
   const counts = countsTable(all);
@@ -587,7 +694,7 @@ async function main(): Promise<number> {
   const peers = peerTable(all);
   if (peers)
     console.log(
-      '\ngeneration beside transformers.js (same page, same adapter, same weights; ratio = webtune / transformers.js;' +
+      '\ngeneration beside transformers.js (same page and adapter; under node-*, same process and Vulkan driver; same weights; ratio = webtune / transformers.js;' +
         ' transformers.js prefill applies the LM head to every prompt position, webtune to the last)\n' +
         peers,
     );

@@ -143,7 +143,7 @@ export async function runTrainBenchmarks(ctx: GpuContext, o: SuiteOptions): Prom
     let loaded: { model: CausalLM; loadMs: number };
     try {
       o.status(`loading ${id} (${precision})`);
-      loaded = await loadBenchModel(ctx, id, o.status, precision);
+      loaded = await loadBenchModel(ctx, id, o, precision);
     } catch (e) {
       for (const c of mine) o.fail(c.key, e);
       continue;

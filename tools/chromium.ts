@@ -62,10 +62,15 @@ export function chromiumWebGpuArgs(adapter: ChromiumAdapter): string[] {
  * distributions ship (Debian 13). Throws when it is not unpacked.
  */
 export function chromiumEnv(adapter: ChromiumAdapter): Record<string, string | undefined> {
-  if (adapter !== 'lavapipe25') return { ...process.env };
+  return adapter === 'lavapipe25' ? lavapipe25Env(adapter) : { ...process.env };
+}
+
+/** This process's environment with the Vulkan loader pointed at Mesa 25's lavapipe alone, for
+ * Chromium or a Node child (`who` names the run in the error). Throws when it is not unpacked. */
+export function lavapipe25Env(who: string): Record<string, string | undefined> {
   if (!existsSync(lavapipe25Icd))
     throw new Error(
-      `the lavapipe25 adapter needs Mesa 25's lavapipe in ${lavapipe25Icd}: node tools/setup.mjs unpacks it on Debian (it needs the Debian mirror, and WEBTUNE_SKIP_LAVAPIPE25 unset)`,
+      `the ${who} adapter needs Mesa 25's lavapipe in ${lavapipe25Icd}: node tools/setup.mjs unpacks it on Debian (it needs the Debian mirror, and WEBTUNE_SKIP_LAVAPIPE25 unset)`,
     );
   const env: Record<string, string | undefined> = { ...process.env, VK_ICD_FILENAMES: lavapipe25Icd };
   // The loader's other ways to find drivers: the newer name, which it would take first, and additions.
