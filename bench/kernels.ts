@@ -1,5 +1,6 @@
 /**
- * Kernel benchmarks, run in the browser against baselines measured in the same page:
+ * Kernel benchmarks, run in the browser (or under Node, bench/node.ts) against baselines measured
+ * in the same page and on the same device:
  * - lora_fwd_bwd_fused vs lora_fwd_bwd_unfused: one LoRA layer's forward + backward, fused
  *   (h kernel, W0 tile loop with the low-rank term, g/dA/dB kernels, fused dx) against the same
  *   math as separate dispatches of our own best matmul plus an add;
@@ -318,7 +319,7 @@ async function timeTileMath(
     flops: number;
   },
 ): Promise<void> {
-  // Single-case groups plan before they get here: --shape skips their runs, not their plans.
+  // The groups that do not test --shape before planning: it skips their runs, not their plans.
   if (!wanted(o, c.shape)) return;
   o.status(`${c.name} ${c.shape}`);
   // Both builds compute the same thing: f16 rounding only.
@@ -382,6 +383,8 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
   const r = 8;
   for (const { M, N, K } of matmulShapes(o.quick).filter((m) => m.transW)) {
     for (const lora of N > 16 ? [false, true] : [false]) {
+      const shape = `${M}x${N}x${K} x·Wᵀ W:f16${lora ? ` +rank ${r}` : ''}`;
+      if (!wanted(o, shape)) continue;
       const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
       const w = tensorFromData(ctx, random(N * K, 8, 0.05), [N, K], 'f16', 'w');
       const h = tensorFromData(ctx, random(M * r, 9, 1), [M, r], 'f32', 'h');
@@ -393,7 +396,7 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
       const f32 = await planMatmul(ctx, a, w, c32, { tileMath: 'f32', ...lowRank });
       await timeTileMath(ctx, o, {
         name: 'matmul_f16_tiles',
-        shape: `${M}x${N}x${K} x·Wᵀ W:f16${lora ? ` +rank ${r}` : ''}`,
+        shape,
         f16: [f16],
         f32: [f32],
         outputs: [[c16, c32]],
@@ -407,6 +410,8 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
   // The backward's dy·W (dx's layout, W stored K×N) under a loss scale (lossScaled): dy holds
   // scaled gradients, staged in f16 as the trainer's f16 backward stages them.
   for (const { M, N, K } of matmulShapes(o.quick).filter((m) => !m.transW)) {
+    const shape = `${M}x${N}x${K} dy·W W:f16, loss-scaled`;
+    if (!wanted(o, shape)) continue;
     const dy = tensorFromData(ctx, random(M * K, 11, 1), [M, K], 'f32', 'dy');
     const w = tensorFromData(ctx, random(K * N, 12, 0.05), [K, N], 'f16', 'w');
     const c16 = createTensor(ctx, [M, N], 'f32', 'dx16');
@@ -415,7 +420,7 @@ async function benchF16Tiles(ctx: GpuContext, o: BenchOptions): Promise<void> {
     const f32 = await planMatmul(ctx, dy, w, c32, { transW: false });
     await timeTileMath(ctx, o, {
       name: 'matmul_f16_tiles',
-      shape: `${M}x${N}x${K} dy·W W:f16, loss-scaled`,
+      shape,
       f16: [f16],
       f32: [f32],
       outputs: [[c16, c32]],
@@ -440,6 +445,8 @@ async function benchAttentionF16(ctx: GpuContext, o: BenchOptions): Promise<void
     [9, 3],
     [14, 2],
   ] as const) {
+    const shape = `B4 T${T} heads ${nH}/${nKV} of 64`;
+    if (!wanted(o, shape)) continue;
     const dims = { B: 4, Tq: T, Tk: T, pos0: 0, nH, nKV, hd: 64 };
     const s = attentionShapes(dims);
     const q = tensorFromData(ctx, random(4 * T * nH * 64, 41, 1.7), s.o, 'f32', 'q');
@@ -459,7 +466,7 @@ async function benchAttentionF16(ctx: GpuContext, o: BenchOptions): Promise<void
     const flops = 2 * 2 * 4 * nH * ((T * (T + 1)) / 2) * 64;
     await timeTileMath(ctx, o, {
       name: 'attention_f16_tiles',
-      shape: `B4 T${T} heads ${nH}/${nKV} of 64`,
+      shape,
       f16,
       f32,
       outputs: [
@@ -713,6 +720,7 @@ async function timeFusion(
     flops?: number;
   },
 ): Promise<void> {
+  // The groups that do not test --shape before planning: it skips their runs, not their plans.
   if (!wanted(o, c.shape)) return;
   o.status(`${c.name} ${c.shape}`);
   await runOnce(ctx, c.fused, c.name);
@@ -751,6 +759,7 @@ async function benchLoraHInMatmul(ctx: GpuContext, o: BenchOptions): Promise<voi
   const d = 576; // SmolLM2-135M's o projection
   for (const r of [8, 16]) {
     const shape = `${M}x${d}x${d}, W:f16, r=${r}`;
+    if (!wanted(o, shape)) continue;
     const layer: LoraLayer = {
       w0: tensorFromData(ctx, random(d * d, 61, 0.05), [d, d], 'f16', 'w_o'),
       a: tensorFromData(ctx, random(r * d, 62, 0.05), [r, d], 'f32', 'lora_a'),
@@ -1527,7 +1536,7 @@ async function benchSubgroupReductions(ctx: GpuContext, o: BenchOptions): Promis
   const tree = await make(false);
   try {
     for (const [name, shape, plan] of reductionCases(o.quick)) {
-      if (!wanted(o, shape)) continue;
+      if (!wanted(o, `${name} ${shape}`)) continue;
       o.status(`subgroup_reductions ${name} ${shape}`);
       const mine = await plan(sub);
       const base = await plan(tree);
@@ -1638,6 +1647,7 @@ async function benchDispatchCost(ctx: GpuContext, o: BenchOptions): Promise<void
     [32, 32, 32],
     [128, 64, 64],
   ] as const) {
+    // --shape against the label's start: its WGSL sizes are known only once it is planned.
     if (!wanted(o, `${M}x${N}x${K} x·Wᵀ`)) continue;
     const a = tensorFromData(ctx, random(M * K, 7, 1), [M, K], 'f32', 'a');
     const w = tensorFromData(ctx, random(N * K, 8, 0.05), [N, K], 'f32', 'w');

@@ -7,10 +7,9 @@
 import { createGpuContext, describeAdapter } from '@webtune/core';
 import { urlSource } from '@webtune/models';
 import { BENCH_MODELS, type BenchModelId } from './cases.js';
-import { runKernelBenchmarks } from './kernels.js';
-import { runModelBenchmarks } from './models.js';
+import type { SuiteOptions } from './models.js';
 import type { BenchRecord } from './record.js';
-import { runTrainBenchmarks } from './train.js';
+import { runSuites } from './suites.js';
 
 declare global {
   interface Window {
@@ -67,7 +66,6 @@ async function main(): Promise<void> {
   const adapter = `${params.get('adapterName') ?? 'browser'}: ${describeAdapter(ctx)}`;
   status(`adapter ${adapter}`);
   const suites = (params.get('suite') ?? 'kernels').split(',');
-  const failed: string[] = [];
   const options = {
     adapter,
     quick: params.has('quick'),
@@ -78,31 +76,24 @@ async function main(): Promise<void> {
     status,
     // The driver serves the repository: each model's folder from this page's server.
     source: (id: BenchModelId) => urlSource(new URL(`/${BENCH_MODELS[id].dir}/`, location.origin).href),
-    fail: (key: string, e: unknown) => {
-      const message = e instanceof Error ? e.message : String(e);
-      failed.push(`${key}: ${message}`);
-      console.error(`[bench] ${key} failed: ${message}`);
-    },
   };
-  if (suites.includes('kernels')) await runKernelBenchmarks(ctx, options);
-  if (suites.includes('models')) await runModelBenchmarks(ctx, options);
   const peerModels = params.get('peerModels');
-  if (suites.includes('models') && peerModels) {
-    const { runPeerBenchmarks } = await import('./peer.js');
-    await runPeerBenchmarks(
-      {
-        ids: (params.get('peerIds') ?? '').split(',').filter((id) => id !== '') as BenchModelId[],
-        models: peerModels,
-        wasm: params.get('ortWasm') ?? '',
-        mjs: params.get('ortMjs') ?? '',
-      },
-      featureLevel,
-      options,
-    );
-  }
-  if (suites.includes('train')) await runTrainBenchmarks(ctx, options);
-  ctx.destroy();
-  if (failed.length > 0) throw new Error(`${failed.length} case(s) could not run:\n${failed.join('\n')}`);
+  const peer = peerModels
+    ? async (o: SuiteOptions) => {
+        const { runPeerBenchmarks } = await import('./peer.js');
+        await runPeerBenchmarks(
+          {
+            ids: (params.get('peerIds') ?? '').split(',').filter((id) => id !== '') as BenchModelId[],
+            models: peerModels,
+            wasm: params.get('ortWasm') ?? '',
+            mjs: params.get('ortMjs') ?? '',
+          },
+          featureLevel,
+          o,
+        );
+      }
+    : undefined;
+  await runSuites(ctx, suites, options, peer);
   status('done');
 }
 

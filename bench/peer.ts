@@ -1,8 +1,10 @@
 /**
  * The generation peer of the `models` suite (issue 10, item 7): transformers.js
  * (@huggingface/transformers, onnxruntime-web's WebGPU execution provider) runs the same models on
- * the same cases in the same page, from ONNX exports of the same weights (tools/export_onnx.py,
- * written by the driver into bench/.models/onnx/<model id>/), in fp32 and fp16.
+ * the same cases in the same page (under Node, bench/node.ts: onnxruntime-node's WebGPU provider in
+ * the same process, runPeerBenchmarksNode), from ONNX exports of the same weights
+ * (tools/export_onnx.py, written by the driver into bench/.models/onnx/<model id>/), in fp32 and
+ * fp16.
  *
  * Timed like the engine's own Generator (bench/models.ts), through the streamer that generate()
  * calls with the prompt before the first forward pass and with every new token after it:
@@ -202,7 +204,7 @@ export async function runPeerBenchmarks(
 }
 
 /**
- * The same under Node (bench/node_models.ts): transformers.js on onnxruntime-node's WebGPU
+ * The same under Node (bench/node.ts): transformers.js on onnxruntime-node's WebGPU
  * execution provider, which runs its own Dawn on the process's Vulkan driver (the one webtune's
  * `webgpu` package runs on; VK_ICD_FILENAMES picks it). `dir`: the exports' folder on disk. fp16
  * where webtune's adapter on that driver has shader-f16: onnxruntime-node does not say, and
@@ -222,7 +224,14 @@ export async function runPeerBenchmarksNode(
     o.status('transformers.js fp16 skipped: no shader-f16 on this driver');
     return false;
   });
-  await runPeerCases({ adapter: 'onnxruntime-node WebGPU (its own Dawn, same Vulkan driver)' }, ids, dtypes, o);
+  // onnxruntime-node does not say which adapter it took: the process's only Vulkan driver, which
+  // the driver sets (VK_ICD_FILENAMES; with none it accepts, the provider fails to start).
+  await runPeerCases(
+    { adapter: "onnxruntime-node WebGPU (its own Dawn; the process's one Vulkan driver)" },
+    ids,
+    dtypes,
+    o,
+  );
 }
 
 /** Every exported model's cases, for each dtype. The peer is the measure, not the subject: a case

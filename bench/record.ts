@@ -1,3 +1,5 @@
+import type { BenchModelId } from './cases.js';
+
 /** One benchmark result: `ratio = baseline ms / ms`, so above 1 means faster than the baseline. */
 export interface BenchRecord {
   name: string;
@@ -38,4 +40,19 @@ export interface BenchOptions {
   samples?: number;
   report: (r: BenchRecord) => void;
   status: (s: string) => void;
+}
+
+/** What bench/run.ts asks of a Node run (bench/node.ts): the page's URL parameters, as a file. */
+export interface NodeBenchSpec {
+  readonly root: string;
+  readonly adapterName: string;
+  readonly suites: readonly string[];
+  readonly quick: boolean;
+  readonly only?: string;
+  readonly shape?: string;
+  readonly samples?: number;
+  readonly kernelProfile: 'auto' | 'gpu' | 'cpu';
+  readonly matmulStaging: 'auto' | 'workgroup' | 'direct';
+  /** The ONNX exports' folder and the models exported there; absent: no peer. */
+  readonly peer?: { readonly dir: string; readonly ids: readonly BenchModelId[] };
 }

@@ -1,23 +1,25 @@
 /**
- * `pnpm bench [--suite kernels,models,train|all] [--json out.json] [--adapter swiftshader,lavapipe,lavapipe25,node-lavapipe25|gpu]
- *  [--quick] [--only <substring>] [--shape <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
+ * `pnpm bench [--suite kernels,models,train|all] [--json out.json]
+ *  [--adapter swiftshader,lavapipe,lavapipe25,node-lavapipe25|gpu] [--quick] [--only <substring>]
+ *  [--shape <substring>] [--samples N] [--no-baseline] [--no-peer] [--timeout-min N]
  *  [--kernels auto|gpu|cpu] [--staging auto|workgroup|direct] [--chromium-flag=--some-flag ...]`
  *
- * Serves the repository with Vite, opens bench/index.html in headless Chromium once per adapter
- * configuration, collects the records, prints a table and writes them as a JSON array. Adapters
- * (tools/chromium.ts): Chromium's SwiftShader; lavapipe, the system's Mesa through ANGLE in
- * compatibility mode; lavapipe25, the same over Mesa 25's lavapipe (unpacked by tools/setup.mjs),
- * whose compute pipelines are not compiled again at every dispatch as Mesa 22's are; gpu; and
- * node-lavapipe25, the same suites under Node instead of a page (bench/node.ts: the `webgpu`
- * package's Dawn over Vulkan on Mesa 25's lavapipe, transformers.js on onnxruntime-node's WebGPU
- * provider), the one adapter here with shader-f16, so the f16 kernels and transformers.js fp16
- * run there. Suites:
+ * Runs the suites once per adapter: for a browser adapter it serves the repository with Vite and
+ * opens bench/index.html in headless Chromium; for node-lavapipe25 it runs the same suites in a
+ * Node child process (bench/node.ts). It collects the records, prints a table and writes them as a
+ * JSON array. Adapters (tools/chromium.ts): Chromium's SwiftShader; lavapipe, the system's Mesa
+ * through ANGLE in compatibility mode; lavapipe25, the same over Mesa 25's lavapipe (unpacked by
+ * tools/setup.mjs), whose compute pipelines are not compiled again at every dispatch as Mesa 22's
+ * are; gpu; and node-lavapipe25: the `webgpu` package's Dawn over Vulkan on Mesa 25's lavapipe,
+ * with transformers.js on onnxruntime-node's WebGPU provider, the one adapter here with
+ * shader-f16, so the f16 kernels and transformers.js fp16 run there. Its figures compare with each
+ * other, not with a page's (another Dawn backend; see bench/node.ts). Suites:
  * - kernels (the default): matmul and the fused LoRA layer against TF.js / unfused dispatches on
  *   the same device (bench/kernels.ts);
  * - models: prefill and decode tokens/s on stories260K and a random SmolLM2-135M-shaped model
- *   (bench/models.ts), then the same cases through transformers.js in the same page, fp32 and
- *   fp16, from ONNX exports of the same weights (bench/peer.ts; the driver exports them with
- *   tools/export_onnx.py, bench/peer_export.ts; --no-peer skips it);
+ *   (bench/models.ts), then the same cases through transformers.js in the same page (or process),
+ *   fp32 and fp16, from ONNX exports of the same weights (bench/peer.ts; the driver exports them
+ *   with tools/export_onnx.py, bench/peer_export.ts; --no-peer skips it);
  * - train: LoRA training tokens/s and GPU bytes on the same two models (bench/train.ts).
  * For models and train the driver first writes the random model (bench/bench_model.ts, into
  * bench/.models/, reused while its stamp matches), then runs tools/bench_torch.py with the Python
@@ -27,21 +29,20 @@
  * ms / ms (above 1: webtune is faster). Without a Python that has torch, transformers and peft (or
  * with --no-baseline) the baseline is null and a note says why. --quick runs small variants of
  * every case (a few minutes per adapter). --shape keeps the kernel cases whose shape label (the
- * table's shape column) contains it, to give the cases still unsettled more rounds. Kernel ratios come with their spread: the median and
- * quartiles of the rounds' own ratios and a sign test (p < 0.05: the rounds agree on which side
- * of 1 it is); --samples N (6 to 200) runs N rounds per kernel case instead of up to 7 in a time
- * budget (give a --timeout-min to match), and N samples of every generation case on each engine,
- * whose ratio against transformers.js then comes with a rank-sum test of the two engines'
- * samples. Benchmarks never pass or fail on their figures; the command fails only when a
- * benchmark cannot run (the table and JSON of what did run are still written). --kernels gpu
- * plans the GPUs' kernel configurations and fusions on any adapter (the
+ * table's shape column) contains it, to give the cases still unsettled more rounds. Kernel ratios
+ * come with their spread: the median and quartiles of the rounds' own ratios and a sign test
+ * (p < 0.05: the rounds agree on which side of 1 it is); --samples N (6 to 200) runs N rounds per
+ * kernel case instead of up to 7 in a time budget (give a --timeout-min to match), and N samples
+ * of every generation case on each engine, whose ratio against transformers.js then comes with a
+ * rank-sum test of the two engines' samples. Benchmarks never pass or fail on their figures; the
+ * command fails only when a benchmark cannot run (the table and JSON of what did run are still
+ * written). --kernels gpu plans the GPUs' kernel configurations and fusions on any adapter (the
  * kernel profile, as the tests force it; default auto: measured), so a software adapter runs, and
  * counts, the step a GPU would take; cpu the CPU adapters'. --staging forces how the tiled matmuls
  * read their operands (createGpuContext's matmulStaging; default auto: measured on CPU adapters),
- * to run the same case both ways.
+ * to run the same case both ways. --chromium-flag applies to the browser adapters only.
  */
 
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { register } from 'node:module';
 import { tmpdir } from 'node:os';
@@ -69,10 +70,9 @@ import {
   trainCases,
   trainIds,
 } from './cases.js';
-import { runChild } from './child.js';
+import { runChild, runLines } from './child.js';
 import { rankSumP } from './measure.js';
-import type { NodeBenchSpec } from './node.js';
-import type { BenchRecord } from './record.js';
+import type { BenchRecord, NodeBenchSpec } from './record.js';
 
 const SUITES = ['kernels', 'models', 'train'];
 
@@ -157,6 +157,8 @@ function parseArgs(argv: string[]): Args {
   for (const suite of args.suites) {
     if (!SUITES.includes(suite)) throw new Error(`unknown suite ${suite}: use ${SUITES.join(', ')} or all`);
   }
+  if (args.shape !== undefined && !args.suites.includes('kernels'))
+    throw new Error('--shape filters kernel cases: it needs the kernels suite (--suite kernels)');
   return args;
 }
 
@@ -565,38 +567,44 @@ async function runNodeAdapter(
     writeFileSync(join(dir, 'spec.json'), JSON.stringify(spec));
     // Dawn warns without a runtime directory (this machine's root has none).
     const env = { ...lavapipe25Env(adapter), XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR || tmpdir() };
-    const child = spawn(process.execPath, ['--import', 'tsx', 'bench/node.ts', join(dir, 'spec.json')], {
+    const limitMs = args.timeoutMs ?? defaultTimeoutMin(args) * 60_000;
+    let done = false;
+    const bad: string[] = [];
+    const end = await runLines(process.execPath, ['--import', 'tsx', 'bench/node.ts', join(dir, 'spec.json')], {
       cwd: root,
       env,
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stderr = '';
-    let pending = '';
-    child.stdout.setEncoding('utf8').on('data', (d: string) => {
-      const lines = (pending + d).split('\n');
-      pending = lines.pop() ?? '';
-      for (const line of lines) {
-        if (line.startsWith('[record] ')) keepRecord(JSON.parse(line.slice(9)) as BenchRecord, args, torch, records);
+      timeoutMs: limitMs,
+      onStdout: (line) => {
+        if (line.startsWith('[record] ')) {
+          // A line that is not a whole record (another writer on fd 1 mid-line) fails the run at
+          // its end, after the other records are kept.
+          try {
+            const r = JSON.parse(line.slice(9)) as BenchRecord;
+            if (typeof r.name !== 'string' || typeof r.ms !== 'number') throw new Error('not a bench record');
+            keepRecord(r, args, torch, records);
+          } catch (e) {
+            bad.push(`${e instanceof Error ? e.message : String(e)}: ${line.slice(0, 200)}`);
+          }
+        } else if (line === '[done]') done = true;
         else if (line.startsWith('[bench] ')) console.log(`  ${adapter}: ${line.slice(8)}`);
         else if (line.trim()) console.log(`  ${adapter}: ${line}`);
-      }
+      },
+      // Shown as they come, as the page's console warnings and errors are.
+      onStderr: (line) => {
+        if (line.trim()) console.error(`  ${adapter} stderr: ${line}`);
+      },
     });
-    child.stderr.setEncoding('utf8').on('data', (d: string) => {
-      stderr += d;
-    });
-    const limitMs = args.timeoutMs ?? defaultTimeoutMin(args) * 60_000;
-    const timer = setTimeout(() => child.kill('SIGKILL'), limitMs);
-    const code = await new Promise<number | null>((res, rej) => {
-      child.on('error', rej);
-      child.on('close', res);
-    });
-    clearTimeout(timer);
-    if (code !== 0) {
-      const tail = stderr.trim().split('\n').slice(-5).join('\n');
-      throw new Error(
-        `benchmark on ${adapter} failed (exit ${code ?? `killed after ${limitMs / 60000} min`}): ${tail}`,
-      );
-    }
+    const how = end.timedOut
+      ? `timed out after ${limitMs / 60000} min`
+      : end.signal
+        ? `killed by ${end.signal}`
+        : end.code !== 0
+          ? `exit ${end.code} (its stderr is above)`
+          : !done
+            ? 'it exited without finishing'
+            : undefined;
+    if (bad.length > 0) throw new Error(`benchmark on ${adapter}: unreadable record lines:\n${bad.join('\n')}`);
+    if (how) throw new Error(`benchmark on ${adapter} failed: ${how}`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -688,6 +696,7 @@ async function main(): Promise<number> {
   } finally {
     await server?.close();
   }
+  if (all.length === 0 && failures.length === 0) console.log('\nnote: no case ran (do --only and --shape match any?)');
   console.log(`\n${table(all)}`);
   const counts = countsTable(all);
   if (counts) console.log(`\nGPU work per training step / decoded token (exact runtime counts)\n${counts}`);

@@ -1,7 +1,7 @@
 /**
- * The `train` suite: LoRA training tokens/s and GPU memory in the browser (issue 4, item 8), on
- * stories260K and the random SmolLM2-135M-shaped model, through LoraTrainer (frozen weights f16,
- * and for some cases q8_0 and q4_0: QLoRA's smaller base side by side with it).
+ * The `train` suite: LoRA training tokens/s and GPU memory in the browser or under Node (issue 4,
+ * item 8), on stories260K and the random SmolLM2-135M-shaped model, through LoraTrainer (frozen
+ * weights f16, and for some cases q8_0 and q4_0: QLoRA's smaller base side by side with it).
  *
  * One step = LoraTrainer.submitStep on one B × T batch (fixed pseudo-random ids, labels = ids):
  * upload, forward, chunked loss, backward, gradient norm, clipped AdamW, and the step's report read
