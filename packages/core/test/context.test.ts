@@ -140,6 +140,9 @@ describe('GPU context', () => {
     expect(err).toBeInstanceOf(WebGpuUnavailableError);
     expect(String((err as Error).message)).toMatch(/no adapter/);
     expect(String((err as Error).message)).toMatch(/enable-unsafe-webgpu/);
+    // A GPU object handed in under Node still gets the advice for Node (and is described as Node).
+    const underNode = describeAdapter(gpu()).includes('(node');
+    expect(String((err as Error).message).includes('Under Node')).toBe(underNode);
   });
 });
 
