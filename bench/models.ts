@@ -1,7 +1,8 @@
 /**
  * The `models` suite: prefill and decode tokens/s of whole models in the browser or under Node
  * (issue 3, item 10), through the engine's own Generator, on stories260K and the random
- * SmolLM2-135M-shaped model (bench/bench_model.ts). Frozen weights are uploaded as f16, the product's default.
+ * SmolLM2-135M-shaped model (bench/bench_model.ts). Frozen weights are uploaded as f16, the
+ * product's default.
  *
  * - prefill: Generator.generate(prompt, 1 new token): its prefillSeconds, i.e. planning the
  *   prompt's pass, the forward pass writing the KV cache, and reading the last position's logits.

@@ -175,9 +175,6 @@ export async function runPeerBenchmarks(
   featureLevel: 'core' | 'compatibility',
   o: SuiteOptions,
 ): Promise<void> {
-  env.allowRemoteModels = false;
-  env.allowLocalModels = true;
-  env.localModelPath = where.models;
   env.useBrowserCache = false;
   env.useWasmCache = false;
   // Without these, onnxruntime-web fetches its WebAssembly from a CDN.
@@ -187,17 +184,15 @@ export async function runPeerBenchmarks(
   // fp16 needs shader-f16 on this device, and transformers.js also asks a default adapter of its
   // own for it (and refuses fp16 without), which is not always this one.
   const ownCheck = await navigator.gpu.requestAdapter();
-  const dtypes = PEER_DTYPES.filter((d) => {
-    if (d !== 'fp16' || (device.features.has('shader-f16') && ownCheck?.features.has('shader-f16'))) return true;
-    o.status('transformers.js fp16 skipped: no shader-f16 on the adapter (or on the one transformers.js checks)');
-    return false;
-  });
+  const fp16 =
+    (device.features.has('shader-f16') && ownCheck?.features.has('shader-f16')) ||
+    'no shader-f16 on the adapter (or on the one transformers.js checks)';
   const runtime = {
     sessionOptions: { executionProviders: [{ name: 'webgpu', device }] },
     adapter: describe(device, featureLevel),
   };
   try {
-    await runPeerCases(runtime, where.ids, dtypes, o);
+    await runPeerCases(runtime, where.models, where.ids, fp16, o);
   } finally {
     device.destroy();
   }
@@ -216,32 +211,32 @@ export async function runPeerBenchmarksNode(
   shaderF16: boolean,
   o: SuiteOptions,
 ): Promise<void> {
-  env.allowRemoteModels = false;
-  env.allowLocalModels = true;
-  env.localModelPath = dir;
-  const dtypes = PEER_DTYPES.filter((d) => {
-    if (d !== 'fp16' || shaderF16) return true;
-    o.status('transformers.js fp16 skipped: no shader-f16 on this driver');
-    return false;
-  });
   // onnxruntime-node does not say which adapter it took: the process's only Vulkan driver, which
   // the driver sets (VK_ICD_FILENAMES; with none it accepts, the provider fails to start).
   await runPeerCases(
     { adapter: "onnxruntime-node WebGPU (its own Dawn; the process's one Vulkan driver)" },
+    dir,
     ids,
-    dtypes,
+    shaderF16 || 'no shader-f16 on this driver',
     o,
   );
 }
 
-/** Every exported model's cases, for each dtype. The peer is the measure, not the subject: a case
- * it cannot run is noted (it has no record) and does not fail the run. */
+/** Every exported model's cases (the exports under `models`, a URL or a folder), for each dtype;
+ * fp16 where `fp16` is true, else skipped with its reason. The peer is the measure, not the
+ * subject: a case it cannot run is noted (it has no record) and does not fail the run. */
 async function runPeerCases(
   runtime: PeerRuntime,
+  models: string,
   ids: readonly BenchModelId[],
-  dtypes: readonly PeerDtype[],
+  fp16: true | string,
   o: SuiteOptions,
 ): Promise<void> {
+  env.allowRemoteModels = false;
+  env.allowLocalModels = true;
+  env.localModelPath = models;
+  if (fp16 !== true) o.status(`transformers.js fp16 skipped: ${fp16}`);
+  const dtypes = PEER_DTYPES.filter((d) => d !== 'fp16' || fp16 === true);
   const cases = inferenceCases(o.quick, o.samples).filter((c) => !o.only || c.key.includes(o.only));
   const note = (key: string, e: unknown) =>
     o.status(`${key} could not run: ${e instanceof Error ? e.message : String(e)}`);

@@ -652,11 +652,11 @@ async function main(): Promise<number> {
     torch = await runTorchBaseline(root, args);
   }
   let peer: PeerLocation | undefined;
-  let peerDir: string | undefined;
+  // The same exports for a Node run: its folder on disk instead of the page's URLs.
+  let nodePeer: NodeBenchSpec['peer'];
   if (args.suites.includes('models') && args.peer) {
     const byModel = casesByModel(inferenceCases(args.quick).filter((c) => !args.only || c.key.includes(args.only)));
     const { ensurePeerExports, PEER_DIR } = await import('./peer_export.js');
-    peerDir = join(root, PEER_DIR);
     const got = await ensurePeerExports(
       root,
       findPython(root),
@@ -664,6 +664,7 @@ async function main(): Promise<number> {
     );
     if ('location' in got) {
       peer = got.location;
+      nodePeer = { dir: join(root, PEER_DIR), ids: peer.ids };
       for (const [id, why] of got.failed) console.log(`note: ${id} runs without the transformers.js peer: ${why}`);
     } else console.log(`note: no transformers.js peer: ${got.unavailable}`);
   }
@@ -686,7 +687,6 @@ async function main(): Promise<number> {
   try {
     for (const adapter of args.adapters) {
       if (isNodeAdapter(adapter)) {
-        const nodePeer = peer && peerDir ? { dir: peerDir, ids: peer.ids } : undefined;
         await run(adapter, () => runNodeAdapter(root, adapter, args, torch, nodePeer, all));
         continue;
       }
